@@ -1,0 +1,60 @@
+// swift-tools-version:6.1
+import PackageDescription
+
+// Module map and import rules: Docs/architecture.md (from ../shared/design.md).
+let strict: [SwiftSetting] = [
+    .swiftLanguageMode(.v6),
+    .enableUpcomingFeature("ExistentialAny"),
+]
+
+let package = Package(
+    name: "Weft",
+    platforms: [.macOS(.v14)],
+    products: [
+        .executable(name: "weft", targets: ["weft"]),
+        .executable(name: "weft-dump", targets: ["weft-dump"]),
+        .executable(name: "weft-fuzz-decoder", targets: ["weft-fuzz-decoder"]),
+        .library(name: "SegmentStore", targets: ["SegmentStore"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+    ],
+    targets: [
+        .target(name: "WeftCore", swiftSettings: strict),
+        .systemLibrary(
+            name: "CLZ4", pkgConfig: "liblz4",
+            providers: [.apt(["liblz4-dev"])]),
+        .systemLibrary(
+            name: "COpenSSL", pkgConfig: "openssl",
+            providers: [.apt(["libssl-dev"])]),
+        .target(name: "SegmentFormat", dependencies: ["WeftCore", "CLZ4"], swiftSettings: strict),
+        .target(name: "SegmentStore", dependencies: ["WeftCore", "SegmentFormat"], swiftSettings: strict),
+        .target(name: "WeftBench", dependencies: ["WeftCore", "SegmentFormat", "SegmentStore"], swiftSettings: strict),
+        .executableTarget(
+            name: "weft",
+            dependencies: [
+                "WeftBench",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: strict),
+        .executableTarget(
+            name: "weft-dump",
+            dependencies: [
+                "SegmentFormat", "SegmentStore",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            path: "Tools/weft-dump",
+            swiftSettings: strict),
+        // Built normally it replays files through the decoders; built by Tools/fuzz.sh with
+        // -sanitize=fuzzer and -DFUZZING it is a libFuzzer target.
+        .executableTarget(
+            name: "weft-fuzz-decoder",
+            dependencies: ["SegmentFormat"],
+            path: "Tools/fuzz-decoder",
+            swiftSettings: strict),
+        .target(name: "WeftTesting", dependencies: ["WeftCore", "SegmentStore"], swiftSettings: strict),
+        .testTarget(name: "SegmentFormatTests", dependencies: ["SegmentFormat", "WeftTesting"], swiftSettings: strict),
+        .testTarget(name: "SegmentStoreTests", dependencies: ["SegmentStore", "SegmentFormat", "WeftTesting"], swiftSettings: strict),
+        .testTarget(name: "ToolTests", dependencies: ["SegmentStore", "SegmentFormat", "WeftTesting"], swiftSettings: strict),
+    ]
+)

@@ -1,0 +1,187 @@
+import Glibc
+import SegmentFormat
+
+/// An IO failure: which file, which operation, and the OS's error.
+public struct DiskError: Error, Equatable, Sendable, CustomStringConvertible {
+    public var path: String
+    public var operation: String
+    public var code: Int32
+    public init(path: String, operation: String, code: Int32) {
+        self.path = path
+        self.operation = operation
+        self.code = code
+    }
+    public var description: String {
+        "\(path): \(operation) failed: \(String(cString: strerror(code))) (errno \(code))"
+    }
+}
+
+/// One open file. The store's only way to touch data, so tests can substitute a disk that tears writes,
+/// fails, and forgets what was not synced.
+public protocol DiskFile: AnyObject {
+    var path: String { get }
+    func size() throws -> UInt64
+    /// Writes all of `bytes` at `offset`, or throws (possibly after writing a prefix).
+    func write(_ bytes: [UInt8], at offset: UInt64) throws
+    /// Up to `count` bytes at `offset`; fewer only at end of file.
+    func read(at offset: UInt64, count: Int) throws -> [UInt8]
+    /// Makes every write so far durable (fdatasync).
+    func sync() throws
+    func truncate(to size: UInt64) throws
+    func close()
+}
+
+/// The file system as the store sees it: one directory of flat files.
+public protocol Disk: AnyObject {
+    func open(_ path: String, create: Bool) throws -> any DiskFile
+    /// File names (not paths) in `directory`.
+    func list(_ directory: String) throws -> [String]
+    func remove(_ path: String) throws
+    func rename(_ from: String, to: String) throws
+    /// Makes creations, renames and removals in `directory` durable (fsync on the directory).
+    func syncDirectory(_ directory: String) throws
+    func makeDirectory(_ path: String) throws
+    func exists(_ path: String) -> Bool
+}
+
+/// Adapts an open file to the pure decoders' `ByteSource`.
+public struct FileByteSource: ByteSource {
+    public let file: any DiskFile
+    public let size: UInt64
+    public var name: String { file.path }
+    public init(_ file: any DiskFile) throws {
+        self.file = file
+        size = try file.size()
+    }
+    public init(_ file: any DiskFile, size: UInt64) {
+        self.file = file
+        self.size = size
+    }
+    public func read(at offset: UInt64, count: Int) throws -> [UInt8] {
+        guard offset < size else { return [] }
+        return try file.read(at: offset, count: Int(min(UInt64(count), size - offset)))
+    }
+}
+
+// MARK: - POSIX
+
+/// The real disk: POSIX calls, fdatasync for file data, fsync on directories.
+public final class PosixDisk: Disk {
+    public init() {}
+
+    public func open(_ path: String, create: Bool) throws -> any DiskFile {
+        let flags = O_RDWR | O_CLOEXEC | (create ? O_CREAT : 0)
+        let fd = Glibc.open(path, flags, 0o644)
+        guard fd >= 0 else { throw DiskError(path: path, operation: "open", code: errno) }
+        return PosixFile(fd: fd, path: path)
+    }
+
+    public func list(_ directory: String) throws -> [String] {
+        guard let dir = opendir(directory) else { throw DiskError(path: directory, operation: "opendir", code: errno) }
+        defer { closedir(dir) }
+        var names = [String]()
+        while let entry = readdir(dir) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
+                String(decoding: raw.prefix(while: { $0 != 0 }), as: UTF8.self)
+            }
+            if name != "." && name != ".." { names.append(name) }
+        }
+        return names
+    }
+
+    public func remove(_ path: String) throws {
+        guard unlink(path) == 0 else { throw DiskError(path: path, operation: "unlink", code: errno) }
+    }
+
+    public func rename(_ from: String, to: String) throws {
+        guard Glibc.rename(from, to) == 0 else { throw DiskError(path: from, operation: "rename to \(to)", code: errno) }
+    }
+
+    public func syncDirectory(_ directory: String) throws {
+        let fd = Glibc.open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard fd >= 0 else { throw DiskError(path: directory, operation: "open directory", code: errno) }
+        defer { Glibc.close(fd) }
+        guard fsync(fd) == 0 else { throw DiskError(path: directory, operation: "fsync directory", code: errno) }
+    }
+
+    public func makeDirectory(_ path: String) throws {
+        var prefix = path.hasPrefix("/") ? "/" : ""
+        for part in path.split(separator: "/") {
+            prefix += part + "/"
+            if mkdir(prefix, 0o755) != 0 && errno != EEXIST {
+                throw DiskError(path: prefix, operation: "mkdir", code: errno)
+            }
+        }
+    }
+
+    public func exists(_ path: String) -> Bool { access(path, F_OK) == 0 }
+}
+
+final class PosixFile: DiskFile {
+    let fd: Int32
+    let path: String
+    private var closed = false
+
+    init(fd: Int32, path: String) {
+        self.fd = fd
+        self.path = path
+    }
+
+    deinit { close() }
+
+    func size() throws -> UInt64 {
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { throw DiskError(path: path, operation: "fstat", code: errno) }
+        return UInt64(st.st_size)
+    }
+
+    func write(_ bytes: [UInt8], at offset: UInt64) throws {
+        try bytes.withUnsafeBytes { buf in
+            var done = 0
+            while done < buf.count {
+                let n = pwrite(fd, buf.baseAddress! + done, buf.count - done, off_t(offset) + off_t(done))
+                if n < 0 {
+                    if errno == EINTR { continue }
+                    throw DiskError(path: path, operation: "pwrite", code: errno)
+                }
+                done += n
+            }
+        }
+    }
+
+    func read(at offset: UInt64, count: Int) throws -> [UInt8] {
+        guard count > 0 else { return [] }
+        var failure: Int32 = 0
+        let out = [UInt8](unsafeUninitializedCapacity: count) { buf, initialized in
+            var done = 0
+            while done < count {
+                let n = pread(fd, buf.baseAddress! + done, count - done, off_t(offset) + off_t(done))
+                if n < 0 {
+                    if errno == EINTR { continue }
+                    failure = errno
+                    break
+                }
+                if n == 0 { break }
+                done += n
+            }
+            initialized = done
+        }
+        if failure != 0 { throw DiskError(path: path, operation: "pread", code: failure) }
+        return out
+    }
+
+    func sync() throws {
+        guard fdatasync(fd) == 0 else { throw DiskError(path: path, operation: "fdatasync", code: errno) }
+    }
+
+    func truncate(to size: UInt64) throws {
+        guard ftruncate(fd, off_t(size)) == 0 else { throw DiskError(path: path, operation: "ftruncate", code: errno) }
+    }
+
+    func close() {
+        if !closed {
+            closed = true
+            Glibc.close(fd)
+        }
+    }
+}

@@ -1,0 +1,573 @@
+import SegmentFormat
+import WeftCore
+
+/// A shard's log on disk: append-only segment files of LZ4 blocks, a per-stream index, crash recovery.
+///
+/// Not thread-safe: one owner (the shard's driver) calls it. Layout and recovery rules are in
+/// Docs/segment-format.md; when it fsyncs is in Docs/storage.md.
+public final class SegmentStore {
+    public let directory: String
+    public let options: StoreOptions
+    let disk: any Disk
+    let log: (String) -> Void
+
+    /// Segments in log order; the last one is the active one unless `active` is nil (after a roll is due
+    /// or a truncation removed it).
+    var segments: [Segment] = []
+    var active: Segment?
+    /// stream -> the segments holding its records (spans in log order).
+    var spans: [StreamID: [StreamSpan]] = [:]
+
+    public internal(set) var lastIndex: LogIndex = 0
+    public internal(set) var lastTerm: Term = 0
+    /// Damage found by recovery or by reads, newest last.
+    public private(set) var damage: [FormatError] = []
+    private var failure: String?
+    var failureReason: String? { failure }
+    private var batchesSinceSync = 0
+
+    /// Index of the oldest record held (lastIndex + 1 when empty).
+    public var firstIndex: LogIndex { segments.first(where: { !$0.isEmpty })?.base ?? lastIndex + 1 }
+    public var segmentCount: Int { segments.count }
+
+    // MARK: Open and recovery
+
+    /// Opens (creating if needed) the store in `directory` and recovers it: finishes an interrupted
+    /// truncation, loads sealed segments' index files (rebuilding any that is missing or damaged), and
+    /// scans the last segment, cutting a torn tail back to the last whole block.
+    public init(
+        directory: String, options: StoreOptions = StoreOptions(), disk: any Disk = PosixDisk(),
+        log: @escaping (String) -> Void = { _ in }
+    ) throws {
+        self.directory = directory
+        self.options = options
+        self.disk = disk
+        self.log = log
+        do {
+            try disk.makeDirectory(directory)
+            try recover()
+        } catch let e as DiskError {
+            throw StoreError.disk(e)
+        } catch let e as FormatError {
+            throw StoreError.corrupt(e)
+        }
+    }
+
+    func path(_ name: String) -> String { directory + "/" + name }
+
+    private func recover() throws {
+        let names = try disk.list(directory)
+        for name in names where name.hasSuffix(".tmp") {
+            try disk.remove(path(name))
+        }
+        if names.contains(FileNames.intent) { try finishTruncation() }
+        let bases = try disk.list(directory).compactMap(FileNames.segmentBase).sorted()
+        for (k, base) in bases.enumerated() {
+            let isLast = k == bases.count - 1
+            let dataPath = path(FileNames.segment(base))
+            let file = try disk.open(dataPath, create: false)
+            let seg = Segment(base: base, dataPath: dataPath, indexPath: path(FileNames.index(base)), file: file, size: try file.size())
+            if let prev = segments.last, !prev.isEmpty, prev.lastIndex + 1 != base {
+                throw FormatError(
+                    .mismatch, file: dataPath, offset: 0,
+                    "log has a gap: previous segment ends at index \(prev.lastIndex), this one starts at \(base)")
+            }
+            if isLast {
+                if seg.size <= UInt64(Layout.segmentHeaderBytes),
+                    (try? SegmentHeader.decode(try file.read(at: 0, count: Layout.segmentHeaderBytes))) == nil
+                {
+                    // A roll that crashed before its header was durable: the file never held records.
+                    log("\(dataPath): removing segment with incomplete header (\(seg.size) bytes)")
+                    file.close()
+                    try disk.remove(dataPath)
+                    try disk.syncDirectory(directory)
+                    continue
+                }
+                if disk.exists(seg.indexPath) {
+                    // The last segment is the one appended to; its index lives in memory until sealed.
+                    try disk.remove(seg.indexPath)
+                    try disk.syncDirectory(directory)
+                }
+                seg.builder = try scan(seg, expectedEnd: nil)
+                active = seg
+            } else {
+                let nextBase = bases[k + 1]
+                if !(try loadIndex(seg)) {
+                    seg.builder = try scan(seg, expectedEnd: nextBase - 1)
+                    try seal(seg)
+                }
+            }
+            segments.append(seg)
+        }
+        if let last = segments.last(where: { !$0.isEmpty }) {
+            lastIndex = last.lastIndex
+        } else if let first = segments.first {
+            lastIndex = first.base - 1
+        }
+        lastTerm = lastIndex == 0 ? 0 : ((try? term(at: lastIndex)) ?? 0)
+        rebuildSpans()
+    }
+
+    /// Opens a sealed segment's index file; false (after logging why) when it must be rebuilt.
+    private func loadIndex(_ seg: Segment) throws -> Bool {
+        guard disk.exists(seg.indexPath) else {
+            log("\(seg.indexPath): index file missing; rebuilding from \(seg.dataPath)")
+            return false
+        }
+        let f = try disk.open(seg.indexPath, create: false)
+        do {
+            let src = try FileByteSource(f)
+            let idx = try SegmentIndexFile.open(src)
+            guard idx.baseIndex == seg.base, idx.segmentBytes == seg.size, idx.shard == options.shard else {
+                throw FormatError(
+                    .mismatch, file: seg.indexPath, offset: 0,
+                    "index describes base \(idx.baseIndex), \(idx.segmentBytes) bytes, shard \(idx.shard); segment has base \(seg.base), \(seg.size) bytes, shard \(options.shard)")
+            }
+            seg.sealed = idx
+            seg.indexSource = src
+            return true
+        } catch let e as FormatError {
+            f.close()
+            damage.append(e)
+            log("\(e); rebuilding index from \(seg.dataPath)")
+            return false
+        }
+    }
+
+    /// Reads every block of a segment and builds its index. Damage followed by valid blocks becomes an
+    /// unreadable entry in the block table; damage that reaches the end of the last segment is a torn
+    /// write and is cut off; in a sealed segment it is an unreadable entry up to `expectedEnd`.
+    private func scan(_ seg: Segment, expectedEnd: LogIndex?) throws -> SegmentIndexBuilder {
+        var scanner = try SegmentScanner(FileByteSource(seg.file, size: seg.size))
+        guard scanner.header.baseIndex == seg.base, scanner.header.shard == options.shard else {
+            throw FormatError(
+                .mismatch, file: seg.dataPath, offset: 16,
+                "header says shard \(scanner.header.shard) base \(scanner.header.baseIndex), expected shard \(options.shard) base \(seg.base)")
+        }
+        var builder = SegmentIndexBuilder()
+        var expected = seg.base
+        var end = UInt64(Layout.segmentHeaderBytes)
+        while true {
+            let at = scanner.offset
+            guard let item = try scanner.next() else { break }
+            switch item {
+            case .block(let b):
+                guard b.header.firstIndex == expected else {
+                    throw FormatError(.mismatch, file: seg.dataPath, offset: at, "block starts at index \(b.header.firstIndex), expected \(expected)")
+                }
+                builder.add(offset: at, header: b.header, records: try b.records(file: seg.dataPath))
+                expected = b.header.lastIndex + 1
+                end = at + UInt64(b.bytes.count)
+            case .damaged(let err, let resume):
+                let reported = err.inFile(seg.dataPath)
+                if let resume {
+                    damage.append(reported)
+                    log("\(reported); records up to the next valid block at offset \(resume) are unreadable")
+                    let next = try scanner.readBlock(at: resume).header.firstIndex
+                    guard next >= expected else {
+                        throw FormatError(.mismatch, file: seg.dataPath, offset: resume, "block starts at index \(next), expected \(expected) or later")
+                    }
+                    if next > expected {
+                        builder.addUnreadable(
+                            offset: at, firstIndex: expected, count: UInt32(next - expected),
+                            storedBytes: UInt32(clamping: Int64(resume) - Int64(at) - Int64(Layout.blockHeaderBytes)))
+                        expected = next
+                    }
+                    end = resume
+                } else if let expectedEnd {
+                    damage.append(reported)
+                    log("\(reported); records \(expected)...\(expectedEnd) are unreadable")
+                    if expectedEnd >= expected {
+                        builder.addUnreadable(
+                            offset: at, firstIndex: expected, count: UInt32(expectedEnd - expected + 1),
+                            storedBytes: UInt32(clamping: Int64(seg.size) - Int64(at) - Int64(Layout.blockHeaderBytes)))
+                    }
+                    end = seg.size
+                } else {
+                    log("\(reported); torn write at the tail: cutting \(seg.size - at) bytes")
+                    try seg.file.truncate(to: at)
+                    try seg.file.sync()
+                    end = at
+                }
+            }
+        }
+        seg.size = end
+        return builder
+    }
+
+    /// Completes a partial-block truncation that was interrupted by a crash (see `truncateSuffix`).
+    private func finishTruncation() throws {
+        let p = path(FileNames.intent)
+        let f = try disk.open(p, create: false)
+        let bytes = try f.read(at: 0, count: Int(min(try f.size(), UInt64(Limits.blockRawBytesMax * 2))))
+        f.close()
+        if let intent = TruncateIntent.decode(bytes) {
+            let seg = try disk.open(path(FileNames.segment(intent.segmentBase)), create: false)
+            try seg.truncate(to: intent.offset)
+            try seg.write(intent.block, at: intent.offset)
+            try seg.sync()
+            seg.close()
+            log("\(p): finished an interrupted truncation of segment \(intent.segmentBase) at offset \(intent.offset)")
+        } else {
+            // Not durable before the crash, so the truncation never started.
+            log("\(p): incomplete intent, truncation had not started")
+        }
+        try disk.remove(p)
+        try disk.syncDirectory(directory)
+    }
+
+    /// The per-stream directory, from every segment's stream tables.
+    func rebuildSpans() {
+        spans = [:]
+        for seg in segments {
+            if let sealed = seg.sealed {
+                for e in sealed.streams {
+                    spans[e.stream, default: []].append(StreamSpan(segmentBase: seg.base, firstSeq: e.firstSeq, lastSeq: e.lastSeq))
+                }
+            } else {
+                for (id, r) in seg.builder.streams {
+                    spans[id, default: []].append(StreamSpan(segmentBase: seg.base, firstSeq: r.firstSeq, lastSeq: r.lastSeq))
+                }
+            }
+        }
+    }
+
+    // MARK: Append
+
+    /// The last seq of a stream in this log (0 if it has none).
+    public func lastSeq(of stream: StreamID) -> StreamSeq { spans[stream]?.last?.lastSeq ?? 0 }
+
+    /// Appends a batch: one write and, under `.everyBatch`, one fdatasync; returns when the batch is as
+    /// durable as the policy promises. Records must continue the log's indexes, not lower its term, and
+    /// continue each stream's dense sequence (a stream's first record in the log may start at any seq).
+    public func append(_ batch: [Record]) throws {
+        if let failure { throw StoreError.failed(failure) }
+        guard !batch.isEmpty else { throw StoreError.invalidBatch("empty batch") }
+        guard batch.count <= Limits.appendBatchCountMax else {
+            throw StoreError.invalidBatch("\(batch.count) records, limit \(Limits.appendBatchCountMax)")
+        }
+        try validate(batch)
+
+        if active == nil || active!.size >= options.segmentBytesMax || (active!.isEmpty && active!.base != batch[0].index) {
+            try wrapDisk { try roll(base: batch[0].index) }
+        }
+        guard let seg = active else { preconditionFailure("roll leaves an active segment") }
+
+        var bytes = [UInt8]()
+        var blocks: [(offset: Int, range: Range<Int>)] = []
+        var start = 0
+        var raw = 0
+        for k in batch.indices {
+            let n = RecordCodec.encodedBytes(batch[k])
+            if k > start && raw + n > options.blockBytesTarget {
+                blocks.append((bytes.count, start..<k))
+                BlockCodec.encode(batch[start..<k], compress: options.compress, into: &bytes)
+                start = k
+                raw = 0
+            }
+            raw += n
+        }
+        blocks.append((bytes.count, start..<batch.count))
+        BlockCodec.encode(batch[start...], compress: options.compress, into: &bytes)
+
+        do {
+            try seg.file.write(bytes, at: seg.size)
+            batchesSinceSync += 1
+            switch options.durability {
+            case .everyBatch:
+                try seg.file.sync()
+                batchesSinceSync = 0
+            case .everyBatches(let n) where batchesSinceSync >= n:
+                try seg.file.sync()
+                batchesSinceSync = 0
+            default:
+                break
+            }
+        } catch let e as DiskError {
+            failure = e.description
+            throw StoreError.disk(e)
+        }
+
+        for (offset, range) in blocks {
+            let header = try bytes.withUnsafeBytes {
+                try BlockHeader.decode(UnsafeRawBufferPointer(rebasing: $0[offset...]), offset: seg.size + UInt64(offset))
+            }
+            seg.builder.add(offset: seg.size + UInt64(offset), header: header, records: batch[range])
+        }
+        seg.size += UInt64(bytes.count)
+        for r in batch where r.stream != .none {
+            if let last = spans[r.stream]?.last, last.segmentBase == seg.base {
+                spans[r.stream]![spans[r.stream]!.count - 1].lastSeq = r.seq
+            } else {
+                spans[r.stream, default: []].append(StreamSpan(segmentBase: seg.base, firstSeq: r.seq, lastSeq: r.seq))
+            }
+        }
+        lastIndex = batch[batch.count - 1].index
+        lastTerm = batch[batch.count - 1].term
+    }
+
+    private func validate(_ batch: [Record]) throws {
+        let first = batch[0].index
+        if lastIndex == 0 && segments.allSatisfy(\.isEmpty) {
+            guard first >= 1 else { throw StoreError.nonContiguous(expected: 1, got: first) }
+        } else if first != lastIndex + 1 {
+            throw StoreError.nonContiguous(expected: lastIndex + 1, got: first)
+        }
+        var term = lastTerm
+        var pending: [StreamID: StreamSeq] = [:]
+        for (k, r) in batch.enumerated() {
+            guard r.index == first + UInt64(k) else { throw StoreError.nonContiguous(expected: first + UInt64(k), got: r.index) }
+            guard r.term >= term else { throw StoreError.termRegressed(index: r.index, term: r.term, previous: term) }
+            term = r.term
+            guard r.payload.count <= Limits.recordPayloadBytesMax else {
+                throw StoreError.invalidBatch("record \(r.index): payload of \(r.payload.count) bytes, limit \(Limits.recordPayloadBytesMax)")
+            }
+            if r.stream == .none {
+                guard r.seq == 0 else { throw StoreError.streamSequence(stream: r.stream, expected: 0, got: r.seq) }
+                continue
+            }
+            let last = pending[r.stream] ?? lastSeq(of: r.stream)
+            guard last == 0 ? r.seq >= 1 : r.seq == last + 1 else {
+                throw StoreError.streamSequence(stream: r.stream, expected: last == 0 ? 1 : last + 1, got: r.seq)
+            }
+            pending[r.stream] = r.seq
+        }
+    }
+
+    /// Seals the active segment (if any) and starts a new one whose first record will be `base`.
+    private func roll(base: LogIndex) throws {
+        if let seg = active {
+            if seg.isEmpty {
+                // Nothing was ever appended to it (its base no longer fits): replace it.
+                seg.close()
+                try disk.remove(seg.dataPath)
+                segments.removeLast()
+            } else {
+                try seal(seg)
+            }
+            active = nil
+        }
+        let dataPath = path(FileNames.segment(base))
+        let file = try disk.open(dataPath, create: true)
+        try file.truncate(to: 0)
+        try file.write(SegmentHeader(shard: options.shard, baseIndex: base).encode(), at: 0)
+        try file.sync()
+        try disk.syncDirectory(directory)
+        let seg = Segment(
+            base: base, dataPath: dataPath, indexPath: path(FileNames.index(base)), file: file,
+            size: UInt64(Layout.segmentHeaderBytes))
+        segments.append(seg)
+        active = seg
+    }
+
+    /// Makes a segment read-only: syncs its data, writes its index file (tmp, fsync, rename, fsync dir).
+    private func seal(_ seg: Segment) throws {
+        try seg.file.sync()
+        let bytes = seg.builder.encode(shard: options.shard, baseIndex: seg.base, segmentBytes: seg.size)
+        let tmp = seg.indexPath + ".tmp"
+        let f = try disk.open(tmp, create: true)
+        try f.truncate(to: 0)
+        try f.write(bytes, at: 0)
+        try f.sync()
+        f.close()
+        try disk.rename(tmp, to: seg.indexPath)
+        try disk.syncDirectory(directory)
+        let idxFile = try disk.open(seg.indexPath, create: false)
+        let src = FileByteSource(idxFile, size: UInt64(bytes.count))
+        seg.sealed = try SegmentIndexFile.open(src)
+        seg.indexSource = src
+        seg.builder = SegmentIndexBuilder()
+    }
+
+    /// Makes every append so far durable, whatever the policy.
+    public func sync() throws {
+        if let failure { throw StoreError.failed(failure) }
+        do {
+            try active?.file.sync()
+            batchesSinceSync = 0
+        } catch let e as DiskError {
+            failure = e.description
+            throw StoreError.disk(e)
+        }
+    }
+
+    public func close() {
+        for s in segments { s.close() }
+        segments = []
+        active = nil
+    }
+
+    deinit { close() }
+
+    /// Runs a file-system step; a disk error stops the store.
+    func guardDisk<T>(_ body: () throws -> T) throws -> T { try wrapDisk(body) }
+
+    private func wrapDisk<T>(_ body: () throws -> T) throws -> T {
+        do {
+            return try body()
+        } catch let e as DiskError {
+            failure = e.description
+            throw StoreError.disk(e)
+        } catch let e as FormatError {
+            throw StoreError.corrupt(e)
+        }
+    }
+}
+
+// MARK: - Reads
+
+extension SegmentStore {
+    /// The segment holding `index`, by binary search on base indexes.
+    func segment(containing index: LogIndex) -> Segment? {
+        var lo = 0
+        var hi = segments.count
+        while lo < hi {
+            let mid = (lo + hi) / 2
+            if segments[mid].lastIndex < index { lo = mid + 1 } else { hi = mid }
+        }
+        guard lo < segments.count, segments[lo].base <= index, index <= segments[lo].lastIndex else { return nil }
+        return segments[lo]
+    }
+
+    func segment(base: LogIndex) -> Segment? {
+        var lo = 0
+        var hi = segments.count
+        while lo < hi {
+            let mid = (lo + hi) / 2
+            if segments[mid].base < base { lo = mid + 1 } else { hi = mid }
+        }
+        return lo < segments.count && segments[lo].base == base ? segments[lo] : nil
+    }
+
+    /// Reads, verifies and decodes one block. Damage is recorded and thrown, never returned as data.
+    func readBlock(_ seg: Segment, _ ordinal: Int) throws -> [Record] {
+        let blocks = seg.blocks
+        guard ordinal >= 0, ordinal < blocks.count else {
+            throw StoreError.corrupt(FormatError(.mismatch, file: seg.indexPath, offset: 0, "run points at block \(ordinal) of \(blocks.count)"))
+        }
+        let e = blocks[ordinal]
+        do {
+            let bytes = try seg.file.read(at: e.offset, count: Layout.blockHeaderBytes + Int(e.storedBytes))
+            let (h, records) = try BlockCodec.decode(bytes, file: seg.dataPath, offset: e.offset)
+            guard h.firstIndex == e.firstIndex, h.count == e.count else {
+                throw FormatError(
+                    .mismatch, file: seg.dataPath, offset: e.offset,
+                    "block holds \(h.firstIndex)+\(h.count), index says \(e.firstIndex)+\(e.count)")
+            }
+            return records
+        } catch let err as FormatError {
+            if !damage.contains(err) { damage.append(err) }
+            log("\(err)")
+            throw StoreError.corrupt(err)
+        } catch let err as DiskError {
+            throw StoreError.disk(err)
+        }
+    }
+
+    /// Records with indexes in `from...to` (clamped to what the log holds), at most `limit` of them.
+    public func read(from: LogIndex, to: LogIndex, limit: Int = Int.max) throws -> [Record] {
+        guard from <= to, from <= lastIndex, limit > 0 else { return [] }
+        guard from >= firstIndex else { throw StoreError.outOfRange(requested: from, first: firstIndex, last: lastIndex) }
+        var out = [Record]()
+        var next = from
+        let end = min(to, lastIndex)
+        while next <= end && out.count < limit {
+            guard let seg = segment(containing: next), let b = blockOrdinal(containing: next, in: seg.blocks) else {
+                throw StoreError.outOfRange(requested: next, first: firstIndex, last: lastIndex)
+            }
+            for r in try readBlock(seg, b) where r.index >= next && r.index <= end {
+                out.append(r)
+                if out.count == limit { break }
+            }
+            next = seg.blocks[b].lastIndex + 1
+        }
+        return out
+    }
+
+    /// The term of the record at `index` (0 for index 0).
+    public func term(at index: LogIndex) throws -> Term {
+        if index == 0 { return 0 }
+        guard let r = try read(from: index, to: index).first else {
+            throw StoreError.outOfRange(requested: index, first: firstIndex, last: lastIndex)
+        }
+        return r.term
+    }
+
+    /// Up to `limit` records of `stream` with seq >= `fromSeq`, in ascending seq order.
+    /// Cost: a binary search over the stream's spans and runs, then one block read per run touched.
+    /// A hole in the stream's dense sequence (records lost to damage) is an error, never skipped.
+    public func readStream(_ stream: StreamID, fromSeq: StreamSeq, limit: Int) throws -> [Record] {
+        guard limit > 0, let list = spans[stream] else { return [] }
+        var out = [Record]()
+        var i = lowerBound(list.count) { list[$0].lastSeq < fromSeq }
+        var want = max(fromSeq, list.first?.firstSeq ?? fromSeq)
+        while i < list.count && out.count < limit {
+            guard let seg = segment(base: list[i].segmentBase), var runs = seg.runs(stream) else { i += 1; continue }
+            var j = try wrapIndex { try runs.firstRun(endingAtOrAfter: want) }
+            while j < runs.count && out.count < limit {
+                let run = try wrapIndex { try runs.run(j) }
+                for r in try readBlock(seg, Int(run.block)) where r.stream == stream && r.seq >= want {
+                    guard r.seq == want else { throw hole(stream, want, r.seq, seg) }
+                    out.append(r)
+                    want += 1
+                    if out.count == limit { break }
+                }
+                j += 1
+            }
+            i += 1
+        }
+        if out.count < limit, want <= lastSeq(of: stream) { throw hole(stream, want, lastSeq(of: stream) + 1, nil) }
+        return out
+    }
+
+    /// Up to `limit` records of `stream` with seq < `beforeSeq` (all when nil), newest first.
+    public func readStreamBackward(_ stream: StreamID, beforeSeq: StreamSeq? = nil, limit: Int) throws -> [Record] {
+        guard limit > 0, let list = spans[stream] else { return [] }
+        if let b = beforeSeq, b <= 1 { return [] }
+        var want = min(beforeSeq.map { $0 - 1 } ?? UInt64.max, lastSeq(of: stream))
+        var out = [Record]()
+        var i = lowerBound(list.count) { list[$0].firstSeq <= want } - 1
+        while i >= 0 && out.count < limit {
+            guard let seg = segment(base: list[i].segmentBase), var runs = seg.runs(stream) else { i -= 1; continue }
+            var j = try wrapIndex { try runs.lastRun(startingAtOrBefore: want) }
+            while j >= 0 && out.count < limit {
+                let run = try wrapIndex { try runs.run(j) }
+                for r in try readBlock(seg, Int(run.block)).reversed() where r.stream == stream && r.seq <= want {
+                    guard r.seq == want else { throw hole(stream, r.seq + 1, want + 1, seg) }
+                    out.append(r)
+                    want -= 1
+                    if out.count == limit { break }
+                }
+                j -= 1
+            }
+            i -= 1
+        }
+        if out.count < limit, let first = list.first, want >= first.firstSeq {
+            throw hole(stream, first.firstSeq, want + 1, nil)
+        }
+        return out
+    }
+
+    private func hole(_ s: StreamID, _ from: StreamSeq, _ to: StreamSeq, _ seg: Segment?) -> StoreError {
+        let e = FormatError(.mismatch, file: seg?.dataPath ?? directory, offset: 0, "stream \(s) seq \(from)..<\(to) is unreadable")
+        return .corrupt(e)
+    }
+
+    private func wrapIndex<T>(_ body: () throws -> T) throws -> T {
+        do { return try body() } catch let e as FormatError {
+            if !damage.contains(e) { damage.append(e) }
+            throw StoreError.corrupt(e)
+        } catch let e as DiskError { throw StoreError.disk(e) }
+    }
+}
+
+/// The first position in 0..<count where `before` is false (`before` must be true then false).
+func lowerBound(_ count: Int, _ before: (Int) -> Bool) -> Int {
+    var lo = 0
+    var hi = count
+    while lo < hi {
+        let mid = (lo + hi) / 2
+        if before(mid) { lo = mid + 1 } else { hi = mid }
+    }
+    return lo
+}

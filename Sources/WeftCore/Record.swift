@@ -1,0 +1,51 @@
+/// What a record is, as far as the log cares. Higher layers (Raft, messaging) define the meaning of
+/// their own values; the log only stores the number.
+public struct RecordType: RawRepresentable, Hashable, Sendable, CustomStringConvertible {
+    public var rawValue: UInt16
+    public init(rawValue: UInt16) { self.rawValue = rawValue }
+    public init(_ rawValue: UInt16) { self.rawValue = rawValue }
+
+    /// An opaque application record.
+    public static let data = RecordType(1)
+    /// A Raft leader's empty entry at the start of its term.
+    public static let noop = RecordType(2)
+    /// A Raft membership change.
+    public static let config = RecordType(3)
+
+    public var description: String {
+        switch self {
+        case .data: "data"
+        case .noop: "noop"
+        case .config: "config"
+        default: "type\(rawValue)"
+        }
+    }
+}
+
+/// One entry of a shard's log.
+///
+/// Invariants kept by the store: indexes of a log are dense (each append continues at the last index + 1),
+/// and within one stream `seq` strictly increases with `index`.
+public struct Record: Hashable, Sendable {
+    public var index: LogIndex
+    public var term: Term
+    public var stream: StreamID
+    public var seq: StreamSeq
+    public var type: RecordType
+    /// Microseconds since the Unix epoch, as stamped by whoever proposed the record.
+    public var timestampMicros: Int64
+    public var payload: [UInt8]
+
+    public init(
+        index: LogIndex, term: Term, stream: StreamID, seq: StreamSeq, type: RecordType = .data,
+        timestampMicros: Int64, payload: [UInt8]
+    ) {
+        self.index = index
+        self.term = term
+        self.stream = stream
+        self.seq = seq
+        self.type = type
+        self.timestampMicros = timestampMicros
+        self.payload = payload
+    }
+}

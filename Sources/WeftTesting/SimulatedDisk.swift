@@ -1,0 +1,162 @@
+import SegmentStore
+
+/// A deterministic pseudo-random generator (SplitMix64): same seed, same sequence, on every machine.
+public struct SeededRNG: RandomNumberGenerator, Sendable {
+    public private(set) var state: UInt64
+    public init(seed: UInt64) { state = seed }
+    public mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
+
+/// An in-memory disk that models what a crash does to a real one (LevelDB's fault-injection Env):
+/// file data not yet synced, and directory changes (create, rename, remove) not yet synced, may be lost.
+///
+/// `crash(rng:)` keeps every file's synced contents plus a random prefix of what was written after the
+/// last sync (a torn write), and puts back the directory as of its last sync. Faults can also be armed:
+/// the n-th write fails after writing a prefix (a short write), or a sync fails.
+public final class SimulatedDisk: Disk {
+    final class Node {
+        var data: [UInt8] = []
+        /// Contents as of the last sync.
+        var durable: [UInt8] = []
+    }
+
+    /// path -> file, as the running process sees it.
+    var files: [String: Node] = [:]
+    /// path -> file, as it would be found after a crash (updated by syncDirectory).
+    var durableNames: [String: Node] = [:]
+    var directories: Set<String> = []
+
+    /// Fails the write whose number (counting from 1 across all files) equals this, after writing
+    /// `shortWritePrefix` bytes of it.
+    public var failWriteNumber: Int?
+    public var shortWritePrefix = 0
+    /// Fails every sync while set.
+    public var failSyncs = false
+    public private(set) var writes = 0
+    public private(set) var syncs = 0
+
+    public init() {}
+
+    public func open(_ path: String, create: Bool) throws -> any DiskFile {
+        if let n = files[path] { return SimulatedFile(disk: self, node: n, path: path) }
+        guard create else { throw DiskError(path: path, operation: "open", code: 2) }
+        let n = Node()
+        files[path] = n
+        return SimulatedFile(disk: self, node: n, path: path)
+    }
+
+    public func list(_ directory: String) throws -> [String] {
+        guard directories.contains(directory) else { throw DiskError(path: directory, operation: "opendir", code: 2) }
+        let prefix = directory + "/"
+        return files.keys.filter { $0.hasPrefix(prefix) && !$0.dropFirst(prefix.count).contains("/") }
+            .map { String($0.dropFirst(prefix.count)) }
+    }
+
+    public func remove(_ path: String) throws {
+        guard files.removeValue(forKey: path) != nil else { throw DiskError(path: path, operation: "unlink", code: 2) }
+    }
+
+    public func rename(_ from: String, to: String) throws {
+        guard let n = files.removeValue(forKey: from) else { throw DiskError(path: from, operation: "rename", code: 2) }
+        files[to] = n
+    }
+
+    public func syncDirectory(_ directory: String) throws {
+        syncs += 1
+        if failSyncs { throw DiskError(path: directory, operation: "fsync directory", code: 5) }
+        let prefix = directory + "/"
+        durableNames = durableNames.filter { !$0.key.hasPrefix(prefix) }
+        for (k, v) in files where k.hasPrefix(prefix) { durableNames[k] = v }
+    }
+
+    public func makeDirectory(_ path: String) throws { directories.insert(path) }
+    public func exists(_ path: String) -> Bool { files[path] != nil }
+
+    /// Simulates power loss: unsynced data and directory changes are lost, the last unsynced write of
+    /// each file may survive in part.
+    public func crash(rng: inout SeededRNG) {
+        var after: [String: Node] = [:]
+        for (path, node) in durableNames {
+            let fresh = Node()
+            var kept = node.durable
+            // Unsynced bytes appended after the durable contents may partly survive (torn tail).
+            if node.data.count > kept.count, Array(node.data[0..<kept.count]) == kept {
+                let extra = Int(rng.next() % UInt64(node.data.count - kept.count + 1))
+                kept += node.data[kept.count..<(kept.count + extra)]
+            }
+            fresh.data = kept
+            fresh.durable = kept
+            after[path] = fresh
+        }
+        files = after
+        durableNames = after
+        failWriteNumber = nil
+        failSyncs = false
+    }
+
+    /// Bytes of a file (tests corrupt and inspect them).
+    public func contents(_ path: String) -> [UInt8]? { files[path]?.data }
+
+    /// Replaces a file's bytes as if they had always been on disk.
+    public func setContents(_ path: String, _ bytes: [UInt8]) {
+        let n = files[path] ?? Node()
+        n.data = bytes
+        n.durable = bytes
+        files[path] = n
+        durableNames[path] = n
+    }
+
+    fileprivate func write(_ node: Node, _ bytes: [UInt8], at offset: UInt64, path: String) throws {
+        writes += 1
+        var bytes = bytes
+        var failing = false
+        if writes == failWriteNumber {
+            bytes = Array(bytes.prefix(shortWritePrefix))
+            failing = true
+        }
+        let end = Int(offset) + bytes.count
+        if node.data.count < Int(offset) { node.data += [UInt8](repeating: 0, count: Int(offset) - node.data.count) }
+        if node.data.count < end { node.data += [UInt8](repeating: 0, count: end - node.data.count) }
+        node.data.replaceSubrange(Int(offset)..<end, with: bytes)
+        if failing { throw DiskError(path: path, operation: "pwrite (simulated short write)", code: 5) }
+    }
+
+    fileprivate func sync(_ node: Node, path: String) throws {
+        syncs += 1
+        if failSyncs { throw DiskError(path: path, operation: "fdatasync", code: 5) }
+        node.durable = node.data
+    }
+}
+
+final class SimulatedFile: DiskFile {
+    let disk: SimulatedDisk
+    let node: SimulatedDisk.Node
+    let path: String
+
+    init(disk: SimulatedDisk, node: SimulatedDisk.Node, path: String) {
+        self.disk = disk
+        self.node = node
+        self.path = path
+    }
+
+    func size() throws -> UInt64 { UInt64(node.data.count) }
+    func write(_ bytes: [UInt8], at offset: UInt64) throws { try disk.write(node, bytes, at: offset, path: path) }
+    func read(at offset: UInt64, count: Int) throws -> [UInt8] {
+        guard offset < UInt64(node.data.count), count > 0 else { return [] }
+        let start = Int(offset)
+        return Array(node.data[start..<min(node.data.count, start + count)])
+    }
+    func sync() throws { try disk.sync(node, path: path) }
+    func truncate(to size: UInt64) throws {
+        if node.data.count > Int(size) { node.data.removeSubrange(Int(size)...) } else {
+            node.data += [UInt8](repeating: 0, count: Int(size) - node.data.count)
+        }
+    }
+    func close() {}
+}
