@@ -1,0 +1,52 @@
+import ArgumentParser
+import WeftBench
+
+@main
+struct Weft: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "weft",
+        abstract: "Weft: a messaging backend whose storage is a replicated log.",
+        subcommands: [Bench.self])
+}
+
+struct Bench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Benchmarks. They print figures; record them in Docs/benchmarks.md.",
+        subcommands: [BenchStore.self])
+}
+
+struct BenchStore: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "store",
+        abstract: "Append chat-like records to a fresh segment store, then measure reopen and cursor reads.")
+
+    @Option(help: "A fresh (absent or empty) directory; it is left in place for weft-dump.")
+    var dir: String
+
+    @Option(help: "How many records to write in all.")
+    var records: Int
+
+    @Option(help: "Batch size for the bulk of the records (batches of 1 and 64 are measured first).")
+    var batch: Int = 1024
+
+    @Option(help: "How many streams (conversations) the records spread over.")
+    var streams: Int = 10_000
+
+    @Option(help: "How many cursor reads to time.")
+    var reads: Int = 2_000
+
+    func validate() throws {
+        guard records > 0 else { throw ValidationError("--records must be positive") }
+        guard batch > 0, batch <= 65_536 else { throw ValidationError("--batch must be 1...65536") }
+        guard streams > 0 else { throw ValidationError("--streams must be positive") }
+    }
+
+    func run() throws {
+        let bench = StoreBench(directory: dir, records: records, batch: batch, streams: streams, reads: reads)
+        do {
+            try bench.run { print($0) }
+        } catch let e as StoreBench.BenchError {
+            throw ValidationError(e.description)
+        }
+    }
+}

@@ -1,0 +1,238 @@
+import ArgumentParser
+import Foundation
+import SegmentFormat
+import SegmentStore
+import WeftCore
+
+/// `weft-dump PATH`: inspect and verify segment files. A thin shell over `SegmentDumper`.
+@main
+struct WeftDump: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "weft-dump",
+        abstract: "Print or verify Weft segment files (a .seg file, or every segment under a data directory).")
+
+    @Argument(help: "A segment file (.seg) or a data directory.")
+    var path: String
+
+    @Flag(help: "One JSON object per line instead of text.")
+    var json = false
+
+    @Flag(help: "Check every checksum and every index file; print file:offset: reason for each problem. Exit 1 if any.")
+    var verify = false
+
+    @Option(help: "Only records of this stream.")
+    var stream: UInt64?
+
+    @Option(help: "Only records with index >= this.")
+    var from: UInt64?
+
+    @Option(help: "Only records with index <= this.")
+    var to: UInt64?
+
+    func run() throws {
+        let files: [String]
+        do {
+            files = try segmentFiles(under: path)
+        } catch let e as DumpFailure {
+            FileHandle.standardError.write(Data("weft-dump: \(e.message)\n".utf8))
+            throw ExitCode(2)
+        }
+        let disk = PosixDisk()
+        var out = Output(json: json, verify: verify)
+        var summary = DumpSummary()
+        let total = files.reduce(UInt64(0)) { sum, f in
+            sum + (((try? FileManager.default.attributesOfItem(atPath: f))?[.size] as? UInt64) ?? 0)
+        }
+        var progress = Progress(total: total)
+        let filter = DumpFilter(stream: stream.map { StreamID($0) }, from: from, to: to, records: !verify)
+        var unreadable = 0
+        for file in files {
+            do {
+                let f = try disk.open(file, create: false)
+                defer { f.close() }
+                let src = try FileByteSource(f)
+                let idxPath = String(file.dropLast(4)) + ".idx"
+                var idx: (any ByteSource)?
+                var idxFile: (any DiskFile)?
+                if verify, FileManager.default.fileExists(atPath: idxPath) {
+                    let g = try disk.open(idxPath, create: false)
+                    idxFile = g
+                    idx = try FileByteSource(g)
+                }
+                defer { idxFile?.close() }
+                try SegmentDumper.dump(src, index: idx, filter: filter, summary: &summary, progress: { progress.update(done: $0) }) {
+                    out.emit($0)
+                }
+                progress.finish(file: src.size)
+            } catch let e as FormatError {
+                unreadable += 1
+                out.emit(.problem(e))
+            } catch let e as DiskError {
+                unreadable += 1
+                out.emit(.problem(FormatError(.truncated, file: e.path, offset: 0, e.description)))
+            }
+        }
+        progress.clear()
+        out.summary(summary)
+        if summary.problems + unreadable > 0 { throw ExitCode(1) }
+    }
+}
+
+struct DumpFailure: Error { var message: String }
+
+/// The .seg files at `path`: the file itself, or every one under a directory, in path order.
+func segmentFiles(under path: String) throws -> [String] {
+    var isDir: ObjCBool = false
+    guard FileManager.default.fileExists(atPath: path, isDirectory: &isDir) else {
+        throw DumpFailure(message: "\(path): no such file or directory")
+    }
+    guard isDir.boolValue else { return [path] }
+    guard let walker = FileManager.default.enumerator(atPath: path) else {
+        throw DumpFailure(message: "\(path): cannot list directory")
+    }
+    let found = walker.compactMap { $0 as? String }.filter { $0.hasSuffix(".seg") }.sorted().map { path + "/" + $0 }
+    guard !found.isEmpty else { throw DumpFailure(message: "\(path): no segment files (*.seg) found") }
+    return found
+}
+
+/// Text or JSON lines on stdout; problems also go to stderr in text mode.
+struct Output {
+    let json: Bool
+    let verify: Bool
+    private var buffer = ""
+
+    init(json: Bool, verify: Bool) {
+        self.json = json
+        self.verify = verify
+    }
+
+    mutating func emit(_ e: DumpEvent) {
+        switch e {
+        case .file(let path, let h, let bytes):
+            if json {
+                line(#"{"kind":"file","file":\#(q(path)),"shard":\#(h.shard),"base_index":\#(h.baseIndex),"bytes":\#(bytes)}"#)
+            } else if !verify {
+                line("segment \(path): shard \(h.shard), base index \(h.baseIndex), \(bytes) bytes, format v\(Layout.segmentVersion)")
+            }
+        case .block(let b):
+            let h = b.header
+            if json {
+                line(
+                    #"{"kind":"block","file":\#(q(b.file)),"offset":\#(b.offset),"payload_offset":\#(b.payloadOffset),"stored_bytes":\#(h.storedBytes),"raw_bytes":\#(h.rawBytes),"codec":"\#(h.codec)","first_index":\#(h.firstIndex),"last_index":\#(h.lastIndex),"count":\#(h.count),"crc_ok":\#(b.crcOK)}"#
+                )
+            } else if !verify {
+                line(
+                    "  block @\(b.offset): index \(h.firstIndex)-\(h.lastIndex), \(h.count) records, \(h.codec), \(h.storedBytes) stored / \(h.rawBytes) raw bytes (ratio \(fmt(b.ratio))), crc \(b.crcOK ? "OK" : "BAD")"
+                )
+            }
+        case .record(let r):
+            if json {
+                line(
+                    #"{"kind":"record","index":\#(r.index),"term":\#(r.term),"stream":\#(r.stream),"seq":\#(r.seq),"type":\#(r.type.rawValue),"timestamp":\#(r.timestampMicros),"payload_b64":"\#(Data(r.payload).base64EncodedString())"}"#
+                )
+            } else if !verify {
+                line("    #\(r.index) term \(r.term) stream \(r.stream) seq \(r.seq) \(r.type) \(time(r.timestampMicros)) \(preview(r.payload))")
+            }
+        case .problem(let err):
+            if json {
+                line(#"{"kind":"problem","file":\#(q(err.file)),"offset":\#(err.offset),"reason":\#(q(err.kind.rawValue + ": " + err.detail))}"#)
+            } else {
+                flush()
+                FileHandle.standardError.write(Data("\(err)\n".utf8))
+                if verify { line(err.description) }
+            }
+        }
+    }
+
+    mutating func summary(_ s: DumpSummary) {
+        if json {
+            line(
+                #"{"kind":"summary","files":\#(s.files),"blocks":\#(s.blocks),"bad_blocks":\#(s.badBlocks),"records":\#(s.records),"stored_bytes":\#(s.storedBytes),"raw_bytes":\#(s.rawBytes),"ratio":\#(fmt(s.ratio)),"problems":\#(s.problems)}"#
+            )
+        } else {
+            let what = verify ? "verified" : "dumped"
+            line(
+                "\(what): \(s.files) files, \(s.blocks) blocks (\(s.badBlocks) bad), \(verify ? "" : "\(s.records) records shown, ")\(s.storedBytes) stored / \(s.rawBytes) raw bytes, compression ratio \(fmt(s.ratio)), \(s.problems) problems"
+            )
+        }
+        flush()
+    }
+
+    private mutating func line(_ s: String) {
+        buffer += s
+        buffer += "\n"
+        if buffer.utf8.count > 1 << 16 { flush() }
+    }
+
+    mutating func flush() {
+        FileHandle.standardOutput.write(Data(buffer.utf8))
+        buffer = ""
+    }
+}
+
+func q(_ s: String) -> String {
+    var out = "\""
+    for u in s.unicodeScalars {
+        switch u {
+        case "\"": out += "\\\""
+        case "\\": out += "\\\\"
+        case "\n": out += "\\n"
+        case "\r": out += "\\r"
+        case "\t": out += "\\t"
+        default:
+            if u.value < 0x20 {
+                let h = String(u.value, radix: 16)
+                out += "\\u" + String(repeating: "0", count: 4 - h.count) + h
+            } else {
+                out.unicodeScalars.append(u)
+            }
+        }
+    }
+    return out + "\""
+}
+
+func fmt(_ d: Double) -> String { String(format: "%.2f", d) }
+
+func time(_ micros: Int64) -> String {
+    let f = ISO8601DateFormatter()
+    f.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
+    return f.string(from: Date(timeIntervalSince1970: Double(micros) / 1_000_000))
+}
+
+/// Up to 60 characters of the payload: text if it is UTF-8, hex otherwise.
+func preview(_ p: [UInt8]) -> String {
+    let head = Array(p.prefix(60))
+    let more = p.count > 60 ? "… (\(p.count) bytes)" : ""
+    if let s = String(validating: head, as: UTF8.self), !s.unicodeScalars.contains(where: { $0.value < 0x20 }) {
+        return q(s) + more
+    }
+    return "0x" + head.map { String(format: "%02x", $0) }.joined() + more
+}
+
+/// A percentage on stderr, only when stderr is a terminal and the input is large.
+struct Progress {
+    let total: UInt64
+    var finished: UInt64 = 0
+    var lastShown = -1
+    let enabled: Bool
+
+    init(total: UInt64) {
+        self.total = total
+        enabled = isatty(2) != 0 && total > 64 << 20
+    }
+
+    mutating func update(done inFile: UInt64) {
+        guard enabled else { return }
+        let pct = Int((finished + inFile) * 100 / max(total, 1))
+        if pct != lastShown {
+            lastShown = pct
+            FileHandle.standardError.write(Data("\rweft-dump: \(pct)%".utf8))
+        }
+    }
+
+    mutating func finish(file size: UInt64) { finished += size }
+
+    func clear() {
+        if enabled { FileHandle.standardError.write(Data("\r\u{1B}[K".utf8)) }
+    }
+}
