@@ -73,7 +73,8 @@ public enum SegmentDumper {
         summary.files += 1
         emit(.file(path: src.name, header: scanner.header, bytes: src.size))
         var builder = SegmentIndexBuilder()
-        var expected = scanner.header.baseIndex
+        // Unknown right after damage: the damaged block's own header cannot be trusted.
+        var expected: LogIndex? = scanner.header.baseIndex
         var damaged = false
         while true {
             let at = scanner.offset
@@ -93,7 +94,7 @@ public enum SegmentDumper {
                     damaged = true
                     continue
                 }
-                if b.header.firstIndex != expected {
+                if let expected, b.header.firstIndex != expected {
                     summary.problems += 1
                     emit(.problem(FormatError(.mismatch, file: src.name, offset: at, "block starts at index \(b.header.firstIndex), expected \(expected)")))
                 }
@@ -108,6 +109,7 @@ public enum SegmentDumper {
                 }
             case .damaged(let err, _):
                 damaged = true
+                expected = nil
                 summary.problems += 1
                 if err.kind == .checksumMismatch,
                     let h = try? BlockHeader.decode(try src.read(at: at, count: Layout.blockHeaderBytes), offset: at)
@@ -120,14 +122,14 @@ public enum SegmentDumper {
             }
         }
         guard let index else { return }
-        // An index must say exactly what the data says: rebuild it and compare bytes.
-        if damaged {
-            emit(.problem(FormatError(.mismatch, file: index.name, offset: 0, "not compared: its segment is damaged")))
-            summary.problems += 1
-            return
-        }
+        // An index must say exactly what the data says: rebuild it and compare bytes. With damaged data
+        // there is nothing sound to compare against; the index's own checksums are still checked.
         do {
             let opened = try SegmentIndexFile.open(index)
+            for chunkStart in stride(from: 0, to: Int(opened.runCount), by: Layout.indexRunsPerChunk) {
+                _ = try opened.readChunk(containing: UInt32(chunkStart), from: index)
+            }
+            if damaged { return }
             let rebuilt = builder.encode(shard: scanner.header.shard, baseIndex: scanner.header.baseIndex, segmentBytes: src.size)
             let actual = try index.read(at: 0, count: Int(index.size))
             if let d = zip(rebuilt, actual).enumerated().first(where: { $0.element.0 != $0.element.1 })?.offset {
@@ -135,9 +137,6 @@ public enum SegmentDumper {
             }
             if rebuilt.count != actual.count {
                 throw FormatError(.mismatch, file: index.name, offset: UInt64(min(rebuilt.count, actual.count)), "index length \(actual.count), data implies \(rebuilt.count)")
-            }
-            for chunkStart in stride(from: 0, to: Int(opened.runCount), by: Layout.indexRunsPerChunk) {
-                _ = try opened.readChunk(containing: UInt32(chunkStart), from: index)
             }
         } catch let e as FormatError {
             summary.problems += 1

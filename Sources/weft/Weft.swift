@@ -1,4 +1,5 @@
 import ArgumentParser
+import Glibc
 import WeftBench
 
 @main
@@ -44,7 +45,10 @@ struct BenchStore: ParsableCommand {
     func run() throws {
         let bench = StoreBench(directory: dir, records: records, batch: batch, streams: streams, reads: reads)
         do {
-            try bench.run { print($0) }
+            try bench.run {
+                print($0)
+                fflush(nil)  // figures appear as they are measured, also through a pipe
+            }
         } catch let e as StoreBench.BenchError {
             throw ValidationError(e.description)
         }

@@ -100,6 +100,11 @@ struct Output {
     let json: Bool
     let verify: Bool
     private var buffer = ""
+    private let dateFormatter: ISO8601DateFormatter = {
+        let f = ISO8601DateFormatter()
+        f.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
+        return f
+    }()
 
     init(json: Bool, verify: Bool) {
         self.json = json
@@ -131,15 +136,16 @@ struct Output {
                     #"{"kind":"record","index":\#(r.index),"term":\#(r.term),"stream":\#(r.stream),"seq":\#(r.seq),"type":\#(r.type.rawValue),"timestamp":\#(r.timestampMicros),"payload_b64":"\#(Data(r.payload).base64EncodedString())"}"#
                 )
             } else if !verify {
-                line("    #\(r.index) term \(r.term) stream \(r.stream) seq \(r.seq) \(r.type) \(time(r.timestampMicros)) \(preview(r.payload))")
+                line("    #\(r.index) term \(r.term) stream \(r.stream) seq \(r.seq) \(r.type) \(time(r.timestampMicros, dateFormatter)) \(preview(r.payload))")
             }
         case .problem(let err):
             if json {
                 line(#"{"kind":"problem","file":\#(q(err.file)),"offset":\#(err.offset),"reason":\#(q(err.kind.rawValue + ": " + err.detail))}"#)
+            } else if verify {
+                line(err.description)
             } else {
                 flush()
                 FileHandle.standardError.write(Data("\(err)\n".utf8))
-                if verify { line(err.description) }
             }
         }
     }
@@ -193,10 +199,8 @@ func q(_ s: String) -> String {
 
 func fmt(_ d: Double) -> String { String(format: "%.2f", d) }
 
-func time(_ micros: Int64) -> String {
-    let f = ISO8601DateFormatter()
-    f.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
-    return f.string(from: Date(timeIntervalSince1970: Double(micros) / 1_000_000))
+func time(_ micros: Int64, _ f: ISO8601DateFormatter) -> String {
+    f.string(from: Date(timeIntervalSince1970: Double(micros) / 1_000_000))
 }
 
 /// Up to 60 characters of the payload: text if it is UTF-8, hex otherwise.

@@ -1,0 +1,199 @@
+import SegmentFormat
+import Testing
+import WeftCore
+import WeftTesting
+
+/// Decoders fed garbage must throw or return; never trap, loop or allocate without bound. A trap here
+/// takes the whole test process down, which is the failure.
+@Suite struct HostileInputTests {
+    /// Feeds `bytes` to every decoder; returns how many accepted it.
+    @discardableResult
+    static func feed(_ bytes: [UInt8]) -> Int {
+        var accepted = 0
+        if (try? SegmentHeader.decode(bytes)) != nil { accepted += 1 }
+        if let (h, records) = try? BlockCodec.decode(bytes, offset: 0) {
+            accepted += 1
+            checkDecoded(h, records)
+        }
+        let src = MemoryByteSource(bytes: bytes)
+        if let idx = try? SegmentIndexFile.open(src) {
+            accepted += 1
+            exercise(idx, src)
+        }
+        if var scanner = try? SegmentScanner(src) {
+            accepted += 1
+            var steps = 0
+            var last: UInt64 = 0
+            while let item = try? scanner.next() {
+                if case .block(let b) = item {
+                    #expect(b.offset >= last && b.offset + UInt64(b.bytes.count) <= UInt64(bytes.count))
+                    last = b.offset + UInt64(b.bytes.count)
+                    if let records = try? b.records() { checkDecoded(b.header, records) }
+                }
+                steps += 1
+                if steps > bytes.count + 1 {
+                    Issue.record("scanner made \(steps) steps over \(bytes.count) bytes")
+                    break
+                }
+            }
+        }
+        return accepted
+    }
+
+    /// What a successful decode promises.
+    static func checkDecoded(_ h: BlockHeader, _ records: [Record]) {
+        #expect(records.count == Int(h.count))
+        for (k, r) in records.enumerated() {
+            #expect(r.index == h.firstIndex + UInt64(k))
+            #expect(r.payload.count <= Limits.recordPayloadBytesMax)
+        }
+    }
+
+    static func exercise(_ idx: SegmentIndexFile, _ src: any ByteSource) {
+        var run: UInt32 = 0
+        while run < idx.runCount {
+            if let chunk = try? idx.readChunk(containing: run, from: src) {
+                #expect(chunk.first <= run && Int(run - chunk.first) < chunk.runs.count)
+            }
+            run += 1
+        }
+        for s in idx.streams { #expect(idx.stream(s.stream) == s) }
+        _ = idx.stream(StreamID(12345))
+        for b in idx.blocks {
+            #expect(b.offset <= idx.segmentBytes && UInt64(Layout.blockHeaderBytes) + UInt64(b.storedBytes) <= idx.segmentBytes - b.offset)
+            _ = blockOrdinal(containing: b.firstIndex, in: idx.blocks)
+            _ = blockOrdinal(containing: b.lastIndex, in: idx.blocks)
+        }
+    }
+
+    @Test func randomBytes() {
+        var rng = SeededRNG(seed: 31)
+        let magics: [[UInt8]] = [
+            [], Layout.segmentMagic, Layout.indexMagic, withUnsafeBytes(of: Layout.blockMagic.littleEndian) { Array($0) },
+        ]
+        for _ in 0..<3000 {
+            let bytes = magics[rng.int(0..<magics.count)] + rng.bytes(rng.int(0...300))
+            Self.feed(bytes)
+        }
+        // Headers that pass, followed by garbage sprinkled with block magics.
+        for _ in 0..<300 {
+            var bytes = SegmentHeader(shard: ShardID(1), baseIndex: 1).encode()
+            for _ in 0..<rng.int(0...20) {
+                if rng.oneIn(2) { bytes += withUnsafeBytes(of: Layout.blockMagic.littleEndian) { Array($0) } }
+                bytes += rng.bytes(rng.int(0...60))
+            }
+            #expect(Self.feed(bytes) >= 2)  // header and scanner accept the file
+        }
+    }
+
+    /// Valid blocks with bytes changed. Half get their checksum recomputed, so the LZ4 and record decoders
+    /// see the hostile payloads too.
+    @Test func mutatedBlocks() {
+        var rng = SeededRNG(seed: 32)
+        var blocks = BlockTests.sampleBlocks().map(\.1)
+        for _ in 0..<6 { blocks.append(encodeBlock(randomRecords(count: rng.int(1...12), firstIndex: 1, rng: &rng, maxPayload: 120))) }
+        for _ in 0..<4000 {
+            var b = blocks[rng.int(0..<blocks.count)]
+            for _ in 0..<rng.int(1...4) {
+                let at = rng.oneIn(2) ? rng.int(0..<min(b.count, 72)) : rng.int(0..<b.count)
+                b[at] = rng.oneIn(3) ? [0, 0xFF, 1, 0x80][rng.int(0..<4)] : UInt8.random(in: 0...255, using: &rng)
+            }
+            if rng.oneIn(5) { b = Array(b.prefix(rng.int(0...b.count))) }
+            if rng.oneIn(5) { b += rng.bytes(rng.int(1...64)) }
+            if rng.oneIn(2), b.count >= Layout.blockHeaderBytes {
+                let stored = Int(b.loadLE(UInt32.self, at: 12))
+                if stored <= b.count - Layout.blockHeaderBytes {
+                    let crc = b.withUnsafeBytes {
+                        BlockCodec.computeCRC(
+                            header: $0, payload: UnsafeRawBufferPointer(rebasing: $0[Layout.blockHeaderBytes..<(Layout.blockHeaderBytes + stored)]))
+                    }
+                    b.storeLE(crc, at: 28)
+                }
+            }
+            Self.feed(b)
+            // Also inside a segment, for the scanner.
+            Self.feed(SegmentHeader(shard: ShardID(1), baseIndex: 1).encode() + b + blocks[0])
+        }
+    }
+
+    /// Recomputes an index file's chunk, table and header checksums from its (possibly mutated) header,
+    /// so that mutations reach the table and run checks behind them.
+    static func resealIndex(_ b: inout [UInt8]) {
+        guard b.count >= Layout.indexHeaderBytes else { return }
+        let blocks = Int(b.loadLE(UInt32.self, at: 12))
+        let streams = Int(b.loadLE(UInt32.self, at: 40))
+        let runs = Int(b.loadLE(UInt32.self, at: 44))
+        let chunks = (runs + Layout.indexRunsPerChunk - 1) / Layout.indexRunsPerChunk
+        let crcAt = Layout.indexHeaderBytes + blocks * Layout.indexBlockEntryBytes + streams * Layout.indexStreamEntryBytes
+        let runsAt = crcAt + chunks * 4
+        if runsAt + runs * Layout.indexRunEntryBytes == b.count {
+            for c in 0..<chunks {
+                let from = runsAt + c * Layout.indexRunsPerChunk * Layout.indexRunEntryBytes
+                let to = min(b.count, from + Layout.indexRunsPerChunk * Layout.indexRunEntryBytes)
+                b.storeLE(CRC32C.checksum(b[from..<to]), at: crcAt + c * 4)
+            }
+        }
+        if runsAt <= b.count { b.storeLE(CRC32C.checksum(b[Layout.indexHeaderBytes..<runsAt]), at: 56) }
+        b.storeLE(CRC32C.checksum(b[0..<60]), at: 60)
+    }
+
+    @Test func mutatedIndexFiles() throws {
+        var rng = SeededRNG(seed: 33)
+        let indexes = [
+            BuiltSegment(rng: &rng, blocks: 6, perBlock: 8, streams: 5).indexBytes,
+            BuiltSegment(rng: &rng, blocks: 30, perBlock: 25, streams: 200).indexBytes,
+        ]
+        for idx in indexes { #expect(try SegmentIndexFile.open(MemoryByteSource(bytes: idx)).runCount > 0) }
+        for _ in 0..<3000 {
+            var b = indexes[rng.oneIn(4) ? 1 : 0]
+            for _ in 0..<rng.int(1...3) {
+                let at = rng.oneIn(2) ? rng.int(0..<min(b.count, 400)) : rng.int(0..<b.count)
+                b[at] = rng.oneIn(3) ? [0, 0xFF, 1, 0x80][rng.int(0..<4)] : UInt8.random(in: 0...255, using: &rng)
+            }
+            if rng.oneIn(8) { b = Array(b.prefix(rng.int(0...b.count))) }
+            if !rng.oneIn(4) { Self.resealIndex(&b) }
+            Self.feed(b)
+        }
+    }
+
+    /// Block-table entries that would overflow 64-bit arithmetic, with every checksum valid.
+    @Test func indexEntriesNearIntegerLimits() throws {
+        var rng = SeededRNG(seed: 34)
+        let seg = BuiltSegment(rng: &rng, blocks: 3, perBlock: 4, streams: 3)
+        let good = seg.indexBytes
+        let table = Layout.indexHeaderBytes
+
+        var b = good  // first block's offset near UInt64.max: offset + header + stored wraps around
+        b.storeLE(UInt64.max - 8, at: table + 8)
+        Self.resealIndex(&b)
+        #expect(formatErrorKind { _ = try SegmentIndexFile.open(MemoryByteSource(bytes: b)) } == .badRecord)
+
+        b = good  // base index near UInt64.max: first + count wraps around
+        b.storeLE(UInt64.max - 1, at: 24)
+        b.storeLE(UInt64.max - 1, at: table)
+        Self.resealIndex(&b)
+        #expect(formatErrorKind { _ = try SegmentIndexFile.open(MemoryByteSource(bytes: b)) } == .badRecord)
+
+        b = good  // stored bytes at the u32 limit
+        b.storeLE(UInt32.max, at: table + 20)
+        Self.resealIndex(&b)
+        #expect(formatErrorKind { _ = try SegmentIndexFile.open(MemoryByteSource(bytes: b)) } == .badRecord)
+
+        b = good  // control: resealing the unmodified file keeps it valid
+        Self.resealIndex(&b)
+        #expect(b == good)
+    }
+
+    @Test func mutatedSegments() {
+        var rng = SeededRNG(seed: 35)
+        let seg = BuiltSegment(rng: &rng, blocks: 8, perBlock: 6, streams: 4)
+        for _ in 0..<400 {
+            var b = seg.bytes
+            for _ in 0..<rng.int(1...6) {
+                b[rng.int(0..<b.count)] = UInt8.random(in: 0...255, using: &rng)
+            }
+            if rng.oneIn(4) { b = Array(b.prefix(rng.int(0...b.count))) }
+            Self.feed(b)
+        }
+    }
+}

@@ -1,0 +1,186 @@
+import Foundation
+import SegmentFormat
+import Testing
+
+/// End-to-end checks of the real executables (`weft`, `weft-dump`) as a user runs them: real processes,
+/// real files in a temporary directory.
+@Suite(.serialized)
+struct ToolTests {
+    /// The directory holding the built products (next to the test bundle).
+    static let bin: URL = {
+        if let dir = ProcessInfo.processInfo.environment["WEFT_BIN_DIR"] { return URL(fileURLWithPath: dir) }
+        var url = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().deletingLastPathComponent()
+        // Running inside `X.xctest/...` on some layouts: walk up to the folder that has `weft`.
+        for _ in 0..<4 where !FileManager.default.fileExists(atPath: url.appendingPathComponent("weft-dump").path) {
+            url.deleteLastPathComponent()
+        }
+        return url
+    }()
+
+    struct Result {
+        var status: Int32
+        var stdout: String
+        var stderr: String
+    }
+
+    static func run(_ tool: String, _ args: [String]) throws -> Result {
+        let p = Process()
+        p.executableURL = bin.appendingPathComponent(tool)
+        p.arguments = args
+        let out = Pipe()
+        let err = Pipe()
+        p.standardOutput = out
+        p.standardError = err
+        try p.run()
+        // Read both pipes fully before waiting, so a large output cannot block the child.
+        let o = out.fileHandleForReading.readDataToEndOfFile()
+        let e = err.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        return Result(status: p.terminationStatus, stdout: String(decoding: o, as: UTF8.self), stderr: String(decoding: e, as: UTF8.self))
+    }
+
+    static func tempDir(_ name: String) throws -> String {
+        let dir = NSTemporaryDirectory() + "weft-tooltests-\(name)-\(getpid())"
+        try? FileManager.default.removeItem(atPath: dir)
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        return dir
+    }
+
+    /// A small benchmark directory: several sealed segments (so index files exist) plus an active one.
+    static let benchDir: String = {
+        let dir = NSTemporaryDirectory() + "weft-tooltests-bench-\(getpid())"
+        try? FileManager.default.removeItem(atPath: dir)
+        return dir
+    }()
+
+    static func makeBench() throws -> Result {
+        if FileManager.default.fileExists(atPath: benchDir + "/00000000000000000001.seg") {
+            return Result(status: 0, stdout: "", stderr: "")
+        }
+        return try run("weft", ["bench", "store", "--dir", benchDir, "--records", "30000", "--reads", "50", "--streams", "300"])
+    }
+
+    func jsonLines(_ s: String) throws -> [[String: Any]] {
+        try s.split(separator: "\n").map {
+            try #require(try JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any])
+        }
+    }
+
+    @Test func benchPrintsFiguresAndVerifies() throws {
+        let r = try Self.makeBench()
+        #expect(r.status == 0, "\(r.stderr)")
+        if !r.stdout.isEmpty {
+            for needle in ["append batch=   1", "append batch=  64", "append batch=1024", "compression:", "reopen", "cursor read"] {
+                #expect(r.stdout.contains(needle), "missing \(needle) in \(r.stdout)")
+            }
+        }
+        let v = try Self.run("weft-dump", ["--verify", Self.benchDir])
+        #expect(v.status == 0, "\(v.stdout)\(v.stderr)")
+        #expect(v.stdout.contains("0 problems"))
+        // Refuses a directory that is not fresh.
+        let again = try Self.run("weft", ["bench", "store", "--dir", Self.benchDir, "--records", "10"])
+        #expect(again.status != 0)
+        #expect(again.stderr.contains("not empty"))
+    }
+
+    @Test func jsonOutputDescribesBlocksAndRecords() throws {
+        _ = try Self.makeBench()
+        let r = try Self.run("weft-dump", ["--json", "--from", "100", "--to", "160", Self.benchDir])
+        #expect(r.status == 0, "\(r.stderr)")
+        let lines = try jsonLines(r.stdout)
+        let blocks = lines.filter { $0["kind"] as? String == "block" }
+        let records = lines.filter { $0["kind"] as? String == "record" }
+        #expect(!blocks.isEmpty)
+        #expect(records.count == 61)
+        for b in blocks {
+            for key in ["file", "offset", "payload_offset", "stored_bytes", "raw_bytes", "codec", "first_index", "last_index", "count", "crc_ok"] {
+                #expect(b[key] != nil, "block lacks \(key)")
+            }
+            #expect(b["crc_ok"] as? Bool == true)
+        }
+        let indexes = records.compactMap { $0["index"] as? Int }
+        #expect(indexes == Array(100...160))
+        for rec in records {
+            for key in ["index", "term", "stream", "seq", "type", "timestamp", "payload_b64"] {
+                #expect(rec[key] != nil, "record lacks \(key)")
+            }
+            let payload = try #require(Data(base64Encoded: rec["payload_b64"] as? String ?? ""))
+            #expect(String(decoding: payload, as: UTF8.self).contains("message_type"))
+        }
+        #expect(lines.last?["kind"] as? String == "summary")
+
+        let s = try Self.run("weft-dump", ["--json", "--stream", "7", Self.benchDir])
+        let streamRecs = try jsonLines(s.stdout).filter { $0["kind"] as? String == "record" }
+        #expect(!streamRecs.isEmpty)
+        #expect(streamRecs.allSatisfy { $0["stream"] as? Int == 7 })
+        #expect(streamRecs.compactMap { $0["seq"] as? Int } == Array(1...streamRecs.count))
+    }
+
+    @Test func verifyNamesTheOffsetOfAFlippedBit() throws {
+        _ = try Self.makeBench()
+        let dir = try Self.tempDir("flip")
+        for name in try FileManager.default.contentsOfDirectory(atPath: Self.benchDir) {
+            try FileManager.default.copyItem(atPath: Self.benchDir + "/" + name, toPath: dir + "/" + name)
+        }
+        let seg = dir + "/00000000000000000001.seg"
+        let listing = try jsonLines(try Self.run("weft-dump", ["--json", "--from", "5000", "--to", "5000", seg]).stdout)
+        let block = try #require(listing.first { $0["kind"] as? String == "block" })
+        let offset = try #require(block["offset"] as? Int)
+        let payload = try #require(block["payload_offset"] as? Int)
+        let h = try #require(FileHandle(forUpdatingAtPath: seg))
+        try h.seek(toOffset: UInt64(payload + 3))
+        let byte = try #require(h.readData(ofLength: 1).first)
+        try h.seek(toOffset: UInt64(payload + 3))
+        h.write(Data([byte ^ 0x10]))
+        try h.close()
+
+        let v = try Self.run("weft-dump", ["--verify", dir])
+        #expect(v.status == 1)
+        #expect(v.stdout.contains("\(seg):\(offset): checksum mismatch"), "\(v.stdout)")
+        // The human dump marks the block BAD and still lists the others.
+        let d = try Self.run("weft-dump", [seg, "--from", "4990", "--to", "5010"])
+        #expect(d.stdout.contains("crc BAD"))
+        #expect(d.status == 1)
+    }
+
+    @Test func verifyCatchesAnIndexThatDisagreesWithData() throws {
+        _ = try Self.makeBench()
+        let dir = try Self.tempDir("idx")
+        for name in try FileManager.default.contentsOfDirectory(atPath: Self.benchDir) {
+            try FileManager.default.copyItem(atPath: Self.benchDir + "/" + name, toPath: dir + "/" + name)
+        }
+        let idx = try #require(try FileManager.default.contentsOfDirectory(atPath: dir).sorted().first { $0.hasSuffix(".idx") })
+        var bytes = try #require(FileManager.default.contents(atPath: dir + "/" + idx))
+        bytes[bytes.count - 5] ^= 0x01
+        try bytes.write(to: URL(fileURLWithPath: dir + "/" + idx))
+        let v = try Self.run("weft-dump", ["--verify", dir])
+        #expect(v.status == 1)
+        #expect(v.stdout.contains(dir + "/" + idx + ":"), "\(v.stdout)")
+    }
+
+    @Test func badInputIsAClearErrorNotACrash() throws {
+        let dir = try Self.tempDir("bad")
+        let cases: [(String, [UInt8], String)] = [
+            ("text.seg", Array("hello, this is not a segment\n".utf8), "bad magic"),
+            ("short.seg", Array("WEFTSEG\0".utf8) + [1, 0, 64], "truncated"),
+            ("version.seg", SegmentHeader(shard: .init(0), baseIndex: 1).encode().enumerated().map { $0.offset == 8 ? 9 : $0.element }, "unsupported version"),
+            ("empty.seg", [], "bad magic"),
+        ]
+        for (name, bytes, reason) in cases {
+            let path = dir + "/" + name
+            FileManager.default.createFile(atPath: path, contents: Data(bytes))
+            let r = try Self.run("weft-dump", [path])
+            #expect(r.status == 1, "\(name)")
+            #expect(r.stderr.contains("\(path):") && r.stderr.contains(reason), "\(name): \(r.stderr)")
+            let v = try Self.run("weft-dump", ["--verify", path])
+            #expect(v.status == 1 && v.stdout.contains(reason), "\(name): \(v.stdout)")
+        }
+        let missing = try Self.run("weft-dump", [dir + "/nope"])
+        #expect(missing.status == 2 && missing.stderr.contains("no such file"))
+        let noSegs = try Self.tempDir("none")
+        let none = try Self.run("weft-dump", [noSegs])
+        #expect(none.status == 2 && none.stderr.contains("no segment files"))
+        let badArg = try Self.run("weft", ["bench", "store", "--dir", noSegs, "--records", "0"])
+        #expect(badArg.status != 0 && badArg.stderr.contains("--records"))
+    }
+}
