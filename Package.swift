@@ -33,7 +33,7 @@ let package = Package(
         .executableTarget(
             name: "weft",
             dependencies: [
-                "WeftBench",
+                "WeftBench", "SegmentStore",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: strict),

@@ -197,7 +197,11 @@ public struct SegmentIndexFile: Sendable {
             var total: UInt64 = 0
             for i in 0..<blockCount {
                 let b = BlockEntry(firstIndex: t.loadLE(at: p), offset: t.loadLE(at: p + 8), count: t.loadLE(at: p + 16), storedBytes: t.loadLE(at: p + 20))
-                guard b.firstIndex == next, b.count >= 1, b.offset + UInt64(Layout.blockHeaderBytes) + UInt64(b.storedBytes) <= idx.segmentBytes else {
+                // Hostile entries must not overflow: compare by subtraction, and keep lastIndex representable.
+                guard b.firstIndex == next, b.count >= 1, b.firstIndex <= UInt64.max - UInt64(b.count),
+                    b.offset <= idx.segmentBytes,
+                    UInt64(Layout.blockHeaderBytes) + UInt64(b.storedBytes) <= idx.segmentBytes - b.offset
+                else {
                     throw FormatError(.badRecord, file: file, offset: UInt64(Layout.indexHeaderBytes + p), "block entry \(i) is inconsistent")
                 }
                 next = b.firstIndex + UInt64(b.count)

@@ -12,8 +12,13 @@ public struct StoreBench {
     public var reads: Int
     public var pageSize: Int
     public var seed: UInt64
+    public var options: StoreOptions
 
-    public init(directory: String, records: Int, batch: Int = 1024, streams: Int = 10_000, reads: Int = 2_000, pageSize: Int = 20, seed: UInt64 = 42) {
+    public init(
+        directory: String, records: Int, batch: Int = 1024, streams: Int = 10_000, reads: Int = 2_000, pageSize: Int = 20,
+        seed: UInt64 = 42, options: StoreOptions = StoreOptions()
+    ) {
+        self.options = options
         self.directory = directory
         self.records = records
         self.batch = batch
@@ -34,8 +39,11 @@ public struct StoreBench {
             throw BenchError(description: "\(directory) is not empty; give a fresh directory")
         }
         let clock = ContinuousClock()
+        try disk.makeDirectory(directory)
+        let floor = try fsyncFloor(disk, clock)
+        print("fsync floor on this disk (4 KiB append + fdatasync, 500 times): p50 \(ms(floor, 0.5)) ms p99 \(ms(floor, 0.99)) ms")
         var corpus = ChatCorpus(seed: seed, streams: streams)
-        let store = try SegmentStore(directory: directory)
+        let store = try SegmentStore(directory: directory, options: options)
         print("weft bench store: \(records) records into \(directory) (shard 0, \(streams) streams, fsync every batch, segment \(store.options.segmentBytesMax >> 20) MiB, block ~\(store.options.blockBytesTarget >> 10) KiB)")
 
         // Small batches are fsync-bound: measure them on a slice, then fill the rest at `batch`.
@@ -82,7 +90,7 @@ public struct StoreBench {
         store.close()
 
         let t0 = clock.now
-        let reopened = try SegmentStore(directory: directory)
+        let reopened = try SegmentStore(directory: directory, options: options)
         let openSecs = seconds(clock.now - t0)
         print("reopen (recovery: load sealed indexes, scan the last segment): \(f2(openSecs * 1000)) ms for \(reopened.lastIndex) records in \(reopened.segmentCount) segments")
 
@@ -108,6 +116,25 @@ public struct StoreBench {
         print("cursor read, newest \(pageSize) backward: p50 \(ms(backward, 0.5)) ms, p99 \(ms(backward, 0.99)) ms (\(backward.count) reads, \(got) records returned)")
         reopened.close()
         print("left in place: \(directory) (inspect with: weft-dump --verify \(directory))")
+    }
+
+    /// The physical floor for a durable append, measured in the same run so figures compare as ratios.
+    func fsyncFloor(_ disk: PosixDisk, _ clock: ContinuousClock) throws -> [Duration] {
+        let path = directory + "/fsync-floor.tmp"
+        let f = try disk.open(path, create: true)
+        defer {
+            f.close()
+            try? disk.remove(path)
+        }
+        let block = [UInt8](repeating: 0xA5, count: 4096)
+        var out: [Duration] = []
+        for i in 0..<500 {
+            let t0 = clock.now
+            try f.write(block, at: UInt64(i * 4096))
+            try f.sync()
+            out.append(clock.now - t0)
+        }
+        return out.sorted()
     }
 
     func diskBytes(_ disk: PosixDisk) throws -> UInt64 {

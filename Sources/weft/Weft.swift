@@ -1,5 +1,6 @@
 import ArgumentParser
 import Glibc
+import SegmentStore
 import WeftBench
 
 @main
@@ -36,14 +37,20 @@ struct BenchStore: ParsableCommand {
     @Option(help: "How many cursor reads to time.")
     var reads: Int = 2_000
 
+    @Option(help: "Target raw bytes per block.")
+    var blockBytes: Int = 16 << 10
+
     func validate() throws {
         guard records > 0 else { throw ValidationError("--records must be positive") }
         guard batch > 0, batch <= 65_536 else { throw ValidationError("--batch must be 1...65536") }
         guard streams > 0 else { throw ValidationError("--streams must be positive") }
+        guard blockBytes >= 256, blockBytes <= 4 << 20 else { throw ValidationError("--block-bytes must be 256...4194304") }
     }
 
     func run() throws {
-        let bench = StoreBench(directory: dir, records: records, batch: batch, streams: streams, reads: reads)
+        let bench = StoreBench(
+            directory: dir, records: records, batch: batch, streams: streams, reads: reads,
+            options: StoreOptions(blockBytesTarget: blockBytes))
         do {
             try bench.run {
                 print($0)
