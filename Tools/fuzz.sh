@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 seconds="${1:-60}"
 shift || true
 swift build --product weft-fuzz-decoder --scratch-path .build-fuzz \
-  -Xswiftc -sanitize=fuzzer,address -Xswiftc -DFUZZING
+  -Xswiftc -sanitize=fuzzer,address -Xswiftc -DFUZZING -Xswiftc -use-ld=lld
 bin=".build-fuzz/debug/weft-fuzz-decoder"
 mkdir -p fuzz-out/corpus
 # Seed with real segment and index files when some are given (e.g. a small `weft bench store` dir).

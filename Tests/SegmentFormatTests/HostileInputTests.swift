@@ -50,12 +50,15 @@ import WeftTesting
     }
 
     static func exercise(_ idx: SegmentIndexFile, _ src: any ByteSource) {
+        // The first and last run of every chunk.
         var run: UInt32 = 0
         while run < idx.runCount {
-            if let chunk = try? idx.readChunk(containing: run, from: src) {
-                #expect(chunk.first <= run && Int(run - chunk.first) < chunk.runs.count)
+            for r in [run, min(idx.runCount, run + UInt32(Layout.indexRunsPerChunk)) - 1] {
+                if let chunk = try? idx.readChunk(containing: r, from: src) {
+                    #expect(chunk.first <= r && Int(r - chunk.first) < chunk.runs.count)
+                }
             }
-            run += 1
+            run += UInt32(Layout.indexRunsPerChunk)
         }
         for s in idx.streams { #expect(idx.stream(s.stream) == s) }
         _ = idx.stream(StreamID(12345))

@@ -44,8 +44,25 @@ func fuzzOne(_ bytes: [UInt8]) {
 }
 
 #if FUZZING
+/// libFuzzer's driver (compiler-rt, -sanitize=fuzzer). SwiftPM names an executable's entry point
+/// `<module>_main` and aliases `main` to it, so this entry point starts the fuzzer itself.
+@_silgen_name("LLVMFuzzerRunDriver")
+func LLVMFuzzerRunDriver(
+    _ argc: UnsafeMutablePointer<CInt>,
+    _ argv: UnsafeMutablePointer<UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?>,
+    _ callback: @convention(c) (UnsafePointer<UInt8>?, Int) -> CInt
+) -> CInt
+
+@_cdecl("weft_fuzz_decoder_main")
+func fuzzMain(_ argc: CInt, _ argv: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?) -> CInt {
+    var argc = argc
+    var argv = argv
+    return LLVMFuzzerRunDriver(&argc, &argv) { data, size in fuzzerTestOneInput(data, size) }
+}
+
+/// The callback libFuzzer's own `main` (linked in by -sanitize=fuzzer) looks for.
 @_cdecl("LLVMFuzzerTestOneInput")
-public func fuzzerTestOneInput(_ data: UnsafePointer<UInt8>?, _ size: Int) -> CInt {
+func fuzzerTestOneInput(_ data: UnsafePointer<UInt8>?, _ size: Int) -> CInt {
     guard let data else { return 0 }
     fuzzOne(Array(UnsafeBufferPointer(start: data, count: size)))
     return 0
