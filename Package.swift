@@ -29,6 +29,7 @@ let package = Package(
             providers: [.apt(["libssl-dev"])]),
         .target(name: "SegmentFormat", dependencies: ["WeftCore", "CLZ4"], swiftSettings: strict),
         .target(name: "SegmentStore", dependencies: ["WeftCore", "SegmentFormat"], swiftSettings: strict),
+        .target(name: "Raft", dependencies: ["WeftCore"], swiftSettings: strict),
         .target(name: "WeftBench", dependencies: ["WeftCore", "SegmentFormat", "SegmentStore"], swiftSettings: strict),
         .executableTarget(
             name: "weft",
@@ -52,9 +53,10 @@ let package = Package(
             dependencies: ["SegmentFormat"],
             path: "Tools/fuzz-decoder",
             swiftSettings: strict),
-        .target(name: "WeftTesting", dependencies: ["WeftCore", "SegmentStore"], swiftSettings: strict),
+        .target(name: "WeftTesting", dependencies: ["WeftCore", "SegmentStore", "Raft"], swiftSettings: strict),
         .testTarget(name: "SegmentFormatTests", dependencies: ["SegmentFormat", "WeftTesting"], swiftSettings: strict),
         .testTarget(name: "SegmentStoreTests", dependencies: ["SegmentStore", "SegmentFormat", "WeftTesting"], swiftSettings: strict),
+        .testTarget(name: "RaftTests", dependencies: ["Raft", "WeftTesting"], swiftSettings: strict),
         .testTarget(name: "ToolTests", dependencies: ["SegmentStore", "SegmentFormat", "WeftTesting"], swiftSettings: strict),
     ]
 )

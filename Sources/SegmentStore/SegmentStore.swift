@@ -106,6 +106,11 @@ public final class SegmentStore {
         }
         lastTerm = lastIndex == 0 ? 0 : ((try? term(at: lastIndex)) ?? 0)
         rebuildSpans()
+        // What recovery found may not be durable: a write or a file creation whose sync failed before the
+        // restart. Later appends sync only the active file's data, so make both the data and the directory
+        // durable now, before anything new is acknowledged on top of them.
+        try active?.file.sync()
+        try disk.syncDirectory(directory)
     }
 
     /// Opens a sealed segment's index file; false (after logging why) when it must be rebuilt.
@@ -122,6 +127,13 @@ public final class SegmentStore {
                 throw FormatError(
                     .mismatch, file: seg.indexPath, offset: 0,
                     "index describes base \(idx.baseIndex), \(idx.segmentBytes) bytes, shard \(idx.shard); segment has base \(seg.base), \(seg.size) bytes, shard \(options.shard)")
+            }
+            // Runs are checksummed per chunk and otherwise only checked when a read reaches them: check them
+            // all now, so that a damaged index is rebuilt here instead of failing stream reads for good.
+            var run: UInt32 = 0
+            while run < idx.runCount {
+                _ = try idx.readChunk(containing: run, from: src)
+                run += UInt32(Layout.indexRunsPerChunk)
             }
             seg.sealed = idx
             seg.indexSource = src

@@ -1,0 +1,371 @@
+import Raft
+import WeftCore
+
+/// An in-memory durable Raft log for the simulation (what a node finds after a restart).
+public final class MemoryRaftLog: RaftLogReader {
+    public var records: [Record] = []
+    public var hardState = HardState()
+    public init() {}
+    public var firstIndex: LogIndex { 1 }
+    public var lastIndex: LogIndex { LogIndex(records.count) }
+    public func term(at index: LogIndex) -> Term? {
+        if index == 0 { return 0 }
+        return index <= lastIndex ? records[Int(index - 1)].term : nil
+    }
+    public func entries(from: LogIndex, to: LogIndex, maxBytes: Int) -> [Record]? {
+        guard from >= 1, to <= lastIndex + 1 else { return nil }
+        var out: [Record] = []
+        var bytes = 0
+        for i in from..<to {
+            let r = records[Int(i - 1)]
+            if !out.isEmpty && bytes + r.payload.count > maxBytes { break }
+            out.append(r)
+            bytes += r.payload.count
+        }
+        return out
+    }
+    public func lastSeq(of stream: StreamID) -> StreamSeq {
+        records.last(where: { $0.stream == stream })?.seq ?? 0
+    }
+    /// What the driver does with `Ready.entries`: truncate from the first one's index, then append.
+    public func persist(_ entries: [Record]) {
+        guard let first = entries.first else { return }
+        precondition(first.index >= 1 && first.index <= lastIndex + 1, "gap: append at \(first.index) after \(lastIndex)")
+        records.removeSubrange(Int(first.index - 1)...)
+        records.append(contentsOf: entries)
+    }
+}
+
+/// A seeded, deterministic cluster of Raft nodes on a simulated network (TigerBeetle's VOPR in spirit):
+/// messages are delayed, reordered, dropped and duplicated; links are cut in one or both directions;
+/// nodes crash (losing whatever a Ready had not yet made durable) and restart. Every step checks the
+/// Raft safety properties; `finish` heals everything and checks that no acknowledged write was lost.
+public final class RaftSimulation {
+    public struct Failure: Error, CustomStringConvertible {
+        public var seed: UInt64
+        public var step: Int
+        public var message: String
+        public var description: String { "seed \(seed) step \(step): \(message)" }
+    }
+
+    struct Node {
+        var raft: Raft?
+        let log: MemoryRaftLog
+        /// Entries applied, in order (index -> record).
+        var applied: [Record] = []
+    }
+
+    struct InFlight {
+        var message: Message
+        var deliverAt: Int
+    }
+
+    public let seed: UInt64
+    var rng: SeededRNG
+    let ids: [NodeID]
+    var nodes: [NodeID: Node] = [:]
+    var network: [InFlight] = []
+    /// Directed links that drop everything: (from, to).
+    var cut: Set<[UInt64]> = []
+    public private(set) var now = 0
+    var step = 0
+    var nextPayload: UInt64 = 1
+    /// Payload ids a leader acknowledged (its own applied entry carried them).
+    public private(set) var acknowledged: Set<UInt64> = []
+    /// Highest known committed entry per index (from any node's applied entries): index -> term.
+    var committed: [LogIndex: Term] = [:]
+    var leaders: [Term: NodeID] = [:]
+    public private(set) var stats = Stats()
+    var faults = true
+
+    public struct Stats: Sendable {
+        public var crashes = 0
+        public var partitions = 0
+        public var dropped = 0
+        public var duplicated = 0
+        public var elections = 0
+        public var proposals = 0
+        public init() {}
+    }
+
+    /// Fault probabilities per scheduler step.
+    public var dropRate = 0.05
+    public var duplicateRate = 0.03
+    public var crashRate = 0.004
+    public var partitionRate = 0.01
+
+    public init(seed: UInt64, nodes count: Int = 3) {
+        self.seed = seed
+        rng = SeededRNG(seed: seed)
+        ids = (1...UInt64(count)).map { NodeID($0) }
+        for id in ids {
+            nodes[id] = Node(raft: nil, log: MemoryRaftLog())
+            start(id)
+        }
+    }
+
+    func config(_ id: NodeID) -> RaftConfig {
+        var c = RaftConfig(id: id, seed: seed)
+        c.electionTicks = 10
+        c.heartbeatTicks = 2
+        c.inflightAppendsMax = 4
+        c.appendBytesMax = 64
+        return c
+    }
+
+    func start(_ id: NodeID) {
+        guard var n = nodes[id] else { return }
+        // State machine restarts empty and replays committed entries from the log.
+        n.applied = []
+        n.raft = Raft(
+            config: config(id), log: n.log, hardState: n.log.hardState, membership: Membership(voters: Set(ids)), applied: 0)
+        nodes[id] = n
+    }
+
+    func chance(_ p: Double) -> Bool { Double(rng.next() % 1_000_000) / 1_000_000 < p }
+    func pick<T>(_ xs: [T]) -> T { xs[Int(rng.next() % UInt64(xs.count))] }
+
+    /// Runs `steps` scheduler steps with faults, then heals and runs until every acknowledged write is
+    /// applied everywhere. Throws the first broken invariant.
+    public func run(steps: Int) throws {
+        for _ in 0..<steps { try schedulerStep(faults: true) }
+        try finish()
+    }
+
+    func schedulerStep(faults: Bool) throws {
+        step += 1
+        let r = rng.next() % 100
+        if faults && chance(crashRate) {
+            let victim = pick(ids)
+            if nodes[victim]?.raft != nil {
+                stats.crashes += 1
+                nodes[victim]?.raft = nil
+                network.removeAll { $0.message.to == victim }
+            }
+        } else if faults && chance(partitionRate) {
+            stats.partitions += 1
+            cut = []
+            switch rng.next() % 4 {
+            case 0:  // isolate one node both ways
+                let a = pick(ids)
+                for b in ids where b != a {
+                    cut.insert([a.rawValue, b.rawValue])
+                    cut.insert([b.rawValue, a.rawValue])
+                }
+            case 1:  // one-way: a cannot reach b
+                let a = pick(ids)
+                let b = pick(ids.filter { $0 != a })
+                cut.insert([a.rawValue, b.rawValue])
+            case 2:  // leader isolated
+                if let l = currentLeader() {
+                    for b in ids where b != l {
+                        cut.insert([l.rawValue, b.rawValue])
+                        cut.insert([b.rawValue, l.rawValue])
+                    }
+                }
+            default:  // heal
+                break
+            }
+        }
+        // Restart crashed nodes after a while.
+        if r < 3, let down = ids.first(where: { nodes[$0]?.raft == nil }) {
+            start(down)
+        }
+        if r < 45 {
+            deliverOne()
+        } else if r < 80 {
+            let id = pick(ids)
+            if nodes[id]?.raft != nil {
+                nodes[id]!.raft!.tick()
+                try process(id)
+            }
+            now += 1
+        } else if r < 95 {
+            try propose()
+        } else if let l = currentLeader(), r < 97 {
+            nodes[l]!.raft!.readIndex(id: UInt64(step))
+            try process(l)
+        } else if let l = currentLeader(), faults, r < 98 {
+            let target = pick(ids.filter { $0 != l })
+            nodes[l]!.raft!.transferLeadership(to: target)
+            try process(l)
+        } else {
+            deliverOne()
+        }
+        try checkInvariants()
+    }
+
+    func currentLeader() -> NodeID? {
+        ids.filter { nodes[$0]?.raft?.role == .leader }.max { (nodes[$0]!.raft!.term) < (nodes[$1]!.raft!.term) }
+    }
+
+    func propose() throws {
+        guard let l = currentLeader() else { return }
+        let n = 1 + Int(rng.next() % 3)
+        var ps: [Proposal] = []
+        for _ in 0..<n {
+            var payload: [UInt8] = []
+            withUnsafeBytes(of: nextPayload.littleEndian) { payload.append(contentsOf: $0) }
+            nextPayload += 1
+            ps.append(Proposal(stream: StreamID(1 + rng.next() % 3), payload: payload))
+        }
+        if (try? nodes[l]!.raft!.propose(ps)) != nil { stats.proposals += ps.count }
+        try process(l)
+    }
+
+    func deliverOne() {
+        guard !network.isEmpty else { return }
+        let k = Int(rng.next() % UInt64(network.count))
+        let f = network.remove(at: k)
+        let m = f.message
+        if cut.contains([m.from.rawValue, m.to.rawValue]) || chance(dropRate) {
+            stats.dropped += 1
+            return
+        }
+        if chance(duplicateRate) {
+            stats.duplicated += 1
+            network.append(f)
+        }
+        guard nodes[m.to]?.raft != nil else { return }
+        nodes[m.to]!.raft!.step(m)
+        try? process(m.to)
+    }
+
+    /// The driver loop of one node: persist, "fsync", then send; apply committed; advance.
+    /// With a small probability the node crashes after a partial, unsynced write of this Ready (before
+    /// anything was sent), which loses a suffix of its entries and the hard state update.
+    func process(_ id: NodeID) throws {
+        while var raft = nodes[id]?.raft, raft.hasReady {
+            let rd = raft.ready()
+            let log = nodes[id]!.log
+            if faults, chance(crashRate / 4), rd.mustSync {
+                let keep = Int(rng.next() % UInt64(rd.entries.count + 1))
+                log.persist(Array(rd.entries.prefix(keep)))
+                stats.crashes += 1
+                nodes[id]!.raft = nil
+                network.removeAll { $0.message.to == id }
+                return
+            }
+            log.persist(rd.entries)
+            if let hs = rd.hardState { log.hardState = hs }
+            for m in rd.messages { network.append(InFlight(message: m, deliverAt: now)) }
+            for e in rd.committed {
+                try apply(id, e, isLeader: raft.role == .leader)
+            }
+            raft.advance(rd)
+            nodes[id]!.raft = raft
+            if raft.role == .leader, leaders[raft.term] == nil { stats.elections += 1 }
+        }
+    }
+
+    func apply(_ id: NodeID, _ e: Record, isLeader: Bool) throws {
+        var n = nodes[id]!
+        guard e.index == LogIndex(n.applied.count + 1) else {
+            throw fail("node \(id) applied index \(e.index) after \(n.applied.count)")
+        }
+        n.applied.append(e)
+        nodes[id] = n
+        if let t = committed[e.index], t != e.term {
+            throw fail("state machine safety: index \(e.index) applied with term \(e.term) on node \(id), term \(t) elsewhere")
+        }
+        committed[e.index] = e.term
+        if isLeader, e.type == .data, e.payload.count == 8 {
+            acknowledged.insert(e.payload.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) })
+        }
+    }
+
+    /// One line per node: role, term, log and commit positions, and the leader's view of followers.
+    public func describe() -> String {
+        ids.map { id in
+            guard let r = nodes[id]?.raft else { return "  \(id): down" }
+            return "  \(id): \(r.role) term \(r.term) last \(r.lastIndex)/\(r.lastTerm) commit \(r.commit) applied \(nodes[id]!.applied.count) durable \(nodes[id]!.log.lastIndex) leader \(String(describing: r.leader)) \(r.debugProgress)"
+        }.joined(separator: "\n")
+    }
+
+    func fail(_ message: String) -> Failure { Failure(seed: seed, step: step, message: message) }
+
+    func checkInvariants() throws {
+        // Election safety: one leader per term.
+        for id in ids {
+            guard let r = nodes[id]?.raft, r.role == .leader else { continue }
+            if let other = leaders[r.term], other != id {
+                throw fail("election safety: \(other) and \(id) both lead term \(r.term)")
+            }
+            if leaders[r.term] == nil {
+                leaders[r.term] = id
+                // Leader completeness: a new leader holds every entry committed so far.
+                for (i, t) in committed where nodes[id]!.log.term(at: i) != t && r.lastIndex >= i {
+                    throw fail("leader completeness: leader \(id) of term \(r.term) has term \(String(describing: nodes[id]!.log.term(at: i))) at committed index \(i) (term \(t))")
+                }
+                if let maxCommitted = committed.keys.max(), r.lastIndex < maxCommitted {
+                    throw fail("leader completeness: leader \(id) of term \(r.term) ends at \(r.lastIndex), below committed \(maxCommitted)")
+                }
+            }
+        }
+        if step % 16 == 0 { try checkLogMatching() }
+    }
+
+    /// Log matching: two logs with the same term at an index are identical up to it.
+    func checkLogMatching() throws {
+        for (k, a) in ids.enumerated() {
+            for b in ids[(k + 1)...] {
+                let la = nodes[a]!.log.records
+                let lb = nodes[b]!.log.records
+                let n = min(la.count, lb.count)
+                var i = n - 1
+                while i >= 0 && la[i].term != lb[i].term { i -= 1 }
+                if i >= 0 && la[0...i] != lb[0...i] {
+                    throw fail("log matching: \(a) and \(b) agree on term at index \(i + 1) but differ before it")
+                }
+            }
+        }
+    }
+
+    /// Heals the network, restarts every node, runs without faults until a leader has committed an
+    /// entry of its term and every node applied everything; then no acknowledged write may be missing.
+    func finish() throws {
+        faults = false
+        cut = []
+        for id in ids where nodes[id]?.raft == nil { start(id) }
+        var rounds = 0
+        while true {
+            rounds += 1
+            if rounds > 5_000 { throw fail("no convergence after healing:\n\(describe())") }
+            for id in ids {
+                nodes[id]!.raft!.tick()
+                try process(id)
+            }
+            now += 1
+            while !network.isEmpty {
+                let f = network.removeFirst()
+                guard nodes[f.message.to]?.raft != nil else { continue }
+                nodes[f.message.to]!.raft!.step(f.message)
+                try process(f.message.to)
+            }
+            try checkInvariants()
+            if let l = currentLeader(), let lr = nodes[l]?.raft, lr.commit == lr.lastIndex, lr.lastTerm == lr.term,
+                ids.allSatisfy({ nodes[$0]!.applied.count == Int(lr.commit) })
+            {
+                break
+            }
+        }
+        try checkLogMatching()
+        for id in ids {
+            let have = Set(nodes[id]!.applied.compactMap { e -> UInt64? in
+                e.payload.count == 8 ? e.payload.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) } : nil
+            })
+            let lost = acknowledged.subtracting(have)
+            if !lost.isEmpty { throw fail("acknowledged writes lost on node \(id): \(lost.sorted().prefix(5))") }
+            // Exactly once and dense stream seqs.
+            var seen = Set<UInt64>()
+            var seqs: [StreamID: StreamSeq] = [:]
+            for e in nodes[id]!.applied where e.type == .data {
+                let v = e.payload.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }
+                if !seen.insert(v).inserted { throw fail("payload \(v) applied twice on node \(id)") }
+                let expected = (seqs[e.stream] ?? 0) + 1
+                if e.seq != expected { throw fail("stream \(e.stream) seq \(e.seq) at index \(e.index), expected \(expected)") }
+                seqs[e.stream] = e.seq
+            }
+        }
+    }
+}
