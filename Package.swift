@@ -18,6 +18,9 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/LebJe/TOMLKit", from: "0.6.0"),
     ],
     targets: [
         .target(name: "WeftCore", swiftSettings: strict),
@@ -30,6 +33,23 @@ let package = Package(
         .target(name: "SegmentFormat", dependencies: ["WeftCore", "CLZ4"], swiftSettings: strict),
         .target(name: "SegmentStore", dependencies: ["WeftCore", "SegmentFormat"], swiftSettings: strict),
         .target(name: "Raft", dependencies: ["WeftCore"], swiftSettings: strict),
+        .target(
+            name: "ClusterConfig",
+            dependencies: ["WeftCore", .product(name: "TOMLKit", package: "TOMLKit")],
+            swiftSettings: strict),
+        .target(
+            name: "PeerTransport",
+            dependencies: [
+                "WeftCore", "COpenSSL",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict),
+        .target(
+            name: "Replication",
+            dependencies: ["WeftCore", "Raft", "SegmentStore", "SegmentFormat", .product(name: "Logging", package: "swift-log")],
+            swiftSettings: strict),
         .target(name: "WeftBench", dependencies: ["WeftCore", "SegmentFormat", "SegmentStore"], swiftSettings: strict),
         .executableTarget(
             name: "weft",
@@ -56,6 +76,9 @@ let package = Package(
         .target(name: "WeftTesting", dependencies: ["WeftCore", "SegmentStore", "Raft"], swiftSettings: strict),
         .testTarget(name: "SegmentFormatTests", dependencies: ["SegmentFormat", "WeftTesting"], swiftSettings: strict),
         .testTarget(name: "SegmentStoreTests", dependencies: ["SegmentStore", "SegmentFormat", "WeftTesting"], swiftSettings: strict),
+        .testTarget(name: "ClusterConfigTests", dependencies: ["ClusterConfig"], swiftSettings: strict),
+        .testTarget(name: "PeerTransportTests", dependencies: ["PeerTransport"], swiftSettings: strict),
+        .testTarget(name: "ReplicationTests", dependencies: ["Replication", "WeftTesting"], swiftSettings: strict),
         .testTarget(name: "RaftTests", dependencies: ["Raft", "WeftTesting"], swiftSettings: strict),
         .testTarget(name: "ToolTests", dependencies: ["SegmentStore", "SegmentFormat", "WeftTesting"], swiftSettings: strict),
     ]

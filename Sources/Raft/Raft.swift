@@ -133,6 +133,9 @@ public struct Raft {
         return out
     }
 
+    /// Term of the entry at `index` in this node's log (durable or not), nil if it has none.
+    public func logTerm(at index: LogIndex) -> Term? { termAt(index) }
+
     func isUpToDate(lastIndex li: LogIndex, lastTerm lt: Term) -> Bool {
         lt > lastTerm || (lt == lastTerm && li >= lastIndex)
     }
@@ -707,6 +710,9 @@ public struct Raft {
             if e.type == .config, let change = ConfigChange.decode(e.payload) { applyConfig(change) }
         }
     }
+
+    /// The leader's view of each member's match index (empty unless leader).
+    public var matchIndexes: [NodeID: LogIndex] { progress.mapValues(\.match) }
 
     /// The leader's follower table, for debugging output.
     public var debugProgress: String {

@@ -47,7 +47,7 @@ import WeftTesting
                 try store.sync()
             }
             // The whole log is compared after every truncation and reopen, and every few appends.
-            guard check(store, model, context, rng: &rng, queries: 4, readAll: op >= 13 || step % 4 == 0) else { return }
+            guard check(store, model, context, rng: &rng, queries: 3, readAll: op >= 13 || step == steps - 1) else { return }
             #expect(store.damage.isEmpty, "\(context): \(store.damage)")
         }
         // One last reopen must agree too.

@@ -1,0 +1,175 @@
+import WeftCore
+
+/// A validated cluster configuration (the file's shape: `cluster.example.toml`).
+///
+/// Only `load(path:)` and `parse(_:configPath:)` make one, so every value below has passed the
+/// checks described on each property.
+public struct ClusterConfiguration: Sendable, Equatable {
+    /// `cluster.name`: non-empty.
+    public let name: String
+    /// `cluster.shards`: 1...1024 (default 8). A user's home shard is `user_id % shards`.
+    public let shards: Int
+    /// `cluster.replication`: replicas per shard, 1...nodes.count (default 3).
+    public let replication: Int
+    /// `cluster.secret`: peers authenticate with an HMAC challenge over it; at least 16 bytes of UTF-8.
+    public let secret: String
+    public let storage: StorageConfig
+    public let raft: RaftTiming
+    /// `[[nodes]]`, sorted by id; at least one; ids and addresses unique.
+    public let nodes: [NodeConfig]
+    /// The file the configuration came from, as given; relative paths in the file resolve against its directory.
+    public let configPath: String
+
+    /// `cluster.shards` bounds.
+    public static let shardsRange = 1...1024
+    public static let defaultShards = 8
+    public static let defaultReplication = 3
+    /// `cluster.secret` must be at least this many bytes (UTF-8).
+    public static let secretBytesMin = 16
+    /// `load(path:)` refuses larger files: a configuration is a few hundred bytes per node.
+    public static let configFileBytesMax = 1 << 20
+
+    init(
+        name: String, shards: Int, replication: Int, secret: String, storage: StorageConfig, raft: RaftTiming,
+        nodes: [NodeConfig], configPath: String
+    ) {
+        precondition(Self.shardsRange.contains(shards), "shards \(shards) outside \(Self.shardsRange)")
+        precondition(!nodes.isEmpty && (1...nodes.count).contains(replication), "replication \(replication), \(nodes.count) nodes")
+        precondition(zip(nodes, nodes.dropFirst()).allSatisfy { $0.id < $1.id }, "nodes not sorted by unique id")
+        self.name = name
+        self.shards = shards
+        self.replication = replication
+        self.secret = secret
+        self.storage = storage
+        self.raft = raft
+        self.nodes = nodes
+        self.configPath = configPath
+    }
+
+    /// Reads and validates the configuration file at `path`.
+    ///
+    /// - Throws: `ConfigError` naming `path` when the file cannot be read, is larger than
+    ///   `configFileBytesMax`, is not UTF-8 or not TOML, or breaks a rule (then also the key).
+    public static func load(path: String) throws(ConfigError) -> ClusterConfiguration {
+        let text = try readTextFile(path)
+        return try parse(text, configPath: path)
+    }
+
+    /// Validates the TOML document `text`. `configPath` names the file in errors, and a relative
+    /// `storage.data_dir` resolves against its directory (against the working directory when
+    /// `configPath` is relative).
+    public static func parse(_ text: String, configPath: String) throws(ConfigError) -> ClusterConfiguration {
+        try ConfigParser(file: configPath).parse(text)
+    }
+
+    /// The node with id `id`, if the cluster has one.
+    public func node(_ id: NodeID) -> NodeConfig? {
+        nodes.first { $0.id == id }
+    }
+
+    /// Where node `node` keeps its data: `<storage.dataDir>/<node id>`.
+    public func dataDirectory(for node: NodeID) -> String {
+        storage.dataDir.hasSuffix("/") ? storage.dataDir + node.description : storage.dataDir + "/" + node.description
+    }
+
+    /// Every shard of the cluster: 0..<shards.
+    public var shardIDs: [ShardID] {
+        (0..<UInt64(shards)).map { ShardID($0) }
+    }
+
+    /// The home shard of a user: `userID % shards`.
+    public func shard(ofUser userID: UInt64) -> ShardID {
+        ShardID(userID % UInt64(shards))
+    }
+
+    /// The nodes that hold `shard`: with the nodes sorted by id, the `replication` consecutive nodes
+    /// starting at index `shard % nodes.count`, wrapping around. Deterministic, distinct, and the same on
+    /// every node that reads the same file. `shard` must be below `shards` (a bug otherwise).
+    public func replicas(of shard: ShardID) -> [NodeID] {
+        precondition(shard.rawValue < UInt64(shards), "shard \(shard) outside 0..<\(shards)")
+        let start = Int(shard.rawValue % UInt64(nodes.count))
+        return (0..<replication).map { nodes[(start + $0) % nodes.count].id }
+    }
+
+    /// The shards whose replica set includes `node`, ascending; empty for an unknown node.
+    public func shards(hostedBy node: NodeID) -> [ShardID] {
+        shardIDs.filter { replicas(of: $0).contains(node) }
+    }
+}
+
+/// `[storage]`.
+public struct StorageConfig: Sendable, Equatable {
+    /// `storage.data_dir` as an absolute, lexically normalized path (default `data` next to the config file).
+    public let dataDir: String
+    /// `storage.fsync` (default `every_batch`).
+    public let fsync: FsyncPolicy
+    /// `storage.segment_bytes`: a segment is sealed once it reaches this size; at least 4096 (default 64 MiB).
+    public let segmentBytes: UInt64
+
+    public static let defaultDataDir = "data"
+    public static let defaultSegmentBytes: UInt64 = 64 << 20
+    public static let segmentBytesMin: UInt64 = 4096
+
+    public init(dataDir: String, fsync: FsyncPolicy, segmentBytes: UInt64) {
+        self.dataDir = dataDir
+        self.fsync = fsync
+        self.segmentBytes = segmentBytes
+    }
+}
+
+/// `storage.fsync`: when appended log data is made durable (Docs/storage.md, "When Weft fsyncs").
+public enum FsyncPolicy: Equatable, Sendable, CustomStringConvertible {
+    /// `every_batch`: fdatasync after every append batch (the default).
+    case everyBatch
+    /// `every_n_batches:N`, N >= 1: fdatasync after every N-th batch; a crash may lose up to N-1 batches.
+    case everyBatches(Int)
+    /// `never`: no fdatasync on append; segments are still synced when sealed.
+    case never
+
+    /// The spelling used in the configuration file.
+    public var description: String {
+        switch self {
+        case .everyBatch: "every_batch"
+        case .everyBatches(let n): "every_n_batches:\(n)"
+        case .never: "never"
+        }
+    }
+}
+
+/// `[raft]`, in milliseconds. Invariants: 1 <= heartbeat, 2 * heartbeat < min < max <= `timeoutMsMax`.
+public struct RaftTiming: Sendable, Equatable {
+    /// `raft.election_timeout_min_ms` (default 300).
+    public let electionTimeoutMinMs: Int
+    /// `raft.election_timeout_max_ms`, greater than the minimum (default 600).
+    public let electionTimeoutMaxMs: Int
+    /// `raft.heartbeat_interval_ms`, less than half the minimum election timeout (default 50).
+    public let heartbeatIntervalMs: Int
+
+    public static let defaultElectionTimeoutMinMs = 300
+    public static let defaultElectionTimeoutMaxMs = 600
+    public static let defaultHeartbeatIntervalMs = 50
+    /// No timing may exceed one hour: larger values are typos, and this keeps arithmetic on them far from overflow.
+    public static let timeoutMsMax = 3_600_000
+
+    public init(electionTimeoutMinMs: Int, electionTimeoutMaxMs: Int, heartbeatIntervalMs: Int) {
+        self.electionTimeoutMinMs = electionTimeoutMinMs
+        self.electionTimeoutMaxMs = electionTimeoutMaxMs
+        self.heartbeatIntervalMs = heartbeatIntervalMs
+    }
+}
+
+/// One `[[nodes]]` entry.
+public struct NodeConfig: Sendable, Equatable {
+    /// `id`, >= 1 and unique in the cluster.
+    public let id: NodeID
+    /// `peer_addr`: where other nodes reach this one (Raft, replication).
+    public let peerAddress: HostPort
+    /// `api_addr`: where clients reach this node.
+    public let apiAddress: HostPort
+
+    public init(id: NodeID, peerAddress: HostPort, apiAddress: HostPort) {
+        self.id = id
+        self.peerAddress = peerAddress
+        self.apiAddress = apiAddress
+    }
+}

@@ -1,0 +1,288 @@
+import TOMLKit
+import WeftCore
+
+/// Turns TOML text into a `ClusterConfiguration`, checking types, ranges and cross-key rules in file
+/// order (`[cluster]`, `[storage]`, `[raft]`, `[[nodes]]`, then rules that span tables) and throwing the
+/// first problem found. TOMLKit's values are read only through its optional accessors, so a value of
+/// the wrong type is a `ConfigError`, never a crash.
+struct ConfigParser {
+    /// The configuration file, for messages and for resolving `storage.data_dir`.
+    let file: String
+
+    static let rootKeys = ["cluster", "storage", "raft", "nodes"]
+    static let clusterKeys = ["name", "shards", "replication", "secret"]
+    static let storageKeys = ["data_dir", "fsync", "segment_bytes"]
+    static let raftKeys = ["election_timeout_min_ms", "election_timeout_max_ms", "heartbeat_interval_ms"]
+    static let nodeKeys = ["id", "peer_addr", "api_addr"]
+
+    func parse(_ text: String) throws(ConfigError) -> ClusterConfiguration {
+        // TOMLKit passes the text to C as a NUL-terminated string: anything after a NUL would be ignored.
+        if let nul = text.utf8.firstIndex(of: 0) {
+            let line = text.utf8[..<nul].reduce(1) { $1 == UInt8(ascii: "\n") ? $0 + 1 : $0 }
+            throw ConfigError(file: file, line: line, message: "the file contains a NUL byte")
+        }
+        let rootTable: TOMLTable
+        do {
+            rootTable = try TOMLTable(string: text)
+        } catch let error as TOMLParseError {
+            throw ConfigError(
+                file: file, line: error.source.begin.line, column: error.source.begin.column,
+                message: "TOML syntax error: \(error.description)")
+        } catch {
+            throw ConfigError(file: file, message: "TOML syntax error: \(error)")
+        }
+        let root = TableReader(table: rootTable, path: nil, file: file)
+        try root.rejectUnknownKeys(Self.rootKeys)
+
+        // [cluster]
+        guard let cluster = try root.table("cluster") else {
+            throw root.error("cluster", "the required table [cluster] is missing")
+        }
+        try cluster.rejectUnknownKeys(Self.clusterKeys)
+        let name = try cluster.requiredString("name")
+        guard !name.isEmpty else { throw cluster.error("name", "must not be empty") }
+        let shards = try cluster.int("shards") ?? ClusterConfiguration.defaultShards
+        guard ClusterConfiguration.shardsRange.contains(shards) else {
+            throw cluster.error("shards", "must be \(rangeText(ClusterConfiguration.shardsRange)), got \(shards)")
+        }
+        let replicationGiven = try cluster.int("replication")
+        let replication = replicationGiven ?? ClusterConfiguration.defaultReplication
+        let secret = try cluster.requiredString("secret")
+        guard secret.utf8.count >= ClusterConfiguration.secretBytesMin else {
+            // Never echo the secret itself.
+            throw cluster.error(
+                "secret", "must be at least \(ClusterConfiguration.secretBytesMin) bytes, got \(secret.utf8.count)")
+        }
+
+        let storage = try parseStorage(root.table("storage"))
+        let raft = try parseRaft(root.table("raft"))
+        let nodes = try parseNodes(root)
+
+        guard (1...nodes.count).contains(replication) else {
+            let suffix = replicationGiven == nil ? " (the default)" : ""
+            throw cluster.error(
+                "replication",
+                "must be 1...\(nodes.count) (the number of [[nodes]]), got \(replication)\(suffix)")
+        }
+        return ClusterConfiguration(
+            name: name, shards: shards, replication: replication, secret: secret, storage: storage, raft: raft,
+            nodes: nodes.sorted { $0.id < $1.id }, configPath: file)
+    }
+
+    private func parseStorage(_ storage: TableReader?) throws(ConfigError) -> StorageConfig {
+        let keyPath = "storage"
+        try storage?.rejectUnknownKeys(Self.storageKeys)
+
+        let dataDirText = try storage?.string("data_dir") ?? StorageConfig.defaultDataDir
+        guard !dataDirText.isEmpty else {
+            throw ConfigError(file: file, keyPath: "\(keyPath).data_dir", message: "must not be empty")
+        }
+        guard let dataDir = resolvePath(dataDirText, againstDirectoryOf: file) else {
+            throw ConfigError(
+                file: file, keyPath: "\(keyPath).data_dir",
+                message: "\(quoted(dataDirText)) is relative and the working directory cannot be determined")
+        }
+
+        var fsync = FsyncPolicy.everyBatch
+        if let text = try storage?.string("fsync") {
+            guard let policy = Self.parseFsync(text) else {
+                throw ConfigError(
+                    file: file, keyPath: "\(keyPath).fsync",
+                    message: "must be \"every_batch\", \"every_n_batches:N\" with N >= 1, or \"never\"; got \(quoted(text))")
+            }
+            fsync = policy
+        }
+
+        var segmentBytes = StorageConfig.defaultSegmentBytes
+        if let value = try storage?.int("segment_bytes") {
+            guard value >= 0, UInt64(value) >= StorageConfig.segmentBytesMin else {
+                throw ConfigError(
+                    file: file, keyPath: "\(keyPath).segment_bytes",
+                    message: "must be at least \(StorageConfig.segmentBytesMin), got \(value)")
+            }
+            segmentBytes = UInt64(value)
+        }
+        return StorageConfig(dataDir: dataDir, fsync: fsync, segmentBytes: segmentBytes)
+    }
+
+    /// `every_batch`, `never`, or `every_n_batches:N` with N decimal digits, N >= 1.
+    static func parseFsync(_ text: String) -> FsyncPolicy? {
+        switch text {
+        case "every_batch": return .everyBatch
+        case "never": return .never
+        default:
+            let prefix = "every_n_batches:"
+            guard text.utf8.starts(with: prefix.utf8) else { return nil }
+            let digits = text.utf8.dropFirst(prefix.utf8.count)
+            guard (1...18).contains(digits.count), digits.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }) else { return nil }
+            let n = digits.reduce(0) { $0 * 10 + Int($1 - 0x30) }  // at most 18 digits: no overflow
+            return n >= 1 ? .everyBatches(n) : nil
+        }
+    }
+
+    private func parseRaft(_ raft: TableReader?) throws(ConfigError) -> RaftTiming {
+        try raft?.rejectUnknownKeys(Self.raftKeys)
+        let limit = 1...RaftTiming.timeoutMsMax
+
+        /// The value and whether the file gave it (messages mention defaults, which the reader cannot see).
+        func value(_ key: String, default fallback: Int) throws(ConfigError) -> (Int, given: Bool) {
+            guard let given = try raft?.int(key) else { return (fallback, false) }
+            guard limit.contains(given) else {
+                throw ConfigError(file: file, keyPath: "raft.\(key)", message: "must be \(rangeText(limit)), got \(given)")
+            }
+            return (given, true)
+        }
+        let (minMs, minGiven) = try value("election_timeout_min_ms", default: RaftTiming.defaultElectionTimeoutMinMs)
+        let (maxMs, maxGiven) = try value("election_timeout_max_ms", default: RaftTiming.defaultElectionTimeoutMaxMs)
+        let (heartbeatMs, heartbeatGiven) = try value(
+            "heartbeat_interval_ms", default: RaftTiming.defaultHeartbeatIntervalMs)
+        let minText = "raft.election_timeout_min_ms (\(minMs)\(minGiven ? "" : ", the default"))"
+        guard maxMs > minMs else {
+            throw ConfigError(
+                file: file, keyPath: "raft.election_timeout_max_ms",
+                message: "must be greater than \(minText), got \(maxMs)\(maxGiven ? "" : " (the default)")")
+        }
+        // heartbeat < min / 2, exactly; both are positive, so `minMs - heartbeatMs` cannot overflow.
+        guard heartbeatMs < minMs - heartbeatMs else {
+            throw ConfigError(
+                file: file, keyPath: "raft.heartbeat_interval_ms",
+                message: "must be less than half of \(minText), got \(heartbeatMs)\(heartbeatGiven ? "" : " (the default)")")
+        }
+        return RaftTiming(electionTimeoutMinMs: minMs, electionTimeoutMaxMs: maxMs, heartbeatIntervalMs: heartbeatMs)
+    }
+
+    private func parseNodes(_ root: TableReader) throws(ConfigError) -> [NodeConfig] {
+        let required = "at least one [[nodes]] entry is required"
+        guard let value = root.value("nodes") else { throw root.error("nodes", required) }
+        guard let array = value.array else {
+            throw root.error("nodes", "must be an array of tables ([[nodes]]), got \(typeName(value.type))")
+        }
+        guard array.count > 0 else { throw root.error("nodes", required) }
+
+        var nodes: [NodeConfig] = []
+        var indexOfID: [NodeID: Int] = [:]
+        var keyPathOfAddress: [HostPort: String] = [:]
+        for index in 0..<array.count {
+            let path = "nodes[\(index)]"
+            let element = array[index]
+            guard let table = element.table else {
+                throw ConfigError(file: file, keyPath: path, message: "expected a table, got \(typeName(element.type))")
+            }
+            let node = TableReader(table: table, path: path, file: file)
+            try node.rejectUnknownKeys(Self.nodeKeys)
+
+            let rawID = try node.requiredInt("id")
+            guard rawID >= 1 else { throw node.error("id", "must be at least 1, got \(rawID)") }
+            let id = NodeID(UInt64(rawID))
+            if let other = indexOfID[id] {
+                throw node.error("id", "\(rawID) is already the id of nodes[\(other)]")
+            }
+            indexOfID[id] = index
+
+            let peer = try node.requiredAddress("peer_addr")
+            let api = try node.requiredAddress("api_addr")
+            for (key, address) in [("peer_addr", peer), ("api_addr", api)] {
+                let canonical = address.canonical
+                if let other = keyPathOfAddress[canonical] {
+                    throw node.error(key, "\(quoted(address.description)) is already used by \(other)")
+                }
+                keyPathOfAddress[canonical] = node.keyPath(key)
+            }
+            nodes.append(NodeConfig(id: id, peerAddress: peer, apiAddress: api))
+        }
+        return nodes
+    }
+}
+
+/// One TOML table and where it sits in the document, for reading typed values with useful errors.
+struct TableReader {
+    let table: TOMLTable
+    /// The table's key path (`cluster`, `nodes[2]`), nil for the document root.
+    let path: String?
+    let file: String
+
+    func keyPath(_ key: String) -> String {
+        let part = key.utf8.allSatisfy(Self.isBareKeyByte) && !key.isEmpty ? key : quoted(key)
+        return path.map { "\($0).\(part)" } ?? part
+    }
+
+    func error(_ key: String, _ message: String) -> ConfigError {
+        ConfigError(file: file, keyPath: keyPath(key), message: message)
+    }
+
+    /// Typos must not pass silently: any key outside `allowed` is an error (sorted, so the first is reported).
+    func rejectUnknownKeys(_ allowed: [String]) throws(ConfigError) {
+        for key in table.keys.sorted() where !allowed.contains(key) {
+            throw error(key, "unknown key (expected one of: \(allowed.joined(separator: ", ")))")
+        }
+    }
+
+    func value(_ key: String) -> (any TOMLValueConvertible)? {
+        table[key]
+    }
+
+    func table(_ key: String) throws(ConfigError) -> TableReader? {
+        guard let value = table[key] else { return nil }
+        guard let child = value.table else { throw mismatch(key, expected: .table, got: value.type) }
+        return TableReader(table: child, path: keyPath(key), file: file)
+    }
+
+    func int(_ key: String) throws(ConfigError) -> Int? {
+        guard let value = table[key] else { return nil }
+        guard let int = value.int else { throw mismatch(key, expected: .int, got: value.type) }
+        return int
+    }
+
+    func string(_ key: String) throws(ConfigError) -> String? {
+        guard let value = table[key] else { return nil }
+        guard let string = value.string else { throw mismatch(key, expected: .string, got: value.type) }
+        return string
+    }
+
+    func requiredInt(_ key: String) throws(ConfigError) -> Int {
+        guard let int = try int(key) else { throw error(key, "required key is missing") }
+        return int
+    }
+
+    func requiredString(_ key: String) throws(ConfigError) -> String {
+        guard let string = try string(key) else { throw error(key, "required key is missing") }
+        return string
+    }
+
+    /// A required `"host:port"` string.
+    func requiredAddress(_ key: String) throws(ConfigError) -> HostPort {
+        let text = try requiredString(key)
+        switch HostPort.parse(text) {
+        case .success(let address): return address
+        case .failure(let problem): throw error(key, problem.message)
+        }
+    }
+
+    private func mismatch(_ key: String, expected: TOMLType, got: TOMLType) -> ConfigError {
+        error(key, "expected \(typeName(expected)), got \(typeName(got))")
+    }
+
+    private static func isBareKeyByte(_ byte: UInt8) -> Bool {
+        (byte >= 0x30 && byte <= 0x39) || (byte >= 0x41 && byte <= 0x5A) || (byte >= 0x61 && byte <= 0x7A)
+            || byte == UInt8(ascii: "_") || byte == UInt8(ascii: "-")
+    }
+}
+
+/// A TOML type with its article, for messages: "an integer", "a string".
+func typeName(_ type: TOMLType) -> String {
+    switch type {
+    case .table: "a table"
+    case .array: "an array"
+    case .string: "a string"
+    case .int: "an integer"
+    case .double: "a float"
+    case .bool: "a boolean"
+    case .date: "a date"
+    case .time: "a time"
+    case .dateTime: "a date-time"
+    }
+}
+
+func rangeText(_ range: ClosedRange<Int>) -> String {
+    "\(range.lowerBound)...\(range.upperBound)"
+}

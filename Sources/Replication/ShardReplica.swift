@@ -1,0 +1,184 @@
+import Raft
+import SegmentFormat
+import SegmentStore
+import WeftCore
+
+/// The durable log of a shard as Raft's read-only view.
+final class StoreLogReader: RaftLogReader {
+    let store: SegmentStore
+    init(_ store: SegmentStore) { self.store = store }
+    var firstIndex: LogIndex { store.firstIndex }
+    var lastIndex: LogIndex { store.lastIndex }
+    func term(at index: LogIndex) -> Term? { try? store.term(at: index) }
+    func entries(from: LogIndex, to: LogIndex, maxBytes: Int) -> [Record]? {
+        guard from < to else { return [] }
+        guard let all = try? store.read(from: from, to: to - 1, limit: 4096), all.first?.index == from else { return nil }
+        var bytes = 0
+        var n = 0
+        for r in all {
+            if n > 0 && bytes + r.payload.count > maxBytes { break }
+            bytes += r.payload.count
+            n += 1
+        }
+        return Array(all.prefix(n))
+    }
+    func lastSeq(of stream: StreamID) -> StreamSeq { store.lastSeq(of: stream) }
+}
+
+/// Why a proposal did not commit.
+public enum ReplicationError: Error, Equatable, Sendable {
+    case notLeader(NodeID?)
+    case transferring
+    case configChangePending
+    /// Another leader's entry replaced it (the proposing leader lost its term before committing).
+    case superseded
+    case storage(String)
+    case stopped
+}
+
+/// One shard's replica on this node: the Raft state machine driven over the segment store.
+/// Single-threaded: its owner (a `ShardRunner`, or a test) calls it from one thread.
+///
+/// The driver order is etcd's: persist entries (truncating a conflicting suffix with the store's
+/// `truncateSuffix`, appending with one pwrite + fdatasync) and the hard state (pwrite + fdatasync),
+/// and only then hand out messages; committed entries are applied, and each completes the proposal that
+/// created it (if its term matches).
+public final class ShardReplica {
+    public let shard: ShardID
+    public let id: NodeID
+    public private(set) var raft: Raft
+    let store: SegmentStore
+    let hardState: HardStateFile
+    /// index -> (term it was proposed in, completion).
+    var waiting: [LogIndex: (Term, (Result<Record, ReplicationError>) -> Void)] = [:]
+    var reads: [UInt64: (Result<LogIndex, ReplicationError>) -> Void] = [:]
+    var pendingReads: [(id: UInt64, index: LogIndex)] = []
+    var nextReadID: UInt64 = 1
+    /// Called with every committed record, in log order (the delivery tier and relays tail this).
+    public var onApply: (Record) -> Void = { _ in }
+
+    public init(shard: ShardID, id: NodeID, store: SegmentStore, hardState: HardStateFile, membership: Membership, config: RaftConfig) {
+        self.shard = shard
+        self.id = id
+        self.store = store
+        self.hardState = hardState
+        var cfg = config
+        cfg.id = id
+        raft = Raft(config: cfg, log: StoreLogReader(store), hardState: hardState.state, membership: membership, applied: 0)
+    }
+
+    public func tick() { raft.tick() }
+    public func step(_ m: Message) { raft.step(m) }
+
+    /// Proposes records; `done` runs (on the owner's thread) once they commit or fail.
+    public func propose(_ proposals: [Proposal], done: @escaping (Result<[Record], ReplicationError>) -> Void) {
+        do {
+            guard let range = try raft.propose(proposals) else { return done(.success([])) }
+            let term = raft.term
+            var results: [Record] = []
+            var failed = false
+            var remaining = range.count
+            for i in range {
+                waiting[i] = (
+                    term,
+                    { r in
+                        switch r {
+                        case .success(let rec): results.append(rec)
+                        case .failure(let e):
+                            if !failed { done(.failure(e)) }
+                            failed = true
+                        }
+                        remaining -= 1
+                        if remaining == 0 && !failed { done(.success(results)) }
+                    }
+                )
+            }
+        } catch {
+            done(.failure(Self.map(error)))
+        }
+    }
+
+    public func raftTransfer(_ to: NodeID) { raft.transferLeadership(to: to) }
+    public func campaign() { raft.campaignNow() }
+
+    /// Proposes a membership change; `done` gets its index once committed.
+    public func proposeConfig(_ change: ConfigChange, done: @escaping (Result<LogIndex, ReplicationError>) -> Void) {
+        do {
+            let index = try raft.proposeConfigChange(change)
+            let term = raft.term
+            waiting[index] = (term, { r in done(r.map(\.index)) })
+        } catch {
+            done(.failure(Self.map(error)))
+        }
+    }
+
+    /// A linearizable read point: `done` gets an index; reads of state applied up to it are current.
+    public func readIndex(done: @escaping (Result<LogIndex, ReplicationError>) -> Void) {
+        let rid = nextReadID
+        nextReadID += 1
+        reads[rid] = done
+        raft.readIndex(id: rid)
+    }
+
+    static func map(_ e: ProposalError) -> ReplicationError {
+        switch e {
+        case .notLeader(let l): .notLeader(l)
+        case .transferring: .transferring
+        case .configChangePending: .configChangePending
+        case .notReady: .notLeader(nil)
+        }
+    }
+
+    public var lastApplied: LogIndex { raft.applied }
+
+    /// Runs the driver loop until Raft has nothing more to do; returns the messages to send.
+    /// Throws when the store fails (the replica must then stop: its disk state is unknown).
+    public func process() throws -> [Message] {
+        var out: [Message] = []
+        while raft.hasReady {
+            let rd = raft.ready()
+            if let first = rd.entries.first {
+                if first.index <= store.lastIndex { try store.truncateSuffix(from: first.index) }
+                let fresh = rd.entries.filter { $0.index > store.lastIndex }
+                if !fresh.isEmpty { try store.append(fresh) }
+            }
+            if let hs = rd.hardState { try hardState.save(hs) }
+            out.append(contentsOf: rd.messages)
+            for e in rd.committed {
+                onApply(e)
+                if let (term, done) = waiting.removeValue(forKey: e.index) {
+                    done(term == e.term ? .success(e) : .failure(.superseded))
+                }
+            }
+            for rs in rd.readStates { pendingReads.append((rs.id, rs.index)) }
+            for id in rd.dropped { reads.removeValue(forKey: id)?(.failure(.notLeader(raft.leader))) }
+            raft.advance(rd)
+        }
+        // Reads are served once the state they must see is applied.
+        while let r = pendingReads.first, r.index <= raft.applied {
+            pendingReads.removeFirst()
+            reads.removeValue(forKey: r.id)?(.success(r.index))
+        }
+        // Proposals whose index was overwritten by another term fail now rather than wait forever.
+        if raft.role != .leader, !waiting.isEmpty {
+            for (i, w) in waiting where i > raft.lastIndex || (raft.logTerm(at: i).map { $0 != w.0 } ?? false) {
+                waiting.removeValue(forKey: i)?.1(.failure(.superseded))
+            }
+        }
+        return out
+    }
+
+    /// Fails everything still waiting (shutdown).
+    public func failAll(_ e: ReplicationError) {
+        for (_, w) in waiting { w.1(.failure(e)) }
+        waiting = [:]
+        for (_, r) in reads { r(.failure(e)) }
+        reads = [:]
+    }
+
+    public func close() {
+        failAll(.stopped)
+        store.close()
+        hardState.close()
+    }
+}

@@ -1,0 +1,160 @@
+import Foundation
+import Logging
+import Raft
+import WeftCore
+
+/// A shard's state, for `/api/v1/cluster/status`.
+public struct ShardStatus: Sendable, Equatable {
+    public var shard: ShardID
+    public var node: NodeID
+    public var role: String
+    public var leader: NodeID?
+    public var term: Term
+    public var commitIndex: LogIndex
+    public var appliedIndex: LogIndex
+    public var lastIndex: LogIndex
+    /// On the leader: every replica's match index.
+    public var matchIndexes: [NodeID: LogIndex]
+}
+
+/// Runs one `ShardReplica` on a thread of its own: an inbox of inputs (peer messages, proposals, reads),
+/// a tick timer, and group commit — every input that arrived while the previous batch was being
+/// persisted is stepped together, then persisted with one write and one fdatasync, then the messages go.
+///
+/// `@unchecked Sendable`: the inbox and `stopped` are guarded by `condition`; the replica is touched only
+/// by the runner's thread.
+public final class ShardRunner: @unchecked Sendable {
+    public enum Input {
+        case message(Message)
+        case propose([Proposal], @Sendable (Result<[Record], ReplicationError>) -> Void)
+        case readIndex(@Sendable (Result<LogIndex, ReplicationError>) -> Void)
+        case transferLeadership(NodeID)
+        case configChange(ConfigChange, @Sendable (Result<LogIndex, ReplicationError>) -> Void)
+        case status(@Sendable (ShardStatus) -> Void)
+        case campaign
+    }
+
+    let replica: ShardReplica
+    let send: @Sendable ([Message]) -> Void
+    let tick: Duration
+    let logger: Logger
+    let condition = NSCondition()
+    var inbox: [Input] = []
+    var stopped = false
+    var thread: Thread?
+    let finished = NSCondition()
+    var done = false
+
+    public init(replica: ShardReplica, tick: Duration, logger: Logger, send: @escaping @Sendable ([Message]) -> Void) {
+        self.replica = replica
+        self.tick = tick
+        self.logger = logger
+        self.send = send
+    }
+
+    public func start() {
+        let t = Thread { [self] in self.loop() }
+        t.name = "weft-shard-\(replica.shard)"
+        thread = t
+        t.start()
+    }
+
+    /// Thread-safe; never blocks on IO.
+    public func submit(_ input: Input) {
+        condition.lock()
+        if stopped {
+            condition.unlock()
+            Self.fail(input, .stopped)
+            return
+        }
+        inbox.append(input)
+        condition.signal()
+        condition.unlock()
+    }
+
+    static func fail(_ input: Input, _ e: ReplicationError) {
+        switch input {
+        case .propose(_, let cb): cb(.failure(e))
+        case .readIndex(let cb): cb(.failure(e))
+        case .configChange(_, let cb): cb(.failure(e))
+        default: break
+        }
+    }
+
+    /// Stops the thread after the current batch and closes the store.
+    public func stop() {
+        condition.lock()
+        stopped = true
+        condition.signal()
+        condition.unlock()
+        finished.lock()
+        while !done && thread != nil { finished.wait() }
+        finished.unlock()
+    }
+
+    func loop() {
+        let clock = ContinuousClock()
+        var nextTick = clock.now + tick
+        while true {
+            condition.lock()
+            while inbox.isEmpty && !stopped && clock.now < nextTick {
+                let left = nextTick - clock.now
+                let secs = Double(left.components.seconds) + Double(left.components.attoseconds) / 1e18
+                _ = condition.wait(until: Date(timeIntervalSinceNow: max(secs, 0)))
+            }
+            let batch = inbox
+            inbox = []
+            let stop = stopped
+            condition.unlock()
+            if stop {
+                for i in batch { Self.fail(i, .stopped) }
+                break
+            }
+            for input in batch { handle(input) }
+            if clock.now >= nextTick {
+                replica.tick()
+                nextTick = clock.now + tick
+            }
+            do {
+                let out = try replica.process()
+                if !out.isEmpty { send(out) }
+            } catch {
+                // The store refuses writes after an IO failure: stop serving this shard.
+                logger.critical("shard \(replica.shard): storage failed, stopping the replica: \(error)")
+                condition.lock()
+                stopped = true
+                let rest = inbox
+                inbox = []
+                condition.unlock()
+                for i in rest { Self.fail(i, .storage("\(error)")) }
+                break
+            }
+        }
+        replica.close()
+        finished.lock()
+        done = true
+        finished.broadcast()
+        finished.unlock()
+    }
+
+    func handle(_ input: Input) {
+        switch input {
+        case .message(let m): replica.step(m)
+        case .propose(let ps, let cb): replica.propose(ps) { cb($0) }
+        case .readIndex(let cb): replica.readIndex { cb($0) }
+        case .transferLeadership(let to): replica.raftTransfer(to)
+        case .configChange(let c, let cb): replica.proposeConfig(c) { cb($0) }
+        case .status(let cb): cb(replica.status())
+        case .campaign: replica.campaign()
+        }
+    }
+}
+
+extension ShardReplica {
+
+    public func status() -> ShardStatus {
+        ShardStatus(
+            shard: shard, node: id, role: raft.role.rawValue, leader: raft.leader, term: raft.term, commitIndex: raft.commit,
+            appliedIndex: raft.applied, lastIndex: raft.lastIndex, matchIndexes: raft.matchIndexes)
+    }
+}
