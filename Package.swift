@@ -21,6 +21,10 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/LebJe/TOMLKit", from: "0.6.0"),
+        .package(url: "https://github.com/hummingbird-project/hummingbird", from: "2.28.1"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
+        .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
     ],
     targets: [
         .target(name: "WeftCore", swiftSettings: strict),
@@ -50,11 +54,24 @@ let package = Package(
             name: "Replication",
             dependencies: ["WeftCore", "Raft", "SegmentStore", "SegmentFormat", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict),
+        .target(
+            name: "WeftServer",
+            dependencies: [
+                "WeftCore", "Raft", "Replication", "SegmentStore", "ClusterConfig", "PeerTransport",
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ],
+            swiftSettings: strict),
         .target(name: "WeftBench", dependencies: ["WeftCore", "SegmentFormat", "SegmentStore"], swiftSettings: strict),
         .executableTarget(
             name: "weft",
             dependencies: [
-                "WeftBench", "SegmentStore",
+                "WeftBench", "SegmentStore", "WeftServer",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: strict),

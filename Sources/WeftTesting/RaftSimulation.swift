@@ -85,6 +85,7 @@ public final class RaftSimulation {
         public var duplicated = 0
         public var elections = 0
         public var proposals = 0
+        public var configChanges = 0
         public init() {}
     }
 
@@ -94,10 +95,16 @@ public final class RaftSimulation {
     public var crashRate = 0.004
     public var partitionRate = 0.01
 
-    public init(seed: UInt64, nodes count: Int = 3) {
+    /// Voters at start; the other nodes begin outside the group and may be added by membership changes.
+    let initialVoters: Set<NodeID>
+    /// Propose single-server membership changes (add or remove a voter) now and then.
+    public var membershipChanges = false
+
+    public init(seed: UInt64, nodes count: Int = 3, initialVoters voters: Int? = nil) {
         self.seed = seed
         rng = SeededRNG(seed: seed)
         ids = (1...UInt64(count)).map { NodeID($0) }
+        initialVoters = Set(ids.prefix(voters ?? count))
         for id in ids {
             nodes[id] = Node(raft: nil, log: MemoryRaftLog())
             start(id)
@@ -118,7 +125,7 @@ public final class RaftSimulation {
         // State machine restarts empty and replays committed entries from the log.
         n.applied = []
         n.raft = Raft(
-            config: config(id), log: n.log, hardState: n.log.hardState, membership: Membership(voters: Set(ids)), applied: 0)
+            config: config(id), log: n.log, hardState: n.log.hardState, membership: Membership(voters: initialVoters), applied: 0)
         nodes[id] = n
     }
 
@@ -184,6 +191,18 @@ public final class RaftSimulation {
             try propose()
         } else if let l = currentLeader(), r < 97 {
             nodes[l]!.raft!.readIndex(id: UInt64(step))
+            try process(l)
+        } else if membershipChanges, let l = currentLeader(), faults, r < 98, chance(0.3) {
+            let voters = nodes[l]!.raft!.membership.voters
+            let change: ConfigChange
+            if let outsider = ids.first(where: { !voters.contains($0) }), voters.count <= 3 || chance(0.5) {
+                change = .addVoter(outsider)
+            } else if voters.count > 3 {
+                change = .removeVoter(pick(voters.sorted()))
+            } else {
+                return try checkInvariants()
+            }
+            if (try? nodes[l]!.raft!.proposeConfigChange(change)) != nil { stats.configChanges += 1 }
             try process(l)
         } else if let l = currentLeader(), faults, r < 98 {
             let target = pick(ids.filter { $0 != l })
@@ -324,6 +343,7 @@ public final class RaftSimulation {
     /// Heals the network, restarts every node, runs without faults until a leader has committed an
     /// entry of its term and every node applied everything; then no acknowledged write may be missing.
     func finish() throws {
+        var members = Set(ids)
         faults = false
         cut = []
         for id in ids where nodes[id]?.raft == nil { start(id) }
@@ -344,13 +364,14 @@ public final class RaftSimulation {
             }
             try checkInvariants()
             if let l = currentLeader(), let lr = nodes[l]?.raft, lr.commit == lr.lastIndex, lr.lastTerm == lr.term,
-                ids.allSatisfy({ nodes[$0]!.applied.count == Int(lr.commit) })
+                lr.membership.all.allSatisfy({ nodes[$0]!.applied.count == Int(lr.commit) })
             {
+                members = lr.membership.all
                 break
             }
         }
         try checkLogMatching()
-        for id in ids {
+        for id in ids where members.contains(id) {
             let have = Set(nodes[id]!.applied.compactMap { e -> UInt64? in
                 e.payload.count == 8 ? e.payload.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) } : nil
             })

@@ -1,14 +1,79 @@
 import ArgumentParser
-import Glibc
+import Foundation
+import Logging
 import SegmentStore
 import WeftBench
+import WeftServer
 
 @main
-struct Weft: ParsableCommand {
+struct Weft: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "weft",
         abstract: "Weft: a messaging backend whose storage is a replicated log.",
-        subcommands: [Bench.self])
+        subcommands: [ServeCommand.self, LocalCommand.self, StatusCmd.self, Bench.self])
+}
+
+struct ServeCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "serve", abstract: "Run one node in the foreground (SIGTERM: graceful shutdown).")
+
+    @Option(help: "Cluster configuration file (TOML).")
+    var config: String
+
+    @Option(help: "This node's id in the configuration.")
+    var node: UInt64
+
+    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
+    var logLevel: String = "info"
+
+    func run() async throws {
+        guard let level = Logger.Level(rawValue: logLevel) else { throw ValidationError("unknown --log-level \(logLevel)") }
+        LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }
+        do {
+            try await Serve.run(configPath: config, node: node, logLevel: level)
+        } catch {
+            FileHandle.standardError.write(Data("weft serve: \(error)\n".utf8))
+            throw ExitCode(1)
+        }
+    }
+}
+
+struct LocalCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "local", abstract: "Start every node of a configuration as child processes; Ctrl-C stops them all.")
+
+    @Option(help: "Cluster configuration file (TOML).")
+    var config: String
+
+    func run() throws {
+        let exe = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path
+        do {
+            let status = try LocalCluster.run(configPath: config, executable: exe)
+            if status != 0 { throw ExitCode(status) }
+        } catch let e as ExitCode {
+            throw e
+        } catch {
+            FileHandle.standardError.write(Data("weft local: \(error)\n".utf8))
+            throw ExitCode(1)
+        }
+    }
+}
+
+struct StatusCmd: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "status", abstract: "Print the cluster's nodes and shards (leader, term, commit, replicas).")
+
+    @Option(help: "Cluster configuration file (TOML).")
+    var config: String
+
+    func run() async throws {
+        do {
+            print(try await StatusCommand.run(configPath: config), terminator: "")
+        } catch {
+            FileHandle.standardError.write(Data("weft status: \(error)\n".utf8))
+            throw ExitCode(1)
+        }
+    }
 }
 
 struct Bench: ParsableCommand {

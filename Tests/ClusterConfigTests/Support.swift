@@ -38,15 +38,19 @@ let threeNodes = """
     """
 
 /// A configuration document: `[cluster]` with `cluster` as its body (name and secret valid by default),
-/// optional `[storage]` and `[raft]` bodies, then `nodes` (three valid nodes by default).
+/// optional `[storage]` and `[raft]` bodies, and `nodes` (three valid `[[nodes]]` by default, or a root-level
+/// `nodes = ...` line).
 func document(
     cluster: String = "name = \"test\"\nsecret = \"\(validSecret)\"", storage: String? = nil, raft: String? = nil,
     nodes: String = threeNodes, extra: String = ""
 ) -> String {
-    var text = "[cluster]\n\(cluster)\n\n"
+    // A root-level `nodes = [...]` must come before the first table header; `[[nodes]]` may go anywhere.
+    let nodesAtRoot = !nodes.hasPrefix("[")
+    var text = nodesAtRoot ? nodes + "\n" : ""
+    text += "[cluster]\n\(cluster)\n\n"
     if let storage { text += "[storage]\n\(storage)\n\n" }
     if let raft { text += "[raft]\n\(raft)\n\n" }
-    return text + nodes + "\n" + extra + "\n"
+    return text + (nodesAtRoot ? "" : nodes) + "\n" + extra + "\n"
 }
 
 /// `[[nodes]]` entries with the given ids, in that order, on distinct local ports.

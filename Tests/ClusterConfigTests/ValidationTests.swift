@@ -68,7 +68,7 @@ let rejections: [Rejection] = [
     // [raft]
     Rejection("raft.election_timeout_min_ms", "must be 1...3600000, got 0", document(raft: "election_timeout_min_ms = 0")),
     Rejection("raft.election_timeout_max_ms", "must be 1...3600000, got 3600001", document(raft: "election_timeout_max_ms = 3600001")),
-    Rejection("raft.election_timeout_max_ms", "must be greater than raft.election_timeout_min_ms (300), got 300", document(raft: "election_timeout_max_ms = 300")),
+    Rejection("raft.election_timeout_max_ms", "must be greater than raft.election_timeout_min_ms (300, the default), got 300", document(raft: "election_timeout_max_ms = 300")),
     Rejection("raft.election_timeout_max_ms", "must be greater than raft.election_timeout_min_ms (700), got 600 (the default)", document(raft: "election_timeout_min_ms = 700")),
     Rejection("raft.heartbeat_interval_ms", "must be less than half of raft.election_timeout_min_ms (300, the default), got 150", document(raft: "heartbeat_interval_ms = 150")),
     Rejection("raft.heartbeat_interval_ms", "must be less than half of raft.election_timeout_min_ms (101), got 51", document(raft: "election_timeout_min_ms = 101\nheartbeat_interval_ms = 51")),

@@ -48,6 +48,22 @@ import WeftTesting
         }
     }
 
+    @Test func membershipChangesWithFaults() throws {
+        var changes = 0
+        for seed in Self.seeds.prefix(max(1, Self.seeds.count / 4)) {
+            let sim = RaftSimulation(seed: seed ^ 0xC0DE, nodes: 5, initialVoters: 3)
+            sim.membershipChanges = true
+            do {
+                try sim.run(steps: 800)
+            } catch {
+                Issue.record("\(error) — replay with RAFT_SIM_SEED (membership, seed ^ 0xC0DE = \(seed ^ 0xC0DE))")
+                return
+            }
+            changes += sim.stats.configChanges
+        }
+        #expect(changes > 0)
+    }
+
     @Test func sameSeedSameSchedule() throws {
         let a = RaftSimulation(seed: 77, nodes: 3)
         try a.run(steps: 400)

@@ -1,0 +1,183 @@
+import Raft
+import WeftCore
+
+/// What a peer frame's payload carries (Docs/replication.md, "Forwarding"): a Raft message for the
+/// frame's shard, or a write forwarded to the shard's leader and its answer.
+///
+/// ```
+/// 1 raft    | MessageCodec bytes
+/// 2 forward | u64 request | u32 n | n x (u64 stream | u16 type | i64 timestamp | u32 len | payload)
+/// 3 answer  | u64 request | u8 status (0 ok, 1 not leader, 2 failed)
+///           | ok: u32 n | n x (u64 index | u64 term | u64 stream | u64 seq)
+///           | not leader: u64 leader (0 unknown)   | failed: u32 len | UTF-8 message
+/// ```
+enum Envelope: Equatable {
+    case raft(Message)
+    case forward(request: UInt64, proposals: [ForwardedProposal])
+    case answer(request: UInt64, ForwardAnswer)
+
+    struct ForwardedProposal: Equatable {
+        var stream: StreamID
+        var type: RecordType
+        var timestampMicros: Int64
+        var payload: [UInt8]
+    }
+
+    enum ForwardAnswer: Equatable {
+        case ok([RecordRef])
+        case notLeader(NodeID?)
+        case failed(String)
+    }
+
+    struct DecodeError: Error, CustomStringConvertible {
+        var description: String
+    }
+
+    func encode() -> [UInt8] {
+        var b: [UInt8] = []
+        switch self {
+        case .raft(let m):
+            b.append(1)
+            MessageCodec.encode(m, into: &b)
+        case .forward(let id, let ps):
+            b.append(2)
+            put(id, &b)
+            put(UInt32(ps.count), &b)
+            for p in ps {
+                put(p.stream.rawValue, &b)
+                put(p.type.rawValue, &b)
+                put(UInt64(bitPattern: p.timestampMicros), &b)
+                put(UInt32(p.payload.count), &b)
+                b += p.payload
+            }
+        case .answer(let id, let a):
+            b.append(3)
+            put(id, &b)
+            switch a {
+            case .ok(let refs):
+                b.append(0)
+                put(UInt32(refs.count), &b)
+                for r in refs {
+                    put(r.index, &b)
+                    put(r.term, &b)
+                    put(r.stream.rawValue, &b)
+                    put(r.seq, &b)
+                }
+            case .notLeader(let l):
+                b.append(1)
+                put(l?.rawValue ?? 0, &b)
+            case .failed(let why):
+                b.append(2)
+                let u = Array(why.utf8.prefix(4096))
+                put(UInt32(u.count), &b)
+                b += u
+            }
+        }
+        return b
+    }
+
+    static func decode(_ bytes: [UInt8]) throws -> Envelope {
+        guard let kind = bytes.first else { throw DecodeError(description: "empty frame") }
+        if kind == 1 { return .raft(try MessageCodec.decode(bytes[1...])) }
+        var r = Cursor(bytes: bytes, pos: 1)
+        switch kind {
+        case 2:
+            let id = try r.u64()
+            let n = Int(try r.u32())
+            guard n <= Limits.appendBatchCountMax, n <= r.remaining / 22 else { throw DecodeError(description: "forward of \(n) records") }
+            var ps: [ForwardedProposal] = []
+            for _ in 0..<n {
+                let stream = StreamID(try r.u64())
+                let type = RecordType(try r.u16())
+                let ts = Int64(bitPattern: try r.u64())
+                let len = Int(try r.u32())
+                guard len <= Limits.recordPayloadBytesMax else { throw DecodeError(description: "payload too large") }
+                ps.append(ForwardedProposal(stream: stream, type: type, timestampMicros: ts, payload: try r.take(len)))
+            }
+            try r.end()
+            return .forward(request: id, proposals: ps)
+        case 3:
+            let id = try r.u64()
+            let status = try r.take(1)[0]
+            switch status {
+            case 0:
+                let n = Int(try r.u32())
+                guard n <= r.remaining / 32 else { throw DecodeError(description: "answer of \(n) records") }
+                var refs: [RecordRef] = []
+                for _ in 0..<n {
+                    refs.append(RecordRef(index: try r.u64(), term: try r.u64(), stream: StreamID(try r.u64()), seq: try r.u64()))
+                }
+                try r.end()
+                return .answer(request: id, .ok(refs))
+            case 1:
+                let l = try r.u64()
+                try r.end()
+                return .answer(request: id, .notLeader(l == 0 ? nil : NodeID(l)))
+            case 2:
+                let len = Int(try r.u32())
+                let s = String(decoding: try r.take(len), as: UTF8.self)
+                try r.end()
+                return .answer(request: id, .failed(s))
+            default:
+                throw DecodeError(description: "answer status \(status)")
+            }
+        default:
+            throw DecodeError(description: "frame kind \(kind)")
+        }
+    }
+
+
+    struct Cursor {
+        let bytes: [UInt8]
+        var pos: Int
+        var remaining: Int { bytes.count - pos }
+        mutating func take(_ n: Int) throws -> [UInt8] {
+            guard n >= 0, remaining >= n else { throw DecodeError(description: "truncated at byte \(pos)") }
+            defer { pos += n }
+            return Array(bytes[pos..<(pos + n)])
+        }
+        mutating func int<T: FixedWidthInteger>(_: T.Type) throws -> T {
+            var v: T = 0
+            for (k, b) in try take(MemoryLayout<T>.size).enumerated() { v |= T(b) << (8 * k) }
+            return v
+        }
+        mutating func u16() throws -> UInt16 { try int(UInt16.self) }
+        mutating func u32() throws -> UInt32 { try int(UInt32.self) }
+        mutating func u64() throws -> UInt64 { try int(UInt64.self) }
+        func end() throws { if remaining != 0 { throw DecodeError(description: "\(remaining) trailing bytes") } }
+    }
+}
+
+/// Where an acknowledged record landed.
+public struct RecordRef: Equatable, Sendable, Codable {
+    public var index: LogIndex
+    public var term: Term
+    public var stream: StreamID
+    public var seq: StreamSeq
+
+    enum CodingKeys: String, CodingKey { case index, term, stream, seq }
+    public init(index: LogIndex, term: Term, stream: StreamID, seq: StreamSeq) {
+        self.index = index
+        self.term = term
+        self.stream = stream
+        self.seq = seq
+    }
+    public init(from d: any Decoder) throws {
+        let c = try d.container(keyedBy: CodingKeys.self)
+        index = try c.decode(UInt64.self, forKey: .index)
+        term = try c.decode(UInt64.self, forKey: .term)
+        stream = StreamID(try c.decode(UInt64.self, forKey: .stream))
+        seq = try c.decode(UInt64.self, forKey: .seq)
+    }
+    public func encode(to e: any Encoder) throws {
+        var c = e.container(keyedBy: CodingKeys.self)
+        try c.encode(index, forKey: .index)
+        try c.encode(term, forKey: .term)
+        try c.encode(stream.rawValue, forKey: .stream)
+        try c.encode(seq, forKey: .seq)
+    }
+}
+
+func put<T: FixedWidthInteger>(_ v: T, _ b: inout [UInt8]) {
+    withUnsafeBytes(of: v.littleEndian) { b.append(contentsOf: $0) }
+}

@@ -1,0 +1,172 @@
+import Foundation
+import Hummingbird
+import Metrics
+import NIOCore
+import Prometheus
+import Raft
+import Replication
+import WeftCore
+
+/// The client-facing HTTP API of a node (Hummingbird 2). Errors are JSON `{"error":{"code","message"}}`
+/// with a 4xx status for bad requests and 503 when no leader can take a write.
+public enum HTTPAPI {
+    static let bodyBytesMax = 16 << 20
+
+    struct AppendRequest: Decodable {
+        struct Item: Decodable {
+            var stream: UInt64?
+            var type: UInt16?
+            /// UTF-8 text payload, or
+            var payload: String?
+            /// base64 payload.
+            var payload_b64: String?
+        }
+        var records: [Item]
+    }
+
+    struct AppendResponse: Encodable {
+        var records: [RecordRef]
+    }
+
+    struct StatusResponse: Encodable {
+        struct Replica: Encodable {
+            var node: UInt64
+            var match_index: UInt64
+        }
+        struct Shard: Encodable {
+            var id: UInt64
+            var role: String
+            var leader: UInt64?
+            var term: UInt64
+            var commit_index: UInt64
+            var applied_index: UInt64
+            var last_index: UInt64
+            var replicas: [Replica]
+        }
+        var node: UInt64
+        var nodes: [WeftNode.NodeReach]
+        var shards: [Shard]
+    }
+
+    public static func router(node: WeftNode, registry: PrometheusCollectorRegistry) -> Router<BasicRequestContext> {
+        let router = Router()
+        router.middlewares.add(JSONErrorMiddleware())
+        let appended = Counter(label: "weft_append_records_total")
+        let appendTimer = Metrics.Timer(label: "weft_append_duration_seconds")
+
+        router.get("/api/v1/cluster/status") { _, _ -> Response in
+            let (nodes, shards) = await node.status()
+            let body = StatusResponse(
+                node: node.id.rawValue, nodes: nodes,
+                shards: shards.map { s in
+                    StatusResponse.Shard(
+                        id: s.shard.rawValue, role: s.role, leader: s.leader?.rawValue, term: s.term, commit_index: s.commitIndex,
+                        applied_index: s.appliedIndex, last_index: s.lastIndex,
+                        replicas: node.config.replicas(of: s.shard).map { StatusResponse.Replica(node: $0.rawValue, match_index: s.matchIndexes[$0] ?? 0) })
+                })
+            return try json(body)
+        }
+
+        router.post("/api/v1/shards/{shard}/append") { request, context -> Response in
+            guard let shardNo = context.parameters.get("shard", as: UInt64.self), shardNo < UInt64(node.config.shards) else {
+                throw APIError(.notFound, "unknown_shard", "shard must be 0..<\(node.config.shards)")
+            }
+            let buffer = try await request.body.collect(upTo: bodyBytesMax)
+            let req: AppendRequest
+            do {
+                req = try JSONDecoder().decode(AppendRequest.self, from: Data(buffer.readableBytesView))
+            } catch {
+                throw APIError(.badRequest, "invalid_json", "body must be {\"records\":[{\"stream\":N,\"payload\":\"...\"}]}: \(error)")
+            }
+            guard !req.records.isEmpty, req.records.count <= Limits.appendBatchCountMax else {
+                throw APIError(.badRequest, "invalid_batch", "1...\(Limits.appendBatchCountMax) records per request")
+            }
+            let now = Int64(Date().timeIntervalSince1970 * 1_000_000)
+            var proposals: [Proposal] = []
+            for (k, item) in req.records.enumerated() {
+                let payload: [UInt8]
+                if let text = item.payload, item.payload_b64 == nil {
+                    payload = Array(text.utf8)
+                } else if let b64 = item.payload_b64, item.payload == nil, let d = Data(base64Encoded: b64) {
+                    payload = Array(d)
+                } else {
+                    throw APIError(.badRequest, "invalid_payload", "records[\(k)]: give exactly one of payload (text) or payload_b64")
+                }
+                guard payload.count <= Limits.recordPayloadBytesMax else {
+                    throw APIError(.contentTooLarge, "payload_too_large", "records[\(k)]: \(payload.count) bytes, limit \(Limits.recordPayloadBytesMax)")
+                }
+                proposals.append(Proposal(stream: StreamID(item.stream ?? 0), type: RecordType(item.type ?? RecordType.data.rawValue), timestampMicros: now, payload: payload))
+            }
+            let start = ContinuousClock.now
+            do {
+                let refs = try await node.append(shard: ShardID(shardNo), proposals)
+                appended.increment(by: refs.count)
+                appendTimer.recordNanoseconds(Int64((ContinuousClock.now - start).components.attoseconds / 1_000_000_000 + (ContinuousClock.now - start).components.seconds * 1_000_000_000))
+                return try json(AppendResponse(records: refs))
+            } catch let e as WriteError {
+                switch e {
+                case .invalid(let m): throw APIError(.badRequest, "invalid", m)
+                case .unavailable(let m): throw APIError(.serviceUnavailable, "unavailable", m)
+                case .failed(let m): throw APIError(.internalServerError, "failed", m)
+                }
+            }
+        }
+
+        router.get("/metrics") { _, _ -> Response in
+            var out: [UInt8] = []
+            registry.emit(into: &out)
+            return Response(
+                status: .ok, headers: [.contentType: "text/plain; version=0.0.4"], body: ResponseBody(byteBuffer: ByteBuffer(bytes: out)))
+        }
+        return router
+    }
+
+    static func json(_ value: some Encodable, status: HTTPResponse.Status = .ok) throws -> Response {
+        let enc = JSONEncoder()
+        enc.outputFormatting = [.sortedKeys]
+        let data = try enc.encode(value)
+        return Response(status: status, headers: [.contentType: "application/json"], body: ResponseBody(byteBuffer: ByteBuffer(bytes: data)))
+    }
+}
+
+/// `{"error":{"code","message"}}`.
+struct ErrorBody: Encodable {
+    struct Inner: Encodable {
+        var code: String
+        var message: String
+    }
+    var error: Inner
+}
+
+/// An error with its HTTP status and a stable code for clients.
+struct APIError: Error {
+    var status: HTTPResponse.Status
+    var code: String
+    var message: String
+    init(_ status: HTTPResponse.Status, _ code: String, _ message: String) {
+        self.status = status
+        self.code = code
+        self.message = message
+    }
+}
+
+/// Turns every error, including the router's own (404, 405, body too large), into the JSON error shape.
+struct JSONErrorMiddleware<Context: RequestContext>: RouterMiddleware {
+    func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
+        do {
+            return try await next(request, context)
+        } catch let e as APIError {
+            return Self.body(e.status, e.code, e.message)
+        } catch let e as HTTPError {
+            let code = e.status == .notFound ? "not_found" : e.status == .contentTooLarge ? "body_too_large" : "http_\(e.status.code)"
+            return Self.body(e.status, code, e.body ?? e.status.reasonPhrase)
+        } catch {
+            return Self.body(.internalServerError, "internal", "\(error)")
+        }
+    }
+
+    static func body(_ status: HTTPResponse.Status, _ code: String, _ message: String) -> Response {
+        let data = (try? JSONEncoder().encode(ErrorBody(error: .init(code: code, message: message)))) ?? Data()
+        return Response(status: status, headers: [.contentType: "application/json"], body: ResponseBody(byteBuffer: ByteBuffer(bytes: data)))
+    }
+}

@@ -1,0 +1,252 @@
+import ClusterConfig
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import PeerTransport
+import Raft
+import Replication
+import SegmentStore
+import WeftCore
+
+public enum WriteError: Error, Equatable, CustomStringConvertible {
+    /// No leader could take the write before the deadline (election in progress, no quorum).
+    case unavailable(String)
+    case invalid(String)
+    case failed(String)
+
+    public var description: String {
+        switch self {
+        case .unavailable(let s): "unavailable: \(s)"
+        case .invalid(let s): "invalid: \(s)"
+        case .failed(let s): "failed: \(s)"
+        }
+    }
+}
+
+/// One Weft node: a replica of every shard placed on it, each run by a `ShardRunner`, connected to the
+/// other nodes by one `PeerTransport`. Writes go to the shard's leader: proposed locally when this node
+/// leads, forwarded over the peer connection otherwise.
+public final class WeftNode: Sendable {
+    public let id: NodeID
+    public let config: ClusterConfiguration
+    let runners: [ShardID: ShardRunner]
+    let transport: PeerTransport
+    let logger: Logger
+    let pending = NIOLockedValueBox<(next: UInt64, waiting: [UInt64: CheckedContinuation<Envelope.ForwardAnswer, Never>])>((1, [:]))
+    /// Last leader seen per shard (a hint for forwarding; refreshed from each runner's answers).
+    let leaderHints = NIOLockedValueBox<[ShardID: NodeID]>([:])
+
+    public init(config: ClusterConfiguration, node id: NodeID, group: any EventLoopGroup, logger: Logger) throws {
+        guard let me = config.node(id) else { throw WriteError.invalid("node \(id) is not in \(config.configPath)") }
+        self.id = id
+        self.config = config
+        self.logger = logger
+        var peers: [NodeID: PeerAddress] = [:]
+        for n in config.nodes where n.id != id { peers[n.id] = PeerAddress(host: n.peerAddress.host, port: n.peerAddress.port) }
+        let box = NIOLockedValueBox<WeftNode?>(nil)
+        transport = PeerTransport(
+            self: id, clusterName: config.name, secret: Array(config.secret.utf8),
+            listen: PeerAddress(host: me.peerAddress.host, port: me.peerAddress.port), peers: peers, group: group, logger: logger
+        ) { from, shard, payload in
+            box.withLockedValue { $0 }?.receive(from: from, shard: ShardID(shard), payload: payload)
+        }
+        let timing = config.raft
+        let tickMs = max(1, timing.heartbeatIntervalMs)
+        var runners: [ShardID: ShardRunner] = [:]
+        let durability: Durability =
+            switch config.storage.fsync {
+            case .everyBatch: .everyBatch
+            case .everyBatches(let n): .everyBatches(n)
+            case .never: .never
+            }
+        for shard in config.shards(hostedBy: id) {
+            let dir = config.dataDirectory(for: id) + "/shard-\(shard.rawValue)"
+            var shardLogger = logger
+            shardLogger[metadataKey: "shard"] = "\(shard)"
+            let log = shardLogger
+            let store = try SegmentStore(
+                directory: dir,
+                options: StoreOptions(shard: shard, segmentBytesMax: config.storage.segmentBytes, durability: durability),
+                log: { log.warning("\($0)") })
+            let hs = try HardStateFile(path: dir + "/raft.state", disk: PosixDisk())
+            var rc = RaftConfig(id: id, seed: UInt64(UInt32.random(in: 0...UInt32.max)))
+            rc.heartbeatTicks = 1
+            rc.electionTicks = max(2, timing.electionTimeoutMinMs / tickMs)
+            let replica = ShardReplica(
+                shard: shard, id: id, store: store, hardState: hs, membership: Membership(voters: Set(config.replicas(of: shard))),
+                config: rc)
+            let t = transport
+            runners[shard] = ShardRunner(replica: replica, tick: .milliseconds(tickMs), logger: shardLogger) { msgs in
+                for m in msgs { t.send(to: m.to, shard: shard.rawValue, payload: Envelope.raft(m).encode()) }
+            }
+        }
+        self.runners = runners
+        box.withLockedValue { $0 = self }
+    }
+
+    public var shards: [ShardID] { runners.keys.sorted() }
+
+    public func start() async throws {
+        try await transport.start()
+        for r in runners.values { r.start() }
+        logger.info("node \(id) up: \(runners.count) shards, peer \(transport.listenAddress)")
+    }
+
+    public func stop() async {
+        for r in runners.values { r.stop() }
+        await transport.stop()
+        pending.withLockedValue { p in
+            for (_, c) in p.waiting { c.resume(returning: .failed("node stopping")) }
+            p.waiting = [:]
+        }
+    }
+
+    // MARK: Peer frames
+
+    func receive(from: NodeID, shard: ShardID, payload: [UInt8]) {
+        let env: Envelope
+        do {
+            env = try Envelope.decode(payload)
+        } catch {
+            logger.warning("dropping frame from node \(from) for shard \(shard): \(error)")
+            return
+        }
+        switch env {
+        case .raft(let m):
+            guard m.to == id, m.from == from else {
+                logger.warning("dropping raft message from node \(from) addressed \(m.from)->\(m.to)")
+                return
+            }
+            runners[shard]?.submit(.message(m))
+        case .forward(let request, let proposals):
+            guard let runner = runners[shard] else {
+                transport.send(to: from, shard: shard.rawValue, payload: Envelope.answer(request: request, .failed("shard \(shard) is not on node \(id)")).encode())
+                return
+            }
+            let ps = proposals.map { Proposal(stream: $0.stream, type: $0.type, timestampMicros: $0.timestampMicros, payload: $0.payload) }
+            let t = transport
+            let me = id
+            runner.submit(
+                .propose(ps) { result in
+                    let answer: Envelope.ForwardAnswer =
+                        switch result {
+                        case .success(let recs): .ok(recs.map { RecordRef(index: $0.index, term: $0.term, stream: $0.stream, seq: $0.seq) })
+                        case .failure(.notLeader(let l)): .notLeader(l == me ? nil : l)
+                        case .failure(.transferring): .notLeader(nil)
+                        case .failure(let e): .failed("\(e)")
+                        }
+                    t.send(to: from, shard: shard.rawValue, payload: Envelope.answer(request: request, answer).encode())
+                })
+        case .answer(let request, let answer):
+            let c = pending.withLockedValue { $0.waiting.removeValue(forKey: request) }
+            c?.resume(returning: answer)
+        }
+    }
+
+    // MARK: Writes
+
+    /// Appends records to a shard through its leader; returns where each landed once committed.
+    /// Retries through elections until `timeout` passes.
+    public func append(shard: ShardID, _ proposals: [Proposal], timeout: Duration = .seconds(5)) async throws -> [RecordRef] {
+        guard !proposals.isEmpty else { return [] }
+        guard proposals.count <= Limits.appendBatchCountMax else { throw WriteError.invalid("at most \(Limits.appendBatchCountMax) records per append") }
+        for p in proposals where p.payload.count > Limits.recordPayloadBytesMax {
+            throw WriteError.invalid("payload of \(p.payload.count) bytes, limit \(Limits.recordPayloadBytesMax)")
+        }
+        let clock = ContinuousClock()
+        let deadline = clock.now + timeout
+        var lastError = "no leader"
+        while clock.now < deadline {
+            let hint = leaderHints.withLockedValue { $0[shard] }
+            let target: NodeID? = hint ?? (runners[shard] != nil ? id : config.replicas(of: shard).first)
+            let answer: Envelope.ForwardAnswer
+            if target == id || target == nil, let runner = runners[shard] {
+                answer = await proposeLocally(runner, proposals)
+            } else if let target {
+                answer = await forward(to: target, shard: shard, proposals, deadline: deadline)
+            } else {
+                throw WriteError.invalid("shard \(shard) does not exist")
+            }
+            switch answer {
+            case .ok(let refs):
+                return refs
+            case .notLeader(let l):
+                leaderHints.withLockedValue { $0[shard] = l }
+                lastError = l.map { "leader moved to node \($0)" } ?? "no leader"
+                if l == nil { try await Task.sleep(for: .milliseconds(20)) }
+            case .failed(let why):
+                leaderHints.withLockedValue { $0[shard] = nil }
+                lastError = why
+                try await Task.sleep(for: .milliseconds(20))
+            }
+        }
+        throw WriteError.unavailable("shard \(shard): \(lastError)")
+    }
+
+    func proposeLocally(_ runner: ShardRunner, _ ps: [Proposal]) async -> Envelope.ForwardAnswer {
+        let me = id
+        return await withCheckedContinuation { (c: CheckedContinuation<Envelope.ForwardAnswer, Never>) in
+            runner.submit(
+                .propose(ps) { result in
+                    switch result {
+                    case .success(let recs): c.resume(returning: .ok(recs.map { RecordRef(index: $0.index, term: $0.term, stream: $0.stream, seq: $0.seq) }))
+                    case .failure(.notLeader(let l)): c.resume(returning: .notLeader(l == me ? nil : l))
+                    case .failure(.transferring): c.resume(returning: .notLeader(nil))
+                    case .failure(let e): c.resume(returning: .failed("\(e)"))
+                    }
+                })
+        }
+    }
+
+    func forward(to target: NodeID, shard: ShardID, _ ps: [Proposal], deadline: ContinuousClock.Instant) async -> Envelope.ForwardAnswer {
+        guard transport.reachable(target) else { return .failed("node \(target) unreachable") }
+        let fwd = ps.map { Envelope.ForwardedProposal(stream: $0.stream, type: $0.type, timestampMicros: $0.timestampMicros, payload: $0.payload) }
+        let request = pending.withLockedValue { p -> UInt64 in
+            defer { p.next += 1 }
+            return p.next
+        }
+        let timer = Task { [pending] in
+            try? await Task.sleep(until: deadline, clock: .continuous)
+            pending.withLockedValue { $0.waiting.removeValue(forKey: request) }?.resume(returning: .failed("forward to node \(target) timed out"))
+        }
+        defer { timer.cancel() }
+        return await withCheckedContinuation { c in
+            pending.withLockedValue { $0.waiting[request] = c }
+            transport.send(to: target, shard: shard.rawValue, payload: Envelope.forward(request: request, proposals: fwd).encode())
+        }
+    }
+
+    // MARK: Status
+
+    public struct NodeReach: Sendable, Codable {
+        public var id: UInt64
+        public var reachable: Bool
+    }
+
+    public func status() async -> (nodes: [NodeReach], shards: [ShardStatus]) {
+        var nodes: [NodeReach] = []
+        for n in config.nodes { nodes.append(NodeReach(id: n.id.rawValue, reachable: n.id == id || transport.reachable(n.id))) }
+        var shards: [ShardStatus] = []
+        for shard in runners.keys.sorted() {
+            guard let r = runners[shard] else { continue }
+            let s = await withCheckedContinuation { (c: CheckedContinuation<ShardStatus?, Never>) in
+                let once = NIOLockedValueBox(false)
+                let finish: @Sendable (ShardStatus?) -> Void = { v in
+                    if once.withLockedValue({ done in defer { done = true }; return !done }) { c.resume(returning: v) }
+                }
+                r.submit(.status { finish($0) })
+                Task {
+                    try? await Task.sleep(for: .seconds(2))
+                    finish(nil)
+                }
+            }
+            if let s {
+                shards.append(s)
+                if let l = s.leader { leaderHints.withLockedValue { $0[shard] = l } }
+            }
+        }
+        return (nodes, shards)
+    }
+
+    public var transportStats: TransportStats { transport.stats }
+}
