@@ -97,6 +97,7 @@ let package = Package(
         .testTarget(name: "PeerTransportTests", dependencies: ["PeerTransport"], swiftSettings: strict),
         .testTarget(name: "ReplicationTests", dependencies: ["Replication", "WeftTesting"], swiftSettings: strict),
         .testTarget(name: "RaftTests", dependencies: ["Raft", "WeftTesting"], swiftSettings: strict),
+        .testTarget(name: "ClusterTests", dependencies: ["SegmentStore", "WeftCore"], swiftSettings: strict),
         .testTarget(name: "ToolTests", dependencies: ["SegmentStore", "SegmentFormat", "WeftTesting"], swiftSettings: strict),
     ]
 )

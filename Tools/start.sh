@@ -1,12 +1,10 @@
 #!/usr/bin/env bash
-# The README's first command: install what is missing, build (release), and run the main job.
-# Until the Raft issue lands that job is the store benchmark on a fresh directory:
-#   Tools/start.sh [RECORDS]        (default 1000000; the directory is printed and left in place)
+# The README's first command: install what is missing, build (release), and start a local 3-node
+# cluster from cluster.example.toml in the foreground (data under ./data; Ctrl-C stops all nodes).
+#   Tools/start.sh [CONFIG]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 Tools/install-deps.sh
 swift build -c release --product weft
 swift build -c release --product weft-dump
-dir="$(mktemp -d /tmp/weft-bench.XXXXXX)"
-.build/release/weft bench store --dir "$dir" --records "${1:-1000000}"
-.build/release/weft-dump --verify "$dir"
+exec .build/release/weft local --config "${1:-cluster.example.toml}"

@@ -9,8 +9,9 @@
 /// back-off: 50 ms doubling to a 2 s cap, each delay jittered uniformly down to half). It also accepts
 /// **inbound** connections from its peers. Data flows one way only: a node *sends* on its outbound
 /// connection and *receives* on inbound ones. So a node pair has exactly two TCP connections, one per
-/// direction, and each carries every shard's traffic in its direction. Order is preserved per direction
-/// (TCP order); nothing is retransmitted by the transport.
+/// direction, and each carries every shard's traffic in its direction. Order is preserved per connection
+/// (TCP order); nothing is retransmitted by the transport. When a peer redials, the listener closes that
+/// peer's previous inbound connection once the new one authenticates (it may be half-open).
 ///
 /// Frames handed to `send` while the outbound connection is not authenticated are dropped and counted
 /// (Raft retransmits). The per-peer queue holds at most `queueFramesMax` frames (default 65536); on
@@ -27,13 +28,15 @@
 /// | 4      | 1        | `type`   | frame type, table below                                           |
 /// | 5      | `length` | `body`   |                                                                   |
 ///
-/// | type   | name      | direction                  | body                                                       | `length`   |
-/// |--------|-----------|----------------------------|------------------------------------------------------------|------------|
-/// | `0x01` | Hello     | dialer → listener          | u64 LE node id · nonceA[32] · cluster name (UTF-8, rest)   | 40 … 295   |
-/// | `0x02` | Challenge | listener → dialer          | u64 LE node id · nonceB[32] · serverMAC[32]                | 72         |
-/// | `0x03` | Proof     | dialer → listener          | clientMAC[32]                                              | 32         |
-/// | `0x04` | Accept    | listener → dialer          | (empty)                                                    | 0          |
-/// | `0x10` | Data      | dialer → listener, after Accept | u64 LE shard · payload (an encoded Raft message, rest) | ≥ 8      |
+/// | type   | name      | direction                       | body                                                    | `length` |
+/// |--------|-----------|---------------------------------|---------------------------------------------------------|----------|
+/// | `0x01` | Hello     | dialer → listener               | u64 LE node id · nonceA[32] · cluster name (UTF-8, rest) | 40 … 295 |
+/// | `0x02` | Challenge | listener → dialer               | u64 LE node id · nonceB[32] · serverMAC[32]             | 72       |
+/// | `0x03` | Proof     | dialer → listener               | clientMAC[32]                                           | 32       |
+/// | `0x04` | Accept    | listener → dialer               | (empty)                                                 | 0        |
+/// | `0x10` | Data      | dialer → listener, after Accept | u64 LE shard · payload (opaque: an encoded Raft message) | ≥ 8      |
+///
+/// "rest" means the field runs to the end of the body; there is no inner length.
 ///
 /// The header is checked as soon as its 5 bytes arrive, before any body is buffered. The connection is
 /// closed, with an error logged, when: `length > frameBytesMax` (default 16 MiB); the type is not in the
@@ -73,8 +76,8 @@
 ///
 /// Nonces are 32 bytes from OpenSSL's `RAND_bytes`, fresh per connection, so neither MAC can be replayed;
 /// the role label stops a listener's serverMAC being reflected back as a clientMAC. A process without the
-/// secret can get no Data accepted (no Accept without a valid Proof) and receives no Data (a dialer never
-/// accepts Data, and a node only dials peers whose serverMAC verifies). The listener checks cluster name
+/// secret can get no Data accepted (no Accept without a valid Proof) and is sent no Data (a node writes
+/// Data only after the listener's serverMAC verified and it answered Accept; a dialer never accepts Data). The listener checks cluster name
 /// and node id before computing any MAC. The whole handshake must finish within 5 s of TCP connect
 /// (`handshakeTimeout`). The logic is `HandshakeStateMachine`; the NIO handler only performs its actions.
 ///

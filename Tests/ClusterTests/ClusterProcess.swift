@@ -1,0 +1,150 @@
+import Foundation
+#if canImport(FoundationNetworking)
+import FoundationNetworking
+#endif
+
+/// A real cluster for tests: `weft serve` processes on loopback, started from a generated config file.
+final class ClusterProcess: @unchecked Sendable {
+    let dir: String
+    let configPath: String
+    let nodes: [Int]
+    let apiPorts: [Int: Int]
+    var processes: [Int: Process] = [:]
+    let lock = NSLock()
+
+    static var bin: URL {
+        if let dir = ProcessInfo.processInfo.environment["WEFT_BIN_DIR"] { return URL(fileURLWithPath: dir) }
+        var url = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().deletingLastPathComponent()
+        for _ in 0..<4 where !FileManager.default.fileExists(atPath: url.appendingPathComponent("weft").path) {
+            url.deleteLastPathComponent()
+        }
+        return url.appendingPathComponent("weft")
+    }
+
+    init(name: String, nodes count: Int = 3, shards: Int = 2) throws {
+        dir = NSTemporaryDirectory() + "weft-cluster-\(name)-\(getpid())"
+        try? FileManager.default.removeItem(atPath: dir)
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        nodes = Array(1...count)
+        // Ports from the pid so parallel runs on one machine do not collide.
+        let base = 20_000 + Int(getpid() % 2_000) * 10 + (name.hashValue & 0x7)
+        var toml = """
+            [cluster]
+            name = "test-\(name)"
+            shards = \(shards)
+            replication = \(min(3, count))
+            secret = "test-secret-0123456789abcdef"
+
+            [storage]
+            data_dir = "data"
+            fsync = "every_batch"
+            segment_bytes = 1048576
+
+            [raft]
+            election_timeout_min_ms = 300
+            election_timeout_max_ms = 600
+            heartbeat_interval_ms = 50
+
+            """
+        var api: [Int: Int] = [:]
+        for n in nodes {
+            api[n] = base + 2 * n
+            toml += """
+
+                [[nodes]]
+                id = \(n)
+                peer_addr = "127.0.0.1:\(base + 2 * n + 1)"
+                api_addr = "127.0.0.1:\(base + 2 * n)"
+
+                """
+        }
+        apiPorts = api
+        configPath = dir + "/cluster.toml"
+        try toml.write(toFile: configPath, atomically: true, encoding: .utf8)
+    }
+
+    func start(_ n: Int) throws {
+        let p = Process()
+        p.executableURL = Self.bin
+        p.arguments = ["serve", "--config", configPath, "--node", String(n), "--log-level", "warning"]
+        let logPath = dir + "/node\(n).log"
+        if !FileManager.default.fileExists(atPath: logPath) {
+            _ = FileManager.default.createFile(atPath: logPath, contents: nil)
+        }
+        guard let log = FileHandle(forWritingAtPath: logPath) else { throw CocoaError(.fileWriteUnknown) }
+        log.seekToEndOfFile()
+        p.standardError = log
+        p.standardOutput = log
+        try p.run()
+        lock.withLock { processes[n] = p }
+    }
+
+    func startAll() throws { for n in nodes { try start(n) } }
+
+    func kill9(_ n: Int) {
+        guard let p = lock.withLock({ processes[n] }) else { return }
+        kill(p.processIdentifier, SIGKILL)
+        p.waitUntilExit()
+    }
+
+    func stopAll() {
+        let ps = lock.withLock { Array(processes.values) }
+        for p in ps where p.isRunning { kill(p.processIdentifier, SIGTERM) }
+        for p in ps { p.waitUntilExit() }
+    }
+
+    struct Status: Decodable {
+        struct Shard: Decodable {
+            var id: UInt64
+            var role: String
+            var leader: UInt64?
+            var term: UInt64
+            var commit_index: UInt64
+        }
+        var node: UInt64
+        var shards: [Shard]
+    }
+
+    func status(_ n: Int) async -> Status? {
+        guard let port = apiPorts[n], let url = URL(string: "http://127.0.0.1:\(port)/api/v1/cluster/status") else { return nil }
+        var req = URLRequest(url: url)
+        req.timeoutInterval = 2
+        guard let (data, _) = try? await URLSession.shared.data(for: req) else { return nil }
+        return try? JSONDecoder().decode(Status.self, from: data)
+    }
+
+    /// The leader of `shard` as its own replica reports it, polling up to `seconds`.
+    func leader(of shard: UInt64, seconds: Double = 10) async -> Int? {
+        let end = Date().addingTimeInterval(seconds)
+        while Date() < end {
+            for n in nodes {
+                if let s = await status(n), let sh = s.shards.first(where: { $0.id == shard }), sh.role == "leader" { return n }
+            }
+            try? await Task.sleep(for: .milliseconds(50))
+        }
+        return nil
+    }
+
+    struct Ack: Decodable {
+        struct Ref: Decodable {
+            var index: UInt64
+            var term: UInt64
+            var stream: UInt64
+            var seq: UInt64
+        }
+        var records: [Ref]
+    }
+
+    /// POSTs one record; nil when the node did not acknowledge it (error, timeout, node down).
+    func append(via n: Int, shard: UInt64, stream: UInt64, payload: String) async -> Ack.Ref? {
+        guard let port = apiPorts[n], let url = URL(string: "http://127.0.0.1:\(port)/api/v1/shards/\(shard)/append") else { return nil }
+        var req = URLRequest(url: url)
+        req.httpMethod = "POST"
+        req.timeoutInterval = 6
+        req.httpBody = try? JSONSerialization.data(withJSONObject: ["records": [["stream": stream, "payload": payload]]])
+        guard let (data, resp) = try? await URLSession.shared.data(for: req), (resp as? HTTPURLResponse)?.statusCode == 200 else { return nil }
+        return (try? JSONDecoder().decode(Ack.self, from: data))?.records.first
+    }
+
+    func shardDirectory(node n: Int, shard: UInt64) -> String { "\(dir)/data/\(n)/shard-\(shard)" }
+}
