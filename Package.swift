@@ -67,7 +67,7 @@ let package = Package(
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             ],
             swiftSettings: strict),
-        .target(name: "WeftBench", dependencies: ["WeftCore", "SegmentFormat", "SegmentStore"], swiftSettings: strict),
+        .target(name: "WeftBench", dependencies: ["WeftCore", "SegmentFormat", "SegmentStore", "ClusterConfig"], swiftSettings: strict),
         .executableTarget(
             name: "weft",
             dependencies: [

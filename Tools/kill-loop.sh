@@ -62,7 +62,7 @@ touch "$work/stop"; wait "$writer" || true
 sleep 3
 stop_all; trap - EXIT
 for n in 1 2 3; do
-  "$bin/weft-dump" --json "$work/data/$n/shard-0" | grep '"kind":"record"' | grep '"type":1' \
+  "$bin/weft-dump" --json "$work/data/$n/shard-0" | grep '"kind":"record"' | grep '"type":1,' \
     | sed 's/.*"payload_b64":"\([^"]*\)".*/\1/' | while read -r b; do echo "$b" | base64 -d; echo; done > "$work/log$n"
 done
 acked=$(sort -u "$work/acked" | wc -l)

@@ -79,7 +79,7 @@ struct StatusCmd: AsyncParsableCommand {
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Benchmarks. They print figures; record them in Docs/benchmarks.md.",
-        subcommands: [BenchStore.self])
+        subcommands: [BenchStore.self, BenchLog.self, BenchFailover.self])
 }
 
 struct BenchStore: ParsableCommand {
@@ -124,5 +124,51 @@ struct BenchStore: ParsableCommand {
         } catch let e as StoreBench.BenchError {
             throw ValidationError(e.description)
         }
+    }
+}
+
+struct BenchLog: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "log",
+        abstract: "Start the cluster of a config file, append ~200-byte records through it, print committed records/s and commit latency.")
+
+    @Option(help: "Cluster configuration file (TOML); its nodes are started as child processes.")
+    var config: String
+
+    @Option(help: "How many records to append in all.")
+    var records: Int = 20_000
+
+    @Option(help: "Requests in flight.")
+    var inflight: Int = 1
+
+    @Option(help: "Records per request.")
+    var batch: Int = 1
+
+    func validate() throws {
+        guard records > 0, inflight > 0, inflight <= 4096, batch > 0, batch <= 65_536 else {
+            throw ValidationError("--records, --inflight (<= 4096) and --batch (<= 65536) must be positive")
+        }
+    }
+
+    func run() async throws {
+        var bench = try ClusterBench(configPath: config, executable: URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path)
+        try await bench.runLog(records: records, inflight: inflight, batch: batch) { print($0); fflush(nil) }
+    }
+}
+
+struct BenchFailover: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "failover",
+        abstract: "Start the cluster of a config file, SIGKILL the leader of shard 0 repeatedly, print the time to the next commit.")
+
+    @Option(help: "Cluster configuration file (TOML); its nodes are started as child processes.")
+    var config: String
+
+    @Option(help: "How many leader kills.")
+    var rounds: Int = 5
+
+    func run() async throws {
+        var bench = try ClusterBench(configPath: config, executable: URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path)
+        try await bench.runFailover(rounds: rounds) { print($0); fflush(nil) }
     }
 }

@@ -143,8 +143,8 @@ import WeftTesting
     @Test func mutatedIndexFiles() throws {
         var rng = SeededRNG(seed: 33)
         let indexes = [
-            BuiltSegment(rng: &rng, blocks: 6, perBlock: 8, streams: 5).indexBytes,
-            BuiltSegment(rng: &rng, blocks: 30, perBlock: 25, streams: 200).indexBytes,
+            try BuiltSegment(rng: &rng, blocks: 6, perBlock: 8, streams: 5).indexBytes,
+            try BuiltSegment(rng: &rng, blocks: 30, perBlock: 25, streams: 200).indexBytes,
         ]
         for idx in indexes { #expect(try SegmentIndexFile.open(MemoryByteSource(bytes: idx)).runCount > 0) }
         for _ in 0..<3000 {
@@ -162,7 +162,7 @@ import WeftTesting
     /// Block-table entries that would overflow 64-bit arithmetic, with every checksum valid.
     @Test func indexEntriesNearIntegerLimits() throws {
         var rng = SeededRNG(seed: 34)
-        let seg = BuiltSegment(rng: &rng, blocks: 3, perBlock: 4, streams: 3)
+        let seg = try BuiltSegment(rng: &rng, blocks: 3, perBlock: 4, streams: 3)
         let good = seg.indexBytes
         let table = Layout.indexHeaderBytes
 
@@ -187,9 +187,9 @@ import WeftTesting
         #expect(b == good)
     }
 
-    @Test func mutatedSegments() {
+    @Test func mutatedSegments() throws {
         var rng = SeededRNG(seed: 35)
-        let seg = BuiltSegment(rng: &rng, blocks: 8, perBlock: 6, streams: 4)
+        let seg = try BuiltSegment(rng: &rng, blocks: 8, perBlock: 6, streams: 4)
         for _ in 0..<400 {
             var b = seg.bytes
             for _ in 0..<rng.int(1...6) {

@@ -52,14 +52,14 @@ import WeftTesting
 
     @Test func roundTripSmall() throws {
         var rng = SeededRNG(seed: 41)
-        try checkRoundTrip(BuiltSegment(rng: &rng, blocks: 5, perBlock: 6, streams: 4))
-        try checkRoundTrip(BuiltSegment(rng: &rng, blocks: 1, perBlock: 1, streams: 1, baseIndex: 1_000_000))
+        try checkRoundTrip(try BuiltSegment(rng: &rng, blocks: 5, perBlock: 6, streams: 4))
+        try checkRoundTrip(try BuiltSegment(rng: &rng, blocks: 1, perBlock: 1, streams: 1, baseIndex: 1_000_000))
     }
 
     /// Enough runs for several checksummed chunks.
     @Test func roundTripManyChunks() throws {
         var rng = SeededRNG(seed: 42)
-        let seg = BuiltSegment(rng: &rng, blocks: 40, perBlock: 30, streams: 300, baseIndex: 77)
+        let seg = try BuiltSegment(rng: &rng, blocks: 40, perBlock: 30, streams: 300, baseIndex: 77)
         let idx = try SegmentIndexFile.open(MemoryByteSource(bytes: seg.indexBytes))
         #expect(Int(idx.runCount) > 2 * Layout.indexRunsPerChunk)
         try checkRoundTrip(seg)
@@ -75,7 +75,7 @@ import WeftTesting
     /// Truncating the builder to k blocks gives the index of a segment of those k blocks, byte for byte.
     @Test func builderTruncateMatchesRebuild() throws {
         var rng = SeededRNG(seed: 43)
-        let seg = BuiltSegment(rng: &rng, blocks: 12, perBlock: 10, streams: 6)
+        let seg = try BuiltSegment(rng: &rng, blocks: 12, perBlock: 10, streams: 6)
         for k in 0...seg.blockRecords.count {
             var truncated = seg.builder
             truncated.truncate(blockCount: k)
@@ -106,7 +106,7 @@ import WeftTesting
 
     @Test func everyBitFlipIsDetected() throws {
         var rng = SeededRNG(seed: 44)
-        let bytes = BuiltSegment(rng: &rng, blocks: 8, perBlock: 8, streams: 6).indexBytes
+        let bytes = try BuiltSegment(rng: &rng, blocks: 8, perBlock: 8, streams: 6).indexBytes
         #expect(!Self.detected(bytes))
         let undetected = (0..<(bytes.count * 8)).filter { !Self.detected(flippingBit(bytes, $0)) }
         #expect(undetected.isEmpty, "\(bytes.count)-byte index: flips of bits \(undetected.prefix(10)) went unnoticed")
@@ -114,7 +114,7 @@ import WeftTesting
 
     @Test func bitFlipsInMultiChunkIndexAreDetected() throws {
         var rng = SeededRNG(seed: 45)
-        let bytes = BuiltSegment(rng: &rng, blocks: 40, perBlock: 30, streams: 300).indexBytes
+        let bytes = try BuiltSegment(rng: &rng, blocks: 40, perBlock: 30, streams: 300).indexBytes
         #expect(!Self.detected(bytes))
         // Every bit of the header and the first 512 bytes of tables, then a random sample over the rest.
         var bits = Array(0..<((Layout.indexHeaderBytes + 512) * 8))
@@ -125,7 +125,7 @@ import WeftTesting
 
     @Test func openReportsWhatIsWrong() throws {
         var rng = SeededRNG(seed: 46)
-        let good = BuiltSegment(rng: &rng, blocks: 4, perBlock: 5, streams: 3).indexBytes
+        let good = try BuiltSegment(rng: &rng, blocks: 4, perBlock: 5, streams: 3).indexBytes
         func kind(_ b: [UInt8]) -> FormatError.Kind? { formatErrorKind { _ = try SegmentIndexFile.open(MemoryByteSource(bytes: b)) } }
         #expect(kind([]) == .badMagic)
         #expect(kind(flippingBit(good, 3)) == .badMagic)

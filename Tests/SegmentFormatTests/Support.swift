@@ -79,7 +79,7 @@ struct BuiltSegment {
     var baseIndex: LogIndex
 
     /// `blocks` blocks of 1...`perBlock` records over `streams` streams with dense seqs per stream.
-    init(rng: inout SeededRNG, blocks: Int, perBlock: Int, streams: Int, shard: ShardID = ShardID(3), baseIndex: LogIndex = 1) {
+    init(rng: inout SeededRNG, blocks: Int, perBlock: Int, streams: Int, shard: ShardID = ShardID(3), baseIndex: LogIndex = 1) throws {
         self.shard = shard
         self.baseIndex = baseIndex
         bytes = SegmentHeader(shard: shard, baseIndex: baseIndex).encode()
@@ -103,7 +103,7 @@ struct BuiltSegment {
             }
             let offset = UInt64(bytes.count)
             BlockCodec.encode(records[...], into: &bytes)
-            let header = try! BlockHeader.decode(Array(bytes[Int(offset)...]), offset: offset)
+            let header = try BlockHeader.decode(Array(bytes[Int(offset)...]), offset: offset)
             builder.add(offset: offset, header: header, records: records)
             offsets.append(offset)
             blockRecords.append(records)

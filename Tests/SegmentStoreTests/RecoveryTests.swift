@@ -125,7 +125,9 @@ import WeftTesting
     @Test func everyBitOfASealedBlock() throws {
         let disk = SimulatedDisk()
         let (store, model) = try filledStore(disk: disk, seed: 404, batches: 30)
-        let seg = try segmentFiles(disk)[0]
+        let segments = try segmentFiles(disk)
+        try #require(segments.count > 1 && segments[0].blocks.count > 1)
+        let seg = segments[0]
         let block = seg.blocks[seg.blocks.count / 2]
         let path = simDirectory + "/" + seg.name
         var returned = [Int]()
@@ -145,6 +147,7 @@ import WeftTesting
     /// A damaged index file is set aside on reopen and rebuilt from the segment; reads are unaffected.
     @Test func flippedBitInIndexFileIsRebuilt() throws {
         let (files, model, segments) = try Self.closedStore(seed: 405, batches: 40)
+        try #require(segments.count > 2)
         let seg = segments[1]
         let original = try #require(files[seg.indexName])
         let idx = try SegmentIndexFile.open(MemoryByteSource(bytes: original))
@@ -190,6 +193,7 @@ import WeftTesting
     /// the damaged block, so it is reported on read, never skipped.
     @Test func damagedBlockWithoutIndex() throws {
         let (files, model, segments) = try Self.closedStore(seed: 408, batches: 60)
+        try #require(segments.count > 2)
         let seg = segments[1]
         try #require(seg.blocks.count >= 4)
         let bad = seg.blocks[2]

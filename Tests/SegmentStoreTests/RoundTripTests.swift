@@ -24,6 +24,10 @@ import WeftTesting
                 let page = try store.readStream(s, fromSeq: cursor, limit: 3)
                 forward += page
                 guard let last = page.last else { break }
+                guard last.seq >= cursor, forward.count <= model.records.count else {
+                    Issue.record("\(context): stream \(s) paging forward from \(cursor) does not advance")
+                    break
+                }
                 cursor = last.seq + 1
             }
             #expect(forward == model.stream(s, fromSeq: 0, limit: .max), "\(context) stream \(s) paged forward")
@@ -33,6 +37,10 @@ import WeftTesting
                 let page = try store.readStreamBackward(s, beforeSeq: before, limit: 4)
                 backward += page
                 guard let last = page.last else { break }
+                guard before.map({ last.seq < $0 }) ?? true, backward.count <= model.records.count else {
+                    Issue.record("\(context): stream \(s) paging backward before \(String(describing: before)) does not advance")
+                    break
+                }
                 before = last.seq
             }
             #expect(backward == model.backward(s, beforeSeq: nil, limit: .max), "\(context) stream \(s) paged backward")

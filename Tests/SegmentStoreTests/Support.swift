@@ -255,6 +255,7 @@ func segmentFiles(_ disk: any Disk, _ directory: String = simDirectory) throws -
         while let item = try scanner.next() {
             guard case .block(let b) = item else { throw StoreError.invalidBatch("unexpected damage in \(name): \(item)") }
             blocks.append(b)
+            guard blocks.count <= bytes.count / Layout.blockHeaderBytes else { throw StoreError.invalidBatch("scanner stuck in \(name)") }
         }
         return SegmentFile(base: scanner.header.baseIndex, name: name, bytes: bytes, blocks: blocks)
     }

@@ -10,18 +10,18 @@ import WeftTesting
         case activeBlockBoundary, insideActiveBlock, segmentBase, insideSealedBlockAcrossSegments, sealedBlockBoundary
         case lastRecordOnly, everything, pastTheEnd
 
-        func index(_ segments: [SegmentFile], _ model: LogModel) -> LogIndex {
+        func index(_ segments: [SegmentFile], _ model: LogModel) -> LogIndex? {
             let last = segments[segments.count - 1]
             switch self {
             case .activeBlockBoundary: return last.blocks[last.blocks.count / 2].header.firstIndex
             case .insideActiveBlock:
-                let b = last.blocks.first { $0.header.count >= 2 }!.header
+                guard let b = last.blocks.first(where: { $0.header.count >= 2 })?.header else { return nil }
                 return b.firstIndex + 1
             case .segmentBase: return segments[segments.count - 3].base
             case .insideSealedBlockAcrossSegments:
-                let b = segments[1].blocks.dropFirst().first { $0.header.count >= 3 }!.header
+                guard let b = segments[1].blocks.dropFirst().first(where: { $0.header.count >= 3 })?.header else { return nil }
                 return b.firstIndex + UInt64(b.count / 2)
-            case .sealedBlockBoundary: return segments[1].blocks[2].header.firstIndex
+            case .sealedBlockBoundary: return segments[1].blocks.count > 2 ? segments[1].blocks[2].header.firstIndex : nil
             case .lastRecordOnly: return model.lastIndex
             case .everything: return 1
             case .pastTheEnd: return model.lastIndex + 1
@@ -35,7 +35,7 @@ import WeftTesting
         var (store, model) = try filledStore(disk: disk, seed: 500, batches: 70)
         let before = try segmentFiles(disk)
         try #require(before.count > 4)
-        let cut = where_.index(before, model)
+        let cut = try #require(where_.index(before, model), "the fixture has no such position")
         let oldLast = model.lastIndex
         let oldSeqs = model.lastSeqs
 
@@ -58,7 +58,7 @@ import WeftTesting
         for f in after { #expect(f.base < max(cut, 2) || (f.base == cut && f.blocks.isEmpty), "\(context): \(f.name) survived") }
         #expect(after.flatMap(\.blocks).last?.header.lastIndex ?? 0 == model.lastIndex, "\(context)")
         // A segment cut inside becomes the active one again: its index file goes.
-        if let cutSegment = before.last(where: { $0.base < cut }), cutSegment.blocks.last!.header.lastIndex >= cut {
+        if let cutSegment = before.last(where: { $0.base < cut }), let end = cutSegment.blocks.last?.header.lastIndex, end >= cut {
             #expect(!names.contains(cutSegment.indexName), "\(context): the cut segment keeps its index file")
         }
         switch where_ {

@@ -1,0 +1,172 @@
+import ClusterConfig
+import Foundation
+#if canImport(FoundationNetworking)
+import FoundationNetworking
+#endif
+
+/// `weft bench log` and `weft bench failover`: start the cluster of a config file as child processes,
+/// drive it over the HTTP API, print figures, stop it. Assert nothing.
+public struct ClusterBench {
+    public let configPath: String
+    public let executable: String
+    let config: ClusterConfiguration
+    var processes: [UInt64: Process] = [:]
+    let session: URLSession
+
+    public init(configPath: String, executable: String) throws {
+        self.configPath = configPath
+        self.executable = executable
+        config = try ClusterConfiguration.load(path: configPath)
+        let c = URLSessionConfiguration.ephemeral
+        c.httpMaximumConnectionsPerHost = 512
+        c.timeoutIntervalForRequest = 10
+        session = URLSession(configuration: c)
+    }
+
+    mutating func start(_ n: UInt64) throws {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: executable)
+        p.arguments = ["serve", "--config", configPath, "--node", String(n), "--log-level", "error"]
+        try p.run()
+        processes[n] = p
+    }
+
+    mutating func startAll() throws { for n in config.nodes { try start(n.id.rawValue) } }
+
+    func stopAll() {
+        for p in processes.values where p.isRunning { kill(p.processIdentifier, SIGTERM) }
+        for p in processes.values { p.waitUntilExit() }
+    }
+
+    func api(_ n: UInt64) -> String {
+        let a = config.node(.init(n))!.apiAddress  // n comes from the config itself
+        return "http://\(a.host):\(a.port)"
+    }
+
+    /// Leader of `shard` per its own report, or nil.
+    func leader(of shard: Int) async -> UInt64? {
+        for n in config.nodes {
+            guard let url = URL(string: api(n.id.rawValue) + "/api/v1/cluster/status"),
+                let (data, _) = try? await session.data(from: url),
+                let obj = try? JSONSerialization.jsonObject(with: data) as? [String: Any],
+                let shards = obj["shards"] as? [[String: Any]]
+            else { continue }
+            if shards.contains(where: { ($0["id"] as? Int) == shard && ($0["role"] as? String) == "leader" }) { return n.id.rawValue }
+        }
+        return nil
+    }
+
+    func waitForLeaders(seconds: Double = 15) async throws {
+        let end = Date().addingTimeInterval(seconds)
+        for s in 0..<config.shards {
+            while await leader(of: s) == nil {
+                if Date() > end { throw BenchFailure(description: "no leader for shard \(s) after \(seconds) s") }
+                try await Task.sleep(for: .milliseconds(50))
+            }
+        }
+    }
+
+    var appender: Appender {
+        var apis: [UInt64: String] = [:]
+        for n in config.nodes { apis[n.id.rawValue] = api(n.id.rawValue) }
+        return Appender(session: session, apis: apis)
+    }
+
+    func append(via n: UInt64, shard: Int, records: Int, seed: Int) async -> Bool {
+        await appender.append(via: n, shard: shard, records: records, seed: seed)
+    }
+
+    /// Committed records/s and commit latency, with `inflight` requests of `batch` records outstanding.
+    public mutating func runLog(records: Int, inflight: Int, batch: Int, print: @Sendable (String) -> Void) async throws {
+        try startAll()
+        defer { stopAll() }
+        try await waitForLeaders()
+        print("weft bench log: \(config.nodes.count) nodes, \(config.shards) shards, replication \(config.replication), fsync \(config.storage.fsync); \(records) records, \(inflight) requests in flight, \(batch) records per request")
+        let requests = max(1, records / batch)
+        let nodes = config.nodes.map(\.id.rawValue)
+        let shards = config.shards
+        let me = appender
+        let clock = ContinuousClock()
+        let t0 = clock.now
+        let lat = await withTaskGroup(of: [Duration].self) { group in
+            for w in 0..<inflight {
+                group.addTask {
+                    var out: [Duration] = []
+                    var r = w
+                    while r < requests {
+                        let s = clock.now
+                        // Through every node (most requests are forwarded to the leader) and every shard.
+                        if await me.append(via: nodes[r % nodes.count], shard: r % shards, records: batch, seed: r) { out.append(clock.now - s) }
+                        r += inflight
+                    }
+                    return out
+                }
+            }
+            var all: [Duration] = []
+            for await part in group { all += part }
+            return all.sorted()
+        }
+        let secs = seconds(clock.now - t0)
+        let ok = lat.count * batch
+        print("committed \(ok) records in \(f2(secs)) s = \(Int(Double(ok) / secs)) records/s (\(Int(Double(lat.count) / secs)) requests/s); commit latency per request p50 \(ms(lat, 0.5)) ms p99 \(ms(lat, 0.99)) ms; \(requests - lat.count) requests failed")
+    }
+
+    /// Time from SIGKILL of shard 0's leader to the next acknowledged append through another node.
+    public mutating func runFailover(rounds: Int, print: @Sendable (String) -> Void) async throws {
+        try startAll()
+        defer { stopAll() }
+        try await waitForLeaders()
+        print("weft bench failover: \(config.nodes.count) nodes, election timeout \(config.raft.electionTimeoutMinMs)-\(config.raft.electionTimeoutMaxMs) ms, heartbeat \(config.raft.heartbeatIntervalMs) ms")
+        var times: [Duration] = []
+        let clock = ContinuousClock()
+        for round in 1...rounds {
+            guard let l = await leader(of: 0), let p = processes[l] else { throw BenchFailure(description: "no leader for shard 0") }
+            // Warm: a write goes through before the kill.
+            _ = await append(via: l, shard: 0, records: 1, seed: round)
+            let other = config.nodes.map(\.id.rawValue).first { $0 != l } ?? l
+            kill(p.processIdentifier, SIGKILL)
+            let t0 = clock.now
+            p.waitUntilExit()
+            var k = 0
+            while !(await append(via: other, shard: 0, records: 1, seed: round * 100 + k)) {
+                k += 1
+                if clock.now - t0 > .seconds(30) { throw BenchFailure(description: "no write accepted 30 s after the kill") }
+            }
+            let dt = clock.now - t0
+            times.append(dt)
+            print("round \(round): killed node \(l) (leader of shard 0); next commit after \(f3(seconds(dt) * 1000)) ms")
+            try start(l)
+            try await Task.sleep(for: .seconds(2))
+        }
+        times.sort()
+        print("failover: p50 \(ms(times, 0.5)) ms, max \(ms(times, 1.0)) ms over \(rounds) SIGKILLs")
+    }
+}
+
+public struct BenchFailure: Error, CustomStringConvertible {
+    public var description: String
+}
+
+/// POSTs batches of chat-like records to a node's append endpoint.
+struct Appender: Sendable {
+    let session: URLSession
+    let apis: [UInt64: String]
+
+    func body(records: Int, seed: Int) -> Data {
+        // ~200-byte chat-like records.
+        let items = (0..<records).map { k in
+            "{\"stream\":\((seed + k) % 1000 + 1),\"payload\":\"{\\\"message_id\\\":\(seed * 1000 + k),\\\"sender_id\\\":4821,\\\"receiver_id\\\":9912,\\\"message_type\\\":\\\"text\\\",\\\"content\\\":\\\"see you at the station at seven, the train is running a few minutes late today\\\"}\"}"
+        }
+        return Data("{\"records\":[\(items.joined(separator: ","))]}".utf8)
+    }
+
+    func append(via n: UInt64, shard: Int, records: Int, seed: Int) async -> Bool {
+        guard let base = apis[n], let url = URL(string: base + "/api/v1/shards/\(shard)/append") else { return false }
+        var req = URLRequest(url: url)
+        req.httpMethod = "POST"
+        req.httpBody = body(records: records, seed: seed)
+        req.setValue("application/json", forHTTPHeaderField: "Content-Type")
+        guard let (_, resp) = try? await session.data(for: req) else { return false }
+        return (resp as? HTTPURLResponse)?.statusCode == 200
+    }
+}
