@@ -67,7 +67,15 @@ let package = Package(
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             ],
             swiftSettings: strict),
-        .target(name: "WeftBench", dependencies: ["WeftCore", "SegmentFormat", "SegmentStore", "ClusterConfig"], swiftSettings: strict),
+        .target(
+            name: "WeftBench",
+            dependencies: [
+                "WeftCore", "SegmentFormat", "SegmentStore", "ClusterConfig",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+            ],
+            swiftSettings: strict),
         .executableTarget(
             name: "weft",
             dependencies: [

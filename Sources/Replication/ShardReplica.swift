@@ -131,19 +131,30 @@ public final class ShardReplica {
 
     public var lastApplied: LogIndex { raft.applied }
 
-    /// Runs the driver loop until Raft has nothing more to do; returns the messages to send.
+    /// Runs the driver loop until Raft has nothing more to do, handing messages to `send`.
     /// Throws when the store fails (the replica must then stop: its disk state is unknown).
-    public func process() throws -> [Message] {
-        var out: [Message] = []
+    ///
+    /// A leader's appends and heartbeats go out *before* its own fdatasync (Raft thesis §10.2.1): its
+    /// term is already durable, and it counts its own entries toward commit only once they are persisted,
+    /// so the followers' fsyncs overlap the leader's. Everything else waits until the Ready is durable.
+    public func process(send: ([Message]) -> Void) throws {
         while raft.hasReady {
             let rd = raft.ready()
+            var later = rd.messages
+            if raft.role == .leader, rd.hardState.map({ $0.term == hardState.state.term && $0.vote == hardState.state.vote }) ?? true {
+                let early = rd.messages.filter { $0.kind == .append || $0.kind == .heartbeat }
+                if !early.isEmpty {
+                    send(early)
+                    later = rd.messages.filter { $0.kind != .append && $0.kind != .heartbeat }
+                }
+            }
             if let first = rd.entries.first {
                 if first.index <= store.lastIndex { try store.truncateSuffix(from: first.index) }
                 let fresh = rd.entries.filter { $0.index > store.lastIndex }
                 if !fresh.isEmpty { try store.append(fresh) }
             }
             if let hs = rd.hardState { try hardState.save(hs) }
-            out.append(contentsOf: rd.messages)
+            if !later.isEmpty { send(later) }
             for e in rd.committed {
                 onApply(e)
                 if let (term, done) = waiting.removeValue(forKey: e.index) {
@@ -165,6 +176,12 @@ public final class ShardReplica {
                 waiting.removeValue(forKey: i)?.1(.failure(.superseded))
             }
         }
+    }
+
+    /// `process` collecting the messages (tests).
+    public func process() throws -> [Message] {
+        var out: [Message] = []
+        try process { out += $0 }
         return out
     }
 

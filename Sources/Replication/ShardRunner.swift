@@ -116,8 +116,7 @@ public final class ShardRunner: @unchecked Sendable {
                 nextTick = clock.now + tick
             }
             do {
-                let out = try replica.process()
-                if !out.isEmpty { send(out) }
+                try replica.process(send: send)
             } catch {
                 // The store refuses writes after an IO failure: stop serving this shard.
                 logger.critical("shard \(replica.shard): storage failed, stopping the replica: \(error)")

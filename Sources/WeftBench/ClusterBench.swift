@@ -1,5 +1,6 @@
 import ClusterConfig
 import Foundation
+import NIOPosix
 #if canImport(FoundationNetworking)
 import FoundationNetworking
 #endif
@@ -83,20 +84,27 @@ public struct ClusterBench {
         try await waitForLeaders()
         print("weft bench log: \(config.nodes.count) nodes, \(config.shards) shards, replication \(config.replication), fsync \(config.storage.fsync); \(records) records, \(inflight) requests in flight, \(batch) records per request")
         let requests = max(1, records / batch)
-        let nodes = config.nodes.map(\.id.rawValue)
+        let nodes = config.nodes
         let shards = config.shards
-        let me = appender
+        let bodies = appender
         let clock = ContinuousClock()
+        // One keep-alive connection per request in flight, spread over the nodes; most requests are
+        // forwarded by a follower to the shard's leader, like a client behind a load balancer.
+        var conns: [HTTPLoadConnection] = []
+        for w in 0..<inflight {
+            let n = nodes[w % nodes.count]
+            conns.append(try await HTTPLoadConnection.connect(host: n.apiAddress.host, port: n.apiAddress.port, group: MultiThreadedEventLoopGroup.singleton))
+        }
         let t0 = clock.now
         let lat = await withTaskGroup(of: [Duration].self) { group in
-            for w in 0..<inflight {
+            for (w, conn) in conns.enumerated() {
                 group.addTask {
                     var out: [Duration] = []
                     var r = w
                     while r < requests {
+                        let body = Array(bodies.body(records: batch, seed: r))
                         let s = clock.now
-                        // Through every node (most requests are forwarded to the leader) and every shard.
-                        if await me.append(via: nodes[r % nodes.count], shard: r % shards, records: batch, seed: r) { out.append(clock.now - s) }
+                        if (try? await conn.post(path: "/api/v1/shards/\(r % shards)/append", body: body)) == 200 { out.append(clock.now - s) }
                         r += inflight
                     }
                     return out
@@ -107,6 +115,7 @@ public struct ClusterBench {
             return all.sorted()
         }
         let secs = seconds(clock.now - t0)
+        for c in conns { await c.close() }
         let ok = lat.count * batch
         print("committed \(ok) records in \(f2(secs)) s = \(Int(Double(ok) / secs)) records/s (\(Int(Double(lat.count) / secs)) requests/s); commit latency per request p50 \(ms(lat, 0.5)) ms p99 \(ms(lat, 0.99)) ms; \(requests - lat.count) requests failed")
     }

@@ -288,9 +288,14 @@ struct TempDirectory {
         path = String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
 
-    func remove() {
+    func remove() { Self.removeTree(path) }
+
+    static func removeTree(_ path: String) {
         let disk = PosixDisk()
-        for name in (try? disk.list(path)) ?? [] { try? disk.remove(path + "/" + name) }
+        for name in (try? disk.list(path)) ?? [] {
+            let child = path + "/" + name
+            if unlink(child) != 0 { removeTree(child) }
+        }
         rmdir(path)
     }
 }
