@@ -128,13 +128,9 @@ public final class SegmentStore {
                     .mismatch, file: seg.indexPath, offset: 0,
                     "index describes base \(idx.baseIndex), \(idx.segmentBytes) bytes, shard \(idx.shard); segment has base \(seg.base), \(seg.size) bytes, shard \(options.shard)")
             }
-            // Runs are checksummed per chunk and otherwise only checked when a read reaches them: check them
-            // all now, so that a damaged index is rebuilt here instead of failing stream reads for good.
-            var run: UInt32 = 0
-            while run < idx.runCount {
-                _ = try idx.readChunk(containing: run, from: src)
-                run += UInt32(Layout.indexRunsPerChunk)
-            }
+            // Runs are checked chunk by chunk when a read reaches them (reading them all here would make
+            // opening a large shard read every index in full); a damaged chunk makes that read rebuild
+            // this index from the data (`repairingIndex`).
             seg.sealed = idx
             seg.indexSource = src
             return true
@@ -149,7 +145,7 @@ public final class SegmentStore {
     /// Reads every block of a segment and builds its index. Damage followed by valid blocks becomes an
     /// unreadable entry in the block table; damage that reaches the end of the last segment is a torn
     /// write and is cut off; in a sealed segment it is an unreadable entry up to `expectedEnd`.
-    private func scan(_ seg: Segment, expectedEnd: LogIndex?) throws -> SegmentIndexBuilder {
+    func scan(_ seg: Segment, expectedEnd: LogIndex?) throws -> SegmentIndexBuilder {
         var scanner = try SegmentScanner(FileByteSource(seg.file, size: seg.size))
         guard scanner.header.baseIndex == seg.base, scanner.header.shard == options.shard else {
             throw FormatError(
@@ -373,7 +369,7 @@ public final class SegmentStore {
     }
 
     /// Makes a segment read-only: syncs its data, writes its index file (tmp, fsync, rename, fsync dir).
-    private func seal(_ seg: Segment) throws {
+    func seal(_ seg: Segment) throws {
         try seg.file.sync()
         let bytes = seg.builder.encode(shard: options.shard, baseIndex: seg.base, segmentBytes: seg.size)
         let tmp = seg.indexPath + ".tmp"
@@ -509,6 +505,36 @@ extension SegmentStore {
     /// Cost: a binary search over the stream's spans and runs, then one block read per run touched.
     /// A hole in the stream's dense sequence (records lost to damage) is an error, never skipped.
     public func readStream(_ stream: StreamID, fromSeq: StreamSeq, limit: Int) throws -> [Record] {
+        try repairingIndex { try readStreamOnce(stream, fromSeq: fromSeq, limit: limit) }
+    }
+
+    /// Up to `limit` records of `stream` with seq < `beforeSeq` (all when nil), newest first.
+    public func readStreamBackward(_ stream: StreamID, beforeSeq: StreamSeq? = nil, limit: Int) throws -> [Record] {
+        try repairingIndex { try readStreamBackwardOnce(stream, beforeSeq: beforeSeq, limit: limit) }
+    }
+
+    /// Runs a stream read; if it failed on a sealed segment's damaged index file, rebuilds that index from
+    /// the segment's data (logged, and kept in `damage`) and runs the read again.
+    func repairingIndex<T>(_ read: () throws -> T) throws -> T {
+        do {
+            return try read()
+        } catch StoreError.corrupt(let e) {
+            guard let seg = segments.first(where: { $0.sealed != nil && $0.indexPath == e.file }) else { throw StoreError.corrupt(e) }
+            log("\(e); rebuilding index from \(seg.dataPath)")
+            let end = seg.lastIndex
+            try guardDisk {
+                seg.indexSource?.file.close()
+                seg.indexSource = nil
+                seg.sealed = nil
+                seg.builder = try scan(seg, expectedEnd: end)
+                try seal(seg)
+            }
+            rebuildSpans()
+            return try read()
+        }
+    }
+
+    func readStreamOnce(_ stream: StreamID, fromSeq: StreamSeq, limit: Int) throws -> [Record] {
         guard limit > 0, let list = spans[stream] else { return [] }
         var out = [Record]()
         var i = lowerBound(list.count) { list[$0].lastSeq < fromSeq }
@@ -532,8 +558,7 @@ extension SegmentStore {
         return out
     }
 
-    /// Up to `limit` records of `stream` with seq < `beforeSeq` (all when nil), newest first.
-    public func readStreamBackward(_ stream: StreamID, beforeSeq: StreamSeq? = nil, limit: Int) throws -> [Record] {
+    func readStreamBackwardOnce(_ stream: StreamID, beforeSeq: StreamSeq?, limit: Int) throws -> [Record] {
         guard limit > 0, let list = spans[stream] else { return [] }
         if let b = beforeSeq, b <= 1 { return [] }
         var want = min(beforeSeq.map { $0 - 1 } ?? UInt64.max, lastSeq(of: stream))

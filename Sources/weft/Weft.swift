@@ -105,17 +105,21 @@ struct BenchStore: ParsableCommand {
     @Option(help: "Target raw bytes per block.")
     var blockBytes: Int = 16 << 10
 
+    @Option(help: "Segment size at which a segment is sealed and a new one started.")
+    var segmentBytes: UInt64 = 64 << 20
+
     func validate() throws {
         guard records > 0 else { throw ValidationError("--records must be positive") }
         guard batch > 0, batch <= 65_536 else { throw ValidationError("--batch must be 1...65536") }
         guard streams > 0 else { throw ValidationError("--streams must be positive") }
         guard blockBytes >= 256, blockBytes <= 4 << 20 else { throw ValidationError("--block-bytes must be 256...4194304") }
+        guard segmentBytes >= 4096 else { throw ValidationError("--segment-bytes must be at least 4096") }
     }
 
     func run() throws {
         let bench = StoreBench(
             directory: dir, records: records, batch: batch, streams: streams, reads: reads,
-            options: StoreOptions(blockBytesTarget: blockBytes))
+            options: StoreOptions(segmentBytesMax: segmentBytes, blockBytesTarget: blockBytes))
         do {
             try bench.run {
                 print($0)

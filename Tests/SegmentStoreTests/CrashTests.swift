@@ -8,7 +8,7 @@ import WeftTesting
     /// Seeded appends and truncations under `.everyBatch`, with short writes, failed syncs and power losses
     /// at random points. After every reopen: each acknowledged batch is there, and the log is a prefix of
     /// what was attempted.
-    @Test(arguments: 0..<120 as Range<UInt64>)
+    @Test(arguments: 0..<100 as Range<UInt64>)
     func acknowledgedBatchesSurviveCrashes(seed: UInt64) throws {
         _ = try Self.crashWorkload(seed: seed)
     }

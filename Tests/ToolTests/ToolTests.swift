@@ -57,7 +57,7 @@ struct ToolTests {
         if FileManager.default.fileExists(atPath: benchDir + "/00000000000000000001.seg") {
             return Result(status: 0, stdout: "", stderr: "")
         }
-        return try run("weft", ["bench", "store", "--dir", benchDir, "--records", "30000", "--reads", "50", "--streams", "300"])
+        return try run("weft", ["bench", "store", "--dir", benchDir, "--records", "30000", "--reads", "50", "--streams", "300", "--segment-bytes", "1048576"])
     }
 
     func jsonLines(_ s: String) throws -> [[String: Any]] {
