@@ -4,12 +4,42 @@ import SegmentStore
 import WeftCore
 
 /// The durable log of a shard as Raft's read-only view.
+///
+/// Raft asks for terms constantly (every append it sends or checks, every commit); the terms of entries
+/// written since the replica started are kept in memory as runs of equal term, so those answers need no
+/// block read. Older entries are read from the store.
 final class StoreLogReader: RaftLogReader {
     let store: SegmentStore
-    init(_ store: SegmentStore) { self.store = store }
+    /// (first index, term) of each run of equal terms, for indexes >= `coveredFrom`.
+    var termRuns: [(start: LogIndex, term: Term)] = []
+    var coveredFrom: LogIndex
+
+    init(_ store: SegmentStore) {
+        self.store = store
+        coveredFrom = store.lastIndex + 1
+    }
+
     var firstIndex: LogIndex { store.firstIndex }
     var lastIndex: LogIndex { store.lastIndex }
-    func term(at index: LogIndex) -> Term? { try? store.term(at: index) }
+
+    func term(at index: LogIndex) -> Term? {
+        if index >= coveredFrom, index <= store.lastIndex, let run = termRuns.last(where: { $0.start <= index }) {
+            return run.term
+        }
+        return try? store.term(at: index)
+    }
+
+    func didAppend(_ records: [Record]) {
+        for r in records where termRuns.last?.term != r.term || termRuns.isEmpty {
+            termRuns.append((r.index, r.term))
+        }
+    }
+
+    func didTruncate(from index: LogIndex) {
+        termRuns.removeAll { $0.start >= index }
+        coveredFrom = min(coveredFrom, index)
+    }
+
     func entries(from: LogIndex, to: LogIndex, maxBytes: Int) -> [Record]? {
         guard from < to else { return [] }
         guard let all = try? store.read(from: from, to: to - 1, limit: 4096), all.first?.index == from else { return nil }
@@ -48,6 +78,7 @@ public final class ShardReplica {
     public let id: NodeID
     public private(set) var raft: Raft
     let store: SegmentStore
+    let reader: StoreLogReader
     let hardState: HardStateFile
     /// index -> (term it was proposed in, completion).
     var waiting: [LogIndex: (Term, (Result<Record, ReplicationError>) -> Void)] = [:]
@@ -64,7 +95,8 @@ public final class ShardReplica {
         self.hardState = hardState
         var cfg = config
         cfg.id = id
-        raft = Raft(config: cfg, log: StoreLogReader(store), hardState: hardState.state, membership: membership, applied: 0)
+        reader = StoreLogReader(store)
+        raft = Raft(config: cfg, log: reader, hardState: hardState.state, membership: membership, applied: 0)
     }
 
     public func tick() { raft.tick() }
@@ -149,9 +181,15 @@ public final class ShardReplica {
                 }
             }
             if let first = rd.entries.first {
-                if first.index <= store.lastIndex { try store.truncateSuffix(from: first.index) }
+                if first.index <= store.lastIndex {
+                    try store.truncateSuffix(from: first.index)
+                    reader.didTruncate(from: first.index)
+                }
                 let fresh = rd.entries.filter { $0.index > store.lastIndex }
-                if !fresh.isEmpty { try store.append(fresh) }
+                if !fresh.isEmpty {
+                    try store.append(fresh)
+                    reader.didAppend(fresh)
+                }
             }
             if let hs = rd.hardState { try hardState.save(hs) }
             if !later.isEmpty { send(later) }

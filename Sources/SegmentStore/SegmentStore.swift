@@ -24,6 +24,12 @@ public final class SegmentStore {
     public private(set) var damage: [FormatError] = []
     private var failure: String?
     var failureReason: String? { failure }
+    /// The most recently decoded blocks of the active segment (newest last): Raft reads back what it just
+    /// wrote (to send, to apply), and decodes each block once. Sealed segments are always read and
+    /// verified from disk.
+    /// Cleared whenever blocks can change under the same offset (truncation, retention, index repair).
+    var recentBlocks: [(base: LogIndex, offset: UInt64, records: [Record])] = []
+    static let recentBlocksMax = 8
     private var batchesSinceSync = 0
 
     /// Index of the oldest record held (lastIndex + 1 when empty).
@@ -454,6 +460,11 @@ extension SegmentStore {
             throw StoreError.corrupt(FormatError(.mismatch, file: seg.indexPath, offset: 0, "run points at block \(ordinal) of \(blocks.count)"))
         }
         let e = blocks[ordinal]
+        if let hit = recentBlocks.last(where: { $0.base == seg.base && $0.offset == e.offset }),
+            hit.records.first?.index == e.firstIndex, hit.records.count == Int(e.count)
+        {
+            return hit.records
+        }
         do {
             let bytes = try seg.file.read(at: e.offset, count: Layout.blockHeaderBytes + Int(e.storedBytes))
             let (h, records) = try BlockCodec.decode(bytes, file: seg.dataPath, offset: e.offset)
@@ -461,6 +472,10 @@ extension SegmentStore {
                 throw FormatError(
                     .mismatch, file: seg.dataPath, offset: e.offset,
                     "block holds \(h.firstIndex)+\(h.count), index says \(e.firstIndex)+\(e.count)")
+            }
+            if seg === active {
+                if recentBlocks.count >= Self.recentBlocksMax { recentBlocks.removeFirst() }
+                recentBlocks.append((seg.base, e.offset, records))
             }
             return records
         } catch let err as FormatError {
@@ -522,6 +537,7 @@ extension SegmentStore {
             guard let seg = segments.first(where: { $0.sealed != nil && $0.indexPath == e.file }) else { throw StoreError.corrupt(e) }
             log("\(e); rebuilding index from \(seg.dataPath)")
             let end = seg.lastIndex
+            recentBlocks = []
             try guardDisk {
                 seg.indexSource?.file.close()
                 seg.indexSource = nil

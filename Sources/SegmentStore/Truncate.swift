@@ -38,6 +38,8 @@ extension SegmentStore {
         if let why = failureReason { throw StoreError.failed(why) }
         guard index <= lastIndex else { return }
         guard index >= 1 else { throw StoreError.outOfRange(requested: index, first: firstIndex, last: lastIndex) }
+        recentBlocks = []
+        defer { recentBlocks = [] }
         try guardDisk {
             var removed = false
             while let last = segments.last, last.base >= index {
@@ -120,6 +122,7 @@ extension SegmentStore {
     public func dropSegments(through index: LogIndex) throws -> Int {
         if let why = failureReason { throw StoreError.failed(why) }
         var dropped = 0
+        recentBlocks = []
         try guardDisk {
             while segments.count > 1, let first = segments.first, first !== active, first.lastIndex <= index {
                 first.close()
