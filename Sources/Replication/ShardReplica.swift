@@ -191,7 +191,11 @@ public final class ShardReplica {
                     reader.didAppend(fresh)
                 }
             }
-            if let hs = rd.hardState { try hardState.save(hs) }
+            // Term and vote must be durable before anything is sent; the commit index need not be (a
+            // restarted replica relearns it from the leader), so a commit-only change costs no fsync.
+            if let hs = rd.hardState, hs.term != hardState.state.term || hs.vote != hardState.state.vote {
+                try hardState.save(hs)
+            }
             if !later.isEmpty { send(later) }
             for e in rd.committed {
                 onApply(e)

@@ -266,7 +266,9 @@ public final class RaftSimulation {
                 return
             }
             log.persist(rd.entries)
-            if let hs = rd.hardState { log.hardState = hs }
+            // As the real driver: term and vote are made durable; the commit index only rides along when
+            // they change (a restarted node relearns commit from the leader).
+            if let hs = rd.hardState, hs.term != log.hardState.term || hs.vote != log.hardState.vote { log.hardState = hs }
             for m in rd.messages { network.append(InFlight(message: m, deliverAt: now)) }
             for e in rd.committed {
                 try apply(id, e, isLeader: raft.role == .leader)
