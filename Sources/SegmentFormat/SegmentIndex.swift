@@ -61,14 +61,16 @@ public struct SegmentIndexBuilder: Sendable {
         blocks.append(BlockEntry(firstIndex: header.firstIndex, offset: offset, count: header.count, storedBytes: header.storedBytes))
         recordCount += UInt64(header.count)
         for r in records where r.stream != .none {
-            if var s = streams[r.stream] {
-                s.lastSeq = r.seq
-                if s.runs[s.runs.count - 1].block == ordinal {
-                    s.runs[s.runs.count - 1].count += 1
+            // Mutate in place (through the dictionary's values): copying a stream's entry out and back
+            // would copy its runs array on every record.
+            if let i = streams.index(forKey: r.stream) {
+                streams.values[i].lastSeq = r.seq
+                let last = streams.values[i].runs.count - 1
+                if streams.values[i].runs[last].block == ordinal {
+                    streams.values[i].runs[last].count += 1
                 } else {
-                    s.runs.append(StreamRun(firstSeq: r.seq, count: 1, block: ordinal))
+                    streams.values[i].runs.append(StreamRun(firstSeq: r.seq, count: 1, block: ordinal))
                 }
-                streams[r.stream] = s
             } else {
                 streams[r.stream] = Runs(firstSeq: r.seq, lastSeq: r.seq, runs: [StreamRun(firstSeq: r.seq, count: 1, block: ordinal)])
             }

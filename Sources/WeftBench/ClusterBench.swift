@@ -78,11 +78,12 @@ public struct ClusterBench {
     }
 
     /// Committed records/s and commit latency, with `inflight` requests of `batch` records outstanding.
-    public mutating func runLog(records: Int, inflight: Int, batch: Int, print: @Sendable (String) -> Void) async throws {
+    public mutating func runLog(records: Int, inflight: Int, batch: Int, binary: Bool, print: @Sendable (String) -> Void) async throws {
+        let contentType = binary ? "application/x-weft-records" : "application/json"
         try startAll()
         defer { stopAll() }
         try await waitForLeaders()
-        print("weft bench log: \(config.nodes.count) nodes, \(config.shards) shards, replication \(config.replication), fsync \(config.storage.fsync); \(records) records, \(inflight) requests in flight, \(batch) records per request")
+        print("weft bench log: \(config.nodes.count) nodes, \(config.shards) shards, replication \(config.replication), fsync \(config.storage.fsync); \(records) records, \(inflight) requests in flight, \(batch) records per request, \(binary ? "binary" : "JSON") bodies")
         let requests = max(1, records / batch)
         let nodes = config.nodes
         let shards = config.shards
@@ -102,9 +103,9 @@ public struct ClusterBench {
                     var out: [Duration] = []
                     var r = w
                     while r < requests {
-                        let body = Array(bodies.body(records: batch, seed: r))
+                        let body = binary ? bodies.binaryBody(records: batch, seed: r) : Array(bodies.body(records: batch, seed: r))
                         let s = clock.now
-                        if (try? await conn.post(path: "/api/v1/shards/\(r % shards)/append", body: body)) == 200 { out.append(clock.now - s) }
+                        if (try? await conn.post(path: "/api/v1/shards/\(r % shards)/append", body: body, contentType: contentType)) == 200 { out.append(clock.now - s) }
                         r += inflight
                     }
                     return out
@@ -167,6 +168,18 @@ struct Appender: Sendable {
             "{\"stream\":\((seed + k) % 1000 + 1),\"payload\":\"{\\\"message_id\\\":\(seed * 1000 + k),\\\"sender_id\\\":4821,\\\"receiver_id\\\":9912,\\\"message_type\\\":\\\"text\\\",\\\"content\\\":\\\"see you at the station at seven, the train is running a few minutes late today\\\"}\"}"
         }
         return Data("{\"records\":[\(items.joined(separator: ","))]}".utf8)
+    }
+
+    /// The same records in the binary append format (`u64 stream | u32 length | payload`).
+    func binaryBody(records: Int, seed: Int) -> [UInt8] {
+        var out: [UInt8] = []
+        for k in 0..<records {
+            let payload = Array("{\"message_id\":\(seed * 1000 + k),\"sender_id\":4821,\"receiver_id\":9912,\"message_type\":\"text\",\"content\":\"see you at the station at seven, the train is running a few minutes late today\"}".utf8)
+            withUnsafeBytes(of: UInt64((seed + k) % 1000 + 1).littleEndian) { out.append(contentsOf: $0) }
+            withUnsafeBytes(of: UInt32(payload.count).littleEndian) { out.append(contentsOf: $0) }
+            out += payload
+        }
+        return out
     }
 
     func append(via n: UInt64, shard: Int, records: Int, seed: Int) async -> Bool {

@@ -72,36 +72,19 @@ public enum HTTPAPI {
                 throw APIError(.notFound, "unknown_shard", "shard must be 0..<\(node.config.shards)")
             }
             let buffer = try await request.body.collect(upTo: bodyBytesMax)
-            let req: AppendRequest
-            do {
-                req = try JSONDecoder().decode(AppendRequest.self, from: Data(buffer.readableBytesView))
-            } catch {
-                throw APIError(.badRequest, "invalid_json", "body must be {\"records\":[{\"stream\":N,\"payload\":\"...\"}]}: \(error)")
-            }
-            guard !req.records.isEmpty, req.records.count <= Limits.appendBatchCountMax else {
-                throw APIError(.badRequest, "invalid_batch", "1...\(Limits.appendBatchCountMax) records per request")
-            }
             let now = Int64(Date().timeIntervalSince1970 * 1_000_000)
             var proposals: [Proposal] = []
-            for (k, item) in req.records.enumerated() {
-                let payload: [UInt8]
-                if let text = item.payload, item.payload_b64 == nil {
-                    payload = Array(text.utf8)
-                } else if let b64 = item.payload_b64, item.payload == nil, let d = Data(base64Encoded: b64) {
-                    payload = Array(d)
-                } else {
-                    throw APIError(.badRequest, "invalid_payload", "records[\(k)]: give exactly one of payload (text) or payload_b64")
-                }
-                guard payload.count <= Limits.recordPayloadBytesMax else {
-                    throw APIError(.contentTooLarge, "payload_too_large", "records[\(k)]: \(payload.count) bytes, limit \(Limits.recordPayloadBytesMax)")
-                }
-                proposals.append(Proposal(stream: StreamID(item.stream ?? 0), type: RecordType(item.type ?? RecordType.data.rawValue), timestampMicros: now, payload: payload))
+            if request.headers[.contentType] == binaryRecordsType {
+                proposals = try decodeBinaryRecords(buffer, timestampMicros: now)
+            } else {
+                proposals = try decodeJSONRecords(buffer, timestampMicros: now)
             }
             let start = ContinuousClock.now
             do {
                 let refs = try await node.append(shard: ShardID(shardNo), proposals)
                 appended.increment(by: refs.count)
-                appendTimer.recordNanoseconds(Int64((ContinuousClock.now - start).components.attoseconds / 1_000_000_000 + (ContinuousClock.now - start).components.seconds * 1_000_000_000))
+                let d = ContinuousClock.now - start
+                appendTimer.recordNanoseconds(d.components.seconds * 1_000_000_000 + d.components.attoseconds / 1_000_000_000)
                 return try json(AppendResponse(records: refs))
             } catch let e as WriteError {
                 switch e {
@@ -119,6 +102,62 @@ public enum HTTPAPI {
                 status: .ok, headers: [.contentType: "text/plain; version=0.0.4"], body: ResponseBody(byteBuffer: ByteBuffer(bytes: out)))
         }
         return router
+    }
+
+    /// `Content-Type` of the binary append body: records back to back, each
+    /// `u64 stream | u32 length | payload` (little-endian). For high-rate producers: no JSON to parse.
+    public static let binaryRecordsType = "application/x-weft-records"
+
+    static func decodeBinaryRecords(_ buffer: ByteBuffer, timestampMicros: Int64) throws -> [Proposal] {
+        var b = buffer
+        var out: [Proposal] = []
+        while b.readableBytes > 0 {
+            guard let stream = b.readInteger(endianness: .little, as: UInt64.self),
+                let len = b.readInteger(endianness: .little, as: UInt32.self)
+            else {
+                throw APIError(.badRequest, "invalid_records", "record \(out.count): truncated header at byte \(b.readerIndex)")
+            }
+            guard Int(len) <= Limits.recordPayloadBytesMax else {
+                throw APIError(.contentTooLarge, "payload_too_large", "record \(out.count): \(len) bytes, limit \(Limits.recordPayloadBytesMax)")
+            }
+            guard let payload = b.readBytes(length: Int(len)) else {
+                throw APIError(.badRequest, "invalid_records", "record \(out.count): payload runs past the body at byte \(b.readerIndex)")
+            }
+            out.append(Proposal(stream: StreamID(stream), type: .data, timestampMicros: timestampMicros, payload: payload))
+            guard out.count <= Limits.appendBatchCountMax else {
+                throw APIError(.badRequest, "invalid_batch", "at most \(Limits.appendBatchCountMax) records per request")
+            }
+        }
+        guard !out.isEmpty else { throw APIError(.badRequest, "invalid_batch", "no records") }
+        return out
+    }
+
+    static func decodeJSONRecords(_ buffer: ByteBuffer, timestampMicros now: Int64) throws -> [Proposal] {
+        let req: AppendRequest
+        do {
+            req = try JSONDecoder().decode(AppendRequest.self, from: Data(buffer.readableBytesView))
+        } catch {
+            throw APIError(.badRequest, "invalid_json", "body must be {\"records\":[{\"stream\":N,\"payload\":\"...\"}]}: \(error)")
+        }
+        guard !req.records.isEmpty, req.records.count <= Limits.appendBatchCountMax else {
+            throw APIError(.badRequest, "invalid_batch", "1...\(Limits.appendBatchCountMax) records per request")
+        }
+        var proposals: [Proposal] = []
+        for (k, item) in req.records.enumerated() {
+            let payload: [UInt8]
+            if let text = item.payload, item.payload_b64 == nil {
+                payload = Array(text.utf8)
+            } else if let b64 = item.payload_b64, item.payload == nil, let d = Data(base64Encoded: b64) {
+                payload = Array(d)
+            } else {
+                throw APIError(.badRequest, "invalid_payload", "records[\(k)]: give exactly one of payload (text) or payload_b64")
+            }
+            guard payload.count <= Limits.recordPayloadBytesMax else {
+                throw APIError(.contentTooLarge, "payload_too_large", "records[\(k)]: \(payload.count) bytes, limit \(Limits.recordPayloadBytesMax)")
+            }
+            proposals.append(Proposal(stream: StreamID(item.stream ?? 0), type: RecordType(item.type ?? RecordType.data.rawValue), timestampMicros: now, payload: payload))
+        }
+        return proposals
     }
 
     static func json(_ value: some Encodable, status: HTTPResponse.Status = .ok) throws -> Response {

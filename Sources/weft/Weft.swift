@@ -148,6 +148,9 @@ struct BenchLog: AsyncParsableCommand {
     @Option(help: "Records per request.")
     var batch: Int = 1
 
+    @Flag(help: "Send JSON bodies instead of the binary append format.")
+    var json = false
+
     func validate() throws {
         guard records > 0, inflight > 0, inflight <= 4096, batch > 0, batch <= 65_536 else {
             throw ValidationError("--records, --inflight (<= 4096) and --batch (<= 65536) must be positive")
@@ -156,7 +159,7 @@ struct BenchLog: AsyncParsableCommand {
 
     func run() async throws {
         var bench = try ClusterBench(configPath: config, executable: URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path)
-        try await bench.runLog(records: records, inflight: inflight, batch: batch) { print($0); fflush(nil) }
+        try await bench.runLog(records: records, inflight: inflight, batch: batch, binary: !json) { print($0); fflush(nil) }
     }
 }
 
