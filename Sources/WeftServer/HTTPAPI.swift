@@ -28,24 +28,25 @@ public enum HTTPAPI {
         var records: [RecordRef]
     }
 
-    struct StatusResponse: Encodable {
-        struct Replica: Encodable {
-            var node: UInt64
-            var match_index: UInt64
+    /// The body of `GET /api/v1/cluster/status` (also decoded by `weft status`).
+    public struct StatusResponse: Codable, Sendable {
+        public struct Replica: Codable, Sendable {
+            public var node: UInt64
+            public var match_index: UInt64
         }
-        struct Shard: Encodable {
-            var id: UInt64
-            var role: String
-            var leader: UInt64?
-            var term: UInt64
-            var commit_index: UInt64
-            var applied_index: UInt64
-            var last_index: UInt64
-            var replicas: [Replica]
+        public struct Shard: Codable, Sendable {
+            public var id: UInt64
+            public var role: String
+            public var leader: UInt64?
+            public var term: UInt64
+            public var commit_index: UInt64
+            public var applied_index: UInt64
+            public var last_index: UInt64
+            public var replicas: [Replica]
         }
-        var node: UInt64
-        var nodes: [WeftNode.NodeReach]
-        var shards: [Shard]
+        public var node: UInt64
+        public var nodes: [WeftNode.NodeReach]
+        public var shards: [Shard]
     }
 
     public static func router(node: WeftNode, registry: PrometheusCollectorRegistry) -> Router<BasicRequestContext> {

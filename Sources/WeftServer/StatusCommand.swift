@@ -6,28 +6,7 @@ import FoundationNetworking
 
 /// `weft status`: asks the nodes of a config file for `/api/v1/cluster/status` and prints tables.
 public enum StatusCommand {
-    struct Status: Decodable {
-        struct Node: Decodable {
-            var id: UInt64
-            var reachable: Bool
-        }
-        struct Replica: Decodable {
-            var node: UInt64
-            var match_index: UInt64
-        }
-        struct Shard: Decodable {
-            var id: UInt64
-            var role: String
-            var leader: UInt64?
-            var term: UInt64
-            var commit_index: UInt64
-            var applied_index: UInt64
-            var replicas: [Replica]
-        }
-        var node: UInt64
-        var nodes: [Node]
-        var shards: [Shard]
-    }
+    typealias Status = HTTPAPI.StatusResponse
 
     public static func run(configPath: String) async throws -> String {
         let config = try ClusterConfiguration.load(path: configPath)
