@@ -75,10 +75,18 @@ public struct Raft {
     /// Context value on vote requests of a campaign started by leadership transfer: bypasses leases.
     static let transferContext: UInt64 = 1
 
-    public init(config: RaftConfig, log: any RaftLogReader, hardState: HardState, membership: Membership, applied: LogIndex) {
+    /// Index of the last configuration entry already reflected in `membership` (0: none): entries up to it
+    /// are not applied again when the log is replayed after a restart.
+    public private(set) var membershipIndex: LogIndex
+
+    public init(
+        config: RaftConfig, log: any RaftLogReader, hardState: HardState, membership: Membership, applied: LogIndex,
+        membershipIndex: LogIndex = 0
+    ) {
         id = config.id
         cfg = config
         self.log = log
+        self.membershipIndex = membershipIndex
         term = hardState.term
         vote = hardState.vote
         commit = min(hardState.commit, log.lastIndex)
@@ -707,7 +715,10 @@ public struct Raft {
         }
         for e in rd.committed {
             applied = max(applied, e.index)
-            if e.type == .config, let change = ConfigChange.decode(e.payload) { applyConfig(change) }
+            if e.type == .config, e.index > membershipIndex, let change = ConfigChange.decode(e.payload) {
+                membershipIndex = e.index
+                applyConfig(change)
+            }
         }
     }
 

@@ -88,15 +88,57 @@ public final class ShardReplica {
     /// Called with every committed record, in log order (the delivery tier and relays tail this).
     public var onApply: (Record) -> Void = { _ in }
 
-    public init(shard: ShardID, id: NodeID, store: SegmentStore, hardState: HardStateFile, membership: Membership, config: RaftConfig) {
+    let membershipFile: MembershipFile
+    var savedMembershipIndex: LogIndex
+
+    public enum OpenError: Error, CustomStringConvertible {
+        case membershipMissing(String)
+        public var description: String {
+            switch self {
+            case .membershipMissing(let p): "\(p) is missing but the shard's log is not empty: the replica does not know its group"
+            }
+        }
+    }
+
+    /// Opens a replica. A new shard whose initial group (`bootstrap`) includes this node writes the group
+    /// as the first entries of its log (one `addVoter` per member, term 1, committed), identically on every
+    /// initial member, as etcd does; a node outside the initial group starts with an empty log and no
+    /// group, cannot campaign, and learns the group from the entries a leader sends it (joining).
+    public init(
+        shard: ShardID, id: NodeID, store: SegmentStore, hardState: HardStateFile, membershipFile: MembershipFile,
+        bootstrap: Membership?, config: RaftConfig
+    ) throws {
         self.shard = shard
         self.id = id
         self.store = store
         self.hardState = hardState
+        self.membershipFile = membershipFile
         var cfg = config
         cfg.id = id
+        var membership = Membership(voters: [])
+        var membershipIndex: LogIndex = 0
+        if let (m, index) = try membershipFile.load() {
+            membership = m
+            membershipIndex = index
+        } else if store.lastIndex == 0 {
+            if let bootstrap, bootstrap.voters.contains(id) {
+                let members = bootstrap.voters.sorted()
+                membership = Membership(voters: Set(members))
+                membershipIndex = LogIndex(members.count)
+                try membershipFile.save(membership, index: membershipIndex)
+                try store.append(
+                    members.enumerated().map { k, n in
+                        Record(index: LogIndex(k + 1), term: 1, stream: .none, seq: 0, type: .config, timestampMicros: 0, payload: ConfigChange.addVoter(n).encode())
+                    })
+                try hardState.save(HardState(term: 1, vote: nil, commit: membershipIndex))
+            }
+        } else {
+            throw OpenError.membershipMissing(membershipFile.path)
+        }
+        savedMembershipIndex = membershipIndex
         reader = StoreLogReader(store)
-        raft = Raft(config: cfg, log: reader, hardState: hardState.state, membership: membership, applied: 0)
+        raft = Raft(
+            config: cfg, log: reader, hardState: hardState.state, membership: membership, applied: 0, membershipIndex: membershipIndex)
     }
 
     public func tick() { raft.tick() }
@@ -206,6 +248,10 @@ public final class ShardReplica {
             for rs in rd.readStates { pendingReads.append((rs.id, rs.index)) }
             for id in rd.dropped { reads.removeValue(forKey: id)?(.failure(.notLeader(raft.leader))) }
             raft.advance(rd)
+            if raft.membershipIndex > savedMembershipIndex {
+                try membershipFile.save(raft.membership, index: raft.membershipIndex)
+                savedMembershipIndex = raft.membershipIndex
+            }
         }
         // Reads are served once the state they must see is applied.
         while let r = pendingReads.first, r.index <= raft.applied {

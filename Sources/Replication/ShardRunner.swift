@@ -15,6 +15,9 @@ public struct ShardStatus: Sendable, Equatable {
     public var lastIndex: LogIndex
     /// On the leader: every replica's match index.
     public var matchIndexes: [NodeID: LogIndex]
+    /// The group as this replica has applied it.
+    public var voters: [NodeID]
+    public var learners: [NodeID]
 }
 
 /// Runs one `ShardReplica` on a thread of its own: an inbox of inputs (peer messages, proposals, reads),
@@ -153,7 +156,8 @@ extension ShardReplica {
 
     public func status() -> ShardStatus {
         ShardStatus(
-            shard: shard, node: id, role: raft.role.rawValue, leader: raft.leader, term: raft.term, commitIndex: raft.commit,
-            appliedIndex: raft.applied, lastIndex: raft.lastIndex, matchIndexes: raft.matchIndexes)
+            shard: shard, node: id, role: raft.membership.all.contains(id) ? raft.role.rawValue : "not a member", leader: raft.leader, term: raft.term, commitIndex: raft.commit,
+            appliedIndex: raft.applied, lastIndex: raft.lastIndex, matchIndexes: raft.matchIndexes,
+            voters: raft.membership.voters.sorted(), learners: raft.membership.learners.sorted())
     }
 }

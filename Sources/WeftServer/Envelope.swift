@@ -7,6 +7,7 @@ import WeftCore
 /// ```
 /// 1 raft    | MessageCodec bytes
 /// 2 forward | u64 request | u32 n | n x (u64 stream | u16 type | i64 timestamp | u32 len | payload)
+/// 4 config  | u64 request | ConfigChange bytes (u8 kind | u64 node)
 /// 3 answer  | u64 request | u8 status (0 ok, 1 not leader, 2 failed)
 ///           | ok: u32 n | n x (u64 index | u64 term | u64 stream | u64 seq)
 ///           | not leader: u64 leader (0 unknown)   | failed: u32 len | UTF-8 message
@@ -15,6 +16,8 @@ enum Envelope: Equatable {
     case raft(Message)
     case forward(request: UInt64, proposals: [ForwardedProposal])
     case answer(request: UInt64, ForwardAnswer)
+    /// A membership change for the shard's leader; answered like a forward (ok carries the entry's index).
+    case configChange(request: UInt64, change: ConfigChange)
 
     struct ForwardedProposal: Equatable {
         var stream: StreamID
@@ -50,6 +53,10 @@ enum Envelope: Equatable {
                 put(UInt32(p.payload.count), &b)
                 b += p.payload
             }
+        case .configChange(let id, let c):
+            b.append(4)
+            put(id, &b)
+            b += c.encode()
         case .answer(let id, let a):
             b.append(3)
             put(id, &b)
@@ -121,6 +128,10 @@ enum Envelope: Equatable {
             default:
                 throw DecodeError(description: "answer status \(status)")
             }
+        case 4:
+            let id = try r.u64()
+            guard let c = ConfigChange.decode(try r.take(r.remaining)) else { throw DecodeError(description: "bad membership change") }
+            return .configChange(request: id, change: c)
         default:
             throw DecodeError(description: "frame kind \(kind)")
         }

@@ -32,6 +32,8 @@ public enum HTTPAPI {
     public struct StatusResponse: Codable, Sendable {
         public struct Replica: Codable, Sendable {
             public var node: UInt64
+            /// "voter" or "learner", as this node's replica has applied the group.
+            public var role: String
             public var match_index: UInt64
         }
         public struct Shard: Codable, Sendable {
@@ -63,7 +65,8 @@ public enum HTTPAPI {
                     StatusResponse.Shard(
                         id: s.shard.rawValue, role: s.role, leader: s.leader?.rawValue, term: s.term, commit_index: s.commitIndex,
                         applied_index: s.appliedIndex, last_index: s.lastIndex,
-                        replicas: node.config.replicas(of: s.shard).map { StatusResponse.Replica(node: $0.rawValue, match_index: s.matchIndexes[$0] ?? 0) })
+                        replicas: s.voters.map { StatusResponse.Replica(node: $0.rawValue, role: "voter", match_index: s.matchIndexes[$0] ?? 0) }
+                            + s.learners.map { StatusResponse.Replica(node: $0.rawValue, role: "learner", match_index: s.matchIndexes[$0] ?? 0) })
                 })
             return try json(body)
         }
@@ -90,6 +93,42 @@ public enum HTTPAPI {
             } catch let e as WriteError {
                 switch e {
                 case .invalid(let m): throw APIError(.badRequest, "invalid", m)
+                case .unavailable(let m): throw APIError(.serviceUnavailable, "unavailable", m)
+                case .failed(let m): throw APIError(.internalServerError, "failed", m)
+                }
+            }
+        }
+
+        // Membership of one shard, one server at a time: {"add_voter": N} | {"add_learner": N} | {"remove_voter": N}.
+        router.post("/api/v1/admin/shards/{shard}/membership") { request, context -> Response in
+            guard let shardNo = context.parameters.get("shard", as: UInt64.self), shardNo < UInt64(node.config.shards) else {
+                throw APIError(.notFound, "unknown_shard", "shard must be 0..<\(node.config.shards)")
+            }
+            let buffer = try await request.body.collect(upTo: 4096)
+            let obj = (try? JSONSerialization.jsonObject(with: Data(buffer.readableBytesView))) as? [String: Any] ?? [:]
+            let change: ConfigChange
+            if obj.count == 1, let n = obj["add_voter"] as? Int, n > 0 {
+                change = .addVoter(NodeID(UInt64(n)))
+            } else if obj.count == 1, let n = obj["add_learner"] as? Int, n > 0 {
+                change = .addLearner(NodeID(UInt64(n)))
+            } else if obj.count == 1, let n = obj["remove_voter"] as? Int, n > 0 {
+                change = .removeVoter(NodeID(UInt64(n)))
+            } else {
+                throw APIError(.badRequest, "invalid_change", "body must be one of {\"add_voter\":N}, {\"add_learner\":N}, {\"remove_voter\":N}")
+            }
+            let target: NodeID =
+                switch change {
+                case .addVoter(let n), .addLearner(let n), .removeVoter(let n): n
+                }
+            guard node.config.node(target) != nil else {
+                throw APIError(.badRequest, "unknown_node", "node \(target) is not in \(node.config.configPath)")
+            }
+            do {
+                let index = try await node.changeMembership(shard: ShardID(shardNo), change)
+                return try json(["index": index])
+            } catch let e as WriteError {
+                switch e {
+                case .invalid(let m): throw APIError(.conflict, "change_pending", m)
                 case .unavailable(let m): throw APIError(.serviceUnavailable, "unavailable", m)
                 case .failed(let m): throw APIError(.internalServerError, "failed", m)
                 }

@@ -35,7 +35,7 @@ public enum StatusCommand {
                 out += pad("\(shard)", 7) + "no answer\n"
                 continue
             }
-            let reps = s.replicas.map { "\($0.node):\($0.match_index)" }.joined(separator: " ")
+            let reps = s.replicas.map { "\($0.node):\($0.match_index)\($0.role == "learner" ? "(learner)" : "")" }.joined(separator: " ")
             out += pad("\(shard)", 7) + pad(s.leader.map(String.init) ?? "-", 8) + pad("\(s.term)", 8) + pad("\(s.commit_index)", 12)
                 + pad("\(s.applied_index)", 12) + reps + "\n"
         }

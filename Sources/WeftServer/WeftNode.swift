@@ -29,8 +29,10 @@ public enum WriteError: Error, Equatable, CustomStringConvertible {
 public final class WeftNode: Sendable {
     public let id: NodeID
     public let config: ClusterConfiguration
-    let runners: [ShardID: ShardRunner]
+    let runnerBox: NIOLockedValueBox<[ShardID: ShardRunner]>
     let transport: PeerTransport
+    let started = NIOLockedValueBox(false)
+    let openLock = NIOLock()
     let logger: Logger
     let pending = NIOLockedValueBox<(next: UInt64, waiting: [UInt64: CheckedContinuation<Envelope.ForwardAnswer, Never>])>((1, [:]))
     /// Last leader seen per shard (a hint for forwarding; refreshed from each runner's answers).
@@ -50,50 +52,83 @@ public final class WeftNode: Sendable {
         ) { from, shard, payload in
             box.withLockedValue { $0 }?.receive(from: from, shard: ShardID(shard), payload: payload)
         }
+        runnerBox = NIOLockedValueBox([:])
+        box.withLockedValue { $0 = self }
+        for shard in config.shards(hostedBy: id) {
+            _ = try openReplica(shard, bootstrap: Membership(voters: Set(config.replicas(of: shard))))
+        }
+    }
+
+    /// Opens this node's replica of `shard` (creating its directory), with `bootstrap` as the initial
+    /// group if the shard is new. Starts it if the node is already running.
+    func openReplica(_ shard: ShardID, bootstrap: Membership?) throws -> ShardRunner {
         let timing = config.raft
         let tickMs = max(1, timing.heartbeatIntervalMs)
-        var runners: [ShardID: ShardRunner] = [:]
         let durability: Durability =
             switch config.storage.fsync {
             case .everyBatch: .everyBatch
             case .everyBatches(let n): .everyBatches(n)
             case .never: .never
             }
-        for shard in config.shards(hostedBy: id) {
-            let dir = config.dataDirectory(for: id) + "/shard-\(shard.rawValue)"
-            var shardLogger = logger
-            shardLogger[metadataKey: "shard"] = "\(shard)"
-            let log = shardLogger
-            let store = try SegmentStore(
-                directory: dir,
-                options: StoreOptions(shard: shard, segmentBytesMax: config.storage.segmentBytes, durability: durability),
-                log: { log.warning("\($0)") })
-            let hs = try HardStateFile(path: dir + "/raft.state", disk: PosixDisk())
-            var rc = RaftConfig(id: id, seed: UInt64(UInt32.random(in: 0...UInt32.max)))
-            rc.heartbeatTicks = 1
-            rc.electionTicks = max(2, timing.electionTimeoutMinMs / tickMs)
-            let replica = ShardReplica(
-                shard: shard, id: id, store: store, hardState: hs, membership: Membership(voters: Set(config.replicas(of: shard))),
-                config: rc)
-            let t = transport
-            runners[shard] = ShardRunner(replica: replica, tick: .milliseconds(tickMs), logger: shardLogger) { msgs in
-                for m in msgs { t.send(to: m.to, shard: shard.rawValue, payload: Envelope.raft(m).encode()) }
-            }
+        let dir = config.dataDirectory(for: id) + "/shard-\(shard.rawValue)"
+        var shardLogger = logger
+        shardLogger[metadataKey: "shard"] = "\(shard)"
+        let log = shardLogger
+        let store = try SegmentStore(
+            directory: dir,
+            options: StoreOptions(shard: shard, segmentBytesMax: config.storage.segmentBytes, durability: durability),
+            log: { log.warning("\($0)") })
+        let hs = try HardStateFile(path: dir + "/raft.state", disk: PosixDisk())
+        var rc = RaftConfig(id: id, seed: UInt64(UInt32.random(in: 0...UInt32.max)))
+        rc.heartbeatTicks = 1
+        rc.electionTicks = max(2, timing.electionTimeoutMinMs / tickMs)
+        let replica = try ShardReplica(
+            shard: shard, id: id, store: store, hardState: hs, membershipFile: MembershipFile(directory: dir, disk: PosixDisk()),
+            bootstrap: bootstrap, config: rc)
+        let t = transport
+        let runner = ShardRunner(replica: replica, tick: .milliseconds(tickMs), logger: shardLogger) { msgs in
+            for m in msgs { t.send(to: m.to, shard: shard.rawValue, payload: Envelope.raft(m).encode()) }
         }
-        self.runners = runners
-        box.withLockedValue { $0 = self }
+        runnerBox.withLockedValue { $0[shard] = runner }
+        if started.withLockedValue({ $0 }) { runner.start() }
+        return runner
     }
 
-    public var shards: [ShardID] { runners.keys.sorted() }
+    func runner(_ shard: ShardID) -> ShardRunner? { runnerBox.withLockedValue { $0[shard] } }
+    var allRunners: [ShardID: ShardRunner] { runnerBox.withLockedValue { $0 } }
+
+    /// A Raft message for a shard this node has no replica of: a leader is adding this node to the
+    /// shard's group. Open an empty replica (no group: it cannot campaign) and let it catch up.
+    func joinReplica(_ shard: ShardID) -> ShardRunner? {
+        guard shard.rawValue < UInt64(config.shards) else { return nil }
+        // One opener at a time, so two messages racing for a new shard open it once.
+        return openLock.withLock {
+            if let r = runner(shard) { return r }
+            do {
+                let r = try openReplica(shard, bootstrap: nil)
+                logger.notice("shard \(shard): joining (a leader sent entries to this node)")
+                return r
+            } catch {
+                logger.error("shard \(shard): cannot open a replica to join: \(error)")
+                return nil
+            }
+        }
+    }
+
+    public var shards: [ShardID] { allRunners.keys.sorted() }
 
     public func start() async throws {
         try await transport.start()
-        for r in runners.values { r.start() }
-        logger.info("node \(id) up: \(runners.count) shards, peer \(transport.listenAddress)")
+        let rs = runnerBox.withLockedValue { rs in
+            started.withLockedValue { $0 = true }
+            return rs
+        }
+        for r in rs.values { r.start() }
+        logger.info("node \(id) up: \(rs.count) shards, peer \(transport.listenAddress)")
     }
 
     public func stop() async {
-        for r in runners.values { r.stop() }
+        for r in allRunners.values { r.stop() }
         await transport.stop()
         pending.withLockedValue { p in
             for (_, c) in p.waiting { c.resume(returning: .failed("node stopping")) }
@@ -117,9 +152,31 @@ public final class WeftNode: Sendable {
                 logger.warning("dropping raft message from node \(from) addressed \(m.from)->\(m.to)")
                 return
             }
-            runners[shard]?.submit(.message(m))
+            if let r = runner(shard) {
+                r.submit(.message(m))
+            } else if m.kind == .append || m.kind == .heartbeat, let r = joinReplica(shard) {
+                r.submit(.message(m))
+            }
+        case .configChange(let request, let change):
+            guard let runner = runner(shard) else {
+                transport.send(to: from, shard: shard.rawValue, payload: Envelope.answer(request: request, .failed("shard \(shard) is not on node \(id)")).encode())
+                return
+            }
+            let t = transport
+            let me = id
+            runner.submit(
+                .configChange(change) { result in
+                    let answer: Envelope.ForwardAnswer =
+                        switch result {
+                        case .success(let index): .ok([RecordRef(index: index, term: 0, stream: .none, seq: 0)])
+                        case .failure(.notLeader(let l)): .notLeader(l == me ? nil : l)
+                        case .failure(.transferring): .notLeader(nil)
+                        case .failure(let e): .failed("\(e)")
+                        }
+                    t.send(to: from, shard: shard.rawValue, payload: Envelope.answer(request: request, answer).encode())
+                })
         case .forward(let request, let proposals):
-            guard let runner = runners[shard] else {
+            guard let runner = runner(shard) else {
                 transport.send(to: from, shard: shard.rawValue, payload: Envelope.answer(request: request, .failed("shard \(shard) is not on node \(id)")).encode())
                 return
             }
@@ -158,12 +215,15 @@ public final class WeftNode: Sendable {
         var lastError = "no leader"
         while clock.now < deadline {
             let hint = leaderHints.withLockedValue { $0[shard] }
-            let target: NodeID? = hint ?? (runners[shard] != nil ? id : config.replicas(of: shard).first)
+            let local = runner(shard)
+            let target: NodeID? = hint ?? (local != nil ? id : config.replicas(of: shard).first)
             let answer: Envelope.ForwardAnswer
-            if target == id || target == nil, let runner = runners[shard] {
-                answer = await proposeLocally(runner, proposals)
+            if target == id || target == nil, let local {
+                answer = await proposeLocally(local, proposals)
             } else if let target {
-                answer = await forward(to: target, shard: shard, proposals, deadline: deadline)
+                answer = await forward(to: target, shard: shard, .forward(request: 0, proposals: proposals.map {
+                    Envelope.ForwardedProposal(stream: $0.stream, type: $0.type, timestampMicros: $0.timestampMicros, payload: $0.payload)
+                }), deadline: deadline)
             } else {
                 throw WriteError.invalid("shard \(shard) does not exist")
             }
@@ -198,9 +258,9 @@ public final class WeftNode: Sendable {
         }
     }
 
-    func forward(to target: NodeID, shard: ShardID, _ ps: [Proposal], deadline: ContinuousClock.Instant) async -> Envelope.ForwardAnswer {
+    /// Sends a forward or config-change envelope (its request id is filled in here) and waits for the answer.
+    func forward(to target: NodeID, shard: ShardID, _ envelope: Envelope, deadline: ContinuousClock.Instant) async -> Envelope.ForwardAnswer {
         guard transport.reachable(target) else { return .failed("node \(target) unreachable") }
-        let fwd = ps.map { Envelope.ForwardedProposal(stream: $0.stream, type: $0.type, timestampMicros: $0.timestampMicros, payload: $0.payload) }
         let request = pending.withLockedValue { p -> UInt64 in
             defer { p.next += 1 }
             return p.next
@@ -212,8 +272,59 @@ public final class WeftNode: Sendable {
         defer { timer.cancel() }
         return await withCheckedContinuation { c in
             pending.withLockedValue { $0.waiting[request] = c }
-            transport.send(to: target, shard: shard.rawValue, payload: Envelope.forward(request: request, proposals: fwd).encode())
+            let numbered: Envelope =
+                switch envelope {
+                case .forward(_, let ps): .forward(request: request, proposals: ps)
+                case .configChange(_, let c): .configChange(request: request, change: c)
+                default: envelope
+                }
+            transport.send(to: target, shard: shard.rawValue, payload: numbered.encode())
         }
+    }
+
+    // MARK: Membership
+
+    /// Proposes a one-server membership change of `shard` through its leader; returns the index of the
+    /// configuration entry once it is committed.
+    public func changeMembership(shard: ShardID, _ change: ConfigChange, timeout: Duration = .seconds(10)) async throws -> LogIndex {
+        let clock = ContinuousClock()
+        let deadline = clock.now + timeout
+        var lastError = "no leader"
+        while clock.now < deadline {
+            let hint = leaderHints.withLockedValue { $0[shard] }
+            let local = runner(shard)
+            let answer: Envelope.ForwardAnswer
+            if (hint == nil || hint == id), let local {
+                answer = await withCheckedContinuation { c in
+                    local.submit(
+                        .configChange(change) { r in
+                            switch r {
+                            case .success(let i): c.resume(returning: .ok([RecordRef(index: i, term: 0, stream: .none, seq: 0)]))
+                            case .failure(.notLeader(let l)): c.resume(returning: .notLeader(l))
+                            case .failure(let e): c.resume(returning: .failed("\(e)"))
+                            }
+                        })
+                }
+            } else if let target = hint ?? config.replicas(of: shard).first(where: { $0 != id }) {
+                answer = await forward(to: target, shard: shard, .configChange(request: 0, change: change), deadline: deadline)
+            } else {
+                throw WriteError.invalid("shard \(shard) has no replica this node knows")
+            }
+            switch answer {
+            case .ok(let refs):
+                return refs.first?.index ?? 0
+            case .notLeader(let l):
+                leaderHints.withLockedValue { $0[shard] = l == id ? nil : l }
+                lastError = l.map { "leader is node \($0)" } ?? "no leader"
+                if l == nil { try await Task.sleep(for: .milliseconds(20)) }
+            case .failed(let why):
+                if why.contains("configChangePending") { throw WriteError.invalid("another membership change of shard \(shard) is still pending") }
+                leaderHints.withLockedValue { $0[shard] = nil }
+                lastError = why
+                try await Task.sleep(for: .milliseconds(50))
+            }
+        }
+        throw WriteError.unavailable("shard \(shard): \(lastError)")
     }
 
     // MARK: Status
@@ -227,8 +338,9 @@ public final class WeftNode: Sendable {
         var nodes: [NodeReach] = []
         for n in config.nodes { nodes.append(NodeReach(id: n.id.rawValue, reachable: n.id == id || transport.reachable(n.id))) }
         var shards: [ShardStatus] = []
-        for shard in runners.keys.sorted() {
-            guard let r = runners[shard] else { continue }
+        let rs = allRunners
+        for shard in rs.keys.sorted() {
+            guard let r = rs[shard] else { continue }
             let s = await withCheckedContinuation { (c: CheckedContinuation<ShardStatus?, Never>) in
                 let once = NIOLockedValueBox(false)
                 let finish: @Sendable (ShardStatus?) -> Void = { v in

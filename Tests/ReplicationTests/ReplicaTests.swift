@@ -26,7 +26,9 @@ import WeftTesting
             let hs = try HardStateFile(path: dir + "/raft.state", disk: disk)
             var cfg = RaftConfig(id: id, seed: 7)
             cfg.electionTicks = 10
-            let r = ShardReplica(shard: ShardID(0), id: id, store: store, hardState: hs, membership: Membership(voters: Set(ids)), config: cfg)
+            let r = try ShardReplica(
+                shard: ShardID(0), id: id, store: store, hardState: hs, membershipFile: MembershipFile(directory: dir, disk: disk),
+                bootstrap: Membership(voters: Set(ids)), config: cfg)
             applied[id] = []
             r.onApply = { [unowned self] rec in self.applied[id, default: []].append(rec) }
             replicas[id] = r
