@@ -6,69 +6,70 @@ import FoundationNetworking
 
 /// The HTTP API of a real single-node cluster: appends in both formats, and bad input answered with a
 /// JSON error and a 4xx status, changing nothing.
-@Suite(.serialized) struct APITests {
-    func request(_ c: ClusterProcess, _ method: String, _ path: String, body: Data? = nil, type: String = "application/json") async throws -> (Int, [String: Any]) {
-        let url = try #require(URL(string: "http://127.0.0.1:\(c.apiPorts[1]!)\(path)"))
-        var req = URLRequest(url: url)
-        req.httpMethod = method
-        req.httpBody = body
-        req.setValue(type, forHTTPHeaderField: "Content-Type")
-        req.timeoutInterval = 10
-        let (data, resp) = try await URLSession.shared.data(for: req)
-        let obj = (try? JSONSerialization.jsonObject(with: data) as? [String: Any]) ?? [:]
-        return ((resp as? HTTPURLResponse)?.statusCode ?? 0, obj)
-    }
-
-    func binary(_ records: [(UInt64, [UInt8])]) -> Data {
-        var b = Data()
-        for (stream, payload) in records {
-            withUnsafeBytes(of: stream.littleEndian) { b.append(contentsOf: $0) }
-            withUnsafeBytes(of: UInt32(payload.count).littleEndian) { b.append(contentsOf: $0) }
-            b.append(contentsOf: payload)
+extension Clusters {
+    @Suite(.serialized) struct APITests {
+        func request(_ c: ClusterProcess, _ method: String, _ path: String, body: Data? = nil, type: String = "application/json") async throws -> (Int, [String: Any]) {
+            let url = try #require(URL(string: "http://127.0.0.1:\(c.apiPorts[1]!)\(path)"))
+            var req = URLRequest(url: url)
+            req.httpMethod = method
+            req.httpBody = body
+            req.setValue(type, forHTTPHeaderField: "Content-Type")
+            req.timeoutInterval = 10
+            let (data, resp) = try await URLSession.shared.data(for: req)
+            let obj = (try? JSONSerialization.jsonObject(with: data) as? [String: Any]) ?? [:]
+            return ((resp as? HTTPURLResponse)?.statusCode ?? 0, obj)
         }
-        return b
-    }
 
-    @Test func appendsAndRejectsBadInput() async throws {
-        let c = try ClusterProcess(name: "api", nodes: 1, shards: 2)
-        try c.startAll()
-        defer { c.stopAll() }
-        #expect(await c.leader(of: 0) == 1)
-
-        let (s1, ok) = try await request(c, "POST", "/api/v1/shards/0/append", body: Data(#"{"records":[{"stream":9,"payload":"hi"},{"stream":9,"payload_b64":"AAEC"}]}"#.utf8))
-        #expect(s1 == 200)
-        let refs = try #require(ok["records"] as? [[String: Any]])
-        #expect(refs.compactMap { $0["seq"] as? Int } == [1, 2])
-        let (s2, ok2) = try await request(c, "POST", "/api/v1/shards/0/append", body: binary([(9, Array("x".utf8)), (10, [])]), type: "application/x-weft-records")
-        #expect(s2 == 200)
-        #expect((ok2["records"] as? [[String: Any]])?.compactMap { $0["seq"] as? Int } == [3, 1])
-
-        let bad: [(String, Data, String, Int, String)] = [
-            ("/api/v1/shards/0/append", Data("not json".utf8), "application/json", 400, "invalid_json"),
-            ("/api/v1/shards/0/append", Data(#"{"records":[]}"#.utf8), "application/json", 400, "invalid_batch"),
-            ("/api/v1/shards/0/append", Data(#"{"records":[{"stream":1}]}"#.utf8), "application/json", 400, "invalid_payload"),
-            ("/api/v1/shards/0/append", Data(#"{"records":[{"stream":1,"payload_b64":"%%%"}]}"#.utf8), "application/json", 400, "invalid_payload"),
-            ("/api/v1/shards/7/append", Data(#"{"records":[{"payload":"a"}]}"#.utf8), "application/json", 404, "unknown_shard"),
-            ("/api/v1/shards/0/append", binary([(1, [1, 2, 3])]).dropLast(), "application/x-weft-records", 400, "invalid_records"),
-            ("/api/v1/shards/0/append", Data([1, 2, 3]), "application/x-weft-records", 400, "invalid_records"),
-            ("/api/v1/nothing", Data(), "application/json", 404, "not_found"),
-        ]
-        for (path, body, type, status, code) in bad {
-            let (s, obj) = try await request(c, "POST", path, body: body, type: type)
-            let err = obj["error"] as? [String: Any]
-            #expect(s == status, "\(path) \(code): status \(s)")
-            #expect(err?["code"] as? String == code, "\(path): \(obj)")
-            #expect((err?["message"] as? String)?.isEmpty == false)
+        func binary(_ records: [(UInt64, [UInt8])]) -> Data {
+            var b = Data()
+            for (stream, payload) in records {
+                withUnsafeBytes(of: stream.littleEndian) { b.append(contentsOf: $0) }
+                withUnsafeBytes(of: UInt32(payload.count).littleEndian) { b.append(contentsOf: $0) }
+                b.append(contentsOf: payload)
+            }
+            return b
         }
-        // Nothing above changed the log: the next record of stream 9 is seq 4.
-        let (s3, ok3) = try await request(c, "POST", "/api/v1/shards/0/append", body: Data(#"{"records":[{"stream":9,"payload":"after"}]}"#.utf8))
-        #expect(s3 == 200)
-        #expect((ok3["records"] as? [[String: Any]])?.first?["seq"] as? Int == 4)
 
-        let (s4, status) = try await request(c, "GET", "/api/v1/cluster/status")
-        #expect(s4 == 200)
-        let shards = try #require(status["shards"] as? [[String: Any]])
-        #expect(shards.count == 2)
-        #expect(shards.first?["commit_index"] as? Int ?? 0 >= 5)
-    }
-}
+        @Test func appendsAndRejectsBadInput() async throws {
+            let c = try ClusterProcess(name: "api", nodes: 1, shards: 2)
+            try c.startAll()
+            defer { c.stopAll() }
+            #expect(await c.leader(of: 0) == 1)
+
+            let (s1, ok) = try await request(c, "POST", "/api/v1/shards/0/append", body: Data(#"{"records":[{"stream":9,"payload":"hi"},{"stream":9,"payload_b64":"AAEC"}]}"#.utf8))
+            #expect(s1 == 200)
+            let refs = try #require(ok["records"] as? [[String: Any]])
+            #expect(refs.compactMap { $0["seq"] as? Int } == [1, 2])
+            let (s2, ok2) = try await request(c, "POST", "/api/v1/shards/0/append", body: binary([(9, Array("x".utf8)), (10, [])]), type: "application/x-weft-records")
+            #expect(s2 == 200)
+            #expect((ok2["records"] as? [[String: Any]])?.compactMap { $0["seq"] as? Int } == [3, 1])
+
+            let bad: [(String, Data, String, Int, String)] = [
+                ("/api/v1/shards/0/append", Data("not json".utf8), "application/json", 400, "invalid_json"),
+                ("/api/v1/shards/0/append", Data(#"{"records":[]}"#.utf8), "application/json", 400, "invalid_batch"),
+                ("/api/v1/shards/0/append", Data(#"{"records":[{"stream":1}]}"#.utf8), "application/json", 400, "invalid_payload"),
+                ("/api/v1/shards/0/append", Data(#"{"records":[{"stream":1,"payload_b64":"%%%"}]}"#.utf8), "application/json", 400, "invalid_payload"),
+                ("/api/v1/shards/7/append", Data(#"{"records":[{"payload":"a"}]}"#.utf8), "application/json", 404, "unknown_shard"),
+                ("/api/v1/shards/0/append", binary([(1, [1, 2, 3])]).dropLast(), "application/x-weft-records", 400, "invalid_records"),
+                ("/api/v1/shards/0/append", Data([1, 2, 3]), "application/x-weft-records", 400, "invalid_records"),
+                ("/api/v1/nothing", Data(), "application/json", 404, "not_found"),
+            ]
+            for (path, body, type, status, code) in bad {
+                let (s, obj) = try await request(c, "POST", path, body: body, type: type)
+                let err = obj["error"] as? [String: Any]
+                #expect(s == status, "\(path) \(code): status \(s)")
+                #expect(err?["code"] as? String == code, "\(path): \(obj)")
+                #expect((err?["message"] as? String)?.isEmpty == false)
+            }
+            // Nothing above changed the log: the next record of stream 9 is seq 4.
+            let (s3, ok3) = try await request(c, "POST", "/api/v1/shards/0/append", body: Data(#"{"records":[{"stream":9,"payload":"after"}]}"#.utf8))
+            #expect(s3 == 200)
+            #expect((ok3["records"] as? [[String: Any]])?.first?["seq"] as? Int == 4)
+
+            let (s4, status) = try await request(c, "GET", "/api/v1/cluster/status")
+            #expect(s4 == 200)
+            let shards = try #require(status["shards"] as? [[String: Any]])
+            #expect(shards.count == 2)
+            #expect(shards.first?["commit_index"] as? Int ?? 0 >= 5)
+        }
+    }}

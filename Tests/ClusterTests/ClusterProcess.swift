@@ -1,7 +1,12 @@
 import Foundation
+import Testing
 #if canImport(FoundationNetworking)
 import FoundationNetworking
 #endif
+
+/// The suites that start real clusters, one at a time: several clusters at once on a 2-core machine would
+/// make their elections race the test timeouts.
+@Suite(.serialized) enum Clusters {}
 
 /// A real cluster for tests: `weft serve` processes on loopback, started from a generated config file.
 final class ClusterProcess: @unchecked Sendable {
@@ -11,6 +16,7 @@ final class ClusterProcess: @unchecked Sendable {
     let apiPorts: [Int: Int]
     var processes: [Int: Process] = [:]
     let lock = NSLock()
+    static let blocks = CounterBox()
 
     static var bin: URL {
         if let dir = ProcessInfo.processInfo.environment["WEFT_BIN_DIR"] { return URL(fileURLWithPath: dir) }
@@ -26,8 +32,13 @@ final class ClusterProcess: @unchecked Sendable {
         try? FileManager.default.removeItem(atPath: dir)
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         nodes = Array(1...count)
-        // Ports from the pid so parallel runs on one machine do not collide.
-        let base = 20_000 + Int(getpid() % 2_000) * 10 + (name.hashValue & 0x7)
+        // A block of 10 ports per cluster, from the pid (parallel test processes) and a per-process
+        // counter (several clusters in one process), so no two clusters ever share a port.
+        let block = Self.blocks.withLock { n -> Int in
+            n += 1
+            return n % 4
+        }
+        let base = 20_000 + Int(getpid() % 1_000) * 40 + block * 10
         var toml = """
             [cluster]
             name = "test-\(name)"
@@ -147,4 +158,15 @@ final class ClusterProcess: @unchecked Sendable {
     }
 
     func shardDirectory(node n: Int, shard: UInt64) -> String { "\(dir)/data/\(n)/shard-\(shard)" }
+}
+
+/// A counter behind a lock.
+final class CounterBox: @unchecked Sendable {
+    private let lock = NSLock()
+    private var value = 0
+    func withLock<T>(_ body: (inout Int) -> T) -> T {
+        lock.lock()
+        defer { lock.unlock() }
+        return body(&value)
+    }
 }
