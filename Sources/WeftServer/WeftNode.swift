@@ -57,6 +57,12 @@ public final class WeftNode: Sendable {
         for shard in config.shards(hostedBy: id) {
             _ = try openReplica(shard, bootstrap: Membership(voters: Set(config.replicas(of: shard))))
         }
+        // Replicas this node gained by joining a shard after start-up live on disk too.
+        let dataDir = config.dataDirectory(for: id)
+        for name in (try? PosixDisk().list(dataDir)) ?? [] where name.hasPrefix("shard-") {
+            guard let n = UInt64(name.dropFirst(6)), n < UInt64(config.shards), runner(ShardID(n)) == nil else { continue }
+            _ = try openReplica(ShardID(n), bootstrap: nil)
+        }
     }
 
     /// Opens this node's replica of `shard` (creating its directory), with `bootstrap` as the initial

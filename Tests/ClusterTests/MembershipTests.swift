@@ -91,6 +91,18 @@ extension Clusters {
                 if commits.count == 1 { break }
                 try await Task.sleep(for: .milliseconds(100))
             }
+            // Node 4 gained its replica after start-up: after a SIGKILL and restart it reopens it from
+            // disk with its group, and keeps up.
+            c.kill9(4)
+            try c.start(4)
+            var back = false
+            for _ in 0..<100 where !back {
+                let s4 = await shard0(c, 4)
+                let s2 = await shard0(c, 2)
+                back = s4 != nil && s4?.commit_index == s2?.commit_index && Set(s4?.replicas.map(\.node) ?? []) == [2, 3, 4]
+                if !back { try await Task.sleep(for: .milliseconds(100)) }
+            }
+            #expect(back, "node 4 did not come back as a member of shard 0")
             let final = await shard0(c, 2)
             print("membership test: \(acked.count) writes acknowledged; shard 0 replicas now \(final?.replicas.map { "\($0.node):\($0.role)" } ?? [])")
             #expect(Set(final?.replicas.map(\.node) ?? []) == [2, 3, 4])
