@@ -164,42 +164,16 @@ public final class WeftNode: Sendable {
                 r.submit(.message(m))
             }
         case .configChange(let request, let change):
-            guard let runner = runner(shard) else {
-                transport.send(to: from, shard: shard.rawValue, payload: Envelope.answer(request: request, .failed("shard \(shard) is not on node \(id)")).encode())
-                return
-            }
-            let t = transport
+            guard let runner = runnerOrRefuse(shard, request: request, from: from) else { return }
+            let reply = replier(to: from, shard: shard, request: request)
             let me = id
-            runner.submit(
-                .configChange(change) { result in
-                    let answer: Envelope.ForwardAnswer =
-                        switch result {
-                        case .success(let index): .ok([RecordRef(index: index, term: 0, stream: .none, seq: 0)])
-                        case .failure(.notLeader(let l)): .notLeader(l == me ? nil : l)
-                        case .failure(.transferring): .notLeader(nil)
-                        case .failure(let e): .failed("\(e)")
-                        }
-                    t.send(to: from, shard: shard.rawValue, payload: Envelope.answer(request: request, answer).encode())
-                })
+            runner.submit(.configChange(change) { reply(Self.answer($0, me: me) { [RecordRef(index: $0, term: 0, stream: .none, seq: 0)] }) })
         case .forward(let request, let proposals):
-            guard let runner = runner(shard) else {
-                transport.send(to: from, shard: shard.rawValue, payload: Envelope.answer(request: request, .failed("shard \(shard) is not on node \(id)")).encode())
-                return
-            }
+            guard let runner = runnerOrRefuse(shard, request: request, from: from) else { return }
             let ps = proposals.map { Proposal(stream: $0.stream, type: $0.type, timestampMicros: $0.timestampMicros, payload: $0.payload) }
-            let t = transport
+            let reply = replier(to: from, shard: shard, request: request)
             let me = id
-            runner.submit(
-                .propose(ps) { result in
-                    let answer: Envelope.ForwardAnswer =
-                        switch result {
-                        case .success(let recs): .ok(recs.map { RecordRef(index: $0.index, term: $0.term, stream: $0.stream, seq: $0.seq) })
-                        case .failure(.notLeader(let l)): .notLeader(l == me ? nil : l)
-                        case .failure(.transferring): .notLeader(nil)
-                        case .failure(let e): .failed("\(e)")
-                        }
-                    t.send(to: from, shard: shard.rawValue, payload: Envelope.answer(request: request, answer).encode())
-                })
+            runner.submit(.propose(ps) { reply(Self.answer($0, me: me, Self.refs)) })
         case .answer(let request, let answer):
             let c = pending.withLockedValue { $0.waiting.removeValue(forKey: request) }
             c?.resume(returning: answer)
@@ -252,16 +226,35 @@ public final class WeftNode: Sendable {
     func proposeLocally(_ runner: ShardRunner, _ ps: [Proposal]) async -> Envelope.ForwardAnswer {
         let me = id
         return await withCheckedContinuation { (c: CheckedContinuation<Envelope.ForwardAnswer, Never>) in
-            runner.submit(
-                .propose(ps) { result in
-                    switch result {
-                    case .success(let recs): c.resume(returning: .ok(recs.map { RecordRef(index: $0.index, term: $0.term, stream: $0.stream, seq: $0.seq) }))
-                    case .failure(.notLeader(let l)): c.resume(returning: .notLeader(l == me ? nil : l))
-                    case .failure(.transferring): c.resume(returning: .notLeader(nil))
-                    case .failure(let e): c.resume(returning: .failed("\(e)"))
-                    }
-                })
+            runner.submit(.propose(ps) { c.resume(returning: Self.answer($0, me: me, Self.refs)) })
         }
+    }
+
+    /// The answer a replica's result becomes, on the wire and locally alike.
+    static func answer<T>(_ result: Result<T, ReplicationError>, me: NodeID, _ ok: (T) -> [RecordRef]) -> Envelope.ForwardAnswer {
+        switch result {
+        case .success(let v): .ok(ok(v))
+        case .failure(.notLeader(let l)): .notLeader(l == me ? nil : l)
+        case .failure(.transferring): .notLeader(nil)
+        case .failure(let e): .failed("\(e)")
+        }
+    }
+
+    static func refs(_ records: [Record]) -> [RecordRef] {
+        records.map { RecordRef(index: $0.index, term: $0.term, stream: $0.stream, seq: $0.seq) }
+    }
+
+    /// The local replica of `shard`, or nil after telling the asking peer this node has none.
+    func runnerOrRefuse(_ shard: ShardID, request: UInt64, from: NodeID) -> ShardRunner? {
+        if let r = runner(shard) { return r }
+        transport.send(to: from, shard: shard.rawValue, payload: Envelope.answer(request: request, .failed("shard \(shard) is not on node \(id)")).encode())
+        return nil
+    }
+
+    /// Sends the answer to a forwarded request back to the peer that asked.
+    func replier(to peer: NodeID, shard: ShardID, request: UInt64) -> @Sendable (Envelope.ForwardAnswer) -> Void {
+        let t = transport
+        return { t.send(to: peer, shard: shard.rawValue, payload: Envelope.answer(request: request, $0).encode()) }
     }
 
     /// Sends a forward or config-change envelope (its request id is filled in here) and waits for the answer.
@@ -301,15 +294,9 @@ public final class WeftNode: Sendable {
             let local = runner(shard)
             let answer: Envelope.ForwardAnswer
             if (hint == nil || hint == id), let local {
+                let me = id
                 answer = await withCheckedContinuation { c in
-                    local.submit(
-                        .configChange(change) { r in
-                            switch r {
-                            case .success(let i): c.resume(returning: .ok([RecordRef(index: i, term: 0, stream: .none, seq: 0)]))
-                            case .failure(.notLeader(let l)): c.resume(returning: .notLeader(l))
-                            case .failure(let e): c.resume(returning: .failed("\(e)"))
-                            }
-                        })
+                    local.submit(.configChange(change) { c.resume(returning: Self.answer($0, me: me) { [RecordRef(index: $0, term: 0, stream: .none, seq: 0)] }) })
                 }
             } else if let target = hint ?? config.replicas(of: shard).first(where: { $0 != id }) {
                 answer = await forward(to: target, shard: shard, .configChange(request: 0, change: change), deadline: deadline)
