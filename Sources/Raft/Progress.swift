@@ -21,6 +21,8 @@ struct Progress: Sendable {
     var inflight: [LogIndex] = []
     /// Heard from since the last check-quorum round.
     var recentActive = false
+    /// Ticks spent waiting in snapshot state: a catch-up whose answer never comes is retried.
+    var snapshotTicks = 0
 
     init(next: LogIndex) { self.next = next }
 

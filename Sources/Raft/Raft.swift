@@ -168,6 +168,10 @@ public struct Raft {
         if role == .leader {
             heartbeatElapsed += 1
             electionElapsed += 1
+            for (n, p) in progress where p.state == .snapshot {
+                progress[n]?.snapshotTicks += 1
+                if p.snapshotTicks + 1 >= 20 * cfg.electionTicks { progress[n]?.becomeProbe() }
+            }
             if electionElapsed >= cfg.electionTicks {
                 electionElapsed = 0
                 if cfg.checkQuorum {
@@ -429,6 +433,13 @@ public struct Raft {
         case .appendResponse:
             if m.reject {
                 let hint = m.logTerm > 0 ? matchHint(index: m.hint, term: m.logTerm) : m.hint
+                if hint == 0, pr.match == 0, log.catchUpIndex > 0 {
+                    // The follower shares nothing with this log (new, or emptied): ship the sealed prefix
+                    // as files rather than entry by entry.
+                    progress[m.from] = pr
+                    sendSnapshot(to: m.from, index: log.catchUpIndex)
+                    return
+                }
                 if pr.maybeDecrease(rejected: m.index, matchHint: hint) {
                     if pr.state == .replicate { pr.becomeProbe() }
                     progress[m.from] = pr
@@ -468,13 +479,11 @@ public struct Raft {
             if m.context != 0 { acknowledgeRead(context: m.context, from: m.from) }
         case .snapshotResponse:
             // Accepted: the follower caught up out of band to `m.index`; resume appends from there.
-            // Rejected: it still waits for the catch-up; stay in snapshot state (no resend loop).
-            if !m.reject {
-                _ = pr.maybeUpdate(m.index)
-                pr.becomeProbe()
-            }
+            // Rejected (the files did not all arrive): probe again, which leads to a new catch-up.
+            if !m.reject { _ = pr.maybeUpdate(m.index) }
+            pr.becomeProbe()
             progress[m.from] = pr
-            if !m.reject { sendAppend(to: m.from) }
+            sendAppend(to: m.from)
         default:
             progress[m.from] = pr
         }
@@ -508,14 +517,8 @@ public struct Raft {
         guard var pr = progress[to], to != id, !pr.isPaused(window: cfg.inflightAppendsMax) else { return false }
         let prev = pr.next - 1
         guard let prevTerm = termAt(prev), let ents = entries(from: pr.next, to: lastIndex + 1, maxBytes: cfg.appendBytesMax) else {
-            // The follower needs entries this log no longer has: catch-up by snapshot.
-            var m = Message(kind: .snapshot, from: id, to: to, term: term)
-            m.index = log.firstIndex - 1
-            m.logTerm = log.term(at: m.index) ?? 0
-            m.commit = commit
-            pr.state = .snapshot
-            progress[to] = pr
-            send(m)
+            // The follower needs entries this log no longer has: catch-up from files.
+            sendSnapshot(to: to, index: max(log.firstIndex - 1, log.catchUpIndex))
             return false
         }
         if ents.isEmpty && onlyWithEntries { return false }
@@ -540,6 +543,20 @@ public struct Raft {
         progress[to] = pr
         send(m)
         return !ents.isEmpty
+    }
+
+    /// Asks the driver to ship this log's prefix up to `index` to `to` as files; the `snapshot` message
+    /// itself goes last, after the files, and the follower answers it once they are in place.
+    mutating func sendSnapshot(to: NodeID, index: LogIndex) {
+        guard var pr = progress[to] else { return }
+        var m = Message(kind: .snapshot, from: id, to: to, term: term)
+        m.index = index
+        m.logTerm = log.term(at: index) ?? 0
+        m.commit = commit
+        pr.state = .snapshot
+        pr.snapshotTicks = 0
+        progress[to] = pr
+        send(m)
     }
 
     mutating func broadcastAppend() {

@@ -151,6 +151,13 @@ public protocol RaftLogReader {
     func entries(from: LogIndex, to: LogIndex, maxBytes: Int) -> [Record]?
     /// Last seq of a stream in the durable log (0 if none), so the leader can number new records.
     func lastSeq(of stream: StreamID) -> StreamSeq
+    /// Last index of the prefix this log can ship as whole files (sealed segments) to a follower that
+    /// shares nothing with it; 0 when it cannot.
+    var catchUpIndex: LogIndex { get }
+}
+
+extension RaftLogReader {
+    public var catchUpIndex: LogIndex { 0 }
 }
 
 public struct RaftConfig: Sendable {

@@ -53,6 +53,7 @@ final class StoreLogReader: RaftLogReader {
         return Array(all.prefix(n))
     }
     func lastSeq(of stream: StreamID) -> StreamSeq { store.lastSeq(of: stream) }
+    var catchUpIndex: LogIndex { store.sealedLastIndex }
 }
 
 /// Why a proposal did not commit.
@@ -77,9 +78,13 @@ public final class ShardReplica {
     public let shard: ShardID
     public let id: NodeID
     public private(set) var raft: Raft
-    let store: SegmentStore
-    let reader: StoreLogReader
+    private(set) var store: SegmentStore
+    var reader: StoreLogReader
     let hardState: HardStateFile
+    let raftConfig: RaftConfig
+    /// Ships whole files to a follower (file name, bytes at offset, total length); set by the node.
+    /// Called on this replica's thread before the `snapshot` message that follows them.
+    public var shipFile: (_ to: NodeID, _ name: String, _ offset: UInt64, _ total: UInt64, _ bytes: [UInt8]) -> Void = { _, _, _, _, _ in }
     /// index -> (term it was proposed in, completion).
     var waiting: [LogIndex: (Term, (Result<Record, ReplicationError>) -> Void)] = [:]
     var reads: [UInt64: (Result<LogIndex, ReplicationError>) -> Void] = [:]
@@ -136,13 +141,77 @@ public final class ShardReplica {
             throw OpenError.membershipMissing(membershipFile.path)
         }
         savedMembershipIndex = membershipIndex
+        raftConfig = cfg
         reader = StoreLogReader(store)
         raft = Raft(
             config: cfg, log: reader, hardState: hardState.state, membership: membership, applied: 0, membershipIndex: membershipIndex)
     }
 
     public func tick() { raft.tick() }
-    public func step(_ m: Message) { raft.step(m) }
+
+    public func step(_ m: Message) {
+        if m.kind == .snapshot, m.to == id, m.index > store.lastIndex {
+            do {
+                try installStaged(upTo: m.index)
+            } catch {
+                log("catch-up to \(m.index) not installed: \(error)")
+            }
+        }
+        raft.step(m)
+    }
+
+    public var log: (String) -> Void = { _ in }
+
+    // MARK: Catch-up from files
+
+    var stagingDirectory: String { store.directory + "/catchup" }
+
+    /// Writes part of a file the leader is shipping into the staging directory.
+    public func stage(name: String, offset: UInt64, bytes: [UInt8]) throws {
+        guard !name.contains("/"), name.hasSuffix(".seg") || name.hasSuffix(".idx") else { return }
+        let disk = store.fileSystem
+        try disk.makeDirectory(stagingDirectory)
+        if offset == 0, disk.exists(stagingDirectory + "/" + name) { try disk.remove(stagingDirectory + "/" + name) }
+        let f = try disk.open(stagingDirectory + "/" + name, create: true)
+        defer { f.close() }
+        try f.write(bytes, at: offset)
+    }
+
+    /// Replaces this replica's log with the staged files when they hold the leader's log up to `index`:
+    /// opened as a store of their own first (full recovery and checks), synced, then renamed into place;
+    /// term, vote and group are kept. Only when this log ends below `index`, so no entry this replica
+    /// acknowledged is lost: the leader's copy of every entry up to `index` replaces it.
+    func installStaged(upTo index: LogIndex) throws {
+        let disk = store.fileSystem
+        guard disk.exists(stagingDirectory) else { return }
+        let staged = try SegmentStore(directory: stagingDirectory, options: store.options, disk: disk)
+        let stagedLast = staged.lastIndex
+        staged.close()
+        guard stagedLast >= index else {
+            throw StoreError.invalidBatch("staged files end at \(stagedLast), below \(index)")
+        }
+        let names = try disk.list(stagingDirectory).filter { $0.hasSuffix(".seg") || $0.hasSuffix(".idx") }
+        for n in names {
+            let f = try disk.open(stagingDirectory + "/" + n, create: false)
+            try f.sync()
+            f.close()
+        }
+        let dir = store.directory
+        let options = store.options
+        failAll(.superseded)
+        store.close()
+        for n in try disk.list(dir) where n.hasSuffix(".seg") || n.hasSuffix(".idx") || n == "truncate.intent" {
+            try disk.remove(dir + "/" + n)
+        }
+        for n in names { try disk.rename(stagingDirectory + "/" + n, to: dir + "/" + n) }
+        try disk.syncDirectory(dir)
+        store = try SegmentStore(directory: dir, options: options, disk: disk, log: log)
+        reader = StoreLogReader(store)
+        raft = Raft(
+            config: raftConfig, log: reader, hardState: hardState.state, membership: raft.membership, applied: 0,
+            membershipIndex: raft.membershipIndex)
+        log("caught up from the leader's files: log now ends at \(store.lastIndex)")
+    }
 
     /// Proposes records; `done` runs (on the owner's thread) once they commit or fail.
     public func propose(_ proposals: [Proposal], done: @escaping (Result<[Record], ReplicationError>) -> Void) {
@@ -215,6 +284,7 @@ public final class ShardReplica {
         while raft.hasReady {
             let rd = raft.ready()
             var later = rd.messages
+            for m in rd.messages where m.kind == .snapshot { shipSealedFiles(to: m.to) }
             if raft.role == .leader, rd.hardState.map({ $0.term == hardState.state.term && $0.vote == hardState.state.vote }) ?? true {
                 let early = rd.messages.filter { $0.kind == .append || $0.kind == .heartbeat }
                 if !early.isEmpty {
@@ -263,6 +333,26 @@ public final class ShardReplica {
             for (i, w) in waiting where i > raft.lastIndex || (raft.logTerm(at: i).map { $0 != w.0 } ?? false) {
                 waiting.removeValue(forKey: i)?.1(.failure(.superseded))
             }
+        }
+    }
+
+    /// Ships every sealed segment file to `to` in chunks, before the `snapshot` message that follows.
+    func shipSealedFiles(to: NodeID) {
+        let disk = store.fileSystem
+        let chunk = 1 << 20
+        for (name, path) in store.sealedFiles() {
+            guard let f = try? disk.open(path, create: false), let total = try? f.size() else {
+                log("catch-up for node \(to): cannot read \(path)")
+                return
+            }
+            defer { f.close() }
+            var offset: UInt64 = 0
+            repeat {
+                guard let bytes = try? f.read(at: offset, count: chunk) else { return }
+                shipFile(to, name, offset, total, bytes)
+                offset += UInt64(bytes.count)
+                if bytes.isEmpty { break }
+            } while offset < total
         }
     }
 

@@ -35,6 +35,8 @@ public final class ShardRunner: @unchecked Sendable {
         case configChange(ConfigChange, @Sendable (Result<LogIndex, ReplicationError>) -> Void)
         case status(@Sendable (ShardStatus) -> Void)
         case campaign
+        /// Part of a file the leader ships for a catch-up.
+        case stageFile(name: String, offset: UInt64, bytes: [UInt8])
     }
 
     let replica: ShardReplica
@@ -148,6 +150,12 @@ public final class ShardRunner: @unchecked Sendable {
         case .configChange(let c, let cb): replica.proposeConfig(c) { cb($0) }
         case .status(let cb): cb(replica.status())
         case .campaign: replica.campaign()
+        case .stageFile(let name, let offset, let bytes):
+            do {
+                try replica.stage(name: name, offset: offset, bytes: bytes)
+            } catch {
+                logger.error("shard \(replica.shard): cannot stage \(name) for catch-up: \(error)")
+            }
         }
     }
 }

@@ -36,6 +36,23 @@ public final class SegmentStore {
     public var firstIndex: LogIndex { segments.first(where: { !$0.isEmpty })?.base ?? lastIndex + 1 }
     public var segmentCount: Int { segments.count }
 
+    /// The file system this store lives on.
+    public var fileSystem: any Disk { disk }
+
+    /// Last index of the last sealed segment (0 if none): the prefix that can be shipped as whole files.
+    public var sealedLastIndex: LogIndex { segments.last(where: { $0.sealed != nil })?.lastIndex ?? 0 }
+
+    /// The files of the sealed segments, oldest first, each segment's data then its index:
+    /// (file name, path). They never change once sealed, so they can be copied while the store runs.
+    public func sealedFiles() -> [(name: String, path: String)] {
+        var out: [(String, String)] = []
+        for seg in segments where seg.sealed != nil {
+            out.append((FileNames.segment(seg.base), seg.dataPath))
+            out.append((FileNames.index(seg.base), seg.indexPath))
+        }
+        return out
+    }
+
     // MARK: Open and recovery
 
     /// Opens (creating if needed) the store in `directory` and recovers it: finishes an interrupted

@@ -8,6 +8,7 @@ import WeftCore
 /// 1 raft    | MessageCodec bytes
 /// 2 forward | u64 request | u32 n | n x (u64 stream | u16 type | i64 timestamp | u32 len | payload)
 /// 4 config  | u64 request | ConfigChange bytes (u8 kind | u64 node)
+/// 5 file    | u8 name length | name (UTF-8) | u64 offset | u64 total | bytes (rest)
 /// 3 answer  | u64 request | u8 status (0 ok, 1 not leader, 2 failed)
 ///           | ok: u32 n | n x (u64 index | u64 term | u64 stream | u64 seq)
 ///           | not leader: u64 leader (0 unknown)   | failed: u32 len | UTF-8 message
@@ -18,6 +19,8 @@ enum Envelope: Equatable {
     case answer(request: UInt64, ForwardAnswer)
     /// A membership change for the shard's leader; answered like a forward (ok carries the entry's index).
     case configChange(request: UInt64, change: ConfigChange)
+    /// Part of a sealed segment or index file a leader ships to a follower that shares no entry with it.
+    case file(name: String, offset: UInt64, total: UInt64, bytes: [UInt8])
 
     struct ForwardedProposal: Equatable {
         var stream: StreamID
@@ -53,6 +56,14 @@ enum Envelope: Equatable {
                 put(UInt32(p.payload.count), &b)
                 b += p.payload
             }
+        case .file(let name, let offset, let total, let bytes):
+            b.append(5)
+            let n = Array(name.utf8.prefix(255))
+            b.append(UInt8(n.count))
+            b += n
+            put(offset, &b)
+            put(total, &b)
+            b += bytes
         case .configChange(let id, let c):
             b.append(4)
             put(id, &b)
@@ -128,6 +139,12 @@ enum Envelope: Equatable {
             default:
                 throw DecodeError(description: "answer status \(status)")
             }
+        case 5:
+            let len = Int(try r.take(1)[0])
+            let name = String(decoding: try r.take(len), as: UTF8.self)
+            let offset = try r.u64()
+            let total = try r.u64()
+            return .file(name: name, offset: offset, total: total, bytes: try r.take(r.remaining))
         case 4:
             let id = try r.u64()
             guard let c = ConfigChange.decode(try r.take(r.remaining)) else { throw DecodeError(description: "bad membership change") }

@@ -92,6 +92,10 @@ public final class WeftNode: Sendable {
             shard: shard, id: id, store: store, hardState: hs, membershipFile: MembershipFile(directory: dir, disk: PosixDisk()),
             bootstrap: bootstrap, config: rc)
         let t = transport
+        replica.log = { log.notice("\($0)") }
+        replica.shipFile = { to, name, offset, total, bytes in
+            t.send(to: to, shard: shard.rawValue, payload: Envelope.file(name: name, offset: offset, total: total, bytes: bytes).encode())
+        }
         let runner = ShardRunner(replica: replica, tick: .milliseconds(tickMs), logger: shardLogger) { msgs in
             for m in msgs { t.send(to: m.to, shard: shard.rawValue, payload: Envelope.raft(m).encode()) }
         }
@@ -163,6 +167,8 @@ public final class WeftNode: Sendable {
             } else if m.kind == .append || m.kind == .heartbeat, let r = joinReplica(shard) {
                 r.submit(.message(m))
             }
+        case .file(let name, let offset, _, let bytes):
+            runner(shard)?.submit(.stageFile(name: name, offset: offset, bytes: bytes))
         case .configChange(let request, let change):
             guard let runner = runnerOrRefuse(shard, request: request, from: from) else { return }
             let reply = replier(to: from, shard: shard, request: request)

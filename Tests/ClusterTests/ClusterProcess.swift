@@ -27,7 +27,7 @@ final class ClusterProcess: @unchecked Sendable {
         return url.appendingPathComponent("weft")
     }
 
-    init(name: String, nodes count: Int = 3, shards: Int = 2) throws {
+    init(name: String, nodes count: Int = 3, shards: Int = 2, segmentBytes: Int = 1_048_576) throws {
         dir = NSTemporaryDirectory() + "weft-cluster-\(name)-\(getpid())"
         try? FileManager.default.removeItem(atPath: dir)
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
@@ -49,7 +49,7 @@ final class ClusterProcess: @unchecked Sendable {
             [storage]
             data_dir = "data"
             fsync = "every_batch"
-            segment_bytes = 1048576
+            segment_bytes = \(segmentBytes)
 
             [raft]
             election_timeout_min_ms = 300
