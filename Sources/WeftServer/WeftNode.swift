@@ -196,31 +196,45 @@ public final class WeftNode: Sendable {
         for p in proposals where p.payload.count > Limits.recordPayloadBytesMax {
             throw WriteError.invalid("payload of \(p.payload.count) bytes, limit \(Limits.recordPayloadBytesMax)")
         }
+        let forwarded = Envelope.forward(
+            request: 0,
+            proposals: proposals.map {
+                Envelope.ForwardedProposal(stream: $0.stream, type: $0.type, timestampMicros: $0.timestampMicros, payload: $0.payload)
+            })
+        return try await throughLeader(shard, timeout: timeout, envelope: forwarded) { local in
+            await self.proposeLocally(local, proposals)
+        }
+    }
+
+    /// Runs a request on the shard's leader: locally when this node leads (or may: no hint yet), else
+    /// forwarded to the leader it knows; follows `not leader` answers and retries through elections
+    /// until `timeout`. A change refused because another is pending fails at once.
+    func throughLeader(
+        _ shard: ShardID, timeout: Duration, envelope: Envelope, local run: (ShardRunner) async -> Envelope.ForwardAnswer
+    ) async throws -> [RecordRef] {
         let clock = ContinuousClock()
         let deadline = clock.now + timeout
         var lastError = "no leader"
         while clock.now < deadline {
             let hint = leaderHints.withLockedValue { $0[shard] }
             let local = runner(shard)
-            let target: NodeID? = hint ?? (local != nil ? id : config.replicas(of: shard).first)
             let answer: Envelope.ForwardAnswer
-            if target == id || target == nil, let local {
-                answer = await proposeLocally(local, proposals)
-            } else if let target {
-                answer = await forward(to: target, shard: shard, .forward(request: 0, proposals: proposals.map {
-                    Envelope.ForwardedProposal(stream: $0.stream, type: $0.type, timestampMicros: $0.timestampMicros, payload: $0.payload)
-                }), deadline: deadline)
+            if hint == nil || hint == id, let local {
+                answer = await run(local)
+            } else if let target = hint ?? config.replicas(of: shard).first(where: { $0 != id }) {
+                answer = await forward(to: target, shard: shard, envelope, deadline: deadline)
             } else {
-                throw WriteError.invalid("shard \(shard) does not exist")
+                throw WriteError.invalid("shard \(shard) has no replica this node knows")
             }
             switch answer {
             case .ok(let refs):
                 return refs
             case .notLeader(let l):
-                leaderHints.withLockedValue { $0[shard] = l }
-                lastError = l.map { "leader moved to node \($0)" } ?? "no leader"
+                leaderHints.withLockedValue { $0[shard] = l == id ? nil : l }
+                lastError = l.map { "leader is node \($0)" } ?? "no leader"
                 if l == nil { try await Task.sleep(for: .milliseconds(20)) }
             case .failed(let why):
+                if why.contains("configChangePending") { throw WriteError.invalid("another membership change of shard \(shard) is still pending") }
                 leaderHints.withLockedValue { $0[shard] = nil }
                 lastError = why
                 try await Task.sleep(for: .milliseconds(20))
@@ -292,38 +306,13 @@ public final class WeftNode: Sendable {
     /// Proposes a one-server membership change of `shard` through its leader; returns the index of the
     /// configuration entry once it is committed.
     public func changeMembership(shard: ShardID, _ change: ConfigChange, timeout: Duration = .seconds(10)) async throws -> LogIndex {
-        let clock = ContinuousClock()
-        let deadline = clock.now + timeout
-        var lastError = "no leader"
-        while clock.now < deadline {
-            let hint = leaderHints.withLockedValue { $0[shard] }
-            let local = runner(shard)
-            let answer: Envelope.ForwardAnswer
-            if (hint == nil || hint == id), let local {
-                let me = id
-                answer = await withCheckedContinuation { c in
-                    local.submit(.configChange(change) { c.resume(returning: Self.answer($0, me: me) { [RecordRef(index: $0, term: 0, stream: .none, seq: 0)] }) })
-                }
-            } else if let target = hint ?? config.replicas(of: shard).first(where: { $0 != id }) {
-                answer = await forward(to: target, shard: shard, .configChange(request: 0, change: change), deadline: deadline)
-            } else {
-                throw WriteError.invalid("shard \(shard) has no replica this node knows")
-            }
-            switch answer {
-            case .ok(let refs):
-                return refs.first?.index ?? 0
-            case .notLeader(let l):
-                leaderHints.withLockedValue { $0[shard] = l == id ? nil : l }
-                lastError = l.map { "leader is node \($0)" } ?? "no leader"
-                if l == nil { try await Task.sleep(for: .milliseconds(20)) }
-            case .failed(let why):
-                if why.contains("configChangePending") { throw WriteError.invalid("another membership change of shard \(shard) is still pending") }
-                leaderHints.withLockedValue { $0[shard] = nil }
-                lastError = why
-                try await Task.sleep(for: .milliseconds(50))
+        let me = id
+        let refs = try await throughLeader(shard, timeout: timeout, envelope: .configChange(request: 0, change: change)) { local in
+            await withCheckedContinuation { c in
+                local.submit(.configChange(change) { c.resume(returning: Self.answer($0, me: me) { [RecordRef(index: $0, term: 0, stream: .none, seq: 0)] }) })
             }
         }
-        throw WriteError.unavailable("shard \(shard): \(lastError)")
+        return refs.first?.index ?? 0
     }
 
     // MARK: Status
