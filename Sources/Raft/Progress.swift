@@ -60,6 +60,13 @@ struct Progress: Sendable {
         return true
     }
 
+    /// The follower reports that its log was cut back (storage damage) and may hold no more than
+    /// `matchHint`: forget what it acknowledged above that and probe again from there.
+    mutating func lostEntries(matchHint: LogIndex) {
+        match = min(match, matchHint)
+        becomeProbe()
+    }
+
     mutating func becomeProbe() {
         state = .probe
         next = match + 1

@@ -74,15 +74,30 @@ public struct Raft {
 
     /// Context value on vote requests of a campaign started by leadership transfer: bypasses leases.
     static let transferContext: UInt64 = 1
+    /// Context value on an append rejection from a recovering follower: its log was cut back, so what it
+    /// acknowledged before may be gone (the leader forgets its match above the hint).
+    static let lostEntriesContext: UInt64 = 2
 
     /// Index of the last configuration entry already reflected in `membership` (0: none): entries up to it
     /// are not applied again when the log is replayed after a restart.
     public private(set) var membershipIndex: LogIndex
 
+    /// Set while this node's log may lack entries it once acknowledged (its storage lost or damaged part of
+    /// the log, and the driver cut the log back to what is intact). Such a node must not help elect
+    /// anyone, since its vote could elect a leader missing those entries; it neither votes nor campaigns
+    /// until it holds the committed log up to the last index of the first leader that contacts it
+    /// (`recoveryTarget`): that leader's log holds every entry committed before the damage, so from then
+    /// on this node's log again holds everything it acknowledged. Protocol-aware recovery
+    /// (Alagappan et al., FAST'18), reduced to the one rule Raft needs.
+    public private(set) var recovering: Bool
+    /// While recovering: the index the committed log must reach (0: no leader has been heard yet).
+    public private(set) var recoveryTarget: LogIndex = 0
+
     public init(
         config: RaftConfig, log: any RaftLogReader, hardState: HardState, membership: Membership, applied: LogIndex,
-        membershipIndex: LogIndex = 0
+        membershipIndex: LogIndex = 0, recovering: Bool = false
     ) {
+        self.recovering = recovering
         id = config.id
         cfg = config
         self.log = log
@@ -161,7 +176,24 @@ public struct Raft {
 
     // MARK: Inputs
 
-    var promotable: Bool { membership.voters.contains(id) }
+    var promotable: Bool { membership.voters.contains(id) && !recovering }
+
+    /// The driver found part of this log damaged while running: stop leading (a leader cannot cut its own
+    /// log) and stop voting until the log is repaired. The driver then cuts the log back to what is intact
+    /// and restarts the state machine with `recovering: true`.
+    public mutating func beginRecovery() {
+        if role != .follower { becomeFollower(term: term, leader: nil) }
+        recovering = true
+        recoveryTarget = 0
+    }
+
+    /// Leaves recovery once the committed log reaches the target set by the first leader heard.
+    mutating func checkRecovered() {
+        if recovering, recoveryTarget > 0, commit >= recoveryTarget {
+            recovering = false
+            recoveryTarget = 0
+        }
+    }
 
     /// One unit of logical time.
     public mutating func tick() {
@@ -302,7 +334,7 @@ public struct Raft {
         case .preVote, .vote:
             let canVote = vote == m.from || (vote == nil && leader == nil) || (m.kind == .preVote && m.term > term)
             let responseKind: MessageKind = m.kind == .vote ? .voteResponse : .preVoteResponse
-            if canVote && isUpToDate(lastIndex: m.index, lastTerm: m.logTerm) {
+            if canVote && !recovering && isUpToDate(lastIndex: m.index, lastTerm: m.logTerm) {
                 send(Message(kind: responseKind, from: id, to: m.from, term: m.term))
                 if m.kind == .vote {
                     electionElapsed = 0
@@ -433,6 +465,12 @@ public struct Raft {
         case .appendResponse:
             if m.reject {
                 let hint = m.logTerm > 0 ? matchHint(index: m.hint, term: m.logTerm) : m.hint
+                if m.context == Raft.lostEntriesContext, hint < pr.match {
+                    pr.lostEntries(matchHint: hint)
+                    progress[m.from] = pr
+                    sendAppend(to: m.from)
+                    return
+                }
                 if hint == 0, pr.match == 0, log.catchUpIndex > 0 {
                     // The follower shares nothing with this log (new, or emptied): ship the sealed prefix
                     // as files rather than entry by entry.
@@ -470,6 +508,7 @@ public struct Raft {
                 progress[m.from] = pr
             }
         case .heartbeatResponse:
+            if m.reject, m.index < pr.match { pr.lostEntries(matchHint: m.index) }
             pr.probeSent = false
             // A full window may be waiting on lost appends: free one slot so the next append goes out;
             // if entries were lost the follower rejects it and the leader falls back to probing.
@@ -527,6 +566,7 @@ public struct Raft {
         m.logTerm = prevTerm
         m.entries = ents
         m.commit = commit
+        m.hint = lastIndex
         if let last = ents.last {
             switch pr.state {
             case .replicate:
@@ -602,11 +642,14 @@ public struct Raft {
         case .append:
             electionElapsed = 0
             leader = m.from
+            if recovering && recoveryTarget == 0 { recoveryTarget = max(m.hint, 1) }
             handleAppend(m)
+            checkRecovered()
         case .heartbeat:
             electionElapsed = 0
             leader = m.from
             handleHeartbeat(m)
+            checkRecovered()
         case .timeoutNow:
             if promotable { campaign(preVote: false, transfer: true) }
         case .snapshot:
@@ -626,6 +669,11 @@ public struct Raft {
         if m.commit > commit { commit = min(m.commit, lastIndex) }
         var r = Message(kind: .heartbeatResponse, from: id, to: m.from, term: term)
         r.context = m.context
+        if recovering {
+            // The leader may believe this log holds entries it lost: say where it really ends.
+            r.reject = true
+            r.index = lastIndex
+        }
         send(r)
     }
 
@@ -652,6 +700,7 @@ public struct Raft {
             r.index = m.index
             r.hint = hintIndex
             r.logTerm = termAt(hintIndex) ?? 0
+            if recovering { r.context = Raft.lostEntriesContext }
             send(r)
         }
     }

@@ -53,6 +53,9 @@ public final class RaftSimulation {
         let log: MemoryRaftLog
         /// Entries applied, in order (index -> record).
         var applied: [Record] = []
+        /// Its storage lost part of the log and it has not caught up yet (the durable marker a real
+        /// replica keeps in its directory).
+        var damaged = false
     }
 
     struct InFlight {
@@ -86,6 +89,7 @@ public final class RaftSimulation {
         public var elections = 0
         public var proposals = 0
         public var configChanges = 0
+        public var diskFaults = 0
         public init() {}
     }
 
@@ -99,6 +103,12 @@ public final class RaftSimulation {
     let initialVoters: Set<NodeID>
     /// Propose single-server membership changes (add or remove a voter) now and then.
     public var membershipChanges = false
+    /// Some crashes also destroy a random suffix of the node's durable log, acknowledged entries included
+    /// (a truncated or deleted segment), on one node at a time.
+    public var diskFaults = false
+    /// Restart a damaged node in recovery (no votes until caught up). Off only to show that the faults
+    /// above lose acknowledged writes without it.
+    public var recoveryProtection = true
 
     public init(seed: UInt64, nodes count: Int = 3, initialVoters voters: Int? = nil) {
         self.seed = seed
@@ -125,7 +135,8 @@ public final class RaftSimulation {
         // State machine restarts empty and replays committed entries from the log.
         n.applied = []
         n.raft = Raft(
-            config: config(id), log: n.log, hardState: n.log.hardState, membership: Membership(voters: initialVoters), applied: 0)
+            config: config(id), log: n.log, hardState: n.log.hardState, membership: Membership(voters: initialVoters), applied: 0,
+            recovering: n.damaged && recoveryProtection)
         nodes[id] = n
     }
 
@@ -148,6 +159,12 @@ public final class RaftSimulation {
                 stats.crashes += 1
                 nodes[victim]?.raft = nil
                 network.removeAll { $0.message.to == victim }
+                if diskFaults, chance(0.5), !ids.contains(where: { nodes[$0]!.damaged }), let log = nodes[victim]?.log, log.lastIndex > 0 {
+                    let keep = Int(rng.next() % UInt64(log.records.count))
+                    log.records.removeSubrange(keep...)
+                    nodes[victim]!.damaged = true
+                    stats.diskFaults += 1
+                }
             }
         } else if faults && chance(partitionRate) {
             stats.partitions += 1
@@ -254,7 +271,10 @@ public final class RaftSimulation {
     /// With a small probability the node crashes after a partial, unsynced write of this Ready (before
     /// anything was sent), which loses a suffix of its entries and the hard state update.
     func process(_ id: NodeID) throws {
+        var rounds = 0
         while var raft = nodes[id]?.raft, raft.hasReady {
+            rounds += 1
+            if rounds > 10_000 { throw fail("node \(id) never runs out of work:\n\(describe())") }
             let rd = raft.ready()
             let log = nodes[id]!.log
             if faults, chance(crashRate / 4), rd.mustSync {
@@ -275,6 +295,7 @@ public final class RaftSimulation {
             }
             raft.advance(rd)
             nodes[id]!.raft = raft
+            if nodes[id]!.damaged && !raft.recovering { nodes[id]!.damaged = false }
             if raft.role == .leader, leaders[raft.term] == nil { stats.elections += 1 }
         }
     }
@@ -358,7 +379,13 @@ public final class RaftSimulation {
                 try process(id)
             }
             now += 1
+            var delivered = 0
             while !network.isEmpty {
+                delivered += 1
+                if delivered > 100_000 {
+                    let tail = network.suffix(6).map { "\($0.message.kind) \($0.message.from)->\($0.message.to) t\($0.message.term) i\($0.message.index) lt\($0.message.logTerm) c\($0.message.commit) rej \($0.message.reject) hint \($0.message.hint) n\($0.message.entries.count)" }
+                    throw fail("messages never settle after healing:\n\(describe())\n\(tail.joined(separator: "\n"))")
+                }
                 let f = network.removeFirst()
                 guard nodes[f.message.to]?.raft != nil else { continue }
                 nodes[f.message.to]!.raft!.step(f.message)
