@@ -65,6 +65,9 @@ public enum ReplicationError: Error, Equatable, Sendable {
     case superseded
     case storage(String)
     case stopped
+    /// The replica stopped waiting for it (it found its own log damaged and is repairing it): the entry
+    /// may still commit through the other replicas. Never retried automatically.
+    case outcomeUnknown(String)
 }
 
 /// One shard's replica on this node: the Raft state machine driven over the segment store.
@@ -95,6 +98,16 @@ public final class ShardReplica {
 
     let membershipFile: MembershipFile
     var savedMembershipIndex: LogIndex
+
+    /// What this replica found damaged and did about it, newest last (at most 50; for status and logs).
+    public private(set) var repairEvents: [String] = []
+    /// Damage repairs since the replica opened, and records refetched by them (cut and sent again).
+    public private(set) var repairs = 0
+    /// Present while the replica is recovering (its log lost entries and has not caught up yet), so that a
+    /// restart in the middle of a repair keeps it out of elections.
+    var markerPath: String { store.directory + "/recovering" }
+    /// Bytes of sealed segments the scrubber verifies per call of `scrub`.
+    public var scrubBytesPerTick = 1 << 20
 
     public enum OpenError: Error, CustomStringConvertible {
         case membershipMissing(String)
@@ -145,7 +158,94 @@ public final class ShardReplica {
         reader = StoreLogReader(store)
         raft = Raft(
             config: cfg, log: reader, hardState: hardState.state, membership: membership, applied: 0, membershipIndex: membershipIndex)
+        let findings = store.findings
+        for n in findings.notes { record("at open: \(n)") }
+        let wasRecovering = store.fileSystem.exists(markerPath)
+        if findings.damagedFrom != nil || findings.tailUnverified || wasRecovering {
+            if wasRecovering && findings.damagedFrom == nil && !findings.tailUnverified {
+                record("a repair was under way when the replica stopped: recovering again")
+            }
+            try enterRecovery(cutFrom: findings.damagedFrom)
+        }
     }
+
+    func record(_ event: String) {
+        log(event)
+        repairEvents.append(event)
+        if repairEvents.count > 50 { repairEvents.removeFirst(repairEvents.count - 50) }
+    }
+
+    /// The log lost or damaged entries from `cutFrom` (nil: it cannot tell, nothing to cut): make the
+    /// recovery durable (marker file), cut the log back to its intact prefix, and restart the state
+    /// machine in recovery — no votes, no campaigns — until it has caught up from a leader. The entries
+    /// cut are sent again by the leader, each checked by Raft's log matching and by its block checksum.
+    func enterRecovery(cutFrom: LogIndex?) throws {
+        let disk = store.fileSystem
+        if !disk.exists(markerPath) {
+            let f = try disk.open(markerPath, create: true)
+            try f.truncate(to: 0)
+            try f.write(Array("log damaged from index \(cutFrom.map(String.init) ?? "unknown")\n".utf8), at: 0)
+            try f.sync()
+            f.close()
+            try disk.syncDirectory(store.directory)
+        }
+        failAll(.outcomeUnknown("replica \(id) of shard \(shard) is repairing its log"))
+        if let from = cutFrom {
+            let before = store.lastIndex
+            if from <= store.firstIndex {
+                try resetLog()
+                record("cut the whole log (was \(before) entries): damage at index \(from); refetching it from the leader")
+            } else {
+                try store.truncateSuffix(from: from)
+                record("cut the log from index \(from) (was \(before)): damaged or lost there; refetching from the leader")
+            }
+            repairs += 1
+        }
+        reader = StoreLogReader(store)
+        raft = Raft(
+            config: raftConfig, log: reader, hardState: hardState.state, membership: raft.membership, applied: 0,
+            membershipIndex: raft.membershipIndex, recovering: true)
+        record("recovering: not voting until caught up with a leader")
+    }
+
+    /// Empties the log (every segment, index, intent and the fence) and reopens it.
+    func resetLog() throws {
+        let disk = store.fileSystem
+        let dir = store.directory
+        let options = store.options
+        store.close()
+        for n in try disk.list(dir) where n.hasSuffix(".seg") || n.hasSuffix(".idx") || n == "truncate.intent" || n == "tail.fence" {
+            try disk.remove(dir + "/" + n)
+        }
+        try disk.syncDirectory(dir)
+        store = try SegmentStore(directory: dir, options: options, disk: disk, log: log)
+    }
+
+    /// Damage found while running (a read or the scrubber hit a bad block): repair as at open.
+    func repairIfDamaged() throws {
+        guard let from = store.damagedFrom else { return }
+        record("damage found at index \(from) while running\(raft.role == .leader ? " (was leader: stepping down)" : "")")
+        raft.beginRecovery()
+        try enterRecovery(cutFrom: from)
+    }
+
+    /// Verifies the next sealed blocks (a background scrub: every sealed block is read and checked once
+    /// per pass); damage found is repaired by the next `process`.
+    public func scrub() {
+        if store.damagedFrom == nil { store.scrub(maxBytes: scrubBytesPerTick) }
+    }
+
+    /// Recovery ends when Raft says the log has caught up: the marker goes.
+    func finishRecoveryIfDone() throws {
+        guard !raft.recovering else { return }
+        let disk = store.fileSystem
+        guard disk.exists(markerPath) else { return }
+        try disk.remove(markerPath)
+        try disk.syncDirectory(store.directory)
+        record("repaired: the log holds the committed log up to index \(raft.commit); voting again")
+    }
+
+    public var isRecovering: Bool { raft.recovering }
 
     public func tick() { raft.tick() }
 
@@ -185,8 +285,15 @@ public final class ShardReplica {
         let disk = store.fileSystem
         guard disk.exists(stagingDirectory) else { return }
         let staged = try SegmentStore(directory: stagingDirectory, options: store.options, disk: disk)
+        // Every block of the shipped files is checked before they replace anything.
+        while !staged.scrub(maxBytes: 64 << 20) {}
         let stagedLast = staged.lastIndex
+        let stagedDamage = staged.damagedFrom
         staged.close()
+        if let d = stagedDamage {
+            for n in (try? disk.list(stagingDirectory)) ?? [] { try? disk.remove(stagingDirectory + "/" + n) }
+            throw StoreError.invalidBatch("shipped files are damaged from index \(d); not installed")
+        }
         guard stagedLast >= index else {
             throw StoreError.invalidBatch("staged files end at \(stagedLast), below \(index)")
         }
@@ -200,7 +307,7 @@ public final class ShardReplica {
         let options = store.options
         failAll(.superseded)
         store.close()
-        for n in try disk.list(dir) where n.hasSuffix(".seg") || n.hasSuffix(".idx") || n == "truncate.intent" {
+        for n in try disk.list(dir) where n.hasSuffix(".seg") || n.hasSuffix(".idx") || n == "truncate.intent" || n == "tail.fence" {
             try disk.remove(dir + "/" + n)
         }
         for n in names { try disk.rename(stagingDirectory + "/" + n, to: dir + "/" + n) }
@@ -209,7 +316,7 @@ public final class ShardReplica {
         reader = StoreLogReader(store)
         raft = Raft(
             config: raftConfig, log: reader, hardState: hardState.state, membership: raft.membership, applied: 0,
-            membershipIndex: raft.membershipIndex)
+            membershipIndex: raft.membershipIndex, recovering: raft.recovering)
         log("caught up from the leader's files: log now ends at \(store.lastIndex)")
     }
 
@@ -281,6 +388,7 @@ public final class ShardReplica {
     /// term is already durable, and it counts its own entries toward commit only once they are persisted,
     /// so the followers' fsyncs overlap the leader's. Everything else waits until the Ready is durable.
     public func process(send: ([Message]) -> Void) throws {
+        try repairIfDamaged()
         while raft.hasReady {
             let rd = raft.ready()
             var later = rd.messages
@@ -334,6 +442,7 @@ public final class ShardReplica {
                 waiting.removeValue(forKey: i)?.1(.failure(.superseded))
             }
         }
+        try finishRecoveryIfDone()
     }
 
     /// Ships every sealed segment file to `to` in chunks, before the `snapshot` message that follows.

@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import Raft
+import SegmentStore
 import WeftCore
 
 /// A shard's state, for `/api/v1/cluster/status`.
@@ -18,6 +19,28 @@ public struct ShardStatus: Sendable, Equatable {
     /// The group as this replica has applied it.
     public var voters: [NodeID]
     public var learners: [NodeID]
+    /// Not voting until its log, cut back after damage, has caught up.
+    public var recovering: Bool = false
+    /// Repairs since the replica opened, and the last events (what was found, what was done).
+    public var repairs: Int = 0
+    public var repairEvents: [String] = []
+}
+
+/// A read of a replica's committed records.
+public enum ReadQuery: Sendable {
+    /// Records in log order from `from`.
+    case log(from: LogIndex, limit: Int)
+    /// Records of one stream with seq >= `fromSeq`, in seq order.
+    case stream(StreamID, fromSeq: StreamSeq, limit: Int)
+}
+
+public enum ReadError: Error, Equatable, Sendable {
+    /// The range is below the log's first index (dropped by retention).
+    case compacted(first: LogIndex)
+    /// This replica's copy is damaged (it is being repaired): read another replica.
+    case damaged(String)
+    /// The replica is not running (shutting down, or stopped after a storage failure).
+    case unavailable(String)
 }
 
 /// Runs one `ShardReplica` on a thread of its own: an inbox of inputs (peer messages, proposals, reads),
@@ -34,6 +57,7 @@ public final class ShardRunner: @unchecked Sendable {
         case transferLeadership(NodeID)
         case configChange(ConfigChange, @Sendable (Result<LogIndex, ReplicationError>) -> Void)
         case status(@Sendable (ShardStatus) -> Void)
+        case read(ReadQuery, @Sendable (Result<(records: [Record], commit: LogIndex), ReadError>) -> Void)
         case campaign
         /// Part of a file the leader ships for a catch-up.
         case stageFile(name: String, offset: UInt64, bytes: [UInt8])
@@ -82,6 +106,7 @@ public final class ShardRunner: @unchecked Sendable {
         case .propose(_, let cb): cb(.failure(e))
         case .readIndex(let cb): cb(.failure(e))
         case .configChange(_, let cb): cb(.failure(e))
+        case .read(_, let cb): cb(.failure(.unavailable("\(e)")))
         default: break
         }
     }
@@ -118,6 +143,7 @@ public final class ShardRunner: @unchecked Sendable {
             for input in batch { handle(input) }
             if clock.now >= nextTick {
                 replica.tick()
+                replica.scrub()
                 nextTick = clock.now + tick
             }
             do {
@@ -149,6 +175,7 @@ public final class ShardRunner: @unchecked Sendable {
         case .transferLeadership(let to): replica.raftTransfer(to)
         case .configChange(let c, let cb): replica.proposeConfig(c) { cb($0) }
         case .status(let cb): cb(replica.status())
+        case .read(let q, let cb): cb(replica.read(q))
         case .campaign: replica.campaign()
         case .stageFile(let name, let offset, let bytes):
             do {
@@ -166,6 +193,29 @@ extension ShardReplica {
         ShardStatus(
             shard: shard, node: id, role: raft.membership.all.contains(id) ? raft.role.rawValue : "not a member", leader: raft.leader, term: raft.term, commitIndex: raft.commit,
             appliedIndex: raft.applied, lastIndex: raft.lastIndex, matchIndexes: raft.matchIndexes,
-            voters: raft.membership.voters.sorted(), learners: raft.membership.learners.sorted())
+            voters: raft.membership.voters.sorted(), learners: raft.membership.learners.sorted(),
+            recovering: raft.recovering, repairs: repairs, repairEvents: Array(repairEvents.suffix(10)))
+    }
+
+    /// Committed records only (up to the applied index), checked block by block as they are read; a
+    /// damaged block is never served (the replica repairs itself on its next turn).
+    public func read(_ q: ReadQuery) -> Result<(records: [Record], commit: LogIndex), ReadError> {
+        let upTo = raft.applied
+        do {
+            switch q {
+            case .log(let from, let limit):
+                guard from >= store.firstIndex || from > upTo else { return .failure(.compacted(first: store.firstIndex)) }
+                guard from <= upTo else { return .success(([], upTo)) }
+                return .success((try store.read(from: from, to: upTo, limit: limit), upTo))
+            case .stream(let s, let fromSeq, let limit):
+                var out = try store.readStream(s, fromSeq: fromSeq, limit: limit)
+                if let k = out.firstIndex(where: { $0.index > upTo }) { out.removeSubrange(k...) }
+                return .success((out, upTo))
+            }
+        } catch StoreError.outOfRange(_, let first, _) {
+            return .failure(.compacted(first: first))
+        } catch {
+            return .failure(.damaged("\(error)"))
+        }
     }
 }

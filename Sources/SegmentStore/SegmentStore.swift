@@ -22,6 +22,14 @@ public final class SegmentStore {
     public internal(set) var lastTerm: Term = 0
     /// Damage found by recovery or by reads, newest last.
     public private(set) var damage: [FormatError] = []
+    /// Lowest index found lost or unreadable, at open or by a read or scrub since (nil: none found).
+    /// Nothing from there on can be trusted to be served; the replica repairs the log from it.
+    public internal(set) var damagedFrom: LogIndex?
+    /// What opening the store found (see `OpenFindings`).
+    public private(set) var findings = OpenFindings()
+    var fenceFile: (any DiskFile)?
+    /// Next sealed block the scrubber verifies: (segment base, block ordinal).
+    var scrubCursor: (base: LogIndex, block: Int) = (0, 0)
     private var failure: String?
     var failureReason: String? { failure }
     /// The most recently decoded blocks of the active segment (newest last): Raft reads back what it just
@@ -84,6 +92,7 @@ public final class SegmentStore {
             try disk.remove(path(name))
         }
         if names.contains(FileNames.intent) { try finishTruncation() }
+        let fence = readFence()
         let bases = try disk.list(directory).compactMap(FileNames.segmentBase).sorted()
         for (k, base) in bases.enumerated() {
             let isLast = k == bases.count - 1
@@ -91,9 +100,14 @@ public final class SegmentStore {
             let file = try disk.open(dataPath, create: false)
             let seg = Segment(base: base, dataPath: dataPath, indexPath: path(FileNames.index(base)), file: file, size: try file.size())
             if let prev = segments.last, !prev.isEmpty, prev.lastIndex + 1 != base {
-                throw FormatError(
-                    .mismatch, file: dataPath, offset: 0,
-                    "log has a gap: previous segment ends at index \(prev.lastIndex), this one starts at \(base)")
+                // The previous segment lost its last records (damage at its end): it ends early.
+                file.close()
+                let note = "\(dataPath): previous segment ends at index \(prev.lastIndex), this one starts at \(base); moving it and later segments to \(FileNames.quarantine)/"
+                log(note)
+                findings.notes.append(note)
+                try quarantine(Array(bases[k...]))
+                noteDamage(at: prev.lastIndex + 1)
+                break
             }
             if isLast {
                 if seg.size <= UInt64(Layout.segmentHeaderBytes),
@@ -129,11 +143,52 @@ public final class SegmentStore {
         }
         lastTerm = lastIndex == 0 ? 0 : ((try? term(at: lastIndex)) ?? 0)
         rebuildSpans()
+        checkFence(fence)
+        findings.damagedFrom = damagedFrom
+        try writeFence(sync: true)
         // What recovery found may not be durable: a write or a file creation whose sync failed before the
         // restart. Later appends sync only the active file's data, so make both the data and the directory
         // durable now, before anything new is acknowledged on top of them.
         try active?.file.sync()
         try disk.syncDirectory(directory)
+    }
+
+    /// Moves segment and index files out of the log into the quarantine directory.
+    private func quarantine(_ bases: [LogIndex]) throws {
+        let q = path(FileNames.quarantine)
+        try disk.makeDirectory(q)
+        for b in bases {
+            for name in [FileNames.segment(b), FileNames.index(b)] where disk.exists(path(name)) {
+                try disk.rename(path(name), to: q + "/" + name)
+            }
+        }
+        try disk.syncDirectory(q)
+        try disk.syncDirectory(directory)
+    }
+
+    /// Compares the recovered log with the fence written by the last run (see `Fence`).
+    private func checkFence(_ fence: Fence?) {
+        guard let fence else {
+            if lastIndex > 0 {
+                findings.tailUnverified = true
+                let note = "\(fencePath): missing or damaged; cannot tell whether records were lost at the tail"
+                log(note)
+                findings.notes.append(note)
+            }
+            return
+        }
+        if lastIndex < fence.lastIndex {
+            let note = "\(directory): log ends at index \(lastIndex) but the fence says \(fence.lastIndex): records \(lastIndex + 1)...\(fence.lastIndex) are lost"
+            log(note)
+            findings.notes.append(note)
+            noteDamage(at: lastIndex + 1)
+        }
+        if fence.lastIndex >= fence.firstIndex, firstIndex > fence.firstIndex {
+            let note = "\(directory): log starts at index \(firstIndex) but the fence says \(fence.firstIndex): the first segment(s) are lost"
+            log(note)
+            findings.notes.append(note)
+            noteDamage(at: fence.firstIndex)
+        }
     }
 
     /// Opens a sealed segment's index file; false (after logging why) when it must be rebuilt.
@@ -193,6 +248,8 @@ public final class SegmentStore {
                 let reported = err.inFile(seg.dataPath)
                 if let resume {
                     damage.append(reported)
+                    noteDamage(at: expected)
+                    findings.notes.append("\(reported): records from index \(expected) are unreadable")
                     log("\(reported); records up to the next valid block at offset \(resume) are unreadable")
                     let next = try scanner.readBlock(at: resume).header.firstIndex
                     guard next >= expected else {
@@ -207,6 +264,10 @@ public final class SegmentStore {
                     end = resume
                 } else if let expectedEnd {
                     damage.append(reported)
+                    if expectedEnd >= expected {
+                        noteDamage(at: expected)
+                        findings.notes.append("\(reported): records \(expected)...\(expectedEnd) are unreadable")
+                    }
                     log("\(reported); records \(expected)...\(expectedEnd) are unreadable")
                     if expectedEnd >= expected {
                         builder.addUnreadable(
@@ -335,6 +396,7 @@ public final class SegmentStore {
         }
         lastIndex = batch[batch.count - 1].index
         lastTerm = batch[batch.count - 1].term
+        try wrapDisk { try writeFence() }
     }
 
     private func validate(_ batch: [Record]) throws {
@@ -423,6 +485,8 @@ public final class SegmentStore {
     }
 
     public func close() {
+        fenceFile?.close()
+        fenceFile = nil
         for s in segments { s.close() }
         segments = []
         active = nil
@@ -497,6 +561,7 @@ extension SegmentStore {
             return records
         } catch let err as FormatError {
             if !damage.contains(err) { damage.append(err) }
+            noteDamage(at: e.firstIndex)
             log("\(err)")
             throw StoreError.corrupt(err)
         } catch let err as DiskError {

@@ -71,6 +71,9 @@ struct StreamSpan {
 /// File names: the segment's base index as 20 decimal digits, so names sort in log order.
 enum FileNames {
     static let intent = "truncate.intent"
+    static let fence = "tail.fence"
+    /// Segments found past a hole at open are moved here (kept for inspection, never read again).
+    static let quarantine = "quarantine"
 
     static func segment(_ base: LogIndex) -> String { digits(base) + ".seg" }
     static func index(_ base: LogIndex) -> String { digits(base) + ".idx" }

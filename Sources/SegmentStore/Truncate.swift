@@ -58,6 +58,8 @@ extension SegmentStore {
         lastIndex = index - 1
         lastTerm = lastIndex == 0 || lastIndex < firstIndex ? 0 : try term(at: lastIndex)
         rebuildSpans()
+        if let d = damagedFrom, d >= index { damagedFrom = nil }
+        try guardDisk { try writeFence() }
     }
 
     private func cut(_ seg: Segment, at index: LogIndex) throws {
@@ -133,7 +135,11 @@ extension SegmentStore {
             }
             if dropped > 0 { try disk.syncDirectory(directory) }
         }
-        if dropped > 0 { rebuildSpans() }
+        if dropped > 0 {
+            rebuildSpans()
+            if let d = damagedFrom, d < firstIndex { damagedFrom = nil }
+            try guardDisk { try writeFence() }
+        }
         return dropped
     }
 }

@@ -45,10 +45,76 @@ public enum HTTPAPI {
             public var applied_index: UInt64
             public var last_index: UInt64
             public var replicas: [Replica]
+            /// This replica's storage repairs (Docs/faults.md).
+            public var repair: Repair?
+        }
+        public struct Repair: Codable, Sendable {
+            /// Its log lost entries and is catching up; it does not vote meanwhile.
+            public var recovering: Bool
+            public var repairs: Int
+            public var events: [String]
         }
         public var node: UInt64
         public var nodes: [WeftNode.NodeReach]
         public var shards: [Shard]
+    }
+
+    struct ReadRecord: Encodable {
+        var index: UInt64
+        var term: UInt64
+        var stream: UInt64
+        var seq: UInt64
+        var type: UInt16
+        var timestamp_us: Int64
+        var payload_b64: String
+    }
+
+    struct ReadResponse: Encodable {
+        var records: [ReadRecord]
+        /// Where the next read continues (the `from` or `cursor` to pass).
+        var next: UInt64
+        /// This replica's applied index when it answered.
+        var commit_index: UInt64
+    }
+
+    static func shardParameter(_ context: BasicRequestContext, _ node: WeftNode) throws -> ShardID {
+        guard let n = context.parameters.get("shard", as: UInt64.self), n < UInt64(node.config.shards) else {
+            throw APIError(.notFound, "unknown_shard", "shard must be 0..<\(node.config.shards)")
+        }
+        return ShardID(n)
+    }
+
+    static func queryNumber(_ request: Request, _ name: String, default d: UInt64, min: UInt64, max: UInt64 = UInt64.max) throws -> UInt64 {
+        guard let raw = request.uri.queryParameters.get(name) else { return d }
+        guard let v = UInt64(raw), v >= min, v <= max else {
+            throw APIError(.badRequest, "invalid_\(name)", "\(name) must be an integer in \(min)...\(max)")
+        }
+        return v
+    }
+
+    static func readResponse(
+        _ node: WeftNode, _ shard: ShardID, _ q: ReadQuery, nextFrom: (Record) -> UInt64, start: UInt64
+    ) async throws -> Response {
+        guard let result = await node.read(shard: shard, q) else {
+            throw APIError(.notFound, "no_replica", "node \(node.id) holds no replica of shard \(shard)")
+        }
+        switch result {
+        case .success(let r):
+            let body = ReadResponse(
+                records: r.records.map {
+                    ReadRecord(
+                        index: $0.index, term: $0.term, stream: $0.stream.rawValue, seq: $0.seq, type: $0.type.rawValue,
+                        timestamp_us: $0.timestampMicros, payload_b64: Data($0.payload).base64EncodedString())
+                },
+                next: r.records.last.map(nextFrom) ?? start, commit_index: r.commit)
+            return try json(body)
+        case .failure(.compacted(let first)):
+            throw APIError(.gone, "compacted", "records before index \(first) were dropped by retention")
+        case .failure(.damaged(let why)):
+            throw APIError(.serviceUnavailable, "damaged", "this replica's copy is damaged and being repaired; read another replica (\(why))")
+        case .failure(.unavailable(let why)):
+            throw APIError(.serviceUnavailable, "unavailable", why)
+        }
     }
 
     public static func router(node: WeftNode, registry: PrometheusCollectorRegistry) -> Router<BasicRequestContext> {
@@ -66,7 +132,8 @@ public enum HTTPAPI {
                         id: s.shard.rawValue, role: s.role, leader: s.leader?.rawValue, term: s.term, commit_index: s.commitIndex,
                         applied_index: s.appliedIndex, last_index: s.lastIndex,
                         replicas: s.voters.map { StatusResponse.Replica(node: $0.rawValue, role: "voter", match_index: s.matchIndexes[$0] ?? 0) }
-                            + s.learners.map { StatusResponse.Replica(node: $0.rawValue, role: "learner", match_index: s.matchIndexes[$0] ?? 0) })
+                            + s.learners.map { StatusResponse.Replica(node: $0.rawValue, role: "learner", match_index: s.matchIndexes[$0] ?? 0) },
+                        repair: StatusResponse.Repair(recovering: s.recovering, repairs: s.repairs, events: s.repairEvents))
                 })
             return try json(body)
         }
@@ -95,8 +162,29 @@ public enum HTTPAPI {
                 case .invalid(let m): throw APIError(.badRequest, "invalid", m)
                 case .unavailable(let m): throw APIError(.serviceUnavailable, "unavailable", m)
                 case .failed(let m): throw APIError(.internalServerError, "failed", m)
+                case .outcomeUnknown(let m): throw APIError(.serviceUnavailable, "outcome_unknown", m)
                 }
             }
+        }
+
+        // Committed records of this node's replica, in log order: ?from=INDEX&limit=N.
+        router.get("/api/v1/shards/{shard}/log") { request, context -> Response in
+            let shard = try shardParameter(context, node)
+            let from = try queryNumber(request, "from", default: 1, min: 1)
+            let limit = try queryNumber(request, "limit", default: 100, min: 1, max: 10_000)
+            return try await readResponse(node, shard, .log(from: from, limit: Int(limit)), nextFrom: { $0.index + 1 }, start: from)
+        }
+
+        // Committed records of one stream, by cursor (the next seq to read): ?cursor=SEQ&limit=N.
+        router.get("/api/v1/shards/{shard}/streams/{stream}") { request, context -> Response in
+            let shard = try shardParameter(context, node)
+            guard let stream = context.parameters.get("stream", as: UInt64.self), stream > 0 else {
+                throw APIError(.badRequest, "invalid_stream", "stream must be a positive integer")
+            }
+            let cursor = try queryNumber(request, "cursor", default: 1, min: 1)
+            let limit = try queryNumber(request, "limit", default: 100, min: 1, max: 10_000)
+            return try await readResponse(
+                node, shard, .stream(StreamID(stream), fromSeq: cursor, limit: Int(limit)), nextFrom: { $0.seq + 1 }, start: cursor)
         }
 
         // Membership of one shard, one server at a time: {"add_voter": N} | {"add_learner": N} | {"remove_voter": N}.
@@ -131,6 +219,7 @@ public enum HTTPAPI {
                 case .invalid(let m): throw APIError(.conflict, "change_pending", m)
                 case .unavailable(let m): throw APIError(.serviceUnavailable, "unavailable", m)
                 case .failed(let m): throw APIError(.internalServerError, "failed", m)
+                case .outcomeUnknown(let m): throw APIError(.serviceUnavailable, "outcome_unknown", m)
                 }
             }
         }

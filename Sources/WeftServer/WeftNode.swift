@@ -13,12 +13,16 @@ public enum WriteError: Error, Equatable, CustomStringConvertible {
     case unavailable(String)
     case invalid(String)
     case failed(String)
+    /// The write may or may not have committed (the replica handling it stopped or began repairing its
+    /// log after proposing it). Not retried here: a retry could write it twice.
+    case outcomeUnknown(String)
 
     public var description: String {
         switch self {
         case .unavailable(let s): "unavailable: \(s)"
         case .invalid(let s): "invalid: \(s)"
         case .failed(let s): "failed: \(s)"
+        case .outcomeUnknown(let s): "outcome unknown: \(s)"
         }
     }
 }
@@ -93,6 +97,7 @@ public final class WeftNode: Sendable {
             bootstrap: bootstrap, config: rc)
         let t = transport
         replica.log = { log.notice("\($0)") }
+        for e in replica.repairEvents { log.warning("\(e)") }
         replica.shipFile = { to, name, offset, total, bytes in
             t.send(to: to, shard: shard.rawValue, payload: Envelope.file(name: name, offset: offset, total: total, bytes: bytes).encode())
         }
@@ -235,6 +240,9 @@ public final class WeftNode: Sendable {
                 if l == nil { try await Task.sleep(for: .milliseconds(20)) }
             case .failed(let why):
                 if why.contains("configChangePending") { throw WriteError.invalid("another membership change of shard \(shard) is still pending") }
+                if why.hasPrefix("outcomeUnknown") || why.hasPrefix("stopped") || why.hasPrefix("storage") {
+                    throw WriteError.outcomeUnknown("shard \(shard): \(why)")
+                }
                 leaderHints.withLockedValue { $0[shard] = nil }
                 lastError = why
                 try await Task.sleep(for: .milliseconds(20))
@@ -349,4 +357,15 @@ public final class WeftNode: Sendable {
     }
 
     public var transportStats: TransportStats { transport.stats }
+
+    // MARK: Reads
+
+    /// Reads this node's replica of `shard` (committed records only; no leader round trip, so a lagging
+    /// replica may return fewer). nil when the node has no replica of the shard.
+    public func read(shard: ShardID, _ q: ReadQuery) async -> Result<(records: [Record], commit: LogIndex), ReadError>? {
+        guard let r = runner(shard) else { return nil }
+        return await withCheckedContinuation { c in
+            r.submit(.read(q) { c.resume(returning: $0) })
+        }
+    }
 }

@@ -1,0 +1,103 @@
+import SegmentFormat
+import WeftCore
+
+/// Where the log began and ended the last time this store changed it, kept beside the segments in
+/// `tail.fence` (Docs/faults.md). It lets a reopened store tell a log that simply ends here from one that
+/// lost records: a segment truncated (even exactly at a block boundary), a whole segment deleted.
+///
+/// It is rewritten in place after every append, truncation and retention run (one pwrite into the page
+/// cache, no fsync: it is never needed to survive power loss, since then the data it describes was
+/// synced first and the fence can only be behind it), and fsynced when the store opens.
+///
+/// ```
+/// "WEFTFNC\0" | u64 firstIndex | u64 lastIndex | u64 lastTerm | u32 crc32c of the 32 bytes before
+/// ```
+struct Fence: Equatable {
+    static let magic: [UInt8] = Array("WEFTFNC\0".utf8)
+    static let bytes = 36
+    var firstIndex: LogIndex
+    var lastIndex: LogIndex
+    var lastTerm: Term
+
+    func encode() -> [UInt8] {
+        var b = Fence.magic
+        b.appendLE(firstIndex)
+        b.appendLE(lastIndex)
+        b.appendLE(lastTerm)
+        b.appendLE(CRC32C.checksum(b))
+        return b
+    }
+
+    static func decode(_ b: [UInt8]) -> Fence? {
+        guard b.count == bytes, Array(b[0..<8]) == magic, b.loadLE(UInt32.self, at: 32) == CRC32C.checksum(b[0..<32]) else { return nil }
+        return Fence(firstIndex: b.loadLE(at: 8), lastIndex: b.loadLE(at: 16), lastTerm: b.loadLE(at: 24))
+    }
+}
+
+/// What opening the store found missing or damaged, for the replica to repair and report.
+public struct OpenFindings: Sendable, Equatable {
+    /// Lowest index that is lost or unreadable (nil: the log is intact as far as the checks can tell).
+    public var damagedFrom: LogIndex?
+    /// The fence was missing or damaged while the log was not empty: whether records were lost at the
+    /// tail cannot be told.
+    public var tailUnverified = false
+    /// One line per finding.
+    public var notes: [String] = []
+}
+
+extension SegmentStore {
+    var fencePath: String { path(FileNames.fence) }
+
+    func readFence() -> Fence? {
+        guard disk.exists(fencePath), let f = try? disk.open(fencePath, create: false) else { return nil }
+        defer { f.close() }
+        guard let b = try? f.read(at: 0, count: Fence.bytes) else { return nil }
+        return Fence.decode(b)
+    }
+
+    /// Writes the fence for the log as it is now. With `sync`, also fdatasyncs it.
+    func writeFence(sync: Bool = false) throws {
+        if fenceFile == nil {
+            fenceFile = try disk.open(fencePath, create: true)
+        }
+        guard let f = fenceFile else { return }
+        try f.write(Fence(firstIndex: firstIndex, lastIndex: lastIndex, lastTerm: lastTerm).encode(), at: 0)
+        if sync { try f.sync() }
+    }
+
+    /// Records that the record at `index` (and so the log from there) is lost or unreadable.
+    func noteDamage(at index: LogIndex) {
+        if damagedFrom.map({ index < $0 }) ?? true { damagedFrom = index }
+    }
+
+    /// Verifies the next sealed blocks after the scrub cursor, reading about `maxBytes`: each block's
+    /// checksum is checked and its records decoded, as a read would. Damage found is recorded in
+    /// `damagedFrom` and `damage`. Returns true when the cursor wrapped around (a full pass is done).
+    @discardableResult
+    public func scrub(maxBytes: Int) -> Bool {
+        var budget = maxBytes
+        while budget > 0 {
+            guard let k = segments.firstIndex(where: { $0.sealed != nil && $0.base >= scrubCursor.base }) else {
+                scrubCursor = (0, 0)
+                return true
+            }
+            let seg = segments[k]
+            if seg.base != scrubCursor.base { scrubCursor = (seg.base, 0) }
+            let blocks = seg.blocks
+            if scrubCursor.block >= blocks.count {
+                scrubCursor = (seg.base + 1, 0)
+                continue
+            }
+            let e = blocks[scrubCursor.block]
+            budget -= Layout.blockHeaderBytes + Int(e.storedBytes)
+            scrubCursor.block += 1
+            if damagedFrom.map({ e.firstIndex >= $0 }) ?? false { continue }
+            do {
+                _ = try readBlock(seg, scrubCursor.block - 1)
+            } catch {
+                // readBlock recorded it.
+            }
+        }
+        return false
+    }
+}
