@@ -13,6 +13,7 @@ let package = Package(
     products: [
         .executable(name: "weft", targets: ["weft"]),
         .executable(name: "weft-dump", targets: ["weft-dump"]),
+        .executable(name: "weft-faults", targets: ["weft-faults"]),
         .executable(name: "weft-fuzz-decoder", targets: ["weft-fuzz-decoder"]),
         .library(name: "SegmentStore", targets: ["SegmentStore"]),
     ],
@@ -90,6 +91,17 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             path: "Tools/weft-dump",
+            swiftSettings: strict),
+        // The fault harness: a client outside the cluster, so it depends on no Weft module.
+        .executableTarget(
+            name: "weft-faults",
+            dependencies: [
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+            ],
+            path: "Tools/weft-faults",
             swiftSettings: strict),
         // Built normally it replays files through the decoders; built by Tools/fuzz.sh with
         // -sanitize=fuzzer and -DFUZZING it is a libFuzzer target.

@@ -2,7 +2,8 @@
 # Installs the system packages Weft builds against, if missing (Debian/Ubuntu, apt-get; root or sudo).
 set -euo pipefail
 need=()
-for p in liblz4-dev libssl-dev pkg-config; do
+# iproute2 and iptables: the fault harness (Tools/weft-faults) builds its test network with them.
+for p in liblz4-dev libssl-dev pkg-config iproute2 iptables; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then

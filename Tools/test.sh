@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The README's second command: install what is missing, build, and run the whole test suite:
-# unit and property tests, tool tests that run the real weft and weft-dump binaries, and a bounded
-# fuzzing run of the decoders (FUZZ_SECONDS, default 60; 0 skips it).
+# unit and property tests, tool tests that run the real weft and weft-dump binaries, a bounded
+# fuzzing run of the decoders (FUZZ_SECONDS, default 60; 0 skips it), and a short fault run
+# (Tools/weft-faults: FAULT_MINUTES of faults, default 3; FAULT_SEED, default fixed so CI replays the
+# same schedule; needs root for network namespaces; FAULT_MINUTES=0 skips it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 Tools/install-deps.sh
@@ -9,4 +11,7 @@ swift build --build-tests
 swift test --skip-build
 if [ "${FUZZ_SECONDS:-60}" != "0" ]; then
   Tools/fuzz.sh "${FUZZ_SECONDS:-60}"
+fi
+if [ "${FAULT_MINUTES:-3}" != "0" ]; then
+  .build/debug/weft-faults --minutes "${FAULT_MINUTES:-3}" --seed "${FAULT_SEED:-20261126}" --out fault-runs/ci
 fi

@@ -36,6 +36,8 @@ extension SegmentStore {
     /// that a crash half way is finished on reopen.
     public func truncateSuffix(from index: LogIndex) throws {
         if let why = failureReason { throw StoreError.failed(why) }
+        // Whatever was found damaged from `index` on is gone after this.
+        if let d = damagedFrom, d >= index { damagedFrom = nil }
         guard index <= lastIndex else { return }
         guard index >= 1 else { throw StoreError.outOfRange(requested: index, first: firstIndex, last: lastIndex) }
         recentBlocks = []
@@ -58,7 +60,6 @@ extension SegmentStore {
         lastIndex = index - 1
         lastTerm = lastIndex == 0 || lastIndex < firstIndex ? 0 : try term(at: lastIndex)
         rebuildSpans()
-        if let d = damagedFrom, d >= index { damagedFrom = nil }
         try guardDisk { try writeFence() }
     }
 

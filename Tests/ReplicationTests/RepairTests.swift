@@ -1,0 +1,490 @@
+import Glibc
+import Raft
+import SegmentFormat
+import SegmentStore
+import Testing
+import WeftCore
+import WeftTesting
+
+@testable import Replication
+
+/// A replica whose storage lost or damaged part of its log: it cuts the log back to what is intact,
+/// refuses votes and does not campaign until it has caught up with a leader, then leaves recovery.
+/// Three replicas of one shard over real directories under /tmp, messages passed by hand.
+@Suite struct RepairTests {
+    /// A new directory under /tmp, removed with everything in it by `remove`.
+    struct Scratch {
+        let path: String
+
+        init() throws {
+            var template = Array("/tmp/weft-repair-test-XXXXXX".utf8CString)
+            let made = template.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!) }
+            guard made != nil else { throw DiskError(path: "/tmp", operation: "mkdtemp", code: errno) }
+            path = String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        }
+
+        func remove() { Self.removeTree(path) }
+
+        static func removeTree(_ path: String) {
+            for name in (try? PosixDisk().list(path)) ?? [] {
+                let child = path + "/" + name
+                if unlink(child) != 0 { removeTree(child) }
+            }
+            rmdir(path)
+        }
+    }
+
+    final class Cluster {
+        let disk = PosixDisk()
+        let scratch: Scratch
+        var replicas: [NodeID: ShardReplica] = [:]
+        var queue: [Message] = []
+        var applied: [NodeID: [Record]] = [:]
+        let ids = [NodeID(1), NodeID(2), NodeID(3)]
+        /// Messages for which this is true are lost (partitions).
+        var drop: (Message) -> Bool = { _ in false }
+        var options = StoreOptions(segmentBytesMax: 4096, blockBytesTarget: 512, durability: .never)
+        var rng = SeededRNG(seed: 99)
+
+        init() throws {
+            scratch = try Scratch()
+            for id in ids { try open(id) }
+        }
+
+        deinit {
+            for r in replicas.values { r.close() }
+            scratch.remove()
+        }
+
+        func dir(_ id: NodeID) -> String { scratch.path + "/n\(id.rawValue)" }
+        func marker(_ id: NodeID) -> String { dir(id) + "/recovering" }
+        func replica(_ id: NodeID) -> ShardReplica { replicas[id]! }
+
+        func open(_ id: NodeID) throws {
+            let dir = dir(id)
+            let store = try SegmentStore(directory: dir, options: options, disk: disk)
+            let hs = try HardStateFile(path: dir + "/raft.state", disk: disk)
+            var cfg = RaftConfig(id: id, seed: 7)
+            cfg.electionTicks = 10
+            let r = try ShardReplica(
+                shard: ShardID(0), id: id, store: store, hardState: hs, membershipFile: MembershipFile(directory: dir, disk: disk),
+                bootstrap: Membership(voters: Set(ids)), config: cfg)
+            applied[id] = []
+            r.onApply = { [unowned self] rec in self.applied[id, default: []].append(rec) }
+            // Catch-up from files: the chunks go straight into the follower's staging directory.
+            r.shipFile = { [unowned self] to, name, offset, _, bytes in
+                var probe = Message(kind: .snapshot, from: id, to: to, term: 0)
+                probe.index = 0
+                if !self.drop(probe) { try? self.replicas[to]?.stage(name: name, offset: offset, bytes: bytes) }
+            }
+            replicas[id] = r
+        }
+
+        /// A clean stop (the store is closed, so its fence is up to date).
+        func stop(_ id: NodeID) {
+            replicas[id]?.close()
+            replicas[id] = nil
+            queue.removeAll { $0.to == id || $0.from == id }
+        }
+
+        func restart(_ id: NodeID) throws {
+            stop(id)
+            try open(id)
+        }
+
+        /// Runs every replica's driver and delivers messages until quiet.
+        func settle() throws {
+            var rounds = 0
+            repeat {
+                rounds += 1
+                for id in ids { if let r = replicas[id] { queue += try r.process() } }
+                let batch = queue
+                queue = []
+                for m in batch where !drop(m) { replicas[m.to]?.step(m) }
+                for id in ids { if let r = replicas[id] { queue += try r.process() } }
+            } while !queue.isEmpty && rounds < 1000
+        }
+
+        /// `n` ticks of the given replicas, settling after each.
+        func tick(_ who: [NodeID], _ n: Int, until done: () -> Bool = { false }) throws {
+            for _ in 0..<n {
+                for id in who { replicas[id]?.tick() }
+                try settle()
+                if done() { return }
+            }
+        }
+
+        var leader: NodeID? { ids.first { replicas[$0]?.raft.role == .leader } }
+
+        func elect(_ id: NodeID) throws {
+            replica(id).campaign()
+            try settle()
+            #expect(leader == id)
+        }
+
+        /// Proposes `n` records one at a time on the leader; returns those acknowledged as committed.
+        func propose(_ n: Int, tag: String) throws -> [Record] {
+            let l = try #require(leader)
+            var acked: [Record] = []
+            for k in 0..<n {
+                // Incompressible bodies, so a few dozen fill several 4 KiB segments.
+                let body = Array("\(tag) \(k) ".utf8) + (0..<200).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+                replica(l).propose([Proposal(stream: StreamID(UInt64(k % 3 + 1)), payload: body)]) {
+                    if case .success(let rs) = $0 { acked += rs }
+                }
+                try settle()
+            }
+            return acked
+        }
+
+        /// Heartbeats from the leader, so followers learn the commit index.
+        func heartbeats(_ n: Int = 3) throws {
+            let l = try #require(leader)
+            try tick([l], n)
+        }
+
+        func log(_ id: NodeID) throws -> [Record] {
+            let s = replica(id).store
+            return try s.read(from: s.firstIndex, to: .max)
+        }
+
+        /// The segment files of a replica, oldest first: (path, bytes, blocks).
+        func segments(_ id: NodeID) throws -> [(path: String, bytes: [UInt8], blocks: [ScannedBlock])] {
+            try disk.list(dir(id)).filter { $0.hasSuffix(".seg") }.sorted().map { name in
+                let path = dir(id) + "/" + name
+                let f = try disk.open(path, create: false)
+                defer { f.close() }
+                let bytes = try f.read(at: 0, count: Int(try f.size()))
+                var scanner = try SegmentScanner(MemoryByteSource(name: name, bytes: bytes))
+                var blocks: [ScannedBlock] = []
+                while let item = try scanner.next() {
+                    guard case .block(let b) = item else { throw StoreError.invalidBatch("damage in \(name)") }
+                    blocks.append(b)
+                }
+                return (path, bytes, blocks)
+            }
+        }
+
+        func truncateFile(_ path: String, to size: UInt64) throws {
+            let f = try disk.open(path, create: false)
+            defer { f.close() }
+            try f.truncate(to: size)
+        }
+
+        /// Flips one byte in place (the file stays the same inode, so an open store sees it).
+        func flipByte(_ path: String, at offset: UInt64) throws {
+            let f = try disk.open(path, create: false)
+            defer { f.close() }
+            let b = try f.read(at: offset, count: 1)
+            try f.write([b[0] ^ 0x20], at: offset)
+        }
+
+        /// Asks `to` for a pre-vote as a candidate with a log far ahead of everyone's, at the next term; the
+        /// answer (nil: none) is kept from the network.
+        func preVote(to: NodeID, from: NodeID) throws -> Message? {
+            let r = replica(to)
+            var m = Message(kind: .preVote, from: from, to: to, term: r.raft.term + 1)
+            m.index = 1_000_000
+            m.logTerm = r.raft.term + 10
+            r.step(m)
+            let out = try r.process()
+            queue += out.filter { !($0.kind == .preVoteResponse && $0.to == from) }
+            return out.first { $0.kind == .preVoteResponse && $0.to == from }
+        }
+    }
+
+    /// Every acknowledged record is in `id`'s log at its index, unchanged.
+    static func expectHolds(_ c: Cluster, _ id: NodeID, _ acked: [Record], _ what: String, sourceLocation: SourceLocation = #_sourceLocation) throws {
+        let log = try c.log(id)
+        let byIndex = Dictionary(uniqueKeysWithValues: log.map { ($0.index, $0) })
+        let missing = acked.filter { byIndex[$0.index] != $0 }
+        #expect(missing.isEmpty, "\(what): node \(id) lacks \(missing.count) of \(acked.count) committed records, first \(missing.first.map { String($0.index) } ?? "-")", sourceLocation: sourceLocation)
+    }
+
+    // MARK: (a) the tail lost while down
+
+    /// A follower's active segment is cut at a block boundary while it is down. Reopened, it is
+    /// recovering (marker on disk, log cut back), refuses a pre-vote it would otherwise grant, catches up
+    /// from the leader, leaves recovery, and holds the leader's log record for record.
+    @Test func followerTailLostWhileDown() throws {
+        let c = try Cluster()
+        let a = NodeID(1), b = NodeID(2)
+        try c.elect(a)
+        let acked = try c.propose(40, tag: "before")
+        try c.heartbeats()
+        #expect(acked.count == 40)
+        #expect(try c.log(b) == c.log(a))
+
+        c.stop(b)
+        let segs = try c.segments(b)
+        let last = try #require(segs.last)
+        try #require(segs.count >= 3 && last.blocks.count >= 3, "\(segs.count) segments, \(last.blocks.count) blocks in the last")
+        let cut = last.blocks[1]
+        let lost = cut.header.firstIndex
+        try c.truncateFile(last.path, to: cut.offset)
+        #expect(!c.disk.exists(c.marker(b)))
+
+        try c.open(b)
+        let rb = c.replica(b)
+        #expect(rb.store.findings.damagedFrom == lost)
+        #expect(rb.isRecovering)
+        #expect(rb.raft.recovering)
+        #expect(c.disk.exists(c.marker(b)))
+        #expect(rb.store.lastIndex == lost - 1)
+        #expect(rb.repairs == 1)
+        #expect(rb.repairEvents.contains { $0.contains("recovering") }, "\(rb.repairEvents)")
+
+        // It refuses to help elect anyone, even a candidate whose log is far ahead.
+        let answer = try c.preVote(to: b, from: NodeID(3))
+        #expect(answer != nil, "no answer to a pre-vote")
+        #expect(answer?.reject == true, "a recovering replica granted a pre-vote")
+
+        print("DEBUG after prevote: repairs \(c.replica(b).repairs) damagedFrom \(String(describing: c.replica(b).store.damagedFrom)) events \(c.replica(b).repairEvents)")
+        // More writes while it catches up, then heartbeats.
+        let more = try c.propose(5, tag: "during")
+        try c.heartbeats(5)
+        #expect(more.count == 5)
+        #expect(!c.replica(b).isRecovering, "still recovering; events: \(c.replica(b).repairEvents.suffix(5))")
+        #expect(!c.disk.exists(c.marker(b)))
+        #expect(c.replica(b).repairEvents.contains { $0.contains("repaired") }, "\(c.replica(b).repairEvents.suffix(5))")
+        #expect(try c.log(b) == c.log(a))
+        #expect(c.replica(b).store.lastIndex == c.replica(a).store.lastIndex)
+        try Self.expectHolds(c, b, acked + more, "after catching up")
+
+        // Once repaired, a restart is an ordinary one: it votes again.
+        try c.restart(b)
+        #expect(!c.replica(b).isRecovering)
+        #expect(c.replica(b).store.findings.damagedFrom == nil)
+        let again = try c.preVote(to: b, from: NodeID(3))
+        #expect(again?.reject == false, "a repaired replica still refuses votes: \(String(describing: again))")
+    }
+
+    // MARK: (b) damage found while running
+
+    /// A flipped byte in a sealed block of a running follower, found by the scrubber: the next `process`
+    /// cuts the log from that block and recovers; afterwards the log equals the leader's.
+    @Test func followerDamageFoundByScrub() throws {
+        let c = try Cluster()
+        let a = NodeID(1), b = NodeID(2)
+        try c.elect(a)
+        let acked = try c.propose(40, tag: "x")
+        try c.heartbeats()
+        let segs = try c.segments(b)
+        try #require(segs.count >= 4)
+        let seg = segs[1]
+        try #require(seg.blocks.count >= 3)
+        let bad = seg.blocks[1]
+        try c.flipByte(seg.path, at: bad.offset + UInt64(bad.bytes.count) - 5)
+
+        let rb = c.replica(b)
+        #expect(rb.store.damagedFrom == nil)
+        rb.scrubBytesPerTick = 1024
+        var scrubs = 0
+        while rb.store.damagedFrom == nil && scrubs < 1000 {
+            rb.scrub()
+            scrubs += 1
+        }
+        #expect(scrubs > 1, "one 1 KiB step cannot reach the second sealed segment")
+        #expect(rb.store.damagedFrom == bad.header.firstIndex)
+        #expect(rb.repairs == 0)
+
+        _ = try rb.process()
+        #expect(rb.repairs == 1)
+        #expect(rb.isRecovering)
+        #expect(c.disk.exists(c.marker(b)))
+        #expect(rb.store.lastIndex == bad.header.firstIndex - 1)
+        #expect(rb.store.damagedFrom == nil)
+        #expect(rb.repairEvents.contains { $0.contains("damage found at index \(bad.header.firstIndex)") }, "\(rb.repairEvents)")
+
+        try c.settle()
+        try c.heartbeats(5)
+        #expect(!rb.isRecovering)
+        #expect(!c.disk.exists(c.marker(b)))
+        #expect(try c.log(b) == c.log(a))
+        try Self.expectHolds(c, b, acked, "repaired")
+        // The block was rewritten from the leader's copy: a full scrub pass is clean now.
+        rb.scrubBytesPerTick = 1 << 20
+        rb.scrub()
+        #expect(rb.store.damagedFrom == nil)
+    }
+
+    /// The leader reads a damaged block (serving a read): the read fails as `.damaged`, a proposal still
+    /// waiting gets `.outcomeUnknown`, the leader steps down, cuts its log, and the other two go on; it
+    /// catches up and nothing committed is lost.
+    @Test func leaderDamageFoundByRead() throws {
+        let c = try Cluster()
+        let a = NodeID(1)
+        try c.elect(a)
+        let acked = try c.propose(40, tag: "y")
+        try c.heartbeats()
+        let segs = try c.segments(a)
+        try #require(segs.count >= 4)
+        let bad = try #require(segs[2].blocks.first)
+        try c.flipByte(segs[2].path, at: bad.offset + 40)
+
+        let ra = c.replica(a)
+        switch ra.read(.log(from: bad.header.firstIndex, limit: 5)) {
+        case .failure(.damaged): break
+        case let other: Issue.record("read of a damaged block: \(other)")
+        }
+        #expect(ra.store.damagedFrom == bad.header.firstIndex)
+        // Reads below the damage are still served.
+        if case .success(let got) = ra.read(.log(from: 1, limit: 3)) {
+            #expect(got.records.map(\.index) == [1, 2, 3])
+        } else {
+            Issue.record("read below the damage failed")
+        }
+        var pending: Result<[Record], ReplicationError>?
+        ra.propose([Proposal(stream: StreamID(1), payload: [1, 2, 3])]) { pending = $0 }
+
+        _ = try ra.process()
+        #expect(ra.raft.role == .follower)
+        #expect(ra.isRecovering)
+        #expect(ra.store.lastIndex == bad.header.firstIndex - 1)
+        if case .failure(.outcomeUnknown) = pending {} else { Issue.record("pending proposal: \(String(describing: pending))") }
+        #expect(ra.repairEvents.contains { $0.contains("was leader") }, "\(ra.repairEvents)")
+
+        try c.tick(c.ids, 100) { c.leader != nil && c.leader != a && !c.replica(a).isRecovering }
+        let l = try #require(c.leader)
+        #expect(l != a)
+        let more = try c.propose(3, tag: "z")
+        try c.heartbeats(5)
+        #expect(more.count == 3)
+        #expect(!c.replica(a).isRecovering)
+        #expect(!c.disk.exists(c.marker(a)))
+        for id in c.ids { try Self.expectHolds(c, id, acked + more, "after the leader's repair") }
+        #expect(try c.log(a) == c.log(l))
+    }
+
+    // MARK: (c) the schedule recovery exists for
+
+    /// A and B commit while C is cut off; B then loses the tail it acknowledged, and A stops. C's log is
+    /// as up to date as B's cut log, so without the recovery rule B would vote C in and the committed
+    /// records would be overwritten. B and C must not elect anyone; once A is back, nothing committed is
+    /// missing anywhere.
+    @Test func damagedFollowerAndLaggardCannotElect() throws {
+        let c = try Cluster()
+        let a = NodeID(1), b = NodeID(2), cc = NodeID(3)
+        try c.elect(a)
+        let early = try c.propose(6, tag: "all")
+        try c.heartbeats()
+        #expect(try c.log(cc) == c.log(a))
+        let cLast = c.replica(cc).store.lastIndex
+
+        c.drop = { $0.from == cc || $0.to == cc }
+        let late = try c.propose(8, tag: "ab")
+        try c.heartbeats()
+        #expect(late.count == 8)
+        #expect(c.replica(b).store.lastIndex == c.replica(a).store.lastIndex)
+
+        // B loses everything after C's last index: cut at the last block boundary at or below it.
+        c.stop(b)
+        let segs = try c.segments(b)
+        let seg = try #require(segs.last { $0.blocks.first.map { $0.header.firstIndex <= cLast + 1 } ?? false })
+        let cutBlock = try #require(seg.blocks.last { $0.header.firstIndex <= cLast + 1 })
+        for later in segs where later.path > seg.path { try c.disk.remove(later.path) }
+        try c.truncateFile(seg.path, to: cutBlock.offset)
+        try c.open(b)
+        let rb = c.replica(b)
+        #expect(rb.isRecovering)
+        #expect(rb.store.lastIndex < c.replica(a).store.lastIndex)
+        #expect(rb.store.lastIndex <= cLast)
+        let lostOnB = late.filter { $0.index > rb.store.lastIndex }
+        #expect(lostOnB.count == late.count, "B must have lost every record C lacks")
+        // C's log is at least as up to date as B's: only the recovery rule keeps B from voting for C.
+        let rc = c.replica(cc)
+        #expect(rc.raft.lastTerm > rb.raft.lastTerm || (rc.raft.lastTerm == rb.raft.lastTerm && rc.raft.lastIndex >= rb.raft.lastIndex))
+
+        c.stop(a)
+        c.drop = { _ in false }
+        var leaders: [NodeID] = []
+        for _ in 0..<30 * 10 {
+            c.replica(b).tick()
+            c.replica(cc).tick()
+            try c.settle()
+            leaders += [b, cc].filter { c.replicas[$0]?.raft.role == .leader }
+        }
+        #expect(leaders.isEmpty, "B and C elected \(leaders.first.map { String(describing: $0) } ?? "")")
+        #expect(c.replica(b).isRecovering)
+        #expect(c.replica(cc).raft.role != .leader)
+
+        try c.open(a)
+        try c.tick(c.ids, 100) { c.leader != nil && !c.replica(b).isRecovering }
+        #expect(c.leader == a)
+        try c.heartbeats(5)
+        for id in c.ids { try Self.expectHolds(c, id, early + late, "after A is back") }
+        #expect(!c.replica(b).isRecovering)
+        #expect(!c.disk.exists(c.marker(b)))
+        #expect(try c.log(b) == c.log(a))
+        #expect(try c.log(cc) == c.log(a))
+    }
+
+    // MARK: (d) restart in the middle of a repair
+
+    /// A replica restarted before its repair finished: the store finds nothing new (its fence was
+    /// rewritten for the cut log), but the marker keeps it recovering until it has caught up.
+    @Test func restartDuringRecoveryKeepsRecovering() throws {
+        let c = try Cluster()
+        let a = NodeID(1), b = NodeID(2)
+        try c.elect(a)
+        let acked = try c.propose(30, tag: "w")
+        try c.heartbeats()
+
+        c.stop(b)
+        let last = try #require(try c.segments(b).last)
+        try #require(last.blocks.count >= 2)
+        try c.truncateFile(last.path, to: last.blocks[1].offset)
+        // B hears from nobody while it is recovering.
+        c.drop = { $0.from == b || $0.to == b }
+        try c.open(b)
+        #expect(c.replica(b).isRecovering)
+        try c.tick(c.ids, 30)
+        #expect(c.replica(b).isRecovering)
+        let cutLast = c.replica(b).store.lastIndex
+        #expect(cutLast < c.replica(a).store.lastIndex)
+
+        try c.restart(b)
+        let rb = c.replica(b)
+        #expect(rb.store.findings.damagedFrom == nil, "\(rb.store.findings)")
+        #expect(!rb.store.findings.tailUnverified)
+        #expect(rb.store.lastIndex == cutLast)
+        #expect(rb.isRecovering)
+        #expect(rb.repairs == 0)
+        #expect(c.disk.exists(c.marker(b)))
+        #expect(rb.repairEvents.contains { $0.contains("repair was under way") }, "\(rb.repairEvents)")
+        #expect(try c.preVote(to: b, from: NodeID(3))?.reject == true)
+
+        c.drop = { _ in false }
+        try c.heartbeats(5)
+        #expect(!c.replica(b).isRecovering)
+        #expect(!c.disk.exists(c.marker(b)))
+        #expect(try c.log(b) == c.log(a))
+        try Self.expectHolds(c, b, acked, "after the restarted repair")
+    }
+
+    /// The first segment lost: the whole log is cut (it cannot be kept above a hole) and the replica is
+    /// refilled by the leader, through file catch-up.
+    @Test func followerFirstSegmentLost() throws {
+        let c = try Cluster()
+        let a = NodeID(1), b = NodeID(2)
+        try c.elect(a)
+        let acked = try c.propose(40, tag: "f")
+        try c.heartbeats()
+        c.stop(b)
+        let segs = try c.segments(b)
+        try #require(segs.count >= 3)
+        try c.disk.remove(segs[0].path)
+        try c.disk.remove(String(segs[0].path.dropLast(4)) + ".idx")
+        try c.open(b)
+        let rb = c.replica(b)
+        #expect(rb.store.lastIndex == 0)
+        #expect(rb.isRecovering)
+        #expect(rb.repairEvents.contains { $0.contains("cut the whole log") }, "\(rb.repairEvents)")
+
+        try c.heartbeats(10)
+        #expect(!c.replica(b).isRecovering)
+        #expect(!c.disk.exists(c.marker(b)))
+        #expect(try c.log(b) == c.log(a))
+        try Self.expectHolds(c, b, acked, "refilled")
+    }
+}

@@ -1,0 +1,184 @@
+import Foundation
+
+/// The nodes under test: real `weft serve` processes, each started inside its namespace, with its log
+/// appended to `<out>/nodes/n<i>.log` and its data in `<out>/data/<i>`.
+final class Cluster: @unchecked Sendable {
+    let nodes: [Int]
+    let weft: String
+    let out: String
+    let configPath: String
+    let shards: Int
+    static let apiPort = 8100
+    static let peerPort = 7100
+    private let lock = NSLock()
+    private var processes: [Int: Process] = [:]
+    private var paused: Set<Int> = []
+
+    init(nodes: [Int], weft: String, out: String, shards: Int, segmentBytes: Int) throws {
+        self.nodes = nodes
+        self.weft = weft
+        self.out = out
+        self.shards = shards
+        configPath = out + "/cluster.toml"
+        var toml = """
+            # Written by weft-faults.
+            [cluster]
+            name = "weft-faults"
+            shards = \(shards)
+            replication = \(nodes.count)
+            secret = "weft-faults-test-network"
+
+            [storage]
+            data_dir = "data"
+            fsync = "every_batch"
+            segment_bytes = \(segmentBytes)
+
+            [raft]
+            election_timeout_min_ms = 300
+            election_timeout_max_ms = 600
+            heartbeat_interval_ms = 50
+
+            """
+        for n in nodes {
+            toml += """
+
+                [[nodes]]
+                id = \(n)
+                peer_addr = "\(TestNetwork.address(n)):\(Self.peerPort)"
+                api_addr = "\(TestNetwork.address(n)):\(Self.apiPort)"
+
+                """
+        }
+        try FileManager.default.createDirectory(atPath: out + "/nodes", withIntermediateDirectories: true)
+        try toml.write(toFile: configPath, atomically: true, encoding: .utf8)
+    }
+
+    func dataDirectory(_ n: Int) -> String { out + "/data/\(n)" }
+
+    func isRunning(_ n: Int) -> Bool { lock.withLock { processes[n]?.isRunning ?? false } }
+    func isPaused(_ n: Int) -> Bool { lock.withLock { paused.contains(n) } }
+
+    func start(_ n: Int) throws {
+        let logPath = out + "/nodes/n\(n).log"
+        if !FileManager.default.fileExists(atPath: logPath) { _ = FileManager.default.createFile(atPath: logPath, contents: nil) }
+        guard let log = FileHandle(forWritingAtPath: logPath) else { throw HarnessError("cannot open \(logPath)") }
+        log.seekToEndOfFile()
+        log.write(Data("\n=== weft-faults: starting node \(n) at \(Date()) ===\n".utf8))
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/sbin/ip")
+        p.arguments = ["netns", "exec", TestNetwork.namespace(n), weft, "serve", "--config", configPath, "--node", "\(n)"]
+        p.standardOutput = log
+        p.standardError = log
+        try p.run()
+        lock.withLock {
+            processes[n] = p
+            paused.remove(n)
+        }
+    }
+
+    /// SIGKILL, then wait for the process to be gone.
+    func kill(_ n: Int) {
+        guard let p = lock.withLock({ processes[n] }), p.isRunning else { return }
+        Foundation.kill(p.processIdentifier, SIGKILL)
+        p.waitUntilExit()
+        lock.withLock { _ = paused.remove(n) }
+    }
+
+    func pause(_ n: Int) {
+        guard let p = lock.withLock({ processes[n] }), p.isRunning else { return }
+        Foundation.kill(p.processIdentifier, SIGSTOP)
+        lock.withLock { _ = paused.insert(n) }
+    }
+
+    func resume(_ n: Int) {
+        guard let p = lock.withLock({ processes[n] }), p.isRunning else { return }
+        Foundation.kill(p.processIdentifier, SIGCONT)
+        lock.withLock { _ = paused.remove(n) }
+    }
+
+    /// SIGTERM (graceful) and wait.
+    func stop(_ n: Int) {
+        guard let p = lock.withLock({ processes[n] }), p.isRunning else { return }
+        Foundation.kill(p.processIdentifier, SIGCONT)
+        p.terminate()
+        let deadline = Date().addingTimeInterval(10)
+        while p.isRunning && Date() < deadline { usleep(50_000) }
+        if p.isRunning { kill(n) }
+    }
+
+    func stopAll() { for n in nodes { stop(n) } }
+}
+
+/// Damage done to a stopped node's files (`Docs/reliability.md`).
+enum DiskFault: String, CaseIterable, Sendable {
+    case truncateActive = "truncate-active-segment"
+    case flipSealed = "flip-bits-in-sealed-block"
+    case deleteIndex = "delete-index-file"
+    case deleteSegment = "delete-segment-file"
+}
+
+extension Cluster {
+    /// Applies `fault` to a random shard of node `n` (which must be stopped); returns what was done, or
+    /// nil when that node has no file the fault needs (no sealed segment yet, say).
+    func damage(_ n: Int, _ fault: DiskFault, rng: inout SplitMix) -> String? {
+        let fm = FileManager.default
+        let shardDirs = ((try? fm.contentsOfDirectory(atPath: dataDirectory(n))) ?? []).filter { $0.hasPrefix("shard-") }.sorted()
+        guard !shardDirs.isEmpty else { return nil }
+        let dir = dataDirectory(n) + "/" + shardDirs[Int(rng.next() % UInt64(shardDirs.count))]
+        let names = ((try? fm.contentsOfDirectory(atPath: dir)) ?? []).sorted()
+        let segs = names.filter { $0.hasSuffix(".seg") }
+        let idxs = names.filter { $0.hasSuffix(".idx") }
+        guard let active = segs.last else { return nil }
+        let sealed = segs.dropLast()
+        func size(_ p: String) -> UInt64 { ((try? fm.attributesOfItem(atPath: p))?[.size] as? NSNumber)?.uint64Value ?? 0 }
+        switch fault {
+        case .truncateActive:
+            let p = dir + "/" + active
+            let s = size(p)
+            guard s > 0 else { return nil }
+            let at = rng.next() % s
+            guard truncate(p, Int(at)) == 0 else { return nil }
+            return "truncated \(p) from \(s) to \(at) bytes"
+        case .flipSealed:
+            guard !sealed.isEmpty else { return nil }
+            let p = dir + "/" + sealed[Int(rng.next() % UInt64(sealed.count))]
+            let s = size(p)
+            guard s > 80, let h = FileHandle(forUpdatingAtPath: p) else { return nil }
+            defer { try? h.close() }
+            let at = 64 + rng.next() % (s - 64)
+            h.seek(toFileOffset: at)
+            guard let old = try? h.read(upToCount: 1), let b = old.first else { return nil }
+            let bits = UInt8(truncatingIfNeeded: 1 + rng.next() % 255)
+            h.seek(toFileOffset: at)
+            h.write(Data([b ^ bits]))
+            return "flipped bits 0x\(String(bits, radix: 16)) at \(p):\(at)"
+        case .deleteIndex:
+            guard !idxs.isEmpty else { return nil }
+            let p = dir + "/" + idxs[Int(rng.next() % UInt64(idxs.count))]
+            guard (try? fm.removeItem(atPath: p)) != nil else { return nil }
+            return "deleted \(p)"
+        case .deleteSegment:
+            let victim = segs[Int(rng.next() % UInt64(segs.count))]
+            let p = dir + "/" + victim
+            guard (try? fm.removeItem(atPath: p)) != nil else { return nil }
+            try? fm.removeItem(atPath: p.replacingOccurrences(of: ".seg", with: ".idx"))
+            return "deleted \(p) (and its index)"
+        }
+    }
+}
+
+/// The schedule's random numbers (seeded: the same seed gives the same choices).
+struct SplitMix: Sendable {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+    mutating func pick<T>(_ xs: [T]) -> T { xs[Int(next() % UInt64(xs.count))] }
+    mutating func millis(_ r: ClosedRange<Int>) -> Duration { .milliseconds(r.lowerBound + Int(next() % UInt64(r.count))) }
+    mutating func chance(_ p: Double) -> Bool { Double(next() % 1_000_000) / 1_000_000 < p }
+}

@@ -1,0 +1,222 @@
+import ArgumentParser
+import Foundation
+import NIOPosix
+
+@main
+struct Faults: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "weft-faults",
+        abstract: "A Jepsen-style fault run: a cluster of weft processes in network namespaces, clients outside, a seeded nemesis, a checker.",
+        discussion: """
+            Needs root (ip netns, veth, a bridge, iptables). Writes <out>/history.jsonl (every operation and fault),
+            <out>/nodes/n<i>.log, <out>/summary.txt; exits 1 when the checker finds anything lost, duplicated,
+            divergent, refused-but-written, or a cursor read out of order, or when weft-dump --verify fails.
+            """)
+
+    @Option(help: "Minutes of faults (the workload runs throughout; healing and checking come after).")
+    var minutes: Double = 2
+
+    @Option(help: "Seed of the fault schedule (default: random, printed).")
+    var seed: UInt64?
+
+    @Option(help: "Output folder (default: fault-runs/<seed>).")
+    var out: String?
+
+    @Option(help: "The weft binary (default: next to this one).")
+    var weft: String?
+
+    @Option(help: "Nodes in the cluster.")
+    var nodes: Int = 3
+
+    @Option(help: "Shards (each a Raft group on every node).")
+    var shards: Int = 2
+
+    @Option(help: "Segment size in bytes (small, so that faults hit sealed segments too).")
+    var segmentBytes: Int = 65536
+
+    @Option(help: "Concurrent writers.")
+    var writers: Int = 6
+
+    @Option(help: "Concurrent cursor readers.")
+    var readers: Int = 3
+
+    func run() async throws {
+        guard getuid() == 0 else { throw HarnessError("weft-faults needs root (network namespaces and iptables)") }
+        for tool in ["ip", "iptables"] where (try? sh(["which", tool]))?.status != 0 {
+            throw HarnessError("\(tool) not found: run Tools/install-deps.sh")
+        }
+        let seed = self.seed ?? UInt64.random(in: 1...UInt64(UInt32.max))
+        let exe = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath().deletingLastPathComponent().path
+        let weft = self.weft ?? exe + "/weft"
+        let dump = URL(fileURLWithPath: weft).deletingLastPathComponent().path + "/weft-dump"
+        let out = URL(fileURLWithPath: self.out ?? "fault-runs/\(seed)").standardizedFileURL.path
+        try? FileManager.default.removeItem(atPath: out)
+        try FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: true)
+        print("weft-faults: seed \(seed), \(nodes) nodes, \(shards) shards, \(minutes) min of faults, output in \(out)")
+
+        let ids = Array(1...nodes)
+        let network = try TestNetwork.create(nodes: ids)
+        defer { network.destroy() }
+        let cluster = try Cluster(nodes: ids, weft: weft, out: out, shards: shards, segmentBytes: segmentBytes)
+        defer { cluster.stopAll() }
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+        let client = HTTPClient(group: group)
+        let history = try History(path: out + "/history.jsonl")
+        for n in ids { try cluster.start(n) }
+        try await waitForLeaders(cluster, client, timeout: .seconds(60))
+
+        let nemesis = Nemesis(cluster: cluster, network: network, client: client, history: history, seed: seed)
+        let workload = Workload(client: client, nodes: ids, shards: shards, history: history)
+        let faultsEnd = ContinuousClock.now + .milliseconds(Int(minutes * 60_000))
+        let workEnd = faultsEnd + .seconds(5)
+        await withThrowingTaskGroup(of: Void.self) { g in
+            for w in 0..<writers { g.addTask { await workload.writer(w, until: workEnd, seed: seed) } }
+            for r in 0..<readers {
+                g.addTask { await workload.reader(100 + r, shard: r % shards, stream: 1 + r % workload.streams, until: workEnd, seed: seed) }
+            }
+            g.addTask {
+                while ContinuousClock.now < faultsEnd {
+                    try await nemesis.step()
+                    try await Task.sleep(for: .milliseconds(300 + Int(nemesis.rng.next() % 1200)))
+                }
+                try await nemesis.healAll()
+            }
+            while let r = await g.nextResult() {
+                if case .failure(let e) = r { print("weft-faults: nemesis failed: \(e)") }
+            }
+        }
+        try await nemesis.healAll()
+        print("weft-faults: healed; waiting for every replica to converge")
+        let converged = try await waitForConvergence(cluster, client, timeout: .seconds(180))
+        var logs: [Int: [Int: [Checker.Entry]]] = [:]
+        for n in ids {
+            for s in 0..<shards { logs[n, default: [:]][s] = try await readLog(node: n, shard: s, client) }
+        }
+        let repairs = await repairReport(cluster, client)
+        let acked = await history.acked
+        let failed = await history.failed
+        let indeterminate = await history.indeterminate
+        let anomalies = await history.readAnomalies
+        let reads = await history.reads
+        let recordsRead = await history.recordsRead
+        await history.close()
+        cluster.stopAll()
+        var verifyFailures: [String] = []
+        for n in ids {
+            let dir = cluster.dataDirectory(n)
+            for s in ((try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []).filter({ $0.hasPrefix("shard-") }).sorted() {
+                let r = try sh([dump, "--verify", dir + "/" + s], allowFailure: true)
+                if r.status != 0 { verifyFailures.append("\(dir)/\(s): \(r.output.split(separator: "\n").prefix(3).joined(separator: "; "))") }
+            }
+        }
+        try? await group.shutdownGracefully()
+
+        let res = Checker.check(logs: logs, acked: acked, failed: failed, indeterminate: indeterminate, shards: shards)
+        let counts = nemesis.counts.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ")
+        let pass = res.ok && anomalies.isEmpty && verifyFailures.isEmpty && converged
+        var lines: [String] = []
+        lines.append("seed \(seed); \(nodes) nodes, \(shards) shards, \(minutes) min of faults")
+        lines.append("faults: \(counts)")
+        lines.append("writes: \(acked.count) acknowledged, \(failed.count) failed (refused, or no connection), \(indeterminate.count) indeterminate")
+        lines.append("reads: \(reads) cursor reads, \(recordsRead) records, \(anomalies.count) anomalies")
+        lines.append("repairs reported by nodes: \(repairs)")
+        lines.append("converged: \(converged); weft-dump --verify: \(verifyFailures.isEmpty ? "all pass" : "\(verifyFailures.count) FAIL")")
+        lines.append("lost \(res.lost.count), duplicated \(res.duplicated.count), divergent \(res.divergent.count), unexpected \(res.unexpected.count), misplaced \(res.misplaced.count)")
+        for l in (res.lost + res.duplicated + res.divergent + res.unexpected + res.misplaced + anomalies + verifyFailures).prefix(20) { lines.append("  " + l) }
+        lines += res.notes.map { "  " + $0 }
+        lines.append(pass ? "PASS" : "FAIL")
+        let text = lines.joined(separator: "\n") + "\n"
+        try text.write(toFile: out + "/summary.txt", atomically: true, encoding: .utf8)
+        print(text, terminator: "")
+        print(
+            "weft-faults: seed \(seed): \(acked.count) acknowledged, lost \(res.lost.count), duplicated \(res.duplicated.count), divergent \(res.divergent.count), cursor anomalies \(anomalies.count) -> \(pass ? "PASS" : "FAIL")"
+        )
+        if !pass { throw ExitCode(1) }
+    }
+
+    func status(_ n: Int, _ client: HTTPClient) async -> [[String: Any]]? {
+        await client.json(host: TestNetwork.address(n), port: Cluster.apiPort, path: "/api/v1/cluster/status")?["shards"] as? [[String: Any]]
+    }
+
+    func waitForLeaders(_ cluster: Cluster, _ client: HTTPClient, timeout: Duration) async throws {
+        let end = ContinuousClock.now + timeout
+        while ContinuousClock.now < end {
+            if let s = await status(1, client), s.count == shards, s.allSatisfy({ $0["leader"] as? Int != nil }) { return }
+            try await Task.sleep(for: .milliseconds(200))
+        }
+        throw HarnessError("no leader for every shard within \(timeout); see \(cluster.out)/nodes/")
+    }
+
+    /// Every replica of every shard applied the same index, no replica recovering, twice in a row.
+    func waitForConvergence(_ cluster: Cluster, _ client: HTTPClient, timeout: Duration) async throws -> Bool {
+        let end = ContinuousClock.now + timeout
+        var stable = 0
+        var last = ""
+        while ContinuousClock.now < end {
+            var view: [String] = []
+            var ok = true
+            for n in cluster.nodes {
+                guard let s = await status(n, client), s.count == shards else {
+                    ok = false
+                    break
+                }
+                for sh in s.sorted(by: { ($0["id"] as? Int ?? 0) < ($1["id"] as? Int ?? 0) }) {
+                    let recovering = ((sh["repair"] as? [String: Any])?["recovering"] as? Bool) ?? false
+                    if recovering || sh["leader"] as? Int == nil { ok = false }
+                    view.append("\(sh["id"] ?? "?"):\(sh["applied_index"] ?? "?")")
+                }
+            }
+            let perShard = Dictionary(grouping: view, by: { $0.split(separator: ":")[0] })
+            if ok && perShard.values.allSatisfy({ Set($0).count == 1 }) && view.joined() == last {
+                stable += 1
+                if stable >= 2 { return true }
+            } else {
+                stable = 0
+            }
+            last = view.joined()
+            try await Task.sleep(for: .milliseconds(500))
+        }
+        print("weft-faults: replicas did not converge within \(timeout): \(last)")
+        return false
+    }
+
+    func readLog(node: Int, shard: Int, _ client: HTTPClient) async throws -> [Checker.Entry] {
+        var out: [Checker.Entry] = []
+        var from: UInt64 = 1
+        var failures = 0
+        while true {
+            let r = await client.json(
+                host: TestNetwork.address(node), port: Cluster.apiPort, path: "/api/v1/shards/\(shard)/log?from=\(from)&limit=5000",
+                timeout: .seconds(10))
+            guard let r, let recs = r["records"] as? [[String: Any]] else {
+                failures += 1
+                if failures > 20 { throw HarnessError("cannot read node \(node)'s log of shard \(shard) at \(from)") }
+                try await Task.sleep(for: .milliseconds(500))
+                continue
+            }
+            if recs.isEmpty { return out }
+            for x in recs {
+                let payload = (x["payload_b64"] as? String).flatMap { Data(base64Encoded: $0) }.map { String(decoding: $0, as: UTF8.self) } ?? ""
+                out.append(
+                    Checker.Entry(
+                        index: (x["index"] as? NSNumber)?.uint64Value ?? 0, term: (x["term"] as? NSNumber)?.uint64Value ?? 0,
+                        type: x["type"] as? Int ?? 0, stream: (x["stream"] as? NSNumber)?.uint64Value ?? 0,
+                        seq: (x["seq"] as? NSNumber)?.uint64Value ?? 0, payload: payload))
+            }
+            from = (out.last?.index ?? from) + 1
+        }
+    }
+
+    /// What the nodes' logs say they repaired (the status counts only since each node's last start).
+    func repairReport(_ cluster: Cluster, _ client: HTTPClient) async -> String {
+        var parts: [String] = []
+        for n in cluster.nodes {
+            let log = (try? String(contentsOfFile: cluster.out + "/nodes/n\(n).log", encoding: .utf8)) ?? ""
+            let lines = log.split(separator: "\n")
+            let cuts = lines.filter { $0.contains("refetching") }.count
+            let done = lines.filter { $0.contains("repaired: the log holds") }.count
+            parts.append("node \(n): \(cuts) cut back, \(done) recoveries completed")
+        }
+        return parts.joined(separator: "; ")
+    }
+}

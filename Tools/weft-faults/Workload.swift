@@ -1,0 +1,75 @@
+import Foundation
+
+/// Clients outside the namespaces: writers append unique payloads through random nodes (a payload whose
+/// outcome is unknown is never sent again: a retry could write it twice), readers follow streams by
+/// cursor through random nodes.
+struct Workload: Sendable {
+    let client: HTTPClient
+    let nodes: [Int]
+    let shards: Int
+    let streams = 4
+    let history: History
+
+    func writer(_ process: Int, until end: ContinuousClock.Instant, seed: UInt64) async {
+        var rng = SplitMix(seed: seed ^ UInt64(process) &* 0x51_7CC1_B727_220A)
+        var n = 0
+        while ContinuousClock.now < end {
+            n += 1
+            let shard = Int(rng.next() % UInt64(shards))
+            let stream = 1 + Int(rng.next() % UInt64(streams))
+            let node = rng.pick(nodes)
+            let value = "w\(process)-\(n)"
+            let body = Array(#"{"records":[{"stream":\#(stream),"payload":"\#(value)"}]}"#.utf8)
+            await history.invoke(process: process, shard: shard, stream: stream, value: value, node: node)
+            let outcome = await client.request(
+                .POST, host: TestNetwork.address(node), port: Cluster.apiPort, path: "/api/v1/shards/\(shard)/append", body: body,
+                timeout: .seconds(5))
+            switch outcome {
+            case .response(200, let b):
+                let obj = (try? JSONSerialization.jsonObject(with: Data(b))) as? [String: Any]
+                if let recs = obj?["records"] as? [[String: Any]], let r = recs.first,
+                    let index = (r["index"] as? NSNumber)?.uint64Value, let seq = (r["seq"] as? NSNumber)?.uint64Value
+                {
+                    await history.ok(process: process, shard: shard, value: value, node: node, index: index, seq: seq)
+                } else {
+                    await history.info(process: process, value: value, node: node, error: "200 with an unreadable body")
+                }
+            case .response(let status, let b) where status >= 400 && status < 500:
+                await history.fail(process: process, value: value, node: node, status: status, error: String(decoding: b, as: UTF8.self))
+            case .response(let status, let b):
+                await history.info(process: process, value: value, node: node, error: "\(status) \(String(decoding: b.prefix(300), as: UTF8.self))")
+            case .failed(let why) where why.hasPrefix("connect:"):
+                // No connection, so nothing was sent: a definite failure.
+                await history.fail(process: process, value: value, node: node, status: 0, error: why)
+            case .failed(let why):
+                await history.info(process: process, value: value, node: node, error: why)
+            }
+            try? await Task.sleep(for: rng.millis(5...25))
+        }
+    }
+
+    func reader(_ process: Int, shard: Int, stream: Int, until end: ContinuousClock.Instant, seed: UInt64) async {
+        var rng = SplitMix(seed: seed ^ 0xAEAD ^ UInt64(process))
+        var cursor: UInt64 = 1
+        while ContinuousClock.now < end {
+            let node = rng.pick(nodes)
+            let outcome = await client.request(
+                .GET, host: TestNetwork.address(node), port: Cluster.apiPort,
+                path: "/api/v1/shards/\(shard)/streams/\(stream)?cursor=\(cursor)&limit=200", timeout: .seconds(3))
+            if case .response(200, let b) = outcome,
+                let obj = (try? JSONSerialization.jsonObject(with: Data(b))) as? [String: Any],
+                let recs = obj["records"] as? [[String: Any]]
+            {
+                let records: [(seq: UInt64, payload: String)] = recs.compactMap { r in
+                    guard let seq = (r["seq"] as? NSNumber)?.uint64Value, let p = r["payload_b64"] as? String,
+                        let d = Data(base64Encoded: p)
+                    else { return nil }
+                    return (seq, String(decoding: d, as: UTF8.self))
+                }
+                await history.read(process: process, shard: shard, stream: stream, cursor: cursor, node: node, records: records)
+                if let last = records.last, last.seq >= cursor { cursor = last.seq + 1 }
+            }
+            try? await Task.sleep(for: rng.millis(30...80))
+        }
+    }
+}
