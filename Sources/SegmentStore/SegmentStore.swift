@@ -109,30 +109,49 @@ public final class SegmentStore {
                 noteDamage(at: prev.lastIndex + 1)
                 break
             }
-            if isLast {
-                if seg.size <= UInt64(Layout.segmentHeaderBytes),
-                    (try? SegmentHeader.decode(try file.read(at: 0, count: Layout.segmentHeaderBytes))) == nil
-                {
-                    // A roll that crashed before its header was durable: the file never held records.
-                    log("\(dataPath): removing segment with incomplete header (\(seg.size) bytes)")
-                    file.close()
-                    try disk.remove(dataPath)
-                    try disk.syncDirectory(directory)
-                    continue
+            // A segment of another shard is a configuration mistake, not damage: refuse to open.
+            if let h = try? SegmentHeader.decode(try file.read(at: 0, count: Layout.segmentHeaderBytes)), h.shard != options.shard {
+                file.close()
+                throw StoreError.corrupt(
+                    FormatError(.mismatch, file: dataPath, offset: 0, "segment belongs to shard \(h.shard); this store is shard \(options.shard)"))
+            }
+            do {
+                if isLast {
+                    if seg.size <= UInt64(Layout.segmentHeaderBytes),
+                        (try? SegmentHeader.decode(try file.read(at: 0, count: Layout.segmentHeaderBytes))) == nil
+                    {
+                        // A roll that crashed before its header was durable: the file never held records.
+                        log("\(dataPath): removing segment with incomplete header (\(seg.size) bytes)")
+                        file.close()
+                        try disk.remove(dataPath)
+                        try disk.syncDirectory(directory)
+                        continue
+                    }
+                    if disk.exists(seg.indexPath) {
+                        // The last segment is the one appended to; its index lives in memory until sealed.
+                        try disk.remove(seg.indexPath)
+                        try disk.syncDirectory(directory)
+                    }
+                    seg.builder = try scan(seg, expectedEnd: nil)
+                    active = seg
+                } else {
+                    let nextBase = bases[k + 1]
+                    if !(try loadIndex(seg)) {
+                        seg.builder = try scan(seg, expectedEnd: nextBase - 1)
+                        try seal(seg)
+                    }
                 }
-                if disk.exists(seg.indexPath) {
-                    // The last segment is the one appended to; its index lives in memory until sealed.
-                    try disk.remove(seg.indexPath)
-                    try disk.syncDirectory(directory)
-                }
-                seg.builder = try scan(seg, expectedEnd: nil)
-                active = seg
-            } else {
-                let nextBase = bases[k + 1]
-                if !(try loadIndex(seg)) {
-                    seg.builder = try scan(seg, expectedEnd: nextBase - 1)
-                    try seal(seg)
-                }
+            } catch let e as FormatError {
+                // A segment that cannot be read as one (damaged header, blocks out of order): the log
+                // ends before it; it and the segments after it are moved aside.
+                file.close()
+                damage.append(e)
+                let note = "\(e); moving this and later segments to \(FileNames.quarantine)/"
+                log(note)
+                findings.notes.append(note)
+                try quarantine(Array(bases[k...]))
+                noteDamage(at: base)
+                break
             }
             segments.append(seg)
         }
