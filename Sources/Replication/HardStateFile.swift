@@ -15,6 +15,8 @@ public final class HardStateFile {
     public let path: String
     var seq: UInt64
     public private(set) var state: HardState
+    /// The file held bytes but no valid slot: the term and vote this node had are unknown.
+    public let damaged: Bool
 
     public init(path: String, disk: any Disk) throws {
         self.path = path
@@ -33,6 +35,7 @@ public final class HardStateFile {
         }
         seq = best?.0 ?? 0
         state = best?.1 ?? HardState()
+        damaged = best == nil && bytes.contains { $0 != 0 }
     }
 
     /// Writes `hs` durably (pwrite + fdatasync) into the older slot.

@@ -161,7 +161,12 @@ public final class ShardReplica {
         let findings = store.findings
         for n in findings.notes { record("at open: \(n)") }
         let wasRecovering = store.fileSystem.exists(markerPath)
-        if findings.damagedFrom != nil || findings.tailUnverified || wasRecovering {
+        if hardState.damaged {
+            // Term and vote unknown: voting again could vote twice in a term. Recovering, the replica
+            // votes only after a leader has brought it to the current term and log.
+            record("at open: \(hardState.path) is damaged (no valid slot): term and vote unknown")
+        }
+        if findings.damagedFrom != nil || findings.tailUnverified || wasRecovering || hardState.damaged {
             if wasRecovering && findings.damagedFrom == nil && !findings.tailUnverified {
                 record("a repair was under way when the replica stopped: recovering again")
             }
