@@ -111,6 +111,12 @@ final class ClusterProcess: @unchecked Sendable {
             var leader: UInt64?
             var term: UInt64
             var commit_index: UInt64
+            var repair: Repair?
+        }
+        struct Repair: Decodable {
+            var recovering: Bool
+            var repairs: Int
+            var events: [String]
         }
         var node: UInt64
         var shards: [Shard]
