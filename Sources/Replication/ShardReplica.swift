@@ -206,6 +206,8 @@ public final class ShardReplica {
             }
             repairs += 1
         }
+        // The loss is on record (marker) and the log cut: the fence may now describe the log as it is.
+        try store.acceptFindings()
         reader = StoreLogReader(store)
         raft = Raft(
             config: raftConfig, log: reader, hardState: hardState.state, membership: raft.membership, applied: 0,

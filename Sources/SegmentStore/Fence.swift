@@ -5,9 +5,11 @@ import WeftCore
 /// `tail.fence` (Docs/faults.md). It lets a reopened store tell a log that simply ends here from one that
 /// lost records: a segment truncated (even exactly at a block boundary), a whole segment deleted.
 ///
-/// It is rewritten in place after every append, truncation and retention run (one pwrite into the page
-/// cache, no fsync: it is never needed to survive power loss, since then the data it describes was
-/// synced first and the fence can only be behind it), and fsynced when the store opens.
+/// After an append it is rewritten in place with one pwrite into the page cache, no fsync (the data was
+/// synced first, so after a power loss the fence can only be behind it). Before a truncation or a
+/// retention run shortens the log, the fence for the shorter log is written *and synced* first, so it is
+/// never ahead of the log either. At open it is synced when the log checks out against it, and left alone
+/// when it does not (the loss stays detectable until the owner calls `acceptFindings`).
 ///
 /// ```
 /// "WEFTFNC\0" | u64 firstIndex | u64 lastIndex | u64 lastTerm | u32 crc32c of the 32 bytes before
@@ -57,12 +59,24 @@ extension SegmentStore {
 
     /// Writes the fence for the log as it is now. With `sync`, also fdatasyncs it.
     func writeFence(sync: Bool = false) throws {
+        try writeFence(Fence(firstIndex: firstIndex, lastIndex: lastIndex, lastTerm: lastTerm), sync: sync)
+    }
+
+    func writeFence(_ fence: Fence, sync: Bool) throws {
         if fenceFile == nil {
             fenceFile = try disk.open(fencePath, create: true)
         }
         guard let f = fenceFile else { return }
-        try f.write(Fence(firstIndex: firstIndex, lastIndex: lastIndex, lastTerm: lastTerm).encode(), at: 0)
+        try f.write(fence.encode(), at: 0)
         if sync { try f.sync() }
+    }
+
+    /// After open found records lost or could not tell (`findings`), the fence is left as it was, so a
+    /// restart before the loss is recorded elsewhere finds it again. The owner calls this once it has
+    /// recorded the loss durably (the replica's `recovering` marker): the fence then describes the log
+    /// as it is.
+    public func acceptFindings() throws {
+        try guardDisk { try writeFence(sync: true) }
     }
 
     /// Records that the record at `index` (and so the log from there) is lost or unreadable.

@@ -164,7 +164,7 @@ public final class SegmentStore {
         rebuildSpans()
         checkFence(fence)
         findings.damagedFrom = damagedFrom
-        try writeFence(sync: true)
+        if damagedFrom == nil && !findings.tailUnverified { try writeFence(sync: true) }
         // What recovery found may not be durable: a write or a file creation whose sync failed before the
         // restart. Later appends sync only the active file's data, so make both the data and the directory
         // durable now, before anything new is acknowledged on top of them.

@@ -38,8 +38,12 @@ extension SegmentStore {
         if let why = failureReason { throw StoreError.failed(why) }
         // Whatever was found damaged from `index` on is gone after this.
         if let d = damagedFrom, d >= index { damagedFrom = nil }
-        guard index <= lastIndex else { return }
         guard index >= 1 else { throw StoreError.outOfRange(requested: index, first: firstIndex, last: lastIndex) }
+        // The fence for the shorter log goes first, synced: after a crash it is never ahead of the log.
+        let newLast = min(index - 1, lastIndex)
+        let newTerm = newLast == 0 || newLast < firstIndex ? 0 : try term(at: newLast)
+        try guardDisk { try writeFence(Fence(firstIndex: firstIndex, lastIndex: newLast, lastTerm: newTerm), sync: true) }
+        guard index <= lastIndex else { return }
         recentBlocks = []
         defer { recentBlocks = [] }
         try guardDisk {
@@ -60,7 +64,6 @@ extension SegmentStore {
         lastIndex = index - 1
         lastTerm = lastIndex == 0 || lastIndex < firstIndex ? 0 : try term(at: lastIndex)
         rebuildSpans()
-        try guardDisk { try writeFence() }
     }
 
     private func cut(_ seg: Segment, at index: LogIndex) throws {
@@ -126,8 +129,15 @@ extension SegmentStore {
         if let why = failureReason { throw StoreError.failed(why) }
         var dropped = 0
         recentBlocks = []
+        var droppable = 0
+        while droppable < segments.count - 1, segments[droppable] !== active, segments[droppable].lastIndex <= index { droppable += 1 }
+        guard droppable > 0 else { return 0 }
+        // The fence for the shorter log goes first, synced: after a crash it is never ahead of the log.
         try guardDisk {
-            while segments.count > 1, let first = segments.first, first !== active, first.lastIndex <= index {
+            try writeFence(Fence(firstIndex: segments[droppable].base, lastIndex: lastIndex, lastTerm: lastTerm), sync: true)
+        }
+        try guardDisk {
+            while dropped < droppable, let first = segments.first {
                 first.close()
                 try disk.remove(first.dataPath)
                 if disk.exists(first.indexPath) { try disk.remove(first.indexPath) }
@@ -139,7 +149,6 @@ extension SegmentStore {
         if dropped > 0 {
             rebuildSpans()
             if let d = damagedFrom, d < firstIndex { damagedFrom = nil }
-            try guardDisk { try writeFence() }
         }
         return dropped
     }

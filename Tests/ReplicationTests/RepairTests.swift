@@ -73,9 +73,9 @@ import WeftTesting
             r.onApply = { [unowned self] rec in self.applied[id, default: []].append(rec) }
             // Catch-up from files: the chunks go straight into the follower's staging directory.
             r.shipFile = { [unowned self] to, name, offset, _, bytes in
-                var probe = Message(kind: .snapshot, from: id, to: to, term: 0)
-                probe.index = 0
-                if !self.drop(probe) { try? self.replicas[to]?.stage(name: name, offset: offset, bytes: bytes) }
+                if !self.drop(Message(kind: .snapshot, from: id, to: to, term: 0)) {
+                    try? self.replicas[to]?.stage(name: name, offset: offset, bytes: bytes)
+                }
             }
             replicas[id] = r
         }
@@ -239,7 +239,6 @@ import WeftTesting
         #expect(answer != nil, "no answer to a pre-vote")
         #expect(answer?.reject == true, "a recovering replica granted a pre-vote")
 
-        print("DEBUG after prevote: repairs \(c.replica(b).repairs) damagedFrom \(String(describing: c.replica(b).store.damagedFrom)) events \(c.replica(b).repairEvents)")
         // More writes while it catches up, then heartbeats.
         let more = try c.propose(5, tag: "during")
         try c.heartbeats(5)
@@ -267,7 +266,7 @@ import WeftTesting
         let c = try Cluster()
         let a = NodeID(1), b = NodeID(2)
         try c.elect(a)
-        let acked = try c.propose(40, tag: "x")
+        let acked = try c.propose(70, tag: "x")
         try c.heartbeats()
         let segs = try c.segments(b)
         try #require(segs.count >= 4)
@@ -315,7 +314,7 @@ import WeftTesting
         let c = try Cluster()
         let a = NodeID(1)
         try c.elect(a)
-        let acked = try c.propose(40, tag: "y")
+        let acked = try c.propose(70, tag: "y")
         try c.heartbeats()
         let segs = try c.segments(a)
         try #require(segs.count >= 4)
@@ -404,7 +403,7 @@ import WeftTesting
             try c.settle()
             leaders += [b, cc].filter { c.replicas[$0]?.raft.role == .leader }
         }
-        #expect(leaders.isEmpty, "B and C elected \(leaders.first.map { String(describing: $0) } ?? "")")
+        #expect(leaders.isEmpty, "B and C elected node \(leaders.first.map { String(describing: $0) } ?? "") (leader in \(leaders.count) rounds)")
         #expect(c.replica(b).isRecovering)
         #expect(c.replica(cc).raft.role != .leader)
 
@@ -462,8 +461,37 @@ import WeftTesting
         try Self.expectHolds(c, b, acked, "after the restarted repair")
     }
 
-    /// The first segment lost: the whole log is cut (it cannot be kept above a hole) and the replica is
-    /// refilled by the leader, through file catch-up.
+    /// The store rewrites and syncs the fence for the recovered (shorter) log as it opens, before the
+    /// replica has written its `recovering` marker. If the replica does not get that far — here its
+    /// membership file is damaged, so it refuses to open — the evidence is gone: once the file is restored,
+    /// the replica opens as an ordinary voter whose log lacks records it acknowledged.
+    @Test func lossIsRememberedWhenTheFirstOpenFails() throws {
+        let c = try Cluster()
+        let a = NodeID(1), b = NodeID(2)
+        try c.elect(a)
+        _ = try c.propose(30, tag: "m")
+        try c.heartbeats()
+        c.stop(b)
+        let last = try #require(try c.segments(b).last)
+        try #require(last.blocks.count >= 2)
+        try c.truncateFile(last.path, to: last.blocks[1].offset)
+        let membership = c.dir(b) + "/membership"
+        let f = try c.disk.open(membership, create: false)
+        let original = try f.read(at: 0, count: Int(try f.size()))
+        try f.write([original[9] ^ 0xFF], at: 9)
+        f.close()
+
+        #expect(throws: (any Error).self) { try c.open(b) }
+        let g = try c.disk.open(membership, create: false)
+        try g.write(original, at: 0)
+        g.close()
+        try c.open(b)
+        #expect(c.replica(b).isRecovering)
+        #expect(c.disk.exists(c.marker(b)))
+    }
+
+    /// The first segment lost: the whole log is cut (nothing can be kept above a hole at its start) and
+    /// the replica is refilled by the leader from index 1.
     @Test func followerFirstSegmentLost() throws {
         let c = try Cluster()
         let a = NodeID(1), b = NodeID(2)
