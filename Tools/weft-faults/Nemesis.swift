@@ -56,7 +56,7 @@ final class Nemesis: @unchecked Sendable {
 
     /// One fault: applied, held for a while, healed.
     func step() async throws {
-        let weights: [(Kind, Int)] = [(.kill, 34), (.pause, 10), (.isolate, 10), (.partition, 10), (.oneWay, 10), (.split, 8), (.disk, 18)]
+        let weights: [(Kind, Int)] = [(.kill, 38), (.pause, 9), (.isolate, 9), (.partition, 9), (.oneWay, 9), (.split, 8), (.disk, 18)]
         var r = Int(rng.next() % UInt64(weights.reduce(0) { $0 + $1.1 }))
         var kind = Kind.kill
         for (k, w) in weights {
@@ -77,6 +77,7 @@ final class Nemesis: @unchecked Sendable {
         switch kind {
         case .kill:
             cluster.kill(victim)
+            counts["sigkill", default: 0] += 1
             await note("kill", "start", ["node": victim, "leader_targeted": targetLeader])
             try await Task.sleep(for: hold)
             try cluster.start(victim)
@@ -122,6 +123,7 @@ final class Nemesis: @unchecked Sendable {
                 return
             }
             cluster.kill(victim)
+            counts["sigkill", default: 0] += 1
             var what = cluster.damage(victim, fault, rng: &rng)
             var applied = fault
             if what == nil {
