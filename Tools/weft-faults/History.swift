@@ -13,7 +13,7 @@ actor History {
     }
     /// payload -> where the acknowledging node said it was written.
     private(set) var acked: [String: Ack] = [:]
-    /// Definitely not written (a 4xx answer).
+    /// Definitely not written: the last attempt got a 4xx answer or no connection at all.
     private(set) var failed: Set<String> = []
     /// Outcome unknown (timeout, connection lost, 5xx): may or may not be in the log.
     private(set) var indeterminate: Set<String> = []
@@ -44,6 +44,7 @@ actor History {
 
     func ok(process: Int, shard: Int, value: String, node: Int, index: UInt64, seq: UInt64) {
         acked[value] = Ack(shard: shard, index: index, seq: seq)
+        failed.remove(value)  // an earlier attempt that never connected
         write(["op": "append", "type": "ok", "process": process, "shard": shard, "value": value, "node": node, "index": index, "seq": seq])
     }
 
@@ -54,6 +55,7 @@ actor History {
 
     func info(process: Int, value: String, node: Int, error: String) {
         indeterminate.insert(value)
+        failed.remove(value)
         write(["op": "append", "type": "info", "process": process, "value": value, "node": node, "error": error])
     }
 

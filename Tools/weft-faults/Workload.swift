@@ -17,32 +17,42 @@ struct Workload: Sendable {
             n += 1
             let shard = Int(rng.next() % UInt64(shards))
             let stream = 1 + Int(rng.next() % UInt64(streams))
-            let node = rng.pick(nodes)
             let value = "w\(process)-\(n)"
             let body = Array(#"{"records":[{"stream":\#(stream),"payload":"\#(value)"}]}"#.utf8)
-            await history.invoke(process: process, shard: shard, stream: stream, value: value, node: node)
-            let outcome = await client.request(
-                .POST, host: TestNetwork.address(node), port: Cluster.apiPort, path: "/api/v1/shards/\(shard)/append", body: body,
-                timeout: .seconds(5))
-            switch outcome {
-            case .response(200, let b):
-                let obj = (try? JSONSerialization.jsonObject(with: Data(b))) as? [String: Any]
-                if let recs = obj?["records"] as? [[String: Any]], let r = recs.first,
-                    let index = (r["index"] as? NSNumber)?.uint64Value, let seq = (r["seq"] as? NSNumber)?.uint64Value
-                {
-                    await history.ok(process: process, shard: shard, value: value, node: node, index: index, seq: seq)
-                } else {
-                    await history.info(process: process, value: value, node: node, error: "200 with an unreadable body")
+            // A definite failure (no connection: nothing was sent) is retried on another node, up to three
+            // nodes; an unknown outcome never is (a retry could write the payload twice).
+            var tried: [Int] = []
+            attempts: while tried.count < 3 {
+                let node = rng.pick(nodes.filter { !tried.contains($0) }.isEmpty ? nodes : nodes.filter { !tried.contains($0) })
+                tried.append(node)
+                await history.invoke(process: process, shard: shard, stream: stream, value: value, node: node)
+                let outcome = await client.request(
+                    .POST, host: TestNetwork.address(node), port: Cluster.apiPort, path: "/api/v1/shards/\(shard)/append", body: body,
+                    timeout: .seconds(5))
+                switch outcome {
+                case .response(200, let b):
+                    let obj = (try? JSONSerialization.jsonObject(with: Data(b))) as? [String: Any]
+                    if let recs = obj?["records"] as? [[String: Any]], let r = recs.first,
+                        let index = (r["index"] as? NSNumber)?.uint64Value, let seq = (r["seq"] as? NSNumber)?.uint64Value
+                    {
+                        await history.ok(process: process, shard: shard, value: value, node: node, index: index, seq: seq)
+                    } else {
+                        await history.info(process: process, value: value, node: node, error: "200 with an unreadable body")
+                    }
+                    break attempts
+                case .response(let status, let b) where status >= 400 && status < 500:
+                    await history.fail(process: process, value: value, node: node, status: status, error: String(decoding: b, as: UTF8.self))
+                    break attempts
+                case .response(let status, let b):
+                    await history.info(process: process, value: value, node: node, error: "\(status) \(String(decoding: b.prefix(300), as: UTF8.self))")
+                    break attempts
+                case .failed(let why) where why.hasPrefix("connect:"):
+                    // No connection, so nothing was sent: a definite failure; try another node.
+                    await history.fail(process: process, value: value, node: node, status: 0, error: why)
+                case .failed(let why):
+                    await history.info(process: process, value: value, node: node, error: why)
+                    break attempts
                 }
-            case .response(let status, let b) where status >= 400 && status < 500:
-                await history.fail(process: process, value: value, node: node, status: status, error: String(decoding: b, as: UTF8.self))
-            case .response(let status, let b):
-                await history.info(process: process, value: value, node: node, error: "\(status) \(String(decoding: b.prefix(300), as: UTF8.self))")
-            case .failed(let why) where why.hasPrefix("connect:"):
-                // No connection, so nothing was sent: a definite failure.
-                await history.fail(process: process, value: value, node: node, status: 0, error: why)
-            case .failed(let why):
-                await history.info(process: process, value: value, node: node, error: why)
             }
             try? await Task.sleep(for: rng.millis(5...25))
         }
