@@ -108,6 +108,9 @@ public final class ShardReplica {
     var markerPath: String { store.directory + "/recovering" }
     /// Bytes of sealed segments the scrubber verifies per call of `scrub`.
     public var scrubBytesPerTick = 1 << 20
+    /// Pause between two full scrub passes (the first pass starts when the replica opens).
+    public var scrubPause: Duration = .seconds(600)
+    var nextScrub = ContinuousClock.now
 
     public enum OpenError: Error, CustomStringConvertible {
         case membershipMissing(String)
@@ -237,9 +240,11 @@ public final class ShardReplica {
     }
 
     /// Verifies the next sealed blocks (a background scrub: every sealed block is read and checked once
-    /// per pass); damage found is repaired by the next `process`.
+    /// per pass, a pass right after open and then one every `scrubPause`); damage found is repaired by the
+    /// next `process`.
     public func scrub() {
-        if store.damagedFrom == nil { store.scrub(maxBytes: scrubBytesPerTick) }
+        guard store.damagedFrom == nil, ContinuousClock.now >= nextScrub else { return }
+        if store.scrub(maxBytes: scrubBytesPerTick) { nextScrub = ContinuousClock.now + scrubPause }
     }
 
     /// Recovery ends when Raft says the log has caught up: the marker goes.
