@@ -39,6 +39,14 @@ public enum StatusCommand {
             out += pad("\(shard)", 7) + pad(s.leader.map(String.init) ?? "-", 8) + pad("\(s.term)", 8) + pad("\(s.commit_index)", 12)
                 + pad("\(s.applied_index)", 12) + reps + "\n"
         }
+        // Replicas repairing damaged storage (Docs/faults.md), from each node's own view.
+        var repairing: [String] = []
+        for (node, a) in answers.sorted(by: { $0.key < $1.key }) {
+            for sh in a.shards where sh.repair?.recovering == true {
+                repairing.append("shard \(sh.id) on node \(node): recovering (\(sh.repair?.events.last ?? ""))")
+            }
+        }
+        if !repairing.isEmpty { out += "\nREPAIRING\n" + repairing.joined(separator: "\n") + "\n" }
         for e in errors { out += "unreachable: \(e)\n" }
         return out
     }
