@@ -183,4 +183,13 @@ struct ToolTests {
         let badArg = try Self.run("weft", ["bench", "store", "--dir", noSegs, "--records", "0"])
         #expect(badArg.status != 0 && badArg.stderr.contains("--records"))
     }
+
+    /// The fault harness's checker sees every kind of anomaly it claims to (lost, duplicated, divergent,
+    /// misplaced, refused-but-written), and passes a clean history.
+    @Test func faultCheckerSeesKnownAnomalies() throws {
+        let r = try Self.run("weft-faults", ["--self-check"])
+        #expect(r.status == 0, "\(r.stdout)\(r.stderr)")
+        #expect(r.stdout.split(separator: "\n").count >= 8)
+        #expect(!r.stdout.contains("WRONG"), "\(r.stdout)")
+    }
 }

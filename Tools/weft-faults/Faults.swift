@@ -40,7 +40,16 @@ struct Faults: AsyncParsableCommand {
     @Option(help: "Concurrent cursor readers.")
     var readers: Int = 3
 
+    @Flag(help: "Check the checker against histories with known anomalies, then exit (no root needed).")
+    var selfCheck = false
+
     func run() async throws {
+        if selfCheck {
+            let (lines, ok) = SelfCheck.run()
+            for l in lines { print(l) }
+            if !ok { throw ExitCode(1) }
+            return
+        }
         guard getuid() == 0 else { throw HarnessError("weft-faults needs root (network namespaces and iptables)") }
         for tool in ["ip", "iptables"] where (try? sh(["which", tool]))?.status != 0 {
             throw HarnessError("\(tool) not found: run Tools/install-deps.sh")
