@@ -90,8 +90,10 @@ public struct Raft {
     /// on this node's log again holds everything it acknowledged. Protocol-aware recovery
     /// (Alagappan et al., FAST'18), reduced to the one rule Raft needs.
     public private(set) var recovering: Bool
-    /// While recovering: the index the committed log must reach (0: no leader has been heard yet).
+    /// While recovering: the index the committed log must reach (0: no leader has been heard yet), and
+    /// the term of the leader that set it.
     public private(set) var recoveryTarget: LogIndex = 0
+    var recoveryTargetTerm: Term = 0
 
     public init(
         config: RaftConfig, log: any RaftLogReader, hardState: HardState, membership: Membership, applied: LogIndex,
@@ -185,6 +187,16 @@ public struct Raft {
         if role != .follower { becomeFollower(term: term, leader: nil) }
         recovering = true
         recoveryTarget = 0
+        recoveryTargetTerm = 0
+    }
+
+    /// A leader told this recovering node its last index: the first leader of each term sets the target
+    /// (a later leader's log may have dropped an uncommitted tail of an earlier one's, and holds every
+    /// committed entry as well).
+    mutating func learnRecoveryTarget(_ m: Message) {
+        guard recovering, m.hint > 0, m.term > recoveryTargetTerm else { return }
+        recoveryTarget = m.hint
+        recoveryTargetTerm = m.term
     }
 
     /// Leaves recovery once the committed log reaches the target set by the first leader heard.
@@ -468,7 +480,11 @@ public struct Raft {
                 if m.context == Raft.lostEntriesContext, hint < pr.match {
                     pr.lostEntries(matchHint: hint)
                     progress[m.from] = pr
-                    sendAppend(to: m.from)
+                    if hint == 0, log.catchUpIndex > 0 {
+                        sendSnapshot(to: m.from, index: log.catchUpIndex)
+                    } else {
+                        sendAppend(to: m.from)
+                    }
                     return
                 }
                 if hint == 0, pr.match == 0, log.catchUpIndex > 0 {
@@ -607,6 +623,7 @@ public struct Raft {
         for n in membership.all.sorted() where n != id {
             var m = Message(kind: .heartbeat, from: id, to: n, term: term)
             m.commit = min(progress[n]?.match ?? 0, commit)
+            m.hint = lastIndex
             m.context = context
             send(m)
         }
@@ -642,12 +659,13 @@ public struct Raft {
         case .append:
             electionElapsed = 0
             leader = m.from
-            if recovering && recoveryTarget == 0 { recoveryTarget = max(m.hint, 1) }
+            learnRecoveryTarget(m)
             handleAppend(m)
             checkRecovered()
         case .heartbeat:
             electionElapsed = 0
             leader = m.from
+            learnRecoveryTarget(m)
             handleHeartbeat(m)
             checkRecovered()
         case .timeoutNow:

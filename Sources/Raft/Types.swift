@@ -102,8 +102,8 @@ public struct Message: Equatable, Sendable {
     public var entries: [Record] = []
     public var commit: LogIndex = 0
     public var reject = false
-    /// appendResponse (reject): where the leader should look next; append: the leader's last index
-    /// (a recovering follower learns from it how far it must catch up).
+    /// appendResponse (reject): where the leader should look next; append and heartbeat: the leader's
+    /// last index (a recovering follower learns from it how far it must catch up).
     public var hint: LogIndex = 0
     /// heartbeat / heartbeatResponse: the ReadIndex round it confirms (0: none).
     public var context: UInt64 = 0

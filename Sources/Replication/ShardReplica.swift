@@ -114,9 +114,12 @@ public final class ShardReplica {
 
     public enum OpenError: Error, CustomStringConvertible {
         case membershipMissing(String)
+        case hardStateLost(String)
         public var description: String {
             switch self {
             case .membershipMissing(let p): "\(p) is missing but the shard's log is not empty: the replica does not know its group"
+            case .hardStateLost(let why):
+                "\(why): this replica's term and vote are unknown, and it could vote twice in a term. Remove the replica from the shard's group, delete its directory, and add it back (it then catches up from the others)"
             }
         }
     }
@@ -134,6 +137,14 @@ public final class ShardReplica {
         self.store = store
         self.hardState = hardState
         self.membershipFile = membershipFile
+        // Raft amnesia cannot be repaired locally: a node that forgot its term could accept a stale
+        // leader's entries over committed ones, or vote twice. Refuse to open (Docs/faults.md).
+        if hardState.damaged {
+            throw OpenError.hardStateLost("\(hardState.path) is damaged (neither slot is valid)")
+        }
+        if hardState.state.term < store.lastTerm {
+            throw OpenError.hardStateLost("\(hardState.path) says term \(hardState.state.term) but the log has entries of term \(store.lastTerm)")
+        }
         var cfg = config
         cfg.id = id
         var membership = Membership(voters: [])
@@ -147,11 +158,13 @@ public final class ShardReplica {
                 membership = Membership(voters: Set(members))
                 membershipIndex = LogIndex(members.count)
                 try membershipFile.save(membership, index: membershipIndex)
+                // Term before entries, always: a log whose last term is above the saved term means the
+                // hard state was lost (checked below).
+                try hardState.save(HardState(term: 1, vote: nil, commit: membershipIndex))
                 try store.append(
                     members.enumerated().map { k, n in
                         Record(index: LogIndex(k + 1), term: 1, stream: .none, seq: 0, type: .config, timestampMicros: 0, payload: ConfigChange.addVoter(n).encode())
                     })
-                try hardState.save(HardState(term: 1, vote: nil, commit: membershipIndex))
             }
         } else {
             throw OpenError.membershipMissing(membershipFile.path)
@@ -164,17 +177,32 @@ public final class ShardReplica {
         let findings = store.findings
         for n in findings.notes { record("at open: \(n)") }
         let wasRecovering = store.fileSystem.exists(markerPath)
-        if hardState.damaged {
-            // Term and vote unknown: voting again could vote twice in a term. Recovering, the replica
-            // votes only after a leader has brought it to the current term and log.
-            record("at open: \(hardState.path) is damaged (no valid slot): term and vote unknown")
+        // Free proofs that the log once went further: the commit index saved with the term, and the
+        // index of the last membership change applied. They catch a log whose segments *and* fence are gone.
+        let knownEnd = max(hardState.state.commit, membershipIndex)
+        var provenLoss = false
+        if knownEnd > store.lastIndex, findings.damagedFrom == nil {
+            provenLoss = true
+            record("at open: the log ends at index \(store.lastIndex) but this replica had index \(knownEnd) (saved commit / membership): records were lost")
         }
-        if findings.damagedFrom != nil || findings.tailUnverified || wasRecovering || hardState.damaged {
+        if findings.damagedFrom != nil || findings.tailUnverified || wasRecovering || provenLoss {
             if wasRecovering && findings.damagedFrom == nil && !findings.tailUnverified {
                 record("a repair was under way when the replica stopped: recovering again")
             }
-            try enterRecovery(cutFrom: findings.damagedFrom)
+            // A repair cut the marker names but that did not happen before a crash happens now.
+            let markerFrom = wasRecovering ? markerIndex().flatMap { $0 <= store.lastIndex ? $0 : nil } : nil
+            let from = [findings.damagedFrom, markerFrom].compactMap { $0 }.min()
+            try enterRecovery(cutFrom: from)
         }
+    }
+
+    /// The index the marker file says the damage started at (nil: unknown or unreadable).
+    func markerIndex() -> LogIndex? {
+        guard let f = try? store.fileSystem.open(markerPath, create: false), let n = try? f.size(),
+            let b = try? f.read(at: 0, count: Int(min(n, 200)))
+        else { return nil }
+        f.close()
+        return String(decoding: b, as: UTF8.self).split(separator: " ").compactMap { LogIndex($0.trimmingCharacters(in: .whitespacesAndNewlines)) }.first
     }
 
     func record(_ event: String) {
@@ -224,7 +252,9 @@ public final class ShardReplica {
         let dir = store.directory
         let options = store.options
         store.close()
-        for n in try disk.list(dir) where n.hasSuffix(".seg") || n.hasSuffix(".idx") || n == "truncate.intent" || n == "tail.fence" {
+        // The fence goes last: a crash half way leaves it to report the missing records.
+        for n in try disk.list(dir).sorted(by: { ($0 == "tail.fence" ? 1 : 0) < ($1 == "tail.fence" ? 1 : 0) })
+        where n.hasSuffix(".seg") || n.hasSuffix(".idx") || n == "truncate.intent" || n == "tail.fence" {
             try disk.remove(dir + "/" + n)
         }
         try disk.syncDirectory(dir)
@@ -264,6 +294,10 @@ public final class ShardReplica {
     public func step(_ m: Message) {
         if m.kind == .snapshot, m.to == id, m.index > store.lastIndex {
             do {
+                // The shipped log has entries of terms up to the leader's: its term is saved first.
+                if m.term > hardState.state.term {
+                    try hardState.save(HardState(term: m.term, vote: nil, commit: hardState.state.commit))
+                }
                 try installStaged(upTo: m.index)
             } catch {
                 log("catch-up to \(m.index) not installed: \(error)")
@@ -317,14 +351,17 @@ public final class ShardReplica {
         }
         let dir = store.directory
         let options = store.options
-        failAll(.superseded)
+        failAll(.outcomeUnknown("replica \(id) of shard \(shard) replaced its log with the leader's files"))
         store.close()
-        for n in try disk.list(dir) where n.hasSuffix(".seg") || n.hasSuffix(".idx") || n == "truncate.intent" || n == "tail.fence" {
+        for n in try disk.list(dir).sorted(by: { ($0 == "tail.fence" ? 1 : 0) < ($1 == "tail.fence" ? 1 : 0) })
+        where n.hasSuffix(".seg") || n.hasSuffix(".idx") || n == "truncate.intent" || n == "tail.fence" {
             try disk.remove(dir + "/" + n)
         }
         for n in names { try disk.rename(stagingDirectory + "/" + n, to: dir + "/" + n) }
         try disk.syncDirectory(dir)
         store = try SegmentStore(directory: dir, options: options, disk: disk, log: log)
+        // The shipped log is verified and in place: its fence describes it.
+        try store.acceptFindings()
         reader = StoreLogReader(store)
         raft = Raft(
             config: raftConfig, log: reader, hardState: hardState.state, membership: raft.membership, applied: 0,
@@ -412,6 +449,13 @@ public final class ShardReplica {
                     later = rd.messages.filter { $0.kind != .append && $0.kind != .heartbeat }
                 }
             }
+            // Term and vote must be durable before anything is sent, and before entries of that term are
+            // appended (so the saved term is never below the log's last term: `OpenError.hardStateLost`);
+            // the commit index need not be (a restarted replica relearns it from the leader), so a
+            // commit-only change costs no fsync.
+            if let hs = rd.hardState, hs.term != hardState.state.term || hs.vote != hardState.state.vote {
+                try hardState.save(hs)
+            }
             if let first = rd.entries.first {
                 if first.index <= store.lastIndex {
                     try store.truncateSuffix(from: first.index)
@@ -422,11 +466,6 @@ public final class ShardReplica {
                     try store.append(fresh)
                     reader.didAppend(fresh)
                 }
-            }
-            // Term and vote must be durable before anything is sent; the commit index need not be (a
-            // restarted replica relearns it from the leader), so a commit-only change costs no fsync.
-            if let hs = rd.hardState, hs.term != hardState.state.term || hs.vote != hardState.state.vote {
-                try hardState.save(hs)
             }
             if !later.isEmpty { send(later) }
             for e in rd.committed {
@@ -442,6 +481,9 @@ public final class ShardReplica {
                 try membershipFile.save(raft.membership, index: raft.membershipIndex)
                 savedMembershipIndex = raft.membershipIndex
             }
+            // A read in this round (entries to send or apply) may have hit a damaged block: repair now,
+            // or Raft would ask for the same unreadable entries forever.
+            try repairIfDamaged()
         }
         // Reads are served once the state they must see is applied.
         while let r = pendingReads.first, r.index <= raft.applied {
@@ -451,7 +493,8 @@ public final class ShardReplica {
         // Proposals whose index was overwritten by another term fail now rather than wait forever.
         if raft.role != .leader, !waiting.isEmpty {
             for (i, w) in waiting where i > raft.lastIndex || (raft.logTerm(at: i).map { $0 != w.0 } ?? false) {
-                waiting.removeValue(forKey: i)?.1(.failure(.superseded))
+                // Overwritten here, but another replica holding it may still get it committed.
+                waiting.removeValue(forKey: i)?.1(.failure(.outcomeUnknown("entry \(i) was replaced on replica \(id) before it committed")))
             }
         }
         try finishRecoveryIfDone()

@@ -41,7 +41,9 @@ extension SegmentStore {
         guard index >= 1 else { throw StoreError.outOfRange(requested: index, first: firstIndex, last: lastIndex) }
         // The fence for the shorter log goes first, synced: after a crash it is never ahead of the log.
         let newLast = min(index - 1, lastIndex)
-        let newTerm = newLast == 0 || newLast < firstIndex ? 0 : try term(at: newLast)
+        // The fence's term is informational (losses are found by index): a damaged block before the cut
+        // must not stop the cut.
+        let newTerm = newLast == 0 || newLast < firstIndex ? 0 : ((try? term(at: newLast)) ?? 0)
         try guardDisk { try writeFence(Fence(firstIndex: firstIndex, lastIndex: newLast, lastTerm: newTerm), sync: true) }
         guard index <= lastIndex else { return }
         recentBlocks = []
