@@ -24,9 +24,27 @@ struct Checker {
 
     /// logs[node][shard] = entries from index 1 (or the first retained) to the commit index.
     static func check(
-        logs: [Int: [Int: [Entry]]], acked: [String: History.Ack], failed: Set<String>, indeterminate: Set<String>, shards: Int
+        logs: [Int: [Int: [Entry]]], acked: [String: History.Ack], failed: Set<String>, indeterminate: Set<String>, shards: Int,
+        readBack: [String: String] = [:]
     ) -> Result {
         var res = Result()
+        // What cursor reads returned was committed: it must be in every final log, at the same seq.
+        for n in logs.keys.sorted() {
+            var at: [String: String] = [:]
+            for (shard, entries) in logs[n] ?? [:] {
+                for e in entries where e.type == 1 { at["\(shard)/\(e.stream)/\(e.seq)"] = e.payload }
+            }
+            for (key, payload) in readBack where at[key] != payload {
+                if let other = at[key] {
+                    res.divergent.append("node \(n): \(key) holds \(other), a cursor read returned \(payload)")
+                } else {
+                    res.lost.append("node \(n): \(payload) (read back at \(key)) is missing")
+                }
+            }
+            for (key, payload) in readBack where failed.contains(payload) {
+                res.unexpected.append("\(payload) was refused but a cursor read returned it at \(key)")
+            }
+        }
         let nodes = logs.keys.sorted()
         for shard in 0..<shards {
             // Divergence: every replica's log must be the same, record for record.

@@ -115,6 +115,8 @@ enum DiskFault: String, CaseIterable, Sendable {
     case flipSealed = "flip-bits-in-sealed-block"
     case deleteIndex = "delete-index-file"
     case deleteSegment = "delete-segment-file"
+    /// The fence gone *and* the active segment truncated: the loss can no longer be seen in the data.
+    case deleteFenceAndTruncate = "delete-fence-and-truncate"
 }
 
 extension Cluster {
@@ -157,6 +159,14 @@ extension Cluster {
             let p = dir + "/" + idxs[Int(rng.next() % UInt64(idxs.count))]
             guard (try? fm.removeItem(atPath: p)) != nil else { return nil }
             return "deleted \(p)"
+        case .deleteFenceAndTruncate:
+            let fence = dir + "/tail.fence"
+            let p = dir + "/" + active
+            let s = size(p)
+            guard fm.fileExists(atPath: fence), s > 0, (try? fm.removeItem(atPath: fence)) != nil else { return nil }
+            let at = rng.next() % s
+            guard truncate(p, Int(at)) == 0 else { return nil }
+            return "deleted \(fence) and truncated \(p) from \(s) to \(at) bytes"
         case .deleteSegment:
             let victim = segs[Int(rng.next() % UInt64(segs.count))]
             let p = dir + "/" + victim

@@ -108,6 +108,7 @@ struct Faults: AsyncParsableCommand {
         let anomalies = await history.readAnomalies
         let reads = await history.reads
         let recordsRead = await history.recordsRead
+        let readBack = await history.seen
         await history.close()
         cluster.stopAll()
         var verifyFailures: [String] = []
@@ -120,7 +121,7 @@ struct Faults: AsyncParsableCommand {
         }
         try? await group.shutdownGracefully()
 
-        let res = Checker.check(logs: logs, acked: acked, failed: failed, indeterminate: indeterminate, shards: shards)
+        let res = Checker.check(logs: logs, acked: acked, failed: failed, indeterminate: indeterminate, shards: shards, readBack: readBack)
         let counts = nemesis.counts.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ")
         let pass = res.ok && anomalies.isEmpty && verifyFailures.isEmpty && converged
         var lines: [String] = []

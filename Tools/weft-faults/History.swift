@@ -17,8 +17,9 @@ actor History {
     private(set) var failed: Set<String> = []
     /// Outcome unknown (timeout, connection lost, 5xx): may or may not be in the log.
     private(set) var indeterminate: Set<String> = []
-    /// (shard, stream, seq) -> payload, from every cursor read.
-    private var seen: [String: String] = [:]
+    /// "shard/stream/seq" -> payload, from every cursor read (reads return committed records only, so
+    /// each of these must be in every final log).
+    private(set) var seen: [String: String] = [:]
     private(set) var readAnomalies: [String] = []
     private(set) var reads = 0
     private(set) var recordsRead = 0

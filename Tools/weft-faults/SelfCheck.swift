@@ -48,6 +48,16 @@ enum SelfCheck {
                 { $0.ok }
             ),
             (
+                "read back but missing",
+                Checker.check(logs: logs(good), acked: acked, failed: [], indeterminate: [], shards: 1, readBack: ["0/1/4": "d"]),
+                { $0.lost.count == 3 }
+            ),
+            (
+                "read back differently",
+                Checker.check(logs: logs(good), acked: acked, failed: [], indeterminate: [], shards: 1, readBack: ["0/1/2": "z"]),
+                { $0.divergent.count == 3 }
+            ),
+            (
                 "stream seq gap",
                 Checker.check(logs: [1: [0: [good[0], entry(2, "b", seq: 3)]], 2: [0: [good[0], entry(2, "b", seq: 3)]], 3: [0: [good[0], entry(2, "b", seq: 3)]]], acked: [:], failed: [], indeterminate: ["a", "b"], shards: 1),
                 { !$0.divergent.isEmpty }
