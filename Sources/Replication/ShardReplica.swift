@@ -106,6 +106,8 @@ public final class ShardReplica {
     /// Present while the replica is recovering (its log lost entries and has not caught up yet), so that a
     /// restart in the middle of a repair keeps it out of elections.
     var markerPath: String { store.directory + "/recovering" }
+    /// Whether the marker file exists (known without a stat on every driver turn).
+    var markerPresent = false
     /// Bytes of sealed segments the scrubber verifies per call of `scrub`.
     public var scrubBytesPerTick = 1 << 20
     /// Pause between two full scrub passes (the first pass starts when the replica opens).
@@ -177,6 +179,7 @@ public final class ShardReplica {
         let findings = store.findings
         for n in findings.notes { record("at open: \(n)") }
         let wasRecovering = store.fileSystem.exists(markerPath)
+        markerPresent = wasRecovering
         // Free proofs that the log once went further: the commit index saved with the term, and the
         // index of the last membership change applied. They catch a log whose segments *and* fence are gone.
         let knownEnd = max(hardState.state.commit, membershipIndex)
@@ -202,7 +205,9 @@ public final class ShardReplica {
             let b = try? f.read(at: 0, count: Int(min(n, 200)))
         else { return nil }
         f.close()
-        return String(decoding: b, as: UTF8.self).split(separator: " ").compactMap { LogIndex($0.trimmingCharacters(in: .whitespacesAndNewlines)) }.first
+        let text = String(decoding: b, as: UTF8.self)
+        if text.contains("cut done") { return nil }
+        return text.split(separator: " ").compactMap { LogIndex($0.trimmingCharacters(in: .whitespacesAndNewlines)) }.first
     }
 
     func record(_ event: String) {
@@ -217,13 +222,17 @@ public final class ShardReplica {
     /// cut are sent again by the leader, each checked by Raft's log matching and by its block checksum.
     func enterRecovery(cutFrom: LogIndex?) throws {
         let disk = store.fileSystem
-        if !disk.exists(markerPath) {
+        func writeMarker(_ text: String) throws {
             let f = try disk.open(markerPath, create: true)
             try f.truncate(to: 0)
-            try f.write(Array("log damaged from index \(cutFrom.map(String.init) ?? "unknown")\n".utf8), at: 0)
+            try f.write(Array(text.utf8), at: 0)
             try f.sync()
             f.close()
             try disk.syncDirectory(store.directory)
+            markerPresent = true
+        }
+        if !markerPresent || cutFrom != nil {
+            try writeMarker("log damaged from index \(cutFrom.map(String.init) ?? "unknown")\n")
         }
         failAll(.outcomeUnknown("replica \(id) of shard \(shard) is repairing its log"))
         if let from = cutFrom {
@@ -236,6 +245,10 @@ public final class ShardReplica {
                 record("cut the log from index \(from) (was \(before)): damaged or lost there; refetching from the leader")
             }
             repairs += 1
+        }
+        if let from = cutFrom {
+            // Cut: a restart from here on must not cut again (the leader may already have refilled it).
+            try writeMarker("log damaged from index \(from); cut done\n")
         }
         // The loss is on record (marker) and the log cut: the fence may now describe the log as it is.
         try store.acceptFindings()
@@ -281,8 +294,9 @@ public final class ShardReplica {
     func finishRecoveryIfDone() throws {
         guard !raft.recovering else { return }
         let disk = store.fileSystem
-        guard disk.exists(markerPath) else { return }
+        guard markerPresent else { return }
         try disk.remove(markerPath)
+        markerPresent = false
         try disk.syncDirectory(store.directory)
         record("repaired: the log holds the committed log up to index \(raft.commit); voting again")
     }
