@@ -42,6 +42,8 @@ public struct StoreBench {
         try disk.makeDirectory(directory)
         let floor = try fsyncFloor(disk, clock)
         print("fsync floor on this disk (4 KiB append + fdatasync, 500 times): p50 \(ms(floor, 0.5)) ms p99 \(ms(floor, 0.99)) ms")
+        let fence = try fenceCost(disk, clock)
+        print("fence rewrite (36 B pwrite in place, no sync, as after every append; 5000 times): p50 \(ms(fence, 0.5)) ms p99 \(ms(fence, 0.99)) ms")
         var corpus = ChatCorpus(seed: seed, streams: streams)
         let store = try SegmentStore(directory: directory, options: options)
         print("weft bench store: \(records) records into \(directory) (shard 0, \(streams) streams, fsync every batch, segment \(store.options.segmentBytesMax >> 20) MiB, block ~\(store.options.blockBytesTarget >> 10) KiB)")
@@ -132,6 +134,25 @@ public struct StoreBench {
             let t0 = clock.now
             try f.write(block, at: UInt64(i * 4096))
             try f.sync()
+            out.append(clock.now - t0)
+        }
+        return out.sorted()
+    }
+
+    /// What the tail fence adds to every append batch (Docs/faults.md): one small pwrite in place.
+    func fenceCost(_ disk: PosixDisk, _ clock: ContinuousClock) throws -> [Duration] {
+        let path = directory + "/fence-cost.tmp"
+        let f = try disk.open(path, create: true)
+        defer {
+            f.close()
+            try? disk.remove(path)
+        }
+        var bytes = [UInt8](repeating: 0x5A, count: 36)
+        var out: [Duration] = []
+        for i in 0..<5000 {
+            bytes[8] = UInt8(truncatingIfNeeded: i)
+            let t0 = clock.now
+            try f.write(bytes, at: 0)
             out.append(clock.now - t0)
         }
         return out.sorted()
