@@ -9,60 +9,10 @@ import WeftTesting
 /// Three replicas of one shard over real segment stores (on the simulated disk), messages passed by
 /// hand: the driver's persist-then-send order, truncation through the store, restart from disk.
 @Suite struct ReplicaTests {
-    final class Cluster {
-        let disk = SimulatedDisk()
-        var replicas: [NodeID: ShardReplica] = [:]
-        var queue: [Message] = []
-        var applied: [NodeID: [Record]] = [:]
-        let ids = [NodeID(1), NodeID(2), NodeID(3)]
-
-        init() throws {
-            for id in ids { try open(id) }
-        }
-
-        func open(_ id: NodeID) throws {
-            let dir = "/data/\(id)"
-            let store = try SegmentStore(directory: dir, options: StoreOptions(segmentBytesMax: 4096, blockBytesTarget: 512), disk: disk)
-            let hs = try HardStateFile(path: dir + "/raft.state", disk: disk)
-            var cfg = RaftConfig(id: id, seed: 7)
-            cfg.electionTicks = 10
-            let r = try ShardReplica(
-                shard: ShardID(0), id: id, store: store, hardState: hs, membershipFile: MembershipFile(directory: dir, disk: disk),
-                bootstrap: Membership(voters: Set(ids)), config: cfg)
-            applied[id] = []
-            r.onApply = { [unowned self] rec in self.applied[id, default: []].append(rec) }
-            replicas[id] = r
-        }
-
-        func crash(_ id: NodeID, rng: inout SeededRNG) throws {
-            replicas[id]?.failAll(.stopped)
-            replicas[id] = nil
-            disk.crash(rng: &rng)
-            queue.removeAll { $0.to == id }
-            try open(id)
-        }
-
-        /// Runs every replica's driver and delivers messages until quiet.
-        func settle(drop: (Message) -> Bool = { _ in false }) throws {
-            var rounds = 0
-            repeat {
-                rounds += 1
-                for id in ids { if let r = replicas[id] { queue += try r.process() } }
-                let batch = queue
-                queue = []
-                for m in batch where !drop(m) { replicas[m.to]?.step(m) }
-                for id in ids { if let r = replicas[id] { queue += try r.process() } }
-            } while !queue.isEmpty && rounds < 1000
-        }
-
-        func elect(_ id: NodeID) throws {
-            replicas[id]!.campaign()
-            try settle()
-        }
-    }
+    typealias Cluster = ReplicaCluster
 
     @Test func replicatesAndAppliesInOrderOnAllReplicas() throws {
-        let c = try Cluster()
+        let c = try Cluster.simulated()
         try c.elect(NodeID(1))
         #expect(c.replicas[NodeID(1)]!.raft.role == .leader)
         var acked: [Record] = []
@@ -92,7 +42,7 @@ import WeftTesting
     }
 
     @Test func restartKeepsTermVoteAndLog() throws {
-        let c = try Cluster()
+        let c = try Cluster.simulated()
         try c.elect(NodeID(2))
         var ok = 0
         for k in 0..<10 {
@@ -111,7 +61,7 @@ import WeftTesting
     }
 
     @Test func conflictingSuffixIsTruncatedThroughTheStore() throws {
-        let c = try Cluster()
+        let c = try Cluster.simulated()
         try c.elect(NodeID(1))
         c.replicas[NodeID(1)]!.propose([Proposal(stream: StreamID(1), payload: [1])]) { _ in }
         try c.settle()
@@ -151,7 +101,7 @@ import WeftTesting
     }
 
     @Test func readIndexAnswersOnlyOnTheLeader() throws {
-        let c = try Cluster()
+        let c = try Cluster.simulated()
         try c.elect(NodeID(1))
         var leaderRead: Result<LogIndex, ReplicationError>?
         var followerRead: Result<LogIndex, ReplicationError>?
@@ -174,5 +124,22 @@ import WeftTesting
         disk.setContents("/d/raft.state", bytes)
         let g = try HardStateFile(path: "/d/raft.state", disk: disk)
         #expect(g.state == HardState(term: 3, vote: NodeID(2), commit: 10))
+    }
+}
+
+extension ReplicaCluster {
+    /// Replicas on a simulated disk (fsync on every batch), so that tests can crash it.
+    static func simulated() throws -> ReplicaCluster {
+        try ReplicaCluster(disk: SimulatedDisk(), root: "/data", options: StoreOptions(segmentBytesMax: 4096, blockBytesTarget: 512))
+    }
+
+    /// Crashes the simulated disk under replica `id` (unsynced writes lost) and reopens the replica.
+    func crash(_ id: NodeID, rng: inout SeededRNG) throws {
+        guard let sim = disk as? SimulatedDisk else { preconditionFailure("crash needs a SimulatedDisk") }
+        replicas[id]?.failAll(.stopped)
+        replicas[id] = nil
+        sim.crash(rng: &rng)
+        queue.removeAll { $0.to == id }
+        try open(id)
     }
 }

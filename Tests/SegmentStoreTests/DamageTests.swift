@@ -30,7 +30,7 @@ let damageOptions = StoreOptions(shard: ShardID(7), segmentBytesMax: 4_096, bloc
                 dir = simDirectory
                 tmp = nil
             case .posix:
-                let t = try TempDirectory()
+                let t = try TempDirectory(prefix: "weft-store-test")
                 tmp = t
                 disk = PosixDisk()
                 dir = t.path + "/shard"

@@ -57,7 +57,7 @@ import WeftTesting
 
     /// The same on real files, at every third offset (fsync-free: durability is not what is tested here).
     @Test func tornTailPosix() throws {
-        let tmp = try TempDirectory()
+        let tmp = try TempDirectory(prefix: "weft-store-test")
         defer { tmp.remove() }
         var round = 0
         try tornTail(
@@ -268,8 +268,4 @@ import WeftTesting
         store = try SegmentStore(directory: simDirectory, options: smallOptions, disk: disk)
         #expect(try store.read(from: after.firstIndex, to: .max) == m.read(from: after.firstIndex, to: .max))
     }
-}
-
-extension TempDirectory {
-    init(existing path: String) { self.path = path }
 }

@@ -81,7 +81,7 @@ import WeftTesting
     }
 
     @Test func posixDiskAcrossSegmentsAndReopen() throws {
-        let dir = try TempDirectory()
+        let dir = try TempDirectory(prefix: "weft-store-test")
         defer { dir.remove() }
         let path = dir.path + "/shard"
         var (store, model) = try filledStore(disk: PosixDisk(), directory: path, seed: 102, batches: 80)

@@ -1,4 +1,3 @@
-import Glibc
 import SegmentFormat
 import SegmentStore
 import Testing
@@ -277,28 +276,6 @@ func simulatedDisk(with files: [String: [UInt8]], directory: String = simDirecto
     return disk
 }
 
-/// A new empty directory under /tmp, removed (with its files) by `remove`.
-struct TempDirectory {
-    let path: String
-
-    init() throws {
-        var template = Array("/tmp/weft-store-test-XXXXXX".utf8CString)
-        let made = template.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!) }
-        guard made != nil else { throw DiskError(path: "/tmp", operation: "mkdtemp", code: errno) }
-        path = String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
-    }
-
-    func remove() { Self.removeTree(path) }
-
-    static func removeTree(_ path: String) {
-        let disk = PosixDisk()
-        for name in (try? disk.list(path)) ?? [] {
-            let child = path + "/" + name
-            if unlink(child) != 0 { removeTree(child) }
-        }
-        rmdir(path)
-    }
-}
 
 /// The error a throwing call threw, as a `StoreError` (nil if it returned or threw something else).
 func storeError(_ body: () throws -> Void) -> StoreError? {

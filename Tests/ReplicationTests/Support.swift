@@ -1,0 +1,185 @@
+import Raft
+import SegmentFormat
+import SegmentStore
+import Testing
+import WeftCore
+import WeftTesting
+
+@testable import Replication
+
+/// Three replicas of one shard (nodes 1-3, bootstrapped as voters) over a `Disk`, messages passed by
+/// hand: the harness of the replica and repair tests.
+final class ReplicaCluster {
+    let disk: any Disk
+    /// Replica `id` lives in `<root>/n<id>`.
+    let root: String
+    /// Runs when the cluster goes away (removes a temporary root).
+    let cleanup: () -> Void
+    var replicas: [NodeID: ShardReplica] = [:]
+    var queue: [Message] = []
+    var applied: [NodeID: [Record]] = [:]
+    let ids = [NodeID(1), NodeID(2), NodeID(3)]
+    /// Messages for which this is true are lost (partitions).
+    var drop: (Message) -> Bool = { _ in false }
+    let options: StoreOptions
+    var rng = SeededRNG(seed: 99)
+
+    init(disk: any Disk, root: String, options: StoreOptions, cleanup: @escaping () -> Void = {}) throws {
+        self.disk = disk
+        self.root = root
+        self.options = options
+        self.cleanup = cleanup
+        for id in ids { try open(id) }
+    }
+
+    /// Real files in a new directory under /tmp, no fsync (the repair tests stop replicas cleanly).
+    convenience init() throws {
+        let tmp = try TempDirectory(prefix: "weft-repair-test")
+        try self.init(
+            disk: PosixDisk(), root: tmp.path, options: StoreOptions(segmentBytesMax: 4096, blockBytesTarget: 512, durability: .never),
+            cleanup: { tmp.remove() })
+    }
+
+    deinit {
+        for r in replicas.values { r.close() }
+        cleanup()
+    }
+
+    func dir(_ id: NodeID) -> String { root + "/n\(id.rawValue)" }
+    func marker(_ id: NodeID) -> String { dir(id) + "/recovering" }
+    func replica(_ id: NodeID) -> ShardReplica { replicas[id]! }
+
+    func open(_ id: NodeID) throws {
+        let dir = dir(id)
+        let store = try SegmentStore(directory: dir, options: options, disk: disk)
+        let hs = try HardStateFile(path: dir + "/raft.state", disk: disk)
+        var cfg = RaftConfig(id: id, seed: 7)
+        cfg.electionTicks = 10
+        let r = try ShardReplica(
+            shard: ShardID(0), id: id, store: store, hardState: hs, membershipFile: MembershipFile(directory: dir, disk: disk),
+            bootstrap: Membership(voters: Set(ids)), config: cfg)
+        applied[id] = []
+        r.onApply = { [unowned self] rec in self.applied[id, default: []].append(rec) }
+        // Catch-up from files: the chunks go straight into the follower's staging directory.
+        r.shipFile = { [unowned self] to, name, offset, _, bytes in
+            if !self.drop(Message(kind: .snapshot, from: id, to: to, term: 0)) {
+                try? self.replicas[to]?.stage(name: name, offset: offset, bytes: bytes)
+            }
+        }
+        replicas[id] = r
+    }
+
+    /// A clean stop (the store is closed, so its fence is up to date).
+    func stop(_ id: NodeID) {
+        replicas[id]?.close()
+        replicas[id] = nil
+        queue.removeAll { $0.to == id || $0.from == id }
+    }
+
+    func restart(_ id: NodeID) throws {
+        stop(id)
+        try open(id)
+    }
+
+    /// Runs every replica's driver and delivers messages until quiet, losing those `drop` (or `lose`,
+    /// when given) says.
+    func settle(drop lose: ((Message) -> Bool)? = nil) throws {
+        let drop = lose ?? self.drop
+        var rounds = 0
+        repeat {
+            rounds += 1
+            for id in ids { if let r = replicas[id] { queue += try r.process() } }
+            let batch = queue
+            queue = []
+            for m in batch where !drop(m) { replicas[m.to]?.step(m) }
+            for id in ids { if let r = replicas[id] { queue += try r.process() } }
+        } while !queue.isEmpty && rounds < 1000
+    }
+
+    /// `n` ticks of the given replicas, settling after each.
+    func tick(_ who: [NodeID], _ n: Int, until done: () -> Bool = { false }) throws {
+        for _ in 0..<n {
+            for id in who { replicas[id]?.tick() }
+            try settle()
+            if done() { return }
+        }
+    }
+
+    var leader: NodeID? { ids.first { replicas[$0]?.raft.role == .leader } }
+
+    func elect(_ id: NodeID) throws {
+        replica(id).campaign()
+        try settle()
+        #expect(leader == id)
+    }
+
+    /// Proposes `n` records one at a time on the leader; returns those acknowledged as committed.
+    func propose(_ n: Int, tag: String) throws -> [Record] {
+        let l = try #require(leader)
+        var acked: [Record] = []
+        for k in 0..<n {
+            // Incompressible bodies, so a few dozen fill several 4 KiB segments.
+            let body = Array("\(tag) \(k) ".utf8) + (0..<200).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+            replica(l).propose([Proposal(stream: StreamID(UInt64(k % 3 + 1)), payload: body)]) {
+                if case .success(let rs) = $0 { acked += rs }
+            }
+            try settle()
+        }
+        return acked
+    }
+
+    /// Heartbeats from the leader, so followers learn the commit index.
+    func heartbeats(_ n: Int = 3) throws {
+        let l = try #require(leader)
+        try tick([l], n)
+    }
+
+    func log(_ id: NodeID) throws -> [Record] {
+        let s = replica(id).store
+        return try s.read(from: s.firstIndex, to: .max)
+    }
+
+    /// The segment files of a replica, oldest first: (path, bytes, blocks).
+    func segments(_ id: NodeID) throws -> [(path: String, bytes: [UInt8], blocks: [ScannedBlock])] {
+        try disk.list(dir(id)).filter { $0.hasSuffix(".seg") }.sorted().map { name in
+            let path = dir(id) + "/" + name
+            let f = try disk.open(path, create: false)
+            defer { f.close() }
+            let bytes = try f.read(at: 0, count: Int(try f.size()))
+            var scanner = try SegmentScanner(MemoryByteSource(name: name, bytes: bytes))
+            var blocks: [ScannedBlock] = []
+            while let item = try scanner.next() {
+                guard case .block(let b) = item else { throw StoreError.invalidBatch("damage in \(name)") }
+                blocks.append(b)
+            }
+            return (path, bytes, blocks)
+        }
+    }
+
+    func truncateFile(_ path: String, to size: UInt64) throws {
+        let f = try disk.open(path, create: false)
+        defer { f.close() }
+        try f.truncate(to: size)
+    }
+
+    /// Flips one byte in place (the file stays the same inode, so an open store sees it).
+    func flipByte(_ path: String, at offset: UInt64) throws {
+        let f = try disk.open(path, create: false)
+        defer { f.close() }
+        let b = try f.read(at: offset, count: 1)
+        try f.write([b[0] ^ 0x20], at: offset)
+    }
+
+    /// Asks `to` for a pre-vote as a candidate with a log far ahead of everyone's, at the next term; the
+    /// answer (nil: none) is kept from the network.
+    func preVote(to: NodeID, from: NodeID) throws -> Message? {
+        let r = replica(to)
+        var m = Message(kind: .preVote, from: from, to: to, term: r.raft.term + 1)
+        m.index = 1_000_000
+        m.logTerm = r.raft.term + 10
+        r.step(m)
+        let out = try r.process()
+        queue += out.filter { !($0.kind == .preVoteResponse && $0.to == from) }
+        return out.first { $0.kind == .preVoteResponse && $0.to == from }
+    }
+}
