@@ -265,12 +265,7 @@ public final class ShardReplica {
         let dir = store.directory
         let options = store.options
         store.close()
-        // The fence goes last: a crash half way leaves it to report the missing records.
-        for n in try disk.list(dir).sorted(by: { ($0 == "tail.fence" ? 1 : 0) < ($1 == "tail.fence" ? 1 : 0) })
-        where n.hasSuffix(".seg") || n.hasSuffix(".idx") || n == "truncate.intent" || n == "tail.fence" {
-            try disk.remove(dir + "/" + n)
-        }
-        try disk.syncDirectory(dir)
+        try SegmentStore.removeLog(in: dir, disk: disk)
         store = try SegmentStore(directory: dir, options: options, disk: disk, log: log)
     }
 
@@ -367,10 +362,7 @@ public final class ShardReplica {
         let options = store.options
         failAll(.outcomeUnknown("replica \(id) of shard \(shard) replaced its log with the leader's files"))
         store.close()
-        for n in try disk.list(dir).sorted(by: { ($0 == "tail.fence" ? 1 : 0) < ($1 == "tail.fence" ? 1 : 0) })
-        where n.hasSuffix(".seg") || n.hasSuffix(".idx") || n == "truncate.intent" || n == "tail.fence" {
-            try disk.remove(dir + "/" + n)
-        }
+        try SegmentStore.removeLog(in: dir, disk: disk)
         for n in names { try disk.rename(stagingDirectory + "/" + n, to: dir + "/" + n) }
         try disk.syncDirectory(dir)
         store = try SegmentStore(directory: dir, options: options, disk: disk, log: log)

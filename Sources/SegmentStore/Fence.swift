@@ -50,6 +50,17 @@ public struct OpenFindings: Sendable, Equatable {
 extension SegmentStore {
     var fencePath: String { path(FileNames.fence) }
 
+    /// Deletes a closed store's log files in `directory` (segments, indexes, a truncate intent, the
+    /// fence), the fence last: a crash half way leaves it to report the records that are gone.
+    public static func removeLog(in directory: String, disk: any Disk) throws {
+        let names = try disk.list(directory).filter {
+            FileNames.segmentBase($0) != nil || $0.hasSuffix(".idx") || $0 == FileNames.intent
+        }
+        for n in names { try disk.remove(directory + "/" + n) }
+        if disk.exists(directory + "/" + FileNames.fence) { try disk.remove(directory + "/" + FileNames.fence) }
+        try disk.syncDirectory(directory)
+    }
+
     func readFence() -> Fence? {
         guard disk.exists(fencePath), let f = try? disk.open(fencePath, create: false) else { return nil }
         defer { f.close() }

@@ -23,7 +23,8 @@ struct Workload: Sendable {
             // nodes; an unknown outcome never is (a retry could write the payload twice).
             var tried: [Int] = []
             attempts: while tried.count < 3 {
-                let node = rng.pick(nodes.filter { !tried.contains($0) }.isEmpty ? nodes : nodes.filter { !tried.contains($0) })
+                let untried = nodes.filter { !tried.contains($0) }
+                let node = rng.pick(untried.isEmpty ? nodes : untried)
                 tried.append(node)
                 await history.invoke(process: process, shard: shard, stream: stream, value: value, node: node)
                 let outcome = await client.request(
