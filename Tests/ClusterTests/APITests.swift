@@ -71,5 +71,60 @@ extension Clusters {
             let shards = try #require(status["shards"] as? [[String: Any]])
             #expect(shards.count == 2)
             #expect(shards.first?["commit_index"] as? Int ?? 0 >= 5)
+            #expect((shards.first?["repair"] as? [String: Any])?["recovering"] as? Bool == false)
+        }
+
+        /// Committed reads: a stream by cursor, page by page, and the log by index; bad parameters are a
+        /// 4xx JSON error.
+        @Test func readsCommittedRecordsByCursorAndRejectsBadInput() async throws {
+            let c = try ClusterProcess(name: "apiread", nodes: 1, shards: 2)
+            try c.startAll()
+            defer { c.stopAll() }
+            #expect(await c.leader(of: 1) == 1)
+            let items = (1...5).map { #"{"stream":4,"payload":"m\#($0)"}"# }.joined(separator: ",")
+            let (s0, _) = try await request(c, "POST", "/api/v1/shards/1/append", body: Data(#"{"records":[\#(items),{"stream":5,"payload":"other"}]}"#.utf8))
+            #expect(s0 == 200)
+
+            func payloads(_ obj: [String: Any]) -> [String] {
+                (obj["records"] as? [[String: Any]] ?? []).compactMap { r in
+                    (r["payload_b64"] as? String).flatMap { Data(base64Encoded: $0) }.map { String(decoding: $0, as: UTF8.self) }
+                }
+            }
+            let (s1, page1) = try await request(c, "GET", "/api/v1/shards/1/streams/4?cursor=1&limit=3")
+            #expect(s1 == 200)
+            #expect(payloads(page1) == ["m1", "m2", "m3"])
+            let next = try #require(page1["next"] as? Int)
+            #expect(next == 4)
+            let (_, page2) = try await request(c, "GET", "/api/v1/shards/1/streams/4?cursor=\(next)&limit=3")
+            #expect(payloads(page2) == ["m4", "m5"])
+            #expect(page2["next"] as? Int == 6)
+            let (_, empty) = try await request(c, "GET", "/api/v1/shards/1/streams/4?cursor=6")
+            #expect(payloads(empty).isEmpty)
+            #expect(empty["next"] as? Int == 6)
+
+            let (s2, log) = try await request(c, "GET", "/api/v1/shards/1/log?from=1&limit=100")
+            #expect(s2 == 200)
+            let data = (log["records"] as? [[String: Any]] ?? []).filter { $0["type"] as? Int == 1 }
+            #expect(data.count == 6)
+            let indexes = (log["records"] as? [[String: Any]] ?? []).compactMap { $0["index"] as? Int }
+            #expect(indexes == Array(1...indexes.count))
+
+            let bad: [(String, Int, String)] = [
+                ("/api/v1/shards/1/streams/4?cursor=0", 400, "invalid_cursor"),
+                ("/api/v1/shards/1/streams/4?cursor=x", 400, "invalid_cursor"),
+                ("/api/v1/shards/1/streams/4?limit=0", 400, "invalid_limit"),
+                ("/api/v1/shards/1/streams/4?limit=10001", 400, "invalid_limit"),
+                ("/api/v1/shards/1/streams/0", 400, "invalid_stream"),
+                ("/api/v1/shards/9/streams/4", 404, "unknown_shard"),
+                ("/api/v1/shards/1/log?from=0", 400, "invalid_from"),
+                ("/api/v1/shards/9/log", 404, "unknown_shard"),
+            ]
+            for (path, status, code) in bad {
+                let (s, obj) = try await request(c, "GET", path)
+                let err = obj["error"] as? [String: Any]
+                #expect(s == status, "\(path): status \(s)")
+                #expect(err?["code"] as? String == code, "\(path): \(obj)")
+                #expect((err?["message"] as? String)?.isEmpty == false)
+            }
         }
     }}
