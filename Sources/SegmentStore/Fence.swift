@@ -101,15 +101,18 @@ extension SegmentStore {
     @discardableResult
     public func scrub(maxBytes: Int) -> Bool {
         var budget = maxBytes
+        // The segment at or after the cursor, by binary search on base indexes (sealed ones come first).
+        var k = lowerBound(segments.count) { segments[$0].base < scrubCursor.base }
         while budget > 0 {
-            guard let k = segments.firstIndex(where: { $0.sealed != nil && $0.base >= scrubCursor.base }) else {
+            guard k < segments.count, segments[k].sealed != nil else {
                 scrubCursor = (0, 0)
                 return true
             }
             let seg = segments[k]
             if seg.base != scrubCursor.base { scrubCursor = (seg.base, 0) }
             let blocks = seg.blocks
-            if scrubCursor.block >= blocks.count {
+            guard scrubCursor.block < blocks.count else {
+                k += 1
                 scrubCursor = (seg.base + 1, 0)
                 continue
             }
@@ -117,11 +120,8 @@ extension SegmentStore {
             budget -= Layout.blockHeaderBytes + Int(e.storedBytes)
             scrubCursor.block += 1
             if damagedFrom.map({ e.firstIndex >= $0 }) ?? false { continue }
-            do {
-                _ = try readBlock(seg, scrubCursor.block - 1)
-            } catch {
-                // readBlock recorded it.
-            }
+            // A failed read records the damage (`damagedFrom`, `damage`); nothing more to do here.
+            _ = try? readBlock(seg, scrubCursor.block - 1)
         }
         return false
     }
