@@ -19,6 +19,8 @@ replication = 3
 secret = "kill-loop-secret-0123456789"
 [storage]
 data_dir = "data"
+[api]
+operator_token = "kill-loop-operator-token"
 [raft]
 election_timeout_min_ms = 300
 election_timeout_max_ms = 600
@@ -35,14 +37,14 @@ for n in 1 2 3; do start "$n"; done
 sleep 2
 leader() {
   for n in 1 2 3; do
-    curl -s -m 1 "127.0.0.1:$((base + 2*n))/api/v1/cluster/status" | grep -q '"role":"leader"' && { echo "$n"; return; }
+    curl -s -m 1 -H "Authorization: Bearer kill-loop-operator-token" "127.0.0.1:$((base + 2*n))/api/v1/cluster/status" | grep -q '"role":"leader"' && { echo "$n"; return; }
   done
 }
 (
   k=0
   while [ ! -f "$work/stop" ]; do
     k=$((k+1)); via=$(( (k % 3) + 1 ))
-    if out=$(curl -s -m 6 -X POST "127.0.0.1:$((base + 2*via))/api/v1/shards/0/append" \
+    if out=$(curl -s -m 6 -H "Authorization: Bearer kill-loop-operator-token" -X POST "127.0.0.1:$((base + 2*via))/api/v1/shards/0/append" \
         -d "{\"records\":[{\"stream\":1,\"payload\":\"w$k\"}]}"); then
       case "$out" in *'"index"'*) echo "w$k" >> "$work/acked";; esac
     fi

@@ -15,8 +15,15 @@ public struct ClusterConfiguration: Sendable, Equatable {
     public let secret: String
     public let storage: StorageConfig
     public let raft: RaftTiming
+    /// `api.operator_token`: required on every operator route (raw shard appends and reads, admin,
+    /// cluster status) as `Authorization: Bearer <token>`; at least 16 bytes of printable ASCII.
+    public let operatorToken: String
     /// `[[nodes]]`, sorted by id; at least one; ids and addresses unique.
     public let nodes: [NodeConfig]
+    /// `cluster.founders`: the nodes the cluster was created with, sorted (default: every node). Shard
+    /// placement (`replicas(of:)`) is computed over these only: adding a node to `[[nodes]]` never moves
+    /// a shard; a new node gets replicas only through a membership change.
+    public let founders: [NodeID]
     /// The file the configuration came from, as given; relative paths in the file resolve against its directory.
     public let configPath: String
 
@@ -26,15 +33,18 @@ public struct ClusterConfiguration: Sendable, Equatable {
     public static let defaultReplication = 3
     /// `cluster.secret` must be at least this many bytes (UTF-8).
     public static let secretBytesMin = 16
+    /// `api.operator_token` must be at least this many bytes.
+    public static let operatorTokenBytesMin = 16
     /// `load(path:)` refuses larger files: a configuration is a few hundred bytes per node.
     public static let configFileBytesMax = 1 << 20
 
     init(
         name: String, shards: Int, replication: Int, secret: String, storage: StorageConfig, raft: RaftTiming,
-        nodes: [NodeConfig], configPath: String
+        operatorToken: String, nodes: [NodeConfig], founders: [NodeID], configPath: String
     ) {
         precondition(Self.shardsRange.contains(shards), "shards \(shards) outside \(Self.shardsRange)")
-        precondition(!nodes.isEmpty && (1...nodes.count).contains(replication), "replication \(replication), \(nodes.count) nodes")
+        precondition(!founders.isEmpty && (1...founders.count).contains(replication), "replication \(replication), \(founders.count) founders")
+        precondition(founders.allSatisfy { f in nodes.contains { $0.id == f } }, "a founder is not a node")
         precondition(zip(nodes, nodes.dropFirst()).allSatisfy { $0.id < $1.id }, "nodes not sorted by unique id")
         self.name = name
         self.shards = shards
@@ -42,7 +52,9 @@ public struct ClusterConfiguration: Sendable, Equatable {
         self.secret = secret
         self.storage = storage
         self.raft = raft
+        self.operatorToken = operatorToken
         self.nodes = nodes
+        self.founders = founders.sorted()
         self.configPath = configPath
     }
 
@@ -82,13 +94,21 @@ public struct ClusterConfiguration: Sendable, Equatable {
         ShardID(userID % UInt64(shards))
     }
 
-    /// The nodes that hold `shard`: with the nodes sorted by id, the `replication` consecutive nodes
-    /// starting at index `shard % nodes.count`, wrapping around. Deterministic, distinct, and the same on
-    /// every node that reads the same file. `shard` must be below `shards` (a bug otherwise).
+    /// The initial group of `shard`: with the founders sorted by id, the `replication` consecutive
+    /// founders starting at index `shard % founders.count`, wrapping around. Deterministic, distinct, the
+    /// same on every node that reads the same founders, and independent of nodes added later. The group
+    /// a shard has *now* is in its log (membership changes); this is only where it started.
+    /// `shard` must be below `shards` (a bug otherwise).
     public func replicas(of shard: ShardID) -> [NodeID] {
         precondition(shard.rawValue < UInt64(shards), "shard \(shard) outside 0..<\(shards)")
-        let start = Int(shard.rawValue % UInt64(nodes.count))
-        return (0..<replication).map { nodes[(start + $0) % nodes.count].id }
+        let start = Int(shard.rawValue % UInt64(founders.count))
+        return (0..<replication).map { founders[(start + $0) % founders.count] }
+    }
+
+    /// What placement depends on, as one line (recorded by each node at first start, and part of the
+    /// peer handshake's cluster name, so nodes that compute placement differently never talk).
+    public var placementBasis: String {
+        "shards=\(shards) replication=\(replication) founders=\(founders.map(\.description).joined(separator: ","))"
     }
 
     /// The shards whose replica set includes `node`, ascending; empty for an unknown node.

@@ -9,8 +9,9 @@ struct ConfigParser {
     /// The configuration file, for messages and for resolving `storage.data_dir`.
     let file: String
 
-    static let rootKeys = ["cluster", "storage", "raft", "nodes"]
-    static let clusterKeys = ["name", "shards", "replication", "secret"]
+    static let rootKeys = ["cluster", "storage", "raft", "api", "nodes"]
+    static let clusterKeys = ["name", "shards", "replication", "secret", "founders"]
+    static let apiKeys = ["operator_token"]
     static let storageKeys = ["data_dir", "fsync", "segment_bytes"]
     static let raftKeys = ["election_timeout_min_ms", "election_timeout_max_ms", "heartbeat_interval_ms"]
     static let nodeKeys = ["id", "peer_addr", "api_addr"]
@@ -56,17 +57,53 @@ struct ConfigParser {
 
         let storage = try parseStorage(root.table("storage"))
         let raft = try parseRaft(root.table("raft"))
+        guard let apiTable = try root.table("api") else {
+            throw root.error("api", "the required table [api] is missing (it holds operator_token)")
+        }
+        try apiTable.rejectUnknownKeys(Self.apiKeys)
+        let token = try apiTable.requiredString("operator_token")
+        guard token.utf8.count >= ClusterConfiguration.operatorTokenBytesMin else {
+            // Never echo the token itself.
+            throw apiTable.error(
+                "operator_token", "must be at least \(ClusterConfiguration.operatorTokenBytesMin) bytes, got \(token.utf8.count)")
+        }
+        guard token.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F }) else {
+            throw apiTable.error("operator_token", "must be printable ASCII without spaces (it is sent in an HTTP header)")
+        }
         let nodes = try parseNodes(root)
+        let founders = try parseFounders(cluster, nodes: nodes)
 
-        guard (1...nodes.count).contains(replication) else {
+        guard (1...founders.count).contains(replication) else {
             let suffix = replicationGiven == nil ? " (the default)" : ""
             throw cluster.error(
                 "replication",
-                "must be 1...\(nodes.count) (the number of [[nodes]]), got \(replication)\(suffix)")
+                "must be 1...\(founders.count) (the number of founding nodes), got \(replication)\(suffix)")
         }
         return ClusterConfiguration(
             name: name, shards: shards, replication: replication, secret: secret, storage: storage, raft: raft,
-            nodes: nodes.sorted { $0.id < $1.id }, configPath: file)
+            operatorToken: token, nodes: nodes.sorted { $0.id < $1.id }, founders: founders, configPath: file)
+    }
+
+    /// `cluster.founders`: the ids of the nodes the cluster was created with (default: every [[nodes]]
+    /// id). Shard placement is computed over them only, so adding a node to [[nodes]] moves nothing.
+    private func parseFounders(_ cluster: TableReader, nodes: [NodeConfig]) throws(ConfigError) -> [NodeID] {
+        guard let value = cluster.value("founders") else { return nodes.map(\.id).sorted() }
+        guard let array = value.array else {
+            throw cluster.error("founders", "must be an array of node ids, got \(typeName(value.type))")
+        }
+        guard array.count > 0 else { throw cluster.error("founders", "must name at least one node") }
+        var ids: [NodeID] = []
+        for k in 0..<array.count {
+            guard let n = array[k].int else {
+                throw cluster.error("founders", "element \(k): expected an integer, got \(typeName(array[k].type))")
+            }
+            guard n >= 1, nodes.contains(where: { $0.id == NodeID(UInt64(n)) }) else {
+                throw cluster.error("founders", "element \(k): \(n) is not the id of a [[nodes]] entry")
+            }
+            guard !ids.contains(NodeID(UInt64(n))) else { throw cluster.error("founders", "element \(k): \(n) is listed twice") }
+            ids.append(NodeID(UInt64(n)))
+        }
+        return ids.sorted()
     }
 
     private func parseStorage(_ storage: TableReader?) throws(ConfigError) -> StorageConfig {

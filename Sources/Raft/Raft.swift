@@ -9,6 +9,9 @@ public enum ProposalError: Error, Equatable, Sendable {
     case configChangePending
     /// The log has a suffix waiting to be truncated by the driver (call `ready`/`advance` first).
     case notReady
+    /// A record type Raft itself interprets (`noop`, `config`): membership changes go through
+    /// `proposeConfigChange` only, no-ops are the leader's own.
+    case reservedType(RecordType)
 }
 
 /// What a client proposes: the leader fills in index, term and (for streams) the next stream seq.
@@ -253,6 +256,7 @@ public struct Raft {
         guard transferee == nil else { throw .transferring }
         guard unstable.isEmpty || unstableOffset > log.lastIndex else { throw .notReady }
         guard !proposals.isEmpty else { return nil }
+        if let p = proposals.first(where: { $0.type == .config || $0.type == .noop }) { throw .reservedType(p.type) }
         let first = lastIndex + 1
         var pendingSeq: [StreamID: StreamSeq] = [:]
         var records: [Record] = []

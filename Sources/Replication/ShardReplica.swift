@@ -40,9 +40,22 @@ final class StoreLogReader: RaftLogReader {
         coveredFrom = min(coveredFrom, index)
     }
 
+    /// The last read that failed with an I/O error (not damage: damage is repaired), until a read succeeds.
+    var readFailure: String?
+
     func entries(from: LogIndex, to: LogIndex, maxBytes: Int) -> [Record]? {
         guard from < to else { return [] }
-        guard let all = try? store.read(from: from, to: to - 1, limit: 4096), all.first?.index == from else { return nil }
+        let all: [Record]
+        do {
+            all = try store.read(from: from, to: to - 1, limit: 4096)
+            readFailure = nil
+        } catch StoreError.disk(let e) {
+            readFailure = "reading entries \(from)..<\(to): \(e)"
+            return nil
+        } catch {
+            return nil
+        }
+        guard all.first?.index == from else { return nil }
         var bytes = 0
         var n = 0
         for r in all {
@@ -68,6 +81,11 @@ public enum ReplicationError: Error, Equatable, Sendable {
     /// The replica stopped waiting for it (it found its own log damaged and is repairing it): the entry
     /// may still commit through the other replicas. Never retried automatically.
     case outcomeUnknown(String)
+    /// Refused before it reached Raft (a reserved record type): nothing was written.
+    case invalid(String)
+    /// Never proposed (the replica was not running, or stopped before it took the request): nothing
+    /// was written, a retry is safe.
+    case unavailable(String)
 }
 
 /// One shard's replica on this node: the Raft state machine driven over the segment store.
@@ -114,6 +132,26 @@ public final class ShardReplica {
     public var scrubPause: Duration = .seconds(600)
     var nextScrub = ContinuousClock.now
 
+    /// The driver could not read committed entries (an I/O error, not damage) for this many turns in a
+    /// row: the replica stops with the reason (its node keeps serving the other shards). A turn is one
+    /// `process` call; the runner retries once per tick, so with 50 ms ticks this is about 10 s.
+    public var readStallTurnsMax = 200
+    var readStallTurns = 0
+    /// Records per store append: a batch past the store's count limit (`Limits.appendBatchCountMax`) or
+    /// this many payload bytes is split, so a follower that fell far behind never hands the store more
+    /// than it takes (a limit is not a failure).
+    public var persistBatchBytesMax = 32 << 20
+    /// Readies one `process` call handles at most; the rest waits for the next turn, so a long replay of
+    /// committed entries (a restart applies the log from index 1) never holds up ticks, heartbeats,
+    /// votes or stop for long.
+    public var readiesPerProcessMax = 16
+    /// Whether `process` left work it could do now (the runner calls it again before waiting).
+    public private(set) var hasPendingWork = false
+
+    public struct Stalled: Error, CustomStringConvertible {
+        public var description: String
+    }
+
     public enum OpenError: Error, CustomStringConvertible {
         case membershipMissing(String)
         case hardStateLost(String)
@@ -151,9 +189,23 @@ public final class ShardReplica {
         cfg.id = id
         var membership = Membership(voters: [])
         var membershipIndex: LogIndex = 0
-        if let (m, index) = try membershipFile.load() {
+        var loaded: (Membership, LogIndex)?
+        do {
+            loaded = try membershipFile.load()
+        } catch {
+            // The file only caches what the log's configuration entries say: rebuild it from them below.
+            loaded = nil
+            if store.lastIndex == 0 { throw error }
+        }
+        if let (m, index) = loaded {
             membership = m
             membershipIndex = index
+        } else if store.lastIndex > 0, store.firstIndex == 1 {
+            // A replica that joined (or whose membership file is damaged) and stopped before saving the
+            // group: the log holds every configuration entry from index 1, and replaying it (applied
+            // starts at 0) rebuilds the group. Until then the replica is in no group: it cannot campaign.
+            membership = Membership(voters: [])
+            membershipIndex = 0
         } else if store.lastIndex == 0 {
             if let bootstrap, bootstrap.voters.contains(id) {
                 let members = bootstrap.voters.sorted()
@@ -431,6 +483,7 @@ public final class ShardReplica {
         case .transferring: .transferring
         case .configChangePending: .configChangePending
         case .notReady: .notLeader(nil)
+        case .reservedType(let t): .invalid("record type \(t.rawValue) is reserved for the system")
         }
     }
 
@@ -444,8 +497,18 @@ public final class ShardReplica {
     /// so the followers' fsyncs overlap the leader's. Everything else waits until the Ready is durable.
     public func process(send: ([Message]) -> Void) throws {
         try repairIfDamaged()
+        var readies = 0
+        var stalled = false
         while raft.hasReady {
+            guard readies < readiesPerProcessMax else { break }
+            readies += 1
             let rd = raft.ready()
+            if rd.isEmpty {
+                // Raft has committed entries to hand out but could not read them (an I/O error): try again
+                // next turn rather than spin here.
+                stalled = true
+                break
+            }
             var later = rd.messages
             for m in rd.messages where m.kind == .snapshot { shipSealedFiles(to: m.to) }
             if raft.role == .leader, rd.hardState.map({ $0.term == hardState.state.term && $0.vote == hardState.state.vote }) ?? true {
@@ -467,11 +530,7 @@ public final class ShardReplica {
                     try store.truncateSuffix(from: first.index)
                     reader.didTruncate(from: first.index)
                 }
-                let fresh = rd.entries.filter { $0.index > store.lastIndex }
-                if !fresh.isEmpty {
-                    try store.append(fresh)
-                    reader.didAppend(fresh)
-                }
+                try persist(rd.entries.filter { $0.index > store.lastIndex })
             }
             if !later.isEmpty { send(later) }
             for e in rd.committed {
@@ -491,6 +550,15 @@ public final class ShardReplica {
             // or Raft would ask for the same unreadable entries forever.
             try repairIfDamaged()
         }
+        hasPendingWork = raft.hasReady && !stalled
+        if stalled, let why = reader.readFailure {
+            readStallTurns += 1
+            if readStallTurns >= readStallTurnsMax {
+                throw Stalled(description: "committed entries unreadable for \(readStallTurns) turns in a row: \(why)")
+            }
+        } else if !stalled {
+            readStallTurns = 0
+        }
         // Reads are served once the state they must see is applied.
         while let r = pendingReads.first, r.index <= raft.applied {
             pendingReads.removeFirst()
@@ -504,6 +572,27 @@ public final class ShardReplica {
             }
         }
         try finishRecoveryIfDone()
+    }
+
+    /// Appends entries to the store in batches it accepts: at most `Limits.appendBatchCountMax` records
+    /// and `persistBatchBytesMax` payload bytes each (one write and, by the fsync policy, one fdatasync
+    /// per batch).
+    func persist(_ entries: [Record]) throws {
+        var start = 0
+        while start < entries.count {
+            var end = start
+            var bytes = 0
+            while end < entries.count, end - start < Limits.appendBatchCountMax,
+                end == start || bytes + entries[end].payload.count <= persistBatchBytesMax
+            {
+                bytes += entries[end].payload.count
+                end += 1
+            }
+            let batch = Array(entries[start..<end])
+            try store.append(batch)
+            reader.didAppend(batch)
+            start = end
+        }
     }
 
     /// Ships every sealed segment file to `to` in chunks, before the `snapshot` message that follows.

@@ -24,6 +24,15 @@ public struct ShardStatus: Sendable, Equatable {
     /// Repairs since the replica opened, and the last events (what was found, what was done).
     public var repairs: Int = 0
     public var repairEvents: [String] = []
+    /// Set when this node's replica is not running (it could not open, or stopped): why.
+    public var failure: String?
+
+    /// The status of a replica that is not running.
+    public static func unavailable(_ shard: ShardID, node: NodeID, _ why: String) -> ShardStatus {
+        ShardStatus(
+            shard: shard, node: node, role: "stopped", leader: nil, term: 0, commitIndex: 0, appliedIndex: 0, lastIndex: 0,
+            matchIndexes: [:], voters: [], learners: [], failure: why)
+    }
 }
 
 /// A read of a replica's committed records.
@@ -70,6 +79,8 @@ public final class ShardRunner: @unchecked Sendable {
     let condition = NSCondition()
     var inbox: [Input] = []
     var stopped = false
+    /// Why the runner stopped, when it was not asked to (a storage failure).
+    var stopReason: String?
     var thread: Thread?
     let finished = NSCondition()
     var done = false
@@ -92,8 +103,9 @@ public final class ShardRunner: @unchecked Sendable {
     public func submit(_ input: Input) {
         condition.lock()
         if stopped {
+            let why = stopReason ?? "shard \(replica.shard) is stopping"
             condition.unlock()
-            Self.fail(input, .stopped)
+            fail(input, why)
             return
         }
         inbox.append(input)
@@ -101,33 +113,49 @@ public final class ShardRunner: @unchecked Sendable {
         condition.unlock()
     }
 
-    static func fail(_ input: Input, _ e: ReplicationError) {
+    /// Answers an input the replica never took: nothing of it reached Raft, so a write is safe to retry.
+    func fail(_ input: Input, _ why: String) {
         switch input {
-        case .propose(_, let cb): cb(.failure(e))
-        case .readIndex(let cb): cb(.failure(e))
-        case .configChange(_, let cb): cb(.failure(e))
-        case .read(_, let cb): cb(.failure(.unavailable("\(e)")))
+        case .propose(_, let cb): cb(.failure(.unavailable(why)))
+        case .readIndex(let cb): cb(.failure(.unavailable(why)))
+        case .configChange(_, let cb): cb(.failure(.unavailable(why)))
+        case .read(_, let cb): cb(.failure(.unavailable(why)))
+        case .status(let cb): cb(.unavailable(replica.shard, node: replica.id, why))
         default: break
         }
     }
 
-    /// Stops the thread after the current batch and closes the store.
-    public func stop() {
+    /// How long `stop` waits for the shard thread to finish its current turn (an fdatasync on a sick disk
+    /// can take longer: then the process exits without it, and recovery at the next open covers it).
+    public static let stopWaitMax: Duration = .seconds(5)
+
+    /// Stops the thread after the current turn and closes the store; returns within `stopWaitMax`
+    /// whatever the thread is doing (false if it had not finished by then).
+    @discardableResult
+    public func stop() -> Bool {
         condition.lock()
         stopped = true
         condition.signal()
         condition.unlock()
+        let end = Date(timeIntervalSinceNow: Double(Self.stopWaitMax.components.seconds))
         finished.lock()
-        while !done && thread != nil { finished.wait() }
-        finished.unlock()
+        defer { finished.unlock() }
+        while !done && thread != nil {
+            if !finished.wait(until: end) { break }
+        }
+        if !done && thread != nil {
+            logger.error("shard \(replica.shard): the shard thread did not finish its turn within \(Self.stopWaitMax); not waiting longer")
+        }
+        return done || thread == nil
     }
 
     func loop() {
         let clock = ContinuousClock()
         var nextTick = clock.now + tick
+        var more = false
         while true {
             condition.lock()
-            while inbox.isEmpty && !stopped && clock.now < nextTick {
+            while inbox.isEmpty && !stopped && !more && clock.now < nextTick {
                 let left = nextTick - clock.now
                 let secs = Double(left.components.seconds) + Double(left.components.attoseconds) / 1e18
                 _ = condition.wait(until: Date(timeIntervalSinceNow: max(secs, 0)))
@@ -137,7 +165,7 @@ public final class ShardRunner: @unchecked Sendable {
             let stop = stopped
             condition.unlock()
             if stop {
-                for i in batch { Self.fail(i, .stopped) }
+                for i in batch { fail(i, "shard \(replica.shard) is stopping") }
                 break
             }
             for input in batch { handle(input) }
@@ -148,15 +176,18 @@ public final class ShardRunner: @unchecked Sendable {
             }
             do {
                 try replica.process(send: send)
+                more = replica.hasPendingWork
             } catch {
-                // The store refuses writes after an IO failure: stop serving this shard.
+                // The store refuses writes after an IO failure, or committed entries stayed unreadable:
+                // stop serving this shard (the node serves its others).
                 logger.critical("shard \(replica.shard): storage failed, stopping the replica: \(error)")
                 condition.lock()
                 stopped = true
+                stopReason = "shard \(replica.shard) stopped after a storage failure: \(error)"
                 let rest = inbox
                 inbox = []
                 condition.unlock()
-                for i in rest { Self.fail(i, .storage("\(error)")) }
+                for i in rest { fail(i, "shard \(replica.shard) stopped after a storage failure: \(error)") }
                 break
             }
         }

@@ -48,7 +48,7 @@ public struct ClusterBench {
     func leader(of shard: Int) async -> UInt64? {
         for n in config.nodes {
             guard let url = URL(string: api(n.id.rawValue) + "/api/v1/cluster/status"),
-                let (data, _) = try? await session.data(from: url),
+                let (data, _) = try? await session.data(for: operatorRequest(url, token: config.operatorToken)),
                 let obj = try? JSONSerialization.jsonObject(with: data) as? [String: Any],
                 let shards = obj["shards"] as? [[String: Any]]
             else { continue }
@@ -70,7 +70,7 @@ public struct ClusterBench {
     var appender: Appender {
         var apis: [UInt64: String] = [:]
         for n in config.nodes { apis[n.id.rawValue] = api(n.id.rawValue) }
-        return Appender(session: session, apis: apis)
+        return Appender(session: session, apis: apis, token: config.operatorToken)
     }
 
     func append(via n: UInt64, shard: Int, records: Int, seed: Int) async -> Bool {
@@ -80,6 +80,7 @@ public struct ClusterBench {
     /// Committed records/s and commit latency, with `inflight` requests of `batch` records outstanding.
     public mutating func runLog(records: Int, inflight: Int, batch: Int, binary: Bool, print: @Sendable (String) -> Void) async throws {
         let contentType = binary ? "application/x-weft-records" : "application/json"
+        let token = config.operatorToken
         try startAll()
         defer { stopAll() }
         try await waitForLeaders()
@@ -105,7 +106,7 @@ public struct ClusterBench {
                     while r < requests {
                         let body = binary ? bodies.binaryBody(records: batch, seed: r) : Array(bodies.body(records: batch, seed: r))
                         let s = clock.now
-                        if (try? await conn.post(path: "/api/v1/shards/\(r % shards)/append", body: body, contentType: contentType)) == 200 { out.append(clock.now - s) }
+                        if (try? await conn.post(path: "/api/v1/shards/\(r % shards)/append", body: body, contentType: contentType, token: token)) == 200 { out.append(clock.now - s) }
                         r += inflight
                     }
                     return out
@@ -161,6 +162,7 @@ public struct BenchFailure: Error, CustomStringConvertible {
 struct Appender: Sendable {
     let session: URLSession
     let apis: [UInt64: String]
+    let token: String
 
     func body(records: Int, seed: Int) -> Data {
         // ~200-byte chat-like records.
@@ -186,9 +188,17 @@ struct Appender: Sendable {
         guard let base = apis[n], let url = URL(string: base + "/api/v1/shards/\(shard)/append") else { return false }
         var req = URLRequest(url: url)
         req.httpMethod = "POST"
+        req.setValue("Bearer \(token)", forHTTPHeaderField: "Authorization")
         req.httpBody = body(records: records, seed: seed)
         req.setValue("application/json", forHTTPHeaderField: "Content-Type")
         guard let (_, resp) = try? await session.data(for: req) else { return false }
         return (resp as? HTTPURLResponse)?.statusCode == 200
     }
+}
+
+/// A request carrying the operator token (`[api] operator_token`), as every operator route needs.
+func operatorRequest(_ url: URL, token: String) -> URLRequest {
+    var req = URLRequest(url: url)
+    req.setValue("Bearer \(token)", forHTTPHeaderField: "Authorization")
+    return req
 }

@@ -61,7 +61,7 @@ final class HTTPLoadConnection: @unchecked Sendable {
     }
 
     /// POSTs `body` and returns the response status.
-    func post(path: String, body: [UInt8], contentType: String) async throws -> UInt {
+    func post(path: String, body: [UInt8], contentType: String, token: String) async throws -> UInt {
         let loop = channel.eventLoop
         let promise = loop.makePromise(of: UInt.self)
         let channel = self.channel
@@ -72,6 +72,7 @@ final class HTTPLoadConnection: @unchecked Sendable {
             var head = HTTPRequestHead(version: .http1_1, method: .POST, uri: path)
             head.headers.add(name: "Host", value: host)
             head.headers.add(name: "Content-Type", value: contentType)
+            head.headers.add(name: "Authorization", value: "Bearer \(token)")
             head.headers.add(name: "Content-Length", value: String(body.count))
             channel.write(HTTPClientRequestPart.head(head), promise: nil)
             channel.write(HTTPClientRequestPart.body(.byteBuffer(channel.allocator.buffer(bytes: body))), promise: nil)

@@ -12,6 +12,16 @@ public struct RecordType: RawRepresentable, Hashable, Sendable, CustomStringConv
     /// A Raft membership change.
     public static let config = RecordType(3)
 
+    /// Types a client may write through the raw shard API: `data`, and the opaque application range
+    /// 0x8000...0xFFFF. Every other value is reserved for the system (Raft's no-op and membership
+    /// changes, and the record types of the state layer, messaging and delivery as later issues define
+    /// them) and is refused at the API and again at the leader, so a client can never write a record the
+    /// system would interpret.
+    public static let clientRange: ClosedRange<UInt16> = 0x8000...0xFFFF
+
+    /// Whether a client may write records of this type (`data` or `clientRange`).
+    public var isClientWritable: Bool { self == .data || Self.clientRange.contains(rawValue) }
+
     public var description: String {
         switch self {
         case .data: "data"

@@ -4,21 +4,26 @@ import WeftCore
 /// What a peer frame's payload carries (Docs/replication.md, "Forwarding"): a Raft message for the
 /// frame's shard, or a write forwarded to the shard's leader and its answer.
 ///
+/// A request id is `u64 incarnation | u64 sequence`: the incarnation is random per process start, so an
+/// answer to a request sent before a restart can never be taken for the answer to a new one.
+///
 /// ```
 /// 1 raft    | MessageCodec bytes
-/// 2 forward | u64 request | u32 n | n x (u64 stream | u16 type | i64 timestamp | u32 len | payload)
-/// 4 config  | u64 request | ConfigChange bytes (u8 kind | u64 node)
+/// 2 forward | request id | u32 n | n x (u64 stream | u16 type | i64 timestamp | u32 len | payload)
+/// 4 config  | request id | ConfigChange bytes (u8 kind | u64 node)
 /// 5 file    | u8 name length | name (UTF-8) | u64 offset | u64 total | bytes (rest)
-/// 3 answer  | u64 request | u8 status (0 ok, 1 not leader, 2 failed)
-///           | ok: u32 n | n x (u64 index | u64 term | u64 stream | u64 seq)
-///           | not leader: u64 leader (0 unknown)   | failed: u32 len | UTF-8 message
+/// 3 answer  | request id | u8 status
+///           | 0 ok: u32 n | n x (u64 index | u64 term | u64 stream | u64 seq)
+///           | 1 not leader: u64 leader (0 unknown)
+///           | 2 failed (nothing written) | 3 invalid | 4 change pending | 5 outcome unknown:
+///           |   u32 len | UTF-8 message
 /// ```
 enum Envelope: Equatable {
     case raft(Message)
-    case forward(request: UInt64, proposals: [ForwardedProposal])
-    case answer(request: UInt64, ForwardAnswer)
+    case forward(request: RequestID, proposals: [ForwardedProposal])
+    case answer(request: RequestID, ForwardAnswer)
     /// A membership change for the shard's leader; answered like a forward (ok carries the entry's index).
-    case configChange(request: UInt64, change: ConfigChange)
+    case configChange(request: RequestID, change: ConfigChange)
     /// Part of a sealed segment or index file a leader ships to a follower that shares no entry with it.
     case file(name: String, offset: UInt64, total: UInt64, bytes: [UInt8])
 
@@ -29,10 +34,26 @@ enum Envelope: Equatable {
         var payload: [UInt8]
     }
 
-    enum ForwardAnswer: Equatable {
+    /// Who sent a request: the sender's incarnation (random per process start) and a sequence number.
+    struct RequestID: Hashable, Sendable {
+        var incarnation: UInt64
+        var sequence: UInt64
+    }
+
+    /// The outcome of a forwarded request. Every failure says whether the write may have happened.
+    enum ForwardAnswer: Equatable, Sendable {
         case ok([RecordRef])
         case notLeader(NodeID?)
+        /// Not written, and nothing of it will be: a retry is safe (no quorum, replaced by another
+        /// leader's entry before commit, the replica is not there or was not running).
         case failed(String)
+        /// The request itself is refused (a reserved record type, a limit): retrying cannot help.
+        case invalid(String)
+        /// Another membership change of the shard is still pending.
+        case changePending(String)
+        /// It may or may not have been written (proposed, then the answer was lost, the deadline passed,
+        /// or the replica stopped): never retried automatically.
+        case outcomeUnknown(String)
     }
 
     struct DecodeError: Error, CustomStringConvertible {
@@ -84,14 +105,20 @@ enum Envelope: Equatable {
             case .notLeader(let l):
                 b.append(1)
                 put(l?.rawValue ?? 0, &b)
-            case .failed(let why):
-                b.append(2)
-                let u = Array(why.utf8.prefix(4096))
-                put(UInt32(u.count), &b)
-                b += u
+            case .failed(let why): Self.putText(2, why, &b)
+            case .invalid(let why): Self.putText(3, why, &b)
+            case .changePending(let why): Self.putText(4, why, &b)
+            case .outcomeUnknown(let why): Self.putText(5, why, &b)
             }
         }
         return b
+    }
+
+    static func putText(_ status: UInt8, _ text: String, _ b: inout [UInt8]) {
+        b.append(status)
+        let u = Array(text.utf8.prefix(4096))
+        put(UInt32(u.count), &b)
+        b += u
     }
 
     static func decode(_ bytes: [UInt8]) throws -> Envelope {
@@ -100,7 +127,7 @@ enum Envelope: Equatable {
         var r = Cursor(bytes: bytes, pos: 1)
         switch kind {
         case 2:
-            let id = try r.u64()
+            let id = try r.requestID()
             let n = Int(try r.u32())
             guard n <= Limits.appendBatchCountMax, n <= r.remaining / 22 else { throw DecodeError(description: "forward of \(n) records") }
             var ps: [ForwardedProposal] = []
@@ -115,7 +142,7 @@ enum Envelope: Equatable {
             try r.end()
             return .forward(request: id, proposals: ps)
         case 3:
-            let id = try r.u64()
+            let id = try r.requestID()
             let status = try r.take(1)[0]
             switch status {
             case 0:
@@ -131,11 +158,19 @@ enum Envelope: Equatable {
                 let l = try r.u64()
                 try r.end()
                 return .answer(request: id, .notLeader(l == 0 ? nil : NodeID(l)))
-            case 2:
+            case 2, 3, 4, 5:
                 let len = Int(try r.u32())
+                guard len <= 4096 else { throw DecodeError(description: "answer text of \(len) bytes") }
                 let s = String(decoding: try r.take(len), as: UTF8.self)
                 try r.end()
-                return .answer(request: id, .failed(s))
+                let a: ForwardAnswer =
+                    switch status {
+                    case 2: .failed(s)
+                    case 3: .invalid(s)
+                    case 4: .changePending(s)
+                    default: .outcomeUnknown(s)
+                    }
+                return .answer(request: id, a)
             default:
                 throw DecodeError(description: "answer status \(status)")
             }
@@ -146,7 +181,7 @@ enum Envelope: Equatable {
             let total = try r.u64()
             return .file(name: name, offset: offset, total: total, bytes: try r.take(r.remaining))
         case 4:
-            let id = try r.u64()
+            let id = try r.requestID()
             guard let c = ConfigChange.decode(try r.take(r.remaining)) else { throw DecodeError(description: "bad membership change") }
             return .configChange(request: id, change: c)
         default:
@@ -172,6 +207,7 @@ enum Envelope: Equatable {
         mutating func u16() throws -> UInt16 { try int(UInt16.self) }
         mutating func u32() throws -> UInt32 { try int(UInt32.self) }
         mutating func u64() throws -> UInt64 { try int(UInt64.self) }
+        mutating func requestID() throws -> RequestID { RequestID(incarnation: try u64(), sequence: try u64()) }
         func end() throws { if remaining != 0 { throw DecodeError(description: "\(remaining) trailing bytes") } }
     }
 }
@@ -204,6 +240,11 @@ public struct RecordRef: Equatable, Sendable, Codable {
         try c.encode(stream.rawValue, forKey: .stream)
         try c.encode(seq, forKey: .seq)
     }
+}
+
+func put(_ id: Envelope.RequestID, _ b: inout [UInt8]) {
+    put(id.incarnation, &b)
+    put(id.sequence, &b)
 }
 
 func put<T: FixedWidthInteger>(_ v: T, _ b: inout [UInt8]) {

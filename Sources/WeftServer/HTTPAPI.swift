@@ -47,6 +47,9 @@ public enum HTTPAPI {
             public var replicas: [Replica]
             /// This replica's storage repairs (Docs/faults.md).
             public var repair: Repair?
+            /// Set when this node's replica of the shard is not running (could not open, or stopped
+            /// after a storage failure): why. The node serves its other shards.
+            public var failure: String?
         }
         public struct Repair: Codable, Sendable {
             /// Its log lost entries and is catching up; it does not vote meanwhile.
@@ -120,10 +123,13 @@ public enum HTTPAPI {
     public static func router(node: WeftNode, registry: PrometheusCollectorRegistry) -> Router<BasicRequestContext> {
         let router = Router()
         router.middlewares.add(JSONErrorMiddleware())
+        // Operator routes: their own group, so the check is tied to the matched route, not to how a
+        // request spells its path.
+        let op = router.group().add(middleware: OperatorAuthMiddleware(token: node.config.operatorToken))
         let appended = Counter(label: "weft_append_records_total")
         let appendTimer = Metrics.Timer(label: "weft_append_duration_seconds")
 
-        router.get("/api/v1/cluster/status") { _, _ -> Response in
+        op.get("/api/v1/cluster/status") { _, _ -> Response in
             let (nodes, shards) = await node.status()
             let body = StatusResponse(
                 node: node.id.rawValue, nodes: nodes,
@@ -133,12 +139,13 @@ public enum HTTPAPI {
                         applied_index: s.appliedIndex, last_index: s.lastIndex,
                         replicas: s.voters.map { StatusResponse.Replica(node: $0.rawValue, role: "voter", match_index: s.matchIndexes[$0] ?? 0) }
                             + s.learners.map { StatusResponse.Replica(node: $0.rawValue, role: "learner", match_index: s.matchIndexes[$0] ?? 0) },
-                        repair: StatusResponse.Repair(recovering: s.recovering, repairs: s.repairs, events: s.repairEvents))
+                        repair: StatusResponse.Repair(recovering: s.recovering, repairs: s.repairs, events: s.repairEvents),
+                        failure: s.failure)
                 })
             return try json(body)
         }
 
-        router.post("/api/v1/shards/{shard}/append") { request, context -> Response in
+        op.post("/api/v1/shards/{shard}/append") { request, context -> Response in
             guard let shardNo = context.parameters.get("shard", as: UInt64.self), shardNo < UInt64(node.config.shards) else {
                 throw APIError(.notFound, "unknown_shard", "shard must be 0..<\(node.config.shards)")
             }
@@ -158,17 +165,12 @@ public enum HTTPAPI {
                 appendTimer.recordNanoseconds(d.components.seconds * 1_000_000_000 + d.components.attoseconds / 1_000_000_000)
                 return try json(AppendResponse(records: refs))
             } catch let e as WriteError {
-                switch e {
-                case .invalid(let m): throw APIError(.badRequest, "invalid", m)
-                case .unavailable(let m): throw APIError(.serviceUnavailable, "unavailable", m)
-                case .failed(let m): throw APIError(.internalServerError, "failed", m)
-                case .outcomeUnknown(let m): throw APIError(.serviceUnavailable, "outcome_unknown", m)
-                }
+                throw apiError(e)
             }
         }
 
         // Committed records of this node's replica, in log order: ?from=INDEX&limit=N.
-        router.get("/api/v1/shards/{shard}/log") { request, context -> Response in
+        op.get("/api/v1/shards/{shard}/log") { request, context -> Response in
             let shard = try shardParameter(context, node)
             let from = try queryNumber(request, "from", default: 1, min: 1)
             let limit = try queryNumber(request, "limit", default: 100, min: 1, max: 10_000)
@@ -176,7 +178,7 @@ public enum HTTPAPI {
         }
 
         // Committed records of one stream, by cursor (the next seq to read): ?cursor=SEQ&limit=N.
-        router.get("/api/v1/shards/{shard}/streams/{stream}") { request, context -> Response in
+        op.get("/api/v1/shards/{shard}/streams/{stream}") { request, context -> Response in
             let shard = try shardParameter(context, node)
             guard let stream = context.parameters.get("stream", as: UInt64.self), stream > 0 else {
                 throw APIError(.badRequest, "invalid_stream", "stream must be a positive integer")
@@ -188,7 +190,7 @@ public enum HTTPAPI {
         }
 
         // Membership of one shard, one server at a time: {"add_voter": N} | {"add_learner": N} | {"remove_voter": N}.
-        router.post("/api/v1/admin/shards/{shard}/membership") { request, context -> Response in
+        op.post("/api/v1/admin/shards/{shard}/membership") { request, context -> Response in
             guard let shardNo = context.parameters.get("shard", as: UInt64.self), shardNo < UInt64(node.config.shards) else {
                 throw APIError(.notFound, "unknown_shard", "shard must be 0..<\(node.config.shards)")
             }
@@ -215,12 +217,7 @@ public enum HTTPAPI {
                 let index = try await node.changeMembership(shard: ShardID(shardNo), change)
                 return try json(["index": index])
             } catch let e as WriteError {
-                switch e {
-                case .invalid(let m): throw APIError(.conflict, "change_pending", m)
-                case .unavailable(let m): throw APIError(.serviceUnavailable, "unavailable", m)
-                case .failed(let m): throw APIError(.internalServerError, "failed", m)
-                case .outcomeUnknown(let m): throw APIError(.serviceUnavailable, "outcome_unknown", m)
-                }
+                throw apiError(e)
             }
         }
 
@@ -231,6 +228,18 @@ public enum HTTPAPI {
                 status: .ok, headers: [.contentType: "text/plain; version=0.0.4"], body: ResponseBody(byteBuffer: ByteBuffer(bytes: out)))
         }
         return router
+    }
+
+    /// A write's failure as the client sees it: `unavailable` (503, nothing written: retry), `invalid`
+    /// (400), `change_pending` (409), `outcome_unknown` (504: it may have been written; a blind retry
+    /// could write it twice).
+    static func apiError(_ e: WriteError) -> APIError {
+        switch e {
+        case .invalid(let m): APIError(.badRequest, "invalid", m)
+        case .unavailable(let m): APIError(.serviceUnavailable, "unavailable", m)
+        case .changePending(let m): APIError(.conflict, "change_pending", m)
+        case .outcomeUnknown(let m): APIError(.gatewayTimeout, "outcome_unknown", m)
+        }
     }
 
     /// `Content-Type` of the binary append body: records back to back, each
@@ -284,7 +293,13 @@ public enum HTTPAPI {
             guard payload.count <= Limits.recordPayloadBytesMax else {
                 throw APIError(.contentTooLarge, "payload_too_large", "records[\(k)]: \(payload.count) bytes, limit \(Limits.recordPayloadBytesMax)")
             }
-            proposals.append(Proposal(stream: StreamID(item.stream ?? 0), type: RecordType(item.type ?? RecordType.data.rawValue), timestampMicros: now, payload: payload))
+            let type = RecordType(item.type ?? RecordType.data.rawValue)
+            guard type.isClientWritable else {
+                throw APIError(
+                    .badRequest, "reserved_type",
+                    "records[\(k)]: type \(type.rawValue) is reserved for the system; clients may write type 1 (data) or \(RecordType.clientRange.lowerBound)...\(RecordType.clientRange.upperBound)")
+            }
+            proposals.append(Proposal(stream: StreamID(item.stream ?? 0), type: type, timestampMicros: now, payload: payload))
         }
         return proposals
     }
@@ -315,6 +330,33 @@ struct APIError: Error {
         self.status = status
         self.code = code
         self.message = message
+    }
+}
+
+/// Operator routes (raw shard appends and reads, admin, cluster status) need
+/// `Authorization: Bearer <api.operator_token>`; 401 otherwise. `/metrics` stays open (Prometheus).
+/// The messaging API (later) authenticates users with their own tokens, never this one.
+struct OperatorAuthMiddleware<Context: RequestContext>: RouterMiddleware {
+    let token: [UInt8]
+    init(token: String) { self.token = Array(token.utf8) }
+
+    func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
+        guard let header = request.headers[.authorization], header.hasPrefix("Bearer ") else {
+            throw APIError(.unauthorized, "unauthorized", "this route needs Authorization: Bearer <operator token> ([api] operator_token)")
+        }
+        guard Self.constantTimeEqual(Array(header.utf8.dropFirst(7)), token) else {
+            throw APIError(.unauthorized, "unauthorized", "wrong operator token")
+        }
+        return try await next(request, context)
+    }
+
+    /// Compares without an early exit, so the time taken says nothing about where the first difference is.
+    static func constantTimeEqual(_ a: [UInt8], _ b: [UInt8]) -> Bool {
+        var diff = UInt8(truncatingIfNeeded: a.count ^ b.count)
+        for k in 0..<max(a.count, b.count) {
+            diff |= (k < a.count ? a[k] : 0) ^ (k < b.count ? b[k] : 0)
+        }
+        return diff == 0
     }
 }
 

@@ -1,4 +1,5 @@
 import ClusterConfig
+import Foundation
 import Hummingbird
 import Logging
 import Metrics
@@ -23,6 +24,13 @@ public enum Serve {
         let registry = PrometheusCollectorRegistry()
         MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
 
+        switch config.storage.fsync {
+        case .everyBatch: break
+        case .everyBatches, .never:
+            logger.warning(
+                "storage.fsync = \(config.storage.fsync): an acknowledged write is on a quorum's page cache, not yet on its disks; it survives the kill of any process but not a power loss or OS crash of a quorum (Docs/storage.md)"
+            )
+        }
         let weftNode = try WeftNode(config: config, node: id, group: MultiThreadedEventLoopGroup.singleton, logger: logger)
         let app = Application(
             router: HTTPAPI.router(node: weftNode, registry: registry),
@@ -30,7 +38,11 @@ public enum Serve {
             logger: logger)
         let group = ServiceGroup(
             configuration: .init(
-                services: [.init(service: NodeService(node: weftNode)), .init(service: app)],
+                // Shut down in reverse order: the deadline first (it starts its clock), then HTTP, then the node.
+                services: [
+                    .init(service: NodeService(node: weftNode)), .init(service: app),
+                    .init(service: ShutdownDeadline(limit: .seconds(20), logger: logger)),
+                ],
                 gracefulShutdownSignals: [.sigterm, .sigint],
                 logger: logger))
         try await group.run()
@@ -44,5 +56,28 @@ struct NodeService: Service {
         try await node.start()
         try? await gracefulShutdown()
         await node.stop()
+    }
+}
+
+/// Bounds graceful shutdown: once it begins, the process exits after `limit` whatever the services are
+/// still doing (an in-flight request, a shard thread inside an fdatasync on a sick disk). Every request
+/// and proposal has its own deadline, so this is a backstop; exiting here is as safe as a SIGKILL
+/// (recovery at the next start).
+struct ShutdownDeadline: Service {
+    let limit: Duration
+    let logger: Logger
+    func run() async throws {
+        do {
+            try await gracefulShutdown()
+        } catch {
+            return
+        }
+        let seconds = Double(limit.components.seconds)
+        let log = logger
+        Thread.detachNewThread {
+            Thread.sleep(forTimeInterval: seconds)
+            log.critical("graceful shutdown did not finish within \(Int(seconds)) s: exiting now (recovery at the next start)")
+            _exit(3)
+        }
     }
 }

@@ -16,6 +16,7 @@ public enum StatusCommand {
             guard let url = URL(string: "http://\(n.apiAddress.host):\(n.apiAddress.port)/api/v1/cluster/status") else { continue }
             var req = URLRequest(url: url)
             req.timeoutInterval = 3
+            req.setValue("Bearer \(config.operatorToken)", forHTTPHeaderField: "Authorization")
             do {
                 let (data, _) = try await URLSession.shared.data(for: req)
                 answers[n.id.rawValue] = try JSONDecoder().decode(Status.self, from: data)

@@ -9,19 +9,23 @@ import SegmentStore
 import WeftCore
 
 public enum WriteError: Error, Equatable, CustomStringConvertible {
-    /// No leader could take the write before the deadline (election in progress, no quorum).
+    /// No leader could take the write before the deadline (election in progress, no quorum). Nothing
+    /// was written: a retry is safe.
     case unavailable(String)
+    /// The request is refused (bad input, a reserved record type, a limit): nothing was written.
     case invalid(String)
-    case failed(String)
-    /// The write may or may not have committed (the replica handling it stopped or began repairing its
-    /// log after proposing it). Not retried here: a retry could write it twice.
+    /// Another membership change of the shard is still pending.
+    case changePending(String)
+    /// The write may or may not have committed (it was proposed or sent, and then the deadline passed, the
+    /// answer was lost, or the replica stopped or began repairing its log). Not retried here: a retry
+    /// could write it twice.
     case outcomeUnknown(String)
 
     public var description: String {
         switch self {
         case .unavailable(let s): "unavailable: \(s)"
         case .invalid(let s): "invalid: \(s)"
-        case .failed(let s): "failed: \(s)"
+        case .changePending(let s): "change pending: \(s)"
         case .outcomeUnknown(let s): "outcome unknown: \(s)"
         }
     }
@@ -34,39 +38,104 @@ public final class WeftNode: Sendable {
     public let id: NodeID
     public let config: ClusterConfiguration
     let runnerBox: NIOLockedValueBox<[ShardID: ShardRunner]>
+    /// Shards whose replica could not be opened, with the reason: the node serves the others.
+    let failedShards = NIOLockedValueBox<[ShardID: String]>([:])
     let transport: PeerTransport
+    let forwarder: Forwarder
     let started = NIOLockedValueBox(false)
     let openLock = NIOLock()
     let logger: Logger
-    let pending = NIOLockedValueBox<(next: UInt64, waiting: [UInt64: CheckedContinuation<Envelope.ForwardAnswer, Never>])>((1, [:]))
     /// Last leader seen per shard (a hint for forwarding; refreshed from each runner's answers).
     let leaderHints = NIOLockedValueBox<[ShardID: NodeID]>([:])
+
+    public enum StartError: Error, CustomStringConvertible {
+        case placementChanged(path: String, recorded: String, now: String)
+        public var description: String {
+            switch self {
+            case .placementChanged(let path, let recorded, let now):
+                "\(path) records the placement this node was created with (\(recorded)), but the configuration now gives \(now): "
+                    + "shards would move. Keep [cluster] shards and replication, and list the original nodes in [cluster] founders; "
+                    + "new nodes join shards through /api/v1/admin/shards/N/membership"
+            }
+        }
+    }
 
     public init(config: ClusterConfiguration, node id: NodeID, group: any EventLoopGroup, logger: Logger) throws {
         guard let me = config.node(id) else { throw WriteError.invalid("node \(id) is not in \(config.configPath)") }
         self.id = id
         self.config = config
         self.logger = logger
+        try Self.checkPlacement(config, node: id)
         var peers: [NodeID: PeerAddress] = [:]
         for n in config.nodes where n.id != id { peers[n.id] = PeerAddress(host: n.peerAddress.host, port: n.peerAddress.port) }
         let box = NIOLockedValueBox<WeftNode?>(nil)
         transport = PeerTransport(
-            self: id, clusterName: config.name, secret: Array(config.secret.utf8),
+            self: id, clusterName: Self.handshakeName(config), secret: Array(config.secret.utf8),
             listen: PeerAddress(host: me.peerAddress.host, port: me.peerAddress.port), peers: peers, group: group, logger: logger
         ) { from, shard, payload in
             box.withLockedValue { $0 }?.receive(from: from, shard: ShardID(shard), payload: payload)
         }
+        forwarder = Forwarder(selfID: id, transport: transport)
         runnerBox = NIOLockedValueBox([:])
         box.withLockedValue { $0 = self }
+        // One shard's trouble (a damaged file, a replica that cannot open) must not stop the others.
         for shard in config.shards(hostedBy: id) {
-            _ = try openReplica(shard, bootstrap: Membership(voters: Set(config.replicas(of: shard))))
+            openOrRecordFailure(shard, bootstrap: Membership(voters: Set(config.replicas(of: shard))))
         }
         // Replicas this node gained by joining a shard after start-up live on disk too.
         let dataDir = config.dataDirectory(for: id)
         for name in (try? PosixDisk().list(dataDir)) ?? [] where name.hasPrefix("shard-") {
-            guard let n = UInt64(name.dropFirst(6)), n < UInt64(config.shards), runner(ShardID(n)) == nil else { continue }
-            _ = try openReplica(ShardID(n), bootstrap: nil)
+            guard let n = UInt64(name.dropFirst(6)), n < UInt64(config.shards), runner(ShardID(n)) == nil,
+                failedShards.withLockedValue({ $0[ShardID(n)] }) == nil
+            else { continue }
+            openOrRecordFailure(ShardID(n), bootstrap: nil)
         }
+    }
+
+    func openOrRecordFailure(_ shard: ShardID, bootstrap: Membership?) {
+        do {
+            _ = try openReplica(shard, bootstrap: bootstrap)
+        } catch {
+            logger.critical("shard \(shard): the replica cannot open, the node serves its other shards: \(error)")
+            failedShards.withLockedValue { $0[shard] = "\(error)" }
+        }
+    }
+
+    /// The peer handshake's cluster name: the configured name and a digest of the placement basis, so that
+    /// nodes that would place shards differently refuse each other at the handshake.
+    static func handshakeName(_ config: ClusterConfiguration) -> String {
+        var h: UInt64 = 0xcbf2_9ce4_8422_2325  // FNV-1a
+        for b in config.placementBasis.utf8 {
+            h ^= UInt64(b)
+            h = h &* 0x0100_0000_01b3
+        }
+        return String(config.name.prefix(200)) + "#" + String(h, radix: 16)
+    }
+
+    /// Records the placement basis at a node's first start (`<data dir>/placement`), and refuses to
+    /// start when the configuration would now place shards differently.
+    static func checkPlacement(_ config: ClusterConfiguration, node: NodeID) throws {
+        let disk = PosixDisk()
+        let dir = config.dataDirectory(for: node)
+        let path = dir + "/placement"
+        let line = config.placementBasis
+        if disk.exists(path) {
+            let f = try disk.open(path, create: false)
+            defer { f.close() }
+            let recorded = String(decoding: try f.read(at: 0, count: Int(min(try f.size(), 64 << 10))), as: UTF8.self)
+                .trimmingCharacters(in: .whitespacesAndNewlines)
+            guard recorded == line else { throw StartError.placementChanged(path: path, recorded: recorded, now: line) }
+            return
+        }
+        try disk.makeDirectory(dir)
+        let tmp = path + ".tmp"
+        let f = try disk.open(tmp, create: true)
+        try f.truncate(to: 0)
+        try f.write(Array((line + "\n").utf8), at: 0)
+        try f.sync()
+        f.close()
+        try disk.rename(tmp, to: path)
+        try disk.syncDirectory(dir)
     }
 
     /// Opens this node's replica of `shard` (creating its directory), with `bootstrap` as the initial
@@ -144,11 +213,8 @@ public final class WeftNode: Sendable {
 
     public func stop() async {
         for r in allRunners.values { r.stop() }
+        forwarder.close()
         await transport.stop()
-        pending.withLockedValue { p in
-            for (_, c) in p.waiting { c.resume(returning: .failed("node stopping")) }
-            p.waiting = [:]
-        }
     }
 
     // MARK: Peer frames
@@ -169,7 +235,7 @@ public final class WeftNode: Sendable {
             }
             if let r = runner(shard) {
                 r.submit(.message(m))
-            } else if m.kind == .append || m.kind == .heartbeat, let r = joinReplica(shard) {
+            } else if m.kind == .append || m.kind == .heartbeat, failedShards.withLockedValue({ $0[shard] }) == nil, let r = joinReplica(shard) {
                 r.submit(.message(m))
             }
         case .file(let name, let offset, _, let bytes):
@@ -180,42 +246,54 @@ public final class WeftNode: Sendable {
             let me = id
             runner.submit(.configChange(change) { reply(Self.answer($0, me: me) { [RecordRef(index: $0, term: 0, stream: .none, seq: 0)] }) })
         case .forward(let request, let proposals):
+            // Forwarded appends are client writes: the same record types as at the API (a peer that
+            // passed a reserved type on would be a bug or an attack; refuse it here too).
+            if let bad = proposals.first(where: { !$0.type.isClientWritable }) {
+                transport.send(
+                    to: from, shard: shard.rawValue,
+                    payload: Envelope.answer(request: request, .invalid("record type \(bad.type.rawValue) is reserved for the system")).encode())
+                return
+            }
             guard let runner = runnerOrRefuse(shard, request: request, from: from) else { return }
             let ps = proposals.map { Proposal(stream: $0.stream, type: $0.type, timestampMicros: $0.timestampMicros, payload: $0.payload) }
             let reply = replier(to: from, shard: shard, request: request)
             let me = id
             runner.submit(.propose(ps) { reply(Self.answer($0, me: me, Self.refs)) })
         case .answer(let request, let answer):
-            let c = pending.withLockedValue { $0.waiting.removeValue(forKey: request) }
-            c?.resume(returning: answer)
+            forwarder.receive(request, answer, from: from)
         }
     }
 
     // MARK: Writes
 
     /// Appends records to a shard through its leader; returns where each landed once committed.
-    /// Retries through elections until `timeout` passes.
+    /// Retries through elections until `timeout` passes (only while nothing can have been written).
     public func append(shard: ShardID, _ proposals: [Proposal], timeout: Duration = .seconds(5)) async throws -> [RecordRef] {
         guard !proposals.isEmpty else { return [] }
         guard proposals.count <= Limits.appendBatchCountMax else { throw WriteError.invalid("at most \(Limits.appendBatchCountMax) records per append") }
-        for p in proposals where p.payload.count > Limits.recordPayloadBytesMax {
-            throw WriteError.invalid("payload of \(p.payload.count) bytes, limit \(Limits.recordPayloadBytesMax)")
+        for p in proposals {
+            guard p.payload.count <= Limits.recordPayloadBytesMax else {
+                throw WriteError.invalid("payload of \(p.payload.count) bytes, limit \(Limits.recordPayloadBytesMax)")
+            }
+            guard p.type.isClientWritable else { throw WriteError.invalid("record type \(p.type.rawValue) is reserved for the system") }
         }
         let forwarded = Envelope.forward(
-            request: 0,
+            request: Envelope.RequestID(incarnation: 0, sequence: 0),
             proposals: proposals.map {
                 Envelope.ForwardedProposal(stream: $0.stream, type: $0.type, timestampMicros: $0.timestampMicros, payload: $0.payload)
             })
-        return try await throughLeader(shard, timeout: timeout, envelope: forwarded) { local in
-            await self.proposeLocally(local, proposals)
+        return try await throughLeader(shard, timeout: timeout, envelope: forwarded) { local, deadline in
+            await self.proposeLocally(local, proposals, deadline: deadline)
         }
     }
 
     /// Runs a request on the shard's leader: locally when this node leads (or may: no hint yet), else
     /// forwarded to the leader it knows; follows `not leader` answers and retries through elections
-    /// until `timeout`. A change refused because another is pending fails at once.
+    /// until `timeout`, as long as nothing can have been written. An answer that says the request may
+    /// have been written (`outcomeUnknown`) ends it at once, as does a refusal.
     func throughLeader(
-        _ shard: ShardID, timeout: Duration, envelope: Envelope, local run: (ShardRunner) async -> Envelope.ForwardAnswer
+        _ shard: ShardID, timeout: Duration, envelope: Envelope,
+        local run: (ShardRunner, ContinuousClock.Instant) async -> Envelope.ForwardAnswer
     ) async throws -> [RecordRef] {
         let clock = ContinuousClock()
         let deadline = clock.now + timeout
@@ -225,9 +303,9 @@ public final class WeftNode: Sendable {
             let local = runner(shard)
             let answer: Envelope.ForwardAnswer
             if hint == nil || hint == id, let local {
-                answer = await run(local)
+                answer = await run(local, deadline)
             } else if let target = hint ?? config.replicas(of: shard).first(where: { $0 != id }) {
-                answer = await forward(to: target, shard: shard, envelope, deadline: deadline)
+                answer = await forwarder.send(to: target, shard: shard, envelope, deadline: deadline)
             } else {
                 throw WriteError.invalid("shard \(shard) has no replica this node knows")
             }
@@ -239,22 +317,47 @@ public final class WeftNode: Sendable {
                 lastError = l.map { "leader is node \($0)" } ?? "no leader"
                 if l == nil { try await Task.sleep(for: .milliseconds(20)) }
             case .failed(let why):
-                if why.contains("configChangePending") { throw WriteError.invalid("another membership change of shard \(shard) is still pending") }
-                if why.hasPrefix("outcomeUnknown") || why.hasPrefix("stopped") || why.hasPrefix("storage") {
-                    throw WriteError.outcomeUnknown("shard \(shard): \(why)")
-                }
                 leaderHints.withLockedValue { $0[shard] = nil }
                 lastError = why
                 try await Task.sleep(for: .milliseconds(20))
+            case .invalid(let why):
+                throw WriteError.invalid(why)
+            case .changePending(let why):
+                throw WriteError.changePending("shard \(shard): \(why)")
+            case .outcomeUnknown(let why):
+                throw WriteError.outcomeUnknown("shard \(shard): \(why)")
             }
         }
         throw WriteError.unavailable("shard \(shard): \(lastError)")
     }
 
-    func proposeLocally(_ runner: ShardRunner, _ ps: [Proposal]) async -> Envelope.ForwardAnswer {
+    func proposeLocally(_ runner: ShardRunner, _ ps: [Proposal], deadline: ContinuousClock.Instant) async -> Envelope.ForwardAnswer {
         let me = id
-        return await withCheckedContinuation { (c: CheckedContinuation<Envelope.ForwardAnswer, Never>) in
-            runner.submit(.propose(ps) { c.resume(returning: Self.answer($0, me: me, Self.refs)) })
+        return await Self.untilDeadline(deadline, late: .outcomeUnknown("proposed on node \(me), not committed before the deadline")) { finish in
+            runner.submit(.propose(ps) { finish(Self.answer($0, me: me, Self.refs)) })
+        }
+    }
+
+    /// Starts an operation that answers through `finish`, and waits for the first of its answer and
+    /// `deadline` (then `late`). A late answer is dropped.
+    static func untilDeadline<T: Sendable>(
+        _ deadline: ContinuousClock.Instant, late: T, _ start: (@escaping @Sendable (T) -> Void) -> Void
+    ) async -> T {
+        await withCheckedContinuation { (c: CheckedContinuation<T, Never>) in
+            let once = NIOLockedValueBox(false)
+            let timer = NIOLockedValueBox<Task<Void, Never>?>(nil)
+            let finish: @Sendable (T) -> Void = { v in
+                guard once.withLockedValue({ done in defer { done = true }; return !done }) else { return }
+                timer.withLockedValue { $0 }?.cancel()
+                c.resume(returning: v)
+            }
+            timer.withLockedValue {
+                $0 = Task {
+                    try? await Task.sleep(until: deadline, clock: .continuous)
+                    finish(late)
+                }
+            }
+            start(finish)
         }
     }
 
@@ -264,7 +367,13 @@ public final class WeftNode: Sendable {
         case .success(let v): .ok(ok(v))
         case .failure(.notLeader(let l)): .notLeader(l == me ? nil : l)
         case .failure(.transferring): .notLeader(nil)
-        case .failure(let e): .failed("\(e)")
+        case .failure(.configChangePending): .changePending("another membership change is pending")
+        case .failure(.superseded): .failed("replaced by another leader's entry before it committed")
+        case .failure(.invalid(let why)): .invalid(why)
+        case .failure(.unavailable(let why)): .failed(why)
+        case .failure(.storage(let why)): .outcomeUnknown("storage failed on node \(me): \(why)")
+        case .failure(.stopped): .outcomeUnknown("the replica on node \(me) stopped")
+        case .failure(.outcomeUnknown(let why)): .outcomeUnknown(why)
         }
     }
 
@@ -273,40 +382,16 @@ public final class WeftNode: Sendable {
     }
 
     /// The local replica of `shard`, or nil after telling the asking peer this node has none.
-    func runnerOrRefuse(_ shard: ShardID, request: UInt64, from: NodeID) -> ShardRunner? {
+    func runnerOrRefuse(_ shard: ShardID, request: Envelope.RequestID, from: NodeID) -> ShardRunner? {
         if let r = runner(shard) { return r }
         transport.send(to: from, shard: shard.rawValue, payload: Envelope.answer(request: request, .failed("shard \(shard) is not on node \(id)")).encode())
         return nil
     }
 
     /// Sends the answer to a forwarded request back to the peer that asked.
-    func replier(to peer: NodeID, shard: ShardID, request: UInt64) -> @Sendable (Envelope.ForwardAnswer) -> Void {
+    func replier(to peer: NodeID, shard: ShardID, request: Envelope.RequestID) -> @Sendable (Envelope.ForwardAnswer) -> Void {
         let t = transport
         return { t.send(to: peer, shard: shard.rawValue, payload: Envelope.answer(request: request, $0).encode()) }
-    }
-
-    /// Sends a forward or config-change envelope (its request id is filled in here) and waits for the answer.
-    func forward(to target: NodeID, shard: ShardID, _ envelope: Envelope, deadline: ContinuousClock.Instant) async -> Envelope.ForwardAnswer {
-        guard transport.reachable(target) else { return .failed("node \(target) unreachable") }
-        let request = pending.withLockedValue { p -> UInt64 in
-            defer { p.next += 1 }
-            return p.next
-        }
-        let timer = Task { [pending] in
-            try? await Task.sleep(until: deadline, clock: .continuous)
-            pending.withLockedValue { $0.waiting.removeValue(forKey: request) }?.resume(returning: .failed("forward to node \(target) timed out"))
-        }
-        defer { timer.cancel() }
-        return await withCheckedContinuation { c in
-            pending.withLockedValue { $0.waiting[request] = c }
-            let numbered: Envelope =
-                switch envelope {
-                case .forward(_, let ps): .forward(request: request, proposals: ps)
-                case .configChange(_, let c): .configChange(request: request, change: c)
-                default: envelope
-                }
-            transport.send(to: target, shard: shard.rawValue, payload: numbered.encode())
-        }
     }
 
     // MARK: Membership
@@ -315,9 +400,10 @@ public final class WeftNode: Sendable {
     /// configuration entry once it is committed.
     public func changeMembership(shard: ShardID, _ change: ConfigChange, timeout: Duration = .seconds(10)) async throws -> LogIndex {
         let me = id
-        let refs = try await throughLeader(shard, timeout: timeout, envelope: .configChange(request: 0, change: change)) { local in
-            await withCheckedContinuation { c in
-                local.submit(.configChange(change) { c.resume(returning: Self.answer($0, me: me) { [RecordRef(index: $0, term: 0, stream: .none, seq: 0)] }) })
+        let envelope = Envelope.configChange(request: Envelope.RequestID(incarnation: 0, sequence: 0), change: change)
+        let refs = try await throughLeader(shard, timeout: timeout, envelope: envelope) { local, deadline in
+            await Self.untilDeadline(deadline, late: .outcomeUnknown("proposed on node \(me), not committed before the deadline")) { finish in
+                local.submit(.configChange(change) { finish(Self.answer($0, me: me) { [RecordRef(index: $0, term: 0, stream: .none, seq: 0)] }) })
             }
         }
         return refs.first?.index ?? 0
@@ -337,22 +423,20 @@ public final class WeftNode: Sendable {
         let rs = allRunners
         for shard in rs.keys.sorted() {
             guard let r = rs[shard] else { continue }
-            let s = await withCheckedContinuation { (c: CheckedContinuation<ShardStatus?, Never>) in
-                let once = NIOLockedValueBox(false)
-                let finish: @Sendable (ShardStatus?) -> Void = { v in
-                    if once.withLockedValue({ done in defer { done = true }; return !done }) { c.resume(returning: v) }
-                }
+            let s: ShardStatus? = await Self.untilDeadline(.now + .seconds(2), late: nil) { finish in
                 r.submit(.status { finish($0) })
-                Task {
-                    try? await Task.sleep(for: .seconds(2))
-                    finish(nil)
-                }
             }
             if let s {
                 shards.append(s)
                 if let l = s.leader { leaderHints.withLockedValue { $0[shard] = l } }
+            } else {
+                shards.append(ShardStatus.unavailable(shard, node: id, "the replica did not answer within 2 s (stopped or busy)"))
             }
         }
+        for (shard, why) in failedShards.withLockedValue({ $0 }) where rs[shard] == nil {
+            shards.append(ShardStatus.unavailable(shard, node: id, why))
+        }
+        shards.sort { $0.shard < $1.shard }
         return (nodes, shards)
     }
 

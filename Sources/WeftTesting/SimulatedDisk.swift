@@ -38,6 +38,9 @@ public final class SimulatedDisk: Disk {
     public var shortWritePrefix = 0
     /// Fails every sync while set.
     public var failSyncs = false
+    /// Reads of files whose path starts with this fail with EIO while set (a disk that cannot read a
+    /// sector: an I/O error, not damage the checksums would find).
+    public var failReadsUnder: String?
     public private(set) var writes = 0
     public private(set) var syncs = 0
 
@@ -148,6 +151,9 @@ final class SimulatedFile: DiskFile {
     func size() throws -> UInt64 { UInt64(node.data.count) }
     func write(_ bytes: [UInt8], at offset: UInt64) throws { try disk.write(node, bytes, at: offset, path: path) }
     func read(at offset: UInt64, count: Int) throws -> [UInt8] {
+        if let prefix = disk.failReadsUnder, path.hasPrefix(prefix) {
+            throw DiskError(path: path, operation: "pread (simulated I/O error)", code: 5)
+        }
         guard offset < UInt64(node.data.count), count > 0 else { return [] }
         let start = Int(offset)
         return Array(node.data[start..<min(node.data.count, start + count)])

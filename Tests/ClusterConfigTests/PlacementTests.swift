@@ -16,6 +16,21 @@ import WeftCore
         #expect(config.shardIDs.count == 8)
     }
 
+    /// Issue 8, item 5: placement followed `nodes.count`, so adding a node moved shards. With the
+    /// founders listed, a new [[nodes]] entry changes no shard's initial group and hosts nothing.
+    @Test func addingANodeMovesNoShard() throws {
+        let cluster = "name = \"t\"\nsecret = \"\(validSecret)\"\nshards = 8\nreplication = 3"
+        let before = try ClusterConfiguration.parse(document(cluster: cluster, nodes: nodes(ids: [1, 2, 3])), configPath: "/c.toml")
+        let after = try ClusterConfiguration.parse(
+            document(cluster: cluster + "\nfounders = [1, 2, 3]", nodes: nodes(ids: [1, 2, 3, 4])), configPath: "/c.toml")
+        for shard in before.shardIDs { #expect(before.replicas(of: shard) == after.replicas(of: shard)) }
+        #expect(after.shards(hostedBy: NodeID(4)).isEmpty)
+        #expect(before.placementBasis == after.placementBasis)
+        // Without founders the basis differs: a node started with it refuses to run on data placed by the other.
+        let moved = try ClusterConfiguration.parse(document(cluster: cluster, nodes: nodes(ids: [1, 2, 3, 4])), configPath: "/c.toml")
+        #expect(moved.placementBasis != before.placementBasis)
+    }
+
     @Test func replicasAreConsecutiveNodesInIDOrderFromShardModuloNodeCount() throws {
         // Listed out of order on purpose: placement sorts by id.
         let config = try config(ids: [30, 10, 50, 20, 40], shards: 12, replication: 3)

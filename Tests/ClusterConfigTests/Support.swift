@@ -40,9 +40,11 @@ let threeNodes = """
 /// A configuration document: `[cluster]` with `cluster` as its body (name and secret valid by default),
 /// optional `[storage]` and `[raft]` bodies, and `nodes` (three valid `[[nodes]]` by default, or a root-level
 /// `nodes = ...` line).
+let validToken = "operator-token-0123456789"
+
 func document(
     cluster: String = "name = \"test\"\nsecret = \"\(validSecret)\"", storage: String? = nil, raft: String? = nil,
-    nodes: String = threeNodes, extra: String = ""
+    api: String? = "operator_token = \"\(validToken)\"", nodes: String = threeNodes, extra: String = ""
 ) -> String {
     // A root-level `nodes = [...]` must come before the first table header; `[[nodes]]` may go anywhere.
     let nodesAtRoot = !nodes.hasPrefix("[")
@@ -50,6 +52,7 @@ func document(
     text += "[cluster]\n\(cluster)\n\n"
     if let storage { text += "[storage]\n\(storage)\n\n" }
     if let raft { text += "[raft]\n\(raft)\n\n" }
+    if let api { text += "[api]\n\(api)\n\n" }
     return text + (nodesAtRoot ? "" : nodes) + "\n" + extra + "\n"
 }
 

@@ -8,9 +8,13 @@ import FoundationNetworking
 /// JSON error and a 4xx status, changing nothing.
 extension Clusters {
     @Suite(.serialized) struct APITests {
-        func request(_ c: ClusterProcess, _ method: String, _ path: String, body: Data? = nil, type: String = "application/json") async throws -> (Int, [String: Any]) {
-            let url = try #require(URL(string: "http://127.0.0.1:\(c.apiPorts[1]!)\(path)"))
+        func request(
+            _ c: ClusterProcess, _ method: String, _ path: String, body: Data? = nil, type: String = "application/json", node: Int = 1,
+            token: String? = ClusterProcess.token
+        ) async throws -> (Int, [String: Any]) {
+            let url = try #require(URL(string: "http://127.0.0.1:\(c.apiPorts[node]!)\(path)"))
             var req = URLRequest(url: url)
+            if let token { req.setValue("Bearer \(token)", forHTTPHeaderField: "Authorization") }
             req.httpMethod = method
             req.httpBody = body
             req.setValue(type, forHTTPHeaderField: "Content-Type")
@@ -127,4 +131,63 @@ extension Clusters {
                 #expect((err?["message"] as? String)?.isEmpty == false)
             }
         }
-    }}
+    }
+        /// Issue 8, items 1 and 14: three anonymous requests with `type: 3` used to add voters 9, 10 and
+        /// 11 to a shard and take its quorum away. Reserved types are refused with 400 on every node
+        /// (leader or not), nothing reaches the log, and operator routes need the operator token.
+        @Test func reservedTypesAndMissingTokensAreRefused() async throws {
+            let c = try ClusterProcess(name: "reserved", nodes: 3, shards: 1)
+            try c.startAll()
+            defer { c.stopAll() }
+            let leader = try #require(await c.leader(of: 0))
+            let follower = c.nodes.first { $0 != leader } ?? 1
+            let config = Data(ConfigChangeBytes.addVoter(9).base64EncodedString().utf8)
+            for node in [leader, follower] {
+                for type in [0, 2, 3, 4, 100, 0x7FFF] {
+                    let body = Data(#"{"records":[{"stream":0,"type":\#(type),"payload_b64":"\#(String(decoding: config, as: UTF8.self))"}]}"#.utf8)
+                    let (s, obj) = try await request(c, "POST", "/api/v1/shards/0/append", body: body, node: node)
+                    #expect(s == 400, "type \(type) via node \(node): \(s) \(obj)")
+                    #expect((obj["error"] as? [String: Any])?["code"] as? String == "reserved_type")
+                }
+            }
+            // The client range and plain data are accepted.
+            let (ok, _) = try await request(c, "POST", "/api/v1/shards/0/append", body: Data(#"{"records":[{"stream":1,"type":32768,"payload":"x"},{"stream":1,"payload":"y"}]}"#.utf8), node: follower)
+            #expect(ok == 200)
+
+            // No token, a wrong one, another scheme: 401 on every operator route; /metrics stays open.
+            for (token, path, method) in [
+                (nil, "/api/v1/shards/0/append", "POST"), ("wrong-token-0123456789", "/api/v1/shards/0/append", "POST"),
+                (nil, "/api/v1/shards/0/log", "GET"), (nil, "/api/v1/shards/0/streams/1", "GET"), (nil, "/api/v1/cluster/status", "GET"),
+                (nil, "/api/v1/admin/shards/0/membership", "POST"), (String(ClusterProcess.token.dropLast()), "/api/v1/cluster/status", "GET"),
+            ] as [(String?, String, String)] {
+                let (s, obj) = try await request(c, method, path, body: Data(#"{"add_voter":2}"#.utf8), node: follower, token: token)
+                #expect(s == 401, "\(method) \(path) token \(token ?? "none"): \(s)")
+                #expect((obj["error"] as? [String: Any])?["code"] as? String == "unauthorized")
+            }
+            let metrics = try #require(URL(string: "http://127.0.0.1:\(c.apiPorts[follower]!)/metrics"))
+            let (_, resp) = try await URLSession.shared.data(from: metrics)
+            #expect((resp as? HTTPURLResponse)?.statusCode == 200)
+
+            // The log holds the bootstrap group (three config entries), the leader's no-ops and the two
+            // accepted records: no other config entry, and the group is still 1, 2, 3 on every node.
+            let (_, log) = try await request(c, "GET", "/api/v1/shards/0/log?from=1&limit=1000", node: leader)
+            let types = (log["records"] as? [[String: Any]] ?? []).compactMap { $0["type"] as? Int }
+            #expect(types.filter { $0 == 3 }.count == 3)
+            #expect(types.filter { $0 == 1 || $0 == 32768 }.count == 2)
+            for n in c.nodes {
+                let (_, st) = try await request(c, "GET", "/api/v1/cluster/status", node: n)
+                let replicas = ((st["shards"] as? [[String: Any]])?.first?["replicas"] as? [[String: Any]]) ?? []
+                #expect(Set(replicas.compactMap { $0["node"] as? Int }) == [1, 2, 3], "node \(n): \(replicas)")
+            }
+        }
+    }
+
+    /// The payload of a membership change entry (u8 kind | u64 node), as the attack sent it.
+    enum ConfigChangeBytes {
+        static func addVoter(_ n: UInt64) -> Data {
+            var d = Data([1])
+            withUnsafeBytes(of: n.littleEndian) { d.append(contentsOf: $0) }
+            return d
+        }
+    }
+}

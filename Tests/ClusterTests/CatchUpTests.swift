@@ -12,6 +12,7 @@ extension Clusters {
         func post(_ c: ClusterProcess, _ n: Int, _ path: String, _ body: Data, type: String) async -> Int {
             guard let url = URL(string: "http://127.0.0.1:\(c.apiPorts[n]!)\(path)") else { return 0 }
             var req = URLRequest(url: url)
+            req.setValue("Bearer \(ClusterProcess.token)", forHTTPHeaderField: "Authorization")
             req.httpMethod = "POST"
             req.httpBody = body
             req.setValue(type, forHTTPHeaderField: "Content-Type")

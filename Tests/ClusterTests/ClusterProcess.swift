@@ -17,6 +17,14 @@ final class ClusterProcess: @unchecked Sendable {
     var processes: [Int: Process] = [:]
     let lock = NSLock()
     static let blocks = CounterBox()
+    /// The operator token every generated config carries (`[api] operator_token`).
+    static let token = "test-operator-token-0123456789"
+
+    static func authorized(_ url: URL) -> URLRequest {
+        var req = URLRequest(url: url)
+        req.setValue("Bearer \(token)", forHTTPHeaderField: "Authorization")
+        return req
+    }
 
     static var bin: URL {
         if let dir = ProcessInfo.processInfo.environment["WEFT_BIN_DIR"] { return URL(fileURLWithPath: dir) }
@@ -50,6 +58,9 @@ final class ClusterProcess: @unchecked Sendable {
             data_dir = "data"
             fsync = "every_batch"
             segment_bytes = \(segmentBytes)
+
+            [api]
+            operator_token = "\(Self.token)"
 
             [raft]
             election_timeout_min_ms = 300
@@ -125,6 +136,7 @@ final class ClusterProcess: @unchecked Sendable {
     func status(_ n: Int) async -> Status? {
         guard let port = apiPorts[n], let url = URL(string: "http://127.0.0.1:\(port)/api/v1/cluster/status") else { return nil }
         var req = URLRequest(url: url)
+        req.setValue("Bearer \(ClusterProcess.token)", forHTTPHeaderField: "Authorization")
         req.timeoutInterval = 2
         guard let (data, _) = try? await URLSession.shared.data(for: req) else { return nil }
         return try? JSONDecoder().decode(Status.self, from: data)
@@ -156,6 +168,7 @@ final class ClusterProcess: @unchecked Sendable {
     func append(via n: Int, shard: UInt64, stream: UInt64, payload: String) async -> Ack.Ref? {
         guard let port = apiPorts[n], let url = URL(string: "http://127.0.0.1:\(port)/api/v1/shards/\(shard)/append") else { return nil }
         var req = URLRequest(url: url)
+        req.setValue("Bearer \(ClusterProcess.token)", forHTTPHeaderField: "Authorization")
         req.httpMethod = "POST"
         req.timeoutInterval = 6
         req.httpBody = try? JSONSerialization.data(withJSONObject: ["records": [["stream": stream, "payload": payload]]])

@@ -14,6 +14,7 @@ extension Clusters {
         func change(_ c: ClusterProcess, via n: Int, _ body: String) async -> Int {
             guard let url = URL(string: "http://127.0.0.1:\(c.apiPorts[n]!)/api/v1/admin/shards/0/membership") else { return 0 }
             var req = URLRequest(url: url)
+            req.setValue("Bearer \(ClusterProcess.token)", forHTTPHeaderField: "Authorization")
             req.httpMethod = "POST"
             req.httpBody = Data(body.utf8)
             req.timeoutInterval = 15
@@ -38,7 +39,7 @@ extension Clusters {
 
         func shard0(_ c: ClusterProcess, _ n: Int) async -> Members.Shard? {
             guard let url = URL(string: "http://127.0.0.1:\(c.apiPorts[n]!)/api/v1/cluster/status"),
-                let (data, _) = try? await URLSession.shared.data(from: url)
+                let (data, _) = try? await URLSession.shared.data(for: ClusterProcess.authorized(url))
             else { return nil }
             return (try? JSONDecoder().decode(Members.self, from: data))?.shards.first { $0.id == 0 }
         }

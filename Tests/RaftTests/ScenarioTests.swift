@@ -153,6 +153,22 @@ final class Net {
         #expect(net.applied[NodeID(1)]!.contains { $0.payload == [2] })
     }
 
+    /// Issue 8, item 1: a proposal of type `config` was applied as a membership change (three of them
+    /// added three voters and took the quorum away). Only `proposeConfigChange` changes the group.
+    @Test func configAndNoopTypesAreRefusedAsProposals() {
+        let net = Net(3)
+        net.nodes[NodeID(1)]!.campaignNow()
+        net.settle()
+        let addNine = ConfigChange.addVoter(NodeID(9)).encode()
+        #expect(throws: ProposalError.reservedType(.config)) {
+            try net.nodes[NodeID(1)]!.propose([Proposal(payload: [1]), Proposal(type: .config, payload: addNine)])
+        }
+        #expect(throws: ProposalError.reservedType(.noop)) { try net.nodes[NodeID(1)]!.propose([Proposal(type: .noop, payload: [])]) }
+        net.settle()
+        #expect(net.nodes[NodeID(1)]!.membership.voters == [NodeID(1), NodeID(2), NodeID(3)])
+        #expect(net.propose(7))
+    }
+
     @Test func proposalsAreRefusedByFollowersAndDuringTransfer() {
         let net = Net(3)
         net.nodes[NodeID(1)]!.campaignNow()

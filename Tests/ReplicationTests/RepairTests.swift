@@ -283,8 +283,9 @@ import WeftTesting
 
     /// The store rewrites and syncs the fence for the recovered (shorter) log as it opens, before the
     /// replica has written its `recovering` marker. If the replica does not get that far — here its
-    /// membership file is damaged, so it refuses to open — the evidence is gone: once the file is restored,
-    /// the replica opens as an ordinary voter whose log lacks records it acknowledged.
+    /// hard state file is damaged, so it refuses to open — the evidence is gone: once the file is restored,
+    /// the replica opens as an ordinary voter whose log lacks records it acknowledged. (A damaged
+    /// membership file no longer stops the open: the group is rebuilt from the log, see HardeningTests.)
     @Test func lossIsRememberedWhenTheFirstOpenFails() throws {
         let c = try Cluster()
         let a = NodeID(1), b = NodeID(2)
@@ -295,14 +296,16 @@ import WeftTesting
         let last = try #require(try c.segments(b).last)
         try #require(last.blocks.count >= 2)
         try c.truncateFile(last.path, to: last.blocks[1].offset)
-        let membership = c.dir(b) + "/membership"
-        let f = try c.disk.open(membership, create: false)
+        let state = c.dir(b) + "/raft.state"
+        let f = try c.disk.open(state, create: false)
         let original = try f.read(at: 0, count: Int(try f.size()))
+        try #require(original.count >= 128)
         try f.write([original[9] ^ 0xFF], at: 9)
+        try f.write([original[64 + 9] ^ 0xFF], at: 64 + 9)
         f.close()
 
         #expect(throws: (any Error).self) { try c.open(b) }
-        let g = try c.disk.open(membership, create: false)
+        let g = try c.disk.open(state, create: false)
         try g.write(original, at: 0)
         g.close()
         try c.open(b)

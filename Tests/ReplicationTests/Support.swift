@@ -93,7 +93,7 @@ final class ReplicaCluster {
             queue = []
             for m in batch where !drop(m) { replicas[m.to]?.step(m) }
             for id in ids { if let r = replicas[id] { queue += try r.process() } }
-        } while !queue.isEmpty && rounds < 1000
+        } while (!queue.isEmpty || replicas.values.contains { $0.hasPendingWork }) && rounds < 1000
     }
 
     /// `n` ticks of the given replicas, settling after each.

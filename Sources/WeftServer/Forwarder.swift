@@ -1,0 +1,91 @@
+import NIOConcurrencyHelpers
+import PeerTransport
+import WeftCore
+
+/// The requests this node sent to other nodes' replicas (forwarded writes, membership changes), waiting
+/// for their answers.
+///
+/// A request id is (incarnation, sequence). The incarnation is random per process start, so an answer to
+/// a request sent before a restart (still in a peer's queue, or replayed) can never complete a request
+/// sent after it; and an answer is taken only from the node the request was sent to.
+///
+/// Outcomes: a request that could not be sent (the peer is unreachable) failed and nothing was written;
+/// once it was sent, no answer before the deadline means the outcome is unknown (the leader may have
+/// committed it), and so does a shutdown while it waits.
+final class Forwarder: Sendable {
+    struct Waiting {
+        var target: NodeID
+        var continuation: CheckedContinuation<Envelope.ForwardAnswer, Never>
+    }
+
+    let incarnation: UInt64
+    let selfID: NodeID
+    let transport: PeerTransport
+    let state = NIOLockedValueBox<(next: UInt64, waiting: [UInt64: Waiting], closed: Bool)>((1, [:], false))
+    /// Requests waiting for an answer at most; past it a new request fails at once (nothing is sent).
+    static let waitingCountMax = 65_536
+
+    init(selfID: NodeID, transport: PeerTransport, incarnation: UInt64 = UInt64.random(in: 1...UInt64.max)) {
+        self.selfID = selfID
+        self.transport = transport
+        self.incarnation = incarnation
+    }
+
+    /// Sends `envelope` (a forward or a config change; its request id is set here) to `target` and waits
+    /// for the answer until `deadline`.
+    func send(to target: NodeID, shard: ShardID, _ envelope: Envelope, deadline: ContinuousClock.Instant) async -> Envelope.ForwardAnswer {
+        guard transport.reachable(target) else { return .failed("node \(target) unreachable") }
+        let sequence = state.withLockedValue { s -> UInt64? in
+            guard !s.closed, s.waiting.count < Self.waitingCountMax else { return nil }
+            defer { s.next += 1 }
+            return s.next
+        }
+        guard let sequence else { return .failed("node \(selfID) has too many forwarded requests waiting, or is stopping") }
+        let id = Envelope.RequestID(incarnation: incarnation, sequence: sequence)
+        let timer = Task { [state] in
+            try? await Task.sleep(until: deadline, clock: .continuous)
+            state.withLockedValue { $0.waiting.removeValue(forKey: sequence) }?.continuation.resume(
+                returning: .outcomeUnknown("sent to node \(target), no answer before the deadline"))
+        }
+        defer { timer.cancel() }
+        return await withCheckedContinuation { c in
+            let registered = state.withLockedValue { s -> Bool in
+                guard !s.closed else { return false }
+                s.waiting[sequence] = Waiting(target: target, continuation: c)
+                return true
+            }
+            guard registered else { return c.resume(returning: .failed("node \(selfID) is stopping")) }
+            let numbered: Envelope =
+                switch envelope {
+                case .forward(_, let ps): .forward(request: id, proposals: ps)
+                case .configChange(_, let change): .configChange(request: id, change: change)
+                default: envelope
+                }
+            transport.send(to: target, shard: shard.rawValue, payload: numbered.encode())
+        }
+    }
+
+    /// An answer arrived from `from`. Ignored unless it answers a request of this incarnation that was
+    /// sent to `from` and is still waiting. Returns whether it was taken.
+    @discardableResult
+    func receive(_ request: Envelope.RequestID, _ answer: Envelope.ForwardAnswer, from: NodeID) -> Bool {
+        guard request.incarnation == incarnation else { return false }
+        let w = state.withLockedValue { s -> Waiting? in
+            guard let w = s.waiting[request.sequence], w.target == from else { return nil }
+            return s.waiting.removeValue(forKey: request.sequence)
+        }
+        guard let w else { return false }
+        w.continuation.resume(returning: answer)
+        return true
+    }
+
+    /// Shutdown: every request still waiting was sent, so its outcome is unknown; new ones fail.
+    func close() {
+        let all = state.withLockedValue { s -> [Waiting] in
+            s.closed = true
+            defer { s.waiting = [:] }
+            return Array(s.waiting.values)
+        }
+        for w in all { w.continuation.resume(returning: .outcomeUnknown("node stopping while waiting for node \(w.target)")) }
+    }
+}

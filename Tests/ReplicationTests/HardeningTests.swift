@@ -1,0 +1,130 @@
+import Raft
+import SegmentStore
+import Testing
+import WeftCore
+import WeftTesting
+
+@testable import Replication
+
+/// Issue 8: a follower far behind, unreadable committed entries, a joined replica without its group
+/// file, and a long replay after a restart — each must leave the replica in a defined state.
+@Suite struct HardeningTests {
+    typealias Cluster = ReplicaCluster
+
+    /// Item 2: a follower paused during a burst used to get more unstable entries in one Ready than the
+    /// store takes in one append (`invalid batch: 106496 records, limit 65536`) and stopped its replica.
+    /// The messages to node 3 are held (a paused process), then stepped all at once.
+    @Test func followerFarBehindPersistsInBatchesTheStoreTakes() throws {
+        let c = try Cluster.simulated()
+        try c.elect(NodeID(1))
+        _ = try c.propose(3, tag: "warm")
+        try c.heartbeats()
+        var held: [Message] = []
+        let paused = NodeID(3)
+        // 64 appends in flight to node 3 (the pipelining window), 2048 records each: 131 072 records.
+        for batch in 0..<70 {
+            let ps = (0..<2048).map { k in Proposal(stream: StreamID(UInt64(k % 7 + 1)), payload: Array("b\(batch)-\(k)".utf8)) }
+            var ok = false
+            c.replica(NodeID(1)).propose(ps) { if case .success = $0 { ok = true } }
+            try c.settle(drop: { m in
+                if m.to == paused { held.append(m) }
+                return m.to == paused || m.from == paused
+            })
+            #expect(ok, "batch \(batch) committed on nodes 1 and 2")
+        }
+        let r3 = c.replica(paused)
+        for m in held { r3.step(m) }
+        #expect(r3.raft.lastIndex - r3.store.lastIndex > UInt64(Limits.appendBatchCountMax), "the follower holds more than one store batch")
+        // Before the fix this threw `invalid batch: ... limit 65536`.
+        c.queue += try r3.process()
+        try c.settle()
+        try c.heartbeats()
+        #expect(try c.log(paused) == c.log(NodeID(1)))
+        #expect(c.replica(paused).store.lastIndex == c.replica(NodeID(1)).store.lastIndex)
+    }
+
+    /// Item 9: an I/O error on a committed block made `process` loop forever at 100 % CPU (Raft kept
+    /// asking for the entries, the read kept failing), so the shard thread never handled a tick or a
+    /// stop. Now each turn returns; after `readStallTurnsMax` turns the replica stops with the reason.
+    @Test func unreadableCommittedEntriesEndInADefinedState() throws {
+        let sim = SimulatedDisk()
+        let c = try Cluster(disk: sim, root: "/data", options: StoreOptions(segmentBytesMax: 4096, blockBytesTarget: 512))
+        try c.elect(NodeID(1))
+        _ = try c.propose(30, tag: "x")
+        try c.heartbeats()
+        // Node 2 restarts (it replays its log from index 1) on a disk that can no longer read its segments.
+        try c.restart(NodeID(2))
+        let r2 = c.replica(NodeID(2))
+        r2.readStallTurnsMax = 5
+        sim.failReadsUnder = c.dir(NodeID(2)) + "/"
+        var m = Message(kind: .heartbeat, from: NodeID(1), to: NodeID(2), term: c.replica(NodeID(1)).raft.term)
+        m.commit = c.replica(NodeID(1)).raft.commit
+        m.hint = c.replica(NodeID(1)).raft.lastIndex
+        r2.step(m)
+        var turns = 0
+        var stopped: (any Error)?
+        while turns < 10 && stopped == nil {
+            turns += 1
+            do {
+                _ = try r2.process()
+                #expect(!r2.hasPendingWork, "a stalled replica waits for the next tick, it does not spin")
+            } catch {
+                stopped = error
+            }
+        }
+        #expect(turns == 5)
+        #expect("\(stopped.map { "\($0)" } ?? "")".contains("unreadable"))
+        sim.failReadsUnder = nil
+    }
+
+    /// Item 6: a replica that joined a group and stopped before it saved the group file used to refuse
+    /// to open (`membershipMissing`), taking its node down. It now rebuilds the group from the log.
+    @Test func replicaWithoutGroupFileRebuildsTheGroupFromItsLog() throws {
+        let c = try Cluster.simulated()
+        try c.elect(NodeID(1))
+        _ = try c.propose(5, tag: "m")
+        try c.heartbeats()
+        c.stop(NodeID(3))
+        try c.disk.remove(c.dir(NodeID(3)) + "/membership")
+        try c.open(NodeID(3))
+        #expect(c.replica(NodeID(3)).raft.membership.voters.isEmpty, "no group until the log is replayed")
+        try c.heartbeats()
+        #expect(c.replica(NodeID(3)).raft.membership.voters == [NodeID(1), NodeID(2), NodeID(3)])
+        #expect(c.disk.exists(c.dir(NodeID(3)) + "/membership"))
+        // And the replica works: new records reach it.
+        let more = try c.propose(3, tag: "after")
+        try c.heartbeats()
+        #expect(more.count == 3)
+        #expect(try c.log(NodeID(3)) == c.log(NodeID(1)))
+    }
+
+    /// Item 13: a restart replays the whole committed log through `onApply`; it used to do so in one
+    /// `process` call, holding up ticks, votes and stop for as long as it took. Each turn now hands out
+    /// at most `readiesPerProcessMax` batches and says there is more.
+    @Test func replayAfterRestartIsBoundedPerTurn() throws {
+        let c = try Cluster.simulated()
+        try c.elect(NodeID(1))
+        for batch in 0..<10 {
+            let ps = (0..<1000).map { k in Proposal(stream: StreamID(1), payload: Array("r\(batch)-\(k)".utf8)) }
+            c.replica(NodeID(1)).propose(ps) { _ in }
+            try c.settle()
+        }
+        try c.heartbeats()
+        let commit = c.replica(NodeID(1)).raft.commit
+        c.stop(NodeID(2))
+        try c.open(NodeID(2))
+        let r2 = c.replica(NodeID(2))
+        r2.readiesPerProcessMax = 1
+        var m = Message(kind: .heartbeat, from: NodeID(1), to: NodeID(2), term: c.replica(NodeID(1)).raft.term)
+        m.commit = commit
+        r2.step(m)
+        var turns = 0
+        repeat {
+            turns += 1
+            _ = try r2.process()
+        } while r2.hasPendingWork && turns < 100
+        #expect(turns > 2, "the replay took several turns")
+        #expect(r2.lastApplied == commit)
+        #expect(c.applied[NodeID(2)]?.count == Int(commit))
+    }
+}
