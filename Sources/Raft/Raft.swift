@@ -73,6 +73,11 @@ public struct Raft {
     var readContext: UInt64 = 0
     var readStates: [ReadState] = []
     var dropped: [UInt64] = []
+    /// A catch-up the driver must install (cleared by any change of term or leader).
+    var pendingInstall: InstallRequest?
+    /// Numbers this leader's catch-up transfers: `term << 32 | transferSeq`, so a follower can tell a
+    /// newer transfer from an older one and a newer leader's from a stale leader's.
+    var transferSeq: UInt64 = 0
     var lastHardState: HardState
 
     /// Context value on vote requests of a campaign started by leadership transfer: bypasses leases.
@@ -394,6 +399,7 @@ public struct Raft {
         transferee = nil
         pendingReads = []
         progress = [:]
+        pendingInstall = nil
     }
 
     mutating func becomeFollower(term t: Term, leader l: NodeID?) {
@@ -537,9 +543,11 @@ public struct Raft {
             if pr.match < lastIndex { sendAppend(to: m.from) }
             if m.context != 0 { acknowledgeRead(context: m.context, from: m.from) }
         case .snapshotResponse:
-            // Accepted: the follower caught up out of band to `m.index`; resume appends from there.
-            // Rejected (the files did not all arrive): probe again, which leads to a new catch-up.
-            if !m.reject { _ = pr.maybeUpdate(m.index) }
+            // Accepted: the follower holds this log's prefix up to `m.index` (installed from the files, or
+            // proven by log matching); match rises only to an index whose term agrees with this log.
+            // Rejected (the files did not all arrive, or did not fit): probe again, which may lead to
+            // another catch-up.
+            if !m.reject, m.index <= lastIndex, m.index > 0, termAt(m.index) == m.logTerm { _ = pr.maybeUpdate(m.index) }
             pr.becomeProbe()
             progress[m.from] = pr
             sendAppend(to: m.from)
@@ -613,6 +621,8 @@ public struct Raft {
         m.index = index
         m.logTerm = log.term(at: index) ?? 0
         m.commit = commit
+        transferSeq += 1
+        m.context = term << 32 | (transferSeq & 0xFFFF_FFFF)
         pr.state = .snapshot
         pr.snapshotTicks = 0
         progress[to] = pr
@@ -677,14 +687,51 @@ public struct Raft {
         case .snapshot:
             electionElapsed = 0
             leader = m.from
-            // Catching up from segments is the driver's job; until it has, report how far this log goes.
-            var r = Message(kind: .snapshotResponse, from: id, to: m.from, term: term)
-            r.index = lastIndex
-            r.reject = lastIndex < m.index
-            send(r)
+            if m.index <= lastIndex {
+                // Nothing to install: either log matching already proves this log holds the leader's prefix
+                // up to `m.index`, or this log is longer and differs there (the leader's probes find where).
+                let matches = termAt(m.index) == m.logTerm
+                respondToCatchUp(to: m.from, index: matches ? m.index : lastIndex, logTerm: matches ? m.logTerm : 0, ok: matches)
+            } else {
+                pendingInstall = InstallRequest(from: m.from, term: term, index: m.index, logTerm: m.logTerm, transfer: m.context)
+            }
         default:
             break
         }
+    }
+
+    mutating func respondToCatchUp(to: NodeID, index: LogIndex, logTerm: Term, ok: Bool) {
+        var r = Message(kind: .snapshotResponse, from: id, to: to, term: term)
+        r.index = index
+        r.logTerm = logTerm
+        r.reject = !ok
+        send(r)
+    }
+
+    /// The driver installed (`ok`) the catch-up `request` asked for, or could not (the files were
+    /// incomplete, damaged or did not end at the right entry). Call it on the state machine the driver
+    /// uses after the install; answers the leader if this node still follows it in that term.
+    public mutating func installDone(_ request: InstallRequest, ok: Bool) {
+        guard role == .follower, term == request.term else { return }
+        leader = request.from
+        electionElapsed = 0
+        if ok {
+            respondToCatchUp(to: request.from, index: request.index, logTerm: request.logTerm, ok: true)
+        } else {
+            respondToCatchUp(to: request.from, index: lastIndex, logTerm: 0, ok: false)
+        }
+    }
+
+    /// The driver's shipping of files to `to` made progress (the follower acknowledged a chunk): the
+    /// catch-up is alive, so its timeout starts again. `failed`: the shipping stopped; probe again.
+    public mutating func reportCatchUp(to: NodeID, failed: Bool) {
+        guard role == .leader, var pr = progress[to], pr.state == .snapshot else { return }
+        if failed {
+            pr.becomeProbe()
+        } else {
+            pr.snapshotTicks = 0
+        }
+        progress[to] = pr
     }
 
     mutating func handleHeartbeat(_ m: Message) {
@@ -754,7 +801,7 @@ public struct Raft {
     // MARK: Ready / advance
 
     public var hasReady: Bool {
-        !messages.isEmpty || !unstable.isEmpty || !readStates.isEmpty || !dropped.isEmpty
+        !messages.isEmpty || !unstable.isEmpty || !readStates.isEmpty || !dropped.isEmpty || pendingInstall != nil
             || HardState(term: term, vote: vote, commit: commit) != lastHardState || committableIndex > committedHandedOut
     }
 
@@ -781,6 +828,8 @@ public struct Raft {
         readStates = []
         rd.dropped = dropped
         dropped = []
+        rd.install = pendingInstall
+        pendingInstall = nil
         committedHandedOut = rd.committed.last?.index ?? committedHandedOut
         return rd
     }

@@ -122,6 +122,17 @@ public struct ReadState: Equatable, Sendable {
     public var index: LogIndex
 }
 
+/// A catch-up the driver must install: the leader `from` shipped its log up to `index` (whose entry has
+/// term `logTerm`) as files of transfer `transfer`. Asked only while this node follows `from` in `term`;
+/// the driver answers with `Raft.installDone` (after replacing its log, or failing to).
+public struct InstallRequest: Equatable, Sendable {
+    public var from: NodeID
+    public var term: Term
+    public var index: LogIndex
+    public var logTerm: Term
+    public var transfer: UInt64
+}
+
 /// What the driver must do after a step: persist `entries` (truncating the log from the first one's
 /// index if it is not past the end) and `hardState`; fdatasync if `mustSync`; only then send `messages`;
 /// apply `committed`. Then call `advance`.
@@ -133,9 +144,12 @@ public struct Ready: Sendable {
     public var readStates: [ReadState] = []
     /// Proposals that failed (no leader, transfer in progress, pending config change, ...).
     public var dropped: [UInt64] = []
+    /// A catch-up from files to install, after the hard state is durable (then `installDone`).
+    public var install: InstallRequest?
     public var mustSync: Bool { hardState != nil || !entries.isEmpty }
     public var isEmpty: Bool {
         hardState == nil && entries.isEmpty && committed.isEmpty && messages.isEmpty && readStates.isEmpty && dropped.isEmpty
+            && install == nil
     }
 }
 

@@ -98,14 +98,21 @@ public enum ReplicationError: Error, Equatable, Sendable {
 public final class ShardReplica {
     public let shard: ShardID
     public let id: NodeID
-    public private(set) var raft: Raft
-    private(set) var store: SegmentStore
+    public internal(set) var raft: Raft
+    internal(set) var store: SegmentStore
     var reader: StoreLogReader
     let hardState: HardStateFile
     let raftConfig: RaftConfig
-    /// Ships whole files to a follower (file name, bytes at offset, total length); set by the node.
-    /// Called on this replica's thread before the `snapshot` message that follows them.
-    public var shipFile: (_ to: NodeID, _ name: String, _ offset: UInt64, _ total: UInt64, _ bytes: [UInt8]) -> Void = { _, _, _, _, _ in }
+    /// Starts shipping this log's sealed files to a follower that needs them (catch-up transfer
+    /// `transfer`), then `snapshot` once the follower has acknowledged them all: set by the node
+    /// (`CatchUpShipper`: off this thread, flow-controlled). Progress and failure come back through
+    /// `reportCatchUp`.
+    public var startCatchUp: (_ to: NodeID, _ transfer: UInt64, _ files: [(name: String, path: String)], _ snapshot: Message) -> Void = {
+        _, _, _, _ in
+    }
+    /// The catch-up transfer whose files are being staged (nil: none). Kept in memory only: the staging
+    /// directory is emptied at open, so nothing staged before a restart is ever installed.
+    var currentTransfer: UInt64?
     /// index -> (term it was proposed in, completion).
     var waiting: [LogIndex: (Term, (Result<Record, ReplicationError>) -> Void)] = [:]
     var reads: [UInt64: (Result<LogIndex, ReplicationError>) -> Void] = [:]
@@ -249,6 +256,8 @@ public final class ShardReplica {
             let from = [findings.damagedFrom, markerFrom].compactMap { $0 }.min()
             try enterRecovery(cutFrom: from)
         }
+        // Files staged for a catch-up before a restart belong to a transfer this replica no longer knows.
+        try clearStaging()
     }
 
     /// The index the marker file says the damage started at (nil: unknown or unreadable).
@@ -352,80 +361,9 @@ public final class ShardReplica {
 
     public func tick() { raft.tick() }
 
-    public func step(_ m: Message) {
-        if m.kind == .snapshot, m.to == id, m.index > store.lastIndex {
-            do {
-                // The shipped log has entries of terms up to the leader's: its term is saved first.
-                if m.term > hardState.state.term {
-                    try hardState.save(HardState(term: m.term, vote: nil, commit: hardState.state.commit))
-                }
-                try installStaged(upTo: m.index)
-            } catch {
-                log("catch-up to \(m.index) not installed: \(error)")
-            }
-        }
-        raft.step(m)
-    }
+    public func step(_ m: Message) { raft.step(m) }
 
     public var log: (String) -> Void = { _ in }
-
-    // MARK: Catch-up from files
-
-    var stagingDirectory: String { store.directory + "/catchup" }
-
-    /// Writes part of a file the leader is shipping into the staging directory.
-    public func stage(name: String, offset: UInt64, bytes: [UInt8]) throws {
-        guard !name.contains("/"), name.hasSuffix(".seg") || name.hasSuffix(".idx") else { return }
-        let disk = store.fileSystem
-        try disk.makeDirectory(stagingDirectory)
-        if offset == 0, disk.exists(stagingDirectory + "/" + name) { try disk.remove(stagingDirectory + "/" + name) }
-        let f = try disk.open(stagingDirectory + "/" + name, create: true)
-        defer { f.close() }
-        try f.write(bytes, at: offset)
-    }
-
-    /// Replaces this replica's log with the staged files when they hold the leader's log up to `index`:
-    /// opened as a store of their own first (full recovery and checks), synced, then renamed into place;
-    /// term, vote and group are kept. Only when this log ends below `index`, so no entry this replica
-    /// acknowledged is lost: the leader's copy of every entry up to `index` replaces it.
-    func installStaged(upTo index: LogIndex) throws {
-        let disk = store.fileSystem
-        guard disk.exists(stagingDirectory) else { return }
-        let staged = try SegmentStore(directory: stagingDirectory, options: store.options, disk: disk)
-        // Every block of the shipped files is checked before they replace anything.
-        while !staged.scrub(maxBytes: 64 << 20) {}
-        let stagedLast = staged.lastIndex
-        let stagedDamage = staged.damagedFrom
-        staged.close()
-        if let d = stagedDamage {
-            for n in (try? disk.list(stagingDirectory)) ?? [] { try? disk.remove(stagingDirectory + "/" + n) }
-            throw StoreError.invalidBatch("shipped files are damaged from index \(d); not installed")
-        }
-        guard stagedLast >= index else {
-            throw StoreError.invalidBatch("staged files end at \(stagedLast), below \(index)")
-        }
-        let names = try disk.list(stagingDirectory).filter { $0.hasSuffix(".seg") || $0.hasSuffix(".idx") }
-        for n in names {
-            let f = try disk.open(stagingDirectory + "/" + n, create: false)
-            try f.sync()
-            f.close()
-        }
-        let dir = store.directory
-        let options = store.options
-        failAll(.outcomeUnknown("replica \(id) of shard \(shard) replaced its log with the leader's files"))
-        store.close()
-        try SegmentStore.removeLog(in: dir, disk: disk)
-        for n in names { try disk.rename(stagingDirectory + "/" + n, to: dir + "/" + n) }
-        try disk.syncDirectory(dir)
-        store = try SegmentStore(directory: dir, options: options, disk: disk, log: log)
-        // The shipped log is verified and in place: its fence describes it.
-        try store.acceptFindings()
-        reader = StoreLogReader(store)
-        raft = Raft(
-            config: raftConfig, log: reader, hardState: hardState.state, membership: raft.membership, applied: 0,
-            membershipIndex: raft.membershipIndex, recovering: raft.recovering)
-        log("caught up from the leader's files: log now ends at \(store.lastIndex)")
-    }
 
     /// Proposes records; `done` runs (on the owner's thread) once they commit or fail.
     public func propose(_ proposals: [Proposal], done: @escaping (Result<[Record], ReplicationError>) -> Void) {
@@ -509,13 +447,14 @@ public final class ShardReplica {
                 stalled = true
                 break
             }
-            var later = rd.messages
-            for m in rd.messages where m.kind == .snapshot { shipSealedFiles(to: m.to) }
+            // A `snapshot` message goes out only after its files, from the shipper.
+            var later = rd.messages.filter { $0.kind != .snapshot }
+            for m in rd.messages where m.kind == .snapshot { beginCatchUp(m) }
             if raft.role == .leader, rd.hardState.map({ $0.term == hardState.state.term && $0.vote == hardState.state.vote }) ?? true {
-                let early = rd.messages.filter { $0.kind == .append || $0.kind == .heartbeat }
+                let early = later.filter { $0.kind == .append || $0.kind == .heartbeat }
                 if !early.isEmpty {
                     send(early)
-                    later = rd.messages.filter { $0.kind != .append && $0.kind != .heartbeat }
+                    later = later.filter { $0.kind != .append && $0.kind != .heartbeat }
                 }
             }
             // Term and vote must be durable before anything is sent, and before entries of that term are
@@ -546,6 +485,8 @@ public final class ShardReplica {
                 try membershipFile.save(raft.membership, index: raft.membershipIndex)
                 savedMembershipIndex = raft.membershipIndex
             }
+            // A catch-up to install: the term it belongs to is durable (saved above, before anything).
+            if let request = rd.install { try install(request) }
             // A read in this round (entries to send or apply) may have hit a damaged block: repair now,
             // or Raft would ask for the same unreadable entries forever.
             try repairIfDamaged()
@@ -592,26 +533,6 @@ public final class ShardReplica {
             try store.append(batch)
             reader.didAppend(batch)
             start = end
-        }
-    }
-
-    /// Ships every sealed segment file to `to` in chunks, before the `snapshot` message that follows.
-    func shipSealedFiles(to: NodeID) {
-        let disk = store.fileSystem
-        let chunk = 1 << 20
-        for (name, path) in store.sealedFiles() {
-            guard let f = try? disk.open(path, create: false), let total = try? f.size() else {
-                log("catch-up for node \(to): cannot read \(path)")
-                return
-            }
-            defer { f.close() }
-            var offset: UInt64 = 0
-            repeat {
-                guard let bytes = try? f.read(at: offset, count: chunk) else { return }
-                shipFile(to, name, offset, total, bytes)
-                offset += UInt64(bytes.count)
-                if bytes.isEmpty { break }
-            } while offset < total
         }
     }
 

@@ -68,8 +68,11 @@ public final class ShardRunner: @unchecked Sendable {
         case status(@Sendable (ShardStatus) -> Void)
         case read(ReadQuery, @Sendable (Result<(records: [Record], commit: LogIndex), ReadError>) -> Void)
         case campaign
-        /// Part of a file the leader ships for a catch-up.
-        case stageFile(name: String, offset: UInt64, bytes: [UInt8])
+        /// Part of a file the leader ships for catch-up `transfer`; `ack` gets the bytes of the file
+        /// now staged (nil: refused, as from an older transfer or term; false: it could not be written).
+        case stageFile(transfer: UInt64, name: String, offset: UInt64, bytes: [UInt8], ack: @Sendable (_ received: UInt64?, _ ok: Bool) -> Void)
+        /// The shipper's news about a catch-up this replica started as leader.
+        case catchUpReport(to: NodeID, failed: Bool)
     }
 
     let replica: ShardReplica
@@ -208,12 +211,19 @@ public final class ShardRunner: @unchecked Sendable {
         case .status(let cb): cb(replica.status())
         case .read(let q, let cb): cb(replica.read(q))
         case .campaign: replica.campaign()
-        case .stageFile(let name, let offset, let bytes):
+        case .stageFile(let transfer, let name, let offset, let bytes, let ack):
             do {
-                try replica.stage(name: name, offset: offset, bytes: bytes)
+                if try replica.stage(transfer: transfer, name: name, offset: offset, bytes: bytes) {
+                    ack(offset + UInt64(bytes.count), true)
+                } else {
+                    ack(nil, true)
+                }
             } catch {
                 logger.error("shard \(replica.shard): cannot stage \(name) for catch-up: \(error)")
+                ack(offset, false)
             }
+        case .catchUpReport(let to, let failed):
+            replica.reportCatchUp(to: to, failed: failed)
         }
     }
 }

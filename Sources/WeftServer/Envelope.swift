@@ -11,7 +11,8 @@ import WeftCore
 /// 1 raft    | MessageCodec bytes
 /// 2 forward | request id | u32 n | n x (u64 stream | u16 type | i64 timestamp | u32 len | payload)
 /// 4 config  | request id | ConfigChange bytes (u8 kind | u64 node)
-/// 5 file    | u8 name length | name (UTF-8) | u64 offset | u64 total | bytes (rest)
+/// 5 file    | u64 transfer | u8 name length | name (UTF-8) | u64 offset | u64 total | bytes (rest)
+/// 6 fileAck | u64 transfer | u8 ok | u64 received | u8 name length | name (UTF-8)
 /// 3 answer  | request id | u8 status
 ///           | 0 ok: u32 n | n x (u64 index | u64 term | u64 stream | u64 seq)
 ///           | 1 not leader: u64 leader (0 unknown)
@@ -24,8 +25,11 @@ enum Envelope: Equatable {
     case answer(request: RequestID, ForwardAnswer)
     /// A membership change for the shard's leader; answered like a forward (ok carries the entry's index).
     case configChange(request: RequestID, change: ConfigChange)
-    /// Part of a sealed segment or index file a leader ships to a follower that shares no entry with it.
-    case file(name: String, offset: UInt64, total: UInt64, bytes: [UInt8])
+    /// Part of a sealed segment or index file a leader ships to a follower that needs it (catch-up).
+    case file(transfer: UInt64, name: String, offset: UInt64, total: UInt64, bytes: [UInt8])
+    /// The follower staged `received` bytes of `name` (flow control of the catch-up); `ok` false: it
+    /// could not write them.
+    case fileAck(transfer: UInt64, name: String, received: UInt64, ok: Bool)
 
     struct ForwardedProposal: Equatable {
         var stream: StreamID
@@ -77,14 +81,23 @@ enum Envelope: Equatable {
                 put(UInt32(p.payload.count), &b)
                 b += p.payload
             }
-        case .file(let name, let offset, let total, let bytes):
+        case .file(let transfer, let name, let offset, let total, let bytes):
             b.append(5)
+            put(transfer, &b)
             let n = Array(name.utf8.prefix(255))
             b.append(UInt8(n.count))
             b += n
             put(offset, &b)
             put(total, &b)
             b += bytes
+        case .fileAck(let transfer, let name, let received, let ok):
+            b.append(6)
+            put(transfer, &b)
+            b.append(ok ? 1 : 0)
+            put(received, &b)
+            let n = Array(name.utf8.prefix(255))
+            b.append(UInt8(n.count))
+            b += n
         case .configChange(let id, let c):
             b.append(4)
             put(id, &b)
@@ -175,11 +188,21 @@ enum Envelope: Equatable {
                 throw DecodeError(description: "answer status \(status)")
             }
         case 5:
+            let transfer = try r.u64()
             let len = Int(try r.take(1)[0])
             let name = String(decoding: try r.take(len), as: UTF8.self)
             let offset = try r.u64()
             let total = try r.u64()
-            return .file(name: name, offset: offset, total: total, bytes: try r.take(r.remaining))
+            return .file(transfer: transfer, name: name, offset: offset, total: total, bytes: try r.take(r.remaining))
+        case 6:
+            let transfer = try r.u64()
+            let ok = try r.take(1)[0]
+            guard ok <= 1 else { throw DecodeError(description: "file ack flag \(ok)") }
+            let received = try r.u64()
+            let len = Int(try r.take(1)[0])
+            let name = String(decoding: try r.take(len), as: UTF8.self)
+            try r.end()
+            return .fileAck(transfer: transfer, name: name, received: received, ok: ok == 1)
         case 4:
             let id = try r.requestID()
             guard let c = ConfigChange.decode(try r.take(r.remaining)) else { throw DecodeError(description: "bad membership change") }

@@ -42,6 +42,8 @@ public final class WeftNode: Sendable {
     let failedShards = NIOLockedValueBox<[ShardID: String]>([:])
     let transport: PeerTransport
     let forwarder: Forwarder
+    /// Ships sealed files to followers that need them (catch-up), off the shard threads.
+    let shipper: CatchUpShipper
     let started = NIOLockedValueBox(false)
     let openLock = NIOLock()
     let logger: Logger
@@ -76,6 +78,20 @@ public final class WeftNode: Sendable {
             box.withLockedValue { $0 }?.receive(from: from, shard: ShardID(shard), payload: payload)
         }
         forwarder = Forwarder(selfID: id, transport: transport)
+        let t = transport
+        shipper = CatchUpShipper(
+            logger: logger,
+            sendChunk: { shard, to, transfer, name, offset, total, bytes in
+                t.send(to: to, shard: shard.rawValue, payload: Envelope.file(transfer: transfer, name: name, offset: offset, total: total, bytes: bytes).encode())
+            },
+            sendMessage: { shard, m in t.send(to: m.to, shard: shard.rawValue, payload: Envelope.raft(m).encode()) },
+            report: { shard, to, _, event in
+                switch event {
+                case .progress: box.withLockedValue { $0 }?.runner(shard)?.submit(.catchUpReport(to: to, failed: false))
+                case .done: break
+                case .failed: box.withLockedValue { $0 }?.runner(shard)?.submit(.catchUpReport(to: to, failed: true))
+                }
+            })
         runnerBox = NIOLockedValueBox([:])
         box.withLockedValue { $0 = self }
         // One shard's trouble (a damaged file, a replica that cannot open) must not stop the others.
@@ -167,8 +183,9 @@ public final class WeftNode: Sendable {
         let t = transport
         replica.log = { log.notice("\($0)") }
         for e in replica.repairEvents { log.warning("\(e)") }
-        replica.shipFile = { to, name, offset, total, bytes in
-            t.send(to: to, shard: shard.rawValue, payload: Envelope.file(name: name, offset: offset, total: total, bytes: bytes).encode())
+        let ship = shipper
+        replica.startCatchUp = { to, transfer, files, snapshot in
+            ship.start(shard: shard, to: to, transfer: transfer, files: files, snapshot: snapshot)
         }
         let runner = ShardRunner(replica: replica, tick: .milliseconds(tickMs), logger: shardLogger) { msgs in
             for m in msgs { t.send(to: m.to, shard: shard.rawValue, payload: Envelope.raft(m).encode()) }
@@ -212,6 +229,7 @@ public final class WeftNode: Sendable {
     }
 
     public func stop() async {
+        shipper.stop()
         for r in allRunners.values { r.stop() }
         forwarder.close()
         await transport.stop()
@@ -238,8 +256,15 @@ public final class WeftNode: Sendable {
             } else if m.kind == .append || m.kind == .heartbeat, failedShards.withLockedValue({ $0[shard] }) == nil, let r = joinReplica(shard) {
                 r.submit(.message(m))
             }
-        case .file(let name, let offset, _, let bytes):
-            runner(shard)?.submit(.stageFile(name: name, offset: offset, bytes: bytes))
+        case .file(let transfer, let name, let offset, _, let bytes):
+            let t = transport
+            runner(shard)?.submit(
+                .stageFile(transfer: transfer, name: name, offset: offset, bytes: bytes) { received, ok in
+                    guard let received else { return }
+                    t.send(to: from, shard: shard.rawValue, payload: Envelope.fileAck(transfer: transfer, name: name, received: received, ok: ok).encode())
+                })
+        case .fileAck(let transfer, let name, let received, let ok):
+            shipper.acknowledge(shard: shard, from: from, transfer: transfer, name: name, received: received, ok: ok)
         case .configChange(let request, let change):
             guard let runner = runnerOrRefuse(shard, request: request, from: from) else { return }
             let reply = replier(to: from, shard: shard, request: request)

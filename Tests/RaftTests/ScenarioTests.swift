@@ -169,6 +169,48 @@ final class Net {
         #expect(net.propose(7))
     }
 
+    /// Issue 8, item 3: a follower answered a catch-up with its own last index, and the leader took it as
+    /// `match`, even where the follower's log differed from the leader's. Now the answer names an index
+    /// and term that log matching proves, and the leader checks that term against its own log.
+    @Test func catchUpAnswersNeverRaiseMatchPastLogMatching() {
+        let net = Net(3)
+        net.nodes[NodeID(1)]!.campaignNow()
+        net.settle()
+        #expect(net.propose(1))
+        // Node 1 leads alone for a while: its extra entries (old term) never commit.
+        net.isolate(NodeID(1))
+        for k in 0..<5 { _ = try? net.nodes[NodeID(1)]!.propose([Proposal(payload: [UInt8(10 + k)])]) }
+        net.settle()
+        for _ in 0..<40 where net.nodes[NodeID(2)]!.role != .leader {
+            net.nodes[NodeID(2)]!.tick()
+            net.nodes[NodeID(3)]!.tick()
+            net.settle()
+        }
+        #expect(net.nodes[NodeID(2)]!.role == .leader)
+        for k in 0..<8 { #expect(net.propose(UInt8(20 + k))) }
+        let l2 = net.nodes[NodeID(2)]!
+        let n1 = net.nodes[NodeID(1)]!
+        #expect(n1.lastIndex >= 5)
+        let probe = n1.lastIndex - 1
+        #expect(n1.logTerm(at: probe) != l2.logTerm(at: probe), "the logs differ at \(probe)")
+
+        // Follower side: a catch-up for an index inside node 1's log, where the terms differ, is refused.
+        var snap = Message(kind: .snapshot, from: NodeID(2), to: NodeID(1), term: l2.term)
+        snap.index = probe
+        snap.logTerm = l2.logTerm(at: probe) ?? 0
+        net.nodes[NodeID(1)]!.step(snap)
+        let answer = net.nodes[NodeID(1)]!.ready().messages.first { $0.kind == .snapshotResponse }
+        #expect(answer?.reject == true, "\(String(describing: answer))")
+
+        // Leader side: an acceptance whose term does not match the leader's log at that index moves nothing.
+        let before = net.nodes[NodeID(2)]!.matchIndexes[NodeID(1)] ?? 0
+        var bogus = Message(kind: .snapshotResponse, from: NodeID(1), to: NodeID(2), term: l2.term)
+        bogus.index = l2.lastIndex
+        bogus.logTerm = l2.term + 7
+        net.nodes[NodeID(2)]!.step(bogus)
+        #expect((net.nodes[NodeID(2)]!.matchIndexes[NodeID(1)] ?? 0) == before)
+    }
+
     @Test func proposalsAreRefusedByFollowersAndDuringTransfer() {
         let net = Net(3)
         net.nodes[NodeID(1)]!.campaignNow()

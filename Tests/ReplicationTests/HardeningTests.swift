@@ -127,4 +127,75 @@ import WeftTesting
         #expect(r2.lastApplied == commit)
         #expect(c.applied[NodeID(2)]?.count == Int(commit))
     }
+
+    /// Item 3: a catch-up was installed from whatever sat in `catchup/` (leftovers of an earlier transfer
+    /// included) for any `snapshot` message past the log's end, a stale leader's too. Now only the
+    /// transfer the current leader's message names is installed, and the answer names what it proves.
+    @Test func catchUpInstallsOnlyTheCurrentLeadersTransfer() throws {
+        let c = try Cluster.simulated()
+        try c.elect(NodeID(1))
+        let three = NodeID(3)
+        c.drop = { $0.to == three || $0.from == three }
+        _ = try c.propose(40, tag: "s")
+        let l = c.replica(NodeID(1))
+        let files = l.store.sealedFiles()
+        try #require(files.count >= 4)
+        let index = l.store.sealedLastIndex
+        let logTerm = try l.store.term(at: index)
+        let term = l.raft.term
+        try #require(term >= 2)
+        let r3 = c.replica(three)
+        let before = r3.store.lastIndex
+        try #require(before < index)
+        func stageAll(_ transfer: UInt64) throws -> Bool {
+            var all = true
+            for (name, path) in files {
+                let f = try c.disk.open(path, create: false)
+                let bytes = try f.read(at: 0, count: Int(try f.size()))
+                f.close()
+                all = try r3.stage(transfer: transfer, name: name, offset: 0, bytes: bytes) && all
+            }
+            return all
+        }
+        func snapshot(term: Term, transfer: UInt64) -> Message {
+            var m = Message(kind: .snapshot, from: NodeID(1), to: three, term: term)
+            m.index = index
+            m.logTerm = logTerm
+            m.context = transfer
+            return m
+        }
+        // A transfer of an older term is not even staged.
+        #expect(try stageAll((term - 1) << 32 | 1) == false)
+        // Files of transfer 1, a message naming transfer 2: the leftovers are not installed.
+        #expect(try stageAll(term << 32 | 1))
+        r3.step(snapshot(term: term, transfer: term << 32 | 2))
+        let refused = try r3.process()
+        #expect(r3.store.lastIndex == before)
+        #expect(refused.contains { $0.kind == .snapshotResponse && $0.reject })
+        // A stale leader's message (an older term) finds staged files: nothing is installed.
+        #expect(try stageAll(term << 32 | 3))
+        r3.step(snapshot(term: term - 1, transfer: term << 32 | 3))
+        _ = try r3.process()
+        #expect(r3.store.lastIndex == before)
+        // A restart empties the staging directory: nothing staged before it is installed after it.
+        c.stop(three)
+        try c.open(three)
+        #expect(((try? c.disk.list(c.dir(three) + "/catchup")) ?? []).isEmpty)
+        // The current leader's transfer: installed, and the answer names the index and term it proves.
+        let r3b = c.replica(three)
+        for (name, path) in files {
+            let f = try c.disk.open(path, create: false)
+            let bytes = try f.read(at: 0, count: Int(try f.size()))
+            f.close()
+            #expect(try r3b.stage(transfer: term << 32 | 4, name: name, offset: 0, bytes: bytes))
+        }
+        r3b.step(snapshot(term: term, transfer: term << 32 | 4))
+        let answer = try r3b.process().first { $0.kind == .snapshotResponse }
+        #expect(r3b.store.lastIndex >= index)
+        #expect(answer?.reject == false && answer?.index == index && answer?.logTerm == logTerm, "\(String(describing: answer))")
+        // And the replica then catches up the rest the normal way.
+        c.drop = { _ in false }
+        try c.heartbeats(5)
+        #expect(try c.log(three) == c.log(NodeID(1)))
+    }
 }

@@ -17,6 +17,8 @@ final class ReplicaCluster {
     let cleanup: () -> Void
     var replicas: [NodeID: ShardReplica] = [:]
     var queue: [Message] = []
+    /// Snapshot messages sent after their files (moved to `queue` by `settle`).
+    var catchUpMessages: [Message] = []
     var applied: [NodeID: [Record]] = [:]
     let ids = [NodeID(1), NodeID(2), NodeID(3)]
     /// Messages for which this is true are lost (partitions).
@@ -60,11 +62,19 @@ final class ReplicaCluster {
             bootstrap: Membership(voters: Set(ids)), config: cfg)
         applied[id] = []
         r.onApply = { [unowned self] rec in self.applied[id, default: []].append(rec) }
-        // Catch-up from files: the chunks go straight into the follower's staging directory.
-        r.shipFile = { [unowned self] to, name, offset, _, bytes in
+        // Catch-up from files: each file goes straight into the follower's staging directory (unless the
+        // network drops it), then the snapshot message is queued behind it.
+        r.startCatchUp = { [unowned self] to, transfer, files, snapshot in
             if !self.drop(Message(kind: .snapshot, from: id, to: to, term: 0)) {
-                try? self.replicas[to]?.stage(name: name, offset: offset, bytes: bytes)
+                for (name, path) in files {
+                    guard let f = try? self.disk.open(path, create: false), let n = try? f.size(), let bytes = try? f.read(at: 0, count: Int(n)) else {
+                        continue
+                    }
+                    f.close()
+                    _ = try? self.replicas[to]?.stage(transfer: transfer, name: name, offset: 0, bytes: bytes)
+                }
             }
+            self.catchUpMessages.append(snapshot)
         }
         replicas[id] = r
     }
@@ -89,10 +99,14 @@ final class ReplicaCluster {
         repeat {
             rounds += 1
             for id in ids { if let r = replicas[id] { queue += try r.process() } }
+            queue += catchUpMessages
+            catchUpMessages = []
             let batch = queue
             queue = []
             for m in batch where !drop(m) { replicas[m.to]?.step(m) }
             for id in ids { if let r = replicas[id] { queue += try r.process() } }
+            queue += catchUpMessages
+            catchUpMessages = []
         } while (!queue.isEmpty || replicas.values.contains { $0.hasPendingWork }) && rounds < 1000
     }
 
