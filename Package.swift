@@ -118,6 +118,7 @@ let package = Package(
         .testTarget(name: "ReplicationTests", dependencies: ["Replication", "WeftTesting"], swiftSettings: strict),
         .testTarget(name: "RaftTests", dependencies: ["Raft", "WeftTesting"], swiftSettings: strict),
         .testTarget(name: "ClusterTests", dependencies: ["SegmentStore", "WeftCore"], swiftSettings: strict),
+        .testTarget(name: "WeftServerTests", dependencies: ["WeftServer", "Raft", "WeftCore"], swiftSettings: strict),
         .testTarget(name: "ToolTests", dependencies: ["SegmentStore", "SegmentFormat", "WeftTesting"], swiftSettings: strict),
     ]
 )

@@ -1,5 +1,4 @@
 import NIOConcurrencyHelpers
-import PeerTransport
 import WeftCore
 
 /// The requests this node sent to other nodes' replicas (forwarded writes, membership changes), waiting
@@ -20,21 +19,28 @@ final class Forwarder: Sendable {
 
     let incarnation: UInt64
     let selfID: NodeID
-    let transport: PeerTransport
+    /// Whether a peer is connected now (a request to one that is not fails without being sent).
+    let reachable: @Sendable (NodeID) -> Bool
+    /// Sends a frame to a peer (the peer transport; a capture in tests).
+    let sendFrame: @Sendable (NodeID, ShardID, [UInt8]) -> Void
     let state = NIOLockedValueBox<(next: UInt64, waiting: [UInt64: Waiting], closed: Bool)>((1, [:], false))
     /// Requests waiting for an answer at most; past it a new request fails at once (nothing is sent).
     static let waitingCountMax = 65_536
 
-    init(selfID: NodeID, transport: PeerTransport, incarnation: UInt64 = UInt64.random(in: 1...UInt64.max)) {
+    init(
+        selfID: NodeID, incarnation: UInt64 = UInt64.random(in: 1...UInt64.max), reachable: @escaping @Sendable (NodeID) -> Bool,
+        send: @escaping @Sendable (NodeID, ShardID, [UInt8]) -> Void
+    ) {
         self.selfID = selfID
-        self.transport = transport
+        self.reachable = reachable
+        self.sendFrame = send
         self.incarnation = incarnation
     }
 
     /// Sends `envelope` (a forward or a config change; its request id is set here) to `target` and waits
     /// for the answer until `deadline`.
     func send(to target: NodeID, shard: ShardID, _ envelope: Envelope, deadline: ContinuousClock.Instant) async -> Envelope.ForwardAnswer {
-        guard transport.reachable(target) else { return .failed("node \(target) unreachable") }
+        guard reachable(target) else { return .failed("node \(target) unreachable") }
         let sequence = state.withLockedValue { s -> UInt64? in
             guard !s.closed, s.waiting.count < Self.waitingCountMax else { return nil }
             defer { s.next += 1 }
@@ -61,7 +67,7 @@ final class Forwarder: Sendable {
                 case .configChange(_, let change): .configChange(request: id, change: change)
                 default: envelope
                 }
-            transport.send(to: target, shard: shard.rawValue, payload: numbered.encode())
+            sendFrame(target, shard, numbered.encode())
         }
     }
 

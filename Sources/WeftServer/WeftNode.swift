@@ -77,8 +77,9 @@ public final class WeftNode: Sendable {
         ) { from, shard, payload in
             box.withLockedValue { $0 }?.receive(from: from, shard: ShardID(shard), payload: payload)
         }
-        forwarder = Forwarder(selfID: id, transport: transport)
         let t = transport
+        forwarder = Forwarder(
+            selfID: id, reachable: { t.reachable($0) }, send: { to, shard, frame in t.send(to: to, shard: shard.rawValue, payload: frame) })
         shipper = CatchUpShipper(
             logger: logger,
             sendChunk: { shard, to, transfer, name, offset, total, bytes in

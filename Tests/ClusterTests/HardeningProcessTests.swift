@@ -106,5 +106,45 @@ extension Clusters {
             if p.isRunning { kill(p.processIdentifier, SIGKILL) }
             #expect(await write.value == nil, "a write without a quorum is not acknowledged")
         }
+    
+        /// Item 5: placement followed `nodes.count`, so adding a node to [[nodes]] moved shards and the
+        /// new node bootstrapped groups of its own. A node now refuses to start when the placement it was
+        /// created with changed; with `founders` listed, the new node hosts nothing until it joins.
+        @Test func addingANodeNeitherMovesShardsNorBootstrapsGroups() async throws {
+            let c = try ClusterProcess(name: "placement", nodes: 3, shards: 2)
+            try c.startAll()
+            #expect(await c.leader(of: 0) != nil)
+            c.stopAll()
+            let base = try #require(c.apiPorts[1]) - 2
+            let original = try String(contentsOfFile: c.configPath, encoding: .utf8)
+            let node4 = "\n[[nodes]]\nid = 4\npeer_addr = \"127.0.0.1:\(base + 9)\"\napi_addr = \"127.0.0.1:\(base + 8)\"\n"
+            try (original + node4).write(toFile: c.configPath, atomically: true, encoding: .utf8)
+            try c.start(1)
+            let p = try #require(c.lock.withLock { c.processes[1] })
+            p.waitUntilExit()
+            #expect(p.terminationStatus != 0)
+            let log = (try? String(contentsOfFile: c.dir + "/node1.log", encoding: .utf8)) ?? ""
+            #expect(log.contains("founders"), "the refusal says how to add a node")
+
+            let withFounders = original.replacingOccurrences(of: "[cluster]\n", with: "[cluster]\nfounders = [1, 2, 3]\n") + node4
+            try withFounders.write(toFile: c.configPath, atomically: true, encoding: .utf8)
+            try c.startAll()
+            try c.start(4)
+            defer { c.stopAll() }
+            #expect(await c.leader(of: 0) != nil)
+            #expect(await c.leader(of: 1) != nil)
+            var shardsOn4: [[String: Any]]? = nil
+            for _ in 0..<50 where shardsOn4 == nil {
+                if let url = URL(string: "http://127.0.0.1:\(base + 8)/api/v1/cluster/status"),
+                    let (data, _) = try? await URLSession.shared.data(for: ClusterProcess.authorized(url)),
+                    let obj = try? JSONSerialization.jsonObject(with: data) as? [String: Any]
+                {
+                    shardsOn4 = obj["shards"] as? [[String: Any]]
+                }
+                try await Task.sleep(for: .milliseconds(100))
+            }
+            #expect(shardsOn4?.isEmpty == true, "node 4 hosts no replica until a membership change adds it: \(String(describing: shardsOn4))")
+            #expect(!FileManager.default.fileExists(atPath: c.dir + "/data/4/shard-0"))
+        }
     }
 }

@@ -1,0 +1,80 @@
+import Foundation
+import Raft
+import Testing
+import WeftCore
+
+@testable import WeftServer
+
+/// Issue 8, items 4 and 7: forward request ids restarted at 1 with each process, answers were matched
+/// by id alone, and a forward that timed out after it was sent said `unavailable`.
+@Suite struct ForwarderTests {
+    final class Sent: @unchecked Sendable {
+        let lock = NSLock()
+        var frames: [(NodeID, [UInt8])] = []
+        func add(_ to: NodeID, _ f: [UInt8]) { lock.withLock { frames.append((to, f)) } }
+        var last: (NodeID, Envelope)? {
+            lock.withLock { frames.last.flatMap { f in (try? Envelope.decode(f.1)).map { (f.0, $0) } } }
+        }
+    }
+
+    static let proposal = Envelope.forward(
+        request: .init(incarnation: 0, sequence: 0),
+        proposals: [.init(stream: StreamID(1), type: .data, timestampMicros: 0, payload: [1])])
+
+    func waitForFrame(_ sent: Sent, count: Int) async throws {
+        for _ in 0..<500 where sent.lock.withLock({ sent.frames.count }) < count { try await Task.sleep(for: .milliseconds(5)) }
+    }
+
+    @Test func anAnswerFromAnEarlierIncarnationOrAnotherPeerCompletesNothing() async throws {
+        let sent = Sent()
+        // Two incarnations of node 1 (a restart), each starting its sequence at 1.
+        let before = Forwarder(selfID: NodeID(1), incarnation: 111, reachable: { _ in true }, send: { to, _, f in sent.add(to, f) })
+        let after = Forwarder(selfID: NodeID(1), incarnation: 222, reachable: { _ in true }, send: { to, _, f in sent.add(to, f) })
+        let waiting = Task { await after.send(to: NodeID(2), shard: ShardID(0), Self.proposal, deadline: .now + .seconds(30)) }
+        try await waitForFrame(sent, count: 1)
+        guard case (NodeID(2), .forward(let id, _))? = sent.last else { Issue.record("no forward sent"); return }
+        #expect(id == Envelope.RequestID(incarnation: 222, sequence: 1))
+        // The answer to the earlier incarnation's request 1 (same sequence number) is not taken...
+        #expect(!after.receive(.init(incarnation: 111, sequence: 1), .ok([]), from: NodeID(2)))
+        // ...nor an answer with the right id from a node the request was not sent to...
+        #expect(!after.receive(id, .ok([]), from: NodeID(3)))
+        // ...and the real answer is.
+        let ref = RecordRef(index: 9, term: 2, stream: StreamID(1), seq: 4)
+        #expect(after.receive(id, .ok([ref]), from: NodeID(2)))
+        #expect(await waiting.value == .ok([ref]))
+        _ = before
+    }
+
+    @Test func aForwardWithoutAnAnswerByTheDeadlineIsInDoubtAndOneNeverSentIsNot() async throws {
+        let sent = Sent()
+        let f = Forwarder(selfID: NodeID(1), incarnation: 5, reachable: { $0 != NodeID(3) }, send: { to, _, fr in sent.add(to, fr) })
+        let unknown = await f.send(to: NodeID(2), shard: ShardID(0), Self.proposal, deadline: .now + .milliseconds(50))
+        guard case .outcomeUnknown = unknown else { Issue.record("sent, no answer: \(unknown)"); return }
+        let unreachable = await f.send(to: NodeID(3), shard: ShardID(0), Self.proposal, deadline: .now + .seconds(5))
+        guard case .failed = unreachable else { Issue.record("never sent: \(unreachable)"); return }
+        // A shutdown: what is still waiting was sent, so it is in doubt too.
+        let waiting = Task { await f.send(to: NodeID(2), shard: ShardID(0), Self.proposal, deadline: .now + .seconds(30)) }
+        try await waitForFrame(sent, count: 2)
+        f.close()
+        guard case .outcomeUnknown = await waiting.value else { Issue.record("waiting at close"); return }
+    }
+
+    @Test func answersAndCatchUpFramesRoundTrip() throws {
+        let id = Envelope.RequestID(incarnation: 0xDEAD_BEEF_0000_0001, sequence: 42)
+        let envelopes: [Envelope] = [
+            .answer(request: id, .ok([RecordRef(index: 1, term: 2, stream: StreamID(3), seq: 4)])),
+            .answer(request: id, .notLeader(NodeID(3))), .answer(request: id, .failed("no quorum")),
+            .answer(request: id, .invalid("reserved")), .answer(request: id, .changePending("pending")),
+            .answer(request: id, .outcomeUnknown("deadline")),
+            .file(transfer: 7 << 32 | 1, name: "00000000000000000001.seg", offset: 4096, total: 9000, bytes: [1, 2, 3]),
+            .fileAck(transfer: 7 << 32 | 1, name: "00000000000000000001.seg", received: 4099, ok: true),
+            .configChange(request: id, change: .addLearner(NodeID(4))),
+        ]
+        for e in envelopes { #expect(try Envelope.decode(e.encode()) == e) }
+        // Truncated frames are errors, never crashes.
+        for e in envelopes {
+            let b = e.encode()
+            for cut in 1..<min(b.count, 40) { _ = try? Envelope.decode(Array(b.prefix(cut))) }
+        }
+    }
+}
