@@ -12,27 +12,155 @@ struct Checker {
         var payload: String
     }
 
+    /// A burst batch that a node acknowledged: its `count` records are at `firstIndex + i`, stream seq
+    /// `firstSeq + i` (i = the record's position in the batch, also written in its payload).
+    struct BurstAck: Sendable, Equatable {
+        var shard: Int
+        var stream: UInt64
+        var firstIndex: UInt64
+        var firstSeq: UInt64
+        var count: Int
+        /// False when the answer's indexes were not one contiguous range (then only presence is checked).
+        var regular = true
+    }
+
+    /// Every burst batch by key, by outcome (History).
+    struct Bursts: Sendable {
+        var acked: [String: BurstAck] = [:]
+        /// Definitely not written (4xx, or no connection): key -> records in it.
+        var failed: [String: Int] = [:]
+        /// Outcome unknown: each record may be in the logs at most once.
+        var indeterminate: [String: Int] = [:]
+        /// Acknowledgements whose indexes were not one range (each is a finding).
+        var irregular: [String] = []
+        var ackedRecords: Int { acked.values.reduce(0) { $0 + $1.count } }
+    }
+
+    /// What one replica's log holds of one burst batch (only counts and where, not the records).
+    struct BatchHits: Equatable {
+        var counts: [UInt8] = []
+        /// `index - i` and `seq - i` of its records: one value each when they are where the ack said.
+        var baseIndexes: Set<UInt64> = []
+        var baseSeqs: Set<UInt64> = []
+        var shards: Set<Int> = []
+        var streams: Set<UInt64> = []
+    }
+
+    /// One replica's log of one shard, reduced as it is read, so that hundreds of thousands of burst
+    /// records cost 16 bytes each (an index and a digest for the cross-replica comparison) and a counter.
+    struct ReplicaLog {
+        struct Slot: Equatable {
+            var index: UInt64
+            var digest: Int
+        }
+        let shard: Int
+        /// Every record, in order: index and a digest of (index, term, type, stream, seq, payload).
+        private(set) var slots: [Slot] = []
+        /// Every record that is not a burst record, whole.
+        private(set) var entries: [Entry] = []
+        private(set) var batches: [String: BatchHits] = [:]
+        /// Payloads that look like burst records but are not exactly what a burst wrote.
+        private(set) var corrupt: [String] = []
+        /// Streams whose seqs are not dense, in log order.
+        private(set) var seqGaps: [String] = []
+        private var lastSeq: [UInt64: UInt64] = [:]
+
+        init(shard: Int) { self.shard = shard }
+        init(shard: Int, _ entries: [Entry]) {
+            self.shard = shard
+            for e in entries { add(e, payload: Array(e.payload.utf8)) }
+        }
+        var count: Int { slots.count }
+
+        /// `payload` is the record's payload; `e.payload` may be left empty (it is filled in for every record
+        /// that is not a burst record).
+        mutating func add(_ e: Entry, payload: [UInt8]) {
+            var h = Hasher()
+            h.combine(e.index)
+            h.combine(e.term)
+            h.combine(e.type)
+            h.combine(e.stream)
+            h.combine(e.seq)
+            h.combine(payload)
+            slots.append(Slot(index: e.index, digest: h.finalize()))
+            if e.type == 1 {
+                if let prev = lastSeq[e.stream], e.seq != prev + 1 {
+                    seqGaps.append("shard \(shard): stream \(e.stream) seq \(e.seq) follows \(prev)")
+                }
+                lastSeq[e.stream] = e.seq
+            }
+            guard e.type == 1, let (batch, i) = BurstPayload.parse(payload) else {
+                var e = e
+                if e.payload.isEmpty && !payload.isEmpty { e.payload = String(decoding: payload, as: UTF8.self) }
+                entries.append(e)
+                return
+            }
+            guard payload == BurstPayload.make(batch: batch, i: i) else {
+                corrupt.append("shard \(shard) index \(e.index): payload \(String(decoding: payload.prefix(40), as: UTF8.self))… is not what batch \(batch) wrote as record \(i)")
+                return
+            }
+            var b = batches[batch] ?? BatchHits()
+            if i >= b.counts.count { b.counts += [UInt8](repeating: 0, count: i + 1 - b.counts.count) }
+            b.counts[i] = b.counts[i] &+ (b.counts[i] == 255 ? 0 : 1)
+            b.baseIndexes.insert(e.index &- UInt64(i))
+            b.baseSeqs.insert(e.seq &- UInt64(i))
+            b.shards.insert(shard)
+            b.streams.insert(e.stream)
+            batches[batch] = b
+        }
+    }
+
+    /// One node's view of a shard's group (`replicas` of `GET /api/v1/cluster/status`).
+    struct GroupView: Equatable {
+        var voters: Set<Int>
+        var learners: Set<Int>
+    }
+
     struct Result {
         var lost: [String] = []
         var duplicated: [String] = []
         var divergent: [String] = []
         var unexpected: [String] = []
         var misplaced: [String] = []
+        /// Hostile requests that were taken, or their markers (or records of reserved types) in a log.
+        var hostile: [String] = []
+        /// A shard whose final group, as some node reports it, is not the initial one.
+        var membership: [String] = []
         var notes: [String] = []
-        var ok: Bool { lost.isEmpty && duplicated.isEmpty && divergent.isEmpty && unexpected.isEmpty && misplaced.isEmpty }
+        var ok: Bool {
+            lost.isEmpty && duplicated.isEmpty && divergent.isEmpty && unexpected.isEmpty && misplaced.isEmpty && hostile.isEmpty
+                && membership.isEmpty
+        }
     }
 
-    /// logs[node][shard] = entries from index 1 (or the first retained) to the commit index.
+    /// The marker every hostile payload starts with (Hostile.swift).
+    static let hostileMarker = "HOSTILE-"
+
+    /// Whole logs (the self-check's histories): reduced, then checked.
     static func check(
         logs: [Int: [Int: [Entry]]], acked: [String: History.Ack], failed: Set<String>, indeterminate: Set<String>, shards: Int,
-        readBack: [String: String] = [:]
+        readBack: [String: String] = [:], bursts: Bursts = Bursts(), groups: [Int: [Int: GroupView]]? = nil, initialGroup: Set<Int> = [],
+        hostileAccepted: [String] = []
+    ) -> Result {
+        check(
+            logs: logs.mapValues { $0.map { ReplicaLog(shard: $0.key, $0.value) }.reduce(into: [:]) { $0[$1.shard] = $1 } },
+            acked: acked, failed: failed, indeterminate: indeterminate, shards: shards, readBack: readBack, bursts: bursts, groups: groups,
+            initialGroup: initialGroup, hostileAccepted: hostileAccepted)
+    }
+
+    /// logs[node][shard] = that replica's log from index 1 (or the first retained) to the commit index.
+    /// `groups[node][shard]`: the group each node reports at the end (nil: not checked).
+    static func check(
+        logs: [Int: [Int: ReplicaLog]], acked: [String: History.Ack], failed: Set<String>, indeterminate: Set<String>, shards: Int,
+        readBack: [String: String] = [:], bursts: Bursts = Bursts(), groups: [Int: [Int: GroupView]]? = nil, initialGroup: Set<Int> = [],
+        hostileAccepted: [String] = []
     ) -> Result {
         var res = Result()
         // What cursor reads returned was committed: it must be in every final log, at the same seq.
         for n in logs.keys.sorted() {
             var at: [String: String] = [:]
-            for (shard, entries) in logs[n] ?? [:] {
-                for e in entries where e.type == 1 { at["\(shard)/\(e.stream)/\(e.seq)"] = e.payload }
+            for (shard, log) in logs[n] ?? [:] {
+                for e in log.entries where e.type == 1 { at["\(shard)/\(e.stream)/\(e.seq)"] = e.payload }
             }
             for (key, payload) in readBack where at[key] != payload {
                 if let other = at[key] {
@@ -50,27 +178,45 @@ struct Checker {
             // Divergence: every replica's log must be the same, record for record.
             guard let ref = nodes.first.flatMap({ logs[$0]?[shard] }) else { continue }
             for n in nodes.dropFirst() {
-                let other = logs[n]?[shard] ?? []
+                let other = logs[n]?[shard] ?? ReplicaLog(shard: shard)
                 if other.count != ref.count {
                     res.divergent.append("shard \(shard): node \(nodes[0]) has \(ref.count) records, node \(n) has \(other.count)")
                 }
-                if let k = (0..<min(ref.count, other.count)).first(where: { ref[$0] != other[$0] }) {
-                    res.divergent.append("shard \(shard): nodes \(nodes[0]) and \(n) differ at index \(ref[k].index)")
+                if let k = (0..<min(ref.count, other.count)).first(where: { ref.slots[$0] != other.slots[$0] }) {
+                    res.divergent.append("shard \(shard): nodes \(nodes[0]) and \(n) differ at index \(ref.slots[k].index)")
                 }
             }
         }
         for n in nodes {
             var count: [String: Int] = [:]
             var at: [String: (shard: Int, entry: Entry)] = [:]
+            var batches: [String: BatchHits] = [:]
             for shard in 0..<shards {
-                var lastSeq: [UInt64: UInt64] = [:]
-                for e in logs[n]?[shard] ?? [] where e.type == 1 {
+                guard let log = logs[n]?[shard] else { continue }
+                for g in log.seqGaps { res.divergent.append("node \(n) \(g)") }
+                for c in log.corrupt { res.unexpected.append("node \(n) \(c)") }
+                for e in log.entries {
+                    if e.payload.contains(hostileMarker) {
+                        res.hostile.append("node \(n) shard \(shard) index \(e.index): a hostile request's record (type \(e.type)) is in the log: \(e.payload.prefix(60))")
+                    } else if e.type == 0 || (4..<0x8000).contains(e.type) {
+                        res.hostile.append("node \(n) shard \(shard) index \(e.index): a record of reserved type \(e.type) is in the log")
+                    } else if e.type >= 0x8000 {
+                        res.unexpected.append("node \(n) shard \(shard) index \(e.index): a record of type \(e.type), which nothing wrote")
+                    }
+                    guard e.type == 1 else { continue }
                     count[e.payload, default: 0] += 1
                     at[e.payload] = (shard, e)
-                    if let prev = lastSeq[e.stream], e.seq != prev + 1 {
-                        res.divergent.append("node \(n) shard \(shard): stream \(e.stream) seq \(e.seq) follows \(prev)")
-                    }
-                    lastSeq[e.stream] = e.seq
+                }
+                for (key, b) in log.batches {
+                    // A batch is written to one shard: hits in two shards are merged here and reported below.
+                    var m = batches[key] ?? BatchHits()
+                    if b.counts.count > m.counts.count { m.counts += [UInt8](repeating: 0, count: b.counts.count - m.counts.count) }
+                    for (i, c) in b.counts.enumerated() { m.counts[i] = UInt8(min(255, Int(m.counts[i]) + Int(c))) }
+                    m.baseIndexes.formUnion(b.baseIndexes)
+                    m.baseSeqs.formUnion(b.baseSeqs)
+                    m.shards.formUnion(b.shards)
+                    m.streams.formUnion(b.streams)
+                    batches[key] = m
                 }
             }
             for (p, c) in count where c > 1 { res.duplicated.append("node \(n): \(p) appears \(c) times") }
@@ -84,12 +230,69 @@ struct Checker {
                 }
             }
             for p in count.keys where failed.contains(p) { res.unexpected.append("node \(n): \(p) was refused (4xx) but is in the log") }
-            for p in count.keys where acked[p] == nil && !failed.contains(p) && !indeterminate.contains(p) {
+            for p in count.keys where acked[p] == nil && !failed.contains(p) && !indeterminate.contains(p) && !p.contains(hostileMarker) {
                 res.unexpected.append("node \(n): \(p) was never sent")
             }
             let landed = indeterminate.filter { count[$0] != nil }.count
             res.notes.append("node \(n): \(count.count) payloads, \(landed) of \(indeterminate.count) indeterminate writes landed")
+            checkBursts(node: n, batches, bursts, &res)
+        }
+        res.misplaced += bursts.irregular
+        res.hostile += hostileAccepted.map { "hostile request not refused: \($0)" }
+        if let groups {
+            for n in groups.keys.sorted() {
+                for shard in 0..<shards {
+                    guard let g = groups[n]?[shard] else {
+                        res.membership.append("node \(n) shard \(shard): no group reported")
+                        continue
+                    }
+                    if g.voters != initialGroup || !g.learners.isEmpty {
+                        res.membership.append("node \(n) shard \(shard): voters \(g.voters.sorted()), learners \(g.learners.sorted()); the group was voters \(initialGroup.sorted())")
+                    }
+                }
+            }
         }
         return res
+    }
+
+    /// Burst records on one node: every record of an acknowledged batch exactly once, where the ack
+    /// said; a record of an indeterminate batch at most once; none of a failed or never-sent batch.
+    static func checkBursts(node n: Int, _ batches: [String: BatchHits], _ bursts: Bursts, _ res: inout Result) {
+        var landed = 0
+        var records = 0
+        for (key, a) in bursts.acked {
+            let b = batches[key] ?? BatchHits()
+            let missing = (0..<a.count).filter { $0 >= b.counts.count || b.counts[$0] == 0 }
+            if !missing.isEmpty {
+                res.lost.append("node \(n): \(missing.count) of \(a.count) records of acknowledged burst batch \(key) (shard \(a.shard) from index \(a.firstIndex)) are missing, first record \(missing[0])")
+            }
+            let twice = b.counts.indices.filter { b.counts[$0] > 1 }
+            if !twice.isEmpty { res.duplicated.append("node \(n): \(twice.count) records of burst batch \(key) appear more than once, first record \(twice[0])") }
+            if b.counts.count > a.count { res.unexpected.append("node \(n): burst batch \(key) had \(a.count) records, the log has record \(b.counts.count - 1)") }
+            if b.counts.contains(where: { $0 > 0 }) {
+                if b.shards != [a.shard] || b.streams != [a.stream] {
+                    res.misplaced.append("node \(n): burst batch \(key) acknowledged on shard \(a.shard) stream \(a.stream), found on shards \(b.shards.sorted()) streams \(b.streams.sorted())")
+                } else if a.regular && (b.baseIndexes != [a.firstIndex] || b.baseSeqs != [a.firstSeq]) {
+                    res.misplaced.append("node \(n): burst batch \(key) acknowledged at index \(a.firstIndex) seq \(a.firstSeq), its records are at base indexes \(b.baseIndexes.sorted().prefix(4)) seqs \(b.baseSeqs.sorted().prefix(4))")
+                }
+            }
+        }
+        for (key, b) in batches where bursts.acked[key] == nil {
+            if bursts.failed[key] != nil {
+                res.unexpected.append("node \(n): burst batch \(key) was refused (4xx or no connection) but \(b.counts.filter { $0 > 0 }.count) of its records are in the log")
+            } else if let c = bursts.indeterminate[key] {
+                landed += 1
+                records += b.counts.reduce(0) { $0 + Int($1) }
+                let twice = b.counts.indices.filter { b.counts[$0] > 1 }
+                if !twice.isEmpty { res.duplicated.append("node \(n): \(twice.count) records of indeterminate burst batch \(key) appear more than once") }
+                if b.counts.count > c { res.unexpected.append("node \(n): indeterminate burst batch \(key) had \(c) records, the log has record \(b.counts.count - 1)") }
+                if b.shards.count != 1 || b.streams.count != 1 || b.baseIndexes.count != 1 || b.baseSeqs.count != 1 {
+                    res.misplaced.append("node \(n): the records of indeterminate burst batch \(key) are not one range (shards \(b.shards.sorted()), \(b.baseIndexes.count) base indexes)")
+                }
+            } else {
+                res.unexpected.append("node \(n): burst batch \(key) was never sent")
+            }
+        }
+        res.notes.append("node \(n): \(bursts.acked.count) acknowledged burst batches (\(bursts.ackedRecords) records); \(landed) of \(bursts.indeterminate.count) indeterminate batches landed (\(records) records)")
     }
 }

@@ -8,14 +8,23 @@ final class Cluster: @unchecked Sendable {
     let out: String
     let configPath: String
     let shards: Int
+    /// `api.operator_token`, derived from the seed (every request of the harness carries it).
+    let token: String
     static let apiPort = 8100
     static let peerPort = 7100
     private let lock = NSLock()
     private var processes: [Int: Process] = [:]
     private var paused: Set<Int> = []
 
-    init(nodes: [Int], weft: String, out: String, shards: Int, segmentBytes: Int) throws {
+    /// The operator token of a run: printable ASCII, no spaces, well over 16 bytes, fixed by the seed.
+    static func operatorToken(seed: UInt64) -> String {
+        var rng = SplitMix(seed: seed ^ 0x70C3_E11A_0B5E_D00D)
+        return "wf-" + String(rng.next(), radix: 16) + "-" + String(rng.next(), radix: 16)
+    }
+
+    init(nodes: [Int], weft: String, out: String, shards: Int, segmentBytes: Int, token: String) throws {
         self.nodes = nodes
+        self.token = token
         self.weft = weft
         self.out = out
         self.shards = shards
@@ -37,6 +46,9 @@ final class Cluster: @unchecked Sendable {
             election_timeout_min_ms = 300
             election_timeout_max_ms = 600
             heartbeat_interval_ms = 50
+
+            [api]
+            operator_token = "\(token)"
 
             """
         for n in nodes {
@@ -107,6 +119,39 @@ final class Cluster: @unchecked Sendable {
     }
 
     func stopAll() { for n in nodes { stop(n) } }
+
+    func shardDirectory(_ n: Int, shard: Int) -> String { dataDirectory(n) + "/shard-\(shard)" }
+
+    /// Bytes in the staging directory of a catch-up from files (`shard-<s>/catchup/`): above zero while the
+    /// leader is shipping files to node `n` (or when a shipping was cut off).
+    func stagedBytes(_ n: Int, shard: Int) -> UInt64 {
+        let dir = shardDirectory(n, shard: shard) + "/catchup"
+        let fm = FileManager.default
+        var total: UInt64 = 0
+        for name in (try? fm.contentsOfDirectory(atPath: dir)) ?? [] {
+            total += ((try? fm.attributesOfItem(atPath: dir + "/" + name))?[.size] as? NSNumber)?.uint64Value ?? 0
+        }
+        return total
+    }
+
+    /// How many lines of node `n`'s log contain `text` (e.g. "caught up from the leader's files").
+    func logLines(_ n: Int, containing text: String) -> Int {
+        let log = (try? String(contentsOfFile: out + "/nodes/n\(n).log", encoding: .utf8)) ?? ""
+        return log.split(separator: "\n").filter { $0.contains(text) }.count
+    }
+
+    /// Deletes the first segment file (and its index) of node `n`'s replica of `shard`, which must be
+    /// stopped: the replica loses its log from index 1, cuts it to nothing and shares no entry with the
+    /// leader, so the leader ships it its sealed segment files. Nil when there is no segment.
+    func deleteFirstSegment(_ n: Int, shard: Int) -> String? {
+        let dir = shardDirectory(n, shard: shard)
+        guard let first = ((try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []).filter({ $0.hasSuffix(".seg") }).sorted().first
+        else { return nil }
+        let p = dir + "/" + first
+        guard (try? FileManager.default.removeItem(atPath: p)) != nil else { return nil }
+        try? FileManager.default.removeItem(atPath: p.replacingOccurrences(of: ".seg", with: ".idx"))
+        return "deleted \(p) (and its index)"
+    }
 }
 
 /// Damage done to a stopped node's files (`Docs/reliability.md`).

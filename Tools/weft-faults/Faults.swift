@@ -10,7 +10,8 @@ struct Faults: AsyncParsableCommand {
         discussion: """
             Needs root (ip netns, veth, a bridge, iptables). Writes <out>/history.jsonl (every operation and fault),
             <out>/nodes/n<i>.log, <out>/summary.txt; exits 1 when the checker finds anything lost, duplicated,
-            divergent, refused-but-written, or a cursor read out of order, or when weft-dump --verify fails.
+            divergent, refused-but-written, or a cursor read out of order, a hostile request taken or its record
+            in a log, a shard whose group changed, or when weft-dump --verify fails.
             """)
 
     @Option(help: "Minutes of faults (the workload runs throughout; healing and checking come after).")
@@ -40,6 +41,12 @@ struct Faults: AsyncParsableCommand {
     @Option(help: "Concurrent cursor readers.")
     var readers: Int = 3
 
+    @Option(help: "Records one burst phase may send (1024-record binary batches, 8 in flight, to one shard while a follower lags); 0: no bursts.")
+    var burstRecords: Int = 100_000
+
+    @Flag(inversion: .prefixedNo, help: "Run the hostile client (reserved record types, oversize and malformed bodies, missing or wrong tokens).")
+    var hostile = true
+
     @Flag(help: "Check the checker against histories with known anomalies, then exit (no root needed).")
     var selfCheck = false
 
@@ -66,16 +73,21 @@ struct Faults: AsyncParsableCommand {
         let ids = Array(1...nodes)
         let network = try TestNetwork.create(nodes: ids)
         defer { network.destroy() }
-        let cluster = try Cluster(nodes: ids, weft: weft, out: out, shards: shards, segmentBytes: segmentBytes)
+        let token = Cluster.operatorToken(seed: seed)
+        let cluster = try Cluster(nodes: ids, weft: weft, out: out, shards: shards, segmentBytes: segmentBytes, token: token)
         defer { cluster.stopAll() }
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
-        let client = HTTPClient(group: group)
+        let client = HTTPClient(group: group, token: token)
         let history = try History(path: out + "/history.jsonl")
         for n in ids { try cluster.start(n) }
         try await waitForLeaders(cluster, client, timeout: .seconds(60))
+        // The group every shard starts with (and must end with: nothing in the run changes membership).
+        let initialGroups = await groups(cluster, client)
+        await history.write(["op": "groups", "type": "initial", "groups": Self.describe(initialGroups)])
 
-        let nemesis = Nemesis(cluster: cluster, network: network, client: client, history: history, seed: seed)
+        let nemesis = Nemesis(cluster: cluster, network: network, client: client, history: history, seed: seed, burstRecords: burstRecords)
         let workload = Workload(client: client, nodes: ids, shards: shards, history: history)
+        let hostileClient = HostileClient(client: client, nodes: ids, shards: shards, history: history)
         let faultsEnd = ContinuousClock.now + .milliseconds(Int(minutes * 60_000))
         let workEnd = faultsEnd + .seconds(5)
         await withThrowingTaskGroup(of: Void.self) { g in
@@ -83,6 +95,7 @@ struct Faults: AsyncParsableCommand {
             for r in 0..<readers {
                 g.addTask { await workload.reader(100 + r, shard: r % shards, stream: 1 + r % workload.streams, until: workEnd, seed: seed) }
             }
+            if hostile { g.addTask { await hostileClient.run(until: workEnd, seed: seed) } }
             g.addTask {
                 while ContinuousClock.now < faultsEnd {
                     try await nemesis.step()
@@ -95,13 +108,18 @@ struct Faults: AsyncParsableCommand {
             }
         }
         try await nemesis.healAll()
+        for t in nemesis.observers.withLock({ $0 }) { await t.value }
         print("weft-faults: healed; waiting for every replica to converge")
         let converged = try await waitForConvergence(cluster, client, timeout: .seconds(180))
-        var logs: [Int: [Int: [Checker.Entry]]] = [:]
+        var logs: [Int: [Int: Checker.ReplicaLog]] = [:]
         for n in ids {
             for s in 0..<shards { logs[n, default: [:]][s] = try await readLog(node: n, shard: s, client) }
         }
+        let finalGroups = await groups(cluster, client)
+        await history.write(["op": "groups", "type": "final", "groups": Self.describe(finalGroups)])
         let repairs = await repairReport(cluster, client)
+        let bursts = await history.bursts
+        let hostileTally = await history.hostile
         let acked = await history.acked
         let failed = await history.failed
         let indeterminate = await history.indeterminate
@@ -121,18 +139,33 @@ struct Faults: AsyncParsableCommand {
         }
         try? await group.shutdownGracefully()
 
-        let res = Checker.check(logs: logs, acked: acked, failed: failed, indeterminate: indeterminate, shards: shards, readBack: readBack)
+        let res = Checker.check(
+            logs: logs, acked: acked, failed: failed, indeterminate: indeterminate, shards: shards, readBack: readBack, bursts: bursts,
+            groups: finalGroups, initialGroup: Set(ids), hostileAccepted: hostileTally.accepted)
+        let catchUps = nemesis.catchUpLog.withLock { $0 }
+        let times = catchUps.compactMap(\.seconds).sorted()
         let counts = nemesis.counts.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ")
         let pass = res.ok && anomalies.isEmpty && verifyFailures.isEmpty && converged
         var lines: [String] = []
         lines.append("seed \(seed); \(nodes) nodes, \(shards) shards, \(minutes) min of faults")
         lines.append("faults: \(counts)")
         lines.append("writes: \(acked.count) acknowledged, \(failed.count) failed (refused, or no connection), \(indeterminate.count) indeterminate")
+        lines.append(
+            "bursts: \(nemesis.burstPhase) phases, \(bursts.acked.count) batches acknowledged (\(bursts.ackedRecords) records), \(bursts.failed.count) failed, \(bursts.indeterminate.count) indeterminate; lagging follower caught up in \(times.count) of \(catchUps.count), \(catchUps.filter(\.files).count) from shipped files (median \(times.isEmpty ? "-" : String(format: "%.1f", times[times.count / 2])) s, max \(times.last.map { String(format: "%.1f", $0) } ?? "-") s)"
+        )
         lines.append("reads: \(reads) cursor reads, \(recordsRead) records, \(anomalies.count) anomalies")
+        lines.append(
+            "hostile: \(hostileTally.sent) requests, \(hostileTally.refused) refused (4xx), \(hostileTally.unanswered) unanswered (node down or cut off), \(hostileTally.accepted.count) not refused (2xx/5xx), \(hostileTally.otherStatus.count) refused with another 4xx than the contract"
+        )
+        lines.append("groups: \(res.membership.isEmpty ? "every node reports voters \(ids) for every shard" : "\(res.membership.count) CHANGED")")
         lines.append("repairs reported by nodes: \(repairs)")
         lines.append("converged: \(converged); weft-dump --verify: \(verifyFailures.isEmpty ? "all pass" : "\(verifyFailures.count) FAIL")")
-        lines.append("lost \(res.lost.count), duplicated \(res.duplicated.count), divergent \(res.divergent.count), unexpected \(res.unexpected.count), misplaced \(res.misplaced.count)")
-        for l in (res.lost + res.duplicated + res.divergent + res.unexpected + res.misplaced + anomalies + verifyFailures).prefix(20) { lines.append("  " + l) }
+        lines.append(
+            "lost \(res.lost.count), duplicated \(res.duplicated.count), divergent \(res.divergent.count), unexpected \(res.unexpected.count), misplaced \(res.misplaced.count), hostile \(res.hostile.count), membership \(res.membership.count)"
+        )
+        let findings = res.lost + res.duplicated + res.divergent + res.unexpected + res.misplaced + res.hostile + res.membership + anomalies + verifyFailures
+        for l in findings.prefix(20) { lines.append("  " + l) }
+        for l in hostileTally.otherStatus.prefix(5) { lines.append("  note: " + l) }
         lines += res.notes.map { "  " + $0 }
         lines.append(pass ? "PASS" : "FAIL")
         let text = lines.joined(separator: "\n") + "\n"
@@ -190,30 +223,81 @@ struct Faults: AsyncParsableCommand {
         return false
     }
 
-    func readLog(node: Int, shard: Int, _ client: HTTPClient) async throws -> [Checker.Entry] {
-        var out: [Checker.Entry] = []
+    /// Each shard's group as each node reports it (`replicas` of the cluster status); a node that does
+    /// not answer within a few tries reports no group (a finding of the checker).
+    func groups(_ cluster: Cluster, _ client: HTTPClient) async -> [Int: [Int: Checker.GroupView]] {
+        var out: [Int: [Int: Checker.GroupView]] = [:]
+        for n in cluster.nodes {
+            out[n] = [:]
+            for _ in 0..<10 {
+                guard let s = await status(n, client) else {
+                    try? await Task.sleep(for: .milliseconds(300))
+                    continue
+                }
+                var view: [Int: Checker.GroupView] = [:]
+                for sh in s {
+                    guard let id = sh["id"] as? Int, let replicas = sh["replicas"] as? [[String: Any]] else { continue }
+                    var g = Checker.GroupView(voters: [], learners: [])
+                    for r in replicas {
+                        guard let node = r["node"] as? Int else { continue }
+                        if r["role"] as? String == "voter" { g.voters.insert(node) } else { g.learners.insert(node) }
+                    }
+                    view[id] = g
+                }
+                out[n] = view
+                break
+            }
+        }
+        return out
+    }
+
+    static func describe(_ groups: [Int: [Int: Checker.GroupView]]) -> [String: Any] {
+        var d: [String: Any] = [:]
+        for (n, shards) in groups {
+            var s: [String: Any] = [:]
+            for (id, g) in shards { s["\(id)"] = ["voters": g.voters.sorted(), "learners": g.learners.sorted()] }
+            d["\(n)"] = s
+        }
+        return d
+    }
+
+    /// A page of `GET /api/v1/shards/{s}/log` (decoded with Codable: no object per field).
+    struct LogPage: Decodable {
+        struct Record: Decodable {
+            var index: UInt64
+            var term: UInt64
+            var type: Int
+            var stream: UInt64
+            var seq: UInt64
+            var payload_b64: String
+        }
+        var records: [Record]
+    }
+
+    func readLog(node: Int, shard: Int, _ client: HTTPClient) async throws -> Checker.ReplicaLog {
+        var out = Checker.ReplicaLog(shard: shard)
+        var last: UInt64 = 0
         var from: UInt64 = 1
         var failures = 0
         while true {
-            let r = await client.json(
-                host: TestNetwork.address(node), port: Cluster.apiPort, path: "/api/v1/shards/\(shard)/log?from=\(from)&limit=5000",
+            let outcome = await client.request(
+                .GET, host: TestNetwork.address(node), port: Cluster.apiPort, path: "/api/v1/shards/\(shard)/log?from=\(from)&limit=2000",
                 timeout: .seconds(10))
-            guard let r, let recs = r["records"] as? [[String: Any]] else {
+            guard case .response(200, let body) = outcome, let page = try? JSONDecoder().decode(LogPage.self, from: Data(body)) else {
                 failures += 1
                 if failures > 20 { throw HarnessError("cannot read node \(node)'s log of shard \(shard) at \(from)") }
                 try await Task.sleep(for: .milliseconds(500))
                 continue
             }
-            if recs.isEmpty { return out }
-            for x in recs {
-                let payload = (x["payload_b64"] as? String).flatMap { Data(base64Encoded: $0) }.map { String(decoding: $0, as: UTF8.self) } ?? ""
-                out.append(
-                    Checker.Entry(
-                        index: (x["index"] as? NSNumber)?.uint64Value ?? 0, term: (x["term"] as? NSNumber)?.uint64Value ?? 0,
-                        type: x["type"] as? Int ?? 0, stream: (x["stream"] as? NSNumber)?.uint64Value ?? 0,
-                        seq: (x["seq"] as? NSNumber)?.uint64Value ?? 0, payload: payload))
+            if page.records.isEmpty { return out }
+            for x in page.records {
+                let bytes = Data(base64Encoded: x.payload_b64).map { [UInt8]($0) } ?? []
+                // Burst records are recognised from their bytes; only the others are kept, as text.
+                let e = Checker.Entry(index: x.index, term: x.term, type: x.type, stream: x.stream, seq: x.seq, payload: "")
+                out.add(e, payload: bytes)
+                last = e.index
             }
-            from = (out.last?.index ?? from) + 1
+            from = (last == 0 ? from : last) + 1
         }
     }
 

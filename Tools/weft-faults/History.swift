@@ -21,6 +21,10 @@ actor History {
     /// each of these must be in every final log).
     private(set) var seen: [String: String] = [:]
     private(set) var readAnomalies: [String] = []
+    /// Burst batches (Burst.swift): acknowledged, definitely failed, or of unknown outcome, by batch key.
+    private(set) var bursts = Checker.Bursts()
+    /// Hostile requests (Hostile.swift) and what they got.
+    private(set) var hostile = HostileTally()
     private(set) var reads = 0
     private(set) var recordsRead = 0
 
@@ -91,5 +95,87 @@ actor History {
         write(e)
     }
 
+    // MARK: Bursts
+
+    func burstInvoke(batch: String, shard: Int, stream: UInt64, count: Int, node: Int) {
+        write(["op": "burst-append", "type": "invoke", "batch": batch, "shard": shard, "stream": stream, "count": count, "node": node])
+    }
+
+    /// An acknowledged batch: `refs` are the (index, seq) the node answered, one per record in order.
+    func burstOK(batch: String, shard: Int, stream: UInt64, count: Int, node: Int, refs: [(index: UInt64, seq: UInt64)]) {
+        bursts.failed.removeValue(forKey: batch)
+        var e: [String: Any] = ["op": "burst-append", "type": "ok", "batch": batch, "shard": shard, "node": node, "count": count]
+        guard let first = refs.first, refs.count == count,
+            refs.enumerated().allSatisfy({ $1.index == first.index + UInt64($0) && $1.seq == first.seq + UInt64($0) })
+        else {
+            // Still acknowledged (every record must be in the logs), but where is not one range.
+            bursts.acked[batch] = Checker.BurstAck(shard: shard, stream: stream, firstIndex: 0, firstSeq: 0, count: count)
+            bursts.irregular.append("batch \(batch): \(count) records acknowledged by node \(node) with \(refs.count) refs that are not one contiguous range of indexes and seqs")
+            e["irregular"] = true
+            write(e)
+            return
+        }
+        bursts.acked[batch] = Checker.BurstAck(shard: shard, stream: stream, firstIndex: first.index, firstSeq: first.seq, count: count)
+        e["first_index"] = first.index
+        e["first_seq"] = first.seq
+        write(e)
+    }
+
+    func burstFail(batch: String, count: Int, node: Int, status: UInt, error: String) {
+        bursts.failed[batch] = count
+        write(["op": "burst-append", "type": "fail", "batch": batch, "node": node, "status": status, "error": String(error.prefix(300))])
+    }
+
+    func burstInfo(batch: String, count: Int, node: Int, error: String) {
+        bursts.indeterminate[batch] = count
+        bursts.failed.removeValue(forKey: batch)
+        write(["op": "burst-append", "type": "info", "batch": batch, "node": node, "error": String(error.prefix(300))])
+    }
+
+    // MARK: Hostile clients
+
+    /// One hostile request and its answer. A 4xx is what it must get; a 2xx (taken) or 5xx (it got past
+    /// the checks into the write path) is a finding; no answer (the node was down, paused or cut off) is
+    /// only counted.
+    func hostile(kind: String, marker: String, node: Int, path: String, expected: UInt, outcome: HTTPOutcome) {
+        hostile.sent += 1
+        hostile.byKind[kind, default: 0] += 1
+        var e: [String: Any] = ["op": "hostile", "kind": kind, "marker": marker, "node": node, "path": path, "expected_status": expected]
+        switch outcome {
+        case .response(let status, let body):
+            let obj = (try? JSONSerialization.jsonObject(with: Data(body.prefix(4096)))) as? [String: Any]
+            let code = (obj?["error"] as? [String: Any])?["code"] as? String ?? ""
+            e["status"] = status
+            e["code"] = code
+            if (400..<500).contains(status) {
+                hostile.refused += 1
+                e["type"] = "refused"
+                if status != expected {
+                    hostile.otherStatus.append("\(kind) \(marker) via node \(node): \(status) \(code), the contract says \(expected)")
+                }
+            } else {
+                e["type"] = "accepted"
+                hostile.accepted.append("\(kind) \(marker) via node \(node) (\(path)): \(status) \(String(decoding: body.prefix(200), as: UTF8.self))")
+            }
+        case .failed(let why):
+            hostile.unanswered += 1
+            e["type"] = "no-answer"
+            e["error"] = String(why.prefix(300))
+        }
+        write(e)
+    }
+
     func close() { try? handle.close() }
+}
+
+/// What the hostile clients sent and got.
+struct HostileTally: Sendable {
+    var sent = 0
+    var refused = 0
+    var unanswered = 0
+    /// 2xx or 5xx answers: each is a finding.
+    var accepted: [String] = []
+    /// Refused, but with another 4xx than the contract names (reported, not a finding).
+    var otherStatus: [String] = []
+    var byKind: [String: Int] = [:]
 }

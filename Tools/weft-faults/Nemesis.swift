@@ -5,6 +5,7 @@ import Foundation
 final class Nemesis: @unchecked Sendable {
     enum Kind: String, CaseIterable {
         case kill, pause, isolate, partition = "partition-two-way", oneWay = "partition-one-way", split = "majority-minority-split", disk
+        case burst
     }
     let cluster: Cluster
     let network: TestNetwork
@@ -13,12 +14,24 @@ final class Nemesis: @unchecked Sendable {
     var rng: SplitMix
     var counts: [String: Int] = [:]
     var lastDiskFault = ContinuousClock.now - .seconds(3600)
+    let seed: UInt64
+    /// Records one burst phase may send (0: no bursts).
+    let burstRecords: Int
+    var burstPhase = 0
+    /// Burst records acknowledged, over the run.
+    var burstAcked = 0
+    /// Each burst's catch-up: seconds from healing until the lagging follower applied what the leader had
+    /// committed when the burst ended (nil: not within a minute), and whether it installed shipped files.
+    let catchUpLog = Locked<[(seconds: Double?, files: Bool)]>([])
+    let observers = Locked<[Task<Void, Never>]>([])
 
-    init(cluster: Cluster, network: TestNetwork, client: HTTPClient, history: History, seed: UInt64) {
+    init(cluster: Cluster, network: TestNetwork, client: HTTPClient, history: History, seed: UInt64, burstRecords: Int = 0) {
         self.cluster = cluster
         self.network = network
         self.client = client
         self.history = history
+        self.seed = seed
+        self.burstRecords = burstRecords
         rng = SplitMix(seed: seed)
     }
 
@@ -56,7 +69,9 @@ final class Nemesis: @unchecked Sendable {
 
     /// One fault: applied, held for a while, healed.
     func step() async throws {
-        let weights: [(Kind, Int)] = [(.kill, 38), (.pause, 9), (.isolate, 9), (.partition, 9), (.oneWay, 9), (.split, 8), (.disk, 18)]
+        let weights: [(Kind, Int)] = [
+            (.kill, 38), (.pause, 9), (.isolate, 9), (.partition, 9), (.oneWay, 9), (.split, 8), (.disk, 18), (.burst, burstRecords > 0 ? 16 : 0),
+        ]
         var r = Int(rng.next() % UInt64(weights.reduce(0) { $0 + $1.1 }))
         var kind = Kind.kill
         for (k, w) in weights {
@@ -75,6 +90,9 @@ final class Nemesis: @unchecked Sendable {
         let peer = rng.pick(others)
 
         switch kind {
+        case .burst:
+            try await burst(shard: shard)
+            return
         case .kill:
             cluster.kill(victim)
             counts["sigkill", default: 0] += 1
@@ -152,5 +170,17 @@ final class Nemesis: @unchecked Sendable {
             if !cluster.isRunning(n) { try cluster.start(n) }
         }
         await note("heal", "end", [:])
+    }
+}
+
+/// A value behind a lock (the burst's catch-up observers run beside the schedule).
+final class Locked<Value>: @unchecked Sendable {
+    private let lock = NSLock()
+    private var value: Value
+    init(_ v: Value) { value = v }
+    func withLock<R>(_ f: (inout Value) -> R) -> R {
+        lock.lock()
+        defer { lock.unlock() }
+        return f(&value)
     }
 }

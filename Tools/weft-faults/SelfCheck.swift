@@ -1,8 +1,9 @@
 import Foundation
 
 /// `weft-faults --self-check`: the checker against histories whose anomalies are known, so a checker
-/// that cannot see a lost, duplicated, misplaced or divergent write fails the test suite
-/// (Tests/ToolTests). Needs no root and starts nothing.
+/// that cannot see a lost, duplicated, misplaced or divergent write (single or in a burst batch), a
+/// hostile request's record in a log, or a changed group fails the test suite (Tests/ToolTests).
+/// Needs no root and starts nothing.
 enum SelfCheck {
     static func entry(_ i: UInt64, _ p: String, seq: UInt64) -> Checker.Entry {
         Checker.Entry(index: i, term: 1, type: 1, stream: 1, seq: seq, payload: p)
@@ -62,14 +63,89 @@ enum SelfCheck {
                 Checker.check(logs: [1: [0: [good[0], entry(2, "b", seq: 3)]], 2: [0: [good[0], entry(2, "b", seq: 3)]], 3: [0: [good[0], entry(2, "b", seq: 3)]]], acked: [:], failed: [], indeterminate: ["a", "b"], shards: 1),
                 { !$0.divergent.isEmpty }
             ),
-        ]
+        ] + burstCases() + hostileCases(good: good, acked: acked) + groupCases(good: good, acked: acked)
         var lines: [String] = []
         var ok = true
         for (name, result, expected) in cases {
             let pass = expected(result)
             ok = ok && pass
-            lines.append("\(pass ? "ok" : "WRONG") \(name): lost \(result.lost.count), duplicated \(result.duplicated.count), divergent \(result.divergent.count), misplaced \(result.misplaced.count), unexpected \(result.unexpected.count)")
+            lines.append("\(pass ? "ok" : "WRONG") \(name): lost \(result.lost.count), duplicated \(result.duplicated.count), divergent \(result.divergent.count), misplaced \(result.misplaced.count), unexpected \(result.unexpected.count), hostile \(result.hostile.count), membership \(result.membership.count)")
         }
         return (lines, ok)
+    }
+
+    typealias Case = (String, Checker.Result, (Checker.Result) -> Bool)
+
+    static func burstEntry(_ index: UInt64, batch: String, i: Int, seq: UInt64, stream: UInt64 = 100) -> Checker.Entry {
+        Checker.Entry(index: index, term: 1, type: 1, stream: stream, seq: seq, payload: String(decoding: BurstPayload.make(batch: batch, i: i), as: UTF8.self))
+    }
+
+    /// A log of one single write ("a", index 1) then burst batch 1.0.1 (4 records, indexes 2-5, stream 100 seqs 1-4).
+    static func burstCases() -> [Case] {
+        let single = entry(1, "a", seq: 1)
+        let batch = (0..<4).map { burstEntry(UInt64(2 + $0), batch: "1.0.1", i: $0, seq: UInt64(1 + $0)) }
+        let good = [single] + batch
+        let acked: [String: History.Ack] = ["a": .init(shard: 0, index: 1, seq: 1)]
+        var bursts = Checker.Bursts()
+        bursts.acked["1.0.1"] = Checker.BurstAck(shard: 0, stream: 100, firstIndex: 2, firstSeq: 1, count: 4)
+        func run(_ n1: [Checker.Entry], _ n2: [Checker.Entry], _ n3: [Checker.Entry], _ b: Checker.Bursts) -> Checker.Result {
+            Checker.check(logs: [1: [0: n1], 2: [0: n2], 3: [0: n3]], acked: acked, failed: [], indeterminate: [], shards: 1, bursts: b)
+        }
+        func all(_ l: [Checker.Entry], _ b: Checker.Bursts = bursts) -> Checker.Result { run(l, l, l, b) }
+        var shifted = bursts
+        shifted.acked["1.0.1"]?.firstIndex = 3
+        var refused = Checker.Bursts()
+        refused.failed["1.0.1"] = 4
+        var unknown = Checker.Bursts()
+        unknown.indeterminate["1.0.1"] = 4
+        var irregular = bursts
+        irregular.irregular = ["batch 1.0.1: refs not one range"]
+        let dup = good + [burstEntry(6, batch: "1.0.1", i: 2, seq: 5)]
+        var corrupt = batch
+        corrupt[1].payload = String(corrupt[1].payload.dropLast()) + (corrupt[1].payload.hasSuffix("A") ? "B" : "A")
+        return [
+            ("burst: clean", all(good), { $0.ok }),
+            ("burst: a record lost on one replica", run(good, [single] + batch.filter { $0.index != 4 }, good, bursts), { $0.lost.count == 1 }),
+            ("burst: a whole acknowledged batch lost everywhere", all([single]), { $0.lost.count == 3 }),
+            ("burst: a record twice", all(dup), { $0.duplicated.count == 3 }),
+            ("burst: at other indexes than acknowledged", all(good, shifted), { $0.misplaced.count == 3 }),
+            ("burst: refused batch in the log", all(good, refused), { $0.unexpected.count == 3 }),
+            ("burst: indeterminate batch that landed is fine", all(good, unknown), { $0.ok }),
+            ("burst: indeterminate batch partly landed is fine", all(Array(good.prefix(3)), unknown), { $0.ok }),
+            ("burst: batch never sent", all(good, Checker.Bursts()), { $0.unexpected.count == 3 }),
+            ("burst: a record's bytes changed", all([single] + corrupt), { !$0.unexpected.isEmpty && !$0.lost.isEmpty }),
+            ("burst: acknowledgement not one range", all(good, irregular), { !$0.misplaced.isEmpty }),
+        ]
+    }
+
+    static func hostileCases(good: [Checker.Entry], acked: [String: History.Ack]) -> [Case] {
+        let marked = good + [entry(4, "\(Checker.hostileMarker)7-no-token", seq: 4)]
+        let reserved = good + [Checker.Entry(index: 4, term: 1, type: 100, stream: 7, seq: 1, payload: "x")]
+        let config = good + [Checker.Entry(index: 4, term: 1, type: 3, stream: 0, seq: 0, payload: "\(Checker.hostileMarker)9-reserved-type-3")]
+        func all(_ l: [Checker.Entry], accepted: [String] = []) -> Checker.Result {
+            Checker.check(logs: [1: [0: l], 2: [0: l], 3: [0: l]], acked: acked, failed: [], indeterminate: [], shards: 1, hostileAccepted: accepted)
+        }
+        return [
+            ("hostile: marker of a data record in the logs", all(marked), { $0.hostile.count == 3 && !$0.ok }),
+            ("hostile: marker on one replica only", Checker.check(logs: [1: [0: good], 2: [0: marked], 3: [0: good]], acked: acked, failed: [], indeterminate: [], shards: 1), { $0.hostile.count == 1 }),
+            ("hostile: a record of a reserved type", all(reserved), { $0.hostile.count == 3 }),
+            ("hostile: a membership record with a marker", all(config), { $0.hostile.count == 3 }),
+            ("hostile: a request answered 2xx", all(good, accepted: ["reserved-type-3 HOSTILE-1: 200"]), { $0.hostile.count == 1 && !$0.ok }),
+            ("hostile: none", all(good), { $0.ok }),
+        ]
+    }
+
+    static func groupCases(good: [Checker.Entry], acked: [String: History.Ack]) -> [Case] {
+        let same = Checker.GroupView(voters: [1, 2, 3], learners: [])
+        func run(_ g: [Int: [Int: Checker.GroupView]]) -> Checker.Result {
+            Checker.check(
+                logs: [1: [0: good], 2: [0: good], 3: [0: good]], acked: acked, failed: [], indeterminate: [], shards: 1, groups: g, initialGroup: [1, 2, 3])
+        }
+        return [
+            ("groups: unchanged", run([1: [0: same], 2: [0: same], 3: [0: same]]), { $0.ok }),
+            ("groups: a voter removed", run([1: [0: same], 2: [0: same], 3: [0: .init(voters: [1, 2], learners: [])]]), { $0.membership.count == 1 }),
+            ("groups: a learner added", run([1: [0: .init(voters: [1, 2, 3], learners: [4])], 2: [0: same], 3: [0: same]]), { $0.membership.count == 1 }),
+            ("groups: a node reports none", run([1: [0: same], 2: [:], 3: [0: same]]), { $0.membership.count == 1 }),
+        ]
     }
 }
