@@ -23,6 +23,8 @@ struct Progress: Sendable {
     var recentActive = false
     /// Ticks spent waiting in snapshot state: a catch-up whose answer never comes is retried.
     var snapshotTicks = 0
+    /// In snapshot state: the catch-up transfer under way (its answer and the shipper's reports name it).
+    var transfer: UInt64 = 0
 
     init(next: LogIndex) { self.next = next }
 

@@ -548,6 +548,12 @@ public struct Raft {
             // Rejected (the files did not all arrive, or did not fit): probe again, which may lead to
             // another catch-up.
             if !m.reject, m.index <= lastIndex, m.index > 0, termAt(m.index) == m.logTerm { _ = pr.maybeUpdate(m.index) }
+            // Only the answer to the transfer under way ends it; a late answer to an abandoned one must
+            // not disturb the follower's state.
+            guard pr.state == .snapshot, m.context == pr.transfer else {
+                progress[m.from] = pr
+                return
+            }
             pr.becomeProbe()
             progress[m.from] = pr
             sendAppend(to: m.from)
@@ -584,8 +590,12 @@ public struct Raft {
         guard var pr = progress[to], to != id, !pr.isPaused(window: cfg.inflightAppendsMax) else { return false }
         let prev = pr.next - 1
         guard let prevTerm = termAt(prev), let ents = entries(from: pr.next, to: lastIndex + 1, maxBytes: cfg.appendBytesMax) else {
-            // The follower needs entries this log no longer has: catch-up from files.
-            sendSnapshot(to: to, index: max(log.firstIndex - 1, log.catchUpIndex))
+            // The follower needs entries this log no longer has (retention dropped them): catch-up from
+            // files. Entries this log has but could not read (an I/O error) are not a reason to ship the
+            // whole log: the next heartbeat response tries again.
+            if pr.next < log.firstIndex || (prev >= 1 && prev < log.firstIndex) {
+                sendSnapshot(to: to, index: max(log.firstIndex - 1, log.catchUpIndex))
+            }
             return false
         }
         if ents.isEmpty && onlyWithEntries { return false }
@@ -625,6 +635,7 @@ public struct Raft {
         m.context = term << 32 | (transferSeq & 0xFFFF_FFFF)
         pr.state = .snapshot
         pr.snapshotTicks = 0
+        pr.transfer = m.context
         progress[to] = pr
         send(m)
     }
@@ -691,7 +702,7 @@ public struct Raft {
                 // Nothing to install: either log matching already proves this log holds the leader's prefix
                 // up to `m.index`, or this log is longer and differs there (the leader's probes find where).
                 let matches = termAt(m.index) == m.logTerm
-                respondToCatchUp(to: m.from, index: matches ? m.index : lastIndex, logTerm: matches ? m.logTerm : 0, ok: matches)
+                respondToCatchUp(to: m.from, transfer: m.context, index: matches ? m.index : lastIndex, logTerm: matches ? m.logTerm : 0, ok: matches)
             } else {
                 pendingInstall = InstallRequest(from: m.from, term: term, index: m.index, logTerm: m.logTerm, transfer: m.context)
             }
@@ -700,11 +711,12 @@ public struct Raft {
         }
     }
 
-    mutating func respondToCatchUp(to: NodeID, index: LogIndex, logTerm: Term, ok: Bool) {
+    mutating func respondToCatchUp(to: NodeID, transfer: UInt64, index: LogIndex, logTerm: Term, ok: Bool) {
         var r = Message(kind: .snapshotResponse, from: id, to: to, term: term)
         r.index = index
         r.logTerm = logTerm
         r.reject = !ok
+        r.context = transfer
         send(r)
     }
 
@@ -716,16 +728,16 @@ public struct Raft {
         leader = request.from
         electionElapsed = 0
         if ok {
-            respondToCatchUp(to: request.from, index: request.index, logTerm: request.logTerm, ok: true)
+            respondToCatchUp(to: request.from, transfer: request.transfer, index: request.index, logTerm: request.logTerm, ok: true)
         } else {
-            respondToCatchUp(to: request.from, index: lastIndex, logTerm: 0, ok: false)
+            respondToCatchUp(to: request.from, transfer: request.transfer, index: lastIndex, logTerm: 0, ok: false)
         }
     }
 
     /// The driver's shipping of files to `to` made progress (the follower acknowledged a chunk): the
     /// catch-up is alive, so its timeout starts again. `failed`: the shipping stopped; probe again.
-    public mutating func reportCatchUp(to: NodeID, failed: Bool) {
-        guard role == .leader, var pr = progress[to], pr.state == .snapshot else { return }
+    public mutating func reportCatchUp(to: NodeID, transfer: UInt64, failed: Bool) {
+        guard role == .leader, var pr = progress[to], pr.state == .snapshot, pr.transfer == transfer else { return }
         if failed {
             pr.becomeProbe()
         } else {
@@ -814,6 +826,14 @@ public struct Raft {
     /// Collects what the driver must do. Messages, read states and dropped proposals are handed over
     /// (not repeated); entries and hard state stay until `advance`.
     public mutating func ready() -> Ready {
+        if let p = pendingInstall, lastIndex >= p.index {
+            // Appends stepped after the snapshot message (same leader, same term) already brought the
+            // log to the catch-up's index: installing files that end there would cut entries this node
+            // is about to acknowledge. Answer by log matching instead.
+            let matches = termAt(p.index) == p.logTerm
+            pendingInstall = nil
+            respondToCatchUp(to: p.from, transfer: p.transfer, index: matches ? p.index : lastIndex, logTerm: matches ? p.logTerm : 0, ok: matches)
+        }
         var rd = Ready()
         let hs = HardState(term: term, vote: vote, commit: commit)
         if hs != lastHardState { rd.hardState = hs }

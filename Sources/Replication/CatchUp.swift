@@ -42,8 +42,8 @@ extension ShardReplica {
     }
 
     /// Leader: the shipper's news about a transfer to `to`.
-    public func reportCatchUp(to: NodeID, failed: Bool) {
-        raft.reportCatchUp(to: to, failed: failed)
+    public func reportCatchUp(to: NodeID, transfer: UInt64, failed: Bool) {
+        raft.reportCatchUp(to: to, transfer: transfer, failed: failed)
     }
 
     /// Follower: writes part of a file of catch-up `transfer` into the staging directory. Returns false
@@ -64,10 +64,17 @@ extension ShardReplica {
             try f.write(Array(String(transfer).utf8), at: 0)
             currentTransfer = transfer
         }
-        if offset == 0, disk.exists(path) { try disk.remove(path) }
+        // Chunks arrive in order on one connection; one that does not continue its file (this replica
+        // restarted mid-transfer, or a chunk was lost) fails the transfer rather than leave a hole.
+        let have = stagedBytes[name] ?? 0
+        guard offset == have else {
+            throw StoreError.invalidBatch("catch-up \(transfer): \(name) continues at \(have), got a chunk at \(offset)")
+        }
         let f = try disk.open(path, create: true)
         defer { f.close() }
+        if offset == 0 { try f.truncate(to: 0) }
         try f.write(bytes, at: offset)
+        stagedBytes[name] = offset + UInt64(bytes.count)
         return true
     }
 
@@ -75,6 +82,7 @@ extension ShardReplica {
     func clearStaging() throws {
         let disk = store.fileSystem
         currentTransfer = nil
+        stagedBytes = [:]
         guard disk.exists(stagingDirectory) || ((try? disk.list(stagingDirectory)) ?? []).count > 0 else { return }
         for n in (try? disk.list(stagingDirectory)) ?? [] { try disk.remove(stagingDirectory + "/" + n) }
     }
@@ -111,15 +119,27 @@ extension ShardReplica {
         guard currentTransfer == request.transfer, disk.exists(stagingTransferPath) else {
             throw StoreError.invalidBatch("no files of transfer \(request.transfer) are staged")
         }
+        // Raft asks only while this log ends below the index; never replace entries past it.
+        guard store.lastIndex < request.index else {
+            throw StoreError.invalidBatch("the log already reaches \(store.lastIndex), the catch-up ends at \(request.index)")
+        }
         let staged = try SegmentStore(directory: stagingDirectory, options: store.options, disk: disk)
         // Every block of the shipped files is checked before they replace anything.
         while !staged.scrub(maxBytes: 64 << 20) {}
         let stagedLast = staged.lastIndex
         let stagedDamage = staged.damagedFrom
         let stagedTerm = try? staged.term(at: request.index)
+        if stagedDamage == nil, stagedLast > request.index, stagedTerm == request.logTerm {
+            // Files read after the sender's log changed (it stepped down and a segment was cut and
+            // rewritten) may hold more than the message vouches for: keep exactly the prefix it names.
+            try staged.truncateSuffix(from: request.index + 1)
+        }
+        let keptLast = staged.lastIndex
         staged.close()
         if let d = stagedDamage { throw StoreError.invalidBatch("shipped files are damaged from index \(d)") }
-        guard stagedLast >= request.index else { throw StoreError.invalidBatch("staged files end at \(stagedLast), below \(request.index)") }
+        guard stagedLast >= request.index, keptLast == request.index else {
+            throw StoreError.invalidBatch("staged files end at \(stagedLast), not at \(request.index)")
+        }
         guard stagedTerm == request.logTerm else {
             throw StoreError.invalidBatch("staged entry \(request.index) has term \(stagedTerm.map(String.init) ?? "?"), the leader said \(request.logTerm)")
         }

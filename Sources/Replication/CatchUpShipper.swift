@@ -118,12 +118,24 @@ public final class CatchUpShipper: @unchecked Sendable {
             let before = t.acked[name] ?? 0
             guard received > before else { return false }
             t.acked[name] = received
-            t.ackedTotal += received - before
+            // Never count more than was sent (a confused or hostile peer must not underflow the window).
+            t.ackedTotal = min(t.sent, t.ackedTotal + (received - before))
             t.lastProgress = .now
             condition.broadcast()
             return true
         }
         if progressed { report(shard, from, transfer, .progress) }
+    }
+
+    /// Cancels the transfers of `shard` (its replica stopped leading: its files may change).
+    public func cancel(shard: ShardID) {
+        condition.withLock {
+            for (key, t) in transfers where key.shard == shard {
+                t.cancelled = true
+                transfers[key] = nil
+            }
+            condition.broadcast()
+        }
     }
 
     /// Transfers running now (status, tests).

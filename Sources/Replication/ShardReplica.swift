@@ -113,6 +113,11 @@ public final class ShardReplica {
     /// The catch-up transfer whose files are being staged (nil: none). Kept in memory only: the staging
     /// directory is emptied at open, so nothing staged before a restart is ever installed.
     var currentTransfer: UInt64?
+    /// Bytes staged so far per file of `currentTransfer` (a chunk must continue its file).
+    var stagedBytes: [String: UInt64] = [:]
+    /// Cancels the catch-ups this replica started as leader (it stopped leading); set by the node.
+    public var cancelCatchUps: () -> Void = {}
+    var wasLeader = false
     /// index -> (term it was proposed in, completion).
     var waiting: [LogIndex: (Term, (Result<Record, ReplicationError>) -> Void)] = [:]
     var reads: [UInt64: (Result<LogIndex, ReplicationError>) -> Void] = [:]
@@ -139,11 +144,11 @@ public final class ShardReplica {
     public var scrubPause: Duration = .seconds(600)
     var nextScrub = ContinuousClock.now
 
-    /// The driver could not read committed entries (an I/O error, not damage) for this many turns in a
-    /// row: the replica stops with the reason (its node keeps serving the other shards). A turn is one
-    /// `process` call; the runner retries once per tick, so with 50 ms ticks this is about 10 s.
-    public var readStallTurnsMax = 200
-    var readStallTurns = 0
+    /// The driver could not read committed entries (an I/O error, not damage) for this long: the replica
+    /// stops with the reason (its node keeps serving the other shards). Until then it retries once per
+    /// tick (the runner does not call `process` again before the next tick or input).
+    public var readStallMax: Duration = .seconds(10)
+    var readStallSince: ContinuousClock.Instant?
     /// Records per store append: a batch past the store's count limit (`Limits.appendBatchCountMax`) or
     /// this many payload bytes is split, so a follower that fell far behind never hands the store more
     /// than it takes (a limit is not a failure).
@@ -435,6 +440,7 @@ public final class ShardReplica {
     /// so the followers' fsyncs overlap the leader's. Everything else waits until the Ready is durable.
     public func process(send: ([Message]) -> Void) throws {
         try repairIfDamaged()
+        reader.readFailure = nil
         var readies = 0
         var stalled = false
         while raft.hasReady {
@@ -493,13 +499,16 @@ public final class ShardReplica {
         }
         hasPendingWork = raft.hasReady && !stalled
         if stalled, let why = reader.readFailure {
-            readStallTurns += 1
-            if readStallTurns >= readStallTurnsMax {
-                throw Stalled(description: "committed entries unreadable for \(readStallTurns) turns in a row: \(why)")
+            let since = readStallSince ?? ContinuousClock.now
+            readStallSince = since
+            if ContinuousClock.now - since >= readStallMax {
+                throw Stalled(description: "committed entries unreadable for \(ContinuousClock.now - since): \(why)")
             }
         } else if !stalled {
-            readStallTurns = 0
+            readStallSince = nil
         }
+        if wasLeader && raft.role != .leader { cancelCatchUps() }
+        wasLeader = raft.role == .leader
         // Reads are served once the state they must see is applied.
         while let r = pendingReads.first, r.index <= raft.applied {
             pendingReads.removeFirst()

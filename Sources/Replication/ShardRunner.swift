@@ -72,7 +72,7 @@ public final class ShardRunner: @unchecked Sendable {
         /// now staged (nil: refused, as from an older transfer or term; false: it could not be written).
         case stageFile(transfer: UInt64, name: String, offset: UInt64, bytes: [UInt8], ack: @Sendable (_ received: UInt64?, _ ok: Bool) -> Void)
         /// The shipper's news about a catch-up this replica started as leader.
-        case catchUpReport(to: NodeID, failed: Bool)
+        case catchUpReport(to: NodeID, transfer: UInt64, failed: Bool)
     }
 
     let replica: ShardReplica
@@ -98,7 +98,9 @@ public final class ShardRunner: @unchecked Sendable {
     public func start() {
         let t = Thread { [self] in self.loop() }
         t.name = "weft-shard-\(replica.shard)"
+        finished.lock()
         thread = t
+        finished.unlock()
         t.start()
     }
 
@@ -222,8 +224,8 @@ public final class ShardRunner: @unchecked Sendable {
                 logger.error("shard \(replica.shard): cannot stage \(name) for catch-up: \(error)")
                 ack(offset, false)
             }
-        case .catchUpReport(let to, let failed):
-            replica.reportCatchUp(to: to, failed: failed)
+        case .catchUpReport(let to, let transfer, let failed):
+            replica.reportCatchUp(to: to, transfer: transfer, failed: failed)
         }
     }
 }

@@ -15,6 +15,8 @@ final class Forwarder: Sendable {
     struct Waiting {
         var target: NodeID
         var continuation: CheckedContinuation<Envelope.ForwardAnswer, Never>
+        /// The deadline's timer, cancelled when the answer comes first.
+        var timer: Task<Void, Never>?
     }
 
     let incarnation: UInt64
@@ -48,25 +50,32 @@ final class Forwarder: Sendable {
         }
         guard let sequence else { return .failed("node \(selfID) has too many forwarded requests waiting, or is stopping") }
         let id = Envelope.RequestID(incarnation: incarnation, sequence: sequence)
-        let timer = Task { [state] in
-            try? await Task.sleep(until: deadline, clock: .continuous)
-            state.withLockedValue { $0.waiting.removeValue(forKey: sequence) }?.continuation.resume(
-                returning: .outcomeUnknown("sent to node \(target), no answer before the deadline"))
-        }
-        defer { timer.cancel() }
+        let numbered: Envelope =
+            switch envelope {
+            case .forward(_, let ps): .forward(request: id, proposals: ps)
+            case .configChange(_, let change): .configChange(request: id, change: change)
+            default: envelope
+            }
         return await withCheckedContinuation { c in
+            // Registered before the deadline's timer exists, so the timer always finds it (or finds it
+            // already answered).
             let registered = state.withLockedValue { s -> Bool in
                 guard !s.closed else { return false }
                 s.waiting[sequence] = Waiting(target: target, continuation: c)
                 return true
             }
             guard registered else { return c.resume(returning: .failed("node \(selfID) is stopping")) }
-            let numbered: Envelope =
-                switch envelope {
-                case .forward(_, let ps): .forward(request: id, proposals: ps)
-                case .configChange(_, let change): .configChange(request: id, change: change)
-                default: envelope
-                }
+            let timer = Task { [state] in
+                try? await Task.sleep(until: deadline, clock: .continuous)
+                state.withLockedValue { $0.waiting.removeValue(forKey: sequence) }?.continuation.resume(
+                    returning: .outcomeUnknown("sent to node \(target), no answer before the deadline"))
+            }
+            let stillWaiting = state.withLockedValue { s -> Bool in
+                guard s.waiting[sequence] != nil else { return false }
+                s.waiting[sequence]?.timer = timer
+                return true
+            }
+            if !stillWaiting { timer.cancel() }
             sendFrame(target, shard, numbered.encode())
         }
     }
@@ -81,6 +90,7 @@ final class Forwarder: Sendable {
             return s.waiting.removeValue(forKey: request.sequence)
         }
         guard let w else { return false }
+        w.timer?.cancel()
         w.continuation.resume(returning: answer)
         return true
     }
@@ -92,6 +102,9 @@ final class Forwarder: Sendable {
             defer { s.waiting = [:] }
             return Array(s.waiting.values)
         }
-        for w in all { w.continuation.resume(returning: .outcomeUnknown("node stopping while waiting for node \(w.target)")) }
+        for w in all {
+            w.timer?.cancel()
+            w.continuation.resume(returning: .outcomeUnknown("node stopping while waiting for node \(w.target)"))
+        }
     }
 }

@@ -352,11 +352,13 @@ struct OperatorAuthMiddleware<Context: RequestContext>: RouterMiddleware {
 
     /// Compares without an early exit, so the time taken says nothing about where the first difference is.
     static func constantTimeEqual(_ a: [UInt8], _ b: [UInt8]) -> Bool {
-        var diff = UInt8(truncatingIfNeeded: a.count ^ b.count)
-        for k in 0..<max(a.count, b.count) {
-            diff |= (k < a.count ? a[k] : 0) ^ (k < b.count ? b[k] : 0)
+        var diff: UInt8 = 0
+        for k in 0..<b.count {
+            diff |= (k < a.count ? a[k] : 0) ^ b[k]
         }
-        return diff == 0
+        // The loop runs over the configured token's length only: its time says nothing about the
+        // presented one.
+        return diff == 0 && a.count == b.count
     }
 }
 

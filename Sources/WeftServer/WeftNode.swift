@@ -86,11 +86,11 @@ public final class WeftNode: Sendable {
                 t.send(to: to, shard: shard.rawValue, payload: Envelope.file(transfer: transfer, name: name, offset: offset, total: total, bytes: bytes).encode())
             },
             sendMessage: { shard, m in t.send(to: m.to, shard: shard.rawValue, payload: Envelope.raft(m).encode()) },
-            report: { shard, to, _, event in
+            report: { shard, to, transfer, event in
                 switch event {
-                case .progress: box.withLockedValue { $0 }?.runner(shard)?.submit(.catchUpReport(to: to, failed: false))
+                case .progress: box.withLockedValue { $0 }?.runner(shard)?.submit(.catchUpReport(to: to, transfer: transfer, failed: false))
                 case .done: break
-                case .failed: box.withLockedValue { $0 }?.runner(shard)?.submit(.catchUpReport(to: to, failed: true))
+                case .failed: box.withLockedValue { $0 }?.runner(shard)?.submit(.catchUpReport(to: to, transfer: transfer, failed: true))
                 }
             })
         runnerBox = NIOLockedValueBox([:])
@@ -188,6 +188,7 @@ public final class WeftNode: Sendable {
         replica.startCatchUp = { to, transfer, files, snapshot in
             ship.start(shard: shard, to: to, transfer: transfer, files: files, snapshot: snapshot)
         }
+        replica.cancelCatchUps = { ship.cancel(shard: shard) }
         let runner = ShardRunner(replica: replica, tick: .milliseconds(tickMs), logger: shardLogger) { msgs in
             for m in msgs { t.send(to: m.to, shard: shard.rawValue, payload: Envelope.raft(m).encode()) }
         }

@@ -211,6 +211,35 @@ final class Net {
         #expect((net.nodes[NodeID(2)]!.matchIndexes[NodeID(1)] ?? 0) == before)
     }
 
+    /// Review of issue 8: a snapshot message followed, in the same batch, by appends that carry the log
+    /// past the catch-up's index must not install (the files would cut entries the follower is about to
+    /// acknowledge); it is answered by log matching.
+    @Test func appendsThatOvertakeACatchUpCancelTheInstall() {
+        let net = Net(3)
+        net.nodes[NodeID(1)]!.campaignNow()
+        net.settle()
+        net.isolate(NodeID(3))
+        for k in 0..<30 { #expect(net.propose(UInt8(k))) }
+        let l = net.nodes[NodeID(1)]!
+        let n3 = net.nodes[NodeID(3)]!
+        let s: LogIndex = n3.lastIndex + 10
+        var snap = Message(kind: .snapshot, from: NodeID(1), to: NodeID(3), term: l.term)
+        snap.index = s
+        snap.logTerm = l.logTerm(at: s) ?? 0
+        snap.context = l.term << 32 | 99
+        var app = Message(kind: .append, from: NodeID(1), to: NodeID(3), term: l.term)
+        app.index = n3.lastIndex
+        app.logTerm = n3.lastTerm
+        app.entries = net.logs[NodeID(1)]!.entries(from: n3.lastIndex + 1, to: l.lastIndex + 1, maxBytes: 1 << 20) ?? []
+        app.commit = l.commit
+        net.nodes[NodeID(3)]!.step(snap)
+        net.nodes[NodeID(3)]!.step(app)
+        let rd = net.nodes[NodeID(3)]!.ready()
+        #expect(rd.install == nil)
+        let answer = rd.messages.first { $0.kind == .snapshotResponse }
+        #expect(answer?.reject == false && answer?.index == s && answer?.context == snap.context, "\(String(describing: answer))")
+    }
+
     @Test func proposalsAreRefusedByFollowersAndDuringTransfer() {
         let net = Net(3)
         net.nodes[NodeID(1)]!.campaignNow()
