@@ -182,9 +182,38 @@ import WeftTesting
         Self.resealIndex(&b)
         #expect(formatErrorKind { _ = try SegmentIndexFile.open(MemoryByteSource(bytes: b)) } == .badRecord)
 
+        // Runs are checked when their chunk is read: one ending past seq 2^64-1, one of no records, one
+        // of seq 0, one pointing past the block table.
+        let runsAt = good.count - Int(try SegmentIndexFile.open(MemoryByteSource(bytes: good)).runCount) * Layout.indexRunEntryBytes
+        for (firstSeq, count, block) in [(UInt64.max - 1, UInt32(3), UInt32(0)), (5, 0, 0), (0, 1, 0), (5, 1, 3)] {
+            b = good
+            b.storeLE(firstSeq, at: runsAt)
+            b.storeLE(count, at: runsAt + 8)
+            b.storeLE(block, at: runsAt + 12)
+            Self.resealIndex(&b)
+            let src = MemoryByteSource(bytes: b)
+            let opened = try SegmentIndexFile.open(src)
+            #expect(formatErrorKind { _ = try opened.readChunk(containing: 0, from: src) } == .badRecord, "\(firstSeq) \(count) \(block)")
+        }
+        // The last seq of a run is computed without overflow even for runs no reader accepts.
+        #expect(StreamRun(firstSeq: .max, count: 1, block: 0).lastSeq == .max)
+        #expect(StreamRun(firstSeq: .max - 1, count: 7, block: 0).lastSeq == .max)
+        #expect(StreamRun(firstSeq: 0, count: 0, block: 0).lastSeq == 0)
+        #expect(StreamRun(firstSeq: 10, count: 3, block: 0).lastSeq == 12)
+
         b = good  // control: resealing the unmodified file keeps it valid
         Self.resealIndex(&b)
         #expect(b == good)
+    }
+
+    /// A segment header naming base index 0, and a block read asked for past the end of the file.
+    @Test func segmentHeaderAndScannerBounds() throws {
+        #expect(formatErrorKind { _ = try SegmentHeader.decode(SegmentHeader(shard: ShardID(1), baseIndex: 0).encode()) } == .badRecord)
+        var rng = SeededRNG(seed: 36)
+        let seg = try BuiltSegment(rng: &rng, blocks: 2, perBlock: 3, streams: 2)
+        let scanner = try SegmentScanner(MemoryByteSource(bytes: seg.bytes))
+        #expect(formatErrorKind { _ = try scanner.readBlock(at: UInt64(seg.bytes.count) + 100) } == .truncated)
+        #expect(formatErrorKind { _ = try scanner.readBlock(at: .max) } == .truncated)
     }
 
     @Test func mutatedSegments() throws {

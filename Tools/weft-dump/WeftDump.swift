@@ -213,6 +213,10 @@ func preview(_ p: [UInt8]) -> String {
     return "0x" + head.map { String(format: "%02x", $0) }.joined() + more
 }
 
+extension Int {
+    func clamped(to r: ClosedRange<Int>) -> Int { Swift.min(Swift.max(self, r.lowerBound), r.upperBound) }
+}
+
 /// A percentage on stderr, only when stderr is a terminal and the input is large.
 struct Progress {
     let total: UInt64
@@ -227,7 +231,9 @@ struct Progress {
 
     mutating func update(done inFile: UInt64) {
         guard enabled else { return }
-        let pct = Int((finished + inFile) * 100 / max(total, 1))
+        // Sizes of files that may change while they are read: clamp, never overflow.
+        let done = min(finished &+ inFile, total)
+        let pct = Int(done / max(total / 100, 1)).clamped(to: 0...100)
         if pct != lastShown {
             lastShown = pct
             FileHandle.standardError.write(Data("\rweft-dump: \(pct)%".utf8))
