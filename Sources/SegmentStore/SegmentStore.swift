@@ -17,6 +17,10 @@ public final class SegmentStore {
     var active: Segment?
     /// stream -> the segments holding its records (spans in log order).
     var spans: [StreamID: [StreamSpan]] = [:]
+    /// stream -> its last seq among records retention dropped (`streams.hwm`; see HighWater.swift).
+    var highWater: [StreamID: StreamSeq] = [:]
+    /// Marks of some dropped records are unknown (found at open); written into the file as `incomplete`.
+    var highWaterIncomplete = false
 
     public internal(set) var lastIndex: LogIndex = 0
     public internal(set) var lastTerm: Term = 0
@@ -52,8 +56,12 @@ public final class SegmentStore {
 
     /// The files of the sealed segments, oldest first, each segment's data then its index:
     /// (file name, path). They never change once sealed, so they can be copied while the store runs.
+    /// When retention dropped segments, `streams.hwm` comes first: the last seqs of streams whose
+    /// records were all dropped, which a replica installing these files needs to number those streams
+    /// on (it is replaced by a rename, never rewritten in place, so an open copy stays whole).
     public func sealedFiles() -> [(name: String, path: String)] {
         var out: [(String, String)] = []
+        if disk.exists(highWaterPath) { out.append((FileNames.highWater, highWaterPath)) }
         for seg in segments where seg.sealed != nil {
             out.append((FileNames.segment(seg.base), seg.dataPath))
             out.append((FileNames.index(seg.base), seg.indexPath))
@@ -93,6 +101,7 @@ public final class SegmentStore {
         }
         if names.contains(FileNames.intent) { try finishTruncation() }
         let fence = readFence()
+        let highWaterFile = try loadHighWater()
         let bases = try disk.list(directory).compactMap(FileNames.segmentBase).sorted()
         for (k, base) in bases.enumerated() {
             let isLast = k == bases.count - 1
@@ -163,6 +172,7 @@ public final class SegmentStore {
         lastTerm = lastIndex == 0 ? 0 : ((try? term(at: lastIndex)) ?? 0)
         rebuildSpans()
         checkFence(fence)
+        checkHighWater(highWaterFile, fence: fence)
         findings.damagedFrom = damagedFrom
         if damagedFrom == nil && !findings.tailUnverified { try writeFence(sync: true) }
         // What recovery found may not be durable: a write or a file creation whose sync failed before the
@@ -395,8 +405,11 @@ public final class SegmentStore {
 
     // MARK: Append
 
-    /// The last seq of a stream in this log (0 if it has none).
-    public func lastSeq(of stream: StreamID) -> StreamSeq { spans[stream]?.last?.lastSeq ?? 0 }
+    /// The last seq a stream has had in this log (0 if none): of its records held, or of those retention
+    /// dropped (`streams.hwm`), whichever is higher. The next record of the stream must be this + 1.
+    public func lastSeq(of stream: StreamID) -> StreamSeq {
+        max(spans[stream]?.last?.lastSeq ?? 0, highWater[stream] ?? 0)
+    }
 
     /// Appends a batch: one write and, under `.everyBatch`, one fdatasync; returns when the batch is as
     /// durable as the policy promises. Records must continue the log's indexes, not lower its term, and

@@ -72,6 +72,8 @@ struct StreamSpan {
 enum FileNames {
     static let intent = "truncate.intent"
     static let fence = "tail.fence"
+    /// Last seqs of streams whose records retention dropped (§7 of Docs/segment-format.md).
+    static let highWater = "streams.hwm"
     /// Segments found past a hole at open are moved here (kept for inspection, never read again).
     static let quarantine = "quarantine"
 
