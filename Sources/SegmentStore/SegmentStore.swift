@@ -17,10 +17,6 @@ public final class SegmentStore {
     var active: Segment?
     /// stream -> the segments holding its records (spans in log order).
     var spans: [StreamID: [StreamSpan]] = [:]
-    /// stream -> its last seq among records retention dropped (`streams.hwm`; see HighWater.swift).
-    var highWater: [StreamID: StreamSeq] = [:]
-    /// Marks of some dropped records are unknown (found at open); written into the file as `incomplete`.
-    var highWaterIncomplete = false
 
     public internal(set) var lastIndex: LogIndex = 0
     public internal(set) var lastTerm: Term = 0
@@ -43,6 +39,10 @@ public final class SegmentStore {
     var recentBlocks: [(base: LogIndex, offset: UInt64, records: [Record])] = []
     static let recentBlocksMax = 8
     private var batchesSinceSync = 0
+    /// stream -> its last seq among records retention dropped (`streams.hwm`; see HighWater.swift).
+    var highWater: [StreamID: StreamSeq] = [:]
+    /// Marks of some dropped records are unknown (found at open); written into the file as `incomplete`.
+    var highWaterIncomplete = false
 
     /// Index of the oldest record held (lastIndex + 1 when empty).
     public var firstIndex: LogIndex { segments.first(where: { !$0.isEmpty })?.base ?? lastIndex + 1 }
