@@ -131,7 +131,10 @@ public enum SegmentDumper {
             }
             if damaged { return }
             let rebuilt = builder.encode(shard: scanner.header.shard, baseIndex: scanner.header.baseIndex, segmentBytes: src.size)
-            let actual = try index.read(at: 0, count: Int(index.size))
+            guard let indexBytes = Int(exactly: index.size) else {
+                throw FormatError(.limitExceeded, file: index.name, offset: 0, "index file of \(index.size) bytes")
+            }
+            let actual = try index.read(at: 0, count: indexBytes)
             if let d = zip(rebuilt, actual).enumerated().first(where: { $0.element.0 != $0.element.1 })?.offset {
                 throw FormatError(.mismatch, file: index.name, offset: UInt64(d), "index disagrees with the data of \(src.name)")
             }

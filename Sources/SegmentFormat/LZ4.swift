@@ -19,14 +19,22 @@ enum LZ4 {
 
     /// Decompresses exactly `rawCount` bytes; nil if the input is not a valid LZ4 block of that size.
     static func decompress(_ src: UnsafeRawBufferPointer, rawCount: Int) -> [UInt8]? {
-        guard let s = src.baseAddress, src.count > 0, rawCount > 0 else { return nil }
+        // Sizes come from a block header: the C API takes int, so anything an int cannot hold is refused
+        // here rather than trapping (the header's limits keep real blocks far below).
+        guard let s = src.baseAddress, src.count > 0, rawCount > 0, let srcCount = Int32(exactly: src.count),
+            let dstCount = Int32(exactly: rawCount)
+        else { return nil }
         var failed = false
         let out = [UInt8](unsafeUninitializedCapacity: rawCount) { buf, initialized in
+            guard let dst = buf.baseAddress else {
+                failed = true
+                initialized = 0
+                return
+            }
             let n = LZ4_decompress_safe(
-                s.assumingMemoryBound(to: CChar.self),
-                UnsafeMutableRawPointer(buf.baseAddress!).assumingMemoryBound(to: CChar.self),
-                Int32(src.count), Int32(rawCount))
-            if n != Int32(rawCount) {
+                s.assumingMemoryBound(to: CChar.self), UnsafeMutableRawPointer(dst).assumingMemoryBound(to: CChar.self),
+                srcCount, dstCount)
+            if n != dstCount {
                 failed = true
                 initialized = 0
             } else {

@@ -25,6 +25,14 @@ public enum Layout {
     /// Runs are checksummed in chunks so a lookup verifies only the chunk it reads.
     public static let indexRunsPerChunk = 256
 
+    /// §7 High-water file (`streams.hwm`): a header, 16-byte entries, a trailing CRC.
+    public static let highWaterMagic: [UInt8] = Array("WEFTHWM\0".utf8)
+    public static let highWaterHeaderBytes = 32
+    public static let highWaterVersion: UInt16 = 1
+    public static let highWaterEntryBytes = 16
+    /// Largest high-water file a reader accepts (67 million streams): read whole at open.
+    public static let highWaterBytesMax = 1 << 30
+
     /// The largest stored (on-disk) payload a block may claim: LZ4's bound for the largest raw block.
     public static let blockStoredBytesMax = Limits.blockRawBytesMax + Limits.blockRawBytesMax / 255 + 16
 }

@@ -55,6 +55,9 @@ public struct SegmentScanner {
     /// Reads and verifies the block at `offset`.
     public func readBlock(at offset: UInt64) throws -> ScannedBlock {
         let file = source.name
+        guard offset <= source.size else {
+            throw FormatError(.truncated, file: file, offset: offset, "no block past the end of the file (\(source.size) bytes)")
+        }
         let head = try source.read(at: offset, count: Layout.blockHeaderBytes)
         let h = try BlockHeader.decode(head, file: file, offset: offset)
         let available = source.size - offset

@@ -49,7 +49,11 @@ public struct SegmentHeader: Equatable, Sendable {
         guard Int(headerBytes) == Layout.segmentHeaderBytes else {
             throw FormatError(.badRecord, file: file, offset: 10, "header size \(headerBytes)")
         }
-        return SegmentHeader(shard: ShardID(bytes.loadLE(UInt64.self, at: 16)), baseIndex: bytes.loadLE(at: 24))
+        let base: LogIndex = bytes.loadLE(at: 24)
+        guard base >= 1 else {
+            throw FormatError(.badRecord, file: file, offset: 24, "base index 0 (log indexes start at 1)")
+        }
+        return SegmentHeader(shard: ShardID(bytes.loadLE(UInt64.self, at: 16)), baseIndex: base)
     }
 }
 

@@ -26,6 +26,13 @@ public struct StreamRun: Equatable, Sendable {
         self.count = count
         self.block = block
     }
+
+    /// Seqs are dense, so the run covers `firstSeq ... firstSeq + count - 1` (saturating: a run built
+    /// from crafted records that are not dense must not overflow; reading it then finds the mismatch).
+    public var lastSeq: StreamSeq {
+        let (end, overflow) = firstSeq.addingReportingOverflow(UInt64(count))
+        return overflow ? .max : (end == 0 ? 0 : end - 1)
+    }
 }
 
 /// One stream's summary in one segment (§5.3).
@@ -267,9 +274,17 @@ public struct SegmentIndexFile: Sendable {
         }
         var runs = [StreamRun]()
         runs.reserveCapacity(n)
-        bytes.withUnsafeBytes { b in
+        try bytes.withUnsafeBytes { b in
             for i in 0..<n {
-                runs.append(StreamRun(firstSeq: b.loadLE(at: i * 16), count: b.loadLE(at: i * 16 + 8), block: b.loadLE(at: i * 16 + 12)))
+                let r = StreamRun(firstSeq: b.loadLE(at: i * 16), count: b.loadLE(at: i * 16 + 8), block: b.loadLE(at: i * 16 + 12))
+                // A run holds records of a stream (seqs >= 1), its last seq `firstSeq + count - 1` is
+                // representable, and it points into the block table.
+                guard r.count >= 1, r.firstSeq >= 1, r.firstSeq - 1 <= UInt64.max - UInt64(r.count), Int(r.block) < blocks.count else {
+                    throw FormatError(
+                        .badRecord, file: src.name, offset: offset + UInt64(i * Layout.indexRunEntryBytes),
+                        "run \(first + i) (seq \(r.firstSeq), \(r.count) records, block \(r.block)) is inconsistent")
+                }
+                runs.append(r)
             }
         }
         return (UInt32(first), runs)
@@ -306,7 +321,7 @@ extension SegmentIndexBuilder {
             guard var s = streams[id] else { continue }
             while let last = s.runs.last, Int(last.block) >= blockCount { s.runs.removeLast() }
             if let last = s.runs.last {
-                s.lastSeq = last.firstSeq + UInt64(last.count) - 1
+                s.lastSeq = last.lastSeq
                 streams[id] = s
             } else {
                 streams[id] = nil

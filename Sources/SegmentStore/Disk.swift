@@ -58,7 +58,8 @@ public struct FileByteSource: ByteSource {
         self.size = size
     }
     public func read(at offset: UInt64, count: Int) throws -> [UInt8] {
-        guard offset < size else { return [] }
+        guard offset < size, count > 0 else { return [] }
+        // min(count, what is left) is at most count, an Int.
         return try file.read(at: offset, count: Int(min(UInt64(count), size - offset)))
     }
 }
@@ -135,11 +136,22 @@ final class PosixFile: DiskFile {
         return UInt64(st.st_size)
     }
 
+    /// `offset + extra` as a file offset, or EINVAL: offsets can come from files, and `off_t(_:)` would
+    /// trap on one past Int64.max.
+    private func fileOffset(_ offset: UInt64, plus extra: Int = 0, _ operation: String) throws -> off_t {
+        guard let o = off_t(exactly: offset), o <= off_t.max - off_t(extra) else {
+            throw DiskError(path: path, operation: "\(operation) at offset \(offset)", code: EINVAL)
+        }
+        return o + off_t(extra)
+    }
+
     func write(_ bytes: [UInt8], at offset: UInt64) throws {
+        _ = try fileOffset(offset, plus: bytes.count, "pwrite")
         try bytes.withUnsafeBytes { buf in
+            guard let base = buf.baseAddress else { return }
             var done = 0
             while done < buf.count {
-                let n = pwrite(fd, buf.baseAddress! + done, buf.count - done, off_t(offset) + off_t(done))
+                let n = pwrite(fd, base + done, buf.count - done, off_t(offset) + off_t(done))
                 if n < 0 {
                     if errno == EINTR { continue }
                     throw DiskError(path: path, operation: "pwrite", code: errno)
@@ -151,11 +163,14 @@ final class PosixFile: DiskFile {
 
     func read(at offset: UInt64, count: Int) throws -> [UInt8] {
         guard count > 0 else { return [] }
+        _ = try fileOffset(offset, plus: count, "pread")
         var failure: Int32 = 0
         let out = [UInt8](unsafeUninitializedCapacity: count) { buf, initialized in
+            initialized = 0
+            guard let base = buf.baseAddress else { return }
             var done = 0
             while done < count {
-                let n = pread(fd, buf.baseAddress! + done, count - done, off_t(offset) + off_t(done))
+                let n = pread(fd, base + done, count - done, off_t(offset) + off_t(done))
                 if n < 0 {
                     if errno == EINTR { continue }
                     failure = errno
@@ -175,7 +190,7 @@ final class PosixFile: DiskFile {
     }
 
     func truncate(to size: UInt64) throws {
-        guard ftruncate(fd, off_t(size)) == 0 else { throw DiskError(path: path, operation: "ftruncate", code: errno) }
+        guard ftruncate(fd, try fileOffset(size, "ftruncate")) == 0 else { throw DiskError(path: path, operation: "ftruncate", code: errno) }
     }
 
     func close() {

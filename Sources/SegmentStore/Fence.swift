@@ -43,6 +43,11 @@ public struct OpenFindings: Sendable, Equatable {
     /// The fence was missing or damaged while the log was not empty: whether records were lost at the
     /// tail cannot be told.
     public var tailUnverified = false
+    /// The log begins after index 1 (retention dropped segments, or it was installed from such a log) but
+    /// the last seqs of the streams in the dropped records (`streams.hwm`) are missing, damaged, or marked
+    /// incomplete: `lastSeq(of:)` of a stream whose records were all dropped answers from what is left
+    /// (possibly 0), so a leader numbering it could reuse seqs. The records in the log are intact.
+    public var highWaterUnknown = false
     /// One line per finding.
     public var notes: [String] = []
 }
@@ -51,12 +56,16 @@ extension SegmentStore {
     var fencePath: String { path(FileNames.fence) }
 
     /// Deletes a closed store's log files in `directory` (segments, indexes, a truncate intent, the
-    /// fence), the fence last: a crash half way leaves it to report the records that are gone.
+    /// stream high-water marks, the fence), the fence last: a crash half way leaves it to report the
+    /// records that are gone (and a log that begins after index 1 without its marks is reported too).
     public static func removeLog(in directory: String, disk: any Disk) throws {
         let names = try disk.list(directory).filter {
             FileNames.segmentBase($0) != nil || $0.hasSuffix(".idx") || $0 == FileNames.intent
         }
         for n in names { try disk.remove(directory + "/" + n) }
+        for n in [FileNames.highWater + ".tmp", FileNames.highWater] where disk.exists(directory + "/" + n) {
+            try disk.remove(directory + "/" + n)
+        }
         if disk.exists(directory + "/" + FileNames.fence) { try disk.remove(directory + "/" + FileNames.fence) }
         try disk.syncDirectory(directory)
     }

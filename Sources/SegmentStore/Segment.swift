@@ -88,7 +88,7 @@ struct RunReader {
     }
 
     /// Seqs are dense, so run `r` covers `r.firstSeq ... r.firstSeq + r.count - 1`.
-    static func lastSeq(_ r: StreamRun) -> StreamSeq { r.firstSeq + UInt64(r.count) - 1 }
+    static func lastSeq(_ r: StreamRun) -> StreamSeq { r.lastSeq }
 
     /// The first run whose last seq is >= `seq` (count if none).
     mutating func firstRun(endingAtOrAfter seq: StreamSeq) throws -> Int {

@@ -21,12 +21,12 @@ public final class SegmentStore {
     public internal(set) var lastIndex: LogIndex = 0
     public internal(set) var lastTerm: Term = 0
     /// Damage found by recovery or by reads, newest last.
-    public private(set) var damage: [FormatError] = []
+    public internal(set) var damage: [FormatError] = []
     /// Lowest index found lost or unreadable, at open or by a read or scrub since (nil: none found).
     /// Nothing from there on can be trusted to be served; the replica repairs the log from it.
     public internal(set) var damagedFrom: LogIndex?
     /// What opening the store found (see `OpenFindings`).
-    public private(set) var findings = OpenFindings()
+    public internal(set) var findings = OpenFindings()
     var fenceFile: (any DiskFile)?
     /// Next sealed block the scrubber verifies: (segment base, block ordinal).
     var scrubCursor: (base: LogIndex, block: Int) = (0, 0)
@@ -39,6 +39,10 @@ public final class SegmentStore {
     var recentBlocks: [(base: LogIndex, offset: UInt64, records: [Record])] = []
     static let recentBlocksMax = 8
     private var batchesSinceSync = 0
+    /// stream -> its last seq among records retention dropped (`streams.hwm`; see HighWater.swift).
+    var highWater: [StreamID: StreamSeq] = [:]
+    /// Marks of some dropped records are unknown (found at open); written into the file as `incomplete`.
+    var highWaterIncomplete = false
 
     /// Index of the oldest record held (lastIndex + 1 when empty).
     public var firstIndex: LogIndex { segments.first(where: { !$0.isEmpty })?.base ?? lastIndex + 1 }
@@ -52,8 +56,12 @@ public final class SegmentStore {
 
     /// The files of the sealed segments, oldest first, each segment's data then its index:
     /// (file name, path). They never change once sealed, so they can be copied while the store runs.
+    /// When retention dropped segments, `streams.hwm` comes first: the last seqs of streams whose
+    /// records were all dropped, which a replica installing these files needs to number those streams
+    /// on (it is replaced by a rename, never rewritten in place, so an open copy stays whole).
     public func sealedFiles() -> [(name: String, path: String)] {
         var out: [(String, String)] = []
+        if disk.exists(highWaterPath) { out.append((FileNames.highWater, highWaterPath)) }
         for seg in segments where seg.sealed != nil {
             out.append((FileNames.segment(seg.base), seg.dataPath))
             out.append((FileNames.index(seg.base), seg.indexPath))
@@ -93,6 +101,7 @@ public final class SegmentStore {
         }
         if names.contains(FileNames.intent) { try finishTruncation() }
         let fence = readFence()
+        let highWaterFile = try loadHighWater()
         let bases = try disk.list(directory).compactMap(FileNames.segmentBase).sorted()
         for (k, base) in bases.enumerated() {
             let isLast = k == bases.count - 1
@@ -163,6 +172,7 @@ public final class SegmentStore {
         lastTerm = lastIndex == 0 ? 0 : ((try? term(at: lastIndex)) ?? 0)
         rebuildSpans()
         checkFence(fence)
+        checkHighWater(highWaterFile, fence: fence)
         findings.damagedFrom = damagedFrom
         if damagedFrom == nil && !findings.tailUnverified { try writeFence(sync: true) }
         // What recovery found may not be durable: a write or a file creation whose sync failed before the
@@ -271,13 +281,16 @@ public final class SegmentStore {
                     findings.notes.append("\(reported): records from index \(expected) are unreadable")
                     log("\(reported); records up to the next valid block at offset \(resume) are unreadable")
                     let next = try scanner.readBlock(at: resume).header.firstIndex
-                    guard next >= expected else {
-                        throw FormatError(.mismatch, file: seg.dataPath, offset: resume, "block starts at index \(next), expected \(expected) or later")
+                    // The records between are one unreadable entry, whose count is a u32: a block further
+                    // ahead than that does not continue this segment (as one that goes backwards).
+                    guard next >= expected, next - expected <= UInt64(UInt32.max) else {
+                        throw FormatError(
+                            .mismatch, file: seg.dataPath, offset: resume,
+                            "block starts at index \(next), expected \(expected) or at most \(UInt32.max) records later")
                     }
-                    if next > expected {
+                    if let count = UInt32(exactly: next - expected), count > 0 {
                         builder.addUnreadable(
-                            offset: at, firstIndex: expected, count: UInt32(next - expected),
-                            storedBytes: UInt32(clamping: Int64(resume) - Int64(at) - Int64(Layout.blockHeaderBytes)))
+                            offset: at, firstIndex: expected, count: count, storedBytes: unreadableBytes(from: at, to: resume))
                         expected = next
                     }
                     end = resume
@@ -285,14 +298,18 @@ public final class SegmentStore {
                     damage.append(reported)
                     if expectedEnd >= expected {
                         noteDamage(at: expected)
-                        findings.notes.append("\(reported): records \(expected)...\(expectedEnd) are unreadable")
+                        // One unreadable entry (a u32 count) up to the next segment's base. A base further
+                        // away than that cannot be this segment's end: the segment ends with its last valid
+                        // block, and the next one is found not to continue it (a hole).
+                        if let count = UInt32(exactly: expectedEnd - expected + 1) {
+                            findings.notes.append("\(reported): records \(expected)...\(expectedEnd) are unreadable")
+                            builder.addUnreadable(
+                                offset: at, firstIndex: expected, count: count, storedBytes: unreadableBytes(from: at, to: seg.size))
+                        } else {
+                            findings.notes.append("\(reported): records from \(expected) are unreadable; the next segment's base \(expectedEnd + 1) is too far to continue this one")
+                        }
                     }
                     log("\(reported); records \(expected)...\(expectedEnd) are unreadable")
-                    if expectedEnd >= expected {
-                        builder.addUnreadable(
-                            offset: at, firstIndex: expected, count: UInt32(expectedEnd - expected + 1),
-                            storedBytes: UInt32(clamping: Int64(seg.size) - Int64(at) - Int64(Layout.blockHeaderBytes)))
-                    }
                     end = seg.size
                 } else {
                     log("\(reported); torn write at the tail: cutting \(seg.size - at) bytes")
@@ -306,6 +323,13 @@ public final class SegmentStore {
         return builder
     }
 
+    /// Bytes of a damaged region `from ..< to` past its (unreadable) block header, as an unreadable
+    /// entry's stored bytes (a u32: clamped; a read of the entry fails its checks anyway).
+    private func unreadableBytes(from: UInt64, to: UInt64) -> UInt32 {
+        let header = UInt64(Layout.blockHeaderBytes)
+        return to > from && to - from > header ? UInt32(clamping: to - from - header) : 0
+    }
+
     /// Completes a partial-block truncation that was interrupted by a crash (see `truncateSuffix`).
     private func finishTruncation() throws {
         let p = path(FileNames.intent)
@@ -313,18 +337,54 @@ public final class SegmentStore {
         let bytes = try f.read(at: 0, count: Int(min(try f.size(), UInt64(Limits.blockRawBytesMax * 2))))
         f.close()
         if let intent = TruncateIntent.decode(bytes) {
-            let seg = try disk.open(path(FileNames.segment(intent.segmentBase)), create: false)
-            try seg.truncate(to: intent.offset)
-            try seg.write(intent.block, at: intent.offset)
-            try seg.sync()
-            seg.close()
-            log("\(p): finished an interrupted truncation of segment \(intent.segmentBase) at offset \(intent.offset)")
+            let segPath = path(FileNames.segment(intent.segmentBase))
+            // Its checksum is right, but what it names is checked before anything is cut: an intent is
+            // only written for an existing segment, to cut at a block offset (the file is never shorter
+            // than that after a crash), with a whole block to put there.
+            let seg = disk.exists(segPath) ? try disk.open(segPath, create: false) : nil
+            let size = try seg?.size() ?? 0
+            var problem: FormatError?
+            if seg == nil {
+                problem = FormatError(.mismatch, file: p, offset: 8, "names segment \(intent.segmentBase), which does not exist")
+            } else if intent.offset < UInt64(Layout.segmentHeaderBytes) || intent.offset > size {
+                problem = FormatError(.mismatch, file: p, offset: 16, "cut at offset \(intent.offset) is outside \(segPath) (\(size) bytes)")
+            } else if let e = Self.wholeBlockProblem(intent.block, file: p, offset: 28) {
+                problem = e
+            }
+            if let seg, problem == nil {
+                try seg.truncate(to: intent.offset)
+                try seg.write(intent.block, at: intent.offset)
+                try seg.sync()
+                log("\(p): finished an interrupted truncation of segment \(intent.segmentBase) at offset \(intent.offset)")
+            }
+            seg?.close()
+            if let problem {
+                damage.append(problem)
+                let note = "\(problem); not replayed"
+                log(note)
+                findings.notes.append(note)
+            }
         } else {
             // Not durable before the crash, so the truncation never started.
             log("\(p): incomplete intent, truncation had not started")
         }
         try disk.remove(p)
         try disk.syncDirectory(directory)
+    }
+
+    /// Why `bytes` are not exactly one valid block (nil when they are).
+    static func wholeBlockProblem(_ bytes: [UInt8], file: String, offset: UInt64) -> FormatError? {
+        do {
+            let h = try bytes.withUnsafeBytes { try BlockCodec.verify($0, file: file, offset: offset) }
+            guard h.totalBytes == bytes.count else {
+                return FormatError(.mismatch, file: file, offset: offset, "\(bytes.count) bytes hold a block of \(h.totalBytes)")
+            }
+            return nil
+        } catch let e as FormatError {
+            return e
+        } catch {
+            return FormatError(.mismatch, file: file, offset: offset, "\(error)")
+        }
     }
 
     /// The per-stream directory, from every segment's stream tables.
@@ -345,8 +405,11 @@ public final class SegmentStore {
 
     // MARK: Append
 
-    /// The last seq of a stream in this log (0 if it has none).
-    public func lastSeq(of stream: StreamID) -> StreamSeq { spans[stream]?.last?.lastSeq ?? 0 }
+    /// The last seq a stream has had in this log (0 if none): of its records held, or of those retention
+    /// dropped (`streams.hwm`), whichever is higher. The next record of the stream must be this + 1.
+    public func lastSeq(of stream: StreamID) -> StreamSeq {
+        max(spans[stream]?.last?.lastSeq ?? 0, highWater[stream] ?? 0)
+    }
 
     /// Appends a batch: one write and, under `.everyBatch`, one fdatasync; returns when the batch is as
     /// durable as the policy promises. Records must continue the log's indexes, not lower its term, and
@@ -439,8 +502,10 @@ public final class SegmentStore {
                 continue
             }
             let last = pending[r.stream] ?? lastSeq(of: r.stream)
-            guard last == 0 ? r.seq >= 1 : r.seq == last + 1 else {
-                throw StoreError.streamSequence(stream: r.stream, expected: last == 0 ? 1 : last + 1, got: r.seq)
+            // Seq 2^64-1 is never appended: no seq could follow it. (A stream read from a crafted file
+            // may end there; then nothing can be appended to it.)
+            guard last < StreamSeq.max, r.seq < StreamSeq.max, last == 0 ? r.seq >= 1 : r.seq == last + 1 else {
+                throw StoreError.streamSequence(stream: r.stream, expected: last == 0 ? 1 : (last == .max ? .max : last + 1), got: r.seq)
             }
             pending[r.stream] = r.seq
         }
@@ -652,58 +717,65 @@ extension SegmentStore {
     }
 
     func readStreamOnce(_ stream: StreamID, fromSeq: StreamSeq, limit: Int) throws -> [Record] {
-        guard limit > 0, let list = spans[stream] else { return [] }
+        guard limit > 0, let list = spans[stream], let top = list.last?.lastSeq else { return [] }
         var out = [Record]()
         var i = lowerBound(list.count) { list[$0].lastSeq < fromSeq }
         var want = max(fromSeq, list.first?.firstSeq ?? fromSeq)
-        while i < list.count && out.count < limit {
+        // Seqs come from files: the one after 2^64-1 does not exist (`end`), it must not overflow.
+        var end = false
+        while i < list.count && out.count < limit && !end {
             guard let seg = segment(base: list[i].segmentBase), var runs = seg.runs(stream) else { i += 1; continue }
             var j = try wrapIndex { try runs.firstRun(endingAtOrAfter: want) }
-            while j < runs.count && out.count < limit {
+            while j < runs.count && out.count < limit && !end {
                 let run = try wrapIndex { try runs.run(j) }
                 for r in try readBlock(seg, Int(run.block)) where r.stream == stream && r.seq >= want {
                     guard r.seq == want else { throw hole(stream, want, r.seq, seg) }
                     out.append(r)
-                    want += 1
-                    if out.count == limit { break }
+                    if want == .max { end = true } else { want += 1 }
+                    if out.count == limit || end { break }
                 }
                 j += 1
             }
             i += 1
         }
-        if out.count < limit, want <= lastSeq(of: stream) { throw hole(stream, want, lastSeq(of: stream) + 1, nil) }
+        if out.count < limit, !end, want <= top { throw hole(stream, want, top, nil, through: true) }
         return out
     }
 
     func readStreamBackwardOnce(_ stream: StreamID, beforeSeq: StreamSeq?, limit: Int) throws -> [Record] {
-        guard limit > 0, let list = spans[stream] else { return [] }
+        guard limit > 0, let list = spans[stream], let top = list.last?.lastSeq, let first = list.first else { return [] }
         if let b = beforeSeq, b <= 1 { return [] }
-        var want = min(beforeSeq.map { $0 - 1 } ?? UInt64.max, lastSeq(of: stream))
+        var want = min(beforeSeq.map { $0 - 1 } ?? UInt64.max, top)
         var out = [Record]()
         var i = lowerBound(list.count) { list[$0].firstSeq <= want } - 1
-        while i >= 0 && out.count < limit {
+        // Seqs come from files: below seq 0 there is nothing (`end`), it must not underflow.
+        var end = false
+        while i >= 0 && out.count < limit && !end {
             guard let seg = segment(base: list[i].segmentBase), var runs = seg.runs(stream) else { i -= 1; continue }
             var j = try wrapIndex { try runs.lastRun(startingAtOrBefore: want) }
-            while j >= 0 && out.count < limit {
+            while j >= 0 && out.count < limit && !end {
                 let run = try wrapIndex { try runs.run(j) }
                 for r in try readBlock(seg, Int(run.block)).reversed() where r.stream == stream && r.seq <= want {
-                    guard r.seq == want else { throw hole(stream, r.seq + 1, want + 1, seg) }
+                    guard r.seq == want else { throw hole(stream, r.seq + 1, want, seg, through: true) }
                     out.append(r)
-                    want -= 1
-                    if out.count == limit { break }
+                    if want == 0 { end = true } else { want -= 1 }
+                    if out.count == limit || end { break }
                 }
                 j -= 1
             }
             i -= 1
         }
-        if out.count < limit, let first = list.first, want >= first.firstSeq {
-            throw hole(stream, first.firstSeq, want + 1, nil)
+        if out.count < limit, !end, want >= first.firstSeq {
+            throw hole(stream, first.firstSeq, want, nil, through: true)
         }
         return out
     }
 
-    private func hole(_ s: StreamID, _ from: StreamSeq, _ to: StreamSeq, _ seg: Segment?) -> StoreError {
-        let e = FormatError(.mismatch, file: seg?.dataPath ?? directory, offset: 0, "stream \(s) seq \(from)..<\(to) is unreadable")
+    /// A hole in a stream: seqs `from ..< to` (`from ... to` with `through`, so that `to` may be the
+    /// last seq there is) are not readable.
+    private func hole(_ s: StreamID, _ from: StreamSeq, _ to: StreamSeq, _ seg: Segment?, through: Bool = false) -> StoreError {
+        let range = "\(from)\(through ? "..." : "..<")\(to)"
+        let e = FormatError(.mismatch, file: seg?.dataPath ?? directory, offset: 0, "stream \(s) seq \(range) is unreadable")
         return .corrupt(e)
     }
 

@@ -72,6 +72,8 @@ struct StreamSpan {
 enum FileNames {
     static let intent = "truncate.intent"
     static let fence = "tail.fence"
+    /// Last seqs of streams whose records retention dropped (§7 of Docs/segment-format.md).
+    static let highWater = "streams.hwm"
     /// Segments found past a hole at open are moved here (kept for inspection, never read again).
     static let quarantine = "quarantine"
 
@@ -83,9 +85,10 @@ enum FileNames {
         return String(repeating: "0", count: max(0, 20 - s.count)) + s
     }
 
-    /// The base index named by a segment file name, or nil for other files.
+    /// The base index named by a segment file name, or nil for other files (no log index is 0, so
+    /// `00000000000000000000.seg` is not a segment of a log either).
     static func segmentBase(_ name: String) -> LogIndex? {
-        guard name.hasSuffix(".seg"), name.count == 24 else { return nil }
-        return LogIndex(name.prefix(20))
+        guard name.hasSuffix(".seg"), name.count == 24, let base = LogIndex(name.prefix(20)), base >= 1 else { return nil }
+        return base
     }
 }

@@ -126,6 +126,9 @@ extension SegmentStore {
 
     /// Retention: deletes whole sealed segments all of whose records have index <= `index`, oldest first.
     /// The active segment is never dropped. Returns how many segments were deleted.
+    ///
+    /// Before any segment goes, the last seq of each stream in them is merged into `streams.hwm`, made
+    /// durable (so `lastSeq(of:)` never goes back, even for a stream none of whose records is left).
     @discardableResult
     public func dropSegments(through index: LogIndex) throws -> Int {
         if let why = failureReason { throw StoreError.failed(why) }
@@ -134,6 +137,13 @@ extension SegmentStore {
         var droppable = 0
         while droppable < segments.count - 1, segments[droppable] !== active, segments[droppable].lastIndex <= index { droppable += 1 }
         guard droppable > 0 else { return 0 }
+        // The marks of the streams in the segments about to go: durable before the first deletion.
+        let marks = marks(adding: segments[0..<droppable])
+        try guardDisk {
+            try saveHighWater(
+                HighWaterFile(shard: options.shard, firstIndex: segments[droppable].base, incomplete: highWaterIncomplete, marks: marks))
+        }
+        highWater = marks
         // The fence for the shorter log goes first, synced: after a crash it is never ahead of the log.
         try guardDisk {
             try writeFence(Fence(firstIndex: segments[droppable].base, lastIndex: lastIndex, lastTerm: lastTerm), sync: true)

@@ -41,6 +41,8 @@ public final class SimulatedDisk: Disk {
     /// Reads of files whose path starts with this fail with EIO while set (a disk that cannot read a
     /// sector: an I/O error, not damage the checksums would find).
     public var failReadsUnder: String?
+    /// Fails the sync (of a file or a directory) whose number, counting from 1 like `syncs`, equals this.
+    public var failSyncNumber: Int?
     public private(set) var writes = 0
     public private(set) var syncs = 0
 
@@ -72,7 +74,7 @@ public final class SimulatedDisk: Disk {
 
     public func syncDirectory(_ directory: String) throws {
         syncs += 1
-        if failSyncs { throw DiskError(path: directory, operation: "fsync directory", code: 5) }
+        if failSyncs || syncs == failSyncNumber { throw DiskError(path: directory, operation: "fsync directory", code: 5) }
         let prefix = directory + "/"
         durableNames = durableNames.filter { !$0.key.hasPrefix(prefix) }
         for (k, v) in files where k.hasPrefix(prefix) { durableNames[k] = v }
@@ -101,6 +103,7 @@ public final class SimulatedDisk: Disk {
         durableNames = after
         failWriteNumber = nil
         failSyncs = false
+        failSyncNumber = nil
     }
 
     /// Bytes of a file (tests corrupt and inspect them).
@@ -132,7 +135,7 @@ public final class SimulatedDisk: Disk {
 
     fileprivate func sync(_ node: Node, path: String) throws {
         syncs += 1
-        if failSyncs { throw DiskError(path: path, operation: "fdatasync", code: 5) }
+        if failSyncs || syncs == failSyncNumber { throw DiskError(path: path, operation: "fdatasync", code: 5) }
         node.durable = node.data
     }
 }

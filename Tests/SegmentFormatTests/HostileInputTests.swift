@@ -20,6 +20,11 @@ import WeftTesting
             accepted += 1
             exercise(idx, src)
         }
+        if let hw = try? HighWaterFile.decode(bytes) {
+            accepted += 1
+            #expect(hw.firstIndex >= 1 && hw.marks.values.allSatisfy { $0 >= 1 } && hw.marks[.none] == nil)
+            #expect((try? HighWaterFile.decode(hw.encode())) == hw)
+        }
         if var scanner = try? SegmentScanner(src) {
             accepted += 1
             var steps = 0
@@ -73,6 +78,7 @@ import WeftTesting
         var rng = SeededRNG(seed: 31)
         let magics: [[UInt8]] = [
             [], Layout.segmentMagic, Layout.indexMagic, withUnsafeBytes(of: Layout.blockMagic.littleEndian) { Array($0) },
+            Layout.highWaterMagic,
         ]
         for _ in 0..<3000 {
             let bytes = magics[rng.int(0..<magics.count)] + rng.bytes(rng.int(0...300))
@@ -182,9 +188,66 @@ import WeftTesting
         Self.resealIndex(&b)
         #expect(formatErrorKind { _ = try SegmentIndexFile.open(MemoryByteSource(bytes: b)) } == .badRecord)
 
+        // Runs are checked when their chunk is read: one ending past seq 2^64-1, one of no records, one
+        // of seq 0, one pointing past the block table.
+        let runsAt = good.count - Int(try SegmentIndexFile.open(MemoryByteSource(bytes: good)).runCount) * Layout.indexRunEntryBytes
+        for (firstSeq, count, block) in [(UInt64.max - 1, UInt32(3), UInt32(0)), (5, 0, 0), (0, 1, 0), (5, 1, 3)] {
+            b = good
+            b.storeLE(firstSeq, at: runsAt)
+            b.storeLE(count, at: runsAt + 8)
+            b.storeLE(block, at: runsAt + 12)
+            Self.resealIndex(&b)
+            let src = MemoryByteSource(bytes: b)
+            let opened = try SegmentIndexFile.open(src)
+            #expect(formatErrorKind { _ = try opened.readChunk(containing: 0, from: src) } == .badRecord, "\(firstSeq) \(count) \(block)")
+        }
+        // The last seq of a run is computed without overflow even for runs no reader accepts.
+        #expect(StreamRun(firstSeq: .max, count: 1, block: 0).lastSeq == .max)
+        #expect(StreamRun(firstSeq: .max - 1, count: 7, block: 0).lastSeq == .max)
+        #expect(StreamRun(firstSeq: 0, count: 0, block: 0).lastSeq == 0)
+        #expect(StreamRun(firstSeq: 10, count: 3, block: 0).lastSeq == 12)
+
         b = good  // control: resealing the unmodified file keeps it valid
         Self.resealIndex(&b)
         #expect(b == good)
+    }
+
+    /// High-water files with bytes changed; most get their CRC recomputed, so the entry checks see them.
+    @Test func mutatedHighWaterFiles() throws {
+        var rng = SeededRNG(seed: 37)
+        var marks: [StreamID: StreamSeq] = [:]
+        for _ in 0..<40 { marks[StreamID(UInt64(rng.int(1...1_000)))] = UInt64(rng.int(1...100_000)) }
+        let good = HighWaterFile(shard: ShardID(3), firstIndex: 777, incomplete: false, marks: marks).encode()
+        #expect(try HighWaterFile.decode(good).marks == marks)
+        var accepted = 0
+        for _ in 0..<3000 {
+            var b = good
+            for _ in 0..<rng.int(1...3) {
+                let at = rng.oneIn(2) ? rng.int(0..<min(b.count, 40)) : rng.int(0..<b.count)
+                b[at] = rng.oneIn(3) ? [0, 0xFF, 1, 0x80][rng.int(0..<4)] : UInt8.random(in: 0...255, using: &rng)
+            }
+            if rng.oneIn(8) { b = Array(b.prefix(rng.int(0...b.count))) }
+            if rng.oneIn(8) { b += rng.bytes(rng.int(1...40)) }
+            if !rng.oneIn(4), b.count >= 4 { b.storeLE(CRC32C.checksum(b[0..<(b.count - 4)]), at: b.count - 4) }
+            accepted += Self.feed(b)
+        }
+        #expect(accepted > 0)
+        // A count that claims 2^32-1 entries is a size mismatch, found before anything is allocated.
+        var huge = good
+        huge.storeLE(UInt32.max, at: 12)
+        huge.storeLE(CRC32C.checksum(huge[0..<(huge.count - 4)]), at: huge.count - 4)
+        #expect(formatErrorKind { _ = try HighWaterFile.decode(huge) } == .truncated)
+        #expect(formatErrorKind { _ = try HighWaterFile.read(MemoryByteSource(bytes: huge)) } == .truncated)
+    }
+
+    /// A segment header naming base index 0, and a block read asked for past the end of the file.
+    @Test func segmentHeaderAndScannerBounds() throws {
+        #expect(formatErrorKind { _ = try SegmentHeader.decode(SegmentHeader(shard: ShardID(1), baseIndex: 0).encode()) } == .badRecord)
+        var rng = SeededRNG(seed: 36)
+        let seg = try BuiltSegment(rng: &rng, blocks: 2, perBlock: 3, streams: 2)
+        let scanner = try SegmentScanner(MemoryByteSource(bytes: seg.bytes))
+        #expect(formatErrorKind { _ = try scanner.readBlock(at: UInt64(seg.bytes.count) + 100) } == .truncated)
+        #expect(formatErrorKind { _ = try scanner.readBlock(at: .max) } == .truncated)
     }
 
     @Test func mutatedSegments() throws {

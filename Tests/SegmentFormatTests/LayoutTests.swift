@@ -16,6 +16,10 @@ import WeftTesting
         #expect(Layout.segmentMagic == Array("WEFTSEG\0".utf8))
         #expect(Layout.indexMagic == Array("WEFTIDX\0".utf8))
         #expect(withUnsafeBytes(of: Layout.blockMagic.littleEndian) { Array($0) } == Array("WBLK".utf8))
+        #expect(Layout.highWaterHeaderBytes == 32)
+        #expect(Layout.highWaterEntryBytes == 16)
+        #expect(Layout.highWaterMagic == Array("WEFTHWM\0".utf8))
+        #expect(Layout.highWaterVersion == 1)
         #expect(Layout.segmentVersion == 1)
         #expect(Layout.indexVersion == 1)
         #expect(Codec.raw.rawValue == 0)
@@ -126,5 +130,30 @@ import WeftTesting
         for bit in (10 * 8)..<(good.count * 8) {
             #expect(formatErrorKind { _ = try SegmentHeader.decode(flippingBit(good, bit)) } == .checksumMismatch, "bit \(bit)")
         }
+    }
+
+    /// Field offsets of `streams.hwm` (Docs/segment-format.md §7).
+    @Test func highWaterFieldOffsets() throws {
+        let hw = HighWaterFile(
+            shard: ShardID(0x0102_0304_0506_0708), firstIndex: 0x1112_1314_1516_1718, incomplete: true,
+            marks: [StreamID(9): 4, StreamID(2): 0x2122_2324_2526_2728])
+        let b = hw.encode()
+        #expect(b.count == Layout.highWaterHeaderBytes + 2 * Layout.highWaterEntryBytes + 4)
+        #expect(Array(b[0..<8]) == Layout.highWaterMagic)
+        #expect(b.loadLE(UInt16.self, at: 8) == 1)
+        #expect(b.loadLE(UInt16.self, at: 10) == 1)  // incomplete
+        #expect(b.loadLE(UInt32.self, at: 12) == 2)
+        #expect(b.loadLE(UInt64.self, at: 16) == 0x0102_0304_0506_0708)
+        #expect(b.loadLE(UInt64.self, at: 24) == 0x1112_1314_1516_1718)
+        // Entries sorted by stream id.
+        #expect(b.loadLE(UInt64.self, at: 32) == 2)
+        #expect(b.loadLE(UInt64.self, at: 40) == 0x2122_2324_2526_2728)
+        #expect(b.loadLE(UInt64.self, at: 48) == 9)
+        #expect(b.loadLE(UInt64.self, at: 56) == 4)
+        #expect(b.loadLE(UInt32.self, at: 64) == CRC32C.checksum(b[0..<64]))
+        #expect(try HighWaterFile.decode(b) == hw)
+        let empty = HighWaterFile(shard: ShardID(1), firstIndex: 5, incomplete: false, marks: [:]).encode()
+        #expect(empty.count == 36)
+        #expect(try HighWaterFile.decode(empty).marks.isEmpty)
     }
 }

@@ -43,8 +43,12 @@ struct LogModel {
     var records: [Record] = []
     var lastIndex: LogIndex = 0
     var lastTerm: Term = 0
-    /// Last seq of every stream that has records (streams whose records were all removed are absent).
+    /// Last seq of every stream that has records, or had records that retention dropped (streams whose
+    /// records were all removed by truncation are absent).
     var lastSeqs: [StreamID: StreamSeq] = [:]
+    /// Last seq of every stream among the records retention dropped: the store keeps these (`streams.hwm`),
+    /// so a stream continues after them even when none of its records is left.
+    var droppedHighWater: [StreamID: StreamSeq] = [:]
     var streamCount = 50
 
     var firstIndex: LogIndex { records.first?.index ?? lastIndex + 1 }
@@ -91,9 +95,12 @@ struct LogModel {
         recomputeSeqs()
     }
 
-    /// Forgets records below `first` (segments dropped by retention). The store knows a stream's position
-    /// only from the records it holds, so a stream whose records all went has none.
+    /// Forgets records below `first` (segments dropped by retention), keeping each stream's last seq
+    /// among them: a stream whose records all went still continues from there.
     mutating func drop(below first: LogIndex) {
+        for r in records where r.index < first && r.stream != .none {
+            droppedHighWater[r.stream] = max(droppedHighWater[r.stream] ?? 0, r.seq)
+        }
         records.removeAll { $0.index < first }
         recomputeSeqs()
     }
@@ -107,8 +114,8 @@ struct LogModel {
     }
 
     mutating func recomputeSeqs() {
-        lastSeqs = [:]
-        for r in records where r.stream != .none { lastSeqs[r.stream] = r.seq }
+        lastSeqs = droppedHighWater
+        for r in records where r.stream != .none { lastSeqs[r.stream] = max(lastSeqs[r.stream] ?? 0, r.seq) }
     }
 
     func read(from: LogIndex, to: LogIndex, limit: Int = .max) -> [Record] {

@@ -1,6 +1,8 @@
 import Foundation
 import SegmentFormat
+import SegmentStore
 import Testing
+import WeftCore
 
 /// End-to-end checks of the real executables (`weft`, `weft-dump`) as a user runs them: real processes,
 /// real files in a temporary directory.
@@ -182,6 +184,47 @@ struct ToolTests {
         #expect(none.status == 2 && none.stderr.contains("no segment files"))
         let badArg = try Self.run("weft", ["bench", "store", "--dir", noSegs, "--records", "0"])
         #expect(badArg.status != 0 && badArg.stderr.contains("--records"))
+    }
+
+    /// A shard directory after retention holds `streams.hwm`: `--verify` checks it (a flipped byte is
+    /// `file:offset: checksum mismatch`), and the dump shows a stream's mark.
+    @Test func verifyChecksTheHighWaterFile() throws {
+        let dir = try Self.tempDir("hwm")
+        let store = try SegmentStore(directory: dir, options: StoreOptions(shard: ShardID(4), segmentBytesMax: 4_096, blockBytesTarget: 512))
+        var seqs: [UInt64: UInt64] = [:]
+        for i in 1...400 as ClosedRange<UInt64> {
+            // Stream 1000 only at the start: all its records go with the dropped segments.
+            let s: UInt64 = i <= 3 ? 1000 : i % 7 + 1
+            seqs[s, default: 0] += 1
+            try store.append([Record(index: i, term: 1, stream: StreamID(s), seq: seqs[s] ?? 0, timestampMicros: 0, payload: Array("message \(i)".utf8))])
+        }
+        #expect(try store.dropSegments(through: 200) >= 1)
+        #expect(store.lastSeq(of: StreamID(1000)) == 3)
+        store.close()
+        let hwm = dir + "/" + SegmentStore.highWaterFileName
+        #expect(FileManager.default.fileExists(atPath: hwm))
+
+        let clean = try Self.run("weft-dump", ["--verify", dir])
+        #expect(clean.status == 0, "\(clean.stdout)\(clean.stderr)")
+        #expect(clean.stdout.contains("0 problems"), "\(clean.stdout)")
+        let listing = try jsonLines(try Self.run("weft-dump", ["--json", "--stream", "1000", dir]).stdout)
+        let mark = try #require(listing.first { $0["kind"] as? String == "high_water" }, "\(listing)")
+        #expect(mark["last_seq"] as? Int == 3)
+        #expect(mark["shard"] as? Int == 4)
+        #expect(mark["incomplete"] as? Bool == false)
+        let text = try Self.run("weft-dump", ["--stream", "1000", dir])
+        #expect(text.stdout.contains("stream 1000: last seq 3"), "\(text.stdout)")
+
+        var bytes = try #require(FileManager.default.contents(atPath: hwm))
+        bytes[Layout.highWaterHeaderBytes + 9] ^= 0x04
+        try bytes.write(to: URL(fileURLWithPath: hwm))
+        let v = try Self.run("weft-dump", ["--verify", dir])
+        #expect(v.status == 1)
+        #expect(v.stdout.contains("\(hwm):\(bytes.count - 4): checksum mismatch"), "\(v.stdout)")
+        // The file alone, too.
+        let alone = try Self.run("weft-dump", ["--verify", hwm])
+        #expect(alone.status == 1 && alone.stdout.contains("\(hwm):\(bytes.count - 4): checksum mismatch"), "\(alone.stdout)")
+        try? FileManager.default.removeItem(atPath: dir)
     }
 
     /// The fault harness's checker sees every kind of anomaly it claims to (lost, duplicated, divergent,

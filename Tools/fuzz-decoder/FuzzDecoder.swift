@@ -6,6 +6,7 @@ import WeftCore
 /// (decoders check sizes against `Limits` before allocating).
 func fuzzOne(_ bytes: [UInt8]) {
     _ = try? SegmentHeader.decode(bytes)
+    _ = try? HighWaterFile.decode(bytes)
     _ = try? BlockCodec.decode(bytes, offset: 0)
     if let idx = try? SegmentIndexFile.open(MemoryByteSource(bytes: bytes)) {
         var run: UInt32 = 0

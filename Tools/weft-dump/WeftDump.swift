@@ -9,9 +9,10 @@ import WeftCore
 struct WeftDump: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "weft-dump",
-        abstract: "Print or verify Weft segment files (a .seg file, or every segment under a data directory).")
+        abstract:
+            "Print or verify Weft segment files (a .seg file, or every segment and stream high-water file under a data directory).")
 
-    @Argument(help: "A segment file (.seg) or a data directory.")
+    @Argument(help: "A segment file (.seg), a stream high-water file (streams.hwm), or a data directory.")
     var path: String
 
     @Flag(help: "One JSON object per line instead of text.")
@@ -47,6 +48,11 @@ struct WeftDump: ParsableCommand {
         let filter = DumpFilter(stream: stream.map { StreamID($0) }, from: from, to: to, records: !verify)
         var unreadable = 0
         for file in files {
+            if file.hasSuffix(".hwm") {
+                if !highWater(file, disk: disk, out: &out) { unreadable += 1 }
+                summary.files += 1
+                continue
+            }
             do {
                 let f = try disk.open(file, create: false)
                 defer { f.close() }
@@ -76,11 +82,40 @@ struct WeftDump: ParsableCommand {
         out.summary(summary)
         if summary.problems + unreadable > 0 { throw ExitCode(1) }
     }
+
+    /// Reads and checks a `streams.hwm` file (Docs/segment-format.md §7) and prints it; false when it
+    /// has a problem (printed as `file:offset: reason`). Marks flagged incomplete are a problem too: some
+    /// stream last seqs of that shard were lost.
+    func highWater(_ file: String, disk: PosixDisk, out: inout Output) -> Bool {
+        do {
+            let f = try disk.open(file, create: false)
+            defer { f.close() }
+            let hw = try HighWaterFile.read(try FileByteSource(f))
+            out.highWater(file, hw, stream: stream.map { StreamID($0) })
+            if hw.incomplete {
+                out.emit(
+                    .problem(
+                        FormatError(
+                            .mismatch, file: file, offset: 10,
+                            "marks flagged incomplete: the last seqs of some streams whose records below index \(hw.firstIndex) were dropped are lost")))
+                return false
+            }
+            return true
+        } catch let e as FormatError {
+            out.emit(.problem(e.file.isEmpty ? e.inFile(file) : e))
+        } catch let e as DiskError {
+            out.emit(.problem(FormatError(.truncated, file: e.path, offset: 0, e.description)))
+        } catch {
+            out.emit(.problem(FormatError(.truncated, file: file, offset: 0, "\(error)")))
+        }
+        return false
+    }
 }
 
 struct DumpFailure: Error { var message: String }
 
-/// The .seg files at `path`: the file itself, or every one under a directory, in path order.
+/// The files at `path`: the file itself, or every .seg file and stream high-water file (`streams.hwm`)
+/// under a directory, in path order.
 func segmentFiles(under path: String) throws -> [String] {
     var isDir: ObjCBool = false
     guard FileManager.default.fileExists(atPath: path, isDirectory: &isDir) else {
@@ -90,9 +125,11 @@ func segmentFiles(under path: String) throws -> [String] {
     guard let walker = FileManager.default.enumerator(atPath: path) else {
         throw DumpFailure(message: "\(path): cannot list directory")
     }
-    let found = walker.compactMap { $0 as? String }.filter { $0.hasSuffix(".seg") }.sorted().map { path + "/" + $0 }
-    guard !found.isEmpty else { throw DumpFailure(message: "\(path): no segment files (*.seg) found") }
-    return found
+    let names = walker.compactMap { $0 as? String }
+    let segments = names.filter { $0.hasSuffix(".seg") }
+    guard !segments.isEmpty else { throw DumpFailure(message: "\(path): no segment files (*.seg) found") }
+    let highWaters = names.filter { $0 == SegmentStore.highWaterFileName || $0.hasSuffix("/" + SegmentStore.highWaterFileName) }
+    return (segments + highWaters).sorted().map { path + "/" + $0 }
 }
 
 /// Text or JSON lines on stdout; problems also go to stderr in text mode.
@@ -147,6 +184,22 @@ struct Output {
                 flush()
                 FileHandle.standardError.write(Data("\(err)\n".utf8))
             }
+        }
+    }
+
+    /// A high-water file: one line (with --stream, that stream's mark). Nothing in --verify text mode.
+    mutating func highWater(_ path: String, _ hw: HighWaterFile, stream: StreamID?) {
+        let mark = stream.map { hw.marks[$0] ?? 0 }
+        if json {
+            let last = mark.map { #","stream":\#(stream?.rawValue ?? 0),"last_seq":\#($0)"# } ?? ""
+            line(
+                #"{"kind":"high_water","file":\#(q(path)),"shard":\#(hw.shard),"first_index":\#(hw.firstIndex),"streams":\#(hw.marks.count),"incomplete":\#(hw.incomplete)\#(last)}"#
+            )
+        } else if !verify {
+            line(
+                "high-water marks \(path): shard \(hw.shard), last seqs of \(hw.marks.count) streams with records below index \(hw.firstIndex) (dropped)\(hw.incomplete ? ", INCOMPLETE" : "")"
+            )
+            if let stream, let mark { line("  stream \(stream): last seq \(mark)\(mark == 0 ? " (no dropped records)" : "")") }
         }
     }
 
@@ -213,6 +266,10 @@ func preview(_ p: [UInt8]) -> String {
     return "0x" + head.map { String(format: "%02x", $0) }.joined() + more
 }
 
+extension Int {
+    func clamped(to r: ClosedRange<Int>) -> Int { Swift.min(Swift.max(self, r.lowerBound), r.upperBound) }
+}
+
 /// A percentage on stderr, only when stderr is a terminal and the input is large.
 struct Progress {
     let total: UInt64
@@ -227,7 +284,9 @@ struct Progress {
 
     mutating func update(done inFile: UInt64) {
         guard enabled else { return }
-        let pct = Int((finished + inFile) * 100 / max(total, 1))
+        // Sizes of files that may change while they are read: clamp, never overflow.
+        let done = min(finished &+ inFile, total)
+        let pct = Int(done / max(total / 100, 1)).clamped(to: 0...100)
         if pct != lastShown {
             lastShown = pct
             FileHandle.standardError.write(Data("\rweft-dump: \(pct)%".utf8))
