@@ -32,14 +32,39 @@ extension Nemesis {
         return 0
     }
 
-    func burst(shard: Int) async throws {
+    /// Shards that some replica is still catching up on (recovering, or more than 2048 entries behind the
+    /// highest commit index any node reports, by its own applied index or by the leader's match index for
+    /// it), as far as the nodes that answer say.
+    func shardsCatchingUp() async -> Set<Int> {
+        var applied: [Int: [UInt64]] = [:]
+        var commit: [Int: UInt64] = [:]
+        var out: Set<Int> = []
+        for n in cluster.nodes where cluster.isRunning(n) && !cluster.isPaused(n) {
+            guard let s = await client.json(host: TestNetwork.address(n), port: Cluster.apiPort, path: "/api/v1/cluster/status", timeout: .seconds(2)),
+                let shards = s["shards"] as? [[String: Any]]
+            else { continue }
+            for sh in shards {
+                guard let id = sh["id"] as? Int else { continue }
+                if ((sh["repair"] as? [String: Any])?["recovering"] as? Bool) == true { out.insert(id) }
+                applied[id, default: []].append((sh["applied_index"] as? NSNumber)?.uint64Value ?? 0)
+                if sh["role"] as? String == "leader" {
+                    for r in (sh["replicas"] as? [[String: Any]]) ?? [] { applied[id, default: []].append((r["match_index"] as? NSNumber)?.uint64Value ?? 0) }
+                }
+                commit[id] = max(commit[id] ?? 0, (sh["commit_index"] as? NSNumber)?.uint64Value ?? 0)
+            }
+        }
+        for (id, a) in applied where a.contains(where: { $0 + 2048 < commit[id] ?? 0 }) { out.insert(id) }
+        return out
+    }
+
+    func burst(shard chosen: Int) async throws {
         burstPhase += 1
         let phase = burstPhase
         // Every choice is drawn first, so the schedule does not depend on what the cluster answers.
         let lag = rng.pick(Lag.allCases)
         let thenRoll = rng.next() % 10
         let then: Then = thenRoll < 2 ? .catchUp : thenRoll < 6 ? .restartFollower : .leaderChange
-        let wantFiles = rng.chance(0.6)
+        let wantFiles = rng.chance(0.7)
         let isolateLeader = rng.chance(0.4)
         let hold = rng.millis(3000...6000)
         let tail = rng.millis(0...1500)
@@ -48,6 +73,13 @@ extension Nemesis {
         let stream = UInt64(100 + Int(rng.next() % 4))
         let pickFollower = rng.next()
         let burstSeed = seed ^ rng.next()
+
+        // A shard whose replica is still catching up from an earlier fault would have no quorum while
+        // another follower lags: take the other shard then, if it is not catching up too.
+        let busy = await shardsCatchingUp()
+        let other = (0..<cluster.shards).first(where: { !busy.contains($0) })
+        let shard = busy.contains(chosen) ? other ?? chosen : chosen
+        if shard != chosen { counts["burst:shard-switched", default: 0] += 1 }
 
         guard let leader = await leader(shard: shard), cluster.nodes.contains(leader) else {
             counts["burst-no-leader", default: 0] += 1
@@ -178,8 +210,12 @@ extension Nemesis {
         let t = tally.snapshot
         burstAcked += t.acked
         var target: UInt64 = 0
-        for n in healthy {
-            if let s = await shardStatus(node: n, shard: shard) { target = max(target, (s["commit_index"] as? NSNumber)?.uint64Value ?? 0) }
+        let targetEnd = ContinuousClock.now + .seconds(10)
+        while target == 0, ContinuousClock.now < targetEnd {
+            for n in cluster.nodes where n != follower {
+                if let s = await shardStatus(node: n, shard: shard) { target = max(target, (s["commit_index"] as? NSNumber)?.uint64Value ?? 0) }
+            }
+            if target == 0 { try await Task.sleep(for: .milliseconds(250)) }
         }
         await note(
             "burst", "end",
@@ -201,7 +237,7 @@ extension Nemesis {
                 try? await Task.sleep(for: .milliseconds(250))
             }
             let installed = cluster.logLines(follower, containing: Self.filesLine) - installedBefore
-            catchUpLog.withLock { $0.append((caughtUp, installed > 0)) }
+            if target > 0 { catchUpLog.withLock { $0.append((caughtUp, installed > 0)) } }
             await note(
                 "burst", "caught-up",
                 [
