@@ -12,6 +12,8 @@ public enum ProposalError: Error, Equatable, Sendable {
     /// A record type Raft itself interprets (`noop`, `config`): membership changes go through
     /// `proposeConfigChange` only, no-ops are the leader's own.
     case reservedType(RecordType)
+    /// The stream's seq is at its maximum (2^64-1): it can take no more records.
+    case streamExhausted(StreamID)
 }
 
 /// What a client proposes: the leader fills in index, term and (for streams) the next stream seq.
@@ -269,7 +271,9 @@ public struct Raft {
         for (k, p) in proposals.enumerated() {
             var seq: StreamSeq = 0
             if p.stream != .none {
-                seq = (pendingSeq[p.stream] ?? lastSeq(of: p.stream)) + 1
+                let last = pendingSeq[p.stream] ?? lastSeq(of: p.stream)
+                guard last < StreamSeq.max else { throw .streamExhausted(p.stream) }
+                seq = last + 1
                 pendingSeq[p.stream] = seq
             }
             records.append(

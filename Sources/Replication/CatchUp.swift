@@ -28,10 +28,10 @@ extension ShardReplica {
     /// The staging directory's record of which transfer its files belong to.
     var stagingTransferPath: String { stagingDirectory + "/transfer" }
 
-    /// File names a catch-up may carry: segment and index files, no paths.
+    /// File names a catch-up may carry: segment and index files and the stream high-water file, no paths.
     static func isShippable(_ name: String) -> Bool {
-        !name.isEmpty && name.utf8.count <= 255 && !name.contains("/") && name != "transfer" && name != ".." && name != "."
-            && (name.hasSuffix(".seg") || name.hasSuffix(".idx"))
+        !name.isEmpty && name.utf8.count <= 255 && name != "transfer" && name != ".." && name != "."
+            && SegmentStore.isCatchUpFile(name)
     }
 
     /// Leader: hands the sealed files and the `snapshot` message to the shipper.
@@ -143,7 +143,7 @@ extension ShardReplica {
         guard stagedTerm == request.logTerm else {
             throw StoreError.invalidBatch("staged entry \(request.index) has term \(stagedTerm.map(String.init) ?? "?"), the leader said \(request.logTerm)")
         }
-        let names = try disk.list(stagingDirectory).filter { $0.hasSuffix(".seg") || $0.hasSuffix(".idx") }
+        let names = try disk.list(stagingDirectory).filter { SegmentStore.isCatchUpFile($0) }
         for n in names {
             let f = try disk.open(stagingDirectory + "/" + n, create: false)
             try f.sync()

@@ -99,7 +99,7 @@ public final class ShardReplica {
     public let shard: ShardID
     public let id: NodeID
     public internal(set) var raft: Raft
-    internal(set) var store: SegmentStore
+    var store: SegmentStore
     var reader: StoreLogReader
     let hardState: HardStateFile
     let raftConfig: RaftConfig
@@ -252,13 +252,20 @@ public final class ShardReplica {
             provenLoss = true
             record("at open: the log ends at index \(store.lastIndex) but this replica had index \(knownEnd) (saved commit / membership): records were lost")
         }
-        if findings.damagedFrom != nil || findings.tailUnverified || wasRecovering || provenLoss {
+        if findings.highWaterUnknown {
+            // Retention dropped segments and the saved stream high-water marks are gone or damaged: this
+            // log could number a stream's next record with a seq already used. Refetch the log (and the
+            // marks with it) from the leader, and lead nothing meanwhile.
+            record("at open: stream high-water marks unknown after retention: refetching the log from the leader")
+        }
+        let highWaterCut: LogIndex? = findings.highWaterUnknown ? store.firstIndex : nil
+        if findings.damagedFrom != nil || findings.tailUnverified || wasRecovering || provenLoss || highWaterCut != nil {
             if wasRecovering && findings.damagedFrom == nil && !findings.tailUnverified {
                 record("a repair was under way when the replica stopped: recovering again")
             }
             // A repair cut the marker names but that did not happen before a crash happens now.
             let markerFrom = wasRecovering ? markerIndex().flatMap { $0 <= store.lastIndex ? $0 : nil } : nil
-            let from = [findings.damagedFrom, markerFrom].compactMap { $0 }.min()
+            let from = [findings.damagedFrom, markerFrom, highWaterCut].compactMap { $0 }.min()
             try enterRecovery(cutFrom: from)
         }
         // Files staged for a catch-up before a restart belong to a transfer this replica no longer knows.
@@ -427,6 +434,7 @@ public final class ShardReplica {
         case .configChangePending: .configChangePending
         case .notReady: .notLeader(nil)
         case .reservedType(let t): .invalid("record type \(t.rawValue) is reserved for the system")
+        case .streamExhausted(let s): .invalid("stream \(s) has reached the largest seq")
         }
     }
 
