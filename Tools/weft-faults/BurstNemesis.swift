@@ -64,7 +64,7 @@ extension Nemesis {
         let lag = rng.pick(Lag.allCases)
         let thenRoll = rng.next() % 10
         let then: Then = thenRoll < 2 ? .catchUp : thenRoll < 6 ? .restartFollower : .leaderChange
-        let wantFiles = rng.chance(0.7)
+        let wantFiles = rng.chance(then == .catchUp ? 0.5 : 0.8)
         let isolateLeader = rng.chance(0.4)
         let hold = rng.millis(3000...6000)
         let tail = rng.millis(0...1500)
@@ -121,8 +121,8 @@ extension Nemesis {
         var filesForced = false
         if wantFiles {
             // One node's data at a time (as for disk faults): the follower stays behind, and the burst goes
-            // on, for up to 6 s more while an earlier repair finishes.
-            let gateEnd = ContinuousClock.now + .seconds(6)
+            // on, for up to 10 s more while an earlier repair finishes.
+            let gateEnd = ContinuousClock.now + .seconds(10)
             var allowed = false
             while true {
                 if ContinuousClock.now - lastDiskFault > .seconds(8) { allowed = await anyRecovering() == false }
