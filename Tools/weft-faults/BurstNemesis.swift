@@ -120,12 +120,12 @@ extension Nemesis {
         // on one node), so it shares nothing with the leader, which ships it its sealed segment files.
         var filesForced = false
         if wantFiles {
-            // One node's data at a time (as for disk faults): the follower stays behind, and the burst goes
-            // on, for up to 10 s more while an earlier repair finishes.
+            // One node's data at a time (as for disk faults): no other node may still be repairing. The
+            // follower stays behind, and the burst goes on, for up to 10 s more while one finishes.
             let gateEnd = ContinuousClock.now + .seconds(10)
             var allowed = false
             while true {
-                if ContinuousClock.now - lastDiskFault > .seconds(8) { allowed = await anyRecovering() == false }
+                if ContinuousClock.now - lastDiskFault > .seconds(8) { allowed = await anyRecovering(excluding: follower) == false }
                 if allowed || ContinuousClock.now >= gateEnd { break }
                 try await Task.sleep(for: .milliseconds(250))
             }

@@ -48,9 +48,10 @@ final class Nemesis: @unchecked Sendable {
         return nil
     }
 
-    /// Whether any replica is still recovering from earlier damage (nil: some node did not answer).
-    func anyRecovering() async -> Bool? {
-        for n in cluster.nodes {
+    /// Whether any replica is still recovering from earlier damage (nil: some node did not answer), on
+    /// every node but `excluding`.
+    func anyRecovering(excluding: Int? = nil) async -> Bool? {
+        for n in cluster.nodes where n != excluding {
             guard let s = await client.json(host: TestNetwork.address(n), port: Cluster.apiPort, path: "/api/v1/cluster/status"),
                 let shards = s["shards"] as? [[String: Any]], shards.count == cluster.shards
             else { return nil }
