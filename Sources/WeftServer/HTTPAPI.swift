@@ -369,6 +369,9 @@ struct JSONErrorMiddleware<Context: RequestContext>: RouterMiddleware {
             return try await next(request, context)
         } catch let e as APIError {
             return Self.body(e.status, e.code, e.message)
+        } catch let e as NIOTooManyBytesError {
+            // A body past the route's limit (`collect(upTo:)`): the client's fault, not the server's.
+            return Self.body(.contentTooLarge, "body_too_large", "the request body is larger than \(e.maxBytes.map { "\($0)" } ?? "the limit") bytes")
         } catch let e as HTTPError {
             let code = e.status == .notFound ? "not_found" : e.status == .contentTooLarge ? "body_too_large" : "http_\(e.status.code)"
             return Self.body(e.status, code, e.body ?? e.status.reasonPhrase)

@@ -57,6 +57,8 @@ extension Clusters {
                 ("/api/v1/shards/0/append", binary([(1, [1, 2, 3])]).dropLast(), "application/x-weft-records", 400, "invalid_records"),
                 ("/api/v1/shards/0/append", Data([1, 2, 3]), "application/x-weft-records", 400, "invalid_records"),
                 ("/api/v1/nothing", Data(), "application/json", 404, "not_found"),
+                // Found by weft-faults' hostile clients: a body past the 16 MiB limit was a 500.
+                ("/api/v1/shards/0/append", Data(count: (16 << 20) + 1), "application/x-weft-records", 413, "body_too_large"),
             ]
             for (path, body, type, status, code) in bad {
                 let (s, obj) = try await request(c, "POST", path, body: body, type: type)
