@@ -544,7 +544,13 @@ public struct Raft {
             // if entries were lost the follower rejects it and the leader falls back to probing.
             if pr.state == .replicate, pr.inflight.count >= cfg.inflightAppendsMax { pr.inflight.removeFirst() }
             progress[m.from] = pr
-            if pr.match < lastIndex { sendAppend(to: m.from) }
+            if m.reject, m.index == 0, pr.match == 0, pr.state != .snapshot, log.catchUpIndex > 0 {
+                // A recovering follower whose log is empty shares nothing with this one: ship the sealed
+                // prefix as files (as for an append rejection) rather than every entry from index 1.
+                sendSnapshot(to: m.from, index: log.catchUpIndex)
+            } else if pr.match < lastIndex {
+                sendAppend(to: m.from)
+            }
             if m.context != 0 { acknowledgeRead(context: m.context, from: m.from) }
         case .snapshotResponse:
             // Accepted: the follower holds this log's prefix up to `m.index` (installed from the files, or
