@@ -381,27 +381,66 @@ public final class ShardReplica {
     public func propose(_ proposals: [Proposal], done: @escaping (Result<[Record], ReplicationError>) -> Void) {
         do {
             guard let range = try raft.propose(proposals) else { return done(.success([])) }
-            let term = raft.term
-            var results: [Record] = []
-            var failed = false
-            var remaining = range.count
-            for i in range {
-                waiting[i] = (
-                    term,
-                    { r in
-                        switch r {
-                        case .success(let rec): results.append(rec)
-                        case .failure(let e):
-                            if !failed { done(.failure(e)) }
-                            failed = true
-                        }
-                        remaining -= 1
-                        if remaining == 0 && !failed { done(.success(results)) }
-                    }
-                )
-            }
+            awaitCommit(range, term: raft.term, done)
         } catch {
             done(.failure(Self.map(error)))
+        }
+    }
+
+    /// Proposes several requests as one Raft proposal (one append per follower for all of them, LevelDB's
+    /// write group); each `done` gets its own records. If the group is refused (not leader, a reserved type
+    /// in one request, ...), each request is proposed on its own so one bad request fails only itself.
+    public func proposeGroup(_ group: [(proposals: [Proposal], done: (Result<[Record], ReplicationError>) -> Void)]) {
+        // A request Raft would refuse fails alone, before the group is formed.
+        var requests = group
+        requests.removeAll { r in
+            guard let bad = r.proposals.first(where: { $0.type == .config || $0.type == .noop }) else { return false }
+            r.done(.failure(.invalid("record type \(bad.type.rawValue) is reserved for the system")))
+            return true
+        }
+        guard requests.count > 1 else {
+            for r in requests { propose(r.proposals, done: r.done) }
+            return
+        }
+        do {
+            guard let range = try raft.propose(requests.flatMap(\.proposals)) else {
+                for r in requests { r.done(.success([])) }
+                return
+            }
+            let term = raft.term
+            var next = range.lowerBound
+            for r in requests where !r.proposals.isEmpty {
+                let last = next + LogIndex(r.proposals.count) - 1
+                awaitCommit(next...last, term: term, r.done)
+                next = last + 1
+            }
+            for r in requests where r.proposals.isEmpty { r.done(.success([])) }
+        } catch {
+            for r in requests { propose(r.proposals, done: r.done) }
+        }
+    }
+
+    /// Registers `done` for the entries `range` proposed in `term`: success with their records once all
+    /// committed, or the first failure.
+    func awaitCommit(_ range: ClosedRange<LogIndex>, term: Term, _ done: @escaping (Result<[Record], ReplicationError>) -> Void) {
+        var results: [Record] = []
+        results.reserveCapacity(range.count)
+        var failed = false
+        var remaining = range.count
+        for i in range {
+            waiting[i] = (
+                term,
+                { r in
+                    switch r {
+                    case .success(let rec): results.append(rec)
+                    case .failure(let e):
+                        if !failed { done(.failure(e)) }
+                        failed = true
+                    }
+                    remaining -= 1
+                    if remaining == 0 && !failed { done(.success(results)) }
+                }
+            )
         }
     }
 
@@ -478,6 +517,15 @@ public final class ShardReplica {
             if let hs = rd.hardState, hs.term != hardState.state.term || hs.vote != hardState.state.vote {
                 try hardState.save(hs)
             }
+            // Committed entries are already durable here (Raft hands out only entries up to the durable
+            // index): complete their proposals now, not after this Ready's own fdatasync, so an
+            // acknowledgement never waits for the next batch's sync.
+            for e in rd.committed {
+                onApply(e)
+                if let (term, done) = waiting.removeValue(forKey: e.index) {
+                    done(term == e.term ? .success(e) : .failure(.superseded))
+                }
+            }
             if let first = rd.entries.first {
                 if first.index <= store.lastIndex {
                     try store.truncateSuffix(from: first.index)
@@ -486,12 +534,6 @@ public final class ShardReplica {
                 try persist(rd.entries.filter { $0.index > store.lastIndex })
             }
             if !later.isEmpty { send(later) }
-            for e in rd.committed {
-                onApply(e)
-                if let (term, done) = waiting.removeValue(forKey: e.index) {
-                    done(term == e.term ? .success(e) : .failure(.superseded))
-                }
-            }
             for rs in rd.readStates { pendingReads.append((rs.id, rs.index)) }
             for id in rd.dropped { reads.removeValue(forKey: id)?(.failure(.notLeader(raft.leader))) }
             raft.advance(rd)

@@ -173,7 +173,21 @@ public final class ShardRunner: @unchecked Sendable {
                 for i in batch { fail(i, "shard \(replica.shard) is stopping") }
                 break
             }
-            for input in batch { handle(input) }
+            // Proposals that arrived together become one Raft proposal (one append per follower, one
+            // entry run in the next fdatasync), each request still answered on its own.
+            var group: [(proposals: [Proposal], done: (Result<[Record], ReplicationError>) -> Void)] = []
+            for input in batch {
+                if case .propose(let ps, let cb) = input {
+                    group.append((ps, { cb($0) }))
+                    continue
+                }
+                if !group.isEmpty {
+                    replica.proposeGroup(group)
+                    group = []
+                }
+                handle(input)
+            }
+            if !group.isEmpty { replica.proposeGroup(group) }
             if clock.now >= nextTick {
                 replica.tick()
                 replica.scrub()

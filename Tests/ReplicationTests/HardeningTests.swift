@@ -204,3 +204,64 @@ import WeftTesting
         #expect(try c.log(three) == c.log(NodeID(1)))
     }
 }
+
+/// Issue 9: requests that arrive together are one Raft proposal — one append per follower — and each is
+/// still answered with its own records; a bad request in the group fails alone.
+@Suite struct ProposalGroupTests {
+    @Test func aGroupIsOneAppendPerFollowerAndEachRequestGetsItsRecords() throws {
+        let c = try ReplicaCluster.simulated()
+        try c.elect(NodeID(1))
+        let l = c.replica(NodeID(1))
+        var answers: [Int: Result<[Record], ReplicationError>] = [:]
+        var group: [(proposals: [Proposal], done: (Result<[Record], ReplicationError>) -> Void)] = []
+        for k in 0..<20 {
+            let ps = (0...(k % 3)).map { j in Proposal(stream: StreamID(UInt64(k % 4 + 1)), payload: Array("g\(k)-\(j)".utf8)) }
+            group.append((ps, { answers[k] = $0 }))
+        }
+        // Request 7 carries a type only Raft may write: it fails, the others commit.
+        group[7].proposals = [Proposal(type: .config, payload: ConfigChange.addVoter(NodeID(9)).encode())]
+        l.proposeGroup(group)
+        let out = try l.process()
+        for f in [NodeID(2), NodeID(3)] {
+            #expect(out.filter { $0.kind == .append && $0.to == f && !$0.entries.isEmpty }.count == 1, "one append for the whole group")
+        }
+        c.queue += out
+        try c.settle()
+        try c.heartbeats()
+        #expect(answers.count == 20)
+        guard case .failure(.invalid) = answers[7] else { Issue.record("request 7: \(String(describing: answers[7]))"); return }
+        for k in 0..<20 where k != 7 {
+            guard case .success(let recs) = answers[k] else { Issue.record("request \(k): \(String(describing: answers[k]))"); continue }
+            #expect(recs.map { String(decoding: $0.payload, as: UTF8.self) } == (0...(k % 3)).map { "g\(k)-\($0)" })
+        }
+        #expect(c.replica(NodeID(1)).raft.membership.voters == [NodeID(1), NodeID(2), NodeID(3)])
+    }
+}
+
+extension ProposalGroupTests {
+    /// Issue 9: the driver persisted a Ready's new entries (one fdatasync) before completing the
+    /// proposals it had just learned were committed, so every acknowledgement waited for the next batch's
+    /// sync. Committed entries are durable already: they are completed first. Shown with a sync that
+    /// fails: the committed proposal is answered even though the next batch never becomes durable.
+    @Test func committedProposalsAreAnsweredBeforeTheNextBatchIsSynced() throws {
+        let sim = SimulatedDisk()
+        let c = try ReplicaCluster(disk: sim, root: "/data", options: StoreOptions(segmentBytesMax: 1 << 20, blockBytesTarget: 512))
+        try c.elect(NodeID(1))
+        let l = c.replica(NodeID(1))
+        var first: Result<[Record], ReplicationError>?
+        l.propose([Proposal(stream: StreamID(1), payload: Array("A".utf8))]) { first = $0 }
+        let appends = try l.process()
+        var answers: [Message] = []
+        for m in appends where m.kind == .append {
+            c.replica(m.to).step(m)
+            answers += try c.replica(m.to).process()
+        }
+        for m in answers where m.to == NodeID(1) { l.step(m) }
+        #expect(first == nil, "committed, not yet handed out")
+        l.propose([Proposal(stream: StreamID(1), payload: Array("B".utf8))]) { _ in }
+        sim.failSyncNumber = sim.syncs + 1
+        #expect(throws: (any Error).self) { _ = try l.process() }
+        guard case .success(let recs)? = first else { Issue.record("A was not answered: \(String(describing: first))"); return }
+        #expect(recs.first?.payload == Array("A".utf8))
+    }
+}
