@@ -1,5 +1,6 @@
 import ClusterConfig
 import Foundation
+import Histogram
 import NIOPosix
 #if canImport(FoundationNetworking)
 import FoundationNetworking
@@ -77,10 +78,63 @@ public struct ClusterBench {
         await appender.append(via: n, shard: shard, records: records, seed: seed)
     }
 
+    /// What one `runLog` measured (also written as JSON with `--json-out`, so runs compare by script).
+    public struct LogResult: Codable, Sendable {
+        public var nodes: Int
+        public var shards: Int
+        public var fsync: String
+        public var inflight: Int
+        public var batch: Int
+        public var binary: Bool
+        public var requests: Int
+        public var failed_requests: Int
+        public var seconds: Double
+        public var records_per_second: Double
+        public var requests_per_second: Double
+        /// Commit latency per request, microseconds.
+        public var latency_us: Percentiles
+        /// pwrite + fdatasync of 4 KiB in the cluster's data directory, microseconds, measured first.
+        public var fsync_floor_us: Percentiles
+    }
+
+    public struct Percentiles: Codable, Sendable {
+        public var p50: UInt64
+        public var p90: UInt64
+        public var p99: UInt64
+        public var p999: UInt64
+        public var max: UInt64
+        public var count: UInt64
+
+        init(_ values: [Duration]) {
+            var h = Histogram<UInt64>(highestTrackableValue: 600_000_000, numberOfSignificantValueDigits: .three)
+            for v in values {
+                let us = UInt64(clamping: v.components.seconds * 1_000_000 + v.components.attoseconds / 1_000_000_000_000)
+                _ = h.record(Swift.max(1, Swift.min(us, 600_000_000)))
+            }
+            p50 = h.valueAtPercentile(50)
+            p90 = h.valueAtPercentile(90)
+            p99 = h.valueAtPercentile(99)
+            p999 = h.valueAtPercentile(99.9)
+            max = h.max
+            count = h.totalCount
+        }
+
+        public var text: String {
+            "p50 \(ms(p50)) p90 \(ms(p90)) p99 \(ms(p99)) p99.9 \(ms(p999)) max \(ms(max)) ms"
+        }
+
+        func ms(_ us: UInt64) -> String { f3(Double(us) / 1000) }
+    }
+
     /// Committed records/s and commit latency, with `inflight` requests of `batch` records outstanding.
-    public mutating func runLog(records: Int, inflight: Int, batch: Int, binary: Bool, print: @Sendable (String) -> Void) async throws {
+    @discardableResult
+    public mutating func runLog(
+        records: Int, inflight: Int, batch: Int, binary: Bool, jsonOut: String? = nil, print: @Sendable (String) -> Void
+    ) async throws -> LogResult {
         let contentType = binary ? "application/x-weft-records" : "application/json"
         let token = config.operatorToken
+        let floor = Percentiles(try measureFsyncFloor(directory: config.storage.dataDir, count: 300))
+        print("fsync floor in \(config.storage.dataDir) (4 KiB pwrite + fdatasync): \(floor.text)")
         try startAll()
         defer { stopAll() }
         try await waitForLeaders()
@@ -114,12 +168,25 @@ public struct ClusterBench {
             }
             var all: [Duration] = []
             for await part in group { all += part }
-            return all.sorted()
+            return all
         }
         let secs = seconds(clock.now - t0)
         for c in conns { await c.close() }
         let ok = lat.count * batch
-        print("committed \(ok) records in \(f2(secs)) s = \(Int(Double(ok) / secs)) records/s (\(Int(Double(lat.count) / secs)) requests/s); commit latency per request p50 \(ms(lat, 0.5)) ms p99 \(ms(lat, 0.99)) ms; \(requests - lat.count) requests failed")
+        let result = LogResult(
+            nodes: config.nodes.count, shards: shards, fsync: config.storage.fsync.description, inflight: inflight, batch: batch,
+            binary: binary, requests: requests, failed_requests: requests - lat.count, seconds: secs,
+            records_per_second: Double(ok) / secs, requests_per_second: Double(lat.count) / secs, latency_us: Percentiles(lat),
+            fsync_floor_us: floor)
+        print("committed \(ok) records in \(f2(secs)) s = \(Int(result.records_per_second)) records/s (\(Int(result.requests_per_second)) requests/s); \(requests - lat.count) requests failed")
+        print("commit latency per request: \(result.latency_us.text)")
+        if let jsonOut {
+            let enc = JSONEncoder()
+            enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+            try enc.encode(result).write(to: URL(fileURLWithPath: jsonOut))
+            print("result written to \(jsonOut)")
+        }
+        return result
     }
 
     /// Time from SIGKILL of shard 0's leader to the next acknowledged append through another node.

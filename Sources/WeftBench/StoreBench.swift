@@ -122,21 +122,7 @@ public struct StoreBench {
 
     /// The physical floor for a durable append, measured in the same run so figures compare as ratios.
     func fsyncFloor(_ disk: PosixDisk, _ clock: ContinuousClock) throws -> [Duration] {
-        let path = directory + "/fsync-floor.tmp"
-        let f = try disk.open(path, create: true)
-        defer {
-            f.close()
-            try? disk.remove(path)
-        }
-        let block = [UInt8](repeating: 0xA5, count: 4096)
-        var out: [Duration] = []
-        for i in 0..<500 {
-            let t0 = clock.now
-            try f.write(block, at: UInt64(i * 4096))
-            try f.sync()
-            out.append(clock.now - t0)
-        }
-        return out.sorted()
+        try measureFsyncFloor(directory: directory, count: 500)
     }
 
     /// What the tail fence adds to every append batch (Docs/faults.md): one small pwrite in place.
@@ -167,6 +153,29 @@ public struct StoreBench {
         }
         return total
     }
+}
+
+/// `count` pwrite + fdatasync rounds of 4 KiB appended to a scratch file in `directory` (the disk the
+/// data lives on), sorted: the floor of any durable append there, printed next to every result.
+func measureFsyncFloor(directory: String, count: Int) throws -> [Duration] {
+    let disk = PosixDisk()
+    try disk.makeDirectory(directory)
+    let path = directory + "/fsync-floor.tmp"
+    let f = try disk.open(path, create: true)
+    defer {
+        f.close()
+        try? disk.remove(path)
+    }
+    let block = [UInt8](repeating: 0xA5, count: 4096)
+    let clock = ContinuousClock()
+    var out: [Duration] = []
+    for i in 0..<count {
+        let t0 = clock.now
+        try f.write(block, at: UInt64(i * 4096))
+        try f.sync()
+        out.append(clock.now - t0)
+    }
+    return out.sorted()
 }
 
 func seconds(_ d: Duration) -> Double {

@@ -151,6 +151,9 @@ struct BenchLog: AsyncParsableCommand {
     @Flag(help: "Send JSON bodies instead of the binary append format.")
     var json = false
 
+    @Option(help: "Also write the result as JSON to this file (for comparing runs by script).")
+    var jsonOut: String?
+
     func validate() throws {
         guard records > 0, inflight > 0, inflight <= 4096, batch > 0, batch <= 65_536 else {
             throw ValidationError("--records, --inflight (<= 4096) and --batch (<= 65536) must be positive")
@@ -159,7 +162,7 @@ struct BenchLog: AsyncParsableCommand {
 
     func run() async throws {
         var bench = try ClusterBench(configPath: config, executable: URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path)
-        try await bench.runLog(records: records, inflight: inflight, batch: batch, binary: !json) { print($0); fflush(nil) }
+        try await bench.runLog(records: records, inflight: inflight, batch: batch, binary: !json, jsonOut: jsonOut) { print($0); fflush(nil) }
     }
 }
 
