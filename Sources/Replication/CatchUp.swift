@@ -78,13 +78,21 @@ extension ShardReplica {
         return true
     }
 
-    /// Empties the staging directory.
+    /// Empties the staging directory, including a `quarantine/` directory that opening a damaged staged
+    /// log creates (left behind, it would make every later clear, and the next open, fail).
     func clearStaging() throws {
         let disk = store.fileSystem
         currentTransfer = nil
         stagedBytes = [:]
-        guard disk.exists(stagingDirectory) || ((try? disk.list(stagingDirectory)) ?? []).count > 0 else { return }
-        for n in (try? disk.list(stagingDirectory)) ?? [] { try disk.remove(stagingDirectory + "/" + n) }
+        for n in (try? disk.list(stagingDirectory)) ?? [] {
+            let path = stagingDirectory + "/" + n
+            if let inner = try? disk.list(path) {
+                for m in inner { try disk.remove(path + "/" + m) }
+                try disk.removeDirectory(path)
+            } else {
+                try disk.remove(path)
+            }
+        }
     }
 
     /// Follower: Raft asks to install `request`. Answers Raft (`installDone`) either way; throws only

@@ -41,6 +41,8 @@ public protocol Disk: AnyObject {
     /// Makes creations, renames and removals in `directory` durable (fsync on the directory).
     func syncDirectory(_ directory: String) throws
     func makeDirectory(_ path: String) throws
+    /// Removes an empty directory.
+    func removeDirectory(_ path: String) throws
     func exists(_ path: String) -> Bool
 }
 
@@ -103,6 +105,10 @@ public final class PosixDisk: Disk {
         guard fd >= 0 else { throw DiskError(path: directory, operation: "open directory", code: errno) }
         defer { Glibc.close(fd) }
         guard fsync(fd) == 0 else { throw DiskError(path: directory, operation: "fsync directory", code: errno) }
+    }
+
+    public func removeDirectory(_ path: String) throws {
+        guard rmdir(path) == 0 else { throw DiskError(path: path, operation: "rmdir", code: errno) }
     }
 
     public func makeDirectory(_ path: String) throws {

@@ -81,6 +81,11 @@ public final class SimulatedDisk: Disk {
     }
 
     public func makeDirectory(_ path: String) throws { directories.insert(path) }
+    public func removeDirectory(_ path: String) throws {
+        let prefix = path + "/"
+        guard !files.keys.contains(where: { $0.hasPrefix(prefix) }) else { throw DiskError(path: path, operation: "rmdir", code: 39) }
+        guard directories.remove(path) != nil else { throw DiskError(path: path, operation: "rmdir", code: 2) }
+    }
     public func exists(_ path: String) -> Bool { files[path] != nil }
 
     /// Simulates power loss: unsynced data and directory changes are lost, the last unsynced write of

@@ -205,6 +205,38 @@ import WeftTesting
     }
 }
 
+extension HardeningTests {
+    /// Review of issue 8: damaged shipped files made the staged log's open move them to
+    /// `catchup/quarantine/`; emptying the staging directory then failed on that directory, silently
+    /// after the failed install and fatally at the next open (the replica refused to start).
+    @Test func damagedShippedFilesLeaveNothingBehind() throws {
+        let c = try Cluster()
+        try c.elect(NodeID(1))
+        let three = NodeID(3)
+        c.drop = { $0.to == three || $0.from == three }
+        _ = try c.propose(40, tag: "q")
+        let l = c.replica(NodeID(1))
+        let index = l.store.sealedLastIndex
+        let transfer = l.raft.term << 32 | 5
+        let r3 = c.replica(three)
+        let garbage = [UInt8](repeating: 0x5A, count: 4096)
+        #expect(try r3.stage(transfer: transfer, name: "00000000000000000001.seg", offset: 0, bytes: garbage))
+        var m = Message(kind: .snapshot, from: NodeID(1), to: three, term: l.raft.term)
+        m.index = index
+        m.logTerm = try l.store.term(at: index)
+        m.context = transfer
+        r3.step(m)
+        let answer = try r3.process().first { $0.kind == .snapshotResponse }
+        #expect(answer?.reject == true)
+        #expect(((try? c.disk.list(c.dir(three) + "/catchup")) ?? []).isEmpty)
+        c.stop(three)
+        try c.open(three)
+        c.drop = { _ in false }
+        try c.heartbeats(5)
+        #expect(try c.log(three) == c.log(NodeID(1)))
+    }
+}
+
 /// Issue 9: requests that arrive together are one Raft proposal — one append per follower — and each is
 /// still answered with its own records; a bad request in the group fails alone.
 @Suite struct ProposalGroupTests {
