@@ -27,6 +27,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
         .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.2.0"),
+        .package(url: "https://github.com/hummingbird-project/hummingbird-websocket", from: "2.8.1"),
     ],
     targets: [
         .target(name: "WeftCore", swiftSettings: strict),
@@ -61,12 +62,14 @@ let package = Package(
             dependencies: [
                 "WeftCore", "Raft", "Replication", "SegmentStore", "ClusterConfig", "PeerTransport",
                 .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "HummingbirdWebSocket", package: "hummingbird-websocket"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "NIOWebSocket", package: "swift-nio"),
             ],
             swiftSettings: strict),
         .target(
@@ -74,6 +77,7 @@ let package = Package(
             dependencies: [
                 "WeftCore", "SegmentFormat", "SegmentStore", "ClusterConfig",
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
+                .product(name: "HummingbirdWSClient", package: "hummingbird-websocket"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -119,7 +123,15 @@ let package = Package(
         .testTarget(name: "PeerTransportTests", dependencies: ["PeerTransport"], swiftSettings: strict),
         .testTarget(name: "ReplicationTests", dependencies: ["Replication", "WeftTesting"], swiftSettings: strict),
         .testTarget(name: "RaftTests", dependencies: ["Raft", "WeftTesting"], swiftSettings: strict),
-        .testTarget(name: "ClusterTests", dependencies: ["SegmentStore", "WeftCore"], swiftSettings: strict),
+        .testTarget(
+            name: "ClusterTests",
+            dependencies: [
+                "SegmentStore", "SegmentFormat", "WeftCore",
+                .product(name: "HummingbirdWSClient", package: "hummingbird-websocket"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOCore", package: "swift-nio"),
+            ],
+            swiftSettings: strict),
         .testTarget(name: "WeftServerTests", dependencies: ["WeftServer", "Raft", "WeftCore"], swiftSettings: strict),
         .testTarget(name: "ToolTests", dependencies: ["SegmentStore", "SegmentFormat", "WeftTesting"], swiftSettings: strict),
     ]

@@ -220,6 +220,7 @@ public struct Raft {
     /// One unit of logical time.
     public mutating func tick() {
         if role == .leader {
+            if !unstable.isEmpty { releaseHeld = true }
             heartbeatElapsed += 1
             electionElapsed += 1
             for (n, p) in progress where p.state == .snapshot {
@@ -539,10 +540,17 @@ public struct Raft {
             }
         case .heartbeatResponse:
             if m.reject, m.index < pr.match { pr.lostEntries(matchHint: m.index) }
+            if !m.reject, pr.state == .replicate, m.index < m.hint, m.hint > pr.match, !pr.inflight.isEmpty {
+                // Appends sent before the heartbeat never arrived (a dropped connection): send again
+                // from what the follower acknowledged, rather than wait for the window to drain.
+                pr.becomeProbe()
+            }
             pr.probeSent = false
             // A full window may be waiting on lost appends: free one slot so the next append goes out;
             // if entries were lost the follower rejects it and the leader falls back to probing.
-            if pr.state == .replicate, pr.inflight.count >= cfg.inflightAppendsMax { pr.inflight.removeFirst() }
+            if pr.state == .replicate, pr.inflight.count >= min(cfg.inflightAppendsMax, cfg.tailAppendsInflightMax) {
+                pr.inflight.removeFirst()
+            }
             progress[m.from] = pr
             if m.reject, m.index == 0, pr.match == 0, pr.state != .snapshot, log.catchUpIndex > 0 {
                 // A recovering follower whose log is empty shares nothing with this one: ship the sealed
@@ -609,6 +617,10 @@ public struct Raft {
             return false
         }
         if ents.isEmpty && onlyWithEntries { return false }
+        if pr.state == .replicate, pr.inflight.count >= cfg.tailAppendsInflightMax, !isFull(ents) {
+            // The tail waits for the append in flight (see `tailAppendsInflightMax`).
+            return false
+        }
         var m = Message(kind: .append, from: id, to: to, term: term)
         m.index = prev
         m.logTerm = prevTerm
@@ -631,6 +643,14 @@ public struct Raft {
         progress[to] = pr
         send(m)
         return !ents.isEmpty
+    }
+
+    /// Whether an append of `ents` is as large as one may be (a follower catching up, not the tail).
+    func isFull(_ ents: [Record]) -> Bool {
+        if ents.count >= cfg.appendEntriesMax { return true }
+        var bytes = 0
+        for e in ents { bytes += e.payload.count }
+        return bytes * 2 >= cfg.appendBytesMax
     }
 
     /// Asks the driver to ship this log's prefix up to `index` to `to` as files; the `snapshot` message
@@ -659,6 +679,8 @@ public struct Raft {
             var m = Message(kind: .heartbeat, from: id, to: n, term: term)
             m.commit = min(progress[n]?.match ?? 0, commit)
             m.hint = lastIndex
+            // What the appends sent so far reach: the answer says whether they all arrived.
+            m.index = (progress[n]?.next ?? 1) - 1
             m.context = context
             send(m)
         }
@@ -760,6 +782,10 @@ public struct Raft {
         if m.commit > commit { commit = min(m.commit, lastIndex) }
         var r = Message(kind: .heartbeatResponse, from: id, to: m.from, term: term)
         r.context = m.context
+        // Where this log ends, and (echoed) how far the leader's appends before this heartbeat reached:
+        // appends are delivered in order, so a log that ends short of that lost some of them.
+        r.index = lastIndex
+        r.hint = m.index
         if recovering {
             // The leader may believe this log holds entries it lost: say where it really ends.
             r.reject = true
@@ -822,8 +848,20 @@ public struct Raft {
 
     // MARK: Ready / advance
 
+    /// A tick passed while the leader held entries back (`leaderPersistsWithAppends`): hand them out.
+    var releaseHeld = false
+
+    /// Whether the leader holds its unstable entries back from this Ready (`leaderPersistsWithAppends`):
+    /// no append in this Ready carries entries, and a follower has an append in flight whose ack will
+    /// send (and so persist) them.
+    var holdsUnstable: Bool {
+        guard cfg.leaderPersistsWithAppends, role == .leader, !unstable.isEmpty, !releaseHeld else { return false }
+        if messages.contains(where: { $0.kind == .append && !$0.entries.isEmpty }) { return false }
+        return progress.contains { n, p in n != id && membership.voters.contains(n) && p.state == .replicate && !p.inflight.isEmpty }
+    }
+
     public var hasReady: Bool {
-        !messages.isEmpty || !unstable.isEmpty || !readStates.isEmpty || !dropped.isEmpty || pendingInstall != nil
+        !messages.isEmpty || (!unstable.isEmpty && !holdsUnstable) || !readStates.isEmpty || !dropped.isEmpty || pendingInstall != nil
             || HardState(term: term, vote: vote, commit: commit) != lastHardState || committableIndex > committedHandedOut
     }
 
@@ -847,7 +885,12 @@ public struct Raft {
         var rd = Ready()
         let hs = HardState(term: term, vote: vote, commit: commit)
         if hs != lastHardState { rd.hardState = hs }
-        rd.entries = unstable
+        if holdsUnstable {
+            rd.entries = []
+        } else {
+            rd.entries = unstable
+            releaseHeld = false
+        }
         let upTo = committableIndex
         if upTo > committedHandedOut, let c = entries(from: committedHandedOut + 1, to: upTo + 1, maxBytes: cfg.committedBytesMax) {
             rd.committed = c

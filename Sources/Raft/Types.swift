@@ -180,8 +180,24 @@ public struct RaftConfig: Sendable {
     /// Ticks without hearing from a leader before campaigning; randomized in [electionTicks, 2*electionTicks).
     public var electionTicks: Int = 10
     public var heartbeatTicks: Int = 1
-    /// Append messages in flight per follower (pipelining window).
+    /// Append messages in flight per follower (pipelining window), for appends that are full
+    /// (`appendBytesMax` or `appendEntriesMax`): a follower catching up streams.
     public var inflightAppendsMax: Int = 64
+    /// Appends in flight per follower while the log's tail is being replicated (an append that is not
+    /// full): more entries wait on the leader until one is acknowledged, and then go in one append. A
+    /// follower then persists (one fdatasync) once per round trip whatever the request rate, instead of
+    /// once per leader turn: group commit across the replicas. A heartbeat response frees the slot of an
+    /// append that was lost.
+    public var tailAppendsInflightMax: Int = 1
+    /// A leader hands its new entries to the driver for persisting together with the append that sends
+    /// them, not on every turn: while every follower that could take them has an append in flight, the
+    /// entries proposed meanwhile wait (until the next ack sends them, or at most until the next tick).
+    /// The leader's fdatasyncs then follow the followers' round trips, like theirs. Safe because a
+    /// leader's own entries count toward commit only once persisted (a quorum of followers can commit
+    /// without it, Raft thesis §10.2.1).
+    public var leaderPersistsWithAppends = true
+    /// Entries in one append at most (with `appendBytesMax`; what the log reader returns at once).
+    public var appendEntriesMax: Int = 4096
     public var appendBytesMax: Int = 1 << 20
     public var committedBytesMax: Int = 4 << 20
     public var preVote = true

@@ -8,11 +8,25 @@ import WeftCore
 /// Raft asks for terms constantly (every append it sends or checks, every commit); the terms of entries
 /// written since the replica started are kept in memory as runs of equal term, so those answers need no
 /// block read. Older entries are read from the store.
+///
+/// The entries appended last (at most `recentCountMax` records and `recentBytesMax` payload bytes) stay
+/// in memory too: Raft hands out committed entries moments after they were persisted, and resends to a
+/// follower that is slightly behind; both would otherwise read back (pread, checksum, LZ4) the blocks
+/// this replica just wrote. The copy is the one that was written, so serving it is as correct as the
+/// read it saves; damage to the file is still found by reads of older entries and by the scrubber.
 final class StoreLogReader: RaftLogReader {
     let store: SegmentStore
     /// (first index, term) of each run of equal terms, for indexes >= `coveredFrom`.
     var termRuns: [(start: LogIndex, term: Term)] = []
     var coveredFrom: LogIndex
+    /// The newest appended records, contiguous, ending at `store.lastIndex` (empty: none kept).
+    var recent: [Record] = []
+    /// Index of `recent[recentStart]` is `recent[recentStart].index`; records before `recentStart` are
+    /// dropped lazily (compacted when they outnumber the live ones).
+    var recentStart = 0
+    var recentBytes = 0
+    static let recentCountMax = 8192
+    static let recentBytesMax = 8 << 20
 
     init(_ store: SegmentStore) {
         self.store = store
@@ -33,11 +47,33 @@ final class StoreLogReader: RaftLogReader {
         for r in records where termRuns.last?.term != r.term || termRuns.isEmpty {
             termRuns.append((r.index, r.term))
         }
+        guard let first = records.first else { return }
+        if recentStart < recent.count, recent[recent.count - 1].index + 1 != first.index {
+            dropRecent()
+        }
+        recent += records
+        for r in records { recentBytes += r.payload.count }
+        while recent.count - recentStart > Self.recentCountMax || (recentBytes > Self.recentBytesMax && recent.count - recentStart > 1) {
+            recentBytes -= recent[recentStart].payload.count
+            recentStart += 1
+        }
+        if recentStart > 1024 && recentStart * 2 > recent.count {
+            recent.removeFirst(recentStart)
+            recentStart = 0
+        }
+    }
+
+    func dropRecent() {
+        recent = []
+        recentStart = 0
+        recentBytes = 0
     }
 
     func didTruncate(from index: LogIndex) {
         termRuns.removeAll { $0.start >= index }
         coveredFrom = min(coveredFrom, index)
+        // Truncation is rare (a new leader overwrote an uncommitted tail): start the cache afresh.
+        dropRecent()
     }
 
     /// The last read that failed with an I/O error (not damage: damage is repaired), until a read succeeds.
@@ -45,6 +81,22 @@ final class StoreLogReader: RaftLogReader {
 
     func entries(from: LogIndex, to: LogIndex, maxBytes: Int) -> [Record]? {
         guard from < to else { return [] }
+        if recentStart < recent.count, from >= recent[recentStart].index, from >= store.firstIndex,
+            to - 1 <= recent[recent.count - 1].index, recent[recent.count - 1].index == store.lastIndex
+        {
+            var k = recentStart + Int(from - recent[recentStart].index)
+            let end = recentStart + Int(to - recent[recentStart].index)
+            var out: [Record] = []
+            out.reserveCapacity(min(end - k, 4096))
+            var bytes = 0
+            while k < end, out.count < 4096 {
+                if !out.isEmpty && bytes + recent[k].payload.count > maxBytes { break }
+                bytes += recent[k].payload.count
+                out.append(recent[k])
+                k += 1
+            }
+            return out
+        }
         let all: [Record]
         do {
             all = try store.read(from: from, to: to - 1, limit: 4096)
@@ -67,6 +119,30 @@ final class StoreLogReader: RaftLogReader {
     }
     func lastSeq(of stream: StreamID) -> StreamSeq { store.lastSeq(of: stream) }
     var catchUpIndex: LogIndex { store.sealedLastIndex }
+}
+
+/// What a replica did since it opened: counters for `/metrics`, `/api/v1/cluster/status` and the
+/// benchmarks (records per fdatasync, messages per record, turns per request).
+public struct ReplicaStats: Sendable, Equatable, Codable {
+    /// Times the shard thread woke with inputs to handle.
+    public var wakeups: UInt64 = 0
+    /// Inputs handled (peer messages, proposals, reads, ...).
+    public var inputs: UInt64 = 0
+    /// Client requests proposed on this replica as leader, and the records in them.
+    public var requests: UInt64 = 0
+    public var recordsProposed: UInt64 = 0
+    /// `store.append` calls: one pwrite each, and one fdatasync each under `fsync = "every_batch"`.
+    public var storeAppends: UInt64 = 0
+    public var recordsAppended: UInt64 = 0
+    /// Raft messages sent, and the appends among them (with or without entries).
+    public var messagesSent: UInt64 = 0
+    public var appendsSent: UInt64 = 0
+    /// Raft messages received.
+    public var messagesReceived: UInt64 = 0
+    /// Committed entries handed to apply.
+    public var recordsCommitted: UInt64 = 0
+
+    public init() {}
 }
 
 /// Why a proposal did not commit.
@@ -123,6 +199,8 @@ public final class ShardReplica {
     var reads: [UInt64: (Result<LogIndex, ReplicationError>) -> Void] = [:]
     var pendingReads: [(id: UInt64, index: LogIndex)] = []
     var nextReadID: UInt64 = 1
+    /// Counters (read with `status()`).
+    public internal(set) var stats = ReplicaStats()
     /// Called with every committed record, in log order (the delivery tier and relays tail this).
     public var onApply: (Record) -> Void = { _ in }
 
@@ -373,12 +451,17 @@ public final class ShardReplica {
 
     public func tick() { raft.tick() }
 
-    public func step(_ m: Message) { raft.step(m) }
+    public func step(_ m: Message) {
+        stats.messagesReceived += 1
+        raft.step(m)
+    }
 
     public var log: (String) -> Void = { _ in }
 
     /// Proposes records; `done` runs (on the owner's thread) once they commit or fail.
     public func propose(_ proposals: [Proposal], done: @escaping (Result<[Record], ReplicationError>) -> Void) {
+        stats.requests += 1
+        stats.recordsProposed += UInt64(proposals.count)
         do {
             guard let range = try raft.propose(proposals) else { return done(.success([])) }
             awaitCommit(range, term: raft.term, done)
@@ -403,6 +486,8 @@ public final class ShardReplica {
             return
         }
         do {
+            stats.requests += UInt64(requests.count)
+            for r in requests { stats.recordsProposed += UInt64(r.proposals.count) }
             guard let range = try raft.propose(requests.flatMap(\.proposals)) else {
                 for r in requests { r.done(.success([])) }
                 return
@@ -416,6 +501,8 @@ public final class ShardReplica {
             }
             for r in requests where r.proposals.isEmpty { r.done(.success([])) }
         } catch {
+            stats.requests -= UInt64(requests.count)
+            for r in requests { stats.recordsProposed -= UInt64(r.proposals.count) }
             for r in requests { propose(r.proposals, done: r.done) }
         }
     }
@@ -485,7 +572,12 @@ public final class ShardReplica {
     /// A leader's appends and heartbeats go out *before* its own fdatasync (Raft thesis §10.2.1): its
     /// term is already durable, and it counts its own entries toward commit only once they are persisted,
     /// so the followers' fsyncs overlap the leader's. Everything else waits until the Ready is durable.
-    public func process(send: ([Message]) -> Void) throws {
+    public func process(send deliver: ([Message]) -> Void) throws {
+        func send(_ ms: [Message]) {
+            stats.messagesSent += UInt64(ms.count)
+            for m in ms where m.kind == .append { stats.appendsSent += 1 }
+            deliver(ms)
+        }
         try repairIfDamaged()
         reader.readFailure = nil
         var readies = 0
@@ -520,6 +612,7 @@ public final class ShardReplica {
             // Committed entries are already durable here (Raft hands out only entries up to the durable
             // index): complete their proposals now, not after this Ready's own fdatasync, so an
             // acknowledgement never waits for the next batch's sync.
+            stats.recordsCommitted += UInt64(rd.committed.count)
             for e in rd.committed {
                 onApply(e)
                 if let (term, done) = waiting.removeValue(forKey: e.index) {
@@ -590,6 +683,8 @@ public final class ShardReplica {
             }
             let batch = Array(entries[start..<end])
             try store.append(batch)
+            stats.storeAppends += 1
+            stats.recordsAppended += UInt64(batch.count)
             reader.didAppend(batch)
             start = end
         }

@@ -26,6 +26,8 @@ public struct ShardStatus: Sendable, Equatable {
     public var repairEvents: [String] = []
     /// Set when this node's replica is not running (it could not open, or stopped): why.
     public var failure: String?
+    /// What the replica did since it opened.
+    public var stats = ReplicaStats()
 
     /// The status of a replica that is not running.
     public static func unavailable(_ shard: ShardID, node: NodeID, _ why: String) -> ShardStatus {
@@ -173,6 +175,10 @@ public final class ShardRunner: @unchecked Sendable {
                 for i in batch { fail(i, "shard \(replica.shard) is stopping") }
                 break
             }
+            if !batch.isEmpty {
+                replica.stats.wakeups += 1
+                replica.stats.inputs += UInt64(batch.count)
+            }
             // Proposals that arrived together become one Raft proposal (one append per follower, one
             // entry run in the next fdatasync), each request still answered on its own.
             var group: [(proposals: [Proposal], done: (Result<[Record], ReplicationError>) -> Void)] = []
@@ -251,7 +257,7 @@ extension ShardReplica {
             shard: shard, node: id, role: raft.membership.all.contains(id) ? raft.role.rawValue : "not a member", leader: raft.leader, term: raft.term, commitIndex: raft.commit,
             appliedIndex: raft.applied, lastIndex: raft.lastIndex, matchIndexes: raft.matchIndexes,
             voters: raft.membership.voters.sorted(), learners: raft.membership.learners.sorted(),
-            recovering: raft.recovering, repairs: repairs, repairEvents: Array(repairEvents.suffix(10)))
+            recovering: raft.recovering, repairs: repairs, repairEvents: Array(repairEvents.suffix(10)), stats: stats)
     }
 
     /// Committed records only (up to the applied index), checked block by block as they are read; a

@@ -55,6 +55,8 @@ public struct DumpSummary: Sendable {
     public var storedBytes: UInt64 = 0
     public var rawBytes: UInt64 = 0
     public var problems = 0
+    /// Zeros at the tail of active segments (space written ahead of the data), not counted as data.
+    public var preallocatedBytes: UInt64 = 0
     public init() {}
     public var ratio: Double { storedBytes == 0 ? 1 : Double(rawBytes) / Double(storedBytes) }
 }
@@ -107,7 +109,12 @@ public enum SegmentDumper {
                     summary.records += shown.count
                     for r in shown { emit(.record(r)) }
                 }
-            case .damaged(let err, _):
+            case .damaged(let err, let resume):
+                // An active segment (no index yet) ends in zeros written ahead of its data: free space.
+                if resume == nil, index == nil, (try? scanner.isZero(from: at)) == true {
+                    summary.preallocatedBytes += src.size - at
+                    continue
+                }
                 damaged = true
                 expected = nil
                 summary.problems += 1

@@ -73,6 +73,20 @@ public struct SegmentScanner {
         return ScannedBlock(offset: offset, header: h, bytes: bytes)
     }
 
+    /// Whether every byte from `offset` to the end of the file is zero (space written ahead of the data,
+    /// or data that never reached the disk), as opposed to a torn or damaged block.
+    public func isZero(from offset: UInt64) throws -> Bool {
+        var pos = offset
+        let window = 1 << 20
+        while pos < source.size {
+            let bytes = try source.read(at: pos, count: Int(min(UInt64(window), source.size - pos)))
+            if bytes.isEmpty { break }
+            if bytes.contains(where: { $0 != 0 }) { return false }
+            pos += UInt64(bytes.count)
+        }
+        return true
+    }
+
     /// The first offset after `offset` where a valid block starts, or nil.
     func resync(after offset: UInt64) throws -> UInt64? {
         let window = 1 << 20

@@ -10,6 +10,10 @@ final class Segment {
     let file: any DiskFile
     /// Bytes of valid data: the offset where the next block goes.
     var size: UInt64
+    /// The file's length as this store last set it: zeros past `size` were written ahead
+    /// (`StoreOptions.preallocateBytes`), so appends overwrite allocated blocks instead of growing the
+    /// file. Only ever a hint: zeros are written past the end of the newest data only.
+    var allocated: UInt64
     /// Set once the segment is sealed; its runs are read from `indexFile`.
     var sealed: SegmentIndexFile?
     var indexSource: FileByteSource?
@@ -22,6 +26,7 @@ final class Segment {
         self.indexPath = indexPath
         self.file = file
         self.size = size
+        self.allocated = size
     }
 
     var blocks: [BlockEntry] { sealed?.blocks ?? builder.blocks }

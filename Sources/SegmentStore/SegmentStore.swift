@@ -312,7 +312,11 @@ public final class SegmentStore {
                     log("\(reported); records \(expected)...\(expectedEnd) are unreadable")
                     end = seg.size
                 } else {
-                    log("\(reported); torn write at the tail: cutting \(seg.size - at) bytes")
+                    // Zeros to the end are space written ahead (`preallocateBytes`), or a tail whose
+                    // data never reached the disk: nothing was there to lose. Anything else is a torn write.
+                    if try !scanner.isZero(from: at) {
+                        log("\(reported); torn write at the tail: cutting \(seg.size - at) bytes")
+                    }
                     try seg.file.truncate(to: at)
                     try seg.file.sync()
                     end = at
@@ -320,6 +324,7 @@ public final class SegmentStore {
             }
         }
         seg.size = end
+        seg.allocated = end
         return builder
     }
 
@@ -446,6 +451,13 @@ public final class SegmentStore {
 
         do {
             try seg.file.write(bytes, at: seg.size)
+            let end = seg.size + UInt64(bytes.count)
+            if options.preallocateBytes > 0, end > seg.allocated {
+                // Past the data just written, never over it (see `Segment.allocated`).
+                let target = max(end, min(end + options.preallocateBytes, options.segmentBytesMax))
+                if target > end { try Self.writeZeros(seg.file, from: end, to: target) }
+                seg.allocated = target
+            }
             batchesSinceSync += 1
             switch options.durability {
             case .everyBatch:
@@ -537,8 +549,24 @@ public final class SegmentStore {
         active = seg
     }
 
-    /// Makes a segment read-only: syncs its data, writes its index file (tmp, fsync, rename, fsync dir).
+    static let zeros = [UInt8](repeating: 0, count: 1 << 20)
+
+    static func writeZeros(_ file: any DiskFile, from: UInt64, to: UInt64) throws {
+        var at = from
+        while at < to {
+            let n = Int(min(to - at, UInt64(zeros.count)))
+            try file.write(n == zeros.count ? zeros : Array(zeros[0..<n]), at: at)
+            at += UInt64(n)
+        }
+    }
+
+    /// Makes a segment read-only: cuts the zeros written ahead, syncs its data, writes its index file
+    /// (tmp, fsync, rename, fsync dir).
     func seal(_ seg: Segment) throws {
+        if seg.allocated > seg.size {
+            try seg.file.truncate(to: seg.size)
+            seg.allocated = seg.size
+        }
         try seg.file.sync()
         let bytes = seg.builder.encode(shard: options.shard, baseIndex: seg.base, segmentBytes: seg.size)
         let tmp = seg.indexPath + ".tmp"
@@ -569,6 +597,9 @@ public final class SegmentStore {
     }
 
     public func close() {
+        // The zeros written ahead go (best effort, not synced: a crash before the cut leaves them, and
+        // the next open cuts them).
+        if failure == nil, let a = active, a.allocated > a.size, (try? a.file.truncate(to: a.size)) != nil { a.allocated = a.size }
         fenceFile?.close()
         fenceFile = nil
         for s in segments { s.close() }

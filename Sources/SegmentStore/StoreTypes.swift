@@ -21,6 +21,11 @@ public struct StoreOptions: Sendable {
     public var durability: Durability
     /// LZ4-compress blocks (a block is stored raw anyway when compression does not shrink it).
     public var compress: Bool
+    /// Zeros written ahead of the active segment's data, this many bytes at a time (0: none). An append
+    /// that grows the file makes its fdatasync also write the inode (the new size): a second device write
+    /// and wait on every sync. Written ahead, the size changes once per this many bytes. The zeros past
+    /// the data are cut at seal and, after a crash, at open (Docs/storage.md).
+    public var preallocateBytes: UInt64 = 1 << 20
 
     public init(
         shard: ShardID = ShardID(0), segmentBytesMax: UInt64 = 64 << 20, blockBytesTarget: Int = 16 << 10,

@@ -87,6 +87,7 @@ extension SegmentStore {
             try disk.syncDirectory(directory)
         }
         try seg.file.truncate(to: entry.offset)
+        seg.allocated = entry.offset
         if !block.isEmpty { try seg.file.write(block, at: entry.offset) }
         try seg.file.sync()
         if !block.isEmpty {

@@ -58,6 +58,43 @@ public struct ClusterBench {
         return nil
     }
 
+    /// Every replica's counters (`stats` in each node's status), summed over shards and nodes.
+    func replicaCounters() async -> [String: Double] {
+        var sum: [String: Double] = [:]
+        for n in config.nodes {
+            guard let url = URL(string: api(n.id.rawValue) + "/api/v1/cluster/status"),
+                let (data, _) = try? await session.data(for: operatorRequest(url, token: config.operatorToken)),
+                let obj = try? JSONSerialization.jsonObject(with: data) as? [String: Any],
+                let shards = obj["shards"] as? [[String: Any]]
+            else { continue }
+            for s in shards {
+                guard let stats = s["stats"] as? [String: Any] else { continue }
+                for (k, v) in stats { if let x = v as? Double { sum[k, default: 0] += x } else if let x = v as? Int { sum[k, default: 0] += Double(x) } }
+            }
+        }
+        return sum
+    }
+
+    /// Where a run's work went, per committed request, from the replicas' counters before and after.
+    public struct WorkPerRequest: Codable, Sendable {
+        /// fdatasyncs (store appends under every_batch) on all replicas.
+        public var store_appends: Double
+        public var records_per_store_append: Double
+        public var raft_messages: Double
+        public var append_messages: Double
+        public var shard_thread_wakeups: Double
+    }
+
+    func workPerRequest(before: [String: Double], after: [String: Double], requests: Int) -> WorkPerRequest {
+        func d(_ k: String) -> Double { (after[k] ?? 0) - (before[k] ?? 0) }
+        let r = Double(max(requests, 1))
+        return WorkPerRequest(
+            store_appends: d("storeAppends") / r,
+            records_per_store_append: d("recordsAppended") / max(d("storeAppends"), 1),
+            raft_messages: d("messagesSent") / r, append_messages: d("appendsSent") / r,
+            shard_thread_wakeups: d("wakeups") / r)
+    }
+
     func waitForLeaders(seconds: Double = 15) async throws {
         let end = Date().addingTimeInterval(seconds)
         for s in 0..<config.shards {
@@ -86,6 +123,10 @@ public struct ClusterBench {
         public var inflight: Int
         public var batch: Int
         public var binary: Bool
+        /// Requests went straight to each shard's leader (no forwarding hop).
+        public var to_leader: Bool
+        /// Requests went over the append stream (WebSocket) instead of one HTTP request each.
+        public var stream: Bool
         public var requests: Int
         public var failed_requests: Int
         public var seconds: Double
@@ -95,6 +136,8 @@ public struct ClusterBench {
         public var latency_us: Percentiles
         /// pwrite + fdatasync of 4 KiB in the cluster's data directory, microseconds, measured first.
         public var fsync_floor_us: Percentiles
+        /// The replicas' work per committed request, from their counters (all nodes).
+        public var work_per_request: WorkPerRequest?
     }
 
     public struct Percentiles: Codable, Sendable {
@@ -129,7 +172,8 @@ public struct ClusterBench {
     /// Committed records/s and commit latency, with `inflight` requests of `batch` records outstanding.
     @discardableResult
     public mutating func runLog(
-        records: Int, inflight: Int, batch: Int, binary: Bool, jsonOut: String? = nil, print: @Sendable (String) -> Void
+        records: Int, inflight: Int, batch: Int, binary: Bool, toLeader: Bool = false, stream: Bool = false, jsonOut: String? = nil,
+        print: @Sendable (String) -> Void
     ) async throws -> LogResult {
         let contentType = binary ? "application/x-weft-records" : "application/json"
         let token = config.operatorToken
@@ -138,7 +182,7 @@ public struct ClusterBench {
         try startAll()
         defer { stopAll() }
         try await waitForLeaders()
-        print("weft bench log: \(config.nodes.count) nodes, \(config.shards) shards, replication \(config.replication), fsync \(config.storage.fsync); \(records) records, \(inflight) requests in flight, \(batch) records per request, \(binary ? "binary" : "JSON") bodies")
+        print("weft bench log: \(config.nodes.count) nodes, \(config.shards) shards, replication \(config.replication), fsync \(config.storage.fsync); \(records) records, \(inflight) requests in flight, \(batch) records per request, \(binary ? "binary" : "JSON") bodies\(stream ? ", on the append stream (one WebSocket per node)" : " over HTTP")\(toLeader ? ", sent to each shard's leader" : ", spread over the nodes (forwarded to the leader)")")
         let requests = max(1, records / batch)
         let nodes = config.nodes
         let shards = config.shards
@@ -147,12 +191,40 @@ public struct ClusterBench {
         // One keep-alive connection per request in flight, spread over the nodes; most requests are
         // forwarded by a follower to the shard's leader, like a client behind a load balancer.
         var conns: [HTTPLoadConnection] = []
+        // With `toLeader`, request stream w writes only shard w % shards, on a connection to that
+        // shard's leader (a client that knows where leaders are: no forwarding hop).
+        var leaders: [Int: UInt64] = [:]
+        if toLeader { for s in 0..<shards { leaders[s] = await leader(of: s) } }
         for w in 0..<inflight {
-            let n = nodes[w % nodes.count]
+            var n = nodes[w % nodes.count]
+            if toLeader, let l = leaders[w % shards], let ln = config.node(.init(l)) { n = ln }
             conns.append(try await HTTPLoadConnection.connect(host: n.apiAddress.host, port: n.apiAddress.port, group: MultiThreadedEventLoopGroup.singleton))
         }
+        let countersBefore = await replicaCounters()
         let t0 = clock.now
-        let lat = await withTaskGroup(of: [Duration].self) { group in
+        var streamFailures = 0
+        var streamFirstFailure: String?
+        let lat: [Duration]
+        if stream {
+            // One WebSocket per node on the append stream; `inflight` requests outstanding in all.
+            let n = nodes.count
+            let loads = (0..<n).map { k in
+                StreamLoad(
+                    url: "ws://\(nodes[k].apiAddress.host):\(nodes[k].apiAddress.port)/api/v1/append-stream", token: token, shards: shards,
+                    requestNumbers: Array(stride(from: k, to: requests, by: n)), inflight: max(1, (inflight + n - 1 - k) / n),
+                    body: { r in bodies.binaryBody(records: batch, seed: r) })
+            }
+            let outcomes = try await withThrowingTaskGroup(of: StreamLoad.Outcome.self) { group in
+                for l in loads { group.addTask { try await l.run() } }
+                var all: [StreamLoad.Outcome] = []
+                for try await o in group { all.append(o) }
+                return all
+            }
+            lat = outcomes.flatMap(\.latencies)
+            streamFailures = outcomes.map(\.failures).reduce(0, +)
+            streamFirstFailure = outcomes.compactMap(\.firstFailure).first
+        } else {
+        lat = await withTaskGroup(of: [Duration].self) { group in
             for (w, conn) in conns.enumerated() {
                 group.addTask {
                     var out: [Duration] = []
@@ -160,7 +232,8 @@ public struct ClusterBench {
                     while r < requests {
                         let body = binary ? bodies.binaryBody(records: batch, seed: r) : Array(bodies.body(records: batch, seed: r))
                         let s = clock.now
-                        if (try? await conn.post(path: "/api/v1/shards/\(r % shards)/append", body: body, contentType: contentType, token: token)) == 200 { out.append(clock.now - s) }
+                        let shard = toLeader ? w % shards : r % shards
+                        if (try? await conn.post(path: "/api/v1/shards/\(shard)/append", body: body, contentType: contentType, token: token)) == 200 { out.append(clock.now - s) }
                         r += inflight
                     }
                     return out
@@ -170,16 +243,23 @@ public struct ClusterBench {
             for await part in group { all += part }
             return all
         }
+        }
         let secs = seconds(clock.now - t0)
+        if let why = streamFirstFailure { print("\(streamFailures) requests failed; the first: \(why)") }
         for c in conns { await c.close() }
         let ok = lat.count * batch
-        let result = LogResult(
+        let work = workPerRequest(before: countersBefore, after: await replicaCounters(), requests: lat.count)
+        var result = LogResult(
             nodes: config.nodes.count, shards: shards, fsync: config.storage.fsync.description, inflight: inflight, batch: batch,
-            binary: binary, requests: requests, failed_requests: requests - lat.count, seconds: secs,
+            binary: binary, to_leader: toLeader, stream: stream, requests: requests, failed_requests: requests - lat.count, seconds: secs,
             records_per_second: Double(ok) / secs, requests_per_second: Double(lat.count) / secs, latency_us: Percentiles(lat),
             fsync_floor_us: floor)
+        result.work_per_request = work
         print("committed \(ok) records in \(f2(secs)) s = \(Int(result.records_per_second)) records/s (\(Int(result.requests_per_second)) requests/s); \(requests - lat.count) requests failed")
         print("commit latency per request: \(result.latency_us.text)")
+        print(
+            "per request, all replicas: \(f2(work.store_appends)) store appends (fdatasyncs under every_batch), \(f2(work.records_per_store_append)) records per append, "
+                + "\(f2(work.raft_messages)) Raft messages (\(f2(work.append_messages)) appends), \(f2(work.shard_thread_wakeups)) shard-thread wake-ups")
         if let jsonOut {
             let enc = JSONEncoder()
             enc.outputFormatting = [.prettyPrinted, .sortedKeys]

@@ -15,8 +15,8 @@ final class Forwarder: Sendable {
     struct Waiting {
         var target: NodeID
         var continuation: CheckedContinuation<Envelope.ForwardAnswer, Never>
-        /// The deadline's timer, cancelled when the answer comes first.
-        var timer: Task<Void, Never>?
+        /// The deadline's entry in `deadlines`, cancelled when the answer comes first.
+        var timer: UInt64?
     }
 
     let incarnation: UInt64
@@ -26,13 +26,15 @@ final class Forwarder: Sendable {
     /// Sends a frame to a peer (the peer transport; a capture in tests).
     let sendFrame: @Sendable (NodeID, ShardID, [UInt8]) -> Void
     let state = NIOLockedValueBox<(next: UInt64, waiting: [UInt64: Waiting], closed: Bool)>((1, [:], false))
+    let deadlines: Deadlines
     /// Requests waiting for an answer at most; past it a new request fails at once (nothing is sent).
     static let waitingCountMax = 65_536
 
     init(
         selfID: NodeID, incarnation: UInt64 = UInt64.random(in: 1...UInt64.max), reachable: @escaping @Sendable (NodeID) -> Bool,
-        send: @escaping @Sendable (NodeID, ShardID, [UInt8]) -> Void
+        deadlines: Deadlines = .shared, send: @escaping @Sendable (NodeID, ShardID, [UInt8]) -> Void
     ) {
+        self.deadlines = deadlines
         self.selfID = selfID
         self.reachable = reachable
         self.sendFrame = send
@@ -65,8 +67,7 @@ final class Forwarder: Sendable {
                 return true
             }
             guard registered else { return c.resume(returning: .failed("node \(selfID) is stopping")) }
-            let timer = Task { [state] in
-                try? await Task.sleep(until: deadline, clock: .continuous)
+            let timer = deadlines.schedule(deadline) { [state] in
                 state.withLockedValue { $0.waiting.removeValue(forKey: sequence) }?.continuation.resume(
                     returning: .outcomeUnknown("sent to node \(target), no answer before the deadline"))
             }
@@ -75,7 +76,7 @@ final class Forwarder: Sendable {
                 s.waiting[sequence]?.timer = timer
                 return true
             }
-            if !stillWaiting { timer.cancel() }
+            if !stillWaiting { deadlines.cancel(timer) }
             sendFrame(target, shard, numbered.encode())
         }
     }
@@ -90,7 +91,7 @@ final class Forwarder: Sendable {
             return s.waiting.removeValue(forKey: request.sequence)
         }
         guard let w else { return false }
-        w.timer?.cancel()
+        if let t = w.timer { deadlines.cancel(t) }
         w.continuation.resume(returning: answer)
         return true
     }
@@ -103,7 +104,7 @@ final class Forwarder: Sendable {
             return Array(s.waiting.values)
         }
         for w in all {
-            w.timer?.cancel()
+            if let t = w.timer { deadlines.cancel(t) }
             w.continuation.resume(returning: .outcomeUnknown("node stopping while waiting for node \(w.target)"))
         }
     }

@@ -1,6 +1,7 @@
 import Foundation
 import Hummingbird
 import Metrics
+import NIOConcurrencyHelpers
 import NIOCore
 import Prometheus
 import Raft
@@ -50,6 +51,8 @@ public enum HTTPAPI {
             /// Set when this node's replica of the shard is not running (could not open, or stopped
             /// after a storage failure): why. The node serves its other shards.
             public var failure: String?
+            /// What the replica did since it opened (records per fdatasync, messages per record...).
+            public var stats: ReplicaStats?
         }
         public struct Repair: Codable, Sendable {
             /// Its log lost entries and is catching up; it does not vote meanwhile.
@@ -140,7 +143,7 @@ public enum HTTPAPI {
                         replicas: s.voters.map { StatusResponse.Replica(node: $0.rawValue, role: "voter", match_index: s.matchIndexes[$0] ?? 0) }
                             + s.learners.map { StatusResponse.Replica(node: $0.rawValue, role: "learner", match_index: s.matchIndexes[$0] ?? 0) },
                         repair: StatusResponse.Repair(recovering: s.recovering, repairs: s.repairs, events: s.repairEvents),
-                        failure: s.failure)
+                        failure: s.failure, stats: s.failure == nil ? s.stats : nil)
                 })
             return try json(body)
         }
@@ -163,10 +166,16 @@ public enum HTTPAPI {
                 appended.increment(by: refs.count)
                 let d = ContinuousClock.now - start
                 appendTimer.recordNanoseconds(d.components.seconds * 1_000_000_000 + d.components.attoseconds / 1_000_000_000)
-                return try json(AppendResponse(records: refs))
+                return appendResponse(refs)
             } catch let e as WriteError {
                 throw apiError(e)
             }
+        }
+
+        // The append stream is a WebSocket (AppendStream): a plain GET that reached the router was not an
+        // upgrade (or its token was wrong: the operator middleware answered 401 first).
+        op.get(RouterPath(stringLiteral: AppendStream.path)) { _, _ -> Response in
+            throw APIError(.badRequest, "websocket_required", "\(AppendStream.path) is a WebSocket: send an upgrade request (Docs/append-stream.md)")
         }
 
         // Committed records of this node's replica, in log order: ?from=INDEX&limit=N.
@@ -221,7 +230,9 @@ public enum HTTPAPI {
             }
         }
 
+        let replicaCounters = ReplicaCounters(registry: registry)
         router.get("/metrics") { _, _ -> Response in
+            replicaCounters.update(await node.status().shards)
             var out: [UInt8] = []
             registry.emit(into: &out)
             return Response(
@@ -304,6 +315,27 @@ public enum HTTPAPI {
         return proposals
     }
 
+    /// The body of an append's answer, `{"records":[{"index","seq","stream","term"}...]}`: the bytes
+    /// `JSONEncoder` with sorted keys writes for `AppendResponse`, written directly (every write answers
+    /// with one; the encoder cost more than the rest of the response).
+    static func appendResponseBody(_ refs: [RecordRef]) -> [UInt8] {
+        var out: [UInt8] = []
+        out.reserveCapacity(14 + refs.count * 72)
+        out += Array("{\"records\":[".utf8)
+        for (k, r) in refs.enumerated() {
+            if k > 0 { out.append(UInt8(ascii: ",")) }
+            out += Array("{\"index\":\(r.index),\"seq\":\(r.seq),\"stream\":\(r.stream.rawValue),\"term\":\(r.term)}".utf8)
+        }
+        out += Array("]}".utf8)
+        return out
+    }
+
+    static func appendResponse(_ refs: [RecordRef]) -> Response {
+        Response(
+            status: .ok, headers: [.contentType: "application/json"],
+            body: ResponseBody(byteBuffer: ByteBuffer(bytes: appendResponseBody(refs))))
+    }
+
     static func json(_ value: some Encodable, status: HTTPResponse.Status = .ok) throws -> Response {
         let enc = JSONEncoder()
         enc.outputFormatting = [.sortedKeys]
@@ -383,5 +415,46 @@ struct JSONErrorMiddleware<Context: RequestContext>: RouterMiddleware {
     static func body(_ status: HTTPResponse.Status, _ code: String, _ message: String) -> Response {
         let data = (try? JSONEncoder().encode(ErrorBody(error: .init(code: code, message: message)))) ?? Data()
         return Response(status: status, headers: [.contentType: "application/json"], body: ResponseBody(byteBuffer: ByteBuffer(bytes: data)))
+    }
+}
+
+/// The replicas' counters (`ReplicaStats`) as Prometheus counters, labelled by shard, brought up to date
+/// at each scrape (a replica that reopened starts again from zero: the counter goes on from there).
+final class ReplicaCounters: Sendable {
+    let registry: PrometheusCollectorRegistry
+    let last = NIOLockedValueBox<[String: UInt64]>([:])
+
+    init(registry: PrometheusCollectorRegistry) { self.registry = registry }
+
+    static let fields: [(name: String, help: String, value: @Sendable (ReplicaStats) -> UInt64)] = [
+        ("weft_replica_wakeups", "Shard thread wake-ups with inputs", { $0.wakeups }),
+        ("weft_replica_inputs", "Inputs handled by the shard thread", { $0.inputs }),
+        ("weft_replica_requests", "Client requests proposed as leader", { $0.requests }),
+        ("weft_replica_records_proposed", "Records proposed as leader", { $0.recordsProposed }),
+        ("weft_replica_store_appends", "Store appends (one pwrite, and one fdatasync under every_batch)", { $0.storeAppends }),
+        ("weft_replica_records_appended", "Records appended to the store", { $0.recordsAppended }),
+        ("weft_replica_messages_sent", "Raft messages sent", { $0.messagesSent }),
+        ("weft_replica_appends_sent", "Raft append messages sent", { $0.appendsSent }),
+        ("weft_replica_messages_received", "Raft messages received", { $0.messagesReceived }),
+        ("weft_replica_records_committed", "Committed records applied", { $0.recordsCommitted }),
+    ]
+
+    func update(_ shards: [ShardStatus]) {
+        for s in shards where s.failure == nil {
+            for f in Self.fields {
+                let key = "\(f.name)/\(s.shard.rawValue)"
+                let now = f.value(s.stats)
+                let delta = last.withLockedValue { l -> UInt64 in
+                    let before = l[key] ?? 0
+                    l[key] = now
+                    return now >= before ? now - before : now
+                }
+                guard delta > 0 else { continue }
+                registry.makeCounter(
+                    descriptor: MetricNameDescriptor(metricName: f.name, unitName: "total", helpText: f.help),
+                    labels: [("shard", String(s.shard.rawValue))])
+                    .increment(by: Int64(clamping: delta))
+            }
+        }
     }
 }

@@ -1,6 +1,7 @@
 import ClusterConfig
 import Foundation
 import Hummingbird
+import HummingbirdWebSocket
 import Logging
 import Metrics
 import NIOCore
@@ -32,8 +33,22 @@ public enum Serve {
             )
         }
         let weftNode = try WeftNode(config: config, node: id, group: MultiThreadedEventLoopGroup.singleton, logger: logger)
+        let token = Array(config.operatorToken.utf8)
         let app = Application(
             router: HTTPAPI.router(node: weftNode, registry: registry),
+            server: .http1WebSocketUpgrade(
+                configuration: .init(ws: .init(maxFrameSize: AppendStream.frameBytesMax, autoPing: .enabled(timePeriod: .seconds(30))))
+            ) { request, _, logger in
+                // Only the append stream upgrades, and only with the operator token; anything else goes
+                // on to the router (which answers 401 or 400 as JSON).
+                guard request.path?.split(separator: "?").first.map(String.init) == AppendStream.path,
+                    let header = request.headerFields[.authorization], header.hasPrefix("Bearer "),
+                    OperatorAuthMiddleware<BasicRequestContext>.constantTimeEqual(Array(header.utf8.dropFirst(7)), token)
+                else { return .dontUpgrade }
+                return .upgrade([:]) { inbound, outbound, _ in
+                    try await AppendStream.serve(inbound, outbound, node: weftNode, logger: logger)
+                }
+            },
             configuration: .init(address: .hostname(me.apiAddress.host, port: me.apiAddress.port), serverName: "weft"),
             logger: logger)
         let group = ServiceGroup(

@@ -371,19 +371,23 @@ public final class WeftNode: Sendable {
         _ deadline: ContinuousClock.Instant, late: T, _ start: (@escaping @Sendable (T) -> Void) -> Void
     ) async -> T {
         await withCheckedContinuation { (c: CheckedContinuation<T, Never>) in
-            let once = NIOLockedValueBox(false)
-            let timer = NIOLockedValueBox<Task<Void, Never>?>(nil)
+            let once = NIOLockedValueBox<(done: Bool, timer: UInt64?)>((false, nil))
             let finish: @Sendable (T) -> Void = { v in
-                guard once.withLockedValue({ done in defer { done = true }; return !done }) else { return }
-                timer.withLockedValue { $0 }?.cancel()
+                let timer = once.withLockedValue { s -> UInt64?? in
+                    guard !s.done else { return nil }
+                    s.done = true
+                    return .some(s.timer)
+                }
+                guard let timer else { return }
+                if let t = timer { Deadlines.shared.cancel(t) }
                 c.resume(returning: v)
             }
-            timer.withLockedValue {
-                $0 = Task {
-                    try? await Task.sleep(until: deadline, clock: .continuous)
-                    finish(late)
-                }
+            let t = Deadlines.shared.schedule(deadline) { finish(late) }
+            let alreadyDone = once.withLockedValue { s -> Bool in
+                s.timer = t
+                return s.done
             }
+            if alreadyDone { Deadlines.shared.cancel(t) }
             start(finish)
         }
     }

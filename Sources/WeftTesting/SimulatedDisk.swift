@@ -95,10 +95,18 @@ public final class SimulatedDisk: Disk {
         for (path, node) in durableNames {
             let fresh = Node()
             var kept = node.durable
-            // Unsynced bytes appended after the durable contents may partly survive (torn tail).
-            if node.data.count > kept.count, Array(node.data[0..<kept.count]) == kept {
-                let extra = Int(rng.next() % UInt64(node.data.count - kept.count + 1))
-                kept += node.data[kept.count..<(kept.count + extra)]
+            // Unsynced writes may partly survive: from the first byte that differs from the durable
+            // contents, a random number of the new bytes reached the disk (a torn append, or a torn
+            // overwrite of bytes written and synced before, as of zeros written ahead); the rest is as
+            // it was. An unsynced truncation is lost.
+            let data = node.data
+            var first = 0
+            while first < min(data.count, kept.count) && data[first] == kept[first] { first += 1 }
+            if first < data.count {
+                let extra = Int(rng.next() % UInt64(data.count - first + 1))
+                let end = first + extra
+                if end > kept.count { kept += [UInt8](repeating: 0, count: end - kept.count) }
+                kept.replaceSubrange(first..<end, with: data[first..<end])
             }
             fresh.data = kept
             fresh.durable = kept

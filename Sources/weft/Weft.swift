@@ -151,10 +151,17 @@ struct BenchLog: AsyncParsableCommand {
     @Flag(help: "Send JSON bodies instead of the binary append format.")
     var json = false
 
+    @Flag(help: "Send requests over the append stream (a WebSocket per node, many requests outstanding on each) instead of one HTTP request each.")
+    var stream = false
+
+    @Flag(help: "Send each request straight to its shard's leader (a client that knows the leaders) instead of spreading requests over the nodes.")
+    var toLeader = false
+
     @Option(help: "Also write the result as JSON to this file (for comparing runs by script).")
     var jsonOut: String?
 
     func validate() throws {
+        if stream && (toLeader || json) { throw ValidationError("--stream sends binary records over one WebSocket per node: it takes neither --to-leader nor --json") }
         guard records > 0, inflight > 0, inflight <= 4096, batch > 0, batch <= 65_536 else {
             throw ValidationError("--records, --inflight (<= 4096) and --batch (<= 65536) must be positive")
         }
@@ -162,7 +169,7 @@ struct BenchLog: AsyncParsableCommand {
 
     func run() async throws {
         var bench = try ClusterBench(configPath: config, executable: URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path)
-        try await bench.runLog(records: records, inflight: inflight, batch: batch, binary: !json, jsonOut: jsonOut) { print($0); fflush(nil) }
+        try await bench.runLog(records: records, inflight: inflight, batch: batch, binary: !json, toLeader: toLeader, stream: stream, jsonOut: jsonOut) { print($0); fflush(nil) }
     }
 }
 

@@ -162,7 +162,11 @@ final class ReplicaCluster {
             let bytes = try f.read(at: 0, count: Int(try f.size()))
             var scanner = try SegmentScanner(MemoryByteSource(name: name, bytes: bytes))
             var blocks: [ScannedBlock] = []
-            while let item = try scanner.next() {
+            while true {
+                let at = scanner.offset
+                guard let item = try scanner.next() else { break }
+                // The active segment may end in zeros written ahead of its data (`preallocateBytes`).
+                if case .damaged(_, nil) = item, try scanner.isZero(from: at) { break }
                 guard case .block(let b) = item else { throw StoreError.invalidBatch("damage in \(name)") }
                 blocks.append(b)
             }

@@ -33,9 +33,11 @@ import WeftTesting
     /// records than were attempted.
     static func crashWorkload(seed: UInt64) throws -> (failures: Int, crashes: Int, tornRecoveries: Int) {
         var rng = SeededRNG(seed: seed &+ 0xC0FF_EE00)
-        let options = StoreOptions(
+        var options = StoreOptions(
             shard: ShardID(1), segmentBytesMax: [2_048, 4_096][rng.int(0..<2)], blockBytesTarget: [256, 512][rng.int(0..<2)],
             durability: .everyBatch)
+        // Zeros written ahead of the data (torn overwrites of them included) or none.
+        options.preallocateBytes = [0, 300, 1 << 20][rng.int(0..<3)]
         let disk = SimulatedDisk()
         var store = try SegmentStore(directory: simDirectory, options: options, disk: disk)
         var model = LogModel()

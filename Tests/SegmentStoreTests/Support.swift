@@ -258,7 +258,11 @@ func segmentFiles(_ disk: any Disk, _ directory: String = simDirectory) throws -
         let bytes = try readFile(disk, directory + "/" + name)
         var scanner = try SegmentScanner(MemoryByteSource(name: name, bytes: bytes))
         var blocks = [ScannedBlock]()
-        while let item = try scanner.next() {
+        while true {
+            let at = scanner.offset
+            guard let item = try scanner.next() else { break }
+            // An active segment may end in zeros written ahead of its data (`preallocateBytes`).
+            if case .damaged(_, nil) = item, try scanner.isZero(from: at) { break }
             guard case .block(let b) = item else { throw StoreError.invalidBatch("unexpected damage in \(name): \(item)") }
             blocks.append(b)
             guard blocks.count <= bytes.count / Layout.blockHeaderBytes else { throw StoreError.invalidBatch("scanner stuck in \(name)") }

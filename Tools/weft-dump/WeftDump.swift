@@ -206,12 +206,12 @@ struct Output {
     mutating func summary(_ s: DumpSummary) {
         if json {
             line(
-                #"{"kind":"summary","files":\#(s.files),"blocks":\#(s.blocks),"bad_blocks":\#(s.badBlocks),"records":\#(s.records),"stored_bytes":\#(s.storedBytes),"raw_bytes":\#(s.rawBytes),"ratio":\#(fmt(s.ratio)),"problems":\#(s.problems)}"#
+                #"{"kind":"summary","files":\#(s.files),"blocks":\#(s.blocks),"bad_blocks":\#(s.badBlocks),"records":\#(s.records),"stored_bytes":\#(s.storedBytes),"raw_bytes":\#(s.rawBytes),"ratio":\#(fmt(s.ratio)),"problems":\#(s.problems),"preallocated_bytes":\#(s.preallocatedBytes)}"#
             )
         } else {
             let what = verify ? "verified" : "dumped"
             line(
-                "\(what): \(s.files) files, \(s.blocks) blocks (\(s.badBlocks) bad), \(verify ? "" : "\(s.records) records shown, ")\(s.storedBytes) stored / \(s.rawBytes) raw bytes, compression ratio \(fmt(s.ratio)), \(s.problems) problems"
+                "\(what): \(s.files) files, \(s.blocks) blocks (\(s.badBlocks) bad), \(verify ? "" : "\(s.records) records shown, ")\(s.storedBytes) stored / \(s.rawBytes) raw bytes, compression ratio \(fmt(s.ratio)), \(s.problems) problems\(s.preallocatedBytes > 0 ? ", \(s.preallocatedBytes) bytes of zeros written ahead at the tail of active segments" : "")"
             )
         }
         flush()

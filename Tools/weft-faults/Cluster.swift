@@ -178,10 +178,25 @@ extension Cluster {
         guard let active = segs.last else { return nil }
         let sealed = segs.dropLast()
         func size(_ p: String) -> UInt64 { ((try? fm.attributesOfItem(atPath: p))?[.size] as? NSNumber)?.uint64Value ?? 0 }
+        /// Where the data of an active segment ends: past its last byte that is not zero (the file goes
+        /// on with zeros written ahead of the data; cutting those would lose nothing).
+        func dataSize(_ p: String) -> UInt64 {
+            guard let h = FileHandle(forReadingAtPath: p) else { return 0 }
+            defer { try? h.close() }
+            var end = size(p)
+            while end > 0 {
+                let start = end >= 65_536 ? end - 65_536 : 0
+                h.seek(toFileOffset: start)
+                guard let chunk = try? h.read(upToCount: Int(end - start)), !chunk.isEmpty else { return end }
+                if let k = chunk.lastIndex(where: { $0 != 0 }) { return start + UInt64(chunk.distance(from: chunk.startIndex, to: k)) + 1 }
+                end = start
+            }
+            return 0
+        }
         switch fault {
         case .truncateActive:
             let p = dir + "/" + active
-            let s = size(p)
+            let s = dataSize(p)
             guard s > 0 else { return nil }
             let at = rng.next() % s
             guard truncate(p, Int(at)) == 0 else { return nil }
@@ -207,7 +222,7 @@ extension Cluster {
         case .deleteFenceAndTruncate:
             let fence = dir + "/tail.fence"
             let p = dir + "/" + active
-            let s = size(p)
+            let s = dataSize(p)
             guard fm.fileExists(atPath: fence), s > 0, (try? fm.removeItem(atPath: fence)) != nil else { return nil }
             let at = rng.next() % s
             guard truncate(p, Int(at)) == 0 else { return nil }
