@@ -540,17 +540,18 @@ public struct Raft {
             }
         case .heartbeatResponse:
             if m.reject, m.index < pr.match { pr.lostEntries(matchHint: m.index) }
-            if !m.reject, pr.state == .replicate, m.index < m.hint, m.hint > pr.match, !pr.inflight.isEmpty {
+            if pr.state == .replicate, m.index < m.hint, m.hint > pr.match, !pr.inflight.isEmpty {
                 // Appends sent before the heartbeat never arrived (a dropped connection): send again
                 // from what the follower acknowledged, rather than wait for the window to drain.
                 pr.becomeProbe()
             }
             pr.probeSent = false
+            // The follower holds everything sent before this heartbeat: those appends are done even if
+            // their answers were lost (a tail append whose answer never comes would hold the tail).
+            if pr.state == .replicate, m.hint > 0, m.index >= m.hint { pr.freeInflight(upTo: m.hint) }
             // A full window may be waiting on lost appends: free one slot so the next append goes out;
             // if entries were lost the follower rejects it and the leader falls back to probing.
-            if pr.state == .replicate, pr.inflight.count >= min(cfg.inflightAppendsMax, cfg.tailAppendsInflightMax) {
-                pr.inflight.removeFirst()
-            }
+            if pr.state == .replicate, pr.inflight.count >= cfg.inflightAppendsMax { pr.inflight.removeFirst() }
             progress[m.from] = pr
             if m.reject, m.index == 0, pr.match == 0, pr.state != .snapshot, log.catchUpIndex > 0 {
                 // A recovering follower whose log is empty shares nothing with this one: ship the sealed
@@ -617,8 +618,12 @@ public struct Raft {
             return false
         }
         if ents.isEmpty && onlyWithEntries { return false }
-        if pr.state == .replicate, pr.inflight.count >= cfg.tailAppendsInflightMax, !isFull(ents) {
-            // The tail waits for the append in flight (see `tailAppendsInflightMax`).
+        if pr.state == .replicate, pr.inflight.count >= cfg.tailAppendsInflightMax, !ents.isEmpty, !isFull(ents) {
+            // The tail waits for the append in flight (see `tailAppendsInflightMax`); it carries the
+            // commit index with it one round trip later. An append without entries (a follower that has
+            // everything sent: only the commit index is news) goes now: followers learn commits
+            // promptly (they apply, serve reads and, through the membership entries, learn whether they
+            // vote), and it costs them no fdatasync.
             return false
         }
         var m = Message(kind: .append, from: id, to: to, term: term)

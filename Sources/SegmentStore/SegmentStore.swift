@@ -452,11 +452,19 @@ public final class SegmentStore {
         do {
             try seg.file.write(bytes, at: seg.size)
             let end = seg.size + UInt64(bytes.count)
-            if options.preallocateBytes > 0, end > seg.allocated {
+            if options.preallocateBytes > 0, !zerosAheadFailed, end > seg.allocated {
                 // Past the data just written, never over it (see `Segment.allocated`).
                 let target = max(end, min(end + options.preallocateBytes, options.segmentBytesMax))
-                if target > end { try Self.writeZeros(seg.file, from: end, to: target) }
-                seg.allocated = target
+                do {
+                    if target > end { try Self.writeZeros(seg.file, from: end, to: target) }
+                    seg.allocated = target
+                } catch {
+                    // Only an optimisation, past the data: a disk that refuses it (full) fails the next
+                    // append, not this one.
+                    seg.allocated = end
+                    zerosAheadFailed = true
+                    log("\(seg.dataPath): writing zeros ahead of the data failed (\(error)); appending without them until the store reopens")
+                }
             }
             batchesSinceSync += 1
             switch options.durability {
@@ -550,6 +558,8 @@ public final class SegmentStore {
     }
 
     static let zeros = [UInt8](repeating: 0, count: 1 << 20)
+    /// Writing zeros ahead failed once (a full disk): not tried again until the store reopens.
+    var zerosAheadFailed = false
 
     static func writeZeros(_ file: any DiskFile, from: UInt64, to: UInt64) throws {
         var at = from

@@ -206,8 +206,9 @@ public struct ClusterBench {
         var streamFirstFailure: String?
         let lat: [Duration]
         if stream {
-            // One WebSocket per node on the append stream; `inflight` requests outstanding in all.
-            let n = nodes.count
+            // One WebSocket per node (fewer if fewer requests are in flight) on the append stream;
+            // `inflight` requests outstanding in all.
+            let n = min(nodes.count, inflight)
             let loads = (0..<n).map { k in
                 StreamLoad(
                     url: "ws://\(nodes[k].apiAddress.host):\(nodes[k].apiAddress.port)/api/v1/append-stream", token: token, shards: shards,

@@ -25,6 +25,8 @@ public enum AppendStream {
     public static let inflightMax = 4096
     /// The largest frame either side sends (a request's records obey the append limits as well).
     public static let frameBytesMax = 4 << 20
+    /// Request bytes one connection may have taken in and not answered yet (past it: as `inflightMax`).
+    public static let requestBytesMax = 32 << 20
 
     public enum Status: UInt8, Sendable {
         case ok = 0
@@ -89,32 +91,65 @@ public enum AppendStream {
         }
     }
 
-    /// Answers waiting to be written; the writer takes all of them at once (one frame).
+    /// Answers waiting to be written. The writer takes as many as fit in one frame (`frameBytesMax`);
+    /// each carries the weight of its request, released to `Slots` once the answer is written.
     final class Answers: Sendable {
-        let state = NIOLockedValueBox<(buffer: ByteBuffer, waiter: CheckedContinuation<ByteBuffer?, Never>?, finished: Bool)>(
-            (ByteBuffer(), nil, false))
+        struct Batch {
+            var frame: ByteBuffer
+            var count: Int
+            var bytes: Int
+        }
+        struct State {
+            var pending: [(answer: ByteBuffer, bytes: Int)] = []
+            var head = 0
+            var waiter: CheckedContinuation<Batch?, Never>?
+            var finished = false
+            /// The writer failed: answers are dropped, the reader stops.
+            var failed = false
+        }
+        let state = NIOLockedValueBox(State())
 
-        func add(id: UInt64, _ result: Result<[RecordRef], WriteError>) {
-            let wake = state.withLockedValue { s -> (CheckedContinuation<ByteBuffer?, Never>, ByteBuffer)? in
-                AppendStream.encode(id: id, result, into: &s.buffer)
+        func add(id: UInt64, _ result: Result<[RecordRef], WriteError>, requestBytes: Int) {
+            var b = ByteBuffer()
+            AppendStream.encode(id: id, result, into: &b)
+            let wake = state.withLockedValue { s -> (CheckedContinuation<Batch?, Never>, Batch)? in
+                guard !s.failed else { return nil }
+                s.pending.append((b, requestBytes))
                 guard let w = s.waiter else { return nil }
                 s.waiter = nil
-                defer { s.buffer = ByteBuffer() }
-                return (w, s.buffer)
+                return (w, Self.take(&s))
             }
-            if let (w, b) = wake { w.resume(returning: b) }
+            if let (w, batch) = wake { w.resume(returning: batch) }
         }
 
-        /// Everything added since the last call, waiting for some if there is none; nil once finished
-        /// and drained.
-        func next() async -> ByteBuffer? {
+        /// Answers from the head that fit in one frame (at least one).
+        static func take(_ s: inout State) -> Batch {
+            var batch = Batch(frame: ByteBuffer(), count: 0, bytes: 0)
+            while s.head < s.pending.count {
+                let (a, bytes) = s.pending[s.head]
+                if batch.count > 0 && batch.frame.readableBytes + a.readableBytes > frameBytesMax { break }
+                var a2 = a
+                batch.frame.writeBuffer(&a2)
+                batch.count += 1
+                batch.bytes += bytes
+                s.head += 1
+            }
+            if s.head == s.pending.count {
+                s.pending.removeAll(keepingCapacity: true)
+                s.head = 0
+            } else if s.head > 1024 {
+                s.pending.removeFirst(s.head)
+                s.head = 0
+            }
+            return batch
+        }
+
+        /// The next frame of answers, waiting for some if there is none; nil once finished and drained.
+        func next() async -> Batch? {
             await withCheckedContinuation { c in
-                let ready = state.withLockedValue { s -> ByteBuffer?? in
-                    if s.buffer.readableBytes > 0 {
-                        defer { s.buffer = ByteBuffer() }
-                        return .some(s.buffer)
-                    }
-                    if s.finished { return .some(nil) }
+                let ready = state.withLockedValue { s -> Batch?? in
+                    if s.head < s.pending.count { return .some(Self.take(&s)) }
+                    if s.finished || s.failed { return .some(nil) }
                     s.waiter = c
                     return nil
                 }
@@ -123,61 +158,106 @@ public enum AppendStream {
         }
 
         func finish() {
-            let w = state.withLockedValue { s -> CheckedContinuation<ByteBuffer?, Never>? in
+            let w = state.withLockedValue { s -> CheckedContinuation<Batch?, Never>? in
                 s.finished = true
                 defer { s.waiter = nil }
-                return s.buffer.readableBytes > 0 ? nil : s.waiter
+                return s.waiter
             }
             w?.resume(returning: nil)
         }
-    }
 
-    /// Counts requests in flight; `acquire` waits while `inflightMax` are.
-    final class Slots: Sendable {
-        let state = NIOLockedValueBox<(used: Int, waiter: CheckedContinuation<Void, Never>?)>((0, nil))
-        let max: Int
-        init(max: Int) { self.max = max }
-
-        func acquire() async {
-            await withCheckedContinuation { c in
-                let now = state.withLockedValue { s -> Bool in
-                    if s.used < max {
-                        s.used += 1
-                        return true
-                    }
-                    s.waiter = c
-                    return false
-                }
-                if now { c.resume() }
+        func fail() {
+            state.withLockedValue { s in
+                s.failed = true
+                s.pending = []
+                s.head = 0
             }
         }
 
-        func release() {
-            let w = state.withLockedValue { s -> CheckedContinuation<Void, Never>? in
-                if let w = s.waiter {
-                    // The slot passes straight to the waiter.
-                    s.waiter = nil
-                    return w
+        var failed: Bool { state.withLockedValue { $0.failed } }
+    }
+
+    /// What one connection has taken in and not yet answered on the wire: requests (at most
+    /// `inflightMax`) and their bytes (at most `requestBytesMax`, or one request of any allowed size).
+    /// `acquire` waits past either limit; the server then stops reading the socket.
+    final class Slots: Sendable {
+        struct State {
+            var used = 0
+            var bytes = 0
+            var waiter: (need: Int, c: CheckedContinuation<Bool, Never>)?
+            var closed = false
+        }
+        let state = NIOLockedValueBox(State())
+        let max: Int
+        let bytesMax: Int
+        init(max: Int, bytesMax: Int) {
+            self.max = max
+            self.bytesMax = bytesMax
+        }
+
+        static func fits(_ s: State, _ need: Int, max: Int, bytesMax: Int) -> Bool {
+            s.used == 0 || (s.used < max && s.bytes + need <= bytesMax)
+        }
+
+        /// False once closed (the connection's writer failed).
+        func acquire(bytes need: Int) async -> Bool {
+            await withCheckedContinuation { c in
+                let now = state.withLockedValue { s -> Bool? in
+                    if s.closed { return false }
+                    if Self.fits(s, need, max: max, bytesMax: bytesMax) {
+                        s.used += 1
+                        s.bytes += need
+                        return true
+                    }
+                    s.waiter = (need, c)
+                    return nil
                 }
-                s.used -= 1
-                return nil
+                if let now { c.resume(returning: now) }
             }
-            w?.resume()
+        }
+
+        func release(count: Int, bytes: Int) {
+            let w = state.withLockedValue { s -> CheckedContinuation<Bool, Never>? in
+                s.used -= count
+                s.bytes -= bytes
+                guard let w = s.waiter, Self.fits(s, w.need, max: max, bytesMax: bytesMax) else { return nil }
+                s.waiter = nil
+                s.used += 1
+                s.bytes += w.need
+                return w.c
+            }
+            w?.resume(returning: true)
+        }
+
+        func close() {
+            let w = state.withLockedValue { s -> CheckedContinuation<Bool, Never>? in
+                s.closed = true
+                defer { s.waiter = nil }
+                return s.waiter?.c
+            }
+            w?.resume(returning: false)
         }
 
         var inUse: Int { state.withLockedValue { $0.used } }
     }
 
-    /// Serves one connection until the client closes it (then the requests in flight are answered) or
-    /// breaks the protocol (a text frame, a frame too short for an id: closed with a reason).
+    /// Serves one connection until the client closes it or breaks the protocol (a text frame, a frame
+    /// too short for an id: closed with a reason), or its answers cannot be written.
     static func serve(_ inbound: WebSocketInboundStream, _ outbound: WebSocketOutboundWriter, node: WeftNode, logger: Logger) async throws {
         let answers = Answers()
-        let slots = Slots(max: inflightMax)
+        let slots = Slots(max: inflightMax, bytesMax: requestBytesMax)
         var closeWith: (WebSocketErrorCode, String)?
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask {
-                while let batch = await answers.next() {
-                    try await outbound.write(.binary(batch))
+                do {
+                    while let batch = await answers.next() {
+                        try await outbound.write(.binary(batch.frame))
+                        slots.release(count: batch.count, bytes: batch.bytes)
+                    }
+                } catch {
+                    // The connection is gone: stop reading, drop what is left.
+                    answers.fail()
+                    slots.close()
                 }
             }
             await withDiscardingTaskGroup { requests in
@@ -192,24 +272,28 @@ public enum AppendStream {
                             closeWith = (.protocolError, "a request frame starts with u64 id and u64 shard (\(frame.readableBytes) bytes received)")
                             break
                         }
+                        // Every request holds a slot until its answer is written, refusals included.
+                        let weight = frame.readableBytes
+                        guard await slots.acquire(bytes: weight), !answers.failed else { break }
                         switch request {
                         case .invalid(let id, let why):
-                            answers.add(id: id, .failure(.invalid(why)))
+                            answers.add(id: id, .failure(.invalid(why)), requestBytes: weight)
                         case .append(let id, let shard, let proposals):
                             guard shard < UInt64(node.config.shards) else {
-                                answers.add(id: id, .failure(.invalid("unknown shard \(shard): shards are 0..<\(node.config.shards)")))
+                                answers.add(
+                                    id: id, .failure(.invalid("unknown shard \(shard): shards are 0..<\(node.config.shards)")), requestBytes: weight)
                                 continue
                             }
-                            await slots.acquire()
                             requests.addTask {
-                                defer { slots.release() }
+                                let result: Result<[RecordRef], WriteError>
                                 do {
-                                    answers.add(id: id, .success(try await node.append(shard: ShardID(shard), proposals)))
+                                    result = .success(try await node.append(shard: ShardID(shard), proposals))
                                 } catch let e as WriteError {
-                                    answers.add(id: id, .failure(e))
+                                    result = .failure(e)
                                 } catch {
-                                    answers.add(id: id, .failure(.outcomeUnknown("\(error)")))
+                                    result = .failure(.outcomeUnknown("\(error)"))
                                 }
+                                answers.add(id: id, result, requestBytes: weight)
                             }
                         }
                     }
@@ -217,7 +301,7 @@ public enum AppendStream {
                     logger.debug("append stream: \(error)")
                 }
             }
-            // Every request has been answered (the discarding group waited for them): flush, then close.
+            // Every request has its answer (the discarding group waited for them): write them, then close.
             answers.finish()
             try await group.waitForAll()
         }

@@ -5,12 +5,12 @@ import Foundation
 /// Each write used to start a `Task` that slept until its deadline and was cancelled when the answer
 /// came: a task, a dispatch timer and a cancellation per request, on the hot path of every write. Here a
 /// deadline is an entry in a table; the thread sleeps until the earliest one and fires what is due.
-/// Cancelling removes the entry. Deadlines fire at most `slack` late.
+/// Cancelling removes the entry. Deadlines fire at most `slack` early (due ones are collected together).
 final class Deadlines: @unchecked Sendable {
     /// The process-wide instance.
     static let shared = Deadlines()
 
-    /// How late a deadline may fire (due entries are collected together).
+    /// How early a deadline may fire (due entries are collected together).
     let slack: Duration = .milliseconds(5)
     /// Guards everything below.
     private let condition = NSCondition()
@@ -65,7 +65,9 @@ final class Deadlines: @unchecked Sendable {
                 }
                 let now = clock.now
                 if now >= e { break }
-                let left = e - now
+                // At most 50 ms at a time: the wait is on the wall clock, which may step; the deadlines
+                // are on the monotonic one.
+                let left = min(e - now, .milliseconds(50))
                 let secs = Double(left.components.seconds) + Double(left.components.attoseconds) / 1e18
                 _ = condition.wait(until: Date(timeIntervalSinceNow: secs))
             }

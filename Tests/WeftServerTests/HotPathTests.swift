@@ -48,3 +48,56 @@ import WeftCore
         #expect(d.count == 0)
     }
 }
+
+/// The append stream's bookkeeping (issue 9 review): answers leave in frames no larger than the limit,
+/// a request's slot comes back only when its answer is written, and a failed writer stops the reader.
+@Suite struct AppendStreamBookkeepingTests {
+    @Test func answersAreCutIntoFramesAtTheLimitOnAnswerBoundaries() async throws {
+        let answers = AppendStream.Answers()
+        let refs = (0..<4096).map { RecordRef(index: UInt64($0), term: 1, stream: StreamID(1), seq: UInt64($0 + 1)) }
+        let n = 80  // 80 answers of 4096 records: about 10 MiB in all
+        for id in 0..<n { answers.add(id: UInt64(id), .success(refs), requestBytes: 10) }
+        answers.finish()
+        var seen = 0
+        var frames = 0
+        while let b = await answers.next() {
+            frames += 1
+            #expect(b.frame.readableBytes <= AppendStream.frameBytesMax)
+            #expect(b.bytes == b.count * 10)
+            // Whole answers only: the frame parses to exactly `count` answers.
+            var f = b.frame
+            var k = 0
+            while let _ = f.readInteger(endianness: .little, as: UInt64.self), let status = f.readInteger(as: UInt8.self),
+                let count = f.readInteger(endianness: .little, as: UInt32.self)
+            {
+                #expect(status == 0 && count == 4096)
+                f.moveReaderIndex(forwardBy: Int(count) * 32)
+                k += 1
+            }
+            #expect(k == b.count && f.readableBytes == 0)
+            seen += b.count
+        }
+        #expect(seen == n)
+        #expect(frames >= 3)
+    }
+
+    @Test func aSlotComesBackOnlyWhenItsAnswerIsWrittenAndClosingWakesTheReader() async throws {
+        let slots = AppendStream.Slots(max: 2, bytesMax: 100)
+        #expect(await slots.acquire(bytes: 60))
+        // Over the byte budget: waits.
+        let third = Task { await slots.acquire(bytes: 60) }
+        try await Task.sleep(for: .milliseconds(50))
+        #expect(slots.inUse == 1)
+        slots.release(count: 1, bytes: 60)
+        #expect(await third.value)
+        #expect(slots.inUse == 1)
+        // One request of any size is let through when nothing is in use.
+        slots.release(count: 1, bytes: 60)
+        #expect(await slots.acquire(bytes: 1000))
+        let blocked = Task { await slots.acquire(bytes: 1) }
+        try await Task.sleep(for: .milliseconds(50))
+        slots.close()
+        #expect(await blocked.value == false)
+        #expect(await slots.acquire(bytes: 1) == false)
+    }
+}
