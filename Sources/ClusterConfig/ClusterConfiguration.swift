@@ -164,7 +164,12 @@ public struct RaftTiming: Sendable, Equatable {
     public let electionTimeoutMaxMs: Int
     /// `raft.heartbeat_interval_ms`, less than half the minimum election timeout (default 50).
     public let heartbeatIntervalMs: Int
+    /// `raft.driver_threads`: threads that drive a node's replicas (1...256, default 2): a node's
+    /// shards share them, shard s on thread s % n (Docs/replication.md).
+    public var driverThreads: Int = RaftTiming.defaultDriverThreads
 
+    public static let defaultDriverThreads = 2
+    public static let driverThreadsMax = 256
     public static let defaultElectionTimeoutMinMs = 300
     public static let defaultElectionTimeoutMaxMs = 600
     public static let defaultHeartbeatIntervalMs = 50

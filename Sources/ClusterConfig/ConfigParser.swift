@@ -13,7 +13,7 @@ struct ConfigParser {
     static let clusterKeys = ["name", "shards", "replication", "secret", "founders"]
     static let apiKeys = ["operator_token"]
     static let storageKeys = ["data_dir", "fsync", "segment_bytes"]
-    static let raftKeys = ["election_timeout_min_ms", "election_timeout_max_ms", "heartbeat_interval_ms"]
+    static let raftKeys = ["election_timeout_min_ms", "election_timeout_max_ms", "heartbeat_interval_ms", "driver_threads"]
     static let nodeKeys = ["id", "peer_addr", "api_addr"]
 
     func parse(_ text: String) throws(ConfigError) -> ClusterConfiguration {
@@ -185,7 +185,15 @@ struct ConfigParser {
                 file: file, keyPath: "raft.heartbeat_interval_ms",
                 message: "must be less than half of \(minText), got \(heartbeatMs)\(heartbeatGiven ? "" : " (the default)")")
         }
-        return RaftTiming(electionTimeoutMinMs: minMs, electionTimeoutMaxMs: maxMs, heartbeatIntervalMs: heartbeatMs)
+        var timing = RaftTiming(electionTimeoutMinMs: minMs, electionTimeoutMaxMs: maxMs, heartbeatIntervalMs: heartbeatMs)
+        if let threads = try raft?.int("driver_threads") {
+            let allowed = 1...RaftTiming.driverThreadsMax
+            guard allowed.contains(threads) else {
+                throw ConfigError(file: file, keyPath: "raft.driver_threads", message: "must be \(rangeText(allowed)), got \(threads)")
+            }
+            timing.driverThreads = threads
+        }
+        return timing
     }
 
     private func parseNodes(_ root: TableReader) throws(ConfigError) -> [NodeConfig] {

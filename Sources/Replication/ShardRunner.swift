@@ -54,12 +54,15 @@ public enum ReadError: Error, Equatable, Sendable {
     case unavailable(String)
 }
 
-/// Runs one `ShardReplica` on a thread of its own: an inbox of inputs (peer messages, proposals, reads),
-/// a tick timer, and group commit — every input that arrived while the previous batch was being
-/// persisted is stepped together, then persisted with one write and one fdatasync, then the messages go.
+/// Runs one `ShardReplica`: an inbox of inputs (peer messages, proposals, reads), a tick timer, and group
+/// commit — every input that arrived while the previous batch was being persisted is stepped together,
+/// then persisted with one write and one fdatasync, then the messages go.
 ///
-/// `@unchecked Sendable`: the inbox and `stopped` are guarded by `condition`; the replica is touched only
-/// by the runner's thread.
+/// The turns run on a `DriverLane`: a thread that drives several replicas (those of one node share a
+/// few lanes), so one wake-up serves every replica with new input, instead of a thread per replica.
+///
+/// `@unchecked Sendable`: the inbox and the stop flags are guarded by `condition`; the replica is touched
+/// only by its lane's thread.
 public final class ShardRunner: @unchecked Sendable {
     public enum Input {
         case message(Message)
@@ -79,31 +82,34 @@ public final class ShardRunner: @unchecked Sendable {
 
     let replica: ShardReplica
     let send: @Sendable ([Message]) -> Void
-    let tick: Duration
     let logger: Logger
+    let lane: DriverLane
     let condition = NSCondition()
     var inbox: [Input] = []
     var stopped = false
     /// Why the runner stopped, when it was not asked to (a storage failure).
     var stopReason: String?
-    var thread: Thread?
     let finished = NSCondition()
     var done = false
+    var started = false
+    /// The replica had work left after its last turn (the lane runs it again before waiting).
+    var more = false
 
-    public init(replica: ShardReplica, tick: Duration, logger: Logger, send: @escaping @Sendable ([Message]) -> Void) {
+    /// `lane`: the thread that drives it (nil: a lane of its own, ticking every `tick`).
+    public init(
+        replica: ShardReplica, tick: Duration, logger: Logger, lane: DriverLane? = nil, send: @escaping @Sendable ([Message]) -> Void
+    ) {
         self.replica = replica
-        self.tick = tick
+        self.lane = lane ?? DriverLane(name: "weft-shard-\(replica.shard)", tick: tick)
         self.logger = logger
         self.send = send
     }
 
     public func start() {
-        let t = Thread { [self] in self.loop() }
-        t.name = "weft-shard-\(replica.shard)"
         finished.lock()
-        thread = t
+        started = true
         finished.unlock()
-        t.start()
+        lane.add(self)
     }
 
     /// Thread-safe; never blocks on IO.
@@ -116,8 +122,8 @@ public final class ShardRunner: @unchecked Sendable {
             return
         }
         inbox.append(input)
-        condition.signal()
         condition.unlock()
+        lane.wake(self)
     }
 
     /// Answers an input the replica never took: nothing of it reached Raft, so a write is safe to retry.
@@ -132,95 +138,113 @@ public final class ShardRunner: @unchecked Sendable {
         }
     }
 
-    /// How long `stop` waits for the shard thread to finish its current turn (an fdatasync on a sick disk
-    /// can take longer: then the process exits without it, and recovery at the next open covers it).
+    /// How long `stop` waits for the lane to finish the replica's current turn (an fdatasync on a sick
+    /// disk can take longer: then the process exits without it, and recovery at the next open covers it).
     public static let stopWaitMax: Duration = .seconds(5)
 
-    /// Stops the thread after the current turn and closes the store; returns within `stopWaitMax`
-    /// whatever the thread is doing (false if it had not finished by then).
+    /// Stops the replica after its current turn and closes the store; returns within `stopWaitMax`
+    /// whatever the lane is doing (false if it had not finished by then).
     @discardableResult
     public func stop() -> Bool {
         condition.lock()
         stopped = true
-        condition.signal()
         condition.unlock()
+        finished.lock()
+        let wasStarted = started
+        finished.unlock()
+        guard wasStarted else {
+            // Never driven: close it here.
+            finishStop("shard \(replica.shard) is stopping")
+            return true
+        }
+        lane.wake(self)
         let end = Date(timeIntervalSinceNow: Double(Self.stopWaitMax.components.seconds))
         finished.lock()
         defer { finished.unlock() }
-        while !done && thread != nil {
+        while !done {
             if !finished.wait(until: end) { break }
         }
-        if !done && thread != nil {
-            logger.error("shard \(replica.shard): the shard thread did not finish its turn within \(Self.stopWaitMax); not waiting longer")
+        if !done {
+            logger.error("shard \(replica.shard): the shard's lane did not finish its turn within \(Self.stopWaitMax); not waiting longer")
         }
-        return done || thread == nil
+        return done
     }
 
-    func loop() {
-        let clock = ContinuousClock()
-        var nextTick = clock.now + tick
-        var more = false
-        while true {
-            condition.lock()
-            while inbox.isEmpty && !stopped && !more && clock.now < nextTick {
-                let left = nextTick - clock.now
-                let secs = Double(left.components.seconds) + Double(left.components.attoseconds) / 1e18
-                _ = condition.wait(until: Date(timeIntervalSinceNow: max(secs, 0)))
-            }
-            let batch = inbox
-            inbox = []
-            let stop = stopped
-            condition.unlock()
-            if stop {
-                for i in batch { fail(i, "shard \(replica.shard) is stopping") }
-                break
-            }
-            if !batch.isEmpty {
-                replica.stats.wakeups += 1
-                replica.stats.inputs += UInt64(batch.count)
-            }
-            // Proposals that arrived together become one Raft proposal (one append per follower, one
-            // entry run in the next fdatasync), each request still answered on its own.
-            var group: [(proposals: [Proposal], done: (Result<[Record], ReplicationError>) -> Void)] = []
-            for input in batch {
-                if case .propose(let ps, let cb) = input {
-                    group.append((ps, { cb($0) }))
-                    continue
-                }
-                if !group.isEmpty {
-                    replica.proposeGroup(group)
-                    group = []
-                }
-                handle(input)
-            }
-            if !group.isEmpty { replica.proposeGroup(group) }
-            if clock.now >= nextTick {
-                replica.tick()
-                replica.scrub()
-                nextTick = clock.now + tick
-            }
-            do {
-                try replica.process(send: send)
-                more = replica.hasPendingWork
-            } catch {
-                // The store refuses writes after an IO failure, or committed entries stayed unreadable:
-                // stop serving this shard (the node serves its others).
-                logger.critical("shard \(replica.shard): storage failed, stopping the replica: \(error)")
-                condition.lock()
-                stopped = true
-                stopReason = "shard \(replica.shard) stopped after a storage failure: \(error)"
-                let rest = inbox
-                inbox = []
-                condition.unlock()
-                for i in rest { fail(i, "shard \(replica.shard) stopped after a storage failure: \(error)") }
-                break
-            }
+    /// Fails what is left, closes the replica, and tells `stop` (once).
+    func finishStop(_ why: String) {
+        finished.lock()
+        if done {
+            finished.unlock()
+            return
         }
+        finished.unlock()
+        condition.lock()
+        let rest = inbox
+        inbox = []
+        condition.unlock()
+        for i in rest { fail(i, why) }
         replica.close()
         finished.lock()
         done = true
         finished.broadcast()
         finished.unlock()
+        lane.remove(self)
+    }
+
+    /// One turn on the lane's thread: the inputs that arrived, a tick when due, then the driver.
+    func turn(tickDue: Bool) {
+        condition.lock()
+        let batch = inbox
+        inbox = []
+        let stop = stopped
+        condition.unlock()
+        finished.lock()
+        let isDone = done
+        finished.unlock()
+        if isDone { return }
+        if stop {
+            for i in batch { fail(i, "shard \(replica.shard) is stopping") }
+            finishStop(stopReason ?? "shard \(replica.shard) is stopping")
+            return
+        }
+        if !batch.isEmpty {
+            replica.stats.wakeups += 1
+            replica.stats.inputs += UInt64(batch.count)
+        }
+        // Proposals that arrived together become one Raft proposal (one append per follower, one
+        // entry run in the next fdatasync), each request still answered on its own.
+        var group: [(proposals: [Proposal], done: (Result<[Record], ReplicationError>) -> Void)] = []
+        for input in batch {
+            if case .propose(let ps, let cb) = input {
+                group.append((ps, { cb($0) }))
+                continue
+            }
+            if !group.isEmpty {
+                replica.proposeGroup(group)
+                group = []
+            }
+            handle(input)
+        }
+        if !group.isEmpty { replica.proposeGroup(group) }
+        if tickDue {
+            replica.tick()
+            replica.scrub()
+        }
+        do {
+            try replica.process(send: send)
+            more = replica.hasPendingWork
+        } catch {
+            // The store refuses writes after an IO failure, or committed entries stayed unreadable:
+            // stop serving this shard (the node serves its others).
+            logger.critical("shard \(replica.shard): storage failed, stopping the replica: \(error)")
+            let why = "shard \(replica.shard) stopped after a storage failure: \(error)"
+            condition.lock()
+            stopped = true
+            stopReason = why
+            condition.unlock()
+            more = false
+            finishStop(why)
+        }
     }
 
     func handle(_ input: Input) {
@@ -246,6 +270,95 @@ public final class ShardRunner: @unchecked Sendable {
             }
         case .catchUpReport(let to, let transfer, let failed):
             replica.reportCatchUp(to: to, transfer: transfer, failed: failed)
+        }
+    }
+}
+
+/// A thread that drives several `ShardRunner`s: it sleeps until one has input (or work left, or the
+/// tick is due), then gives each of those a turn, in the order they asked. A node runs its replicas on
+/// a few lanes (`[raft] driver_threads`), so new input for many shards costs one wake-up, and one
+/// replica's turn (its fdatasync) delays the others on its lane by that much: the batching of one
+/// shard's turn extends to the lane's.
+///
+/// `@unchecked Sendable`: everything is guarded by `condition`.
+public final class DriverLane: @unchecked Sendable {
+    let name: String
+    let tick: Duration
+    let condition = NSCondition()
+    var runners: [ObjectIdentifier: ShardRunner] = [:]
+    var ready: [ShardRunner] = []
+    var queued: Set<ObjectIdentifier> = []
+    var thread: Thread?
+
+    public init(name: String, tick: Duration) {
+        self.name = name
+        self.tick = tick
+    }
+
+    func add(_ r: ShardRunner) {
+        condition.lock()
+        runners[ObjectIdentifier(r)] = r
+        if thread == nil {
+            let t = Thread { [self] in loop() }
+            t.name = name
+            thread = t
+            t.start()
+        }
+        enqueue(r)
+        condition.unlock()
+    }
+
+    func remove(_ r: ShardRunner) {
+        condition.lock()
+        runners[ObjectIdentifier(r)] = nil
+        condition.unlock()
+    }
+
+    /// Under `condition`.
+    private func enqueue(_ r: ShardRunner) {
+        if queued.insert(ObjectIdentifier(r)).inserted {
+            ready.append(r)
+            condition.signal()
+        }
+    }
+
+    func wake(_ r: ShardRunner) {
+        condition.lock()
+        if runners[ObjectIdentifier(r)] != nil { enqueue(r) }
+        condition.unlock()
+    }
+
+    func loop() {
+        let clock = ContinuousClock()
+        var nextTick = clock.now + tick
+        while true {
+            condition.lock()
+            while ready.isEmpty && clock.now < nextTick {
+                let left = nextTick - clock.now
+                let secs = Double(left.components.seconds) + Double(left.components.attoseconds) / 1e18
+                _ = condition.wait(until: Date(timeIntervalSinceNow: max(secs, 0)))
+            }
+            let tickDue = clock.now >= nextTick
+            var batch = ready
+            ready = []
+            queued = []
+            if tickDue {
+                // Every replica of the lane ticks, whether it had input or not.
+                let inBatch = Set(batch.map(ObjectIdentifier.init))
+                for (id, r) in runners where !inBatch.contains(id) { batch.append(r) }
+            }
+            condition.unlock()
+            for r in batch { r.turn(tickDue: tickDue) }
+            if tickDue { nextTick = clock.now + tick }
+            condition.lock()
+            for r in batch where r.more && runners[ObjectIdentifier(r)] != nil { enqueue(r) }
+            if runners.isEmpty && ready.isEmpty {
+                // Every replica stopped: the thread ends (a runner added later starts another).
+                thread = nil
+                condition.unlock()
+                return
+            }
+            condition.unlock()
         }
     }
 }

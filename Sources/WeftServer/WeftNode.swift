@@ -47,6 +47,8 @@ public final class WeftNode: Sendable {
     let started = NIOLockedValueBox(false)
     let openLock = NIOLock()
     let logger: Logger
+    /// The threads that drive this node's replicas (replica of shard s on `lanes[s % lanes.count]`).
+    let lanes: [DriverLane]
     /// Last leader seen per shard (a hint for forwarding; refreshed from each runner's answers).
     let leaderHints = NIOLockedValueBox<[ShardID: NodeID]>([:])
 
@@ -94,6 +96,9 @@ public final class WeftNode: Sendable {
                 }
             })
         runnerBox = NIOLockedValueBox([:])
+        let laneCount = max(1, min(config.raft.driverThreads, config.shards))
+        let tick = Duration.milliseconds(max(1, config.raft.heartbeatIntervalMs))
+        lanes = (0..<laneCount).map { DriverLane(name: "weft-driver-\($0)", tick: tick) }
         box.withLockedValue { $0 = self }
         // One shard's trouble (a damaged file, a replica that cannot open) must not stop the others.
         for shard in config.shards(hostedBy: id) {
@@ -189,7 +194,9 @@ public final class WeftNode: Sendable {
             ship.start(shard: shard, to: to, transfer: transfer, files: files, snapshot: snapshot)
         }
         replica.cancelCatchUps = { ship.cancel(shard: shard) }
-        let runner = ShardRunner(replica: replica, tick: .milliseconds(tickMs), logger: shardLogger) { msgs in
+        let runner = ShardRunner(
+            replica: replica, tick: .milliseconds(tickMs), logger: shardLogger, lane: lanes[Int(shard.rawValue % UInt64(lanes.count))]
+        ) { msgs in
             for m in msgs { t.send(to: m.to, shard: shard.rawValue, payload: Envelope.raft(m).encode()) }
         }
         runnerBox.withLockedValue { $0[shard] = runner }

@@ -14,6 +14,7 @@ import WeftCore
         #expect(config.secret == "change-me-local-only")
         #expect(config.storage == StorageConfig(dataDir: root + "/data", fsync: .everyBatch, segmentBytes: 67_108_864))
         #expect(config.raft == RaftTiming(electionTimeoutMinMs: 300, electionTimeoutMaxMs: 600, heartbeatIntervalMs: 50))
+        #expect(config.raft.driverThreads == 2)
         #expect(config.nodes.map(\.id) == [NodeID(1), NodeID(2), NodeID(3)])
         #expect(config.node(NodeID(2))?.peerAddress == HostPort(host: "127.0.0.1", port: 7102))
         #expect(config.node(NodeID(3))?.apiAddress.description == "127.0.0.1:8103")
@@ -28,6 +29,7 @@ import WeftCore
         #expect(config.replication == 3)
         #expect(config.storage == StorageConfig(dataDir: "/etc/weft/data", fsync: .everyBatch, segmentBytes: 64 << 20))
         #expect(config.raft == RaftTiming(electionTimeoutMinMs: 300, electionTimeoutMaxMs: 600, heartbeatIntervalMs: 50))
+        #expect(config.raft.driverThreads == 2)
 
         // Empty [storage] and [raft] tables behave like missing ones.
         let empty = try ClusterConfiguration.parse(document(storage: "", raft: ""), configPath: "/etc/weft/cluster.toml")
@@ -38,12 +40,14 @@ import WeftCore
         let text = document(
             cluster: "name = \"prod\"\nshards = 1024\nreplication = 2\nsecret = \"\(validSecret)\"",
             storage: "data_dir = \"/var/lib/weft\"\nfsync = \"every_n_batches:16\"\nsegment_bytes = 4096",
-            raft: "election_timeout_min_ms = 1000\nelection_timeout_max_ms = 1001\nheartbeat_interval_ms = 499")
+            raft: "election_timeout_min_ms = 1000\nelection_timeout_max_ms = 1001\nheartbeat_interval_ms = 499\ndriver_threads = 7")
         let config = try ClusterConfiguration.parse(text, configPath: "cluster.toml")
         #expect(config.shards == 1024)
         #expect(config.replication == 2)
         #expect(config.storage == StorageConfig(dataDir: "/var/lib/weft", fsync: .everyBatches(16), segmentBytes: 4096))
-        #expect(config.raft == RaftTiming(electionTimeoutMinMs: 1000, electionTimeoutMaxMs: 1001, heartbeatIntervalMs: 499))
+        var timing = RaftTiming(electionTimeoutMinMs: 1000, electionTimeoutMaxMs: 1001, heartbeatIntervalMs: 499)
+        timing.driverThreads = 7
+        #expect(config.raft == timing)
         #expect(config.dataDirectory(for: NodeID(3)) == "/var/lib/weft/3")
 
         let never = try ClusterConfiguration.parse(document(storage: "fsync = \"never\""), configPath: "cluster.toml")

@@ -84,6 +84,8 @@ let rejections: [Rejection] = [
     Rejection("raft.heartbeat_interval_ms", "must be less than half of raft.election_timeout_min_ms (300, the default), got 150", document(raft: "heartbeat_interval_ms = 150")),
     Rejection("raft.heartbeat_interval_ms", "must be less than half of raft.election_timeout_min_ms (101), got 51", document(raft: "election_timeout_min_ms = 101\nheartbeat_interval_ms = 51")),
     Rejection("raft.heartbeat_interval_ms", "must be 1...3600000, got 0", document(raft: "heartbeat_interval_ms = 0")),
+    Rejection("raft.driver_threads", "must be 1...256, got 0", document(raft: "driver_threads = 0")),
+    Rejection("raft.driver_threads", "must be 1...256, got 1000", document(raft: "driver_threads = 1000")),
     Rejection("raft.heartbeat_interval_ms", "must be less than half of raft.election_timeout_min_ms (90), got 50 (the default)", document(raft: "election_timeout_min_ms = 90")),
     Rejection("raft.heartbeat_interval_ms", "expected an integer, got a string", document(raft: "heartbeat_interval_ms = \"50ms\"")),
     Rejection("raft.heartbeat_ms", "unknown key", document(raft: "heartbeat_ms = 50")),
