@@ -90,7 +90,10 @@ public final class ShardRunner: @unchecked Sendable {
     /// Why the runner stopped, when it was not asked to (a storage failure).
     var stopReason: String?
     let finished = NSCondition()
+    /// `closing`: a thread has begun closing the replica (only one ever does); `done`: it is closed.
+    var closing = false
     var done = false
+    /// Guarded by `condition`, with `stopped`.
     var started = false
     /// The replica had work left after its last turn (the lane runs it again before waiting).
     var more = false
@@ -106,9 +109,14 @@ public final class ShardRunner: @unchecked Sendable {
     }
 
     public func start() {
-        finished.lock()
+        condition.lock()
+        // Stopped before it started (a shutdown racing a join): it never runs.
+        if stopped || started {
+            condition.unlock()
+            return
+        }
         started = true
-        finished.unlock()
+        condition.unlock()
         lane.add(self)
     }
 
@@ -146,19 +154,28 @@ public final class ShardRunner: @unchecked Sendable {
     /// whatever the lane is doing (false if it had not finished by then).
     @discardableResult
     public func stop() -> Bool {
+        requestStop()
+        return waitStopped(until: Date(timeIntervalSinceNow: Double(Self.stopWaitMax.components.seconds)))
+    }
+
+    /// The first half of `stop`: the replica stops after its current turn (a node stops all its replicas
+    /// this way, then waits for them together).
+    public func requestStop() {
         condition.lock()
         stopped = true
-        condition.unlock()
-        finished.lock()
         let wasStarted = started
-        finished.unlock()
-        guard wasStarted else {
-            // Never driven: close it here.
+        condition.unlock()
+        if wasStarted {
+            lane.wake(self)
+        } else {
+            // Never driven (and now never will be): close it here.
             finishStop("shard \(replica.shard) is stopping")
-            return true
         }
-        lane.wake(self)
-        let end = Date(timeIntervalSinceNow: Double(Self.stopWaitMax.components.seconds))
+    }
+
+    /// Waits until the replica is closed or `end` passes; true if it is closed.
+    @discardableResult
+    public func waitStopped(until end: Date) -> Bool {
         finished.lock()
         defer { finished.unlock() }
         while !done {
@@ -173,10 +190,11 @@ public final class ShardRunner: @unchecked Sendable {
     /// Fails what is left, closes the replica, and tells `stop` (once).
     func finishStop(_ why: String) {
         finished.lock()
-        if done {
+        if closing {
             finished.unlock()
             return
         }
+        closing = true
         finished.unlock()
         condition.lock()
         let rest = inbox
@@ -192,7 +210,7 @@ public final class ShardRunner: @unchecked Sendable {
     }
 
     /// One turn on the lane's thread: the inputs that arrived, a tick when due, then the driver.
-    func turn(tickDue: Bool) {
+    func turn(tickDue: Bool, scrub: Bool = false) {
         condition.lock()
         let batch = inbox
         inbox = []
@@ -226,10 +244,8 @@ public final class ShardRunner: @unchecked Sendable {
             handle(input)
         }
         if !group.isEmpty { replica.proposeGroup(group) }
-        if tickDue {
-            replica.tick()
-            replica.scrub()
-        }
+        if tickDue { replica.tick() }
+        if scrub { replica.scrub() }
         do {
             try replica.process(send: send)
             more = replica.hasPendingWork
@@ -331,6 +347,9 @@ public final class DriverLane: @unchecked Sendable {
     func loop() {
         let clock = ContinuousClock()
         var nextTick = clock.now + tick
+        // The background scrub reads `scrubBytesPerTick` per tick for one replica of the lane at a time,
+        // in turn (a lane with many replicas must not read a MiB for each of them on every tick).
+        var scrubTurn = 0
         while true {
             condition.lock()
             while ready.isEmpty && clock.now < nextTick {
@@ -338,18 +357,27 @@ public final class DriverLane: @unchecked Sendable {
                 let secs = Double(left.components.seconds) + Double(left.components.attoseconds) / 1e18
                 _ = condition.wait(until: Date(timeIntervalSinceNow: max(secs, 0)))
             }
-            let tickDue = clock.now >= nextTick
+            let now = clock.now
+            let tickDue = now >= nextTick
             var batch = ready
             ready = []
             queued = []
+            var scrubbing: ObjectIdentifier?
             if tickDue {
-                // Every replica of the lane ticks, whether it had input or not.
+                // Every replica of the lane ticks, whether it had input or not. The next tick is due
+                // one interval after this one was (not after this round's turns and fdatasyncs), so
+                // heartbeats keep their pace while the lane is busy.
+                nextTick = max(nextTick + tick, now)
                 let inBatch = Set(batch.map(ObjectIdentifier.init))
                 for (id, r) in runners where !inBatch.contains(id) { batch.append(r) }
+                let order = runners.values.sorted { $0.replica.shard < $1.replica.shard }
+                if !order.isEmpty {
+                    scrubbing = ObjectIdentifier(order[scrubTurn % order.count])
+                    scrubTurn &+= 1
+                }
             }
             condition.unlock()
-            for r in batch { r.turn(tickDue: tickDue) }
-            if tickDue { nextTick = clock.now + tick }
+            for r in batch { r.turn(tickDue: tickDue, scrub: ObjectIdentifier(r) == scrubbing) }
             condition.lock()
             for r in batch where r.more && runners[ObjectIdentifier(r)] != nil { enqueue(r) }
             if runners.isEmpty && ready.isEmpty {

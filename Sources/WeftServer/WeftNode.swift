@@ -1,4 +1,5 @@
 import ClusterConfig
+import Foundation
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
@@ -47,8 +48,9 @@ public final class WeftNode: Sendable {
     let started = NIOLockedValueBox(false)
     let openLock = NIOLock()
     let logger: Logger
-    /// The threads that drive this node's replicas (replica of shard s on `lanes[s % lanes.count]`).
+    /// The threads that drive this node's replicas, and how many replicas each was given.
     let lanes: [DriverLane]
+    let laneLoad: NIOLockedValueBox<[Int]>
     /// Last leader seen per shard (a hint for forwarding; refreshed from each runner's answers).
     let leaderHints = NIOLockedValueBox<[ShardID: NodeID]>([:])
 
@@ -99,6 +101,7 @@ public final class WeftNode: Sendable {
         let laneCount = max(1, min(config.raft.driverThreads, config.shards))
         let tick = Duration.milliseconds(max(1, config.raft.heartbeatIntervalMs))
         lanes = (0..<laneCount).map { DriverLane(name: "weft-driver-\($0)", tick: tick) }
+        laneLoad = NIOLockedValueBox(Array(repeating: 0, count: laneCount))
         box.withLockedValue { $0 = self }
         // One shard's trouble (a damaged file, a replica that cannot open) must not stop the others.
         for shard in config.shards(hostedBy: id) {
@@ -194,9 +197,14 @@ public final class WeftNode: Sendable {
             ship.start(shard: shard, to: to, transfer: transfer, files: files, snapshot: snapshot)
         }
         replica.cancelCatchUps = { ship.cancel(shard: shard) }
-        let runner = ShardRunner(
-            replica: replica, tick: .milliseconds(tickMs), logger: shardLogger, lane: lanes[Int(shard.rawValue % UInt64(lanes.count))]
-        ) { msgs in
+        // The lane with the fewest replicas (placement can give a node shards that share a factor with
+        // the lane count, and replicas join later).
+        let lane = laneLoad.withLockedValue { load -> DriverLane in
+            let k = load.indices.min { load[$0] < load[$1] } ?? 0
+            load[k] += 1
+            return lanes[k]
+        }
+        let runner = ShardRunner(replica: replica, tick: .milliseconds(tickMs), logger: shardLogger, lane: lane) { msgs in
             for m in msgs { t.send(to: m.to, shard: shard.rawValue, payload: Envelope.raft(m).encode()) }
         }
         runnerBox.withLockedValue { $0[shard] = runner }
@@ -239,7 +247,15 @@ public final class WeftNode: Sendable {
 
     public func stop() async {
         shipper.stop()
-        for r in allRunners.values { r.stop() }
+        // Every replica stops after its current turn; then one shared wait (a lane stuck in a slow
+        // fdatasync costs the node `stopWaitMax` once, not once per replica on it).
+        let rs = Array(allRunners.values)
+        for r in rs { r.requestStop() }
+        let end = Date(timeIntervalSinceNow: Double(ShardRunner.stopWaitMax.components.seconds))
+        for r in rs where !r.waitStopped(until: end) {
+            logger.error("a replica did not finish its turn within \(ShardRunner.stopWaitMax); not waiting longer")
+            break
+        }
         forwarder.close()
         await transport.stop()
     }
@@ -459,11 +475,19 @@ public final class WeftNode: Sendable {
         for n in config.nodes { nodes.append(NodeReach(id: n.id.rawValue, reachable: n.id == id || transport.reachable(n.id))) }
         var shards: [ShardStatus] = []
         let rs = allRunners
-        for shard in rs.keys.sorted() {
-            guard let r = rs[shard] else { continue }
-            let s: ShardStatus? = await Self.untilDeadline(.now + .seconds(2), late: nil) { finish in
-                r.submit(.status { finish($0) })
+        // Asked all at once, one shared deadline (replicas on a busy lane answer together).
+        let deadline = ContinuousClock.now + .seconds(2)
+        let answers = await withTaskGroup(of: (ShardID, ShardStatus?).self) { group in
+            for (shard, r) in rs {
+                group.addTask {
+                    (shard, await Self.untilDeadline(deadline, late: nil) { finish in r.submit(.status { finish($0) }) })
+                }
             }
+            var out: [(ShardID, ShardStatus?)] = []
+            for await a in group { out.append(a) }
+            return out
+        }
+        for (shard, s) in answers {
             if let s {
                 shards.append(s)
                 if let l = s.leader { leaderHints.withLockedValue { $0[shard] = l } }
