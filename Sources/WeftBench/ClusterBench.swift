@@ -208,11 +208,21 @@ public struct ClusterBench {
         if stream {
             // One WebSocket per node (fewer if fewer requests are in flight) on the append stream;
             // `inflight` requests outstanding in all.
-            let n = min(nodes.count, inflight)
-            let loads = (0..<n).map { k in
+            // With `toLeader`, request r goes on the connection to its shard's leader, and each
+            // connection gets its share of `inflight`.
+            let n = toLeader ? nodes.count : min(nodes.count, inflight)
+            let assigned: [[Int]] = (0..<n).map { k in
+                toLeader
+                    ? (0..<requests).filter { leaders[$0 % shards] == nodes[k].id.rawValue }
+                    : Array(stride(from: k, to: requests, by: n))
+            }
+            let loads = (0..<n).filter { !assigned[$0].isEmpty }.map { k in
                 StreamLoad(
                     url: "ws://\(nodes[k].apiAddress.host):\(nodes[k].apiAddress.port)/api/v1/append-stream", token: token, shards: shards,
-                    requestNumbers: Array(stride(from: k, to: requests, by: n)), inflight: max(1, (inflight + n - 1 - k) / n),
+                    requestNumbers: assigned[k],
+                    inflight: toLeader
+                        ? max(1, Int((Double(inflight) * Double(assigned[k].count) / Double(max(requests, 1))).rounded()))
+                        : max(1, (inflight + n - 1 - k) / n),
                     body: { r in bodies.binaryBody(records: batch, seed: r) })
             }
             let outcomes = try await withThrowingTaskGroup(of: StreamLoad.Outcome.self) { group in

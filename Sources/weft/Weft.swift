@@ -161,7 +161,7 @@ struct BenchLog: AsyncParsableCommand {
     var jsonOut: String?
 
     func validate() throws {
-        if stream && (toLeader || json) { throw ValidationError("--stream sends binary records over one WebSocket per node: it takes neither --to-leader nor --json") }
+        if stream && json { throw ValidationError("--stream sends binary records over one WebSocket per node: it does not take --json") }
         guard records > 0, inflight > 0, inflight <= 4096, batch > 0, batch <= 65_536 else {
             throw ValidationError("--records, --inflight (<= 4096) and --batch (<= 65536) must be positive")
         }
