@@ -132,7 +132,10 @@ let package = Package(
                 .product(name: "NIOCore", package: "swift-nio"),
             ],
             swiftSettings: strict),
-        .testTarget(name: "WeftServerTests", dependencies: ["WeftServer", "Raft", "WeftCore"], swiftSettings: strict),
+        .testTarget(
+            name: "WeftServerTests",
+            dependencies: ["WeftServer", "Raft", "WeftCore", .product(name: "Prometheus", package: "swift-prometheus")],
+            swiftSettings: strict),
         .testTarget(name: "ToolTests", dependencies: ["SegmentStore", "SegmentFormat", "WeftTesting"], swiftSettings: strict),
     ]
 )

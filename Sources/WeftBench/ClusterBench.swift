@@ -45,14 +45,19 @@ public struct ClusterBench {
         return "http://\(a.host):\(a.port)"
     }
 
+    /// The `shards` of node `n`'s `/api/v1/cluster/status`, or nil when it does not answer.
+    func statusShards(of n: UInt64) async -> [[String: Any]]? {
+        guard let url = URL(string: api(n) + "/api/v1/cluster/status"),
+            let (data, _) = try? await session.data(for: operatorRequest(url, token: config.operatorToken)),
+            let obj = try? JSONSerialization.jsonObject(with: data) as? [String: Any]
+        else { return nil }
+        return obj["shards"] as? [[String: Any]]
+    }
+
     /// Leader of `shard` per its own report, or nil.
     func leader(of shard: Int) async -> UInt64? {
         for n in config.nodes {
-            guard let url = URL(string: api(n.id.rawValue) + "/api/v1/cluster/status"),
-                let (data, _) = try? await session.data(for: operatorRequest(url, token: config.operatorToken)),
-                let obj = try? JSONSerialization.jsonObject(with: data) as? [String: Any],
-                let shards = obj["shards"] as? [[String: Any]]
-            else { continue }
+            guard let shards = await statusShards(of: n.id.rawValue) else { continue }
             if shards.contains(where: { ($0["id"] as? Int) == shard && ($0["role"] as? String) == "leader" }) { return n.id.rawValue }
         }
         return nil
@@ -62,12 +67,7 @@ public struct ClusterBench {
     func replicaCounters() async -> [String: Double] {
         var sum: [String: Double] = [:]
         for n in config.nodes {
-            guard let url = URL(string: api(n.id.rawValue) + "/api/v1/cluster/status"),
-                let (data, _) = try? await session.data(for: operatorRequest(url, token: config.operatorToken)),
-                let obj = try? JSONSerialization.jsonObject(with: data) as? [String: Any],
-                let shards = obj["shards"] as? [[String: Any]]
-            else { continue }
-            for s in shards {
+            for s in await statusShards(of: n.id.rawValue) ?? [] {
                 guard let stats = s["stats"] as? [String: Any] else { continue }
                 for (k, v) in stats { if let x = v as? Double { sum[k, default: 0] += x } else if let x = v as? Int { sum[k, default: 0] += Double(x) } }
             }

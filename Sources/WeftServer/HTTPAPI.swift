@@ -232,7 +232,9 @@ public enum HTTPAPI {
 
         let replicaCounters = ReplicaCounters(registry: registry)
         router.get("/metrics") { _, _ -> Response in
-            replicaCounters.update(await node.status().shards)
+            // At most once a second (the route is open to anyone: a scrape storm must not turn into
+            // a status request to every replica per scrape).
+            if replicaCounters.due() { replicaCounters.update(await node.status().shards) }
             var out: [UInt8] = []
             registry.emit(into: &out)
             return Response(
@@ -424,7 +426,20 @@ final class ReplicaCounters: Sendable {
     let registry: PrometheusCollectorRegistry
     let last = NIOLockedValueBox<[String: UInt64]>([:])
 
+    /// When the counters were last brought up to date.
+    let lastUpdate = NIOLockedValueBox<ContinuousClock.Instant?>(nil)
+
     init(registry: PrometheusCollectorRegistry) { self.registry = registry }
+
+    /// True (and the clock restarts) when the last update is a second old or more.
+    func due() -> Bool {
+        lastUpdate.withLockedValue { last in
+            let now = ContinuousClock.now
+            if let l = last, now - l < .seconds(1) { return false }
+            last = now
+            return true
+        }
+    }
 
     static let fields: [(name: String, help: String, value: @Sendable (ReplicaStats) -> UInt64)] = [
         ("weft_replica_wakeups", "Shard thread wake-ups with inputs", { $0.wakeups }),

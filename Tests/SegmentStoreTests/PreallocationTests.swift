@@ -18,17 +18,22 @@ import WeftTesting
         return o
     }
 
+    /// `batches` batches of `count` records appended to `store` and to `model`.
+    func fill(_ store: SegmentStore, _ model: inout LogModel, _ rng: inout SeededRNG, batches: Int, count: Int) throws {
+        for _ in 0..<batches {
+            let batch = model.makeBatch(count: count, rng: &rng)
+            try store.append(batch)
+            model.apply(batch)
+        }
+    }
+
     @Test func zerosAheadAreCutAtSealAndAtOpenWithoutAWarning() throws {
         let disk = SimulatedDisk()
         var rng = SeededRNG(seed: 91)
         let logged = Logged()
         var store = try SegmentStore(directory: simDirectory, options: options(4 << 10), disk: disk) { logged.lines.append($0) }
         var model = LogModel()
-        for _ in 0..<5 {
-            let batch = model.makeBatch(count: 4, rng: &rng)
-            try store.append(batch)
-            model.apply(batch)
-        }
+        try fill(store, &model, &rng, batches: 5, count: 4)
         let active = try #require(try disk.list(simDirectory).filter { $0.hasSuffix(".seg") }.sorted().last)
         let bytes = try #require(disk.contents(simDirectory + "/" + active))
         let files = try segmentFiles(disk)
@@ -46,11 +51,7 @@ import WeftTesting
         #expect(!logged.lines.contains { $0.contains("torn") }, "\(logged.lines)")
 
         // Roll a few segments: every sealed file ends exactly with its last block.
-        for _ in 0..<120 {
-            let batch = model.makeBatch(count: 6, rng: &rng)
-            try store.append(batch)
-            model.apply(batch)
-        }
+        try fill(store, &model, &rng, batches: 120, count: 6)
         let all = try segmentFiles(disk)
         #expect(all.count >= 3)
         for f in all.dropLast() {
@@ -70,11 +71,7 @@ import WeftTesting
         var rng = SeededRNG(seed: 92)
         var store = try SegmentStore(directory: simDirectory, options: options(4 << 10), disk: disk)
         var model = LogModel()
-        for _ in 0..<3 {
-            let batch = model.makeBatch(count: 3, rng: &rng)
-            try store.append(batch)
-            model.apply(batch)
-        }
+        try fill(store, &model, &rng, batches: 3, count: 3)
         store.close()
         let name = try #require(try disk.list(simDirectory).first { $0.hasSuffix(".seg") })
         var bytes = try #require(disk.contents(simDirectory + "/" + name))
@@ -91,11 +88,7 @@ import WeftTesting
         var rng = SeededRNG(seed: 93)
         let store = try SegmentStore(directory: simDirectory, options: options(4 << 10), disk: disk)
         var model = LogModel()
-        for _ in 0..<3 {
-            let batch = model.makeBatch(count: 3, rng: &rng)
-            try store.append(batch)
-            model.apply(batch)
-        }
+        try fill(store, &model, &rng, batches: 3, count: 3)
         let name = try #require(try disk.list(simDirectory).first { $0.hasSuffix(".seg") })
         let bytes = try #require(disk.contents(simDirectory + "/" + name))
         let end = try #require(try segmentFiles(disk).last?.blocks.last.map { Int($0.offset) + $0.bytes.count })

@@ -1,4 +1,5 @@
 import Foundation
+import Prometheus
 import Testing
 import WeftCore
 
@@ -99,5 +100,17 @@ import WeftCore
         slots.close()
         #expect(await blocked.value == false)
         #expect(await slots.acquire(bytes: 1) == false)
+    }
+}
+
+/// `/metrics` is open to anyone: the replica counters are refreshed from the replicas at most once a second.
+@Suite struct MetricsRefreshTests {
+    @Test func replicaCountersRefreshAtMostOnceASecond() async throws {
+        let counters = ReplicaCounters(registry: PrometheusCollectorRegistry())
+        #expect(counters.due())
+        #expect(!counters.due())
+        #expect(!counters.due())
+        try await Task.sleep(for: .milliseconds(1100))
+        #expect(counters.due())
     }
 }
