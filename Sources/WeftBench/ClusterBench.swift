@@ -138,6 +138,34 @@ public struct ClusterBench {
         public var fsync_floor_us: Percentiles
         /// The replicas' work per committed request, from their counters (all nodes).
         public var work_per_request: WorkPerRequest?
+        /// CPU time (user + system) per committed request during the load, microseconds: the server
+        /// processes together, and this client process. On a shared box this is the figure that
+        /// compares with other systems' CPU per message.
+        public var cpu_us_per_request_servers: Double?
+        public var cpu_us_per_request_client: Double?
+    }
+
+    /// CPU seconds (user + system) the node processes have used so far, from /proc (nil where unreadable).
+    func serverCPUSeconds() -> Double? {
+        let tick = Double(sysconf(Int32(_SC_CLK_TCK)))
+        var total = 0.0
+        for p in processes.values {
+            guard let text = try? String(contentsOfFile: "/proc/\(p.processIdentifier)/stat", encoding: .utf8),
+                let close = text.lastIndex(of: ")")
+            else { return nil }
+            // Fields after the command name: state is field 3; utime and stime are fields 14 and 15.
+            let fields = text[text.index(after: close)...].split(separator: " ")
+            guard fields.count > 13, let u = Double(fields[11]), let s = Double(fields[12]) else { return nil }
+            total += (u + s) / tick
+        }
+        return total
+    }
+
+    /// CPU seconds this process has used so far.
+    static func ownCPUSeconds() -> Double {
+        var u = rusage()
+        getrusage(RUSAGE_SELF.rawValue, &u)
+        return Double(u.ru_utime.tv_sec) + Double(u.ru_utime.tv_usec) / 1e6 + Double(u.ru_stime.tv_sec) + Double(u.ru_stime.tv_usec) / 1e6
     }
 
     public struct Percentiles: Codable, Sendable {
@@ -201,6 +229,8 @@ public struct ClusterBench {
             conns.append(try await HTTPLoadConnection.connect(host: n.apiAddress.host, port: n.apiAddress.port, group: MultiThreadedEventLoopGroup.singleton))
         }
         let countersBefore = await replicaCounters()
+        let serverCPU0 = serverCPUSeconds()
+        let clientCPU0 = Self.ownCPUSeconds()
         let t0 = clock.now
         var streamFailures = 0
         var streamFirstFailure: String?
@@ -256,6 +286,8 @@ public struct ClusterBench {
         }
         }
         let secs = seconds(clock.now - t0)
+        let serverCPU = serverCPUSeconds().flatMap { end in serverCPU0.map { end - $0 } }
+        let clientCPU = Self.ownCPUSeconds() - clientCPU0
         if let why = streamFirstFailure { print("\(streamFailures) requests failed; the first: \(why)") }
         for c in conns { await c.close() }
         let ok = lat.count * batch
@@ -266,11 +298,17 @@ public struct ClusterBench {
             records_per_second: Double(ok) / secs, requests_per_second: Double(lat.count) / secs, latency_us: Percentiles(lat),
             fsync_floor_us: floor)
         result.work_per_request = work
+        let done = Double(max(lat.count, 1))
+        result.cpu_us_per_request_servers = serverCPU.map { $0 * 1e6 / done }
+        result.cpu_us_per_request_client = clientCPU * 1e6 / done
         print("committed \(ok) records in \(f2(secs)) s = \(Int(result.records_per_second)) records/s (\(Int(result.requests_per_second)) requests/s); \(requests - lat.count) requests failed")
         print("commit latency per request: \(result.latency_us.text)")
         print(
             "per request, all replicas: \(f2(work.store_appends)) store appends (fdatasyncs under every_batch), \(f2(work.records_per_store_append)) records per append, "
                 + "\(f2(work.raft_messages)) Raft messages (\(f2(work.append_messages)) appends), \(f2(work.shard_thread_wakeups)) shard-thread wake-ups")
+        print(
+            "CPU per request: servers \(result.cpu_us_per_request_servers.map { "\(Int($0)) µs" } ?? "unknown (no /proc)"), client \(Int(clientCPU * 1e6 / done)) µs; "
+                + "cores busy: servers \(serverCPU.map { f2($0 / secs) } ?? "?"), client \(f2(clientCPU / secs))")
         if let jsonOut {
             let enc = JSONEncoder()
             enc.outputFormatting = [.prettyPrinted, .sortedKeys]

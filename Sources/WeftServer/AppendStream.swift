@@ -103,21 +103,37 @@ public enum AppendStream {
             var pending: [(answer: ByteBuffer, bytes: Int)] = []
             var head = 0
             var waiter: CheckedContinuation<Batch?, Never>?
+            /// Requests started (`expect`) whose answer has not been added yet.
+            var outstanding = 0
+            /// The reader stopped: once every outstanding answer is added and written, the writer ends.
             var finished = false
             /// The writer failed: answers are dropped, the reader stops.
             var failed = false
         }
         let state = NIOLockedValueBox(State())
 
-        func add(id: UInt64, _ result: Result<[RecordRef], WriteError>, requestBytes: Int) {
+        /// A request was started whose answer `add(..., expected: true)` brings later.
+        func expect() {
+            state.withLockedValue { $0.outstanding += 1 }
+        }
+
+        /// `expected`: the answer of a request announced with `expect`.
+        func add(id: UInt64, _ result: Result<[RecordRef], WriteError>, requestBytes: Int, expected: Bool = false) {
             var b = ByteBuffer()
             AppendStream.encode(id: id, result, into: &b)
-            let wake = state.withLockedValue { s -> (CheckedContinuation<Batch?, Never>, Batch)? in
-                guard !s.failed else { return nil }
-                s.pending.append((b, requestBytes))
+            let wake = state.withLockedValue { s -> (CheckedContinuation<Batch?, Never>, Batch?)? in
+                if expected { s.outstanding -= 1 }
+                if !s.failed { s.pending.append((b, requestBytes)) }
                 guard let w = s.waiter else { return nil }
-                s.waiter = nil
-                return (w, Self.take(&s))
+                if s.head < s.pending.count {
+                    s.waiter = nil
+                    return (w, Self.take(&s))
+                }
+                if s.finished && s.outstanding == 0 {
+                    s.waiter = nil
+                    return (w, nil)
+                }
+                return nil
             }
             if let (w, batch) = wake { w.resume(returning: batch) }
         }
@@ -149,7 +165,7 @@ public enum AppendStream {
             await withCheckedContinuation { c in
                 let ready = state.withLockedValue { s -> Batch?? in
                     if s.head < s.pending.count { return .some(Self.take(&s)) }
-                    if s.finished || s.failed { return .some(nil) }
+                    if s.failed || (s.finished && s.outstanding == 0) { return .some(nil) }
                     s.waiter = c
                     return nil
                 }
@@ -157,9 +173,11 @@ public enum AppendStream {
             }
         }
 
+        /// The reader stopped; the writer ends once every outstanding answer is written.
         func finish() {
             let w = state.withLockedValue { s -> CheckedContinuation<Batch?, Never>? in
                 s.finished = true
+                guard s.outstanding == 0, s.head == s.pending.count else { return nil }
                 defer { s.waiter = nil }
                 return s.waiter
             }
@@ -167,11 +185,14 @@ public enum AppendStream {
         }
 
         func fail() {
-            state.withLockedValue { s in
+            let w = state.withLockedValue { s -> CheckedContinuation<Batch?, Never>? in
                 s.failed = true
                 s.pending = []
                 s.head = 0
+                defer { s.waiter = nil }
+                return s.waiter
             }
+            w?.resume(returning: nil)
         }
 
         var failed: Bool { state.withLockedValue { $0.failed } }
@@ -199,9 +220,21 @@ public enum AppendStream {
             s.used == 0 || (s.used < max && s.bytes + need <= bytesMax)
         }
 
-        /// False once closed (the connection's writer failed).
+        /// Takes a slot now if one is free: true, false once closed, nil if the caller must wait.
+        func tryAcquire(bytes need: Int) -> Bool? {
+            state.withLockedValue { s -> Bool? in
+                if s.closed { return false }
+                guard Self.fits(s, need, max: max, bytesMax: bytesMax) else { return nil }
+                s.used += 1
+                s.bytes += need
+                return true
+            }
+        }
+
+        /// False once closed (the connection's writer failed). Suspends only when no slot is free.
         func acquire(bytes need: Int) async -> Bool {
-            await withCheckedContinuation { c in
+            if let now = tryAcquire(bytes: need) { return now }
+            return await withCheckedContinuation { c in
                 let now = state.withLockedValue { s -> Bool? in
                     if s.closed { return false }
                     if Self.fits(s, need, max: max, bytesMax: bytesMax) {
@@ -260,48 +293,40 @@ public enum AppendStream {
                     slots.close()
                 }
             }
-            await withDiscardingTaskGroup { requests in
-                do {
-                    for try await message in inbound.messages(maxSize: frameBytesMax) {
-                        guard case .binary(let frame) = message else {
-                            closeWith = (.unacceptableData, "text frames are not part of the append stream: send binary request frames (Docs/append-stream.md)")
-                            break
+            do {
+                for try await message in inbound.messages(maxSize: frameBytesMax) {
+                    guard case .binary(let frame) = message else {
+                        closeWith = (.unacceptableData, "text frames are not part of the append stream: send binary request frames (Docs/append-stream.md)")
+                        break
+                    }
+                    let now = Int64(Date().timeIntervalSince1970 * 1_000_000)
+                    guard let request = decode(frame, timestampMicros: now) else {
+                        closeWith = (.protocolError, "a request frame starts with u64 id and u64 shard (\(frame.readableBytes) bytes received)")
+                        break
+                    }
+                    // Every request holds a slot until its answer is written, refusals included.
+                    let weight = frame.readableBytes
+                    guard await slots.acquire(bytes: weight), !answers.failed else { break }
+                    switch request {
+                    case .invalid(let id, let why):
+                        answers.add(id: id, .failure(.invalid(why)), requestBytes: weight)
+                    case .append(let id, let shard, let proposals):
+                        guard shard < UInt64(node.config.shards) else {
+                            answers.add(
+                                id: id, .failure(.invalid("unknown shard \(shard): shards are 0..<\(node.config.shards)")), requestBytes: weight)
+                            continue
                         }
-                        let now = Int64(Date().timeIntervalSince1970 * 1_000_000)
-                        guard let request = decode(frame, timestampMicros: now) else {
-                            closeWith = (.protocolError, "a request frame starts with u64 id and u64 shard (\(frame.readableBytes) bytes received)")
-                            break
-                        }
-                        // Every request holds a slot until its answer is written, refusals included.
-                        let weight = frame.readableBytes
-                        guard await slots.acquire(bytes: weight), !answers.failed else { break }
-                        switch request {
-                        case .invalid(let id, let why):
-                            answers.add(id: id, .failure(.invalid(why)), requestBytes: weight)
-                        case .append(let id, let shard, let proposals):
-                            guard shard < UInt64(node.config.shards) else {
-                                answers.add(
-                                    id: id, .failure(.invalid("unknown shard \(shard): shards are 0..<\(node.config.shards)")), requestBytes: weight)
-                                continue
-                            }
-                            requests.addTask {
-                                let result: Result<[RecordRef], WriteError>
-                                do {
-                                    result = .success(try await node.append(shard: ShardID(shard), proposals))
-                                } catch let e as WriteError {
-                                    result = .failure(e)
-                                } catch {
-                                    result = .failure(.outcomeUnknown("\(error)"))
-                                }
-                                answers.add(id: id, result, requestBytes: weight)
-                            }
+                        // No task per request: the answer comes back through the callback.
+                        answers.expect()
+                        node.append(shard: ShardID(shard), proposals) { result in
+                            answers.add(id: id, result, requestBytes: weight, expected: true)
                         }
                     }
-                } catch {
-                    logger.debug("append stream: \(error)")
                 }
+            } catch {
+                logger.debug("append stream: \(error)")
             }
-            // Every request has its answer (the discarding group waited for them): write them, then close.
+            // The writer ends once every request's answer is written (each append ends by its deadline).
             answers.finish()
             try await group.waitForAll()
         }

@@ -14,7 +14,7 @@ import WeftCore
 final class Forwarder: Sendable {
     struct Waiting {
         var target: NodeID
-        var continuation: CheckedContinuation<Envelope.ForwardAnswer, Never>
+        var answer: @Sendable (Envelope.ForwardAnswer) -> Void
         /// The deadline's entry in `deadlines`, cancelled when the answer comes first.
         var timer: UInt64?
     }
@@ -44,13 +44,26 @@ final class Forwarder: Sendable {
     /// Sends `envelope` (a forward or a config change; its request id is set here) to `target` and waits
     /// for the answer until `deadline`.
     func send(to target: NodeID, shard: ShardID, _ envelope: Envelope, deadline: ContinuousClock.Instant) async -> Envelope.ForwardAnswer {
-        guard reachable(target) else { return .failed("node \(target) unreachable") }
+        await withCheckedContinuation { c in send(to: target, shard: shard, envelope, deadline: deadline) { c.resume(returning: $0) } }
+    }
+
+    /// Callback form of `send`: `done` runs exactly once, with the answer, or with the failure when
+    /// nothing could be sent (at once, on this thread) or no answer came before `deadline`.
+    func send(
+        to target: NodeID, shard: ShardID, _ envelope: Envelope, deadline: ContinuousClock.Instant,
+        done: @escaping @Sendable (Envelope.ForwardAnswer) -> Void
+    ) {
+        guard reachable(target) else { return done(.failed("node \(target) unreachable")) }
+        // Registered before the deadline's timer exists, so the timer always finds it (or finds it
+        // already answered).
         let sequence = state.withLockedValue { s -> UInt64? in
             guard !s.closed, s.waiting.count < Self.waitingCountMax else { return nil }
-            defer { s.next += 1 }
-            return s.next
+            let sequence = s.next
+            s.next += 1
+            s.waiting[sequence] = Waiting(target: target, answer: done)
+            return sequence
         }
-        guard let sequence else { return .failed("node \(selfID) has too many forwarded requests waiting, or is stopping") }
+        guard let sequence else { return done(.failed("node \(selfID) has too many forwarded requests waiting, or is stopping")) }
         let id = Envelope.RequestID(incarnation: incarnation, sequence: sequence)
         let numbered: Envelope =
             switch envelope {
@@ -58,27 +71,17 @@ final class Forwarder: Sendable {
             case .configChange(_, let change): .configChange(request: id, change: change)
             default: envelope
             }
-        return await withCheckedContinuation { c in
-            // Registered before the deadline's timer exists, so the timer always finds it (or finds it
-            // already answered).
-            let registered = state.withLockedValue { s -> Bool in
-                guard !s.closed else { return false }
-                s.waiting[sequence] = Waiting(target: target, continuation: c)
-                return true
-            }
-            guard registered else { return c.resume(returning: .failed("node \(selfID) is stopping")) }
-            let timer = deadlines.schedule(deadline) { [state] in
-                state.withLockedValue { $0.waiting.removeValue(forKey: sequence) }?.continuation.resume(
-                    returning: .outcomeUnknown("sent to node \(target), no answer before the deadline"))
-            }
-            let stillWaiting = state.withLockedValue { s -> Bool in
-                guard s.waiting[sequence] != nil else { return false }
-                s.waiting[sequence]?.timer = timer
-                return true
-            }
-            if !stillWaiting { deadlines.cancel(timer) }
-            sendFrame(target, shard, numbered.encode())
+        let timer = deadlines.schedule(deadline) { [state] in
+            state.withLockedValue { $0.waiting.removeValue(forKey: sequence) }?.answer(
+                .outcomeUnknown("sent to node \(target), no answer before the deadline"))
         }
+        let stillWaiting = state.withLockedValue { s -> Bool in
+            guard s.waiting[sequence] != nil else { return false }
+            s.waiting[sequence]?.timer = timer
+            return true
+        }
+        if !stillWaiting { deadlines.cancel(timer) }
+        sendFrame(target, shard, numbered.encode())
     }
 
     /// An answer arrived from `from`. Ignored unless it answers a request of this incarnation that was
@@ -92,7 +95,7 @@ final class Forwarder: Sendable {
         }
         guard let w else { return false }
         if let t = w.timer { deadlines.cancel(t) }
-        w.continuation.resume(returning: answer)
+        w.answer(answer)
         return true
     }
 
@@ -105,7 +108,7 @@ final class Forwarder: Sendable {
         }
         for w in all {
             if let t = w.timer { deadlines.cancel(t) }
-            w.continuation.resume(returning: .outcomeUnknown("node stopping while waiting for node \(w.target)"))
+            w.answer(.outcomeUnknown("node stopping while waiting for node \(w.target)"))
         }
     }
 }

@@ -319,72 +319,96 @@ public final class WeftNode: Sendable {
     /// Appends records to a shard through its leader; returns where each landed once committed.
     /// Retries through elections until `timeout` passes (only while nothing can have been written).
     public func append(shard: ShardID, _ proposals: [Proposal], timeout: Duration = .seconds(5)) async throws -> [RecordRef] {
-        guard !proposals.isEmpty else { return [] }
-        guard proposals.count <= Limits.appendBatchCountMax else { throw WriteError.invalid("at most \(Limits.appendBatchCountMax) records per append") }
+        try await withCheckedThrowingContinuation { c in
+            append(shard: shard, proposals, timeout: timeout) { c.resume(with: $0) }
+        }
+    }
+
+    /// Callback form of `append` (no task per request: the append stream runs thousands at once).
+    /// `done` runs exactly once: on this thread for a refused request, else on whichever thread the
+    /// answer arrives on (a shard's driver lane, a network loop, the deadline timer); it must not block.
+    public func append(
+        shard: ShardID, _ proposals: [Proposal], timeout: Duration = .seconds(5),
+        done: @escaping @Sendable (Result<[RecordRef], WriteError>) -> Void
+    ) {
+        guard !proposals.isEmpty else { return done(.success([])) }
+        if let refusal = Self.refusal(proposals) { return done(.failure(refusal)) }
+        let me = id
+        throughLeader(
+            shard, deadline: ContinuousClock.now + timeout,
+            envelope: {
+                Envelope.forward(
+                    request: Envelope.RequestID(incarnation: 0, sequence: 0),
+                    proposals: proposals.map {
+                        Envelope.ForwardedProposal(stream: $0.stream, type: $0.type, timestampMicros: $0.timestampMicros, payload: $0.payload)
+                    })
+            },
+            local: { runner, deadline, finish in
+                Self.untilDeadline(deadline, late: .outcomeUnknown("proposed on node \(me), not committed before the deadline"), finish) { finish in
+                    runner.submit(.propose(proposals) { finish(Self.answer($0, me: me, Self.refs)) })
+                }
+            }, done: done)
+    }
+
+    /// Why an append is refused before anything is sent (nil: it may go).
+    static func refusal(_ proposals: [Proposal]) -> WriteError? {
+        guard proposals.count <= Limits.appendBatchCountMax else { return .invalid("at most \(Limits.appendBatchCountMax) records per append") }
         for p in proposals {
             guard p.payload.count <= Limits.recordPayloadBytesMax else {
-                throw WriteError.invalid("payload of \(p.payload.count) bytes, limit \(Limits.recordPayloadBytesMax)")
+                return .invalid("payload of \(p.payload.count) bytes, limit \(Limits.recordPayloadBytesMax)")
             }
-            guard p.type.isClientWritable else { throw WriteError.invalid("record type \(p.type.rawValue) is reserved for the system") }
+            guard p.type.isClientWritable else { return .invalid("record type \(p.type.rawValue) is reserved for the system") }
         }
-        let forwarded = Envelope.forward(
-            request: Envelope.RequestID(incarnation: 0, sequence: 0),
-            proposals: proposals.map {
-                Envelope.ForwardedProposal(stream: $0.stream, type: $0.type, timestampMicros: $0.timestampMicros, payload: $0.payload)
-            })
-        return try await throughLeader(shard, timeout: timeout, envelope: forwarded) { local, deadline in
-            await self.proposeLocally(local, proposals, deadline: deadline)
-        }
+        return nil
     }
 
     /// Runs a request on the shard's leader: locally when this node leads (or may: no hint yet), else
     /// forwarded to the leader it knows; follows `not leader` answers and retries through elections
-    /// until `timeout`, as long as nothing can have been written. An answer that says the request may
-    /// have been written (`outcomeUnknown`) ends it at once, as does a refusal.
+    /// until `deadline`, as long as nothing can have been written. An answer that says the request may
+    /// have been written (`outcomeUnknown`) ends it at once, as does a refusal. `envelope` builds the
+    /// frame a forward sends (only when one is needed); `done` runs exactly once.
     func throughLeader(
-        _ shard: ShardID, timeout: Duration, envelope: Envelope,
-        local run: (ShardRunner, ContinuousClock.Instant) async -> Envelope.ForwardAnswer
-    ) async throws -> [RecordRef] {
-        let clock = ContinuousClock()
-        let deadline = clock.now + timeout
-        var lastError = "no leader"
-        while clock.now < deadline {
-            let hint = leaderHints.withLockedValue { $0[shard] }
-            let local = runner(shard)
-            let answer: Envelope.ForwardAnswer
-            if hint == nil || hint == id, let local {
-                answer = await run(local, deadline)
-            } else if let target = hint ?? config.replicas(of: shard).first(where: { $0 != id }) {
-                answer = await forwarder.send(to: target, shard: shard, envelope, deadline: deadline)
-            } else {
-                throw WriteError.invalid("shard \(shard) has no replica this node knows")
+        _ shard: ShardID, deadline: ContinuousClock.Instant, lastError: String = "no leader", envelope: @escaping @Sendable () -> Envelope,
+        local run: @escaping @Sendable (ShardRunner, ContinuousClock.Instant, @escaping @Sendable (Envelope.ForwardAnswer) -> Void) -> Void,
+        done: @escaping @Sendable (Result<[RecordRef], WriteError>) -> Void
+    ) {
+        guard ContinuousClock.now < deadline else { return done(.failure(.unavailable("shard \(shard): \(lastError)"))) }
+        let again: @Sendable (String, Duration?) -> Void = { [self] why, pause in
+            guard let pause else {
+                return throughLeader(shard, deadline: deadline, lastError: why, envelope: envelope, local: run, done: done)
             }
-            switch answer {
-            case .ok(let refs):
-                return refs
-            case .notLeader(let l):
-                leaderHints.withLockedValue { $0[shard] = l == id ? nil : l }
-                lastError = l.map { "leader is node \($0)" } ?? "no leader"
-                if l == nil { try await Task.sleep(for: .milliseconds(20)) }
-            case .failed(let why):
-                leaderHints.withLockedValue { $0[shard] = nil }
-                lastError = why
-                try await Task.sleep(for: .milliseconds(20))
-            case .invalid(let why):
-                throw WriteError.invalid(why)
-            case .changePending(let why):
-                throw WriteError.changePending("shard \(shard): \(why)")
-            case .outcomeUnknown(let why):
-                throw WriteError.outcomeUnknown("shard \(shard): \(why)")
+            // Not before the pause, nor past the deadline (then the last error is the answer).
+            let at = min(ContinuousClock.now + pause, deadline)
+            _ = Deadlines.shared.schedule(at) { [self] in
+                throughLeader(shard, deadline: deadline, lastError: why, envelope: envelope, local: run, done: done)
             }
         }
-        throw WriteError.unavailable("shard \(shard): \(lastError)")
-    }
-
-    func proposeLocally(_ runner: ShardRunner, _ ps: [Proposal], deadline: ContinuousClock.Instant) async -> Envelope.ForwardAnswer {
-        let me = id
-        return await Self.untilDeadline(deadline, late: .outcomeUnknown("proposed on node \(me), not committed before the deadline")) { finish in
-            runner.submit(.propose(ps) { finish(Self.answer($0, me: me, Self.refs)) })
+        let handle: @Sendable (Envelope.ForwardAnswer) -> Void = { [self] answer in
+            switch answer {
+            case .ok(let refs):
+                done(.success(refs))
+            case .notLeader(let l):
+                leaderHints.withLockedValue { $0[shard] = l == id ? nil : l }
+                again(l.map { "leader is node \($0)" } ?? "no leader", l == nil ? .milliseconds(20) : nil)
+            case .failed(let why):
+                leaderHints.withLockedValue { $0[shard] = nil }
+                again(why, .milliseconds(20))
+            case .invalid(let why):
+                done(.failure(.invalid(why)))
+            case .changePending(let why):
+                done(.failure(.changePending("shard \(shard): \(why)")))
+            case .outcomeUnknown(let why):
+                done(.failure(.outcomeUnknown("shard \(shard): \(why)")))
+            }
+        }
+        let hint = leaderHints.withLockedValue { $0[shard] }
+        let local = runner(shard)
+        if hint == nil || hint == id, let local {
+            run(local, deadline, handle)
+        } else if let target = hint ?? config.replicas(of: shard).first(where: { $0 != id }) {
+            forwarder.send(to: target, shard: shard, envelope(), deadline: deadline, done: handle)
+        } else {
+            done(.failure(.invalid("shard \(shard) has no replica this node knows")))
         }
     }
 
@@ -394,25 +418,33 @@ public final class WeftNode: Sendable {
         _ deadline: ContinuousClock.Instant, late: T, _ start: (@escaping @Sendable (T) -> Void) -> Void
     ) async -> T {
         await withCheckedContinuation { (c: CheckedContinuation<T, Never>) in
-            let once = NIOLockedValueBox<(done: Bool, timer: UInt64?)>((false, nil))
-            let finish: @Sendable (T) -> Void = { v in
-                let timer = once.withLockedValue { s -> UInt64?? in
-                    guard !s.done else { return nil }
-                    s.done = true
-                    return .some(s.timer)
-                }
-                guard let timer else { return }
-                if let t = timer { Deadlines.shared.cancel(t) }
-                c.resume(returning: v)
-            }
-            let t = Deadlines.shared.schedule(deadline) { finish(late) }
-            let alreadyDone = once.withLockedValue { s -> Bool in
-                s.timer = t
-                return s.done
-            }
-            if alreadyDone { Deadlines.shared.cancel(t) }
-            start(finish)
+            untilDeadline(deadline, late: late, { c.resume(returning: $0) }, start)
         }
+    }
+
+    /// Callback form of `untilDeadline`: `done` gets the first of the operation's answer and `late` at
+    /// `deadline`, exactly once.
+    static func untilDeadline<T: Sendable>(
+        _ deadline: ContinuousClock.Instant, late: T, _ done: @escaping @Sendable (T) -> Void, _ start: (@escaping @Sendable (T) -> Void) -> Void
+    ) {
+        let once = NIOLockedValueBox<(done: Bool, timer: UInt64?)>((false, nil))
+        let finish: @Sendable (T) -> Void = { v in
+            let timer = once.withLockedValue { s -> UInt64?? in
+                guard !s.done else { return nil }
+                s.done = true
+                return .some(s.timer)
+            }
+            guard let timer else { return }
+            if let t = timer { Deadlines.shared.cancel(t) }
+            done(v)
+        }
+        let t = Deadlines.shared.schedule(deadline) { finish(late) }
+        let alreadyDone = once.withLockedValue { s -> Bool in
+            s.timer = t
+            return s.done
+        }
+        if alreadyDone { Deadlines.shared.cancel(t) }
+        start(finish)
     }
 
     /// The answer a replica's result becomes, on the wire and locally alike.
@@ -455,10 +487,15 @@ public final class WeftNode: Sendable {
     public func changeMembership(shard: ShardID, _ change: ConfigChange, timeout: Duration = .seconds(10)) async throws -> LogIndex {
         let me = id
         let envelope = Envelope.configChange(request: Envelope.RequestID(incarnation: 0, sequence: 0), change: change)
-        let refs = try await throughLeader(shard, timeout: timeout, envelope: envelope) { local, deadline in
-            await Self.untilDeadline(deadline, late: .outcomeUnknown("proposed on node \(me), not committed before the deadline")) { finish in
-                local.submit(.configChange(change) { finish(Self.answer($0, me: me) { [RecordRef(index: $0, term: 0, stream: .none, seq: 0)] }) })
-            }
+        let deadline = ContinuousClock.now + timeout
+        let refs = try await withCheckedThrowingContinuation { c in
+            throughLeader(
+                shard, deadline: deadline, envelope: { envelope },
+                local: { local, deadline, finish in
+                    Self.untilDeadline(deadline, late: .outcomeUnknown("proposed on node \(me), not committed before the deadline"), finish) { finish in
+                        local.submit(.configChange(change) { finish(Self.answer($0, me: me) { [RecordRef(index: $0, term: 0, stream: .none, seq: 0)] }) })
+                    }
+                }, done: { c.resume(with: $0) })
         }
         return refs.first?.index ?? 0
     }

@@ -82,6 +82,38 @@ import WeftCore
         #expect(frames >= 3)
     }
 
+    @Test func theWriterEndsOnlyAfterEveryStartedRequestIsAnswered() async throws {
+        let answers = AppendStream.Answers()
+        answers.expect()
+        answers.expect()
+        answers.add(id: 1, .failure(.invalid("bad")), requestBytes: 5)
+        // The reader stops with two requests still running: the writer must wait for both answers.
+        answers.finish()
+        #expect(await answers.next()?.count == 1)
+        let writer = Task { () -> [Int] in
+            var counts: [Int] = []
+            while let b = await answers.next() { counts.append(b.count) }
+            return counts
+        }
+        try await Task.sleep(for: .milliseconds(50))
+        answers.add(id: 2, .success([]), requestBytes: 5, expected: true)
+        try await Task.sleep(for: .milliseconds(50))
+        answers.add(id: 3, .failure(.outcomeUnknown("late")), requestBytes: 5, expected: true)
+        let counts = await writer.value
+        #expect(counts.reduce(0, +) == 2)
+    }
+
+    @Test func aFailedWriterDropsLateAnswersAndEnds() async throws {
+        let answers = AppendStream.Answers()
+        answers.expect()
+        let writer = Task { await answers.next() }
+        try await Task.sleep(for: .milliseconds(50))
+        answers.fail()
+        #expect(await writer.value == nil)
+        answers.add(id: 1, .success([]), requestBytes: 5, expected: true)
+        #expect(await answers.next() == nil)
+    }
+
     @Test func aSlotComesBackOnlyWhenItsAnswerIsWrittenAndClosingWakesTheReader() async throws {
         let slots = AppendStream.Slots(max: 2, bytesMax: 100)
         #expect(await slots.acquire(bytes: 60))
