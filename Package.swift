@@ -40,6 +40,8 @@ let package = Package(
         .target(name: "SegmentFormat", dependencies: ["WeftCore", "CLZ4"], swiftSettings: strict),
         .target(name: "SegmentStore", dependencies: ["WeftCore", "SegmentFormat"], swiftSettings: strict),
         .target(name: "Raft", dependencies: ["WeftCore"], swiftSettings: strict),
+        // The state layer's pure part: the state machine protocol, outcomes, copy-on-write state.
+        .target(name: "ShardState", dependencies: ["WeftCore"], swiftSettings: strict),
         .target(
             name: "ClusterConfig",
             dependencies: ["WeftCore", .product(name: "TOMLKit", package: "TOMLKit")],
@@ -55,7 +57,7 @@ let package = Package(
             swiftSettings: strict),
         .target(
             name: "Replication",
-            dependencies: ["WeftCore", "Raft", "SegmentStore", "SegmentFormat", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["WeftCore", "Raft", "SegmentStore", "SegmentFormat", "ShardState", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict),
         .target(
             name: "WeftServer",
@@ -116,13 +118,14 @@ let package = Package(
             dependencies: ["SegmentFormat"],
             path: "Tools/fuzz-decoder",
             swiftSettings: strict),
-        .target(name: "WeftTesting", dependencies: ["WeftCore", "SegmentStore", "Raft"], swiftSettings: strict),
+        .target(name: "WeftTesting", dependencies: ["WeftCore", "SegmentStore", "Raft", "ShardState"], swiftSettings: strict),
         .testTarget(name: "SegmentFormatTests", dependencies: ["SegmentFormat", "WeftTesting"], swiftSettings: strict),
         .testTarget(name: "SegmentStoreTests", dependencies: ["SegmentStore", "SegmentFormat", "WeftTesting"], swiftSettings: strict),
         .testTarget(name: "ClusterConfigTests", dependencies: ["ClusterConfig"], swiftSettings: strict),
         .testTarget(name: "PeerTransportTests", dependencies: ["PeerTransport"], swiftSettings: strict),
-        .testTarget(name: "ReplicationTests", dependencies: ["Replication", "WeftTesting"], swiftSettings: strict),
-        .testTarget(name: "RaftTests", dependencies: ["Raft", "WeftTesting"], swiftSettings: strict),
+        .testTarget(name: "ReplicationTests", dependencies: ["Replication", "WeftTesting", "ShardState"], swiftSettings: strict),
+        .testTarget(name: "ShardStateTests", dependencies: ["ShardState"], swiftSettings: strict),
+        .testTarget(name: "RaftTests", dependencies: ["Raft", "WeftTesting", "ShardState"], swiftSettings: strict),
         .testTarget(
             name: "ClusterTests",
             dependencies: [

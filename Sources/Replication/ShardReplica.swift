@@ -1,6 +1,8 @@
+import Foundation
 import Raft
 import SegmentFormat
 import SegmentStore
+import ShardState
 import WeftCore
 
 /// The durable log of a shard as Raft's read-only view.
@@ -145,6 +147,88 @@ public struct ReplicaStats: Sendable, Equatable, Codable {
     public init() {}
 }
 
+/// A committed record as its proposer learns it: where it landed and what apply did with it.
+public struct Applied: Sendable, Equatable {
+    public var record: Record
+    public var outcome: ApplyOutcome
+    public init(record: Record, outcome: ApplyOutcome) {
+        self.record = record
+        self.outcome = outcome
+    }
+}
+
+/// The snapshot being written off the shard thread, and the last one that finished.
+/// `@unchecked Sendable`: every field is guarded by `lock`.
+final class SnapshotJobState: @unchecked Sendable {
+    let lock = NSCondition()
+    var running = false
+    /// Set by the job when it ends: the index it wrote, or why it failed.
+    var finished: (index: LogIndex, error: String?)?
+
+    func begin() -> Bool {
+        lock.lock()
+        defer { lock.unlock() }
+        if running { return false }
+        running = true
+        return true
+    }
+
+    func end(_ index: LogIndex, _ error: String?) {
+        lock.lock()
+        running = false
+        finished = (index, error)
+        lock.broadcast()
+        lock.unlock()
+    }
+
+    func take() -> (index: LogIndex, error: String?)? {
+        lock.lock()
+        defer { lock.unlock() }
+        defer { finished = nil }
+        return finished
+    }
+
+    /// Waits until no job runs, at most until `end`; false if one still runs.
+    func waitIdle(until end: Date) -> Bool {
+        lock.lock()
+        defer { lock.unlock() }
+        while running {
+            if !lock.wait(until: end) { break }
+        }
+        return !running
+    }
+}
+
+/// A snapshot's work handed to another thread: the copied state and where to write it.
+/// `@unchecked Sendable`: `files` is used by at most one job at a time (`SnapshotJobState.running`), and
+/// the replica does not touch it while a job runs; its disk must be safe to use from another thread
+/// (`PosixDisk` keeps no state; tests run jobs inline).
+struct SnapshotJob: @unchecked Sendable {
+    let files: SnapshotFiles
+    let state: any ShardStateMachine
+    let index: LogIndex
+    let term: Term
+    let membership: Membership
+    let membershipIndex: LogIndex
+    let seqs: BucketedMap<UInt64, UInt64>
+    let status: SnapshotJobState
+
+    func run() {
+        var streams: [(stream: StreamID, seq: StreamSeq)] = []
+        streams.reserveCapacity(seqs.count)
+        seqs.forEach { s, q in streams.append((StreamID(s), q)) }
+        streams.sort { $0.stream.rawValue < $1.stream.rawValue }
+        let snap = StateSnapshot(
+            index: index, term: term, membership: membership, membershipIndex: membershipIndex, streamSeqs: streams, state: state.snapshot())
+        do {
+            try files.write(index: index, bytes: snap.encode())
+            status.end(index, nil)
+        } catch {
+            status.end(index, "\(error)")
+        }
+    }
+}
+
 /// Why a proposal did not commit.
 public enum ReplicationError: Error, Equatable, Sendable {
     case notLeader(NodeID?)
@@ -195,7 +279,30 @@ public final class ShardReplica {
     public var cancelCatchUps: () -> Void = {}
     var wasLeader = false
     /// index -> (term it was proposed in, completion).
-    var waiting: [LogIndex: (Term, (Result<Record, ReplicationError>) -> Void)] = [:]
+    var waiting: [LogIndex: (Term, (Result<Applied, ReplicationError>) -> Void)] = [:]
+    /// The shard's state, derived from the committed log up to `raft.applied` (Docs/state.md).
+    public private(set) var machine: any ShardStateMachine
+    let machineType: any ShardStateMachine.Type
+    /// Highest seq applied per stream (stream id -> seq), for snapshots.
+    var appliedSeqs = BucketedMap<UInt64, UInt64>()
+    /// Term of the entry at `raft.applied`.
+    var appliedTerm: Term = 0
+    /// Snapshot files of this replica.
+    let snapshots: SnapshotFiles
+    /// A snapshot is written once this many entries were applied since the last one.
+    public var snapshotEveryRecords: UInt64 = 100_000
+    /// Whether snapshot files are written on another thread (the node's replicas, on the real disk) or in
+    /// the driver's turn (tests on a simulated disk, which is not thread-safe).
+    public var snapshotsInBackground = false
+    /// Index of the newest snapshot on disk (0: none).
+    public private(set) var lastSnapshotIndex: LogIndex = 0
+    let snapshotJob = SnapshotJobState()
+    static let snapshotQueue = DispatchQueue(label: "weft-snapshots", qos: .utility)
+    /// The clock the leader stamps proposals with (microseconds since the epoch); tests set their own.
+    public var clockMicros: () -> Int64 = { Int64(Date().timeIntervalSince1970 * 1_000_000) }
+    /// The highest timestamp in this replica's log: a leader never stamps below it, so timestamps only
+    /// grow along the log (across leader changes too: a new leader holds every committed entry).
+    var lastStampMicros: Int64 = 0
     var reads: [UInt64: (Result<LogIndex, ReplicationError>) -> Void] = [:]
     var pendingReads: [(id: UInt64, index: LogIndex)] = []
     var nextReadID: UInt64 = 1
@@ -260,8 +367,11 @@ public final class ShardReplica {
     /// group, cannot campaign, and learns the group from the entries a leader sends it (joining).
     public init(
         shard: ShardID, id: NodeID, store: SegmentStore, hardState: HardStateFile, membershipFile: MembershipFile,
-        bootstrap: Membership?, config: RaftConfig
+        bootstrap: Membership?, config: RaftConfig, machine: any ShardStateMachine.Type = NoState.self
     ) throws {
+        self.machineType = machine
+        self.machine = machine.init()
+        self.snapshots = try SnapshotFiles(shardDirectory: store.directory, disk: store.fileSystem)
         self.shard = shard
         self.id = id
         self.store = store
@@ -348,6 +458,57 @@ public final class ShardReplica {
         }
         // Files staged for a catch-up before a restart belong to a transfer this replica no longer knows.
         try clearStaging()
+        try restoreFromSnapshot()
+        if store.lastIndex >= store.firstIndex, let last = try? store.read(from: store.lastIndex, to: store.lastIndex, limit: 1).last {
+            lastStampMicros = last.timestampMicros
+        }
+    }
+
+    /// Loads the newest usable snapshot (its entry is in this log with the same term, and the state
+    /// machine reads its bytes): the state and `applied` start there and only the entries after it are
+    /// replayed. Without one, the state starts empty and the whole log is replayed.
+    func restoreFromSnapshot() throws {
+        var problems: [String] = []
+        var restored: (any ShardStateMachine)?
+        let lastIndex = store.lastIndex
+        let snap = snapshots.newest(
+            usable: { s in
+                guard s.index <= lastIndex else { return "it is past the end of the log (\(lastIndex))" }
+                if s.index >= store.firstIndex {
+                    guard let t = try? store.term(at: s.index), t == s.term else {
+                        return "the log's entry \(s.index) is not of term \(s.term)"
+                    }
+                }
+                do {
+                    restored = try machineType.init(snapshot: s.state)
+                } catch {
+                    return "the state machine cannot read it: \(error)"
+                }
+                return nil
+            }, problems: &problems)
+        for p in problems { record("at open: \(p)") }
+        guard let snap, let restored else { return }
+        machine = restored
+        appliedSeqs = BucketedMap()
+        for s in snap.streamSeqs { appliedSeqs[s.stream.rawValue] = s.seq }
+        appliedTerm = snap.term
+        lastSnapshotIndex = snap.index
+        var membership = raft.membership
+        var membershipIndex = raft.membershipIndex
+        if snap.membershipIndex > membershipIndex {
+            // The configuration entries up to the snapshot are not replayed: take the group from it.
+            membership = snap.membership
+            membershipIndex = snap.membershipIndex
+            try membershipFile.save(membership, index: membershipIndex)
+            savedMembershipIndex = membershipIndex
+        }
+        // The snapshot's index is committed (only applied state is written): commit starts at least there.
+        var hs = hardState.state
+        hs.commit = max(hs.commit, snap.index)
+        raft = Raft(
+            config: raftConfig, log: reader, hardState: hs, membership: membership, applied: snap.index, membershipIndex: membershipIndex,
+            recovering: raft.recovering)
+        log("state restored from the snapshot at index \(snap.index); entries after it are replayed")
     }
 
     /// The index the marker file says the damage started at (nil: unknown or unreadable).
@@ -407,6 +568,10 @@ public final class ShardReplica {
         raft = Raft(
             config: raftConfig, log: reader, hardState: hardState.state, membership: raft.membership, applied: 0,
             membershipIndex: raft.membershipIndex, recovering: true)
+        // Applied starts again from 0: so does the state (rebuilt from the log as it is replayed).
+        machine = machineType.init()
+        appliedSeqs = BucketedMap()
+        appliedTerm = 0
         record("recovering: not voting until caught up with a leader")
     }
 
@@ -460,20 +625,37 @@ public final class ShardReplica {
 
     /// Proposes records; `done` runs (on the owner's thread) once they commit or fail.
     public func propose(_ proposals: [Proposal], done: @escaping (Result<[Record], ReplicationError>) -> Void) {
+        proposeApplied(proposals) { done($0.map { $0.map(\.record) }) }
+    }
+
+    /// Proposes records; `done` gets each one's record and apply outcome once all committed and applied.
+    public func proposeApplied(_ proposals: [Proposal], done: @escaping (Result<[Applied], ReplicationError>) -> Void) {
         stats.requests += 1
         stats.recordsProposed += UInt64(proposals.count)
         do {
-            guard let range = try raft.propose(proposals) else { return done(.success([])) }
+            guard let range = try raft.propose(stamped(proposals)) else { return done(.success([])) }
             awaitCommit(range, term: raft.term, done)
         } catch {
             done(.failure(Self.map(error)))
         }
     }
 
+    /// The proposals with the leader's timestamps: its clock, never below the last timestamp in the log
+    /// (a clock that steps back, or a previous leader's clock ahead of this one, cannot make time in the
+    /// log run backwards). Only a leader's proposals reach the log, so only leaders stamp.
+    func stamped(_ proposals: [Proposal]) -> [Proposal] {
+        guard raft.role == .leader else { return proposals }
+        let now = max(clockMicros(), lastStampMicros)
+        lastStampMicros = now
+        var out = proposals
+        for k in out.indices { out[k].timestampMicros = now }
+        return out
+    }
+
     /// Proposes several requests as one Raft proposal (one append per follower for all of them, LevelDB's
     /// write group); each `done` gets its own records. If the group is refused (not leader, a reserved type
     /// in one request, ...), each request is proposed on its own so one bad request fails only itself.
-    public func proposeGroup(_ group: [(proposals: [Proposal], done: (Result<[Record], ReplicationError>) -> Void)]) {
+    public func proposeGroup(_ group: [(proposals: [Proposal], done: (Result<[Applied], ReplicationError>) -> Void)]) {
         // A request Raft would refuse fails alone, before the group is formed.
         var requests = group
         requests.removeAll { r in
@@ -482,13 +664,13 @@ public final class ShardReplica {
             return true
         }
         guard requests.count > 1 else {
-            for r in requests { propose(r.proposals, done: r.done) }
+            for r in requests { proposeApplied(r.proposals, done: r.done) }
             return
         }
         do {
             stats.requests += UInt64(requests.count)
             for r in requests { stats.recordsProposed += UInt64(r.proposals.count) }
-            guard let range = try raft.propose(requests.flatMap(\.proposals)) else {
+            guard let range = try raft.propose(stamped(requests.flatMap(\.proposals))) else {
                 for r in requests { r.done(.success([])) }
                 return
             }
@@ -503,14 +685,14 @@ public final class ShardReplica {
         } catch {
             stats.requests -= UInt64(requests.count)
             for r in requests { stats.recordsProposed -= UInt64(r.proposals.count) }
-            for r in requests { propose(r.proposals, done: r.done) }
+            for r in requests { proposeApplied(r.proposals, done: r.done) }
         }
     }
 
-    /// Registers `done` for the entries `range` proposed in `term`: success with their records once all
-    /// committed, or the first failure.
-    func awaitCommit(_ range: ClosedRange<LogIndex>, term: Term, _ done: @escaping (Result<[Record], ReplicationError>) -> Void) {
-        var results: [Record] = []
+    /// Registers `done` for the entries `range` proposed in `term`: success with their records and
+    /// outcomes once all are applied, or the first failure.
+    func awaitCommit(_ range: ClosedRange<LogIndex>, term: Term, _ done: @escaping (Result<[Applied], ReplicationError>) -> Void) {
+        var results: [Applied] = []
         results.reserveCapacity(range.count)
         var failed = false
         var remaining = range.count
@@ -519,7 +701,7 @@ public final class ShardReplica {
                 term,
                 { r in
                     switch r {
-                    case .success(let rec): results.append(rec)
+                    case .success(let a): results.append(a)
                     case .failure(let e):
                         if !failed { done(.failure(e)) }
                         failed = true
@@ -539,7 +721,7 @@ public final class ShardReplica {
         do {
             let index = try raft.proposeConfigChange(change)
             let term = raft.term
-            waiting[index] = (term, { r in done(r.map(\.index)) })
+            waiting[index] = (term, { r in done(r.map(\.record.index)) })
         } catch {
             done(.failure(Self.map(error)))
         }
@@ -613,11 +795,17 @@ public final class ShardReplica {
             // index): complete their proposals now, not after this Ready's own fdatasync, so an
             // acknowledgement never waits for the next batch's sync.
             stats.recordsCommitted += UInt64(rd.committed.count)
-            for e in rd.committed {
-                onApply(e)
-                if let (term, done) = waiting.removeValue(forKey: e.index) {
-                    done(term == e.term ? .success(e) : .failure(.superseded))
+            if !rd.committed.isEmpty {
+                let outcomes = machine.apply(rd.committed[...])
+                precondition(outcomes.count == rd.committed.count, "\(type(of: machine)).apply returned \(outcomes.count) outcomes for \(rd.committed.count) records")
+                for (k, e) in rd.committed.enumerated() {
+                    if e.stream != .none { appliedSeqs[e.stream.rawValue] = e.seq }
+                    onApply(e)
+                    if let (term, done) = waiting.removeValue(forKey: e.index) {
+                        done(term == e.term ? .success(Applied(record: e, outcome: outcomes[k])) : .failure(.superseded))
+                    }
                 }
+                appliedTerm = rd.committed[rd.committed.count - 1].term
             }
             if let first = rd.entries.first {
                 if first.index <= store.lastIndex {
@@ -641,6 +829,7 @@ public final class ShardReplica {
             try repairIfDamaged()
         }
         hasPendingWork = raft.hasReady && !stalled
+        try maybeSnapshot()
         if stalled, let why = reader.readFailure {
             let since = readStallSince ?? ContinuousClock.now
             readStallSince = since
@@ -683,6 +872,7 @@ public final class ShardReplica {
             }
             let batch = Array(entries[start..<end])
             try store.append(batch)
+            for r in batch where r.timestampMicros > lastStampMicros { lastStampMicros = r.timestampMicros }
             stats.storeAppends += 1
             stats.recordsAppended += UInt64(batch.count)
             reader.didAppend(batch)
@@ -705,7 +895,36 @@ public final class ShardReplica {
         reads = [:]
     }
 
+    /// Starts a snapshot when `snapshotEveryRecords` entries were applied since the last one and none is
+    /// being written: the state is copied here (O(1), copy-on-write) and serialised and written by the
+    /// job, on another thread when `snapshotsInBackground`. A job's failure is recorded, never fatal (the
+    /// log still holds everything; the next snapshot tries again).
+    func maybeSnapshot() throws {
+        if let done = snapshotJob.take() {
+            if let why = done.error {
+                record("snapshot at index \(done.index) not written: \(why)")
+            } else {
+                lastSnapshotIndex = max(lastSnapshotIndex, done.index)
+            }
+        }
+        guard raft.applied >= lastSnapshotIndex + snapshotEveryRecords, raft.applied > 0, snapshotJob.begin() else { return }
+        let job = SnapshotJob(
+            files: snapshots, state: machine, index: raft.applied, term: appliedTerm, membership: raft.membership,
+            membershipIndex: raft.membershipIndex, seqs: appliedSeqs, status: snapshotJob)
+        if snapshotsInBackground {
+            Self.snapshotQueue.async { job.run() }
+        } else {
+            job.run()
+            if let done = snapshotJob.take() {
+                if let why = done.error { record("snapshot at index \(done.index) not written: \(why)") } else { lastSnapshotIndex = done.index }
+            }
+        }
+    }
+
     public func close() {
+        // A snapshot being written finishes first (bounded: a stuck disk must not hold a shutdown forever;
+        // a half-written file is a `.tmp` the next open removes).
+        if !snapshotJob.waitIdle(until: Date(timeIntervalSinceNow: 10)) { log("a snapshot was still being written at close") }
         failAll(.stopped)
         store.close()
         hardState.close()

@@ -66,7 +66,8 @@ public enum ReadError: Error, Equatable, Sendable {
 public final class ShardRunner: @unchecked Sendable {
     public enum Input {
         case message(Message)
-        case propose([Proposal], @Sendable (Result<[Record], ReplicationError>) -> Void)
+        /// Records to propose; the callback gets each one's record and apply outcome once applied.
+        case propose([Proposal], @Sendable (Result<[Applied], ReplicationError>) -> Void)
         case readIndex(@Sendable (Result<LogIndex, ReplicationError>) -> Void)
         case transferLeadership(NodeID)
         case configChange(ConfigChange, @Sendable (Result<LogIndex, ReplicationError>) -> Void)
@@ -231,7 +232,7 @@ public final class ShardRunner: @unchecked Sendable {
         }
         // Proposals that arrived together become one Raft proposal (one append per follower, one
         // entry run in the next fdatasync), each request still answered on its own.
-        var group: [(proposals: [Proposal], done: (Result<[Record], ReplicationError>) -> Void)] = []
+        var group: [(proposals: [Proposal], done: (Result<[Applied], ReplicationError>) -> Void)] = []
         for input in batch {
             if case .propose(let ps, let cb) = input {
                 group.append((ps, { cb($0) }))
@@ -266,7 +267,7 @@ public final class ShardRunner: @unchecked Sendable {
     func handle(_ input: Input) {
         switch input {
         case .message(let m): replica.step(m)
-        case .propose(let ps, let cb): replica.propose(ps) { cb($0) }
+        case .propose(let ps, let cb): replica.proposeApplied(ps) { cb($0) }
         case .readIndex(let cb): replica.readIndex { cb($0) }
         case .transferLeadership(let to): replica.raftTransfer(to)
         case .configChange(let c, let cb): replica.proposeConfig(c) { cb($0) }

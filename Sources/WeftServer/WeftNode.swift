@@ -463,8 +463,10 @@ public final class WeftNode: Sendable {
         }
     }
 
-    static func refs(_ records: [Record]) -> [RecordRef] {
-        records.map { RecordRef(index: $0.index, term: $0.term, stream: $0.stream, seq: $0.seq) }
+    /// Where each record landed. (The raw log's state machine accepts every record; outcomes of domain
+    /// state machines reach their callers with the messaging layer.)
+    static func refs(_ applied: [Applied]) -> [RecordRef] {
+        applied.map { RecordRef(index: $0.record.index, term: $0.record.term, stream: $0.record.stream, seq: $0.record.seq) }
     }
 
     /// The local replica of `shard`, or nil after telling the asking peer this node has none.

@@ -21,7 +21,7 @@ import WeftTesting
 
     func propose(_ r: ShardRunner, _ payload: UInt8) async -> Result<[Record], ReplicationError> {
         await withCheckedContinuation { c in
-            r.submit(.propose([Proposal(stream: StreamID(1), payload: [payload])]) { c.resume(returning: $0) })
+            r.submit(.propose([Proposal(stream: StreamID(1), payload: [payload])]) { c.resume(returning: $0.map { $0.map(\.record) }) })
         }
     }
 

@@ -245,10 +245,10 @@ extension HardeningTests {
         try c.elect(NodeID(1))
         let l = c.replica(NodeID(1))
         var answers: [Int: Result<[Record], ReplicationError>] = [:]
-        var group: [(proposals: [Proposal], done: (Result<[Record], ReplicationError>) -> Void)] = []
+        var group: [(proposals: [Proposal], done: (Result<[Applied], ReplicationError>) -> Void)] = []
         for k in 0..<20 {
             let ps = (0...(k % 3)).map { j in Proposal(stream: StreamID(UInt64(k % 4 + 1)), payload: Array("g\(k)-\(j)".utf8)) }
-            group.append((ps, { answers[k] = $0 }))
+            group.append((ps, { answers[k] = $0.map { $0.map(\.record) } }))
         }
         // Request 7 carries a type only Raft may write: it fails, the others commit.
         group[7].proposals = [Proposal(type: .config, payload: ConfigChange.addVoter(NodeID(9)).encode())]

@@ -1,6 +1,7 @@
 import Raft
 import SegmentFormat
 import SegmentStore
+import ShardState
 import Testing
 import WeftCore
 import WeftTesting
@@ -25,6 +26,9 @@ final class ReplicaCluster {
     var drop: (Message) -> Bool = { _ in false }
     let options: StoreOptions
     var rng = SeededRNG(seed: 99)
+    /// The state machine every replica runs, and how often it snapshots (set before `restart`).
+    var machine: any ShardStateMachine.Type = NoState.self
+    var snapshotEvery: UInt64 = 100_000
 
     init(disk: any Disk, root: String, options: StoreOptions, cleanup: @escaping () -> Void = {}) throws {
         self.disk = disk
@@ -59,7 +63,8 @@ final class ReplicaCluster {
         cfg.electionTicks = 10
         let r = try ShardReplica(
             shard: ShardID(0), id: id, store: store, hardState: hs, membershipFile: MembershipFile(directory: dir, disk: disk),
-            bootstrap: Membership(voters: Set(ids)), config: cfg)
+            bootstrap: Membership(voters: Set(ids)), config: cfg, machine: machine)
+        r.snapshotEveryRecords = snapshotEvery
         applied[id] = []
         r.onApply = { [unowned self] rec in self.applied[id, default: []].append(rec) }
         // Catch-up from files: each file goes straight into the follower's staging directory (unless the

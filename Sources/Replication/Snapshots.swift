@@ -1,0 +1,212 @@
+import Raft
+import SegmentFormat
+import SegmentStore
+import WeftCore
+
+/// A shard's state at an applied index, as written to a snapshot file (Docs/state.md, "Snapshot file").
+public struct StateSnapshot: Equatable, Sendable {
+    /// The last log index the state includes, and that entry's term.
+    public var index: LogIndex
+    public var term: Term
+    /// The group as applied at `index`, and the index of the configuration entry it came from.
+    public var membership: Membership
+    public var membershipIndex: LogIndex
+    /// Every stream's highest seq applied up to `index`, sorted by stream.
+    public var streamSeqs: [(stream: StreamID, seq: StreamSeq)]
+    /// The state machine's bytes (`ShardStateMachine.snapshot()`).
+    public var state: [UInt8]
+
+    public init(
+        index: LogIndex, term: Term, membership: Membership, membershipIndex: LogIndex, streamSeqs: [(stream: StreamID, seq: StreamSeq)],
+        state: [UInt8]
+    ) {
+        self.index = index
+        self.term = term
+        self.membership = membership
+        self.membershipIndex = membershipIndex
+        self.streamSeqs = streamSeqs
+        self.state = state
+    }
+
+    public static func == (a: StateSnapshot, b: StateSnapshot) -> Bool {
+        a.index == b.index && a.term == b.term && a.membership == b.membership && a.membershipIndex == b.membershipIndex
+            && a.streamSeqs.elementsEqual(b.streamSeqs, by: { $0.stream == $1.stream && $0.seq == $1.seq }) && a.state == b.state
+    }
+
+    static let magic: [UInt8] = Array("WEFTSNP\0".utf8)
+    static let version: UInt32 = 1
+
+    /// The file's bytes; byte table in Docs/state.md.
+    public func encode() -> [UInt8] {
+        var b = Self.magic
+        b.appendLE(Self.version)
+        b.appendLE(index)
+        b.appendLE(term)
+        b.appendLE(membershipIndex)
+        let voters = membership.voters.sorted()
+        let learners = membership.learners.sorted()
+        b.appendLE(UInt32(voters.count))
+        for v in voters { b.appendLE(v.rawValue) }
+        b.appendLE(UInt32(learners.count))
+        for l in learners { b.appendLE(l.rawValue) }
+        b.appendLE(UInt64(streamSeqs.count))
+        for s in streamSeqs {
+            b.appendLE(s.stream.rawValue)
+            b.appendLE(s.seq)
+        }
+        b.appendLE(UInt64(state.count))
+        b += state
+        b.appendLE(CRC32C.checksum(b))
+        return b
+    }
+
+    /// Why bytes are not a snapshot: a message naming the byte offset.
+    public struct DecodeError: Error, CustomStringConvertible, Equatable {
+        public var offset: Int
+        public var reason: String
+        public var description: String { "at byte \(offset): \(reason)" }
+    }
+
+    public static func decode(_ b: [UInt8]) throws(DecodeError) -> StateSnapshot {
+        guard b.count >= 8 + 4 + 24 + 4 + 4 + 8 + 8 + 4 else { throw DecodeError(offset: 0, reason: "\(b.count) bytes is shorter than an empty snapshot") }
+        guard Array(b[0..<8]) == magic else { throw DecodeError(offset: 0, reason: "not a snapshot (magic)") }
+        let crcAt = b.count - 4
+        guard b.loadLE(UInt32.self, at: crcAt) == CRC32C.checksum(b[0..<crcAt]) else {
+            throw DecodeError(offset: crcAt, reason: "checksum mismatch: the file is damaged")
+        }
+        var at = 8
+        func u32() throws(DecodeError) -> UInt32 {
+            guard at + 4 <= crcAt else { throw DecodeError(offset: at, reason: "runs past the end") }
+            defer { at += 4 }
+            return b.loadLE(UInt32.self, at: at)
+        }
+        func u64() throws(DecodeError) -> UInt64 {
+            guard at + 8 <= crcAt else { throw DecodeError(offset: at, reason: "runs past the end") }
+            defer { at += 8 }
+            return b.loadLE(UInt64.self, at: at)
+        }
+        let version = try u32()
+        guard version == Self.version else { throw DecodeError(offset: 8, reason: "version \(version), this build reads \(Self.version)") }
+        let index = try u64()
+        let term = try u64()
+        let membershipIndex = try u64()
+        var voters: Set<NodeID> = []
+        let vc = try u32()
+        guard Int(vc) * 8 <= crcAt - at else { throw DecodeError(offset: at - 4, reason: "\(vc) voters do not fit") }
+        for _ in 0..<vc { voters.insert(NodeID(try u64())) }
+        var learners: Set<NodeID> = []
+        let lc = try u32()
+        guard Int(lc) * 8 <= crcAt - at else { throw DecodeError(offset: at - 4, reason: "\(lc) learners do not fit") }
+        for _ in 0..<lc { learners.insert(NodeID(try u64())) }
+        let sc = try u64()
+        guard sc <= UInt64(crcAt - at) / 16 else { throw DecodeError(offset: at - 8, reason: "\(sc) stream marks do not fit") }
+        var seqs: [(stream: StreamID, seq: StreamSeq)] = []
+        seqs.reserveCapacity(Int(sc))
+        for _ in 0..<sc { seqs.append((StreamID(try u64()), try u64())) }
+        let n = try u64()
+        guard n == UInt64(crcAt - at) else { throw DecodeError(offset: at - 8, reason: "state of \(n) bytes, \(crcAt - at) left before the checksum") }
+        return StateSnapshot(
+            index: index, term: term, membership: Membership(voters: voters, learners: learners), membershipIndex: membershipIndex,
+            streamSeqs: seqs, state: Array(b[at..<crcAt]))
+    }
+}
+
+/// The snapshot files of one replica, in `<shard dir>/snapshots/`: `<index, 20 digits>.snap`, written
+/// whole to a `.tmp` file, synced, renamed, and the directory synced; the newest `keep` are kept. A file
+/// that fails its checks is renamed `.damaged` (kept for inspection, never read again) and the next older
+/// one is tried.
+public final class SnapshotFiles {
+    public let directory: String
+    let disk: any Disk
+    public var keep = 2
+
+    public init(shardDirectory: String, disk: any Disk) throws {
+        directory = shardDirectory + "/snapshots"
+        self.disk = disk
+        if !disk.exists(directory) {
+            try disk.makeDirectory(directory)
+            try disk.syncDirectory(shardDirectory)
+        }
+        // A write that did not finish before a crash.
+        for n in try disk.list(directory) where n.hasSuffix(".tmp") { try disk.remove(directory + "/" + n) }
+    }
+
+    static func name(_ index: LogIndex) -> String {
+        let digits = String(index)
+        return String(repeating: "0", count: max(0, 20 - digits.count)) + digits + ".snap"
+    }
+
+    /// Indexes of the snapshot files, newest first.
+    public func indexes() throws -> [LogIndex] {
+        try disk.list(directory).compactMap { n -> LogIndex? in
+            guard n.hasSuffix(".snap"), n.count == 25 else { return nil }
+            return LogIndex(n.prefix(20))
+        }.sorted(by: >)
+    }
+
+    /// Reads and checks one snapshot file.
+    public func load(_ index: LogIndex) throws -> StateSnapshot {
+        let path = directory + "/" + Self.name(index)
+        let f = try disk.open(path, create: false)
+        defer { f.close() }
+        let size = try f.size()
+        guard size <= UInt64(Int.max) else { throw StateSnapshot.DecodeError(offset: 0, reason: "\(path) is too large") }
+        let bytes = try f.read(at: 0, count: Int(size))
+        let s: StateSnapshot
+        do {
+            s = try StateSnapshot.decode(bytes)
+        } catch {
+            throw StateSnapshot.DecodeError(offset: error.offset, reason: "\(path): \(error.reason)")
+        }
+        guard s.index == index else { throw StateSnapshot.DecodeError(offset: 12, reason: "\(path) holds index \(s.index), not \(index)") }
+        return s
+    }
+
+    /// The newest snapshot that reads back whole and that `usable` accepts; what was wrong with the newer
+    /// ones goes to `problems` (damaged files are renamed `.damaged`).
+    public func newest(usable: (StateSnapshot) -> String?, problems: inout [String]) -> StateSnapshot? {
+        let all: [LogIndex]
+        do {
+            all = try indexes()
+        } catch {
+            problems.append("cannot list \(directory): \(error)")
+            return nil
+        }
+        for index in all {
+            do {
+                let s = try load(index)
+                if let why = usable(s) {
+                    problems.append("snapshot at index \(index) not used: \(why)")
+                    continue
+                }
+                return s
+            } catch {
+                problems.append("snapshot at index \(index) is unreadable (\(error)); trying an older one")
+                let path = directory + "/" + Self.name(index)
+                try? disk.rename(path, to: path + ".damaged")
+                try? disk.syncDirectory(directory)
+            }
+        }
+        return nil
+    }
+
+    /// Writes `bytes` (an encoded snapshot at `index`) durably, then drops the oldest beyond `keep`.
+    public func write(index: LogIndex, bytes: [UInt8]) throws {
+        let path = directory + "/" + Self.name(index)
+        let tmp = path + ".tmp"
+        let f = try disk.open(tmp, create: true)
+        do {
+            try f.truncate(to: 0)
+            try f.write(bytes, at: 0)
+            try f.sync()
+            f.close()
+        } catch {
+            f.close()
+            try? disk.remove(tmp)
+            throw error
+        }
+        try disk.rename(tmp, to: path)
+        try disk.syncDirectory(directory)
+        for old in try indexes().dropFirst(keep) { try disk.remove(directory + "/" + Self.name(old)) }
+    }
+}

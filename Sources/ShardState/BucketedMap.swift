@@ -1,0 +1,59 @@
+/// A key with a hash that is the same in every process (bucket choice must not depend on `Hasher`'s
+/// per-process seed, or replicas would lay out and serialise state differently).
+public protocol StableHashable: Hashable, Sendable {
+    var stableHash: UInt64 { get }
+}
+
+extension Array: StableHashable where Element == UInt8 {
+    public var stableHash: UInt64 { FNV1a.hash(self) }
+}
+
+extension UInt64: StableHashable {
+    public var stableHash: UInt64 {
+        var h = FNV1a()
+        h.add(self)
+        return h.value
+    }
+}
+
+/// A dictionary split into `bucketCount` dictionaries by a stable hash of the key.
+///
+/// Why: state machines are values, and a snapshot is a copy of the value serialised on another thread.
+/// With one big `Dictionary`, the first write after the copy duplicates the whole table on the shard
+/// thread (a stop proportional to the state: ~100 ms for a million entries). Here the first write to a
+/// bucket after a copy duplicates that bucket only (1/256 of the state), and a bucket is copied at most
+/// once per snapshot.
+public struct BucketedMap<Key: StableHashable, Value: Sendable>: Sendable {
+    public static var bucketCount: Int { 256 }
+    var buckets: [[Key: Value]]
+    public private(set) var count = 0
+
+    public init() {
+        buckets = Array(repeating: [:], count: Self.bucketCount)
+    }
+
+    @inline(__always) static func bucket(_ key: Key) -> Int { Int(truncatingIfNeeded: key.stableHash >> 56) & (bucketCount - 1) }
+
+    public subscript(key: Key) -> Value? {
+        get { buckets[Self.bucket(key)][key] }
+        set {
+            let b = Self.bucket(key)
+            if let newValue {
+                if buckets[b].updateValue(newValue, forKey: key) == nil { count += 1 }
+            } else if buckets[b].removeValue(forKey: key) != nil {
+                count -= 1
+            }
+        }
+    }
+
+    /// Every entry, bucket by bucket; within a bucket in `Dictionary` order (seeded per process: do not
+    /// let it reach state, outcomes or a hash that must agree across replicas).
+    public func forEach(_ body: (Key, Value) throws -> Void) rethrows {
+        for b in buckets {
+            for (k, v) in b { try body(k, v) }
+        }
+    }
+
+    /// The entries of one bucket (for serialising bucket by bucket).
+    public func entries(inBucket b: Int) -> [Key: Value] { buckets[b] }
+}

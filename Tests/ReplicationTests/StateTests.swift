@@ -1,0 +1,229 @@
+import Raft
+import SegmentFormat
+import SegmentStore
+import ShardState
+import Testing
+import WeftCore
+import WeftTesting
+
+@testable import Replication
+
+/// Issue 10: state machines on the log, snapshots and restarts.
+@Suite struct StateTests {
+    /// A cluster of three replicas running the key-value machine, snapshotting every `every` entries.
+    func kvCluster(every: UInt64) throws -> ReplicaCluster {
+        let c = try ReplicaCluster()
+        c.machine = KeyValueMachine.self
+        c.snapshotEvery = every
+        for id in c.ids { try c.restart(id) }
+        try c.elect(NodeID(1))
+        return c
+    }
+
+    func put(_ c: ReplicaCluster, _ n: Int, from: Int = 0) throws {
+        for k in from..<(from + n) {
+            c.replica(NodeID(1)).propose([Proposal(stream: StreamID(UInt64(k % 3 + 1)), payload: KeyValueMachine.put(Array("k\(k % 7)".utf8), Array("v\(k)".utf8)))]) { _ in }
+            try c.settle()
+        }
+        try c.heartbeats()
+    }
+
+    func hash(_ c: ReplicaCluster, _ id: NodeID) -> UInt64 { c.replica(id).machine.stateHash }
+
+    @Test func replicasAgreeAndARestartLoadsTheSnapshotAndReplaysOnlyTheTail() throws {
+        let c = try kvCluster(every: 10)
+        try put(c, 35)
+        let applied = c.replica(NodeID(1)).raft.applied
+        for id in c.ids {
+            #expect(c.replica(id).raft.applied == applied)
+            #expect(hash(c, id) == hash(c, NodeID(1)))
+            #expect(c.replica(id).lastSnapshotIndex >= 30, "a snapshot at least every 10 entries")
+        }
+        let snapAt = c.replica(NodeID(2)).lastSnapshotIndex
+        try c.restart(NodeID(2))
+        let r2 = c.replica(NodeID(2))
+        #expect(r2.raft.applied == snapAt, "applied starts at the snapshot")
+        #expect(r2.repairEvents.isEmpty, "\(r2.repairEvents)")
+        try c.heartbeats()
+        try c.settle()
+        #expect(c.applied[NodeID(2)]?.first?.index == snapAt + 1, "only the entries after the snapshot are replayed")
+        #expect(r2.raft.applied == c.replica(NodeID(1)).raft.applied)
+        #expect(hash(c, NodeID(2)) == hash(c, NodeID(1)))
+        // Snapshots carry every stream's last applied seq.
+        let s = try r2.snapshots.load(snapAt)
+        #expect(s.streamSeqs.map(\.stream) == [StreamID(1), StreamID(2), StreamID(3)])
+        #expect(s.membership.voters == Set(c.ids))
+        #expect(try r2.snapshots.indexes().count <= 2, "older snapshots are dropped")
+    }
+
+    @Test func aDamagedSnapshotFallsBackToAnOlderOneAndNeverToAWrongState() throws {
+        let c = try kvCluster(every: 10)
+        try put(c, 25)
+        let r3 = c.replica(NodeID(3))
+        let indexes = try r3.snapshots.indexes()
+        #expect(indexes.count == 2)
+        c.stop(NodeID(3))
+        // Flip one byte in the middle of the newest snapshot.
+        let path = c.dir(NodeID(3)) + "/snapshots/" + SnapshotFiles.name(indexes[0])
+        let f = try PosixDisk().open(path, create: false)
+        let n = try f.size()
+        let b = try f.read(at: n / 2, count: 1)
+        try f.write([b[0] ^ 0x40], at: n / 2)
+        f.close()
+        try c.open(NodeID(3))
+        let again = c.replica(NodeID(3))
+        #expect(again.raft.applied == indexes[1], "the older snapshot was used")
+        #expect(again.repairEvents.contains { $0.contains("unreadable") && $0.contains("checksum") }, "\(again.repairEvents)")
+        #expect(PosixDisk().exists(path + ".damaged"))
+        try c.heartbeats()
+        try c.settle()
+        #expect(hash(c, NodeID(3)) == hash(c, NodeID(1)))
+        // Both damaged: the whole log is replayed.
+        c.stop(NodeID(3))
+        let older = c.dir(NodeID(3)) + "/snapshots/" + SnapshotFiles.name(indexes[1])
+        if PosixDisk().exists(older) {
+            let g = try PosixDisk().open(older, create: false)
+            try g.truncate(to: 30)
+            g.close()
+        }
+        // A newer snapshot may have been written meanwhile: damage every one left.
+        for i in try SnapshotFiles(shardDirectory: c.dir(NodeID(3)), disk: PosixDisk()).indexes() {
+            let h = try PosixDisk().open(c.dir(NodeID(3)) + "/snapshots/" + SnapshotFiles.name(i), create: false)
+            try h.truncate(to: 30)
+            h.close()
+        }
+        try c.open(NodeID(3))
+        #expect(c.replica(NodeID(3)).raft.applied == 0)
+        try c.heartbeats()
+        try c.settle()
+        #expect(c.applied[NodeID(3)]?.first?.index == 1)
+        #expect(hash(c, NodeID(3)) == hash(c, NodeID(1)))
+    }
+
+    @Test func aSnapshotPastTheLogOrOfAnotherHistoryIsNotUsed() throws {
+        let c = try kvCluster(every: 10)
+        try put(c, 25)
+        let r2 = c.replica(NodeID(2))
+        let newest = try #require(try r2.snapshots.indexes().first)
+        let last = r2.store.lastIndex
+        var ahead = try r2.snapshots.load(newest)
+        c.stop(NodeID(2))
+        // A snapshot beyond the log's end (as a log cut back by a repair leaves one), and one whose
+        // entry has another term in this log.
+        let files = try SnapshotFiles(shardDirectory: c.dir(NodeID(2)), disk: PosixDisk())
+        files.keep = 4
+        ahead.index = last + 10
+        try files.write(index: ahead.index, bytes: ahead.encode())
+        var otherTerm = try files.load(newest)
+        otherTerm.index = newest + 1
+        otherTerm.term = 99
+        try files.write(index: otherTerm.index, bytes: otherTerm.encode())
+        try c.open(NodeID(2))
+        let again = c.replica(NodeID(2))
+        #expect(again.raft.applied == newest, "the newest snapshot that matches the log")
+        #expect(again.repairEvents.contains { $0.contains("past the end of the log") }, "\(again.repairEvents)")
+        #expect(again.repairEvents.contains { $0.contains("not of term 99") }, "\(again.repairEvents)")
+        try c.heartbeats()
+        try c.settle()
+        #expect(again.raft.applied == c.replica(NodeID(1)).raft.applied)
+        #expect(hash(c, NodeID(2)) == hash(c, NodeID(1)))
+    }
+
+    @Test func theProposerGetsEachRecordsOutcome() throws {
+        let c = try kvCluster(every: 1000)
+        var got: Result<[Applied], ReplicationError>?
+        c.replica(NodeID(1)).proposeApplied([
+            Proposal(stream: StreamID(4), payload: KeyValueMachine.put([1], [1])),
+            Proposal(stream: StreamID(4), payload: KeyValueMachine.cas([1], expected: 77, [2])),
+            Proposal(stream: StreamID(4), payload: [9, 9, 9]),
+        ]) { got = $0 }
+        try c.settle()
+        let applied = try #require(try got?.get())
+        #expect(applied.count == 3)
+        guard case .accepted = applied[0].outcome, case .rejected(let c1, _) = applied[1].outcome, case .rejected(let c2, _) = applied[2].outcome else {
+            Issue.record("outcomes: \(applied.map(\.outcome))")
+            return
+        }
+        #expect(c1 == "conflict" && c2 == "malformed")
+        // A rejected record still holds its place in its stream: seqs stay dense.
+        #expect(applied.map(\.record.seq) == [1, 2, 3])
+    }
+
+    @Test func theLeaderStampsTimeThatNeverRunsBackwards() throws {
+        let c = try kvCluster(every: 1000)
+        var clock: Int64 = 5_000_000
+        let l = c.replica(NodeID(1))
+        l.clockMicros = {
+            clock -= 1000  // a clock stepping back
+            return clock
+        }
+        var stamps: [Int64] = []
+        for k in 0..<5 {
+            l.proposeApplied([Proposal(timestampMicros: 99_999_999, payload: KeyValueMachine.put([UInt8(k)], []))]) { r in
+                if case .success(let a) = r { stamps += a.map(\.record.timestampMicros) }
+            }
+            try c.settle()
+        }
+        #expect(stamps.count == 5)
+        #expect(stamps == stamps.sorted(), "timestamps only grow along the log: \(stamps)")
+        #expect(stamps.allSatisfy { $0 <= 5_000_000 }, "the client's own stamp is not used")
+        // A new leader continues from the log, not from its own clock.
+        c.replica(NodeID(1)).raftTransfer(NodeID(2))
+        try c.settle()
+        try c.heartbeats()
+        #expect(c.leader == NodeID(2))
+        c.replica(NodeID(2)).clockMicros = { 1 }
+        var next: Int64 = 0
+        c.replica(NodeID(2)).proposeApplied([Proposal(payload: KeyValueMachine.put([9], []))]) { r in
+            if case .success(let a) = r { next = a[0].record.timestampMicros }
+        }
+        try c.settle()
+        #expect(next >= stamps.last ?? 0)
+    }
+}
+
+@Suite struct SnapshotFileTests {
+    func sample() -> StateSnapshot {
+        StateSnapshot(
+            index: 1234, term: 7, membership: Membership(voters: [NodeID(1), NodeID(2), NodeID(3)], learners: [NodeID(4)]), membershipIndex: 12,
+            streamSeqs: [(StreamID(1), 10), (StreamID(9), 3)], state: Array("state bytes".utf8))
+    }
+
+    @Test func roundTripsAndEveryFlippedByteIsCaught() throws {
+        let s = sample()
+        let b = s.encode()
+        #expect(try StateSnapshot.decode(b) == s)
+        for k in b.indices {
+            var bad = b
+            bad[k] ^= 0x01
+            #expect(throws: StateSnapshot.DecodeError.self) { try StateSnapshot.decode(bad) }
+        }
+        for cut in [0, 7, 20, b.count - 1] {
+            #expect(throws: StateSnapshot.DecodeError.self) { try StateSnapshot.decode(Array(b.prefix(cut))) }
+        }
+    }
+
+    @Test func filesAreWrittenWholeAndTheNewestTwoKept() throws {
+        let tmp = try TempDirectory(prefix: "weft-snap-test")
+        defer { tmp.remove() }
+        let disk = PosixDisk()
+        let files = try SnapshotFiles(shardDirectory: tmp.path, disk: disk)
+        for i in [5, 50, 500] as [UInt64] {
+            var s = sample()
+            s.index = i
+            try files.write(index: i, bytes: s.encode())
+        }
+        #expect(try files.indexes() == [500, 50])
+        #expect(try files.load(50).index == 50)
+        // A leftover .tmp (a crash mid-write) is removed at open and never read.
+        let t = try disk.open(files.directory + "/" + SnapshotFiles.name(900) + ".tmp", create: true)
+        try t.write([1, 2, 3], at: 0)
+        t.close()
+        let again = try SnapshotFiles(shardDirectory: tmp.path, disk: disk)
+        #expect(try again.indexes() == [500, 50])
+        #expect(try disk.list(again.directory).allSatisfy { !$0.hasSuffix(".tmp") })
+        // A file whose name and contents disagree is refused.
+        try disk.rename(again.directory + "/" + SnapshotFiles.name(50), to: again.directory + "/" + SnapshotFiles.name(60))
+        #expect(throws: StateSnapshot.DecodeError.self) { try again.load(60) }
+    }
+}
