@@ -125,15 +125,21 @@ public struct StorageConfig: Sendable, Equatable {
     public let fsync: FsyncPolicy
     /// `storage.segment_bytes`: a segment is sealed once it reaches this size; at least 4096 (default 64 MiB).
     public let segmentBytes: UInt64
+    /// `storage.snapshot_every_records`: a replica writes a snapshot of its state once this many entries
+    /// were applied since the last one (Docs/state.md); 1...1e9 (default 100 000).
+    public let snapshotEveryRecords: UInt64
 
     public static let defaultDataDir = "data"
     public static let defaultSegmentBytes: UInt64 = 64 << 20
     public static let segmentBytesMin: UInt64 = 4096
+    public static let defaultSnapshotEveryRecords: UInt64 = 100_000
+    public static let snapshotEveryRecordsRange: ClosedRange<UInt64> = 1...1_000_000_000
 
-    public init(dataDir: String, fsync: FsyncPolicy, segmentBytes: UInt64) {
+    public init(dataDir: String, fsync: FsyncPolicy, segmentBytes: UInt64, snapshotEveryRecords: UInt64 = defaultSnapshotEveryRecords) {
         self.dataDir = dataDir
         self.fsync = fsync
         self.segmentBytes = segmentBytes
+        self.snapshotEveryRecords = snapshotEveryRecords
     }
 }
 

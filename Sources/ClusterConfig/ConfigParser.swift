@@ -12,7 +12,7 @@ struct ConfigParser {
     static let rootKeys = ["cluster", "storage", "raft", "api", "nodes"]
     static let clusterKeys = ["name", "shards", "replication", "secret", "founders"]
     static let apiKeys = ["operator_token"]
-    static let storageKeys = ["data_dir", "fsync", "segment_bytes"]
+    static let storageKeys = ["data_dir", "fsync", "segment_bytes", "snapshot_every_records"]
     static let raftKeys = ["election_timeout_min_ms", "election_timeout_max_ms", "heartbeat_interval_ms", "driver_threads"]
     static let nodeKeys = ["id", "peer_addr", "api_addr"]
 
@@ -139,7 +139,16 @@ struct ConfigParser {
             }
             segmentBytes = UInt64(value)
         }
-        return StorageConfig(dataDir: dataDir, fsync: fsync, segmentBytes: segmentBytes)
+        var snapshotEvery = StorageConfig.defaultSnapshotEveryRecords
+        if let value = try storage?.int("snapshot_every_records") {
+            guard value >= 0, StorageConfig.snapshotEveryRecordsRange.contains(UInt64(value)) else {
+                throw ConfigError(
+                    file: file, keyPath: "\(keyPath).snapshot_every_records",
+                    message: "must be \(StorageConfig.snapshotEveryRecordsRange.lowerBound)...\(StorageConfig.snapshotEveryRecordsRange.upperBound), got \(value)")
+            }
+            snapshotEvery = UInt64(value)
+        }
+        return StorageConfig(dataDir: dataDir, fsync: fsync, segmentBytes: segmentBytes, snapshotEveryRecords: snapshotEvery)
     }
 
     /// `every_batch`, `never`, or `every_n_batches:N` with N decimal digits, N >= 1.

@@ -175,6 +175,10 @@ extension ShardReplica {
         raft = Raft(
             config: raftConfig, log: reader, hardState: hardState.state, membership: raft.membership, applied: 0,
             membershipIndex: raft.membershipIndex, recovering: raft.recovering)
+        // Applied starts again from 0 over the new log: so does the state, from the newest snapshot that
+        // matches the new log (log matching: same index and term, same history), else from empty.
+        resetState()
+        try restoreFromSnapshot(context: "after catch-up \(request.transfer)")
         log("caught up from the leader's files (transfer \(request.transfer)): log now ends at \(store.lastIndex)")
     }
 }

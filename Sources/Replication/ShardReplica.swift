@@ -464,10 +464,17 @@ public final class ShardReplica {
         }
     }
 
+    /// The empty state, before index 1 (Raft was just recreated with applied 0).
+    func resetState() {
+        machine = machineType.init()
+        appliedSeqs = BucketedMap()
+        appliedTerm = 0
+    }
+
     /// Loads the newest usable snapshot (its entry is in this log with the same term, and the state
     /// machine reads its bytes): the state and `applied` start there and only the entries after it are
     /// replayed. Without one, the state starts empty and the whole log is replayed.
-    func restoreFromSnapshot() throws {
+    func restoreFromSnapshot(context: String = "at open") throws {
         var problems: [String] = []
         var restored: (any ShardStateMachine)?
         let lastIndex = store.lastIndex
@@ -486,7 +493,7 @@ public final class ShardReplica {
                 }
                 return nil
             }, problems: &problems)
-        for p in problems { record("at open: \(p)") }
+        for p in problems { record("\(context): \(p)") }
         guard let snap, let restored else { return }
         machine = restored
         appliedSeqs = BucketedMap()
@@ -569,9 +576,7 @@ public final class ShardReplica {
             config: raftConfig, log: reader, hardState: hardState.state, membership: raft.membership, applied: 0,
             membershipIndex: raft.membershipIndex, recovering: true)
         // Applied starts again from 0: so does the state (rebuilt from the log as it is replayed).
-        machine = machineType.init()
-        appliedSeqs = BucketedMap()
-        appliedTerm = 0
+        resetState()
         record("recovering: not voting until caught up with a leader")
     }
 

@@ -190,6 +190,9 @@ public final class WeftNode: Sendable {
             shard: shard, id: id, store: store, hardState: hs, membershipFile: MembershipFile(directory: dir, disk: PosixDisk()),
             bootstrap: bootstrap, config: rc)
         let t = transport
+        replica.snapshotEveryRecords = config.storage.snapshotEveryRecords
+        // Snapshot files are written on a background queue (PosixDisk keeps no state of its own).
+        replica.snapshotsInBackground = true
         replica.log = { log.notice("\($0)") }
         for e in replica.repairEvents { log.warning("\(e)") }
         let ship = shipper

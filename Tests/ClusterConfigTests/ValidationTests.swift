@@ -75,7 +75,9 @@ let rejections: [Rejection] = [
     Rejection("storage.segment_bytes", "must be at least 4096, got 4095", document(storage: "segment_bytes = 4095")),
     Rejection("storage.segment_bytes", "must be at least 4096, got -1", document(storage: "segment_bytes = -1")),
     Rejection("storage.segment_bytes", "expected an integer, got a float", document(storage: "segment_bytes = 6.4e7")),
-    Rejection("storage.fsync_policy", "unknown key (expected one of: data_dir, fsync, segment_bytes)", document(storage: "fsync_policy = \"never\"")),
+    Rejection("storage.fsync_policy", "unknown key (expected one of: data_dir, fsync, segment_bytes, snapshot_every_records)", document(storage: "fsync_policy = \"never\"")),
+    Rejection("storage.snapshot_every_records", "must be 1...1000000000, got 0", document(storage: "snapshot_every_records = 0")),
+    Rejection("storage.snapshot_every_records", "must be 1...1000000000, got -5", document(storage: "snapshot_every_records = -5")),
     // [raft]
     Rejection("raft.election_timeout_min_ms", "must be 1...3600000, got 0", document(raft: "election_timeout_min_ms = 0")),
     Rejection("raft.election_timeout_max_ms", "must be 1...3600000, got 3600001", document(raft: "election_timeout_max_ms = 3600001")),
