@@ -1,4 +1,5 @@
 import Raft
+import ShardState
 import WeftCore
 
 /// An in-memory durable Raft log for the simulation (what a node finds after a restart).
@@ -56,6 +57,18 @@ public final class RaftSimulation {
         /// Its storage lost part of the log and it has not caught up yet (the durable marker a real
         /// replica keeps in its directory).
         var damaged = false
+        /// The key-value state (with `stateMachine`), derived from `applied`.
+        var machine = KeyValueMachine()
+        /// Its durable snapshots, oldest first: the state's bytes at an applied index, and a digest of
+        /// the bytes as written (a snapshot file's checksum; a damaged one fails it).
+        var snapshots: [SimSnapshot] = []
+    }
+
+    struct SimSnapshot {
+        var index: LogIndex
+        var term: Term
+        var bytes: [UInt8]
+        var digest: UInt64
     }
 
     struct InFlight {
@@ -109,6 +122,17 @@ public final class RaftSimulation {
     /// Restart a damaged node in recovery (no votes until caught up). Off only to show that the faults
     /// above lose acknowledged writes without it.
     public var recoveryProtection = true
+    /// Drive a key-value state machine (puts and compare-and-sets on a few keys) with snapshots taken at
+    /// random applied indexes, restarts from the newest usable snapshot (some damaged by crashes: they
+    /// fall back to an older one or to the log), and check that replicas at the same applied index have
+    /// the same state hash.
+    public var stateMachine = false
+    /// A bug to show the checks work: snapshots are labelled one index too low (as a driver that took
+    /// them before applying the last entry would), so a restart applies that entry twice.
+    public var offByOneSnapshots = false
+    /// State hash after applying each index (from the first replica that applied it).
+    var hashes: [LogIndex: UInt64] = [:]
+    public private(set) var snapshotStats = (taken: 0, restored: 0, damaged: 0, skipped: 0)
 
     public init(seed: UInt64, nodes count: Int = 3, initialVoters voters: Int? = nil) {
         self.seed = seed
@@ -132,13 +156,43 @@ public final class RaftSimulation {
 
     func start(_ id: NodeID) {
         guard var n = nodes[id] else { return }
-        // State machine restarts empty and replays committed entries from the log.
+        // State machine restarts empty and replays committed entries from the log...
         n.applied = []
+        n.machine = KeyValueMachine()
+        var applied: LogIndex = 0
+        var hs = n.log.hardState
+        // ...or from the newest snapshot that reads back whole and matches this log (same term at its
+        // index: the same history up to it).
+        if stateMachine {
+            for snap in n.snapshots.reversed() {
+                guard FNV1a.hash(snap.bytes) == snap.digest else {
+                    snapshotStats.damaged += 1
+                    continue
+                }
+                guard snap.index <= n.log.lastIndex, n.log.term(at: snap.index) == snap.term, let m = try? KeyValueMachine(snapshot: snap.bytes) else {
+                    snapshotStats.skipped += 1
+                    continue
+                }
+                n.machine = m
+                applied = snap.index
+                // What the snapshot covers is the log's prefix (log matching), applied already.
+                n.applied = Array(n.log.records.prefix(Int(snap.index)))
+                hs.commit = max(hs.commit, snap.index)
+                snapshotStats.restored += 1
+                break
+            }
+        }
         n.raft = Raft(
-            config: config(id), log: n.log, hardState: n.log.hardState, membership: Membership(voters: initialVoters), applied: 0,
+            config: config(id), log: n.log, hardState: hs, membership: Membership(voters: initialVoters), applied: applied,
             recovering: n.damaged && recoveryProtection)
         nodes[id] = n
+        if applied > 0, let h = hashes[applied], h != n.machine.stateHash {
+            failure = fail("node \(id) restored a snapshot at index \(applied) whose state hash differs from what was applied there")
+        }
     }
+
+    /// A broken invariant found where nothing can throw (a restart); reported by the next step.
+    var failure: Failure?
 
     func chance(_ p: Double) -> Bool { Double(rng.next() % 1_000_000) / 1_000_000 < p }
     func pick<T>(_ xs: [T]) -> T { xs[Int(rng.next() % UInt64(xs.count))] }
@@ -158,6 +212,10 @@ public final class RaftSimulation {
             if nodes[victim]?.raft != nil {
                 stats.crashes += 1
                 nodes[victim]?.raft = nil
+                if stateMachine, chance(0.3), let k = nodes[victim]?.snapshots.indices.last {
+                    // The newest snapshot file is damaged on disk.
+                    nodes[victim]!.snapshots[k].bytes.append(0xEE)
+                }
                 network.removeAll { $0.message.to == victim }
                 if diskFaults, chance(0.5), !ids.contains(where: { nodes[$0]!.damaged }), let log = nodes[victim]?.log, log.lastIndex > 0 {
                     let keep = Int(rng.next() % UInt64(log.records.count))
@@ -243,7 +301,13 @@ public final class RaftSimulation {
             var payload: [UInt8] = []
             withUnsafeBytes(of: nextPayload.littleEndian) { payload.append(contentsOf: $0) }
             nextPayload += 1
-            ps.append(Proposal(stream: StreamID(1 + rng.next() % 3), payload: payload))
+            if stateMachine {
+                // A put or a compare-and-set (often on a stale version: rejected) on one of a few keys; the
+                // payload id is the value's last 8 bytes.
+                let key = Array("k\(rng.next() % 5)".utf8)
+                payload = chance(0.3) ? KeyValueMachine.cas(key, expected: rng.next() % 40, payload) : KeyValueMachine.put(key, payload)
+            }
+            ps.append(Proposal(stream: StreamID(1 + rng.next() % 3), timestampMicros: Int64(now), payload: payload))
         }
         if (try? nodes[l]!.raft!.propose(ps)) != nil { stats.proposals += ps.count }
         try process(l)
@@ -306,13 +370,29 @@ public final class RaftSimulation {
             throw fail("node \(id) applied index \(e.index) after \(n.applied.count)")
         }
         n.applied.append(e)
+        if stateMachine {
+            _ = n.machine.apply([e][...])
+            let h = n.machine.stateHash
+            if let seen = hashes[e.index], seen != h {
+                throw fail("replicas diverge: node \(id) has state hash \(h) at index \(e.index), another replica had \(seen)")
+            }
+            hashes[e.index] = h
+            // A snapshot now and then, at the index just applied (two kept, as the replica keeps).
+            if chance(0.02) {
+                let bytes = n.machine.snapshot()
+                let at = offByOneSnapshots && e.index > 1 ? e.index - 1 : e.index
+                n.snapshots.append(SimSnapshot(index: at, term: n.log.term(at: at) ?? e.term, bytes: bytes, digest: FNV1a.hash(bytes)))
+                if n.snapshots.count > 2 { n.snapshots.removeFirst() }
+                snapshotStats.taken += 1
+            }
+        }
         nodes[id] = n
         if let t = committed[e.index], t != e.term {
             throw fail("state machine safety: index \(e.index) applied with term \(e.term) on node \(id), term \(t) elsewhere")
         }
         committed[e.index] = e.term
-        if isLeader, e.type == .data, e.payload.count == 8 {
-            acknowledged.insert(e.payload.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) })
+        if isLeader, e.type == .data, let v = Self.payloadID(e) {
+            acknowledged.insert(v)
         }
     }
 
@@ -326,7 +406,15 @@ public final class RaftSimulation {
 
     func fail(_ message: String) -> Failure { Failure(seed: seed, step: step, message: message) }
 
+    /// The proposal's id: its last 8 bytes (the whole payload without a state machine, a put's or a
+    /// compare-and-set's value with one).
+    static func payloadID(_ e: Record) -> UInt64? {
+        guard e.payload.count >= 8 else { return nil }
+        return e.payload.suffix(8).enumerated().reduce(UInt64(0)) { $0 | UInt64($1.element) << (8 * UInt64($1.offset)) }
+    }
+
     func checkInvariants() throws {
+        if let failure { throw failure }
         // Election safety: one leader per term.
         for id in ids {
             guard let r = nodes[id]?.raft, r.role == .leader else { continue }
@@ -400,17 +488,19 @@ public final class RaftSimulation {
             }
         }
         try checkLogMatching()
+        if stateMachine {
+            let final = Set(ids.filter { members.contains($0) }.map { nodes[$0]!.machine.stateHash })
+            if final.count != 1 { throw fail("replicas end with different states after applying the same log") }
+        }
         for id in ids where members.contains(id) {
-            let have = Set(nodes[id]!.applied.compactMap { e -> UInt64? in
-                e.payload.count == 8 ? e.payload.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) } : nil
-            })
+            let have = Set(nodes[id]!.applied.compactMap { e -> UInt64? in e.type == .data ? Self.payloadID(e) : nil })
             let lost = acknowledged.subtracting(have)
             if !lost.isEmpty { throw fail("acknowledged writes lost on node \(id): \(lost.sorted().prefix(5))") }
             // Exactly once and dense stream seqs.
             var seen = Set<UInt64>()
             var seqs: [StreamID: StreamSeq] = [:]
             for e in nodes[id]!.applied where e.type == .data {
-                let v = e.payload.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }
+                guard let v = Self.payloadID(e) else { throw fail("entry \(e.index) on node \(id) carries no payload id") }
                 if !seen.insert(v).inserted { throw fail("payload \(v) applied twice on node \(id)") }
                 let expected = (seqs[e.stream] ?? 0) + 1
                 if e.seq != expected { throw fail("stream \(e.stream) seq \(e.seq) at index \(e.index), expected \(expected)") }
