@@ -304,6 +304,8 @@ public final class ShardReplica {
     /// grow along the log (across leader changes too: a new leader holds every committed entry).
     var lastStampMicros: Int64 = 0
     var reads: [UInt64: (Result<LogIndex, ReplicationError>) -> Void] = [:]
+    /// Callers waiting for an applied index, sorted by it (`whenApplied`; at most `appliedWaitersMax`).
+    var appliedWaiters: [(index: LogIndex, done: (Result<LogIndex, ReplicationError>) -> Void)] = []
     var pendingReads: [(id: UInt64, index: LogIndex)] = []
     var nextReadID: UInt64 = 1
     /// Counters (read with `status()`).
@@ -851,6 +853,7 @@ public final class ShardReplica {
             pendingReads.removeFirst()
             reads.removeValue(forKey: r.id)?(.success(r.index))
         }
+        fireAppliedWaiters()
         // Proposals whose index was overwritten by another term fail now rather than wait forever.
         if raft.role != .leader, !waiting.isEmpty {
             for (i, w) in waiting where i > raft.lastIndex || (raft.logTerm(at: i).map { $0 != w.0 } ?? false) {
@@ -898,6 +901,9 @@ public final class ShardReplica {
         waiting = [:]
         for (_, r) in reads { r(.failure(e)) }
         reads = [:]
+        let waiters = appliedWaiters
+        appliedWaiters = []
+        for w in waiters { w.done(.failure(e)) }
     }
 
     /// Starts a snapshot when `snapshotEveryRecords` entries were applied since the last one and none is

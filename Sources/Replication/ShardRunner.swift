@@ -72,7 +72,9 @@ public final class ShardRunner: @unchecked Sendable {
         case transferLeadership(NodeID)
         case configChange(ConfigChange, @Sendable (Result<LogIndex, ReplicationError>) -> Void)
         case status(@Sendable (ShardStatus) -> Void)
-        case read(ReadQuery, @Sendable (Result<(records: [Record], commit: LogIndex), ReadError>) -> Void)
+        case read(ReadQuery, @Sendable (Result<ReadResult, ReadError>) -> Void)
+        /// Answers once this replica has applied `index` (a read that must see a write, or a read index).
+        case whenApplied(LogIndex, @Sendable (Result<LogIndex, ReplicationError>) -> Void)
         case campaign
         /// Part of a file the leader ships for catch-up `transfer`; `ack` gets the bytes of the file
         /// now staged (nil: refused, as from an older transfer or term; false: it could not be written).
@@ -142,6 +144,7 @@ public final class ShardRunner: @unchecked Sendable {
         case .readIndex(let cb): cb(.failure(.unavailable(why)))
         case .configChange(_, let cb): cb(.failure(.unavailable(why)))
         case .read(_, let cb): cb(.failure(.unavailable(why)))
+        case .whenApplied(_, let cb): cb(.failure(.unavailable(why)))
         case .status(let cb): cb(.unavailable(replica.shard, node: replica.id, why))
         default: break
         }
@@ -273,6 +276,7 @@ public final class ShardRunner: @unchecked Sendable {
         case .configChange(let c, let cb): replica.proposeConfig(c) { cb($0) }
         case .status(let cb): cb(replica.status())
         case .read(let q, let cb): cb(replica.read(q))
+        case .whenApplied(let index, let cb): replica.whenApplied(index) { cb($0) }
         case .campaign: replica.campaign()
         case .stageFile(let transfer, let name, let offset, let bytes, let ack):
             do {
@@ -388,39 +392,6 @@ public final class DriverLane: @unchecked Sendable {
                 return
             }
             condition.unlock()
-        }
-    }
-}
-
-extension ShardReplica {
-
-    public func status() -> ShardStatus {
-        ShardStatus(
-            shard: shard, node: id, role: raft.membership.all.contains(id) ? raft.role.rawValue : "not a member", leader: raft.leader, term: raft.term, commitIndex: raft.commit,
-            appliedIndex: raft.applied, lastIndex: raft.lastIndex, matchIndexes: raft.matchIndexes,
-            voters: raft.membership.voters.sorted(), learners: raft.membership.learners.sorted(),
-            recovering: raft.recovering, repairs: repairs, repairEvents: Array(repairEvents.suffix(10)), stats: stats)
-    }
-
-    /// Committed records only (up to the applied index), checked block by block as they are read; a
-    /// damaged block is never served (the replica repairs itself on its next turn).
-    public func read(_ q: ReadQuery) -> Result<(records: [Record], commit: LogIndex), ReadError> {
-        let upTo = raft.applied
-        do {
-            switch q {
-            case .log(let from, let limit):
-                guard from >= store.firstIndex || from > upTo else { return .failure(.compacted(first: store.firstIndex)) }
-                guard from <= upTo else { return .success(([], upTo)) }
-                return .success((try store.read(from: from, to: upTo, limit: limit), upTo))
-            case .stream(let s, let fromSeq, let limit):
-                var out = try store.readStream(s, fromSeq: fromSeq, limit: limit)
-                if let k = out.firstIndex(where: { $0.index > upTo }) { out.removeSubrange(k...) }
-                return .success((out, upTo))
-            }
-        } catch StoreError.outOfRange(_, let first, _) {
-            return .failure(.compacted(first: first))
-        } catch {
-            return .failure(.damaged("\(error)"))
         }
     }
 }

@@ -13,6 +13,7 @@ import WeftCore
 /// 4 config  | request id | ConfigChange bytes (u8 kind | u64 node)
 /// 5 file    | u64 transfer | u8 name length | name (UTF-8) | u64 offset | u64 total | bytes (rest)
 /// 6 fileAck | u64 transfer | u8 ok | u64 received | u8 name length | name (UTF-8)
+/// 7 readIndex | request id        (answered ok with one ref whose index is the read index)
 /// 3 answer  | request id | u8 status
 ///           | 0 ok: u32 n | n x (u64 index | u64 term | u64 stream | u64 seq)
 ///           | 1 not leader: u64 leader (0 unknown)
@@ -30,6 +31,9 @@ enum Envelope: Equatable {
     /// The follower staged `received` bytes of `name` (flow control of the catch-up); `ok` false: it
     /// could not write them.
     case fileAck(transfer: UInt64, name: String, received: UInt64, ok: Bool)
+    /// A linearizable read point from the shard's leader (ReadIndex): answered `ok` with one ref whose
+    /// index is the read index, once the leader has confirmed its leadership and applied up to it.
+    case readIndex(request: RequestID)
 
     struct ForwardedProposal: Equatable {
         var stream: StreamID
@@ -102,6 +106,9 @@ enum Envelope: Equatable {
             b.append(4)
             put(id, &b)
             b += c.encode()
+        case .readIndex(let id):
+            b.append(7)
+            put(id, &b)
         case .answer(let id, let a):
             b.append(3)
             put(id, &b)
@@ -207,6 +214,10 @@ enum Envelope: Equatable {
             let id = try r.requestID()
             guard let c = ConfigChange.decode(try r.take(r.remaining)) else { throw DecodeError(description: "bad membership change") }
             return .configChange(request: id, change: c)
+        case 7:
+            let id = try r.requestID()
+            try r.end()
+            return .readIndex(request: id)
         default:
             throw DecodeError(description: "frame kind \(kind)")
         }

@@ -69,6 +69,7 @@ final class Forwarder: Sendable {
             switch envelope {
             case .forward(_, let ps): .forward(request: id, proposals: ps)
             case .configChange(_, let change): .configChange(request: id, change: change)
+            case .readIndex: .readIndex(request: id)
             default: envelope
             }
         let timer = deadlines.schedule(deadline) { [state] in

@@ -79,8 +79,10 @@ public enum HTTPAPI {
         var records: [ReadRecord]
         /// Where the next read continues (the `from` or `cursor` to pass).
         var next: UInt64
-        /// This replica's applied index when it answered.
+        /// The serving replica's commit index when it answered.
         var commit_index: UInt64
+        /// The serving replica's applied index: the records are everything the query has up to it.
+        var applied_index: UInt64
     }
 
     static func shardParameter(_ context: BasicRequestContext, _ node: WeftNode) throws -> ShardID {
@@ -98,13 +100,24 @@ public enum HTTPAPI {
         return v
     }
 
-    static func readResponse(
-        _ node: WeftNode, _ shard: ShardID, _ q: ReadQuery, nextFrom: (Record) -> UInt64, start: UInt64
-    ) async throws -> Response {
-        guard let result = await node.read(shard: shard, q) else {
-            throw APIError(.notFound, "no_replica", "node \(node.id) holds no replica of shard \(shard)")
+    /// `consistency=linearizable` (default) | `local`, and `min_index=N` (read at least index N).
+    static func readConsistency(_ request: Request) throws -> WeftNode.ReadConsistency {
+        let minIndex = try queryNumber(request, "min_index", default: 0, min: 0)
+        switch request.uri.queryParameters.get("consistency") {
+        case nil, "linearizable":
+            // A min_index adds nothing a read index does not already give.
+            return .linearizable
+        case "local":
+            return minIndex > 0 ? .atLeast(minIndex) : .local
+        case let other?:
+            throw APIError(.badRequest, "invalid_consistency", "consistency must be linearizable or local, got \(other.prefix(64))")
         }
-        switch result {
+    }
+
+    static func readResponse(
+        _ node: WeftNode, _ shard: ShardID, _ q: ReadQuery, consistency: WeftNode.ReadConsistency, nextFrom: (Record) -> UInt64, start: UInt64
+    ) async throws -> Response {
+        switch await node.read(shard: shard, q, consistency: consistency) {
         case .success(let r):
             let body = ReadResponse(
                 records: r.records.map {
@@ -112,14 +125,18 @@ public enum HTTPAPI {
                         index: $0.index, term: $0.term, stream: $0.stream.rawValue, seq: $0.seq, type: $0.type.rawValue,
                         timestamp_us: $0.timestampMicros, payload_b64: Data($0.payload).base64EncodedString())
                 },
-                next: r.records.last.map(nextFrom) ?? start, commit_index: r.commit)
+                next: r.records.last.map(nextFrom) ?? start, commit_index: r.commit, applied_index: r.applied)
             return try json(body)
-        case .failure(.compacted(let first)):
+        case .failure(.noReplica):
+            throw APIError(.notFound, "no_replica", "node \(node.id) holds no replica of shard \(shard)")
+        case .failure(.read(.compacted(let first))):
             throw APIError(.gone, "compacted", "records before index \(first) were dropped by retention")
-        case .failure(.damaged(let why)):
+        case .failure(.read(.damaged(let why))):
             throw APIError(.serviceUnavailable, "damaged", "this replica's copy is damaged and being repaired; read another replica (\(why))")
-        case .failure(.unavailable(let why)):
+        case .failure(.read(.unavailable(let why))):
             throw APIError(.serviceUnavailable, "unavailable", why)
+        case .failure(.unavailable(let why)):
+            throw APIError(.serviceUnavailable, "not_current", why)
         }
     }
 
@@ -183,7 +200,8 @@ public enum HTTPAPI {
             let shard = try shardParameter(context, node)
             let from = try queryNumber(request, "from", default: 1, min: 1)
             let limit = try queryNumber(request, "limit", default: 100, min: 1, max: 10_000)
-            return try await readResponse(node, shard, .log(from: from, limit: Int(limit)), nextFrom: { $0.index + 1 }, start: from)
+            return try await readResponse(
+                node, shard, .log(from: from, limit: Int(limit)), consistency: try readConsistency(request), nextFrom: { $0.index + 1 }, start: from)
         }
 
         // Committed records of one stream, by cursor (the next seq to read): ?cursor=SEQ&limit=N.
@@ -195,7 +213,8 @@ public enum HTTPAPI {
             let cursor = try queryNumber(request, "cursor", default: 1, min: 1)
             let limit = try queryNumber(request, "limit", default: 100, min: 1, max: 10_000)
             return try await readResponse(
-                node, shard, .stream(StreamID(stream), fromSeq: cursor, limit: Int(limit)), nextFrom: { $0.seq + 1 }, start: cursor)
+                node, shard, .stream(StreamID(stream), fromSeq: cursor, limit: Int(limit)), consistency: try readConsistency(request),
+                nextFrom: { $0.seq + 1 }, start: cursor)
         }
 
         // Membership of one shard, one server at a time: {"add_voter": N} | {"add_learner": N} | {"remove_voter": N}.

@@ -293,6 +293,11 @@ public final class WeftNode: Sendable {
                 })
         case .fileAck(let transfer, let name, let received, let ok):
             shipper.acknowledge(shard: shard, from: from, transfer: transfer, name: name, received: received, ok: ok)
+        case .readIndex(let request):
+            guard let runner = runnerOrRefuse(shard, request: request, from: from) else { return }
+            let reply = replier(to: from, shard: shard, request: request)
+            let me = id
+            runner.submit(.readIndex { reply(Self.answer($0, me: me) { [RecordRef(index: $0, term: 0, stream: .none, seq: 0)] }) })
         case .configChange(let request, let change):
             guard let runner = runnerOrRefuse(shard, request: request, from: from) else { return }
             let reply = replier(to: from, shard: shard, request: request)
@@ -548,12 +553,67 @@ public final class WeftNode: Sendable {
 
     // MARK: Reads
 
-    /// Reads this node's replica of `shard` (committed records only; no leader round trip, so a lagging
-    /// replica may return fewer). nil when the node has no replica of the shard.
-    public func read(shard: ShardID, _ q: ReadQuery) async -> Result<(records: [Record], commit: LogIndex), ReadError>? {
-        guard let r = runner(shard) else { return nil }
-        return await withCheckedContinuation { c in
-            r.submit(.read(q) { c.resume(returning: $0) })
+    /// How current a read must be (Docs/state.md, "Reads").
+    public enum ReadConsistency: Sendable, Equatable {
+        /// Sees every write acknowledged before the read began: a read index from the shard's leader
+        /// (ReadIndex: the leader confirms it still leads with a quorum round), then this replica serves
+        /// once it has applied up to it. Works on a follower: only the index comes from the leader.
+        case linearizable
+        /// Sees at least everything up to `index` (a cursor or a write's index), from this replica once
+        /// it has applied that far.
+        case atLeast(LogIndex)
+        /// Whatever this replica has applied (may lag the leader; never uncommitted).
+        case local
+    }
+
+    public enum ReadFailure: Error, Equatable, Sendable {
+        /// This node holds no replica of the shard.
+        case noReplica
+        case read(ReadError)
+        /// No read index, or this replica did not apply far enough, before the deadline.
+        case unavailable(String)
+    }
+
+    /// Reads this node's replica of `shard`, as current as `consistency` asks.
+    public func read(
+        shard: ShardID, _ q: ReadQuery, consistency: ReadConsistency = .local, timeout: Duration = .seconds(5)
+    ) async -> Result<ReadResult, ReadFailure> {
+        guard let r = runner(shard) else { return .failure(.noReplica) }
+        let deadline = ContinuousClock.now + timeout
+        var need: LogIndex = 0
+        switch consistency {
+        case .local: break
+        case .atLeast(let index): need = index
+        case .linearizable:
+            do {
+                need = try await readIndex(shard, deadline: deadline)
+            } catch {
+                return .failure(.unavailable("no read index from shard \(shard)'s leader: \(error)"))
+            }
         }
+        if need > 0 {
+            let applied: Result<LogIndex, ReplicationError> = await Self.untilDeadline(
+                deadline, late: .failure(.unavailable("replica of shard \(shard) on node \(id) had not applied index \(need) by the deadline"))
+            ) { finish in r.submit(.whenApplied(need) { finish($0) }) }
+            if case .failure(let e) = applied { return .failure(.unavailable("\(e)")) }
+        }
+        let result = await withCheckedContinuation { c in r.submit(.read(q) { c.resume(returning: $0) }) }
+        return result.mapError { .read($0) }
+    }
+
+    /// A linearizable read point for `shard`: the leader's read index, asked locally when this node
+    /// leads, else of the leader over the peer connection.
+    func readIndex(_ shard: ShardID, deadline: ContinuousClock.Instant) async throws -> LogIndex {
+        let me = id
+        let refs = try await withCheckedThrowingContinuation { c in
+            throughLeader(
+                shard, deadline: deadline, envelope: { .readIndex(request: Envelope.RequestID(incarnation: 0, sequence: 0)) },
+                local: { local, deadline, finish in
+                    Self.untilDeadline(deadline, late: .failed("no read index on node \(me) before the deadline"), finish) { finish in
+                        local.submit(.readIndex { finish(Self.answer($0, me: me) { [RecordRef(index: $0, term: 0, stream: .none, seq: 0)] }) })
+                    }
+                }, done: { c.resume(with: $0) })
+        }
+        return refs.first?.index ?? 0
     }
 }

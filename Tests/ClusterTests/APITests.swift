@@ -123,6 +123,8 @@ extension Clusters {
                 ("/api/v1/shards/1/streams/0", 400, "invalid_stream"),
                 ("/api/v1/shards/9/streams/4", 404, "unknown_shard"),
                 ("/api/v1/shards/1/log?from=0", 400, "invalid_from"),
+                ("/api/v1/shards/1/log?consistency=eventual", 400, "invalid_consistency"),
+                ("/api/v1/shards/1/streams/4?consistency=local&min_index=x", 400, "invalid_min_index"),
                 ("/api/v1/shards/9/log", 404, "unknown_shard"),
             ]
             for (path, status, code) in bad {
@@ -180,6 +182,36 @@ extension Clusters {
                 let (_, st) = try await request(c, "GET", "/api/v1/cluster/status", node: n)
                 let replicas = ((st["shards"] as? [[String: Any]])?.first?["replicas"] as? [[String: Any]]) ?? []
                 #expect(Set(replicas.compactMap { $0["node"] as? Int }) == [1, 2, 3], "node \(n): \(replicas)")
+            }
+        }
+
+        /// Issue 10: a read right after a write sees it on every node, followers included (the default
+        /// read asks the leader for a read index); `consistency=local&min_index=N` waits for index N on the
+        /// node it asks; `commit_index` is the commit index and `applied_index` the applied one.
+        @Test func aReadOnAFollowerRightAfterAWriteSeesIt() async throws {
+            let c = try ClusterProcess(name: "reads", nodes: 3, shards: 1)
+            try c.startAll()
+            defer { c.stopAll() }
+            let leader = try #require(await c.leader(of: 0))
+            for k in 0..<30 {
+                // Alternate the node that takes the write; read at once from another one.
+                let writer = [1, 2, 3][k % 3]
+                let reader = [1, 2, 3][(k + 1) % 3]
+                let (s, ack) = try await request(c, "POST", "/api/v1/shards/0/append", body: Data(#"{"records":[{"stream":7,"payload":"r\#(k)"}]}"#.utf8), node: writer)
+                #expect(s == 200)
+                let ref = try #require((ack["records"] as? [[String: Any]])?.first)
+                let seq = try #require(ref["seq"] as? Int)
+                let index = try #require(ref["index"] as? Int)
+                let (rs, page) = try await request(c, "GET", "/api/v1/shards/0/streams/7?cursor=\(seq)&limit=1", node: reader)
+                #expect(rs == 200)
+                let got = (page["records"] as? [[String: Any]])?.first?["seq"] as? Int
+                #expect(got == seq, "node \(reader) missed seq \(seq) written through node \(writer) (leader \(leader))")
+                let commit = try #require(page["commit_index"] as? Int)
+                let applied = try #require(page["applied_index"] as? Int)
+                #expect(applied >= index && commit >= applied)
+                let (ls, local) = try await request(c, "GET", "/api/v1/shards/0/log?from=\(index)&limit=1&consistency=local&min_index=\(index)", node: reader)
+                #expect(ls == 200)
+                #expect((local["records"] as? [[String: Any]])?.first?["index"] as? Int == index)
             }
         }
     }

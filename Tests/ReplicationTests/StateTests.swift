@@ -182,6 +182,27 @@ import WeftTesting
     }
 }
 
+@Suite struct AppliedWaiterTests {
+    @Test func waitersAnswerInIndexOrderOnceAppliedAndFailWhenTheReplicaStops() throws {
+        let c = try ReplicaCluster()
+        try c.elect(NodeID(1))
+        let f = c.replica(NodeID(2))
+        let base = f.raft.applied
+        var answered: [LogIndex] = []
+        for i in [base + 3, base + 1, base + 2, base] {
+            f.whenApplied(i) { r in if case .success = r { answered.append(i) } }
+        }
+        #expect(answered == [base], "an index already applied answers at once")
+        _ = try c.propose(3, tag: "w")
+        try c.heartbeats()
+        #expect(answered == [base, base + 1, base + 2, base + 3])
+        var failed: ReplicationError?
+        f.whenApplied(base + 1000) { r in if case .failure(let e) = r { failed = e } }
+        c.stop(NodeID(2))
+        #expect(failed == .stopped)
+    }
+}
+
 @Suite struct SnapshotFileTests {
     func sample() -> StateSnapshot {
         StateSnapshot(

@@ -281,7 +281,7 @@ struct Faults: AsyncParsableCommand {
         var failures = 0
         while true {
             let outcome = await client.request(
-                .GET, host: TestNetwork.address(node), port: Cluster.apiPort, path: "/api/v1/shards/\(shard)/log?from=\(from)&limit=2000",
+                .GET, host: TestNetwork.address(node), port: Cluster.apiPort, path: "/api/v1/shards/\(shard)/log?from=\(from)&limit=2000&consistency=local",
                 timeout: .seconds(10))
             guard case .response(200, let body) = outcome, let page = try? JSONDecoder().decode(LogPage.self, from: Data(body)) else {
                 failures += 1
