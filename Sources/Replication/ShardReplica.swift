@@ -310,8 +310,10 @@ public final class ShardReplica {
     var nextReadID: UInt64 = 1
     /// Counters (read with `status()`).
     public internal(set) var stats = ReplicaStats()
-    /// Called with every committed record, in log order (the delivery tier and relays tail this).
+    /// Called with every committed record, in log order, on the shard's thread.
     public var onApply: (Record) -> Void = { _ in }
+    /// Committed records for subscribers on other threads (the delivery tier, relays).
+    public let tail: ShardTail
 
     let membershipFile: MembershipFile
     var savedMembershipIndex: LogIndex
@@ -374,6 +376,7 @@ public final class ShardReplica {
         self.machineType = machine
         self.machine = machine.init()
         self.snapshots = try SnapshotFiles(shardDirectory: store.directory, disk: store.fileSystem)
+        self.tail = ShardTail(shard: shard, directory: store.directory)
         self.shard = shard
         self.id = id
         self.store = store
@@ -502,6 +505,7 @@ public final class ShardReplica {
         for s in snap.streamSeqs { appliedSeqs[s.stream.rawValue] = s.seq }
         appliedTerm = snap.term
         lastSnapshotIndex = snap.index
+        tail.startAt(snap.index)
         var membership = raft.membership
         var membershipIndex = raft.membershipIndex
         if snap.membershipIndex > membershipIndex {
@@ -813,6 +817,7 @@ public final class ShardReplica {
                     }
                 }
                 appliedTerm = rd.committed[rd.committed.count - 1].term
+                tail.append(rd.committed)
             }
             if let first = rd.entries.first {
                 if first.index <= store.lastIndex {

@@ -1,0 +1,163 @@
+import Foundation
+import SegmentStore
+import WeftCore
+
+/// A replica's committed records for subscribers in the same process (the delivery tier, relays): every
+/// replica has one, followers included, so pushing does not depend on where a shard's leader is.
+///
+/// ```
+///   apply (shard thread) ──append──▶ window: the last `windowCountMax` records (≤ `windowBytesMax`)
+///                                        │ poll (subscriber's thread)
+///   subscriber at index i ── i in the window? ── yes: copy from the window
+///                                        └─ no: read the segment files on its own LogFileReader
+/// ```
+///
+/// Subscribers pull (`TailSubscription.poll`) and are woken when records arrive; a slow subscriber
+/// holds nothing back: once it falls out of the window it reads the files (the shard thread never reads
+/// for it), and `poll` says so (`fromFiles`), so it can tell it is behind. It resumes from any index it
+/// has seen: the tail only ever grows along the committed log, whatever leader or restart produced it.
+///
+/// `@unchecked Sendable`: every field is guarded by `lock`.
+public final class ShardTail: @unchecked Sendable {
+    public let shard: ShardID
+    let directory: String
+    let lock = NSLock()
+    /// The window: records `window[start...]`, contiguous, ending at `applied`.
+    var window: [Record] = []
+    var start = 0
+    var bytes = 0
+    /// Highest index appended (the replica's applied index as the tail knows it).
+    public private(set) var applied: LogIndex = 0
+    var subscribers: [UInt64: @Sendable () -> Void] = [:]
+    var nextID: UInt64 = 1
+    public var windowCountMax = 8192
+    public var windowBytesMax = 8 << 20
+    /// Subscribers at most; past it `subscribe` fails.
+    public static let subscribersMax = 4096
+
+    public init(shard: ShardID, directory: String) {
+        self.shard = shard
+        self.directory = directory
+    }
+
+    /// The shard thread, after apply: records in log order. Records at or below `applied` are skipped (a
+    /// replica that cut its log replays it from index 1; the tail has them already).
+    func append(_ records: [Record]) {
+        lock.lock()
+        var added = false
+        for r in records where r.index > applied {
+            if r.index != applied + 1 || (start < window.count && window[window.count - 1].index + 1 != r.index) {
+                // A hole (the replica started from a snapshot past the window): start the window afresh.
+                window = []
+                start = 0
+                bytes = 0
+            }
+            window.append(r)
+            bytes += r.payload.count
+            applied = r.index
+            added = true
+        }
+        while window.count - start > windowCountMax || (bytes > windowBytesMax && window.count - start > 1) {
+            bytes -= window[start].payload.count
+            start += 1
+        }
+        if start > 1024 && start * 2 > window.count {
+            window.removeFirst(start)
+            start = 0
+        }
+        let wake = added ? Array(subscribers.values) : []
+        lock.unlock()
+        for w in wake { w() }
+    }
+
+    /// The replica restored its state at `index` (a snapshot): the tail starts there if it had less.
+    func startAt(_ index: LogIndex) {
+        lock.lock()
+        if index > applied {
+            applied = index
+            window = []
+            start = 0
+            bytes = 0
+        }
+        lock.unlock()
+    }
+
+    public struct SubscribeError: Error, CustomStringConvertible {
+        public var description: String
+    }
+
+    /// A subscription from `index` (the first record it returns); `wake` runs (on the shard's thread,
+    /// so it must only signal) when records are appended.
+    public func subscribe(from index: LogIndex, wake: @escaping @Sendable () -> Void) throws -> TailSubscription {
+        lock.lock()
+        defer { lock.unlock() }
+        guard subscribers.count < Self.subscribersMax else {
+            throw SubscribeError(description: "shard \(shard) has \(Self.subscribersMax) tail subscribers already")
+        }
+        let id = nextID
+        nextID += 1
+        subscribers[id] = wake
+        return TailSubscription(tail: self, id: id, from: max(1, index))
+    }
+
+    func unsubscribe(_ id: UInt64) {
+        lock.lock()
+        subscribers[id] = nil
+        lock.unlock()
+    }
+
+    /// Records from `index` in the window (up to `limit`), and the applied index; nil when `index` is
+    /// below the window (the caller reads the files).
+    func fromWindow(_ index: LogIndex, limit: Int) -> (records: [Record], applied: LogIndex)? {
+        lock.lock()
+        defer { lock.unlock() }
+        if index > applied { return ([], applied) }
+        guard start < window.count, index >= window[start].index else { return nil }
+        let k = start + Int(index - window[start].index)
+        let end = min(window.count, k + limit)
+        return (Array(window[k..<end]), applied)
+    }
+}
+
+/// One subscriber's position in a `ShardTail`. Used from one thread at a time (the subscriber's).
+public final class TailSubscription {
+    let tail: ShardTail
+    let id: UInt64
+    /// The next index `poll` returns.
+    public private(set) var next: LogIndex
+    var files: LogFileReader?
+
+    init(tail: ShardTail, id: UInt64, from: LogIndex) {
+        self.tail = tail
+        self.id = id
+        next = from
+    }
+
+    deinit { tail.unsubscribe(id) }
+
+    public struct Batch {
+        public var records: [Record]
+        /// Read from the segment files: the subscriber is behind the in-memory window.
+        public var fromFiles: Bool
+        /// How far the replica has applied (records past `next` still to come: `applied - next + 1`).
+        public var applied: LogIndex
+    }
+
+    /// The next committed records (up to `limit`; none when the subscriber is caught up). Throws when the
+    /// files do not hold what the replica applied (damage being repaired): poll again later.
+    public func poll(limit: Int = 1000) throws -> Batch {
+        if let (records, applied) = tail.fromWindow(next, limit: limit) {
+            files = nil
+            if let last = records.last { next = last.index + 1 }
+            return Batch(records: records, fromFiles: false, applied: applied)
+        }
+        let applied = tail.applied
+        if files == nil || files?.next != next {
+            files = LogFileReader(directory: tail.directory, disk: PosixDisk(), from: next)
+        }
+        guard let reader = files else { return Batch(records: [], fromFiles: true, applied: applied) }
+        let records = try reader.read(upTo: applied, limit: limit)
+        if let last = records.last { next = last.index + 1 }
+        return Batch(records: records, fromFiles: true, applied: applied)
+    }
+}
