@@ -211,6 +211,7 @@ struct SnapshotJob: @unchecked Sendable {
     let membership: Membership
     let membershipIndex: LogIndex
     let seqs: BucketedMap<UInt64, UInt64>
+    let requests: RequestWindow
     let status: SnapshotJobState
 
     func run() {
@@ -219,7 +220,8 @@ struct SnapshotJob: @unchecked Sendable {
         seqs.forEach { s, q in streams.append((StreamID(s), q)) }
         streams.sort { $0.stream.rawValue < $1.stream.rawValue }
         let snap = StateSnapshot(
-            index: index, term: term, membership: membership, membershipIndex: membershipIndex, streamSeqs: streams, state: state.snapshot())
+            index: index, term: term, membership: membership, membershipIndex: membershipIndex, streamSeqs: streams, state: state.snapshot(),
+            requests: requests.encode())
         do {
             try files.write(index: index, bytes: snap.encode())
             status.end(index, nil)
@@ -285,6 +287,12 @@ public final class ShardReplica {
     let machineType: any ShardStateMachine.Type
     /// Highest seq applied per stream (stream id -> seq), for snapshots.
     var appliedSeqs = BucketedMap<UInt64, UInt64>()
+    /// Outcomes of the last keyed requests (idempotent writes), derived from the log.
+    public internal(set) var requests = RequestWindow()
+    /// On the leader: request keys in its log not yet applied (key -> index of the key record, and the
+    /// request's record count), so a retry that arrives before the first is applied waits for it
+    /// instead of writing it again. Rebuilt from the unapplied tail when the replica becomes leader.
+    var pendingKeys: [[UInt8]: (index: LogIndex, count: Int)] = [:]
     /// Term of the entry at `raft.applied`.
     var appliedTerm: Term = 0
     /// Snapshot files of this replica.
@@ -472,6 +480,8 @@ public final class ShardReplica {
     /// The empty state, before index 1 (Raft was just recreated with applied 0).
     func resetState() {
         machine = machineType.init()
+        requests = RequestWindow()
+        pendingKeys = [:]
         appliedSeqs = BucketedMap()
         appliedTerm = 0
     }
@@ -482,6 +492,7 @@ public final class ShardReplica {
     func restoreFromSnapshot(context: String = "at open") throws {
         var problems: [String] = []
         var restored: (any ShardStateMachine)?
+        var window = RequestWindow()
         let lastIndex = store.lastIndex
         let snap = snapshots.newest(
             usable: { s in
@@ -493,6 +504,7 @@ public final class ShardReplica {
                 }
                 do {
                     restored = try machineType.init(snapshot: s.state)
+                    window = s.requests.isEmpty ? RequestWindow() : try RequestWindow(encoded: s.requests)
                 } catch {
                     return "the state machine cannot read it: \(error)"
                 }
@@ -501,6 +513,7 @@ public final class ShardReplica {
         for p in problems { record("\(context): \(p)") }
         guard let snap, let restored else { return }
         machine = restored
+        requests = window
         appliedSeqs = BucketedMap()
         for s in snap.streamSeqs { appliedSeqs[s.stream.rawValue] = s.seq }
         appliedTerm = snap.term
@@ -641,6 +654,9 @@ public final class ShardReplica {
 
     /// Proposes records; `done` gets each one's record and apply outcome once all committed and applied.
     public func proposeApplied(_ proposals: [Proposal], done: @escaping (Result<[Applied], ReplicationError>) -> Void) {
+        if let bad = proposals.first(where: { $0.type == .requestKey }) {
+            return done(.failure(.invalid("record type \(bad.type.rawValue) is reserved for the system")))
+        }
         stats.requests += 1
         stats.recordsProposed += UInt64(proposals.count)
         do {
@@ -670,7 +686,7 @@ public final class ShardReplica {
         // A request Raft would refuse fails alone, before the group is formed.
         var requests = group
         requests.removeAll { r in
-            guard let bad = r.proposals.first(where: { $0.type == .config || $0.type == .noop }) else { return false }
+            guard let bad = r.proposals.first(where: { $0.type == .config || $0.type == .noop || $0.type == .requestKey }) else { return false }
             r.done(.failure(.invalid("record type \(bad.type.rawValue) is reserved for the system")))
             return true
         }
@@ -811,6 +827,10 @@ public final class ShardReplica {
                 precondition(outcomes.count == rd.committed.count, "\(type(of: machine)).apply returned \(outcomes.count) outcomes for \(rd.committed.count) records")
                 for (k, e) in rd.committed.enumerated() {
                     if e.stream != .none { appliedSeqs[e.stream.rawValue] = e.seq }
+                    requests.apply(e, outcome: outcomes[k])
+                    if e.type == .requestKey, !pendingKeys.isEmpty, let (key, _) = RequestWindow.parseKey(e.payload), pendingKeys[key]?.index == e.index {
+                        pendingKeys[key] = nil
+                    }
                     onApply(e)
                     if let (term, done) = waiting.removeValue(forKey: e.index) {
                         done(term == e.term ? .success(Applied(record: e, outcome: outcomes[k])) : .failure(.superseded))
@@ -851,7 +871,11 @@ public final class ShardReplica {
         } else if !stalled {
             readStallSince = nil
         }
-        if wasLeader && raft.role != .leader { cancelCatchUps() }
+        if wasLeader && raft.role != .leader {
+            cancelCatchUps()
+            pendingKeys = [:]
+        }
+        if !wasLeader && raft.role == .leader { rebuildPendingKeys() }
         wasLeader = raft.role == .leader
         // Reads are served once the state they must see is applied.
         while let r = pendingReads.first, r.index <= raft.applied {
@@ -926,7 +950,7 @@ public final class ShardReplica {
         guard raft.applied >= lastSnapshotIndex + snapshotEveryRecords, raft.applied > 0, snapshotJob.begin() else { return }
         let job = SnapshotJob(
             files: snapshots, state: machine, index: raft.applied, term: appliedTerm, membership: raft.membership,
-            membershipIndex: raft.membershipIndex, seqs: appliedSeqs, status: snapshotJob)
+            membershipIndex: raft.membershipIndex, seqs: appliedSeqs, requests: requests, status: snapshotJob)
         if snapshotsInBackground {
             Self.snapshotQueue.async { job.run() }
         } else {

@@ -11,6 +11,9 @@ public struct RecordType: RawRepresentable, Hashable, Sendable, CustomStringConv
     public static let noop = RecordType(2)
     /// A Raft membership change.
     public static let config = RecordType(3)
+    /// A client's request key, proposed right before the request's records (Docs/state.md,
+    /// "Idempotent writes"): payload `u8 key length | key | u32 record count`.
+    public static let requestKey = RecordType(4)
 
     /// Types a client may write through the raw shard API: `data`, and the opaque application range
     /// 0x8000...0xFFFF. Every other value is reserved for the system (Raft's no-op and membership
@@ -27,6 +30,7 @@ public struct RecordType: RawRepresentable, Hashable, Sendable, CustomStringConv
         case .data: "data"
         case .noop: "noop"
         case .config: "config"
+        case .requestKey: "requestKey"
         default: "type\(rawValue)"
         }
     }

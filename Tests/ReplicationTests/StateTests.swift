@@ -182,6 +182,61 @@ import WeftTesting
     }
 }
 
+@Suite struct IdempotentWriteTests {
+    func keyed(_ r: ShardReplica, _ key: String, _ payloads: [[UInt8]]) -> (() -> Result<KeyedResult, ReplicationError>?) {
+        final class Box: @unchecked Sendable { var v: Result<KeyedResult, ReplicationError>? }
+        let box = Box()
+        r.proposeKeyed(Array(key.utf8), payloads.map { Proposal(stream: StreamID(9), payload: $0) }) { box.v = $0 }
+        return { box.v }
+    }
+
+    @Test func aRetryGetsTheFirstResultAndWritesNothingAlsoAfterALeaderChangeAndARestart() throws {
+        let c = try ReplicaCluster()
+        c.snapshotEvery = 5
+        for id in c.ids { try c.restart(id) }
+        try c.elect(NodeID(1))
+        let l = c.replica(NodeID(1))
+        // Two attempts in the same turn, before either is persisted: one write.
+        let a = keyed(l, "msg-1", [[1], [2]])
+        let b = keyed(l, "msg-1", [[1], [2]])
+        try c.settle()
+        try c.heartbeats()
+        let first = try #require(try a()?.get())
+        let second = try #require(try b()?.get())
+        #expect(first.complete && !first.replayed && first.landed.count == 2)
+        #expect(second.replayed && second.landed == first.landed)
+        // Then after it is applied.
+        let c1 = keyed(l, "msg-1", [[9]])
+        #expect(try c1()?.get().landed == first.landed, "answered at once from the window, whatever the body")
+        // A new leader knows it too.
+        l.raftTransfer(NodeID(2))
+        try c.settle()
+        try c.heartbeats()
+        let d = keyed(c.replica(NodeID(2)), "msg-1", [[1], [2]])
+        #expect(try d()?.get().replayed == true)
+        // Enough other writes for a snapshot, then a restart from it.
+        _ = try c.propose(12, tag: "other")
+        try c.heartbeats()
+        try c.restart(NodeID(2))
+        try c.tick(c.ids, 60) { c.leader != nil }
+        try c.heartbeats()
+        #expect(c.replica(NodeID(2)).lastSnapshotIndex > first.landed[1].index)
+        let leader = try #require(c.leader)
+        let e = keyed(c.replica(leader), "msg-1", [[1], [2]])
+        try c.settle()
+        #expect(try e()?.get().landed == first.landed)
+        // The stream holds the two records once.
+        let stream2 = try c.log(NodeID(1)).filter { $0.stream == StreamID(9) }
+        #expect(stream2.map(\.seq) == [1, 2])
+        // Keys are checked; reserved types refused.
+        #expect(throws: ReplicationError.self) { try keyed(l, "", [[1]])()?.get() }
+        #expect(throws: ReplicationError.self) { try keyed(l, String(repeating: "k", count: 65), [[1]])()?.get() }
+        var refused: Result<[Applied], ReplicationError>?
+        c.replica(leader).proposeApplied([Proposal(type: .requestKey, payload: RequestWindow.keyPayload([1], count: 0))]) { refused = $0 }
+        #expect(throws: ReplicationError.self) { try refused?.get() }
+    }
+}
+
 @Suite struct AppliedWaiterTests {
     @Test func waitersAnswerInIndexOrderOnceAppliedAndFailWhenTheReplicaStops() throws {
         let c = try ReplicaCluster()

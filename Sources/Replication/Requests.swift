@@ -1,0 +1,92 @@
+import Raft
+import ShardState
+import WeftCore
+
+/// A keyed request's result (Docs/state.md, "Idempotent writes").
+public struct KeyedResult: Sendable, Equatable {
+    /// Where its records landed, with their apply outcomes, in order.
+    public var landed: [RequestWindow.Landed]
+    /// How many records the request had.
+    public var count: Int
+    /// A retry of a request already written: these are the first attempt's records; nothing was written.
+    public var replayed: Bool
+    /// False when a leader change cut the first attempt short: only `landed` committed, and a retry with
+    /// the same key writes nothing more.
+    public var complete: Bool { landed.count == count }
+}
+
+extension ShardReplica {
+    /// Proposes a request under a client's key: written once, whatever the retries. The first attempt is
+    /// a `requestKey` record followed by the request's records, proposed together; a later request with
+    /// the same key gets the first one's result (from the window once applied; waiting for it while it
+    /// is in the log and not applied yet) and writes nothing.
+    public func proposeKeyed(_ key: [UInt8], _ proposals: [Proposal], done: @escaping (Result<KeyedResult, ReplicationError>) -> Void) {
+        guard !key.isEmpty, key.count <= RequestWindow.keyBytesMax else {
+            return done(.failure(.invalid("a request key has 1...\(RequestWindow.keyBytesMax) bytes")))
+        }
+        guard !proposals.isEmpty else { return done(.success(KeyedResult(landed: [], count: 0, replayed: false))) }
+        if let bad = proposals.first(where: { $0.type == .config || $0.type == .noop || $0.type == .requestKey }) {
+            return done(.failure(.invalid("record type \(bad.type.rawValue) is reserved for the system")))
+        }
+        guard raft.role == .leader else { return done(.failure(.notLeader(raft.leader))) }
+        if let e = requests.lookup(key) {
+            return done(.success(KeyedResult(landed: e.landed, count: e.count, replayed: true)))
+        }
+        let inLog: (index: LogIndex, count: Int)? =
+            pendingKeys[key] ?? requests.openRequest.flatMap { $0.key == key ? ($0.keyIndex, $0.count) : nil }
+        if let first = inLog {
+            // The first attempt is in the log and not applied yet: answer with its result once it is
+            // (or, if it turns out to have written nothing, propose this one then).
+            whenApplied(first.index + LogIndex(first.count)) { [weak self] r in
+                switch r {
+                case .failure(let e): done(.failure(e))
+                case .success:
+                    guard let self else { return done(.failure(.stopped)) }
+                    if let e = self.requests.lookup(key) {
+                        done(.success(KeyedResult(landed: e.landed, count: e.count, replayed: true)))
+                    } else {
+                        self.proposeKeyed(key, proposals, done: done)
+                    }
+                }
+            }
+            return
+        }
+        stats.requests += 1
+        stats.recordsProposed += UInt64(proposals.count)
+        let all = [Proposal(stream: .none, type: .requestKey, payload: RequestWindow.keyPayload(key, count: proposals.count))] + proposals
+        do {
+            guard let range = try raft.propose(stamped(all)) else { return done(.success(KeyedResult(landed: [], count: 0, replayed: false))) }
+            pendingKeys[key] = (range.lowerBound, proposals.count)
+            let count = proposals.count
+            awaitCommit((range.lowerBound + 1)...range.upperBound, term: raft.term) { r in
+                done(
+                    r.map { applied in
+                        KeyedResult(
+                            landed: applied.map {
+                                RequestWindow.Landed(index: $0.record.index, term: $0.record.term, stream: $0.record.stream, seq: $0.record.seq, outcome: $0.outcome)
+                            }, count: count, replayed: false)
+                    })
+            }
+        } catch {
+            done(.failure(Self.map(error)))
+        }
+    }
+
+    /// A new leader learns which request keys its log holds past the applied index (entries of earlier
+    /// terms it will commit): a retry of one of them must wait for it, not write it again.
+    func rebuildPendingKeys() {
+        pendingKeys = [:]
+        var from = raft.applied + 1
+        let last = raft.lastIndex
+        while from <= last {
+            guard let batch = reader.entries(from: from, to: last + 1, maxBytes: 8 << 20), let end = batch.last?.index else {
+                log("could not read the log's unapplied tail (\(from)...\(last)) for request keys; retries of those requests may be written twice")
+                return
+            }
+            for r in batch where r.type == .requestKey {
+                if let (key, count) = RequestWindow.parseKey(r.payload) { pendingKeys[key] = (r.index, count) }
+            }
+            from = end + 1
+        }
+    }
+}
