@@ -73,6 +73,8 @@ public final class ShardRunner: @unchecked Sendable {
         case configChange(ConfigChange, @Sendable (Result<LogIndex, ReplicationError>) -> Void)
         case status(@Sendable (ShardStatus) -> Void)
         case read(ReadQuery, @Sendable (Result<ReadResult, ReadError>) -> Void)
+        /// Records under a client's request key: written once, whatever the retries (`proposeKeyed`).
+        case proposeKeyed([UInt8], [Proposal], @Sendable (Result<KeyedResult, ReplicationError>) -> Void)
         /// Answers once this replica has applied `index` (a read that must see a write, or a read index).
         case whenApplied(LogIndex, @Sendable (Result<LogIndex, ReplicationError>) -> Void)
         case campaign
@@ -145,6 +147,7 @@ public final class ShardRunner: @unchecked Sendable {
         case .configChange(_, let cb): cb(.failure(.unavailable(why)))
         case .read(_, let cb): cb(.failure(.unavailable(why)))
         case .whenApplied(_, let cb): cb(.failure(.unavailable(why)))
+        case .proposeKeyed(_, _, let cb): cb(.failure(.unavailable(why)))
         case .status(let cb): cb(.unavailable(replica.shard, node: replica.id, why))
         default: break
         }
@@ -277,6 +280,7 @@ public final class ShardRunner: @unchecked Sendable {
         case .status(let cb): cb(replica.status())
         case .read(let q, let cb): cb(replica.read(q))
         case .whenApplied(let index, let cb): replica.whenApplied(index) { cb($0) }
+        case .proposeKeyed(let key, let ps, let cb): replica.proposeKeyed(key, ps) { cb($0) }
         case .campaign: replica.campaign()
         case .stageFile(let transfer, let name, let offset, let bytes, let ack):
             do {

@@ -14,6 +14,8 @@ import WeftCore
 /// 5 file    | u64 transfer | u8 name length | name (UTF-8) | u64 offset | u64 total | bytes (rest)
 /// 6 fileAck | u64 transfer | u8 ok | u64 received | u8 name length | name (UTF-8)
 /// 7 readIndex | request id        (answered ok with one ref whose index is the read index)
+/// 8 forwardKeyed | request id | u8 key length | key | then as forward: u32 n | n x record
+/// answer statuses 6 partial: u32 count | u32 n | n x ref; 7 replayed: u32 n | n x ref
 /// 3 answer  | request id | u8 status
 ///           | 0 ok: u32 n | n x (u64 index | u64 term | u64 stream | u64 seq)
 ///           | 1 not leader: u64 leader (0 unknown)
@@ -34,6 +36,8 @@ enum Envelope: Equatable {
     /// A linearizable read point from the shard's leader (ReadIndex): answered `ok` with one ref whose
     /// index is the read index, once the leader has confirmed its leadership and applied up to it.
     case readIndex(request: RequestID)
+    /// A write under a client's request key (idempotent): answered `ok`, `replayed` or `partial`.
+    case forwardKeyed(request: RequestID, key: [UInt8], proposals: [ForwardedProposal])
 
     struct ForwardedProposal: Equatable {
         var stream: StreamID
@@ -51,6 +55,11 @@ enum Envelope: Equatable {
     /// The outcome of a forwarded request. Every failure says whether the write may have happened.
     enum ForwardAnswer: Equatable, Sendable {
         case ok([RecordRef])
+        /// A keyed request written before: the first attempt's records; nothing was written now.
+        case replayed([RecordRef])
+        /// A keyed request whose first attempt was cut short by a leader change: these of its `count`
+        /// records committed; nothing is written now.
+        case partial([RecordRef], count: Int)
         case notLeader(NodeID?)
         /// Not written, and nothing of it will be: a retry is safe (no quorum, replaced by another
         /// leader's entry before commit, the replica is not there or was not running).
@@ -77,14 +86,13 @@ enum Envelope: Equatable {
         case .forward(let id, let ps):
             b.append(2)
             put(id, &b)
-            put(UInt32(ps.count), &b)
-            for p in ps {
-                put(p.stream.rawValue, &b)
-                put(p.type.rawValue, &b)
-                put(UInt64(bitPattern: p.timestampMicros), &b)
-                put(UInt32(p.payload.count), &b)
-                b += p.payload
-            }
+            Self.putProposals(ps, &b)
+        case .forwardKeyed(let id, let key, let ps):
+            b.append(8)
+            put(id, &b)
+            b.append(UInt8(min(key.count, 255)))
+            b += key.prefix(255)
+            Self.putProposals(ps, &b)
         case .file(let transfer, let name, let offset, let total, let bytes):
             b.append(5)
             put(transfer, &b)
@@ -115,13 +123,14 @@ enum Envelope: Equatable {
             switch a {
             case .ok(let refs):
                 b.append(0)
-                put(UInt32(refs.count), &b)
-                for r in refs {
-                    put(r.index, &b)
-                    put(r.term, &b)
-                    put(r.stream.rawValue, &b)
-                    put(r.seq, &b)
-                }
+                Self.putRefs(refs, &b)
+            case .replayed(let refs):
+                b.append(7)
+                Self.putRefs(refs, &b)
+            case .partial(let refs, let count):
+                b.append(6)
+                put(UInt32(clamping: count), &b)
+                Self.putRefs(refs, &b)
             case .notLeader(let l):
                 b.append(1)
                 put(l?.rawValue ?? 0, &b)
@@ -148,32 +157,33 @@ enum Envelope: Equatable {
         switch kind {
         case 2:
             let id = try r.requestID()
-            let n = Int(try r.u32())
-            guard n <= Limits.appendBatchCountMax, n <= r.remaining / 22 else { throw DecodeError(description: "forward of \(n) records") }
-            var ps: [ForwardedProposal] = []
-            for _ in 0..<n {
-                let stream = StreamID(try r.u64())
-                let type = RecordType(try r.u16())
-                let ts = Int64(bitPattern: try r.u64())
-                let len = Int(try r.u32())
-                guard len <= Limits.recordPayloadBytesMax else { throw DecodeError(description: "payload too large") }
-                ps.append(ForwardedProposal(stream: stream, type: type, timestampMicros: ts, payload: try r.take(len)))
-            }
+            let ps = try Self.takeProposals(&r)
             try r.end()
             return .forward(request: id, proposals: ps)
+        case 8:
+            let id = try r.requestID()
+            let kl = Int(try r.take(1)[0])
+            let key = try r.take(kl)
+            let ps = try Self.takeProposals(&r)
+            try r.end()
+            return .forwardKeyed(request: id, key: key, proposals: ps)
         case 3:
             let id = try r.requestID()
             let status = try r.take(1)[0]
             switch status {
             case 0:
-                let n = Int(try r.u32())
-                guard n <= r.remaining / 32 else { throw DecodeError(description: "answer of \(n) records") }
-                var refs: [RecordRef] = []
-                for _ in 0..<n {
-                    refs.append(RecordRef(index: try r.u64(), term: try r.u64(), stream: StreamID(try r.u64()), seq: try r.u64()))
-                }
+                let refs = try Self.takeRefs(&r)
                 try r.end()
                 return .answer(request: id, .ok(refs))
+            case 7:
+                let refs = try Self.takeRefs(&r)
+                try r.end()
+                return .answer(request: id, .replayed(refs))
+            case 6:
+                let count = Int(try r.u32())
+                let refs = try Self.takeRefs(&r)
+                try r.end()
+                return .answer(request: id, .partial(refs, count: count))
             case 1:
                 let l = try r.u64()
                 try r.end()
@@ -223,6 +233,52 @@ enum Envelope: Equatable {
         }
     }
 
+
+    static func putProposals(_ ps: [ForwardedProposal], _ b: inout [UInt8]) {
+        put(UInt32(ps.count), &b)
+        for p in ps {
+            put(p.stream.rawValue, &b)
+            put(p.type.rawValue, &b)
+            put(UInt64(bitPattern: p.timestampMicros), &b)
+            put(UInt32(p.payload.count), &b)
+            b += p.payload
+        }
+    }
+
+    static func takeProposals(_ r: inout Cursor) throws -> [ForwardedProposal] {
+        let n = Int(try r.u32())
+        guard n <= Limits.appendBatchCountMax, n <= r.remaining / 22 else { throw DecodeError(description: "forward of \(n) records") }
+        var ps: [ForwardedProposal] = []
+        for _ in 0..<n {
+            let stream = StreamID(try r.u64())
+            let type = RecordType(try r.u16())
+            let ts = Int64(bitPattern: try r.u64())
+            let len = Int(try r.u32())
+            guard len <= Limits.recordPayloadBytesMax else { throw DecodeError(description: "payload too large") }
+            ps.append(ForwardedProposal(stream: stream, type: type, timestampMicros: ts, payload: try r.take(len)))
+        }
+        return ps
+    }
+
+    static func putRefs(_ refs: [RecordRef], _ b: inout [UInt8]) {
+        put(UInt32(refs.count), &b)
+        for ref in refs {
+            put(ref.index, &b)
+            put(ref.term, &b)
+            put(ref.stream.rawValue, &b)
+            put(ref.seq, &b)
+        }
+    }
+
+    static func takeRefs(_ r: inout Cursor) throws -> [RecordRef] {
+        let n = Int(try r.u32())
+        guard n <= r.remaining / 32 else { throw DecodeError(description: "answer of \(n) records") }
+        var refs: [RecordRef] = []
+        for _ in 0..<n {
+            refs.append(RecordRef(index: try r.u64(), term: try r.u64(), stream: StreamID(try r.u64()), seq: try r.u64()))
+        }
+        return refs
+    }
 
     struct Cursor {
         let bytes: [UInt8]

@@ -70,6 +70,7 @@ final class Forwarder: Sendable {
             case .forward(_, let ps): .forward(request: id, proposals: ps)
             case .configChange(_, let change): .configChange(request: id, change: change)
             case .readIndex: .readIndex(request: id)
+            case .forwardKeyed(_, let key, let ps): .forwardKeyed(request: id, key: key, proposals: ps)
             default: envelope
             }
         let timer = deadlines.schedule(deadline) { [state] in

@@ -1,4 +1,5 @@
 import Foundation
+import HTTPTypes
 import Hummingbird
 import Metrics
 import NIOConcurrencyHelpers
@@ -6,6 +7,7 @@ import NIOCore
 import Prometheus
 import Raft
 import Replication
+import ShardState
 import WeftCore
 
 /// The client-facing HTTP API of a node (Hummingbird 2). Errors are JSON `{"error":{"code","message"}}`
@@ -178,6 +180,17 @@ public enum HTTPAPI {
                 proposals = try decodeJSONRecords(buffer, timestampMicros: now)
             }
             let start = ContinuousClock.now
+            if let key = try idempotencyKey(request) {
+                // Written once whatever the retries (Docs/state.md, "Idempotent writes").
+                do {
+                    let written = try await node.appendKeyed(shard: ShardID(shardNo), key: key, proposals)
+                    var response = appendResponse(written.refs)
+                    if written.replayed { response.headers[replayedHeader] = "true" } else { appended.increment(by: written.refs.count) }
+                    return response
+                } catch let e as WriteError {
+                    throw apiError(e)
+                }
+            }
             do {
                 let refs = try await node.append(shard: ShardID(shardNo), proposals)
                 appended.increment(by: refs.count)
@@ -271,6 +284,7 @@ public enum HTTPAPI {
         case .unavailable(let m): APIError(.serviceUnavailable, "unavailable", m)
         case .changePending(let m): APIError(.conflict, "change_pending", m)
         case .outcomeUnknown(let m): APIError(.gatewayTimeout, "outcome_unknown", m)
+        case .partiallyWritten(let m): APIError(.conflict, "partially_written", m)
         }
     }
 
@@ -349,6 +363,19 @@ public enum HTTPAPI {
         }
         out += Array("]}".utf8)
         return out
+    }
+
+    static let idempotencyKeyHeader = HTTPField.Name("Idempotency-Key")!
+    static let replayedHeader = HTTPField.Name("Idempotent-Replayed")!
+
+    /// The request's `Idempotency-Key` (1...64 visible ASCII characters), nil without one.
+    static func idempotencyKey(_ request: Request) throws -> [UInt8]? {
+        guard let raw = request.headers[idempotencyKeyHeader] else { return nil }
+        let bytes = Array(raw.utf8)
+        guard (1...RequestWindow.keyBytesMax).contains(bytes.count), bytes.allSatisfy({ $0 >= 0x21 && $0 <= 0x7E }) else {
+            throw APIError(.badRequest, "invalid_idempotency_key", "Idempotency-Key must be 1...\(RequestWindow.keyBytesMax) visible ASCII characters")
+        }
+        return bytes
     }
 
     static func appendResponse(_ refs: [RecordRef]) -> Response {

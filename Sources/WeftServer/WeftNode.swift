@@ -7,6 +7,7 @@ import PeerTransport
 import Raft
 import Replication
 import SegmentStore
+import ShardState
 import WeftCore
 
 public enum WriteError: Error, Equatable, CustomStringConvertible {
@@ -19,8 +20,11 @@ public enum WriteError: Error, Equatable, CustomStringConvertible {
     case changePending(String)
     /// The write may or may not have committed (it was proposed or sent, and then the deadline passed, the
     /// answer was lost, or the replica stopped or began repairing its log). Not retried here: a retry
-    /// could write it twice.
+    /// could write it twice (unless it carries a request key: then a retry is always safe).
     case outcomeUnknown(String)
+    /// A keyed request whose first attempt a leader change cut short: only some of its records were
+    /// written (listed in the message); nothing more is written under that key.
+    case partiallyWritten(String)
 
     public var description: String {
         switch self {
@@ -28,6 +32,7 @@ public enum WriteError: Error, Equatable, CustomStringConvertible {
         case .invalid(let s): "invalid: \(s)"
         case .changePending(let s): "change pending: \(s)"
         case .outcomeUnknown(let s): "outcome unknown: \(s)"
+        case .partiallyWritten(let s): "partially written: \(s)"
         }
     }
 }
@@ -293,6 +298,18 @@ public final class WeftNode: Sendable {
                 })
         case .fileAck(let transfer, let name, let received, let ok):
             shipper.acknowledge(shard: shard, from: from, transfer: transfer, name: name, received: received, ok: ok)
+        case .forwardKeyed(let request, let key, let proposals):
+            if let bad = proposals.first(where: { !$0.type.isClientWritable }) {
+                transport.send(
+                    to: from, shard: shard.rawValue,
+                    payload: Envelope.answer(request: request, .invalid("record type \(bad.type.rawValue) is reserved for the system")).encode())
+                return
+            }
+            guard let runner = runnerOrRefuse(shard, request: request, from: from) else { return }
+            let ps = proposals.map { Proposal(stream: $0.stream, type: $0.type, timestampMicros: $0.timestampMicros, payload: $0.payload) }
+            let reply = replier(to: from, shard: shard, request: request)
+            let me = id
+            runner.submit(.proposeKeyed(key, ps) { reply(Self.keyedAnswer($0, me: me)) })
         case .readIndex(let request):
             guard let runner = runnerOrRefuse(shard, request: request, from: from) else { return }
             let reply = replier(to: from, shard: shard, request: request)
@@ -358,6 +375,52 @@ public final class WeftNode: Sendable {
             }, done: done)
     }
 
+    /// Appends records under a client's request key (1...64 bytes): written once however often it is
+    /// sent, on whichever node, across leader changes; a retry gets the first attempt's places
+    /// (`replayed`). An unknown outcome is retried here until `timeout` (safe with a key).
+    public func appendKeyed(
+        shard: ShardID, key: [UInt8], _ proposals: [Proposal], timeout: Duration = .seconds(5),
+        done: @escaping @Sendable (Result<Written, WriteError>) -> Void
+    ) {
+        guard !key.isEmpty, key.count <= RequestWindow.keyBytesMax else {
+            return done(.failure(.invalid("a request key has 1...\(RequestWindow.keyBytesMax) bytes")))
+        }
+        guard !proposals.isEmpty else { return done(.success(Written(refs: [], replayed: false))) }
+        if let refusal = Self.refusal(proposals) { return done(.failure(refusal)) }
+        let me = id
+        throughLeader(
+            shard, deadline: ContinuousClock.now + timeout, retryUnknown: true,
+            envelope: {
+                Envelope.forwardKeyed(
+                    request: Envelope.RequestID(incarnation: 0, sequence: 0), key: key,
+                    proposals: proposals.map {
+                        Envelope.ForwardedProposal(stream: $0.stream, type: $0.type, timestampMicros: $0.timestampMicros, payload: $0.payload)
+                    })
+            },
+            local: { runner, deadline, finish in
+                Self.untilDeadline(deadline, late: .outcomeUnknown("proposed on node \(me), not committed before the deadline"), finish) { finish in
+                    runner.submit(.proposeKeyed(key, proposals) { finish(Self.keyedAnswer($0, me: me)) })
+                }
+            }, done: done)
+    }
+
+    public func appendKeyed(shard: ShardID, key: [UInt8], _ proposals: [Proposal], timeout: Duration = .seconds(5)) async throws -> Written {
+        try await withCheckedThrowingContinuation { c in
+            appendKeyed(shard: shard, key: key, proposals, timeout: timeout) { c.resume(with: $0) }
+        }
+    }
+
+    static func keyedAnswer(_ r: Result<KeyedResult, ReplicationError>, me: NodeID) -> Envelope.ForwardAnswer {
+        switch r {
+        case .success(let k):
+            let refs = k.landed.map { RecordRef(index: $0.index, term: $0.term, stream: $0.stream, seq: $0.seq) }
+            if !k.complete { return .partial(refs, count: k.count) }
+            return k.replayed ? .replayed(refs) : .ok(refs)
+        case .failure(let e):
+            return answer(.failure(e), me: me) { (_: [RecordRef]) in [] }
+        }
+    }
+
     /// Why an append is refused before anything is sent (nil: it may go).
     static func refusal(_ proposals: [Proposal]) -> WriteError? {
         guard proposals.count <= Limits.appendBatchCountMax else { return .invalid("at most \(Limits.appendBatchCountMax) records per append") }
@@ -380,33 +443,67 @@ public final class WeftNode: Sendable {
         local run: @escaping @Sendable (ShardRunner, ContinuousClock.Instant, @escaping @Sendable (Envelope.ForwardAnswer) -> Void) -> Void,
         done: @escaping @Sendable (Result<[RecordRef], WriteError>) -> Void
     ) {
-        guard ContinuousClock.now < deadline else { return done(.failure(.unavailable("shard \(shard): \(lastError)"))) }
-        let again: @Sendable (String, Duration?) -> Void = { [self] why, pause in
+        throughLeader(shard, deadline: deadline, lastError: lastError, retryUnknown: false, envelope: envelope, local: run) { done($0.map(\.refs)) }
+    }
+
+    /// What a write through the leader gave: where its records are, and whether they were written by an
+    /// earlier attempt with the same request key (nothing was written now).
+    public struct Written: Sendable, Equatable {
+        public var refs: [RecordRef]
+        public var replayed: Bool
+    }
+
+    /// `throughLeader` with the whole answer. `retryUnknown`: an answer that the outcome is unknown is
+    /// retried too (safe only for a keyed request: the retry cannot write it twice).
+    /// `lastUnknown`: the last attempt's outcome was unknown (then so is the request's, at the deadline).
+    func throughLeader(
+        _ shard: ShardID, deadline: ContinuousClock.Instant, lastError: String = "no leader", lastUnknown: Bool = false, retryUnknown: Bool,
+        envelope: @escaping @Sendable () -> Envelope,
+        local run: @escaping @Sendable (ShardRunner, ContinuousClock.Instant, @escaping @Sendable (Envelope.ForwardAnswer) -> Void) -> Void,
+        done: @escaping @Sendable (Result<Written, WriteError>) -> Void
+    ) {
+        guard ContinuousClock.now < deadline else {
+            return done(.failure(lastUnknown ? .outcomeUnknown("shard \(shard): \(lastError)") : .unavailable("shard \(shard): \(lastError)")))
+        }
+        let again: @Sendable (String, Bool, Duration?) -> Void = { [self] why, unknown, pause in
             guard let pause else {
-                return throughLeader(shard, deadline: deadline, lastError: why, envelope: envelope, local: run, done: done)
+                return throughLeader(
+                    shard, deadline: deadline, lastError: why, lastUnknown: unknown, retryUnknown: retryUnknown, envelope: envelope, local: run, done: done)
             }
             // Not before the pause, nor past the deadline (then the last error is the answer).
             let at = min(ContinuousClock.now + pause, deadline)
             _ = Deadlines.shared.schedule(at) { [self] in
-                throughLeader(shard, deadline: deadline, lastError: why, envelope: envelope, local: run, done: done)
+                throughLeader(
+                    shard, deadline: deadline, lastError: why, lastUnknown: unknown, retryUnknown: retryUnknown, envelope: envelope, local: run, done: done)
             }
         }
         let handle: @Sendable (Envelope.ForwardAnswer) -> Void = { [self] answer in
             switch answer {
             case .ok(let refs):
-                done(.success(refs))
+                done(.success(Written(refs: refs, replayed: false)))
+            case .replayed(let refs):
+                done(.success(Written(refs: refs, replayed: true)))
+            case .partial(let refs, let count):
+                let at = refs.map { "\($0.index)" }.joined(separator: ",")
+                done(.failure(.partiallyWritten("shard \(shard): a leader change cut the first attempt short: \(refs.count) of \(count) records were written (indexes \(at)); nothing more is written under this key")))
             case .notLeader(let l):
                 leaderHints.withLockedValue { $0[shard] = l == id ? nil : l }
-                again(l.map { "leader is node \($0)" } ?? "no leader", l == nil ? .milliseconds(20) : nil)
+                again(l.map { "leader is node \($0)" } ?? "no leader", false, l == nil ? .milliseconds(20) : nil)
             case .failed(let why):
                 leaderHints.withLockedValue { $0[shard] = nil }
-                again(why, .milliseconds(20))
+                again(why, false, .milliseconds(20))
             case .invalid(let why):
                 done(.failure(.invalid(why)))
             case .changePending(let why):
                 done(.failure(.changePending("shard \(shard): \(why)")))
             case .outcomeUnknown(let why):
-                done(.failure(.outcomeUnknown("shard \(shard): \(why)")))
+                if retryUnknown {
+                    // Keyed: asking again cannot write it twice, and learns what happened.
+                    leaderHints.withLockedValue { $0[shard] = nil }
+                    again(why, true, .milliseconds(20))
+                } else {
+                    done(.failure(.outcomeUnknown("shard \(shard): \(why)")))
+                }
             }
         }
         let hint = leaderHints.withLockedValue { $0[shard] }

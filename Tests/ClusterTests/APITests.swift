@@ -185,6 +185,75 @@ extension Clusters {
             }
         }
 
+        /// Issue 10: with an `Idempotency-Key` a request is written once, whatever node the retries go to and
+        /// across a SIGKILL of the shard's leader; the retry answers with the first attempt's places.
+        @Test func keyedAppendsAreWrittenOnceAcrossRetriesAndALeaderKill() async throws {
+            let c = try ClusterProcess(name: "keys", nodes: 3, shards: 1)
+            try c.startAll()
+            defer { c.stopAll() }
+            let leader = try #require(await c.leader(of: 0))
+            func keyed(_ key: String, _ payload: String, node: Int) async throws -> (Int, [String: Any], String?) {
+                let url = try #require(URL(string: "http://127.0.0.1:\(c.apiPorts[node]!)/api/v1/shards/0/append"))
+                var req = URLRequest(url: url)
+                req.setValue("Bearer \(ClusterProcess.token)", forHTTPHeaderField: "Authorization")
+                req.setValue(key, forHTTPHeaderField: "Idempotency-Key")
+                req.setValue("application/json", forHTTPHeaderField: "Content-Type")
+                req.httpMethod = "POST"
+                req.timeoutInterval = 8
+                req.httpBody = Data(#"{"records":[{"stream":3,"payload":"\#(payload)"}]}"#.utf8)
+                let (data, resp) = try await URLSession.shared.data(for: req)
+                let http = resp as? HTTPURLResponse
+                return (http?.statusCode ?? 0, (try? JSONSerialization.jsonObject(with: data) as? [String: Any]) ?? [:], http?.value(forHTTPHeaderField: "Idempotent-Replayed"))
+            }
+            let followers = c.nodes.filter { $0 != leader }
+            let (s1, a1, r1) = try await keyed("order-1", "first", node: followers[0])
+            #expect(s1 == 200 && r1 == nil)
+            let (s2, a2, r2) = try await keyed("order-1", "second body, same key", node: followers[1])
+            #expect(s2 == 200 && r2 == "true")
+            #expect((a1["records"] as? [[String: Any]])?.first?["index"] as? Int == (a2["records"] as? [[String: Any]])?.first?["index"] as? Int)
+            let (s3, _, r3) = try await keyed("order-1", "first", node: leader)
+            #expect(s3 == 200 && r3 == "true")
+            // Bad keys are refused and write nothing.
+            for bad in ["", String(repeating: "k", count: 65), "has space"] where !bad.isEmpty {
+                let (s, obj, _) = try await keyed(bad, "x", node: leader)
+                #expect(s == 400 && (obj["error"] as? [String: Any])?["code"] as? String == "invalid_idempotency_key")
+            }
+            // Kill the leader right after sending keyed writes through a follower; retry each until it is
+            // acknowledged (through the surviving nodes).
+            let survivor = followers[0]
+            async let inFlight: [Int] = withTaskGroup(of: Int.self) { g in
+                for k in 0..<10 { g.addTask { (try? await keyed("kill-\(k)", "k\(k)", node: survivor).0) ?? 0 } }
+                var out: [Int] = []
+                for await s in g { out.append(s) }
+                return out
+            }
+            c.kill9(leader)
+            _ = await inFlight
+            for k in 0..<10 {
+                var ok = false
+                for _ in 0..<40 where !ok {
+                    if let (s, _, _) = try? await keyed("kill-\(k)", "k\(k)", node: followers[k % 2]), s == 200 { ok = true } else {
+                        try await Task.sleep(for: .milliseconds(250))
+                    }
+                }
+                #expect(ok, "kill-\(k) was never acknowledged")
+            }
+            // Every keyed payload is in the stream exactly once.
+            var payloads: [String] = []
+            var cursor = 1
+            while true {
+                let (s, page) = try await request(c, "GET", "/api/v1/shards/0/streams/3?cursor=\(cursor)&limit=1000", node: survivor)
+                #expect(s == 200)
+                let recs = page["records"] as? [[String: Any]] ?? []
+                if recs.isEmpty { break }
+                payloads += recs.compactMap { ($0["payload_b64"] as? String).flatMap { Data(base64Encoded: $0) }.map { String(decoding: $0, as: UTF8.self) } }
+                cursor = page["next"] as? Int ?? cursor + recs.count
+            }
+            #expect(payloads.filter { $0 == "first" }.count == 1)
+            for k in 0..<10 { #expect(payloads.filter { $0 == "k\(k)" }.count == 1, "k\(k): \(payloads)") }
+            #expect(payloads.count == 11)
+        }
+
         /// Issue 10: a read right after a write sees it on every node, followers included (the default
         /// read asks the leader for a read index); `consistency=local&min_index=N` waits for index N on the
         /// node it asks; `commit_index` is the commit index and `applied_index` the applied one.
