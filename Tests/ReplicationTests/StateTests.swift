@@ -265,6 +265,14 @@ import WeftTesting
             streamSeqs: [(StreamID(1), 10), (StreamID(9), 3)], state: Array("state bytes".utf8))
     }
 
+    @Test func theDocumentedExampleIs121Bytes() {
+        let s = StateSnapshot(
+            index: 5, term: 2, membership: Membership(voters: [NodeID(1), NodeID(2), NodeID(3)]), membershipIndex: 3,
+            streamSeqs: [(StreamID(7), 4)], state: [], requests: RequestWindow().encode())
+        #expect(s.encode().count == 121)
+        #expect(RequestWindow().encode().count == 9)
+    }
+
     @Test func roundTripsAndEveryFlippedByteIsCaught() throws {
         let s = sample()
         let b = s.encode()

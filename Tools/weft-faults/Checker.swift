@@ -198,7 +198,13 @@ struct Checker {
                 for e in log.entries {
                     if e.payload.contains(hostileMarker) {
                         res.hostile.append("node \(n) shard \(shard) index \(e.index): a hostile request's record (type \(e.type)) is in the log: \(e.payload.prefix(60))")
-                    } else if e.type == 0 || (4..<0x8000).contains(e.type) {
+                    } else if e.type == 4 {
+                        // A request key the node writes before a keyed request's records:
+                        // u8 length | key | u32 count, the key a keyed writer's payload, one record each.
+                        let b = Array(e.payload.utf8)
+                        let ok = b.count >= 6 && Int(b[0]) == b.count - 5 && b[1] == UInt8(ascii: "k") && Array(b.suffix(4)) == [1, 0, 0, 0]
+                        if !ok { res.unexpected.append("node \(n) shard \(shard) index \(e.index): a request-key record no keyed writer sent") }
+                    } else if e.type == 0 || (5..<0x8000).contains(e.type) {
                         res.hostile.append("node \(n) shard \(shard) index \(e.index): a record of reserved type \(e.type) is in the log")
                     } else if e.type >= 0x8000 {
                         res.unexpected.append("node \(n) shard \(shard) index \(e.index): a record of type \(e.type), which nothing wrote")

@@ -62,16 +62,16 @@ struct HTTPClient: Sendable {
 
     func request(
         _ method: HTTPMethod, host: String, port: Int, path: String, body: [UInt8] = [], contentType: String = "application/json",
-        auth: Authorization = .operatorToken, timeout: Duration
+        auth: Authorization = .operatorToken, headers: [(String, String)] = [], timeout: Duration
     ) async -> HTTPOutcome {
-        await request(method, host: host, port: port, path: path, chunks: [body], contentType: contentType, auth: auth, timeout: timeout)
+        await request(method, host: host, port: port, path: path, chunks: [body], contentType: contentType, auth: auth, headers: headers, timeout: timeout)
     }
 
     /// The body as `chunks`, written one after the other, each once the previous one has left: a large
     /// body built of a few shared chunks (the hostile client's 17 MiB ones) never sits in memory whole.
     func request(
         _ method: HTTPMethod, host: String, port: Int, path: String, chunks: [[UInt8]], contentType: String = "application/json",
-        auth: Authorization = .operatorToken, timeout: Duration
+        auth: Authorization = .operatorToken, headers: [(String, String)] = [], timeout: Duration
     ) async -> HTTPOutcome {
         let length = chunks.reduce(0) { $0 + $1.count }
         let loop = group.next()
@@ -101,6 +101,7 @@ struct HTTPClient: Sendable {
             head.headers.add(name: "Host", value: "\(host):\(port)")
             head.headers.add(name: "Connection", value: "close")
             if let authorization { head.headers.add(name: "Authorization", value: authorization) }
+            for (name, value) in headers { head.headers.add(name: name, value: value) }
             if method == .POST {
                 head.headers.add(name: "Content-Type", value: contentType)
                 head.headers.add(name: "Content-Length", value: String(length))

@@ -1,8 +1,10 @@
 import Foundation
 
-/// Clients outside the namespaces: writers append unique payloads through random nodes (a payload whose
-/// outcome is unknown is never sent again: a retry could write it twice), readers follow streams by
-/// cursor through random nodes.
+/// Clients outside the namespaces: writers append unique payloads through random nodes, readers follow
+/// streams by cursor through random nodes. Even-numbered writers send no request key: a payload whose
+/// outcome is unknown is never sent again (a retry could write it twice). Odd-numbered writers send each
+/// payload with an `Idempotency-Key` and retry an unknown outcome with the same key (through any node,
+/// until acknowledged or the run ends): the checker then requires each of those payloads exactly once.
 struct Workload: Sendable {
     let client: HTTPClient
     let nodes: [Int]
@@ -17,19 +19,37 @@ struct Workload: Sendable {
             n += 1
             let shard = Int(rng.next() % UInt64(shards))
             let stream = 1 + Int(rng.next() % UInt64(streams))
-            let value = "w\(process)-\(n)"
+            let keyed = process % 2 == 1
+            let value = keyed ? "k\(process)-\(n)" : "w\(process)-\(n)"
             let body = Array(#"{"records":[{"stream":\#(stream),"payload":"\#(value)"}]}"#.utf8)
             // A definite failure (no connection: nothing was sent) is retried on another node, up to three
-            // nodes; an unknown outcome never is (a retry could write the payload twice).
+            // nodes; an unknown outcome never is (a retry could write the payload twice), unless the write
+            // carries a key: then it is retried until acknowledged, refused, or the run is over.
             var tried: [Int] = []
-            attempts: while tried.count < 3 {
+            var unknownRetries = 0
+            attempts: while tried.count < 3 || (keyed && unknownRetries > 0 && unknownRetries < 40 && ContinuousClock.now < end) {
                 let untried = nodes.filter { !tried.contains($0) }
                 let node = rng.pick(untried.isEmpty ? nodes : untried)
                 tried.append(node)
                 await history.invoke(process: process, shard: shard, stream: stream, value: value, node: node)
                 let outcome = await client.request(
                     .POST, host: TestNetwork.address(node), port: Cluster.apiPort, path: "/api/v1/shards/\(shard)/append", body: body,
-                    timeout: .seconds(5))
+                    headers: keyed ? [("Idempotency-Key", value)] : [], timeout: .seconds(5))
+                if keyed {
+                    // Unknown outcomes of a keyed write: recorded (it may have landed), then sent again.
+                    var retry: String?
+                    switch outcome {
+                    case .response(let status, let b) where status >= 500: retry = "\(status) \(String(decoding: b.prefix(200), as: UTF8.self))"
+                    case .failed(let why) where !why.hasPrefix("connect:"): retry = why
+                    default: break
+                    }
+                    if let why = retry {
+                        await history.info(process: process, value: value, node: node, error: why)
+                        unknownRetries += 1
+                        try? await Task.sleep(for: .milliseconds(200))
+                        continue attempts
+                    }
+                }
                 switch outcome {
                 case .response(200, let b):
                     let obj = (try? JSONSerialization.jsonObject(with: Data(b))) as? [String: Any]
