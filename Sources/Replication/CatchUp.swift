@@ -1,3 +1,4 @@
+import Foundation
 import Raft
 import SegmentStore
 import WeftCore
@@ -178,7 +179,14 @@ extension ShardReplica {
         // Applied starts again from 0 over the new log: so does the state, from the newest snapshot that
         // matches the new log (log matching: same index and term, same history), else from empty.
         resetState()
-        try restoreFromSnapshot(context: "after catch-up \(request.transfer)")
+        // A snapshot still being written from the old state finishes first (its files are not shared).
+        if !snapshotJob.waitIdle(until: Date(timeIntervalSinceNow: 10)) { log("a snapshot was still being written at catch-up install") }
+        do {
+            try restoreFromSnapshot(context: "after catch-up \(request.transfer)")
+        } catch {
+            // The log is already replaced: this replica cannot go back to its old state.
+            throw ReplaceFailure(underlying: error)
+        }
         log("caught up from the leader's files (transfer \(request.transfer)): log now ends at \(store.lastIndex)")
     }
 }

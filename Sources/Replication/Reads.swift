@@ -47,10 +47,18 @@ extension ShardReplica {
         }
     }
 
+    /// How far past this replica's last index a waiter may ask (further cannot be reached soon: refused).
+    public static let appliedWaitAheadMax: LogIndex = 1 << 20
+
     /// `done` gets the applied index once it is at least `index` (at once if it is already). Waiters
-    /// are kept sorted by index; they fail when the replica stops or when `appliedWaitersMax` wait.
-    public func whenApplied(_ index: LogIndex, done: @escaping (Result<LogIndex, ReplicationError>) -> Void) {
+    /// are kept sorted by index; they fail when the replica stops, when `appliedWaitersMax` wait, or
+    /// when `index` is more than `appliedWaitAheadMax` past the log. `token` (0: none) lets the caller
+    /// drop the waiter with `cancelWaiter` (its deadline passed).
+    public func whenApplied(_ index: LogIndex, token: UInt64 = 0, done: @escaping (Result<LogIndex, ReplicationError>) -> Void) {
         if raft.applied >= index { return done(.success(raft.applied)) }
+        guard index <= raft.lastIndex &+ Self.appliedWaitAheadMax else {
+            return done(.failure(.invalid("index \(index) is far past the log of shard \(shard) on node \(id) (last index \(raft.lastIndex))")))
+        }
         guard appliedWaiters.count < Self.appliedWaitersMax else {
             return done(.failure(.unavailable("\(Self.appliedWaitersMax) reads are already waiting on shard \(shard) of node \(id)")))
         }
@@ -60,7 +68,13 @@ extension ShardReplica {
             let mid = (lo + hi) / 2
             if appliedWaiters[mid].index <= index { lo = mid + 1 } else { hi = mid }
         }
-        appliedWaiters.insert((index, done), at: lo)
+        appliedWaiters.insert((index, token, done), at: lo)
+    }
+
+    /// Drops the waiter registered with `token` (its caller stopped waiting); it is not answered.
+    public func cancelWaiter(_ token: UInt64) {
+        guard token != 0 else { return }
+        appliedWaiters.removeAll { $0.token == token }
     }
 
     /// Answers the waiters whose index is applied now.

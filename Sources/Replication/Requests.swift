@@ -20,36 +20,48 @@ extension ShardReplica {
     /// a `requestKey` record followed by the request's records, proposed together; a later request with
     /// the same key gets the first one's result (from the window once applied; waiting for it while it
     /// is in the log and not applied yet) and writes nothing.
-    public func proposeKeyed(_ key: [UInt8], _ proposals: [Proposal], done: @escaping (Result<KeyedResult, ReplicationError>) -> Void) {
+    ///
+    /// `deadline`: the caller stops waiting then; a retry that had to wait for an earlier attempt does not
+    /// propose after it (the caller has been told the outcome is unknown, and may retry with the key).
+    public func proposeKeyed(
+        _ key: [UInt8], _ proposals: [Proposal], deadline: ContinuousClock.Instant? = nil,
+        done: @escaping (Result<KeyedResult, ReplicationError>) -> Void
+    ) {
         guard !key.isEmpty, key.count <= RequestWindow.keyBytesMax else {
             return done(.failure(.invalid("a request key has 1...\(RequestWindow.keyBytesMax) bytes")))
         }
         guard !proposals.isEmpty else { return done(.success(KeyedResult(landed: [], count: 0, replayed: false))) }
+        guard proposals.count <= RequestWindow.keyedRecordsMax else {
+            return done(.failure(.invalid("a keyed request has at most \(RequestWindow.keyedRecordsMax) records")))
+        }
         if let bad = proposals.first(where: { $0.type == .config || $0.type == .noop || $0.type == .requestKey }) {
             return done(.failure(.invalid("record type \(bad.type.rawValue) is reserved for the system")))
         }
         guard raft.role == .leader else { return done(.failure(.notLeader(raft.leader))) }
+        // A leader of a newer term than the keys were gathered in (it may have won its election in this
+        // very turn, before `process` ran): gather them from its unapplied tail first.
+        if pendingKeysTerm != raft.term { rebuildPendingKeys() }
         if let e = requests.lookup(key) {
             return done(.success(KeyedResult(landed: e.landed, count: e.count, replayed: true)))
         }
         let inLog: (index: LogIndex, count: Int)? =
             pendingKeys[key] ?? requests.openRequest.flatMap { $0.key == key ? ($0.keyIndex, $0.count) : nil }
         if let first = inLog {
-            // The first attempt is in the log and not applied yet: answer with its result once it is
-            // (or, if it turns out to have written nothing, propose this one then).
-            whenApplied(first.index + LogIndex(first.count)) { [weak self] r in
+            // The first attempt is in the log and not applied, or applied but its request not closed yet
+            // (a leader change can close it early, at the next term's first entry): look again after the
+            // next applied entry, until the window has it or it turned out to write nothing.
+            whenApplied(max(first.index, raft.applied + 1)) { [weak self] r in
                 switch r {
                 case .failure(let e): done(.failure(e))
                 case .success:
                     guard let self else { return done(.failure(.stopped)) }
-                    if let e = self.requests.lookup(key) {
-                        done(.success(KeyedResult(landed: e.landed, count: e.count, replayed: true)))
-                    } else {
-                        self.proposeKeyed(key, proposals, done: done)
-                    }
+                    self.proposeKeyed(key, proposals, deadline: deadline, done: done)
                 }
             }
             return
+        }
+        if let deadline, ContinuousClock.now >= deadline {
+            return done(.failure(.unavailable("the request waited for an earlier attempt past its deadline; nothing was written")))
         }
         stats.requests += 1
         stats.recordsProposed += UInt64(proposals.count)
@@ -76,6 +88,7 @@ extension ShardReplica {
     /// terms it will commit): a retry of one of them must wait for it, not write it again.
     func rebuildPendingKeys() {
         pendingKeys = [:]
+        pendingKeysTerm = raft.term
         var from = raft.applied + 1
         let last = raft.lastIndex
         while from <= last {

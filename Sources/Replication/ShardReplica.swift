@@ -293,6 +293,8 @@ public final class ShardReplica {
     /// request's record count), so a retry that arrives before the first is applied waits for it
     /// instead of writing it again. Rebuilt from the unapplied tail when the replica becomes leader.
     var pendingKeys: [[UInt8]: (index: LogIndex, count: Int)] = [:]
+    /// The term `pendingKeys` was gathered in (0: not gathered; a leader of a newer term gathers again).
+    var pendingKeysTerm: Term = 0
     /// Term of the entry at `raft.applied`.
     var appliedTerm: Term = 0
     /// Snapshot files of this replica.
@@ -313,7 +315,9 @@ public final class ShardReplica {
     var lastStampMicros: Int64 = 0
     var reads: [UInt64: (Result<LogIndex, ReplicationError>) -> Void] = [:]
     /// Callers waiting for an applied index, sorted by it (`whenApplied`; at most `appliedWaitersMax`).
-    var appliedWaiters: [(index: LogIndex, done: (Result<LogIndex, ReplicationError>) -> Void)] = []
+    var appliedWaiters: [(index: LogIndex, token: UInt64, done: (Result<LogIndex, ReplicationError>) -> Void)] = []
+    /// Read-index requests waiting at most; past it a new one fails at once.
+    public static let readsMax = 65_536
     var pendingReads: [(id: UInt64, index: LogIndex)] = []
     var nextReadID: UInt64 = 1
     /// Counters (read with `status()`).
@@ -445,13 +449,15 @@ public final class ShardReplica {
         for n in findings.notes { record("at open: \(n)") }
         let wasRecovering = store.fileSystem.exists(markerPath)
         markerPresent = wasRecovering
-        // Free proofs that the log once went further: the commit index saved with the term, and the
-        // index of the last membership change applied. They catch a log whose segments *and* fence are gone.
-        let knownEnd = max(hardState.state.commit, membershipIndex)
+        // Free proofs that the log once went further: the commit index saved with the term, the index of
+        // the last membership change applied, and the newest snapshot (only applied, so durable, entries
+        // are ever snapshotted). They catch a log whose segments *and* fence are gone.
+        let newestSnapshot = (try? snapshots.indexes().first) ?? 0
+        let knownEnd = max(hardState.state.commit, membershipIndex, newestSnapshot)
         var provenLoss = false
         if knownEnd > store.lastIndex, findings.damagedFrom == nil {
             provenLoss = true
-            record("at open: the log ends at index \(store.lastIndex) but this replica had index \(knownEnd) (saved commit / membership): records were lost")
+            record("at open: the log ends at index \(store.lastIndex) but this replica had index \(knownEnd) (saved commit / membership / snapshot): records were lost")
         }
         if findings.highWaterUnknown {
             // Retention dropped segments and the saved stream high-water marks are gone or damaged: this
@@ -482,6 +488,7 @@ public final class ShardReplica {
         machine = machineType.init()
         requests = RequestWindow()
         pendingKeys = [:]
+        pendingKeysTerm = 0
         appliedSeqs = BucketedMap()
         appliedTerm = 0
     }
@@ -512,13 +519,7 @@ public final class ShardReplica {
             }, problems: &problems)
         for p in problems { record("\(context): \(p)") }
         guard let snap, let restored else { return }
-        machine = restored
-        requests = window
-        appliedSeqs = BucketedMap()
-        for s in snap.streamSeqs { appliedSeqs[s.stream.rawValue] = s.seq }
-        appliedTerm = snap.term
-        lastSnapshotIndex = snap.index
-        tail.startAt(snap.index)
+        // Every write that can fail comes before any state changes: a failure leaves the replica as it was.
         var membership = raft.membership
         var membershipIndex = raft.membershipIndex
         if snap.membershipIndex > membershipIndex {
@@ -528,6 +529,13 @@ public final class ShardReplica {
             try membershipFile.save(membership, index: membershipIndex)
             savedMembershipIndex = membershipIndex
         }
+        machine = restored
+        requests = window
+        appliedSeqs = BucketedMap()
+        for s in snap.streamSeqs { appliedSeqs[s.stream.rawValue] = s.seq }
+        appliedTerm = snap.term
+        lastSnapshotIndex = snap.index
+        tail.startAt(snap.index)
         // The snapshot's index is committed (only applied state is written): commit starts at least there.
         var hs = hardState.state
         hs.commit = max(hs.commit, snap.index)
@@ -730,7 +738,10 @@ public final class ShardReplica {
                     switch r {
                     case .success(let a): results.append(a)
                     case .failure(let e):
-                        if !failed { done(.failure(e)) }
+                        // Part of the request already committed: a retry would write that part twice.
+                        let why: ReplicationError =
+                            results.isEmpty ? e : .outcomeUnknown("\(results.count) of \(range.count) records committed before the rest was replaced (\(e))")
+                        if !failed { done(.failure(why)) }
                         failed = true
                     }
                     remaining -= 1
@@ -756,6 +767,9 @@ public final class ShardReplica {
 
     /// A linearizable read point: `done` gets an index; reads of state applied up to it are current.
     public func readIndex(done: @escaping (Result<LogIndex, ReplicationError>) -> Void) {
+        guard reads.count < Self.readsMax else {
+            return done(.failure(.unavailable("\(Self.readsMax) read-index requests are already waiting on shard \(shard) of node \(id)")))
+        }
         let rid = nextReadID
         nextReadID += 1
         reads[rid] = done
@@ -874,8 +888,9 @@ public final class ShardReplica {
         if wasLeader && raft.role != .leader {
             cancelCatchUps()
             pendingKeys = [:]
+            pendingKeysTerm = 0
         }
-        if !wasLeader && raft.role == .leader { rebuildPendingKeys() }
+        if raft.role == .leader && pendingKeysTerm != raft.term { rebuildPendingKeys() }
         wasLeader = raft.role == .leader
         // Reads are served once the state they must see is applied.
         while let r = pendingReads.first, r.index <= raft.applied {

@@ -74,9 +74,12 @@ public final class ShardRunner: @unchecked Sendable {
         case status(@Sendable (ShardStatus) -> Void)
         case read(ReadQuery, @Sendable (Result<ReadResult, ReadError>) -> Void)
         /// Records under a client's request key: written once, whatever the retries (`proposeKeyed`).
-        case proposeKeyed([UInt8], [Proposal], @Sendable (Result<KeyedResult, ReplicationError>) -> Void)
+        case proposeKeyed([UInt8], [Proposal], deadline: ContinuousClock.Instant?, @Sendable (Result<KeyedResult, ReplicationError>) -> Void)
         /// Answers once this replica has applied `index` (a read that must see a write, or a read index).
-        case whenApplied(LogIndex, @Sendable (Result<LogIndex, ReplicationError>) -> Void)
+        /// `token` (0: none) names it for `cancelWaiter`.
+        case whenApplied(LogIndex, token: UInt64, @Sendable (Result<LogIndex, ReplicationError>) -> Void)
+        /// Drops a `whenApplied` waiter whose caller stopped waiting.
+        case cancelWaiter(UInt64)
         case campaign
         /// Part of a file the leader ships for catch-up `transfer`; `ack` gets the bytes of the file
         /// now staged (nil: refused, as from an older transfer or term; false: it could not be written).
@@ -146,8 +149,8 @@ public final class ShardRunner: @unchecked Sendable {
         case .readIndex(let cb): cb(.failure(.unavailable(why)))
         case .configChange(_, let cb): cb(.failure(.unavailable(why)))
         case .read(_, let cb): cb(.failure(.unavailable(why)))
-        case .whenApplied(_, let cb): cb(.failure(.unavailable(why)))
-        case .proposeKeyed(_, _, let cb): cb(.failure(.unavailable(why)))
+        case .whenApplied(_, _, let cb): cb(.failure(.unavailable(why)))
+        case .proposeKeyed(_, _, _, let cb): cb(.failure(.unavailable(why)))
         case .status(let cb): cb(.unavailable(replica.shard, node: replica.id, why))
         default: break
         }
@@ -279,8 +282,9 @@ public final class ShardRunner: @unchecked Sendable {
         case .configChange(let c, let cb): replica.proposeConfig(c) { cb($0) }
         case .status(let cb): cb(replica.status())
         case .read(let q, let cb): cb(replica.read(q))
-        case .whenApplied(let index, let cb): replica.whenApplied(index) { cb($0) }
-        case .proposeKeyed(let key, let ps, let cb): replica.proposeKeyed(key, ps) { cb($0) }
+        case .whenApplied(let index, let token, let cb): replica.whenApplied(index, token: token) { cb($0) }
+        case .cancelWaiter(let token): replica.cancelWaiter(token)
+        case .proposeKeyed(let key, let ps, let deadline, let cb): replica.proposeKeyed(key, ps, deadline: deadline) { cb($0) }
         case .campaign: replica.campaign()
         case .stageFile(let transfer, let name, let offset, let bytes, let ack):
             do {

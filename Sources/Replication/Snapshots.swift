@@ -190,11 +190,15 @@ public final class SnapshotFiles {
                     continue
                 }
                 return s
-            } catch {
-                problems.append("snapshot at index \(index) is unreadable (\(error)); trying an older one")
+            } catch let e as StateSnapshot.DecodeError {
+                // Its bytes are wrong: set it aside for inspection, never read it again.
+                problems.append("snapshot at index \(index) is unreadable (\(e)); trying an older one")
                 let path = directory + "/" + Self.name(index)
                 try? disk.rename(path, to: path + ".damaged")
                 try? disk.syncDirectory(directory)
+            } catch {
+                // An I/O error (too many open files, a failing disk): not proof of damage; leave the file.
+                problems.append("snapshot at index \(index) could not be read (\(error)); trying an older one")
             }
         }
         return nil

@@ -27,11 +27,23 @@ public final class ShardTail: @unchecked Sendable {
     var start = 0
     var bytes = 0
     /// Highest index appended (the replica's applied index as the tail knows it).
-    public private(set) var applied: LogIndex = 0
+    var appliedIndex: LogIndex = 0
     var subscribers: [UInt64: @Sendable () -> Void] = [:]
     var nextID: UInt64 = 1
-    public var windowCountMax = 8192
-    public var windowBytesMax = 8 << 20
+    var countMax = 8192
+    var bytesMax = 8 << 20
+
+    /// The replica's applied index as the tail knows it.
+    public var applied: LogIndex { lock.withLock { appliedIndex } }
+    /// The window's bounds: at most this many records and payload bytes (at least one record).
+    public var windowCountMax: Int {
+        get { lock.withLock { countMax } }
+        set { lock.withLock { countMax = max(1, newValue) } }
+    }
+    public var windowBytesMax: Int {
+        get { lock.withLock { bytesMax } }
+        set { lock.withLock { bytesMax = max(0, newValue) } }
+    }
     /// Subscribers at most; past it `subscribe` fails.
     public static let subscribersMax = 4096
 
@@ -45,8 +57,8 @@ public final class ShardTail: @unchecked Sendable {
     func append(_ records: [Record]) {
         lock.lock()
         var added = false
-        for r in records where r.index > applied {
-            if r.index != applied + 1 || (start < window.count && window[window.count - 1].index + 1 != r.index) {
+        for r in records where r.index > appliedIndex {
+            if r.index != appliedIndex + 1 || (start < window.count && window[window.count - 1].index + 1 != r.index) {
                 // A hole (the replica started from a snapshot past the window): start the window afresh.
                 window = []
                 start = 0
@@ -54,10 +66,10 @@ public final class ShardTail: @unchecked Sendable {
             }
             window.append(r)
             bytes += r.payload.count
-            applied = r.index
+            appliedIndex = r.index
             added = true
         }
-        while window.count - start > windowCountMax || (bytes > windowBytesMax && window.count - start > 1) {
+        while window.count - start > countMax || (bytes > bytesMax && window.count - start > 1) {
             bytes -= window[start].payload.count
             start += 1
         }
@@ -73,8 +85,8 @@ public final class ShardTail: @unchecked Sendable {
     /// The replica restored its state at `index` (a snapshot): the tail starts there if it had less.
     func startAt(_ index: LogIndex) {
         lock.lock()
-        if index > applied {
-            applied = index
+        if index > appliedIndex {
+            appliedIndex = index
             window = []
             start = 0
             bytes = 0
@@ -111,11 +123,11 @@ public final class ShardTail: @unchecked Sendable {
     func fromWindow(_ index: LogIndex, limit: Int) -> (records: [Record], applied: LogIndex)? {
         lock.lock()
         defer { lock.unlock() }
-        if index > applied { return ([], applied) }
+        if index > appliedIndex { return ([], appliedIndex) }
         guard start < window.count, index >= window[start].index else { return nil }
         let k = start + Int(index - window[start].index)
         let end = min(window.count, k + limit)
-        return (Array(window[k..<end]), applied)
+        return (Array(window[k..<end]), appliedIndex)
     }
 }
 
@@ -146,6 +158,7 @@ public final class TailSubscription {
     /// The next committed records (up to `limit`; none when the subscriber is caught up). Throws when the
     /// files do not hold what the replica applied (damage being repaired): poll again later.
     public func poll(limit: Int = 1000) throws -> Batch {
+        let limit = max(1, limit)
         if let (records, applied) = tail.fromWindow(next, limit: limit) {
             files = nil
             if let last = records.last { next = last.index + 1 }
@@ -156,7 +169,15 @@ public final class TailSubscription {
             files = LogFileReader(directory: tail.directory, disk: PosixDisk(), from: next)
         }
         guard let reader = files else { return Batch(records: [], fromFiles: true, applied: applied) }
-        let records = try reader.read(upTo: applied, limit: limit)
+        let records: [Record]
+        do {
+            records = try reader.read(upTo: applied, limit: limit)
+        } catch {
+            // The files changed under the reader (a repair cut, a catch-up replaced them): find the
+            // position afresh next time.
+            files = nil
+            throw error
+        }
         if let last = records.last { next = last.index + 1 }
         return Batch(records: records, fromFiles: true, applied: applied)
     }

@@ -11,7 +11,9 @@ import WeftCore
 /// was written: a retry writes it), with some committed it is kept as `partial` (a retry is told which
 /// records landed, and writes nothing).
 ///
-/// Deterministic (apply order only); oldest keys are dropped first once `countMax` are kept.
+/// Deterministic (apply order only); oldest keys are dropped first once `countMax` are kept or their
+/// entries take more than `bytesMax` (counted from their contents, the same on every replica). A keyed
+/// request has at most `keyedRecordsMax` records, so one key costs at most a few KiB.
 public struct RequestWindow: Sendable, Equatable {
     public struct Landed: Sendable, Equatable {
         public var index: LogIndex
@@ -39,7 +41,11 @@ public struct RequestWindow: Sendable, Equatable {
     }
 
     public static let keyBytesMax = 64
+    public static let keyedRecordsMax = 64
     public var countMax = 65_536
+    public var bytesMax = 32 << 20
+    /// What the kept entries take (`Self.cost`).
+    public private(set) var bytes = 0
     var entries: [[UInt8]: Entry] = [:]
     /// Keys in the order they completed (oldest first), for eviction; `head` entries are gone.
     var order: [[UInt8]] = []
@@ -97,9 +103,32 @@ public struct RequestWindow: Sendable, Equatable {
         open = nil
         // None of its records committed: nothing was written, the key is forgotten (a retry writes it).
         guard !o.entry.landed.isEmpty || o.entry.count == 0 else { return }
-        if entries.updateValue(o.entry, forKey: o.key) == nil { order.append(o.key) }
-        while entries.count > countMax, head < order.count {
-            entries[order[head]] = nil
+        keep(o.key, o.entry)
+    }
+
+    /// Bytes an entry is counted as: its key, its fields, each record's place and outcome.
+    static func cost(_ key: [UInt8], _ e: Entry) -> Int {
+        var n = key.count + 64
+        for l in e.landed {
+            n += 48
+            switch l.outcome {
+            case .accepted(let b): n += b.count
+            case .rejected(let code, let message): n += code.utf8.count + message.utf8.count
+            }
+        }
+        return n
+    }
+
+    mutating func keep(_ key: [UInt8], _ e: Entry) {
+        if let old = entries.updateValue(e, forKey: key) {
+            bytes -= Self.cost(key, old)
+        } else {
+            order.append(key)
+        }
+        bytes += Self.cost(key, e)
+        while (entries.count > countMax || bytes > bytesMax), head < order.count {
+            let k = order[head]
+            if let gone = entries.removeValue(forKey: k) { bytes -= Self.cost(k, gone) }
             head += 1
         }
         if head > 4096 && head * 2 > order.count {
@@ -108,13 +137,14 @@ public struct RequestWindow: Sendable, Equatable {
         }
     }
 
-    /// `u32 countMax | u32 n | n × entry | u8 open | [open entry + u64 term]`, entry: `u8 key length |
+    /// `u32 countMax | u64 bytesMax | u32 n | n × entry | u8 open | [open entry + u64 term]`, entry: `u8 key length |
     /// key | u64 keyIndex | u32 count | u32 landed | landed × (u64 index | u64 term | u64 stream | u64
     /// seq | outcome)`, outcome: `u8 0 | u32 length | bytes` (accepted) or `u8 1 | u16 code length |
     /// code | u32 message length | message` (rejected). Entries in completion order.
     public func encode() -> [UInt8] {
         var b: [UInt8] = []
         b.appendLE(UInt32(countMax))
+        b.appendLE(UInt64(bytesMax))
         let live = order[head...].filter { entries[$0] != nil }
         b.appendLE(UInt32(live.count))
         for key in live {
@@ -187,11 +217,12 @@ public struct RequestWindow: Sendable, Equatable {
             }
             return (key, Entry(keyIndex: keyIndex, landed: landed, count: Int(count)))
         }
-        guard let cm = r.u32(), let n = r.u32() else { throw fail("header runs past the end") }
+        guard let cm = r.u32(), let bm = r.u64(), bm <= UInt64(Int.max), let n = r.u32() else { throw fail("header runs past the end") }
         countMax = Int(cm)
+        bytesMax = Int(bm)
         for _ in 0..<n {
             let (key, e) = try entry()
-            if entries.updateValue(e, forKey: key) == nil { order.append(key) }
+            keep(key, e)
         }
         guard let hasOpen = r.bytes(1)?.first else { throw fail("open flag missing") }
         if hasOpen == 1 {
@@ -203,7 +234,7 @@ public struct RequestWindow: Sendable, Equatable {
     }
 
     public static func == (a: RequestWindow, b: RequestWindow) -> Bool {
-        a.entries == b.entries && a.countMax == b.countMax && a.open?.key == b.open?.key && a.open?.term == b.open?.term
+        a.entries == b.entries && a.countMax == b.countMax && a.bytesMax == b.bytesMax && a.open?.key == b.open?.key && a.open?.term == b.open?.term
             && a.open?.entry == b.open?.entry
     }
 }

@@ -131,6 +131,8 @@ public enum HTTPAPI {
             return try json(body)
         case .failure(.noReplica):
             throw APIError(.notFound, "no_replica", "node \(node.id) holds no replica of shard \(shard)")
+        case .failure(.invalid(let why)):
+            throw APIError(.badRequest, "invalid_min_index", why)
         case .failure(.read(.compacted(let first))):
             throw APIError(.gone, "compacted", "records before index \(first) were dropped by retention")
         case .failure(.read(.damaged(let why))):

@@ -58,6 +58,8 @@ public final class WeftNode: Sendable {
     let laneLoad: NIOLockedValueBox<[Int]>
     /// Last leader seen per shard (a hint for forwarding; refreshed from each runner's answers).
     let leaderHints = NIOLockedValueBox<[ShardID: NodeID]>([:])
+    /// Names applied-index waiters so a read that gives up can drop its waiter.
+    let waiterTokens = NIOLockedValueBox<UInt64>(0)
 
     public enum StartError: Error, CustomStringConvertible {
         case placementChanged(path: String, recorded: String, now: String)
@@ -309,7 +311,8 @@ public final class WeftNode: Sendable {
             let ps = proposals.map { Proposal(stream: $0.stream, type: $0.type, timestampMicros: $0.timestampMicros, payload: $0.payload) }
             let reply = replier(to: from, shard: shard, request: request)
             let me = id
-            runner.submit(.proposeKeyed(key, ps) { reply(Self.keyedAnswer($0, me: me)) })
+            // The forwarding node waits at most its own deadline (5 s by default) for the answer.
+            runner.submit(.proposeKeyed(key, ps, deadline: ContinuousClock.now + .seconds(5)) { reply(Self.keyedAnswer($0, me: me)) })
         case .readIndex(let request):
             guard let runner = runnerOrRefuse(shard, request: request, from: from) else { return }
             let reply = replier(to: from, shard: shard, request: request)
@@ -386,6 +389,9 @@ public final class WeftNode: Sendable {
             return done(.failure(.invalid("a request key has 1...\(RequestWindow.keyBytesMax) bytes")))
         }
         guard !proposals.isEmpty else { return done(.success(Written(refs: [], replayed: false))) }
+        guard proposals.count <= RequestWindow.keyedRecordsMax else {
+            return done(.failure(.invalid("a request with an Idempotency-Key has at most \(RequestWindow.keyedRecordsMax) records")))
+        }
         if let refusal = Self.refusal(proposals) { return done(.failure(refusal)) }
         let me = id
         throughLeader(
@@ -399,7 +405,7 @@ public final class WeftNode: Sendable {
             },
             local: { runner, deadline, finish in
                 Self.untilDeadline(deadline, late: .outcomeUnknown("proposed on node \(me), not committed before the deadline"), finish) { finish in
-                    runner.submit(.proposeKeyed(key, proposals) { finish(Self.keyedAnswer($0, me: me)) })
+                    runner.submit(.proposeKeyed(key, proposals, deadline: deadline) { finish(Self.keyedAnswer($0, me: me)) })
                 }
             }, done: done)
     }
@@ -666,6 +672,8 @@ public final class WeftNode: Sendable {
     public enum ReadFailure: Error, Equatable, Sendable {
         /// This node holds no replica of the shard.
         case noReplica
+        /// The read asked for an index this replica cannot reach (far past its log).
+        case invalid(String)
         case read(ReadError)
         /// No read index, or this replica did not apply far enough, before the deadline.
         case unavailable(String)
@@ -689,10 +697,20 @@ public final class WeftNode: Sendable {
             }
         }
         if need > 0 {
-            let applied: Result<LogIndex, ReplicationError> = await Self.untilDeadline(
-                deadline, late: .failure(.unavailable("replica of shard \(shard) on node \(id) had not applied index \(need) by the deadline"))
-            ) { finish in r.submit(.whenApplied(need) { finish($0) }) }
-            if case .failure(let e) = applied { return .failure(.unavailable("\(e)")) }
+            let token = waiterTokens.withLockedValue { t -> UInt64 in
+                t &+= 1
+                return t == 0 ? 1 : t
+            }
+            let late = Result<LogIndex, ReplicationError>.failure(.unavailable("replica of shard \(shard) on node \(id) had not applied index \(need) by the deadline"))
+            let applied: Result<LogIndex, ReplicationError> = await Self.untilDeadline(deadline, late: late) { finish in
+                r.submit(.whenApplied(need, token: token) { finish($0) })
+            }
+            if case .failure(let e) = applied {
+                // The replica must not keep the waiter of a caller that stopped waiting.
+                r.submit(.cancelWaiter(token))
+                if case .invalid(let why) = e { return .failure(.invalid(why)) }
+                return .failure(.unavailable("\(e)"))
+            }
         }
         let result = await withCheckedContinuation { c in r.submit(.read(q) { c.resume(returning: $0) }) }
         return result.mapError { .read($0) }

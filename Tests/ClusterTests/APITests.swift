@@ -125,6 +125,8 @@ extension Clusters {
                 ("/api/v1/shards/1/log?from=0", 400, "invalid_from"),
                 ("/api/v1/shards/1/log?consistency=eventual", 400, "invalid_consistency"),
                 ("/api/v1/shards/1/streams/4?consistency=local&min_index=x", 400, "invalid_min_index"),
+                // Found by review: a waiter for an index no replica will reach soon held a slot for ever.
+                ("/api/v1/shards/1/streams/4?consistency=local&min_index=9223372036854775807", 400, "invalid_min_index"),
                 ("/api/v1/shards/9/log", 404, "unknown_shard"),
             ]
             for (path, status, code) in bad {

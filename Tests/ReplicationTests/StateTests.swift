@@ -251,10 +251,20 @@ import WeftTesting
         _ = try c.propose(3, tag: "w")
         try c.heartbeats()
         #expect(answered == [base, base + 1, base + 2, base + 3])
+        // A waiter whose caller gave up is dropped without an answer.
+        var dropped = false
+        f.whenApplied(base + 500, token: 42) { _ in dropped = true }
+        f.cancelWaiter(42)
+        #expect(f.appliedWaiters.isEmpty)
+        // An index far past the log is refused at once.
+        var far: ReplicationError?
+        f.whenApplied(.max) { r in if case .failure(let e) = r { far = e } }
+        if case .invalid = far {} else { Issue.record("a waiter far past the log was taken: \(String(describing: far))") }
         var failed: ReplicationError?
         f.whenApplied(base + 1000) { r in if case .failure(let e) = r { failed = e } }
         c.stop(NodeID(2))
         #expect(failed == .stopped)
+        #expect(!dropped)
     }
 }
 
@@ -265,12 +275,12 @@ import WeftTesting
             streamSeqs: [(StreamID(1), 10), (StreamID(9), 3)], state: Array("state bytes".utf8))
     }
 
-    @Test func theDocumentedExampleIs121Bytes() {
+    @Test func theDocumentedExampleIs129Bytes() {
         let s = StateSnapshot(
             index: 5, term: 2, membership: Membership(voters: [NodeID(1), NodeID(2), NodeID(3)]), membershipIndex: 3,
             streamSeqs: [(StreamID(7), 4)], state: [], requests: RequestWindow().encode())
-        #expect(s.encode().count == 121)
-        #expect(RequestWindow().encode().count == 9)
+        #expect(s.encode().count == 129)
+        #expect(RequestWindow().encode().count == 17)
     }
 
     @Test func roundTripsAndEveryFlippedByteIsCaught() throws {

@@ -73,4 +73,16 @@ import WeftCore
         #expect(RequestWindow.parseKey([0, 0, 0, 0, 0]) == nil)
         #expect(RequestWindow.parseKey(Array(repeating: 1, count: 70)) == nil)
     }
+
+    @Test func theWindowIsBoundedByBytesToo() {
+        var w = RequestWindow()
+        w.bytesMax = 10_000
+        for k in 0..<200 as Range<UInt64> {
+            w.apply(key(Array("key-\(k)".utf8), count: 1, index: 2 * k + 1, term: 1), outcome: .ok)
+            w.apply(data(2 * k + 2, term: 1, seq: k + 1), outcome: .accepted(Array(repeating: 7, count: 100)))
+        }
+        #expect(w.bytes <= 10_000)
+        #expect(w.count < 200 && w.count > 10)
+        #expect(w.lookup(Array("key-199".utf8)) != nil && w.lookup(Array("key-0".utf8)) == nil)
+    }
 }
