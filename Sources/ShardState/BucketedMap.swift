@@ -5,11 +5,11 @@ public protocol StableHashable: Hashable, Sendable {
 }
 
 extension Array: StableHashable where Element == UInt8 {
-    public var stableHash: UInt64 { FNV1a.hash(self) }
+    @inlinable public var stableHash: UInt64 { FNV1a.hash(self) }
 }
 
 extension UInt64: StableHashable {
-    public var stableHash: UInt64 {
+    @inlinable public var stableHash: UInt64 {
         var h = FNV1a()
         h.add(self)
         return h.value
@@ -23,37 +23,43 @@ extension UInt64: StableHashable {
 /// thread (a stop proportional to the state: ~100 ms for a million entries). Here the first write to a
 /// bucket after a copy duplicates that bucket only (1/256 of the state), and a bucket is copied at most
 /// once per snapshot.
+///
+/// `@inlinable` throughout: it is used from other modules on the apply path of every record, and an
+/// unspecialised generic looks up its type metadata at run time on every call.
+@frozen
 public struct BucketedMap<Key: StableHashable, Value: Sendable>: Sendable {
-    public static var bucketCount: Int { 256 }
-    var buckets: [[Key: Value]]
-    public private(set) var count = 0
+    @inlinable public static var bucketCount: Int { 256 }
+    @usableFromInline var buckets: [[Key: Value]]
+    /// Entries in all buckets.
+    public var count: Int { storedCount }
+    @usableFromInline var storedCount = 0
 
-    public init() {
+    @inlinable public init() {
         buckets = Array(repeating: [:], count: Self.bucketCount)
     }
 
-    @inline(__always) static func bucket(_ key: Key) -> Int { Int(truncatingIfNeeded: key.stableHash >> 56) & (bucketCount - 1) }
+    @inlinable @inline(__always) static func bucket(_ key: Key) -> Int { Int(truncatingIfNeeded: key.stableHash >> 56) & (bucketCount - 1) }
 
-    public subscript(key: Key) -> Value? {
+    @inlinable public subscript(key: Key) -> Value? {
         get { buckets[Self.bucket(key)][key] }
         set {
             let b = Self.bucket(key)
             if let newValue {
-                if buckets[b].updateValue(newValue, forKey: key) == nil { count += 1 }
+                if buckets[b].updateValue(newValue, forKey: key) == nil { storedCount += 1 }
             } else if buckets[b].removeValue(forKey: key) != nil {
-                count -= 1
+                storedCount -= 1
             }
         }
     }
 
     /// Every entry, bucket by bucket; within a bucket in `Dictionary` order (seeded per process: do not
     /// let it reach state, outcomes or a hash that must agree across replicas).
-    public func forEach(_ body: (Key, Value) throws -> Void) rethrows {
+    @inlinable public func forEach(_ body: (Key, Value) throws -> Void) rethrows {
         for b in buckets {
             for (k, v) in b { try body(k, v) }
         }
     }
 
     /// The entries of one bucket (for serialising bucket by bucket).
-    public func entries(inBucket b: Int) -> [Key: Value] { buckets[b] }
+    @inlinable public func entries(inBucket b: Int) -> [Key: Value] { buckets[b] }
 }

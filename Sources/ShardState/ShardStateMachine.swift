@@ -63,19 +63,22 @@ public struct StateDecodeError: Error, CustomStringConvertible, Equatable {
 
 /// 64-bit FNV-1a: a stable hash (the same in every process, unlike `Hasher`) for bucket choice and state
 /// digests.
+@frozen
 public struct FNV1a: Sendable {
-    public private(set) var value: UInt64 = 0xcbf2_9ce4_8422_2325
-    public init() {}
-    public mutating func add(_ bytes: some Sequence<UInt8>) {
+    /// The hash of everything added so far.
+    public var value: UInt64 { state }
+    @usableFromInline var state: UInt64 = 0xcbf2_9ce4_8422_2325
+    @inlinable public init() {}
+    @inlinable public mutating func add(_ bytes: some Sequence<UInt8>) {
         for b in bytes {
-            value ^= UInt64(b)
-            value &*= 0x0000_0100_0000_01b3
+            state ^= UInt64(b)
+            state &*= 0x0000_0100_0000_01b3
         }
     }
-    public mutating func add(_ v: UInt64) {
+    @inlinable public mutating func add(_ v: UInt64) {
         withUnsafeBytes(of: v.littleEndian) { add($0) }
     }
-    public static func hash(_ bytes: some Sequence<UInt8>) -> UInt64 {
+    @inlinable public static func hash(_ bytes: some Sequence<UInt8>) -> UInt64 {
         var h = FNV1a()
         h.add(bytes)
         return h.value
