@@ -34,7 +34,7 @@ extension ShardReplica {
         guard proposals.count <= RequestWindow.keyedRecordsMax else {
             return done(.failure(.invalid("a keyed request has at most \(RequestWindow.keyedRecordsMax) records")))
         }
-        if let bad = proposals.first(where: { $0.type == .config || $0.type == .noop || $0.type == .requestKey }) {
+        if let bad = proposals.first(where: { $0.type == .config || $0.type == .noop || $0.type == .requestKey || $0.type == .relayBatch }) {
             return done(.failure(.invalid("record type \(bad.type.rawValue) is reserved for the system")))
         }
         guard raft.role == .leader else { return done(.failure(.notLeader(raft.leader))) }
@@ -88,6 +88,7 @@ extension ShardReplica {
     /// terms it will commit): a retry of one of them must wait for it, not write it again.
     func rebuildPendingKeys() {
         pendingKeys = [:]
+        pendingRelays = [:]
         pendingKeysTerm = raft.term
         var from = raft.applied + 1
         let last = raft.lastIndex
@@ -96,10 +97,74 @@ extension ShardReplica {
                 log("could not read the log's unapplied tail (\(from)...\(last)) for request keys; retries of those requests may be written twice")
                 return
             }
-            for r in batch where r.type == .requestKey {
-                if let (key, count) = RequestWindow.parseKey(r.payload) { pendingKeys[key] = (r.index, count) }
+            for r in batch {
+                if r.type == .requestKey, let (key, count) = RequestWindow.parseKey(r.payload) { pendingKeys[key] = (r.index, count) }
+                if r.type == .relayBatch, let h = RelayMarks.Header.decode(r.payload) {
+                    pendingRelays[h.source.rawValue] = (h.last, r.index + LogIndex(h.sourceIndexes.count))
+                }
             }
             from = end + 1
+        }
+    }
+}
+
+/// What a relay batch did at its destination (Docs/state.md, "Relays").
+public enum RelayResult: Sendable, Equatable {
+    /// Written; the source's mark is now the batch's last source index.
+    case written(mark: LogIndex)
+    /// Everything in the batch was applied before (a replay): nothing written.
+    case alreadyApplied(mark: LogIndex)
+    /// The batch starts at or below the mark but goes past it: the relay's position is stale. Nothing
+    /// written; resume from `mark + 1`.
+    case stale(mark: LogIndex)
+}
+
+extension ShardReplica {
+    /// Proposes a relay batch from `header.source` as a destination shard's leader: written once, in
+    /// source order. The batch is checked against the source's mark as applied and as it will be once the
+    /// relay batches already in this leader's log are applied (they wait for that first).
+    public func proposeRelayBatch(
+        _ header: RelayMarks.Header, _ proposals: [Proposal], deadline: ContinuousClock.Instant? = nil,
+        done: @escaping (Result<RelayResult, ReplicationError>) -> Void
+    ) {
+        guard header.sourceIndexes.count == proposals.count, proposals.count <= Limits.appendBatchCountMax else {
+            return done(.failure(.invalid("a relay batch lists \(header.sourceIndexes.count) source indexes for \(proposals.count) records")))
+        }
+        if let bad = proposals.first(where: { !$0.type.isClientWritable }) {
+            return done(.failure(.invalid("record type \(bad.type.rawValue) is reserved for the system")))
+        }
+        guard raft.role == .leader else { return done(.failure(.notLeader(raft.leader))) }
+        if pendingKeysTerm != raft.term { rebuildPendingKeys() }
+        let source = header.source.rawValue
+        let inLog: LogIndex? =
+            pendingRelays[source]?.end ?? relayMarks.openBatch.flatMap { $0.source == header.source ? raft.applied + 1 : nil }
+        if let end = inLog {
+            // An earlier batch of this source is in the log and not applied: decide once it is.
+            whenApplied(max(end, raft.applied + 1)) { [weak self] r in
+                switch r {
+                case .failure(let e): done(.failure(e))
+                case .success:
+                    guard let self else { return done(.failure(.stopped)) }
+                    self.proposeRelayBatch(header, proposals, deadline: deadline, done: done)
+                }
+            }
+            return
+        }
+        let mark = relayMarks.mark(of: header.source)
+        if header.last <= mark { return done(.success(.alreadyApplied(mark: mark))) }
+        if header.first <= mark { return done(.success(.stale(mark: mark))) }
+        if let deadline, ContinuousClock.now >= deadline {
+            return done(.failure(.unavailable("the relay batch waited past its deadline; nothing was written")))
+        }
+        let all = [Proposal(stream: .none, type: .relayBatch, payload: header.encode())] + proposals
+        do {
+            guard let range = try raft.propose(stamped(all)) else { return done(.success(.written(mark: mark))) }
+            pendingRelays[source] = (header.last, range.upperBound)
+            stats.requests += 1
+            stats.recordsProposed += UInt64(proposals.count)
+            awaitCommit(range, term: raft.term) { r in done(r.map { _ in .written(mark: header.last) }) }
+        } catch {
+            done(.failure(Self.map(error)))
         }
     }
 }

@@ -212,6 +212,7 @@ struct SnapshotJob: @unchecked Sendable {
     let membershipIndex: LogIndex
     let seqs: BucketedMap<UInt64, UInt64>
     let requests: RequestWindow
+    let relays: RelayMarks
     let status: SnapshotJobState
 
     func run() {
@@ -221,7 +222,7 @@ struct SnapshotJob: @unchecked Sendable {
         streams.sort { $0.stream.rawValue < $1.stream.rawValue }
         let snap = StateSnapshot(
             index: index, term: term, membership: membership, membershipIndex: membershipIndex, streamSeqs: streams, state: state.snapshot(),
-            requests: requests.encode())
+            requests: requests.encode(), relays: relays.encode())
         do {
             try files.write(index: index, bytes: snap.encode())
             status.end(index, nil)
@@ -295,6 +296,11 @@ public final class ShardReplica {
     var pendingKeys: [[UInt8]: (index: LogIndex, count: Int)] = [:]
     /// The term `pendingKeys` was gathered in (0: not gathered; a leader of a newer term gathers again).
     var pendingKeysTerm: Term = 0
+    /// Per source shard, the highest source index whose derived records this shard applied (relays).
+    public internal(set) var relayMarks = RelayMarks()
+    /// On the leader: relay batches in its log not applied yet, per source shard: the batch's last source
+    /// index and the log index of its last record (gathered with `pendingKeys`).
+    var pendingRelays: [UInt64: (last: LogIndex, end: LogIndex)] = [:]
     /// Term of the entry at `raft.applied`.
     var appliedTerm: Term = 0
     /// Snapshot files of this replica.
@@ -487,7 +493,9 @@ public final class ShardReplica {
     func resetState() {
         machine = machineType.init()
         requests = RequestWindow()
+        relayMarks = RelayMarks()
         pendingKeys = [:]
+        pendingRelays = [:]
         pendingKeysTerm = 0
         appliedSeqs = BucketedMap()
         appliedTerm = 0
@@ -500,6 +508,7 @@ public final class ShardReplica {
         var problems: [String] = []
         var restored: (any ShardStateMachine)?
         var window = RequestWindow()
+        var marks = RelayMarks()
         let lastIndex = store.lastIndex
         let snap = snapshots.newest(
             usable: { s in
@@ -512,6 +521,7 @@ public final class ShardReplica {
                 do {
                     restored = try machineType.init(snapshot: s.state)
                     window = s.requests.isEmpty ? RequestWindow() : try RequestWindow(encoded: s.requests)
+                    marks = s.relays.isEmpty ? RelayMarks() : try RelayMarks(encoded: s.relays)
                 } catch {
                     return "the state machine cannot read it: \(error)"
                 }
@@ -531,6 +541,7 @@ public final class ShardReplica {
         }
         machine = restored
         requests = window
+        relayMarks = marks
         appliedSeqs = BucketedMap()
         for s in snap.streamSeqs { appliedSeqs[s.stream.rawValue] = s.seq }
         appliedTerm = snap.term
@@ -662,7 +673,7 @@ public final class ShardReplica {
 
     /// Proposes records; `done` gets each one's record and apply outcome once all committed and applied.
     public func proposeApplied(_ proposals: [Proposal], done: @escaping (Result<[Applied], ReplicationError>) -> Void) {
-        if let bad = proposals.first(where: { $0.type == .requestKey }) {
+        if let bad = proposals.first(where: { $0.type == .requestKey || $0.type == .relayBatch }) {
             return done(.failure(.invalid("record type \(bad.type.rawValue) is reserved for the system")))
         }
         stats.requests += 1
@@ -694,7 +705,8 @@ public final class ShardReplica {
         // A request Raft would refuse fails alone, before the group is formed.
         var requests = group
         requests.removeAll { r in
-            guard let bad = r.proposals.first(where: { $0.type == .config || $0.type == .noop || $0.type == .requestKey }) else { return false }
+            guard let bad = r.proposals.first(where: { $0.type == .config || $0.type == .noop || $0.type == .requestKey || $0.type == .relayBatch })
+            else { return false }
             r.done(.failure(.invalid("record type \(bad.type.rawValue) is reserved for the system")))
             return true
         }
@@ -842,6 +854,10 @@ public final class ShardReplica {
                 for (k, e) in rd.committed.enumerated() {
                     if e.stream != .none { appliedSeqs[e.stream.rawValue] = e.seq }
                     requests.apply(e, outcome: outcomes[k])
+                    relayMarks.apply(e)
+                    if !pendingRelays.isEmpty, let done = pendingRelays.first(where: { $0.value.end <= e.index })?.key {
+                        pendingRelays[done] = nil
+                    }
                     if e.type == .requestKey, !pendingKeys.isEmpty, let (key, _) = RequestWindow.parseKey(e.payload), pendingKeys[key]?.index == e.index {
                         pendingKeys[key] = nil
                     }
@@ -888,6 +904,7 @@ public final class ShardReplica {
         if wasLeader && raft.role != .leader {
             cancelCatchUps()
             pendingKeys = [:]
+            pendingRelays = [:]
             pendingKeysTerm = 0
         }
         if raft.role == .leader && pendingKeysTerm != raft.term { rebuildPendingKeys() }
@@ -965,7 +982,7 @@ public final class ShardReplica {
         guard raft.applied >= lastSnapshotIndex + snapshotEveryRecords, raft.applied > 0, snapshotJob.begin() else { return }
         let job = SnapshotJob(
             files: snapshots, state: machine, index: raft.applied, term: appliedTerm, membership: raft.membership,
-            membershipIndex: raft.membershipIndex, seqs: appliedSeqs, requests: requests, status: snapshotJob)
+            membershipIndex: raft.membershipIndex, seqs: appliedSeqs, requests: requests, relays: relayMarks, status: snapshotJob)
         if snapshotsInBackground {
             Self.snapshotQueue.async { job.run() }
         } else {

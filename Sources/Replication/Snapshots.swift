@@ -17,12 +17,15 @@ public struct StateSnapshot: Equatable, Sendable {
     public var state: [UInt8]
     /// The request-key window's bytes (`RequestWindow.encode()`; empty: none).
     public var requests: [UInt8]
+    /// The relay marks' bytes (`RelayMarks.encode()`; empty: none).
+    public var relays: [UInt8]
 
     public init(
         index: LogIndex, term: Term, membership: Membership, membershipIndex: LogIndex, streamSeqs: [(stream: StreamID, seq: StreamSeq)],
-        state: [UInt8], requests: [UInt8] = []
+        state: [UInt8], requests: [UInt8] = [], relays: [UInt8] = []
     ) {
         self.requests = requests
+        self.relays = relays
         self.index = index
         self.term = term
         self.membership = membership
@@ -34,7 +37,7 @@ public struct StateSnapshot: Equatable, Sendable {
     public static func == (a: StateSnapshot, b: StateSnapshot) -> Bool {
         a.index == b.index && a.term == b.term && a.membership == b.membership && a.membershipIndex == b.membershipIndex
             && a.streamSeqs.elementsEqual(b.streamSeqs, by: { $0.stream == $1.stream && $0.seq == $1.seq }) && a.state == b.state
-            && a.requests == b.requests
+            && a.requests == b.requests && a.relays == b.relays
     }
 
     static let magic: [UInt8] = Array("WEFTSNP\0".utf8)
@@ -62,6 +65,8 @@ public struct StateSnapshot: Equatable, Sendable {
         b += state
         b.appendLE(UInt64(requests.count))
         b += requests
+        b.appendLE(UInt64(relays.count))
+        b += relays
         b.appendLE(CRC32C.checksum(b))
         return b
     }
@@ -74,7 +79,7 @@ public struct StateSnapshot: Equatable, Sendable {
     }
 
     public static func decode(_ b: [UInt8]) throws(DecodeError) -> StateSnapshot {
-        guard b.count >= 8 + 4 + 24 + 4 + 4 + 8 + 8 + 8 + 4 else { throw DecodeError(offset: 0, reason: "\(b.count) bytes is shorter than an empty snapshot") }
+        guard b.count >= 8 + 4 + 24 + 4 + 4 + 8 + 8 + 8 + 8 + 4 else { throw DecodeError(offset: 0, reason: "\(b.count) bytes is shorter than an empty snapshot") }
         guard Array(b[0..<8]) == magic else { throw DecodeError(offset: 0, reason: "not a snapshot (magic)") }
         let crcAt = b.count - 4
         guard b.loadLE(UInt32.self, at: crcAt) == CRC32C.checksum(b[0..<crcAt]) else {
@@ -114,10 +119,14 @@ public struct StateSnapshot: Equatable, Sendable {
         let state = Array(b[at..<(at + Int(n))])
         at += Int(n)
         let rn = try u64()
-        guard rn == UInt64(crcAt - at) else { throw DecodeError(offset: at - 8, reason: "request window of \(rn) bytes, \(crcAt - at) left before the checksum") }
+        guard rn <= UInt64(crcAt - at) else { throw DecodeError(offset: at - 8, reason: "request window of \(rn) bytes, \(crcAt - at) left before the checksum") }
+        let requests = Array(b[at..<(at + Int(rn))])
+        at += Int(rn)
+        let mn = try u64()
+        guard mn == UInt64(crcAt - at) else { throw DecodeError(offset: at - 8, reason: "relay marks of \(mn) bytes, \(crcAt - at) left before the checksum") }
         return StateSnapshot(
             index: index, term: term, membership: Membership(voters: voters, learners: learners), membershipIndex: membershipIndex,
-            streamSeqs: seqs, state: state, requests: Array(b[at..<crcAt]))
+            streamSeqs: seqs, state: state, requests: requests, relays: Array(b[at..<crcAt]))
     }
 }
 

@@ -83,7 +83,7 @@ public struct RequestWindow: Sendable, Equatable {
     /// Applies one committed record (every record, in log order) with its outcome.
     public mutating func apply(_ r: Record, outcome: ApplyOutcome) {
         if var o = open {
-            if r.term == o.term && r.type != .requestKey && o.entry.landed.count < o.entry.count {
+            if r.term == o.term && r.type != .requestKey && r.type != .relayBatch && o.entry.landed.count < o.entry.count {
                 o.entry.landed.append(Landed(index: r.index, term: r.term, stream: r.stream, seq: r.seq, outcome: outcome))
                 open = o
                 if o.entry.complete { close() }

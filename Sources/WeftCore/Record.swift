@@ -14,6 +14,9 @@ public struct RecordType: RawRepresentable, Hashable, Sendable, CustomStringConv
     /// A client's request key, proposed right before the request's records (Docs/state.md,
     /// "Idempotent writes"): payload `u8 key length | key | u32 record count`.
     public static let requestKey = RecordType(4)
+    /// A relay batch's header, proposed right before the records a relay derived from another shard
+    /// (Docs/state.md, "Relays").
+    public static let relayBatch = RecordType(5)
 
     /// Types a client may write through the raw shard API: `data`, and the opaque application range
     /// 0x8000...0xFFFF. Every other value is reserved for the system (Raft's no-op and membership
@@ -31,6 +34,7 @@ public struct RecordType: RawRepresentable, Hashable, Sendable, CustomStringConv
         case .noop: "noop"
         case .config: "config"
         case .requestKey: "requestKey"
+        case .relayBatch: "relayBatch"
         default: "type\(rawValue)"
         }
     }

@@ -237,6 +237,59 @@ import WeftTesting
     }
 }
 
+@Suite struct RelayDestinationTests {
+    func relay(_ r: ShardReplica, source: UInt64, _ first: UInt64, _ last: UInt64, _ idx: [UInt64]) -> () -> Result<RelayResult, ReplicationError>? {
+        final class Box: @unchecked Sendable { var v: Result<RelayResult, ReplicationError>? }
+        let box = Box()
+        let ps = idx.map { Proposal(stream: StreamID(5), payload: Array("from \(source)/\($0)".utf8)) }
+        r.proposeRelayBatch(RelayMarks.Header(source: ShardID(source), first: first, last: last, sourceIndexes: idx), ps) { box.v = $0 }
+        return { box.v }
+    }
+
+    @Test func batchesAreWrittenOnceInSourceOrderAcrossALeaderChangeAndARestart() throws {
+        let c = try ReplicaCluster()
+        c.snapshotEvery = 4
+        for id in c.ids { try c.restart(id) }
+        try c.elect(NodeID(1))
+        let l = c.replica(NodeID(1))
+        // The same batch twice in one turn, and the next one right behind it: each waits for the one before.
+        let a = relay(l, source: 9, 1, 10, [2, 7])
+        let b = relay(l, source: 9, 1, 10, [2, 7])
+        let n = relay(l, source: 9, 11, 15, [11])
+        try c.settle()
+        try c.heartbeats()
+        #expect(try a()?.get() == .written(mark: 10))
+        #expect(try b()?.get() == .alreadyApplied(mark: 10))
+        #expect(try n()?.get() == .written(mark: 15))
+        // Overlapping the mark: stale; nothing written.
+        let s = relay(l, source: 9, 14, 20, [16])
+        try c.settle()
+        #expect(try s()?.get() == .stale(mark: 15))
+        // A new leader, then a restart from a snapshot: the marks come with the state.
+        l.raftTransfer(NodeID(2))
+        try c.settle()
+        try c.heartbeats()
+        let l2 = c.replica(NodeID(2))
+        #expect(l2.relayMarks.mark(of: ShardID(9)) == 15)
+        let again = relay(l2, source: 9, 11, 15, [11])
+        try c.settle()
+        #expect(try again()?.get() == .alreadyApplied(mark: 15))
+        _ = try c.propose(6, tag: "x")
+        try c.heartbeats()
+        try c.restart(NodeID(3))
+        try c.heartbeats()
+        #expect(c.replica(NodeID(3)).lastSnapshotIndex > 0)
+        #expect(c.replica(NodeID(3)).relayMarks.mark(of: ShardID(9)) == 15)
+        // Each derived record is in the log once.
+        let derived = try c.log(NodeID(2)).filter { $0.stream == StreamID(5) }
+        #expect(derived.map { String(decoding: $0.payload, as: UTF8.self) } == ["from 9/2", "from 9/7", "from 9/11"])
+        // Reserved types are refused in relay batches and as plain proposals.
+        var refused: Result<[Applied], ReplicationError>?
+        l2.proposeApplied([Proposal(type: .relayBatch, payload: [])]) { refused = $0 }
+        #expect(throws: ReplicationError.self) { try refused?.get() }
+    }
+}
+
 @Suite struct AppliedWaiterTests {
     @Test func waitersAnswerInIndexOrderOnceAppliedAndFailWhenTheReplicaStops() throws {
         let c = try ReplicaCluster()
@@ -275,12 +328,13 @@ import WeftTesting
             streamSeqs: [(StreamID(1), 10), (StreamID(9), 3)], state: Array("state bytes".utf8))
     }
 
-    @Test func theDocumentedExampleIs129Bytes() {
+    @Test func theDocumentedExampleIs142Bytes() {
         let s = StateSnapshot(
             index: 5, term: 2, membership: Membership(voters: [NodeID(1), NodeID(2), NodeID(3)]), membershipIndex: 3,
-            streamSeqs: [(StreamID(7), 4)], state: [], requests: RequestWindow().encode())
-        #expect(s.encode().count == 129)
+            streamSeqs: [(StreamID(7), 4)], state: [], requests: RequestWindow().encode(), relays: RelayMarks().encode())
+        #expect(s.encode().count == 142)
         #expect(RequestWindow().encode().count == 17)
+        #expect(RelayMarks().encode().count == 5)
     }
 
     @Test func roundTripsAndEveryFlippedByteIsCaught() throws {
