@@ -1,0 +1,221 @@
+import Foundation
+import Raft
+import ShardState
+import WeftCore
+
+/// What a relay derives from a committed record of its source shard: the records it causes in other
+/// shards (an inbox pointer per recipient, a fan-out batch). Deterministic, from the record alone.
+public protocol RelayRule: Sendable {
+    func derive(_ record: Record, source: ShardID) -> [(destination: ShardID, proposal: Proposal)]
+}
+
+/// Runs a source shard's relays on its leader (Docs/state.md, "Relays"): one lane per destination shard,
+/// each following the source's tail from where the destination says it is, deriving records, and sending
+/// them in batches, at most one in flight per destination.
+///
+/// ```
+///  source tail ──poll──▶ lane(B): derive ─▶ batch [first...last] ─send─▶ B's leader: proposeRelayBatch
+///                                   ▲                                          │ written / alreadyApplied / stale(mark)
+///                                   └──────────── cursor = mark + 1 ◀──────────┘
+/// ```
+///
+/// Exactly-once comes from the destination (`RelayMarks`): a lane may resend anything (after a failure,
+/// a restart, a new leader of the source, two leaders' relays at once); the destination writes each range
+/// once and answers with its mark, from which the lane continues. A lane starts at source index 1 and
+/// jumps to the mark with the first answer. A slow or unavailable destination holds back only its own
+/// lane: the source's writes never wait for a relay.
+///
+/// `@unchecked Sendable`: the lanes are guarded by `condition`; subscriptions are used only by the
+/// runner's thread.
+public final class RelayRunner: @unchecked Sendable {
+    public typealias Send = @Sendable (
+        _ destination: ShardID, _ header: RelayMarks.Header, _ records: [Proposal],
+        _ done: @escaping @Sendable (Result<RelayResult, ReplicationError>) -> Void
+    ) -> Void
+
+    public let source: ShardID
+    let tail: ShardTail
+    let rule: any RelayRule
+    let send: Send
+    let condition = NSCondition()
+    var lanes: [ShardID: Lane] = [:]
+    var running = false
+    var thread: Thread?
+    /// Source records read per batch at most.
+    public let batchSourceRecordsMax: Int
+    /// A range of this many source records that derived nothing for a destination is still sent (an
+    /// empty batch), so the destination's mark, where a new relay starts, keeps up.
+    public let emptyRangeMax: LogIndex
+    /// Pause after a failed send.
+    public let retryPause: Duration
+
+    struct Lane {
+        /// The next source index to relay.
+        var cursor: LogIndex = 1
+        var sub: TailSubscription?
+        var inFlight = false
+        var retryAt: ContinuousClock.Instant?
+        /// The destination's mark as last answered.
+        var mark: LogIndex = 0
+        /// Timestamp of the first record not known relayed (for lag in seconds).
+        var oldestPendingMicros: Int64?
+        var batches: UInt64 = 0
+        var failures: UInt64 = 0
+    }
+
+    /// One destination's relay as seen now.
+    public struct LaneStatus: Sendable, Equatable {
+        public var destination: ShardID
+        /// Source records not relayed yet (applied on the source, past the destination's known mark).
+        public var lagRecords: LogIndex
+        /// Age of the oldest of them, by the leader's timestamps (0 when none).
+        public var lagSeconds: Double
+        public var mark: LogIndex
+        public var batches: UInt64
+        public var failures: UInt64
+    }
+
+    public init(
+        source: ShardID, tail: ShardTail, destinations: [ShardID], rule: any RelayRule, batchSourceRecordsMax: Int = 1000,
+        emptyRangeMax: LogIndex = 4096, retryPause: Duration = .milliseconds(100), send: @escaping Send
+    ) {
+        self.source = source
+        self.tail = tail
+        self.rule = rule
+        self.send = send
+        self.batchSourceRecordsMax = max(1, batchSourceRecordsMax)
+        self.emptyRangeMax = max(1, emptyRangeMax)
+        self.retryPause = retryPause
+        for d in destinations where d != source { lanes[d] = Lane() }
+    }
+
+    public func start() {
+        condition.lock()
+        defer { condition.unlock() }
+        guard !running else { return }
+        running = true
+        let t = Thread { [self] in loop() }
+        t.name = "weft-relay-\(source)"
+        thread = t
+        t.start()
+    }
+
+    /// Stops after the current step (a batch in flight is answered into the void).
+    public func stop() {
+        condition.lock()
+        running = false
+        condition.broadcast()
+        condition.unlock()
+    }
+
+    public func status() -> [LaneStatus] {
+        let applied = tail.applied
+        let now = Int64(Date().timeIntervalSince1970 * 1_000_000)
+        condition.lock()
+        defer { condition.unlock() }
+        return lanes.keys.sorted { $0.rawValue < $1.rawValue }.compactMap { d in
+            guard let l = lanes[d] else { return nil }
+            // Relayed: up to the mark, and past it the ranges that derived nothing (skipped, not sent).
+            let relayed = l.inFlight ? l.mark : max(l.mark, l.cursor - 1)
+            let lag = applied > relayed ? applied - relayed : 0
+            let seconds = lag > 0 ? max(0, Double(now - (l.oldestPendingMicros ?? now)) / 1e6) : 0
+            return LaneStatus(destination: d, lagRecords: lag, lagSeconds: seconds, mark: l.mark, batches: l.batches, failures: l.failures)
+        }
+    }
+
+    func wake() {
+        condition.lock()
+        condition.signal()
+        condition.unlock()
+    }
+
+    func loop() {
+        while true {
+            condition.lock()
+            guard running else {
+                // Subscriptions end with the relay.
+                for d in Array(lanes.keys) { lanes[d]?.sub = nil }
+                thread = nil
+                condition.unlock()
+                return
+            }
+            let now = ContinuousClock.now
+            let ready = lanes.filter { !$0.value.inFlight && ($0.value.retryAt.map { now >= $0 } ?? true) }.map(\.key)
+            condition.unlock()
+            var sent = false
+            for d in ready.sorted(by: { $0.rawValue < $1.rawValue }) where step(d) { sent = true }
+            condition.lock()
+            if running && !sent { _ = condition.wait(until: Date(timeIntervalSinceNow: 0.05)) }
+            condition.unlock()
+        }
+    }
+
+    /// One lane's next batch, if the tail has records for it; true if something was sent.
+    func step(_ d: ShardID) -> Bool {
+        condition.lock()
+        guard var lane = lanes[d] else {
+            condition.unlock()
+            return false
+        }
+        condition.unlock()
+        if lane.sub == nil || lane.sub?.next != lane.cursor {
+            lane.sub = try? tail.subscribe(from: lane.cursor) { [weak self] in self?.wake() }
+        }
+        guard let sub = lane.sub, let batch = try? sub.poll(limit: batchSourceRecordsMax), let last = batch.records.last else {
+            store(d, lane)
+            return false
+        }
+        let first = lane.cursor
+        if lane.oldestPendingMicros == nil { lane.oldestPendingMicros = batch.records.first?.timestampMicros }
+        var indexes: [LogIndex] = []
+        var proposals: [Proposal] = []
+        for r in batch.records {
+            for (dest, p) in rule.derive(r, source: source) where dest == d {
+                indexes.append(r.index)
+                proposals.append(p)
+            }
+        }
+        if proposals.isEmpty && last.index - lane.mark < emptyRangeMax {
+            // Nothing for this destination yet: move on without a batch (a restart re-reads this range).
+            lane.cursor = last.index + 1
+            store(d, lane)
+            return false
+        }
+        lane.inFlight = true
+        lane.cursor = last.index + 1
+        lane.batches += 1
+        store(d, lane)
+        let header = RelayMarks.Header(source: source, first: first, last: last.index, sourceIndexes: indexes)
+        send(d, header, proposals) { [weak self] result in self?.answered(d, first: first, result) }
+        return true
+    }
+
+    func store(_ d: ShardID, _ lane: Lane) {
+        condition.lock()
+        if lanes[d] != nil { lanes[d] = lane }
+        condition.unlock()
+    }
+
+    func answered(_ d: ShardID, first: LogIndex, _ result: Result<RelayResult, ReplicationError>) {
+        condition.lock()
+        defer {
+            condition.signal()
+            condition.unlock()
+        }
+        guard var lane = lanes[d] else { return }
+        lane.inFlight = false
+        switch result {
+        case .success(.written(let mark)), .success(.alreadyApplied(let mark)), .success(.stale(let mark)):
+            lane.mark = max(lane.mark, mark)
+            lane.cursor = mark + 1
+            lane.oldestPendingMicros = nil
+            lane.retryAt = nil
+        case .failure:
+            // Not written, or unknown: the destination's mark decides on the resend.
+            lane.failures += 1
+            lane.cursor = first
+            lane.retryAt = ContinuousClock.now + retryPause
+        }
+        lanes[d] = lane
+    }
+}

@@ -1,0 +1,110 @@
+import Foundation
+import Raft
+import ShardState
+import Testing
+import WeftCore
+import WeftTesting
+
+@testable import Replication
+
+/// Issue 10: a relay from one shard to another, exactly once across lost answers, leader changes on both
+/// sides and a second relay started from scratch (a new source leader).
+@Suite struct RelayTests {
+    /// Every data record of stream 1 becomes one record of stream 7 in the destination.
+    struct Pointers: RelayRule {
+        let destination: ShardID
+        func derive(_ record: Record, source: ShardID) -> [(destination: ShardID, proposal: Proposal)] {
+            guard record.type == .data, record.stream == StreamID(1) else { return [] }
+            return [(destination, Proposal(stream: StreamID(7), payload: Array("\(source.rawValue):\(String(decoding: record.payload.prefix(12), as: UTF8.self))".utf8)))]
+        }
+    }
+
+    /// Sends from the relay's thread, handled on the test's thread (the clusters are driven by hand).
+    final class Outbox: @unchecked Sendable {
+        let lock = NSLock()
+        var queue: [(RelayMarks.Header, [Proposal], @Sendable (Result<RelayResult, ReplicationError>) -> Void)] = []
+        func take() -> [(RelayMarks.Header, [Proposal], @Sendable (Result<RelayResult, ReplicationError>) -> Void)] {
+            lock.withLock {
+                defer { queue = [] }
+                return queue
+            }
+        }
+    }
+
+    func write(_ a: ReplicaCluster, _ n: Int, tag: String) throws {
+        let l = try #require(a.leader)
+        for k in 0..<n {
+            a.replica(l).propose([Proposal(stream: StreamID(UInt64(k % 2 + 1)), payload: Array("\(tag)\(k)".utf8))]) { _ in }
+            try a.settle()
+        }
+        try a.heartbeats()
+    }
+
+    /// Delivers the relay's batches to the destination's leader until nothing is left to do.
+    func pump(_ out: Outbox, _ b: ReplicaCluster, loseEvery: Int = 0, until done: () -> Bool) throws {
+        var n = 0
+        for _ in 0..<400 {
+            for (h, ps, answer) in out.take() {
+                n += 1
+                guard let l = b.leader else {
+                    answer(.failure(.notLeader(nil)))
+                    continue
+                }
+                let lose = loseEvery > 0 && n % loseEvery == 0
+                b.replica(l).proposeRelayBatch(h, ps) { r in answer(lose ? .failure(.outcomeUnknown("answer lost")) : r) }
+            }
+            try b.settle()
+            try b.heartbeats(1)
+            if done() { return }
+            Thread.sleep(forTimeInterval: 0.01)
+        }
+    }
+
+    func derived(_ b: ReplicaCluster) throws -> [String] {
+        try b.log(try #require(b.leader)).filter { $0.stream == StreamID(7) && $0.type == .data }.map { String(decoding: $0.payload, as: UTF8.self) }
+    }
+
+    @Test func everyRecordIsRelayedOnceAcrossLostAnswersLeaderChangesAndANewRelay() throws {
+        let a = try ReplicaCluster()
+        let b = try ReplicaCluster()
+        try a.elect(NodeID(1))
+        try b.elect(NodeID(1))
+        let out = Outbox()
+        let send: RelayRunner.Send = { _, h, ps, done in out.lock.withLock { out.queue.append((h, ps, done)) } }
+        var relay = RelayRunner(
+            source: ShardID(3), tail: a.replica(NodeID(1)).tail, destinations: [ShardID(5)], rule: Pointers(destination: ShardID(5)),
+            batchSourceRecordsMax: 7, emptyRangeMax: 10, retryPause: .milliseconds(5), send: send)
+        relay.start()
+        defer { relay.stop() }
+        try write(a, 30, tag: "a")
+        try pump(out, b, loseEvery: 3) { (try? derived(b).count) == 15 && relay.status().first?.lagRecords == 0 }
+        #expect(try derived(b).count == 15)
+        // The destination changes leader; the source writes more.
+        b.replica(NodeID(1)).raftTransfer(NodeID(2))
+        try b.settle()
+        try b.heartbeats()
+        try write(a, 20, tag: "b")
+        try pump(out, b, loseEvery: 4) { (try? derived(b).count) == 25 && relay.status().first?.lagRecords == 0 }
+        // The source changes leader: the new leader's relay starts from nothing and learns the mark.
+        relay.stop()
+        a.replica(NodeID(1)).raftTransfer(NodeID(3))
+        try a.settle()
+        try a.heartbeats()
+        try write(a, 10, tag: "c")
+        relay = RelayRunner(
+            source: ShardID(3), tail: a.replica(NodeID(3)).tail, destinations: [ShardID(5)], rule: Pointers(destination: ShardID(5)),
+            batchSourceRecordsMax: 7, emptyRangeMax: 10, retryPause: .milliseconds(5), send: send)
+        relay.start()
+        try pump(out, b) { (try? derived(b).count) == 30 && relay.status().first?.lagRecords == 0 }
+        let got = try derived(b)
+        #expect(got.count == 30)
+        #expect(Set(got).count == got.count, "each derived record once: \(got)")
+        // In source order.
+        let want = (0..<30).map { "a\($0)" }.filter { Int($0.dropFirst())! % 2 == 0 } + (0..<20).map { "b\($0)" }.filter { Int($0.dropFirst())! % 2 == 0 }
+            + (0..<10).map { "c\($0)" }.filter { Int($0.dropFirst())! % 2 == 0 }
+        #expect(got == want.map { "3:\($0)" })
+        let st = try #require(relay.status().first)
+        #expect(st.lagRecords == 0 && st.mark == a.replica(NodeID(3)).raft.applied)
+        #expect(b.replica(try #require(b.leader)).relayMarks.mark(of: ShardID(3)) == st.mark)
+    }
+}
