@@ -41,6 +41,11 @@ public final class RelayRunner: @unchecked Sendable {
     var lanes: [ShardID: Lane] = [:]
     var running = false
     var thread: Thread?
+    /// Records arrived since the last round (set by the tail's wake-up).
+    var dirty = true
+    /// Wake-ups within this interval are served by one round (the tail wakes the relay on every applied
+    /// batch; the relay polls at most once per interval instead).
+    public let coalesce: Duration
     /// Source records read per batch at most.
     public let batchSourceRecordsMax: Int
     /// A range of this many source records that derived nothing for a destination is still sent (an
@@ -48,6 +53,10 @@ public final class RelayRunner: @unchecked Sendable {
     public let emptyRangeMax: LogIndex
     /// Pause after a failed send.
     public let retryPause: Duration
+    /// A batch carries at most this many derived records and payload bytes (whole source records only;
+    /// one source record alone may exceed them).
+    public static let batchRecordsMax = 4096
+    public static let batchBytesMax = 8 << 20
 
     struct Lane {
         /// The next source index to relay.
@@ -77,8 +86,9 @@ public final class RelayRunner: @unchecked Sendable {
 
     public init(
         source: ShardID, tail: ShardTail, destinations: [ShardID], rule: any RelayRule, batchSourceRecordsMax: Int = 1000,
-        emptyRangeMax: LogIndex = 4096, retryPause: Duration = .milliseconds(100), send: @escaping Send
+        emptyRangeMax: LogIndex = 4096, retryPause: Duration = .milliseconds(100), coalesce: Duration = .milliseconds(2), send: @escaping Send
     ) {
+        self.coalesce = coalesce
         self.source = source
         self.tail = tail
         self.rule = rule
@@ -125,7 +135,10 @@ public final class RelayRunner: @unchecked Sendable {
 
     func wake() {
         condition.lock()
-        condition.signal()
+        if !dirty {
+            dirty = true
+            condition.signal()
+        }
         condition.unlock()
     }
 
@@ -139,14 +152,17 @@ public final class RelayRunner: @unchecked Sendable {
                 condition.unlock()
                 return
             }
+            dirty = false
             let now = ContinuousClock.now
             let ready = lanes.filter { !$0.value.inFlight && ($0.value.retryAt.map { now >= $0 } ?? true) }.map(\.key)
+            let pause = coalesce
             condition.unlock()
             var sent = false
             for d in ready.sorted(by: { $0.rawValue < $1.rawValue }) where step(d) { sent = true }
             condition.lock()
-            if running && !sent { _ = condition.wait(until: Date(timeIntervalSinceNow: 0.05)) }
+            if running && !sent && !dirty { _ = condition.wait(until: Date(timeIntervalSinceNow: 0.05)) }
             condition.unlock()
+            if !sent { Thread.sleep(forTimeInterval: Double(pause.components.attoseconds) / 1e18 + Double(pause.components.seconds)) }
         }
     }
 
@@ -161,7 +177,7 @@ public final class RelayRunner: @unchecked Sendable {
         if lane.sub == nil || lane.sub?.next != lane.cursor {
             lane.sub = try? tail.subscribe(from: lane.cursor) { [weak self] in self?.wake() }
         }
-        guard let sub = lane.sub, let batch = try? sub.poll(limit: batchSourceRecordsMax), let last = batch.records.last else {
+        guard let sub = lane.sub, let batch = try? sub.poll(limit: batchSourceRecordsMax), var last = batch.records.first else {
             store(d, lane)
             return false
         }
@@ -169,11 +185,20 @@ public final class RelayRunner: @unchecked Sendable {
         if lane.oldestPendingMicros == nil { lane.oldestPendingMicros = batch.records.first?.timestampMicros }
         var indexes: [LogIndex] = []
         var proposals: [Proposal] = []
+        var bytes = 0
         for r in batch.records {
-            for (dest, p) in rule.derive(r, source: source) where dest == d {
+            let mine = rule.derive(r, source: source).filter { $0.destination == d }
+            let more = mine.reduce(0) { $0 + $1.proposal.payload.count }
+            if !proposals.isEmpty && (proposals.count + mine.count > Self.batchRecordsMax || bytes + more > Self.batchBytesMax) {
+                // Full: this source record starts the next batch (the subscription is repositioned).
+                break
+            }
+            for (_, p) in mine {
                 indexes.append(r.index)
                 proposals.append(p)
             }
+            bytes += more
+            last = r
         }
         if proposals.isEmpty && last.index - lane.mark < emptyRangeMax {
             // Nothing for this destination yet: move on without a batch (a restart re-reads this range).

@@ -280,6 +280,9 @@ public final class ShardReplica {
     var stagedBytes: [String: UInt64] = [:]
     /// Cancels the catch-ups this replica started as leader (it stopped leading); set by the node.
     public var cancelCatchUps: () -> Void = {}
+    /// Told when this replica starts (true) or stops (false) leading: the node runs the shard's relays on
+    /// its leader. Called on the shard's thread; must not block.
+    public var onLeadership: (Bool) -> Void = { _ in }
     var wasLeader = false
     /// index -> (term it was proposed in, completion).
     var waiting: [LogIndex: (Term, (Result<Applied, ReplicationError>) -> Void)] = [:]
@@ -901,6 +904,7 @@ public final class ShardReplica {
         } else if !stalled {
             readStallSince = nil
         }
+        if wasLeader != (raft.role == .leader) { onLeadership(raft.role == .leader) }
         if wasLeader && raft.role != .leader {
             cancelCatchUps()
             pendingKeys = [:]
@@ -994,6 +998,10 @@ public final class ShardReplica {
     }
 
     public func close() {
+        if wasLeader {
+            wasLeader = false
+            onLeadership(false)
+        }
         // A snapshot being written finishes first (bounded: a stuck disk must not hold a shutdown forever;
         // a half-written file is a `.tmp` the next open removes).
         if !snapshotJob.waitIdle(until: Date(timeIntervalSinceNow: 10)) { log("a snapshot was still being written at close") }

@@ -2,6 +2,7 @@ import Foundation
 import Logging
 import Raft
 import SegmentStore
+import ShardState
 import WeftCore
 
 /// A shard's state, for `/api/v1/cluster/status`.
@@ -75,6 +76,8 @@ public final class ShardRunner: @unchecked Sendable {
         case read(ReadQuery, @Sendable (Result<ReadResult, ReadError>) -> Void)
         /// Records under a client's request key: written once, whatever the retries (`proposeKeyed`).
         case proposeKeyed([UInt8], [Proposal], deadline: ContinuousClock.Instant?, @Sendable (Result<KeyedResult, ReplicationError>) -> Void)
+        /// A relay batch from another shard, on this (destination) shard's leader.
+        case proposeRelayBatch(RelayMarks.Header, [Proposal], deadline: ContinuousClock.Instant?, @Sendable (Result<RelayResult, ReplicationError>) -> Void)
         /// Answers once this replica has applied `index` (a read that must see a write, or a read index).
         /// `token` (0: none) names it for `cancelWaiter`.
         case whenApplied(LogIndex, token: UInt64, @Sendable (Result<LogIndex, ReplicationError>) -> Void)
@@ -151,6 +154,7 @@ public final class ShardRunner: @unchecked Sendable {
         case .read(_, let cb): cb(.failure(.unavailable(why)))
         case .whenApplied(_, _, let cb): cb(.failure(.unavailable(why)))
         case .proposeKeyed(_, _, _, let cb): cb(.failure(.unavailable(why)))
+        case .proposeRelayBatch(_, _, _, let cb): cb(.failure(.unavailable(why)))
         case .status(let cb): cb(.unavailable(replica.shard, node: replica.id, why))
         default: break
         }
@@ -285,6 +289,7 @@ public final class ShardRunner: @unchecked Sendable {
         case .whenApplied(let index, let token, let cb): replica.whenApplied(index, token: token) { cb($0) }
         case .cancelWaiter(let token): replica.cancelWaiter(token)
         case .proposeKeyed(let key, let ps, let deadline, let cb): replica.proposeKeyed(key, ps, deadline: deadline) { cb($0) }
+        case .proposeRelayBatch(let h, let ps, let deadline, let cb): replica.proposeRelayBatch(h, ps, deadline: deadline) { cb($0) }
         case .campaign: replica.campaign()
         case .stageFile(let transfer, let name, let offset, let bytes, let ack):
             do {

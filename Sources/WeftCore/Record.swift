@@ -17,6 +17,9 @@ public struct RecordType: RawRepresentable, Hashable, Sendable, CustomStringConv
     /// A relay batch's header, proposed right before the records a relay derived from another shard
     /// (Docs/state.md, "Relays").
     public static let relayBatch = RecordType(5)
+    /// A client record a relay copies to streams of other shards (the raw log's fan-out, Docs/state.md):
+    /// payload `u16 n | n × (u64 shard | u64 stream) | body`. Client-writable.
+    public static let fanout = RecordType(6)
 
     /// Types a client may write through the raw shard API: `data`, and the opaque application range
     /// 0x8000...0xFFFF. Every other value is reserved for the system (Raft's no-op and membership
@@ -26,7 +29,7 @@ public struct RecordType: RawRepresentable, Hashable, Sendable, CustomStringConv
     public static let clientRange: ClosedRange<UInt16> = 0x8000...0xFFFF
 
     /// Whether a client may write records of this type (`data` or `clientRange`).
-    public var isClientWritable: Bool { self == .data || Self.clientRange.contains(rawValue) }
+    public var isClientWritable: Bool { self == .data || self == .fanout || Self.clientRange.contains(rawValue) }
 
     public var description: String {
         switch self {
@@ -35,6 +38,7 @@ public struct RecordType: RawRepresentable, Hashable, Sendable, CustomStringConv
         case .config: "config"
         case .requestKey: "requestKey"
         case .relayBatch: "relayBatch"
+        case .fanout: "fanout"
         default: "type\(rawValue)"
         }
     }

@@ -1,4 +1,5 @@
 import Raft
+import ShardState
 import WeftCore
 
 /// What a peer frame's payload carries (Docs/replication.md, "Forwarding"): a Raft message for the
@@ -15,7 +16,9 @@ import WeftCore
 /// 6 fileAck | u64 transfer | u8 ok | u64 received | u8 name length | name (UTF-8)
 /// 7 readIndex | request id        (answered ok with one ref whose index is the read index)
 /// 8 forwardKeyed | request id | u8 key length | key | then as forward: u32 n | n x record
-/// answer statuses 6 partial: u32 count | u32 n | n x ref; 7 replayed: u32 n | n x ref
+/// 9 relayBatch | request id | u32 header length | RelayMarks.Header bytes | then as forward: u32 n | n x record
+/// answer statuses 6 partial: u32 count | u32 n | n x ref; 7 replayed: u32 n | n x ref;
+///                 8 relay: u8 kind (0 written, 1 already applied, 2 stale) | u64 mark
 /// 3 answer  | request id | u8 status
 ///           | 0 ok: u32 n | n x (u64 index | u64 term | u64 stream | u64 seq)
 ///           | 1 not leader: u64 leader (0 unknown)
@@ -38,6 +41,8 @@ enum Envelope: Equatable {
     case readIndex(request: RequestID)
     /// A write under a client's request key (idempotent): answered `ok`, `replayed` or `partial`.
     case forwardKeyed(request: RequestID, key: [UInt8], proposals: [ForwardedProposal])
+    /// A relay batch for the shard's leader (the destination): answered `relay`.
+    case relayBatch(request: RequestID, header: RelayMarks.Header, proposals: [ForwardedProposal])
 
     struct ForwardedProposal: Equatable {
         var stream: StreamID
@@ -60,6 +65,8 @@ enum Envelope: Equatable {
         /// A keyed request whose first attempt was cut short by a leader change: these of its `count`
         /// records committed; nothing is written now.
         case partial([RecordRef], count: Int)
+        /// What a relay batch did: 0 written, 1 already applied, 2 stale; the source's mark now.
+        case relay(kind: UInt8, mark: LogIndex)
         case notLeader(NodeID?)
         /// Not written, and nothing of it will be: a retry is safe (no quorum, replaced by another
         /// leader's entry before commit, the replica is not there or was not running).
@@ -86,6 +93,13 @@ enum Envelope: Equatable {
         case .forward(let id, let ps):
             b.append(2)
             put(id, &b)
+            Self.putProposals(ps, &b)
+        case .relayBatch(let id, let header, let ps):
+            b.append(9)
+            put(id, &b)
+            let h = header.encode()
+            put(UInt32(h.count), &b)
+            b += h
             Self.putProposals(ps, &b)
         case .forwardKeyed(let id, let key, let ps):
             b.append(8)
@@ -127,6 +141,10 @@ enum Envelope: Equatable {
             case .replayed(let refs):
                 b.append(7)
                 Self.putRefs(refs, &b)
+            case .relay(let kind, let mark):
+                b.append(8)
+                b.append(kind)
+                put(mark, &b)
             case .partial(let refs, let count):
                 b.append(6)
                 put(UInt32(clamping: count), &b)
@@ -160,6 +178,14 @@ enum Envelope: Equatable {
             let ps = try Self.takeProposals(&r)
             try r.end()
             return .forward(request: id, proposals: ps)
+        case 9:
+            let id = try r.requestID()
+            let hl = Int(try r.u32())
+            guard hl <= r.remaining, let header = RelayMarks.Header.decode(try r.take(hl)) else { throw DecodeError(description: "bad relay batch header") }
+            let ps = try Self.takeProposals(&r)
+            try r.end()
+            guard ps.count == header.sourceIndexes.count else { throw DecodeError(description: "relay batch of \(ps.count) records lists \(header.sourceIndexes.count)") }
+            return .relayBatch(request: id, header: header, proposals: ps)
         case 8:
             let id = try r.requestID()
             let kl = Int(try r.take(1)[0])
@@ -179,6 +205,12 @@ enum Envelope: Equatable {
                 let refs = try Self.takeRefs(&r)
                 try r.end()
                 return .answer(request: id, .replayed(refs))
+            case 8:
+                let kind = try r.take(1)[0]
+                guard kind <= 2 else { throw DecodeError(description: "relay answer kind \(kind)") }
+                let mark = try r.u64()
+                try r.end()
+                return .answer(request: id, .relay(kind: kind, mark: mark))
             case 6:
                 let count = Int(try r.u32())
                 let refs = try Self.takeRefs(&r)

@@ -71,6 +71,7 @@ final class Forwarder: Sendable {
             case .configChange(_, let change): .configChange(request: id, change: change)
             case .readIndex: .readIndex(request: id)
             case .forwardKeyed(_, let key, let ps): .forwardKeyed(request: id, key: key, proposals: ps)
+            case .relayBatch(_, let h, let ps): .relayBatch(request: id, header: h, proposals: ps)
             default: envelope
             }
         let timer = deadlines.schedule(deadline) { [state] in

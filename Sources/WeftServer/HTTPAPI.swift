@@ -268,7 +268,23 @@ public enum HTTPAPI {
         router.get("/metrics") { _, _ -> Response in
             // At most once a second (the route is open to anyone: a scrape storm must not turn into
             // a status request to every replica per scrape).
-            if replicaCounters.due() { replicaCounters.update(await node.status().shards) }
+            if replicaCounters.due() {
+                replicaCounters.update(await node.status().shards)
+                // Relay lag per (source, destination): what the source leader on this node has not relayed.
+                for (source, lanes) in node.relayStatus {
+                    for l in lanes {
+                        let labels = [("source", String(source.rawValue)), ("destination", String(l.destination.rawValue))]
+                        registry.makeGauge(
+                            descriptor: MetricNameDescriptor(metricName: "weft_relay_lag", unitName: "records", helpText: "Committed source records not yet relayed"),
+                            labels: labels
+                        ).set(Double(l.lagRecords))
+                        registry.makeGauge(
+                            descriptor: MetricNameDescriptor(metricName: "weft_relay_lag", unitName: "seconds", helpText: "Age of the oldest record not yet relayed"),
+                            labels: labels
+                        ).set(l.lagSeconds)
+                    }
+                }
+            }
             var out: [UInt8] = []
             registry.emit(into: &out)
             return Response(
@@ -345,7 +361,7 @@ public enum HTTPAPI {
             guard type.isClientWritable else {
                 throw APIError(
                     .badRequest, "reserved_type",
-                    "records[\(k)]: type \(type.rawValue) is reserved for the system; clients may write type 1 (data) or \(RecordType.clientRange.lowerBound)...\(RecordType.clientRange.upperBound)")
+                    "records[\(k)]: type \(type.rawValue) is reserved for the system; clients may write type 1 (data), 6 (fanout) or \(RecordType.clientRange.lowerBound)...\(RecordType.clientRange.upperBound)")
             }
             proposals.append(Proposal(stream: StreamID(item.stream ?? 0), type: type, timestampMicros: now, payload: payload))
         }

@@ -60,6 +60,10 @@ public final class WeftNode: Sendable {
     let leaderHints = NIOLockedValueBox<[ShardID: NodeID]>([:])
     /// Names applied-index waiters so a read that gives up can drop its waiter.
     let waiterTokens = NIOLockedValueBox<UInt64>(0)
+    /// The relay of each shard this node leads.
+    let relays = NIOLockedValueBox<[ShardID: RelayRunner]>([:])
+    /// Set by `stop`: no relay starts after it.
+    let stopping = NIOLockedValueBox(false)
 
     public enum StartError: Error, CustomStringConvertible {
         case placementChanged(path: String, recorded: String, now: String)
@@ -207,6 +211,8 @@ public final class WeftNode: Sendable {
             ship.start(shard: shard, to: to, transfer: transfer, files: files, snapshot: snapshot)
         }
         replica.cancelCatchUps = { ship.cancel(shard: shard) }
+        let tail = replica.tail
+        replica.onLeadership = { [weak self] leads in self?.leadershipChanged(shard, leads: leads, tail: tail) }
         // The lane with the fewest replicas (placement can give a node shards that share a factor with
         // the lane count, and replicas join later).
         let lane = laneLoad.withLockedValue { load -> DriverLane in
@@ -256,6 +262,8 @@ public final class WeftNode: Sendable {
     }
 
     public func stop() async {
+        stopping.withLockedValue { $0 = true }
+        for r in relays.withLockedValue({ rs in defer { rs = [:] }; return Array(rs.values) }) { r.stop() }
         shipper.stop()
         // Every replica stops after its current turn; then one shared wait (a lane stuck in a slow
         // fdatasync costs the node `stopWaitMax` once, not once per replica on it).
@@ -313,6 +321,18 @@ public final class WeftNode: Sendable {
             let me = id
             // The forwarding node waits at most its own deadline (5 s by default) for the answer.
             runner.submit(.proposeKeyed(key, ps, deadline: ContinuousClock.now + .seconds(5)) { reply(Self.keyedAnswer($0, me: me)) })
+        case .relayBatch(let request, let header, let proposals):
+            if let bad = proposals.first(where: { !$0.type.isClientWritable }) {
+                transport.send(
+                    to: from, shard: shard.rawValue,
+                    payload: Envelope.answer(request: request, .invalid("record type \(bad.type.rawValue) is reserved for the system")).encode())
+                return
+            }
+            guard let runner = runnerOrRefuse(shard, request: request, from: from) else { return }
+            let ps = proposals.map { Proposal(stream: $0.stream, type: $0.type, timestampMicros: $0.timestampMicros, payload: $0.payload) }
+            let reply = replier(to: from, shard: shard, request: request)
+            let me = id
+            runner.submit(.proposeRelayBatch(header, ps, deadline: ContinuousClock.now + .seconds(5)) { reply(Self.relayAnswer($0, me: me)) })
         case .readIndex(let request):
             guard let runner = runnerOrRefuse(shard, request: request, from: from) else { return }
             let reply = replier(to: from, shard: shard, request: request)
@@ -360,7 +380,7 @@ public final class WeftNode: Sendable {
         done: @escaping @Sendable (Result<[RecordRef], WriteError>) -> Void
     ) {
         guard !proposals.isEmpty else { return done(.success([])) }
-        if let refusal = Self.refusal(proposals) { return done(.failure(refusal)) }
+        if let refusal = Self.refusal(proposals) ?? fanoutRefusal(proposals) { return done(.failure(refusal)) }
         let me = id
         throughLeader(
             shard, deadline: ContinuousClock.now + timeout,
@@ -392,7 +412,7 @@ public final class WeftNode: Sendable {
         guard proposals.count <= RequestWindow.keyedRecordsMax else {
             return done(.failure(.invalid("a request with an Idempotency-Key has at most \(RequestWindow.keyedRecordsMax) records")))
         }
-        if let refusal = Self.refusal(proposals) { return done(.failure(refusal)) }
+        if let refusal = Self.refusal(proposals) ?? fanoutRefusal(proposals) { return done(.failure(refusal)) }
         let me = id
         throughLeader(
             shard, deadline: ContinuousClock.now + timeout, retryUnknown: true,
@@ -416,6 +436,66 @@ public final class WeftNode: Sendable {
         }
     }
 
+    static func relayAnswer(_ r: Result<RelayResult, ReplicationError>, me: NodeID) -> Envelope.ForwardAnswer {
+        switch r {
+        case .success(.written(let m)): .relay(kind: 0, mark: m)
+        case .success(.alreadyApplied(let m)): .relay(kind: 1, mark: m)
+        case .success(.stale(let m)): .relay(kind: 2, mark: m)
+        case .failure(let e): answer(.failure(e), me: me) { (_: [RecordRef]) in [] }
+        }
+    }
+
+    /// Sends a relay batch to `destination`'s leader (Docs/state.md, "Relays"); any failure is reported
+    /// as `unavailable` (the relay resends, and the destination's mark decides what is written).
+    func relayBatch(
+        to destination: ShardID, _ header: RelayMarks.Header, _ proposals: [Proposal],
+        done: @escaping @Sendable (Result<RelayResult, ReplicationError>) -> Void
+    ) {
+        let me = id
+        throughLeader(
+            destination, deadline: ContinuousClock.now + .seconds(5), retryUnknown: false,
+            envelope: {
+                .relayBatch(
+                    request: Envelope.RequestID(incarnation: 0, sequence: 0), header: header,
+                    proposals: proposals.map {
+                        Envelope.ForwardedProposal(stream: $0.stream, type: $0.type, timestampMicros: $0.timestampMicros, payload: $0.payload)
+                    })
+            },
+            local: { runner, deadline, finish in
+                Self.untilDeadline(deadline, late: .outcomeUnknown("relay batch on node \(me), not committed before the deadline"), finish) { finish in
+                    runner.submit(.proposeRelayBatch(header, proposals, deadline: deadline) { finish(Self.relayAnswer($0, me: me)) })
+                }
+            },
+            done: { r in
+                switch r {
+                case .success(let w):
+                    if let relay = w.relay { done(.success(relay)) } else { done(.failure(.unavailable("shard \(destination) gave no relay answer"))) }
+                case .failure(let e):
+                    done(.failure(.unavailable("\(e)")))
+                }
+            })
+    }
+
+    /// This node's replica of `shard` started or stopped leading: the shard's relay runs on its leader.
+    func leadershipChanged(_ shard: ShardID, leads: Bool, tail: ShardTail) {
+        let old = relays.withLockedValue { $0.removeValue(forKey: shard) }
+        old?.stop()
+        guard leads, !stopping.withLockedValue({ $0 }) else { return }
+        let destinations = config.shardIDs.filter { $0 != shard }
+        guard !destinations.isEmpty else { return }
+        let runner = RelayRunner(source: shard, tail: tail, destinations: destinations, rule: FanoutRule()) { [weak self] d, h, ps, done in
+            guard let self else { return done(.failure(.stopped)) }
+            self.relayBatch(to: d, h, ps, done: done)
+        }
+        relays.withLockedValue { $0[shard] = runner }
+        runner.start()
+    }
+
+    /// The relays this node runs (one per shard it leads), with their lag per destination.
+    public var relayStatus: [(source: ShardID, lanes: [RelayRunner.LaneStatus])] {
+        relays.withLockedValue { rs in rs.keys.sorted { $0.rawValue < $1.rawValue }.compactMap { s in rs[s].map { (s, $0.status()) } } }
+    }
+
     static func keyedAnswer(_ r: Result<KeyedResult, ReplicationError>, me: NodeID) -> Envelope.ForwardAnswer {
         switch r {
         case .success(let k):
@@ -425,6 +505,19 @@ public final class WeftNode: Sendable {
         case .failure(let e):
             return answer(.failure(e), me: me) { (_: [RecordRef]) in [] }
         }
+    }
+
+    /// A fan-out record must name 1...1024 (shard, stream) destinations of this cluster, streams > 0.
+    func fanoutRefusal(_ proposals: [Proposal]) -> WriteError? {
+        for (k, p) in proposals.enumerated() where p.type == .fanout {
+            guard let (destinations, _) = FanoutRule.parse(p.payload) else {
+                return .invalid("record \(k): a fanout payload is u16 n (1...\(FanoutRule.destinationsMax)) | n × (u64 shard | u64 stream > 0) | body")
+            }
+            if let bad = destinations.first(where: { $0.shard.rawValue >= UInt64(config.shards) }) {
+                return .invalid("record \(k): fanout to shard \(bad.shard), shards are 0..<\(config.shards)")
+            }
+        }
+        return nil
     }
 
     /// Why an append is refused before anything is sent (nil: it may go).
@@ -457,6 +550,8 @@ public final class WeftNode: Sendable {
     public struct Written: Sendable, Equatable {
         public var refs: [RecordRef]
         public var replayed: Bool
+        /// A relay batch's answer (nil for other writes).
+        public var relay: RelayResult? = nil
     }
 
     /// `throughLeader` with the whole answer. `retryUnknown`: an answer that the outcome is unknown is
@@ -489,6 +584,9 @@ public final class WeftNode: Sendable {
                 done(.success(Written(refs: refs, replayed: false)))
             case .replayed(let refs):
                 done(.success(Written(refs: refs, replayed: true)))
+            case .relay(let kind, let mark):
+                let r: RelayResult = kind == 0 ? .written(mark: mark) : kind == 1 ? .alreadyApplied(mark: mark) : .stale(mark: mark)
+                done(.success(Written(refs: [], replayed: false, relay: r)))
             case .partial(let refs, let count):
                 let at = refs.map { "\($0.index)" }.joined(separator: ",")
                 done(.failure(.partiallyWritten("shard \(shard): a leader change cut the first attempt short: \(refs.count) of \(count) records were written (indexes \(at)); nothing more is written under this key")))
