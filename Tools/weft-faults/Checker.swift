@@ -10,6 +10,8 @@ struct Checker {
         var stream: UInt64
         var seq: UInt64
         var payload: String
+        /// The payload's bytes, kept for the system's binary records (types 4 and 5) only.
+        var bytes: [UInt8] = []
     }
 
     /// A burst batch that a node acknowledged: its `count` records are at `firstIndex + i`, stream seq
@@ -92,6 +94,7 @@ struct Checker {
             guard e.type == 1, let (batch, i) = BurstPayload.parse(payload) else {
                 var e = e
                 if e.payload.isEmpty && !payload.isEmpty { e.payload = String(decoding: payload, as: UTF8.self) }
+                if e.type == 4 || e.type == 5 { e.bytes = payload }
                 entries.append(e)
                 return
             }
@@ -201,10 +204,19 @@ struct Checker {
                     } else if e.type == 4 {
                         // A request key the node writes before a keyed request's records:
                         // u8 length | key | u32 count, the key a keyed writer's payload, one record each.
-                        let b = Array(e.payload.utf8)
+                        let b = e.bytes
                         let ok = b.count >= 6 && Int(b[0]) == b.count - 5 && b[1] == UInt8(ascii: "k") && Array(b.suffix(4)) == [1, 0, 0, 0]
                         if !ok { res.unexpected.append("node \(n) shard \(shard) index \(e.index): a request-key record no keyed writer sent") }
-                    } else if e.type == 0 || (5..<0x8000).contains(e.type) {
+                    } else if e.type == 5 {
+                        // A relay batch header the node writes (Docs/state.md, "Relays"): u64 source shard |
+                        // u64 first | u64 last | u32 n | n × u64; the workload writes no fan-out records, so
+                        // only the relays' empty batches (n = 0, another shard as source) may appear.
+                        let b = e.bytes
+                        let source = b.count == 28 ? b[0..<8].enumerated().reduce(UInt64(0)) { $0 | UInt64($1.element) << (8 * UInt64($1.offset)) } : UInt64.max
+                        if b.count != 28 || source >= UInt64(shards) || source == UInt64(shard) || Array(b[24..<28]) != [0, 0, 0, 0] {
+                            res.unexpected.append("node \(n) shard \(shard) index \(e.index): a relay batch header that is not an empty batch from another shard")
+                        }
+                    } else if e.type == 0 || (6..<0x8000).contains(e.type) {
                         res.hostile.append("node \(n) shard \(shard) index \(e.index): a record of reserved type \(e.type) is in the log")
                     } else if e.type >= 0x8000 {
                         res.unexpected.append("node \(n) shard \(shard) index \(e.index): a record of type \(e.type), which nothing wrote")

@@ -125,7 +125,18 @@ enum SelfCheck {
         func all(_ l: [Checker.Entry], accepted: [String] = []) -> Checker.Result {
             Checker.check(logs: [1: [0: l], 2: [0: l], 3: [0: l]], acked: acked, failed: [], indeterminate: [], shards: 1, hostileAccepted: accepted)
         }
+        // An empty relay batch header from shard 1 (`u64 1 | u64 first | u64 last | u32 0`), and a malformed one.
+        var header: [UInt8] = []
+        for v in [UInt64(1), 5, 9] { withUnsafeBytes(of: v.littleEndian) { header.append(contentsOf: $0) } }
+        header += [0, 0, 0, 0]
+        let relay = good + [Checker.Entry(index: 4, term: 1, type: 5, stream: 0, seq: 0, payload: String(decoding: header, as: UTF8.self))]
+        let badRelay = good + [Checker.Entry(index: 4, term: 1, type: 5, stream: 0, seq: 0, payload: "not a header")]
+        func two(_ l: [Checker.Entry]) -> Checker.Result {
+            Checker.check(logs: [1: [0: l, 1: []], 2: [0: l, 1: []], 3: [0: l, 1: []]], acked: acked, failed: [], indeterminate: [], shards: 2)
+        }
         return [
+            ("relay: an empty relay batch from another shard", two(relay), { $0.ok }),
+            ("relay: a malformed relay batch header", two(badRelay), { $0.unexpected.count == 3 }),
             ("hostile: marker of a data record in the logs", all(marked), { $0.hostile.count == 3 && !$0.ok }),
             ("hostile: marker on one replica only", Checker.check(logs: [1: [0: good], 2: [0: marked], 3: [0: good]], acked: acked, failed: [], indeterminate: [], shards: 1), { $0.hostile.count == 1 }),
             ("hostile: a record of a reserved type", all(reserved), { $0.hostile.count == 3 }),
