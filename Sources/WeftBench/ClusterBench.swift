@@ -318,6 +318,70 @@ public struct ClusterBench {
         return result
     }
 
+    /// Writes `records` records (batched over every shard), SIGKILLs one node, starts it again, and prints
+    /// how long it takes to answer again and to have applied, on every replica it holds, everything that
+    /// was committed before the kill (Docs/state.md: a restart loads the newest snapshot and replays only
+    /// the entries after it).
+    public mutating func runRestart(records: Int, batch: Int, print: @Sendable (String) -> Void) async throws {
+        try startAll()
+        defer { stopAll() }
+        try await waitForLeaders()
+        let shards = config.shards
+        print("weft bench restart: \(config.nodes.count) nodes, \(shards) shards, snapshot every \(config.storage.snapshotEveryRecords) entries; writing \(records) records in batches of \(batch)")
+        let clock = ContinuousClock()
+        let t0 = clock.now
+        let requests = max(1, records / batch)
+        let appender = self.appender
+        let nodes = config.nodes.map(\.id.rawValue)
+        let ok = await withTaskGroup(of: Int.self) { group in
+            for w in 0..<16 {
+                group.addTask {
+                    var n = 0
+                    var r = w
+                    while r < requests {
+                        if await appender.append(via: nodes[r % nodes.count], shard: r % shards, records: batch, seed: r) { n += 1 }
+                        r += 16
+                    }
+                    return n
+                }
+            }
+            var total = 0
+            for await n in group { total += n }
+            return total
+        }
+        print("wrote \(ok * batch) records in \(f2(seconds(clock.now - t0))) s")
+        let victim = nodes[nodes.count - 1]
+        // What the victim must reach: every shard's commit index before the kill, per its leader.
+        var target: [Int: UInt64] = [:]
+        for n in nodes {
+            for s in await statusShards(of: n) ?? [] {
+                if let id = s["id"] as? Int, let c = (s["commit_index"] as? NSNumber)?.uint64Value { target[id] = max(target[id] ?? 0, c) }
+            }
+        }
+        guard let p = processes[victim] else { throw BenchFailure(description: "node \(victim) is not running") }
+        kill(p.processIdentifier, SIGKILL)
+        p.waitUntilExit()
+        let t1 = clock.now
+        try start(victim)
+        var answered: Duration?
+        while clock.now - t1 < .seconds(120) {
+            if let shardsNow = await statusShards(of: victim) {
+                if answered == nil { answered = clock.now - t1 }
+                let behind = shardsNow.filter { s in
+                    guard let id = s["id"] as? Int, let a = (s["applied_index"] as? NSNumber)?.uint64Value else { return true }
+                    return a < (target[id] ?? 0)
+                }
+                if behind.isEmpty && !shardsNow.isEmpty {
+                    let dt = clock.now - t1
+                    print("node \(victim) restarted: answered after \(f3(seconds(answered ?? dt) * 1000)) ms, applied everything committed before the kill after \(f3(seconds(dt) * 1000)) ms (\(shardsNow.count) replicas, up to index \(target.values.max() ?? 0))")
+                    return
+                }
+            }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        throw BenchFailure(description: "node \(victim) had not caught up 120 s after its restart")
+    }
+
     /// Time from SIGKILL of shard 0's leader to the next acknowledged append through another node.
     public mutating func runFailover(rounds: Int, print: @Sendable (String) -> Void) async throws {
         try startAll()

@@ -79,7 +79,7 @@ struct StatusCmd: AsyncParsableCommand {
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Benchmarks. They print figures; record them in Docs/benchmarks.md.",
-        subcommands: [BenchStore.self, BenchLog.self, BenchFailover.self])
+        subcommands: [BenchStore.self, BenchLog.self, BenchFailover.self, BenchRestart.self])
 }
 
 struct BenchStore: ParsableCommand {
@@ -170,6 +170,30 @@ struct BenchLog: AsyncParsableCommand {
     func run() async throws {
         var bench = try ClusterBench(configPath: config, executable: URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path)
         try await bench.runLog(records: records, inflight: inflight, batch: batch, binary: !json, toLeader: toLeader, stream: stream, jsonOut: jsonOut) { print($0); fflush(nil) }
+    }
+}
+
+struct BenchRestart: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "restart",
+        abstract: "Start the cluster of a config file, write records, SIGKILL one node and restart it; print how long until it serves again.")
+
+    @Option(help: "Cluster configuration file (TOML); its nodes are started as child processes.")
+    var config: String
+
+    @Option(help: "How many records to write before the kill.")
+    var records: Int = 200_000
+
+    @Option(help: "Records per append request.")
+    var batch: Int = 1024
+
+    func validate() throws {
+        guard records > 0, batch > 0, batch <= 65_536 else { throw ValidationError("--records and --batch (<= 65536) must be positive") }
+    }
+
+    func run() async throws {
+        var bench = try ClusterBench(configPath: config, executable: URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path)
+        try await bench.runRestart(records: records, batch: batch) { print($0); fflush(nil) }
     }
 }
 
