@@ -50,15 +50,7 @@ extension ShardReplica {
             // The first attempt is in the log and not applied, or applied but its request not closed yet
             // (a leader change can close it early, at the next term's first entry): look again after the
             // next applied entry, until the window has it or it turned out to write nothing.
-            whenApplied(max(first.index, raft.applied + 1)) { [weak self] r in
-                switch r {
-                case .failure(let e): done(.failure(e))
-                case .success:
-                    guard let self else { return done(.failure(.stopped)) }
-                    self.proposeKeyed(key, proposals, deadline: deadline, done: done)
-                }
-            }
-            return
+            return again(after: first.index, failed: { done(.failure($0)) }) { $0.proposeKeyed(key, proposals, deadline: deadline, done: done) }
         }
         if let deadline, ContinuousClock.now >= deadline {
             return done(.failure(.unavailable("the request waited for an earlier attempt past its deadline; nothing was written")))
@@ -81,6 +73,19 @@ extension ShardReplica {
             }
         } catch {
             done(.failure(Self.map(error)))
+        }
+    }
+
+    /// Runs `retry` once `index` (and at least one more entry than now) is applied, or `failed` if the
+    /// replica stops first: a request that found an earlier attempt in the log looks again then.
+    func again(after index: LogIndex, failed: @escaping (ReplicationError) -> Void, _ retry: @escaping (ShardReplica) -> Void) {
+        whenApplied(max(index, raft.applied + 1)) { [weak self] r in
+            switch r {
+            case .failure(let e): failed(e)
+            case .success:
+                guard let self else { return failed(.stopped) }
+                retry(self)
+            }
         }
     }
 
@@ -140,15 +145,7 @@ extension ShardReplica {
             pendingRelays[source]?.end ?? relayMarks.openBatch.flatMap { $0.source == header.source ? raft.applied + 1 : nil }
         if let end = inLog {
             // An earlier batch of this source is in the log and not applied: decide once it is.
-            whenApplied(max(end, raft.applied + 1)) { [weak self] r in
-                switch r {
-                case .failure(let e): done(.failure(e))
-                case .success:
-                    guard let self else { return done(.failure(.stopped)) }
-                    self.proposeRelayBatch(header, proposals, deadline: deadline, done: done)
-                }
-            }
-            return
+            return again(after: end, failed: { done(.failure($0)) }) { $0.proposeRelayBatch(header, proposals, deadline: deadline, done: done) }
         }
         let mark = relayMarks.mark(of: header.source)
         if header.last <= mark { return done(.success(.alreadyApplied(mark: mark))) }

@@ -309,28 +309,12 @@ public final class WeftNode: Sendable {
         case .fileAck(let transfer, let name, let received, let ok):
             shipper.acknowledge(shard: shard, from: from, transfer: transfer, name: name, received: received, ok: ok)
         case .forwardKeyed(let request, let key, let proposals):
-            if let bad = proposals.first(where: { !$0.type.isClientWritable }) {
-                transport.send(
-                    to: from, shard: shard.rawValue,
-                    payload: Envelope.answer(request: request, .invalid("record type \(bad.type.rawValue) is reserved for the system")).encode())
-                return
-            }
-            guard let runner = runnerOrRefuse(shard, request: request, from: from) else { return }
-            let ps = proposals.map { Proposal(stream: $0.stream, type: $0.type, timestampMicros: $0.timestampMicros, payload: $0.payload) }
-            let reply = replier(to: from, shard: shard, request: request)
+            guard let (runner, ps, reply) = takeForwarded(proposals, request: request, from: from, shard: shard) else { return }
             let me = id
             // The forwarding node waits at most its own deadline (5 s by default) for the answer.
             runner.submit(.proposeKeyed(key, ps, deadline: ContinuousClock.now + .seconds(5)) { reply(Self.keyedAnswer($0, me: me)) })
         case .relayBatch(let request, let header, let proposals):
-            if let bad = proposals.first(where: { !$0.type.isClientWritable }) {
-                transport.send(
-                    to: from, shard: shard.rawValue,
-                    payload: Envelope.answer(request: request, .invalid("record type \(bad.type.rawValue) is reserved for the system")).encode())
-                return
-            }
-            guard let runner = runnerOrRefuse(shard, request: request, from: from) else { return }
-            let ps = proposals.map { Proposal(stream: $0.stream, type: $0.type, timestampMicros: $0.timestampMicros, payload: $0.payload) }
-            let reply = replier(to: from, shard: shard, request: request)
+            guard let (runner, ps, reply) = takeForwarded(proposals, request: request, from: from, shard: shard) else { return }
             let me = id
             runner.submit(.proposeRelayBatch(header, ps, deadline: ContinuousClock.now + .seconds(5)) { reply(Self.relayAnswer($0, me: me)) })
         case .readIndex(let request):
@@ -344,17 +328,7 @@ public final class WeftNode: Sendable {
             let me = id
             runner.submit(.configChange(change) { reply(Self.answer($0, me: me) { [RecordRef(index: $0, term: 0, stream: .none, seq: 0)] }) })
         case .forward(let request, let proposals):
-            // Forwarded appends are client writes: the same record types as at the API (a peer that
-            // passed a reserved type on would be a bug or an attack; refuse it here too).
-            if let bad = proposals.first(where: { !$0.type.isClientWritable }) {
-                transport.send(
-                    to: from, shard: shard.rawValue,
-                    payload: Envelope.answer(request: request, .invalid("record type \(bad.type.rawValue) is reserved for the system")).encode())
-                return
-            }
-            guard let runner = runnerOrRefuse(shard, request: request, from: from) else { return }
-            let ps = proposals.map { Proposal(stream: $0.stream, type: $0.type, timestampMicros: $0.timestampMicros, payload: $0.payload) }
-            let reply = replier(to: from, shard: shard, request: request)
+            guard let (runner, ps, reply) = takeForwarded(proposals, request: request, from: from, shard: shard) else { return }
             let me = id
             runner.submit(.propose(ps) { reply(Self.answer($0, me: me, Self.refs)) })
         case .answer(let request, let answer):
@@ -676,6 +650,23 @@ public final class WeftNode: Sendable {
     /// state machines reach their callers with the messaging layer.)
     static func refs(_ applied: [Applied]) -> [RecordRef] {
         applied.map { RecordRef(index: $0.record.index, term: $0.record.term, stream: $0.record.stream, seq: $0.record.seq) }
+    }
+
+    /// A forwarded write's records, the local replica that takes them and the way to answer; nil after
+    /// answering the peer itself. Forwarded records are client writes: the same record types as at the
+    /// API (a peer that passed a reserved type on would be a bug or an attack: refused here too).
+    func takeForwarded(
+        _ proposals: [Envelope.ForwardedProposal], request: Envelope.RequestID, from: NodeID, shard: ShardID
+    ) -> (ShardRunner, [Proposal], @Sendable (Envelope.ForwardAnswer) -> Void)? {
+        if let bad = proposals.first(where: { !$0.type.isClientWritable }) {
+            transport.send(
+                to: from, shard: shard.rawValue,
+                payload: Envelope.answer(request: request, .invalid("record type \(bad.type.rawValue) is reserved for the system")).encode())
+            return nil
+        }
+        guard let runner = runnerOrRefuse(shard, request: request, from: from) else { return nil }
+        let ps = proposals.map { Proposal(stream: $0.stream, type: $0.type, timestampMicros: $0.timestampMicros, payload: $0.payload) }
+        return (runner, ps, replier(to: from, shard: shard, request: request))
     }
 
     /// The local replica of `shard`, or nil after telling the asking peer this node has none.
