@@ -266,6 +266,11 @@ enum Envelope: Equatable {
     }
 
 
+    /// Proposals as a forward carries them.
+    static func forwarded(_ proposals: [Proposal]) -> [ForwardedProposal] {
+        proposals.map { ForwardedProposal(stream: $0.stream, type: $0.type, timestampMicros: $0.timestampMicros, payload: $0.payload) }
+    }
+
     static func putProposals(_ ps: [ForwardedProposal], _ b: inout [UInt8]) {
         put(UInt32(ps.count), &b)
         for p in ps {

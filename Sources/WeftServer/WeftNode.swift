@@ -361,9 +361,7 @@ public final class WeftNode: Sendable {
             envelope: {
                 Envelope.forward(
                     request: Envelope.RequestID(incarnation: 0, sequence: 0),
-                    proposals: proposals.map {
-                        Envelope.ForwardedProposal(stream: $0.stream, type: $0.type, timestampMicros: $0.timestampMicros, payload: $0.payload)
-                    })
+                    proposals: Envelope.forwarded(proposals))
             },
             local: { runner, deadline, finish in
                 Self.untilDeadline(deadline, late: .outcomeUnknown("proposed on node \(me), not committed before the deadline"), finish) { finish in
@@ -393,9 +391,7 @@ public final class WeftNode: Sendable {
             envelope: {
                 Envelope.forwardKeyed(
                     request: Envelope.RequestID(incarnation: 0, sequence: 0), key: key,
-                    proposals: proposals.map {
-                        Envelope.ForwardedProposal(stream: $0.stream, type: $0.type, timestampMicros: $0.timestampMicros, payload: $0.payload)
-                    })
+                    proposals: Envelope.forwarded(proposals))
             },
             local: { runner, deadline, finish in
                 Self.untilDeadline(deadline, late: .outcomeUnknown("proposed on node \(me), not committed before the deadline"), finish) { finish in
@@ -431,9 +427,7 @@ public final class WeftNode: Sendable {
             envelope: {
                 .relayBatch(
                     request: Envelope.RequestID(incarnation: 0, sequence: 0), header: header,
-                    proposals: proposals.map {
-                        Envelope.ForwardedProposal(stream: $0.stream, type: $0.type, timestampMicros: $0.timestampMicros, payload: $0.payload)
-                    })
+                    proposals: Envelope.forwarded(proposals))
             },
             local: { runner, deadline, finish in
                 Self.untilDeadline(deadline, late: .outcomeUnknown("relay batch on node \(me), not committed before the deadline"), finish) { finish in
