@@ -128,6 +128,8 @@ public struct StorageConfig: Sendable, Equatable {
     /// `storage.snapshot_every_records`: a replica writes a snapshot of its state once this many entries
     /// were applied since the last one (Docs/state.md); 1...1e9 (default 100 000).
     public let snapshotEveryRecords: UInt64
+    /// `storage.retention`: what each shard keeps of its log (Docs/state.md, "Retention"); off by default.
+    public let retention: Retention
 
     public static let defaultDataDir = "data"
     public static let defaultSegmentBytes: UInt64 = 64 << 20
@@ -135,12 +137,77 @@ public struct StorageConfig: Sendable, Equatable {
     public static let defaultSnapshotEveryRecords: UInt64 = 100_000
     public static let snapshotEveryRecordsRange: ClosedRange<UInt64> = 1...1_000_000_000
 
-    public init(dataDir: String, fsync: FsyncPolicy, segmentBytes: UInt64, snapshotEveryRecords: UInt64 = defaultSnapshotEveryRecords) {
+    public init(
+        dataDir: String, fsync: FsyncPolicy, segmentBytes: UInt64, snapshotEveryRecords: UInt64 = defaultSnapshotEveryRecords,
+        retention: Retention = .off
+    ) {
+        self.retention = retention
         self.dataDir = dataDir
         self.fsync = fsync
         self.segmentBytes = segmentBytes
         self.snapshotEveryRecords = snapshotEveryRecords
     }
+}
+
+/// `storage.retention`: `"off"` (the default: chat history is the log), or a comma-separated list of
+/// limits, each a size (`"10GiB"`: keep at most that much segment data per shard replica; KiB, MiB, GiB,
+/// TiB) or an age (`"30d"`, `"12h"`: drop segments whose newest record is older). Whole sealed segments
+/// go, never past a snapshot, relay or tail that still needs them.
+public struct Retention: Equatable, Sendable, CustomStringConvertible {
+    public var bytesMax: UInt64?
+    public var ageSecondsMax: UInt64?
+    public init(bytesMax: UInt64? = nil, ageSecondsMax: UInt64? = nil) {
+        self.bytesMax = bytesMax
+        self.ageSecondsMax = ageSecondsMax
+    }
+    public static let off = Retention()
+    public var isOff: Bool { bytesMax == nil && ageSecondsMax == nil }
+    /// Ages below this are refused (an hour, the smallest unit).
+    public static let ageSecondsMin: UInt64 = 3600
+    public var description: String {
+        var parts: [String] = []
+        if let b = bytesMax { parts.append("\(b) bytes") }
+        if let a = ageSecondsMax { parts.append("\(a) s") }
+        return parts.isEmpty ? "off" : parts.joined(separator: ", ")
+    }
+
+    /// Parses the key's text; nil with a reason on anything else.
+    public static func parse(_ text: String, segmentBytes: UInt64) -> Result<Retention, RetentionSyntaxError> {
+        if text == "off" { return .success(.off) }
+        var r = Retention()
+        for item in text.split(separator: ",", omittingEmptySubsequences: false) {
+            let t = item.trimmingCharacters(in: .whitespaces)
+            let digits = t.prefix { $0.isASCII && $0.isNumber }
+            let unit = t.dropFirst(digits.count)
+            guard (1...15).contains(digits.count), let n = UInt64(digits), n > 0 else {
+                return .failure(RetentionSyntaxError(message: "\"\(t.prefix(32))\" is not a size (10GiB) or an age (30d, 12h)"))
+            }
+            let sizes: [Substring: UInt64] = ["KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40]
+            let ages: [Substring: UInt64] = ["h": 3600, "d": 86400]
+            if let m = sizes[unit] {
+                guard r.bytesMax == nil else { return .failure(RetentionSyntaxError(message: "two sizes given")) }
+                let (v, over) = n.multipliedReportingOverflow(by: m)
+                guard !over, v >= segmentBytes else {
+                    return .failure(RetentionSyntaxError(message: "\(t) is below one segment (segment_bytes = \(segmentBytes))"))
+                }
+                r.bytesMax = v
+            } else if let m = ages[unit] {
+                guard r.ageSecondsMax == nil else { return .failure(RetentionSyntaxError(message: "two ages given")) }
+                let (v, over) = n.multipliedReportingOverflow(by: m)
+                guard !over, v >= ageSecondsMin, v <= UInt64(Int64.max / 1_000_000) else {
+                    return .failure(RetentionSyntaxError(message: "\(t) is out of range"))
+                }
+                r.ageSecondsMax = v
+            } else {
+                return .failure(RetentionSyntaxError(message: "\"\(t.prefix(32))\": unknown unit (KiB, MiB, GiB, TiB, h, d)"))
+            }
+        }
+        return .success(r)
+    }
+}
+
+public struct RetentionSyntaxError: Error, Equatable, Sendable {
+    public var message: String
 }
 
 /// `storage.fsync`: when appended log data is made durable (Docs/storage.md, "When Weft fsyncs").

@@ -12,7 +12,7 @@ struct ConfigParser {
     static let rootKeys = ["cluster", "storage", "raft", "api", "nodes"]
     static let clusterKeys = ["name", "shards", "replication", "secret", "founders"]
     static let apiKeys = ["operator_token"]
-    static let storageKeys = ["data_dir", "fsync", "segment_bytes", "snapshot_every_records"]
+    static let storageKeys = ["data_dir", "fsync", "segment_bytes", "snapshot_every_records", "retention"]
     static let raftKeys = ["election_timeout_min_ms", "election_timeout_max_ms", "heartbeat_interval_ms", "driver_threads"]
     static let nodeKeys = ["id", "peer_addr", "api_addr"]
 
@@ -148,7 +148,14 @@ struct ConfigParser {
             }
             snapshotEvery = UInt64(value)
         }
-        return StorageConfig(dataDir: dataDir, fsync: fsync, segmentBytes: segmentBytes, snapshotEveryRecords: snapshotEvery)
+        var retention = Retention.off
+        if let text = try storage?.string("retention") {
+            switch Retention.parse(text, segmentBytes: segmentBytes) {
+            case .success(let r): retention = r
+            case .failure(let e): throw ConfigError(file: file, keyPath: "\(keyPath).retention", message: e.message)
+            }
+        }
+        return StorageConfig(dataDir: dataDir, fsync: fsync, segmentBytes: segmentBytes, snapshotEveryRecords: snapshotEvery, retention: retention)
     }
 
     /// `every_batch`, `never`, or `every_n_batches:N` with N decimal digits, N >= 1.

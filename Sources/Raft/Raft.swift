@@ -566,7 +566,16 @@ public struct Raft {
             // proven by log matching); match rises only to an index whose term agrees with this log.
             // Rejected (the files did not all arrive, or did not fit): probe again, which may lead to
             // another catch-up.
-            if !m.reject, m.index <= lastIndex, m.index > 0, termAt(m.index) == m.logTerm { _ = pr.maybeUpdate(m.index) }
+            var raised = false
+            if !m.reject, m.index <= lastIndex, m.index > 0, termAt(m.index) == m.logTerm { raised = pr.maybeUpdate(m.index) }
+            if raised {
+                // A match raised by a catch-up counts toward the commit index like an append's answer
+                // (otherwise an idle shard whose quorum was reached this way would not commit).
+                progress[m.from] = pr
+                if maybeCommit() { broadcastAppend() }
+                guard let again = progress[m.from] else { return }
+                pr = again
+            }
             // Only the answer to the transfer under way ends it; a late answer to an abandoned one must
             // not disturb the follower's state.
             guard pr.state == .snapshot, m.context == pr.transfer else {
@@ -735,12 +744,17 @@ public struct Raft {
         case .snapshot:
             electionElapsed = 0
             leader = m.from
-            if m.index <= lastIndex {
-                // Nothing to install: either log matching already proves this log holds the leader's prefix
-                // up to `m.index`, or this log is longer and differs there (the leader's probes find where).
-                let matches = termAt(m.index) == m.logTerm
-                respondToCatchUp(to: m.from, transfer: m.context, index: matches ? m.index : lastIndex, logTerm: matches ? m.logTerm : 0, ok: matches)
+            if m.index <= lastIndex, termAt(m.index) == m.logTerm {
+                // Nothing to install: log matching proves this log holds the leader's prefix up to `m.index`.
+                respondToCatchUp(to: m.from, transfer: m.context, index: m.index, logTerm: m.logTerm, ok: true)
+            } else if m.index <= commit {
+                // Committed here, so the same in the leader's log (whose term there the message did not
+                // carry): this log holds the prefix up to the commit index.
+                respondToCatchUp(to: m.from, transfer: m.context, index: commit, logTerm: termAt(commit) ?? 0, ok: true)
             } else {
+                // Behind, or longer and different there: the entries that differ are above the commit
+                // index (committed entries are in every leader's log), so the leader's files replace them
+                // (the leader cannot send them one by one if retention dropped its log's start).
                 pendingInstall = InstallRequest(from: m.from, term: term, index: m.index, logTerm: m.logTerm, transfer: m.context)
             }
         default:
@@ -806,7 +820,10 @@ public struct Raft {
             send(r)
             return
         }
-        if let t = termAt(m.index), t == m.logTerm {
+        // Committed entries are the same in every leader's log: the entry right before this log's first
+        // (retention dropped it after applying it) matches whatever its term, if it is committed here.
+        let dropped = m.index > 0 && m.index + 1 == log.firstIndex && m.index <= commit
+        if dropped || termAt(m.index) == m.logTerm {
             let lastNew = m.index + UInt64(m.entries.count)
             if let conflict = m.entries.firstIndex(where: { termAt($0.index) != $0.term }) {
                 precondition(m.entries[conflict].index > commit, "conflict at \(m.entries[conflict].index) at or below commit \(commit)")
@@ -879,13 +896,12 @@ public struct Raft {
     /// Collects what the driver must do. Messages, read states and dropped proposals are handed over
     /// (not repeated); entries and hard state stay until `advance`.
     public mutating func ready() -> Ready {
-        if let p = pendingInstall, lastIndex >= p.index {
+        if let p = pendingInstall, lastIndex >= p.index, termAt(p.index) == p.logTerm {
             // Appends stepped after the snapshot message (same leader, same term) already brought the
             // log to the catch-up's index: installing files that end there would cut entries this node
             // is about to acknowledge. Answer by log matching instead.
-            let matches = termAt(p.index) == p.logTerm
             pendingInstall = nil
-            respondToCatchUp(to: p.from, transfer: p.transfer, index: matches ? p.index : lastIndex, logTerm: matches ? p.logTerm : 0, ok: matches)
+            respondToCatchUp(to: p.from, transfer: p.transfer, index: p.index, logTerm: p.logTerm, ok: true)
         }
         var rd = Ready()
         let hs = HardState(term: term, vote: vote, commit: commit)

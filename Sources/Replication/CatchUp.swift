@@ -29,17 +29,42 @@ extension ShardReplica {
     /// The staging directory's record of which transfer its files belong to.
     var stagingTransferPath: String { stagingDirectory + "/transfer" }
 
-    /// File names a catch-up may carry: segment and index files and the stream high-water file, no paths.
+    /// File names a catch-up may carry: segment and index files, the stream high-water file and a
+    /// snapshot file, no paths.
     static func isShippable(_ name: String) -> Bool {
         !name.isEmpty && name.utf8.count <= 255 && name != "transfer" && name != ".." && name != "."
-            && SegmentStore.isCatchUpFile(name)
+            && (SegmentStore.isCatchUpFile(name) || SnapshotFiles.index(ofName: name) != nil)
     }
 
     /// Leader: hands the sealed files and the `snapshot` message to the shipper.
     /// With nothing sealed, the file list is empty and the message goes alone: the follower answers
     /// from its own log (log matching) or rejects, and the leader probes.
+    ///
+    /// When retention dropped the log's start, the follower cannot rebuild its state from the files: a
+    /// snapshot goes with them, at or after the entry before the first file, and the files must reach it
+    /// (the active segment is sealed first when the snapshot is newer than every sealed one). The
+    /// message then names the end of the files, which the follower installs up to.
     func beginCatchUp(_ m: Message) {
-        startCatchUp(m.to, m.context, store.sealedFiles(), m)
+        guard store.firstIndex > 1 else { return startCatchUp(m.to, m.context, store.sealedFiles(), m) }
+        var m = m
+        let from = store.firstIndex - 1
+        let all = ((try? snapshots.indexes()) ?? []).filter { $0 >= from && $0 <= raft.applied }
+        guard let snap = all.first(where: { $0 <= store.sealedLastIndex }) ?? all.first else {
+            record("catch-up of node \(m.to): no snapshot reaches back to index \(from), where this log now starts; trying again later")
+            return raft.reportCatchUp(to: m.to, transfer: m.context, failed: true)
+        }
+        if snap > store.sealedLastIndex {
+            do {
+                try store.sealActive()
+            } catch {
+                record("catch-up of node \(m.to): could not seal the active segment: \(error)")
+                return raft.reportCatchUp(to: m.to, transfer: m.context, failed: true)
+            }
+        }
+        m.index = store.sealedLastIndex
+        m.logTerm = (try? store.term(at: m.index)) ?? 0
+        let name = SnapshotFiles.name(snap)
+        startCatchUp(m.to, m.context, store.sealedFiles() + [(name, snapshots.directory + "/" + name)], m)
     }
 
     /// Leader: the shipper's news about a transfer to `to`.
@@ -121,23 +146,61 @@ extension ShardReplica {
     /// Replaces this replica's log with the staged files of `request.transfer`, which must hold the
     /// leader's log up to `request.index` with term `request.logTerm` there: opened as a store of their
     /// own first (full recovery, every block checked), synced, then renamed into place; term, vote and
-    /// group are kept. Raft asks only when this log ends below `request.index`, so the leader's copy of
-    /// every entry this replica holds replaces it.
+    /// group are kept. Raft asks only when this log ends below `request.index` or differs there (so the
+    /// entries it holds past its commit index are not committed), and the leader's copy replaces them.
     func installStaged(_ request: InstallRequest) throws {
         let disk = store.fileSystem
         guard currentTransfer == request.transfer, disk.exists(stagingTransferPath) else {
             throw StoreError.invalidBatch("no files of transfer \(request.transfer) are staged")
         }
-        // Raft asks only while this log ends below the index; never replace entries past it.
-        guard store.lastIndex < request.index else {
-            throw StoreError.invalidBatch("the log already reaches \(store.lastIndex), the catch-up ends at \(request.index)")
+        // Raft asks while this log ends below the index, or differs from the leader's there (then every
+        // entry from the difference on is above the commit index: not committed, replaceable). Never
+        // replace a log that already holds the leader's entry there, nor committed entries.
+        if store.lastIndex >= request.index, (try? store.term(at: request.index)) == request.logTerm {
+            throw StoreError.invalidBatch("the log already holds entry \(request.index) of term \(request.logTerm)")
+        }
+        guard request.index > raft.commit else {
+            throw StoreError.invalidBatch("the catch-up ends at \(request.index), at or below this replica's commit index \(raft.commit)")
         }
         let staged = try SegmentStore(directory: stagingDirectory, options: store.options, disk: disk)
         // Every block of the shipped files is checked before they replace anything.
         while !staged.scrub(maxBytes: 64 << 20) {}
         let stagedLast = staged.lastIndex
+        let stagedFirst = staged.firstIndex
         let stagedDamage = staged.damagedFrom
         let stagedTerm = try? staged.term(at: request.index)
+        // A shipped snapshot (the leader's log no longer starts at 1): checked whole, inside the files or
+        // right before them, of the files' term at its index, and readable by the state machine.
+        let snapshotNames = try disk.list(stagingDirectory).filter { SnapshotFiles.index(ofName: $0) != nil }.sorted()
+        var shipped: StateSnapshot?
+        if let name = snapshotNames.last {
+            let f = try disk.open(stagingDirectory + "/" + name, create: false)
+            let bytes = try f.read(at: 0, count: Int(try f.size()))
+            f.close()
+            let s: StateSnapshot
+            do {
+                s = try StateSnapshot.decode(bytes)
+            } catch {
+                staged.close()
+                throw StoreError.invalidBatch("shipped snapshot \(name) \(error)")
+            }
+            let termThere = s.index >= stagedFirst ? try? staged.term(at: s.index) : s.term
+            guard s.index <= request.index, s.index + 1 >= stagedFirst, termThere == s.term, SnapshotFiles.index(ofName: name) == s.index else {
+                staged.close()
+                throw StoreError.invalidBatch("shipped snapshot at \(s.index) (term \(s.term)) does not fit files \(stagedFirst)...\(request.index)")
+            }
+            do {
+                _ = try machineType.init(snapshot: s.state)
+            } catch {
+                staged.close()
+                throw StoreError.invalidBatch("shipped snapshot at \(s.index): the state machine cannot read it: \(error)")
+            }
+            shipped = s
+        }
+        if stagedFirst > 1 && shipped == nil {
+            staged.close()
+            throw StoreError.invalidBatch("shipped files start at \(stagedFirst) and no snapshot came with them")
+        }
         if stagedDamage == nil, stagedLast > request.index, stagedTerm == request.logTerm {
             // Files read after the sender's log changed (it stepped down and a segment was cut and
             // rewritten) may hold more than the message vouches for: keep exactly the prefix it names.
@@ -160,12 +223,19 @@ extension ShardReplica {
         }
         let dir = store.directory
         let options = store.options
+        // A snapshot still being written from the old state finishes first (its files are not shared).
+        if !snapshotJob.waitIdle(until: Date(timeIntervalSinceNow: 10)) { log("a snapshot was still being written at catch-up install") }
+        _ = snapshotJob.take()
         do {
             failAll(.outcomeUnknown("replica \(id) of shard \(shard) replaced its log with the leader's files"))
             store.close()
             try SegmentStore.removeLog(in: dir, disk: disk)
             for n in names { try disk.rename(stagingDirectory + "/" + n, to: dir + "/" + n) }
             try disk.syncDirectory(dir)
+            if let s = shipped, let name = snapshotNames.last {
+                // The old snapshots describe the replaced log: only the shipped one is kept.
+                try snapshots.adopt(stagingDirectory + "/" + name, index: s.index)
+            }
             store = try SegmentStore(directory: dir, options: options, disk: disk, log: log)
             // The shipped log is verified and in place: its fence describes it.
             try store.acceptFindings()
@@ -179,8 +249,7 @@ extension ShardReplica {
         // Applied starts again from 0 over the new log: so does the state, from the newest snapshot that
         // matches the new log (log matching: same index and term, same history), else from empty.
         resetState()
-        // A snapshot still being written from the old state finishes first (its files are not shared).
-        if !snapshotJob.waitIdle(until: Date(timeIntervalSinceNow: 10)) { log("a snapshot was still being written at catch-up install") }
+        lastSnapshotIndex = 0
         do {
             try restoreFromSnapshot(context: "after catch-up \(request.transfer)")
         } catch {

@@ -21,8 +21,9 @@ public protocol RelayRule: Sendable {
 ///
 /// Exactly-once comes from the destination (`RelayMarks`): a lane may resend anything (after a failure,
 /// a restart, a new leader of the source, two leaders' relays at once); the destination writes each range
-/// once and answers with its mark, from which the lane continues. A lane starts at source index 1 and
-/// jumps to the mark with the first answer. A slow or unavailable destination holds back only its own
+/// once and answers with its mark, from which the lane continues. A lane starts at `startAt` (the
+/// source's applied retention mark + 1: every destination's mark had reached it when it was decided,
+/// and marks never go back) and jumps to the mark with the first answer. A slow or unavailable destination holds back only its own
 /// lane: the source's writes never wait for a relay.
 ///
 /// `@unchecked Sendable`: the lanes are guarded by `condition`; subscriptions are used only by the
@@ -86,7 +87,8 @@ public final class RelayRunner: @unchecked Sendable {
 
     public init(
         source: ShardID, tail: ShardTail, destinations: [ShardID], rule: any RelayRule, batchSourceRecordsMax: Int = 1000,
-        emptyRangeMax: LogIndex = 4096, retryPause: Duration = .milliseconds(100), coalesce: Duration = .milliseconds(2), send: @escaping Send
+        emptyRangeMax: LogIndex = 4096, retryPause: Duration = .milliseconds(100), coalesce: Duration = .milliseconds(2), startAt: LogIndex = 1,
+        send: @escaping Send
     ) {
         self.coalesce = coalesce
         self.source = source
@@ -96,7 +98,8 @@ public final class RelayRunner: @unchecked Sendable {
         self.batchSourceRecordsMax = max(1, batchSourceRecordsMax)
         self.emptyRangeMax = max(1, emptyRangeMax)
         self.retryPause = retryPause
-        for d in destinations where d != source { lanes[d] = Lane() }
+        let start = max(1, startAt)
+        for d in destinations where d != source { lanes[d] = Lane(cursor: start, mark: start - 1) }
     }
 
     public func start() {
@@ -116,6 +119,14 @@ public final class RelayRunner: @unchecked Sendable {
         running = false
         condition.broadcast()
         condition.unlock()
+    }
+
+    /// The lowest destination mark: every source record up to it has been relayed to every destination
+    /// (retention may drop the source's entries up to it). Nil without lanes.
+    public func lowestMark() -> LogIndex? {
+        condition.lock()
+        defer { condition.unlock() }
+        return lanes.values.map(\.mark).min()
     }
 
     public func status() -> [LaneStatus] {

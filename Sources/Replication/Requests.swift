@@ -34,7 +34,7 @@ extension ShardReplica {
         guard proposals.count <= RequestWindow.keyedRecordsMax else {
             return done(.failure(.invalid("a keyed request has at most \(RequestWindow.keyedRecordsMax) records")))
         }
-        if let bad = proposals.first(where: { $0.type == .config || $0.type == .noop || $0.type == .requestKey || $0.type == .relayBatch }) {
+        if let bad = proposals.first(where: { $0.type == .config || $0.type == .noop || ShardReplica.isReplicaType($0.type) }) {
             return done(.failure(.invalid("record type \(bad.type.rawValue) is reserved for the system")))
         }
         guard raft.role == .leader else { return done(.failure(.notLeader(raft.leader))) }

@@ -143,6 +143,8 @@ public struct ReplicaStats: Sendable, Equatable, Codable {
     public var messagesReceived: UInt64 = 0
     /// Committed entries handed to apply.
     public var recordsCommitted: UInt64 = 0
+    /// Segments retention dropped.
+    public var segmentsDropped: UInt64 = 0
 
     public init() {}
 }
@@ -213,6 +215,7 @@ struct SnapshotJob: @unchecked Sendable {
     let seqs: BucketedMap<UInt64, UInt64>
     let requests: RequestWindow
     let relays: RelayMarks
+    let retainThrough: LogIndex
     let status: SnapshotJobState
 
     func run() {
@@ -222,7 +225,7 @@ struct SnapshotJob: @unchecked Sendable {
         streams.sort { $0.stream.rawValue < $1.stream.rawValue }
         let snap = StateSnapshot(
             index: index, term: term, membership: membership, membershipIndex: membershipIndex, streamSeqs: streams, state: state.snapshot(),
-            requests: requests.encode(), relays: relays.encode())
+            requests: requests.encode(), relays: relays.encode(), retainThrough: retainThrough)
         do {
             try files.write(index: index, bytes: snap.encode())
             status.end(index, nil)
@@ -306,6 +309,20 @@ public final class ShardReplica {
     var pendingRelays: [UInt64: (last: LogIndex, end: LogIndex)] = [:]
     /// Term of the entry at `raft.applied`.
     var appliedTerm: Term = 0
+    /// The highest index the applied `retain` records let replicas drop (Retention.swift); replicated
+    /// state, carried by snapshots.
+    public internal(set) var retainThrough: LogIndex = 0
+    /// What the leader's retention keeps (Docs/state.md, "Retention"); off by default.
+    public var retention = RetentionPolicy.off
+    /// The lowest relay mark of this shard's relays as the node running them knows it (nil: no relay
+    /// runs here for this shard; 0: not known yet). Set by the node; read on the shard thread.
+    public var relayFloor: () -> LogIndex? = { nil }
+    /// Whether this shard's records feed relays at all (the node runs them on the leader): then the
+    /// leader's retention waits for `relayFloor`.
+    public var hasRelays = false
+    /// Ticks between two retention checks.
+    public var retentionCheckTicks = 200
+    var ticksSinceRetention = 0
     /// Snapshot files of this replica.
     let snapshots: SnapshotFiles
     /// A snapshot is written once this many entries were applied since the last one.
@@ -314,7 +331,7 @@ public final class ShardReplica {
     /// the driver's turn (tests on a simulated disk, which is not thread-safe).
     public var snapshotsInBackground = false
     /// Index of the newest snapshot on disk (0: none).
-    public private(set) var lastSnapshotIndex: LogIndex = 0
+    public internal(set) var lastSnapshotIndex: LogIndex = 0
     let snapshotJob = SnapshotJobState()
     static let snapshotQueue = DispatchQueue(label: "weft-snapshots", qos: .utility)
     /// The clock the leader stamps proposals with (microseconds since the epoch); tests set their own.
@@ -487,6 +504,13 @@ public final class ShardReplica {
         // Files staged for a catch-up before a restart belong to a transfer this replica no longer knows.
         try clearStaging()
         try restoreFromSnapshot()
+        if store.firstIndex > 1 && raft.applied + 1 < store.firstIndex {
+            // Retention dropped the log's start and no snapshot reaches it: the state cannot be rebuilt
+            // here. Never guess: empty the log and take the leader's files and snapshot.
+            record("no usable snapshot reaches back to index \(store.firstIndex - 1), where the log starts")
+            raft.beginRecovery()
+            try enterRecovery(cutFrom: store.firstIndex)
+        }
         if store.lastIndex >= store.firstIndex, let last = try? store.read(from: store.lastIndex, to: store.lastIndex, limit: 1).last {
             lastStampMicros = last.timestampMicros
         }
@@ -502,6 +526,7 @@ public final class ShardReplica {
         pendingKeysTerm = 0
         appliedSeqs = BucketedMap()
         appliedTerm = 0
+        retainThrough = 0
     }
 
     /// Loads the newest usable snapshot (its entry is in this log with the same term, and the state
@@ -513,9 +538,12 @@ public final class ShardReplica {
         var window = RequestWindow()
         var marks = RelayMarks()
         let lastIndex = store.lastIndex
+        let firstIndex = store.firstIndex
         let snap = snapshots.newest(
             usable: { s in
                 guard s.index <= lastIndex else { return "it is past the end of the log (\(lastIndex))" }
+                // Retention dropped the entries after it: the log cannot bring it up to date.
+                guard s.index + 1 >= firstIndex else { return "the log starts at \(firstIndex), after the entries that follow it" }
                 if s.index >= store.firstIndex {
                     guard let t = try? store.term(at: s.index), t == s.term else {
                         return "the log's entry \(s.index) is not of term \(s.term)"
@@ -548,6 +576,7 @@ public final class ShardReplica {
         appliedSeqs = BucketedMap()
         for s in snap.streamSeqs { appliedSeqs[s.stream.rawValue] = s.seq }
         appliedTerm = snap.term
+        retainThrough = snap.retainThrough
         lastSnapshotIndex = snap.index
         tail.startAt(snap.index)
         // The snapshot's index is committed (only applied state is written): commit starts at least there.
@@ -660,7 +689,14 @@ public final class ShardReplica {
 
     public var isRecovering: Bool { raft.recovering }
 
-    public func tick() { raft.tick() }
+    public func tick() {
+        raft.tick()
+        ticksSinceRetention += 1
+        if ticksSinceRetention >= retentionCheckTicks {
+            ticksSinceRetention = 0
+            retentionCheck()
+        }
+    }
 
     public func step(_ m: Message) {
         stats.messagesReceived += 1
@@ -676,7 +712,7 @@ public final class ShardReplica {
 
     /// Proposes records; `done` gets each one's record and apply outcome once all committed and applied.
     public func proposeApplied(_ proposals: [Proposal], done: @escaping (Result<[Applied], ReplicationError>) -> Void) {
-        if let bad = proposals.first(where: { $0.type == .requestKey || $0.type == .relayBatch }) {
+        if let bad = proposals.first(where: { Self.isReplicaType($0.type) }) {
             return done(.failure(.invalid("record type \(bad.type.rawValue) is reserved for the system")))
         }
         stats.requests += 1
@@ -708,7 +744,7 @@ public final class ShardReplica {
         // A request Raft would refuse fails alone, before the group is formed.
         var requests = group
         requests.removeAll { r in
-            guard let bad = r.proposals.first(where: { $0.type == .config || $0.type == .noop || $0.type == .requestKey || $0.type == .relayBatch })
+            guard let bad = r.proposals.first(where: { $0.type == .config || $0.type == .noop || ShardReplica.isReplicaType($0.type) })
             else { return false }
             r.done(.failure(.invalid("record type \(bad.type.rawValue) is reserved for the system")))
             return true
@@ -858,6 +894,7 @@ public final class ShardReplica {
                     if e.stream != .none { appliedSeqs[e.stream.rawValue] = e.seq }
                     requests.apply(e, outcome: outcomes[k])
                     relayMarks.apply(e)
+                    if e.type == .retain, let through = Self.retainedThrough(e.payload) { retainThrough = max(retainThrough, through) }
                     if !pendingRelays.isEmpty, let done = pendingRelays.first(where: { $0.value.end <= e.index })?.key {
                         pendingRelays[done] = nil
                     }
@@ -986,7 +1023,8 @@ public final class ShardReplica {
         guard raft.applied >= lastSnapshotIndex + snapshotEveryRecords, raft.applied > 0, snapshotJob.begin() else { return }
         let job = SnapshotJob(
             files: snapshots, state: machine, index: raft.applied, term: appliedTerm, membership: raft.membership,
-            membershipIndex: raft.membershipIndex, seqs: appliedSeqs, requests: requests, relays: relayMarks, status: snapshotJob)
+            membershipIndex: raft.membershipIndex, seqs: appliedSeqs, requests: requests, relays: relayMarks, retainThrough: retainThrough,
+            status: snapshotJob)
         if snapshotsInBackground {
             Self.snapshotQueue.async { job.run() }
         } else {

@@ -11,6 +11,8 @@ public struct StateSnapshot: Equatable, Sendable {
     /// The group as applied at `index`, and the index of the configuration entry it came from.
     public var membership: Membership
     public var membershipIndex: LogIndex
+    /// The highest index the shard's applied `retain` records allow replicas to drop (0: none).
+    public var retainThrough: LogIndex
     /// Every stream's highest seq applied up to `index`, sorted by stream.
     public var streamSeqs: [(stream: StreamID, seq: StreamSeq)]
     /// The state machine's bytes (`ShardStateMachine.snapshot()`).
@@ -22,8 +24,9 @@ public struct StateSnapshot: Equatable, Sendable {
 
     public init(
         index: LogIndex, term: Term, membership: Membership, membershipIndex: LogIndex, streamSeqs: [(stream: StreamID, seq: StreamSeq)],
-        state: [UInt8], requests: [UInt8] = [], relays: [UInt8] = []
+        state: [UInt8], requests: [UInt8] = [], relays: [UInt8] = [], retainThrough: LogIndex = 0
     ) {
+        self.retainThrough = retainThrough
         self.requests = requests
         self.relays = relays
         self.index = index
@@ -36,12 +39,12 @@ public struct StateSnapshot: Equatable, Sendable {
 
     public static func == (a: StateSnapshot, b: StateSnapshot) -> Bool {
         a.index == b.index && a.term == b.term && a.membership == b.membership && a.membershipIndex == b.membershipIndex
-            && a.streamSeqs.elementsEqual(b.streamSeqs, by: { $0.stream == $1.stream && $0.seq == $1.seq }) && a.state == b.state
+            && a.retainThrough == b.retainThrough            && a.streamSeqs.elementsEqual(b.streamSeqs, by: { $0.stream == $1.stream && $0.seq == $1.seq }) && a.state == b.state
             && a.requests == b.requests && a.relays == b.relays
     }
 
     static let magic: [UInt8] = Array("WEFTSNP\0".utf8)
-    static let version: UInt32 = 1
+    static let version: UInt32 = 2
 
     /// The file's bytes; byte table in Docs/state.md.
     public func encode() -> [UInt8] {
@@ -50,6 +53,7 @@ public struct StateSnapshot: Equatable, Sendable {
         b.appendLE(index)
         b.appendLE(term)
         b.appendLE(membershipIndex)
+        b.appendLE(retainThrough)
         let voters = membership.voters.sorted()
         let learners = membership.learners.sorted()
         b.appendLE(UInt32(voters.count))
@@ -79,7 +83,7 @@ public struct StateSnapshot: Equatable, Sendable {
     }
 
     public static func decode(_ b: [UInt8]) throws(DecodeError) -> StateSnapshot {
-        guard b.count >= 8 + 4 + 24 + 4 + 4 + 8 + 8 + 8 + 8 + 4 else { throw DecodeError(offset: 0, reason: "\(b.count) bytes is shorter than an empty snapshot") }
+        guard b.count >= 8 + 4 + 32 + 4 + 4 + 8 + 8 + 8 + 8 + 4 else { throw DecodeError(offset: 0, reason: "\(b.count) bytes is shorter than an empty snapshot") }
         guard Array(b[0..<8]) == magic else { throw DecodeError(offset: 0, reason: "not a snapshot (magic)") }
         let crcAt = b.count - 4
         guard b.loadLE(UInt32.self, at: crcAt) == CRC32C.checksum(b[0..<crcAt]) else {
@@ -101,6 +105,7 @@ public struct StateSnapshot: Equatable, Sendable {
         let index = try u64()
         let term = try u64()
         let membershipIndex = try u64()
+        let retainThrough = try u64()
         var voters: Set<NodeID> = []
         let vc = try u32()
         guard Int(vc) * 8 <= crcAt - at else { throw DecodeError(offset: at - 4, reason: "\(vc) voters do not fit") }
@@ -126,7 +131,7 @@ public struct StateSnapshot: Equatable, Sendable {
         guard mn == UInt64(crcAt - at) else { throw DecodeError(offset: at - 8, reason: "relay marks of \(mn) bytes, \(crcAt - at) left before the checksum") }
         return StateSnapshot(
             index: index, term: term, membership: Membership(voters: voters, learners: learners), membershipIndex: membershipIndex,
-            streamSeqs: seqs, state: state, requests: requests, relays: Array(b[at..<crcAt]))
+            streamSeqs: seqs, state: state, requests: requests, relays: Array(b[at..<crcAt]), retainThrough: retainThrough)
     }
 }
 
@@ -150,17 +155,31 @@ public final class SnapshotFiles {
         for n in try disk.list(directory) where n.hasSuffix(".tmp") { try disk.remove(directory + "/" + n) }
     }
 
-    static func name(_ index: LogIndex) -> String {
+    public static func name(_ index: LogIndex) -> String {
         let digits = String(index)
         return String(repeating: "0", count: max(0, 20 - digits.count)) + digits + ".snap"
     }
 
+    /// The index a snapshot file's name stands for (nil: not a snapshot file's name).
+    public static func index(ofName n: String) -> LogIndex? {
+        guard n.hasSuffix(".snap"), n.utf8.count == 25, n.utf8.prefix(20).allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }) else { return nil }
+        return LogIndex(n.prefix(20))
+    }
+
     /// Indexes of the snapshot files, newest first.
     public func indexes() throws -> [LogIndex] {
-        try disk.list(directory).compactMap { n -> LogIndex? in
-            guard n.hasSuffix(".snap"), n.count == 25 else { return nil }
-            return LogIndex(n.prefix(20))
-        }.sorted(by: >)
+        try disk.list(directory).compactMap(Self.index(ofName:)).sorted(by: >)
+    }
+
+    /// Replaces every snapshot file with the (checked, synced) file at `path`, a snapshot at `index` (a
+    /// catch-up shipped it with a log that replaces this replica's).
+    public func adopt(_ path: String, index: LogIndex) throws {
+        let f = try disk.open(path, create: false)
+        try f.sync()
+        f.close()
+        for old in try indexes() { try disk.remove(directory + "/" + Self.name(old)) }
+        try disk.rename(path, to: directory + "/" + Self.name(index))
+        try disk.syncDirectory(directory)
     }
 
     /// Reads and checks one snapshot file.

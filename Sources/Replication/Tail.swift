@@ -29,6 +29,8 @@ public final class ShardTail: @unchecked Sendable {
     /// Highest index appended (the replica's applied index as the tail knows it).
     var appliedIndex: LogIndex = 0
     var subscribers: [UInt64: @Sendable () -> Void] = [:]
+    /// Each subscriber's next index, as of its last poll: retention keeps the files from the lowest.
+    var positions: [UInt64: LogIndex] = [:]
     var nextID: UInt64 = 1
     var countMax = 8192
     var bytesMax = 8 << 20
@@ -109,14 +111,25 @@ public final class ShardTail: @unchecked Sendable {
         let id = nextID
         nextID += 1
         subscribers[id] = wake
+        positions[id] = max(1, index)
         return TailSubscription(tail: self, id: id, from: max(1, index))
     }
 
     func unsubscribe(_ id: UInt64) {
         lock.lock()
         subscribers[id] = nil
+        positions[id] = nil
         lock.unlock()
     }
+
+    func moved(_ id: UInt64, to next: LogIndex) {
+        lock.lock()
+        if positions[id] != nil { positions[id] = next }
+        lock.unlock()
+    }
+
+    /// The lowest index a subscriber will read next (nil: no subscriber): retention never drops it.
+    public var lowestPosition: LogIndex? { lock.withLock { positions.values.min() } }
 
     /// Records from `index` in the window (up to `limit`), and the applied index; nil when `index` is
     /// below the window (the caller reads the files).
@@ -161,7 +174,10 @@ public final class TailSubscription {
         let limit = max(1, limit)
         if let (records, applied) = tail.fromWindow(next, limit: limit) {
             files = nil
-            if let last = records.last { next = last.index + 1 }
+            if let last = records.last {
+                next = last.index + 1
+                tail.moved(id, to: next)
+            }
             return Batch(records: records, fromFiles: false, applied: applied)
         }
         let applied = tail.applied
@@ -178,7 +194,10 @@ public final class TailSubscription {
             files = nil
             throw error
         }
-        if let last = records.last { next = last.index + 1 }
+        if let last = records.last {
+            next = last.index + 1
+            tail.moved(id, to: next)
+        }
         return Batch(records: records, fromFiles: true, applied: applied)
     }
 }

@@ -532,7 +532,7 @@ public final class SegmentStore {
     }
 
     /// Seals the active segment (if any) and starts a new one whose first record will be `base`.
-    private func roll(base: LogIndex) throws {
+    func roll(base: LogIndex) throws {
         if let seg = active {
             if seg.isEmpty {
                 // Nothing was ever appended to it (its base no longer fits): replace it.

@@ -125,6 +125,36 @@ extension SegmentStore {
         return try BlockHeader.decode(try seg.file.read(at: e.offset, count: Layout.blockHeaderBytes), file: seg.dataPath, offset: e.offset)
     }
 
+    /// One segment as retention sees it.
+    public struct SegmentSpan: Sendable, Equatable {
+        public var base: LogIndex
+        /// Last index held (`base - 1` when empty).
+        public var lastIndex: LogIndex
+        /// Bytes of data in the file.
+        public var bytes: UInt64
+        public var sealed: Bool
+        public init(base: LogIndex, lastIndex: LogIndex, bytes: UInt64, sealed: Bool) {
+            self.base = base
+            self.lastIndex = lastIndex
+            self.bytes = bytes
+            self.sealed = sealed
+        }
+    }
+
+    /// The segments, oldest first.
+    public func segmentSpans() -> [SegmentSpan] {
+        segments.map { SegmentSpan(base: $0.base, lastIndex: $0.lastIndex, bytes: $0.size, sealed: $0.sealed != nil) }
+    }
+
+    /// Seals the active segment now (as if it were full) and starts a new one, so that every entry is in
+    /// a sealed file (a catch-up that ships a snapshot needs the files to reach past it). Does nothing
+    /// when the active segment is empty.
+    public func sealActive() throws {
+        if let why = failureReason { throw StoreError.failed(why) }
+        guard let seg = active, !seg.isEmpty else { return }
+        try guardDisk { try roll(base: lastIndex + 1) }
+    }
+
     /// Retention: deletes whole sealed segments all of whose records have index <= `index`, oldest first.
     /// The active segment is never dropped. Returns how many segments were deleted.
     ///

@@ -20,6 +20,10 @@ public struct RecordType: RawRepresentable, Hashable, Sendable, CustomStringConv
     /// A client record a relay copies to streams of other shards (the raw log's fan-out, Docs/state.md):
     /// payload `u16 n | n × (u64 shard | u64 stream) | body`. Client-writable.
     public static let fanout = RecordType(6)
+    /// A shard leader's retention decision (Docs/state.md, "Retention"): payload `u64 through`, the
+    /// highest log index every replica may drop (each still keeps what its own snapshots, tails and
+    /// relays need). System only.
+    public static let retain = RecordType(7)
 
     /// Types a client may write through the raw shard API: `data`, and the opaque application range
     /// 0x8000...0xFFFF. Every other value is reserved for the system (Raft's no-op and membership
@@ -39,6 +43,7 @@ public struct RecordType: RawRepresentable, Hashable, Sendable, CustomStringConv
         case .requestKey: "requestKey"
         case .relayBatch: "relayBatch"
         case .fanout: "fanout"
+        case .retain: "retain"
         default: "type\(rawValue)"
         }
     }

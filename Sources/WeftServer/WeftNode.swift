@@ -202,6 +202,11 @@ public final class WeftNode: Sendable {
             bootstrap: bootstrap, config: rc)
         let t = transport
         replica.snapshotEveryRecords = config.storage.snapshotEveryRecords
+        let keep = config.storage.retention
+        replica.retention = RetentionPolicy(bytesMax: keep.bytesMax, ageMicrosMax: keep.ageSecondsMax.map { Int64($0) * 1_000_000 })
+        // Every shard's records feed the fan-out relay (on its leader) when there are other shards.
+        replica.hasRelays = config.shardIDs.count > 1
+        replica.relayFloor = { [weak self] in self?.relays.withLockedValue { $0[shard] }?.lowestMark() }
         // Snapshot files are written on a background queue (PosixDisk keeps no state of its own).
         replica.snapshotsInBackground = true
         replica.log = { log.notice("\($0)") }
@@ -212,7 +217,10 @@ public final class WeftNode: Sendable {
         }
         replica.cancelCatchUps = { ship.cancel(shard: shard) }
         let tail = replica.tail
-        replica.onLeadership = { [weak self] leads in self?.leadershipChanged(shard, leads: leads, tail: tail) }
+        replica.onLeadership = { [weak self, unowned replica] leads in
+            // On the shard's thread: the applied retention mark is where the relay's sources start.
+            self?.leadershipChanged(shard, leads: leads, tail: tail, startAt: replica.retainThrough + 1)
+        }
         // The lane with the fewest replicas (placement can give a node shards that share a factor with
         // the lane count, and replicas join later).
         let lane = laneLoad.withLockedValue { load -> DriverLane in
@@ -445,13 +453,14 @@ public final class WeftNode: Sendable {
     }
 
     /// This node's replica of `shard` started or stopped leading: the shard's relay runs on its leader.
-    func leadershipChanged(_ shard: ShardID, leads: Bool, tail: ShardTail) {
+    func leadershipChanged(_ shard: ShardID, leads: Bool, tail: ShardTail, startAt: LogIndex) {
         let old = relays.withLockedValue { $0.removeValue(forKey: shard) }
         old?.stop()
         guard leads, !stopping.withLockedValue({ $0 }) else { return }
         let destinations = config.shardIDs.filter { $0 != shard }
         guard !destinations.isEmpty else { return }
-        let runner = RelayRunner(source: shard, tail: tail, destinations: destinations, rule: FanoutRule()) { [weak self] d, h, ps, done in
+        let runner = RelayRunner(source: shard, tail: tail, destinations: destinations, rule: FanoutRule(), startAt: startAt) {
+            [weak self] d, h, ps, done in
             guard let self else { return done(.failure(.stopped)) }
             self.relayBatch(to: d, h, ps, done: done)
         }

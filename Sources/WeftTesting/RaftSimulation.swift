@@ -2,23 +2,35 @@ import Raft
 import ShardState
 import WeftCore
 
-/// An in-memory durable Raft log for the simulation (what a node finds after a restart).
+/// An in-memory durable Raft log for the simulation (what a node finds after a restart). With retention,
+/// entries through `base` are gone (as whole segments are from a segment store) and `droppedSeqs` keeps
+/// the last seq of each stream among them (the store's `streams.hwm`).
 public final class MemoryRaftLog: RaftLogReader {
+    /// Entries `base + 1 ... lastIndex`.
     public var records: [Record] = []
+    public var base: LogIndex = 0
+    public var droppedSeqs: [StreamID: StreamSeq] = [:]
     public var hardState = HardState()
+    /// Whether the whole log can be shipped as files (catch-up), as sealed segments can.
+    public var shipsFiles = false
     public init() {}
-    public var firstIndex: LogIndex { 1 }
-    public var lastIndex: LogIndex { LogIndex(records.count) }
+    public var firstIndex: LogIndex { base + 1 }
+    public var lastIndex: LogIndex { base + LogIndex(records.count) }
+    public var catchUpIndex: LogIndex { shipsFiles ? lastIndex : 0 }
+    /// The entry at `index` (nil: dropped or past the end).
+    public func record(at index: LogIndex) -> Record? {
+        index > base && index <= lastIndex ? records[Int(index - base - 1)] : nil
+    }
     public func term(at index: LogIndex) -> Term? {
         if index == 0 { return 0 }
-        return index <= lastIndex ? records[Int(index - 1)].term : nil
+        return record(at: index)?.term
     }
     public func entries(from: LogIndex, to: LogIndex, maxBytes: Int) -> [Record]? {
-        guard from >= 1, to <= lastIndex + 1 else { return nil }
+        guard from > base, to <= lastIndex + 1 else { return nil }
         var out: [Record] = []
         var bytes = 0
         for i in from..<to {
-            let r = records[Int(i - 1)]
+            let r = records[Int(i - base - 1)]
             if !out.isEmpty && bytes + r.payload.count > maxBytes { break }
             out.append(r)
             bytes += r.payload.count
@@ -26,14 +38,28 @@ public final class MemoryRaftLog: RaftLogReader {
         return out
     }
     public func lastSeq(of stream: StreamID) -> StreamSeq {
-        records.last(where: { $0.stream == stream })?.seq ?? 0
+        records.last(where: { $0.stream == stream })?.seq ?? droppedSeqs[stream] ?? 0
     }
     /// What the driver does with `Ready.entries`: truncate from the first one's index, then append.
     public func persist(_ entries: [Record]) {
         guard let first = entries.first else { return }
-        precondition(first.index >= 1 && first.index <= lastIndex + 1, "gap: append at \(first.index) after \(lastIndex)")
-        records.removeSubrange(Int(first.index - 1)...)
+        precondition(first.index > base && first.index <= lastIndex + 1, "gap: append at \(first.index) after \(lastIndex) (base \(base))")
+        records.removeSubrange(Int(first.index - base - 1)...)
         records.append(contentsOf: entries)
+    }
+    /// Retention: drops the entries through `index` (keeping their streams' last seqs).
+    public func drop(through index: LogIndex) {
+        let n = Int(min(index, lastIndex) - min(index, base))
+        guard n > 0 else { return }
+        for r in records.prefix(n) where r.stream != .none { droppedSeqs[r.stream] = r.seq }
+        records.removeFirst(n)
+        base += LogIndex(n)
+    }
+    /// Empties the log (a replica that cannot rebuild its state from it).
+    public func reset() {
+        records = []
+        base = 0
+        droppedSeqs = [:]
     }
 }
 
@@ -69,6 +95,15 @@ public final class RaftSimulation {
         var term: Term
         var bytes: [UInt8]
         var digest: UInt64
+    }
+
+    /// A catch-up the leader shipped: its log as files (from `base + 1`) and, when that does not start
+    /// at index 1, a snapshot at or after `base`.
+    struct Transfer {
+        var base: LogIndex
+        var records: [Record]
+        var droppedSeqs: [StreamID: StreamSeq]
+        var snapshot: SimSnapshot?
     }
 
     struct InFlight {
@@ -130,9 +165,21 @@ public final class RaftSimulation {
     /// A bug to show the checks work: snapshots are labelled one index too low (as a driver that took
     /// them before applying the last entry would), so a restart applies that entry twice.
     public var offByOneSnapshots = false
+    /// Retention: nodes now and then drop their log up to their oldest intact snapshot, and a follower
+    /// that needs dropped entries is caught up with the leader's log and a snapshot (needs
+    /// `stateMachine`; not with `membershipChanges`, whose restarts replay configuration entries).
+    public var retention = false {
+        didSet { for id in ids { nodes[id]?.log.shipsFiles = retention } }
+    }
+    /// Catch-ups shipped and waiting for their message, by transfer id.
+    var transfers: [UInt64: Transfer] = [:]
+    /// Every committed entry (from whichever node applied it first): what a node restored from a
+    /// snapshot has applied before it.
+    var committedRecords: [LogIndex: Record] = [:]
     /// State hash after applying each index (from the first replica that applied it).
     var hashes: [LogIndex: UInt64] = [:]
     public private(set) var snapshotStats = (taken: 0, restored: 0, damaged: 0, skipped: 0)
+    public private(set) var retentionStats = (dropped: 0, installs: 0, installsWithSnapshot: 0, resets: 0)
 
     public init(seed: UInt64, nodes count: Int = 3, initialVoters voters: Int? = nil) {
         self.seed = seed
@@ -164,22 +211,31 @@ public final class RaftSimulation {
         // ...or from the newest snapshot that reads back whole and matches this log (same term at its
         // index: the same history up to it).
         if stateMachine {
+            // A damaged file is set aside (the replica renames it `.damaged`): it no longer counts.
+            let intact = n.snapshots.filter { FNV1a.hash($0.bytes) == $0.digest }
+            snapshotStats.damaged += n.snapshots.count - intact.count
+            n.snapshots = intact
             for snap in n.snapshots.reversed() {
-                guard FNV1a.hash(snap.bytes) == snap.digest else {
-                    snapshotStats.damaged += 1
-                    continue
-                }
-                guard snap.index <= n.log.lastIndex, n.log.term(at: snap.index) == snap.term, let m = try? KeyValueMachine(snapshot: snap.bytes) else {
+                // Inside the log with the log's term there, or right before a log retention cut.
+                let fits = snap.index == n.log.base || n.log.term(at: snap.index) == snap.term
+                guard snap.index <= n.log.lastIndex, snap.index >= n.log.base, fits, let m = try? KeyValueMachine(snapshot: snap.bytes) else {
                     snapshotStats.skipped += 1
                     continue
                 }
                 n.machine = m
                 applied = snap.index
-                // What the snapshot covers is the log's prefix (log matching), applied already.
-                n.applied = Array(n.log.records.prefix(Int(snap.index)))
+                // What the snapshot covers is the committed prefix, applied already.
+                n.applied = (0..<Int(snap.index)).map { committedRecords[LogIndex($0 + 1)]! }
                 hs.commit = max(hs.commit, snap.index)
                 snapshotStats.restored += 1
                 break
+            }
+            if n.log.base > 0 && applied < n.log.base {
+                // Retention dropped the log's start and no snapshot reaches it: never guess a state;
+                // empty the log and recover from the leader (as the replica does).
+                n.log.reset()
+                n.damaged = true
+                retentionStats.resets += 1
             }
         }
         n.raft = Raft(
@@ -212,16 +268,25 @@ public final class RaftSimulation {
             if nodes[victim]?.raft != nil {
                 stats.crashes += 1
                 nodes[victim]?.raft = nil
-                if stateMachine, chance(0.3), let k = nodes[victim]?.snapshots.indices.last {
+                // With retention a damaged snapshot can leave a node unable to rebuild its state (a storage
+                // fault like a cut log): only one node at a time, as for disk faults.
+                let othersDamaged = ids.contains { $0 != victim && nodes[$0]!.damaged }
+                if stateMachine, chance(0.3), !(retention && othersDamaged), let k = nodes[victim]?.snapshots.indices.last {
                     // The newest snapshot file is damaged on disk.
                     nodes[victim]!.snapshots[k].bytes.append(0xEE)
                 }
                 network.removeAll { $0.message.to == victim }
-                if diskFaults, chance(0.5), !ids.contains(where: { nodes[$0]!.damaged }), let log = nodes[victim]?.log, log.lastIndex > 0 {
+                if diskFaults, chance(0.5), !ids.contains(where: { nodes[$0]!.damaged }), let log = nodes[victim]?.log, !log.records.isEmpty {
                     let keep = Int(rng.next() % UInt64(log.records.count))
                     log.records.removeSubrange(keep...)
                     nodes[victim]!.damaged = true
                     stats.diskFaults += 1
+                }
+                if retention, let n = nodes[victim], n.log.base > 0,
+                    !n.snapshots.contains(where: { FNV1a.hash($0.bytes) == $0.digest && $0.index >= n.log.base && $0.index <= n.log.lastIndex })
+                {
+                    // It will find no snapshot that reaches its log's start: it recovers from the leader.
+                    nodes[victim]!.damaged = true
                 }
             }
         } else if faults && chance(partitionRate) {
@@ -253,6 +318,7 @@ public final class RaftSimulation {
         if r < 3, let down = ids.first(where: { nodes[$0]?.raft == nil }) {
             start(down)
         }
+        if retention, chance(0.02) { dropPrefix(pick(ids)) }
         if r < 45 {
             deliverOne()
         } else if r < 80 {
@@ -353,15 +419,91 @@ public final class RaftSimulation {
             // As the real driver: term and vote are made durable; the commit index only rides along when
             // they change (a restarted node relearns commit from the leader).
             if let hs = rd.hardState, hs.term != log.hardState.term || hs.vote != log.hardState.vote { log.hardState = hs }
-            for m in rd.messages { network.append(InFlight(message: m, deliverAt: now)) }
+            for m in rd.messages {
+                if m.kind == .snapshot && !ship(from: id, m) {
+                    raft.reportCatchUp(to: m.to, transfer: m.context, failed: true)
+                    continue
+                }
+                network.append(InFlight(message: m, deliverAt: now))
+            }
             for e in rd.committed {
                 try apply(id, e, isLeader: raft.role == .leader)
             }
             raft.advance(rd)
+            if let request = rd.install { raft = try install(id, request, raft) }
             nodes[id]!.raft = raft
             if nodes[id]!.damaged && !raft.recovering { nodes[id]!.damaged = false }
             if raft.role == .leader, leaders[raft.term] == nil { stats.elections += 1 }
         }
+    }
+
+    /// The leader's side of a catch-up: its log as files and, when retention dropped its start, its
+    /// newest intact snapshot at or after that point. False when it has none (the catch-up fails).
+    func ship(from id: NodeID, _ m: Message) -> Bool {
+        let n = nodes[id]!
+        var snapshot: SimSnapshot?
+        if n.log.base > 0 {
+            guard let s = n.snapshots.last(where: { FNV1a.hash($0.bytes) == $0.digest && $0.index >= n.log.base && $0.index <= n.log.lastIndex }) else {
+                return false
+            }
+            snapshot = s
+        }
+        transfers[m.context] = Transfer(base: n.log.base, records: n.log.records, droppedSeqs: n.log.droppedSeqs, snapshot: snapshot)
+        return true
+    }
+
+    /// The follower's side: checks the shipped files against the request (they reach its index with its
+    /// term; a snapshot lies within them or right before), replaces the log, restores the state from the
+    /// snapshot (or empty), and answers with a Raft rebuilt over the new log, as the replica does.
+    func install(_ id: NodeID, _ request: InstallRequest, _ raft: Raft) throws -> Raft {
+        var raft = raft
+        let log = nodes[id]!.log
+        guard let t = transfers[request.transfer], t.base + LogIndex(t.records.count) >= request.index, request.index > t.base,
+            t.records[Int(request.index - t.base - 1)].term == request.logTerm,
+            t.snapshot.map({ $0.index >= t.base && $0.index <= request.index }) ?? (t.base == 0)
+        else {
+            raft.installDone(request, ok: false)
+            return raft
+        }
+        log.base = t.base
+        log.records = Array(t.records.prefix(Int(request.index - t.base)))
+        log.droppedSeqs = t.droppedSeqs
+        var n = nodes[id]!
+        var applied: LogIndex = 0
+        if let s = t.snapshot {
+            guard let m = try? KeyValueMachine(snapshot: s.bytes) else { throw fail("node \(id) got a shipped snapshot it cannot read") }
+            n.snapshots = [s]
+            n.machine = m
+            applied = s.index
+            retentionStats.installsWithSnapshot += 1
+        } else {
+            n.machine = KeyValueMachine()
+        }
+        n.applied = (0..<Int(applied)).map { committedRecords[LogIndex($0 + 1)]! }
+        nodes[id] = n
+        if applied > 0, let h = hashes[applied], h != n.machine.stateHash {
+            throw fail("node \(id) installed a snapshot at index \(applied) whose state hash differs from what was applied there")
+        }
+        var hs = log.hardState
+        hs.commit = max(hs.commit, applied)
+        var fresh = Raft(
+            config: config(id), log: log, hardState: hs, membership: Membership(voters: initialVoters), applied: applied,
+            recovering: raft.recovering)
+        fresh.installDone(request, ok: true)
+        retentionStats.installs += 1
+        return fresh
+    }
+
+    /// Retention on one node: drops its log through its oldest intact snapshot (never past what it
+    /// applied, and keeping the last entry).
+    func dropPrefix(_ id: NodeID) {
+        guard let n = nodes[id], n.raft != nil, !n.damaged,
+            let oldest = n.snapshots.first(where: { FNV1a.hash($0.bytes) == $0.digest })?.index
+        else { return }
+        let through = min(oldest, LogIndex(n.applied.count), n.log.lastIndex > 0 ? n.log.lastIndex - 1 : 0)
+        guard through > n.log.base else { return }
+        n.log.drop(through: through)
+        retentionStats.dropped += 1
     }
 
     func apply(_ id: NodeID, _ e: Record, isLeader: Bool) throws {
@@ -370,6 +512,7 @@ public final class RaftSimulation {
             throw fail("node \(id) applied index \(e.index) after \(n.applied.count)")
         }
         n.applied.append(e)
+        if committedRecords[e.index] == nil { committedRecords[e.index] = e }
         if stateMachine {
             _ = n.machine.apply([e][...])
             let h = n.machine.stateHash
@@ -400,7 +543,7 @@ public final class RaftSimulation {
     public func describe() -> String {
         ids.map { id in
             guard let r = nodes[id]?.raft else { return "  \(id): down" }
-            return "  \(id): \(r.role) term \(r.term) last \(r.lastIndex)/\(r.lastTerm) commit \(r.commit) applied \(nodes[id]!.applied.count) durable \(nodes[id]!.log.lastIndex) leader \(String(describing: r.leader)) \(r.debugProgress)"
+            return "  \(id): \(r.role) term \(r.term) last \(r.lastIndex)/\(r.lastTerm) commit \(r.commit) applied \(nodes[id]!.applied.count) durable \(nodes[id]!.log.lastIndex) first \(nodes[id]!.log.firstIndex)\(r.recovering ? " recovering" : "") leader \(String(describing: r.leader)) \(r.debugProgress)"
         }.joined(separator: "\n")
     }
 
@@ -424,7 +567,7 @@ public final class RaftSimulation {
             if leaders[r.term] == nil {
                 leaders[r.term] = id
                 // Leader completeness: a new leader holds every entry committed so far.
-                for (i, t) in committed where nodes[id]!.log.term(at: i) != t && r.lastIndex >= i {
+                for (i, t) in committed where i >= nodes[id]!.log.firstIndex && nodes[id]!.log.term(at: i) != t && r.lastIndex >= i {
                     throw fail("leader completeness: leader \(id) of term \(r.term) has term \(String(describing: nodes[id]!.log.term(at: i))) at committed index \(i) (term \(t))")
                 }
                 if let maxCommitted = committed.keys.max(), r.lastIndex < maxCommitted {
@@ -439,13 +582,15 @@ public final class RaftSimulation {
     func checkLogMatching() throws {
         for (k, a) in ids.enumerated() {
             for b in ids[(k + 1)...] {
-                let la = nodes[a]!.log.records
-                let lb = nodes[b]!.log.records
-                let n = min(la.count, lb.count)
-                var i = n - 1
-                while i >= 0 && la[i].term != lb[i].term { i -= 1 }
-                if i >= 0 && la[0...i] != lb[0...i] {
-                    throw fail("log matching: \(a) and \(b) agree on term at index \(i + 1) but differ before it")
+                let la = nodes[a]!.log
+                let lb = nodes[b]!.log
+                let lo = max(la.firstIndex, lb.firstIndex)
+                let hi = min(la.lastIndex, lb.lastIndex)
+                guard lo <= hi else { continue }
+                var i = hi
+                while i >= lo && la.term(at: i) != lb.term(at: i) { i -= 1 }
+                if i >= lo, let k = (lo...i).first(where: { la.record(at: $0) != lb.record(at: $0) }) {
+                    throw fail("log matching: \(a) and \(b) agree on term at index \(i) but differ at \(k)")
                 }
             }
         }

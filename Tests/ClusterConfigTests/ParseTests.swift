@@ -39,12 +39,19 @@ import WeftCore
     @Test func explicitValuesAreKept() throws {
         let text = document(
             cluster: "name = \"prod\"\nshards = 1024\nreplication = 2\nsecret = \"\(validSecret)\"",
-            storage: "data_dir = \"/var/lib/weft\"\nfsync = \"every_n_batches:16\"\nsegment_bytes = 4096\nsnapshot_every_records = 500",
+            storage: "data_dir = \"/var/lib/weft\"\nfsync = \"every_n_batches:16\"\nsegment_bytes = 4096\nsnapshot_every_records = 500\nretention = \"30d, 10GiB\"",
             raft: "election_timeout_min_ms = 1000\nelection_timeout_max_ms = 1001\nheartbeat_interval_ms = 499\ndriver_threads = 7")
         let config = try ClusterConfiguration.parse(text, configPath: "cluster.toml")
         #expect(config.shards == 1024)
         #expect(config.replication == 2)
-        #expect(config.storage == StorageConfig(dataDir: "/var/lib/weft", fsync: .everyBatches(16), segmentBytes: 4096, snapshotEveryRecords: 500))
+        #expect(
+            config.storage
+                == StorageConfig(
+                    dataDir: "/var/lib/weft", fsync: .everyBatches(16), segmentBytes: 4096, snapshotEveryRecords: 500,
+                    retention: Retention(bytesMax: 10 << 30, ageSecondsMax: 30 * 86400)))
+        #expect(config.storage.retention.description == "10737418240 bytes, 2592000 s")
+        #expect(try ClusterConfiguration.parse(document(storage: "retention = \"off\""), configPath: "c.toml").storage.retention.isOff)
+        #expect(try ClusterConfiguration.parse(document(storage: "retention = \"12h\""), configPath: "c.toml").storage.retention == Retention(ageSecondsMax: 43200))
         var timing = RaftTiming(electionTimeoutMinMs: 1000, electionTimeoutMaxMs: 1001, heartbeatIntervalMs: 499)
         timing.driverThreads = 7
         #expect(config.raft == timing)

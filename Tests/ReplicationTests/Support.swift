@@ -29,6 +29,9 @@ final class ReplicaCluster {
     /// The state machine every replica runs, and how often it snapshots (set before `restart`).
     var machine: any ShardStateMachine.Type = NoState.self
     var snapshotEvery: UInt64 = 100_000
+    /// Retention every replica runs (set before `restart`), checked every `retentionTicks` ticks.
+    var retention = RetentionPolicy.off
+    var retentionTicks = 200
 
     init(disk: any Disk, root: String, options: StoreOptions, cleanup: @escaping () -> Void = {}) throws {
         self.disk = disk
@@ -65,6 +68,8 @@ final class ReplicaCluster {
             shard: ShardID(0), id: id, store: store, hardState: hs, membershipFile: MembershipFile(directory: dir, disk: disk),
             bootstrap: Membership(voters: Set(ids)), config: cfg, machine: machine)
         r.snapshotEveryRecords = snapshotEvery
+        r.retention = retention
+        r.retentionCheckTicks = retentionTicks
         applied[id] = []
         r.onApply = { [unowned self] rec in self.applied[id, default: []].append(rec) }
         // Catch-up from files: each file goes straight into the follower's staging directory (unless the

@@ -1,0 +1,168 @@
+import Raft
+import SegmentFormat
+import SegmentStore
+import ShardState
+import Testing
+import WeftCore
+import WeftTesting
+
+@testable import Replication
+
+/// Issue 10: retention drops the log's start (never what a snapshot, relay or tail still needs), and a
+/// follower that needs dropped entries is caught up from the leader's files plus a snapshot.
+@Suite struct ReplicaRetentionTests {
+    /// Three key-value replicas, 4 KiB segments, a snapshot every 40 entries, at most 12 KiB of log kept.
+    func cluster() throws -> ReplicaCluster {
+        let c = try ReplicaCluster()
+        c.machine = KeyValueMachine.self
+        c.snapshotEvery = 40
+        c.retention = RetentionPolicy(bytesMax: 12 << 10)
+        c.retentionTicks = 1
+        for id in c.ids { try c.restart(id) }
+        try c.elect(NodeID(1))
+        return c
+    }
+
+    /// `n` puts of 200-byte values on the leader, one at a time, on 13 keys.
+    func put(_ c: ReplicaCluster, _ n: Int, from: Int = 0) throws {
+        let l = try #require(c.leader)
+        for k in from..<(from + n) {
+            let value = Array("v\(k) ".utf8) + (0..<200).map { _ in UInt8(truncatingIfNeeded: c.rng.next()) }
+            c.replica(l).propose([Proposal(stream: StreamID(UInt64(k % 3 + 1)), payload: KeyValueMachine.put(Array("k\(k % 13)".utf8), value))]) { _ in }
+            try c.settle()
+        }
+        // Every replica ticks (each runs its own retention check), a few times.
+        try c.tick(c.ids.filter { c.replicas[$0] != nil }, 3)
+    }
+
+    func expectSameState(_ c: ReplicaCluster, _ ids: [NodeID], _ comment: Comment) {
+        let l = c.replica(NodeID(1))
+        for id in ids {
+            let r = c.replica(id)
+            #expect(r.raft.applied == l.raft.applied, "\(comment): node \(id) applied")
+            #expect(r.machine.stateHash == l.machine.stateHash, "\(comment): node \(id) state")
+            #expect(r.retainThrough == l.retainThrough, "\(comment): node \(id) retention mark")
+        }
+    }
+
+    @Test func theLeaderDecidesEveryReplicaDropsAndNothingPastItsOldestSnapshot() throws {
+        let c = try cluster()
+        try put(c, 300)
+        let l = c.replica(NodeID(1))
+        #expect(l.retainThrough > 0, "the leader proposed a retention mark")
+        for id in c.ids {
+            let r = c.replica(id)
+            #expect(r.store.firstIndex > 1, "node \(id) dropped segments")
+            #expect(r.stats.segmentsDropped > 0)
+            let oldest = try #require(try r.snapshots.indexes().last)
+            #expect(r.store.firstIndex - 1 <= oldest, "node \(id) kept everything after its oldest snapshot")
+            #expect(r.store.firstIndex - 1 <= r.retainThrough, "node \(id) dropped nothing past the mark")
+            let bytes = r.store.segmentSpans().reduce(UInt64(0)) { $0 + $1.bytes }
+            #expect(bytes < 40 << 10, "node \(id) keeps about the limit (\(bytes) bytes)")
+        }
+        expectSameState(c, c.ids, "after retention")
+        // Streams numbered past dropped records keep counting (the high-water file).
+        for s in 1...3 { #expect(l.store.lastSeq(of: StreamID(UInt64(s))) == 100) }
+        // A restart restores from a snapshot that reaches the log's start, and replays only the rest.
+        try c.restart(NodeID(2))
+        #expect(c.replica(NodeID(2)).repairEvents.isEmpty, "\(c.replica(NodeID(2)).repairEvents)")
+        try c.heartbeats()
+        try c.settle()
+        expectSameState(c, c.ids, "after a restart")
+    }
+
+    @Test func aTailSubscriberHoldsRetentionBack() throws {
+        let c = try cluster()
+        try put(c, 20)
+        // Node 2's subscriber stays at index 5: node 2 keeps everything from there.
+        let sub = try c.replica(NodeID(2)).tail.subscribe(from: 5) {}
+        try put(c, 250, from: 20)
+        #expect(c.replica(NodeID(1)).store.firstIndex > 5)
+        #expect(c.replica(NodeID(2)).store.firstIndex <= 5, "node 2 kept its subscriber's records")
+        let batch = try sub.poll(limit: 10)
+        #expect(batch.records.first?.index == 5)
+        // Once it moves on, node 2 drops too.
+        while try !sub.poll(limit: 1000).records.isEmpty {}
+        try c.tick([NodeID(2)], 2)
+        #expect(c.replica(NodeID(2)).store.firstIndex > 5)
+    }
+
+    @Test func theLeaderWaitsForItsRelays() throws {
+        let c = try cluster()
+        let l = c.replica(NodeID(1))
+        var floor: LogIndex? = 0
+        l.hasRelays = true
+        l.relayFloor = { floor }
+        try put(c, 300)
+        #expect(l.retainThrough == 0, "no relay mark known: nothing is dropped")
+        #expect(l.store.firstIndex == 1)
+        floor = 60
+        try c.heartbeats()
+        #expect(l.retainThrough > 0 && l.retainThrough <= 60, "the mark stops at the relays' floor: \(l.retainThrough)")
+        for id in c.ids { #expect(c.replica(id).store.firstIndex <= 61) }
+        floor = nil
+        try put(c, 10, from: 300)
+        #expect(l.retainThrough <= 60, "no relay running here: nothing more is dropped")
+    }
+
+    @Test func aFollowerBehindTheLeadersFirstIndexGetsFilesAndASnapshot() throws {
+        let c = try cluster()
+        try put(c, 40)
+        c.stop(NodeID(3))
+        try put(c, 300, from: 40)
+        let l = c.replica(NodeID(1))
+        try #require(l.store.firstIndex > 60, "the leader dropped what node 3 needs (first index \(l.store.firstIndex))")
+        try c.open(NodeID(3))
+        try c.heartbeats(6)
+        try c.settle()
+        let r3 = c.replica(NodeID(3))
+        #expect(r3.store.firstIndex > 1, "node 3 took the leader's files")
+        #expect(r3.lastSnapshotIndex + 1 >= r3.store.firstIndex, "and a snapshot reaching their start")
+        expectSameState(c, c.ids, "after the catch-up")
+        // Its state stays right across a restart, and it keeps up afterwards.
+        try c.restart(NodeID(3))
+        try put(c, 30, from: 340)
+        expectSameState(c, c.ids, "after a restart of the caught-up node")
+    }
+
+    @Test func replicasThatLostTheirLogOrTheirSnapshotsAreCaughtUp() throws {
+        let c = try cluster()
+        try put(c, 300)
+        // Node 3 loses its log and snapshots (its term, vote and group survive: a lost data disk).
+        c.stop(NodeID(3))
+        for n in try PosixDisk().list(c.dir(NodeID(3))) where n.hasSuffix(".seg") || n.hasSuffix(".idx") || n.hasSuffix(".hwm") || n.hasPrefix("fence") {
+            try PosixDisk().remove(c.dir(NodeID(3)) + "/" + n)
+        }
+        for n in try PosixDisk().list(c.dir(NodeID(3)) + "/snapshots") { try PosixDisk().remove(c.dir(NodeID(3)) + "/snapshots/" + n) }
+        // Node 2 loses only its snapshots: its log starts past index 1, so it cannot rebuild its state.
+        c.stop(NodeID(2))
+        for n in try PosixDisk().list(c.dir(NodeID(2)) + "/snapshots") { try PosixDisk().remove(c.dir(NodeID(2)) + "/snapshots/" + n) }
+        try c.open(NodeID(2))
+        #expect(c.replica(NodeID(2)).isRecovering, "no snapshot reaches its log's start: it refetches")
+        #expect(c.replica(NodeID(2)).repairEvents.contains { $0.contains("no usable snapshot") })
+        try c.open(NodeID(3))
+        #expect(c.replica(NodeID(3)).isRecovering, "\(c.replica(NodeID(3)).repairEvents)")
+        try put(c, 20, from: 300)
+        // A catch-up the leader started while node 3 was down times out first (20 election timeouts).
+        let l = c.replica(NodeID(1))
+        try c.tick([NodeID(1)], 30) { c.replica(NodeID(3)).raft.applied == l.raft.applied }
+        expectSameState(c, c.ids, "after both caught up")
+        #expect(!c.replica(NodeID(2)).isRecovering)
+    }
+
+    @Test func policies() {
+        func span(_ base: LogIndex, _ last: LogIndex, _ bytes: UInt64, sealed: Bool = true) -> SegmentStore.SegmentSpan {
+            .init(base: base, lastIndex: last, bytes: bytes, sealed: sealed)
+        }
+        let spans = [span(1, 10, 100), span(11, 20, 100), span(21, 30, 100), span(31, 35, 50, sealed: false)]
+        #expect(RetentionPolicy.off.dropThrough(spans, nowMicros: 0) { _ in 0 } == 0)
+        #expect(RetentionPolicy(bytesMax: 350).dropThrough(spans, nowMicros: 0) { _ in 0 } == 0)
+        #expect(RetentionPolicy(bytesMax: 349).dropThrough(spans, nowMicros: 0) { _ in 0 } == 10)
+        #expect(RetentionPolicy(bytesMax: 150).dropThrough(spans, nowMicros: 0) { _ in 0 } == 20)
+        #expect(RetentionPolicy(bytesMax: 0).dropThrough(spans, nowMicros: 0) { _ in 0 } == 30, "never the active segment")
+        // Ages: segments ending at timestamps 10, 20, 30 (index * 1); now 100, keep 75 µs.
+        #expect(RetentionPolicy(ageMicrosMax: 75).dropThrough(spans, nowMicros: 100) { Int64($0) } == 20)
+        #expect(RetentionPolicy(ageMicrosMax: 75).dropThrough(spans, nowMicros: 100) { $0 == 10 ? nil : Int64($0) } == 0, "unreadable: kept")
+        #expect(RetentionPolicy(bytesMax: 249, ageMicrosMax: 85).dropThrough(spans, nowMicros: 100) { Int64($0) } == 20, "either limit")
+    }
+}
