@@ -10,8 +10,28 @@ struct Checker {
         var stream: UInt64
         var seq: UInt64
         var payload: String
-        /// The payload's bytes, kept for the system's binary records (types 4 and 5) only.
+        /// The payload's bytes, kept for binary records only: request keys (4), relay batch headers (5),
+        /// fan-out records (6) and the records relays derive from them (streams from `derivedStreamBase`).
         var bytes: [UInt8] = []
+    }
+
+    /// Streams the relay workload's fan-out records name in their destination shard (Workload.swift).
+    static let derivedStreamBase: UInt64 = 100
+
+    /// A fan-out record as the workload writes it: `u16 1 | u64 shard | u64 stream | body`.
+    static func parseFanout(_ b: [UInt8]) -> (shard: UInt64, stream: UInt64, body: String)? {
+        guard b.count > 18, b[0] == 1, b[1] == 0 else { return nil }
+        return (le(b[2..<10]), le(b[10..<18]), String(decoding: b[18...], as: UTF8.self))
+    }
+
+    /// A derived record: `u64 source shard | u64 source index | body` (FanoutRule).
+    static func parseDerived(_ b: [UInt8]) -> (shard: UInt64, index: UInt64, body: String)? {
+        guard b.count > 16 else { return nil }
+        return (le(b[0..<8]), le(b[8..<16]), String(decoding: b[16...], as: UTF8.self))
+    }
+
+    static func le(_ b: ArraySlice<UInt8>) -> UInt64 {
+        b.enumerated().reduce(UInt64(0)) { $0 | UInt64($1.element) << (8 * UInt64($1.offset)) }
     }
 
     /// A burst batch that a node acknowledged: its `count` records are at `firstIndex + i`, stream seq
@@ -94,7 +114,7 @@ struct Checker {
             guard e.type == 1, let (batch, i) = BurstPayload.parse(payload) else {
                 var e = e
                 if e.payload.isEmpty && !payload.isEmpty { e.payload = String(decoding: payload, as: UTF8.self) }
-                if e.type == 4 || e.type == 5 { e.bytes = payload }
+                if e.type == 4 || e.type == 5 || e.type == 6 || (e.type == 1 && e.stream >= Checker.derivedStreamBase) { e.bytes = payload }
                 entries.append(e)
                 return
             }
@@ -194,6 +214,10 @@ struct Checker {
             var count: [String: Int] = [:]
             var at: [String: (shard: Int, entry: Entry)] = [:]
             var batches: [String: BatchHits] = [:]
+            // Relays: fan-out records (source) and what the relays derived (destination), by
+            // "destination shard/stream/source shard/source index/body".
+            var sources: [String] = []
+            var derived: [String: Int] = [:]
             for shard in 0..<shards {
                 guard let log = logs[n]?[shard] else { continue }
                 for g in log.seqGaps { res.divergent.append("node \(n) \(g)") }
@@ -205,17 +229,33 @@ struct Checker {
                         // A request key the node writes before a keyed request's records:
                         // u8 length | key | u32 count, the key a keyed writer's payload, one record each.
                         let b = e.bytes
-                        let ok = b.count >= 6 && Int(b[0]) == b.count - 5 && b[1] == UInt8(ascii: "k") && Array(b.suffix(4)) == [1, 0, 0, 0]
+                        let ok = b.count >= 6 && Int(b[0]) == b.count - 5 && (b[1] == UInt8(ascii: "k") || b[1] == UInt8(ascii: "r")) && Array(b.suffix(4)) == [1, 0, 0, 0]
                         if !ok { res.unexpected.append("node \(n) shard \(shard) index \(e.index): a request-key record no keyed writer sent") }
                     } else if e.type == 5 {
                         // A relay batch header the node writes (Docs/state.md, "Relays"): u64 source shard |
-                        // u64 first | u64 last | u32 n | n × u64; the workload writes no fan-out records, so
-                        // only the relays' empty batches (n = 0, another shard as source) may appear.
+                        // u64 first | u64 last | u32 n | n × u64, from another shard.
                         let b = e.bytes
-                        let source = b.count == 28 ? b[0..<8].enumerated().reduce(UInt64(0)) { $0 | UInt64($1.element) << (8 * UInt64($1.offset)) } : UInt64.max
-                        if b.count != 28 || source >= UInt64(shards) || source == UInt64(shard) || Array(b[24..<28]) != [0, 0, 0, 0] {
-                            res.unexpected.append("node \(n) shard \(shard) index \(e.index): a relay batch header that is not an empty batch from another shard")
+                        let source = b.count >= 28 ? Checker.le(b[0..<8]) : UInt64.max
+                        let count = b.count >= 28 ? Int(Checker.le(b[24..<28])) : -1
+                        if b.count != 28 + 8 * max(0, count) || source >= UInt64(shards) || source == UInt64(shard) {
+                            res.unexpected.append("node \(n) shard \(shard) index \(e.index): a relay batch header that is not a batch from another shard")
                         }
+                    } else if e.type == 6 {
+                        guard let f = Checker.parseFanout(e.bytes), f.stream >= Checker.derivedStreamBase, f.shard < UInt64(shards), f.shard != UInt64(shard) else {
+                            res.unexpected.append("node \(n) shard \(shard) index \(e.index): a fan-out record the workload did not write")
+                            continue
+                        }
+                        sources.append("\(f.shard)/\(f.stream)/\(shard)/\(e.index)/\(f.body)")
+                        count[f.body, default: 0] += 1
+                        at[f.body] = (shard, e)
+                        continue
+                    } else if e.type == 1 && e.stream >= Checker.derivedStreamBase {
+                        guard let d = Checker.parseDerived(e.bytes) else {
+                            res.unexpected.append("node \(n) shard \(shard) index \(e.index): a record in relay stream \(e.stream) that is not a derived record")
+                            continue
+                        }
+                        derived["\(shard)/\(e.stream)/\(d.shard)/\(d.index)/\(d.body)", default: 0] += 1
+                        continue
                     } else if e.type == 0 || (6..<0x8000).contains(e.type) {
                         res.hostile.append("node \(n) shard \(shard) index \(e.index): a record of reserved type \(e.type) is in the log")
                     } else if e.type >= 0x8000 {
@@ -238,6 +278,19 @@ struct Checker {
                 }
             }
             for (p, c) in count where c > 1 { res.duplicated.append("node \(n): \(p) appears \(c) times") }
+            // Every fan-out record's derived record exactly once in its destination, none without a source.
+            for key in sources {
+                switch derived[key] ?? 0 {
+                case 1: break
+                case 0: res.lost.append("node \(n): the relay never derived \(key) (destination shard/stream/source shard/index/body)")
+                case let c: res.duplicated.append("node \(n): \(key) was derived \(c) times")
+                }
+            }
+            let sourceSet = Set(sources)
+            for key in derived.keys where !sourceSet.contains(key) {
+                res.unexpected.append("node \(n): derived record \(key) has no fan-out record at that source index")
+            }
+            res.notes.append("node \(n): \(sources.count) fan-out records, \(derived.values.reduce(0, +)) derived records")
             for (p, a) in acked {
                 guard let found = at[p] else {
                     res.lost.append("node \(n): acknowledged \(p) (shard \(a.shard) index \(a.index)) is missing")

@@ -110,7 +110,10 @@ struct Faults: AsyncParsableCommand {
         try await nemesis.healAll()
         for t in nemesis.observers.withLock({ $0 }) { await t.value }
         print("weft-faults: healed; waiting for every replica to converge")
-        let converged = try await waitForConvergence(cluster, client, timeout: .seconds(180))
+        var converged = try await waitForConvergence(cluster, client, timeout: .seconds(180))
+        // The relays finish copying fan-out records (their batches change the logs), then the logs settle.
+        let relaysDone = await waitForRelays(cluster, client, timeout: .seconds(120))
+        if converged { converged = try await waitForConvergence(cluster, client, timeout: .seconds(60)) }
         var logs: [Int: [Int: Checker.ReplicaLog]] = [:]
         for n in ids {
             for s in 0..<shards { logs[n, default: [:]][s] = try await readLog(node: n, shard: s, client) }
@@ -145,7 +148,7 @@ struct Faults: AsyncParsableCommand {
         let catchUps = nemesis.catchUpLog.withLock { $0 }
         let times = catchUps.compactMap(\.seconds).sorted()
         let counts = nemesis.counts.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ")
-        let pass = res.ok && anomalies.isEmpty && verifyFailures.isEmpty && converged
+        let pass = res.ok && anomalies.isEmpty && verifyFailures.isEmpty && converged && relaysDone
         var lines: [String] = []
         lines.append("seed \(seed); \(nodes) nodes, \(shards) shards, \(minutes) min of faults")
         lines.append("faults: \(counts)")
@@ -159,7 +162,7 @@ struct Faults: AsyncParsableCommand {
         )
         lines.append("groups: \(res.membership.isEmpty ? "every node reports voters \(ids) for every shard" : "\(res.membership.count) CHANGED")")
         lines.append("repairs reported by nodes: \(repairs)")
-        lines.append("converged: \(converged); weft-dump --verify: \(verifyFailures.isEmpty ? "all pass" : "\(verifyFailures.count) FAIL")")
+        lines.append("converged: \(converged); relays caught up: \(relaysDone); weft-dump --verify: \(verifyFailures.isEmpty ? "all pass" : "\(verifyFailures.count) FAIL")")
         lines.append(
             "lost \(res.lost.count), duplicated \(res.duplicated.count), divergent \(res.divergent.count), unexpected \(res.unexpected.count), misplaced \(res.misplaced.count), hostile \(res.hostile.count), membership \(res.membership.count)"
         )
@@ -220,6 +223,32 @@ struct Faults: AsyncParsableCommand {
             try await Task.sleep(for: .milliseconds(500))
         }
         print("weft-faults: replicas did not converge within \(timeout): \(last)")
+        return false
+    }
+
+    /// Every node's relays report no lag (`weft_relay_lag_records` 0 for every lane; refreshed once a
+    /// second), twice in a row.
+    func waitForRelays(_ cluster: Cluster, _ client: HTTPClient, timeout: Duration) async -> Bool {
+        let end = ContinuousClock.now + timeout
+        var clean = 0
+        var lagging: [String] = []
+        while ContinuousClock.now < end {
+            lagging = []
+            for n in cluster.nodes {
+                guard case .response(200, let b) = await client.request(.GET, host: TestNetwork.address(n), port: Cluster.apiPort, path: "/metrics", timeout: .seconds(5))
+                else {
+                    lagging.append("node \(n): no metrics")
+                    continue
+                }
+                for line in String(decoding: b, as: UTF8.self).split(separator: "\n") where line.hasPrefix("weft_relay_lag_records{") {
+                    if let v = line.split(separator: " ").last.flatMap({ Double($0) }), v > 0 { lagging.append("node \(n): \(line)") }
+                }
+            }
+            clean = lagging.isEmpty ? clean + 1 : 0
+            if clean >= 2 { return true }
+            try? await Task.sleep(for: .milliseconds(1500))
+        }
+        print("weft-faults: relays still lagging after \(timeout): \(lagging.prefix(4))")
         return false
     }
 

@@ -63,7 +63,7 @@ enum SelfCheck {
                 Checker.check(logs: [1: [0: [good[0], entry(2, "b", seq: 3)]], 2: [0: [good[0], entry(2, "b", seq: 3)]], 3: [0: [good[0], entry(2, "b", seq: 3)]]], acked: [:], failed: [], indeterminate: ["a", "b"], shards: 1),
                 { !$0.divergent.isEmpty }
             ),
-        ] + burstCases() + hostileCases(good: good, acked: acked) + groupCases(good: good, acked: acked)
+        ] + burstCases() + hostileCases(good: good, acked: acked) + groupCases(good: good, acked: acked) + relayCases(good: good, acked: acked)
         var lines: [String] = []
         var ok = true
         for (name, result, expected) in cases {
@@ -143,6 +143,33 @@ enum SelfCheck {
             ("hostile: a membership record with a marker", all(config), { $0.hostile.count == 3 }),
             ("hostile: a request answered 2xx", all(good, accepted: ["reserved-type-3 HOSTILE-1: 200"]), { $0.hostile.count == 1 && !$0.ok }),
             ("hostile: none", all(good), { $0.ok }),
+        ]
+    }
+
+    /// The relay workload: a fan-out record in shard 0 and the record the relay derived in shard 1.
+    static func relayCases(good: [Checker.Entry], acked: [String: History.Ack]) -> [Case] {
+        func bytes(_ values: [UInt64], _ tail: String) -> String {
+            var b: [UInt8] = []
+            for v in values { withUnsafeBytes(of: v.littleEndian) { b.append(contentsOf: $0) } }
+            return String(decoding: b + Array(tail.utf8), as: UTF8.self)
+        }
+        let fanout = Checker.Entry(index: 4, term: 1, type: 6, stream: 1, seq: 4, payload: "\u{1}\u{0}" + bytes([1, 101], "r3-1"))
+        func derived(_ seq: UInt64, source index: UInt64 = 4) -> Checker.Entry {
+            Checker.Entry(index: 1 + seq, term: 1, type: 1, stream: 101, seq: seq, payload: bytes([0, index], "r3-1"))
+        }
+        // The relay batch header in shard 1 before the derived record: source 0, range 4...4, one record.
+        let header = Checker.Entry(index: 1, term: 1, type: 5, stream: 0, seq: 0, payload: bytes([0, 4, 4], "") + "\u{1}\u{0}\u{0}\u{0}" + bytes([4], ""))
+        var withFanout = acked
+        withFanout["r3-1"] = .init(shard: 0, index: 4, seq: 4)
+        func run(_ destination: [Checker.Entry]) -> Checker.Result {
+            let l = [0: good + [fanout], 1: [header] + destination]
+            return Checker.check(logs: [1: l, 2: l, 3: l], acked: withFanout, failed: [], indeterminate: [], shards: 2)
+        }
+        return [
+            ("relay: every fan-out record derived once", run([derived(1)]), { $0.ok }),
+            ("relay: a derived record missing", run([]), { $0.lost.count == 3 }),
+            ("relay: derived twice", run([derived(1), derived(2)]), { $0.duplicated.count == 3 }),
+            ("relay: derived from another source index", run([derived(1, source: 3)]), { $0.lost.count == 3 && $0.unexpected.count == 3 }),
         ]
     }
 

@@ -5,6 +5,9 @@ import Foundation
 /// outcome is unknown is never sent again (a retry could write it twice). Odd-numbered writers send each
 /// payload with an `Idempotency-Key` and retry an unknown outcome with the same key (through any node,
 /// until acknowledged or the run ends): the checker then requires each of those payloads exactly once.
+/// Every fourth writer (3, 7, ...) writes `fanout` records (keyed, retried the same way) naming a stream
+/// from `Checker.derivedStreamBase` in another shard: the relay of the source shard's leader copies each
+/// one there, and the checker requires every fan-out record's derived record exactly once.
 struct Workload: Sendable {
     let client: HTTPClient
     let nodes: [Int]
@@ -20,8 +23,19 @@ struct Workload: Sendable {
             let shard = Int(rng.next() % UInt64(shards))
             let stream = 1 + Int(rng.next() % UInt64(streams))
             let keyed = process % 2 == 1
-            let value = keyed ? "k\(process)-\(n)" : "w\(process)-\(n)"
-            let body = Array(#"{"records":[{"stream":\#(stream),"payload":"\#(value)"}]}"#.utf8)
+            let relayed = process % 4 == 3 && shards > 1
+            let value = relayed ? "r\(process)-\(n)" : keyed ? "k\(process)-\(n)" : "w\(process)-\(n)"
+            let body: [UInt8]
+            if relayed {
+                let destination = UInt64((shard + 1 + Int(rng.next() % UInt64(shards - 1))) % shards)
+                var f: [UInt8] = [1, 0]
+                withUnsafeBytes(of: destination.littleEndian) { f.append(contentsOf: $0) }
+                withUnsafeBytes(of: (Checker.derivedStreamBase + UInt64(stream)).littleEndian) { f.append(contentsOf: $0) }
+                f += Array(value.utf8)
+                body = Array(#"{"records":[{"stream":\#(stream),"type":6,"payload_b64":"\#(Data(f).base64EncodedString())"}]}"#.utf8)
+            } else {
+                body = Array(#"{"records":[{"stream":\#(stream),"payload":"\#(value)"}]}"#.utf8)
+            }
             // A definite failure (no connection: nothing was sent) is retried on another node, up to three
             // nodes; an unknown outcome never is (a retry could write the payload twice), unless the write
             // carries a key: then it is retried until acknowledged, refused, or the run is over.
