@@ -79,7 +79,7 @@ let package = Package(
         .target(
             name: "WeftBench",
             dependencies: [
-                "WeftCore", "SegmentFormat", "SegmentStore", "ClusterConfig",
+                "WeftCore", "SegmentFormat", "SegmentStore", "ClusterConfig", "Raft", "Replication", "ShardState",
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
                 .product(name: "HummingbirdWSClient", package: "hummingbird-websocket"),
                 .product(name: "NIOCore", package: "swift-nio"),

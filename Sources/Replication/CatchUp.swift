@@ -256,6 +256,8 @@ extension ShardReplica {
             // The log is already replaced: this replica cannot go back to its old state.
             throw ReplaceFailure(underlying: error)
         }
-        log("caught up from the leader's files (transfer \(request.transfer)): log now ends at \(store.lastIndex)")
+        stats.catchUpsInstalled += 1
+        if shipped != nil { stats.snapshotsInstalled += 1 }
+        log("caught up from the leader's files (transfer \(request.transfer)\(shipped.map { ", snapshot at \($0.index)" } ?? "")): log now ends at \(store.lastIndex)")
     }
 }

@@ -20,7 +20,8 @@ extension ShardReplica {
             shard: shard, node: id, role: raft.membership.all.contains(id) ? raft.role.rawValue : "not a member", leader: raft.leader, term: raft.term,
             commitIndex: raft.commit, appliedIndex: raft.applied, lastIndex: raft.lastIndex, matchIndexes: raft.matchIndexes,
             voters: raft.membership.voters.sorted(), learners: raft.membership.learners.sorted(),
-            recovering: raft.recovering, repairs: repairs, repairEvents: Array(repairEvents.suffix(10)), stats: stats)
+            recovering: raft.recovering, repairs: repairs, repairEvents: Array(repairEvents.suffix(10)), stats: stats, firstIndex: store.firstIndex,
+            retainThrough: retainThrough)
     }
 
     /// Committed records only (up to the applied index), checked block by block as they are read; a

@@ -145,6 +145,9 @@ public struct ReplicaStats: Sendable, Equatable, Codable {
     public var recordsCommitted: UInt64 = 0
     /// Segments retention dropped.
     public var segmentsDropped: UInt64 = 0
+    /// Catch-ups installed from a leader's files (with a snapshot, when its log no longer starts at 1).
+    public var catchUpsInstalled: UInt64 = 0
+    public var snapshotsInstalled: UInt64 = 0
 
     public init() {}
 }

@@ -29,6 +29,10 @@ public struct ShardStatus: Sendable, Equatable {
     public var failure: String?
     /// What the replica did since it opened.
     public var stats = ReplicaStats()
+    /// The first index its log holds (above 1 once retention dropped segments), and the shard's applied
+    /// retention mark (Docs/state.md, "Retention").
+    public var firstIndex: LogIndex = 1
+    public var retainThrough: LogIndex = 0
 
     /// The status of a replica that is not running.
     public static func unavailable(_ shard: ShardID, node: NodeID, _ why: String) -> ShardStatus {

@@ -47,6 +47,9 @@ public enum HTTPAPI {
             public var commit_index: UInt64
             public var applied_index: UInt64
             public var last_index: UInt64
+            /// The first index this replica's log holds, and the shard's retention mark (Docs/state.md).
+            public var first_index: UInt64?
+            public var retained_through: UInt64?
             public var replicas: [Replica]
             /// This replica's storage repairs (Docs/faults.md).
             public var repair: Repair?
@@ -160,7 +163,7 @@ public enum HTTPAPI {
                 shards: shards.map { s in
                     StatusResponse.Shard(
                         id: s.shard.rawValue, role: s.role, leader: s.leader?.rawValue, term: s.term, commit_index: s.commitIndex,
-                        applied_index: s.appliedIndex, last_index: s.lastIndex,
+                        applied_index: s.appliedIndex, last_index: s.lastIndex, first_index: s.firstIndex, retained_through: s.retainThrough,
                         replicas: s.voters.map { StatusResponse.Replica(node: $0.rawValue, role: "voter", match_index: s.matchIndexes[$0] ?? 0) }
                             + s.learners.map { StatusResponse.Replica(node: $0.rawValue, role: "learner", match_index: s.matchIndexes[$0] ?? 0) },
                         repair: StatusResponse.Repair(recovering: s.recovering, repairs: s.repairs, events: s.repairEvents),

@@ -79,7 +79,7 @@ struct StatusCmd: AsyncParsableCommand {
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Benchmarks. They print figures; record them in Docs/benchmarks.md.",
-        subcommands: [BenchStore.self, BenchLog.self, BenchFailover.self, BenchRestart.self])
+        subcommands: [BenchStore.self, BenchLog.self, BenchFailover.self, BenchRestart.self, BenchStateRestart.self])
 }
 
 struct BenchStore: ParsableCommand {
@@ -194,6 +194,32 @@ struct BenchRestart: AsyncParsableCommand {
     func run() async throws {
         var bench = try ClusterBench(configPath: config, executable: URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path)
         try await bench.runRestart(records: records, batch: batch) { print($0); fflush(nil) }
+    }
+}
+
+struct BenchStateRestart: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "state-restart",
+        abstract: "Write a shard of many records and users' state on one replica, then time its restart (warm and cold page cache).")
+
+    @Option(help: "A new, empty directory for the shard.")
+    var dir: String
+
+    @Option(help: "Log entries to write.")
+    var records: Int = 10_000_000
+
+    @Option(help: "Users (one key and one stream each) the records update in turn.")
+    var users: Int = 1_000_000
+
+    @Option(help: "Entries after the snapshot, replayed at the restart.")
+    var tail: Int = 50_000
+
+    func validate() throws {
+        guard records > 0, users > 0, tail >= 0, tail < records else { throw ValidationError("--records, --users must be positive, 0 <= --tail < --records") }
+    }
+
+    func run() throws {
+        try StateRestartBench(directory: dir, records: records, users: users, tail: tail).run { print($0); fflush(nil) }
     }
 }
 

@@ -35,7 +35,8 @@ final class ClusterProcess: @unchecked Sendable {
         return url.appendingPathComponent("weft")
     }
 
-    init(name: String, nodes count: Int = 3, shards: Int = 2, segmentBytes: Int = 1_048_576) throws {
+    /// `storage`: more `[storage]` keys, one per line.
+    init(name: String, nodes count: Int = 3, shards: Int = 2, segmentBytes: Int = 1_048_576, storage: String = "") throws {
         dir = NSTemporaryDirectory() + "weft-cluster-\(name)-\(getpid())"
         try? FileManager.default.removeItem(atPath: dir)
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
@@ -58,6 +59,7 @@ final class ClusterProcess: @unchecked Sendable {
             data_dir = "data"
             fsync = "every_batch"
             segment_bytes = \(segmentBytes)
+            \(storage)
 
             [api]
             operator_token = "\(Self.token)"
@@ -122,7 +124,15 @@ final class ClusterProcess: @unchecked Sendable {
             var leader: UInt64?
             var term: UInt64
             var commit_index: UInt64
+            var applied_index: UInt64?
+            var first_index: UInt64?
+            var retained_through: UInt64?
             var repair: Repair?
+            var stats: Stats?
+        }
+        struct Stats: Decodable {
+            var catchUpsInstalled: UInt64?
+            var snapshotsInstalled: UInt64?
         }
         struct Repair: Decodable {
             var recovering: Bool

@@ -105,7 +105,7 @@ struct Checker {
             h.combine(e.seq)
             h.combine(payload)
             slots.append(Slot(index: e.index, digest: h.finalize()))
-            if e.type == 1 {
+            if e.stream != 0 {
                 if let prev = lastSeq[e.stream], e.seq != prev + 1 {
                     seqGaps.append("shard \(shard): stream \(e.stream) seq \(e.seq) follows \(prev)")
                 }
@@ -183,7 +183,8 @@ struct Checker {
         for n in logs.keys.sorted() {
             var at: [String: String] = [:]
             for (shard, log) in logs[n] ?? [:] {
-                for e in log.entries where e.type == 1 { at["\(shard)/\(e.stream)/\(e.seq)"] = e.payload }
+                // Readers see data and fan-out records (the latter as their raw bytes).
+                for e in log.entries where e.type == 1 || e.type == 6 { at["\(shard)/\(e.stream)/\(e.seq)"] = e.payload }
             }
             for (key, payload) in readBack where at[key] != payload {
                 if let other = at[key] {
