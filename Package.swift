@@ -38,7 +38,9 @@ let package = Package(
         .systemLibrary(
             name: "COpenSSL", pkgConfig: "openssl",
             providers: [.apt(["libssl-dev"])]),
-        .target(name: "SegmentFormat", dependencies: ["WeftCore", "CLZ4"], swiftSettings: strict),
+        // CRC-32C with the CPU's instruction (the only C Weft writes: no library on the machine has it).
+        .target(name: "CCRC32C"),
+        .target(name: "SegmentFormat", dependencies: ["WeftCore", "CLZ4", "CCRC32C"], swiftSettings: strict),
         .target(name: "SegmentStore", dependencies: ["WeftCore", "SegmentFormat"], swiftSettings: strict),
         .target(name: "Raft", dependencies: ["WeftCore"], swiftSettings: strict),
         // The state layer's pure part: the state machine protocol, outcomes, copy-on-write state.

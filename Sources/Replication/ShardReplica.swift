@@ -204,6 +204,12 @@ final class SnapshotJobState: @unchecked Sendable {
     }
 }
 
+/// One result of a `DispatchQueue.concurrentPerform` branch. `@unchecked Sendable`: each slot is written
+/// by one branch and read only after `concurrentPerform` returned (which orders the two).
+final class ParallelSlot<T>: @unchecked Sendable {
+    var value: T?
+}
+
 /// A snapshot's work handed to another thread: the copied state and where to write it.
 /// `@unchecked Sendable`: `files` is used by at most one job at a time (`SnapshotJobState.running`), and
 /// the replica does not touch it while a job runs; its disk must be safe to use from another thread
@@ -540,8 +546,10 @@ public final class ShardReplica {
         var restored: (any ShardStateMachine)?
         var window = RequestWindow()
         var marks = RelayMarks()
+        var seqs = BucketedMap<UInt64, UInt64>()
         let lastIndex = store.lastIndex
         let firstIndex = store.firstIndex
+        let type = machineType
         let snap = snapshots.newest(
             usable: { s in
                 guard s.index <= lastIndex else { return "it is past the end of the log (\(lastIndex))" }
@@ -552,8 +560,23 @@ public final class ShardReplica {
                         return "the log's entry \(s.index) is not of term \(s.term)"
                     }
                 }
+                // The two big parts, decoded at once on two threads (a large state restores in about half
+                // the time): the machine's state, and every stream's seq.
+                let machineSlot = ParallelSlot<Result<any ShardStateMachine, any Error>>()
+                let seqsSlot = ParallelSlot<BucketedMap<UInt64, UInt64>>()
+                DispatchQueue.concurrentPerform(iterations: 2) { k in
+                    if k == 0 {
+                        machineSlot.value = Result { try type.init(snapshot: s.state) }
+                    } else {
+                        var map = BucketedMap<UInt64, UInt64>()
+                        map.reserveCapacity(s.streamSeqs.count)
+                        for x in s.streamSeqs { map[x.stream.rawValue] = x.seq }
+                        seqsSlot.value = map
+                    }
+                }
                 do {
-                    restored = try machineType.init(snapshot: s.state)
+                    restored = try machineSlot.value?.get()
+                    seqs = seqsSlot.value ?? BucketedMap()
                     window = s.requests.isEmpty ? RequestWindow() : try RequestWindow(encoded: s.requests)
                     marks = s.relays.isEmpty ? RelayMarks() : try RelayMarks(encoded: s.relays)
                 } catch {
@@ -576,8 +599,7 @@ public final class ShardReplica {
         machine = restored
         requests = window
         relayMarks = marks
-        appliedSeqs = BucketedMap()
-        for s in snap.streamSeqs { appliedSeqs[s.stream.rawValue] = s.seq }
+        appliedSeqs = seqs
         appliedTerm = snap.term
         retainThrough = snap.retainThrough
         lastSnapshotIndex = snap.index

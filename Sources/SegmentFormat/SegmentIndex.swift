@@ -155,8 +155,13 @@ public struct SegmentIndexFile: Sendable {
     public var segmentBytes: UInt64
     public var recordCount: UInt64
     public var blocks: [BlockEntry]
-    /// Sorted by stream id.
-    public var streams: [StreamEntry]
+    /// The stream table as read (32-byte entries, §5 of segment-format.md), checked at open and searched
+    /// in place: a segment with a stream per user has hundreds of thousands of entries, and turning each
+    /// into a value at open was most of the time to open a large shard (issue 10).
+    /// (The index file's tables as read; the stream table starts at `streamTableOffset`.)
+    var streamTable: [UInt8] = []
+    var streamTableOffset = 0
+    public private(set) var streamCount: Int = 0
     public var runCount: UInt32
     var chunkCRCs: [UInt32]
     var runsOffset: UInt64
@@ -197,7 +202,7 @@ public struct SegmentIndexFile: Sendable {
         }
         var idx = SegmentIndexFile(
             shard: ShardID(head.loadLE(UInt64.self, at: 16)), baseIndex: head.loadLE(at: 24),
-            segmentBytes: head.loadLE(at: 32), recordCount: head.loadLE(at: 48), blocks: [], streams: [],
+            segmentBytes: head.loadLE(at: 32), recordCount: head.loadLE(at: 48), blocks: [],
             runCount: runCount, chunkCRCs: [], runsOffset: UInt64(Layout.indexHeaderBytes + tablesBytes))
         try tables.withUnsafeBytes { t in
             var p = 0
@@ -221,21 +226,24 @@ public struct SegmentIndexFile: Sendable {
             guard total == idx.recordCount else {
                 throw FormatError(.badRecord, file: file, offset: 48, "record count \(idx.recordCount) but blocks hold \(total)")
             }
-            idx.streams.reserveCapacity(streamCount)
+            let streamsAt = p
             var runsSeen: UInt64 = 0
+            var previous: UInt64 = 0
             for i in 0..<streamCount {
-                let s = StreamEntry(
-                    stream: StreamID(t.loadLE(UInt64.self, at: p)), firstSeq: t.loadLE(at: p + 8), lastSeq: t.loadLE(at: p + 16),
-                    firstRun: t.loadLE(at: p + 24), runCount: t.loadLE(at: p + 28))
-                guard UInt64(s.firstRun) == runsSeen, s.runCount >= 1, s.firstSeq <= s.lastSeq,
-                    i == 0 || idx.streams[i - 1].stream < s.stream
-                else {
+                let stream: UInt64 = t.loadLE(at: p)
+                let firstSeq: UInt64 = t.loadLE(at: p + 8)
+                let lastSeq: UInt64 = t.loadLE(at: p + 16)
+                let firstRun: UInt32 = t.loadLE(at: p + 24)
+                let runs: UInt32 = t.loadLE(at: p + 28)
+                guard UInt64(firstRun) == runsSeen, runs >= 1, firstSeq <= lastSeq, i == 0 || previous < stream else {
                     throw FormatError(.badRecord, file: file, offset: UInt64(Layout.indexHeaderBytes + p), "stream entry \(i) is inconsistent")
                 }
-                runsSeen += UInt64(s.runCount)
-                idx.streams.append(s)
+                previous = stream
+                runsSeen += UInt64(runs)
                 p += Layout.indexStreamEntryBytes
             }
+            idx.streamTableOffset = streamsAt
+            idx.streamCount = streamCount
             guard runsSeen == UInt64(runCount) else {
                 throw FormatError(.badRecord, file: file, offset: 44, "run count \(runCount) but streams reference \(runsSeen)")
             }
@@ -244,18 +252,36 @@ public struct SegmentIndexFile: Sendable {
                 p += 4
             }
         }
+        idx.streamTable = tables
         return idx
     }
 
-    /// The stream's entry, by binary search.
-    public func stream(_ id: StreamID) -> StreamEntry? {
-        var lo = 0
-        var hi = streams.count
-        while lo < hi {
-            let mid = (lo + hi) / 2
-            if streams[mid].stream < id { lo = mid + 1 } else { hi = mid }
+    /// Entry `i` of the stream table (sorted by stream id; checked at open).
+    public func streamEntry(at i: Int) -> StreamEntry {
+        streamTable.withUnsafeBytes { t in
+            let p = streamTableOffset + i * Layout.indexStreamEntryBytes
+            return StreamEntry(
+                stream: StreamID(t.loadLE(UInt64.self, at: p)), firstSeq: t.loadLE(at: p + 8), lastSeq: t.loadLE(at: p + 16),
+                firstRun: t.loadLE(at: p + 24), runCount: t.loadLE(at: p + 28))
         }
-        return lo < streams.count && streams[lo].stream == id ? streams[lo] : nil
+    }
+
+    /// Every stream entry, sorted by stream id (built on each call: for tools and retention's marks).
+    public var streams: [StreamEntry] { (0..<streamCount).map(streamEntry(at:)) }
+
+    /// The stream's entry, by binary search in the table.
+    public func stream(_ id: StreamID) -> StreamEntry? {
+        let key = id.rawValue
+        return streamTable.withUnsafeBytes { t -> StreamEntry? in
+            var lo = 0
+            var hi = streamCount
+            while lo < hi {
+                let mid = (lo + hi) / 2
+                if t.loadLE(UInt64.self, at: streamTableOffset + mid * Layout.indexStreamEntryBytes) < key { lo = mid + 1 } else { hi = mid }
+            }
+            guard lo < streamCount, t.loadLE(UInt64.self, at: streamTableOffset + lo * Layout.indexStreamEntryBytes) == key else { return nil }
+            return streamEntry(at: lo)
+        }
     }
 
     /// Reads and verifies the chunk holding run number `run`; returns the chunk's first run number and runs.

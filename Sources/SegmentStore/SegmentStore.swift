@@ -15,8 +15,6 @@ public final class SegmentStore {
     /// or a truncation removed it).
     var segments: [Segment] = []
     var active: Segment?
-    /// stream -> the segments holding its records (spans in log order).
-    var spans: [StreamID: [StreamSpan]] = [:]
 
     public internal(set) var lastIndex: LogIndex = 0
     public internal(set) var lastTerm: Term = 0
@@ -170,7 +168,6 @@ public final class SegmentStore {
             lastIndex = first.base - 1
         }
         lastTerm = lastIndex == 0 ? 0 : ((try? term(at: lastIndex)) ?? 0)
-        rebuildSpans()
         checkFence(fence)
         checkHighWater(highWaterFile, fence: fence)
         findings.damagedFrom = damagedFrom
@@ -392,20 +389,13 @@ public final class SegmentStore {
         }
     }
 
-    /// The per-stream directory, from every segment's stream tables.
-    func rebuildSpans() {
-        spans = [:]
-        for seg in segments {
-            if let sealed = seg.sealed {
-                for e in sealed.streams {
-                    spans[e.stream, default: []].append(StreamSpan(segmentBase: seg.base, firstSeq: e.firstSeq, lastSeq: e.lastSeq))
-                }
-            } else {
-                for (id, r) in seg.builder.streams {
-                    spans[id, default: []].append(StreamSpan(segmentBase: seg.base, firstSeq: r.firstSeq, lastSeq: r.lastSeq))
-                }
-            }
-        }
+    /// The segments holding a stream's records, in log order: a binary search in each segment's stream
+    /// table (sealed: the `.idx` file's, in memory; active: the builder's). Found on demand rather than
+    /// kept in a per-stream directory: with a stream per user such a directory holds an entry per
+    /// (stream, segment), costs memory for every stream ever written, and rebuilding it made opening a
+    /// shard of a million streams take seconds (issue 10's restart target).
+    func spans(of stream: StreamID) -> [StreamSpan] {
+        segments.compactMap { seg in seg.streamSummary(stream).map { StreamSpan(segmentBase: seg.base, firstSeq: $0.firstSeq, lastSeq: $0.lastSeq) } }
     }
 
     // MARK: Append
@@ -413,7 +403,15 @@ public final class SegmentStore {
     /// The last seq a stream has had in this log (0 if none): of its records held, or of those retention
     /// dropped (`streams.hwm`), whichever is higher. The next record of the stream must be this + 1.
     public func lastSeq(of stream: StreamID) -> StreamSeq {
-        max(spans[stream]?.last?.lastSeq ?? 0, highWater[stream] ?? 0)
+        // Newest segment first: a stream written lately is found in the active one.
+        var held: StreamSeq = 0
+        for seg in segments.reversed() {
+            if let s = seg.streamSummary(stream) {
+                held = s.lastSeq
+                break
+            }
+        }
+        return max(held, highWater[stream] ?? 0)
     }
 
     /// Appends a batch: one write and, under `.everyBatch`, one fdatasync; returns when the batch is as
@@ -427,7 +425,9 @@ public final class SegmentStore {
         }
         try validate(batch)
 
-        if active == nil || active!.size >= options.segmentBytesMax || (active!.isEmpty && active!.base != batch[0].index) {
+        if active == nil || active!.size >= options.segmentBytesMax || (active!.isEmpty && active!.base != batch[0].index)
+            || active!.lastIndex + 1 - active!.base >= options.segmentRecordsMax
+        {
             try wrapDisk { try roll(base: batch[0].index) }
         }
         guard let seg = active else { preconditionFailure("roll leaves an active segment") }
@@ -489,13 +489,6 @@ public final class SegmentStore {
             seg.builder.add(offset: seg.size + UInt64(offset), header: header, records: batch[range])
         }
         seg.size += UInt64(bytes.count)
-        for r in batch where r.stream != .none {
-            if let last = spans[r.stream]?.last, last.segmentBase == seg.base {
-                spans[r.stream]![spans[r.stream]!.count - 1].lastSeq = r.seq
-            } else {
-                spans[r.stream, default: []].append(StreamSpan(segmentBase: seg.base, firstSeq: r.seq, lastSeq: r.seq))
-            }
-        }
         lastIndex = batch[batch.count - 1].index
         lastTerm = batch[batch.count - 1].term
         try wrapDisk { try writeFence() }
@@ -724,7 +717,7 @@ extension SegmentStore {
     }
 
     /// Up to `limit` records of `stream` with seq >= `fromSeq`, in ascending seq order.
-    /// Cost: a binary search over the stream's spans and runs, then one block read per run touched.
+    /// Cost: a binary search in each segment's stream table, one over the stream's runs, then one block read per run touched.
     /// A hole in the stream's dense sequence (records lost to damage) is an error, never skipped.
     public func readStream(_ stream: StreamID, fromSeq: StreamSeq, limit: Int) throws -> [Record] {
         try repairingIndex { try readStreamOnce(stream, fromSeq: fromSeq, limit: limit) }
@@ -752,13 +745,13 @@ extension SegmentStore {
                 seg.builder = try scan(seg, expectedEnd: end)
                 try seal(seg)
             }
-            rebuildSpans()
             return try read()
         }
     }
 
     func readStreamOnce(_ stream: StreamID, fromSeq: StreamSeq, limit: Int) throws -> [Record] {
-        guard limit > 0, let list = spans[stream], let top = list.last?.lastSeq else { return [] }
+        let list = spans(of: stream)
+        guard limit > 0, let top = list.last?.lastSeq else { return [] }
         var out = [Record]()
         var i = lowerBound(list.count) { list[$0].lastSeq < fromSeq }
         var want = max(fromSeq, list.first?.firstSeq ?? fromSeq)
@@ -784,7 +777,8 @@ extension SegmentStore {
     }
 
     func readStreamBackwardOnce(_ stream: StreamID, beforeSeq: StreamSeq?, limit: Int) throws -> [Record] {
-        guard limit > 0, let list = spans[stream], let top = list.last?.lastSeq, let first = list.first else { return [] }
+        let list = spans(of: stream)
+        guard limit > 0, let top = list.last?.lastSeq, let first = list.first else { return [] }
         if let b = beforeSeq, b <= 1 { return [] }
         var want = min(beforeSeq.map { $0 - 1 } ?? UInt64.max, top)
         var out = [Record]()

@@ -26,6 +26,10 @@ public struct StoreOptions: Sendable {
     /// and wait on every sync. Written ahead, the size changes once per this many bytes. The zeros past
     /// the data are cut at seal and, after a crash, at open (Docs/storage.md).
     public var preallocateBytes: UInt64 = 1 << 20
+    /// A segment is also sealed once it holds this many records (issue 10): the active segment has no
+    /// index file, so opening the store rebuilds its index by reading every block, and this bounds that
+    /// work (and so a restart's time) for small records, which fill 64 MiB only after millions.
+    public var segmentRecordsMax: UInt64 = 262_144
 
     public init(
         shard: ShardID = ShardID(0), segmentBytesMax: UInt64 = 64 << 20, blockBytesTarget: Int = 16 << 10,

@@ -65,7 +65,6 @@ extension SegmentStore {
         }
         lastIndex = index - 1
         lastTerm = lastIndex == 0 || lastIndex < firstIndex ? 0 : try term(at: lastIndex)
-        rebuildSpans()
     }
 
     private func cut(_ seg: Segment, at index: LogIndex) throws {
@@ -190,7 +189,6 @@ extension SegmentStore {
             if dropped > 0 { try disk.syncDirectory(directory) }
         }
         if dropped > 0 {
-            rebuildSpans()
             if let d = damagedFrom, d < firstIndex { damagedFrom = nil }
         }
         return dropped

@@ -60,6 +60,13 @@ public struct BucketedMap<Key: StableHashable, Value: Sendable>: Sendable {
         }
     }
 
+    /// Room for `count` entries in all, spread over the buckets (a restore that knows its size does not
+    /// grow and rehash every bucket ~20 times on the way).
+    @inlinable public mutating func reserveCapacity(_ count: Int) {
+        let per = count / Self.bucketCount + count / (Self.bucketCount * 8) + 1
+        for b in buckets.indices where buckets[b].capacity < per { buckets[b].reserveCapacity(per) }
+    }
+
     /// The entries of one bucket (for serialising bucket by bucket).
     @inlinable public func entries(inBucket b: Int) -> [Key: Value] { buckets[b] }
 }

@@ -112,6 +112,8 @@ public struct KeyValueMachine: ShardStateMachine {
         var r = LEReader(b)
         guard let clock = r.u64(), let count = r.u64() else { throw StateDecodeError("snapshot too short for its header (\(b.count) bytes)") }
         clockMicros = Int64(bitPattern: clock)
+        // Each entry takes at least 14 bytes: a count beyond that is a lie, caught below, not reserved.
+        entries.reserveCapacity(Int(min(count, UInt64(b.count / 14))))
         for n in 0..<count {
             guard let kl = r.u16(), let key = r.bytes(Int(kl)), let version = r.u64(), let vl = r.u32(), let value = r.bytes(Int(vl)) else {
                 throw StateDecodeError("snapshot entry \(n) of \(count) runs past the end at byte \(r.offset)")

@@ -214,12 +214,15 @@ struct BenchStateRestart: ParsableCommand {
     @Option(help: "Entries after the snapshot, replayed at the restart.")
     var tail: Int = 50_000
 
+    @Flag(help: "Only time the restarts of a shard an earlier run wrote to --dir.")
+    var reopenOnly = false
+
     func validate() throws {
         guard records > 0, users > 0, tail >= 0, tail < records else { throw ValidationError("--records, --users must be positive, 0 <= --tail < --records") }
     }
 
     func run() throws {
-        try StateRestartBench(directory: dir, records: records, users: users, tail: tail).run { print($0); fflush(nil) }
+        try StateRestartBench(directory: dir, records: records, users: users, tail: tail, reopenOnly: reopenOnly).run { print($0); fflush(nil) }
     }
 }
 

@@ -34,6 +34,24 @@ func referenceCRC32C(_ bytes: [UInt8]) -> UInt32 {
         }
     }
 
+    /// The CPU's instruction (where there is one) and the table-driven code agree, at every alignment
+    /// and length, and continuing from any CRC.
+    @Test func hardwareAndSoftwareAgree() {
+        var rng = SeededRNG(seed: 3)
+        let bytes = rng.bytes(5000)
+        for start in 0..<9 {
+            for length in Array(0..<40) + [63, 64, 65, 1000, 4096] {
+                let slice = bytes[start..<(start + length)]
+                let seed = UInt32(truncatingIfNeeded: rng.next())
+                let hw = slice.withUnsafeBytes { CRC32C.checksum($0, continuing: seed) }
+                let sw = slice.withUnsafeBytes { CRC32C.software($0, continuing: seed) }
+                #expect(hw == sw, "start \(start) length \(length)")
+            }
+        }
+        #expect(Array("123456789".utf8).withUnsafeBytes { CRC32C.software($0) } == 0xE306_9283)
+        print("CRC-32C: \(CRC32C.hardware ? "the CPU's instruction" : "software (no instruction on this CPU)")")
+    }
+
     @Test func incrementalEqualsOneShot() {
         var rng = SeededRNG(seed: 2)
         let bytes = rng.bytes(300)
