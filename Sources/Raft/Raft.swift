@@ -669,6 +669,12 @@ public struct Raft {
 
     /// Asks the driver to ship this log's prefix up to `index` to `to` as files; the `snapshot` message
     /// itself goes last, after the files, and the follower answers it once they are in place.
+    /// On the leader: the catch-up transfers under way (followers in snapshot state).
+    public var catchUpTransfers: Set<UInt64> {
+        guard role == .leader else { return [] }
+        return Set(progress.values.filter { $0.state == .snapshot }.map(\.transfer))
+    }
+
     mutating func sendSnapshot(to: NodeID, index: LogIndex) {
         guard var pr = progress[to] else { return }
         var m = Message(kind: .snapshot, from: id, to: to, term: term)
@@ -822,7 +828,7 @@ public struct Raft {
         }
         // Committed entries are the same in every leader's log: the entry right before this log's first
         // (retention dropped it after applying it) matches whatever its term, if it is committed here.
-        let dropped = m.index > 0 && m.index + 1 == log.firstIndex && m.index <= commit
+        let dropped = m.index > 0 && m.index == log.firstIndex - 1 && m.index <= commit
         if dropped || termAt(m.index) == m.logTerm {
             let lastNew = m.index + UInt64(m.entries.count)
             if let conflict = m.entries.firstIndex(where: { termAt($0.index) != $0.term }) {

@@ -49,7 +49,19 @@ extension ShardReplica {
         var m = m
         let from = store.firstIndex - 1
         let all = ((try? snapshots.indexes()) ?? []).filter { $0 >= from && $0 <= raft.applied }
-        guard let snap = all.first(where: { $0 <= store.sealedLastIndex }) ?? all.first else {
+        // Prefer one inside the sealed files; ship only one that reads back whole (a damaged one would be
+        // refused by the follower on every attempt).
+        var snap: LogIndex?
+        for i in all.filter({ $0 <= store.sealedLastIndex }) + all.filter({ $0 > store.sealedLastIndex }) {
+            do {
+                _ = try snapshots.load(i)
+                snap = i
+                break
+            } catch {
+                record("catch-up of node \(m.to): snapshot at \(i) not shipped: \(error)")
+            }
+        }
+        guard let snap else {
             record("catch-up of node \(m.to): no snapshot reaches back to index \(from), where this log now starts; trying again later")
             return raft.reportCatchUp(to: m.to, transfer: m.context, failed: true)
         }
@@ -64,7 +76,21 @@ extension ShardReplica {
         m.index = store.sealedLastIndex
         m.logTerm = (try? store.term(at: m.index)) ?? 0
         let name = SnapshotFiles.name(snap)
-        startCatchUp(m.to, m.context, store.sealedFiles() + [(name, snapshots.directory + "/" + name)], m)
+        // The snapshot is kept until the transfer ends (newer snapshots would otherwise remove it), and
+        // goes first; retention drops no segment on this replica while a transfer is under way.
+        snapshots.pin(snap)
+        outgoingSnapshots[m.context] = snap
+        startCatchUp(m.to, m.context, [(name, snapshots.directory + "/" + name)] + store.sealedFiles(), m)
+    }
+
+    /// Unpins the snapshots of transfers that ended (answered, failed, given up, or leadership lost).
+    func releaseEndedTransfers() {
+        guard !outgoingSnapshots.isEmpty else { return }
+        let live = raft.catchUpTransfers
+        for (t, snap) in outgoingSnapshots where !live.contains(t) {
+            snapshots.unpin(snap)
+            outgoingSnapshots[t] = nil
+        }
     }
 
     /// Leader: the shipper's news about a transfer to `to`.
@@ -226,16 +252,22 @@ extension ShardReplica {
         // A snapshot still being written from the old state finishes first (its files are not shared).
         if !snapshotJob.waitIdle(until: Date(timeIntervalSinceNow: 10)) { log("a snapshot was still being written at catch-up install") }
         _ = snapshotJob.take()
+        // The shipped snapshot goes in first: it is the state at a committed index, valid with the old log
+        // as with the new one, so a crash at any point from here leaves a log and a snapshot that reaches
+        // it (the old log with its old snapshots, or the new log with this one).
+        if let s = shipped, let name = snapshotNames.last {
+            do {
+                try snapshots.adopt(stagingDirectory + "/" + name, index: s.index)
+            } catch {
+                throw ReplaceFailure(underlying: error)
+            }
+        }
         do {
             failAll(.outcomeUnknown("replica \(id) of shard \(shard) replaced its log with the leader's files"))
             store.close()
             try SegmentStore.removeLog(in: dir, disk: disk)
             for n in names { try disk.rename(stagingDirectory + "/" + n, to: dir + "/" + n) }
             try disk.syncDirectory(dir)
-            if let s = shipped, let name = snapshotNames.last {
-                // The old snapshots describe the replaced log: only the shipped one is kept.
-                try snapshots.adopt(stagingDirectory + "/" + name, index: s.index)
-            }
             store = try SegmentStore(directory: dir, options: options, disk: disk, log: log)
             // The shipped log is verified and in place: its fence describes it.
             try store.acceptFindings()

@@ -73,6 +73,15 @@ extension ShardReplica {
         return payload.withUnsafeBytes { LogIndex(littleEndian: $0.loadUnaligned(as: LogIndex.self)) }
     }
 
+    /// The first index this replica's log holds (shard thread).
+    public var firstLogIndex: LogIndex { store.firstIndex }
+
+    /// Where a relay of this shard may start reading: past the applied retention mark, and past what this
+    /// log dropped (its drop was bounded by a retention mark already committed, which the applied state of
+    /// a replica restarted from an older snapshot may not have reached yet; every destination had reached
+    /// that mark).
+    public var relayStart: LogIndex { max(retainThrough, store.firstIndex - 1) + 1 }
+
     /// Types only the replica itself proposes (request keys, relay batch headers, retention).
     static func isReplicaType(_ t: RecordType) -> Bool { t == .requestKey || t == .relayBatch || t == .retain }
 
@@ -112,7 +121,8 @@ extension ShardReplica {
     /// Drops the whole sealed segments this replica may: up to the applied `retain` mark and its own floor.
     func dropRetained() {
         let through = min(retainThrough, localRetentionFloor())
-        guard through >= store.firstIndex, currentTransfer == nil else { return }
+        // Not while files are being shipped to or staged from a catch-up (the shipper reads them later).
+        guard through >= store.firstIndex, currentTransfer == nil, outgoingSnapshots.isEmpty, raft.catchUpTransfers.isEmpty else { return }
         do {
             let n = try store.dropSegments(through: through)
             if n > 0 {

@@ -329,6 +329,8 @@ public final class ShardReplica {
     /// Whether this shard's records feed relays at all (the node runs them on the leader): then the
     /// leader's retention waits for `relayFloor`.
     public var hasRelays = false
+    /// Catch-ups this leader is shipping with a snapshot: transfer -> the (pinned) snapshot's index.
+    var outgoingSnapshots: [UInt64: LogIndex] = [:]
     /// Ticks between two retention checks.
     public var retentionCheckTicks = 200
     var ticksSinceRetention = 0
@@ -512,15 +514,26 @@ public final class ShardReplica {
         }
         // Files staged for a catch-up before a restart belong to a transfer this replica no longer knows.
         try clearStaging()
-        try restoreFromSnapshot()
-        if store.firstIndex > 1 && raft.applied + 1 < store.firstIndex {
+        let restoredAt = try restoreFromSnapshot()
+        if self.store.firstIndex > 1 && (restoredAt ?? 0) + 1 < self.store.firstIndex {
             // Retention dropped the log's start and no snapshot reaches it: the state cannot be rebuilt
-            // here. Never guess: empty the log and take the leader's files and snapshot.
-            record("no usable snapshot reaches back to index \(store.firstIndex - 1), where the log starts")
+            // here (Raft's applied index, raised to the log's start, says nothing of the state). Never
+            // guess: set the log aside (kept for an operator, never deleted) and take the leader's files
+            // and snapshot.
+            let aside = "set-aside-\(Int(Date().timeIntervalSince1970))"
+            record("no usable snapshot reaches back to index \(self.store.firstIndex - 1), where the log starts: log moved to \(aside)/, refetching from the leader")
             raft.beginRecovery()
-            try enterRecovery(cutFrom: store.firstIndex)
+            let dir = self.store.directory
+            let options = self.store.options
+            let disk = self.store.fileSystem
+            self.store.close()
+            try SegmentStore.setAside(in: dir, into: aside, disk: disk)
+            self.store = try SegmentStore(directory: dir, options: options, disk: disk, log: log)
+            try enterRecovery(cutFrom: self.store.firstIndex)
         }
-        if store.lastIndex >= store.firstIndex, let last = try? store.read(from: store.lastIndex, to: store.lastIndex, limit: 1).last {
+        if self.store.lastIndex >= self.store.firstIndex,
+            let last = try? self.store.read(from: self.store.lastIndex, to: self.store.lastIndex, limit: 1).last
+        {
             lastStampMicros = last.timestampMicros
         }
     }
@@ -541,7 +554,8 @@ public final class ShardReplica {
     /// Loads the newest usable snapshot (its entry is in this log with the same term, and the state
     /// machine reads its bytes): the state and `applied` start there and only the entries after it are
     /// replayed. Without one, the state starts empty and the whole log is replayed.
-    func restoreFromSnapshot(context: String = "at open") throws {
+    @discardableResult
+    func restoreFromSnapshot(context: String = "at open") throws -> LogIndex? {
         var problems: [String] = []
         var restored: (any ShardStateMachine)?
         var window = RequestWindow()
@@ -585,7 +599,7 @@ public final class ShardReplica {
                 return nil
             }, problems: &problems)
         for p in problems { record("\(context): \(p)") }
-        guard let snap, let restored else { return }
+        guard let snap, let restored else { return nil }
         // Every write that can fail comes before any state changes: a failure leaves the replica as it was.
         var membership = raft.membership
         var membershipIndex = raft.membershipIndex
@@ -611,6 +625,7 @@ public final class ShardReplica {
             config: raftConfig, log: reader, hardState: hs, membership: membership, applied: snap.index, membershipIndex: membershipIndex,
             recovering: raft.recovering)
         log("state restored from the snapshot at index \(snap.index); entries after it are replayed")
+        return snap.index
     }
 
     /// The index the marker file says the damage started at (nil: unknown or unreadable).
@@ -956,6 +971,7 @@ public final class ShardReplica {
             try repairIfDamaged()
         }
         hasPendingWork = raft.hasReady && !stalled
+        releaseEndedTransfers()
         try maybeSnapshot()
         if stalled, let why = reader.readFailure {
             let since = readStallSince ?? ContinuousClock.now

@@ -1,3 +1,4 @@
+import Foundation
 import Raft
 import SegmentFormat
 import SegmentStore
@@ -171,16 +172,28 @@ public final class SnapshotFiles {
         try disk.list(directory).compactMap(Self.index(ofName:)).sorted(by: >)
     }
 
-    /// Replaces every snapshot file with the (checked, synced) file at `path`, a snapshot at `index` (a
-    /// catch-up shipped it with a log that replaces this replica's).
+    /// Adds the (checked) snapshot file at `path`, a snapshot at `index` that a catch-up shipped, synced
+    /// and renamed in; then the older ones go (a snapshot is the state at a committed index, the same in
+    /// every replica's history, so newer ones stay valid).
     public func adopt(_ path: String, index: LogIndex) throws {
         let f = try disk.open(path, create: false)
         try f.sync()
         f.close()
-        for old in try indexes() { try disk.remove(directory + "/" + Self.name(old)) }
         try disk.rename(path, to: directory + "/" + Self.name(index))
         try disk.syncDirectory(directory)
+        for old in try indexes() where old < index && !isPinned(old) { try disk.remove(directory + "/" + Self.name(old)) }
     }
+
+    /// Snapshots a catch-up is shipping: never removed while pinned (the shipper reads them later).
+    let pinLock = NSLock()
+    var pinned: [LogIndex: Int] = [:]
+    public func pin(_ index: LogIndex) { pinLock.withLock { pinned[index, default: 0] += 1 } }
+    public func unpin(_ index: LogIndex) {
+        pinLock.withLock {
+            if let n = pinned[index] { pinned[index] = n > 1 ? n - 1 : nil }
+        }
+    }
+    func isPinned(_ index: LogIndex) -> Bool { pinLock.withLock { pinned[index] != nil } }
 
     /// Reads and checks one snapshot file.
     public func load(_ index: LogIndex) throws -> StateSnapshot {
@@ -249,6 +262,6 @@ public final class SnapshotFiles {
         }
         try disk.rename(tmp, to: path)
         try disk.syncDirectory(directory)
-        for old in try indexes().dropFirst(keep) { try disk.remove(directory + "/" + Self.name(old)) }
+        for old in try indexes().dropFirst(keep) where !isPinned(old) { try disk.remove(directory + "/" + Self.name(old)) }
     }
 }

@@ -58,6 +58,20 @@ extension SegmentStore {
     /// Deletes a closed store's log files in `directory` (segments, indexes, a truncate intent, the
     /// stream high-water marks, the fence), the fence last: a crash half way leaves it to report the
     /// records that are gone (and a log that begins after index 1 without its marks is reported too).
+    /// Moves a closed log's files (segments, indexes, `streams.hwm`, the fence) into `directory/name/`,
+    /// kept for an operator: the replica cannot use them (Replication: no snapshot reaches their start).
+    public static func setAside(in directory: String, into name: String, disk: any Disk) throws {
+        let aside = directory + "/" + name
+        try disk.makeDirectory(aside)
+        let names = try disk.list(directory).filter {
+            FileNames.segmentBase($0) != nil || $0.hasSuffix(".idx") || $0 == FileNames.intent || $0 == FileNames.highWater
+                || $0 == FileNames.fence
+        }
+        for n in names { try disk.rename(directory + "/" + n, to: aside + "/" + n) }
+        try disk.syncDirectory(aside)
+        try disk.syncDirectory(directory)
+    }
+
     public static func removeLog(in directory: String, disk: any Disk) throws {
         let names = try disk.list(directory).filter {
             FileNames.segmentBase($0) != nil || $0.hasSuffix(".idx") || $0 == FileNames.intent

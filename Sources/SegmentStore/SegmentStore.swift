@@ -42,6 +42,10 @@ public final class SegmentStore {
     /// Marks of some dropped records are unknown (found at open); written into the file as `incomplete`.
     var highWaterIncomplete = false
 
+    /// Streams' last seqs held, as `lastSeq(of:)` found them or appends set them (filled on demand: one
+    /// entry per stream written or asked about since the store opened; emptied when entries are cut).
+    var lastSeqs: [StreamID: StreamSeq] = [:]
+
     /// Index of the oldest record held (lastIndex + 1 when empty).
     public var firstIndex: LogIndex { segments.first(where: { !$0.isEmpty })?.base ?? lastIndex + 1 }
     public var segmentCount: Int { segments.count }
@@ -403,7 +407,9 @@ public final class SegmentStore {
     /// The last seq a stream has had in this log (0 if none): of its records held, or of those retention
     /// dropped (`streams.hwm`), whichever is higher. The next record of the stream must be this + 1.
     public func lastSeq(of stream: StreamID) -> StreamSeq {
-        // Newest segment first: a stream written lately is found in the active one.
+        if let known = lastSeqs[stream] { return max(known, highWater[stream] ?? 0) }
+        // Newest segment first: a stream written lately is found in the active one. The answer is kept
+        // (appends keep it current), so a stream costs this search once per open, not per record.
         var held: StreamSeq = 0
         for seg in segments.reversed() {
             if let s = seg.streamSummary(stream) {
@@ -411,6 +417,7 @@ public final class SegmentStore {
                 break
             }
         }
+        lastSeqs[stream] = held
         return max(held, highWater[stream] ?? 0)
     }
 
@@ -489,6 +496,7 @@ public final class SegmentStore {
             seg.builder.add(offset: seg.size + UInt64(offset), header: header, records: batch[range])
         }
         seg.size += UInt64(bytes.count)
+        for r in batch where r.stream != .none { lastSeqs[r.stream] = r.seq }
         lastIndex = batch[batch.count - 1].index
         lastTerm = batch[batch.count - 1].term
         try wrapDisk { try writeFence() }

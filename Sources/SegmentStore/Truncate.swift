@@ -47,6 +47,7 @@ extension SegmentStore {
         try guardDisk { try writeFence(Fence(firstIndex: firstIndex, lastIndex: newLast, lastTerm: newTerm), sync: true) }
         guard index <= lastIndex else { return }
         recentBlocks = []
+        lastSeqs = [:]
         defer { recentBlocks = [] }
         try guardDisk {
             var removed = false
@@ -65,6 +66,7 @@ extension SegmentStore {
         }
         lastIndex = index - 1
         lastTerm = lastIndex == 0 || lastIndex < firstIndex ? 0 : try term(at: lastIndex)
+        lastSeqs = [:]
     }
 
     private func cut(_ seg: Segment, at index: LogIndex) throws {

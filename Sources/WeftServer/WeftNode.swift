@@ -219,7 +219,7 @@ public final class WeftNode: Sendable {
         let tail = replica.tail
         replica.onLeadership = { [weak self, unowned replica] leads in
             // On the shard's thread: the applied retention mark is where the relay's sources start.
-            self?.leadershipChanged(shard, leads: leads, tail: tail, startAt: replica.retainThrough + 1)
+            self?.leadershipChanged(shard, leads: leads, tail: tail, startAt: replica.relayStart)
         }
         // The lane with the fewest replicas (placement can give a node shards that share a factor with
         // the lane count, and replicas join later).
