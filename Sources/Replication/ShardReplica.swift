@@ -329,6 +329,8 @@ public final class ShardReplica {
     /// Whether this shard's records feed relays at all (the node runs them on the leader): then the
     /// leader's retention waits for `relayFloor`.
     public var hasRelays = false
+    /// The newest snapshot, read and decoded on another thread while the log opened (used once, at open).
+    var prefetch: SnapshotPrefetch?
     /// Catch-ups this leader is shipping with a snapshot: transfer -> the (pinned) snapshot's index.
     var outgoingSnapshots: [UInt64: LogIndex] = [:]
     /// Ticks between two retention checks.
@@ -420,8 +422,9 @@ public final class ShardReplica {
     /// group, cannot campaign, and learns the group from the entries a leader sends it (joining).
     public init(
         shard: ShardID, id: NodeID, store: SegmentStore, hardState: HardStateFile, membershipFile: MembershipFile,
-        bootstrap: Membership?, config: RaftConfig, machine: any ShardStateMachine.Type = NoState.self
+        bootstrap: Membership?, config: RaftConfig, machine: any ShardStateMachine.Type = NoState.self, prefetch: SnapshotPrefetch? = nil
     ) throws {
+        self.prefetch = prefetch
         self.machineType = machine
         self.machine = machine.init()
         self.snapshots = try SnapshotFiles(shardDirectory: store.directory, disk: store.fileSystem)
@@ -564,7 +567,10 @@ public final class ShardReplica {
         let lastIndex = store.lastIndex
         let firstIndex = store.firstIndex
         let type = machineType
+        let prefetched = prefetch?.take()
+        prefetch = nil
         let snap = snapshots.newest(
+            preloaded: prefetched?.snapshot,
             usable: { s in
                 guard s.index <= lastIndex else { return "it is past the end of the log (\(lastIndex))" }
                 // Retention dropped the entries after it: the log cannot bring it up to date.
@@ -574,23 +580,11 @@ public final class ShardReplica {
                         return "the log's entry \(s.index) is not of term \(s.term)"
                     }
                 }
-                // The two big parts, decoded at once on two threads (a large state restores in about half
-                // the time): the machine's state, and every stream's seq.
-                let machineSlot = ParallelSlot<Result<any ShardStateMachine, any Error>>()
-                let seqsSlot = ParallelSlot<BucketedMap<UInt64, UInt64>>()
-                DispatchQueue.concurrentPerform(iterations: 2) { k in
-                    if k == 0 {
-                        machineSlot.value = Result { try type.init(snapshot: s.state) }
-                    } else {
-                        var map = BucketedMap<UInt64, UInt64>()
-                        map.reserveCapacity(s.streamSeqs.count)
-                        for x in s.streamSeqs { map[x.stream.rawValue] = x.seq }
-                        seqsSlot.value = map
-                    }
-                }
                 do {
-                    restored = try machineSlot.value?.get()
-                    seqs = seqsSlot.value ?? BucketedMap()
+                    // Decoded already while the log opened (`SnapshotPrefetch`), when it is this file.
+                    let decoded = try prefetched.flatMap { $0.snapshot == s ? ($0.machine, $0.seqs) : nil } ?? SnapshotPrefetch.decode(s, type)
+                    restored = decoded.0
+                    seqs = decoded.1
                     window = s.requests.isEmpty ? RequestWindow() : try RequestWindow(encoded: s.requests)
                     marks = s.relays.isEmpty ? RelayMarks() : try RelayMarks(encoded: s.relays)
                 } catch {

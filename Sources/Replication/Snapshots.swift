@@ -2,6 +2,7 @@ import Foundation
 import Raft
 import SegmentFormat
 import SegmentStore
+import ShardState
 import WeftCore
 
 /// A shard's state at an applied index, as written to a snapshot file (Docs/state.md, "Snapshot file").
@@ -215,7 +216,9 @@ public final class SnapshotFiles {
 
     /// The newest snapshot that reads back whole and that `usable` accepts; what was wrong with the newer
     /// ones goes to `problems` (damaged files are renamed `.damaged`).
-    public func newest(usable: (StateSnapshot) -> String?, problems: inout [String]) -> StateSnapshot? {
+    /// `preloaded`: the newest file's snapshot already read (`SnapshotPrefetch`), used instead of reading
+    /// that file again.
+    public func newest(preloaded: StateSnapshot? = nil, usable: (StateSnapshot) -> String?, problems: inout [String]) -> StateSnapshot? {
         let all: [LogIndex]
         do {
             all = try indexes()
@@ -225,7 +228,7 @@ public final class SnapshotFiles {
         }
         for index in all {
             do {
-                let s = try load(index)
+                let s = try preloaded.flatMap { $0.index == index ? $0 : nil } ?? load(index)
                 if let why = usable(s) {
                     problems.append("snapshot at index \(index) not used: \(why)")
                     continue
@@ -263,5 +266,78 @@ public final class SnapshotFiles {
         try disk.rename(tmp, to: path)
         try disk.syncDirectory(directory)
         for old in try indexes().dropFirst(keep) where !isPinned(old) { try disk.remove(directory + "/" + Self.name(old)) }
+    }
+}
+
+/// The newest snapshot of a replica read, checked and decoded on another thread while its log opens
+/// (issue 10's restart target: the two are the bulk of a restart and need not wait for each other). Pure
+/// work on its own file handle: the replica still decides, once its log is open, whether the snapshot
+/// fits the log; if not, or if this found nothing usable, the normal path reads the files again.
+/// `@unchecked Sendable`: `result` is written by the loading thread before `finished` is set under
+/// `condition`, and read only after.
+public final class SnapshotPrefetch: @unchecked Sendable {
+    struct Loaded {
+        var snapshot: StateSnapshot
+        var machine: any ShardStateMachine
+        var seqs: BucketedMap<UInt64, UInt64>
+    }
+    let condition = NSCondition()
+    var finished = false
+    var result: Loaded?
+
+    /// Starts reading `<shardDirectory>/snapshots/`'s newest snapshot (the real file system only).
+    public static func start(shardDirectory: String, machine: any ShardStateMachine.Type) -> SnapshotPrefetch {
+        let p = SnapshotPrefetch()
+        DispatchQueue.global(qos: .userInitiated).async {
+            let loaded = Self.load(shardDirectory, machine)
+            p.condition.lock()
+            p.result = loaded
+            p.finished = true
+            p.condition.broadcast()
+            p.condition.unlock()
+        }
+        return p
+    }
+
+    static func load(_ shardDirectory: String, _ type: any ShardStateMachine.Type) -> Loaded? {
+        let disk = PosixDisk()
+        let dir = shardDirectory + "/snapshots"
+        guard let newest = (try? disk.list(dir))?.compactMap(SnapshotFiles.index(ofName:)).max(),
+            let f = try? disk.open(dir + "/" + SnapshotFiles.name(newest), create: false)
+        else { return nil }
+        defer { f.close() }
+        guard let size = try? f.size(), size <= UInt64(Int.max), let bytes = try? f.read(at: 0, count: Int(size)),
+            let s = try? StateSnapshot.decode(bytes), s.index == newest, let decoded = try? decode(s, type)
+        else { return nil }
+        return Loaded(snapshot: s, machine: decoded.0, seqs: decoded.1)
+    }
+
+    /// What the replica waits for (once): the decoded newest snapshot, or nil.
+    func take() -> Loaded? {
+        condition.lock()
+        while !finished { condition.wait() }
+        let r = result
+        result = nil
+        condition.unlock()
+        return r
+    }
+
+    /// The two big parts of a snapshot, decoded at once on two threads (a large state restores in about
+    /// half the time): the machine's state, and every stream's seq.
+    static func decode(_ s: StateSnapshot, _ type: any ShardStateMachine.Type) throws -> (any ShardStateMachine, BucketedMap<UInt64, UInt64>) {
+        let machineSlot = ParallelSlot<Result<any ShardStateMachine, any Error>>()
+        let seqsSlot = ParallelSlot<BucketedMap<UInt64, UInt64>>()
+        DispatchQueue.concurrentPerform(iterations: 2) { k in
+            if k == 0 {
+                machineSlot.value = Result { try type.init(snapshot: s.state) }
+            } else {
+                var map = BucketedMap<UInt64, UInt64>()
+                map.reserveCapacity(s.streamSeqs.count)
+                for x in s.streamSeqs { map[x.stream.rawValue] = x.seq }
+                seqsSlot.value = map
+            }
+        }
+        guard let machine = machineSlot.value else { throw StateDecodeError("the state was not decoded") }
+        return (try machine.get(), seqsSlot.value ?? BucketedMap())
     }
 }

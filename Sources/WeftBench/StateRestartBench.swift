@@ -38,12 +38,14 @@ public struct StateRestartBench {
     func open(_ print: @escaping (String) -> Void, storeOpened: (Duration) -> Void = { _ in }) throws -> ShardReplica {
         let disk = PosixDisk()
         let t = ContinuousClock.now
+        // The newest snapshot is read and decoded while the log opens (as a node does).
+        let prefetch = SnapshotPrefetch.start(shardDirectory: directory, machine: KeyValueMachine.self)
         let store = try SegmentStore(directory: directory, options: StoreOptions(durability: .never), disk: disk)
         storeOpened(ContinuousClock.now - t)
         let replica = try ShardReplica(
             shard: ShardID(0), id: NodeID(1), store: store, hardState: HardStateFile(path: directory + "/raft.state", disk: disk),
             membershipFile: MembershipFile(directory: directory, disk: disk), bootstrap: Membership(voters: [NodeID(1)]),
-            config: RaftConfig(id: NodeID(1), seed: 1), machine: KeyValueMachine.self)
+            config: RaftConfig(id: NodeID(1), seed: 1), machine: KeyValueMachine.self, prefetch: prefetch)
         // One snapshot, `tail` entries before the end (the next would be twice as far).
         replica.snapshotEveryRecords = UInt64(max(1, records - tail))
         replica.log = { print("  replica: \($0)") }

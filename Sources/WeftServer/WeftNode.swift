@@ -189,6 +189,8 @@ public final class WeftNode: Sendable {
         var shardLogger = logger
         shardLogger[metadataKey: "shard"] = "\(shard)"
         let log = shardLogger
+        // The newest snapshot is read and decoded while the log opens (Docs/state.md, "Restart").
+        let prefetch = SnapshotPrefetch.start(shardDirectory: dir, machine: NoState.self)
         let store = try SegmentStore(
             directory: dir,
             options: StoreOptions(shard: shard, segmentBytesMax: config.storage.segmentBytes, durability: durability),
@@ -199,7 +201,7 @@ public final class WeftNode: Sendable {
         rc.electionTicks = max(2, timing.electionTimeoutMinMs / tickMs)
         let replica = try ShardReplica(
             shard: shard, id: id, store: store, hardState: hs, membershipFile: MembershipFile(directory: dir, disk: PosixDisk()),
-            bootstrap: bootstrap, config: rc)
+            bootstrap: bootstrap, config: rc, prefetch: prefetch)
         let t = transport
         replica.snapshotEveryRecords = config.storage.snapshotEveryRecords
         let keep = config.storage.retention

@@ -185,3 +185,43 @@ import WeftTesting
         #expect(RetentionPolicy(bytesMax: 249, ageMicrosMax: 85).dropThrough(spans, nowMicros: 100) { Int64($0) } == 20, "either limit")
     }
 }
+
+/// Issue 10: the newest snapshot read and decoded while the log opens gives the same state as reading it
+/// after; a prefetched snapshot that does not fit the log is not used.
+@Suite struct SnapshotPrefetchTests {
+    @Test func aPrefetchedSnapshotRestoresTheSameStateAndAnUnusableOneIsSkipped() throws {
+        let c = try ReplicaCluster()
+        c.machine = KeyValueMachine.self
+        c.snapshotEvery = 10
+        c.prefetchSnapshots = true
+        for id in c.ids { try c.restart(id) }
+        try c.elect(NodeID(1))
+        for k in 0..<35 {
+            c.replica(NodeID(1)).propose([Proposal(stream: StreamID(1), payload: KeyValueMachine.put(Array("k\(k % 5)".utf8), Array("v\(k)".utf8)))]) { _ in }
+            try c.settle()
+        }
+        try c.heartbeats()
+        let snapAt = c.replica(NodeID(2)).lastSnapshotIndex
+        try c.restart(NodeID(2))
+        #expect(c.replica(NodeID(2)).raft.applied == snapAt, "restored from the prefetched snapshot")
+        try c.heartbeats()
+        try c.settle()
+        #expect(c.replica(NodeID(2)).machine.stateHash == c.replica(NodeID(1)).machine.stateHash)
+        // A newest snapshot past the log's end (the log was cut behind it): prefetched, then refused; the
+        // older one is used.
+        c.stop(NodeID(3))
+        let r3 = try SnapshotFiles(shardDirectory: c.dir(NodeID(3)), disk: PosixDisk())
+        let newest = try #require(try r3.indexes().first)
+        let older = try #require(try r3.indexes().dropFirst().first)
+        var far = try r3.load(newest)
+        far.index = 10_000
+        try r3.write(index: 10_000, bytes: far.encode())
+        try c.open(NodeID(3))
+        let again = c.replica(NodeID(3))
+        #expect(again.raft.applied == newest || again.raft.applied == older, "a snapshot that fits the log: \(again.raft.applied)")
+        #expect(again.repairEvents.contains { $0.contains("past the end of the log") }, "\(again.repairEvents)")
+        try c.heartbeats()
+        try c.settle()
+        #expect(again.machine.stateHash == c.replica(NodeID(1)).machine.stateHash)
+    }
+}

@@ -32,6 +32,8 @@ final class ReplicaCluster {
     /// Retention every replica runs (set before `restart`), checked every `retentionTicks` ticks.
     var retention = RetentionPolicy.off
     var retentionTicks = 200
+    /// Open replicas with their newest snapshot read on another thread meanwhile (real disk only).
+    var prefetchSnapshots = false
 
     init(disk: any Disk, root: String, options: StoreOptions, cleanup: @escaping () -> Void = {}) throws {
         self.disk = disk
@@ -66,7 +68,8 @@ final class ReplicaCluster {
         cfg.electionTicks = 10
         let r = try ShardReplica(
             shard: ShardID(0), id: id, store: store, hardState: hs, membershipFile: MembershipFile(directory: dir, disk: disk),
-            bootstrap: Membership(voters: Set(ids)), config: cfg, machine: machine)
+            bootstrap: Membership(voters: Set(ids)), config: cfg, machine: machine,
+            prefetch: prefetchSnapshots ? SnapshotPrefetch.start(shardDirectory: dir, machine: machine) : nil)
         r.snapshotEveryRecords = snapshotEvery
         r.retention = retention
         r.retentionCheckTicks = retentionTicks
