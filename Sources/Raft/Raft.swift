@@ -667,13 +667,14 @@ public struct Raft {
         return bytes * 2 >= cfg.appendBytesMax
     }
 
-    /// Asks the driver to ship this log's prefix up to `index` to `to` as files; the `snapshot` message
-    /// itself goes last, after the files, and the follower answers it once they are in place.
     /// On the leader: the catch-up transfers under way (followers in snapshot state).
     public var catchUpTransfers: Set<UInt64> {
         guard role == .leader else { return [] }
         return Set(progress.values.filter { $0.state == .snapshot }.map(\.transfer))
     }
+
+    /// Asks the driver to ship this log's prefix up to `index` to `to` as files; the `snapshot` message
+    /// itself goes last, after the files, and the follower answers it once they are in place.
 
     mutating func sendSnapshot(to: NodeID, index: LogIndex) {
         guard var pr = progress[to] else { return }

@@ -53,11 +53,14 @@ extension ShardReplica {
         // refused by the follower on every attempt).
         var snap: LogIndex?
         for i in all.filter({ $0 <= store.sealedLastIndex }) + all.filter({ $0 > store.sealedLastIndex }) {
+            // Pinned first, so a snapshot written meanwhile cannot remove it between the check and the pin.
+            snapshots.pin(i)
             do {
-                _ = try snapshots.load(i)
+                try snapshots.verify(i)
                 snap = i
                 break
             } catch {
+                snapshots.unpin(i)
                 record("catch-up of node \(m.to): snapshot at \(i) not shipped: \(error)")
             }
         }
@@ -76,9 +79,8 @@ extension ShardReplica {
         m.index = store.sealedLastIndex
         m.logTerm = (try? store.term(at: m.index)) ?? 0
         let name = SnapshotFiles.name(snap)
-        // The snapshot is kept until the transfer ends (newer snapshots would otherwise remove it), and
-        // goes first; retention drops no segment on this replica while a transfer is under way.
-        snapshots.pin(snap)
+        // The snapshot stays pinned until the transfer ends (newer snapshots would otherwise remove it),
+        // and goes first; retention drops no segment on this replica while a transfer is under way.
         outgoingSnapshots[m.context] = snap
         startCatchUp(m.to, m.context, [(name, snapshots.directory + "/" + name)] + store.sealedFiles(), m)
     }
@@ -254,7 +256,8 @@ extension ShardReplica {
         _ = snapshotJob.take()
         // The shipped snapshot goes in first: it is the state at a committed index, valid with the old log
         // as with the new one, so a crash at any point from here leaves a log and a snapshot that reaches
-        // it (the old log with its old snapshots, or the new log with this one).
+        // it (the old log with its old snapshots, or the new log with this one). The older ones are
+        // removed only once the new log is in place.
         if let s = shipped, let name = snapshotNames.last {
             do {
                 try snapshots.adopt(stagingDirectory + "/" + name, index: s.index)
@@ -271,6 +274,7 @@ extension ShardReplica {
             store = try SegmentStore(directory: dir, options: options, disk: disk, log: log)
             // The shipped log is verified and in place: its fence describes it.
             try store.acceptFindings()
+            if let s = shipped { try snapshots.prune(olderThan: s.index) }
         } catch {
             throw ReplaceFailure(underlying: error)
         }

@@ -206,14 +206,15 @@ final class SnapshotJobState: @unchecked Sendable {
 
 /// One result of a `DispatchQueue.concurrentPerform` branch. `@unchecked Sendable`: each slot is written
 /// by one branch and read only after `concurrentPerform` returned (which orders the two).
-final class ParallelSlot<T>: @unchecked Sendable {
+final class ParallelSlot<T: Sendable>: @unchecked Sendable {
     var value: T?
 }
 
 /// A snapshot's work handed to another thread: the copied state and where to write it.
-/// `@unchecked Sendable`: `files` is used by at most one job at a time (`SnapshotJobState.running`), and
-/// the replica does not touch it while a job runs; its disk must be safe to use from another thread
-/// (`PosixDisk` keeps no state; tests run jobs inline).
+/// `@unchecked Sendable`: `files` is written by at most one job at a time (`SnapshotJobState.running`);
+/// the replica meanwhile only lists and reads its files, and pins and prunes under `SnapshotFiles`'s
+/// lock; its disk must be safe to use from another thread (`PosixDisk` keeps no state; tests run jobs
+/// inline).
 struct SnapshotJob: @unchecked Sendable {
     let files: SnapshotFiles
     let state: any ShardStateMachine
@@ -523,7 +524,7 @@ public final class ShardReplica {
             // here (Raft's applied index, raised to the log's start, says nothing of the state). Never
             // guess: set the log aside (kept for an operator, never deleted) and take the leader's files
             // and snapshot.
-            let aside = "set-aside-\(Int(Date().timeIntervalSince1970))"
+            let aside = "set-aside-\(Int(Date().timeIntervalSince1970))-\(getpid())"
             record("no usable snapshot reaches back to index \(self.store.firstIndex - 1), where the log starts: log moved to \(aside)/, refetching from the leader")
             raft.beginRecovery()
             let dir = self.store.directory
@@ -582,7 +583,11 @@ public final class ShardReplica {
                 }
                 do {
                     // Decoded already while the log opened (`SnapshotPrefetch`), when it is this file.
-                    let decoded = try prefetched.flatMap { $0.snapshot == s ? ($0.machine, $0.seqs) : nil } ?? SnapshotPrefetch.decode(s, type)
+                    let decoded =
+                        try prefetched.flatMap { p in
+                            p.snapshot.index == s.index && p.snapshot.term == s.term && p.snapshot.state == s.state
+                                && ObjectIdentifier(p.machineType) == ObjectIdentifier(type) ? (p.machine, p.seqs) : nil
+                        } ?? SnapshotPrefetch.decode(s, type)
                     restored = decoded.0
                     seqs = decoded.1
                     window = s.requests.isEmpty ? RequestWindow() : try RequestWindow(encoded: s.requests)

@@ -182,7 +182,14 @@ public final class SnapshotFiles {
         f.close()
         try disk.rename(path, to: directory + "/" + Self.name(index))
         try disk.syncDirectory(directory)
-        for old in try indexes() where old < index && !isPinned(old) { try disk.remove(directory + "/" + Self.name(old)) }
+    }
+
+    /// Removes the snapshots older than `index` that no transfer is shipping (after a catch-up installed
+    /// the log the snapshot at `index` came with).
+    public func prune(olderThan index: LogIndex) throws {
+        try pinLock.withLock {
+            for old in try indexes() where old < index && pinned[old] == nil { try disk.remove(directory + "/" + Self.name(old)) }
+        }
     }
 
     /// Snapshots a catch-up is shipping: never removed while pinned (the shipper reads them later).
@@ -194,7 +201,14 @@ public final class SnapshotFiles {
             if let n = pinned[index] { pinned[index] = n > 1 ? n - 1 : nil }
         }
     }
-    func isPinned(_ index: LogIndex) -> Bool { pinLock.withLock { pinned[index] != nil } }
+    /// Indexes whose file was read back whole once (files never change after their rename).
+    var verified: Set<LogIndex> = []
+    /// Reads and checks the file once per index (a catch-up that ships it again does not read it again).
+    public func verify(_ index: LogIndex) throws {
+        if pinLock.withLock({ verified.contains(index) }) { return }
+        _ = try load(index)
+        pinLock.withLock { _ = verified.insert(index) }
+    }
 
     /// Reads and checks one snapshot file.
     public func load(_ index: LogIndex) throws -> StateSnapshot {
@@ -265,7 +279,9 @@ public final class SnapshotFiles {
         }
         try disk.rename(tmp, to: path)
         try disk.syncDirectory(directory)
-        for old in try indexes().dropFirst(keep) where !isPinned(old) { try disk.remove(directory + "/" + Self.name(old)) }
+        try pinLock.withLock {
+            for old in try indexes().dropFirst(keep) where pinned[old] == nil { try disk.remove(directory + "/" + Self.name(old)) }
+        }
     }
 }
 
@@ -277,6 +293,7 @@ public final class SnapshotFiles {
 /// `condition`, and read only after.
 public final class SnapshotPrefetch: @unchecked Sendable {
     struct Loaded {
+        var machineType: any ShardStateMachine.Type
         var snapshot: StateSnapshot
         var machine: any ShardStateMachine
         var seqs: BucketedMap<UInt64, UInt64>
@@ -309,7 +326,7 @@ public final class SnapshotPrefetch: @unchecked Sendable {
         guard let size = try? f.size(), size <= UInt64(Int.max), let bytes = try? f.read(at: 0, count: Int(size)),
             let s = try? StateSnapshot.decode(bytes), s.index == newest, let decoded = try? decode(s, type)
         else { return nil }
-        return Loaded(snapshot: s, machine: decoded.0, seqs: decoded.1)
+        return Loaded(machineType: type, snapshot: s, machine: decoded.0, seqs: decoded.1)
     }
 
     /// What the replica waits for (once): the decoded newest snapshot, or nil.

@@ -55,13 +55,14 @@ public struct OpenFindings: Sendable, Equatable {
 extension SegmentStore {
     var fencePath: String { path(FileNames.fence) }
 
-    /// Deletes a closed store's log files in `directory` (segments, indexes, a truncate intent, the
-    /// stream high-water marks, the fence), the fence last: a crash half way leaves it to report the
-    /// records that are gone (and a log that begins after index 1 without its marks is reported too).
     /// Moves a closed log's files (segments, indexes, `streams.hwm`, the fence) into `directory/name/`,
     /// kept for an operator: the replica cannot use them (Replication: no snapshot reaches their start).
+    /// Refuses a directory that already holds files (never overwrites an earlier set-aside copy).
     public static func setAside(in directory: String, into name: String, disk: any Disk) throws {
         let aside = directory + "/" + name
+        if disk.exists(aside), !((try? disk.list(aside)) ?? []).isEmpty {
+            throw StoreError.invalidBatch("\(aside) already holds files; not moving the log over them")
+        }
         try disk.makeDirectory(aside)
         let names = try disk.list(directory).filter {
             FileNames.segmentBase($0) != nil || $0.hasSuffix(".idx") || $0 == FileNames.intent || $0 == FileNames.highWater
@@ -72,6 +73,9 @@ extension SegmentStore {
         try disk.syncDirectory(directory)
     }
 
+    /// Deletes a closed store's log files in `directory` (segments, indexes, a truncate intent, the
+    /// stream high-water marks, the fence), the fence last: a crash half way leaves it to report the
+    /// records that are gone (and a log that begins after index 1 without its marks is reported too).
     public static func removeLog(in directory: String, disk: any Disk) throws {
         let names = try disk.list(directory).filter {
             FileNames.segmentBase($0) != nil || $0.hasSuffix(".idx") || $0 == FileNames.intent
