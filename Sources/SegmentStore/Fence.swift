@@ -57,12 +57,37 @@ extension SegmentStore {
 
     /// Moves a closed log's files (segments, indexes, `streams.hwm`, the fence) into `directory/name/`,
     /// kept for an operator: the replica cannot use them (Replication: no snapshot reaches their start).
-    /// Refuses a directory that already holds files (never overwrites an earlier set-aside copy).
+    /// Refuses a directory that already holds files (never overwrites an earlier set-aside copy). All or
+    /// nothing across a crash: an intent naming the directory is synced first, and opening the store
+    /// finishes a move it finds (so no half-moved log is ever repaired, and so deleted, in place).
     public static func setAside(in directory: String, into name: String, disk: any Disk) throws {
         let aside = directory + "/" + name
-        if disk.exists(aside), !((try? disk.list(aside)) ?? []).isEmpty {
+        if let existing = try? disk.list(aside), !existing.isEmpty {
             throw StoreError.invalidBatch("\(aside) already holds files; not moving the log over them")
         }
+        try disk.makeDirectory(aside)
+        let intent = directory + "/" + FileNames.asideIntent
+        let f = try disk.open(intent, create: true)
+        try f.truncate(to: 0)
+        try f.write(Array(name.utf8), at: 0)
+        try f.sync()
+        f.close()
+        try disk.syncDirectory(directory)
+        try finishSetAside(in: directory, disk: disk)
+    }
+
+    /// Moves the log files into the directory the set-aside intent names, then removes the intent.
+    static func finishSetAside(in directory: String, disk: any Disk) throws {
+        let intent = directory + "/" + FileNames.asideIntent
+        let f = try disk.open(intent, create: false)
+        let size = try f.size()
+        let bytes = try f.read(at: 0, count: Int(min(size, 255)))
+        f.close()
+        let name = String(decoding: bytes, as: UTF8.self)
+        guard !name.isEmpty, !name.contains("/"), name != ".", name != ".." else {
+            throw StoreError.corrupt(FormatError(.mismatch, file: intent, offset: 0, "names no directory to move the log into"))
+        }
+        let aside = directory + "/" + name
         try disk.makeDirectory(aside)
         let names = try disk.list(directory).filter {
             FileNames.segmentBase($0) != nil || $0.hasSuffix(".idx") || $0 == FileNames.intent || $0 == FileNames.highWater
@@ -70,6 +95,7 @@ extension SegmentStore {
         }
         for n in names { try disk.rename(directory + "/" + n, to: aside + "/" + n) }
         try disk.syncDirectory(aside)
+        try disk.remove(intent)
         try disk.syncDirectory(directory)
     }
 

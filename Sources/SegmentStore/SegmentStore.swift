@@ -97,6 +97,11 @@ public final class SegmentStore {
     func path(_ name: String) -> String { directory + "/" + name }
 
     private func recover() throws {
+        // A log being set aside when the process stopped: finish moving it (Fence.swift).
+        if disk.exists(path(FileNames.asideIntent)) {
+            log("\(path(FileNames.asideIntent)): finishing an interrupted set-aside of the log")
+            try Self.finishSetAside(in: directory, disk: disk)
+        }
         let names = try disk.list(directory)
         for name in names where name.hasSuffix(".tmp") {
             try disk.remove(path(name))

@@ -80,6 +80,8 @@ struct StreamSpan {
 /// File names: the segment's base index as 20 decimal digits, so names sort in log order.
 enum FileNames {
     static let intent = "truncate.intent"
+    /// Names the directory a log is being moved into (`setAside`); finished at open after a crash.
+    static let asideIntent = "set-aside.intent"
     static let fence = "tail.fence"
     /// Last seqs of streams whose records retention dropped (§7 of Docs/segment-format.md).
     static let highWater = "streams.hwm"

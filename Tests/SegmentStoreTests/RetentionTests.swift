@@ -57,6 +57,31 @@ import WeftTesting
         try checkFully(store, model, "after reopen")
     }
 
+    /// A log set aside (Replication: no snapshot reaches its start) moves whole, even when the process
+    /// stops half way: the next open finishes the move and finds an empty log; nothing is deleted.
+    @Test func anInterruptedSetAsideIsFinishedAtOpen() throws {
+        let disk = SimulatedDisk()
+        let (store, _) = try filledStore(disk: disk, seed: 310, batches: 60)
+        store.close()
+        let before = try disk.list(simDirectory).filter { $0.hasSuffix(".seg") || $0.hasSuffix(".idx") }.sorted()
+        try #require(before.count > 4)
+        // The intent is written, then only the first two files moved before the "crash".
+        let intent = try disk.open(simDirectory + "/set-aside.intent", create: true)
+        try intent.write(Array("set-aside-1".utf8), at: 0)
+        try intent.sync()
+        intent.close()
+        try disk.makeDirectory(simDirectory + "/set-aside-1")
+        for n in before.prefix(2) { try disk.rename(simDirectory + "/" + n, to: simDirectory + "/set-aside-1/" + n) }
+        let reopened = try SegmentStore(directory: simDirectory, options: smallOptions, disk: disk)
+        #expect(reopened.lastIndex == 0 && reopened.damage.isEmpty, "an empty log, no damage reported")
+        let moved = try disk.list(simDirectory + "/set-aside-1").filter { $0.hasSuffix(".seg") || $0.hasSuffix(".idx") }.sorted()
+        #expect(moved == before, "every file of the log is in the set-aside directory")
+        #expect(!disk.exists(simDirectory + "/set-aside.intent"))
+        reopened.close()
+        // A second set-aside into a directory that holds files is refused.
+        #expect(throws: StoreError.self) { try SegmentStore.setAside(in: simDirectory, into: "set-aside-1", disk: disk) }
+    }
+
     @Test func dropThroughBelowFirstSegmentDoesNothing() throws {
         let disk = SimulatedDisk()
         let (store, model) = try filledStore(disk: disk, seed: 302, batches: 40)
