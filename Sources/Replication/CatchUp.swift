@@ -202,18 +202,15 @@ extension ShardReplica {
         let snapshotNames = try disk.list(stagingDirectory).filter { SnapshotFiles.index(ofName: $0) != nil }.sorted()
         var shipped: StateSnapshot?
         if let name = snapshotNames.last {
-            let f = try disk.open(stagingDirectory + "/" + name, create: false)
-            let bytes = try f.read(at: 0, count: Int(try f.size()))
-            f.close()
             let s: StateSnapshot
             do {
-                s = try StateSnapshot.decode(bytes)
+                s = try SnapshotFiles.read(stagingDirectory + "/" + name, index: SnapshotFiles.index(ofName: name) ?? 0, disk: disk)
             } catch {
                 staged.close()
-                throw StoreError.invalidBatch("shipped snapshot \(name) \(error)")
+                throw StoreError.invalidBatch("shipped snapshot: \(error)")
             }
             let termThere = s.index >= stagedFirst ? try? staged.term(at: s.index) : s.term
-            guard s.index <= request.index, s.index + 1 >= stagedFirst, termThere == s.term, SnapshotFiles.index(ofName: name) == s.index else {
+            guard s.index <= request.index, s.index + 1 >= stagedFirst, termThere == s.term else {
                 staged.close()
                 throw StoreError.invalidBatch("shipped snapshot at \(s.index) (term \(s.term)) does not fit files \(stagedFirst)...\(request.index)")
             }

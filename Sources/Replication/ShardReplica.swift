@@ -527,12 +527,7 @@ public final class ShardReplica {
             let aside = "set-aside-\(Int(Date().timeIntervalSince1970))-\(getpid())"
             record("no usable snapshot reaches back to index \(self.store.firstIndex - 1), where the log starts: log moved to \(aside)/, refetching from the leader")
             raft.beginRecovery()
-            let dir = self.store.directory
-            let options = self.store.options
-            let disk = self.store.fileSystem
-            self.store.close()
-            try SegmentStore.setAside(in: dir, into: aside, disk: disk)
-            self.store = try SegmentStore(directory: dir, options: options, disk: disk, log: log)
+            try reopenStore { try SegmentStore.setAside(in: $0, into: aside, disk: $1) }
             try enterRecovery(cutFrom: self.store.firstIndex)
         }
         if self.store.lastIndex >= self.store.firstIndex,
@@ -691,11 +686,16 @@ public final class ShardReplica {
 
     /// Empties the log (every segment, index, intent and the fence) and reopens it.
     func resetLog() throws {
+        try reopenStore { try SegmentStore.removeLog(in: $0, disk: $1) }
+    }
+
+    /// Closes the store, lets `body` change its directory's files, and opens it again.
+    func reopenStore(_ body: (_ directory: String, _ disk: any Disk) throws -> Void) throws {
         let disk = store.fileSystem
         let dir = store.directory
         let options = store.options
         store.close()
-        try SegmentStore.removeLog(in: dir, disk: disk)
+        try body(dir, disk)
         store = try SegmentStore(directory: dir, options: options, disk: disk, log: log)
     }
 

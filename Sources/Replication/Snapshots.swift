@@ -212,7 +212,11 @@ public final class SnapshotFiles {
 
     /// Reads and checks one snapshot file.
     public func load(_ index: LogIndex) throws -> StateSnapshot {
-        let path = directory + "/" + Self.name(index)
+        try Self.read(directory + "/" + Self.name(index), index: index, disk: disk)
+    }
+
+    /// Reads and checks the snapshot file at `path`, which must hold `index`; errors name the path.
+    public static func read(_ path: String, index: LogIndex, disk: any Disk) throws -> StateSnapshot {
         let f = try disk.open(path, create: false)
         defer { f.close() }
         let size = try f.size()
@@ -320,11 +324,8 @@ public final class SnapshotPrefetch: @unchecked Sendable {
         let disk = PosixDisk()
         let dir = shardDirectory + "/snapshots"
         guard let newest = (try? disk.list(dir))?.compactMap(SnapshotFiles.index(ofName:)).max(),
-            let f = try? disk.open(dir + "/" + SnapshotFiles.name(newest), create: false)
-        else { return nil }
-        defer { f.close() }
-        guard let size = try? f.size(), size <= UInt64(Int.max), let bytes = try? f.read(at: 0, count: Int(size)),
-            let s = try? StateSnapshot.decode(bytes), s.index == newest, let decoded = try? decode(s, type)
+            let s = try? SnapshotFiles.read(dir + "/" + SnapshotFiles.name(newest), index: newest, disk: disk),
+            let decoded = try? decode(s, type)
         else { return nil }
         return Loaded(machineType: type, snapshot: s, machine: decoded.0, seqs: decoded.1)
     }

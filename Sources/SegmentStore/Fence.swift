@@ -89,10 +89,7 @@ extension SegmentStore {
         }
         let aside = directory + "/" + name
         try disk.makeDirectory(aside)
-        let names = try disk.list(directory).filter {
-            FileNames.segmentBase($0) != nil || $0.hasSuffix(".idx") || $0 == FileNames.intent || $0 == FileNames.highWater
-                || $0 == FileNames.fence
-        }
+        let names = try disk.list(directory).filter { isLogData($0) || $0 == FileNames.highWater || $0 == FileNames.fence }
         for n in names { try disk.rename(directory + "/" + n, to: aside + "/" + n) }
         try disk.syncDirectory(aside)
         try disk.remove(intent)
@@ -103,15 +100,18 @@ extension SegmentStore {
     /// stream high-water marks, the fence), the fence last: a crash half way leaves it to report the
     /// records that are gone (and a log that begins after index 1 without its marks is reported too).
     public static func removeLog(in directory: String, disk: any Disk) throws {
-        let names = try disk.list(directory).filter {
-            FileNames.segmentBase($0) != nil || $0.hasSuffix(".idx") || $0 == FileNames.intent
-        }
+        let names = try disk.list(directory).filter(isLogData)
         for n in names { try disk.remove(directory + "/" + n) }
         for n in [FileNames.highWater + ".tmp", FileNames.highWater] where disk.exists(directory + "/" + n) {
             try disk.remove(directory + "/" + n)
         }
         if disk.exists(directory + "/" + FileNames.fence) { try disk.remove(directory + "/" + FileNames.fence) }
         try disk.syncDirectory(directory)
+    }
+
+    /// A segment, an index or a truncate intent (the files a log's records live in).
+    static func isLogData(_ name: String) -> Bool {
+        FileNames.segmentBase(name) != nil || name.hasSuffix(".idx") || name == FileNames.intent
     }
 
     func readFence() -> Fence? {
