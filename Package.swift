@@ -29,6 +29,9 @@ let package = Package(
         .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.2.0"),
         .package(url: "https://github.com/hummingbird-project/hummingbird-websocket", from: "2.8.1"),
         .package(url: "https://github.com/apple/swift-http-types", from: "1.8.0"),
+        .package(url: "https://github.com/hummingbird-project/hummingbird-auth", from: "2.5.0"),
+        .package(url: "https://github.com/vapor/jwt-kit", from: "5.8.0"),
+        .package(url: "https://github.com/apple/swift-crypto", from: "4.5.2"),
     ],
     targets: [
         .target(name: "WeftCore", swiftSettings: strict),
@@ -45,6 +48,8 @@ let package = Package(
         .target(name: "Raft", dependencies: ["WeftCore"], swiftSettings: strict),
         // The state layer's pure part: the state machine protocol, outcomes, copy-on-write state.
         .target(name: "ShardState", dependencies: ["WeftCore"], swiftSettings: strict),
+        // The messaging domain (Docs/messaging.md): records, validation, deterministic apply, relay rule.
+        .target(name: "Messaging", dependencies: ["WeftCore", "ShardState"], swiftSettings: strict),
         .target(
             name: "ClusterConfig",
             dependencies: ["WeftCore", .product(name: "TOMLKit", package: "TOMLKit")],
@@ -65,8 +70,12 @@ let package = Package(
         .target(
             name: "WeftServer",
             dependencies: [
-                "WeftCore", "Raft", "Replication", "SegmentStore", "ShardState", "ClusterConfig", "PeerTransport",
+                "WeftCore", "Raft", "Replication", "SegmentStore", "ShardState", "ClusterConfig", "PeerTransport", "Messaging",
                 .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "HummingbirdBcrypt", package: "hummingbird-auth"),
+                .product(name: "HummingbirdOTP", package: "hummingbird-auth"),
+                .product(name: "JWTKit", package: "jwt-kit"),
+                .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "HummingbirdWebSocket", package: "hummingbird-websocket"),
                 .product(name: "HTTPTypes", package: "swift-http-types"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -129,6 +138,7 @@ let package = Package(
         .testTarget(name: "PeerTransportTests", dependencies: ["PeerTransport"], swiftSettings: strict),
         .testTarget(name: "ReplicationTests", dependencies: ["Replication", "WeftTesting", "ShardState"], swiftSettings: strict),
         .testTarget(name: "ShardStateTests", dependencies: ["ShardState"], swiftSettings: strict),
+        .testTarget(name: "MessagingTests", dependencies: ["Messaging", "ShardState", "WeftCore"], swiftSettings: strict),
         .testTarget(name: "RaftTests", dependencies: ["Raft", "WeftTesting", "ShardState"], swiftSettings: strict),
         .testTarget(
             name: "ClusterTests",

@@ -33,6 +33,9 @@ public struct ClusterConfiguration: Sendable, Equatable {
     public static let defaultReplication = 3
     /// `cluster.secret` must be at least this many bytes (UTF-8).
     public static let secretBytesMin = 16
+    /// `[messaging]`: accounts, tokens and rate limits of the messaging API (Docs/messaging.md).
+    public var messaging = MessagingConfig()
+
     /// `api.operator_token` must be at least this many bytes.
     public static let operatorTokenBytesMin = 16
     /// `load(path:)` refuses larger files: a configuration is a few hundred bytes per node.
@@ -270,4 +273,22 @@ public struct NodeConfig: Sendable, Equatable {
         self.peerAddress = peerAddress
         self.apiAddress = apiAddress
     }
+}
+
+/// `[messaging]`.
+public struct MessagingConfig: Sendable, Equatable {
+    /// `bcrypt_cost`: the work factor of password hashes (4...31, default 12 as the seed asks; each step
+    /// doubles the CPU a registration or login costs).
+    public var bcryptCost = 12
+    /// `token_ttl_seconds`: how long a login's token is valid (60 s ... 1 year, default 1 day).
+    public var tokenTTLSeconds = 86_400
+    /// `sends_per_minute`: messages a user may send per minute, across the cluster (default 100).
+    public var sendsPerMinute = 100
+    /// `history_reads_per_minute`: history pages a user may fetch per minute (default 30).
+    public var historyReadsPerMinute = 30
+
+    public static let bcryptCostRange = 4...31
+    public static let tokenTTLRange = 60...31_536_000
+    public static let perMinuteRange = 1...1_000_000
+    public init() {}
 }

@@ -9,7 +9,8 @@ struct ConfigParser {
     /// The configuration file, for messages and for resolving `storage.data_dir`.
     let file: String
 
-    static let rootKeys = ["cluster", "storage", "raft", "api", "nodes"]
+    static let rootKeys = ["cluster", "storage", "raft", "api", "messaging", "nodes"]
+    static let messagingKeys = ["bcrypt_cost", "token_ttl_seconds", "sends_per_minute", "history_reads_per_minute"]
     static let clusterKeys = ["name", "shards", "replication", "secret", "founders"]
     static let apiKeys = ["operator_token"]
     static let storageKeys = ["data_dir", "fsync", "segment_bytes", "snapshot_every_records", "retention"]
@@ -79,9 +80,28 @@ struct ConfigParser {
                 "replication",
                 "must be 1...\(founders.count) (the number of founding nodes), got \(replication)\(suffix)")
         }
-        return ClusterConfiguration(
+        var config = ClusterConfiguration(
             name: name, shards: shards, replication: replication, secret: secret, storage: storage, raft: raft,
             operatorToken: token, nodes: nodes.sorted { $0.id < $1.id }, founders: founders, configPath: file)
+        config.messaging = try parseMessaging(root.table("messaging"))
+        return config
+    }
+
+    /// `[messaging]`: every key optional (defaults in `MessagingConfig`).
+    private func parseMessaging(_ t: TableReader?) throws(ConfigError) -> MessagingConfig {
+        var m = MessagingConfig()
+        guard let t else { return m }
+        try t.rejectUnknownKeys(Self.messagingKeys)
+        func ranged(_ key: String, _ range: ClosedRange<Int>) throws(ConfigError) -> Int? {
+            guard let v = try t.int(key) else { return nil }
+            guard range.contains(v) else { throw t.error(key, "must be \(rangeText(range)), got \(v)") }
+            return v
+        }
+        if let v = try ranged("bcrypt_cost", MessagingConfig.bcryptCostRange) { m.bcryptCost = v }
+        if let v = try ranged("token_ttl_seconds", MessagingConfig.tokenTTLRange) { m.tokenTTLSeconds = v }
+        if let v = try ranged("sends_per_minute", MessagingConfig.perMinuteRange) { m.sendsPerMinute = v }
+        if let v = try ranged("history_reads_per_minute", MessagingConfig.perMinuteRange) { m.historyReadsPerMinute = v }
+        return m
     }
 
     /// `cluster.founders`: the ids of the nodes the cluster was created with (default: every [[nodes]]

@@ -99,7 +99,9 @@ public final class RelayRunner: @unchecked Sendable {
         self.emptyRangeMax = max(1, emptyRangeMax)
         self.retryPause = retryPause
         let start = max(1, startAt)
-        for d in destinations where d != source { lanes[d] = Lane(cursor: start, mark: start - 1) }
+        // A lane per destination, the source itself included (the messaging layer writes inbox entries
+        // of users homed on the same shard through it).
+        for d in Set(destinations) { lanes[d] = Lane(cursor: start, mark: start - 1) }
     }
 
     public func start() {
@@ -121,13 +123,18 @@ public final class RelayRunner: @unchecked Sendable {
         condition.unlock()
     }
 
-    /// The lowest destination mark: every source record up to it has been relayed to every destination
-    /// (retention may drop the source's entries up to it). Nil without lanes.
+    /// The lowest index up to which every source record has been relayed to every destination (its
+    /// derived records applied there, or it derives nothing for it): retention may drop the source's
+    /// entries up to it. Nil without lanes.
     public func lowestMark() -> LogIndex? {
         condition.lock()
         defer { condition.unlock() }
-        return lanes.values.map(\.mark).min()
+        return lanes.values.map(Self.relayed).min()
     }
+
+    /// Relayed: up to the destination's mark, and past it the ranges that derived nothing for it (skipped,
+    /// not sent) while no batch is in flight. (A failed batch put the cursor back to its first index.)
+    static func relayed(_ l: Lane) -> LogIndex { l.inFlight ? l.mark : max(l.mark, l.cursor - 1) }
 
     public func status() -> [LaneStatus] {
         let applied = tail.applied
@@ -136,8 +143,7 @@ public final class RelayRunner: @unchecked Sendable {
         defer { condition.unlock() }
         return lanes.keys.sorted { $0.rawValue < $1.rawValue }.compactMap { d in
             guard let l = lanes[d] else { return nil }
-            // Relayed: up to the mark, and past it the ranges that derived nothing (skipped, not sent).
-            let relayed = l.inFlight ? l.mark : max(l.mark, l.cursor - 1)
+            let relayed = Self.relayed(l)
             let lag = applied > relayed ? applied - relayed : 0
             let seconds = lag > 0 ? max(0, Double(now - (l.oldestPendingMicros ?? now)) / 1e6) : 0
             return LaneStatus(destination: d, lagRecords: lag, lagSeconds: seconds, mark: l.mark, batches: l.batches, failures: l.failures)
@@ -198,7 +204,8 @@ public final class RelayRunner: @unchecked Sendable {
         var proposals: [Proposal] = []
         var bytes = 0
         for r in batch.records {
-            let mine = rule.derive(r, source: source).filter { $0.destination == d }
+            // A record apply rejected changed nothing: it causes nothing elsewhere either.
+            let mine = tail.wasRejected(r.index) ? [] : rule.derive(r, source: source).filter { $0.destination == d }
             let more = mine.reduce(0) { $0 + $1.proposal.payload.count }
             if !proposals.isEmpty && (proposals.count + mine.count > Self.batchRecordsMax || bytes + more > Self.batchBytesMax) {
                 // Full: this source record starts the next batch (the subscription is repositioned).

@@ -55,6 +55,9 @@ extension ShardReplica {
         if let deadline, ContinuousClock.now >= deadline {
             return done(.failure(.unavailable("the request waited for an earlier attempt past its deadline; nothing was written")))
         }
+        // After the key lookups: a retry of a written request gets its first answer, even if the state
+        // would refuse it now.
+        if let refusal = admission(proposals) { return done(.failure(refusal)) }
         stats.requests += 1
         stats.recordsProposed += UInt64(proposals.count)
         let all = [Proposal(stream: .none, type: .requestKey, payload: RequestWindow.keyPayload(key, count: proposals.count))] + proposals
@@ -135,7 +138,7 @@ extension ShardReplica {
         guard header.sourceIndexes.count == proposals.count, proposals.count <= Limits.appendBatchCountMax else {
             return done(.failure(.invalid("a relay batch lists \(header.sourceIndexes.count) source indexes for \(proposals.count) records")))
         }
-        if let bad = proposals.first(where: { !$0.type.isClientWritable }) {
+        if let bad = proposals.first(where: { !$0.type.isRelayWritable }) {
             return done(.failure(.invalid("record type \(bad.type.rawValue) is reserved for the system")))
         }
         guard raft.role == .leader else { return done(.failure(.notLeader(raft.leader))) }

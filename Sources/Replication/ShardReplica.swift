@@ -262,6 +262,9 @@ public enum ReplicationError: Error, Equatable, Sendable {
     /// Never proposed (the replica was not running, or stopped before it took the request): nothing
     /// was written, a retry is safe.
     case unavailable(String)
+    /// The state machine refused it on the leader before it was proposed (`ShardStateMachine.admit`):
+    /// nothing was written.
+    case refused(code: String, message: String)
 }
 
 /// One shard's replica on this node: the Raft state machine driven over the segment store.
@@ -540,6 +543,7 @@ public final class ShardReplica {
     /// The empty state, before index 1 (Raft was just recreated with applied 0).
     func resetState() {
         machine = machineType.init()
+        tail.noteRejected(machine.relayRejected)
         requests = RequestWindow()
         relayMarks = RelayMarks()
         pendingKeys = [:]
@@ -605,6 +609,7 @@ public final class ShardReplica {
             savedMembershipIndex = membershipIndex
         }
         machine = restored
+        tail.noteRejected(restored.relayRejected)
         requests = window
         relayMarks = marks
         appliedSeqs = seqs
@@ -754,6 +759,7 @@ public final class ShardReplica {
         if let bad = proposals.first(where: { Self.isReplicaType($0.type) }) {
             return done(.failure(.invalid("record type \(bad.type.rawValue) is reserved for the system")))
         }
+        if let refusal = admission(proposals) { return done(.failure(refusal)) }
         stats.requests += 1
         stats.recordsProposed += UInt64(proposals.count)
         do {
@@ -762,6 +768,18 @@ public final class ShardReplica {
         } catch {
             done(.failure(Self.map(error)))
         }
+    }
+
+    /// The state machine's refusal of a request, checked on the leader only (a follower's proposal is
+    /// refused as not the leader's anyway, and its state may lag).
+    func admission(_ proposals: [Proposal]) -> ReplicationError? {
+        guard raft.role == .leader else { return nil }
+        for p in proposals {
+            if case .rejected(let code, let message) = machine.admit(type: p.type, stream: p.stream, payload: p.payload) {
+                return .refused(code: code, message: message)
+            }
+        }
+        return nil
     }
 
     /// The proposals with the leader's timestamps: its clock, never below the last timestamp in the log
@@ -786,6 +804,11 @@ public final class ShardReplica {
             guard let bad = r.proposals.first(where: { $0.type == .config || $0.type == .noop || ShardReplica.isReplicaType($0.type) })
             else { return false }
             r.done(.failure(.invalid("record type \(bad.type.rawValue) is reserved for the system")))
+            return true
+        }
+        requests.removeAll { r in
+            guard let refusal = admission(r.proposals) else { return false }
+            r.done(.failure(refusal))
             return true
         }
         guard requests.count > 1 else {
@@ -946,6 +969,9 @@ public final class ShardReplica {
                     }
                 }
                 appliedTerm = rd.committed[rd.committed.count - 1].term
+                // Before the records reach the tail: a relay must never see a record without knowing
+                // whether apply rejected it.
+                tail.noteRejected(machine.relayRejected)
                 tail.append(rd.committed)
             }
             if let first = rd.entries.first {

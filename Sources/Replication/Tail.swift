@@ -29,6 +29,8 @@ public final class ShardTail: @unchecked Sendable {
     /// Highest index appended (the replica's applied index as the tail knows it).
     var appliedIndex: LogIndex = 0
     var subscribers: [UInt64: @Sendable () -> Void] = [:]
+    /// The state machine's `relayRejected` as of the last apply (relays skip those records).
+    var rejected: [LogIndex] = []
     /// Each subscriber's next index, as of its last poll: retention keeps the files from the lowest.
     var positions: [UInt64: LogIndex] = [:]
     var nextID: UInt64 = 1
@@ -56,6 +58,25 @@ public final class ShardTail: @unchecked Sendable {
 
     /// The shard thread, after apply: records in log order. Records at or below `applied` are skipped (a
     /// replica that cut its log replays it from index 1; the tail has them already).
+    /// The indexes apply rejected that relays must skip (the machine's whole list; replaced when it changed).
+    func noteRejected(_ all: [LogIndex]) {
+        lock.withLock { if all.count != rejected.count || all.last != rejected.last { rejected = all } }
+    }
+
+    /// Whether apply rejected the record at `index` (relays derive nothing from it).
+    public func wasRejected(_ index: LogIndex) -> Bool {
+        lock.withLock {
+            guard let last = rejected.last, index <= last else { return false }
+            var lo = 0
+            var hi = rejected.count
+            while lo < hi {
+                let mid = (lo + hi) / 2
+                if rejected[mid] < index { lo = mid + 1 } else { hi = mid }
+            }
+            return lo < rejected.count && rejected[lo] == index
+        }
+    }
+
     func append(_ records: [Record]) {
         lock.lock()
         var added = false

@@ -52,6 +52,17 @@ public struct BucketedMap<Key: StableHashable, Value: Sendable>: Sendable {
         }
     }
 
+    /// Mutates the entry of `key` in place (nil: absent; set it to nil to remove, to a value to insert).
+    /// In place: a value held only here is not copied (as `dictionary[key]` read, changed and written back would).
+    @inlinable public mutating func update<R>(_ key: Key, _ body: (inout Value?) throws -> R) rethrows -> R {
+        let b = Self.bucket(key)
+        let had = buckets[b][key] != nil
+        let r = try body(&buckets[b][key])
+        let has = buckets[b][key] != nil
+        if had != has { storedCount += has ? 1 : -1 }
+        return r
+    }
+
     /// Every entry, bucket by bucket; within a bucket in `Dictionary` order (seeded per process: do not
     /// let it reach state, outcomes or a hash that must agree across replicas).
     @inlinable public func forEach(_ body: (Key, Value) throws -> Void) rethrows {

@@ -39,6 +39,18 @@ public protocol ShardStateMachine: Sendable {
     /// A digest of the state: equal on every replica at the same applied index. Independent of how
     /// the state is laid out in memory (insertion order, buckets).
     var stateHash: UInt64 { get }
+    /// Checked on the leader before a client record is proposed: a rejection here is answered at once and
+    /// nothing is written. Only a fast pre-check against the applied state (an entry not applied yet can
+    /// change the answer): `apply` stays the authority. Default: admit everything.
+    func admit(type: RecordType, stream: StreamID, payload: [UInt8]) -> ApplyOutcome?
+    /// Indexes of the records apply rejected that relays must not derive from, ascending (part of the
+    /// state: it survives snapshots). Default: none.
+    var relayRejected: [LogIndex] { get }
+}
+
+extension ShardStateMachine {
+    public func admit(type: RecordType, stream: StreamID, payload: [UInt8]) -> ApplyOutcome? { nil }
+    public var relayRejected: [LogIndex] { [] }
 }
 
 /// The state of a shard without a state machine (the raw log API): nothing but the applied index, which

@@ -24,6 +24,9 @@ public struct RecordType: RawRepresentable, Hashable, Sendable, CustomStringConv
     /// highest log index every replica may drop (each still keeps what its own snapshots, tails and
     /// relays need). System only.
     public static let retain = RecordType(7)
+    /// A messaging record (Docs/messaging.md, "Records"): payload `u8 op | fields`. System only: the raw
+    /// shard API refuses it; the nodes' messaging API and the relays write it.
+    public static let messaging = RecordType(16)
 
     /// Types a client may write through the raw shard API: `data`, and the opaque application range
     /// 0x8000...0xFFFF. Every other value is reserved for the system (Raft's no-op and membership
@@ -35,6 +38,10 @@ public struct RecordType: RawRepresentable, Hashable, Sendable, CustomStringConv
     /// Whether a client may write records of this type (`data` or `clientRange`).
     public var isClientWritable: Bool { self == .data || self == .fanout || Self.clientRange.contains(rawValue) }
 
+    /// Types a relay may write at its destination: client types (the raw fan-out's copies) and the
+    /// records domain layers derive (messaging's inbox entries).
+    public var isRelayWritable: Bool { isClientWritable || self == .messaging }
+
     public var description: String {
         switch self {
         case .data: "data"
@@ -44,6 +51,7 @@ public struct RecordType: RawRepresentable, Hashable, Sendable, CustomStringConv
         case .relayBatch: "relayBatch"
         case .fanout: "fanout"
         case .retain: "retain"
+        case .messaging: "messaging"
         default: "type\(rawValue)"
         }
     }

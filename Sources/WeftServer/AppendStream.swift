@@ -61,6 +61,7 @@ public enum AppendStream {
                 case .changePending(let m): (.changePending, m)
                 case .outcomeUnknown(let m): (.outcomeUnknown, m)
                 case .partiallyWritten(let m): (.invalid, m)
+                case .refused(_, let m): (.invalid, m)
                 }
             out.writeInteger(status.rawValue)
             let bytes = Array(message.utf8.prefix(4096))

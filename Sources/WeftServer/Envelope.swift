@@ -43,6 +43,12 @@ enum Envelope: Equatable {
     case forwardKeyed(request: RequestID, key: [UInt8], proposals: [ForwardedProposal])
     /// A relay batch for the shard's leader (the destination): answered `relay`.
     case relayBatch(request: RequestID, header: RelayMarks.Header, proposals: [ForwardedProposal])
+    /// Messaging records from a node's messaging API (Docs/messaging.md), under a request key when `key`
+    /// is not empty: answered like `forward` / `forwardKeyed`, with apply outcomes, or `refused`.
+    case forwardMessaging(request: RequestID, key: [UInt8], proposals: [ForwardedProposal])
+    /// Takes a rate-limit token for a user from the node that keeps their buckets: answered `ok([])` or
+    /// `refused("rate_limited", seconds to wait)`.
+    case rateTake(request: RequestID, user: UInt64, kind: UInt8, perMinute: UInt32)
 
     struct ForwardedProposal: Equatable {
         var stream: StreamID
@@ -78,6 +84,8 @@ enum Envelope: Equatable {
         /// It may or may not have been written (proposed, then the answer was lost, the deadline passed,
         /// or the replica stopped): never retried automatically.
         case outcomeUnknown(String)
+        /// The shard's state refused it before anything was written.
+        case refused(code: String, message: String)
     }
 
     struct DecodeError: Error, CustomStringConvertible {
@@ -103,6 +111,18 @@ enum Envelope: Equatable {
             Self.putProposals(ps, &b)
         case .forwardKeyed(let id, let key, let ps):
             b.append(8)
+            put(id, &b)
+            b.append(UInt8(min(key.count, 255)))
+            b += key.prefix(255)
+            Self.putProposals(ps, &b)
+        case .rateTake(let id, let user, let kind, let perMinute):
+            b.append(11)
+            put(id, &b)
+            put(user, &b)
+            b.append(kind)
+            put(perMinute, &b)
+        case .forwardMessaging(let id, let key, let ps):
+            b.append(10)
             put(id, &b)
             b.append(UInt8(min(key.count, 255)))
             b += key.prefix(255)
@@ -156,6 +176,11 @@ enum Envelope: Equatable {
             case .invalid(let why): Self.putText(3, why, &b)
             case .changePending(let why): Self.putText(4, why, &b)
             case .outcomeUnknown(let why): Self.putText(5, why, &b)
+            case .refused(let code, let message):
+                Self.putText(9, code, &b)
+                let u = Array(message.utf8.prefix(4096))
+                put(UInt32(u.count), &b)
+                b += u
             }
         }
         return b
@@ -193,6 +218,20 @@ enum Envelope: Equatable {
             let ps = try Self.takeProposals(&r)
             try r.end()
             return .forwardKeyed(request: id, key: key, proposals: ps)
+        case 10:
+            let id = try r.requestID()
+            let kl = Int(try r.take(1)[0])
+            let key = try r.take(kl)
+            let ps = try Self.takeProposals(&r)
+            try r.end()
+            return .forwardMessaging(request: id, key: key, proposals: ps)
+        case 11:
+            let id = try r.requestID()
+            let user = try r.u64()
+            let kind = try r.take(1)[0]
+            let perMinute = try r.u32()
+            try r.end()
+            return .rateTake(request: id, user: user, kind: kind, perMinute: perMinute)
         case 3:
             let id = try r.requestID()
             let status = try r.take(1)[0]
@@ -233,6 +272,11 @@ enum Envelope: Equatable {
                     default: .outcomeUnknown(s)
                     }
                 return .answer(request: id, a)
+            case 9:
+                let s = try r.text()
+                let m = try r.text()
+                try r.end()
+                return .answer(request: id, .refused(code: s, message: m))
             default:
                 throw DecodeError(description: "answer status \(status)")
             }
@@ -304,15 +348,39 @@ enum Envelope: Equatable {
             put(ref.term, &b)
             put(ref.stream.rawValue, &b)
             put(ref.seq, &b)
+            switch ref.outcome {
+            case .accepted(let bytes):
+                b.append(0)
+                put(UInt32(bytes.count), &b)
+                b += bytes
+            case .rejected(let code, let message):
+                b.append(1)
+                for t in [code, message] {
+                    let u = Array(t.utf8.prefix(4096))
+                    put(UInt32(u.count), &b)
+                    b += u
+                }
+            }
         }
     }
 
     static func takeRefs(_ r: inout Cursor) throws -> [RecordRef] {
         let n = Int(try r.u32())
-        guard n <= r.remaining / 32 else { throw DecodeError(description: "answer of \(n) records") }
+        guard n <= r.remaining / 37 else { throw DecodeError(description: "answer of \(n) records") }
         var refs: [RecordRef] = []
         for _ in 0..<n {
-            refs.append(RecordRef(index: try r.u64(), term: try r.u64(), stream: StreamID(try r.u64()), seq: try r.u64()))
+            var ref = RecordRef(index: try r.u64(), term: try r.u64(), stream: StreamID(try r.u64()), seq: try r.u64())
+            switch try r.take(1)[0] {
+            case 0:
+                let len = Int(try r.u32())
+                guard len <= Limits.recordPayloadBytesMax else { throw DecodeError(description: "outcome of \(len) bytes") }
+                ref.outcome = .accepted(try r.take(len))
+            case 1:
+                ref.outcome = .rejected(code: try r.text(), message: try r.text())
+            case let k:
+                throw DecodeError(description: "outcome kind \(k)")
+            }
+            refs.append(ref)
         }
         return refs
     }
@@ -335,6 +403,11 @@ enum Envelope: Equatable {
         mutating func u32() throws -> UInt32 { try int(UInt32.self) }
         mutating func u64() throws -> UInt64 { try int(UInt64.self) }
         mutating func requestID() throws -> RequestID { RequestID(incarnation: try u64(), sequence: try u64()) }
+        mutating func text() throws -> String {
+            let len = Int(try u32())
+            guard len <= 4096 else { throw DecodeError(description: "text of \(len) bytes") }
+            return String(decoding: try take(len), as: UTF8.self)
+        }
         func end() throws { if remaining != 0 { throw DecodeError(description: "\(remaining) trailing bytes") } }
     }
 }
@@ -345,13 +418,16 @@ public struct RecordRef: Equatable, Sendable, Codable {
     public var term: Term
     public var stream: StreamID
     public var seq: StreamSeq
+    /// What apply said (on the wire between nodes; not in the raw API's JSON).
+    public var outcome: ApplyOutcome
 
     enum CodingKeys: String, CodingKey { case index, term, stream, seq }
-    public init(index: LogIndex, term: Term, stream: StreamID, seq: StreamSeq) {
+    public init(index: LogIndex, term: Term, stream: StreamID, seq: StreamSeq, outcome: ApplyOutcome = .ok) {
         self.index = index
         self.term = term
         self.stream = stream
         self.seq = seq
+        self.outcome = outcome
     }
     public init(from d: any Decoder) throws {
         let c = try d.container(keyedBy: CodingKeys.self)
@@ -359,6 +435,7 @@ public struct RecordRef: Equatable, Sendable, Codable {
         term = try c.decode(UInt64.self, forKey: .term)
         stream = StreamID(try c.decode(UInt64.self, forKey: .stream))
         seq = try c.decode(UInt64.self, forKey: .seq)
+        outcome = .ok
     }
     public func encode(to e: any Encoder) throws {
         var c = e.container(keyedBy: CodingKeys.self)

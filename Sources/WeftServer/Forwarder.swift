@@ -72,6 +72,8 @@ final class Forwarder: Sendable {
             case .readIndex: .readIndex(request: id)
             case .forwardKeyed(_, let key, let ps): .forwardKeyed(request: id, key: key, proposals: ps)
             case .relayBatch(_, let h, let ps): .relayBatch(request: id, header: h, proposals: ps)
+            case .forwardMessaging(_, let key, let ps): .forwardMessaging(request: id, key: key, proposals: ps)
+            case .rateTake(_, let user, let kind, let perMinute): .rateTake(request: id, user: user, kind: kind, perMinute: perMinute)
             default: envelope
             }
         let timer = deadlines.schedule(deadline) { [state] in

@@ -147,9 +147,10 @@ public enum HTTPAPI {
         }
     }
 
-    public static func router(node: WeftNode, registry: PrometheusCollectorRegistry) -> Router<BasicRequestContext> {
+    static func router(node: WeftNode, registry: PrometheusCollectorRegistry, auth: UserAuth) -> Router<BasicRequestContext> {
         let router = Router()
         router.middlewares.add(JSONErrorMiddleware())
+        MessagingAPI(node: node, auth: auth).add(to: router)
         // Operator routes: their own group, so the check is tied to the matched route, not to how a
         // request spells its path.
         let op = router.group().add(middleware: OperatorAuthMiddleware(token: node.config.operatorToken))
@@ -306,6 +307,7 @@ public enum HTTPAPI {
         case .changePending(let m): APIError(.conflict, "change_pending", m)
         case .outcomeUnknown(let m): APIError(.gatewayTimeout, "outcome_unknown", m)
         case .partiallyWritten(let m): APIError(.conflict, "partially_written", m)
+        case .refused(let code, let m): APIError(.conflict, code, m)
         }
     }
 
@@ -427,6 +429,8 @@ struct APIError: Error {
     var status: HTTPResponse.Status
     var code: String
     var message: String
+    /// Seconds, for `Retry-After` (429).
+    var retryAfter: Int? = nil
     init(_ status: HTTPResponse.Status, _ code: String, _ message: String) {
         self.status = status
         self.code = code
@@ -469,7 +473,9 @@ struct JSONErrorMiddleware<Context: RequestContext>: RouterMiddleware {
         do {
             return try await next(request, context)
         } catch let e as APIError {
-            return Self.body(e.status, e.code, e.message)
+            var r = Self.body(e.status, e.code, e.message)
+            if let s = e.retryAfter { r.headers[.retryAfter] = "\(s)" }
+            return r
         } catch let e as NIOTooManyBytesError {
             // A body past the route's limit (`collect(upTo:)`): the client's fault, not the server's.
             return Self.body(.contentTooLarge, "body_too_large", "the request body is larger than \(e.maxBytes.map { "\($0)" } ?? "the limit") bytes")

@@ -35,7 +35,7 @@ public enum Serve {
         let weftNode = try WeftNode(config: config, node: id, group: MultiThreadedEventLoopGroup.singleton, logger: logger)
         let token = Array(config.operatorToken.utf8)
         let app = Application(
-            router: HTTPAPI.router(node: weftNode, registry: registry),
+            router: HTTPAPI.router(node: weftNode, registry: registry, auth: await UserAuth(config: config)),
             server: .http1WebSocketUpgrade(
                 configuration: .init(ws: .init(maxFrameSize: AppendStream.frameBytesMax, autoPing: .enabled(timePeriod: .seconds(30))))
             ) { request, _, logger in

@@ -1,6 +1,7 @@
 import ClusterConfig
 import Foundation
 import Logging
+import Messaging
 import NIOConcurrencyHelpers
 import NIOCore
 import PeerTransport
@@ -25,6 +26,8 @@ public enum WriteError: Error, Equatable, CustomStringConvertible {
     /// A keyed request whose first attempt a leader change cut short: only some of its records were
     /// written (listed in the message); nothing more is written under that key.
     case partiallyWritten(String)
+    /// The shard's state refused it on the leader before anything was written (`code` is the domain's).
+    case refused(code: String, message: String)
 
     public var description: String {
         switch self {
@@ -33,6 +36,7 @@ public enum WriteError: Error, Equatable, CustomStringConvertible {
         case .changePending(let s): "change pending: \(s)"
         case .outcomeUnknown(let s): "outcome unknown: \(s)"
         case .partiallyWritten(let s): "partially written: \(s)"
+        case .refused(let code, let s): "refused (\(code)): \(s)"
         }
     }
 }
@@ -62,6 +66,8 @@ public final class WeftNode: Sendable {
     let waiterTokens = NIOLockedValueBox<UInt64>(0)
     /// The relay of each shard this node leads.
     let relays = NIOLockedValueBox<[ShardID: RelayRunner]>([:])
+    /// Users' rate-limit buckets this node keeps (Docs/messaging.md, "Rate limits").
+    let limiter = RateLimiter()
     /// Set by `stop`: no relay starts after it.
     let stopping = NIOLockedValueBox(false)
 
@@ -190,7 +196,7 @@ public final class WeftNode: Sendable {
         shardLogger[metadataKey: "shard"] = "\(shard)"
         let log = shardLogger
         // The newest snapshot is read and decoded while the log opens (Docs/state.md, "Restart").
-        let prefetch = SnapshotPrefetch.start(shardDirectory: dir, machine: NoState.self)
+        let prefetch = SnapshotPrefetch.start(shardDirectory: dir, machine: MessagingMachine.self)
         let store = try SegmentStore(
             directory: dir,
             options: StoreOptions(shard: shard, segmentBytesMax: config.storage.segmentBytes, durability: durability),
@@ -201,13 +207,14 @@ public final class WeftNode: Sendable {
         rc.electionTicks = max(2, timing.electionTimeoutMinMs / tickMs)
         let replica = try ShardReplica(
             shard: shard, id: id, store: store, hardState: hs, membershipFile: MembershipFile(directory: dir, disk: PosixDisk()),
-            bootstrap: bootstrap, config: rc, prefetch: prefetch)
+            bootstrap: bootstrap, config: rc, machine: MessagingMachine.self, prefetch: prefetch)
         let t = transport
         replica.snapshotEveryRecords = config.storage.snapshotEveryRecords
         let keep = config.storage.retention
         replica.retention = RetentionPolicy(bytesMax: keep.bytesMax, ageMicrosMax: keep.ageSecondsMax.map { Int64($0) * 1_000_000 })
-        // Every shard's records feed the fan-out relay (on its leader) when there are other shards.
-        replica.hasRelays = config.shardIDs.count > 1
+        // Every shard's records feed its relay (on its leader): the raw fan-out to other shards, and
+        // messaging's inbox entries to every shard, this one included.
+        replica.hasRelays = true
         replica.relayFloor = { [weak self] in self?.relays.withLockedValue { $0[shard] }?.lowestMark() }
         // Snapshot files are written on a background queue (PosixDisk keeps no state of its own).
         replica.snapshotsInBackground = true
@@ -324,9 +331,22 @@ public final class WeftNode: Sendable {
             // The forwarding node waits at most its own deadline (5 s by default) for the answer.
             runner.submit(.proposeKeyed(key, ps, deadline: ContinuousClock.now + .seconds(5)) { reply(Self.keyedAnswer($0, me: me)) })
         case .relayBatch(let request, let header, let proposals):
-            guard let (runner, ps, reply) = takeForwarded(proposals, request: request, from: from, shard: shard) else { return }
+            guard let (runner, ps, reply) = takeForwarded(proposals, request: request, from: from, shard: shard, allowed: { $0.isRelayWritable }) else { return }
             let me = id
             runner.submit(.proposeRelayBatch(header, ps, deadline: ContinuousClock.now + .seconds(5)) { reply(Self.relayAnswer($0, me: me)) })
+        case .forwardMessaging(let request, let key, let proposals):
+            guard let (runner, ps, reply) = takeForwarded(proposals, request: request, from: from, shard: shard, allowed: { $0 == .messaging }) else { return }
+            let me = id
+            if key.isEmpty {
+                runner.submit(.propose(ps) { reply(Self.answer($0, me: me, Self.refs)) })
+            } else {
+                runner.submit(.proposeKeyed(key, ps, deadline: ContinuousClock.now + .seconds(5)) { reply(Self.keyedAnswer($0, me: me)) })
+            }
+        case .rateTake(let request, let user, let kind, let perMinute):
+            let reply = replier(to: from, shard: shard, request: request)
+            guard let k = RateLimiter.Kind(rawValue: kind) else { return reply(.invalid("rate kind \(kind)")) }
+            let wait = limiter.takeLocal(k, user: user, perMinute: Int(perMinute))
+            reply(wait.map { .refused(code: "rate_limited", message: "\($0)") } ?? .ok([]))
         case .readIndex(let request):
             guard let runner = runnerOrRefuse(shard, request: request, from: from) else { return }
             let reply = replier(to: from, shard: shard, request: request)
@@ -459,9 +479,8 @@ public final class WeftNode: Sendable {
         let old = relays.withLockedValue { $0.removeValue(forKey: shard) }
         old?.stop()
         guard leads, !stopping.withLockedValue({ $0 }) else { return }
-        let destinations = config.shardIDs.filter { $0 != shard }
-        guard !destinations.isEmpty else { return }
-        let runner = RelayRunner(source: shard, tail: tail, destinations: destinations, rule: FanoutRule(), startAt: startAt) {
+        let destinations = config.shardIDs
+        let runner = RelayRunner(source: shard, tail: tail, destinations: destinations, rule: WeftRelayRule(shards: config.shards), startAt: startAt) {
             [weak self] d, h, ps, done in
             guard let self else { return done(.failure(.stopped)) }
             self.relayBatch(to: d, h, ps, done: done)
@@ -478,7 +497,7 @@ public final class WeftNode: Sendable {
     static func keyedAnswer(_ r: Result<KeyedResult, ReplicationError>, me: NodeID) -> Envelope.ForwardAnswer {
         switch r {
         case .success(let k):
-            let refs = k.landed.map { RecordRef(index: $0.index, term: $0.term, stream: $0.stream, seq: $0.seq) }
+            let refs = k.landed.map { RecordRef(index: $0.index, term: $0.term, stream: $0.stream, seq: $0.seq, outcome: $0.outcome) }
             if !k.complete { return .partial(refs, count: k.count) }
             return k.replayed ? .replayed(refs) : .ok(refs)
         case .failure(let e):
@@ -577,6 +596,8 @@ public final class WeftNode: Sendable {
                 again(why, false, .milliseconds(20))
             case .invalid(let why):
                 done(.failure(.invalid(why)))
+            case .refused(let code, let message):
+                done(.failure(.refused(code: code, message: message)))
             case .changePending(let why):
                 done(.failure(.changePending("shard \(shard): \(why)")))
             case .outcomeUnknown(let why):
@@ -648,22 +669,24 @@ public final class WeftNode: Sendable {
         case .failure(.storage(let why)): .outcomeUnknown("storage failed on node \(me): \(why)")
         case .failure(.stopped): .outcomeUnknown("the replica on node \(me) stopped")
         case .failure(.outcomeUnknown(let why)): .outcomeUnknown(why)
+        case .failure(.refused(let code, let message)): .refused(code: code, message: message)
         }
     }
 
     /// Where each record landed. (The raw log's state machine accepts every record; outcomes of domain
     /// state machines reach their callers with the messaging layer.)
     static func refs(_ applied: [Applied]) -> [RecordRef] {
-        applied.map { RecordRef(index: $0.record.index, term: $0.record.term, stream: $0.record.stream, seq: $0.record.seq) }
+        applied.map { RecordRef(index: $0.record.index, term: $0.record.term, stream: $0.record.stream, seq: $0.record.seq, outcome: $0.outcome) }
     }
 
     /// A forwarded write's records, the local replica that takes them and the way to answer; nil after
     /// answering the peer itself. Forwarded records are client writes: the same record types as at the
     /// API (a peer that passed a reserved type on would be a bug or an attack: refused here too).
     func takeForwarded(
-        _ proposals: [Envelope.ForwardedProposal], request: Envelope.RequestID, from: NodeID, shard: ShardID
+        _ proposals: [Envelope.ForwardedProposal], request: Envelope.RequestID, from: NodeID, shard: ShardID,
+        allowed: (RecordType) -> Bool = { $0.isClientWritable }
     ) -> (ShardRunner, [Proposal], @Sendable (Envelope.ForwardAnswer) -> Void)? {
-        if let bad = proposals.first(where: { !$0.type.isClientWritable }) {
+        if let bad = proposals.first(where: { !allowed($0.type) }) {
             transport.send(
                 to: from, shard: shard.rawValue,
                 payload: Envelope.answer(request: request, .invalid("record type \(bad.type.rawValue) is reserved for the system")).encode())
@@ -778,7 +801,17 @@ public final class WeftNode: Sendable {
         shard: ShardID, _ q: ReadQuery, consistency: ReadConsistency = .local, timeout: Duration = .seconds(5)
     ) async -> Result<ReadResult, ReadFailure> {
         guard let r = runner(shard) else { return .failure(.noReplica) }
-        let deadline = ContinuousClock.now + timeout
+        if case .failure(let f) = await waitApplied(shard: shard, runner: r, consistency: consistency, deadline: ContinuousClock.now + timeout) {
+            return .failure(f)
+        }
+        let result = await withCheckedContinuation { c in r.submit(.read(q) { c.resume(returning: $0) }) }
+        return result.mapError { .read($0) }
+    }
+
+    /// Waits until this node's replica (`r`) has applied what `consistency` asks.
+    func waitApplied(
+        shard: ShardID, runner r: ShardRunner, consistency: ReadConsistency, deadline: ContinuousClock.Instant
+    ) async -> Result<Void, ReadFailure> {
         var need: LogIndex = 0
         switch consistency {
         case .local: break
@@ -806,8 +839,7 @@ public final class WeftNode: Sendable {
                 return .failure(.unavailable("\(e)"))
             }
         }
-        let result = await withCheckedContinuation { c in r.submit(.read(q) { c.resume(returning: $0) }) }
-        return result.mapError { .read($0) }
+        return .success(())
     }
 
     /// A linearizable read point for `shard`: the leader's read index, asked locally when this node

@@ -159,4 +159,19 @@ import WeftCore
         #expect(ConfigError(file: "c.toml", line: 4, column: 2, message: "bad").description == "c.toml:4:2: bad")
         #expect(ConfigError(file: "c.toml", message: "bad").description == "c.toml: bad")
     }
+
+    @Test func messagingSettings() throws {
+        let defaults = try ClusterConfiguration.parse(document(), configPath: "c.toml").messaging
+        #expect(defaults == MessagingConfig())
+        #expect(defaults.bcryptCost == 12 && defaults.sendsPerMinute == 100 && defaults.historyReadsPerMinute == 30)
+        let m = try ClusterConfiguration.parse(
+            document(extra: "[messaging]\nbcrypt_cost = 4\ntoken_ttl_seconds = 600\nsends_per_minute = 5\nhistory_reads_per_minute = 7"),
+            configPath: "c.toml"
+        ).messaging
+        #expect(m.bcryptCost == 4 && m.tokenTTLSeconds == 600 && m.sendsPerMinute == 5 && m.historyReadsPerMinute == 7)
+        for bad in ["bcrypt_cost = 3", "bcrypt_cost = 32", "token_ttl_seconds = 59", "sends_per_minute = 0", "colour = 1", "bcrypt_cost = \"12\""] {
+            let e = parseError(document(extra: "[messaging]\n\(bad)"))
+            #expect(e?.message.isEmpty == false, "\(bad)")
+        }
+    }
 }

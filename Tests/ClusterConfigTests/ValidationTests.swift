@@ -58,7 +58,7 @@ let rejections: [Rejection] = [
     Rejection("api.operator_token", "printable ASCII", document(api: "operator_token = \"has a space 0123456789\"")),
     Rejection("api.token", "unknown key (expected one of: operator_token)", document(api: "operator_token = \"\(validToken)\"\ntoken = 1")),
     // top level
-    Rejection("stroage", "unknown key (expected one of: cluster, storage, raft, api, nodes)", document(extra: "[stroage]\ndata_dir = \"x\"")),
+    Rejection("stroage", "unknown key (expected one of: cluster, storage, raft, api, messaging, nodes)", document(extra: "[stroage]\ndata_dir = \"x\"")),
     Rejection("version", "unknown key", "version = 1\n" + document()),
     // [storage]
     Rejection("storage", "expected a table, got a string", "storage = \"x\"\n" + document()),

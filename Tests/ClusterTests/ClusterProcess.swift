@@ -36,7 +36,11 @@ final class ClusterProcess: @unchecked Sendable {
     }
 
     /// `storage`: more `[storage]` keys, one per line.
-    init(name: String, nodes count: Int = 3, shards: Int = 2, segmentBytes: Int = 1_048_576, storage: String = "") throws {
+    /// `messaging`: more `[messaging]` keys, one per line (bcrypt's cost is the minimum, 4, unless given).
+    init(
+        name: String, nodes count: Int = 3, shards: Int = 2, segmentBytes: Int = 1_048_576, storage: String = "",
+        messaging: String = "bcrypt_cost = 4"
+    ) throws {
         dir = NSTemporaryDirectory() + "weft-cluster-\(name)-\(getpid())"
         try? FileManager.default.removeItem(atPath: dir)
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
@@ -63,6 +67,9 @@ final class ClusterProcess: @unchecked Sendable {
 
             [api]
             operator_token = "\(Self.token)"
+
+            [messaging]
+            \(messaging)
 
             [raft]
             election_timeout_min_ms = 300

@@ -69,6 +69,19 @@ import WeftCore
             .file(transfer: 7 << 32 | 1, name: "00000000000000000001.seg", offset: 4096, total: 9000, bytes: [1, 2, 3]),
             .fileAck(transfer: 7 << 32 | 1, name: "00000000000000000001.seg", received: 4099, ok: true),
             .configChange(request: id, change: .addLearner(NodeID(4))),
+            // Messaging: outcomes travel with the refs; refusals, rate-limit takes and messaging writes.
+            .answer(
+                request: id,
+                .ok([
+                    RecordRef(index: 9, term: 2, stream: StreamID(5), seq: 1, outcome: .accepted([1, 2, 3])),
+                    RecordRef(index: 10, term: 2, stream: StreamID(5), seq: 2, outcome: .rejected(code: "not_allowed", message: "no")),
+                ])),
+            .answer(request: id, .refused(code: "username_taken", message: "the username is taken")),
+            .rateTake(request: id, user: 77, kind: 1, perMinute: 100),
+            .forwardMessaging(
+                request: id, key: [1, 2, 3],
+                proposals: [Envelope.ForwardedProposal(stream: StreamID(1 << 62 | 5), type: RecordType(16), timestampMicros: 0, payload: [20, 1])]),
+            .forwardMessaging(request: id, key: [], proposals: []),
         ]
         for e in envelopes { #expect(try Envelope.decode(e.encode()) == e) }
         // Truncated frames are errors, never crashes.

@@ -1,0 +1,808 @@
+import ClusterConfig
+import Foundation
+import HTTPTypes
+import Hummingbird
+import HummingbirdOTP
+import Messaging
+import NIOCore
+import Replication
+import ShardState
+import WeftCore
+
+/// The messaging API (Docs/messaging.md, Docs/openapi.yaml): accounts, contacts, 1:1 messages, sync,
+/// conversations. Every node serves every user; writes go to the leader of the shard that owns them.
+struct MessagingAPI: Sendable {
+    let node: WeftNode
+    let auth: UserAuth
+    var shards: Int { node.config.shards }
+
+    static let bodyBytesMax = 16 << 10
+    static let pageMax = 100
+
+    // MARK: Routes
+
+    func add(to router: Router<BasicRequestContext>) {
+        router.post("/api/v1/auth/register") { request, _ in try await register(request) }
+        router.post("/api/v1/auth/login") { request, _ in try await login(request) }
+        router.post("/api/v1/auth/logout") { request, _ in try await logout(request) }
+        router.post("/api/v1/auth/totp/enable") { request, _ in try await totpEnable(request) }
+        router.post("/api/v1/auth/totp/confirm") { request, _ in try await totpConfirm(request) }
+        router.post("/api/v1/auth/totp/disable") { request, _ in try await totpDisable(request) }
+        router.get("/api/v1/users/me") { request, _ in try await me(request) }
+        router.patch("/api/v1/users/me") { request, _ in try await updateMe(request) }
+        router.get("/api/v1/users/{id}") { request, context in try await user(request, context) }
+        router.get("/api/v1/users") { request, _ in try await userByName(request) }
+        router.post("/api/v1/contacts/requests") { request, _ in try await contactRequest(request) }
+        router.post("/api/v1/contacts/requests/{id}/accept") { request, context in try await contactAccept(request, context) }
+        router.get("/api/v1/contacts") { request, _ in try await contacts(request) }
+        router.delete("/api/v1/contacts/{id}") { request, context in try await contactRemove(request, context) }
+        router.post("/api/v1/contacts/{id}/block") { request, context in try await block(request, context, on: true) }
+        router.delete("/api/v1/contacts/{id}/block") { request, context in try await block(request, context, on: false) }
+        router.post("/api/v1/messages") { request, _ in try await send(request) }
+        router.get("/api/v1/messages") { request, _ in try await history(request) }
+        router.delete("/api/v1/messages/{id}") { request, context in try await recall(request, context) }
+        router.get("/api/v1/sync") { request, _ in try await sync(request) }
+        router.get("/api/v1/conversations") { request, _ in try await conversations(request) }
+        router.post("/api/v1/conversations/{id}/read") { request, context in try await markRead(request, context) }
+    }
+
+    // MARK: Accounts
+
+    struct RegisterBody: Decodable {
+        var username: String
+        var password: String
+        var display_name: String?
+        static let keys: Set<String> = ["username", "password", "display_name"]
+    }
+
+    func register(_ request: Request) async throws -> Response {
+        let body = try await decode(RegisterBody.self, request, keys: RegisterBody.keys)
+        guard let name = Ids.normalisedUsername(body.username) else {
+            throw APIError(.badRequest, "invalid_username", "a username has 3-32 characters a-z 0-9 _ . and starts with a letter")
+        }
+        try Self.checkPassword(body.password)
+        let display = body.display_name ?? name
+        try Self.checkDisplayName(display)
+        let shard = Ids.usernameShard(name, shards: shards)
+        // Refused early if taken (no bcrypt spent); the write decides.
+        if case .success(true) = await node.query(shard: shard, consistency: .local, { m, _ in m.userID(username: name) != nil }) {
+            throw APIError(.conflict, "username_taken", "the username is taken")
+        }
+        let hash = try await hashPassword(body.password)
+        let op = MessagingOp.register(
+            username: name, displayName: display, passwordHash: Array(hash.utf8), shard: shard.rawValue, shards: UInt64(shards))
+        let outcome = try await write(shard, op)
+        guard case .accepted(let bytes) = outcome, let id = Self.u64(bytes) else { throw Self.refusal(outcome) }
+        return try HTTPAPI.json(UserBody(user_id: id, username: name, display_name: display), status: .created)
+    }
+
+    struct LoginBody: Decodable {
+        var username: String
+        var password: String
+        var totp_code: String?
+        static let keys: Set<String> = ["username", "password", "totp_code"]
+    }
+
+    struct TokenBody: Encodable {
+        var token: String
+        var token_type = "Bearer"
+        var user_id: UInt64
+        var expires_at: String
+    }
+
+    func login(_ request: Request) async throws -> Response {
+        let body = try await decode(LoginBody.self, request, keys: LoginBody.keys)
+        let bad = APIError(.unauthorized, "invalid_credentials", "wrong username or password")
+        guard body.password.utf8.count <= 72 else { throw bad }
+        let name = Ids.normalisedUsername(body.username)
+        var account: Account?
+        if let name {
+            let shard = Ids.usernameShard(name, shards: shards)
+            account = try await queried(shard, consistency: .linearizable) { m, _ in m.userID(username: name).flatMap { m.account($0) } }
+        }
+        // bcrypt runs whether or not the user exists: the time taken does not tell.
+        let hash = account.map { String(decoding: $0.passwordHash, as: UTF8.self) }
+        guard try await verifyPassword(body.password, hash: hash), let account else { throw bad }
+        if account.totpState == 2 {
+            guard let code = body.totp_code else { throw APIError(.unauthorized, "totp_required", "this account needs a totp_code") }
+            guard let secret = auth.unseal(account.totpSealed, user: account.id), TOTPCheck.matches(code, secret: secret) else {
+                throw APIError(.unauthorized, "invalid_totp", "wrong or expired TOTP code")
+            }
+        }
+        let (token, expires) = try await auth.issue(user: account.id, version: account.tokenVersion)
+        return try HTTPAPI.json(TokenBody(token: token, user_id: account.id, expires_at: Self.iso(expires)))
+    }
+
+    func logout(_ request: Request) async throws -> Response {
+        let me = try await authenticate(request)
+        try Self.noBody(request)
+        _ = try await write(Ids.homeShard(me.id, shards: shards), .revokeTokens(user: me.id))
+        return Response(status: .noContent)
+    }
+
+    struct UserBody: Encodable {
+        var user_id: UInt64
+        var username: String
+        var display_name: String
+        var totp_enabled: Bool? = nil
+        var created_at: String? = nil
+    }
+
+    func me(_ request: Request) async throws -> Response {
+        let me = try await authenticate(request)
+        return try HTTPAPI.json(
+            UserBody(
+                user_id: me.id, username: me.username, display_name: me.displayName, totp_enabled: me.totpState == 2,
+                created_at: Self.iso(micros: me.createdMicros)))
+    }
+
+    struct ProfileBody: Decodable {
+        var display_name: String
+        static let keys: Set<String> = ["display_name"]
+    }
+
+    func updateMe(_ request: Request) async throws -> Response {
+        let me = try await authenticate(request)
+        let body = try await decode(ProfileBody.self, request, keys: ProfileBody.keys)
+        try Self.checkDisplayName(body.display_name)
+        _ = try await write(Ids.homeShard(me.id, shards: shards), .profile(user: me.id, displayName: body.display_name))
+        return try HTTPAPI.json(UserBody(user_id: me.id, username: me.username, display_name: body.display_name))
+    }
+
+    func user(_ request: Request, _ context: BasicRequestContext) async throws -> Response {
+        _ = try await authenticate(request)
+        let id = try Self.userParameter(context)
+        guard let a = try await account(id) else { throw Self.unknownUser }
+        return try HTTPAPI.json(UserBody(user_id: a.id, username: a.username, display_name: a.displayName))
+    }
+
+    func userByName(_ request: Request) async throws -> Response {
+        _ = try await authenticate(request)
+        try Self.onlyQuery(request, ["username"])
+        guard let given = request.uri.queryParameters.get("username") else {
+            throw APIError(.badRequest, "missing_parameter", "username is required")
+        }
+        guard let name = Ids.normalisedUsername(given) else { throw Self.unknownUser }
+        let shard = Ids.usernameShard(name, shards: shards)
+        guard let a = try await queried(shard, consistency: .local, { m, _ in m.userID(username: name).flatMap { m.account($0) } }) else {
+            throw Self.unknownUser
+        }
+        return try HTTPAPI.json(UserBody(user_id: a.id, username: a.username, display_name: a.displayName))
+    }
+
+    // MARK: TOTP
+
+    struct TOTPEnableBody: Encodable {
+        var secret: String
+        var otpauth_uri: String
+    }
+
+    func totpEnable(_ request: Request) async throws -> Response {
+        let me = try await authenticate(request)
+        try Self.noBody(request)
+        guard me.totpState != 2 else { throw APIError(.conflict, "totp_enabled", "TOTP is already on; disable it first") }
+        // 32 characters of the base32 alphabet (160 bits): HummingbirdOTP keys HMAC with the secret's UTF-8
+        // bytes, and an authenticator app gets those bytes base32-encoded in the URI.
+        let alphabet = Array("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567".utf8)
+        var rng = SystemRandomNumberGenerator()
+        let secret = (0..<32).map { _ in alphabet[Int.random(in: 0..<alphabet.count, using: &rng)] }
+        let sealed = try auth.seal(secret, user: me.id)
+        _ = try await write(Ids.homeShard(me.id, shards: shards), .totp(user: me.id, state: 1, sealed: sealed))
+        let totp = TOTP(secret: String(decoding: secret, as: UTF8.self))
+        let uri = totp.createAuthenticatorURL(label: "Weft:\(me.username)", issuer: "Weft")
+        let b32 = URLComponents(string: uri)?.queryItems?.first { $0.name == "secret" }?.value ?? ""
+        return try HTTPAPI.json(TOTPEnableBody(secret: b32, otpauth_uri: uri))
+    }
+
+    struct CodeBody: Decodable {
+        var code: String
+        static let keys: Set<String> = ["code"]
+    }
+
+    func totpConfirm(_ request: Request) async throws -> Response {
+        let me = try await authenticate(request)
+        let body = try await decode(CodeBody.self, request, keys: CodeBody.keys)
+        guard me.totpState == 1, let secret = auth.unseal(me.totpSealed, user: me.id) else {
+            throw APIError(.conflict, "totp_not_enrolling", "call /api/v1/auth/totp/enable first")
+        }
+        guard TOTPCheck.matches(body.code, secret: secret) else { throw APIError(.badRequest, "invalid_totp", "wrong or expired TOTP code") }
+        _ = try await write(Ids.homeShard(me.id, shards: shards), .totp(user: me.id, state: 2, sealed: me.totpSealed))
+        // Turning it on ended every session, this one too: the caller logs in again with a code.
+        return Response(status: .noContent)
+    }
+
+    func totpDisable(_ request: Request) async throws -> Response {
+        let me = try await authenticate(request)
+        let body = try await decode(CodeBody.self, request, keys: CodeBody.keys)
+        guard me.totpState == 2, let secret = auth.unseal(me.totpSealed, user: me.id) else {
+            throw APIError(.conflict, "totp_not_enabled", "TOTP is not on")
+        }
+        guard TOTPCheck.matches(body.code, secret: secret) else { throw APIError(.badRequest, "invalid_totp", "wrong or expired TOTP code") }
+        _ = try await write(Ids.homeShard(me.id, shards: shards), .totp(user: me.id, state: 0, sealed: []))
+        return Response(status: .noContent)
+    }
+
+    // MARK: Contacts
+
+    struct ContactRequestBody: Decodable {
+        var user_id: UInt64
+        var note: String?
+        static let keys: Set<String> = ["user_id", "note"]
+    }
+
+    struct StatusBody: Encodable {
+        var status: String
+    }
+
+    func contactRequest(_ request: Request) async throws -> Response {
+        let me = try await authenticate(request)
+        let body = try await decode(ContactRequestBody.self, request, keys: ContactRequestBody.keys)
+        let note = body.note ?? ""
+        guard note.utf8.count <= MessagingLimits.noteBytesMax else {
+            throw APIError(.badRequest, "note_too_long", "a note has at most \(MessagingLimits.noteBytesMax) bytes")
+        }
+        guard body.user_id != me.id else { throw APIError(.badRequest, "invalid_user", "you cannot add yourself") }
+        guard Ids.isUserID(body.user_id), try await account(body.user_id) != nil else { throw Self.unknownUser }
+        let outcome = try await write(
+            Ids.pairShard(me.id, body.user_id, shards: shards), .contactRequest(from: me.id, to: body.user_id, note: note))
+        guard case .accepted(let b) = outcome else { throw Self.refusal(outcome) }
+        return try HTTPAPI.json(StatusBody(status: b == [1] ? "contacts" : "requested"), status: b == [1] ? .ok : .accepted)
+    }
+
+    func contactAccept(_ request: Request, _ context: BasicRequestContext) async throws -> Response {
+        let me = try await authenticate(request)
+        try Self.noBody(request)
+        let other = try Self.userParameter(context)
+        guard other != me.id else { throw APIError(.notFound, "no_request", "no pending request from that user") }
+        let outcome = try await write(Ids.pairShard(me.id, other, shards: shards), .contactAccept(by: me.id, other: other))
+        guard case .accepted = outcome else { throw Self.refusal(outcome) }
+        return try HTTPAPI.json(StatusBody(status: "contacts"))
+    }
+
+    struct ContactsBody: Encodable {
+        struct Entry: Encodable {
+            var user_id: UInt64
+            var username: String?
+            var display_name: String?
+            var since: String
+            var note: String?
+        }
+        var contacts: [Entry]
+        var incoming_requests: [Entry]
+        var outgoing_requests: [Entry]
+        var blocked: [UInt64]
+    }
+
+    func contacts(_ request: Request) async throws -> Response {
+        let me = try await authenticate(request)
+        try Self.onlyQuery(request, [])
+        let home = Ids.homeShard(me.id, shards: shards)
+        let peers = try await queried(home, consistency: .linearizable) { m, _ in m.peers(of: me.id) }
+        var out = ContactsBody(contacts: [], incoming_requests: [], outgoing_requests: [], blocked: [])
+        for (id, v) in peers.sorted(by: { $0.key < $1.key }) {
+            if v.blocked { out.blocked.append(id) }
+            guard v.relation != .none else { continue }
+            let a = try? await account(id, consistency: .local)
+            let e = ContactsBody.Entry(
+                user_id: id, username: a?.username, display_name: a?.displayName, since: Self.iso(micros: v.sinceMicros),
+                note: v.relation == .incoming ? v.note : nil)
+            switch v.relation {
+            case .contact: out.contacts.append(e)
+            case .incoming: out.incoming_requests.append(e)
+            case .outgoing: out.outgoing_requests.append(e)
+            case .none: break
+            }
+        }
+        return try HTTPAPI.json(out)
+    }
+
+    func contactRemove(_ request: Request, _ context: BasicRequestContext) async throws -> Response {
+        let me = try await authenticate(request)
+        let other = try Self.userParameter(context)
+        guard other != me.id else { throw APIError(.notFound, "not_contacts", "not a contact") }
+        let outcome = try await write(Ids.pairShard(me.id, other, shards: shards), .contactRemove(by: me.id, other: other))
+        guard case .accepted = outcome else { throw Self.refusal(outcome) }
+        return Response(status: .noContent)
+    }
+
+    func block(_ request: Request, _ context: BasicRequestContext, on: Bool) async throws -> Response {
+        let me = try await authenticate(request)
+        try Self.noBody(request)
+        let other = try Self.userParameter(context)
+        guard other != me.id else { throw APIError(.badRequest, "invalid_user", "you cannot block yourself") }
+        guard try await account(other) != nil else { throw Self.unknownUser }
+        let outcome = try await write(Ids.pairShard(me.id, other, shards: shards), .block(by: me.id, other: other, on: on))
+        guard case .accepted = outcome else { throw Self.refusal(outcome) }
+        return Response(status: .noContent)
+    }
+
+    // MARK: Messages
+
+    struct SendBody: Decodable {
+        var receiver_id: UInt64
+        var message_type: String
+        var content: String?
+        var media_url: String?
+        var mime_type: String?
+        var size: UInt64?
+        var client_msg_id: String?
+        static let keys: Set<String> = ["receiver_id", "message_type", "content", "media_url", "mime_type", "size", "client_msg_id"]
+    }
+
+    struct SentBody: Encodable {
+        var message_id: UInt64
+        var status = "sent"
+        var created_at: String
+        var conversation_id: String
+        var seq: UInt64
+    }
+
+    func send(_ request: Request) async throws -> Response {
+        let me = try await authenticate(request)
+        let body = try await decode(SendBody.self, request, keys: SendBody.keys)
+        guard let kind = MessageKind(name: body.message_type) else {
+            throw APIError(.badRequest, "invalid_message_type", "message_type is one of text, image, video, audio, file")
+        }
+        guard body.receiver_id != me.id else { throw APIError(.badRequest, "invalid_receiver", "you cannot message yourself") }
+        guard Ids.isUserID(body.receiver_id) else { throw Self.unknownUser }
+        let content = body.content ?? ""
+        if kind == .text {
+            guard !content.isEmpty else { throw APIError(.badRequest, "missing_content", "a text message needs content") }
+            guard body.media_url == nil, body.mime_type == nil, body.size == nil else {
+                throw APIError(.badRequest, "unexpected_media", "a text message has no media_url, mime_type or size")
+            }
+        } else {
+            guard let url = body.media_url, !url.isEmpty, let mime = body.mime_type, !mime.isEmpty else {
+                throw APIError(.badRequest, "missing_media", "a \(kind.name) message needs media_url and mime_type")
+            }
+            guard url.hasPrefix("https://") || url.hasPrefix("http://") else {
+                throw APIError(.badRequest, "invalid_media_url", "media_url is an http(s) URL")
+            }
+        }
+        guard content.utf8.count <= MessagingLimits.textBytesMax else {
+            throw APIError(.contentTooLarge, "content_too_long", "content has at most \(MessagingLimits.textBytesMax) bytes")
+        }
+        guard (body.media_url ?? "").utf8.count <= MessagingLimits.mediaURLBytesMax, (body.mime_type ?? "").utf8.count <= MessagingLimits.mimeTypeBytesMax else {
+            throw APIError(.badRequest, "field_too_long", "media_url has at most \(MessagingLimits.mediaURLBytesMax) bytes, mime_type \(MessagingLimits.mimeTypeBytesMax)")
+        }
+        var key: [UInt8]?
+        if let id = body.client_msg_id {
+            let u = Array(id.utf8)
+            guard (1...48).contains(u.count), u.allSatisfy({ $0 > 0x20 && $0 < 0x7F }) else {
+                throw APIError(.badRequest, "invalid_client_msg_id", "client_msg_id has 1-48 visible ASCII characters")
+            }
+            // Namespaced by sender and receiver: one user's ids never meet another's.
+            var k: [UInt8] = [0x6D]
+            withUnsafeBytes(of: UInt32(me.id).littleEndian) { k += $0 }
+            withUnsafeBytes(of: UInt32(body.receiver_id).littleEndian) { k += $0 }
+            key = k + u
+        }
+        try await RateLimiter.take(.send, user: me.id, perMinute: node.config.messaging.sendsPerMinute, through: node)
+        let shard = Ids.pairShard(me.id, body.receiver_id, shards: shards)
+        let op = MessagingOp.message(
+            from: me.id, to: body.receiver_id, kind: kind, content: content, mediaURL: body.media_url ?? "", mimeType: body.mime_type ?? "",
+            size: body.size ?? 0)
+        let written = try await writeRefs(shard, [op], key: key)
+        guard let ref = written.refs.first else { throw APIError(.serviceUnavailable, "unavailable", "the write returned nothing") }
+        guard case .accepted(let b) = ref.outcome, let micros = Self.u64(b) else { throw Self.refusal(ref.outcome) }
+        var response = try HTTPAPI.json(
+            SentBody(
+                message_id: Ids.messageID(shard: shard, index: ref.index), created_at: Self.iso(micros: Int64(bitPattern: micros)),
+                conversation_id: Ids.conversationID(me.id, body.receiver_id), seq: ref.seq))
+        if written.replayed { response.headers[HTTPAPI.replayedHeader] = "true" }
+        return response
+    }
+
+    struct MessageBody: Encodable {
+        var message_id: UInt64
+        var conversation_id: String
+        var seq: UInt64
+        var sender_id: UInt64
+        var receiver_id: UInt64
+        var message_type: String
+        var content: String
+        var media_url: String?
+        var mime_type: String?
+        var size: UInt64?
+        var created_at: String
+        var recalled: Bool
+    }
+
+    struct MessagesPage: Encodable {
+        var messages: [MessageBody]
+        var next_cursor: String?
+        func encode(to e: any Encoder) throws {
+            var c = e.container(keyedBy: Keys.self)
+            try c.encode(messages, forKey: .messages)
+            try c.encode(next_cursor, forKey: .next_cursor)
+        }
+        enum Keys: CodingKey { case messages, next_cursor }
+    }
+
+    func history(_ request: Request) async throws -> Response {
+        let me = try await authenticate(request)
+        try Self.onlyQuery(request, ["receiver_id", "limit", "cursor"])
+        let q = request.uri.queryParameters
+        guard let peerText = q.get("receiver_id") else { throw APIError(.badRequest, "missing_parameter", "receiver_id is required") }
+        guard let peer = Self.number(peerText), Ids.isUserID(peer), peer != me.id else {
+            throw APIError(.badRequest, "invalid_parameter", "receiver_id is a user id other than yours")
+        }
+        let limit = try Self.limit(q.get("limit"))
+        var before: UInt64?
+        if let c = q.get("cursor") {
+            guard let v = Self.number(c), v >= 1 else { throw APIError(.badRequest, "invalid_cursor", "the cursor is not one this API gave") }
+            before = v
+        }
+        try await RateLimiter.take(.history, user: me.id, perMinute: node.config.messaging.historyReadsPerMinute, through: node)
+        let shard = Ids.pairShard(me.id, peer, shards: shards)
+        // Linearizable: the caller's own sends (acknowledged before this read) are in it.
+        let pair = try await queried(shard, consistency: .linearizable) { m, _ in m.pair(me.id, peer) } ?? Pair()
+        let end = min(before ?? (pair.lastSeq + 1), pair.lastSeq + 1)
+        guard end > 1 else { return try HTTPAPI.json(MessagesPage(messages: [], next_cursor: nil)) }
+        let from = end > UInt64(limit) ? end - UInt64(limit) : 1
+        let records = try await readStream(shard, Ids.dm(me.id, peer), from: from, count: Int(end - from))
+        var out: [MessageBody] = []
+        for r in records.reversed() where r.seq < end && !pair.isVoid(r.seq) {
+            if let m = Self.message(r, shard: shard, recalled: pair.isRecalled(r.seq)) { out.append(m) }
+        }
+        return try HTTPAPI.json(MessagesPage(messages: out, next_cursor: from > 1 ? "\(from)" : nil))
+    }
+
+    static func message(_ r: Record, shard: ShardID, recalled: Bool) -> MessageBody? {
+        guard r.type == .messaging, case .message(let from, let to, let kind, let content, let url, let mime, let size) = MessagingOp.decode(r.payload)
+        else { return nil }
+        return MessageBody(
+            message_id: Ids.messageID(shard: shard, index: r.index), conversation_id: Ids.conversationID(from, to), seq: r.seq, sender_id: from,
+            receiver_id: to, message_type: kind.name, content: recalled ? "" : content, media_url: recalled || url.isEmpty ? nil : url,
+            mime_type: recalled || mime.isEmpty ? nil : mime, size: recalled || kind == .text ? nil : size, created_at: iso(micros: r.timestampMicros),
+            recalled: recalled)
+    }
+
+    /// The message a message id names, if `me` is in its conversation (else nil: not found, whatever the reason).
+    func messageRecord(_ id: UInt64, me: UInt64) async throws -> (shard: ShardID, record: Record, from: UInt64, to: UInt64)? {
+        guard let (shard, index) = Ids.parseMessageID(id, shards: shards) else { return nil }
+        let result = await node.read(shard: shard, .log(from: index, limit: 1), consistency: .linearizable)
+        guard case .success(let rr) = result else {
+            if case .failure(.read(.compacted)) = result { return nil }
+            throw APIError(.serviceUnavailable, "not_current", "the message's shard cannot be read now")
+        }
+        guard let r = rr.records.first, r.index == index, r.type == .messaging,
+            case .message(let from, let to, _, _, _, _, _) = MessagingOp.decode(r.payload), from == me || to == me,
+            Ids.pairShard(from, to, shards: shards) == shard
+        else { return nil }
+        return (shard, r, from, to)
+    }
+
+    struct RecalledBody: Encodable {
+        var message_id: UInt64
+        var status = "recalled"
+    }
+
+    func recall(_ request: Request, _ context: BasicRequestContext) async throws -> Response {
+        let me = try await authenticate(request)
+        guard let text = context.parameters.get("id"), let id = Self.number(text) else { throw Self.unknownMessage }
+        guard let (shard, r, from, to) = try await messageRecord(id, me: me.id) else { throw Self.unknownMessage }
+        guard from == me.id else { throw APIError(.forbidden, "not_recallable", "only the sender can recall a message") }
+        let outcome = try await write(shard, .recall(by: me.id, other: to, seq: r.seq, messageID: id))
+        guard case .accepted = outcome else { throw Self.refusal(outcome) }
+        return try HTTPAPI.json(RecalledBody(message_id: id))
+    }
+
+    // MARK: Sync
+
+    struct EventBody: Encodable {
+        var cursor: String
+        var type: String
+        var created_at: String
+        var peer_id: UInt64
+        var conversation_id: String?
+        var message_id: UInt64?
+        var seq: UInt64?
+        var from_me: Bool?
+        var note: String?
+        var message: MessageBody?
+    }
+
+    struct EventsPage: Encodable {
+        var events: [EventBody]
+        var next_cursor: String
+    }
+
+    func sync(_ request: Request) async throws -> Response {
+        let me = try await authenticate(request)
+        try Self.onlyQuery(request, ["cursor", "limit"])
+        let q = request.uri.queryParameters
+        var after: UInt64 = 0
+        if let c = q.get("cursor") {
+            guard let v = Self.number(c) else { throw APIError(.badRequest, "invalid_cursor", "the cursor is not one this API gave") }
+            after = v
+        }
+        let limit = try Self.limit(q.get("limit"))
+        let home = Ids.homeShard(me.id, shards: shards)
+        let result = await node.read(shard: home, .stream(Ids.inbox(me.id), fromSeq: after &+ 1, limit: limit), consistency: .linearizable)
+        let records = try Self.records(result)
+        var events: [EventBody] = []
+        // Message contents come from their conversations' shards, recall marks from the pairs' state.
+        var recalledCache: [UInt64: Pair] = [:]
+        for r in records {
+            guard r.type == .messaging, let op = MessagingOp.decode(r.payload) else { continue }
+            let at = Self.iso(micros: r.timestampMicros)
+            var e: EventBody
+            switch op {
+            case .inbox(_, let ev):
+                switch ev {
+                case .message(let peer, let seq, let fromMe, let id), .recall(let peer, let seq, let fromMe, let id):
+                    let isMessage = { if case .message = ev { return true } else { return false } }()
+                    e = EventBody(
+                        cursor: "\(r.seq)", type: isMessage ? "message" : "recall", created_at: at, peer_id: peer,
+                        conversation_id: Ids.conversationID(me.id, peer), message_id: id, seq: seq, from_me: fromMe)
+                    if isMessage, let (shard, index) = Ids.parseMessageID(id, shards: shards) {
+                        let key = Ids.pairKey(me.id, peer)
+                        if recalledCache[key] == nil {
+                            recalledCache[key] = try await queried(shard, consistency: .local) { m, _ in m.pair(me.id, peer) } ?? Pair()
+                        }
+                        let read = await node.read(shard: shard, .log(from: index, limit: 1), consistency: .atLeast(index))
+                        if case .success(let rr) = read, let mr = rr.records.first, mr.index == index {
+                            e.message = Self.message(mr, shard: shard, recalled: recalledCache[key]?.isRecalled(seq) ?? false)
+                        }
+                    }
+                case .contactRequest(let peer, let fromMe, let note):
+                    e = EventBody(cursor: "\(r.seq)", type: "contact_request", created_at: at, peer_id: peer, from_me: fromMe, note: fromMe ? nil : note)
+                case .contactAccepted(let peer):
+                    e = EventBody(cursor: "\(r.seq)", type: "contact_accepted", created_at: at, peer_id: peer)
+                case .contactRemoved(let peer, let byMe):
+                    e = EventBody(cursor: "\(r.seq)", type: "contact_removed", created_at: at, peer_id: peer, from_me: byMe)
+                case .blocked(let peer, let on):
+                    e = EventBody(cursor: "\(r.seq)", type: on ? "blocked" : "unblocked", created_at: at, peer_id: peer, from_me: true)
+                case .read(let peer, let seq):
+                    e = EventBody(cursor: "\(r.seq)", type: "read", created_at: at, peer_id: peer, conversation_id: Ids.conversationID(me.id, peer), seq: seq)
+                }
+            case .readMark(_, let peer, let seq):
+                e = EventBody(cursor: "\(r.seq)", type: "read", created_at: at, peer_id: peer, conversation_id: Ids.conversationID(me.id, peer), seq: seq)
+            default:
+                continue
+            }
+            events.append(e)
+        }
+        return try HTTPAPI.json(EventsPage(events: events, next_cursor: "\(records.last?.seq ?? after)"))
+    }
+
+    // MARK: Conversations
+
+    struct ConversationBody: Encodable {
+        var conversation_id: String
+        var peer_id: UInt64
+        var peer_display_name: String?
+        var last_message: MessageBody?
+        var last_message_at: String
+        var unread_count: UInt64
+        var read_seq: UInt64
+    }
+
+    struct ConversationsPage: Encodable {
+        var conversations: [ConversationBody]
+    }
+
+    func conversations(_ request: Request) async throws -> Response {
+        let me = try await authenticate(request)
+        try Self.onlyQuery(request, ["limit"])
+        let limit = try Self.limit(request.uri.queryParameters.get("limit"))
+        let home = Ids.homeShard(me.id, shards: shards)
+        let peers = try await queried(home, consistency: .linearizable) { m, _ in m.peers(of: me.id) }
+        let recent = peers.filter { $0.value.lastSeq > 0 }.sorted { ($0.value.lastMicros, $0.key) > ($1.value.lastMicros, $1.key) }.prefix(limit)
+        var out: [ConversationBody] = []
+        for (peer, v) in recent {
+            var last: MessageBody?
+            if let (shard, index) = Ids.parseMessageID(v.lastMessageID, shards: shards) {
+                let read = await node.read(shard: shard, .log(from: index, limit: 1), consistency: .atLeast(index))
+                if case .success(let rr) = read, let r = rr.records.first, r.index == index {
+                    last = Self.message(r, shard: shard, recalled: v.lastRecalled)
+                }
+            }
+            let a = try? await account(peer, consistency: .local)
+            out.append(
+                ConversationBody(
+                    conversation_id: Ids.conversationID(me.id, peer), peer_id: peer, peer_display_name: a?.displayName, last_message: last,
+                    last_message_at: Self.iso(micros: v.lastMicros), unread_count: v.unreadCount, read_seq: v.readSeq))
+        }
+        return try HTTPAPI.json(ConversationsPage(conversations: out))
+    }
+
+    struct ReadBody: Decodable {
+        var message_id: UInt64
+        static let keys: Set<String> = ["message_id"]
+    }
+
+    func markRead(_ request: Request, _ context: BasicRequestContext) async throws -> Response {
+        let me = try await authenticate(request)
+        guard let cid = context.parameters.get("id"), let (lo, hi) = Ids.parseConversationID(cid), lo == me.id || hi == me.id else {
+            throw APIError(.notFound, "unknown_conversation", "no such conversation")
+        }
+        let peer = lo == me.id ? hi : lo
+        let body = try await decode(ReadBody.self, request, keys: ReadBody.keys)
+        guard let (_, r, from, to) = try await messageRecord(body.message_id, me: me.id), Set([from, to]) == Set([lo, hi]) else {
+            throw Self.unknownMessage
+        }
+        _ = try await write(Ids.homeShard(me.id, shards: shards), .readMark(user: me.id, peer: peer, seq: r.seq))
+        return Response(status: .noContent)
+    }
+
+    // MARK: Plumbing
+
+    static let unknownUser = APIError(.notFound, "unknown_user", "no such user")
+    static let unknownMessage = APIError(.notFound, "unknown_message", "no such message")
+
+    /// The caller's account, from a valid bearer token whose version the account still has.
+    func authenticate(_ request: Request) async throws -> Account {
+        guard let header = request.headers[.authorization], header.hasPrefix("Bearer ") else {
+            throw APIError(.unauthorized, "unauthorized", "this route needs Authorization: Bearer <token> from /api/v1/auth/login")
+        }
+        guard let (user, version) = await auth.check(String(header.dropFirst(7))) else {
+            throw APIError(.unauthorized, "invalid_token", "the token is not valid (malformed, tampered with or expired)")
+        }
+        guard let a = try await account(user), a.tokenVersion == version else {
+            throw APIError(.unauthorized, "token_revoked", "the token was revoked (logged out); log in again")
+        }
+        return a
+    }
+
+    /// A user's account from their home shard: this node's replica as it is, and if it does not know
+    /// the user (it may lag a registration), the leader's read point.
+    func account(_ id: UInt64, consistency: WeftNode.ReadConsistency? = nil) async throws -> Account? {
+        let home = Ids.homeShard(id, shards: shards)
+        if let consistency { return try await queried(home, consistency: consistency) { m, _ in m.account(id) } }
+        if let a = try await queried(home, consistency: .local, { m, _ in m.account(id) }) { return a }
+        return try await queried(home, consistency: .linearizable) { m, _ in m.account(id) }
+    }
+
+    func queried<T: Sendable>(
+        _ shard: ShardID, consistency: WeftNode.ReadConsistency, _ body: @escaping @Sendable (MessagingMachine, LogIndex) -> T
+    ) async throws -> T {
+        switch await node.query(shard: shard, consistency: consistency, body) {
+        case .success(let v): return v
+        case .failure(let f): throw Self.readError(f, shard)
+        }
+    }
+
+    static func readError(_ f: WeftNode.ReadFailure, _ shard: ShardID) -> APIError {
+        switch f {
+        case .noReplica: APIError(.serviceUnavailable, "unavailable", "this node holds no replica of shard \(shard); ask another node")
+        case .invalid(let why): APIError(.badRequest, "invalid", why)
+        case .read(.compacted(let first)): APIError(.gone, "compacted", "records before index \(first) were dropped by retention")
+        case .read(.damaged(let why)), .read(.unavailable(let why)), .unavailable(let why): APIError(.serviceUnavailable, "not_current", why)
+        }
+    }
+
+    static func records(_ r: Result<ReadResult, WeftNode.ReadFailure>) throws -> [Record] {
+        switch r {
+        case .success(let rr): return rr.records
+        case .failure(let f): throw readError(f, ShardID(0))
+        }
+    }
+
+    func readStream(_ shard: ShardID, _ stream: StreamID, from: UInt64, count: Int) async throws -> [Record] {
+        // The caller just read the state linearizably on this node: the local replica has these.
+        try Self.records(await node.read(shard: shard, .stream(stream, fromSeq: from, limit: count), consistency: .local))
+    }
+
+    func write(_ shard: ShardID, _ op: MessagingOp) async throws -> ApplyOutcome {
+        let w = try await writeRefs(shard, [op], key: nil)
+        return w.refs.first?.outcome ?? .ok
+    }
+
+    func writeRefs(_ shard: ShardID, _ ops: [MessagingOp], key: [UInt8]?) async throws -> WeftNode.Written {
+        do {
+            return try await node.writeMessaging(shard: shard, ops, key: key)
+        } catch let e as WriteError {
+            if case .refused(let code, let message) = e { throw Self.refusal(.rejected(code: code, message: message)) }
+            throw HTTPAPI.apiError(e)
+        }
+    }
+
+    /// A domain refusal as the client sees it.
+    static func refusal(_ o: ApplyOutcome) -> APIError {
+        guard case .rejected(let code, let message) = o else { return APIError(.internalServerError, "internal", "unexpected outcome") }
+        switch code {
+        case "username_taken", "already_contacts", "totp_enabled": return APIError(.conflict, code, message)
+        case "not_allowed", "not_recallable": return APIError(.forbidden, code, message)
+        case "no_request", "not_contacts", "unknown_user": return APIError(.notFound, code, message)
+        case "ids_exhausted": return APIError(.serviceUnavailable, code, message)
+        default: return APIError(.badRequest, code, message)
+        }
+    }
+
+    func hashPassword(_ p: String) async throws -> String {
+        do { return try await auth.hash(p) } catch { throw Self.busy }
+    }
+
+    func verifyPassword(_ p: String, hash: String?) async throws -> Bool {
+        do { return try await auth.verify(p, hash: hash) } catch { throw Self.busy }
+    }
+
+    static let busy = APIError(.serviceUnavailable, "busy", "too many password checks in progress on this node; retry shortly")
+
+    static func checkPassword(_ p: String) throws {
+        // bcrypt reads at most 72 bytes: a longer password would be silently cut.
+        guard (8...72).contains(p.utf8.count) else { throw APIError(.badRequest, "invalid_password", "a password has 8-72 bytes") }
+    }
+
+    static func checkDisplayName(_ d: String) throws {
+        guard !d.isEmpty, d.utf8.count <= MessagingLimits.displayNameBytesMax, !d.unicodeScalars.contains(where: { $0.properties.generalCategory == .control })
+        else {
+            throw APIError(.badRequest, "invalid_display_name", "a display name has 1-\(MessagingLimits.displayNameBytesMax) bytes and no control characters")
+        }
+    }
+
+    static func userParameter(_ context: BasicRequestContext) throws -> UInt64 {
+        guard let s = context.parameters.get("id"), let v = number(s), Ids.isUserID(v) else { throw unknownUser }
+        return v
+    }
+
+    /// A decimal number as this API writes them (no sign, no leading zeros, at most 19 digits).
+    static func number(_ s: String) -> UInt64? {
+        guard !s.isEmpty, s.utf8.count <= 19, s.utf8.allSatisfy({ $0 >= 48 && $0 <= 57 }), s == "0" || s.first != "0" else { return nil }
+        return UInt64(s)
+    }
+
+    static func limit(_ s: String?) throws -> Int {
+        guard let s else { return 20 }
+        guard let v = number(s), v >= 1, v <= UInt64(pageMax) else { throw APIError(.badRequest, "invalid_limit", "limit is 1-\(pageMax)") }
+        return Int(v)
+    }
+
+    /// Refuses query parameters the route does not take (a typo must not be silently ignored).
+    static func onlyQuery(_ request: Request, _ allowed: Set<String>) throws {
+        for (k, _) in request.uri.queryParameters where !allowed.contains(String(k)) {
+            throw APIError(.badRequest, "unknown_parameter", "unknown query parameter \(String(k).prefix(64))")
+        }
+    }
+
+    /// Routes without a body refuse one (a client sending fields expects them to mean something).
+    static func noBody(_ request: Request) throws {
+        if let n = request.headers[.contentLength], n != "0" { throw APIError(.badRequest, "unexpected_body", "this route takes no body") }
+    }
+
+    /// Decodes a JSON object body strictly: valid UTF-8 JSON, an object, no unknown fields, the right types.
+    func decode<T: Decodable>(_: T.Type, _ request: Request, keys: Set<String>) async throws -> T {
+        let buffer = try await request.body.collect(upTo: Self.bodyBytesMax)
+        let data = Data(buffer.readableBytesView)
+        guard let object = try? JSONSerialization.jsonObject(with: data, options: []) else {
+            throw APIError(.badRequest, "malformed_json", "the body is not valid JSON (UTF-8)")
+        }
+        guard let dict = object as? [String: Any] else { throw APIError(.badRequest, "malformed_json", "the body must be a JSON object") }
+        if let unknown = dict.keys.sorted().first(where: { !keys.contains($0) }) {
+            throw APIError(.badRequest, "unknown_field", "unknown field \(unknown.prefix(64))")
+        }
+        do {
+            return try JSONDecoder().decode(T.self, from: data)
+        } catch let DecodingError.keyNotFound(key, _) {
+            throw APIError(.badRequest, "missing_field", "\(key.stringValue) is required")
+        } catch let DecodingError.typeMismatch(_, c) {
+            throw APIError(.badRequest, "wrong_type", "\(c.codingPath.map(\.stringValue).joined(separator: ".")) has the wrong type")
+        } catch let DecodingError.valueNotFound(_, c) {
+            throw APIError(.badRequest, "wrong_type", "\(c.codingPath.map(\.stringValue).joined(separator: ".")) must not be null")
+        } catch let DecodingError.dataCorrupted(c) {
+            throw APIError(.badRequest, "wrong_type", "\(c.codingPath.map(\.stringValue).joined(separator: ".")): \(c.debugDescription)")
+        }
+    }
+
+    static func u64(_ b: [UInt8]) -> UInt64? {
+        guard b.count == 8 else { return nil }
+        return b.enumerated().reduce(UInt64(0)) { $0 | UInt64($1.element) << (8 * UInt64($1.offset)) }
+    }
+
+    static func iso(_ d: Date) -> String {
+        d.formatted(.iso8601.year().month().day().dateSeparator(.dash).time(includingFractionalSeconds: true).timeSeparator(.colon).timeZone(separator: .omitted))
+    }
+
+    static func iso(micros: Int64) -> String { iso(Date(timeIntervalSince1970: Double(micros) / 1_000_000)) }
+}
+
+/// TOTP codes (RFC 6238: 6 digits, 30 s, SHA-1, as authenticator apps do), one step of clock skew either way.
+enum TOTPCheck {
+    static func matches(_ code: String, secret: [UInt8], now: Date = Date()) -> Bool {
+        guard code.utf8.count == 6, code.utf8.allSatisfy({ $0 >= 48 && $0 <= 57 }), let given = Int(code) else { return false }
+        let totp = TOTP(secret: String(decoding: secret, as: UTF8.self))
+        return [-30.0, 0, 30].contains { totp.compute(date: now.addingTimeInterval($0)) == given }
+    }
+}
