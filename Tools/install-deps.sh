@@ -14,3 +14,8 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}"
 fi
 command -v swift >/dev/null || { echo "swift (6.1 or newer) is not on PATH" >&2; exit 1; }
+# schemathesis (PyPI): Tools/api-check.sh checks the live API against Docs/openapi.yaml with it.
+if ! command -v st >/dev/null; then
+  echo "installing: schemathesis (pip)"
+  python3 -m pip install --quiet schemathesis==4.32.5 2>/dev/null || python3 -m pip install --quiet --break-system-packages schemathesis==4.32.5
+fi

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's second command: install what is missing, build, and run the whole test suite:
-# unit and property tests, tool tests that run the real weft and weft-dump binaries, a bounded
+# unit and property tests, tool tests that run the real weft and weft-dump binaries, the API against
+# its OpenAPI spec (Tools/api-check.sh, schemathesis), a bounded
 # fuzzing run of the decoders (FUZZ_SECONDS, default 60; 0 skips it), and a short fault run
 # (Tools/weft-faults: FAULT_MINUTES of faults, default 3; FAULT_SEED, default fixed so CI replays the
 # same schedule; needs root for network namespaces; FAULT_MINUTES=0 skips it).
@@ -9,6 +10,8 @@ cd "$(dirname "$0")/.."
 Tools/install-deps.sh
 swift build --build-tests
 swift test --skip-build
+# The live messaging API against Docs/openapi.yaml (schemathesis): no 5xx, nothing off the spec.
+Tools/api-check.sh
 if [ "${FUZZ_SECONDS:-60}" != "0" ]; then
   Tools/fuzz.sh "${FUZZ_SECONDS:-60}"
 fi

@@ -277,7 +277,7 @@ public struct NodeConfig: Sendable, Equatable {
 
 /// `[messaging]`.
 public struct MessagingConfig: Sendable, Equatable {
-    /// `bcrypt_cost`: the work factor of password hashes (4...31, default 12 as the seed asks; each step
+    /// `bcrypt_cost`: the work factor of password hashes (4...16, default 12 as the seed asks; each step
     /// doubles the CPU a registration or login costs).
     public var bcryptCost = 12
     /// `token_ttl_seconds`: how long a login's token is valid (60 s ... 1 year, default 1 day).
@@ -286,8 +286,17 @@ public struct MessagingConfig: Sendable, Equatable {
     public var sendsPerMinute = 100
     /// `history_reads_per_minute`: history pages a user may fetch per minute (default 30).
     public var historyReadsPerMinute = 30
+    /// `actions_per_minute`: other writes a user may make per minute — contact requests, blocks, read
+    /// marks, profile and TOTP changes, logouts (default 60).
+    public var actionsPerMinute = 60
+    /// `syncs_per_minute`: sync pages a user may fetch per minute (default 600).
+    public var syncsPerMinute = 600
+    /// `logins_per_minute`: login attempts per username per minute (default 10: online password and
+    /// TOTP guessing).
+    public var loginsPerMinute = 10
 
-    public static let bcryptCostRange = 4...31
+    /// Above 16 one hash takes seconds (and the node computes one at start).
+    public static let bcryptCostRange = 4...16
     public static let tokenTTLRange = 60...31_536_000
     public static let perMinuteRange = 1...1_000_000
     public init() {}

@@ -10,7 +10,10 @@ struct ConfigParser {
     let file: String
 
     static let rootKeys = ["cluster", "storage", "raft", "api", "messaging", "nodes"]
-    static let messagingKeys = ["bcrypt_cost", "token_ttl_seconds", "sends_per_minute", "history_reads_per_minute"]
+    static let messagingKeys = [
+        "bcrypt_cost", "token_ttl_seconds", "sends_per_minute", "history_reads_per_minute", "actions_per_minute", "syncs_per_minute",
+        "logins_per_minute",
+    ]
     static let clusterKeys = ["name", "shards", "replication", "secret", "founders"]
     static let apiKeys = ["operator_token"]
     static let storageKeys = ["data_dir", "fsync", "segment_bytes", "snapshot_every_records", "retention"]
@@ -101,6 +104,9 @@ struct ConfigParser {
         if let v = try ranged("token_ttl_seconds", MessagingConfig.tokenTTLRange) { m.tokenTTLSeconds = v }
         if let v = try ranged("sends_per_minute", MessagingConfig.perMinuteRange) { m.sendsPerMinute = v }
         if let v = try ranged("history_reads_per_minute", MessagingConfig.perMinuteRange) { m.historyReadsPerMinute = v }
+        if let v = try ranged("actions_per_minute", MessagingConfig.perMinuteRange) { m.actionsPerMinute = v }
+        if let v = try ranged("syncs_per_minute", MessagingConfig.perMinuteRange) { m.syncsPerMinute = v }
+        if let v = try ranged("logins_per_minute", MessagingConfig.perMinuteRange) { m.loginsPerMinute = v }
         return m
     }
 

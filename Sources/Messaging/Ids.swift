@@ -55,7 +55,10 @@ public enum Ids {
         ShardID(FNV1a.hash(Array(name.utf8)) % UInt64(max(1, shards)))
     }
 
-    public static func messageID(shard: ShardID, index: LogIndex) -> UInt64 { shard.rawValue << 43 | index }
+    public static func messageID(shard: ShardID, index: LogIndex) -> UInt64 {
+        precondition(index <= messageIndexMax && shard.rawValue < UInt64(shardsMax), "message id out of range: shard \(shard), index \(index)")
+        return shard.rawValue << 43 | index
+    }
     public static func parseMessageID(_ id: UInt64, shards: Int) -> (shard: ShardID, index: LogIndex)? {
         let shard = id >> 43
         let index = id & messageIndexMax
@@ -77,6 +80,8 @@ public enum Ids {
 
     /// Usernames: 3...32 of `a-z 0-9 _ .`, starting with a letter (stored lowercased: unique regardless of case).
     public static func normalisedUsername(_ s: String) -> String? {
+        // ASCII before lowercasing: "K" (Kelvin) must not become "k".
+        guard s.utf8.allSatisfy({ $0 < 0x80 }) else { return nil }
         let n = s.lowercased()
         let u = Array(n.utf8)
         guard (3...32).contains(u.count), let f = u.first, (97...122).contains(f),

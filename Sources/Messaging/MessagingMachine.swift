@@ -313,6 +313,8 @@ public struct MessagingMachine: ShardStateMachine {
             let p = pairs[Ids.pairKey(from, to)] ?? Pair()
             if p.isBlocked() { return Self.reject("not_allowed", "the request cannot be sent") }
             if p.relation == .contacts { return Self.reject("already_contacts", "already contacts") }
+            // A request already pending from the same user: one notice in the other's inbox is enough.
+            if p.relation == (from < to ? .requestedByLo : .requestedByHi) { return Self.reject("already_requested", "the request is pending") }
             return nil
         case .contactAccept(let by, let other):
             let p = pairs[Ids.pairKey(by, other)] ?? Pair()

@@ -773,7 +773,9 @@ public final class ShardReplica {
     /// The state machine's refusal of a request, checked on the leader only (a follower's proposal is
     /// refused as not the leader's anyway, and its state may lag).
     func admission(_ proposals: [Proposal]) -> ReplicationError? {
-        guard raft.role == .leader else { return nil }
+        // A new leader's applied state may lag entries of earlier terms that committed (its no-op, once
+        // applied, brings them all): until then it admits everything and apply decides.
+        guard raft.role == .leader, appliedTerm == raft.term else { return nil }
         for p in proposals {
             if case .rejected(let code, let message) = machine.admit(type: p.type, stream: p.stream, payload: p.payload) {
                 return .refused(code: code, message: message)
@@ -901,6 +903,9 @@ public final class ShardReplica {
     }
 
     public var lastApplied: LogIndex { raft.applied }
+    /// Applied everything this replica knows committed, and not repairing its log (a replica replaying
+    /// from scratch, or refetching, serves an older state).
+    public var isCaughtUp: Bool { raft.applied >= raft.commit && !raft.recovering }
 
     /// Runs the driver loop until Raft has nothing more to do, handing messages to `send`.
     /// Throws when the store fails (the replica must then stop: its disk state is unknown).

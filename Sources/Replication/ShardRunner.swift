@@ -88,9 +88,10 @@ public final class ShardRunner: @unchecked Sendable {
         /// Drops a `whenApplied` waiter whose caller stopped waiting.
         case cancelWaiter(UInt64)
         case campaign
-        /// Runs `body` on the shard's thread with the applied state and index (nil: the replica is not
+        /// Runs `body` on the shard's thread with the applied state, the applied index, and whether the
+        /// replica has applied everything it knows committed and is not repairing (nil: the replica is not
         /// running). `body` must be quick: it holds up the shard.
-        case query(@Sendable ((any ShardStateMachine, LogIndex)?) -> Void)
+        case query(@Sendable ((any ShardStateMachine, LogIndex, Bool)?) -> Void)
         /// Part of a file the leader ships for catch-up `transfer`; `ack` gets the bytes of the file
         /// now staged (nil: refused, as from an older transfer or term; false: it could not be written).
         case stageFile(transfer: UInt64, name: String, offset: UInt64, bytes: [UInt8], ack: @Sendable (_ received: UInt64?, _ ok: Bool) -> Void)
@@ -299,7 +300,7 @@ public final class ShardRunner: @unchecked Sendable {
         case .proposeKeyed(let key, let ps, let deadline, let cb): replica.proposeKeyed(key, ps, deadline: deadline) { cb($0) }
         case .proposeRelayBatch(let h, let ps, let deadline, let cb): replica.proposeRelayBatch(h, ps, deadline: deadline) { cb($0) }
         case .campaign: replica.campaign()
-        case .query(let cb): cb((replica.machine, replica.lastApplied))
+        case .query(let cb): cb((replica.machine, replica.lastApplied, replica.isCaughtUp))
         case .stageFile(let transfer, let name, let offset, let bytes, let ack):
             do {
                 if try replica.stage(transfer: transfer, name: name, offset: offset, bytes: bytes) {

@@ -56,12 +56,21 @@ public final class ShardTail: @unchecked Sendable {
         self.directory = directory
     }
 
-    /// The shard thread, after apply: records in log order. Records at or below `applied` are skipped (a
-    /// replica that cut its log replays it from index 1; the tail has them already).
-    /// The indexes apply rejected that relays must skip (the machine's whole list; replaced when it changed).
+    /// The indexes apply rejected that relays must skip (the machine's whole list, after each apply).
+    /// A replica that reset its state replays from the start while the tail keeps serving the records it
+    /// has up to `appliedIndex`: their rejections stay known until the replay has them again (the log's
+    /// committed prefix is the same records).
     func noteRejected(_ all: [LogIndex]) {
-        lock.withLock { if all.count != rejected.count || all.last != rejected.last { rejected = all } }
+        lock.withLock {
+            guard all.count != rejected.count || all.last != rejected.last else { return }
+            if all.count >= rejected.count, rejected.isEmpty || all[rejected.count - 1] == rejected.last {
+                rejected = all
+                return
+            }
+            rejected = Array(Set(all).union(rejected.lazy.filter { $0 <= self.appliedIndex })).sorted()
+        }
     }
+
 
     /// Whether apply rejected the record at `index` (relays derive nothing from it).
     public func wasRejected(_ index: LogIndex) -> Bool {
@@ -77,6 +86,8 @@ public final class ShardTail: @unchecked Sendable {
         }
     }
 
+    /// The shard thread, after apply: records in log order. Records at or below `applied` are skipped (a
+    /// replica that cut its log replays it from index 1; the tail has them already).
     func append(_ records: [Record]) {
         lock.lock()
         var added = false

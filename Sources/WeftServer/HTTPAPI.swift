@@ -488,7 +488,10 @@ struct JSONErrorMiddleware<Context: RequestContext>: RouterMiddleware {
     }
 
     static func body(_ status: HTTPResponse.Status, _ code: String, _ message: String) -> Response {
-        let data = (try? JSONEncoder().encode(ErrorBody(error: .init(code: code, message: message)))) ?? Data()
+        let enc = JSONEncoder()
+        // Sorted: the same error is the same bytes (a wrong password and an unknown user look alike).
+        enc.outputFormatting = [.sortedKeys]
+        let data = (try? enc.encode(ErrorBody(error: .init(code: code, message: message)))) ?? Data()
         return Response(status: status, headers: [.contentType: "application/json"], body: ResponseBody(byteBuffer: ByteBuffer(bytes: data)))
     }
 }

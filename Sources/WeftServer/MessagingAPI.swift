@@ -95,6 +95,9 @@ struct MessagingAPI: Sendable {
         let bad = APIError(.unauthorized, "invalid_credentials", "wrong username or password")
         guard body.password.utf8.count <= 72 else { throw bad }
         let name = Ids.normalisedUsername(body.username)
+        // Per username (normalised, or as given), across the cluster: online guessing is slow.
+        let who = FNV1a.hash(Array((name ?? body.username).utf8)) & Ids.userIDMax
+        try await RateLimiter.take(.login, user: who, perMinute: node.config.messaging.loginsPerMinute, through: node)
         var account: Account?
         if let name {
             let shard = Ids.usernameShard(name, shards: shards)
@@ -115,8 +118,9 @@ struct MessagingAPI: Sendable {
 
     func logout(_ request: Request) async throws -> Response {
         let me = try await authenticate(request)
+        try await action(me)
         try Self.noBody(request)
-        _ = try await write(Ids.homeShard(me.id, shards: shards), .revokeTokens(user: me.id))
+        try await write(Ids.homeShard(me.id, shards: shards), .revokeTokens(user: me.id))
         return Response(status: .noContent)
     }
 
@@ -143,9 +147,10 @@ struct MessagingAPI: Sendable {
 
     func updateMe(_ request: Request) async throws -> Response {
         let me = try await authenticate(request)
+        try await action(me)
         let body = try await decode(ProfileBody.self, request, keys: ProfileBody.keys)
         try Self.checkDisplayName(body.display_name)
-        _ = try await write(Ids.homeShard(me.id, shards: shards), .profile(user: me.id, displayName: body.display_name))
+        try await write(Ids.homeShard(me.id, shards: shards), .profile(user: me.id, displayName: body.display_name))
         return try HTTPAPI.json(UserBody(user_id: me.id, username: me.username, display_name: body.display_name))
     }
 
@@ -179,6 +184,7 @@ struct MessagingAPI: Sendable {
 
     func totpEnable(_ request: Request) async throws -> Response {
         let me = try await authenticate(request)
+        try await action(me)
         try Self.noBody(request)
         guard me.totpState != 2 else { throw APIError(.conflict, "totp_enabled", "TOTP is already on; disable it first") }
         // 32 characters of the base32 alphabet (160 bits): HummingbirdOTP keys HMAC with the secret's UTF-8
@@ -187,7 +193,7 @@ struct MessagingAPI: Sendable {
         var rng = SystemRandomNumberGenerator()
         let secret = (0..<32).map { _ in alphabet[Int.random(in: 0..<alphabet.count, using: &rng)] }
         let sealed = try auth.seal(secret, user: me.id)
-        _ = try await write(Ids.homeShard(me.id, shards: shards), .totp(user: me.id, state: 1, sealed: sealed))
+        try await write(Ids.homeShard(me.id, shards: shards), .totp(user: me.id, state: 1, sealed: sealed))
         let totp = TOTP(secret: String(decoding: secret, as: UTF8.self))
         let uri = totp.createAuthenticatorURL(label: "Weft:\(me.username)", issuer: "Weft")
         let b32 = URLComponents(string: uri)?.queryItems?.first { $0.name == "secret" }?.value ?? ""
@@ -206,7 +212,7 @@ struct MessagingAPI: Sendable {
             throw APIError(.conflict, "totp_not_enrolling", "call /api/v1/auth/totp/enable first")
         }
         guard TOTPCheck.matches(body.code, secret: secret) else { throw APIError(.badRequest, "invalid_totp", "wrong or expired TOTP code") }
-        _ = try await write(Ids.homeShard(me.id, shards: shards), .totp(user: me.id, state: 2, sealed: me.totpSealed))
+        try await write(Ids.homeShard(me.id, shards: shards), .totp(user: me.id, state: 2, sealed: me.totpSealed))
         // Turning it on ended every session, this one too: the caller logs in again with a code.
         return Response(status: .noContent)
     }
@@ -218,7 +224,7 @@ struct MessagingAPI: Sendable {
             throw APIError(.conflict, "totp_not_enabled", "TOTP is not on")
         }
         guard TOTPCheck.matches(body.code, secret: secret) else { throw APIError(.badRequest, "invalid_totp", "wrong or expired TOTP code") }
-        _ = try await write(Ids.homeShard(me.id, shards: shards), .totp(user: me.id, state: 0, sealed: []))
+        try await write(Ids.homeShard(me.id, shards: shards), .totp(user: me.id, state: 0, sealed: []))
         return Response(status: .noContent)
     }
 
@@ -236,6 +242,7 @@ struct MessagingAPI: Sendable {
 
     func contactRequest(_ request: Request) async throws -> Response {
         let me = try await authenticate(request)
+        try await action(me)
         let body = try await decode(ContactRequestBody.self, request, keys: ContactRequestBody.keys)
         let note = body.note ?? ""
         guard note.utf8.count <= MessagingLimits.noteBytesMax else {
@@ -251,6 +258,7 @@ struct MessagingAPI: Sendable {
 
     func contactAccept(_ request: Request, _ context: BasicRequestContext) async throws -> Response {
         let me = try await authenticate(request)
+        try await action(me)
         try Self.noBody(request)
         let other = try Self.userParameter(context)
         guard other != me.id else { throw APIError(.notFound, "no_request", "no pending request from that user") }
@@ -298,6 +306,7 @@ struct MessagingAPI: Sendable {
 
     func contactRemove(_ request: Request, _ context: BasicRequestContext) async throws -> Response {
         let me = try await authenticate(request)
+        try await action(me)
         let other = try Self.userParameter(context)
         guard other != me.id else { throw APIError(.notFound, "not_contacts", "not a contact") }
         let outcome = try await write(Ids.pairShard(me.id, other, shards: shards), .contactRemove(by: me.id, other: other))
@@ -307,6 +316,7 @@ struct MessagingAPI: Sendable {
 
     func block(_ request: Request, _ context: BasicRequestContext, on: Bool) async throws -> Response {
         let me = try await authenticate(request)
+        try await action(me)
         try Self.noBody(request)
         let other = try Self.userParameter(context)
         guard other != me.id else { throw APIError(.badRequest, "invalid_user", "you cannot block yourself") }
@@ -358,9 +368,10 @@ struct MessagingAPI: Sendable {
             guard url.hasPrefix("https://") || url.hasPrefix("http://") else {
                 throw APIError(.badRequest, "invalid_media_url", "media_url is an http(s) URL")
             }
+            guard (body.size ?? 0) <= (1 << 53) - 1 else { throw APIError(.badRequest, "invalid_size", "size is at most 2^53 - 1") }
         }
         guard content.utf8.count <= MessagingLimits.textBytesMax else {
-            throw APIError(.contentTooLarge, "content_too_long", "content has at most \(MessagingLimits.textBytesMax) bytes")
+            throw APIError(.badRequest, "content_too_long", "content has at most \(MessagingLimits.textBytesMax) bytes")
         }
         guard (body.media_url ?? "").utf8.count <= MessagingLimits.mediaURLBytesMax, (body.mime_type ?? "").utf8.count <= MessagingLimits.mimeTypeBytesMax else {
             throw APIError(.badRequest, "field_too_long", "media_url has at most \(MessagingLimits.mediaURLBytesMax) bytes, mime_type \(MessagingLimits.mimeTypeBytesMax)")
@@ -518,6 +529,7 @@ struct MessagingAPI: Sendable {
             after = v
         }
         let limit = try Self.limit(q.get("limit"))
+        try await RateLimiter.take(.sync, user: me.id, perMinute: node.config.messaging.syncsPerMinute, through: node)
         let home = Ids.homeShard(me.id, shards: shards)
         let result = await node.read(shard: home, .stream(Ids.inbox(me.id), fromSeq: after &+ 1, limit: limit), consistency: .linearizable)
         let records = try Self.records(result)
@@ -615,6 +627,7 @@ struct MessagingAPI: Sendable {
 
     func markRead(_ request: Request, _ context: BasicRequestContext) async throws -> Response {
         let me = try await authenticate(request)
+        try await action(me)
         guard let cid = context.parameters.get("id"), let (lo, hi) = Ids.parseConversationID(cid), lo == me.id || hi == me.id else {
             throw APIError(.notFound, "unknown_conversation", "no such conversation")
         }
@@ -623,7 +636,7 @@ struct MessagingAPI: Sendable {
         guard let (_, r, from, to) = try await messageRecord(body.message_id, me: me.id), Set([from, to]) == Set([lo, hi]) else {
             throw Self.unknownMessage
         }
-        _ = try await write(Ids.homeShard(me.id, shards: shards), .readMark(user: me.id, peer: peer, seq: r.seq))
+        try await write(Ids.homeShard(me.id, shards: shards), .readMark(user: me.id, peer: peer, seq: r.seq))
         return Response(status: .noContent)
     }
 
@@ -651,8 +664,13 @@ struct MessagingAPI: Sendable {
     func account(_ id: UInt64, consistency: WeftNode.ReadConsistency? = nil) async throws -> Account? {
         let home = Ids.homeShard(id, shards: shards)
         if let consistency { return try await queried(home, consistency: consistency) { m, _ in m.account(id) } }
-        if let a = try await queried(home, consistency: .local, { m, _ in m.account(id) }) { return a }
-        return try await queried(home, consistency: .linearizable) { m, _ in m.account(id) }
+        // This replica, when it is current (not replaying or repairing: it could hold a revoked token's
+        // old version) and knows the user; else the leader's read point.
+        switch await node.query(shard: home, consistency: .local, caughtUp: true, { m, _ in m.account(id) }) {
+        case .success(let a?) where a != nil: return a
+        case .failure(let f): throw Self.readError(f, home)
+        default: return try await queried(home, consistency: .linearizable) { m, _ in m.account(id) }
+        }
     }
 
     func queried<T: Sendable>(
@@ -685,9 +703,19 @@ struct MessagingAPI: Sendable {
         try Self.records(await node.read(shard: shard, .stream(stream, fromSeq: from, limit: count), consistency: .local))
     }
 
+    /// Writes one operation; a rejection by apply (a race the leader's check could not see) is thrown as
+    /// the same refusal the check would have given.
+    @discardableResult
     func write(_ shard: ShardID, _ op: MessagingOp) async throws -> ApplyOutcome {
         let w = try await writeRefs(shard, [op], key: nil)
-        return w.refs.first?.outcome ?? .ok
+        let outcome = w.refs.first?.outcome ?? .ok
+        if case .rejected = outcome { throw Self.refusal(outcome) }
+        return outcome
+    }
+
+    /// Other writes a user makes count against `actions_per_minute`.
+    func action(_ me: Account) async throws {
+        try await RateLimiter.take(.action, user: me.id, perMinute: node.config.messaging.actionsPerMinute, through: node)
     }
 
     func writeRefs(_ shard: ShardID, _ ops: [MessagingOp], key: [UInt8]?) async throws -> WeftNode.Written {
@@ -703,7 +731,7 @@ struct MessagingAPI: Sendable {
     static func refusal(_ o: ApplyOutcome) -> APIError {
         guard case .rejected(let code, let message) = o else { return APIError(.internalServerError, "internal", "unexpected outcome") }
         switch code {
-        case "username_taken", "already_contacts", "totp_enabled": return APIError(.conflict, code, message)
+        case "username_taken", "already_contacts", "already_requested", "totp_enabled": return APIError(.conflict, code, message)
         case "not_allowed", "not_recallable": return APIError(.forbidden, code, message)
         case "no_request", "not_contacts", "unknown_user": return APIError(.notFound, code, message)
         case "ids_exhausted": return APIError(.serviceUnavailable, code, message)
@@ -723,7 +751,9 @@ struct MessagingAPI: Sendable {
 
     static func checkPassword(_ p: String) throws {
         // bcrypt reads at most 72 bytes: a longer password would be silently cut.
-        guard (8...72).contains(p.utf8.count) else { throw APIError(.badRequest, "invalid_password", "a password has 8-72 bytes") }
+        guard p.count >= 8, p.utf8.count <= 72 else {
+            throw APIError(.badRequest, "invalid_password", "a password has at least 8 characters and at most 72 bytes")
+        }
     }
 
     static func checkDisplayName(_ d: String) throws {
@@ -772,6 +802,10 @@ struct MessagingAPI: Sendable {
         guard let dict = object as? [String: Any] else { throw APIError(.badRequest, "malformed_json", "the body must be a JSON object") }
         if let unknown = dict.keys.sorted().first(where: { !keys.contains($0) }) {
             throw APIError(.badRequest, "unknown_field", "unknown field \(unknown.prefix(64))")
+        }
+        // An optional field is left out, never null.
+        if let null = dict.keys.sorted().first(where: { dict[$0] is NSNull }) {
+            throw APIError(.badRequest, "wrong_type", "\(null) must not be null (leave it out)")
         }
         do {
             return try JSONDecoder().decode(T.self, from: data)

@@ -56,26 +56,47 @@ extension WeftNode {
     /// Runs `body` against `shard`'s messaging state on this node's replica, as current as `consistency`
     /// asks (a linearizable query asks the leader for a read index first). `body` runs on the shard's
     /// thread: keep it to lookups.
+    /// `.local` with `caughtUp`: nil (`.success(nil)`) when the replica is behind what it knows committed
+    /// or repairing (the caller then asks for a read index instead).
     public func query<T: Sendable>(
         shard: ShardID, consistency: ReadConsistency = .linearizable, timeout: Duration = .seconds(5),
         _ body: @escaping @Sendable (MessagingMachine, LogIndex) -> T
     ) async -> Result<T, ReadFailure> {
+        switch await query(shard: shard, consistency: consistency, timeout: timeout, caughtUp: false, body) {
+        case .success(let v?): .success(v)
+        case .success(nil): .failure(.unavailable("shard \(shard): no answer"))
+        case .failure(let f): .failure(f)
+        }
+    }
+
+    public func query<T: Sendable>(
+        shard: ShardID, consistency: ReadConsistency, timeout: Duration = .seconds(5), caughtUp: Bool,
+        _ body: @escaping @Sendable (MessagingMachine, LogIndex) -> T
+    ) async -> Result<T?, ReadFailure> {
         guard let r = runner(shard) else { return .failure(.noReplica) }
         if case .failure(let f) = await waitApplied(shard: shard, runner: r, consistency: consistency, deadline: ContinuousClock.now + timeout) {
             return .failure(f)
         }
-        let answer: T?? = await withCheckedContinuation { c in
+        let answer: QueryAnswer<T> = await withCheckedContinuation { c in
             r.submit(
                 .query { state in
-                    guard let (machine, applied) = state else { return c.resume(returning: .none) }
-                    guard let m = machine as? MessagingMachine else { return c.resume(returning: .some(nil)) }
-                    c.resume(returning: .some(body(m, applied)))
+                    guard let (machine, applied, current) = state else { return c.resume(returning: .notRunning) }
+                    guard let m = machine as? MessagingMachine else { return c.resume(returning: .notMessaging) }
+                    if caughtUp && !current { return c.resume(returning: .behind) }
+                    c.resume(returning: .value(body(m, applied)))
                 })
         }
         switch answer {
-        case .none: return .failure(.unavailable("the replica of shard \(shard) on node \(id) is not running"))
-        case .some(nil): return .failure(.unavailable("shard \(shard) does not run the messaging state machine"))
-        case .some(.some(let v)): return .success(v)
+        case .notRunning: return .failure(.unavailable("the replica of shard \(shard) on node \(id) is not running"))
+        case .notMessaging: return .failure(.unavailable("shard \(shard) does not run the messaging state machine"))
+        case .behind: return .success(nil)
+        case .value(let v): return .success(v)
         }
     }
+}
+
+/// What a state query on a shard's thread gave.
+enum QueryAnswer<T: Sendable>: Sendable {
+    case notRunning, notMessaging, behind
+    case value(T)
 }

@@ -8,11 +8,13 @@ import WeftCore
 /// token bucket per (user, kind) in memory. So a user gets the same budget whichever nodes they use; if
 /// that node goes down, the next one takes over with a fresh (full) bucket.
 final class RateLimiter: Sendable {
-    enum Kind: UInt8, Sendable { case send = 1, history = 2 }
+    enum Kind: UInt8, Sendable { case send = 1, history = 2, action = 3, sync = 4, login = 5 }
 
     struct Bucket {
         var tokens: Double
         var last: ContinuousClock.Instant
+        /// Its budget per minute (the bucket's own: buckets of different kinds are pruned by their own).
+        var perMinute: Double
     }
 
     let buckets = NIOLockedValueBox<[UInt64: Bucket]>([:])
@@ -27,11 +29,11 @@ final class RateLimiter: Sendable {
         let capacity = Double(max(1, perMinute))
         let key = user << 8 | UInt64(kind.rawValue)
         return buckets.withLockedValue { all -> Int? in
-            var b = all[key] ?? Bucket(tokens: capacity, last: now)
-            let elapsed = Double((now - b.last).components.seconds) + Double((now - b.last).components.attoseconds) / 1e18
-            b.tokens = min(capacity, b.tokens + max(0, elapsed) * rate)
+            var b = all[key] ?? Bucket(tokens: capacity, last: now, perMinute: capacity)
+            b.perMinute = capacity
+            b.tokens = Self.refilled(b, now: now)
             b.last = now
-            if all.count >= Self.bucketsMax, all[key] == nil { Self.prune(&all, now: now, rate: rate, capacity: capacity) }
+            if all.count >= Self.bucketsMax, all[key] == nil { Self.prune(&all, now: now) }
             guard b.tokens >= 1 else {
                 all[key] = b
                 return max(1, Int(((1 - b.tokens) / rate).rounded(.up)))
@@ -42,12 +44,24 @@ final class RateLimiter: Sendable {
         }
     }
 
-    static func prune(_ all: inout [UInt64: Bucket], now: ContinuousClock.Instant, rate: Double, capacity: Double) {
-        all = all.filter { _, b in b.tokens + Double((now - b.last).components.seconds) * rate < capacity }
-        if all.count >= bucketsMax { all.removeAll(keepingCapacity: true) }
+    static func refilled(_ b: Bucket, now: ContinuousClock.Instant) -> Double {
+        let d = now - b.last
+        let elapsed = max(0, Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18)
+        return min(b.perMinute, b.tokens + elapsed * b.perMinute / 60)
+    }
+
+    /// Drops full buckets (the same as none). If every bucket is in use, the oldest-touched half goes:
+    /// memory stays bounded, and only idle-longest users get a fresh budget.
+    static func prune(_ all: inout [UInt64: Bucket], now: ContinuousClock.Instant) {
+        all = all.filter { _, b in refilled(b, now: now) < b.perMinute }
+        if all.count >= bucketsMax / 2 {
+            let cut = all.values.map(\.last).sorted()[all.count / 2]
+            all = all.filter { $0.value.last > cut }
+        }
     }
 
     /// Takes a token for `user` from the node that keeps their buckets; throws 429 with `Retry-After`.
+    /// `user`: the user id (for `.login`, a hash of the username: the limit holds before anyone is known).
     static func take(_ kind: Kind, user: UInt64, perMinute: Int, through node: WeftNode) async throws {
         let home = Ids.homeShard(user, shards: node.config.shards)
         let me = node.id

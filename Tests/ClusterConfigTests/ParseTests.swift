@@ -169,7 +169,7 @@ import WeftCore
             configPath: "c.toml"
         ).messaging
         #expect(m.bcryptCost == 4 && m.tokenTTLSeconds == 600 && m.sendsPerMinute == 5 && m.historyReadsPerMinute == 7)
-        for bad in ["bcrypt_cost = 3", "bcrypt_cost = 32", "token_ttl_seconds = 59", "sends_per_minute = 0", "colour = 1", "bcrypt_cost = \"12\""] {
+        for bad in ["bcrypt_cost = 3", "bcrypt_cost = 17", "token_ttl_seconds = 59", "sends_per_minute = 0", "colour = 1", "bcrypt_cost = \"12\""] {
             let e = parseError(document(extra: "[messaging]\n\(bad)"))
             #expect(e?.message.isEmpty == false, "\(bad)")
         }
