@@ -25,57 +25,16 @@ extension MessagingMachine {
         w.u32(UInt32(rejectedIndexes.count))
         for i in rejectedIndexes { w.u64(i) }
         w.u64(UInt64(accounts.count))
-        Self.sorted(accounts) { _, a in
-            w.u64(a.id)
-            w.text(a.username)
-            w.text(a.displayName)
-            w.blob(a.passwordHash)
-            w.u64(a.tokenVersion)
-            w.u8(a.totpState)
-            w.blob(a.totpSealed)
-            w.i64(a.createdMicros)
-        }
+        Self.sorted(accounts) { _, a in a.put(&w) }
         w.u64(UInt64(pairs.count))
         Self.sorted(pairs) { k, p in
             w.u64(k)
-            w.u8(p.relation.rawValue)
-            w.text(p.note)
-            w.u8(p.blockedByLo ? 1 : 0)
-            w.u8(p.blockedByHi ? 1 : 0)
-            w.u64(p.lastSeq)
-            w.u32(UInt32(p.recent.count))
-            for m in p.recent {
-                w.u64(m.seq)
-                w.u64(m.sender)
-                w.i64(m.micros)
-            }
-            w.u32(UInt32(p.recalled.count))
-            for s in p.recalled { w.u64(s) }
-            w.u32(UInt32(p.void.count))
-            for s in p.void { w.u64(s) }
+            p.put(&w)
         }
         w.u64(UInt64(peers.count))
         Self.sorted(peers) { u, all in
             w.u64(u)
-            w.u32(UInt32(all.count))
-            for peer in all.keys.sorted() {
-                guard let v = all[peer] else { continue }
-                w.u64(peer)
-                w.u8(v.relation.rawValue)
-                w.text(v.note)
-                w.u8(v.blocked ? 1 : 0)
-                w.u64(v.lastSeq)
-                w.i64(v.lastMicros)
-                w.u64(v.lastMessageID)
-                w.u8(v.lastFromMe ? 1 : 0)
-                w.u8(v.lastRecalled ? 1 : 0)
-                w.u64(v.readSeq)
-                w.u32(UInt32(v.unread.count))
-                for s in v.unread { w.u64(s) }
-                w.u64(v.unreadDropped)
-                w.u64(v.lastDroppedSeq)
-                w.i64(v.sinceMicros)
-            }
+            PeerView.putAll(all, &w)
         }
         return w.bytes
     }
@@ -98,10 +57,6 @@ extension MessagingMachine {
             guard let n, n <= UInt64((b.count - r.offset) / each) else { throw fail("a count past the end") }
             return Int(n)
         }
-        func flag() throws -> Bool {
-            guard let v = r.u8(), v <= 1 else { throw fail("a flag that is not 0 or 1") }
-            return v == 1
-        }
         guard let version = r.u32(), version == Self.snapshotVersion else { throw fail("unknown version") }
         guard let clock = r.i64(), let next = r.u64() else { throw fail("a short header") }
         clockMicros = clock
@@ -115,70 +70,20 @@ extension MessagingMachine {
         let an = try count(r.u64(), each: 41)
         accounts.reserveCapacity(an)
         for _ in 0..<an {
-            guard let id = r.u64(), let name = r.text(), let display = r.text(), let hash = r.blob(), let tv = r.u64(), let totp = r.u8(),
-                let sealed = r.blob(), let created = r.i64()
-            else { throw fail("a short account") }
-            accounts[id] = Account(
-                id: id, username: name, displayName: display, passwordHash: hash, tokenVersion: tv, totpState: totp, totpSealed: sealed,
-                createdMicros: created)
-            usernames[Array(name.utf8)] = id
+            guard let a = Account.take(&r) else { throw fail("a short account") }
+            accounts[a.id] = a
+            usernames[Array(a.username.utf8)] = a.id
         }
         let pn = try count(r.u64(), each: 35)
         pairs.reserveCapacity(pn)
         for _ in 0..<pn {
-            guard let key = r.u64(), let rel = r.u8().flatMap(Pair.Relation.init(rawValue:)), let note = r.text() else { throw fail("a short pair") }
-            var p = Pair()
-            p.relation = rel
-            p.note = note
-            p.blockedByLo = try flag()
-            p.blockedByHi = try flag()
-            guard let last = r.u64() else { throw fail("a short pair") }
-            p.lastSeq = last
-            for _ in 0..<(try count(r.u32().map(UInt64.init), each: 24)) {
-                guard let seq = r.u64(), let sender = r.u64(), let micros = r.i64() else { throw fail("a short recent message") }
-                p.recent.append(Pair.RecentMessage(seq: seq, sender: sender, micros: micros))
-            }
-            for _ in 0..<(try count(r.u32().map(UInt64.init), each: 8)) {
-                guard let s = r.u64() else { throw fail("a short recalled seq") }
-                p.recalled.append(s)
-            }
-            for _ in 0..<(try count(r.u32().map(UInt64.init), each: 8)) {
-                guard let s = r.u64() else { throw fail("a short void seq") }
-                p.void.append(s)
-            }
+            guard let key = r.u64(), let p = Pair.take(&r) else { throw fail("a short pair") }
             pairs[key] = p
         }
         let un = try count(r.u64(), each: 12)
         peers.reserveCapacity(un)
         for _ in 0..<un {
-            guard let u = r.u64() else { throw fail("a short peer list") }
-            let n = try count(r.u32().map(UInt64.init), each: 60)
-            var all: [UInt64: PeerView] = [:]
-            all.reserveCapacity(n)
-            for _ in 0..<n {
-                guard let id = r.u64(), let rel = r.u8().flatMap(PeerView.Relation.init(rawValue:)), let note = r.text() else { throw fail("a short peer") }
-                var v = PeerView()
-                v.relation = rel
-                v.note = note
-                v.blocked = try flag()
-                guard let ls = r.u64(), let lm = r.i64(), let lid = r.u64() else { throw fail("a short peer") }
-                v.lastSeq = ls
-                v.lastMicros = lm
-                v.lastMessageID = lid
-                v.lastFromMe = try flag()
-                v.lastRecalled = try flag()
-                guard let rs = r.u64() else { throw fail("a short peer") }
-                v.readSeq = rs
-                for _ in 0..<(try count(r.u32().map(UInt64.init), each: 8)) {
-                    guard let s = r.u64() else { throw fail("a short unread seq") }
-                    v.unread.append(s)
-                }
-                guard let dropped = r.u64(), let lds = r.u64(), let since = r.i64() else { throw fail("a short peer") }
-                v.unreadDropped = dropped
-                v.lastDroppedSeq = lds
-                v.sinceMicros = since
-                all[id] = v
-            }
+            guard let u = r.u64(), let all = PeerView.takeAll(&r) else { throw fail("a short peer list") }
             peers[u] = all
         }
         guard r.atEnd else { throw fail("trailing bytes") }
@@ -186,4 +91,148 @@ extension MessagingMachine {
 
     /// FNV-1a of the snapshot bytes: they are laid out independently of memory order.
     public var stateHash: UInt64 { FNV1a.hash(snapshot()) }
+}
+
+// The entities' encodings: in snapshots and in state queries between nodes. Every `take` checks each
+// count against the bytes left (a lie is refused before anything is reserved) and returns nil when short.
+
+extension Account {
+    func put(_ w: inout Writer) {
+        w.u64(id)
+        w.text(username)
+        w.text(displayName)
+        w.blob(passwordHash)
+        w.u64(tokenVersion)
+        w.u8(totpState)
+        w.blob(totpSealed)
+        w.i64(createdMicros)
+    }
+
+    static func take(_ r: inout Reader) -> Account? {
+        guard let id = r.u64(), let name = r.text(), let display = r.text(), let hash = r.blob(), let tv = r.u64(), let totp = r.u8(), totp <= 2,
+            let sealed = r.blob(), let created = r.i64()
+        else { return nil }
+        return Account(
+            id: id, username: name, displayName: display, passwordHash: hash, tokenVersion: tv, totpState: totp, totpSealed: sealed,
+            createdMicros: created)
+    }
+}
+
+extension Reader {
+    /// A count of items of at least `each` bytes, if the bytes left can hold them.
+    mutating func count(each: Int) -> Int? {
+        guard let n = u32(), Int(n) <= (bytes.count - offset) / each else { return nil }
+        return Int(n)
+    }
+    mutating func flag() -> Bool? {
+        guard let v = u8(), v <= 1 else { return nil }
+        return v == 1
+    }
+    mutating func seqs() -> [UInt64]? {
+        guard let n = count(each: 8) else { return nil }
+        var out: [UInt64] = []
+        out.reserveCapacity(n)
+        for _ in 0..<n {
+            guard let v = u64() else { return nil }
+            out.append(v)
+        }
+        return out
+    }
+}
+
+extension Writer {
+    mutating func seqs(_ a: [UInt64]) {
+        u32(UInt32(a.count))
+        for v in a { u64(v) }
+    }
+}
+
+extension Pair {
+    func put(_ w: inout Writer) {
+        w.u8(relation.rawValue)
+        w.text(note)
+        w.u8(blockedByLo ? 1 : 0)
+        w.u8(blockedByHi ? 1 : 0)
+        w.u64(lastSeq)
+        w.u32(UInt32(recent.count))
+        for m in recent {
+            w.u64(m.seq)
+            w.u64(m.sender)
+            w.i64(m.micros)
+        }
+        w.seqs(recalled)
+        w.seqs(void)
+    }
+
+    static func take(_ r: inout Reader) -> Pair? {
+        guard let rel = r.u8().flatMap(Relation.init(rawValue:)), let note = r.text(), let lo = r.flag(), let hi = r.flag(), let last = r.u64(),
+            let n = r.count(each: 24)
+        else { return nil }
+        var p = Pair()
+        p.relation = rel
+        p.note = note
+        p.blockedByLo = lo
+        p.blockedByHi = hi
+        p.lastSeq = last
+        for _ in 0..<n {
+            guard let seq = r.u64(), let sender = r.u64(), let micros = r.i64() else { return nil }
+            p.recent.append(RecentMessage(seq: seq, sender: sender, micros: micros))
+        }
+        guard let recalled = r.seqs(), let void = r.seqs() else { return nil }
+        p.recalled = recalled
+        p.void = void
+        return p
+    }
+}
+
+extension PeerView {
+    /// A user's peers, by peer id ascending.
+    static func putAll(_ all: [UInt64: PeerView], _ w: inout Writer) {
+        w.u32(UInt32(all.count))
+        for peer in all.keys.sorted() {
+            guard let v = all[peer] else { continue }
+            w.u64(peer)
+            w.u8(v.relation.rawValue)
+            w.text(v.note)
+            w.u8(v.blocked ? 1 : 0)
+            w.u64(v.lastSeq)
+            w.i64(v.lastMicros)
+            w.u64(v.lastMessageID)
+            w.u8(v.lastFromMe ? 1 : 0)
+            w.u8(v.lastRecalled ? 1 : 0)
+            w.u64(v.readSeq)
+            w.seqs(v.unread)
+            w.u64(v.unreadDropped)
+            w.u64(v.lastDroppedSeq)
+            w.i64(v.sinceMicros)
+        }
+    }
+
+    static func takeAll(_ r: inout Reader) -> [UInt64: PeerView]? {
+        guard let n = r.count(each: 60) else { return nil }
+        var all: [UInt64: PeerView] = [:]
+        all.reserveCapacity(n)
+        for _ in 0..<n {
+            guard let id = r.u64(), let rel = r.u8().flatMap(Relation.init(rawValue:)), let note = r.text(), let blocked = r.flag(), let ls = r.u64(),
+                let lm = r.i64(), let lid = r.u64(), let fromMe = r.flag(), let recalled = r.flag(), let rs = r.u64(), let unread = r.seqs(),
+                let dropped = r.u64(), let lds = r.u64(), let since = r.i64()
+            else { return nil }
+            var v = PeerView()
+            v.relation = rel
+            v.note = note
+            v.blocked = blocked
+            v.lastSeq = ls
+            v.lastMicros = lm
+            v.lastMessageID = lid
+            v.lastFromMe = fromMe
+            v.lastRecalled = recalled
+            v.readSeq = rs
+            v.unread = unread
+            v.unreadDropped = dropped
+            v.lastDroppedSeq = lds
+            v.sinceMicros = since
+            all[id] = v
+        }
+        return all
+    }
 }

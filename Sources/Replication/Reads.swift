@@ -9,6 +9,12 @@ public struct ReadResult: Sendable, Equatable {
     public var applied: LogIndex
     /// This replica's commit index (the highest index it knows committed; at least `applied`).
     public var commit: LogIndex
+
+    public init(records: [Record], applied: LogIndex, commit: LogIndex) {
+        self.records = records
+        self.applied = applied
+        self.commit = commit
+    }
 }
 
 extension ShardReplica {

@@ -49,6 +49,12 @@ enum Envelope: Equatable {
     /// Takes a rate-limit token for a user from the node that keeps their buckets: answered `ok([])` or
     /// `refused("rate_limited", seconds to wait)`.
     case rateTake(request: RequestID, user: UInt64, kind: UInt8, perMinute: UInt32)
+    /// A messaging state query for a node that holds a replica of the shard (the asking node holds none):
+    /// `consistency` as `ReadPoint.encode`, the query as `MessagingQuery.encode`. Answered `bytes`.
+    case stateQuery(request: RequestID, consistency: [UInt8], query: [UInt8])
+    /// A read of a shard's records for a node that holds a replica: `consistency` as `ReadPoint.encode`,
+    /// the read as `ReadPoint.encodeQuery`. Answered `bytes` (`ReadPoint.encodeResult`).
+    case readForward(request: RequestID, consistency: [UInt8], query: [UInt8])
 
     struct ForwardedProposal: Equatable {
         var stream: StreamID
@@ -86,6 +92,8 @@ enum Envelope: Equatable {
         case outcomeUnknown(String)
         /// The shard's state refused it before anything was written.
         case refused(code: String, message: String)
+        /// The answer to a state query or a forwarded read.
+        case bytes([UInt8])
     }
 
     struct DecodeError: Error, CustomStringConvertible {
@@ -115,6 +123,13 @@ enum Envelope: Equatable {
             b.append(UInt8(min(key.count, 255)))
             b += key.prefix(255)
             Self.putProposals(ps, &b)
+        case .stateQuery(let id, let c, let q), .readForward(let id, let c, let q):
+            if case .stateQuery = self { b.append(12) } else { b.append(13) }
+            put(id, &b)
+            b.append(UInt8(min(c.count, 255)))
+            b += c.prefix(255)
+            put(UInt32(q.count), &b)
+            b += q
         case .rateTake(let id, let user, let kind, let perMinute):
             b.append(11)
             put(id, &b)
@@ -176,6 +191,10 @@ enum Envelope: Equatable {
             case .invalid(let why): Self.putText(3, why, &b)
             case .changePending(let why): Self.putText(4, why, &b)
             case .outcomeUnknown(let why): Self.putText(5, why, &b)
+            case .bytes(let bytes):
+                b.append(10)
+                put(UInt32(bytes.count), &b)
+                b += bytes
             case .refused(let code, let message):
                 Self.putText(9, code, &b)
                 let u = Array(message.utf8.prefix(4096))
@@ -225,6 +244,14 @@ enum Envelope: Equatable {
             let ps = try Self.takeProposals(&r)
             try r.end()
             return .forwardMessaging(request: id, key: key, proposals: ps)
+        case 12, 13:
+            let id = try r.requestID()
+            let c = try r.take(Int(try r.take(1)[0]))
+            let n = Int(try r.u32())
+            guard n <= r.remaining else { throw DecodeError(description: "query of \(n) bytes") }
+            let q = try r.take(n)
+            try r.end()
+            return kind == 12 ? .stateQuery(request: id, consistency: c, query: q) : .readForward(request: id, consistency: c, query: q)
         case 11:
             let id = try r.requestID()
             let user = try r.u64()
@@ -272,6 +299,12 @@ enum Envelope: Equatable {
                     default: .outcomeUnknown(s)
                     }
                 return .answer(request: id, a)
+            case 10:
+                let n = Int(try r.u32())
+                guard n <= r.remaining else { throw DecodeError(description: "answer of \(n) bytes") }
+                let bytes = try r.take(n)
+                try r.end()
+                return .answer(request: id, .bytes(bytes))
             case 9:
                 let s = try r.text()
                 let m = try r.text()

@@ -74,6 +74,8 @@ final class Forwarder: Sendable {
             case .relayBatch(_, let h, let ps): .relayBatch(request: id, header: h, proposals: ps)
             case .forwardMessaging(_, let key, let ps): .forwardMessaging(request: id, key: key, proposals: ps)
             case .rateTake(_, let user, let kind, let perMinute): .rateTake(request: id, user: user, kind: kind, perMinute: perMinute)
+            case .stateQuery(_, let c, let q): .stateQuery(request: id, consistency: c, query: q)
+            case .readForward(_, let c, let q): .readForward(request: id, consistency: c, query: q)
             default: envelope
             }
         let timer = deadlines.schedule(deadline) { [state] in

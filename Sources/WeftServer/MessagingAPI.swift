@@ -65,7 +65,7 @@ struct MessagingAPI: Sendable {
         try Self.checkDisplayName(display)
         let shard = Ids.usernameShard(name, shards: shards)
         // Refused early if taken (no bcrypt spent); the write decides.
-        if case .success(true) = await node.query(shard: shard, consistency: .local, { m, _ in m.userID(username: name) != nil }) {
+        if case .success(let a?) = await node.ask(shard, .usernameTaken(name), at: .local), a.taken {
             throw APIError(.conflict, "username_taken", "the username is taken")
         }
         let hash = try await hashPassword(body.password)
@@ -101,7 +101,7 @@ struct MessagingAPI: Sendable {
         var account: Account?
         if let name {
             let shard = Ids.usernameShard(name, shards: shards)
-            account = try await queried(shard, consistency: .linearizable) { m, _ in m.userID(username: name).flatMap { m.account($0) } }
+            account = try await asked(shard, .accountByUsername(name), at: .linearizable).account
         }
         // bcrypt runs whether or not the user exists: the time taken does not tell.
         let hash = account.map { String(decoding: $0.passwordHash, as: UTF8.self) }
@@ -169,7 +169,7 @@ struct MessagingAPI: Sendable {
         }
         guard let name = Ids.normalisedUsername(given) else { throw Self.unknownUser }
         let shard = Ids.usernameShard(name, shards: shards)
-        guard let a = try await queried(shard, consistency: .local, { m, _ in m.userID(username: name).flatMap { m.account($0) } }) else {
+        guard let a = try await asked(shard, .accountByUsername(name), at: .local).account else {
             throw Self.unknownUser
         }
         return try HTTPAPI.json(UserBody(user_id: a.id, username: a.username, display_name: a.displayName))
@@ -285,7 +285,7 @@ struct MessagingAPI: Sendable {
         let me = try await authenticate(request)
         try Self.onlyQuery(request, [])
         let home = Ids.homeShard(me.id, shards: shards)
-        let peers = try await queried(home, consistency: .linearizable) { m, _ in m.peers(of: me.id) }
+        let peers = try await asked(home, .peers(me.id), at: .linearizable).peers
         var out = ContactsBody(contacts: [], incoming_requests: [], outgoing_requests: [], blocked: [])
         for (id, v) in peers.sorted(by: { $0.key < $1.key }) {
             if v.blocked { out.blocked.append(id) }
@@ -447,11 +447,14 @@ struct MessagingAPI: Sendable {
         try await RateLimiter.take(.history, user: me.id, perMinute: node.config.messaging.historyReadsPerMinute, through: node)
         let shard = Ids.pairShard(me.id, peer, shards: shards)
         // Linearizable: the caller's own sends (acknowledged before this read) are in it.
-        let pair = try await queried(shard, consistency: .linearizable) { m, _ in m.pair(me.id, peer) } ?? Pair()
+        let (pair, applied) = try await pairAt(shard, me.id, peer)
         let end = min(before ?? (pair.lastSeq + 1), pair.lastSeq + 1)
         guard end > 1 else { return try HTTPAPI.json(MessagesPage(messages: [], next_cursor: nil)) }
         let from = end > UInt64(limit) ? end - UInt64(limit) : 1
-        let records = try await readStream(shard, Ids.dm(me.id, peer), from: from, count: Int(end - from))
+        // At least where the state was read: the same node's replica has them (or the node asked).
+        let records = try Self.records(
+            await node.readAnywhere(
+                shard: shard, .stream(Ids.dm(me.id, peer), fromSeq: from, limit: Int(end - from)), consistency: applied > 0 ? .atLeast(applied) : .linearizable))
         var out: [MessageBody] = []
         for r in records.reversed() where r.seq < end && !pair.isVoid(r.seq) {
             if let m = Self.message(r, shard: shard, recalled: pair.isRecalled(r.seq)) { out.append(m) }
@@ -472,7 +475,7 @@ struct MessagingAPI: Sendable {
     /// The message a message id names, if `me` is in its conversation (else nil: not found, whatever the reason).
     func messageRecord(_ id: UInt64, me: UInt64) async throws -> (shard: ShardID, record: Record, from: UInt64, to: UInt64)? {
         guard let (shard, index) = Ids.parseMessageID(id, shards: shards) else { return nil }
-        let result = await node.read(shard: shard, .log(from: index, limit: 1), consistency: .linearizable)
+        let result = await node.readAnywhere(shard: shard, .log(from: index, limit: 1), consistency: .linearizable)
         guard case .success(let rr) = result else {
             if case .failure(.read(.compacted)) = result { return nil }
             throw APIError(.serviceUnavailable, "not_current", "the message's shard cannot be read now")
@@ -531,7 +534,7 @@ struct MessagingAPI: Sendable {
         let limit = try Self.limit(q.get("limit"))
         try await RateLimiter.take(.sync, user: me.id, perMinute: node.config.messaging.syncsPerMinute, through: node)
         let home = Ids.homeShard(me.id, shards: shards)
-        let result = await node.read(shard: home, .stream(Ids.inbox(me.id), fromSeq: after &+ 1, limit: limit), consistency: .linearizable)
+        let result = await node.readAnywhere(shard: home, .stream(Ids.inbox(me.id), fromSeq: after &+ 1, limit: limit), consistency: .linearizable)
         let records = try Self.records(result)
         var events: [EventBody] = []
         // Message contents come from their conversations' shards, recall marks from the pairs' state.
@@ -551,9 +554,9 @@ struct MessagingAPI: Sendable {
                     if isMessage, let (shard, index) = Ids.parseMessageID(id, shards: shards) {
                         let key = Ids.pairKey(me.id, peer)
                         if recalledCache[key] == nil {
-                            recalledCache[key] = try await queried(shard, consistency: .local) { m, _ in m.pair(me.id, peer) } ?? Pair()
+                            recalledCache[key] = try await asked(shard, .pair(me.id, peer), at: .atLeast(index)).pair ?? Pair()
                         }
-                        let read = await node.read(shard: shard, .log(from: index, limit: 1), consistency: .atLeast(index))
+                        let read = await node.readAnywhere(shard: shard, .log(from: index, limit: 1), consistency: .atLeast(index))
                         if case .success(let rr) = read, let mr = rr.records.first, mr.index == index {
                             e.message = Self.message(mr, shard: shard, recalled: recalledCache[key]?.isRecalled(seq) ?? false)
                         }
@@ -600,13 +603,13 @@ struct MessagingAPI: Sendable {
         try Self.onlyQuery(request, ["limit"])
         let limit = try Self.limit(request.uri.queryParameters.get("limit"))
         let home = Ids.homeShard(me.id, shards: shards)
-        let peers = try await queried(home, consistency: .linearizable) { m, _ in m.peers(of: me.id) }
+        let peers = try await asked(home, .peers(me.id), at: .linearizable).peers
         let recent = peers.filter { $0.value.lastSeq > 0 }.sorted { ($0.value.lastMicros, $0.key) > ($1.value.lastMicros, $1.key) }.prefix(limit)
         var out: [ConversationBody] = []
         for (peer, v) in recent {
             var last: MessageBody?
             if let (shard, index) = Ids.parseMessageID(v.lastMessageID, shards: shards) {
-                let read = await node.read(shard: shard, .log(from: index, limit: 1), consistency: .atLeast(index))
+                let read = await node.readAnywhere(shard: shard, .log(from: index, limit: 1), consistency: .atLeast(index))
                 if case .success(let rr) = read, let r = rr.records.first, r.index == index {
                     last = Self.message(r, shard: shard, recalled: v.lastRecalled)
                 }
@@ -661,25 +664,36 @@ struct MessagingAPI: Sendable {
 
     /// A user's account from their home shard: this node's replica as it is, and if it does not know
     /// the user (it may lag a registration), the leader's read point.
-    func account(_ id: UInt64, consistency: WeftNode.ReadConsistency? = nil) async throws -> Account? {
+    func account(_ id: UInt64, consistency: ReadPoint? = nil) async throws -> Account? {
         let home = Ids.homeShard(id, shards: shards)
-        if let consistency { return try await queried(home, consistency: consistency) { m, _ in m.account(id) } }
-        // This replica, when it is current (not replaying or repairing: it could hold a revoked token's
-        // old version) and knows the user; else the leader's read point.
-        switch await node.query(shard: home, consistency: .local, caughtUp: true, { m, _ in m.account(id) }) {
-        case .success(let a?) where a != nil: return a
+        if let consistency { return try await asked(home, .account(id), at: consistency).account }
+        // A replica that is current (not replaying or repairing: it could hold a revoked token's old
+        // version) and knows the user; else the leader's read point.
+        switch await node.ask(home, .account(id), at: .localCurrent) {
+        case .success(let a?) where a.account != nil: return a.account
         case .failure(let f): throw Self.readError(f, home)
-        default: return try await queried(home, consistency: .linearizable) { m, _ in m.account(id) }
+        default: return try await asked(home, .account(id), at: .linearizable).account
         }
     }
 
-    func queried<T: Sendable>(
-        _ shard: ShardID, consistency: WeftNode.ReadConsistency, _ body: @escaping @Sendable (MessagingMachine, LogIndex) -> T
-    ) async throws -> T {
-        switch await node.query(shard: shard, consistency: consistency, body) {
-        case .success(let v): return v
+    func asked(_ shard: ShardID, _ q: MessagingQuery, at point: ReadPoint) async throws -> MessagingQuery.Answer {
+        switch await node.ask(shard, q, at: point) {
+        case .success(let a?): return a
+        case .success(nil): throw APIError(.serviceUnavailable, "not_current", "shard \(shard)'s replica is catching up")
         case .failure(let f): throw Self.readError(f, shard)
         }
+    }
+
+    /// A pair's state, linearizably (the caller's own writes are in it), and the index it was read at.
+    func pairAt(_ shard: ShardID, _ a: UInt64, _ b: UInt64) async throws -> (Pair, LogIndex) {
+        if node.runner(shard) != nil {
+            switch await node.query(shard: shard, consistency: .linearizable, { m, applied in (m.pair(a, b), applied) }) {
+            case .success(let (p, applied)): return (p ?? Pair(), applied)
+            case .failure(let f): throw Self.readError(f, shard)
+            }
+        }
+        // Asked of another node (index 0): the stream read then asks for a read index of its own.
+        return (try await asked(shard, .pair(a, b), at: .linearizable).pair ?? Pair(), 0)
     }
 
     static func readError(_ f: WeftNode.ReadFailure, _ shard: ShardID) -> APIError {
@@ -696,11 +710,6 @@ struct MessagingAPI: Sendable {
         case .success(let rr): return rr.records
         case .failure(let f): throw readError(f, ShardID(0))
         }
-    }
-
-    func readStream(_ shard: ShardID, _ stream: StreamID, from: UInt64, count: Int) async throws -> [Record] {
-        // The caller just read the state linearizably on this node: the local replica has these.
-        try Self.records(await node.read(shard: shard, .stream(stream, fromSeq: from, limit: count), consistency: .local))
     }
 
     /// Writes one operation; a rejection by apply (a race the leader's check could not see) is thrown as

@@ -100,3 +100,219 @@ enum QueryAnswer<T: Sendable>: Sendable {
     case notRunning, notMessaging, behind
     case value(T)
 }
+
+/// How current a state query or read must be, and its encoding between nodes.
+public enum ReadPoint: Sendable, Equatable {
+    /// This replica as it is.
+    case local
+    /// This replica if it has applied all it knows committed and is not repairing; else "behind".
+    case localCurrent
+    case atLeast(LogIndex)
+    case linearizable
+
+    var consistency: WeftNode.ReadConsistency {
+        switch self {
+        case .local, .localCurrent: .local
+        case .atLeast(let i): .atLeast(i)
+        case .linearizable: .linearizable
+        }
+    }
+
+    func encode() -> [UInt8] {
+        var b: [UInt8]
+        var index: LogIndex = 0
+        switch self {
+        case .local: b = [0]
+        case .localCurrent: b = [1]
+        case .atLeast(let i):
+            b = [2]
+            index = i
+        case .linearizable: b = [3]
+        }
+        put(index, &b)
+        return b
+    }
+
+    static func decode(_ b: [UInt8]) -> ReadPoint? {
+        guard b.count == 9 else { return nil }
+        let index = b[1...].enumerated().reduce(UInt64(0)) { $0 | UInt64($1.element) << (8 * UInt64($1.offset)) }
+        switch b[0] {
+        case 0: return .local
+        case 1: return .localCurrent
+        case 2: return .atLeast(index)
+        case 3: return .linearizable
+        default: return nil
+        }
+    }
+
+    static func encodeQuery(_ q: ReadQuery) -> [UInt8] {
+        var b: [UInt8] = []
+        switch q {
+        case .log(let from, let limit):
+            b.append(0)
+            put(from, &b)
+            put(UInt32(clamping: limit), &b)
+        case .stream(let s, let from, let limit):
+            b.append(1)
+            put(s.rawValue, &b)
+            put(from, &b)
+            put(UInt32(clamping: limit), &b)
+        }
+        return b
+    }
+
+    static func decodeQuery(_ b: [UInt8]) -> ReadQuery? {
+        var r = Envelope.Cursor(bytes: b, pos: 0)
+        do {
+            let q: ReadQuery
+            switch try r.take(1)[0] {
+            case 0: q = .log(from: try r.u64(), limit: Int(min(try r.u32(), 10_000)))
+            case 1: q = .stream(StreamID(try r.u64()), fromSeq: try r.u64(), limit: Int(min(try r.u32(), 10_000)))
+            default: return nil
+            }
+            try r.end()
+            return q
+        } catch {
+            return nil
+        }
+    }
+
+    /// `0 | applied | commit | n | n × record`, or `1 | first` (compacted); records as
+    /// `index | term | stream | seq | u16 type | i64 time | u32 length | payload`.
+    static func encodeResult(_ r: Result<ReadResult, WeftNode.ReadFailure>) -> Envelope.ForwardAnswer {
+        switch r {
+        case .success(let rr):
+            var b: [UInt8] = [0]
+            put(rr.applied, &b)
+            put(rr.commit, &b)
+            put(UInt32(rr.records.count), &b)
+            for x in rr.records {
+                put(x.index, &b)
+                put(x.term, &b)
+                put(x.stream.rawValue, &b)
+                put(x.seq, &b)
+                put(x.type.rawValue, &b)
+                put(UInt64(bitPattern: x.timestampMicros), &b)
+                put(UInt32(x.payload.count), &b)
+                b += x.payload
+            }
+            return .bytes(b)
+        case .failure(.read(.compacted(let first))):
+            var b: [UInt8] = [1]
+            put(first, &b)
+            return .bytes(b)
+        case .failure(.invalid(let why)): return .invalid(why)
+        case .failure(let f): return .failed("\(f)")
+        }
+    }
+
+    static func decodeResult(_ b: [UInt8]) -> Result<ReadResult, WeftNode.ReadFailure>? {
+        var r = Envelope.Cursor(bytes: b, pos: 0)
+        do {
+            switch try r.take(1)[0] {
+            case 0:
+                let applied = try r.u64()
+                let commit = try r.u64()
+                let n = Int(try r.u32())
+                guard n <= r.remaining / 46 else { return nil }
+                var records: [Record] = []
+                records.reserveCapacity(n)
+                for _ in 0..<n {
+                    let index = try r.u64()
+                    let term = try r.u64()
+                    let stream = StreamID(try r.u64())
+                    let seq = try r.u64()
+                    let type = RecordType(try r.u16())
+                    let ts = Int64(bitPattern: try r.u64())
+                    let len = Int(try r.u32())
+                    guard len <= Limits.recordPayloadBytesMax else { return nil }
+                    records.append(Record(index: index, term: term, stream: stream, seq: seq, type: type, timestampMicros: ts, payload: try r.take(len)))
+                }
+                try r.end()
+                return .success(ReadResult(records: records, applied: applied, commit: commit))
+            case 1:
+                let first = try r.u64()
+                try r.end()
+                return .failure(.read(.compacted(first: first)))
+            default:
+                return nil
+            }
+        } catch {
+            return nil
+        }
+    }
+}
+
+extension WeftNode {
+    /// Asks `shard`'s messaging state: on this node's replica, or — when this node holds none — on a
+    /// node that does (the leader it knows, else the first reachable replica), over the peer connection.
+    /// `.success(nil)`: `.localCurrent` and the replica is behind.
+    public func ask(_ shard: ShardID, _ q: MessagingQuery, at point: ReadPoint, timeout: Duration = .seconds(5)) async -> Result<MessagingQuery.Answer?, ReadFailure> {
+        if runner(shard) != nil {
+            return await query(shard: shard, consistency: point.consistency, timeout: timeout, caughtUp: point == .localCurrent) { m, _ in q.answer(m) }
+        }
+        let answer = await remote(shard, timeout: timeout) { .stateQuery(request: Envelope.RequestID(incarnation: 0, sequence: 0), consistency: point.encode(), query: q.encode()) }
+        switch answer {
+        case .success(let b):
+            if b == [1] { return .success(nil) }
+            guard b.first == 0, let a = MessagingQuery.Answer.decode(Array(b.dropFirst())) else { return .failure(.unavailable("a malformed state answer")) }
+            return .success(a)
+        case .failure(let f): return .failure(f)
+        }
+    }
+
+    /// `read`, on this node's replica or on a node that holds one.
+    public func readAnywhere(shard: ShardID, _ q: ReadQuery, consistency point: ReadPoint, timeout: Duration = .seconds(5)) async -> Result<ReadResult, ReadFailure> {
+        if runner(shard) != nil { return await read(shard: shard, q, consistency: point.consistency, timeout: timeout) }
+        let answer = await remote(shard, timeout: timeout) {
+            .readForward(request: Envelope.RequestID(incarnation: 0, sequence: 0), consistency: point.encode(), query: ReadPoint.encodeQuery(q))
+        }
+        switch answer {
+        case .success(let b): return ReadPoint.decodeResult(b) ?? .failure(.unavailable("a malformed read answer"))
+        case .failure(let f): return .failure(f)
+        }
+    }
+
+    /// Sends a query to nodes holding `shard` (the known leader first, then each replica in placement
+    /// order) until one answers.
+    func remote(_ shard: ShardID, timeout: Duration, _ envelope: () -> Envelope) async -> Result<[UInt8], ReadFailure> {
+        let deadline = ContinuousClock.now + timeout
+        var targets = config.replicas(of: shard).sorted().filter { $0 != id }
+        if let l = leaderHints.withLockedValue({ $0[shard] }), l != id, let k = targets.firstIndex(of: l) {
+            targets.remove(at: k)
+            targets.insert(l, at: 0)
+        }
+        var last = "no node holds shard \(shard)"
+        for t in targets where ContinuousClock.now < deadline {
+            switch await forwarder.send(to: t, shard: shard, envelope(), deadline: deadline) {
+            case .bytes(let b): return .success(b)
+            case .invalid(let why): return .failure(.invalid(why))
+            case let other: last = "node \(t): \(other)"
+            }
+        }
+        return .failure(.unavailable(last))
+    }
+
+    /// A peer's state query, answered from this node's replica.
+    func answerStateQuery(_ request: Envelope.RequestID, from: NodeID, shard: ShardID, consistency c: [UInt8], query: [UInt8]) {
+        let reply = replier(to: from, shard: shard, request: request)
+        guard let point = ReadPoint.decode(c), let q = MessagingQuery.decode(query) else { return reply(.invalid("malformed state query")) }
+        guard runner(shard) != nil else { return reply(.failed("shard \(shard) is not on node \(id)")) }
+        Task {
+            switch await ask(shard, q, at: point, timeout: .seconds(4)) {
+            case .success(let a?): reply(.bytes([0] + a.encode()))
+            case .success(nil): reply(.bytes([1]))
+            case .failure(.invalid(let why)): reply(.invalid(why))
+            case .failure(let f): reply(.failed("\(f)"))
+            }
+        }
+    }
+
+    /// A peer's read, answered from this node's replica.
+    func answerRead(_ request: Envelope.RequestID, from: NodeID, shard: ShardID, consistency c: [UInt8], query: [UInt8]) {
+        let reply = replier(to: from, shard: shard, request: request)
+        guard let point = ReadPoint.decode(c), let q = ReadPoint.decodeQuery(query) else { return reply(.invalid("malformed read")) }
+        guard runner(shard) != nil else { return reply(.failed("shard \(shard) is not on node \(id)")) }
+        Task { reply(ReadPoint.encodeResult(await read(shard: shard, q, consistency: point.consistency, timeout: .seconds(4)))) }
+    }
+}

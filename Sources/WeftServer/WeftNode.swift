@@ -342,6 +342,10 @@ public final class WeftNode: Sendable {
             } else {
                 runner.submit(.proposeKeyed(key, ps, deadline: ContinuousClock.now + .seconds(5)) { reply(Self.keyedAnswer($0, me: me)) })
             }
+        case .stateQuery(let request, let c, let q):
+            answerStateQuery(request, from: from, shard: shard, consistency: c, query: q)
+        case .readForward(let request, let c, let q):
+            answerRead(request, from: from, shard: shard, consistency: c, query: q)
         case .rateTake(let request, let user, let kind, let perMinute):
             let reply = replier(to: from, shard: shard, request: request)
             guard let k = RateLimiter.Kind(rawValue: kind) else { return reply(.invalid("rate kind \(kind)")) }
@@ -598,6 +602,10 @@ public final class WeftNode: Sendable {
                 done(.failure(.invalid(why)))
             case .refused(let code, let message):
                 done(.failure(.refused(code: code, message: message)))
+            case .bytes:
+                // Only state queries and forwarded reads are answered with bytes: a peer that answers a
+                // write so is broken; nothing can be said about the write.
+                done(.failure(.outcomeUnknown("shard \(shard): a malformed answer")))
             case .changePending(let why):
                 done(.failure(.changePending("shard \(shard): \(why)")))
             case .outcomeUnknown(let why):

@@ -79,7 +79,7 @@ struct StatusCmd: AsyncParsableCommand {
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Benchmarks. They print figures; record them in Docs/benchmarks.md.",
-        subcommands: [BenchStore.self, BenchLog.self, BenchFailover.self, BenchRestart.self, BenchStateRestart.self])
+        subcommands: [BenchStore.self, BenchLog.self, BenchChat.self, BenchFailover.self, BenchRestart.self, BenchStateRestart.self])
 }
 
 struct BenchStore: ParsableCommand {
@@ -170,6 +170,48 @@ struct BenchLog: AsyncParsableCommand {
     func run() async throws {
         var bench = try ClusterBench(configPath: config, executable: URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path)
         try await bench.runLog(records: records, inflight: inflight, batch: batch, binary: !json, toLeader: toLeader, stream: stream, jsonOut: jsonOut) { print($0); fflush(nil) }
+    }
+}
+
+struct BenchChat: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "chat",
+        abstract: "Start the cluster of a config file, sign up users, send 1:1 messages through the messaging API; print sends/s, send latency, bytes on disk per message.",
+        discussion: "The config needs [messaging] sends_per_minute >= --messages and bcrypt_cost = 4 (Docs/benchmarks.md).")
+
+    @Option(help: "Cluster configuration file (TOML); its nodes are started as child processes.")
+    var config: String
+
+    @Option(help: "Users (each a contact of the next).")
+    var users: Int = 200
+
+    @Option(help: "Messages to send with --inflight in flight.")
+    var messages: Int = 20_000
+
+    @Option(help: "Requests in flight.")
+    var inflight: Int = 64
+
+    @Option(help: "Messages then sent one at a time (latency at 1 in flight); 0 skips.")
+    var single: Int = 2_000
+
+    @Option(help: "Single-record raw log appends at the same concurrency, for comparison; 0 skips.")
+    var logRecords: Int = 20_000
+
+    @Option(help: "Also write the result as JSON to this file.")
+    var jsonOut: String?
+
+    func validate() throws {
+        guard users >= 2, messages > 0, inflight > 0, inflight <= 4096, single >= 0, logRecords >= 0 else {
+            throw ValidationError("--users >= 2, --messages > 0, --inflight 1...4096")
+        }
+    }
+
+    func run() async throws {
+        var bench = try ClusterBench(configPath: config, executable: URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path)
+        try await bench.runChat(users: users, messages: messages, inflight: inflight, single: single, logRecords: logRecords, jsonOut: jsonOut) {
+            print($0)
+            fflush(nil)
+        }
     }
 }
 

@@ -181,5 +181,62 @@ extension Clusters {
             #expect(peek.status == 200)
             #expect((peek["messages"] as? [Any])?.isEmpty == true, "carol sees nothing of alice and bob's conversation (user \(carol))")
         }
+
+        /// Four nodes, three replicas per shard: no node holds every shard, yet every node serves every user
+        /// (state queries and reads go to a node that holds the shard).
+        @Test(.timeLimit(.minutes(3))) func everyNodeServesEveryUserWithoutHoldingEveryShard() async throws {
+            let c = try ClusterProcess(name: "spread", nodes: 4, shards: 4)
+            try c.startAll()
+            defer { c.stopAll() }
+            for s in 0..<4 { _ = try #require(await c.leader(of: UInt64(s))) }
+            var users: [(id: UInt64, name: String)] = []
+            for k in 0..<4 { users.append((try #require(await c.register("user\(k)", via: 1 + k)), "user\(k)")) }
+            var tokens: [[String]] = []
+            for u in users {
+                var perNode: [String] = []
+                for n in c.nodes { perNode.append(try #require(await c.login(u.name, via: n))) }
+                tokens.append(perNode)
+            }
+            #expect(await c.befriend((users[0].id, tokens[0][0]), (users[1].id, tokens[1][3]), via: 3))
+            #expect(await c.befriend((users[2].id, tokens[2][1]), (users[3].id, tokens[3][2]), via: 4))
+            var sent: [UInt64] = []
+            for k in 0..<12 {
+                let n = 1 + k % 4
+                let (from, to) = k % 2 == 0 ? (0, 1) : (1, 0)
+                let r = await c.eventually {
+                    let r = await c.call(n, "POST", "/api/v1/messages", token: tokens[from][n - 1], json: ["receiver_id": users[to].id, "message_type": "text", "content": "spread \(k)"])
+                    return r.status == 200 ? r : nil
+                }
+                sent.append(try #require(r?.u64("message_id")))
+            }
+            for n in c.nodes {
+                let h = try #require(await c.history(n, token: tokens[0][n - 1], peer: users[1].id))
+                #expect(h.compactMap { ($0["message_id"] as? NSNumber)?.uint64Value } == sent.reversed(), "history on node \(n)")
+                let events = try #require(
+                    await c.eventually {
+                        await c.syncAll(n, token: tokens[1][n - 1]).flatMap { e in e.filter { $0["type"] as? String == "message" }.count == 12 ? e : nil }
+                    })
+                let synced = Set(events.compactMap { ($0["message_id"] as? NSNumber)?.uint64Value })
+                #expect(synced.isSuperset(of: sent), "sync on node \(n)")
+                let me = await c.call(n, "GET", "/api/v1/users/me", token: tokens[2][n - 1])
+                #expect(me.u64("user_id") == users[2].id)
+                let conv = await c.call(n, "GET", "/api/v1/conversations", token: tokens[0][n - 1])
+                #expect((conv["conversations"] as? [[String: Any]])?.count == 1, "conversations on node \(n)")
+                let contacts = await c.call(n, "GET", "/api/v1/contacts", token: tokens[3][n - 1])
+                #expect(((contacts["contacts"] as? [[String: Any]])?.first?["user_id"] as? NSNumber)?.uint64Value == users[2].id)
+            }
+            // Logout on one node revokes on all, including nodes without the user's home shard.
+            #expect(await c.call(2, "POST", "/api/v1/auth/logout", token: tokens[3][1]).status == 204)
+            for n in c.nodes {
+                let r = await c.eventually { () -> Int? in
+                    let s = await c.call(n, "GET", "/api/v1/users/me", token: tokens[3][n - 1]).status
+                    return s == 401 ? s : nil
+                }
+                #expect(r == 401, "revoked on node \(n)")
+            }
+            // A recall through every node but the sender's first.
+            let recall = await c.call(4, "DELETE", "/api/v1/messages/\(sent[11])", token: tokens[1][3])
+            #expect(recall.status == 200)
+        }
     }
 }

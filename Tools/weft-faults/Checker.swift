@@ -159,6 +159,9 @@ struct Checker {
     /// The marker every hostile payload starts with (Hostile.swift).
     static let hostileMarker = "HOSTILE-"
 
+    /// The record type of messaging records (Docs/messaging.md, "Records"), written only by the nodes.
+    static let messagingType = 16
+
     /// Whole logs (the self-check's histories): reduced, then checked.
     static func check(
         logs: [Int: [Int: [Entry]]], acked: [String: History.Ack], failed: Set<String>, indeterminate: Set<String>, shards: Int,
@@ -219,6 +222,7 @@ struct Checker {
             // "destination shard/stream/source shard/source index/body".
             var sources: [String] = []
             var derived: [String: Int] = [:]
+            var messaging = 0
             for shard in 0..<shards {
                 guard let log = logs[n]?[shard] else { continue }
                 for g in log.seqGaps { res.divergent.append("node \(n) \(g)") }
@@ -228,19 +232,28 @@ struct Checker {
                         res.hostile.append("node \(n) shard \(shard) index \(e.index): a hostile request's record (type \(e.type)) is in the log: \(e.payload.prefix(60))")
                     } else if e.type == 4 {
                         // A request key the node writes before a keyed request's records:
-                        // u8 length | key | u32 count, the key a keyed writer's payload, one record each.
+                        // u8 length | key | u32 count, the key a keyed writer's payload, one record each;
+                        // or a chat send's: "m" | u32 sender | u32 receiver | client_msg_id ("w<writer>-<n>").
                         let b = e.bytes
-                        let ok = b.count >= 6 && Int(b[0]) == b.count - 5 && (b[1] == UInt8(ascii: "k") || b[1] == UInt8(ascii: "r")) && Array(b.suffix(4)) == [1, 0, 0, 0]
+                        let raw = b.count >= 6 && (b[1] == UInt8(ascii: "k") || b[1] == UInt8(ascii: "r"))
+                        let chat = b.count >= 16 && b[1] == UInt8(ascii: "m") && b[10] == UInt8(ascii: "w")
+                        let ok = Int(b.first ?? 0) == b.count - 5 && (raw || chat) && Array(b.suffix(4)) == [1, 0, 0, 0]
                         if !ok { res.unexpected.append("node \(n) shard \(shard) index \(e.index): a request-key record no keyed writer sent") }
                     } else if e.type == 5 {
                         // A relay batch header the node writes (Docs/state.md, "Relays"): u64 source shard |
-                        // u64 first | u64 last | u32 n | n × u64, from another shard.
+                        // u64 first | u64 last | u32 n | n × u64, from another shard or (messaging's inbox
+                        // records of users homed there) from this one.
                         let b = e.bytes
                         let source = b.count >= 28 ? Checker.le(b[0..<8]) : UInt64.max
                         let count = b.count >= 28 ? Int(Checker.le(b[24..<28])) : -1
-                        if b.count != 28 + 8 * max(0, count) || source >= UInt64(shards) || source == UInt64(shard) {
-                            res.unexpected.append("node \(n) shard \(shard) index \(e.index): a relay batch header that is not a batch from another shard")
+                        if b.count != 28 + 8 * max(0, count) || source >= UInt64(shards) {
+                            res.unexpected.append("node \(n) shard \(shard) index \(e.index): a relay batch header that is not a relay batch of a shard")
                         }
+                    } else if e.type == Checker.messagingType {
+                        // Messaging records (the chat workload's and the relays' inbox records): ChatChecker
+                        // checks what they mean through the API.
+                        messaging += 1
+                        continue
                     } else if e.type == 6 {
                         guard let f = Checker.parseFanout(e.bytes), f.stream >= Checker.derivedStreamBase, f.shard < UInt64(shards), f.shard != UInt64(shard) else {
                             res.unexpected.append("node \(n) shard \(shard) index \(e.index): a fan-out record the workload did not write")
@@ -291,7 +304,7 @@ struct Checker {
             for key in derived.keys where !sourceSet.contains(key) {
                 res.unexpected.append("node \(n): derived record \(key) has no fan-out record at that source index")
             }
-            res.notes.append("node \(n): \(sources.count) fan-out records, \(derived.values.reduce(0, +)) derived records")
+            res.notes.append("node \(n): \(sources.count) fan-out records, \(derived.values.reduce(0, +)) derived records, \(messaging) messaging records")
             for (p, a) in acked {
                 guard let found = at[p] else {
                     res.lost.append("node \(n): acknowledged \(p) (shard \(a.shard) index \(a.index)) is missing")

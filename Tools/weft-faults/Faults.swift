@@ -11,7 +11,8 @@ struct Faults: AsyncParsableCommand {
             Needs root (ip netns, veth, a bridge, iptables). Writes <out>/history.jsonl (every operation and fault),
             <out>/nodes/n<i>.log, <out>/summary.txt; exits 1 when the checker finds anything lost, duplicated,
             divergent, refused-but-written, or a cursor read out of order, a hostile request taken or its record
-            in a log, a shard whose group changed, or when weft-dump --verify fails.
+            in a log, a shard whose group changed, a chat message lost, doubled, reordered or never sent in a
+            history or a sync, or when weft-dump --verify fails.
             """)
 
     @Option(help: "Minutes of faults (the workload runs throughout; healing and checking come after).")
@@ -40,6 +41,9 @@ struct Faults: AsyncParsableCommand {
 
     @Option(help: "Concurrent cursor readers.")
     var readers: Int = 3
+
+    @Option(help: "Chat writers on the messaging API (users registered, logged in and made contacts first; histories and syncs checked after healing); 0: no chat workload.")
+    var chatWriters: Int = 2
 
     @Option(help: "Records one burst phase may send (1024-record binary batches, 8 in flight, to one shard while a follower lags); 0: no bursts.")
     var burstRecords: Int = 100_000
@@ -85,6 +89,9 @@ struct Faults: AsyncParsableCommand {
         let initialGroups = await groups(cluster, client)
         await history.write(["op": "groups", "type": "initial", "groups": Self.describe(initialGroups)])
 
+        let chat = chatWriters > 0 ? try await ChatWorkload.setUp(client: client, nodes: ids, history: history) : nil
+        if let chat { print("weft-faults: chat: \(chat.users.count) users, contacts \(chat.pairs.map { "\($0.a)-\($0.b)" }.joined(separator: " "))") }
+
         let nemesis = Nemesis(cluster: cluster, network: network, client: client, history: history, seed: seed, burstRecords: burstRecords)
         let workload = Workload(client: client, nodes: ids, shards: shards, history: history)
         let hostileClient = HostileClient(client: client, nodes: ids, shards: shards, history: history)
@@ -96,6 +103,7 @@ struct Faults: AsyncParsableCommand {
                 g.addTask { await workload.reader(100 + r, shard: r % shards, stream: 1 + r % workload.streams, until: workEnd, seed: seed) }
             }
             if hostile { g.addTask { await hostileClient.run(until: workEnd, seed: seed) } }
+            if let chat { for w in 0..<chatWriters { g.addTask { await chat.writer(w, until: workEnd, seed: seed) } } }
             g.addTask {
                 while ContinuousClock.now < faultsEnd {
                     try await nemesis.step()
@@ -114,6 +122,9 @@ struct Faults: AsyncParsableCommand {
         // The relays finish copying fan-out records (their batches change the logs), then the logs settle.
         let relaysDone = await waitForRelays(cluster, client, timeout: .seconds(120))
         if converged { converged = try await waitForConvergence(cluster, client, timeout: .seconds(60)) }
+        // The chat workload's histories and syncs, through the API (the relays have caught up).
+        let chatSends = await history.chat
+        let chatRead = await chat?.readBack(sends: chatSends, seed: seed)
         var logs: [Int: [Int: Checker.ReplicaLog]] = [:]
         for n in ids {
             for s in 0..<shards { logs[n, default: [:]][s] = try await readLog(node: n, shard: s, client) }
@@ -142,13 +153,16 @@ struct Faults: AsyncParsableCommand {
         }
         try? await group.shutdownGracefully()
 
+        let chatRes = chat.map { ChatChecker.check(sends: chatSends, pairs: $0.pairs, histories: chatRead?.histories ?? [:], syncs: chatRead?.syncs ?? [:]) } ?? Checker.Result()
+        let chatFailures = chatRead?.failures ?? []
         let res = Checker.check(
             logs: logs, acked: acked, failed: failed, indeterminate: indeterminate, shards: shards, readBack: readBack, bursts: bursts,
             groups: finalGroups, initialGroup: Set(ids), hostileAccepted: hostileTally.accepted)
         let catchUps = nemesis.catchUpLog.withLock { $0 }
         let times = catchUps.compactMap(\.seconds).sorted()
         let counts = nemesis.counts.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ")
-        let pass = res.ok && anomalies.isEmpty && verifyFailures.isEmpty && converged && relaysDone
+        let pass = res.ok && chatRes.ok && chatFailures.isEmpty && anomalies.isEmpty && verifyFailures.isEmpty && converged && relaysDone
+        let chatAcked = chatSends.values.filter { $0.messageID != nil }.count
         var lines: [String] = []
         lines.append("seed \(seed); \(nodes) nodes, \(shards) shards, \(minutes) min of faults")
         lines.append("faults: \(counts)")
@@ -160,22 +174,37 @@ struct Faults: AsyncParsableCommand {
         lines.append(
             "hostile: \(hostileTally.sent) requests, \(hostileTally.refused) refused (4xx), \(hostileTally.unanswered) unanswered (node down or cut off), \(hostileTally.accepted.count) not refused (2xx/5xx), \(hostileTally.otherStatus.count) refused with another 4xx than the contract"
         )
+        if let chat, let chatRead {
+            let sends = chatSends.values
+            let unknown = sends.filter { $0.messageID == nil && $0.unknown }.count
+            let refused = sends.filter { $0.refusal != nil && $0.messageID == nil }
+            let retried = sends.filter { $0.attempts > 1 }.count
+            let ackedAfterUnknown = sends.filter { $0.unknown && $0.messageID != nil }.count
+            lines.append(
+                "chat: \(chat.users.count) users, \(chat.pairs.count) pairs, \(chatWriters) writers; \(sends.count) messages sent (\(retried) retried), \(chatAcked) acknowledged (\(ackedAfterUnknown) on a retry after an unknown outcome), \(refused.count) refused, \(unknown) of unknown outcome, \(sends.count - chatAcked - refused.count - unknown) never sent; read back \(chatRead.histories.values.reduce(0) { $0 + $1.count }) history entries (\(chatRead.histories.count) histories), \(chatRead.syncs.values.reduce(0) { $0 + $1.count }) sync events (\(chatRead.syncs.count) users), \(chatRead.requests) requests, \(chatRead.failures.count) read failures"
+            )
+            lines.append(
+                "chat findings: lost \(chatRes.lost.count), duplicated \(chatRes.duplicated.count), divergent \(chatRes.divergent.count), unexpected \(chatRes.unexpected.count), misplaced \(chatRes.misplaced.count)"
+            )
+            for s in refused.sorted(by: { $0.key < $1.key }).prefix(5) { lines.append("  note: chat \(s.key) refused: \(s.refusal ?? "")") }
+        }
         lines.append("groups: \(res.membership.isEmpty ? "every node reports voters \(ids) for every shard" : "\(res.membership.count) CHANGED")")
         lines.append("repairs reported by nodes: \(repairs)")
         lines.append("converged: \(converged); relays caught up: \(relaysDone); weft-dump --verify: \(verifyFailures.isEmpty ? "all pass" : "\(verifyFailures.count) FAIL")")
         lines.append(
             "lost \(res.lost.count), duplicated \(res.duplicated.count), divergent \(res.divergent.count), unexpected \(res.unexpected.count), misplaced \(res.misplaced.count), hostile \(res.hostile.count), membership \(res.membership.count)"
         )
-        let findings = res.lost + res.duplicated + res.divergent + res.unexpected + res.misplaced + res.hostile + res.membership + anomalies + verifyFailures
+        let chatFindings = chatRes.lost + chatRes.duplicated + chatRes.divergent + chatRes.unexpected + chatRes.misplaced + chatFailures.map { "chat read: " + $0 }
+        let findings = res.lost + res.duplicated + res.divergent + res.unexpected + res.misplaced + res.hostile + res.membership + chatFindings + anomalies + verifyFailures
         for l in findings.prefix(20) { lines.append("  " + l) }
         for l in hostileTally.otherStatus.prefix(5) { lines.append("  note: " + l) }
-        lines += res.notes.map { "  " + $0 }
+        lines += (res.notes + chatRes.notes).map { "  " + $0 }
         lines.append(pass ? "PASS" : "FAIL")
         let text = lines.joined(separator: "\n") + "\n"
         try text.write(toFile: out + "/summary.txt", atomically: true, encoding: .utf8)
         print(text, terminator: "")
         print(
-            "weft-faults: seed \(seed): \(acked.count) acknowledged, lost \(res.lost.count), duplicated \(res.duplicated.count), divergent \(res.divergent.count), cursor anomalies \(anomalies.count) -> \(pass ? "PASS" : "FAIL")"
+            "weft-faults: seed \(seed): \(acked.count) acknowledged, \(chatAcked) chat messages acknowledged, chat findings \(chatFindings.count), lost \(res.lost.count), duplicated \(res.duplicated.count), divergent \(res.divergent.count), cursor anomalies \(anomalies.count) -> \(pass ? "PASS" : "FAIL")"
         )
         if !pass { throw ExitCode(1) }
     }

@@ -27,6 +27,8 @@ actor History {
     private(set) var hostile = HostileTally()
     private(set) var reads = 0
     private(set) var recordsRead = 0
+    /// Chat sends (Chat.swift) by client_msg_id, with what their attempts got.
+    private(set) var chat: [String: ChatChecker.Send] = [:]
 
     init(path: String) throws {
         _ = FileManager.default.createFile(atPath: path, contents: nil)
@@ -130,6 +132,35 @@ actor History {
         bursts.indeterminate[batch] = count
         bursts.failed.removeValue(forKey: batch)
         write(["op": "burst-append", "type": "info", "batch": batch, "node": node, "error": String(error.prefix(300))])
+    }
+
+    // MARK: Chat
+
+    /// One attempt of a chat send (the same client_msg_id each time).
+    func chatInvoke(writer: Int, key: String, from: UInt64, to: UInt64, content: String, node: Int) {
+        var s = chat[key] ?? ChatChecker.Send(key: key, writer: writer, from: from, to: to, content: content)
+        s.attempts += 1
+        chat[key] = s
+        write(["op": "chat-send", "type": "invoke", "process": 200 + writer, "key": key, "from": from, "to": to, "content": content, "node": node, "attempt": s.attempts])
+    }
+
+    /// 200: the message and its place in the conversation.
+    func chatOK(key: String, node: Int, messageID: UInt64, seq: UInt64) {
+        chat[key]?.messageID = messageID
+        chat[key]?.seq = seq
+        write(["op": "chat-send", "type": "ok", "key": key, "node": node, "message_id": messageID, "seq": seq])
+    }
+
+    /// An attempt that wrote nothing: refused (4xx; `final` unless 429) or no connection (status 0).
+    func chatFail(key: String, node: Int, status: UInt, error: String, final: Bool) {
+        if final { chat[key]?.refusal = "\(status) \(error.prefix(200))" }
+        write(["op": "chat-send", "type": final ? "fail" : "retry", "key": key, "node": node, "status": status, "error": String(error.prefix(300))])
+    }
+
+    /// An attempt of unknown outcome (5xx, timeout, connection lost after sending): may have landed.
+    func chatInfo(key: String, node: Int, error: String) {
+        chat[key]?.unknown = true
+        write(["op": "chat-send", "type": "info", "key": key, "node": node, "error": String(error.prefix(300))])
     }
 
     // MARK: Hostile clients

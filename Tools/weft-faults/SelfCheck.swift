@@ -2,7 +2,8 @@ import Foundation
 
 /// `weft-faults --self-check`: the checker against histories whose anomalies are known, so a checker
 /// that cannot see a lost, duplicated, misplaced or divergent write (single or in a burst batch), a
-/// hostile request's record in a log, or a changed group fails the test suite (Tests/ToolTests).
+/// hostile request's record in a log, a changed group, or a chat message lost, doubled, reordered or
+/// never sent in a history or a sync fails the test suite (Tests/ToolTests).
 /// Needs no root and starts nothing.
 enum SelfCheck {
     static func entry(_ i: UInt64, _ p: String, seq: UInt64) -> Checker.Entry {
@@ -63,7 +64,7 @@ enum SelfCheck {
                 Checker.check(logs: [1: [0: [good[0], entry(2, "b", seq: 3)]], 2: [0: [good[0], entry(2, "b", seq: 3)]], 3: [0: [good[0], entry(2, "b", seq: 3)]]], acked: [:], failed: [], indeterminate: ["a", "b"], shards: 1),
                 { !$0.divergent.isEmpty }
             ),
-        ] + burstCases() + hostileCases(good: good, acked: acked) + groupCases(good: good, acked: acked) + relayCases(good: good, acked: acked)
+        ] + burstCases() + hostileCases(good: good, acked: acked) + groupCases(good: good, acked: acked) + relayCases(good: good, acked: acked) + messagingLogCases(good: good, acked: acked) + chatCases()
         var lines: [String] = []
         var ok = true
         for (name, result, expected) in cases {
@@ -184,6 +185,128 @@ enum SelfCheck {
             ("groups: a voter removed", run([1: [0: same], 2: [0: same], 3: [0: .init(voters: [1, 2], learners: [])]]), { $0.membership.count == 1 }),
             ("groups: a learner added", run([1: [0: .init(voters: [1, 2, 3], learners: [4])], 2: [0: same], 3: [0: same]]), { $0.membership.count == 1 }),
             ("groups: a node reports none", run([1: [0: same], 2: [:], 3: [0: same]]), { $0.membership.count == 1 }),
+        ]
+    }
+
+    /// What the messaging API writes into the logs (messaging records, chat request keys, relay batches
+    /// a shard writes to itself) is not a finding of the raw log's checker; a key no writer sent still is.
+    static func messagingLogCases(good: [Checker.Entry], acked: [String: History.Ack]) -> [Case] {
+        func u32(_ v: UInt32) -> [UInt8] { withUnsafeBytes(of: v.littleEndian) { Array($0) } }
+        func u64(_ v: UInt64) -> [UInt8] { withUnsafeBytes(of: v.littleEndian) { Array($0) } }
+        func key(_ k: [UInt8]) -> String { String(decoding: [UInt8(k.count)] + k + u32(1), as: UTF8.self) }
+        let chatKey = Array("m".utf8) + u32(2) + u32(5) + Array("w0-17".utf8)
+        let header = u64(0) + u64(4) + u64(5) + u32(1) + u64(5)
+        let messaging = good + [
+            Checker.Entry(index: 4, term: 1, type: 4, stream: 0, seq: 0, payload: key(chatKey)),
+            Checker.Entry(index: 5, term: 1, type: Checker.messagingType, stream: 1 << 63 | 9, seq: 1, payload: "\u{0E}chat0-17"),
+            Checker.Entry(index: 6, term: 1, type: 5, stream: 0, seq: 0, payload: String(decoding: header, as: UTF8.self)),
+            Checker.Entry(index: 7, term: 1, type: Checker.messagingType, stream: 1 << 62 | 2, seq: 1, payload: "\u{14}inbox"),
+        ]
+        var foreign = messaging
+        foreign[3].payload = key(Array("m".utf8) + u32(2) + u32(5) + Array("x-1".utf8))
+        func all(_ l: [Checker.Entry]) -> Checker.Result {
+            Checker.check(logs: [1: [0: l], 2: [0: l], 3: [0: l]], acked: acked, failed: [], indeterminate: [], shards: 1)
+        }
+        return [
+            ("messaging: messaging records, a chat key and a relay batch from the shard itself", all(messaging), { $0.ok }),
+            ("messaging: a request key no writer sent", all(foreign), { $0.unexpected.count == 3 }),
+        ]
+    }
+
+    /// The chat workload: users 1, 2, 3 in a ring of contacts. Acknowledged: chat0-1 (1->2, message 101),
+    /// chat0-2 (2->1, 102), chat1-1 (2->3, 201); of unknown outcome: chat1-2 (3->2, landed as 202) and
+    /// chat1-3 (3->1, never landed); refused: chat0-3 (1->3).
+    static func chatCases() -> [Case] {
+        typealias C = ChatChecker
+        func send(_ key: String, _ w: Int, _ from: UInt64, _ to: UInt64, id: UInt64? = nil, unknown: Bool = false, refused: Bool = false) -> (String, C.Send) {
+            let content = "chat" + key.dropFirst()
+            var s = C.Send(key: key, writer: w, from: from, to: to, content: content, attempts: unknown ? 3 : 1, unknown: unknown)
+            s.messageID = id
+            s.seq = id.map { $0 % 100 }
+            if refused { s.refusal = "403 not_allowed" }
+            return (key, s)
+        }
+        let sends = Dictionary(uniqueKeysWithValues: [
+            send("w0-1", 0, 1, 2, id: 101), send("w0-2", 0, 2, 1, id: 102), send("w1-1", 1, 2, 3, id: 201),
+            send("w1-2", 1, 3, 2, unknown: true), send("w1-3", 1, 3, 1, unknown: true), send("w0-3", 0, 1, 3, refused: true),
+        ])
+        func m(_ id: UInt64, _ from: UInt64, _ to: UInt64, _ content: String, seq: UInt64? = nil) -> C.Message {
+            C.Message(id: id, seq: seq ?? id % 100, sender: from, receiver: to, content: content)
+        }
+        let m101 = m(101, 1, 2, "chat0-1")
+        let m102 = m(102, 2, 1, "chat0-2")
+        let m201 = m(201, 2, 3, "chat1-1")
+        let m202 = m(202, 3, 2, "chat1-2")
+        let pairs = [C.Pair(a: 1, b: 2), C.Pair(a: 2, b: 3), C.Pair(a: 3, b: 1)]
+        // Newest first.
+        let h12 = [m102, m101]
+        let h23 = [m202, m201]
+        func histories(_ h12a: [C.Message] = h12, _ h12b: [C.Message] = h12, _ h23: [C.Message] = h23, _ h31: [C.Message] = []) -> [C.Side: [C.Message]] {
+            [
+                C.Side(viewer: 1, peer: 2): h12a, C.Side(viewer: 2, peer: 1): h12b, C.Side(viewer: 2, peer: 3): h23, C.Side(viewer: 3, peer: 2): h23,
+                C.Side(viewer: 3, peer: 1): h31, C.Side(viewer: 1, peer: 3): h31,
+            ]
+        }
+        /// Two contact events, then the messages, cursors 1...n.
+        func events(_ user: UInt64, _ msgs: [C.Message], cursors: [String]? = nil) -> [C.Event] {
+            let list = [C.Event(cursor: "", type: "contact_request"), C.Event(cursor: "", type: "contact_accepted")]
+                + msgs.map { C.Event(cursor: "", type: "message", messageID: $0.id, peer: $0.sender == user ? $0.receiver : $0.sender, message: $0) }
+            return list.enumerated().map { k, e in
+                var e = e
+                e.cursor = cursors?[k] ?? "\(k + 1)"
+                return e
+            }
+        }
+        let syncs: [UInt64: [C.Event]] = [1: events(1, [m101, m102]), 2: events(2, [m101, m201, m102, m202]), 3: events(3, [m201, m202])]
+        func run(_ h: [C.Side: [C.Message]] = histories(), _ s: [UInt64: [C.Event]] = syncs, sends: [String: C.Send] = sends) -> Checker.Result {
+            C.check(sends: sends, pairs: pairs, histories: h, syncs: s)
+        }
+        let copy = m(103, 1, 2, "chat0-1", seq: 3)
+        var withCopy = syncs
+        withCopy[1] = events(1, [m101, m102, copy])
+        withCopy[2] = events(2, [m101, m201, m102, m202, copy])
+        let phantom = m(104, 2, 1, "chat7-7", seq: 3)
+        var withPhantom = syncs
+        withPhantom[1] = events(1, [m101, m102, phantom])
+        withPhantom[2] = events(2, [m101, m201, m102, m202, phantom])
+        var doubled = syncs
+        doubled[2] = events(2, [m101, m201, m102, m101, m202])
+        var syncLost = syncs
+        syncLost[3] = events(3, [m202])
+        var gap = syncs
+        gap[1] = events(1, [m101, m102], cursors: ["1", "2", "4", "5"])
+        var outOfOrder = syncs
+        outOfOrder[1] = events(1, [m102, m101])
+        let refused = m(301, 1, 3, "chat0-3", seq: 1)
+        var withRefused = syncs
+        withRefused[1] = events(1, [m101, m102, refused])
+        withRefused[3] = events(3, [m201, m202, refused])
+        let landedTwice = m(203, 3, 2, "chat1-2", seq: 3)
+        var withLandedTwice = syncs
+        withLandedTwice[2] = events(2, [m101, m201, m102, m202, landedTwice])
+        withLandedTwice[3] = events(3, [m201, m202, landedTwice])
+        let wrongPair = m(302, 1, 3, "chat0-1", seq: 1)
+        var withWrongPair = syncs
+        withWrongPair[1] = events(1, [m101, m102, wrongPair])
+        withWrongPair[3] = events(3, [m201, m202, wrongPair])
+        var changed = m101
+        changed.content = "chat1-3"
+        return [
+            ("chat: clean (an unknown outcome landed once, another not at all)", run(), { $0.ok }),
+            ("chat: an acknowledged message twice in one history", run(histories([m102, m101, m101])), { $0.duplicated.count == 1 && $0.divergent.count == 1 }),
+            ("chat: one client_msg_id landed as two messages", run(histories([copy, m102, m101], [copy, m102, m101]), withCopy), { $0.duplicated.count == 2 && $0.lost.isEmpty }),
+            ("chat: an unknown outcome landed twice", run(histories(h12, h12, [landedTwice, m202, m201]), withLandedTwice), { $0.duplicated.count == 2 }),
+            ("chat: an acknowledged message lost from both histories", run(histories([m102], [m102])), { $0.lost.count == 2 && $0.unexpected.isEmpty }),
+            ("chat: an acknowledged message lost from one history", run(histories(h12, [m102])), { $0.lost.count == 1 && $0.divergent.count == 1 }),
+            ("chat: the two histories in different orders", run(histories(h12, [m101, m102])), { $0.divergent.count == 1 && $0.misplaced.count == 1 }),
+            ("chat: a message with content never sent", run(histories([phantom, m102, m101], [phantom, m102, m101]), withPhantom), { $0.unexpected.count == 4 && $0.lost.isEmpty }),
+            ("chat: a refused message in the histories", run(histories(h12, h12, h23, [refused]), withRefused), { $0.unexpected.count == 2 }),
+            ("chat: a message in another conversation than it was sent to", run(histories(h12, h12, h23, [wrongPair]), withWrongPair), { $0.misplaced.count == 4 }),
+            ("chat: an acknowledged message with other content", run(histories([m102, changed], [m102, changed])), { $0.divergent.count == 2 }),
+            ("chat: a message twice in a sync", run(histories(), doubled), { $0.duplicated.count == 1 && $0.lost.isEmpty }),
+            ("chat: an acknowledged message missing from a sync", run(histories(), syncLost), { $0.lost.count == 1 }),
+            ("chat: sync cursors with a gap", run(histories(), gap), { $0.divergent.count == 1 }),
+            ("chat: a conversation out of order in a sync", run(histories(), outOfOrder), { $0.misplaced.count == 1 }),
         ]
     }
 }

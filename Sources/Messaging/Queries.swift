@@ -1,0 +1,119 @@
+import WeftCore
+
+/// A question the messaging API asks a shard's state (Docs/messaging.md, "Reads on any node"): answered
+/// on the node's own replica, or — when the node holds none of that shard — by a node that does, over the
+/// peer connection. So the questions and answers have an encoding.
+public enum MessagingQuery: Sendable, Equatable {
+    case account(UInt64)
+    case accountByUsername(String)
+    case usernameTaken(String)
+    case pair(UInt64, UInt64)
+    case peers(UInt64)
+
+    public enum Answer: Sendable, Equatable {
+        case account(Account?)
+        case taken(Bool)
+        case pair(Pair?)
+        case peers([UInt64: PeerView])
+    }
+
+    public func answer(_ m: MessagingMachine) -> Answer {
+        switch self {
+        case .account(let id): .account(m.account(id))
+        case .accountByUsername(let name): .account(m.userID(username: name).flatMap { m.account($0) })
+        case .usernameTaken(let name): .taken(m.userID(username: name) != nil)
+        case .pair(let a, let b): .pair(m.pair(a, b))
+        case .peers(let u): .peers(m.peers(of: u))
+        }
+    }
+
+    public func encode() -> [UInt8] {
+        var w = Writer()
+        switch self {
+        case .account(let id):
+            w.u8(1)
+            w.u64(id)
+        case .accountByUsername(let name):
+            w.u8(2)
+            w.text(name)
+        case .usernameTaken(let name):
+            w.u8(3)
+            w.text(name)
+        case .pair(let a, let b):
+            w.u8(4)
+            w.u64(a)
+            w.u64(b)
+        case .peers(let u):
+            w.u8(5)
+            w.u64(u)
+        }
+        return w.bytes
+    }
+
+    public static func decode(_ b: [UInt8]) -> MessagingQuery? {
+        var r = Reader(b)
+        let q: MessagingQuery?
+        switch r.u8() {
+        case 1: q = r.u64().map { .account($0) }
+        case 2: q = r.text().map { .accountByUsername($0) }
+        case 3: q = r.text().map { .usernameTaken($0) }
+        case 4:
+            guard let a = r.u64(), let b = r.u64() else { return nil }
+            q = .pair(a, b)
+        case 5: q = r.u64().map { .peers($0) }
+        default: q = nil
+        }
+        return r.atEnd ? q : nil
+    }
+}
+
+extension MessagingQuery.Answer {
+    public func encode() -> [UInt8] {
+        var w = Writer()
+        switch self {
+        case .account(let a):
+            w.u8(1)
+            w.u8(a == nil ? 0 : 1)
+            a?.put(&w)
+        case .taken(let t):
+            w.u8(2)
+            w.u8(t ? 1 : 0)
+        case .pair(let p):
+            w.u8(3)
+            w.u8(p == nil ? 0 : 1)
+            p?.put(&w)
+        case .peers(let all):
+            w.u8(4)
+            PeerView.putAll(all, &w)
+        }
+        return w.bytes
+    }
+
+    public static func decode(_ b: [UInt8]) -> MessagingQuery.Answer? {
+        var r = Reader(b)
+        let a: MessagingQuery.Answer?
+        switch r.u8() {
+        case 1:
+            switch r.flag() {
+            case false?: a = .account(nil)
+            case true?: a = Account.take(&r).map { .account($0) }
+            case nil: a = nil
+            }
+        case 2: a = r.flag().map { .taken($0) }
+        case 3:
+            switch r.flag() {
+            case false?: a = .pair(nil)
+            case true?: a = Pair.take(&r).map { .pair($0) }
+            case nil: a = nil
+            }
+        case 4: a = PeerView.takeAll(&r).map { .peers($0) }
+        default: a = nil
+        }
+        return r.atEnd ? a : nil
+    }
+
+    public var account: Account? { if case .account(let a) = self { a } else { nil } }
+    public var pair: Pair? { if case .pair(let p) = self { p } else { nil } }
+    public var peers: [UInt64: PeerView] { if case .peers(let p) = self { p } else { [:] } }
+    public var taken: Bool { if case .taken(let t) = self { t } else { false } }
+}

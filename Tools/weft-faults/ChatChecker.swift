@@ -1,0 +1,208 @@
+import Foundation
+
+/// The chat workload's checker (Chat.swift): what the messaging API told the chat writers, against the
+/// histories and syncs read back after healing. Findings are reported in a `Checker.Result`, like the
+/// raw log's.
+///
+/// Rules (Docs/faults.md, "The chat workload"):
+/// - every acknowledged message is exactly once in both users' histories, as it was sent (content,
+///   sender, receiver);
+/// - both users' histories of a pair list the same message ids in the same order, newest first;
+/// - no history holds a message whose content no writer sent (invoked), or sent in another conversation
+///   or direction, or one whose every attempt was refused or never connected;
+/// - a message sent under one client_msg_id is in a history at most once, however many attempts were
+///   made (an unknown outcome may have landed: once, or not at all);
+/// - each user's sync has every acknowledged message that involves them, and every message of their
+///   histories, exactly once (message events by message_id), none that is in no history, the messages of
+///   each conversation in its order; its cursors are 1...n, dense and increasing.
+enum ChatChecker {
+    /// One chat send (one client_msg_id) and what its attempts got.
+    struct Send: Sendable, Equatable {
+        var key: String
+        var writer: Int
+        var from: UInt64
+        var to: UInt64
+        var content: String
+        var attempts = 0
+        /// Some attempt's outcome is unknown (5xx, timeout, connection lost after sending): it may have landed.
+        var unknown = false
+        /// The acknowledged message (200).
+        var messageID: UInt64?
+        var seq: UInt64?
+        /// The last refusal (4xx other than 429), if the send ended refused.
+        var refusal: String?
+        /// Neither acknowledged nor possibly written: every attempt was refused or never connected.
+        var definitelyNotWritten: Bool { messageID == nil && !unknown }
+    }
+
+    /// A message as a history page or a sync event shows it.
+    struct Message: Sendable, Equatable {
+        var id: UInt64
+        var seq: UInt64
+        var sender: UInt64
+        var receiver: UInt64
+        var content: String
+        var recalled = false
+    }
+
+    /// One sync event (only message events carry a message).
+    struct Event: Sendable, Equatable {
+        var cursor: String
+        var type: String
+        var messageID: UInt64?
+        var peer: UInt64?
+        var message: Message?
+    }
+
+    /// A conversation: users a and b.
+    struct Pair: Sendable, Hashable {
+        var a: UInt64
+        var b: UInt64
+    }
+
+    /// A history as `viewer` reads it (`receiver_id` = `peer`).
+    struct Side: Sendable, Hashable {
+        var viewer: UInt64
+        var peer: UInt64
+    }
+
+    /// `histories[side]`: every message, newest first (a side that could not be read is absent);
+    /// `syncs[user]`: every event from cursor 0 (absent: not read).
+    static func check(sends: [String: Send], pairs: [Pair], histories: [Side: [Message]], syncs: [UInt64: [Event]]) -> Checker.Result {
+        var res = Checker.Result()
+        var byContent: [String: Send] = [:]
+        for s in sends.values { byContent[s.content] = s }
+        let acked = sends.values.filter { $0.messageID != nil }
+        var ackedByID: [UInt64: Send] = [:]
+        for s in acked { if let id = s.messageID { ackedByID[id] = s } }
+        func involves(_ s: Send, _ p: Pair) -> Bool { (s.from == p.a && s.to == p.b) || (s.from == p.b && s.to == p.a) }
+        func name(_ s: Send) -> String { "\(s.content) (client_msg_id \(s.key), \(s.from)->\(s.to))" }
+
+        // Message ids each user's histories hold (the sync must hold exactly these messages).
+        var historyIDs: [UInt64: [UInt64: Message]] = [:]
+        var landed = Set<String>()
+        for pair in pairs {
+            let sides = [Side(viewer: pair.a, peer: pair.b), Side(viewer: pair.b, peer: pair.a)]
+            for side in sides {
+                guard let h = histories[side] else { continue }
+                let who = "user \(side.viewer)'s history with \(side.peer)"
+                var countByID: [UInt64: Int] = [:]
+                var idsByContent: [String: Set<UInt64>] = [:]
+                for m in h {
+                    countByID[m.id, default: 0] += 1
+                    idsByContent[m.content, default: []].insert(m.id)
+                    historyIDs[side.viewer, default: [:]][m.id] = m
+                }
+                // Every acknowledged message of the pair: once, as sent.
+                for s in acked where involves(s, pair) {
+                    let id = s.messageID!
+                    switch countByID[id] ?? 0 {
+                    case 0: res.lost.append("\(who) lacks acknowledged message \(id): \(name(s))")
+                    case 1: break
+                    case let c: res.duplicated.append("\(who) lists acknowledged message \(id) \(c) times: \(name(s))")
+                    }
+                }
+                for m in h {
+                    if let s = ackedByID[m.id], s.content != m.content || s.from != m.sender || s.to != m.receiver || m.recalled {
+                        res.divergent.append("\(who): message \(m.id) is \(m.sender)->\(m.receiver) \"\(m.content)\"\(m.recalled ? " (recalled)" : ""), it was acknowledged for \(name(s))")
+                    }
+                    guard let s = byContent[m.content] else {
+                        res.unexpected.append("\(who): message \(m.id) (seq \(m.seq), \(m.sender)->\(m.receiver)) has content \"\(m.content.prefix(60))\" that was never sent")
+                        continue
+                    }
+                    if s.from != m.sender || s.to != m.receiver {
+                        res.misplaced.append("\(who): message \(m.id) \"\(m.content)\" is \(m.sender)->\(m.receiver), it was sent \(s.from)->\(s.to)")
+                    } else if s.definitelyNotWritten {
+                        res.unexpected.append("\(who): message \(m.id) is \(name(s)), whose every attempt was refused or never connected (\(s.refusal ?? "no connection"))")
+                    }
+                    if s.messageID == nil { landed.insert(s.key) }
+                }
+                // One client_msg_id, one message, however many attempts.
+                for (content, ids) in idsByContent where ids.count > 1 {
+                    let what = byContent[content].map(name) ?? "\"\(content)\""
+                    res.duplicated.append("\(who): \(what) is there as \(ids.count) messages \(ids.sorted())")
+                }
+                // Newest first: seqs strictly decreasing.
+                if let k = h.indices.dropFirst().first(where: { h[$0].seq >= h[$0 - 1].seq }) {
+                    res.misplaced.append("\(who) is not newest first: position \(k) has seq \(h[k].seq) after seq \(h[k - 1].seq)")
+                }
+            }
+            // Both sides: the same messages in the same order.
+            if let ha = histories[sides[0]], let hb = histories[sides[1]] {
+                let ia = ha.map(\.id)
+                let ib = hb.map(\.id)
+                if ia != ib {
+                    let k = zip(ia, ib).enumerated().first(where: { $0.element.0 != $0.element.1 })?.offset ?? min(ia.count, ib.count)
+                    res.divergent.append(
+                        "the histories of \(pair.a) and \(pair.b) differ: \(ia.count) and \(ib.count) messages, first difference at position \(k) (\(k < ia.count ? "\(ia[k])" : "end") vs \(k < ib.count ? "\(ib[k])" : "end"))")
+                } else if let k = ha.indices.first(where: { ha[$0] != hb[$0] }) {
+                    res.divergent.append("the histories of \(pair.a) and \(pair.b) show message \(ha[k].id) differently: \(ha[k]) vs \(hb[k])")
+                }
+            }
+        }
+
+        // Syncs.
+        for user in syncs.keys.sorted() {
+            let events = syncs[user] ?? []
+            let who = "user \(user)'s sync"
+            let cursors = events.map { UInt64($0.cursor) }
+            if let k = cursors.indices.first(where: { cursors[$0] != UInt64($0 + 1) }) {
+                res.divergent.append("\(who): cursors are not 1...\(events.count), dense and increasing: event \(k + 1) has cursor \"\(events[k].cursor)\"")
+            }
+            var count: [UInt64: Int] = [:]
+            var lastSeq: [UInt64: (seq: UInt64, id: UInt64)] = [:]
+            for e in events where e.type == "message" {
+                guard let id = e.messageID ?? e.message?.id else {
+                    res.unexpected.append("\(who): message event at cursor \(e.cursor) names no message")
+                    continue
+                }
+                count[id, default: 0] += 1
+                guard let m = e.message else { continue }
+                if let s = byContent[m.content] {
+                    if s.from != m.sender || s.to != m.receiver || (s.from != user && s.to != user) {
+                        res.misplaced.append("\(who): message \(id) \"\(m.content)\" is \(m.sender)->\(m.receiver), it was sent \(s.from)->\(s.to)")
+                    }
+                } else {
+                    res.unexpected.append("\(who): message \(id) at cursor \(e.cursor) has content \"\(m.content.prefix(60))\" that was never sent")
+                }
+                if let s = ackedByID[id], s.content != m.content {
+                    res.divergent.append("\(who): message \(id) is \"\(m.content)\", it was acknowledged for \(name(s))")
+                }
+                // One conversation's messages in its order.
+                let peer = m.sender == user ? m.receiver : m.sender
+                if let last = lastSeq[peer], m.seq <= last.seq {
+                    res.misplaced.append("\(who): message \(id) (seq \(m.seq)) with \(peer) comes after message \(last.id) (seq \(last.seq))")
+                }
+                lastSeq[peer] = (m.seq, id)
+            }
+            for s in acked where s.from == user || s.to == user {
+                let id = s.messageID!
+                switch count[id] ?? 0 {
+                case 0: res.lost.append("\(who) lacks acknowledged message \(id): \(name(s))")
+                case 1: break
+                case let c: res.duplicated.append("\(who) has acknowledged message \(id) \(c) times: \(name(s))")
+                }
+            }
+            let inHistories = historyIDs[user] ?? [:]
+            for (id, m) in inHistories where ackedByID[id] == nil {
+                switch count[id] ?? 0 {
+                case 0: res.lost.append("\(who) lacks message \(id) \"\(m.content)\" (outcome unknown to its writer, in the histories)")
+                case 1: break
+                case let c: res.duplicated.append("\(who) has message \(id) \"\(m.content)\" \(c) times")
+                }
+            }
+            // (Only when every history of the user was read.)
+            let allRead = pairs.allSatisfy { p in
+                p.a == user ? histories[Side(viewer: user, peer: p.b)] != nil : p.b == user ? histories[Side(viewer: user, peer: p.a)] != nil : true
+            }
+            for (id, c) in count where allRead && ackedByID[id] == nil && inHistories[id] == nil && c > 0 {
+                res.unexpected.append("\(who) has message \(id), which is in none of the user's histories")
+            }
+            res.notes.append(
+                "chat: \(who): \(events.count) events, \(count.values.reduce(0, +)) message events for \(acked.filter { $0.from == user || $0.to == user }.count) acknowledged messages")
+        }
+        let unknown = sends.values.filter { $0.messageID == nil && $0.unknown }
+        res.notes.append("chat: \(acked.count) acknowledged, \(landed.count) of \(unknown.count) sends of unknown outcome landed")
+        return res
+    }
+}
