@@ -120,8 +120,11 @@ struct ChatWorkload: Sendable {
             let content = "chat\(w)-\(n)"
             let key = "w\(w)-\(n)"
             let body: [String: Any] = ["receiver_id": to.id, "message_type": "text", "content": content, "client_msg_id": key]
+            var avoid: Int?
             attempts: while true {
-                let node = rng.pick(nodes)
+                let candidates = nodes.filter { $0 != avoid }
+                let node = rng.pick(candidates.isEmpty ? nodes : candidates)
+                avoid = nil
                 await history.chatInvoke(writer: w, key: key, from: from.id, to: to.id, content: content, node: node)
                 let (outcome, reply) = await Self.call(client, node: node, .POST, "/api/v1/messages", json: body, token: from.token)
                 var pause = rng.millis(150...350)
@@ -129,6 +132,9 @@ struct ChatWorkload: Sendable {
                 case .response(200, let b):
                     if let id = reply?.u64("message_id"), let seq = reply?.u64("seq") {
                         await history.chatOK(key: key, node: node, messageID: id, seq: seq)
+                        // Now and then the same message again, through a random node: the answer must be
+                        // the same message (replayed), and the histories must hold it once.
+                        if rng.chance(replayChance) { await replay(w, key: key, from: from, to: to, content: content, body: body, node: rng.pick(nodes)) }
                         break attempts
                     }
                     await history.chatInfo(key: key, node: node, error: "200 with an unreadable body: \(String(decoding: b.prefix(200), as: UTF8.self))")
@@ -141,16 +147,37 @@ struct ChatWorkload: Sendable {
                 case .response(let status, let b):
                     await history.chatInfo(key: key, node: node, error: "\(status) \(String(decoding: b.prefix(200), as: UTF8.self))")
                 case .failed(let why) where why.hasPrefix("connect:"):
-                    // Nothing was sent: not an unknown outcome.
+                    // Nothing was sent: not an unknown outcome. Another node, at once (a connect to a
+                    // paused or cut-off node has already waited out its timeout).
                     await history.chatFail(key: key, node: node, status: 0, error: why, final: false)
+                    avoid = node
+                    pause = .zero
                 case .failed(let why):
                     await history.chatInfo(key: key, node: node, error: why)
                 }
                 // The run is over: the outcome stays as it is (unknown, or never sent).
                 guard ContinuousClock.now < end else { break attempts }
-                try? await Task.sleep(for: pause)
+                if pause > .zero { try? await Task.sleep(for: pause) }
             }
             try? await Task.sleep(for: rng.millis(10...40))
+        }
+    }
+
+    /// The share of acknowledged messages sent once more with the same client_msg_id.
+    let replayChance = 0.1
+
+    /// One more attempt of an acknowledged send: a 200 is recorded (it must name the same message);
+    /// anything else only in the history file.
+    func replay(_ w: Int, key: String, from: User, to: User, content: String, body: [String: Any], node: Int) async {
+        await history.write(["op": "chat-send", "type": "replay", "process": 200 + w, "key": key, "from": from.id, "to": to.id, "content": content, "node": node])
+        let (outcome, reply) = await Self.call(client, node: node, .POST, "/api/v1/messages", json: body, token: from.token)
+        if let id = reply?.u64("message_id"), let seq = reply?.u64("seq"), case .response(200, _) = outcome {
+            await history.chatOK(key: key, node: node, messageID: id, seq: seq)
+            return
+        }
+        switch outcome {
+        case .response(let status, let b): await history.write(["op": "chat-send", "type": "replay-other", "key": key, "node": node, "status": status, "error": String(decoding: b.prefix(300), as: UTF8.self)])
+        case .failed(let why): await history.write(["op": "chat-send", "type": "replay-other", "key": key, "node": node, "error": String(why.prefix(300))])
         }
     }
 

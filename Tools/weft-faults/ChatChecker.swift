@@ -5,6 +5,7 @@ import Foundation
 /// raw log's.
 ///
 /// Rules (Docs/faults.md, "The chat workload"):
+/// - sending an acknowledged message again (same client_msg_id) answers the same message id;
 /// - every acknowledged message is exactly once in both users' histories, as it was sent (content,
 ///   sender, receiver);
 /// - both users' histories of a pair list the same message ids in the same order, newest first;
@@ -31,6 +32,8 @@ enum ChatChecker {
         var seq: UInt64?
         /// The last refusal (4xx other than 429), if the send ended refused.
         var refusal: String?
+        /// The message ids that sending it again after the acknowledgement answered (each must be `messageID`).
+        var replays: [UInt64] = []
         /// Neither acknowledged nor possibly written: every attempt was refused or never connected.
         var definitelyNotWritten: Bool { messageID == nil && !unknown }
     }
@@ -77,6 +80,11 @@ enum ChatChecker {
         for s in acked { if let id = s.messageID { ackedByID[id] = s } }
         func involves(_ s: Send, _ p: Pair) -> Bool { (s.from == p.a && s.to == p.b) || (s.from == p.b && s.to == p.a) }
         func name(_ s: Send) -> String { "\(s.content) (client_msg_id \(s.key), \(s.from)->\(s.to))" }
+
+        // Sent again after the acknowledgement: the same message.
+        for s in acked.sorted(by: { $0.key < $1.key }) where s.replays.contains(where: { $0 != s.messageID }) {
+            res.divergent.append("\(name(s)) was acknowledged as message \(s.messageID!), sending it again answered \(s.replays)")
+        }
 
         // Message ids each user's histories hold (the sync must hold exactly these messages).
         var historyIDs: [UInt64: [UInt64: Message]] = [:]

@@ -180,8 +180,10 @@ struct Faults: AsyncParsableCommand {
             let refused = sends.filter { $0.refusal != nil && $0.messageID == nil }
             let retried = sends.filter { $0.attempts > 1 }.count
             let ackedAfterUnknown = sends.filter { $0.unknown && $0.messageID != nil }.count
+            let replayed = sends.filter { !$0.replays.isEmpty }
+            let sameAnswer = replayed.filter { s in s.replays.allSatisfy { $0 == s.messageID } }.count
             lines.append(
-                "chat: \(chat.users.count) users, \(chat.pairs.count) pairs, \(chatWriters) writers; \(sends.count) messages sent (\(retried) retried), \(chatAcked) acknowledged (\(ackedAfterUnknown) on a retry after an unknown outcome), \(refused.count) refused, \(unknown) of unknown outcome, \(sends.count - chatAcked - refused.count - unknown) never sent; read back \(chatRead.histories.values.reduce(0) { $0 + $1.count }) history entries (\(chatRead.histories.count) histories), \(chatRead.syncs.values.reduce(0) { $0 + $1.count }) sync events (\(chatRead.syncs.count) users), \(chatRead.requests) requests, \(chatRead.failures.count) read failures"
+                "chat: \(chat.users.count) users, \(chat.pairs.count) pairs, \(chatWriters) writers; \(sends.count) messages sent (\(retried) retried), \(chatAcked) acknowledged (\(ackedAfterUnknown) on a retry after an unknown outcome), \(refused.count) refused, \(unknown) of unknown outcome, \(sends.count - chatAcked - refused.count - unknown) never sent; \(replayed.count) sent again after the acknowledgement (\(sameAnswer) answered the same message); read back \(chatRead.histories.values.reduce(0) { $0 + $1.count }) history entries (\(chatRead.histories.count) histories), \(chatRead.syncs.values.reduce(0) { $0 + $1.count }) sync events (\(chatRead.syncs.count) users), \(chatRead.requests) requests, \(chatRead.failures.count) read failures"
             )
             lines.append(
                 "chat findings: lost \(chatRes.lost.count), duplicated \(chatRes.duplicated.count), divergent \(chatRes.divergent.count), unexpected \(chatRes.unexpected.count), misplaced \(chatRes.misplaced.count)"

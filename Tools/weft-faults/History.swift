@@ -145,10 +145,17 @@ actor History {
     }
 
     /// 200: the message and its place in the conversation.
+    /// 200: the message and its place in the conversation (a later 200 for the same client_msg_id, a
+    /// replay, is kept apart: it must name the same message).
     func chatOK(key: String, node: Int, messageID: UInt64, seq: UInt64) {
-        chat[key]?.messageID = messageID
-        chat[key]?.seq = seq
-        write(["op": "chat-send", "type": "ok", "key": key, "node": node, "message_id": messageID, "seq": seq])
+        let replay = chat[key]?.messageID != nil
+        if replay {
+            chat[key]?.replays.append(messageID)
+        } else {
+            chat[key]?.messageID = messageID
+            chat[key]?.seq = seq
+        }
+        write(["op": "chat-send", "type": replay ? "replay-ok" : "ok", "key": key, "node": node, "message_id": messageID, "seq": seq])
     }
 
     /// An attempt that wrote nothing: refused (4xx; `final` unless 429) or no connection (status 0).

@@ -289,6 +289,8 @@ enum SelfCheck {
         var withWrongPair = syncs
         withWrongPair[1] = events(1, [m101, m102, wrongPair])
         withWrongPair[3] = events(3, [m201, m202, wrongPair])
+        var replayedElsewhere = sends
+        replayedElsewhere["w0-1"]?.replays = [101, 105]
         var changed = m101
         changed.content = "chat1-3"
         return [
@@ -303,6 +305,8 @@ enum SelfCheck {
             ("chat: a refused message in the histories", run(histories(h12, h12, h23, [refused]), withRefused), { $0.unexpected.count == 2 }),
             ("chat: a message in another conversation than it was sent to", run(histories(h12, h12, h23, [wrongPair]), withWrongPair), { $0.misplaced.count == 4 }),
             ("chat: an acknowledged message with other content", run(histories([m102, changed], [m102, changed])), { $0.divergent.count == 2 }),
+            ("chat: sent again, answered with the same message", run(sends: sends.mapValues { var s = $0; if let id = s.messageID { s.replays = [id] }; return s }), { $0.ok }),
+            ("chat: sent again, answered with another message", run(sends: replayedElsewhere), { $0.divergent.count == 1 }),
             ("chat: a message twice in a sync", run(histories(), doubled), { $0.duplicated.count == 1 && $0.lost.isEmpty }),
             ("chat: an acknowledged message missing from a sync", run(histories(), syncLost), { $0.lost.count == 1 }),
             ("chat: sync cursors with a gap", run(histories(), gap), { $0.divergent.count == 1 }),
