@@ -91,13 +91,13 @@ struct ChatWorkload: Sendable {
         for k in users.indices {
             let a = users[k]
             let b = users[(k + 1) % users.count]
-            try await retry("\(a.name) asking \(b.name)") { attempt -> Bool? in
+            _ = try await retry("\(a.name) asking \(b.name)") { attempt -> Bool? in
                 let (_, r) = await call(
                     client, node: nodes[(k + attempt) % nodes.count], .POST, "/api/v1/contacts/requests", json: ["user_id": b.id, "note": "hi"], token: a.token)
                 guard let r else { return nil }
                 return r.status == 200 || r.status == 202 || r.code == "already_requested" || r.code == "already_contacts" ? true : nil
             }
-            try await retry("\(b.name) accepting \(a.name)") { attempt -> Bool? in
+            _ = try await retry("\(b.name) accepting \(a.name)") { attempt -> Bool? in
                 let (_, r) = await call(client, node: nodes[(k + attempt + 1) % nodes.count], .POST, "/api/v1/contacts/requests/\(a.id)/accept", token: b.token)
                 guard let r else { return nil }
                 return r.status == 200 || r.code == "already_contacts" ? true : nil
