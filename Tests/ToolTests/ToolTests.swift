@@ -118,6 +118,36 @@ struct ToolTests {
         #expect(streamRecs.compactMap { $0["seq"] as? Int } == Array(1...streamRecs.count))
     }
 
+    /// A messaging registration record holds a bcrypt hash: the dumper shows it as zeros, in text and JSON.
+    @Test func passwordHashesAreNotDumped() throws {
+        let dir = try Self.tempDir("redact")
+        let hash = "$2b$04$SECRETHASHxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"
+        var p: [UInt8] = [1]
+        for field in ["alice", "Alice", hash] {
+            withUnsafeBytes(of: UInt32(field.utf8.count).littleEndian) { p += $0 }
+            p += Array(field.utf8)
+        }
+        withUnsafeBytes(of: UInt64(0).littleEndian) { p += $0 }
+        withUnsafeBytes(of: UInt64(1).littleEndian) { p += $0 }
+        do {
+            let store = try SegmentStore(directory: dir, options: StoreOptions())
+            try store.append([
+                Record(index: 1, term: 1, stream: StreamID(1 << 62 | 2 << 40), seq: 1, type: .messaging, timestampMicros: 1, payload: p),
+                Record(index: 2, term: 1, stream: StreamID(9), seq: 1, type: .data, timestampMicros: 2, payload: Array("SECRETHASH in a data record".utf8)),
+            ])
+            store.close()
+        }
+        let text = try Self.run("weft-dump", [dir])
+        let json = try Self.run("weft-dump", ["--json", dir])
+        #expect(text.status == 0 && json.status == 0, "\(text.stderr) \(json.stderr)")
+        #expect(text.stdout.contains("#1 ") && text.stdout.contains("SECRETHASH in a data"), "the records are listed")
+        #expect(!text.stdout.contains("$2b$04$SECRET"))
+        let payloads = try jsonLines(json.stdout).compactMap { ($0["payload_b64"] as? String).flatMap { Data(base64Encoded: $0) } }
+        #expect(payloads.count == 2)
+        #expect(!payloads.contains { String(decoding: $0, as: UTF8.self).contains("$2b$04$SECRET") })
+        #expect(payloads.contains { String(decoding: $0, as: UTF8.self).contains("alice") }, "the rest of the registration is shown")
+    }
+
     @Test func verifyNamesTheOffsetOfAFlippedBit() throws {
         _ = try Self.makeBench()
         let dir = try Self.tempDir("flip")

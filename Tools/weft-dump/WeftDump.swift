@@ -170,10 +170,10 @@ struct Output {
         case .record(let r):
             if json {
                 line(
-                    #"{"kind":"record","index":\#(r.index),"term":\#(r.term),"stream":\#(r.stream),"seq":\#(r.seq),"type":\#(r.type.rawValue),"timestamp":\#(r.timestampMicros),"payload_b64":"\#(Data(r.payload).base64EncodedString())"}"#
+                    #"{"kind":"record","index":\#(r.index),"term":\#(r.term),"stream":\#(r.stream),"seq":\#(r.seq),"type":\#(r.type.rawValue),"timestamp":\#(r.timestampMicros),"payload_b64":"\#(Data(redacted(r)).base64EncodedString())"}"#
                 )
             } else if !verify {
-                line("    #\(r.index) term \(r.term) stream \(r.stream) seq \(r.seq) \(r.type) \(time(r.timestampMicros, dateFormatter)) \(preview(r.payload))")
+                line("    #\(r.index) term \(r.term) stream \(r.stream) seq \(r.seq) \(r.type) \(time(r.timestampMicros, dateFormatter)) \(preview(redacted(r)))")
             }
         case .problem(let err):
             if json {
@@ -254,6 +254,29 @@ func fmt(_ d: Double) -> String { String(format: "%.2f", d) }
 
 func time(_ micros: Int64, _ f: ISO8601DateFormatter) -> String {
     f.string(from: Date(timeIntervalSince1970: Double(micros) / 1_000_000))
+}
+
+/// A record's payload as the dumper shows it: a messaging registration's password hash (op 1: `u8 op |
+/// text username | text display name | blob hash | …`, Docs/messaging.md) is replaced by zeros, so dumps
+/// can be shared without the hashes (TOTP secrets are sealed before they reach the log).
+func redacted(_ r: Record) -> [UInt8] {
+    guard r.type == .messaging, r.payload.first == 1 else { return r.payload }
+    var p = r.payload
+    var at = 1
+    func length() -> Int? {
+        guard at + 4 <= p.count else { return nil }
+        let n = Int(p[at]) | Int(p[at + 1]) << 8 | Int(p[at + 2]) << 16 | Int(p[at + 3]) << 24
+        at += 4
+        return n <= p.count - at ? n : nil
+    }
+    // A registration that does not parse is hidden whole.
+    guard let name = length() else { return [UInt8](repeating: 0, count: p.count) }
+    at += name
+    guard let display = length() else { return [UInt8](repeating: 0, count: p.count) }
+    at += display
+    guard let hash = length() else { return [UInt8](repeating: 0, count: p.count) }
+    for k in at..<(at + hash) { p[k] = 0 }
+    return p
 }
 
 /// Up to 60 characters of the payload: text if it is UTF-8, hex otherwise.
