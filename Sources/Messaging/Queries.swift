@@ -4,7 +4,12 @@ import WeftCore
 /// on the node's own replica, or — when the node holds none of that shard — by a node that does, over the
 /// peer connection. So the questions and answers have an encoding.
 public enum MessagingQuery: Sendable, Equatable {
+    /// The account without its secrets (password hash and sealed TOTP secret emptied): what token checks
+    /// and profiles need, and all that crosses the peer network for them.
     case account(UInt64)
+    /// The account with its secrets (login, TOTP changes).
+    case accountSecrets(UInt64)
+    /// By username, without its secrets.
     case accountByUsername(String)
     case usernameTaken(String)
     case pair(UInt64, UInt64)
@@ -19,8 +24,9 @@ public enum MessagingQuery: Sendable, Equatable {
 
     public func answer(_ m: MessagingMachine) -> Answer {
         switch self {
-        case .account(let id): .account(m.account(id))
-        case .accountByUsername(let name): .account(m.userID(username: name).flatMap { m.account($0) })
+        case .account(let id): .account(m.account(id).map(\.withoutSecrets))
+        case .accountSecrets(let id): .account(m.account(id))
+        case .accountByUsername(let name): .account(m.userID(username: name).flatMap { m.account($0) }.map(\.withoutSecrets))
         case .usernameTaken(let name): .taken(m.userID(username: name) != nil)
         case .pair(let a, let b): .pair(m.pair(a, b))
         case .peers(let u): .peers(m.peers(of: u))
@@ -39,6 +45,9 @@ public enum MessagingQuery: Sendable, Equatable {
         case .usernameTaken(let name):
             w.u8(3)
             w.text(name)
+        case .accountSecrets(let id):
+            w.u8(6)
+            w.u64(id)
         case .pair(let a, let b):
             w.u8(4)
             w.u64(a)
@@ -61,9 +70,20 @@ public enum MessagingQuery: Sendable, Equatable {
             guard let a = r.u64(), let b = r.u64() else { return nil }
             q = .pair(a, b)
         case 5: q = r.u64().map { .peers($0) }
+        case 6: q = r.u64().map { .accountSecrets($0) }
         default: q = nil
         }
         return r.atEnd ? q : nil
+    }
+}
+
+extension Account {
+    /// This account with its password hash and sealed TOTP secret emptied.
+    public var withoutSecrets: Account {
+        var a = self
+        a.passwordHash = []
+        a.totpSealed = []
+        return a
     }
 }
 

@@ -903,9 +903,10 @@ public final class ShardReplica {
     }
 
     public var lastApplied: LogIndex { raft.applied }
-    /// Applied everything this replica knows committed, and not repairing its log (a replica replaying
-    /// from scratch, or refetching, serves an older state).
-    public var isCaughtUp: Bool { raft.applied >= raft.commit && !raft.recovering }
+    /// Applied everything this replica knows committed, knows a leader of its term (a restarted replica
+    /// knows only the commit index it saved, which can be far behind, until a leader reaches it), and not
+    /// repairing its log (a replica replaying from scratch, or refetching, serves an older state).
+    public var isCaughtUp: Bool { raft.applied >= raft.commit && raft.leader != nil && !raft.recovering }
 
     /// Runs the driver loop until Raft has nothing more to do, handing messages to `send`.
     /// Throws when the store fails (the replica must then stop: its disk state is unknown).

@@ -101,7 +101,10 @@ struct MessagingAPI: Sendable {
         var account: Account?
         if let name {
             let shard = Ids.usernameShard(name, shards: shards)
-            account = try await asked(shard, .accountByUsername(name), at: .linearizable).account
+            // The username's shard is the user's home shard: the id, then the account with its hash.
+            if let id = try await asked(shard, .accountByUsername(name), at: .linearizable).account?.id {
+                account = try await asked(shard, .accountSecrets(id), at: .linearizable).account
+            }
         }
         // bcrypt runs whether or not the user exists: the time taken does not tell.
         let hash = account.map { String(decoding: $0.passwordHash, as: UTF8.self) }
@@ -207,20 +210,24 @@ struct MessagingAPI: Sendable {
 
     func totpConfirm(_ request: Request) async throws -> Response {
         let me = try await authenticate(request)
+        try await action(me)
         let body = try await decode(CodeBody.self, request, keys: CodeBody.keys)
-        guard me.totpState == 1, let secret = auth.unseal(me.totpSealed, user: me.id) else {
+        let sealed = try await asked(Ids.homeShard(me.id, shards: shards), .accountSecrets(me.id), at: .linearizable).account?.totpSealed ?? []
+        guard me.totpState == 1, let secret = auth.unseal(sealed, user: me.id) else {
             throw APIError(.conflict, "totp_not_enrolling", "call /api/v1/auth/totp/enable first")
         }
         guard TOTPCheck.matches(body.code, secret: secret) else { throw APIError(.badRequest, "invalid_totp", "wrong or expired TOTP code") }
-        try await write(Ids.homeShard(me.id, shards: shards), .totp(user: me.id, state: 2, sealed: me.totpSealed))
+        try await write(Ids.homeShard(me.id, shards: shards), .totp(user: me.id, state: 2, sealed: sealed))
         // Turning it on ended every session, this one too: the caller logs in again with a code.
         return Response(status: .noContent)
     }
 
     func totpDisable(_ request: Request) async throws -> Response {
         let me = try await authenticate(request)
+        try await action(me)
         let body = try await decode(CodeBody.self, request, keys: CodeBody.keys)
-        guard me.totpState == 2, let secret = auth.unseal(me.totpSealed, user: me.id) else {
+        let sealed = try await asked(Ids.homeShard(me.id, shards: shards), .accountSecrets(me.id), at: .linearizable).account?.totpSealed ?? []
+        guard me.totpState == 2, let secret = auth.unseal(sealed, user: me.id) else {
             throw APIError(.conflict, "totp_not_enabled", "TOTP is not on")
         }
         guard TOTPCheck.matches(body.code, secret: secret) else { throw APIError(.badRequest, "invalid_totp", "wrong or expired TOTP code") }
@@ -287,10 +294,13 @@ struct MessagingAPI: Sendable {
         let home = Ids.homeShard(me.id, shards: shards)
         let peers = try await asked(home, .peers(me.id), at: .linearizable).peers
         var out = ContactsBody(contacts: [], incoming_requests: [], outgoing_requests: [], blocked: [])
+        var lookups = 0
         for (id, v) in peers.sorted(by: { $0.key < $1.key }) {
             if v.blocked { out.blocked.append(id) }
             guard v.relation != .none else { continue }
-            let a = try? await account(id, consistency: .local)
+            // Names for the first 200 entries (the rest: GET /api/v1/users/{id}); one lookup each.
+            let a = lookups < 200 ? try? await account(id, consistency: .local) : nil
+            lookups += 1
             let e = ContactsBody.Entry(
                 user_id: id, username: a?.username, display_name: a?.displayName, since: Self.iso(micros: v.sinceMicros),
                 note: v.relation == .incoming ? v.note : nil)
@@ -463,7 +473,7 @@ struct MessagingAPI: Sendable {
     }
 
     static func message(_ r: Record, shard: ShardID, recalled: Bool) -> MessageBody? {
-        guard r.type == .messaging, case .message(let from, let to, let kind, let content, let url, let mime, let size) = MessagingOp.decode(r.payload)
+        guard r.index >= 1, r.index <= Ids.messageIndexMax, r.type == .messaging, case .message(let from, let to, let kind, let content, let url, let mime, let size) = MessagingOp.decode(r.payload)
         else { return nil }
         return MessageBody(
             message_id: Ids.messageID(shard: shard, index: r.index), conversation_id: Ids.conversationID(from, to), seq: r.seq, sender_id: from,
@@ -494,6 +504,7 @@ struct MessagingAPI: Sendable {
 
     func recall(_ request: Request, _ context: BasicRequestContext) async throws -> Response {
         let me = try await authenticate(request)
+        try await action(me)
         guard let text = context.parameters.get("id"), let id = Self.number(text) else { throw Self.unknownMessage }
         guard let (shard, r, from, to) = try await messageRecord(id, me: me.id) else { throw Self.unknownMessage }
         guard from == me.id else { throw APIError(.forbidden, "not_recallable", "only the sender can recall a message") }
@@ -554,11 +565,12 @@ struct MessagingAPI: Sendable {
                     if isMessage, let (shard, index) = Ids.parseMessageID(id, shards: shards) {
                         let key = Ids.pairKey(me.id, peer)
                         if recalledCache[key] == nil {
-                            recalledCache[key] = try await asked(shard, .pair(me.id, peer), at: .atLeast(index)).pair ?? Pair()
+                            // Unknown (the pair's shard is slow): the event goes without its message below.
+                            if case .success(let a?) = await node.ask(shard, .pair(me.id, peer), at: .atLeast(index)) { recalledCache[key] = a.pair ?? Pair() }
                         }
                         let read = await node.readAnywhere(shard: shard, .log(from: index, limit: 1), consistency: .atLeast(index))
-                        if case .success(let rr) = read, let mr = rr.records.first, mr.index == index {
-                            e.message = Self.message(mr, shard: shard, recalled: recalledCache[key]?.isRecalled(seq) ?? false)
+                        if case .success(let rr) = read, let mr = rr.records.first, mr.index == index, let pair = recalledCache[key] {
+                            e.message = Self.message(mr, shard: shard, recalled: pair.isRecalled(seq))
                         }
                     }
                 case .contactRequest(let peer, let fromMe, let note):
@@ -667,8 +679,11 @@ struct MessagingAPI: Sendable {
     func account(_ id: UInt64, consistency: ReadPoint? = nil) async throws -> Account? {
         let home = Ids.homeShard(id, shards: shards)
         if let consistency { return try await asked(home, .account(id), at: consistency).account }
-        // A replica that is current (not replaying or repairing: it could hold a revoked token's old
-        // version) and knows the user; else the leader's read point.
+        // This node's replica if it is current (has heard from a leader, applied all it knows committed,
+        // not replaying or repairing: else it could hold a revoked token's old version) and knows the user;
+        // else — and always when another node would have to answer, which may be cut off from its
+        // shard's quorum without knowing it — the leader's read point.
+        guard node.runner(home) != nil else { return try await asked(home, .account(id), at: .linearizable).account }
         switch await node.ask(home, .account(id), at: .localCurrent) {
         case .success(let a?) where a.account != nil: return a.account
         case .failure(let f): throw Self.readError(f, home)
