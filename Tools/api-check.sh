@@ -68,7 +68,10 @@ post /api/v1/contacts/requests "{\"user_id\":$peer}" -H "Authorization: Bearer $
 post "/api/v1/contacts/requests/$me/accept" '' -H "Authorization: Bearer $peer_token" > /dev/null
 post /api/v1/messages "{\"receiver_id\":$peer,\"message_type\":\"text\",\"content\":\"hello\"}" -H "Authorization: Bearer $token" | grep -q message_id
 # Logout and TOTP would end the token's session half way through the run: checked by the process tests.
-st run Docs/openapi.yaml --url "$api" -H "Authorization: Bearer $token" \
+# From the temporary folder: schemathesis keeps its cache (.schemathesis/) in the working directory.
+spec="$PWD/Docs/openapi.yaml"
+cd "$dir"
+st run "$spec" --url "$api" -H "Authorization: Bearer $token" \
   --checks not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance,negative_data_rejection \
   --exclude-path /api/v1/auth/logout --exclude-path-regex '/api/v1/auth/totp/.*' \
   --max-examples "${API_CHECK_EXAMPLES:-40}" --request-timeout 10 --generation-deterministic --workers 1
