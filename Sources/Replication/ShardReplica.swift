@@ -267,6 +267,22 @@ public enum ReplicationError: Error, Equatable, Sendable {
     case refused(code: String, message: String)
 }
 
+extension ReplicationError: CustomStringConvertible {
+    /// Plain text for logs and API error messages.
+    public var description: String {
+        switch self {
+        case .notLeader(let l): l.map { "not the leader (node \($0) is)" } ?? "not the leader (no leader known)"
+        case .transferring: "leadership is being transferred"
+        case .configChangePending: "another membership change is pending"
+        case .superseded: "replaced by another leader's entry before it committed"
+        case .storage(let s): "storage failed: \(s)"
+        case .stopped: "the replica stopped"
+        case .outcomeUnknown(let s), .invalid(let s), .unavailable(let s): s
+        case .refused(let code, let s): "\(code): \(s)"
+        }
+    }
+}
+
 /// One shard's replica on this node: the Raft state machine driven over the segment store.
 /// Single-threaded: its owner (a `ShardRunner`, or a test) calls it from one thread.
 ///
