@@ -50,6 +50,8 @@ let package = Package(
         .target(name: "ShardState", dependencies: ["WeftCore"], swiftSettings: strict),
         // The messaging domain (Docs/messaging.md): records, validation, deterministic apply, relay rule.
         .target(name: "Messaging", dependencies: ["WeftCore", "ShardState"], swiftSettings: strict),
+        // Real-time delivery (Docs/delivery.md): sessions as state machines returning actions; no sockets.
+        .target(name: "Delivery", dependencies: ["WeftCore"], swiftSettings: strict),
         .target(
             name: "ClusterConfig",
             dependencies: ["WeftCore", .product(name: "TOMLKit", package: "TOMLKit")],
@@ -139,6 +141,7 @@ let package = Package(
         .testTarget(name: "ReplicationTests", dependencies: ["Replication", "WeftTesting", "ShardState"], swiftSettings: strict),
         .testTarget(name: "ShardStateTests", dependencies: ["ShardState"], swiftSettings: strict),
         .testTarget(name: "MessagingTests", dependencies: ["Messaging", "ShardState", "WeftCore"], swiftSettings: strict),
+        .testTarget(name: "DeliveryTests", dependencies: ["Delivery", "WeftCore"], swiftSettings: strict),
         .testTarget(name: "RaftTests", dependencies: ["Raft", "WeftTesting", "ShardState"], swiftSettings: strict),
         .testTarget(
             name: "ClusterTests",

@@ -7,7 +7,8 @@ import NIOHTTP1
 /// "chat<w>-<n>" with client_msg_id "w<w>-<n>" along a random pair and direction through a random node,
 /// and retries an unknown outcome (5xx, timeout, connection lost after sending) with the same
 /// client_msg_id through any node until it is acknowledged (200) or refused (4xx but 429), or the run
-/// ends. After healing, every pair's history is read from both sides and every user's sync from cursor 0;
+/// ends; right after each acknowledgement the sender reads the newest history page of the conversation
+/// through a random node (read your writes). After healing, every pair's history is read from both sides and every user's sync from cursor 0;
 /// ChatChecker compares them with what the writers were told.
 struct ChatWorkload: Sendable {
     struct User: Sendable {
@@ -132,6 +133,8 @@ struct ChatWorkload: Sendable {
                 case .response(200, let b):
                     if let id = reply?.u64("message_id"), let seq = reply?.u64("seq") {
                         await history.chatOK(key: key, node: node, messageID: id, seq: seq)
+                        // Read your writes: the newest history page, at once, through a random node.
+                        await readYourWrite(w, key: key, from: from, to: to, messageID: id, seq: seq, node: rng.pick(nodes))
                         // Now and then the same message again, through a random node: the answer must be
                         // the same message (replayed), and the histories must hold it once.
                         if rng.chance(replayChance) { await replay(w, key: key, from: from, to: to, content: content, body: body, node: rng.pick(nodes)) }
@@ -161,6 +164,35 @@ struct ChatWorkload: Sendable {
             }
             try? await Task.sleep(for: rng.millis(10...40))
         }
+    }
+
+    /// The page size of the read-your-writes reads (the API's default page).
+    static let readYourWritesLimit = 20
+
+    /// The sender's newest history page of the conversation right after `messageID` was acknowledged:
+    /// one attempt through `node`, recorded whatever it gets (only a 200 is checked: the message must be
+    /// on it, unless the page is full of newer ones).
+    func readYourWrite(_ w: Int, key: String, from: User, to: User, messageID: UInt64, seq: UInt64, node: Int) async {
+        var r = ChatChecker.Read(key: key, viewer: from.id, peer: to.id, node: node, messageID: messageID, seq: seq)
+        let path = "/api/v1/messages?receiver_id=\(to.id)&limit=\(Self.readYourWritesLimit)"
+        let (outcome, reply) = await Self.call(client, node: node, .GET, path, token: from.token, timeout: .seconds(4))
+        switch outcome {
+        case .response(let status, let b):
+            r.status = status
+            if status == 200, let msgs = reply?.json?["messages"] as? [[String: Any]] {
+                let page = msgs.compactMap(Self.message)
+                if page.count == msgs.count {
+                    r.page = page
+                    r.more = reply?.json?["next_cursor"] is String
+                } else {
+                    r.error = "a message without its ids: \(String(decoding: b.prefix(200), as: UTF8.self))"
+                }
+            } else {
+                r.error = String(decoding: b.prefix(200), as: UTF8.self)
+            }
+        case .failed(let why): r.error = why
+        }
+        await history.chatRead(r, writer: w)
     }
 
     /// The share of acknowledged messages sent once more with the same client_msg_id.

@@ -15,7 +15,11 @@ import Foundation
 ///   made (an unknown outcome may have landed: once, or not at all);
 /// - each user's sync has every acknowledged message that involves them, and every message of their
 ///   histories, exactly once (message events by message_id), none that is in no history, the messages of
-///   each conversation in its order; its cursors are 1...n, dense and increasing.
+///   each conversation in its order; its cursors are 1...n, dense and increasing;
+/// - read your writes: the newest history page the sender reads right after an acknowledgement (any
+///   node) holds the acknowledged message at its acknowledged seq, unless the page is full of newer
+///   messages (it has a next_cursor and its oldest seq is above the acknowledged one). A read that fails
+///   (no answer, 5xx, 429) is not a finding.
 enum ChatChecker {
     /// One chat send (one client_msg_id) and what its attempts got.
     struct Send: Sendable, Equatable {
@@ -57,6 +61,33 @@ enum ChatChecker {
         var message: Message?
     }
 
+    /// A read-your-writes read: the sender's newest history page of the conversation
+    /// (`GET /api/v1/messages?receiver_id=<to>&limit=<n>`, one attempt, a random node), right after the
+    /// send `key` was acknowledged as `messageID` at `seq`.
+    struct Read: Sendable, Equatable {
+        var key: String
+        var viewer: UInt64
+        var peer: UInt64
+        var node: Int
+        var messageID: UInt64
+        var seq: UInt64
+        /// The HTTP status; 0: no answer (no connection, timeout, connection lost).
+        var status: UInt = 0
+        /// A 200's messages, newest first (nil: no answer, another status, or a 200 without a readable page).
+        var page: [Message]?
+        /// The page has a `next_cursor` (older messages exist beyond it).
+        var more = false
+        var error: String?
+
+        /// Read back and the acknowledged message is on the page.
+        var found: Bool { page?.contains { $0.id == messageID } ?? false }
+        /// Not on the page, but the page is full of newer messages: it cannot show it.
+        var coveredByNewer: Bool {
+            guard let page, !found, more else { return false }
+            return page.allSatisfy { $0.seq > seq }
+        }
+    }
+
     /// A conversation: users a and b.
     struct Pair: Sendable, Hashable {
         var a: UInt64
@@ -71,7 +102,8 @@ enum ChatChecker {
 
     /// `histories[side]`: every message, newest first (a side that could not be read is absent);
     /// `syncs[user]`: every event from cursor 0 (absent: not read).
-    static func check(sends: [String: Send], pairs: [Pair], histories: [Side: [Message]], syncs: [UInt64: [Event]]) -> Checker.Result {
+    /// `reads`: the read-your-writes reads made during the run.
+    static func check(sends: [String: Send], pairs: [Pair], histories: [Side: [Message]], syncs: [UInt64: [Event]], reads: [Read] = []) -> Checker.Result {
         var res = Checker.Result()
         var byContent: [String: Send] = [:]
         for s in sends.values { byContent[s.content] = s }
@@ -209,8 +241,37 @@ enum ChatChecker {
             res.notes.append(
                 "chat: \(who): \(events.count) events, \(count.values.reduce(0, +)) message events for \(acked.filter { $0.from == user || $0.to == user }.count) acknowledged messages")
         }
+        // Read your writes.
+        for r in reads where r.status == 200 {
+            let what = "user \(r.viewer)'s newest history page with \(r.peer), read through node \(r.node) right after \(r.key) was acknowledged as message \(r.messageID) (seq \(r.seq))"
+            guard let page = r.page else {
+                res.stale.append("\(what): 200 without a readable page (\(r.error ?? ""))")
+                continue
+            }
+            if let m = page.first(where: { $0.id == r.messageID }) {
+                if m.seq != r.seq || m.sender != r.viewer || m.receiver != r.peer {
+                    res.divergent.append("\(what): shows it as seq \(m.seq), \(m.sender)->\(m.receiver)")
+                }
+            } else if !r.coveredByNewer {
+                let seqs = page.isEmpty ? "no messages" : "\(page.count) messages, seqs \(page.last!.seq)...\(page.first!.seq)"
+                res.stale.append("\(what) lacks it: \(seqs), \(r.more ? "more before" : "no next_cursor (the whole history)")")
+            }
+        }
         let unknown = sends.values.filter { $0.messageID == nil && $0.unknown }
         res.notes.append("chat: \(acked.count) acknowledged, \(landed.count) of \(unknown.count) sends of unknown outcome landed")
         return res
+    }
+
+    /// How the read-your-writes reads went (for the summary).
+    static func readSummary(_ reads: [Read]) -> String {
+        let ok = reads.filter { $0.status == 200 }
+        let found = ok.filter(\.found).count
+        let newer = ok.filter(\.coveredByNewer).count
+        let unanswered = reads.filter { $0.status == 0 }.count
+        let unavailable = reads.filter { $0.status >= 500 || $0.status == 429 }.count
+        let refused = reads.filter { (400..<500).contains($0.status) && $0.status != 429 }
+        var s = "\(reads.count) reads right after an acknowledgement: \(ok.count) answered 200 (\(found) held the message, \(newer) full of newer messages, \(ok.count - found - newer) without it), \(unavailable) 5xx/429, \(unanswered) unanswered, \(refused.count) other 4xx"
+        if let r = refused.first { s += " (first: node \(r.node) \(r.status) \(r.error ?? ""))" }
+        return s
     }
 }

@@ -149,10 +149,12 @@ struct Checker {
         var hostile: [String] = []
         /// A shard whose final group, as some node reports it, is not the initial one.
         var membership: [String] = []
+        /// A read that missed a write acknowledged before it began (the chat workload's read-your-writes reads).
+        var stale: [String] = []
         var notes: [String] = []
         var ok: Bool {
             lost.isEmpty && duplicated.isEmpty && divergent.isEmpty && unexpected.isEmpty && misplaced.isEmpty && hostile.isEmpty
-                && membership.isEmpty
+                && membership.isEmpty && stale.isEmpty
         }
     }
 

@@ -12,7 +12,8 @@ struct Faults: AsyncParsableCommand {
             <out>/nodes/n<i>.log, <out>/summary.txt; exits 1 when the checker finds anything lost, duplicated,
             divergent, refused-but-written, or a cursor read out of order, a hostile request taken or its record
             in a log, a shard whose group changed, a chat message lost, doubled, reordered or never sent in a
-            history or a sync, or when weft-dump --verify fails.
+            history or a sync, an acknowledged chat message missing from the sender's next history page, or when
+            weft-dump --verify fails.
             """)
 
     @Option(help: "Minutes of faults (the workload runs throughout; healing and checking come after).")
@@ -124,6 +125,7 @@ struct Faults: AsyncParsableCommand {
         if converged { converged = try await waitForConvergence(cluster, client, timeout: .seconds(60)) }
         // The chat workload's histories and syncs, through the API (the relays have caught up).
         let chatSends = await history.chat
+        let chatReads = await history.chatReads
         let chatRead = await chat?.readBack(sends: chatSends, seed: seed)
         var logs: [Int: [Int: Checker.ReplicaLog]] = [:]
         for n in ids {
@@ -153,7 +155,7 @@ struct Faults: AsyncParsableCommand {
         }
         try? await group.shutdownGracefully()
 
-        let chatRes = chat.map { ChatChecker.check(sends: chatSends, pairs: $0.pairs, histories: chatRead?.histories ?? [:], syncs: chatRead?.syncs ?? [:]) } ?? Checker.Result()
+        let chatRes = chat.map { ChatChecker.check(sends: chatSends, pairs: $0.pairs, histories: chatRead?.histories ?? [:], syncs: chatRead?.syncs ?? [:], reads: chatReads) } ?? Checker.Result()
         let chatFailures = chatRead?.failures ?? []
         let res = Checker.check(
             logs: logs, acked: acked, failed: failed, indeterminate: indeterminate, shards: shards, readBack: readBack, bursts: bursts,
@@ -185,8 +187,9 @@ struct Faults: AsyncParsableCommand {
             lines.append(
                 "chat: \(chat.users.count) users, \(chat.pairs.count) pairs, \(chatWriters) writers; \(sends.count) messages sent (\(retried) retried), \(chatAcked) acknowledged (\(ackedAfterUnknown) on a retry after an unknown outcome), \(refused.count) refused, \(unknown) of unknown outcome, \(sends.count - chatAcked - refused.count - unknown) never sent; \(replayed.count) sent again after the acknowledgement (\(sameAnswer) answered the same message); read back \(chatRead.histories.values.reduce(0) { $0 + $1.count }) history entries (\(chatRead.histories.count) histories), \(chatRead.syncs.values.reduce(0) { $0 + $1.count }) sync events (\(chatRead.syncs.count) users), \(chatRead.requests) requests, \(chatRead.failures.count) read failures"
             )
+            lines.append("chat read your writes: \(ChatChecker.readSummary(chatReads))")
             lines.append(
-                "chat findings: lost \(chatRes.lost.count), duplicated \(chatRes.duplicated.count), divergent \(chatRes.divergent.count), unexpected \(chatRes.unexpected.count), misplaced \(chatRes.misplaced.count)"
+                "chat findings: lost \(chatRes.lost.count), duplicated \(chatRes.duplicated.count), divergent \(chatRes.divergent.count), unexpected \(chatRes.unexpected.count), misplaced \(chatRes.misplaced.count), stale reads \(chatRes.stale.count)"
             )
             for s in refused.sorted(by: { $0.key < $1.key }).prefix(5) { lines.append("  note: chat \(s.key) refused: \(s.refusal ?? "")") }
         }
@@ -196,7 +199,7 @@ struct Faults: AsyncParsableCommand {
         lines.append(
             "lost \(res.lost.count), duplicated \(res.duplicated.count), divergent \(res.divergent.count), unexpected \(res.unexpected.count), misplaced \(res.misplaced.count), hostile \(res.hostile.count), membership \(res.membership.count)"
         )
-        let chatFindings = chatRes.lost + chatRes.duplicated + chatRes.divergent + chatRes.unexpected + chatRes.misplaced + chatFailures.map { "chat read: " + $0 }
+        let chatFindings = chatRes.lost + chatRes.duplicated + chatRes.divergent + chatRes.unexpected + chatRes.misplaced + chatRes.stale + chatFailures.map { "chat read: " + $0 }
         let findings = res.lost + res.duplicated + res.divergent + res.unexpected + res.misplaced + res.hostile + res.membership + chatFindings + anomalies + verifyFailures
         for l in findings.prefix(20) { lines.append("  " + l) }
         for l in hostileTally.otherStatus.prefix(5) { lines.append("  note: " + l) }

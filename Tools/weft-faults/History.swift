@@ -29,6 +29,8 @@ actor History {
     private(set) var recordsRead = 0
     /// Chat sends (Chat.swift) by client_msg_id, with what their attempts got.
     private(set) var chat: [String: ChatChecker.Send] = [:]
+    /// The chat writers' read-your-writes reads (one after each acknowledgement).
+    private(set) var chatReads: [ChatChecker.Read] = []
 
     init(path: String) throws {
         _ = FileManager.default.createFile(atPath: path, contents: nil)
@@ -168,6 +170,24 @@ actor History {
     func chatInfo(key: String, node: Int, error: String) {
         chat[key]?.unknown = true
         write(["op": "chat-send", "type": "info", "key": key, "node": node, "error": String(error.prefix(300))])
+    }
+
+    /// The newest history page the sender read right after an acknowledgement (`op: chat-ryw`: `ok` a
+    /// 200 with its page, `fail` anything else).
+    func chatRead(_ r: ChatChecker.Read, writer: Int) {
+        chatReads.append(r)
+        var e: [String: Any] = [
+            "op": "chat-ryw", "type": r.page != nil ? "ok" : "fail", "process": 200 + writer, "key": r.key, "viewer": r.viewer, "peer": r.peer,
+            "node": r.node, "message_id": r.messageID, "seq": r.seq, "status": r.status,
+        ]
+        if let page = r.page {
+            e["ids"] = page.map(\.id)
+            e["seqs"] = page.map(\.seq)
+            e["more"] = r.more
+            e["found"] = r.found
+        }
+        if let error = r.error { e["error"] = String(error.prefix(300)) }
+        write(e)
     }
 
     // MARK: Hostile clients

@@ -2,8 +2,9 @@ import Foundation
 
 /// `weft-faults --self-check`: the checker against histories whose anomalies are known, so a checker
 /// that cannot see a lost, duplicated, misplaced or divergent write (single or in a burst batch), a
-/// hostile request's record in a log, a changed group, or a chat message lost, doubled, reordered or
-/// never sent in a history or a sync fails the test suite (Tests/ToolTests).
+/// hostile request's record in a log, a changed group, a chat message lost, doubled, reordered or
+/// never sent in a history or a sync, or an acknowledged chat message missing from the sender's next
+/// history page fails the test suite (Tests/ToolTests).
 /// Needs no root and starts nothing.
 enum SelfCheck {
     static func entry(_ i: UInt64, _ p: String, seq: UInt64) -> Checker.Entry {
@@ -70,7 +71,7 @@ enum SelfCheck {
         for (name, result, expected) in cases {
             let pass = expected(result)
             ok = ok && pass
-            lines.append("\(pass ? "ok" : "WRONG") \(name): lost \(result.lost.count), duplicated \(result.duplicated.count), divergent \(result.divergent.count), misplaced \(result.misplaced.count), unexpected \(result.unexpected.count), hostile \(result.hostile.count), membership \(result.membership.count)")
+            lines.append("\(pass ? "ok" : "WRONG") \(name): lost \(result.lost.count), duplicated \(result.duplicated.count), divergent \(result.divergent.count), misplaced \(result.misplaced.count), unexpected \(result.unexpected.count), hostile \(result.hostile.count), membership \(result.membership.count), stale \(result.stale.count)")
         }
         return (lines, ok)
     }
@@ -258,8 +259,8 @@ enum SelfCheck {
             }
         }
         let syncs: [UInt64: [C.Event]] = [1: events(1, [m101, m102]), 2: events(2, [m101, m201, m102, m202]), 3: events(3, [m201, m202])]
-        func run(_ h: [C.Side: [C.Message]] = histories(), _ s: [UInt64: [C.Event]] = syncs, sends: [String: C.Send] = sends) -> Checker.Result {
-            C.check(sends: sends, pairs: pairs, histories: h, syncs: s)
+        func run(_ h: [C.Side: [C.Message]] = histories(), _ s: [UInt64: [C.Event]] = syncs, sends: [String: C.Send] = sends, reads: [C.Read] = []) -> Checker.Result {
+            C.check(sends: sends, pairs: pairs, histories: h, syncs: s, reads: reads)
         }
         let copy = m(103, 1, 2, "chat0-1", seq: 3)
         var withCopy = syncs
@@ -293,7 +294,38 @@ enum SelfCheck {
         replayedElsewhere["w0-1"]?.replays = [101, 105]
         var changed = m101
         changed.content = "chat1-3"
+
+        // Read your writes: the sender's newest page right after each acknowledgement.
+        func read(_ key: String, _ viewer: UInt64, _ peer: UInt64, _ id: UInt64, seq: UInt64, status: UInt = 200, page: [C.Message]?, more: Bool = false) -> C.Read {
+            C.Read(key: key, viewer: viewer, peer: peer, node: 2, messageID: id, seq: seq, status: status, page: page, more: more, error: page == nil ? "failed" : nil)
+        }
+        let goodReads = [
+            read("w0-1", 1, 2, 101, seq: 1, page: [m101]), read("w0-2", 2, 1, 102, seq: 2, page: [m102, m101]), read("w1-1", 2, 3, 201, seq: 1, page: [m201]),
+        ]
+        let failedReads = [read("w0-2", 2, 1, 102, seq: 2, status: 503, page: nil), read("w1-1", 2, 3, 201, seq: 1, status: 0, page: nil)]
+        // The other writer's 20 messages 2->1 (chat1-10 ... chat1-29, ids 110...129, seqs 3...22) after
+        // chat0-1 and chat0-2: the read right after chat0-1's acknowledgement sees only them.
+        let newer = (10...29).map { send("w1-\($0)", 1, 2, 1, id: UInt64(100 + $0)) }
+        var manySends = sends
+        for (k, v) in newer { manySends[k] = v }
+        let newerMessages = (10...29).reversed().map { m(UInt64(100 + $0), 2, 1, "chat1-\($0)", seq: UInt64($0 - 7)) }
+        let manyH12 = newerMessages + h12
+        var manySyncs = syncs
+        manySyncs[1] = events(1, [m101, m102] + newerMessages.reversed())
+        manySyncs[2] = events(2, [m101, m201, m102, m202] + newerMessages.reversed())
+        let fullOfNewer = read("w0-1", 1, 2, 101, seq: 1, page: Array(manyH12.prefix(20)), more: true)
+        // chat1-12 (seq 5) missing from a full page that reaches back to seq 2.
+        let skipped = read("w1-12", 2, 1, 112, seq: 5, page: Array(manyH12.filter { $0.id != 112 }.prefix(20)), more: true)
+        var movedSeq = m101
+        movedSeq.seq = 7
         return [
+            ("chat: read your writes: every acknowledged message on the next page, failed reads no finding", run(reads: goodReads + failedReads), { $0.ok }),
+            ("chat: read your writes: an acknowledged message missing from the next page", run(reads: [read("w0-2", 2, 1, 102, seq: 2, page: [m101])]), { $0.stale.count == 1 && $0.lost.isEmpty && !$0.ok }),
+            ("chat: read your writes: missing from a page of newer messages that is the whole history", run(reads: [read("w0-1", 1, 2, 101, seq: 1, page: [m102])]), { $0.stale.count == 1 }),
+            ("chat: read your writes: not on a page full of 20 newer messages", run(histories(manyH12, manyH12), manySyncs, sends: manySends, reads: [fullOfNewer]), { $0.ok }),
+            ("chat: read your writes: missing from a full page that reaches back past it", run(histories(manyH12, manyH12), manySyncs, sends: manySends, reads: [skipped]), { $0.stale.count == 1 }),
+            ("chat: read your writes: a 200 without a readable page", run(reads: [read("w0-1", 1, 2, 101, seq: 1, page: nil)]), { $0.stale.count == 1 }),
+            ("chat: read your writes: the message at another seq than acknowledged", run(reads: [read("w0-1", 1, 2, 101, seq: 1, page: [movedSeq])]), { $0.divergent.count == 1 && $0.stale.isEmpty }),
             ("chat: clean (an unknown outcome landed once, another not at all)", run(), { $0.ok }),
             ("chat: an acknowledged message twice in one history", run(histories([m102, m101, m101])), { $0.duplicated.count == 1 && $0.divergent.count == 1 }),
             ("chat: one client_msg_id landed as two messages", run(histories([copy, m102, m101], [copy, m102, m101]), withCopy), { $0.duplicated.count == 2 && $0.lost.isEmpty }),

@@ -1,0 +1,148 @@
+import Delivery
+import Testing
+import WeftCore
+
+@Suite struct SessionTests {
+    static func ev(_ seq: UInt64) -> Session.Event { Session.Event(seq: seq, body: Array("e\(seq)".utf8)) }
+
+    /// What the client was sent, in order.
+    static func pushed(_ actions: [Session.Action]) -> [UInt64] {
+        actions.flatMap { a -> [UInt64] in if case .push(let es) = a { es.map(\.seq) } else { [] } }
+    }
+
+    static func resumed(at cursor: UInt64, limits: Session.Limits = .init()) -> Session {
+        var s = Session(limits: limits, nowMillis: 0)
+        _ = s.received(.auth(token: "t"), nowMillis: 1)
+        _ = s.authenticated(user: 7)
+        _ = s.received(.resume(cursor: cursor), nowMillis: 2)
+        return s
+    }
+
+    @Test func authenticationComesFirst() {
+        var s = Session(nowMillis: 0)
+        #expect(s.received(.resume(cursor: 0), nowMillis: 1) == [.close(.unauthorized, "authenticate first: {\"type\":\"auth\",\"token\":\"...\"}")])
+        #expect(s.state == .closed)
+        #expect(s.received(.ping, nowMillis: 2).isEmpty, "a closed session does nothing")
+
+        var t = Session(nowMillis: 0)
+        #expect(t.received(.auth(token: "abc"), nowMillis: 1) == [.authenticate(token: "abc")])
+        if case .close(.unauthorized, _)? = t.authFailed("bad token").first {} else { Issue.record("a bad token closes") }
+
+        var u = Session(nowMillis: 0)
+        if case .close(.unauthorized, _)? = u.tick(nowMillis: 10_001).first {} else { Issue.record("no auth in time closes") }
+    }
+
+    @Test func resumeSubscribesBeforeReading() {
+        var s = Session(nowMillis: 0)
+        _ = s.received(.auth(token: "t"), nowMillis: 1)
+        #expect(s.authenticated(user: 9).isEmpty)
+        let a = s.received(.resume(cursor: 3), nowMillis: 2)
+        #expect(a == [.subscribe(user: 9), .readInbox(user: 9, fromSeq: 4, limit: 100)])
+        #expect(s.delivered == 3)
+        if case .close(.protocolError, _)? = s.received(.resume(cursor: 5), nowMillis: 3).first {} else { Issue.record("one resume per connection") }
+    }
+
+    @Test func liveEventsDuringCatchUpAreHeldAndNeverDoubled() {
+        var s = Self.resumed(at: 3)
+        var out: [Session.Action] = []
+        out += s.live([Self.ev(7), Self.ev(8)])
+        #expect(Self.pushed(out).isEmpty, "held until the seqs before them are pushed")
+        out += s.page([Self.ev(4), Self.ev(5)], complete: false)
+        #expect(out.last == .readInbox(user: 7, fromSeq: 6, limit: 100))
+        out += s.page([Self.ev(6), Self.ev(7)], complete: true)
+        #expect(Self.pushed(out) == [4, 5, 6, 7, 8])
+        #expect(s.state == .live(user: 7))
+        #expect(out.contains(.reply(.ready(cursor: 8))))
+        // Live from here; a repeat is dropped.
+        let more = s.live([Self.ev(8), Self.ev(9)])
+        #expect(Self.pushed(more) == [9])
+    }
+
+    @Test func aGapInLiveEventsIsReadFromTheInbox() {
+        var s = Self.resumed(at: 0)
+        _ = s.page([], complete: true)
+        let a = s.live([Self.ev(1), Self.ev(3)])
+        #expect(Self.pushed(a) == [1])
+        #expect(a.last == .readInbox(user: 7, fromSeq: 2, limit: 100))
+        let b = s.page([Self.ev(2), Self.ev(3)], complete: true)
+        #expect(Self.pushed(b) == [2, 3])
+        #expect(s.state == .live(user: 7))
+    }
+
+    @Test func aSlowClientIsClosedToResumeNotBuffered() {
+        var s = Self.resumed(at: 0, limits: Session.Limits(queueCountMax: 3))
+        _ = s.page([], complete: true)
+        #expect(Self.pushed(s.live([Self.ev(1), Self.ev(2)])) == [1, 2])
+        s.written(1)
+        #expect(Self.pushed(s.live([Self.ev(3)])) == [3])
+        let a = s.live([Self.ev(4), Self.ev(5)])
+        if case .close(.resume, _)? = a.first {} else { Issue.record("past the queue limit: close with resume, got \(a)") }
+        #expect(s.state == .closed)
+    }
+
+    @Test func acksAndIdleness() {
+        var s = Self.resumed(at: 2)
+        _ = s.page([Self.ev(3)], complete: true)
+        #expect(s.received(.ack(cursor: 3), nowMillis: 10).isEmpty)
+        #expect(s.acked == 3)
+        if case .close(.protocolError, _)? = s.received(.ack(cursor: 4), nowMillis: 11).first {} else { Issue.record("ack past what was sent") }
+        var t = Self.resumed(at: 0)
+        #expect(t.received(.ping, nowMillis: 50_000) == [.reply(.pong)])
+        #expect(t.tick(nowMillis: 100_000).isEmpty, "heard 50 s ago")
+        if case .close(.idle, _)? = t.tick(nowMillis: 140_001).first {} else { Issue.record("idle past 90 s closes") }
+    }
+
+    /// Any interleaving of pages and live deliveries, with repeats and overlaps, pushes 1...n exactly once,
+    /// in order (the resume guarantee: no gap, no duplicate).
+    @Test(arguments: 0..<300) func everyInterleavingDeliversEachEventOnceInOrder(seed: UInt64) {
+        var rng = SplitMix(seed: seed)
+        let n = 1 + Int(rng.next() % 60)
+        let cursor = rng.next() % 5
+        var s = Self.resumed(at: cursor, limits: Session.Limits(queueCountMax: 10_000, pageCountMax: 1 + Int(rng.next() % 8)))
+        // The subscription starts somewhere: events from `liveFrom` on arrive live (in order, maybe
+        // repeated); the ones before only through pages.
+        let liveFrom = cursor + 1 + rng.next() % UInt64(n + 1)
+        var nextLive = liveFrom
+        var readFrom: UInt64? = cursor + 1
+        var pageLimit = s.limits.pageCountMax
+        var out: [UInt64] = []
+        var steps = 0
+        while steps < 10_000, s.state != .closed, !(s.state == .live(user: 7) && s.delivered == cursor + UInt64(n) && readFrom == nil) {
+            steps += 1
+            if rng.next() % 2 == 0, nextLive <= cursor + UInt64(n) {
+                let k = 1 + rng.next() % 3
+                let batch = (nextLive..<min(nextLive + k, cursor + UInt64(n) + 1)).map { Self.ev($0) }
+                // Sometimes a repeat of the previous live event.
+                let repeated = rng.next() % 5 == 0 && nextLive > liveFrom ? [Self.ev(nextLive - 1)] : []
+                nextLive += UInt64(batch.count)
+                let a = s.live(repeated + batch)
+                out += Self.pushed(a)
+                for case .readInbox(_, let from, let limit) in a { readFrom = from; pageLimit = limit }
+            } else if let from = readFrom {
+                // A page holds what is committed by now: everything below the live point, plus live
+                // events already arrived.
+                let top = max(liveFrom - 1, nextLive - 1)
+                let events = from > top ? [] : (from...min(top, from + UInt64(pageLimit) - 1)).map { Self.ev($0) }
+                let complete = events.isEmpty || events.last!.seq == top
+                readFrom = nil
+                let a = s.page(events, complete: complete)
+                out += Self.pushed(a)
+                for case .readInbox(_, let f, let limit) in a { readFrom = f; pageLimit = limit }
+            }
+        }
+        #expect(out == Array((cursor + 1)...(cursor + UInt64(n))), "seed \(seed): pushed \(out)")
+    }
+}
+
+/// A small deterministic generator for the property test.
+struct SplitMix {
+    var state: UInt64
+    init(seed: UInt64) { state = seed &+ 0x9E37_79B9_7F4A_7C15 }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
