@@ -72,7 +72,7 @@ let package = Package(
         .target(
             name: "WeftServer",
             dependencies: [
-                "WeftCore", "Raft", "Replication", "SegmentStore", "ShardState", "ClusterConfig", "PeerTransport", "Messaging",
+                "WeftCore", "Raft", "Replication", "SegmentStore", "ShardState", "ClusterConfig", "PeerTransport", "Messaging", "Delivery",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "HummingbirdBcrypt", package: "hummingbird-auth"),
                 .product(name: "HummingbirdOTP", package: "hummingbird-auth"),

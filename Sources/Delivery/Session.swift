@@ -178,7 +178,7 @@ public struct Session: Sendable {
         guard state != .closed else { return out }
         if complete {
             state = .live(user: u)
-            out.insert(.reply(.ready(cursor: delivered)), at: 0)
+            out.append(.reply(.ready(cursor: delivered)))
             if !held.isEmpty {
                 // A gap below a held event (it was committed before the subscription saw it): read again.
                 state = .catchingUp(user: u, reading: true)

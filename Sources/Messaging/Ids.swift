@@ -26,6 +26,12 @@ public enum Ids {
 
     public static func inbox(_ user: UInt64) -> StreamID { StreamID(userKind | user) }
     public static func account(_ user: UInt64) -> StreamID { StreamID(userKind | 1 << 40 | user) }
+    /// The user of an inbox stream; nil for other streams.
+    public static func inboxUser(_ s: StreamID) -> UInt64? {
+        let v = s.rawValue
+        guard v >> 62 == 1, (v & ~userKind) >> 40 == 0, isUserID(v & userIDMax), v & ~userKind <= userIDMax else { return nil }
+        return v & userIDMax
+    }
     /// Each shard's registrations (usernames that hash to it).
     public static let registry = StreamID(userKind | 2 << 40)
 

@@ -147,10 +147,13 @@ public enum HTTPAPI {
         }
     }
 
-    static func router(node: WeftNode, registry: PrometheusCollectorRegistry, auth: UserAuth) -> Router<BasicRequestContext> {
+    static func router(node: WeftNode, registry: PrometheusCollectorRegistry, api: MessagingAPI) -> Router<BasicRequestContext> {
         let router = Router()
         router.middlewares.add(JSONErrorMiddleware())
-        MessagingAPI(node: node, auth: auth).add(to: router)
+        api.add(to: router)
+        router.get(RouterPath(DeliverySocket.path)) { _, _ -> Response in
+            throw APIError(.badRequest, "websocket_required", "\(DeliverySocket.path) is a WebSocket: send an upgrade request (Docs/delivery.md)")
+        }
         // Operator routes: their own group, so the check is tied to the matched route, not to how a
         // request spells its path.
         let op = router.group().add(middleware: OperatorAuthMiddleware(token: node.config.operatorToken))

@@ -547,11 +547,22 @@ struct MessagingAPI: Sendable {
         let home = Ids.homeShard(me.id, shards: shards)
         let result = await node.readAnywhere(shard: home, .stream(Ids.inbox(me.id), fromSeq: after &+ 1, limit: limit), consistency: .linearizable)
         let records = try Self.records(result)
-        var events: [EventBody] = []
+        let events = await events(records, me: me.id).compactMap(\.body)
+        return try HTTPAPI.json(EventsPage(events: events, next_cursor: "\(records.last?.seq ?? after)"))
+    }
+
+    /// Inbox records as client events, one per record (nil for a record that is no event), with message
+    /// contents read from their conversations' shards and recall marks from the pairs' state. Used by
+    /// sync and by the WebSocket sessions.
+    func events(_ records: [Record], me: UInt64) async -> [(seq: StreamSeq, body: EventBody?)] {
+        var events: [(seq: StreamSeq, body: EventBody?)] = []
         // Message contents come from their conversations' shards, recall marks from the pairs' state.
         var recalledCache: [UInt64: Pair] = [:]
         for r in records {
-            guard r.type == .messaging, let op = MessagingOp.decode(r.payload) else { continue }
+            guard r.type == .messaging, let op = MessagingOp.decode(r.payload) else {
+                events.append((r.seq, nil))
+                continue
+            }
             let at = Self.iso(micros: r.timestampMicros)
             var e: EventBody
             switch op {
@@ -561,12 +572,12 @@ struct MessagingAPI: Sendable {
                     let isMessage = { if case .message = ev { return true } else { return false } }()
                     e = EventBody(
                         cursor: "\(r.seq)", type: isMessage ? "message" : "recall", created_at: at, peer_id: peer,
-                        conversation_id: Ids.conversationID(me.id, peer), message_id: id, seq: seq, from_me: fromMe)
+                        conversation_id: Ids.conversationID(me, peer), message_id: id, seq: seq, from_me: fromMe)
                     if isMessage, let (shard, index) = Ids.parseMessageID(id, shards: shards) {
-                        let key = Ids.pairKey(me.id, peer)
+                        let key = Ids.pairKey(me, peer)
                         if recalledCache[key] == nil {
                             // Unknown (the pair's shard is slow): the event goes without its message below.
-                            if case .success(let a?) = await node.ask(shard, .pair(me.id, peer), at: .atLeast(index)) { recalledCache[key] = a.pair ?? Pair() }
+                            if case .success(let a?) = await node.ask(shard, .pair(me, peer), at: .atLeast(index)) { recalledCache[key] = a.pair ?? Pair() }
                         }
                         let read = await node.readAnywhere(shard: shard, .log(from: index, limit: 1), consistency: .atLeast(index))
                         if case .success(let rr) = read, let mr = rr.records.first, mr.index == index, let pair = recalledCache[key] {
@@ -582,16 +593,17 @@ struct MessagingAPI: Sendable {
                 case .blocked(let peer, let on):
                     e = EventBody(cursor: "\(r.seq)", type: on ? "blocked" : "unblocked", created_at: at, peer_id: peer, from_me: true)
                 case .read(let peer, let seq):
-                    e = EventBody(cursor: "\(r.seq)", type: "read", created_at: at, peer_id: peer, conversation_id: Ids.conversationID(me.id, peer), seq: seq)
+                    e = EventBody(cursor: "\(r.seq)", type: "read", created_at: at, peer_id: peer, conversation_id: Ids.conversationID(me, peer), seq: seq)
                 }
             case .readMark(_, let peer, let seq):
-                e = EventBody(cursor: "\(r.seq)", type: "read", created_at: at, peer_id: peer, conversation_id: Ids.conversationID(me.id, peer), seq: seq)
+                e = EventBody(cursor: "\(r.seq)", type: "read", created_at: at, peer_id: peer, conversation_id: Ids.conversationID(me, peer), seq: seq)
             default:
+                events.append((r.seq, nil))
                 continue
             }
-            events.append(e)
+            events.append((r.seq, e))
         }
-        return try HTTPAPI.json(EventsPage(events: events, next_cursor: "\(records.last?.seq ?? after)"))
+        return events
     }
 
     // MARK: Conversations
@@ -665,7 +677,12 @@ struct MessagingAPI: Sendable {
         guard let header = request.headers[.authorization], header.hasPrefix("Bearer ") else {
             throw APIError(.unauthorized, "unauthorized", "this route needs Authorization: Bearer <token> from /api/v1/auth/login")
         }
-        guard let (user, version) = await auth.check(String(header.dropFirst(7))) else {
+        return try await account(bearer: String(header.dropFirst(7)))
+    }
+
+    /// The account a bearer token stands for, if the token is valid and not revoked.
+    func account(bearer token: String) async throws -> Account {
+        guard let (user, version) = await auth.check(token) else {
             throw APIError(.unauthorized, "invalid_token", "the token is not valid (malformed, tampered with or expired)")
         }
         guard let a = try await account(user), a.tokenVersion == version else {

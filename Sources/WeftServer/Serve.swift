@@ -34,13 +34,20 @@ public enum Serve {
         }
         let weftNode = try WeftNode(config: config, node: id, group: MultiThreadedEventLoopGroup.singleton, logger: logger)
         let token = Array(config.operatorToken.utf8)
+        let messaging = MessagingAPI(node: weftNode, auth: await UserAuth(config: config))
         let app = Application(
-            router: HTTPAPI.router(node: weftNode, registry: registry, auth: await UserAuth(config: config)),
+            router: HTTPAPI.router(node: weftNode, registry: registry, api: messaging),
             server: .http1WebSocketUpgrade(
                 configuration: .init(ws: .init(maxFrameSize: AppendStream.frameBytesMax, autoPing: .enabled(timePeriod: .seconds(30))))
             ) { request, _, logger in
-                // Only the append stream upgrades, and only with the operator token; anything else goes
-                // on to the router (which answers 401 or 400 as JSON).
+                // The delivery socket upgrades for anyone (the session's first frame authenticates).
+                if request.path?.split(separator: "?").first.map(String.init) == DeliverySocket.path {
+                    return .upgrade([:]) { inbound, outbound, _ in
+                        await DeliverySocket.serve(inbound, outbound, api: messaging, hub: weftNode.inboxHub, logger: logger)
+                    }
+                }
+                // The append stream upgrades only with the operator token; anything else goes on to the
+                // router (which answers 401 or 400 as JSON).
                 guard request.path?.split(separator: "?").first.map(String.init) == AppendStream.path,
                     let header = request.headerFields[.authorization], header.hasPrefix("Bearer "),
                     OperatorAuthMiddleware<BasicRequestContext>.constantTimeEqual(Array(header.utf8.dropFirst(7)), token)

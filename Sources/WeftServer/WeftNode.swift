@@ -66,6 +66,8 @@ public final class WeftNode: Sendable {
     let waiterTokens = NIOLockedValueBox<UInt64>(0)
     /// The relay of each shard this node leads.
     let relays = NIOLockedValueBox<[ShardID: RelayRunner]>([:])
+    /// Hands committed inbox records to this node's WebSocket sessions (Docs/delivery.md).
+    let inboxHub = InboxHub()
     /// Users' rate-limit buckets this node keeps (Docs/messaging.md, "Rate limits").
     let limiter = RateLimiter()
     /// Set by `stop`: no relay starts after it.
@@ -226,6 +228,7 @@ public final class WeftNode: Sendable {
         }
         replica.cancelCatchUps = { ship.cancel(shard: shard) }
         let tail = replica.tail
+        inboxHub.follow(shard: shard, tail: tail)
         replica.onLeadership = { [weak self, unowned replica] leads in
             // On the shard's thread: the applied retention mark is where the relay's sources start.
             self?.leadershipChanged(shard, leads: leads, tail: tail, startAt: replica.relayStart)
@@ -280,6 +283,7 @@ public final class WeftNode: Sendable {
 
     public func stop() async {
         stopping.withLockedValue { $0 = true }
+        inboxHub.stop()
         for r in relays.withLockedValue({ rs in defer { rs = [:] }; return Array(rs.values) }) { r.stop() }
         shipper.stop()
         // Every replica stops after its current turn; then one shared wait (a lane stuck in a slow

@@ -1,0 +1,257 @@
+import Delivery
+import Foundation
+import HummingbirdWebSocket
+import Logging
+import Messaging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOWebSocket
+import Replication
+import WeftCore
+
+/// Follows the tails of this node's replicas and hands each committed inbox record to the sessions of
+/// its user on this node (Docs/delivery.md). One thread; a session's callback must only hand off.
+final class InboxHub: @unchecked Sendable {
+    let condition = NSCondition()
+    /// Guarded by `condition`.
+    var subscriptions: [(shard: ShardID, sub: TailSubscription)] = []
+    var sessions: [UInt64: [UInt64: @Sendable ([Record]) -> Void]] = [:]
+    var nextID: UInt64 = 1
+    var dirty = false
+    var running = true
+
+    init() {
+        let t = Thread { [weak self] in self?.loop() }
+        t.name = "weft-inbox-hub"
+        t.start()
+    }
+
+    /// Starts following a local replica's tail from its applied index.
+    func follow(shard: ShardID, tail: ShardTail) {
+        guard let sub = try? tail.subscribe(from: tail.applied + 1, wake: { [weak self] in self?.wake() }) else { return }
+        condition.withLock { subscriptions.append((shard, sub)) }
+    }
+
+    func register(user: UInt64, _ deliver: @escaping @Sendable ([Record]) -> Void) -> UInt64 {
+        condition.withLock {
+            let id = nextID
+            nextID += 1
+            sessions[user, default: [:]][id] = deliver
+            return id
+        }
+    }
+
+    func unregister(user: UInt64, id: UInt64) {
+        condition.withLock {
+            sessions[user]?[id] = nil
+            if sessions[user]?.isEmpty == true { sessions[user] = nil }
+        }
+    }
+
+    func stop() {
+        condition.withLock {
+            running = false
+            condition.signal()
+        }
+    }
+
+    func wake() {
+        condition.withLock {
+            dirty = true
+            condition.signal()
+        }
+    }
+
+    func loop() {
+        while true {
+            condition.lock()
+            while running && !dirty { _ = condition.wait(until: Date().addingTimeInterval(0.25)) }
+            guard running else {
+                condition.unlock()
+                return
+            }
+            dirty = false
+            let subs = subscriptions
+            condition.unlock()
+            for (_, sub) in subs {
+                // Drain each tail; a damaged file read is retried at the next wake.
+                while let batch = try? sub.poll(limit: 1024), !batch.records.isEmpty {
+                    var byUser: [UInt64: [Record]] = [:]
+                    for r in batch.records where r.type == .messaging {
+                        if let u = Ids.inboxUser(r.stream) { byUser[u, default: []].append(r) }
+                    }
+                    guard !byUser.isEmpty else { continue }
+                    let targets = condition.withLock { byUser.compactMap { u, rs in sessions[u].map { (Array($0.values), rs) } } }
+                    for (callbacks, rs) in targets { for c in callbacks { c(rs) } }
+                }
+            }
+        }
+    }
+}
+
+/// `GET /api/v1/ws`: a device's real-time session (Docs/delivery.md). The socket side of
+/// `Delivery.Session`: client frames, inbox records (live from the hub, or polled when this node holds
+/// no replica of the user's home shard) and ticks go into one queue; the session's actions come out.
+enum DeliverySocket {
+    static let path = "/api/v1/ws"
+    /// Client frames are small JSON objects.
+    static let frameBytesMax = 16 << 10
+
+    enum Input: Sendable {
+        case frame(Session.ClientFrame)
+        case malformed(String)
+        case live([Record])
+        case tick
+        case gone
+    }
+
+    static func serve(_ inbound: WebSocketInboundStream, _ outbound: WebSocketOutboundWriter, api: MessagingAPI, hub: InboxHub, logger: Logger) async {
+        let (inputs, feed) = AsyncStream<Input>.makeStream(bufferingPolicy: .bufferingNewest(4096))
+        let now = { Int64(Date().timeIntervalSince1970 * 1000) }
+        var session = Session(nowMillis: now())
+        var registration: (user: UInt64, id: UInt64)?
+        let node = api.node
+        await withTaskGroup(of: Void.self) { group in
+            group.addTask {
+                do {
+                    for try await message in inbound.messages(maxSize: frameBytesMax) {
+                        guard case .text(let text) = message else {
+                            feed.yield(.malformed("frames are JSON text"))
+                            continue
+                        }
+                        feed.yield(parse(text))
+                    }
+                } catch {}
+                feed.yield(.gone)
+            }
+            group.addTask {
+                while !Task.isCancelled {
+                    try? await Task.sleep(for: .seconds(1))
+                    feed.yield(.tick)
+                }
+            }
+            var polling: Task<Void, Never>?
+            loop: for await input in inputs {
+                var actions: [Session.Action]
+                switch input {
+                case .frame(let f): actions = session.received(f, nowMillis: now())
+                case .malformed(let why): actions = session.close(.protocolError, why)
+                case .live(let records):
+                    guard let u = session.user else { continue }
+                    actions = session.live(await events(records, api: api, me: u))
+                case .tick: actions = session.tick(nowMillis: now())
+                case .gone: break loop
+                }
+                var k = 0
+                while k < actions.count {
+                    let a = actions[k]
+                    k += 1
+                    switch a {
+                    case .authenticate(let token):
+                        if let account = try? await api.account(bearer: token) {
+                            actions += session.authenticated(user: account.id)
+                        } else {
+                            actions += session.authFailed("the token is not valid, expired or revoked")
+                        }
+                    case .subscribe(let u):
+                        if node.runner(Ids.homeShard(u, shards: node.config.shards)) != nil {
+                            registration = (u, hub.register(user: u) { feed.yield(.live($0)) })
+                        } else {
+                            // No replica of the home shard here: poll the inbox (the session drops repeats).
+                            polling = Task {
+                                var next: StreamSeq = 0
+                                while !Task.isCancelled {
+                                    try? await Task.sleep(for: .milliseconds(250))
+                                    let r = await node.readAnywhere(
+                                        shard: Ids.homeShard(u, shards: node.config.shards), .stream(Ids.inbox(u), fromSeq: next &+ 1, limit: 100),
+                                        consistency: .linearizable)
+                                    if case .success(let rr) = r, let last = rr.records.last {
+                                        next = last.seq
+                                        feed.yield(.live(rr.records))
+                                    }
+                                }
+                            }
+                        }
+                    case .readInbox(let u, let from, let limit):
+                        let r = await node.readAnywhere(
+                            shard: Ids.homeShard(u, shards: node.config.shards), .stream(Ids.inbox(u), fromSeq: from, limit: limit), consistency: .linearizable)
+                        switch r {
+                        case .success(let rr):
+                            actions += session.page(await events(rr.records, api: api, me: u), complete: rr.records.count < limit)
+                        case .failure:
+                            actions += session.close(.resume, "the inbox cannot be read now: resume from your cursor")
+                        }
+                    case .push(let events):
+                        for e in events where !e.body.isEmpty {
+                            try? await outbound.write(.text(String(decoding: e.body, as: UTF8.self)))
+                        }
+                        session.written(events.count)
+                    case .reply(let reply):
+                        try? await outbound.write(.text(text(reply)))
+                    case .close(let code, let why):
+                        try? await outbound.close(.unknown(code.rawValue), reason: why)
+                        break loop
+                    }
+                }
+            }
+            polling?.cancel()
+            if let (u, id) = registration { hub.unregister(user: u, id: id) }
+            feed.finish()
+            group.cancelAll()
+        }
+    }
+
+    /// A client frame: `{"type":"auth","token"}`, `{"type":"resume","cursor":"12"}`, `{"type":"ack","cursor":"12"}`, `{"type":"ping"}`.
+    static func parse(_ text: String) -> Input {
+        guard let o = try? JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: Any], let type = o["type"] as? String else {
+            return .malformed("a frame is a JSON object with a type")
+        }
+        func cursor() -> StreamSeq? {
+            guard let c = o["cursor"] as? String else { return nil }
+            return MessagingAPI.number(c)
+        }
+        switch type {
+        case "auth":
+            guard let t = o["token"] as? String, t.utf8.count <= 4096 else { return .malformed("auth needs a token") }
+            return .frame(.auth(token: t))
+        case "resume":
+            guard let c = cursor() else { return .malformed("resume needs a cursor string (\"0\" for the start)") }
+            return .frame(.resume(cursor: c))
+        case "ack":
+            guard let c = cursor() else { return .malformed("ack needs a cursor string") }
+            return .frame(.ack(cursor: c))
+        case "ping":
+            return .frame(.ping)
+        default:
+            return .malformed("unknown frame type \(type.prefix(32))")
+        }
+    }
+
+    static func text(_ reply: Session.Reply) -> String {
+        switch reply {
+        case .ready(let c): #"{"type":"ready","cursor":"\#(c)"}"#
+        case .pong: #"{"type":"pong"}"#
+        case .error(let code, let m): #"{"type":"error","code":"\#(code)","message":\#(jsonString(m))}"#
+        }
+    }
+
+    static func jsonString(_ s: String) -> String {
+        (try? String(decoding: JSONEncoder().encode(s), as: UTF8.self)) ?? "\"\""
+    }
+
+    /// Records as session events: every record keeps its seq; the body is the event JSON (sync's shape,
+    /// with `"type":"event"` around it) or empty for a record that is no event.
+    static func events(_ records: [Record], api: MessagingAPI, me: UInt64) async -> [Session.Event] {
+        let enc = JSONEncoder()
+        enc.outputFormatting = [.sortedKeys]
+        return await api.events(records, me: me).map { seq, body in
+            guard let body, let data = try? enc.encode(PushFrame(event: body)) else { return Session.Event(seq: seq, body: []) }
+            return Session.Event(seq: seq, body: Array(data))
+        }
+    }
+
+    struct PushFrame: Encodable {
+        var type = "event"
+        var event: MessagingAPI.EventBody
+    }
+}

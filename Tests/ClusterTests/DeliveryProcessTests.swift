@@ -1,0 +1,101 @@
+import Foundation
+import HummingbirdWSClient
+import Logging
+import NIOCore
+import Testing
+
+/// Issue 12 (first part): WebSocket sessions on real processes — resume from a cursor, then live events,
+/// each inbox event once and in order across the switch.
+extension Clusters {
+    @Suite(.serialized) struct DeliveryProcessTests {
+        var logger: Logger {
+            var l = Logger(label: "test-delivery")
+            l.logLevel = .critical
+            return l
+        }
+
+        final class Frames: @unchecked Sendable {
+            let lock = NSLock()
+            var all: [[String: Any]] = []
+            func add(_ f: [String: Any]) { lock.withLock { all.append(f) } }
+            var snapshot: [[String: Any]] { lock.withLock { all } }
+        }
+
+        /// Opens a session on `node`, resumes from `cursor`, and collects frames until `done` says so or
+        /// `seconds` pass; `during` runs once the session is ready.
+        func session(
+            _ c: ClusterProcess, node: Int, token: String, cursor: String, seconds: Double = 15,
+            during: @escaping @Sendable () async -> Void = {}, done: @escaping @Sendable ([[String: Any]]) -> Bool
+        ) async throws -> [[String: Any]] {
+            let frames = Frames()
+            let url = "ws://127.0.0.1:\(c.apiPorts[node]!)/api/v1/ws"
+            try await WebSocketClient.connect(url: url, logger: logger) { inbound, outbound, _ in
+                try await outbound.write(.text(#"{"type":"auth","token":"\#(token)"}"#))
+                try await outbound.write(.text(#"{"type":"resume","cursor":"\#(cursor)"}"#))
+                let timer = Task {
+                    try? await Task.sleep(for: .seconds(seconds))
+                    try? await outbound.close(.normalClosure, reason: "test timeout")
+                }
+                var started = false
+                for try await message in inbound.messages(maxSize: 1 << 20) {
+                    guard case .text(let t) = message, let f = try? JSONSerialization.jsonObject(with: Data(t.utf8)) as? [String: Any] else { continue }
+                    frames.add(f)
+                    if f["type"] as? String == "ready", !started {
+                        started = true
+                        Task { await during() }
+                    }
+                    if done(frames.snapshot) { break }
+                }
+                timer.cancel()
+                try? await outbound.close(.normalClosure, reason: nil)
+            }
+            return frames.snapshot
+        }
+
+        static func cursors(_ frames: [[String: Any]]) -> [UInt64] {
+            frames.compactMap { ($0["event"] as? [String: Any])?["cursor"] as? String }.compactMap(UInt64.init)
+        }
+
+        @Test(.timeLimit(.minutes(3))) func aSessionResumesThenGetsLiveEventsOnceInOrder() async throws {
+            let c = try ClusterProcess(name: "ws", nodes: 3, shards: 2)
+            try c.startAll()
+            defer { c.stopAll() }
+            for s in 0..<2 { _ = try #require(await c.leader(of: UInt64(s))) }
+            let alice = try #require(await c.register("alice"))
+            let bob = try #require(await c.register("bob", via: 2))
+            let a = try #require(await c.login("alice"))
+            let b = try #require(await c.login("bob", via: 2))
+            #expect(await c.befriend((alice, a), (bob, b)))
+            for k in 0..<3 {
+                _ = await c.eventually {
+                    let r = await c.call(1 + k % 3, "POST", "/api/v1/messages", token: a, json: ["receiver_id": bob, "message_type": "text", "content": "before \(k)"])
+                    return r.status == 200 ? true : nil
+                }
+            }
+            // Bob's inbox: request, accepted, 3 messages (after the relays): 5 events; then 3 more live.
+            _ = await c.eventually { await c.syncAll(2, token: b).flatMap { $0.count >= 5 ? true : nil } }
+            let sendMore: @Sendable () async -> Void = {
+                for k in 0..<3 {
+                    _ = await c.eventually {
+                        let r = await c.call(3, "POST", "/api/v1/messages", token: a, json: ["receiver_id": bob, "message_type": "text", "content": "live \(k)"])
+                        return r.status == 200 ? true : nil
+                    }
+                }
+            }
+            let frames = try await session(c, node: 2, token: b, cursor: "0", during: sendMore) { Self.cursors($0).count >= 8 }
+            let cursors = Self.cursors(frames)
+            #expect(cursors == Array(1...8), "each event once, in order: \(cursors)")
+            let contents = frames.compactMap { (($0["event"] as? [String: Any])?["message"] as? [String: Any])?["content"] as? String }
+            #expect(contents == ["before 0", "before 1", "before 2", "live 0", "live 1", "live 2"])
+            #expect(frames.contains { $0["type"] as? String == "ready" })
+
+            // Another device resumes from cursor 6 on another node: only 7 and 8.
+            let later = try await session(c, node: 3, token: b, cursor: "6", seconds: 5) { Self.cursors($0).count >= 2 }
+            #expect(Self.cursors(later) == [7, 8])
+
+            // Without a valid token the session is closed (no events).
+            let refused = try await session(c, node: 1, token: "not-a-token", cursor: "0", seconds: 3) { _ in false }
+            #expect(Self.cursors(refused).isEmpty)
+        }
+    }
+}
