@@ -16,7 +16,11 @@ final class InboxHub: @unchecked Sendable {
     /// Guarded by `condition`.
     var subscriptions: [(shard: ShardID, sub: TailSubscription)] = []
     var sessions: [UInt64: [UInt64: @Sendable ([Record]) -> Void]] = [:]
+    var sessionCount = 0
     var nextID: UInt64 = 1
+    /// Sessions one user may have on a node (devices), and a node at most.
+    static let sessionsPerUserMax = 16
+    static let sessionsMax = 65_536
     var dirty = false
     var running = true
 
@@ -32,10 +36,13 @@ final class InboxHub: @unchecked Sendable {
         condition.withLock { subscriptions.append((shard, sub)) }
     }
 
-    func register(user: UInt64, _ deliver: @escaping @Sendable ([Record]) -> Void) -> UInt64 {
+    /// Nil when the user or the node has too many sessions.
+    func register(user: UInt64, _ deliver: @escaping @Sendable ([Record]) -> Void) -> UInt64? {
         condition.withLock {
+            guard sessionCount < Self.sessionsMax, (sessions[user]?.count ?? 0) < Self.sessionsPerUserMax else { return nil }
             let id = nextID
             nextID += 1
+            sessionCount += 1
             sessions[user, default: [:]][id] = deliver
             return id
         }
@@ -43,7 +50,7 @@ final class InboxHub: @unchecked Sendable {
 
     func unregister(user: UInt64, id: UInt64) {
         condition.withLock {
-            sessions[user]?[id] = nil
+            if sessions[user]?.removeValue(forKey: id) != nil { sessionCount -= 1 }
             if sessions[user]?.isEmpty == true { sessions[user] = nil }
         }
     }
@@ -99,6 +106,10 @@ enum DeliverySocket {
 
     enum Input: Sendable {
         case frame(Session.ClientFrame)
+        /// A message to send (`{"type":"send","request_id":…,"message":{…}}`): the message object's bytes.
+        case send(requestID: String, message: Data)
+        /// A frame to write as is (a send's answer).
+        case write(String)
         case malformed(String)
         case live([Record])
         case tick
@@ -110,6 +121,7 @@ enum DeliverySocket {
         let now = { Int64(Date().timeIntervalSince1970 * 1000) }
         var session = Session(nowMillis: now())
         var registration: (user: UInt64, id: UInt64)?
+        var bearer: String?
         let node = api.node
         await withTaskGroup(of: Void.self) { group in
             group.addTask {
@@ -140,7 +152,24 @@ enum DeliverySocket {
                     guard let u = session.user else { continue }
                     actions = session.live(await events(records, api: api, me: u))
                 case .tick: actions = session.tick(nowMillis: now())
-                case .gone: break loop
+                case .gone:
+                    // The client closed (or the connection is gone): answer its close at once.
+                    try? await outbound.close(.normalClosure, reason: nil)
+                    break loop
+                case .write(let text):
+                    try? await outbound.write(.text(text))
+                    continue
+                case .send(let requestID, let message):
+                    guard session.user != nil, let token = bearer else {
+                        actions = session.close(.protocolError, "send after auth and resume")
+                        break
+                    }
+                    // Its own task: a send waits for a commit, pushes go on meanwhile; the answer comes back
+                    // through the queue.
+                    Task {
+                        feed.yield(.write(await sendAnswer(requestID: requestID, message: message, token: token, api: api)))
+                    }
+                    continue
                 }
                 var k = 0
                 while k < actions.count {
@@ -149,13 +178,18 @@ enum DeliverySocket {
                     switch a {
                     case .authenticate(let token):
                         if let account = try? await api.account(bearer: token) {
+                            bearer = token
                             actions += session.authenticated(user: account.id)
                         } else {
                             actions += session.authFailed("the token is not valid, expired or revoked")
                         }
                     case .subscribe(let u):
                         if node.runner(Ids.homeShard(u, shards: node.config.shards)) != nil {
-                            registration = (u, hub.register(user: u) { feed.yield(.live($0)) })
+                            guard let id = hub.register(user: u, { feed.yield(.live($0)) }) else {
+                                actions += session.close(.tooMany, "too many sessions for this user (\(InboxHub.sessionsPerUserMax)) or this node")
+                                continue
+                            }
+                            registration = (u, id)
                         } else {
                             // No replica of the home shard here: poll the inbox (the session drops repeats).
                             polling = Task {
@@ -222,8 +256,30 @@ enum DeliverySocket {
             return .frame(.ack(cursor: c))
         case "ping":
             return .frame(.ping)
+        case "send":
+            guard let id = o["request_id"] as? String, (1...64).contains(id.utf8.count), let m = o["message"] as? [String: Any],
+                let data = try? JSONSerialization.data(withJSONObject: m)
+            else { return .malformed("send needs a request_id (1-64 characters) and a message object") }
+            return .send(requestID: id, message: data)
         default:
             return .malformed("unknown frame type \(type.prefix(32))")
+        }
+    }
+
+    /// A `send` frame's answer: `{"type":"sent","request_id",…}` with the HTTP route's fields, or
+    /// `{"type":"error","request_id","code","message"}` (the same codes as the HTTP route's errors).
+    static func sendAnswer(requestID: String, message: Data, token: String, api: MessagingAPI) async -> String {
+        let rid = jsonString(requestID)
+        do {
+            // The token again: a logout during the session stops its sends.
+            let me = try await api.account(bearer: token)
+            let body = try MessagingAPI.decode(MessagingAPI.SendBody.self, message, keys: MessagingAPI.SendBody.keys)
+            let (sent, replayed) = try await api.send(body, from: me)
+            return #"{"type":"sent","request_id":\#(rid),"message_id":\#(sent.message_id),"created_at":"\#(sent.created_at)","conversation_id":"\#(sent.conversation_id)","seq":\#(sent.seq),"replayed":\#(replayed)}"#
+        } catch let e as APIError {
+            return #"{"type":"error","request_id":\#(rid),"code":\#(jsonString(e.code)),"message":\#(jsonString(e.message))}"#
+        } catch {
+            return #"{"type":"error","request_id":\#(rid),"code":"internal","message":\#(jsonString("\(error)"))}"#
         }
     }
 

@@ -360,6 +360,15 @@ struct MessagingAPI: Sendable {
     func send(_ request: Request) async throws -> Response {
         let me = try await authenticate(request)
         let body = try await decode(SendBody.self, request, keys: SendBody.keys)
+        let (sent, replayed) = try await send(body, from: me)
+        var response = try HTTPAPI.json(sent)
+        if replayed { response.headers[HTTPAPI.replayedHeader] = "true" }
+        return response
+    }
+
+    /// A message from `me`, validated, rate-limited and written once per `client_msg_id`: the HTTP route's
+    /// and the WebSocket's `send` frame's one path.
+    func send(_ body: SendBody, from me: Account) async throws -> (SentBody, replayed: Bool) {
         guard let kind = MessageKind(name: body.message_type) else {
             throw APIError(.badRequest, "invalid_message_type", "message_type is one of text, image, video, audio, file")
         }
@@ -406,12 +415,10 @@ struct MessagingAPI: Sendable {
         let written = try await writeRefs(shard, [op], key: key)
         guard let ref = written.refs.first else { throw APIError(.serviceUnavailable, "unavailable", "the write returned nothing") }
         guard case .accepted(let b) = ref.outcome, let micros = Self.u64(b) else { throw Self.refusal(ref.outcome) }
-        var response = try HTTPAPI.json(
-            SentBody(
-                message_id: Ids.messageID(shard: shard, index: ref.index), created_at: Self.iso(micros: Int64(bitPattern: micros)),
-                conversation_id: Ids.conversationID(me.id, body.receiver_id), seq: ref.seq))
-        if written.replayed { response.headers[HTTPAPI.replayedHeader] = "true" }
-        return response
+        let sent = SentBody(
+            message_id: Ids.messageID(shard: shard, index: ref.index), created_at: Self.iso(micros: Int64(bitPattern: micros)),
+            conversation_id: Ids.conversationID(me.id, body.receiver_id), seq: ref.seq)
+        return (sent, written.replayed)
     }
 
     struct MessageBody: Encodable {
@@ -836,7 +843,10 @@ struct MessagingAPI: Sendable {
     /// Decodes a JSON object body strictly: valid UTF-8 JSON, an object, no unknown fields, the right types.
     func decode<T: Decodable>(_: T.Type, _ request: Request, keys: Set<String>) async throws -> T {
         let buffer = try await request.body.collect(upTo: Self.bodyBytesMax)
-        let data = Data(buffer.readableBytesView)
+        return try Self.decode(T.self, Data(buffer.readableBytesView), keys: keys)
+    }
+
+    static func decode<T: Decodable>(_: T.Type, _ data: Data, keys: Set<String>) throws -> T {
         guard let object = try? JSONSerialization.jsonObject(with: data, options: []) else {
             throw APIError(.badRequest, "malformed_json", "the body is not valid JSON (UTF-8)")
         }

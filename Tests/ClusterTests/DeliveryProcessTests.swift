@@ -24,7 +24,7 @@ extension Clusters {
         /// Opens a session on `node`, resumes from `cursor`, and collects frames until `done` says so or
         /// `seconds` pass; `during` runs once the session is ready.
         func session(
-            _ c: ClusterProcess, node: Int, token: String, cursor: String, seconds: Double = 15,
+            _ c: ClusterProcess, node: Int, token: String, cursor: String, seconds: Double = 15, sendAfterReady: [String] = [],
             during: @escaping @Sendable () async -> Void = {}, done: @escaping @Sendable ([[String: Any]]) -> Bool
         ) async throws -> [[String: Any]] {
             let frames = Frames()
@@ -37,17 +37,23 @@ extension Clusters {
                     try? await outbound.close(.normalClosure, reason: "test timeout")
                 }
                 var started = false
+                var closing = false
                 for try await message in inbound.messages(maxSize: 1 << 20) {
                     guard case .text(let t) = message, let f = try? JSONSerialization.jsonObject(with: Data(t.utf8)) as? [String: Any] else { continue }
                     frames.add(f)
                     if f["type"] as? String == "ready", !started {
                         started = true
+                        for text in sendAfterReady { try await outbound.write(.text(text)) }
                         Task { await during() }
                     }
-                    if done(frames.snapshot) { break }
+                    // Done: close, and keep reading until the server's close ends the stream (a client
+                    // that stops reading cannot finish the close handshake).
+                    if !closing, done(frames.snapshot) {
+                        closing = true
+                        try? await outbound.close(.normalClosure, reason: nil)
+                    }
                 }
                 timer.cancel()
-                try? await outbound.close(.normalClosure, reason: nil)
             }
             return frames.snapshot
         }
@@ -96,6 +102,36 @@ extension Clusters {
             // Without a valid token the session is closed (no events).
             let refused = try await session(c, node: 1, token: "not-a-token", cursor: "0", seconds: 3) { _ in false }
             #expect(Self.cursors(refused).isEmpty)
+        }
+
+        /// Messages sent over the socket: the same validation and idempotency as POST /api/v1/messages.
+        @Test(.timeLimit(.minutes(3))) func messagesSentOverTheSocketAreAnsweredAndWrittenOnce() async throws {
+            let c = try ClusterProcess(name: "wssend", nodes: 3, shards: 2)
+            try c.startAll()
+            defer { c.stopAll() }
+            for s in 0..<2 { _ = try #require(await c.leader(of: UInt64(s))) }
+            let alice = try #require(await c.register("alice"))
+            let bob = try #require(await c.register("bob", via: 2))
+            let a = try #require(await c.login("alice"))
+            let b = try #require(await c.login("bob", via: 2))
+            #expect(await c.befriend((alice, a), (bob, b)))
+            let msg = #"{"receiver_id":\#(bob),"message_type":"text","content":"over the socket","client_msg_id":"s1"}"#
+            let frames = try await session(
+                c, node: 3, token: a, cursor: "0",
+                sendAfterReady: [
+                    #"{"type":"send","request_id":"r1","message":\#(msg)}"#, #"{"type":"send","request_id":"r2","message":\#(msg)}"#,
+                    #"{"type":"send","request_id":"r3","message":{"receiver_id":\#(bob),"message_type":"sticker","content":"x"}}"#,
+                ]
+            ) { fs in fs.filter { $0["type"] as? String == "sent" || $0["type"] as? String == "error" }.count >= 3 }
+            let sent = frames.filter { $0["type"] as? String == "sent" }
+            #expect(sent.count == 2)
+            let ids = Set(sent.compactMap { ($0["message_id"] as? NSNumber)?.uint64Value })
+            #expect(ids.count == 1, "the same client_msg_id is one message")
+            #expect(sent.contains { $0["replayed"] as? Bool == true })
+            let error = frames.first { $0["type"] as? String == "error" }
+            #expect(error?["request_id"] as? String == "r3" && error?["code"] as? String == "invalid_message_type")
+            let history = await c.history(2, token: b, peer: alice)
+            #expect(history?.count == 1 && history?.first?["content"] as? String == "over the socket")
         }
     }
 }

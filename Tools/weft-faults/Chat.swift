@@ -134,7 +134,7 @@ struct ChatWorkload: Sendable {
                     if let id = reply?.u64("message_id"), let seq = reply?.u64("seq") {
                         await history.chatOK(key: key, node: node, messageID: id, seq: seq)
                         // Read your writes: the newest history page, at once, through a random node.
-                        await readYourWrite(w, key: key, from: from, to: to, messageID: id, seq: seq, node: rng.pick(nodes))
+                        await readYourWrite(w, key: key, from: from, to: to, messageID: id, seq: seq, node: rng.pick(nodes), rng: &rng)
                         // Now and then the same message again, through a random node: the answer must be
                         // the same message (replayed), and the histories must hold it once.
                         if rng.chance(replayChance) { await replay(w, key: key, from: from, to: to, content: content, body: body, node: rng.pick(nodes)) }
@@ -169,30 +169,44 @@ struct ChatWorkload: Sendable {
     /// The page size of the read-your-writes reads (the API's default page).
     static let readYourWritesLimit = 20
 
-    /// The sender's newest history page of the conversation right after `messageID` was acknowledged:
-    /// one attempt through `node`, recorded whatever it gets (only a 200 is checked: the message must be
-    /// on it, unless the page is full of newer ones).
-    func readYourWrite(_ w: Int, key: String, from: User, to: User, messageID: UInt64, seq: UInt64, node: Int) async {
-        var r = ChatChecker.Read(key: key, viewer: from.id, peer: to.id, node: node, messageID: messageID, seq: seq)
+    /// The sender's newest history page of the conversation right after `messageID` was acknowledged,
+    /// through `node`: one attempt, recorded whatever it gets (only a 200 is checked: the message must be
+    /// on it, unless the page is full of newer ones). A node that takes no connection (killed: refused at
+    /// once) got nothing, so the next untried node is asked at once instead.
+    func readYourWrite(_ w: Int, key: String, from: User, to: User, messageID: UInt64, seq: UInt64, node first: Int, rng: inout SplitMix) async {
         let path = "/api/v1/messages?receiver_id=\(to.id)&limit=\(Self.readYourWritesLimit)"
-        let (outcome, reply) = await Self.call(client, node: node, .GET, path, token: from.token, timeout: .seconds(4))
-        switch outcome {
-        case .response(let status, let b):
-            r.status = status
-            if status == 200, let msgs = reply?.json?["messages"] as? [[String: Any]] {
-                let page = msgs.compactMap(Self.message)
-                if page.count == msgs.count {
-                    r.page = page
-                    r.more = reply?.json?["next_cursor"] is String
+        var node = first
+        var unreachable: [Int] = []
+        while true {
+            var r = ChatChecker.Read(key: key, viewer: from.id, peer: to.id, node: node, messageID: messageID, seq: seq)
+            r.unreachable = unreachable
+            let (outcome, reply) = await Self.call(client, node: node, .GET, path, token: from.token, timeout: .seconds(4))
+            switch outcome {
+            case .response(let status, let b):
+                r.status = status
+                if status == 200, let msgs = reply?.json?["messages"] as? [[String: Any]] {
+                    let page = msgs.compactMap(Self.message)
+                    if page.count == msgs.count {
+                        r.page = page
+                        r.more = reply?.json?["next_cursor"] is String
+                    } else {
+                        r.error = "a message without its ids: \(String(decoding: b.prefix(200), as: UTF8.self))"
+                    }
                 } else {
-                    r.error = "a message without its ids: \(String(decoding: b.prefix(200), as: UTF8.self))"
+                    r.error = String(decoding: b.prefix(200), as: UTF8.self)
                 }
-            } else {
-                r.error = String(decoding: b.prefix(200), as: UTF8.self)
+            case .failed(let why):
+                r.error = why
+                let untried = nodes.filter { $0 != node && !unreachable.contains($0) }
+                if why.hasPrefix("connect:"), !untried.isEmpty {
+                    unreachable.append(node)
+                    node = rng.pick(untried)
+                    continue
+                }
             }
-        case .failed(let why): r.error = why
+            await history.chatRead(r, writer: w)
+            return
         }
-        await history.chatRead(r, writer: w)
     }
 
     /// The share of acknowledged messages sent once more with the same client_msg_id.

@@ -62,13 +62,17 @@ enum ChatChecker {
     }
 
     /// A read-your-writes read: the sender's newest history page of the conversation
-    /// (`GET /api/v1/messages?receiver_id=<to>&limit=<n>`, one attempt, a random node), right after the
-    /// send `key` was acknowledged as `messageID` at `seq`.
+    /// (`GET /api/v1/messages?receiver_id=<to>&limit=<n>`, one attempt through a random node, another
+    /// at once if that one took no connection), right after the send `key` was acknowledged as
+    /// `messageID` at `seq`.
     struct Read: Sendable, Equatable {
         var key: String
         var viewer: UInt64
         var peer: UInt64
+        /// The node that answered (or the last one asked).
         var node: Int
+        /// Nodes asked first that took no connection (nothing was sent: another node was asked at once).
+        var unreachable: [Int] = []
         var messageID: UInt64
         var seq: UInt64
         /// The HTTP status; 0: no answer (no connection, timeout, connection lost).

@@ -186,6 +186,7 @@ actor History {
             e["more"] = r.more
             e["found"] = r.found
         }
+        if !r.unreachable.isEmpty { e["unreachable"] = r.unreachable }
         if let error = r.error { e["error"] = String(error.prefix(300)) }
         write(e)
     }
