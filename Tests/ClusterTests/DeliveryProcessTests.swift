@@ -133,5 +133,44 @@ extension Clusters {
             let history = await c.history(2, token: b, peer: alice)
             #expect(history?.count == 1 && history?.first?["content"] as? String == "over the socket")
         }
+
+        /// The node holding a device's session is SIGKILLed; the device resumes from its last cursor on
+        /// another node and, with the events of both sessions together, has every event once, in order.
+        @Test(.timeLimit(.minutes(3))) func aDeviceResumesOnAnotherNodeAfterAKill() async throws {
+            let c = try ClusterProcess(name: "wskill", nodes: 3, shards: 2)
+            try c.startAll()
+            defer { c.stopAll() }
+            for s in 0..<2 { _ = try #require(await c.leader(of: UInt64(s))) }
+            let alice = try #require(await c.register("alice"))
+            let bob = try #require(await c.register("bob", via: 2))
+            let a = try #require(await c.login("alice"))
+            let b = try #require(await c.login("bob", via: 2))
+            #expect(await c.befriend((alice, a), (bob, b)))
+            let send: @Sendable (Int, [Int]) async -> Void = { k, nodes in
+                _ = await c.eventually {
+                    for n in nodes {
+                        let r = await c.call(n, "POST", "/api/v1/messages", token: a, json: ["receiver_id": bob, "message_type": "text", "content": "m\(k)", "client_msg_id": "k\(k)"])
+                        if r.status == 200 { return true }
+                    }
+                    return nil
+                }
+            }
+            // First session on node 2: the request, the accept and four messages (cursors 1...6).
+            let first = try await session(c, node: 2, token: b, cursor: "0", during: { for k in 0..<4 { await send(k, [1, 3]) } }) {
+                Self.cursors($0).count >= 6
+            }
+            let seen = Self.cursors(first)
+            #expect(seen == Array(1...6))
+            c.kill9(2)
+            // Messages while the device is away, then a resume on node 3 from the last cursor it saw.
+            for k in 4..<7 { await send(k, [1, 3]) }
+            let second = try await session(c, node: 3, token: b, cursor: "\(seen.last ?? 0)", during: { for k in 7..<9 { await send(k, [1, 3]) } }) {
+                Self.cursors($0).count >= 5
+            }
+            let all = seen + Self.cursors(second)
+            #expect(all == Array(1...11), "every event once, in order, across the kill: \(all)")
+            let contents = (first + second).compactMap { (($0["event"] as? [String: Any])?["message"] as? [String: Any])?["content"] as? String }
+            #expect(contents == (0..<9).map { "m\($0)" })
+        }
     }
 }
