@@ -96,25 +96,9 @@ extension ClusterBench {
         let t0 = clock.now
         let sendPlans = Array(plans.prefix(messages))
         let tokenList = tokens
-        let lat: [Duration] = await withTaskGroup(of: [Duration].self) { group in
-            for (w, conn) in conns.enumerated() {
-                group.addTask {
-                    var out: [Duration] = []
-                    var k = w
-                    while k < sendPlans.count {
-                        let p = sendPlans[k]
-                        let s = clock.now
-                        if (try? await conn.post(path: "/api/v1/messages", body: p.body, contentType: "application/json", token: tokenList[p.sender])) == 200 {
-                            out.append(clock.now - s)
-                        }
-                        k += inflight
-                    }
-                    return out
-                }
-            }
-            var all: [Duration] = []
-            for await part in group { all += part }
-            return all
+        let lat = await Self.drive(conns, requests: sendPlans.count) { _, k, conn in
+            let p = sendPlans[k]
+            return (try? await conn.post(path: "/api/v1/messages", body: p.body, contentType: "application/json", token: tokenList[p.sender])) == 200
         }
         let secs = seconds(clock.now - t0)
         let serverCPU = serverCPUSeconds().flatMap { end in serverCPU0.map { end - $0 } }
@@ -162,27 +146,10 @@ extension ClusterBench {
             let token = config.operatorToken
             let shards = config.shards
             let lt0 = clock.now
-            let llat: [Duration] = await withTaskGroup(of: [Duration].self) { group in
-                for (w, conn) in lconns.enumerated() {
-                    group.addTask {
-                        var out: [Duration] = []
-                        var r = w
-                        while r < logRecords {
-                            let s = clock.now
-                            if (try? await conn.post(
-                                path: "/api/v1/shards/\(r % shards)/append", body: bodies.binaryBody(records: 1, seed: r),
-                                contentType: "application/x-weft-records", token: token)) == 200
-                            {
-                                out.append(clock.now - s)
-                            }
-                            r += inflight
-                        }
-                        return out
-                    }
-                }
-                var all: [Duration] = []
-                for await part in group { all += part }
-                return all
+            let llat = await Self.drive(lconns, requests: logRecords) { _, r, conn in
+                (try? await conn.post(
+                    path: "/api/v1/shards/\(r % shards)/append", body: bodies.binaryBody(records: 1, seed: r), contentType: "application/x-weft-records",
+                    token: token)) == 200
             }
             let lsecs = seconds(clock.now - lt0)
             for c in lconns { await c.close() }

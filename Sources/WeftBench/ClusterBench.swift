@@ -265,25 +265,11 @@ public struct ClusterBench {
             streamFailures = outcomes.map(\.failures).reduce(0, +)
             streamFirstFailure = outcomes.compactMap(\.firstFailure).first
         } else {
-        lat = await withTaskGroup(of: [Duration].self) { group in
-            for (w, conn) in conns.enumerated() {
-                group.addTask {
-                    var out: [Duration] = []
-                    var r = w
-                    while r < requests {
-                        let body = binary ? bodies.binaryBody(records: batch, seed: r) : Array(bodies.body(records: batch, seed: r))
-                        let s = clock.now
-                        let shard = toLeader ? w % shards : r % shards
-                        if (try? await conn.post(path: "/api/v1/shards/\(shard)/append", body: body, contentType: contentType, token: token)) == 200 { out.append(clock.now - s) }
-                        r += inflight
-                    }
-                    return out
-                }
+            lat = await Self.drive(conns, requests: requests) { w, r, conn in
+                let body = binary ? bodies.binaryBody(records: batch, seed: r) : Array(bodies.body(records: batch, seed: r))
+                let shard = toLeader ? w % shards : r % shards
+                return (try? await conn.post(path: "/api/v1/shards/\(shard)/append", body: body, contentType: contentType, token: token)) == 200
             }
-            var all: [Duration] = []
-            for await part in group { all += part }
-            return all
-        }
         }
         let secs = seconds(clock.now - t0)
         let serverCPU = serverCPUSeconds().flatMap { end in serverCPU0.map { end - $0 } }
@@ -416,6 +402,34 @@ public struct ClusterBench {
 
 public struct BenchFailure: Error, CustomStringConvertible {
     public var description: String
+}
+
+extension ClusterBench {
+    /// Runs requests 0..<requests over the connections, one at a time on each (connection w takes w,
+    /// w + n, w + 2n, …); `send` answers whether a request succeeded. Returns the successes' latencies.
+    static func drive(
+        _ conns: [HTTPLoadConnection], requests: Int, _ send: @escaping @Sendable (_ w: Int, _ r: Int, HTTPLoadConnection) async -> Bool
+    ) async -> [Duration] {
+        let clock = ContinuousClock()
+        let n = conns.count
+        return await withTaskGroup(of: [Duration].self) { group in
+            for (w, conn) in conns.enumerated() {
+                group.addTask {
+                    var out: [Duration] = []
+                    var r = w
+                    while r < requests {
+                        let s = clock.now
+                        if await send(w, r, conn) { out.append(clock.now - s) }
+                        r += n
+                    }
+                    return out
+                }
+            }
+            var all: [Duration] = []
+            for await part in group { all += part }
+            return all
+        }
+    }
 }
 
 /// POSTs batches of chat-like records to a node's append endpoint.

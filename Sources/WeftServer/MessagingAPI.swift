@@ -208,30 +208,25 @@ struct MessagingAPI: Sendable {
         static let keys: Set<String> = ["code"]
     }
 
+    /// Turns TOTP on (from enrolling: the sealed secret stays) or off (the secret goes), with a current
+    /// code. Either way every session of the user ends (the token version moves), this one too.
     func totpConfirm(_ request: Request) async throws -> Response {
-        let me = try await authenticate(request)
-        try await action(me)
-        let body = try await decode(CodeBody.self, request, keys: CodeBody.keys)
-        let sealed = try await asked(Ids.homeShard(me.id, shards: shards), .accountSecrets(me.id), at: .linearizable).account?.totpSealed ?? []
-        guard me.totpState == 1, let secret = auth.unseal(sealed, user: me.id) else {
-            throw APIError(.conflict, "totp_not_enrolling", "call /api/v1/auth/totp/enable first")
-        }
-        guard TOTPCheck.matches(body.code, secret: secret) else { throw APIError(.badRequest, "invalid_totp", "wrong or expired TOTP code") }
-        try await write(Ids.homeShard(me.id, shards: shards), .totp(user: me.id, state: 2, sealed: sealed))
-        // Turning it on ended every session, this one too: the caller logs in again with a code.
-        return Response(status: .noContent)
+        try await totpChange(request, from: 1, to: 2, notThere: APIError(.conflict, "totp_not_enrolling", "call /api/v1/auth/totp/enable first"))
     }
 
     func totpDisable(_ request: Request) async throws -> Response {
+        try await totpChange(request, from: 2, to: 0, notThere: APIError(.conflict, "totp_not_enabled", "TOTP is not on"))
+    }
+
+    func totpChange(_ request: Request, from: UInt8, to: UInt8, notThere: APIError) async throws -> Response {
         let me = try await authenticate(request)
         try await action(me)
         let body = try await decode(CodeBody.self, request, keys: CodeBody.keys)
-        let sealed = try await asked(Ids.homeShard(me.id, shards: shards), .accountSecrets(me.id), at: .linearizable).account?.totpSealed ?? []
-        guard me.totpState == 2, let secret = auth.unseal(sealed, user: me.id) else {
-            throw APIError(.conflict, "totp_not_enabled", "TOTP is not on")
-        }
+        let home = Ids.homeShard(me.id, shards: shards)
+        let sealed = try await asked(home, .accountSecrets(me.id), at: .linearizable).account?.totpSealed ?? []
+        guard me.totpState == from, let secret = auth.unseal(sealed, user: me.id) else { throw notThere }
         guard TOTPCheck.matches(body.code, secret: secret) else { throw APIError(.badRequest, "invalid_totp", "wrong or expired TOTP code") }
-        try await write(Ids.homeShard(me.id, shards: shards), .totp(user: me.id, state: 0, sealed: []))
+        try await write(home, .totp(user: me.id, state: to, sealed: to == 0 ? [] : sealed))
         return Response(status: .noContent)
     }
 
