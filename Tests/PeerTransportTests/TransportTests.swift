@@ -14,20 +14,34 @@ struct TransportTests {
         configuration: (NodeID) -> PeerTransportConfiguration = { _ in PeerTransportConfiguration() },
         secret: (NodeID) -> [UInt8] = { _ in testSecret }
     ) async throws -> (nodes: [TestNode], ports: [NodeID: Int]) {
-        let reserved = try await reservePorts(ids.count, group: group)
-        var ports: [NodeID: Int] = [:]
-        for (id, port) in zip(ids, reserved) { ports[NodeID(id)] = port }
-        var nodes: [TestNode] = []
-        for id in ids.map({ NodeID($0) }) {
-            let node = makeNode(
-                id: id, port: ports[id] ?? 0, peers: ports.filter { $0.key != id }, secret: secret(id), group: group,
-                configuration: configuration(id))
-            let bound = try await node.transport.start()
-            #expect(bound == ports[id])
-            #expect(node.transport.boundPort == ports[id])
-            nodes.append(node)
+        // A reserved port is free only until it is released: another process on the machine can take it
+        // (as the ephemeral port of an outgoing connection) before the transport binds it. Then the
+        // cluster starts again on other ports.
+        for attempt in 1...5 {
+            let reserved = try await reservePorts(ids.count, group: group)
+            var ports: [NodeID: Int] = [:]
+            for (id, port) in zip(ids, reserved) { ports[NodeID(id)] = port }
+            var nodes: [TestNode] = []
+            var taken = false
+            for id in ids.map({ NodeID($0) }) {
+                let node = makeNode(
+                    id: id, port: ports[id] ?? 0, peers: ports.filter { $0.key != id }, secret: secret(id), group: group,
+                    configuration: configuration(id))
+                let bound: Int
+                do {
+                    bound = try await node.transport.start()
+                } catch where attempt < 5 {
+                    taken = true
+                    break
+                }
+                #expect(bound == ports[id])
+                #expect(node.transport.boundPort == ports[id])
+                nodes.append(node)
+            }
+            if !taken { return (nodes, ports) }
+            for node in nodes { await node.transport.stop() }
         }
-        return (nodes, ports)
+        preconditionFailure("unreachable: the last attempt throws")
     }
 
     private func allReachable(_ nodes: [TestNode]) -> Bool {
