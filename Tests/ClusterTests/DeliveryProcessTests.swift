@@ -58,6 +58,16 @@ extension Clusters {
             return frames.snapshot
         }
 
+        /// alice (signed up on node 1) and bob (node 2), contacts: their ids and tokens.
+        static func contacts(_ c: ClusterProcess) async throws -> (UInt64, String, UInt64, String) {
+            let alice = try #require(await c.register("alice"))
+            let bob = try #require(await c.register("bob", via: 2))
+            let a = try #require(await c.login("alice"))
+            let b = try #require(await c.login("bob", via: 2))
+            #expect(await c.befriend((alice, a), (bob, b)))
+            return (alice, a, bob, b)
+        }
+
         static func cursors(_ frames: [[String: Any]]) -> [UInt64] {
             frames.compactMap { ($0["event"] as? [String: Any])?["cursor"] as? String }.compactMap(UInt64.init)
         }
@@ -67,11 +77,7 @@ extension Clusters {
             try c.startAll()
             defer { c.stopAll() }
             for s in 0..<2 { _ = try #require(await c.leader(of: UInt64(s))) }
-            let alice = try #require(await c.register("alice"))
-            let bob = try #require(await c.register("bob", via: 2))
-            let a = try #require(await c.login("alice"))
-            let b = try #require(await c.login("bob", via: 2))
-            #expect(await c.befriend((alice, a), (bob, b)))
+            let (_, a, bob, b) = try await Self.contacts(c)
             for k in 0..<3 {
                 _ = await c.eventually {
                     let r = await c.call(1 + k % 3, "POST", "/api/v1/messages", token: a, json: ["receiver_id": bob, "message_type": "text", "content": "before \(k)"])
@@ -110,11 +116,7 @@ extension Clusters {
             try c.startAll()
             defer { c.stopAll() }
             for s in 0..<2 { _ = try #require(await c.leader(of: UInt64(s))) }
-            let alice = try #require(await c.register("alice"))
-            let bob = try #require(await c.register("bob", via: 2))
-            let a = try #require(await c.login("alice"))
-            let b = try #require(await c.login("bob", via: 2))
-            #expect(await c.befriend((alice, a), (bob, b)))
+            let (alice, a, bob, b) = try await Self.contacts(c)
             let msg = #"{"receiver_id":\#(bob),"message_type":"text","content":"over the socket","client_msg_id":"s1"}"#
             let frames = try await session(
                 c, node: 3, token: a, cursor: "0",
@@ -141,11 +143,7 @@ extension Clusters {
             try c.startAll()
             defer { c.stopAll() }
             for s in 0..<2 { _ = try #require(await c.leader(of: UInt64(s))) }
-            let alice = try #require(await c.register("alice"))
-            let bob = try #require(await c.register("bob", via: 2))
-            let a = try #require(await c.login("alice"))
-            let b = try #require(await c.login("bob", via: 2))
-            #expect(await c.befriend((alice, a), (bob, b)))
+            let (_, a, bob, b) = try await Self.contacts(c)
             let send: @Sendable (Int, [Int]) async -> Void = { k, nodes in
                 _ = await c.eventually {
                     for n in nodes {
