@@ -35,6 +35,10 @@ public struct ClusterConfiguration: Sendable, Equatable {
     public static let secretBytesMin = 16
     /// `[messaging]`: accounts, tokens and rate limits of the messaging API (Docs/messaging.md).
     public var messaging = MessagingConfig()
+    /// `[delivery]`: WebSocket sessions (Docs/delivery.md).
+    public var delivery = DeliveryConfig()
+    /// `[push]`: offline notifications to a webhook (Docs/delivery.md, "Offline push").
+    public var push = PushConfig()
 
     /// `api.operator_token` must be at least this many bytes.
     public static let operatorTokenBytesMin = 16
@@ -300,4 +304,64 @@ public struct MessagingConfig: Sendable, Equatable {
     public static let tokenTTLRange = 60...31_536_000
     public static let perMinuteRange = 1...1_000_000
     public init() {}
+}
+
+/// `[delivery]`.
+public struct DeliveryConfig: Sendable, Equatable {
+    /// `session_queue_max`: events a session may have queued for its socket (pushed, not yet written)
+    /// before it is closed with 4000 "resume" (default 1024).
+    public var sessionQueueMax = 1024
+    /// `write_stall_ms`: a session whose socket took none of its queued events for this long is closed
+    /// with 4000 (default 30 000).
+    public var writeStallMillis = 30_000
+    public static let sessionQueueRange = 16...65_536
+    public static let writeStallRange = 1_000...600_000
+    public init() {}
+}
+
+/// `[push]`: when an inbox event worth a notification (a message or contact request from someone
+/// else) is acknowledged by none of the user's devices within `delay_ms`, the leader of the user's home
+/// shard POSTs it to `webhook_url`.
+public struct PushConfig: Sendable, Equatable {
+    /// `webhook_url`: `http://host:port/path` (absent: no offline push).
+    public var webhookURL: WebhookURL?
+    /// `delay_ms`: how long devices have to acknowledge an event (default 10 000).
+    public var delayMillis = 10_000
+    /// `secret`: when set, each POST carries `X-Weft-Signature: sha256=<hex HMAC-SHA256 of the body>`.
+    public var secret: String?
+    /// `retry_max_ms`: the longest back-off between attempts for one user (default 60 000; it starts
+    /// at 500 ms and doubles).
+    public var retryMaxMillis = 60_000
+    public static let delayRange = 0...86_400_000
+    public static let retryMaxRange = 500...3_600_000
+    public init() {}
+}
+
+/// An `http://` webhook address, split.
+public struct WebhookURL: Sendable, Equatable {
+    public var host: String
+    public var port: Int
+    /// Starts with "/".
+    public var path: String
+    public var text: String
+
+    /// Nil unless `http://host[:port][/path]` with a port in 1...65535 and no spaces.
+    public init?(_ text: String) {
+        guard text.hasPrefix("http://"), !text.contains(where: { $0.isWhitespace }) else { return nil }
+        let rest = text.dropFirst("http://".count)
+        let slash = rest.firstIndex(of: "/") ?? rest.endIndex
+        let authority = rest[..<slash]
+        path = slash == rest.endIndex ? "/" : String(rest[slash...])
+        guard !authority.isEmpty, !authority.contains("@") else { return nil }
+        if let colon = authority.lastIndex(of: ":") {
+            guard let p = Int(authority[authority.index(after: colon)...]), (1...65535).contains(p) else { return nil }
+            host = String(authority[..<colon])
+            port = p
+        } else {
+            host = String(authority)
+            port = 80
+        }
+        guard !host.isEmpty else { return nil }
+        self.text = text
+    }
 }

@@ -9,7 +9,9 @@ struct ConfigParser {
     /// The configuration file, for messages and for resolving `storage.data_dir`.
     let file: String
 
-    static let rootKeys = ["cluster", "storage", "raft", "api", "messaging", "nodes"]
+    static let rootKeys = ["cluster", "storage", "raft", "api", "messaging", "delivery", "push", "nodes"]
+    static let deliveryKeys = ["session_queue_max", "write_stall_ms"]
+    static let pushKeys = ["webhook_url", "delay_ms", "secret", "retry_max_ms"]
     static let messagingKeys = [
         "bcrypt_cost", "token_ttl_seconds", "sends_per_minute", "history_reads_per_minute", "actions_per_minute", "syncs_per_minute",
         "logins_per_minute",
@@ -87,7 +89,45 @@ struct ConfigParser {
             name: name, shards: shards, replication: replication, secret: secret, storage: storage, raft: raft,
             operatorToken: token, nodes: nodes.sorted { $0.id < $1.id }, founders: founders, configPath: file)
         config.messaging = try parseMessaging(root.table("messaging"))
+        config.delivery = try parseDelivery(root.table("delivery"))
+        config.push = try parsePush(root.table("push"))
         return config
+    }
+
+    private func ranged(_ t: TableReader, _ key: String, _ range: ClosedRange<Int>) throws(ConfigError) -> Int? {
+        guard let v = try t.int(key) else { return nil }
+        guard range.contains(v) else { throw t.error(key, "must be \(rangeText(range)), got \(v)") }
+        return v
+    }
+
+    /// `[delivery]`: every key optional (defaults in `DeliveryConfig`).
+    private func parseDelivery(_ t: TableReader?) throws(ConfigError) -> DeliveryConfig {
+        var d = DeliveryConfig()
+        guard let t else { return d }
+        try t.rejectUnknownKeys(Self.deliveryKeys)
+        if let v = try ranged(t, "session_queue_max", DeliveryConfig.sessionQueueRange) { d.sessionQueueMax = v }
+        if let v = try ranged(t, "write_stall_ms", DeliveryConfig.writeStallRange) { d.writeStallMillis = v }
+        return d
+    }
+
+    /// `[push]`: every key optional; no `webhook_url`, no push.
+    private func parsePush(_ t: TableReader?) throws(ConfigError) -> PushConfig {
+        var p = PushConfig()
+        guard let t else { return p }
+        try t.rejectUnknownKeys(Self.pushKeys)
+        if let text = try t.string("webhook_url") {
+            guard let url = WebhookURL(text) else {
+                throw t.error("webhook_url", "must be http://host[:port][/path] (https: put a local TLS relay in front; Docs/delivery.md), got \"\(text.prefix(200))\"")
+            }
+            p.webhookURL = url
+        }
+        if let v = try ranged(t, "delay_ms", PushConfig.delayRange) { p.delayMillis = v }
+        if let v = try ranged(t, "retry_max_ms", PushConfig.retryMaxRange) { p.retryMaxMillis = v }
+        if let s = try t.string("secret") {
+            guard s.utf8.count >= 16 else { throw t.error("secret", "must be at least 16 bytes") }
+            p.secret = s
+        }
+        return p
     }
 
     /// `[messaging]`: every key optional (defaults in `MessagingConfig`).

@@ -25,11 +25,18 @@ public struct Session: Sendable {
         public var idleMillisMax: Int64
         /// Auth must come this soon after connecting.
         public var authMillisMax: Int64
-        public init(queueCountMax: Int = 1024, pageCountMax: Int = 100, idleMillisMax: Int64 = 90_000, authMillisMax: Int64 = 10_000) {
+        /// Pushed events the socket has not written for this long (the client stopped reading and the
+        /// connection's buffers are full) close the session with `Close.resume`.
+        public var writeStallMillisMax: Int64
+        public init(
+            queueCountMax: Int = 1024, pageCountMax: Int = 100, idleMillisMax: Int64 = 90_000, authMillisMax: Int64 = 10_000,
+            writeStallMillisMax: Int64 = 30_000
+        ) {
             self.queueCountMax = queueCountMax
             self.pageCountMax = pageCountMax
             self.idleMillisMax = idleMillisMax
             self.authMillisMax = authMillisMax
+            self.writeStallMillisMax = writeStallMillisMax
         }
     }
 
@@ -79,6 +86,9 @@ public struct Session: Sendable {
         /// Send a protocol answer (ready, pong, error) as JSON the adapter formats.
         case reply(Reply)
         case close(Close, String)
+        /// The device acknowledged the user's inbox up to `cursor` (a new high): record it, so offline
+        /// push leaves these events alone.
+        case acknowledged(user: UInt64, cursor: StreamSeq)
     }
 
     public enum Reply: Sendable, Equatable {
@@ -100,11 +110,14 @@ public struct Session: Sendable {
     public private(set) var unwritten = 0
     var connectedAt: Int64
     var lastHeard: Int64
+    /// The last time the socket wrote (or had nothing to write).
+    var lastWritten: Int64
 
     public init(limits: Limits = Limits(), nowMillis: Int64) {
         self.limits = limits
         connectedAt = nowMillis
         lastHeard = nowMillis
+        lastWritten = nowMillis
     }
 
     public var user: UInt64? {
@@ -140,11 +153,14 @@ public struct Session: Sendable {
             acked = cursor
             state = .catchingUp(user: u, reading: true)
             // Subscribe first, then read: an event committed in between arrives live and is held.
-            return [.subscribe(user: u), .readInbox(user: u, fromSeq: cursor &+ 1, limit: limits.pageCountMax)]
-        case (.live, .ack(let c)), (.catchingUp, .ack(let c)):
+            let start: [Action] = [.subscribe(user: u), .readInbox(user: u, fromSeq: cursor &+ 1, limit: pageLimit)]
+            // Resuming after a cursor says the device has everything up to it.
+            return cursor > 0 ? start + [.acknowledged(user: u, cursor: cursor)] : start
+        case (.live(let u), .ack(let c)), (.catchingUp(let u, _), .ack(let c)):
             guard c <= delivered else { return close(.protocolError, "ack of cursor \(c) past the last event sent (\(delivered))") }
-            acked = max(acked, c)
-            return []
+            guard c > acked else { return [] }
+            acked = c
+            return [.acknowledged(user: u, cursor: c)]
         case (_, .auth):
             return close(.protocolError, "already authenticated")
         case (_, .resume):
@@ -182,10 +198,13 @@ public struct Session: Sendable {
             if !held.isEmpty {
                 // A gap below a held event (it was committed before the subscription saw it): read again.
                 state = .catchingUp(user: u, reading: true)
-                out.append(.readInbox(user: u, fromSeq: delivered &+ 1, limit: limits.pageCountMax))
+                out.append(.readInbox(user: u, fromSeq: delivered &+ 1, limit: pageLimit))
             }
+        } else if hasRoomForAPage {
+            out.append(.readInbox(user: u, fromSeq: delivered &+ 1, limit: pageLimit))
         } else {
-            out.append(.readInbox(user: u, fromSeq: delivered &+ 1, limit: limits.pageCountMax))
+            // The next page once the socket has written enough (`written`).
+            state = .catchingUp(user: u, reading: false)
         }
         return out
     }
@@ -198,7 +217,7 @@ public struct Session: Sendable {
             if state != .closed, !held.isEmpty {
                 // A live event skipped ahead (the subscription missed some): read the gap.
                 state = .catchingUp(user: u, reading: true)
-                out.append(.readInbox(user: u, fromSeq: delivered &+ 1, limit: limits.pageCountMax))
+                out.append(.readInbox(user: u, fromSeq: delivered &+ 1, limit: pageLimit))
             }
             return out
         case .catchingUp:
@@ -210,10 +229,21 @@ public struct Session: Sendable {
         }
     }
 
-    /// The socket wrote `n` pushed events.
-    public mutating func written(_ n: Int) {
+    /// The socket wrote `n` pushed events. A catch-up waiting for room reads its next page now.
+    @discardableResult
+    public mutating func written(_ n: Int, nowMillis: Int64) -> [Action] {
         unwritten = max(0, unwritten - n)
+        lastWritten = nowMillis
+        guard case .catchingUp(let u, false) = state, hasRoomForAPage else { return [] }
+        state = .catchingUp(user: u, reading: true)
+        return [.readInbox(user: u, fromSeq: delivered &+ 1, limit: pageLimit)]
     }
+
+    /// Events per catch-up page: at most half the queue, so a page always fits.
+    var pageLimit: Int { max(1, min(limits.pageCountMax, limits.queueCountMax / 2)) }
+    /// A catch-up reads its next page only when the page fits in the queue beside what the socket has
+    /// not written yet: a long catch-up goes at the client's pace instead of tripping the queue limit.
+    var hasRoomForAPage: Bool { unwritten + held.count + pageLimit <= limits.queueCountMax }
 
     public mutating func tick(nowMillis: Int64) -> [Action] {
         switch state {
@@ -222,6 +252,11 @@ public struct Session: Sendable {
             return close(.unauthorized, "no auth within \(limits.authMillisMax / 1000) s")
         default:
             if nowMillis - lastHeard > limits.idleMillisMax { return close(.idle, "no frame for \(limits.idleMillisMax / 1000) s") }
+            if unwritten == 0 {
+                lastWritten = nowMillis
+            } else if nowMillis - lastWritten > limits.writeStallMillisMax {
+                return close(.resume, "the connection took no events for \(limits.writeStallMillisMax / 1000) s: resume from your cursor")
+            }
             return []
         }
     }

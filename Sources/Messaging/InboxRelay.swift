@@ -34,7 +34,7 @@ public enum InboxRelay {
         case .block(let by, let other, let on):
             // Only the blocker's devices learn of it.
             return [to(by, .blocked(peer: other, on: on))]
-        case .register, .profile, .revokeTokens, .totp, .inbox, .readMark:
+        case .register, .profile, .revokeTokens, .totp, .inbox, .readMark, .pushPreview, .delivered, .notified:
             return []
         }
     }

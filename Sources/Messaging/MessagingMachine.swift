@@ -31,6 +31,36 @@ public struct Account: Sendable, Equatable {
     /// The TOTP secret, sealed with the cluster's key (Docs/security.md).
     public var totpSealed: [UInt8]
     public var createdMicros: Int64
+    /// Offline notifications may carry the message text (the user opted in).
+    public var pushPreview = false
+}
+
+/// A user's offline-push position, in their home shard (Docs/delivery.md, "Offline push"): what their
+/// devices acknowledged and what the push worker notified. The user is owed a notification while an
+/// event worth one (a message or contact request from someone else) lies past both.
+public struct PushState: Sendable, Equatable {
+    /// The last inbox seq, and the last one worth a notification.
+    public var inboxLast: StreamSeq = 0
+    public var pushableLast: StreamSeq = 0
+    /// The highest inbox seq a device acknowledged, and the highest the push worker notified.
+    public var delivered: StreamSeq = 0
+    public var notified: StreamSeq = 0
+    /// Since when (record time) the user is owed a notification; 0 when not owed.
+    public var owingSinceMicros: Int64 = 0
+
+    public init() {}
+
+    public var mark: StreamSeq { max(delivered, notified) }
+    public var owing: Bool { pushableLast > mark }
+}
+
+/// A user the push worker should notify now: events after `fromSeq`, up to `pushableLast` at least.
+public struct PushDue: Sendable, Equatable {
+    public var user: UInt64
+    public var fromSeq: StreamSeq
+    public var pushableLast: StreamSeq
+    public var owingSinceMicros: Int64
+    public var preview: Bool
 }
 
 /// A pair of users as their conversation's shard knows them: relationship, blocks, recent messages (for
@@ -164,6 +194,10 @@ public struct MessagingMachine: ShardStateMachine {
     /// Log indexes of messaging records apply rejected, ascending (their relays derive nothing from them).
     public internal(set) var rejectedIndexes: [LogIndex] = []
     public internal(set) var clockMicros: Int64 = 0
+    /// Users homed here → their push position; `owing`: the users owed a notification → since when
+    /// (rebuilt from `push` when a snapshot is read).
+    public internal(set) var push = BucketedMap<UInt64, PushState>()
+    public internal(set) var owing = BucketedMap<UInt64, Int64>()
 
     public init() {}
 
@@ -173,6 +207,18 @@ public struct MessagingMachine: ShardStateMachine {
     public func userID(username: String) -> UInt64? { usernames[Array(username.utf8)] }
     public func pair(_ a: UInt64, _ b: UInt64) -> Pair? { pairs[Ids.pairKey(a, b)] }
     public func peers(of user: UInt64) -> [UInt64: PeerView] { peers[user] ?? [:] }
+
+    /// Users owed a notification since at least `delayMicros` before `nowMicros`, at most `limit`, the
+    /// longest-waiting first; `skip`: users the worker is backing off from.
+    public func pushDue(nowMicros: Int64, delayMicros: Int64, limit: Int, skip: Set<UInt64> = []) -> [PushDue] {
+        var due: [PushDue] = []
+        owing.forEach { u, since in
+            guard nowMicros - since >= delayMicros, !skip.contains(u), let p = push[u] else { return }
+            due.append(PushDue(user: u, fromSeq: p.mark + 1, pushableLast: p.pushableLast, owingSinceMicros: since, preview: accounts[u]?.pushPreview ?? false))
+        }
+        due.sort { ($0.owingSinceMicros, $0.user) < ($1.owingSinceMicros, $1.user) }
+        return Array(due.prefix(limit))
+    }
 
     // MARK: Apply
 
@@ -243,6 +289,44 @@ public struct MessagingMachine: ShardStateMachine {
         case .readMark(let u, let p, let seq):
             applyInbox(u, .read(peer: p, seq: seq), r)
             return .ok
+        case .pushPreview(let u, let on):
+            guard accounts[u] != nil else { return Self.reject("unknown_user", "no user \(u) here") }
+            accounts.update(u) { $0?.pushPreview = on }
+            return .ok
+        case .delivered(let u, let seq), .notified(let u, let seq):
+            guard accounts[u] != nil else { return Self.reject("unknown_user", "no user \(u) here") }
+            updatePush(u, at: r.timestampMicros) { p in
+                // Never past the inbox: a mark ahead of it would silence events not written yet.
+                let s = min(seq, p.inboxLast)
+                if case .delivered = op { p.delivered = max(p.delivered, s) } else { p.notified = max(p.notified, s) }
+            }
+            return .ok
+        }
+    }
+
+    /// Changes a user's push position and keeps `owing` in step: a user newly owed is owed since `micros`
+    /// (a mark that moves but leaves events owed restarts the wait: the devices had them).
+    mutating func updatePush(_ u: UInt64, at micros: Int64, _ body: (inout PushState) -> Void) {
+        var p = push[u] ?? PushState()
+        let wasOwing = p.owing
+        let oldMark = p.mark
+        body(&p)
+        if p.owing {
+            if !wasOwing || p.mark != oldMark { p.owingSinceMicros = micros }
+            owing[u] = p.owingSinceMicros
+        } else {
+            p.owingSinceMicros = 0
+            if wasOwing { owing.update(u) { $0 = nil } }
+        }
+        push[u] = p
+    }
+
+    /// Whether an inbox event calls for a notification when no device has it: something from someone else.
+    public static func isPushable(_ e: InboxEvent) -> Bool {
+        switch e {
+        case .message(_, _, let fromMe, _): !fromMe
+        case .contactRequest(_, let fromMe, _): !fromMe
+        default: false
         }
     }
 
@@ -285,7 +369,7 @@ public struct MessagingMachine: ShardStateMachine {
                 guard !url.isEmpty, !mime.isEmpty else { return reject("malformed", "media needs a url and a mime type") }
             }
             return users(a, b)
-        case .inbox(let u, _), .readMark(let u, _, _): return users(u)
+        case .inbox(let u, _), .readMark(let u, _, _), .pushPreview(let u, _), .delivered(let u, _), .notified(let u, _): return users(u)
         }
     }
 
@@ -410,6 +494,10 @@ public struct MessagingMachine: ShardStateMachine {
 
     mutating func applyInbox(_ u: UInt64, _ e: InboxEvent, _ r: Record) {
         let now = r.timestampMicros
+        updatePush(u, at: now) { p in
+            p.inboxLast = max(p.inboxLast, r.seq)
+            if Self.isPushable(e) { p.pushableLast = max(p.pushableLast, r.seq) }
+        }
         peers.update(u) { ps in
             // Moved out and back: the inner dictionary stays uniquely referenced (no copy per event).
             var all = ps.take() ?? [:]
@@ -450,7 +538,7 @@ public struct MessagingMachine: ShardStateMachine {
         switch op {
         case .register(let name, _, _, _, _):
             return usernames[Array(name.utf8)] == nil ? nil : Self.reject("username_taken", "the username is taken")
-        case .profile(let u, _), .revokeTokens(let u), .totp(let u, _, _):
+        case .profile(let u, _), .revokeTokens(let u), .totp(let u, _, _), .pushPreview(let u, _), .delivered(let u, _), .notified(let u, _):
             return accounts[u] == nil ? Self.reject("unknown_user", "no user \(u) here") : nil
         case .contactRequest, .contactAccept, .contactRemove, .block, .message, .recall:
             return admitPair(op, at: clockMicros)

@@ -6,16 +6,19 @@ import WeftCore
 ///
 /// ```
 /// u32 version = 1 | i64 clock | u64 nextLocal | u32 R | R × u64 rejected index
-/// u64 A | A × account      (u64 id | text username | text display | blob hash | u64 tokenVersion | u8 totp | blob sealed | i64 created)
+/// u64 A | A × account      (u64 id | text username | text display | blob hash | u64 tokenVersion | u8 totp | blob sealed | i64 created
+///                           | u8 pushPreview (version 2))
 /// u64 P | P × pair         (u64 key | u8 relation | text note | u8 blockedLo | u8 blockedHi | u64 lastSeq
 ///                           | u32 n × (u64 seq | u64 sender | i64 micros) | u32 n × u64 recalled | u32 n × u64 void)
 /// u64 U | U × (u64 user | u32 n × peer)   peer: u64 id | u8 relation | text note | u8 blocked | u64 lastSeq | i64 lastMicros
 ///                           | u64 lastMessageID | u8 lastFromMe | u8 lastRecalled | u64 readSeq | u32 n × u64 unread
 ///                           | u64 unreadDropped | u64 lastDroppedSeq | i64 since
+/// u64 N | N × push         (u64 user | u64 inboxLast | u64 pushableLast | u64 delivered | u64 notified | i64 owingSince)   (version 2)
 /// ```
+/// Version 1 (before offline push) is still read: no push positions, previews off.
 /// (text and blob: u32 length | bytes; usernames are rebuilt from the accounts.)
 extension MessagingMachine {
-    static let snapshotVersion: UInt32 = 1
+    static let snapshotVersion: UInt32 = 2
 
     public func snapshot() -> [UInt8] {
         var w = Writer()
@@ -35,6 +38,15 @@ extension MessagingMachine {
         Self.sorted(peers) { u, all in
             w.u64(u)
             PeerView.putAll(all, &w)
+        }
+        w.u64(UInt64(push.count))
+        Self.sorted(push) { u, p in
+            w.u64(u)
+            w.u64(p.inboxLast)
+            w.u64(p.pushableLast)
+            w.u64(p.delivered)
+            w.u64(p.notified)
+            w.i64(p.owingSinceMicros)
         }
         return w.bytes
     }
@@ -57,7 +69,7 @@ extension MessagingMachine {
             guard let n, n <= UInt64((b.count - r.offset) / each) else { throw fail("a count past the end") }
             return Int(n)
         }
-        guard let version = r.u32(), version == Self.snapshotVersion else { throw fail("unknown version") }
+        guard let version = r.u32(), version == 1 || version == Self.snapshotVersion else { throw fail("unknown version") }
         guard let clock = r.i64(), let next = r.u64() else { throw fail("a short header") }
         clockMicros = clock
         nextLocal = next
@@ -70,7 +82,7 @@ extension MessagingMachine {
         let an = try count(r.u64(), each: 41)
         accounts.reserveCapacity(an)
         for _ in 0..<an {
-            guard let a = Account.take(&r) else { throw fail("a short account") }
+            guard let a = Account.take(&r, version: version) else { throw fail("a short account") }
             accounts[a.id] = a
             usernames[Array(a.username.utf8)] = a.id
         }
@@ -85,6 +97,23 @@ extension MessagingMachine {
         for _ in 0..<un {
             guard let u = r.u64(), let all = PeerView.takeAll(&r) else { throw fail("a short peer list") }
             peers[u] = all
+        }
+        if version >= 2 {
+            let n = try count(r.u64(), each: 48)
+            push.reserveCapacity(n)
+            for _ in 0..<n {
+                guard let u = r.u64(), let inboxLast = r.u64(), let pushableLast = r.u64(), let delivered = r.u64(), let notified = r.u64(),
+                    let since = r.i64()
+                else { throw fail("a short push position") }
+                var p = PushState()
+                p.inboxLast = inboxLast
+                p.pushableLast = pushableLast
+                p.delivered = delivered
+                p.notified = notified
+                p.owingSinceMicros = since
+                push[u] = p
+                if p.owing { owing[u] = since }
+            }
         }
         guard r.atEnd else { throw fail("trailing bytes") }
     }
@@ -106,15 +135,22 @@ extension Account {
         w.u8(totpState)
         w.blob(totpSealed)
         w.i64(createdMicros)
+        w.u8(pushPreview ? 1 : 0)
     }
 
-    static func take(_ r: inout Reader) -> Account? {
+    /// `version`: the snapshot's (1 had no preview flag).
+    static func take(_ r: inout Reader, version: UInt32 = MessagingMachine.snapshotVersion) -> Account? {
         guard let id = r.u64(), let name = r.text(), let display = r.text(), let hash = r.blob(), let tv = r.u64(), let totp = r.u8(), totp <= 2,
             let sealed = r.blob(), let created = r.i64()
         else { return nil }
-        return Account(
+        var a = Account(
             id: id, username: name, displayName: display, passwordHash: hash, tokenVersion: tv, totpState: totp, totpSealed: sealed,
             createdMicros: created)
+        if version >= 2 {
+            guard let preview = r.flag() else { return nil }
+            a.pushPreview = preview
+        }
+        return a
     }
 }
 

@@ -54,6 +54,12 @@ public enum MessagingOp: Sendable, Equatable {
     case inbox(user: UInt64, InboxEvent)
     /// Written by the user's request into their own inbox stream.
     case readMark(user: UInt64, peer: UInt64, seq: StreamSeq)
+    /// Whether offline notifications may carry the message text (Docs/delivery.md, "Offline push").
+    case pushPreview(user: UInt64, on: Bool)
+    /// One of the user's devices acknowledged its inbox up to `seq` (coalesced by the session's node).
+    case delivered(user: UInt64, seq: StreamSeq)
+    /// The push worker notified the user's inbox events up to `seq` (the webhook answered 2xx).
+    case notified(user: UInt64, seq: StreamSeq)
 
     var code: UInt8 {
         switch self {
@@ -69,6 +75,9 @@ public enum MessagingOp: Sendable, Equatable {
         case .recall: 15
         case .inbox: 20
         case .readMark: 21
+        case .pushPreview: 4
+        case .delivered: 22
+        case .notified: 23
         }
     }
 
@@ -76,7 +85,8 @@ public enum MessagingOp: Sendable, Equatable {
     public var stream: StreamID {
         switch self {
         case .register: Ids.registry
-        case .profile(let u, _), .revokeTokens(let u), .totp(let u, _, _): Ids.account(u)
+        case .profile(let u, _), .revokeTokens(let u), .totp(let u, _, _), .pushPreview(let u, _), .delivered(let u, _), .notified(let u, _):
+            Ids.account(u)
         case .contactRequest(let a, let b, _), .contactAccept(let a, let b), .contactRemove(let a, let b), .block(let a, let b, _),
             .recall(let a, let b, _, _):
             Ids.pair(a, b)
@@ -162,6 +172,12 @@ public enum MessagingOp: Sendable, Equatable {
             w.u64(u)
             w.u64(p)
             w.u64(seq)
+        case .pushPreview(let u, let on):
+            w.u64(u)
+            w.u8(on ? 1 : 0)
+        case .delivered(let u, let seq), .notified(let u, let seq):
+            w.u64(u)
+            w.u64(seq)
         }
         return w.bytes
     }
@@ -228,6 +244,12 @@ public enum MessagingOp: Sendable, Equatable {
         case 21:
             guard let u = r.u64(), let p = r.u64(), let seq = r.u64() else { return nil }
             op = .readMark(user: u, peer: p, seq: seq)
+        case 4:
+            guard let u = r.u64(), let on = r.u8(), on <= 1 else { return nil }
+            op = .pushPreview(user: u, on: on == 1)
+        case 22, 23:
+            guard let u = r.u64(), let seq = r.u64() else { return nil }
+            op = code == 22 ? .delivered(user: u, seq: seq) : .notified(user: u, seq: seq)
         default:
             op = nil
         }

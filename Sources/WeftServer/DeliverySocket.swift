@@ -9,13 +9,20 @@ import NIOWebSocket
 import Replication
 import WeftCore
 
-/// Follows the tails of this node's replicas and hands each committed inbox record to the sessions of
-/// its user on this node (Docs/delivery.md). One thread; a session's callback must only hand off.
+/// What the hub hands a session: committed inbox records of its user, or a typing indicator.
+enum HubEvent: Sendable {
+    case records([Record])
+    case typing(from: UInt64)
+}
+
+/// Follows the tails of this node's replicas (every replica it opens, at start or when it joins a shard
+/// later) and hands each committed inbox record to the sessions of its user on this node
+/// (Docs/delivery.md). One thread; a session's callback must only hand off.
 final class InboxHub: @unchecked Sendable {
     let condition = NSCondition()
     /// Guarded by `condition`.
     var subscriptions: [(shard: ShardID, sub: TailSubscription)] = []
-    var sessions: [UInt64: [UInt64: @Sendable ([Record]) -> Void]] = [:]
+    var sessions: [UInt64: [UInt64: @Sendable (HubEvent) -> Void]] = [:]
     var sessionCount = 0
     var nextID: UInt64 = 1
     /// Sessions one user may have on a node (devices), and a node at most.
@@ -36,23 +43,35 @@ final class InboxHub: @unchecked Sendable {
         condition.withLock { subscriptions.append((shard, sub)) }
     }
 
-    /// Nil when the user or the node has too many sessions.
-    func register(user: UInt64, _ deliver: @escaping @Sendable ([Record]) -> Void) -> UInt64? {
+    /// Nil when the user or the node has too many sessions; `first`: the user had none here before.
+    func register(user: UInt64, _ deliver: @escaping @Sendable (HubEvent) -> Void) -> (id: UInt64, first: Bool)? {
         condition.withLock {
             guard sessionCount < Self.sessionsMax, (sessions[user]?.count ?? 0) < Self.sessionsPerUserMax else { return nil }
             let id = nextID
             nextID += 1
             sessionCount += 1
+            let first = sessions[user] == nil
             sessions[user, default: [:]][id] = deliver
-            return id
+            return (id, first)
         }
     }
 
-    func unregister(user: UInt64, id: UInt64) {
+    /// True when it was the user's last session here.
+    func unregister(user: UInt64, id: UInt64) -> Bool {
         condition.withLock {
             if sessions[user]?.removeValue(forKey: id) != nil { sessionCount -= 1 }
-            if sessions[user]?.isEmpty == true { sessions[user] = nil }
+            guard sessions[user]?.isEmpty == true else { return false }
+            sessions[user] = nil
+            return true
         }
+    }
+
+    /// The users with sessions here.
+    var users: [UInt64] { condition.withLock { Array(sessions.keys) } }
+
+    func typing(from: UInt64, to: UInt64) {
+        let callbacks = condition.withLock { sessions[to].map { Array($0.values) } ?? [] }
+        for c in callbacks { c(.typing(from: from)) }
     }
 
     func stop() {
@@ -89,7 +108,7 @@ final class InboxHub: @unchecked Sendable {
                     }
                     guard !byUser.isEmpty else { continue }
                     let targets = condition.withLock { byUser.compactMap { u, rs in sessions[u].map { (Array($0.values), rs) } } }
-                    for (callbacks, rs) in targets { for c in callbacks { c(rs) } }
+                    for (callbacks, rs) in targets { for c in callbacks { c(.records(rs)) } }
                 }
             }
         }
@@ -108,68 +127,147 @@ enum DeliverySocket {
         case frame(Session.ClientFrame)
         /// A message to send (`{"type":"send","request_id":…,"message":{…}}`): the message object's bytes.
         case send(requestID: String, message: Data)
+        /// `{"type":"typing","to":<user id>}`.
+        case typing(to: UInt64)
         /// A frame to write as is (a send's answer).
         case write(String)
         case malformed(String)
-        case live([Record])
+        case hub(HubEvent)
+        /// The writer wrote this many pushed events.
+        case written(Int)
         case tick
         case gone
     }
 
-    static func serve(_ inbound: WebSocketInboundStream, _ outbound: WebSocketOutboundWriter, api: MessagingAPI, hub: InboxHub, logger: Logger) async {
+    /// What the writer task writes, in order.
+    enum Outbound: Sendable {
+        case events([String])
+        case text(String)
+        case close(UInt16, String)
+    }
+
+    /// A closed session's connection is closed this long after, whatever the close handshake is doing
+    /// (a client that stopped reading cannot take the close frame).
+    static let closeGrace: TimeAmount = .seconds(10)
+    /// A session sends typing at most this often (more is dropped), and re-checks a peer after this long.
+    static let typingEveryMillis: Int64 = 500
+    static let typingCheckMillis: Int64 = 60_000
+
+    static func serve(
+        _ inbound: WebSocketInboundStream, _ outbound: WebSocketOutboundWriter, channel: any Channel, api: MessagingAPI, tier: DeliveryTier,
+        logger: Logger
+    ) async {
+        // Inputs are bounded: a session whose inputs overflow (its loop cannot keep up) is closed with
+        // "resume" rather than losing one silently.
         let (inputs, feed) = AsyncStream<Input>.makeStream(bufferingPolicy: .bufferingNewest(4096))
+        let overflowed = NIOLockedValueBox(false)
+        let put: @Sendable (Input) -> Void = { input in
+            if case .dropped = feed.yield(input) { overflowed.withLockedValue { $0 = true } }
+        }
+        // Writes go through one task, so the session's loop never waits on a slow client: the session
+        // counts what is pushed and not yet written, and closes past its limits.
+        let (writes, writer) = AsyncStream<Outbound>.makeStream()
+        let closing = NIOLockedValueBox(false)
         let now = { Int64(Date().timeIntervalSince1970 * 1000) }
-        var session = Session(nowMillis: now())
+        var session = Session(limits: tier.limits, nowMillis: now())
         var registration: (user: UInt64, id: UInt64)?
         var bearer: String?
+        var typingSent: Int64 = 0
+        var typingAllowed: [UInt64: (ok: Bool, at: Int64)] = [:]
         let node = api.node
+        let tickID = tier.ticker.register { put(.tick) }
         await withTaskGroup(of: Void.self) { group in
             group.addTask {
                 do {
                     for try await message in inbound.messages(maxSize: frameBytesMax) {
                         guard case .text(let text) = message else {
-                            feed.yield(.malformed("frames are JSON text"))
+                            put(.malformed("frames are JSON text"))
                             continue
                         }
-                        feed.yield(parse(text))
+                        put(parse(text))
                     }
                 } catch {}
-                feed.yield(.gone)
+                put(.gone)
             }
             group.addTask {
-                while !Task.isCancelled {
-                    try? await Task.sleep(for: .seconds(1))
-                    feed.yield(.tick)
+                for await o in writes {
+                    switch o {
+                    case .events(let texts):
+                        // Closing: what is still queued is not worth writing (the client resumes).
+                        for t in texts where !closing.withLockedValue({ $0 }) { try? await outbound.write(.text(t)) }
+                        put(.written(texts.count))
+                    case .text(let t):
+                        try? await outbound.write(.text(t))
+                    case .close(let code, let why):
+                        try? await outbound.close(.unknown(code), reason: why)
+                        return
+                    }
                 }
             }
             var polling: Task<Void, Never>?
             loop: for await input in inputs {
                 var actions: [Session.Action]
-                switch input {
-                case .frame(let f): actions = session.received(f, nowMillis: now())
-                case .malformed(let why): actions = session.close(.protocolError, why)
-                case .live(let records):
-                    guard let u = session.user else { continue }
-                    actions = session.live(await events(records, api: api, me: u))
-                case .tick: actions = session.tick(nowMillis: now())
-                case .gone:
-                    // The client closed (or the connection is gone): answer its close at once.
-                    try? await outbound.close(.normalClosure, reason: nil)
-                    break loop
-                case .write(let text):
-                    try? await outbound.write(.text(text))
-                    continue
-                case .send(let requestID, let message):
-                    guard session.user != nil, let token = bearer else {
-                        actions = session.close(.protocolError, "send after auth and resume")
-                        break
+                if overflowed.withLockedValue({ $0 }) {
+                    actions = session.close(.resume, "the session fell behind: resume from your cursor")
+                } else {
+                    switch input {
+                    case .frame(let f): actions = session.received(f, nowMillis: now())
+                    case .malformed(let why): actions = session.close(.protocolError, why)
+                    case .hub(.records(let records)):
+                        guard let u = session.user else { continue }
+                        actions = session.live(await events(records, api: api, me: u))
+                    case .hub(.typing(let from)):
+                        guard let u = session.user, case .live = session.state else { continue }
+                        writer.yield(.text(#"{"type":"typing","from":\#(from),"conversation_id":"\#(Ids.conversationID(u, from))"}"#))
+                        continue
+                    case .written(let n):
+                        actions = session.written(n, nowMillis: now())
+                    case .tick: actions = session.tick(nowMillis: now())
+                    case .gone:
+                        // The client closed (or the connection is gone): answer its close at once.
+                        writer.yield(.close(1000, ""))
+                        break loop
+                    case .write(let text):
+                        writer.yield(.text(text))
+                        continue
+                    case .typing(let to):
+                        guard let u = session.user, case .live = session.state else {
+                            actions = session.close(.protocolError, "typing after auth and resume")
+                            break
+                        }
+                        _ = session.received(.ping, nowMillis: now())
+                        let t = now()
+                        guard t - typingSent >= typingEveryMillis, to != u, Ids.isUserID(to) else { continue }
+                        typingSent = t
+                        // Only to a contact who has not blocked either way (checked once a minute per peer).
+                        if let known = typingAllowed[to], t - known.at < typingCheckMillis {
+                            if known.ok { tier.sendTyping(from: u, to: to) }
+                            continue
+                        }
+                        let ok: Bool
+                        if case .success(let a?) = await node.ask(Ids.pairShard(u, to, shards: node.config.shards), .pair(u, to), at: .local),
+                            let p = a.pair, p.relation == .contacts, !p.isBlocked()
+                        {
+                            ok = true
+                        } else {
+                            ok = false
+                        }
+                        if typingAllowed.count > 1024 { typingAllowed = [:] }
+                        typingAllowed[to] = (ok, t)
+                        if ok { tier.sendTyping(from: u, to: to) }
+                        continue
+                    case .send(let requestID, let message):
+                        guard session.user != nil, let token = bearer else {
+                            actions = session.close(.protocolError, "send after auth and resume")
+                            break
+                        }
+                        // Its own task: a send waits for a commit, pushes go on meanwhile; the answer comes back
+                        // through the queue.
+                        Task {
+                            put(.write(await sendAnswer(requestID: requestID, message: message, token: token, api: api)))
+                        }
+                        continue
                     }
-                    // Its own task: a send waits for a commit, pushes go on meanwhile; the answer comes back
-                    // through the queue.
-                    Task {
-                        feed.yield(.write(await sendAnswer(requestID: requestID, message: message, token: token, api: api)))
-                    }
-                    continue
                 }
                 var k = 0
                 while k < actions.count {
@@ -184,14 +282,15 @@ enum DeliverySocket {
                             actions += session.authFailed("the token is not valid, expired or revoked")
                         }
                     case .subscribe(let u):
-                        if node.runner(Ids.homeShard(u, shards: node.config.shards)) != nil {
-                            guard let id = hub.register(user: u, { feed.yield(.live($0)) }) else {
-                                actions += session.close(.tooMany, "too many sessions for this user (\(InboxHub.sessionsPerUserMax)) or this node")
-                                continue
-                            }
-                            registration = (u, id)
-                        } else {
-                            // No replica of the home shard here: poll the inbox (the session drops repeats).
+                        guard let (id, first) = tier.hub.register(user: u, { put(.hub($0)) }) else {
+                            actions += session.close(.tooMany, "too many sessions for this user (\(InboxHub.sessionsPerUserMax)) or this node")
+                            continue
+                        }
+                        registration = (u, id)
+                        if first { tier.announce([u], on: true) }
+                        if node.runner(Ids.homeShard(u, shards: node.config.shards)) == nil {
+                            // No replica of the home shard here: poll the inbox (the session drops repeats);
+                            // the hub still brings typing.
                             polling = Task {
                                 var next: StreamSeq = 0
                                 while !Task.isCancelled {
@@ -201,7 +300,7 @@ enum DeliverySocket {
                                         consistency: .linearizable)
                                     if case .success(let rr) = r, let last = rr.records.last {
                                         next = last.seq
-                                        feed.yield(.live(rr.records))
+                                        put(.hub(.records(rr.records)))
                                     }
                                 }
                             }
@@ -216,21 +315,28 @@ enum DeliverySocket {
                             actions += session.close(.resume, "the inbox cannot be read now: resume from your cursor")
                         }
                     case .push(let events):
-                        for e in events where !e.body.isEmpty {
-                            try? await outbound.write(.text(String(decoding: e.body, as: UTF8.self)))
-                        }
-                        session.written(events.count)
+                        // Every event counts (the session counts them all); records that are no event go empty.
+                        writer.yield(.events(events.map { String(decoding: $0.body, as: UTF8.self) }.filter { !$0.isEmpty }))
+                        let skipped = events.filter { $0.body.isEmpty }.count
+                        if skipped > 0 { actions += session.written(skipped, nowMillis: now()) }
                     case .reply(let reply):
-                        try? await outbound.write(.text(text(reply)))
+                        writer.yield(.text(text(reply)))
+                    case .acknowledged(let u, let cursor):
+                        tier.acks.note(user: u, cursor: cursor)
                     case .close(let code, let why):
-                        try? await outbound.close(.unknown(code.rawValue), reason: why)
+                        closing.withLockedValue { $0 = true }
+                        writer.yield(.close(code.rawValue, why))
                         break loop
                     }
                 }
             }
             polling?.cancel()
-            if let (u, id) = registration { hub.unregister(user: u, id: id) }
+            tier.ticker.unregister(tickID)
+            if let (u, id) = registration, tier.hub.unregister(user: u, id: id) { tier.announce([u], on: false) }
+            writer.finish()
             feed.finish()
+            // The close frame may never get through to a client that stopped reading.
+            channel.eventLoop.scheduleTask(in: closeGrace) { channel.close(promise: nil) }
             group.cancelAll()
         }
     }
@@ -256,6 +362,9 @@ enum DeliverySocket {
             return .frame(.ack(cursor: c))
         case "ping":
             return .frame(.ping)
+        case "typing":
+            guard let to = o["to"] as? Int, to > 0 else { return .malformed("typing needs a user id: {\"type\":\"typing\",\"to\":42}") }
+            return .typing(to: UInt64(to))
         case "send":
             guard let id = o["request_id"] as? String, (1...64).contains(id.utf8.count), let m = o["message"] as? [String: Any],
                 let data = try? JSONSerialization.data(withJSONObject: m)

@@ -17,6 +17,8 @@ import WeftCore
 /// 7 readIndex | request id        (answered ok with one ref whose index is the read index)
 /// 8 forwardKeyed | request id | u8 key length | key | then as forward: u32 n | n x record
 /// 9 relayBatch | request id | u32 header length | RelayMarks.Header bytes | then as forward: u32 n | n x record
+/// 14 presence | u8 on | u32 n | n x u64 user
+/// 15 typing | u64 from | u64 to | u8 route
 /// answer statuses 6 partial: u32 count | u32 n | n x ref; 7 replayed: u32 n | n x ref;
 ///                 8 relay: u8 kind (0 written, 1 already applied, 2 stale) | u64 mark
 /// 3 answer  | request id | u8 status
@@ -55,6 +57,15 @@ enum Envelope: Equatable {
     /// A read of a shard's records for a node that holds a replica: `consistency` as `ReadPoint.encode`,
     /// the read as `ReadPoint.encodeQuery`. Answered `bytes` (`ReadPoint.encodeResult`).
     case readForward(request: RequestID, consistency: [UInt8], query: [UInt8])
+    /// These users have (`on`) or no longer have sessions on the sending node: for the presence directory
+    /// of the nodes their home shard is placed on (Docs/delivery.md, "Typing"). Not answered.
+    case presence(on: Bool, users: [UInt64])
+    /// `from` is typing to `to`. `route`: to a directory node of `to`, which sends it on (route false)
+    /// to every node with a session of `to`. Not answered; lost frames are lost (typing is ephemeral).
+    case typing(from: UInt64, to: UInt64, route: Bool)
+
+    /// Users in one presence frame at most.
+    static let presenceUsersMax = 1 << 16
 
     struct ForwardedProposal: Equatable {
         var stream: StreamID
@@ -130,6 +141,16 @@ enum Envelope: Equatable {
             b += c.prefix(255)
             put(UInt32(q.count), &b)
             b += q
+        case .presence(let on, let users):
+            b.append(14)
+            b.append(on ? 1 : 0)
+            put(UInt32(users.count), &b)
+            for u in users { put(u, &b) }
+        case .typing(let from, let to, let route):
+            b.append(15)
+            put(from, &b)
+            put(to, &b)
+            b.append(route ? 1 : 0)
         case .rateTake(let id, let user, let kind, let perMinute):
             b.append(11)
             put(id, &b)
@@ -252,6 +273,21 @@ enum Envelope: Equatable {
             let q = try r.take(n)
             try r.end()
             return kind == 12 ? .stateQuery(request: id, consistency: c, query: q) : .readForward(request: id, consistency: c, query: q)
+        case 14:
+            let on = try r.take(1)[0]
+            let n = Int(try r.u32())
+            guard on <= 1, n <= Self.presenceUsersMax, n * 8 == r.remaining else { throw DecodeError(description: "presence of \(n) users in \(r.remaining) bytes") }
+            var users: [UInt64] = []
+            users.reserveCapacity(n)
+            for _ in 0..<n { users.append(try r.u64()) }
+            return .presence(on: on == 1, users: users)
+        case 15:
+            let from = try r.u64()
+            let to = try r.u64()
+            let route = try r.take(1)[0]
+            try r.end()
+            guard route <= 1 else { throw DecodeError(description: "typing route \(route)") }
+            return .typing(from: from, to: to, route: route == 1)
         case 11:
             let id = try r.requestID()
             let user = try r.u64()

@@ -133,6 +133,7 @@ struct MessagingAPI: Sendable {
         var display_name: String
         var totp_enabled: Bool? = nil
         var created_at: String? = nil
+        var push_preview: Bool? = nil
     }
 
     func me(_ request: Request) async throws -> Response {
@@ -140,21 +141,31 @@ struct MessagingAPI: Sendable {
         return try HTTPAPI.json(
             UserBody(
                 user_id: me.id, username: me.username, display_name: me.displayName, totp_enabled: me.totpState == 2,
-                created_at: Self.iso(micros: me.createdMicros)))
+                created_at: Self.iso(micros: me.createdMicros), push_preview: me.pushPreview))
     }
 
     struct ProfileBody: Decodable {
-        var display_name: String
-        static let keys: Set<String> = ["display_name"]
+        var display_name: String?
+        /// Offline notifications may carry message text (Docs/delivery.md, "Offline push").
+        var push_preview: Bool?
+        static let keys: Set<String> = ["display_name", "push_preview"]
     }
 
     func updateMe(_ request: Request) async throws -> Response {
         let me = try await authenticate(request)
         try await action(me)
         let body = try await decode(ProfileBody.self, request, keys: ProfileBody.keys)
-        try Self.checkDisplayName(body.display_name)
-        try await write(Ids.homeShard(me.id, shards: shards), .profile(user: me.id, displayName: body.display_name))
-        return try HTTPAPI.json(UserBody(user_id: me.id, username: me.username, display_name: body.display_name))
+        guard body.display_name != nil || body.push_preview != nil else {
+            throw APIError(.badRequest, "missing_field", "give display_name, push_preview or both")
+        }
+        if let d = body.display_name { try Self.checkDisplayName(d) }
+        let home = Ids.homeShard(me.id, shards: shards)
+        if let d = body.display_name { try await write(home, .profile(user: me.id, displayName: d)) }
+        if let p = body.push_preview { try await write(home, .pushPreview(user: me.id, on: p)) }
+        return try HTTPAPI.json(
+            UserBody(
+                user_id: me.id, username: me.username, display_name: body.display_name ?? me.displayName, totp_enabled: me.totpState == 2,
+                created_at: Self.iso(micros: me.createdMicros), push_preview: body.push_preview ?? me.pushPreview))
     }
 
     func user(_ request: Request, _ context: BasicRequestContext) async throws -> Response {

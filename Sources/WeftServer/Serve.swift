@@ -39,11 +39,11 @@ public enum Serve {
             router: HTTPAPI.router(node: weftNode, registry: registry, api: messaging),
             server: .http1WebSocketUpgrade(
                 configuration: .init(ws: .init(maxFrameSize: AppendStream.frameBytesMax, autoPing: .enabled(timePeriod: .seconds(30))))
-            ) { request, _, logger in
+            ) { request, channel, logger in
                 // The delivery socket upgrades for anyone (the session's first frame authenticates).
                 if request.path?.split(separator: "?").first.map(String.init) == DeliverySocket.path {
                     return .upgrade([:]) { inbound, outbound, _ in
-                        await DeliverySocket.serve(inbound, outbound, api: messaging, hub: weftNode.inboxHub, logger: logger)
+                        await DeliverySocket.serve(inbound, outbound, channel: channel, api: messaging, tier: weftNode.delivery, logger: logger)
                     }
                 }
                 // The append stream upgrades only with the operator token; anything else goes on to the
@@ -63,6 +63,7 @@ public enum Serve {
                 // Shut down in reverse order: the deadline first (it starts its clock), then HTTP, then the node.
                 services: [
                     .init(service: NodeService(node: weftNode)), .init(service: app),
+                    .init(service: PushService(node: weftNode, api: messaging, logger: logger)),
                     .init(service: ShutdownDeadline(limit: .seconds(20), logger: logger)),
                 ],
                 gracefulShutdownSignals: [.sigterm, .sigint],
@@ -78,6 +79,21 @@ struct NodeService: Service {
         try await node.start()
         try? await gracefulShutdown()
         await node.stop()
+    }
+}
+
+/// Offline push (Docs/delivery.md): the webhook worker, when `[push] webhook_url` is set.
+struct PushService: Service {
+    let node: WeftNode
+    let api: MessagingAPI
+    let logger: Logger
+    func run() async throws {
+        guard let url = node.config.push.webhookURL else {
+            try? await gracefulShutdown()
+            return
+        }
+        let worker = PushWorker(node: node, api: api, config: node.config.push, url: url, logger: logger)
+        await cancelWhenGracefulShutdown { await worker.run() }
     }
 }
 

@@ -66,8 +66,10 @@ public final class WeftNode: Sendable {
     let waiterTokens = NIOLockedValueBox<UInt64>(0)
     /// The relay of each shard this node leads.
     let relays = NIOLockedValueBox<[ShardID: RelayRunner]>([:])
-    /// Hands committed inbox records to this node's WebSocket sessions (Docs/delivery.md).
-    let inboxHub = InboxHub()
+    /// This node's part of the delivery tier (Docs/delivery.md): sessions' hub, acks, presence, typing.
+    let delivery: DeliveryTier
+    var inboxHub: InboxHub { delivery.hub }
+    let deliveryTask = NIOLockedValueBox<Task<Void, Never>?>(nil)
     /// Users' rate-limit buckets this node keeps (Docs/messaging.md, "Rate limits").
     let limiter = RateLimiter()
     /// Set by `stop`: no relay starts after it.
@@ -116,6 +118,9 @@ public final class WeftNode: Sendable {
                 case .failed: box.withLockedValue { $0 }?.runner(shard)?.submit(.catchUpReport(to: to, transfer: transfer, failed: true))
                 }
             })
+        delivery = DeliveryTier(
+            config: config, selfID: id, send: { to, shard, env in t.send(to: to, shard: shard.rawValue, payload: env.encode()) },
+            reachable: { t.reachable($0) })
         runnerBox = NIOLockedValueBox([:])
         let laneCount = max(1, min(config.raft.driverThreads, config.shards))
         let tick = Duration.milliseconds(max(1, config.raft.heartbeatIntervalMs))
@@ -250,6 +255,8 @@ public final class WeftNode: Sendable {
 
     func runner(_ shard: ShardID) -> ShardRunner? { runnerBox.withLockedValue { $0[shard] } }
     var allRunners: [ShardID: ShardRunner] { runnerBox.withLockedValue { $0 } }
+    /// The shards whose local replica leads (a relay runs for each), ascending.
+    var ledShards: [ShardID] { relays.withLockedValue { Array($0.keys) }.sorted() }
 
     /// A Raft message for a shard this node has no replica of: a leader is adding this node to the
     /// shard's group. Open an empty replica (no group: it cannot campaign) and let it catch up.
@@ -278,12 +285,15 @@ public final class WeftNode: Sendable {
             return rs
         }
         for r in rs.values { r.start() }
+        let tier = delivery
+        deliveryTask.withLockedValue { $0 = Task { [weak self] in if let self { await tier.run(node: self) } } }
         logger.info("node \(id) up: \(rs.count) shards, peer \(transport.listenAddress)")
     }
 
     public func stop() async {
         stopping.withLockedValue { $0 = true }
         inboxHub.stop()
+        deliveryTask.withLockedValue { $0?.cancel() }
         for r in relays.withLockedValue({ rs in defer { rs = [:] }; return Array(rs.values) }) { r.stop() }
         shipper.stop()
         // Every replica stops after its current turn; then one shared wait (a lane stuck in a slow
@@ -371,6 +381,10 @@ public final class WeftNode: Sendable {
             runner.submit(.propose(ps) { reply(Self.answer($0, me: me, Self.refs)) })
         case .answer(let request, let answer):
             forwarder.receive(request, answer, from: from)
+        case .presence(let on, let users):
+            delivery.directory.note(users, node: from, on: on)
+        case .typing(let sender, let to, let route):
+            delivery.typing(from: sender, to: to, route: route)
         }
     }
 

@@ -174,4 +174,22 @@ import WeftCore
             #expect(e?.message.isEmpty == false, "\(bad)")
         }
     }
+
+    @Test func deliveryAndPushSettings() throws {
+        let defaults = try ClusterConfiguration.parse(document(), configPath: "c.toml")
+        #expect(defaults.delivery == DeliveryConfig() && defaults.delivery.sessionQueueMax == 1024)
+        #expect(defaults.push.webhookURL == nil, "no webhook: no push")
+        let c = try ClusterConfiguration.parse(
+            document(
+                extra: "[delivery]\nsession_queue_max = 64\nwrite_stall_ms = 5000\n[push]\nwebhook_url = \"http://push.internal:8080/hooks/weft\"\n"
+                    + "delay_ms = 1500\nsecret = \"0123456789abcdef\"\nretry_max_ms = 9000"),
+            configPath: "c.toml")
+        #expect(c.delivery.sessionQueueMax == 64 && c.delivery.writeStallMillis == 5000)
+        #expect(c.push.webhookURL?.host == "push.internal" && c.push.webhookURL?.port == 8080 && c.push.webhookURL?.path == "/hooks/weft")
+        #expect(c.push.delayMillis == 1500 && c.push.secret == "0123456789abcdef" && c.push.retryMaxMillis == 9000)
+        #expect(WebhookURL("http://h")?.port == 80 && WebhookURL("http://h")?.path == "/")
+        for bad in ["https://h/p", "http://", "http://:80/p", "http://u@h/p", "http://h:0/", "http://h/a b", "ftp://h/"] {
+            #expect(WebhookURL(bad) == nil, "\(bad)")
+        }
+    }
 }

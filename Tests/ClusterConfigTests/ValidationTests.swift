@@ -58,7 +58,14 @@ let rejections: [Rejection] = [
     Rejection("api.operator_token", "printable ASCII", document(api: "operator_token = \"has a space 0123456789\"")),
     Rejection("api.token", "unknown key (expected one of: operator_token)", document(api: "operator_token = \"\(validToken)\"\ntoken = 1")),
     // top level
-    Rejection("stroage", "unknown key (expected one of: cluster, storage, raft, api, messaging, nodes)", document(extra: "[stroage]\ndata_dir = \"x\"")),
+    Rejection("stroage", "unknown key (expected one of: cluster, storage, raft, api, messaging, delivery, push, nodes)", document(extra: "[stroage]\ndata_dir = \"x\"")),
+    Rejection("push.webhook_url", "must be http://host[:port][/path]", document(extra: "[push]\nwebhook_url = \"https://hooks.example/p\"")),
+    Rejection("push.webhook_url", "must be http://host[:port][/path]", document(extra: "[push]\nwebhook_url = \"http://h:99999/p\"")),
+    Rejection("push.delay_ms", "must be", document(extra: "[push]\ndelay_ms = -1")),
+    Rejection("push.secret", "at least 16 bytes", document(extra: "[push]\nsecret = \"short\"")),
+    Rejection("push.hook", "unknown key", document(extra: "[push]\nhook = 1")),
+    Rejection("delivery.session_queue_max", "must be", document(extra: "[delivery]\nsession_queue_max = 1")),
+    Rejection("delivery.write_stall_ms", "expected", document(extra: "[delivery]\nwrite_stall_ms = \"slow\"")),
     Rejection("version", "unknown key", "version = 1\n" + document()),
     // [storage]
     Rejection("storage", "expected a table, got a string", "storage = \"x\"\n" + document()),

@@ -37,9 +37,10 @@ final class ClusterProcess: @unchecked Sendable {
 
     /// `storage`: more `[storage]` keys, one per line.
     /// `messaging`: more `[messaging]` keys, one per line (bcrypt's cost is the minimum, 4, unless given).
+    /// `tables`: more tables (`[push]`, `[delivery]`), as TOML.
     init(
         name: String, nodes count: Int = 3, shards: Int = 2, segmentBytes: Int = 1_048_576, storage: String = "",
-        messaging: String = "bcrypt_cost = 4"
+        messaging: String = "bcrypt_cost = 4", tables: String = ""
     ) throws {
         dir = NSTemporaryDirectory() + "weft-cluster-\(name)-\(getpid())"
         try? FileManager.default.removeItem(atPath: dir)
@@ -75,6 +76,8 @@ final class ClusterProcess: @unchecked Sendable {
             election_timeout_min_ms = 300
             election_timeout_max_ms = 600
             heartbeat_interval_ms = 50
+
+            \(tables)
 
             """
         var api: [Int: Int] = [:]

@@ -23,13 +23,16 @@ extension Clusters {
 
         /// Opens a session on `node`, resumes from `cursor`, and collects frames until `done` says so or
         /// `seconds` pass; `during` runs once the session is ready.
+        /// `ack`: acknowledge each event as it comes. `pause`: stop reading while `during` runs (a slow
+        /// consumer). A close frame from the server ends up as a last frame `{"type":"_closed","code":…}`.
         func session(
             _ c: ClusterProcess, node: Int, token: String, cursor: String, seconds: Double = 15, sendAfterReady: [String] = [],
+            ack: Bool = false, pause: Bool = false,
             during: @escaping @Sendable () async -> Void = {}, done: @escaping @Sendable ([[String: Any]]) -> Bool
         ) async throws -> [[String: Any]] {
             let frames = Frames()
             let url = "ws://127.0.0.1:\(c.apiPorts[node]!)/api/v1/ws"
-            try await WebSocketClient.connect(url: url, logger: logger) { inbound, outbound, _ in
+            let close = try await WebSocketClient.connect(url: url, logger: logger) { inbound, outbound, _ in
                 try await outbound.write(.text(#"{"type":"auth","token":"\#(token)"}"#))
                 try await outbound.write(.text(#"{"type":"resume","cursor":"\#(cursor)"}"#))
                 let timer = Task {
@@ -41,10 +44,13 @@ extension Clusters {
                 for try await message in inbound.messages(maxSize: 1 << 20) {
                     guard case .text(let t) = message, let f = try? JSONSerialization.jsonObject(with: Data(t.utf8)) as? [String: Any] else { continue }
                     frames.add(f)
+                    if ack, let c = (f["event"] as? [String: Any])?["cursor"] as? String {
+                        try? await outbound.write(.text(#"{"type":"ack","cursor":"\#(c)"}"#))
+                    }
                     if f["type"] as? String == "ready", !started {
                         started = true
                         for text in sendAfterReady { try await outbound.write(.text(text)) }
-                        Task { await during() }
+                        if pause { await during() } else { Task { await during() } }
                     }
                     // Done: close, and keep reading until the server's close ends the stream (a client
                     // that stops reading cannot finish the close handshake).
@@ -54,6 +60,10 @@ extension Clusters {
                     }
                 }
                 timer.cancel()
+            }
+            if let close {
+                let code: Int = if case .unknown(let n) = close.closeCode { Int(n) } else { 1000 }
+                frames.add(["type": "_closed", "code": code])
             }
             return frames.snapshot
         }
@@ -169,6 +179,88 @@ extension Clusters {
             #expect(all == Array(1...11), "every event once, in order, across the kill: \(all)")
             let contents = (first + second).compactMap { (($0["event"] as? [String: Any])?["message"] as? [String: Any])?["content"] as? String }
             #expect(contents == (0..<9).map { "m\($0)" })
+        }
+
+        /// Typing reaches the other user's sessions on another node (4 nodes: the presence directory of
+        /// a user is on 3 of them), is never written to the log, and reaches no one who is not a contact.
+        @Test(.timeLimit(.minutes(3))) func typingReachesAContactAcrossNodesAndNoOneElse() async throws {
+            let c = try ClusterProcess(name: "wstyping", nodes: 4, shards: 4)
+            try c.startAll()
+            defer { c.stopAll() }
+            for s in 0..<4 { _ = try #require(await c.leader(of: UInt64(s))) }
+            let (alice, a, bob, b) = try await Self.contacts(c)
+            let carol = try #require(await c.register("carol"))
+            let cToken = try #require(await c.login("carol"))
+            let typing: @Sendable ([[String: Any]]) -> [[String: Any]] = { $0.filter { $0["type"] as? String == "typing" } }
+            // Alice on node 1 types to bob (on node 4) and to carol (not a contact) every 0.6 s, while
+            // carol's session on node 3 listens too.
+            let carolTask = Task { typing(try await self.session(c, node: 3, token: cToken, cursor: "0", seconds: 14) { _ in false }).count }
+            let url = "ws://127.0.0.1:\(c.apiPorts[1]!)/api/v1/ws"
+            let aliceTask = Task {
+                try await WebSocketClient.connect(url: url, logger: logger) { inbound, outbound, _ in
+                    try await outbound.write(.text(#"{"type":"auth","token":"\#(a)"}"#))
+                    try await outbound.write(.text(#"{"type":"resume","cursor":"0"}"#))
+                    let sender = Task {
+                        for _ in 0..<20 {
+                            try? await Task.sleep(for: .milliseconds(600))
+                            try? await outbound.write(.text(#"{"type":"typing","to":\#(bob)}"#))
+                            try? await outbound.write(.text(#"{"type":"typing","to":\#(carol)}"#))
+                        }
+                        try? await outbound.close(.normalClosure, reason: nil)
+                    }
+                    for try await _ in inbound.messages(maxSize: 1 << 20) {}
+                    sender.cancel()
+                }
+            }
+            let bobFrames = try await session(c, node: 4, token: b, cursor: "0", seconds: 14) { !typing($0).isEmpty }
+            _ = try? await aliceTask.value
+            let carolTyping = try await carolTask.value
+            let seen = typing(bobFrames).first
+            #expect(seen?["from"] as? Int == Int(alice), "bob sees alice typing: \(bobFrames)")
+            #expect(seen?["conversation_id"] as? String == "d\(min(alice, bob))-\(max(alice, bob))")
+            #expect(carolTyping == 0, "typing to someone who is not a contact goes nowhere")
+            // Nothing of it in bob's inbox: request, accepted.
+            let inbox = await c.syncAll(2, token: b)
+            #expect(inbox?.count == 2)
+        }
+
+        /// A consumer that stops reading while 1 200 large messages arrive is cut off (its queue limit
+        /// is 16 events) instead of the server buffering for it, and resumes without loss.
+        @Test(.timeLimit(.minutes(5))) func aSlowConsumerIsCutOffAndResumesWithoutLoss() async throws {
+            let c = try ClusterProcess(
+                name: "wsslow", nodes: 3, shards: 2, messaging: "bcrypt_cost = 4\nsends_per_minute = 100000",
+                tables: "[delivery]\nsession_queue_max = 16\nwrite_stall_ms = 2000")
+            try c.startAll()
+            defer { c.stopAll() }
+            for s in 0..<2 { _ = try #require(await c.leader(of: UInt64(s))) }
+            let (_, a, bob, b) = try await Self.contacts(c)
+            let total = 1200
+            let text = String(repeating: "x", count: 4000)
+            let flood: @Sendable () async -> Void = {
+                await withTaskGroup(of: Void.self) { group in
+                    for w in 0..<16 {
+                        group.addTask {
+                            for k in stride(from: w, to: total, by: 16) {
+                                _ = await c.eventually {
+                                    let r = await c.call(1 + k % 3, "POST", "/api/v1/messages", token: a,
+                                        json: ["receiver_id": bob, "message_type": "text", "content": text, "client_msg_id": "f\(k)"])
+                                    return r.status == 200 ? true : nil
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            // Reads up to "ready", then not at all until every message is sent.
+            let first = try await session(c, node: 2, token: b, cursor: "0", seconds: 120, pause: true, during: flood) { _ in false }
+            let got = Self.cursors(first)
+            #expect(!got.isEmpty && got == Array(1...UInt64(max(1, got.count))), "in order from 1: \(got.prefix(5))…")
+            #expect(got.count < total + 2, "cut off before the end (\(got.count) events)")
+            let closed = first.last { $0["type"] as? String == "_closed" }
+            #expect(closed == nil || closed?["code"] as? Int == 4000, "closed with 4000 resume (or the connection cut): \(String(describing: closed))")
+            let rest = try await session(c, node: 3, token: b, cursor: "\(got.last ?? 0)", seconds: 90) { Self.cursors($0).count >= total + 2 - got.count }
+            let all = got + Self.cursors(rest)
+            #expect(all == Array(1...UInt64(total + 2)), "every event once, in order, after the resume (\(all.count) events)")
         }
     }
 }

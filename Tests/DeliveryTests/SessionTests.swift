@@ -37,7 +37,7 @@ import WeftCore
         _ = s.received(.auth(token: "t"), nowMillis: 1)
         #expect(s.authenticated(user: 9).isEmpty)
         let a = s.received(.resume(cursor: 3), nowMillis: 2)
-        #expect(a == [.subscribe(user: 9), .readInbox(user: 9, fromSeq: 4, limit: 100)])
+        #expect(a == [.subscribe(user: 9), .readInbox(user: 9, fromSeq: 4, limit: 100), .acknowledged(user: 9, cursor: 3)])
         #expect(s.delivered == 3)
         if case .close(.protocolError, _)? = s.received(.resume(cursor: 5), nowMillis: 3).first {} else { Issue.record("one resume per connection") }
     }
@@ -73,18 +73,61 @@ import WeftCore
         var s = Self.resumed(at: 0, limits: Session.Limits(queueCountMax: 3))
         _ = s.page([], complete: true)
         #expect(Self.pushed(s.live([Self.ev(1), Self.ev(2)])) == [1, 2])
-        s.written(1)
+        s.written(1, nowMillis: 3)
         #expect(Self.pushed(s.live([Self.ev(3)])) == [3])
         let a = s.live([Self.ev(4), Self.ev(5)])
         if case .close(.resume, _)? = a.first {} else { Issue.record("past the queue limit: close with resume, got \(a)") }
         #expect(s.state == .closed)
     }
 
+    /// A client that stops reading: its socket stops taking pushed events; after the stall limit the
+    /// session closes with resume, while a session with nothing to write is never closed for it.
+    @Test func aStalledSocketClosesWithResume() {
+        var s = Self.resumed(at: 0, limits: Session.Limits(writeStallMillisMax: 5_000))
+        _ = s.page([], complete: true)
+        #expect(s.tick(nowMillis: 60_000).isEmpty, "nothing to write: no stall however long")
+        #expect(Self.pushed(s.live([Self.ev(1), Self.ev(2)])) == [1, 2])
+        _ = s.received(.ping, nowMillis: 61_000)
+        #expect(s.tick(nowMillis: 64_000).isEmpty, "unwritten for 4 s")
+        s.written(1, nowMillis: 64_500)
+        #expect(s.tick(nowMillis: 69_000).isEmpty, "progress 4.5 s ago")
+        _ = s.received(.ping, nowMillis: 69_000)
+        let a = s.tick(nowMillis: 69_600)
+        if case .close(.resume, _)? = a.first {} else { Issue.record("no write for 5.1 s with events queued: close with resume, got \(a)") }
+    }
+
+    /// A long catch-up goes at the socket's pace: a page is read only when it fits in the queue beside
+    /// what is not written yet, so a client that reads keeps up however far behind it starts.
+    @Test func catchUpWaitsForTheSocketInsteadOfOverflowing() {
+        var s = Self.resumed(at: 0, limits: Session.Limits(queueCountMax: 16, pageCountMax: 100))
+        var next: UInt64 = 1
+        func page(_ n: Int) -> [Session.Event] {
+            defer { next += UInt64(n) }
+            return (0..<UInt64(n)).map { Self.ev(next + $0) }
+        }
+        // Pages are at most half the queue (8 events).
+        var a = s.page(page(8), complete: false)
+        #expect(Self.pushed(a) == Array(1...8))
+        #expect(a.contains(.readInbox(user: 7, fromSeq: 9, limit: 8)), "8 unwritten + 8: the next page fits")
+        a = s.page(page(8), complete: false)
+        #expect(Self.pushed(a) == Array(9...16))
+        #expect(!a.contains { if case .readInbox = $0 { true } else { false } }, "16 unwritten: wait for the socket")
+        #expect(s.state == .catchingUp(user: 7, reading: false))
+        #expect(s.written(4, nowMillis: 10).isEmpty, "12 unwritten: a page does not fit yet")
+        #expect(s.written(4, nowMillis: 11) == [.readInbox(user: 7, fromSeq: 17, limit: 8)])
+        a = s.page(page(3), complete: true)
+        #expect(Self.pushed(a) == [17, 18, 19])
+        #expect(a.contains(.reply(.ready(cursor: 19))))
+        #expect(s.state == .live(user: 7))
+    }
+
     @Test func acksAndIdleness() {
         var s = Self.resumed(at: 2)
         _ = s.page([Self.ev(3)], complete: true)
-        #expect(s.received(.ack(cursor: 3), nowMillis: 10).isEmpty)
+        #expect(s.received(.ack(cursor: 3), nowMillis: 10) == [.acknowledged(user: 7, cursor: 3)])
         #expect(s.acked == 3)
+        #expect(s.received(.ack(cursor: 3), nowMillis: 10).isEmpty, "the same cursor again: nothing new to record")
+        #expect(s.received(.ack(cursor: 1), nowMillis: 10).isEmpty, "a lower cursor: nothing new")
         if case .close(.protocolError, _)? = s.received(.ack(cursor: 4), nowMillis: 11).first {} else { Issue.record("ack past what was sent") }
         var t = Self.resumed(at: 0)
         #expect(t.received(.ping, nowMillis: 50_000) == [.reply(.pong)])

@@ -169,6 +169,10 @@ private func mixedRecords(_ log: inout TestLog) -> [Record] {
         .inbox(user: 9, .blocked(peer: 7, on: false)),
         .inbox(user: 9, .read(peer: 7, seq: 99)),
         .readMark(user: 9, peer: 7, seq: 3),
+        .pushPreview(user: 9, on: true),
+        .pushPreview(user: 9, on: false),
+        .delivered(user: 9, seq: 12),
+        .notified(user: 9, seq: UInt64.max),
     ]
 
     static let messageOps: [MessagingOp] = MessageKind.allCases.map { (k: MessageKind) -> MessagingOp in
@@ -179,7 +183,7 @@ private func mixedRecords(_ log: inout TestLog) -> [Record] {
     }
 
     @Test func everyOperationAndInboxEventIsCovered() {
-        #expect(Set(Self.allOps.map(\.code)) == [1, 2, 3, 5, 10, 11, 12, 13, 14, 15, 20, 21])
+        #expect(Set(Self.allOps.map(\.code)) == [1, 2, 3, 4, 5, 10, 11, 12, 13, 14, 15, 20, 21, 22, 23])
         // The inbox event's kind byte follows `u8 op | u64 user`.
         let eventKinds = Set(Self.allOps.filter { $0.code == 20 }.map { $0.encode()[9] })
         #expect(eventKinds == Set<UInt8>(1...7))
@@ -205,7 +209,7 @@ private func mixedRecords(_ log: inout TestLog) -> [Record] {
 
     @Test func outOfRangeFieldsDecodeToNil() {
         #expect(MessagingOp.decode([]) == nil)
-        for unknown: UInt8 in [0, 4, 6, 16, 22, 255] { #expect(MessagingOp.decode([unknown] + Array(repeating: 0, count: 16)) == nil) }
+        for unknown: UInt8 in [0, 6, 16, 24, 255] { #expect(MessagingOp.decode([unknown] + Array(repeating: 0, count: 16)) == nil) }
 
         var block = MessagingOp.block(by: 7, other: 9, on: true).encode()
         block[block.count - 1] = 2
@@ -914,7 +918,7 @@ private func mixedRecords(_ log: inout TestLog) -> [Record] {
         }
         #expect(throws: StateDecodeError.self) { try MessagingMachine(snapshot: bytes + [0]) }
         var version = bytes
-        version[0] = 2
+        version[0] = 3
         #expect(throws: StateDecodeError.self) { try MessagingMachine(snapshot: version) }
 
         // Counts flipped to numbers the bytes cannot hold: refused before anything is reserved.
@@ -1078,3 +1082,63 @@ private func mixedRecords(_ log: inout TestLog) -> [Record] {
         #expect(bobView.readSeq == last.record.seq)
     }
 }
+
+// MARK: Offline push positions
+
+@Suite struct PushStateTests {
+    /// Events from someone else make a user owed a notification from their record time; an ack or a
+    /// notification past them clears it; marks never pass the inbox; the state survives a snapshot.
+    @Test func owedEventsDeliveredAndNotifiedMarks() throws {
+        var shard = TestShard()
+        let bob = registeredID(shard.apply(register("bob", shards: 1)).outcome) ?? 0
+        let alice: UInt64 = 99
+        let t0: Int64 = 1_800_000_000_000_000
+        // Bob's own events (a request he sent, a message he sent) owe him nothing.
+        shard.apply(.inbox(user: bob, .contactRequest(peer: alice, fromMe: true, note: "")), at: t0)
+        shard.apply(.inbox(user: bob, .message(peer: alice, seq: 1, fromMe: true, messageID: 1)), at: t0 + 1)
+        #expect(shard.machine.pushDue(nowMicros: t0 + 10_000_000, delayMicros: 0, limit: 10).isEmpty)
+        // A message from alice at t0+2: owed from then.
+        shard.apply(.inbox(user: bob, .message(peer: alice, seq: 2, fromMe: false, messageID: 2)), at: t0 + 2)
+        #expect(shard.machine.pushDue(nowMicros: t0 + 1_000, delayMicros: 5_000, limit: 10).isEmpty, "not before the delay")
+        let due = shard.machine.pushDue(nowMicros: t0 + 5_002, delayMicros: 5_000, limit: 10)
+        #expect(due == [PushDue(user: bob, fromSeq: 1, pushableLast: 3, owingSinceMicros: t0 + 2, preview: false)])
+        #expect(shard.machine.pushDue(nowMicros: t0 + 5_002, delayMicros: 5_000, limit: 10, skip: [bob]).isEmpty, "backing off")
+        // A device acknowledged up to 3: nothing owed.
+        #expect(shard.apply(.delivered(user: bob, seq: 3), at: t0 + 3).outcome.isAccepted)
+        #expect(shard.machine.owing.count == 0)
+        // Two more; the worker notified the first: still owed, since the mark moved.
+        shard.apply(.inbox(user: bob, .message(peer: alice, seq: 3, fromMe: false, messageID: 3)), at: t0 + 4)
+        shard.apply(.inbox(user: bob, .contactRequest(peer: 7, fromMe: false, note: "hi")), at: t0 + 5)
+        shard.apply(.notified(user: bob, seq: 4), at: t0 + 6)
+        #expect(shard.machine.pushDue(nowMicros: t0 + 6, delayMicros: 0, limit: 10).map(\.fromSeq) == [5])
+        #expect(shard.machine.push[bob]?.owingSinceMicros == t0 + 6)
+        // A mark past the inbox stops at its end (a later event is owed again).
+        shard.apply(.notified(user: bob, seq: 1_000), at: t0 + 7)
+        #expect(shard.machine.push[bob]?.notified == 5)
+        shard.apply(.inbox(user: bob, .message(peer: alice, seq: 4, fromMe: false, messageID: 4)), at: t0 + 8)
+        #expect(shard.machine.pushDue(nowMicros: t0 + 8, delayMicros: 0, limit: 10).map(\.fromSeq) == [6])
+        // Opting in to previews shows in the due list; unknown users are refused.
+        shard.apply(.pushPreview(user: bob, on: true))
+        #expect(shard.machine.pushDue(nowMicros: t0 + 8, delayMicros: 0, limit: 10).first?.preview == true)
+        #expect(shard.apply(.delivered(user: 123_456_789, seq: 1)).outcome.rejectionCode == "unknown_user")
+        // A snapshot carries it all, the owed set included.
+        let back = try MessagingMachine(snapshot: shard.machine.snapshot())
+        #expect(back.snapshot() == shard.machine.snapshot())
+        #expect(back.push[bob] == shard.machine.push[bob])
+        #expect(back.owing[bob] == t0 + 8)
+        #expect(back.accounts[bob]?.pushPreview == true)
+    }
+
+    /// The due list is the longest-waiting users first, at most `limit`.
+    @Test func dueUsersComeLongestWaitingFirst() {
+        var shard = TestShard()
+        var users: [UInt64] = []
+        for k in 0..<5 { users.append(registeredID(shard.apply(register("user\(k)", shards: 1)).outcome) ?? 0) }
+        for (k, u) in users.reversed().enumerated() {
+            shard.apply(.inbox(user: u, .message(peer: 1, seq: 1, fromMe: false, messageID: 1)), at: 1_000 + Int64(k))
+        }
+        let due = shard.machine.pushDue(nowMicros: 2_000, delayMicros: 0, limit: 3)
+        #expect(due.map(\.user) == Array(users.reversed().prefix(3)))
+    }
+}
+

@@ -82,6 +82,10 @@ import WeftCore
                 request: id, key: [1, 2, 3],
                 proposals: [Envelope.ForwardedProposal(stream: StreamID(1 << 62 | 5), type: RecordType(16), timestampMicros: 0, payload: [20, 1])]),
             .forwardMessaging(request: id, key: [], proposals: []),
+            .presence(on: true, users: [5, 1 << 40, 77]),
+            .presence(on: false, users: []),
+            .typing(from: 9, to: 17, route: true),
+            .typing(from: 17, to: 9, route: false),
         ]
         for e in envelopes { #expect(try Envelope.decode(e.encode()) == e) }
         // Truncated frames are errors, never crashes.

@@ -1,0 +1,164 @@
+import ClusterConfig
+import Delivery
+import Foundation
+import Messaging
+import NIOConcurrencyHelpers
+import WeftCore
+
+/// A node's part of the delivery tier (Docs/delivery.md): the hub that hands committed inbox records to
+/// the sessions on this node, the devices' acknowledgements, the clock of the sessions, and typing
+/// indicators with the presence directory that routes them.
+///
+/// **Presence directory.** Which nodes hold sessions of user u is kept by the nodes u's home shard is
+/// placed on (`config.replicas(of:)`: three of N, whatever N is). A node tells them when u's first
+/// session opens on it and when the last one closes, and repeats its list every 30 s (entries not
+/// repeated for 75 s are dropped: a killed node's sessions fade out). Typing from a to b goes to one
+/// directory node of b, which sends it to each node holding a session of b: one or two peer hops, and
+/// per event a cost that grows with b's devices, not with the cluster.
+final class DeliveryTier: Sendable {
+    let hub = InboxHub()
+    let acks = AckWriter()
+    let directory = PresenceDirectory()
+    let ticker = SessionTicker()
+    let limits: Session.Limits
+    let selfID: NodeID
+    let config: ClusterConfiguration
+    let send: @Sendable (NodeID, ShardID, Envelope) -> Void
+    let reachable: @Sendable (NodeID) -> Bool
+    static let refreshEvery: Duration = .seconds(30)
+
+    init(
+        config: ClusterConfiguration, selfID: NodeID, send: @escaping @Sendable (NodeID, ShardID, Envelope) -> Void,
+        reachable: @escaping @Sendable (NodeID) -> Bool
+    ) {
+        self.config = config
+        self.selfID = selfID
+        self.send = send
+        self.reachable = reachable
+        limits = Session.Limits(
+            queueCountMax: config.delivery.sessionQueueMax, writeStallMillisMax: Int64(config.delivery.writeStallMillis))
+    }
+
+    /// The nodes that keep `user`'s presence: where the user's home shard is placed.
+    func directoryNodes(of user: UInt64) -> [NodeID] {
+        config.replicas(of: Ids.homeShard(user, shards: config.shards)).sorted()
+    }
+
+    /// These users' first session opened on this node (`on`), or their last one closed.
+    func announce(_ users: [UInt64], on: Bool) {
+        var byNode: [NodeID: [UInt64]] = [:]
+        for u in users {
+            for n in directoryNodes(of: u) { byNode[n, default: []].append(u) }
+        }
+        for (n, us) in byNode {
+            if n == selfID {
+                directory.note(us, node: selfID, on: on)
+                continue
+            }
+            for start in stride(from: 0, to: us.count, by: Envelope.presenceUsersMax) {
+                let chunk = Array(us[start..<min(start + Envelope.presenceUsersMax, us.count)])
+                send(n, Ids.homeShard(chunk[0], shards: config.shards), .presence(on: on, users: chunk))
+            }
+        }
+    }
+
+    /// A session on this node says `from` is typing to `to`: to a directory node of `to` (this one if it
+    /// is one).
+    func sendTyping(from: UInt64, to: UInt64) {
+        let d = directoryNodes(of: to)
+        if d.contains(selfID) {
+            typing(from: from, to: to, route: true)
+        } else if let n = d.first(where: reachable) {
+            send(n, Ids.homeShard(to, shards: config.shards), .typing(from: from, to: to, route: true))
+        }
+    }
+
+    /// A typing event: `route`, as a directory node (to every node holding a session of `to`); else to
+    /// the sessions of `to` here.
+    func typing(from: UInt64, to: UInt64, route: Bool) {
+        guard route else { return hub.typing(from: from, to: to) }
+        for n in directory.nodes(of: to) {
+            if n == selfID {
+                hub.typing(from: from, to: to)
+            } else {
+                send(n, Ids.homeShard(to, shards: config.shards), .typing(from: from, to: to, route: false))
+            }
+        }
+    }
+
+    /// Repeats this node's presence list and drops stale entries, until cancelled; flushes acks.
+    func run(node: WeftNode) async {
+        await withTaskGroup(of: Void.self) { group in
+            group.addTask { await self.acks.run(node: node) }
+            group.addTask { await self.ticker.run() }
+            group.addTask {
+                while !Task.isCancelled {
+                    try? await Task.sleep(for: Self.refreshEvery)
+                    self.announce(self.hub.users, on: true)
+                    self.directory.expire()
+                }
+            }
+        }
+    }
+}
+
+/// Users → the nodes that said they hold sessions of them, with when each said so last.
+final class PresenceDirectory: Sendable {
+    let entries = NIOLockedValueBox<[UInt64: [NodeID: ContinuousClock.Instant]]>([:])
+    static let ttl: Duration = .seconds(75)
+
+    func note(_ users: [UInt64], node: NodeID, on: Bool) {
+        let now = ContinuousClock.now
+        entries.withLockedValue { e in
+            for u in users {
+                if on {
+                    e[u, default: [:]][node] = now
+                } else {
+                    e[u]?[node] = nil
+                    if e[u]?.isEmpty == true { e[u] = nil }
+                }
+            }
+        }
+    }
+
+    func nodes(of user: UInt64) -> [NodeID] {
+        let oldest = ContinuousClock.now - Self.ttl
+        return entries.withLockedValue { $0[user]?.filter { $0.value > oldest }.map(\.key).sorted() ?? [] }
+    }
+
+    func expire() {
+        let oldest = ContinuousClock.now - Self.ttl
+        entries.withLockedValue { e in
+            for (u, ns) in e {
+                let kept = ns.filter { $0.value > oldest }
+                e[u] = kept.isEmpty ? nil : kept
+            }
+        }
+    }
+}
+
+/// One clock for every session of the node (a timer per session would cost a wake-up per session per
+/// second): calls each registered session's tick every second.
+final class SessionTicker: Sendable {
+    let sessions = NIOLockedValueBox<(next: UInt64, ticks: [UInt64: @Sendable () -> Void])>((1, [:]))
+
+    func register(_ tick: @escaping @Sendable () -> Void) -> UInt64 {
+        sessions.withLockedValue { s in
+            let id = s.next
+            s.next += 1
+            s.ticks[id] = tick
+            return id
+        }
+    }
+
+    func unregister(_ id: UInt64) {
+        sessions.withLockedValue { _ = $0.ticks.removeValue(forKey: id) }
+    }
+
+    func run() async {
+        while !Task.isCancelled {
+            try? await Task.sleep(for: .seconds(1))
+            for t in sessions.withLockedValue({ Array($0.ticks.values) }) { t() }
+        }
+    }
+}

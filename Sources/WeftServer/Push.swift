@@ -1,0 +1,290 @@
+import ClusterConfig
+import Crypto
+import Foundation
+import Logging
+import Messaging
+import Metrics
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import Replication
+import ShardState
+import WeftCore
+
+/// Devices' acknowledgements, coalesced per user and written to each user's home shard as `delivered`
+/// marks (Docs/delivery.md, "Offline push"): at most one write per shard per flush, however many
+/// devices ack how often.
+final class AckWriter: Sendable {
+    let pending = NIOLockedValueBox<[UInt64: StreamSeq]>([:])
+    static let flushEvery: Duration = .milliseconds(250)
+    /// Users with pending marks a node keeps at most (a flood of acks while the shards are unreachable
+    /// drops marks: the cost is a notification that was not needed).
+    static let pendingMax = 1 << 20
+
+    func note(user: UInt64, cursor: StreamSeq) {
+        pending.withLockedValue { p in
+            if let old = p[user] {
+                p[user] = max(old, cursor)
+            } else if p.count < Self.pendingMax {
+                p[user] = cursor
+            }
+        }
+    }
+
+    /// Flushes until cancelled.
+    func run(node: WeftNode) async {
+        while !Task.isCancelled {
+            try? await Task.sleep(for: Self.flushEvery)
+            await flush(node: node)
+        }
+    }
+
+    func flush(node: WeftNode) async {
+        let marks = pending.withLockedValue { p in
+            defer { p = [:] }
+            return p
+        }
+        guard !marks.isEmpty else { return }
+        let shards = node.config.shards
+        var byShard: [ShardID: [MessagingOp]] = [:]
+        for (u, c) in marks { byShard[Ids.homeShard(u, shards: shards), default: []].append(.delivered(user: u, seq: c)) }
+        await withTaskGroup(of: Void.self) { group in
+            for (shard, ops) in byShard {
+                for chunk in stride(from: 0, to: ops.count, by: RequestWindow.keyedRecordsMax).map({ Array(ops[$0..<min($0 + RequestWindow.keyedRecordsMax, ops.count)]) }) {
+                    group.addTask {
+                        do {
+                            _ = try await node.writeMessaging(shard: shard, chunk)
+                        } catch {
+                            // Kept for the next flush (a higher mark noted meanwhile wins).
+                            for case .delivered(let u, let c) in chunk { self.note(user: u, cursor: c) }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Offline push (Docs/delivery.md): on each shard this node leads, users owed a notification for longer
+/// than `[push] delay_ms` get their events POSTed to the webhook; a 2xx answer is recorded as the user's
+/// `notified` mark through the log. The marks live in the shard's state, so a new leader carries on where
+/// the old one stopped: nothing is lost, and what is sent again is at most what was in flight.
+actor PushWorker {
+    let node: WeftNode
+    let api: MessagingAPI
+    let config: PushConfig
+    let url: WebhookURL
+    let logger: Logger
+    /// Users whose last attempt failed: attempts so far and when to try again.
+    var backoff: [UInt64: (attempts: Int, until: ContinuousClock.Instant)] = [:]
+    static let passEvery: Duration = .milliseconds(250)
+    static let usersPerPass = 64
+    static let eventsPerNotification = 100
+    static let concurrentPosts = 8
+    let sent = Counter(label: "weft_push_notifications_total", dimensions: [("result", "ok")])
+    let failed = Counter(label: "weft_push_notifications_total", dimensions: [("result", "failed")])
+
+    init(node: WeftNode, api: MessagingAPI, config: PushConfig, url: WebhookURL, logger: Logger) {
+        self.node = node
+        self.api = api
+        self.config = config
+        self.url = url
+        self.logger = logger
+    }
+
+    func run() async {
+        while !Task.isCancelled {
+            try? await Task.sleep(for: Self.passEvery)
+            await pass()
+        }
+    }
+
+    /// One pass over the shards this node leads.
+    func pass() async {
+        let now = ContinuousClock.now
+        backoff = backoff.filter { $0.value.until > now }
+        let skip = Set(backoff.keys)
+        let nowMicros = Int64(Date().timeIntervalSince1970 * 1_000_000)
+        let delay = Int64(config.delayMillis) * 1000
+        for shard in node.ledShards {
+            let due = await node.query(shard: shard, consistency: .local) { m, _ in
+                m.pushDue(nowMicros: nowMicros, delayMicros: delay, limit: Self.usersPerPass, skip: skip)
+            }
+            guard case .success(let users) = due, !users.isEmpty else { continue }
+            var results: [(UInt64, Bool)] = []
+            await withTaskGroup(of: (UInt64, Bool).self) { group in
+                var started = 0
+                for d in users {
+                    if started >= Self.concurrentPosts, let r = await group.next() { results.append(r) }
+                    started += 1
+                    group.addTask { [self] in (d.user, await self.notify(d, shard: shard)) }
+                }
+                for await r in group { results.append(r) }
+            }
+            for (u, ok) in results {
+                if ok {
+                    backoff[u] = nil
+                } else {
+                    let attempts = (backoff[u]?.attempts ?? 0) + 1
+                    let wait = min(config.retryMaxMillis, 500 << min(attempts - 1, 20))
+                    backoff[u] = (attempts, ContinuousClock.now + .milliseconds(wait))
+                }
+            }
+        }
+    }
+
+    /// Reads the user's events after their mark, POSTs the ones worth a notification, and records the
+    /// mark. False when it should be tried again later.
+    nonisolated func notify(_ d: PushDue, shard: ShardID) async -> Bool {
+        let read = await node.read(shard: shard, .stream(Ids.inbox(d.user), fromSeq: d.fromSeq, limit: Self.eventsPerNotification), consistency: .local)
+        guard case .success(let rr) = read, let last = rr.records.last else { return false }
+        let events = await api.events(rr.records, me: d.user).compactMap { seq, body in body.flatMap { Self.pushEvent($0, user: d.user, preview: d.preview) } }
+        if !events.isEmpty {
+            let enc = JSONEncoder()
+            enc.outputFormatting = [.sortedKeys]
+            let payload = PushPayload(
+                notification_id: "\(d.user):\(events[0].cursor)-\(last.seq)", user_id: d.user, events: events)
+            guard let body = try? enc.encode(payload) else { return false }
+            var headers = [("Content-Type", "application/json"), ("X-Weft-Notification-Id", payload.notification_id)]
+            if let secret = config.secret {
+                let mac = HMAC<SHA256>.authenticationCode(for: body, using: SymmetricKey(data: Data(secret.utf8)))
+                headers.append(("X-Weft-Signature", "sha256=" + mac.map { String(format: "%02x", $0) }.joined()))
+            }
+            do {
+                let status = try await Webhook.post(url, body: Array(body), headers: headers, timeout: .seconds(5))
+                guard (200..<300).contains(status) else {
+                    logger.warning("push: the webhook answered \(status) for user \(d.user); retrying with back-off")
+                    failed.increment()
+                    return false
+                }
+            } catch {
+                logger.warning("push: the webhook at \(url.text) failed for user \(d.user): \(error); retrying with back-off")
+                failed.increment()
+                return false
+            }
+            sent.increment()
+        }
+        do {
+            _ = try await node.writeMessaging(shard: shard, [.notified(user: d.user, seq: last.seq)])
+            return true
+        } catch {
+            // Notified but not recorded: the next leader or pass sends it again (receivers de-duplicate
+            // by event id).
+            return false
+        }
+    }
+
+    /// The notification form of an inbox event: only messages and contact requests from someone else;
+    /// the message text only when the user opted in.
+    static func pushEvent(_ e: MessagingAPI.EventBody, user: UInt64, preview: Bool) -> PushEvent? {
+        guard e.from_me != true, e.type == "message" || e.type == "contact_request" else { return nil }
+        return PushEvent(
+            event_id: "\(user):\(e.cursor)", cursor: e.cursor, type: e.type, created_at: e.created_at, peer_id: e.peer_id,
+            conversation_id: e.conversation_id, message_id: e.message_id, message_type: e.message?.message_type,
+            text: preview && e.message?.message_type == "text" && e.message?.recalled == false ? e.message?.content : nil)
+    }
+
+    struct PushPayload: Encodable {
+        var notification_id: String
+        var user_id: UInt64
+        var events: [PushEvent]
+    }
+
+    struct PushEvent: Encodable {
+        /// `<user_id>:<cursor>`: the same event always has the same id (receivers de-duplicate by it).
+        var event_id: String
+        var cursor: String
+        var type: String
+        var created_at: String
+        var peer_id: UInt64
+        var conversation_id: String?
+        var message_id: UInt64?
+        var message_type: String?
+        var text: String?
+    }
+}
+
+/// One HTTP/1.1 POST over a fresh connection (`Connection: close`): the status code, or an error on a
+/// refused connection, a timeout or a connection closed before the answer.
+enum Webhook {
+    struct Failure: Error, CustomStringConvertible {
+        var description: String
+    }
+
+    static func post(
+        _ url: WebhookURL, body: [UInt8], headers: [(String, String)], timeout: TimeAmount,
+        group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton
+    ) async throws -> Int {
+        let answer = group.next().makePromise(of: Int.self)
+        let channel: any Channel
+        do {
+            channel = try await ClientBootstrap(group: group)
+                .connectTimeout(timeout)
+                .channelInitializer { ch in
+                    do {
+                        try ch.pipeline.syncOperations.addHTTPClientHandlers()
+                        try ch.pipeline.syncOperations.addHandler(StatusHandler(answer: answer))
+                        return ch.eventLoop.makeSucceededVoidFuture()
+                    } catch {
+                        return ch.eventLoop.makeFailedFuture(error)
+                    }
+                }
+                .connect(host: url.host, port: url.port).get()
+        } catch {
+            answer.fail(error)
+            throw error
+        }
+        // Past the deadline the connection is closed: the handler then fails the answer.
+        let timer = channel.eventLoop.scheduleTask(in: timeout) { channel.close(promise: nil) }
+        var head = HTTPRequestHead(version: .http1_1, method: .POST, uri: url.path)
+        head.headers.add(name: "Host", value: url.port == 80 ? url.host : "\(url.host):\(url.port)")
+        head.headers.add(name: "Content-Length", value: "\(body.count)")
+        head.headers.add(name: "Connection", value: "close")
+        head.headers.add(name: "User-Agent", value: "weft-push")
+        for (k, v) in headers { head.headers.add(name: k, value: v) }
+        channel.write(HTTPClientRequestPart.head(head), promise: nil)
+        channel.write(HTTPClientRequestPart.body(.byteBuffer(ByteBuffer(bytes: body))), promise: nil)
+        channel.writeAndFlush(HTTPClientRequestPart.end(nil), promise: nil)
+        defer {
+            timer.cancel()
+            channel.close(promise: nil)
+        }
+        return try await answer.futureResult.get()
+    }
+
+    /// Takes the response's status once it is complete; a connection closed before that (the peer, or
+    /// the deadline) fails. Completes the answer once.
+    final class StatusHandler: ChannelInboundHandler {
+        typealias InboundIn = HTTPClientResponsePart
+        let answer: EventLoopPromise<Int>
+        var status: Int?
+        var done = false
+        init(answer: EventLoopPromise<Int>) { self.answer = answer }
+
+        func finish(_ r: Result<Int, any Error>) {
+            guard !done else { return }
+            done = true
+            answer.completeWith(r)
+        }
+
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            switch unwrapInboundIn(data) {
+            case .head(let h): status = Int(h.status.code)
+            case .body: break
+            case .end:
+                if let status { finish(.success(status)) }
+            }
+        }
+
+        func channelInactive(context: ChannelHandlerContext) {
+            finish(.failure(Failure(description: "the connection closed before a complete answer (the deadline passed or the server closed it)")))
+            context.fireChannelInactive()
+        }
+
+        func errorCaught(context: ChannelHandlerContext, error: any Error) {
+            finish(.failure(error))
+            context.close(promise: nil)
+        }
+    }
+}
