@@ -153,9 +153,9 @@ public struct Session: Sendable {
             acked = cursor
             state = .catchingUp(user: u, reading: true)
             // Subscribe first, then read: an event committed in between arrives live and is held.
-            let start: [Action] = [.subscribe(user: u), .readInbox(user: u, fromSeq: cursor &+ 1, limit: pageLimit)]
-            // Resuming after a cursor says the device has everything up to it.
-            return cursor > 0 ? start + [.acknowledged(user: u, cursor: cursor)] : start
+            // (No acknowledgement from the cursor itself: a client may resume from a cursor past the inbox's
+            // end — one kept for another account — and must not silence notifications of events it never got.)
+            return [.subscribe(user: u), .readInbox(user: u, fromSeq: cursor &+ 1, limit: pageLimit)]
         case (.live(let u), .ack(let c)), (.catchingUp(let u, _), .ack(let c)):
             guard c <= delivered else { return close(.protocolError, "ack of cursor \(c) past the last event sent (\(delivered))") }
             guard c > acked else { return [] }
@@ -200,11 +200,8 @@ public struct Session: Sendable {
                 state = .catchingUp(user: u, reading: true)
                 out.append(.readInbox(user: u, fromSeq: delivered &+ 1, limit: pageLimit))
             }
-        } else if hasRoomForAPage {
-            out.append(.readInbox(user: u, fromSeq: delivered &+ 1, limit: pageLimit))
         } else {
-            // The next page once the socket has written enough (`written`).
-            state = .catchingUp(user: u, reading: false)
+            out += nextPage(u)
         }
         return out
     }
@@ -234,16 +231,41 @@ public struct Session: Sendable {
     public mutating func written(_ n: Int, nowMillis: Int64) -> [Action] {
         unwritten = max(0, unwritten - n)
         lastWritten = nowMillis
-        guard case .catchingUp(let u, false) = state, hasRoomForAPage else { return [] }
-        state = .catchingUp(user: u, reading: true)
-        return [.readInbox(user: u, fromSeq: delivered &+ 1, limit: pageLimit)]
+        guard case .catchingUp(let u, false) = state else { return [] }
+        return nextPage(u)
+    }
+
+    /// The next catch-up page: a full page when it fits in the queue beside what is unwritten and held;
+    /// else, with writes outstanding, later (`written` asks again); else a page of the room left (held
+    /// live events took the rest), or, with no room at all, a close with resume.
+    mutating func nextPage(_ u: UInt64) -> [Action] {
+        let room = limits.queueCountMax - unwritten - held.count
+        if room >= pageLimit || (room > 0 && unwritten == 0) {
+            state = .catchingUp(user: u, reading: true)
+            return [.readInbox(user: u, fromSeq: delivered &+ 1, limit: min(pageLimit, room))]
+        }
+        if unwritten > 0 {
+            state = .catchingUp(user: u, reading: false)
+            return []
+        }
+        return close(.resume, "fell behind by more than \(limits.queueCountMax) events: resume from your cursor")
+    }
+
+    /// The adapter queued `n` frames that are no events (answers, pongs, typing): they count against the
+    /// queue like events (and are reported by `written` like them), so a client that sends frames without
+    /// reading the answers is closed too.
+    public mutating func queued(_ n: Int) -> [Action] {
+        guard state != .closed else { return [] }
+        unwritten += n
+        if unwritten + held.count > limits.queueCountMax {
+            return close(.resume, "fell behind by more than \(limits.queueCountMax) frames: resume from your cursor")
+        }
+        return []
     }
 
     /// Events per catch-up page: at most half the queue, so a page always fits.
     var pageLimit: Int { max(1, min(limits.pageCountMax, limits.queueCountMax / 2)) }
-    /// A catch-up reads its next page only when the page fits in the queue beside what the socket has
-    /// not written yet: a long catch-up goes at the client's pace instead of tripping the queue limit.
-    var hasRoomForAPage: Bool { unwritten + held.count + pageLimit <= limits.queueCountMax }
+
 
     public mutating func tick(nowMillis: Int64) -> [Action] {
         switch state {

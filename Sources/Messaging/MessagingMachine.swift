@@ -208,16 +208,21 @@ public struct MessagingMachine: ShardStateMachine {
     public func pair(_ a: UInt64, _ b: UInt64) -> Pair? { pairs[Ids.pairKey(a, b)] }
     public func peers(of user: UInt64) -> [UInt64: PeerView] { peers[user] ?? [:] }
 
-    /// Users owed a notification since at least `delayMicros` before `nowMicros`, at most `limit`, the
-    /// longest-waiting first; `skip`: users the worker is backing off from.
+    /// Users owed a notification since at least `delayMicros` before `nowMicros`, at most `limit`;
+    /// `skip`: users the worker is backing off from.
     public func pushDue(nowMicros: Int64, delayMicros: Int64, limit: Int, skip: Set<UInt64> = []) -> [PushDue] {
+        // It runs on the shard's thread: it stops at `limit` users (in map order, not strictly the
+        // longest-waiting; users in back-off are skipped, so every owed user comes up in turn) instead of
+        // walking and sorting a set that a webhook outage can grow to every user of the shard.
         var due: [PushDue] = []
-        owing.forEach { u, since in
-            guard nowMicros - since >= delayMicros, !skip.contains(u), let p = push[u] else { return }
-            due.append(PushDue(user: u, fromSeq: p.mark + 1, pushableLast: p.pushableLast, owingSinceMicros: since, preview: accounts[u]?.pushPreview ?? false))
+        for b in 0..<BucketedMap<UInt64, Int64>.bucketCount where due.count < limit {
+            for (u, since) in owing.entries(inBucket: b) where due.count < limit {
+                guard nowMicros - since >= delayMicros, !skip.contains(u), let p = push[u] else { continue }
+                due.append(PushDue(user: u, fromSeq: p.mark + 1, pushableLast: p.pushableLast, owingSinceMicros: since, preview: accounts[u]?.pushPreview ?? false))
+            }
         }
         due.sort { ($0.owingSinceMicros, $0.user) < ($1.owingSinceMicros, $1.user) }
-        return Array(due.prefix(limit))
+        return due
     }
 
     // MARK: Apply
@@ -495,6 +500,11 @@ public struct MessagingMachine: ShardStateMachine {
     mutating func applyInbox(_ u: UInt64, _ e: InboxEvent, _ r: Record) {
         let now = r.timestampMicros
         updatePush(u, at: now) { p in
+            if p.inboxLast == 0 && r.seq > 1 {
+                // Inbox events from before push tracking existed (a log or snapshot of an older version):
+                // tracking starts here, not by notifying the whole history.
+                p.notified = r.seq - 1
+            }
             p.inboxLast = max(p.inboxLast, r.seq)
             if Self.isPushable(e) { p.pushableLast = max(p.pushableLast, r.seq) }
         }

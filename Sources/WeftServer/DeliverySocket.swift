@@ -152,6 +152,8 @@ enum DeliverySocket {
     /// A session sends typing at most this often (more is dropped), and re-checks a peer after this long.
     static let typingEveryMillis: Int64 = 500
     static let typingCheckMillis: Int64 = 60_000
+    /// Sends a session may have waiting for their commit (more are answered `too_many_requests`).
+    static let sendsInFlightMax = 8
 
     static func serve(
         _ inbound: WebSocketInboundStream, _ outbound: WebSocketOutboundWriter, channel: any Channel, api: MessagingAPI, tier: DeliveryTier,
@@ -173,6 +175,7 @@ enum DeliverySocket {
         var registration: (user: UInt64, id: UInt64)?
         var bearer: String?
         var typingSent: Int64 = 0
+        var sendsInFlight = 0
         var typingAllowed: [UInt64: (ok: Bool, at: Int64)] = [:]
         let node = api.node
         let tickID = tier.ticker.register { put(.tick) }
@@ -189,7 +192,9 @@ enum DeliverySocket {
                 } catch {}
                 put(.gone)
             }
-            group.addTask {
+            // Not a child of the group: the group is cancelled at the end, and a cancelled writer would
+            // drop the close frame (and with it the close code the client needs).
+            let writerTask = Task {
                 for await o in writes {
                     switch o {
                     case .events(let texts):
@@ -197,7 +202,8 @@ enum DeliverySocket {
                         for t in texts where !closing.withLockedValue({ $0 }) { try? await outbound.write(.text(t)) }
                         put(.written(texts.count))
                     case .text(let t):
-                        try? await outbound.write(.text(t))
+                        if !closing.withLockedValue({ $0 }) { try? await outbound.write(.text(t)) }
+                        put(.written(1))
                     case .close(let code, let why):
                         try? await outbound.close(.unknown(code), reason: why)
                         return
@@ -215,21 +221,26 @@ enum DeliverySocket {
                     case .malformed(let why): actions = session.close(.protocolError, why)
                     case .hub(.records(let records)):
                         guard let u = session.user else { continue }
-                        actions = session.live(await events(records, api: api, me: u))
+                        // Only what the session has not pushed is worth rendering (message bodies are reads).
+                        let fresh = records.filter { $0.seq > session.delivered }
+                        guard !fresh.isEmpty else { continue }
+                        actions = session.live(await events(fresh, api: api, me: u))
                     case .hub(.typing(let from)):
                         guard let u = session.user, case .live = session.state else { continue }
                         writer.yield(.text(#"{"type":"typing","from":\#(from),"conversation_id":"\#(Ids.conversationID(u, from))"}"#))
-                        continue
+                        actions = session.queued(1)
                     case .written(let n):
                         actions = session.written(n, nowMillis: now())
                     case .tick: actions = session.tick(nowMillis: now())
                     case .gone:
                         // The client closed (or the connection is gone): answer its close at once.
+                        closing.withLockedValue { $0 = true }
                         writer.yield(.close(1000, ""))
                         break loop
                     case .write(let text):
+                        sendsInFlight -= 1
                         writer.yield(.text(text))
-                        continue
+                        actions = session.queued(1)
                     case .typing(let to):
                         guard let u = session.user, case .live = session.state else {
                             actions = session.close(.protocolError, "typing after auth and resume")
@@ -261,8 +272,14 @@ enum DeliverySocket {
                             actions = session.close(.protocolError, "send after auth and resume")
                             break
                         }
+                        guard sendsInFlight < sendsInFlightMax else {
+                            writer.yield(.text(#"{"type":"error","request_id":\#(jsonString(requestID)),"code":"too_many_requests","message":"at most \#(sendsInFlightMax) sends in flight per session"}"#))
+                            actions = session.queued(1)
+                            break
+                        }
                         // Its own task: a send waits for a commit, pushes go on meanwhile; the answer comes back
                         // through the queue.
+                        sendsInFlight += 1
                         Task {
                             put(.write(await sendAnswer(requestID: requestID, message: message, token: token, api: api)))
                         }
@@ -275,11 +292,16 @@ enum DeliverySocket {
                     k += 1
                     switch a {
                     case .authenticate(let token):
-                        if let account = try? await api.account(bearer: token) {
+                        do {
+                            let account = try await api.account(bearer: token)
                             bearer = token
                             actions += session.authenticated(user: account.id)
-                        } else {
-                            actions += session.authFailed("the token is not valid, expired or revoked")
+                        } catch let e as APIError where e.status == .unauthorized {
+                            actions += session.authFailed(e.message)
+                        } catch {
+                            // The token could not be checked now (its user's shard is unreachable): not a
+                            // reason to log the user out; the client tries again.
+                            actions += session.close(.resume, "the token cannot be checked now: reconnect and resume")
                         }
                     case .subscribe(let u):
                         guard let (id, first) = tier.hub.register(user: u, { put(.hub($0)) }) else {
@@ -291,8 +313,9 @@ enum DeliverySocket {
                         if node.runner(Ids.homeShard(u, shards: node.config.shards)) == nil {
                             // No replica of the home shard here: poll the inbox (the session drops repeats);
                             // the hub still brings typing.
+                            let from = session.delivered
                             polling = Task {
-                                var next: StreamSeq = 0
+                                var next: StreamSeq = from
                                 while !Task.isCancelled {
                                     try? await Task.sleep(for: .milliseconds(250))
                                     let r = await node.readAnywhere(
@@ -321,6 +344,7 @@ enum DeliverySocket {
                         if skipped > 0 { actions += session.written(skipped, nowMillis: now()) }
                     case .reply(let reply):
                         writer.yield(.text(text(reply)))
+                        actions += session.queued(1)
                     case .acknowledged(let u, let cursor):
                         tier.acks.note(user: u, cursor: cursor)
                     case .close(let code, let why):
@@ -335,8 +359,10 @@ enum DeliverySocket {
             if let (u, id) = registration, tier.hub.unregister(user: u, id: id) { tier.announce([u], on: false) }
             writer.finish()
             feed.finish()
-            // The close frame may never get through to a client that stopped reading.
+            // The close frame may never get through to a client that stopped reading: the connection goes
+            // after the grace whatever the writer is doing (which ends the writer's wait).
             channel.eventLoop.scheduleTask(in: closeGrace) { channel.close(promise: nil) }
+            await writerTask.value
             group.cancelAll()
         }
     }

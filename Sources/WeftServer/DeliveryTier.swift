@@ -106,12 +106,15 @@ final class DeliveryTier: Sendable {
 final class PresenceDirectory: Sendable {
     let entries = NIOLockedValueBox<[UInt64: [NodeID: ContinuousClock.Instant]]>([:])
     static let ttl: Duration = .seconds(75)
+    /// Users a directory keeps at most (a peer that sends made-up users cannot grow it past this).
+    static let usersMax = 4 << 20
 
     func note(_ users: [UInt64], node: NodeID, on: Bool) {
         let now = ContinuousClock.now
         entries.withLockedValue { e in
             for u in users {
                 if on {
+                    guard e[u] != nil || e.count < Self.usersMax else { continue }
                     e[u, default: [:]][node] = now
                 } else {
                     e[u]?[node] = nil

@@ -567,7 +567,8 @@ struct MessagingAPI: Sendable {
     /// Inbox records as client events, one per record (nil for a record that is no event), with message
     /// contents read from their conversations' shards and recall marks from the pairs' state. Used by
     /// sync and by the WebSocket sessions.
-    func events(_ records: [Record], me: UInt64) async -> [(seq: StreamSeq, body: EventBody?)] {
+    /// `bodies`: false leaves messages out of message events (no reads of the conversations' shards).
+    func events(_ records: [Record], me: UInt64, bodies: Bool = true) async -> [(seq: StreamSeq, body: EventBody?)] {
         var events: [(seq: StreamSeq, body: EventBody?)] = []
         // Message contents come from their conversations' shards, recall marks from the pairs' state.
         var recalledCache: [UInt64: Pair] = [:]
@@ -586,7 +587,7 @@ struct MessagingAPI: Sendable {
                     e = EventBody(
                         cursor: "\(r.seq)", type: isMessage ? "message" : "recall", created_at: at, peer_id: peer,
                         conversation_id: Ids.conversationID(me, peer), message_id: id, seq: seq, from_me: fromMe)
-                    if isMessage, let (shard, index) = Ids.parseMessageID(id, shards: shards) {
+                    if isMessage, bodies, let (shard, index) = Ids.parseMessageID(id, shards: shards) {
                         let key = Ids.pairKey(me, peer)
                         if recalledCache[key] == nil {
                             // Unknown (the pair's shard is slow): the event goes without its message below.

@@ -22,7 +22,12 @@ final class AckWriter: Sendable {
     /// drops marks: the cost is a notification that was not needed).
     static let pendingMax = 1 << 20
 
+    /// The last mark written per user (bounded: forgotten wholesale past `pendingMax`), so a device that
+    /// reconnects in a loop from the same cursor writes nothing new.
+    let written = NIOLockedValueBox<[UInt64: StreamSeq]>([:])
+
     func note(user: UInt64, cursor: StreamSeq) {
+        if let w = written.withLockedValue({ $0[user] }), w >= cursor { return }
         pending.withLockedValue { p in
             if let old = p[user] {
                 p[user] = max(old, cursor)
@@ -55,6 +60,10 @@ final class AckWriter: Sendable {
                     group.addTask {
                         do {
                             _ = try await node.writeMessaging(shard: shard, chunk)
+                            self.written.withLockedValue { w in
+                                if w.count > Self.pendingMax { w = [:] }
+                                for case .delivered(let u, let c) in chunk { w[u] = max(w[u] ?? 0, c) }
+                            }
                         } catch {
                             // Kept for the next flush (a higher mark noted meanwhile wins).
                             for case .delivered(let u, let c) in chunk { self.note(user: u, cursor: c) }
@@ -100,36 +109,42 @@ actor PushWorker {
         }
     }
 
-    /// One pass over the shards this node leads.
+    /// One pass over the shards this node leads: their owed users first (a quick look at each shard's
+    /// state), then the notifications, 8 at a time across all shards (a slow shard does not hold up the
+    /// others' users behind it).
     func pass() async {
         let now = ContinuousClock.now
         backoff = backoff.filter { $0.value.until > now }
         let skip = Set(backoff.keys)
-        let nowMicros = Int64(Date().timeIntervalSince1970 * 1_000_000)
+        let wall = Int64(Date().timeIntervalSince1970 * 1_000_000)
         let delay = Int64(config.delayMillis) * 1000
+        var work: [(ShardID, PushDue)] = []
         for shard in node.ledShards {
             let due = await node.query(shard: shard, consistency: .local) { m, _ in
-                m.pushDue(nowMicros: nowMicros, delayMicros: delay, limit: Self.usersPerPass, skip: skip)
+                // Not before the newest record's time: a new leader whose clock is behind the old one's
+                // does not hold notifications back by the difference.
+                m.pushDue(nowMicros: max(wall, m.clockMicros), delayMicros: delay, limit: Self.usersPerPass, skip: skip)
             }
-            guard case .success(let users) = due, !users.isEmpty else { continue }
-            var results: [(UInt64, Bool)] = []
-            await withTaskGroup(of: (UInt64, Bool).self) { group in
-                var started = 0
-                for d in users {
-                    if started >= Self.concurrentPosts, let r = await group.next() { results.append(r) }
-                    started += 1
-                    group.addTask { [self] in (d.user, await self.notify(d, shard: shard)) }
-                }
-                for await r in group { results.append(r) }
+            if case .success(let users) = due { work += users.map { (shard, $0) } }
+        }
+        guard !work.isEmpty else { return }
+        var results: [(UInt64, Bool)] = []
+        await withTaskGroup(of: (UInt64, Bool).self) { group in
+            var started = 0
+            for (shard, d) in work {
+                if started >= Self.concurrentPosts, let r = await group.next() { results.append(r) }
+                started += 1
+                group.addTask { [self] in (d.user, await self.notify(d, shard: shard)) }
             }
-            for (u, ok) in results {
-                if ok {
-                    backoff[u] = nil
-                } else {
-                    let attempts = (backoff[u]?.attempts ?? 0) + 1
-                    let wait = min(config.retryMaxMillis, 500 << min(attempts - 1, 20))
-                    backoff[u] = (attempts, ContinuousClock.now + .milliseconds(wait))
-                }
+            for await r in group { results.append(r) }
+        }
+        for (u, ok) in results {
+            if ok {
+                backoff[u] = nil
+            } else {
+                let attempts = (backoff[u]?.attempts ?? 0) + 1
+                let wait = min(config.retryMaxMillis, 500 << min(attempts - 1, 20))
+                backoff[u] = (attempts, ContinuousClock.now + .milliseconds(wait))
             }
         }
     }
@@ -138,8 +153,15 @@ actor PushWorker {
     /// mark. False when it should be tried again later.
     nonisolated func notify(_ d: PushDue, shard: ShardID) async -> Bool {
         let read = await node.read(shard: shard, .stream(Ids.inbox(d.user), fromSeq: d.fromSeq, limit: Self.eventsPerNotification), consistency: .local)
-        guard case .success(let rr) = read, let last = rr.records.last else { return false }
-        let events = await api.events(rr.records, me: d.user).compactMap { seq, body in body.flatMap { Self.pushEvent($0, user: d.user, preview: d.preview) } }
+        guard case .success(let rr) = read else { return false }
+        guard let last = rr.records.last else {
+            // Nothing there (dropped by retention): nothing to notify; the mark moves past it.
+            return (try? await node.writeMessaging(shard: shard, [.notified(user: d.user, seq: d.pushableLast)])) != nil
+        }
+        // Message bodies (reads of the conversations' shards) only when the text will be shown.
+        let events = await api.events(rr.records, me: d.user, bodies: d.preview).compactMap { seq, body in
+            body.flatMap { Self.pushEvent($0, user: d.user, preview: d.preview) }
+        }
         if !events.isEmpty {
             let enc = JSONEncoder()
             enc.outputFormatting = [.sortedKeys]
@@ -181,7 +203,7 @@ actor PushWorker {
         guard e.from_me != true, e.type == "message" || e.type == "contact_request" else { return nil }
         return PushEvent(
             event_id: "\(user):\(e.cursor)", cursor: e.cursor, type: e.type, created_at: e.created_at, peer_id: e.peer_id,
-            conversation_id: e.conversation_id, message_id: e.message_id, message_type: e.message?.message_type,
+            conversation_id: e.conversation_id, message_id: e.message_id,
             text: preview && e.message?.message_type == "text" && e.message?.recalled == false ? e.message?.content : nil)
     }
 
@@ -200,7 +222,6 @@ actor PushWorker {
         var peer_id: UInt64
         var conversation_id: String?
         var message_id: UInt64?
-        var message_type: String?
         var text: String?
     }
 }

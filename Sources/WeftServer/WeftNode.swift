@@ -382,7 +382,9 @@ public final class WeftNode: Sendable {
         case .answer(let request, let answer):
             forwarder.receive(request, answer, from: from)
         case .presence(let on, let users):
-            delivery.directory.note(users, node: from, on: on)
+            // Only users whose directory is this node (a peer's mistake or malice goes no further).
+            let mine = users.filter { Ids.isUserID($0) && delivery.directoryNodes(of: $0).contains(id) }
+            delivery.directory.note(mine, node: from, on: on)
         case .typing(let sender, let to, let route):
             delivery.typing(from: sender, to: to, route: route)
         }

@@ -37,7 +37,7 @@ import WeftCore
         _ = s.received(.auth(token: "t"), nowMillis: 1)
         #expect(s.authenticated(user: 9).isEmpty)
         let a = s.received(.resume(cursor: 3), nowMillis: 2)
-        #expect(a == [.subscribe(user: 9), .readInbox(user: 9, fromSeq: 4, limit: 100), .acknowledged(user: 9, cursor: 3)])
+        #expect(a == [.subscribe(user: 9), .readInbox(user: 9, fromSeq: 4, limit: 100)], "no acknowledgement from a resume cursor")
         #expect(s.delivered == 3)
         if case .close(.protocolError, _)? = s.received(.resume(cursor: 5), nowMillis: 3).first {} else { Issue.record("one resume per connection") }
     }
@@ -119,6 +119,33 @@ import WeftCore
         #expect(Self.pushed(a) == [17, 18, 19])
         #expect(a.contains(.reply(.ready(cursor: 19))))
         #expect(s.state == .live(user: 7))
+    }
+
+    /// Live events held during a catch-up can leave less room than a page: with nothing unwritten the
+    /// session reads what fits (never waits for writes that will not come), and closes when nothing fits.
+    @Test func heldEventsShrinkThePageInsteadOfStallingTheCatchUp() {
+        var s = Self.resumed(at: 0, limits: Session.Limits(queueCountMax: 16, pageCountMax: 100))
+        // 10 live events far ahead (seq 100...109) arrive during the first read.
+        _ = s.live((100..<110).map { Self.ev($0) })
+        let a = s.page([Self.ev(1)], complete: false)
+        #expect(Self.pushed(a) == [1])
+        #expect(!a.contains { if case .readInbox = $0 { true } else { false } }, "1 unwritten: wait for it")
+        #expect(s.written(1, nowMillis: 5) == [.readInbox(user: 7, fromSeq: 2, limit: 6)], "16 - 10 held = 6")
+        var t = Self.resumed(at: 0, limits: Session.Limits(queueCountMax: 16, pageCountMax: 100))
+        _ = t.live((100..<116).map { Self.ev($0) })
+        let b = t.page([], complete: false)
+        if case .close(.resume, _)? = b.last {} else { Issue.record("no room at all: close with resume, got \(b)") }
+    }
+
+    /// Answers count like events: a client that pings without reading is closed at the queue limit.
+    @Test func answersCountAgainstTheQueue() {
+        var s = Self.resumed(at: 0, limits: Session.Limits(queueCountMax: 16))
+        _ = s.page([], complete: true)
+        for _ in 0..<15 { #expect(s.queued(1).isEmpty) }
+        s.written(2, nowMillis: 1)
+        #expect(s.queued(2).isEmpty)
+        #expect(s.queued(1).isEmpty, "16: at the limit")
+        if case .close(.resume, _)? = s.queued(1).first {} else { Issue.record("past the limit: close") }
     }
 
     @Test func acksAndIdleness() {

@@ -1130,6 +1130,19 @@ private func mixedRecords(_ log: inout TestLog) -> [Record] {
     }
 
     /// The due list is the longest-waiting users first, at most `limit`.
+    /// A user whose inbox has events from before push tracking (an older version's log or snapshot) is
+    /// tracked from the first event seen: the history is not notified.
+    @Test func trackingStartsAtTheFirstEventSeenNotTheHistory() {
+        var shard = TestShard()
+        let bob = registeredID(shard.apply(register("bob", shards: 1)).outcome) ?? 0
+        for k in 1...3 { shard.apply(.inbox(user: bob, .message(peer: 99, seq: UInt64(k), fromMe: false, messageID: UInt64(k)))) }
+        shard.machine.push = BucketedMap()
+        shard.machine.owing = BucketedMap()
+        shard.apply(.inbox(user: bob, .message(peer: 99, seq: 4, fromMe: false, messageID: 4)))
+        #expect(shard.machine.push[bob]?.notified == 3)
+        #expect(shard.machine.pushDue(nowMicros: 1 << 62, delayMicros: 0, limit: 10).map(\.fromSeq) == [4])
+    }
+
     @Test func dueUsersComeLongestWaitingFirst() {
         var shard = TestShard()
         var users: [UInt64] = []
@@ -1137,8 +1150,9 @@ private func mixedRecords(_ log: inout TestLog) -> [Record] {
         for (k, u) in users.reversed().enumerated() {
             shard.apply(.inbox(user: u, .message(peer: 1, seq: 1, fromMe: false, messageID: 1)), at: 1_000 + Int64(k))
         }
-        let due = shard.machine.pushDue(nowMicros: 2_000, delayMicros: 0, limit: 3)
-        #expect(due.map(\.user) == Array(users.reversed().prefix(3)))
+        #expect(shard.machine.pushDue(nowMicros: 2_000, delayMicros: 0, limit: 3).count == 3, "at most the limit")
+        #expect(shard.machine.pushDue(nowMicros: 2_000, delayMicros: 0, limit: 10).map(\.user) == users.reversed())
+        #expect(shard.machine.pushDue(nowMicros: 1_002, delayMicros: 0, limit: 10).count == 3, "only those owed long enough")
     }
 }
 

@@ -263,6 +263,14 @@ struct ChatWorkload: Sendable {
         return nil
     }
 
+    /// An inbox event as sync and the WebSocket sessions give it (the same object).
+    static func event(_ e: [String: Any]) -> ChatChecker.Event {
+        ChatChecker.Event(
+            cursor: e["cursor"] as? String ?? "", type: e["type"] as? String ?? "", messageID: (e["message_id"] as? NSNumber)?.uint64Value,
+            peer: (e["peer_id"] as? NSNumber)?.uint64Value, message: (e["message"] as? [String: Any]).flatMap(Self.message),
+            fromMe: e["from_me"] as? Bool, conversation: e["conversation_id"] as? String)
+    }
+
     static func message(_ m: [String: Any]) -> ChatChecker.Message? {
         func u(_ k: String) -> UInt64? { (m[k] as? NSNumber)?.uint64Value }
         guard let id = u("message_id"), let seq = u("seq"), let s = u("sender_id"), let r = u("receiver_id") else { return nil }
@@ -342,12 +350,7 @@ struct ChatWorkload: Sendable {
                 return nil
             }
             if events.isEmpty { return out }
-            for e in events {
-                out.append(
-                    ChatChecker.Event(
-                        cursor: e["cursor"] as? String ?? "", type: e["type"] as? String ?? "", messageID: (e["message_id"] as? NSNumber)?.uint64Value,
-                        peer: (e["peer_id"] as? NSNumber)?.uint64Value, message: (e["message"] as? [String: Any]).flatMap(Self.message)))
-            }
+            out += events.map(Self.event)
             cursor = next
         }
         return out

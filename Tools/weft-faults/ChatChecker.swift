@@ -52,13 +52,16 @@ enum ChatChecker {
         var recalled = false
     }
 
-    /// One sync event (only message events carry a message).
+    /// One sync event, or one event a WebSocket device received (the same objects): only message events
+    /// carry a message (and it may be missing when its conversation's shard did not answer in time).
     struct Event: Sendable, Equatable {
         var cursor: String
         var type: String
         var messageID: UInt64?
         var peer: UInt64?
         var message: Message?
+        var fromMe: Bool?
+        var conversation: String?
     }
 
     /// A read-your-writes read: the sender's newest history page of the conversation

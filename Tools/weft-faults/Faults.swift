@@ -12,7 +12,8 @@ struct Faults: AsyncParsableCommand {
             <out>/nodes/n<i>.log, <out>/summary.txt; exits 1 when the checker finds anything lost, duplicated,
             divergent, refused-but-written, or a cursor read out of order, a hostile request taken or its record
             in a log, a shard whose group changed, a chat message lost, doubled, reordered or never sent in a
-            history or a sync, an acknowledged chat message missing from the sender's next history page, or when
+            history or a sync, an acknowledged chat message missing from the sender's next history page, a chat
+            device (WebSocket) with a gap, a reordered or changed event, or without an acknowledged message, or when
             weft-dump --verify fails.
             """)
 
@@ -45,6 +46,9 @@ struct Faults: AsyncParsableCommand {
 
     @Option(help: "Chat writers on the messaging API (users registered, logged in and made contacts first; histories and syncs checked after healing); 0: no chat workload.")
     var chatWriters: Int = 2
+
+    @Option(help: "WebSocket devices per chat user (connected through the faults, resuming after every close, a final catch-up after healing; checked against the acknowledged messages and the syncs); 0: none.")
+    var chatDevices: Int = 2
 
     @Option(help: "Records one burst phase may send (1024-record binary batches, 8 in flight, to one shard while a follower lags); 0: no bursts.")
     var burstRecords: Int = 100_000
@@ -92,12 +96,15 @@ struct Faults: AsyncParsableCommand {
 
         let chat = chatWriters > 0 ? try await ChatWorkload.setUp(client: client, nodes: ids, history: history) : nil
         if let chat { print("weft-faults: chat: \(chat.users.count) users, contacts \(chat.pairs.map { "\($0.a)-\($0.b)" }.joined(separator: " "))") }
+        let subscribers = chat.flatMap { chatDevices > 0 ? ChatSubscribers(chat: $0, group: group, devicesPerUser: chatDevices) : nil }
 
         let nemesis = Nemesis(cluster: cluster, network: network, client: client, history: history, seed: seed, burstRecords: burstRecords)
         let workload = Workload(client: client, nodes: ids, shards: shards, history: history)
         let hostileClient = HostileClient(client: client, nodes: ids, shards: shards, history: history)
         let faultsEnd = ContinuousClock.now + .milliseconds(Int(minutes * 60_000))
         let workEnd = faultsEnd + .seconds(5)
+        // The devices stay connected while the writers write (their own tasks: they return what they got).
+        let devicesLive = subscribers.map { s in Task { await s.run(until: workEnd, seed: seed) } }
         await withThrowingTaskGroup(of: Void.self) { g in
             for w in 0..<writers { g.addTask { await workload.writer(w, until: workEnd, seed: seed) } }
             for r in 0..<readers {
@@ -118,6 +125,7 @@ struct Faults: AsyncParsableCommand {
         }
         try await nemesis.healAll()
         for t in nemesis.observers.withLock({ $0 }) { await t.value }
+        let devicesDuringRun = await devicesLive?.value ?? []
         print("weft-faults: healed; waiting for every replica to converge")
         var converged = try await waitForConvergence(cluster, client, timeout: .seconds(180))
         // The relays finish copying fan-out records (their batches change the logs), then the logs settle.
@@ -127,6 +135,15 @@ struct Faults: AsyncParsableCommand {
         let chatSends = await history.chat
         let chatReads = await history.chatReads
         let chatRead = await chat?.readBack(sends: chatSends, seed: seed)
+        // Each device's final catch-up (the cluster is healed and the relays are done): then it holds everything.
+        let devicesCaughtUp = await subscribers?.catchUp(devicesDuringRun, seed: seed)
+        let devices = devicesCaughtUp?.devices ?? []
+        if subscribers != nil && converged {
+            // A resume from a cursor above 0 (and an ack) makes the node write the user's `delivered` mark
+            // (coalesced, flushed every 250 ms): those writes land before the logs are read and compared.
+            try await Task.sleep(for: .seconds(1))
+            converged = try await waitForConvergence(cluster, client, timeout: .seconds(60))
+        }
         var logs: [Int: [Int: Checker.ReplicaLog]] = [:]
         for n in ids {
             for s in 0..<shards { logs[n, default: [:]][s] = try await readLog(node: n, shard: s, client) }
@@ -156,14 +173,19 @@ struct Faults: AsyncParsableCommand {
         try? await group.shutdownGracefully()
 
         let chatRes = chat.map { ChatChecker.check(sends: chatSends, pairs: $0.pairs, histories: chatRead?.histories ?? [:], syncs: chatRead?.syncs ?? [:], reads: chatReads) } ?? Checker.Result()
+        let wsRes =
+            subscribers.map { _ in
+                ChatChecker.checkDevices(devices, sends: chatSends, pairs: chat?.pairs ?? [], histories: chatRead?.histories ?? [:], syncs: chatRead?.syncs ?? [:])
+            } ?? Checker.Result()
         let chatFailures = chatRead?.failures ?? []
+        let wsFailures = devicesCaughtUp?.failures ?? []
         let res = Checker.check(
             logs: logs, acked: acked, failed: failed, indeterminate: indeterminate, shards: shards, readBack: readBack, bursts: bursts,
             groups: finalGroups, initialGroup: Set(ids), hostileAccepted: hostileTally.accepted)
         let catchUps = nemesis.catchUpLog.withLock { $0 }
         let times = catchUps.compactMap(\.seconds).sorted()
         let counts = nemesis.counts.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ")
-        let pass = res.ok && chatRes.ok && chatFailures.isEmpty && anomalies.isEmpty && verifyFailures.isEmpty && converged && relaysDone
+        let pass = res.ok && chatRes.ok && wsRes.ok && chatFailures.isEmpty && wsFailures.isEmpty && anomalies.isEmpty && verifyFailures.isEmpty && converged && relaysDone
         let chatAcked = chatSends.values.filter { $0.messageID != nil }.count
         var lines: [String] = []
         lines.append("seed \(seed); \(nodes) nodes, \(shards) shards, \(minutes) min of faults")
@@ -192,6 +214,12 @@ struct Faults: AsyncParsableCommand {
                 "chat findings: lost \(chatRes.lost.count), duplicated \(chatRes.duplicated.count), divergent \(chatRes.divergent.count), unexpected \(chatRes.unexpected.count), misplaced \(chatRes.misplaced.count), stale reads \(chatRes.stale.count)"
             )
             for s in refused.sorted(by: { $0.key < $1.key }).prefix(5) { lines.append("  note: chat \(s.key) refused: \(s.refusal ?? "")") }
+            if subscribers != nil {
+                lines.append("chat ws: \(ChatSubscribers.summary(devices, perUser: chatDevices))")
+                lines.append(
+                    "chat ws findings: lost \(wsRes.lost.count), duplicated \(wsRes.duplicated.count), divergent \(wsRes.divergent.count), unexpected \(wsRes.unexpected.count), misplaced \(wsRes.misplaced.count), catch-up failures \(wsFailures.count)"
+                )
+            }
         }
         lines.append("groups: \(res.membership.isEmpty ? "every node reports voters \(ids) for every shard" : "\(res.membership.count) CHANGED")")
         lines.append("repairs reported by nodes: \(repairs)")
@@ -199,11 +227,13 @@ struct Faults: AsyncParsableCommand {
         lines.append(
             "lost \(res.lost.count), duplicated \(res.duplicated.count), divergent \(res.divergent.count), unexpected \(res.unexpected.count), misplaced \(res.misplaced.count), hostile \(res.hostile.count), membership \(res.membership.count)"
         )
-        let chatFindings = chatRes.lost + chatRes.duplicated + chatRes.divergent + chatRes.unexpected + chatRes.misplaced + chatRes.stale + chatFailures.map { "chat read: " + $0 }
+        let wsFindings = (wsRes.lost + wsRes.duplicated + wsRes.divergent + wsRes.unexpected + wsRes.misplaced + wsFailures).map { "chat ws: " + $0 }
+        let chatFindings = chatRes.lost + chatRes.duplicated + chatRes.divergent + chatRes.unexpected + chatRes.misplaced + chatRes.stale + wsFindings
+            + chatFailures.map { "chat read: " + $0 }
         let findings = res.lost + res.duplicated + res.divergent + res.unexpected + res.misplaced + res.hostile + res.membership + chatFindings + anomalies + verifyFailures
         for l in findings.prefix(20) { lines.append("  " + l) }
         for l in hostileTally.otherStatus.prefix(5) { lines.append("  note: " + l) }
-        lines += (res.notes + chatRes.notes).map { "  " + $0 }
+        lines += (res.notes + chatRes.notes + wsRes.notes).map { "  " + $0 }
         lines.append(pass ? "PASS" : "FAIL")
         let text = lines.joined(separator: "\n") + "\n"
         try text.write(toFile: out + "/summary.txt", atomically: true, encoding: .utf8)

@@ -3,8 +3,9 @@ import Foundation
 /// `weft-faults --self-check`: the checker against histories whose anomalies are known, so a checker
 /// that cannot see a lost, duplicated, misplaced or divergent write (single or in a burst batch), a
 /// hostile request's record in a log, a changed group, a chat message lost, doubled, reordered or
-/// never sent in a history or a sync, or an acknowledged chat message missing from the sender's next
-/// history page fails the test suite (Tests/ToolTests).
+/// never sent in a history or a sync, an acknowledged chat message missing from the sender's next
+/// history page, or a WebSocket device with a gap, a reordered or changed event, a missing acknowledged
+/// message or a phantom fails the test suite (Tests/ToolTests).
 /// Needs no root and starts nothing.
 enum SelfCheck {
     static func entry(_ i: UInt64, _ p: String, seq: UInt64) -> Checker.Entry {
@@ -343,6 +344,100 @@ enum SelfCheck {
             ("chat: an acknowledged message missing from a sync", run(histories(), syncLost), { $0.lost.count == 1 }),
             ("chat: sync cursors with a gap", run(histories(), gap), { $0.divergent.count == 1 }),
             ("chat: a conversation out of order in a sync", run(histories(), outOfOrder), { $0.misplaced.count == 1 }),
+        ] + deviceCases(sends: sends, pairs: pairs, histories: histories(), syncs: syncs)
+    }
+
+    /// The chat workload's WebSocket devices (`ChatChecker.checkDevices`), on the fixture of `chatCases`:
+    /// users 1, 2, 3 whose syncs have 4, 6 and 4 events (user 2's: contact request, contact accepted,
+    /// 101, 201, 102, 202; message 202 is chat1-2, of unknown outcome, landed). Each user has two devices
+    /// built from their sync: device 0 moved to another node after cursor 2, device 1 got everything on
+    /// one connection; then each made its final catch-up.
+    static func deviceCases(
+        sends: [String: ChatChecker.Send], pairs: [ChatChecker.Pair], histories: [ChatChecker.Side: [ChatChecker.Message]], syncs: [UInt64: [ChatChecker.Event]]
+    ) -> [Case] {
+        typealias C = ChatChecker
+        /// A connection that resumed from `resume` and got the sync's events at `cursors`, in that order, then `ready`.
+        func conn(_ user: UInt64, _ resume: UInt64, _ cursors: [UInt64], ready: UInt64? = nil, final: Bool = false, from s: [UInt64: [C.Event]] = syncs) -> C.Connection {
+            let list = s[user] ?? []
+            var c = C.Connection(node: 1 + Int(resume % 3), resume: resume, final: final)
+            c.events = cursors.compactMap { k in list.first { $0.cursor == "\(k)" } }
+            c.ready = ready
+            c.readyAfter = c.events.count
+            return c
+        }
+        func device(_ user: UInt64, _ index: Int, _ connections: [C.Connection]) -> C.Device {
+            var d = C.Device(user: user, index: index, connections: connections)
+            d.finalReady = connections.last(where: \.final)?.ready
+            return d
+        }
+        func devices(_ s: [UInt64: [C.Event]]) -> [C.Device] {
+            s.keys.sorted().flatMap { u -> [C.Device] in
+                let n = UInt64(s[u]?.count ?? 0)
+                return [
+                    device(u, 0, [conn(u, 0, [1, 2], from: s), conn(u, 2, Array(3...n), ready: n, from: s), conn(u, n, [], ready: n, final: true, from: s)]),
+                    device(u, 1, [conn(u, 0, Array(1...n), ready: n, from: s), conn(u, n, [], ready: n, final: true, from: s)]),
+                ]
+            }
+        }
+        let good = devices(syncs)
+        func run(_ changed: [C.Device], histories h: [C.Side: [C.Message]] = histories, syncs s: [UInt64: [C.Event]] = syncs, base: [C.Device] = good) -> Checker.Result {
+            let all = base.map { d in changed.first { $0.user == d.user && $0.index == d.index } ?? d }
+            return C.checkDevices(all, sends: sends, pairs: pairs, histories: h, syncs: s)
+        }
+        /// User 1's events after cursor 4 (the sync ends there): `event` at cursor 5.
+        func extra(_ event: C.Event) -> [C.Device] {
+            var c = conn(1, 0, [1, 2, 3, 4])
+            var e = event
+            e.cursor = "5"
+            c.events.append(e)
+            c.ready = 5
+            c.readyAfter = 5
+            return [device(1, 0, [c, conn(1, 5, [], ready: 5, final: true)])]
+        }
+        let message = { (user: UInt64, cursor: Int) in syncs[user]?[cursor - 1] ?? C.Event(cursor: "\(cursor)", type: "none") }
+        let phantom = C.Event(
+            cursor: "5", type: "message", messageID: 104, peer: 2, message: C.Message(id: 104, seq: 3, sender: 2, receiver: 1, content: "chat7-7"), fromMe: false)
+        // Chat1-2 (202) never landed: in no history, no sync, on no device.
+        let without202 = syncs.mapValues { $0.filter { $0.messageID != 202 } }
+        let historiesWithout202 = histories.mapValues { $0.filter { $0.id != 202 } }
+        // User 3's device 0 resumed from 2 and got cursor 3 again, as another event (202, which is at 4).
+        var changed = conn(3, 2, [4, 4], ready: 4)
+        changed.events[0].cursor = "3"
+        var syncsWithout1 = syncs
+        syncsWithout1[1] = nil
+        return [
+            ("chat ws: every device has every event once, through a move and the final catch-up (an unknown outcome that landed too)", run([]), { $0.ok }),
+            (
+                "chat ws: duplicates across a resume from an earlier cursor",
+                run([device(2, 0, [conn(2, 0, [1, 2, 3]), conn(2, 1, [2, 3, 4, 5, 6], ready: 6), conn(2, 6, [], ready: 6, final: true)])]), { $0.ok }
+            ),
+            (
+                "chat ws: an unknown outcome that never landed is on no device",
+                run([], histories: historiesWithout202, syncs: without202, base: devices(without202)), { $0.ok }
+            ),
+            ("chat ws: a gap within a connection", run([device(1, 1, [conn(1, 0, [1, 3, 4], ready: 4), conn(1, 4, [], ready: 4, final: true)])]), { $0.lost.count == 1 && $0.misplaced.isEmpty }),
+            ("chat ws: events out of order", run([device(1, 1, [conn(1, 0, [1, 2, 4, 3], ready: 4), conn(1, 4, [], ready: 4, final: true)])]), { $0.misplaced.count == 1 && $0.lost.isEmpty }),
+            (
+                "chat ws: ready at a cursor the events had not reached",
+                run([device(1, 1, [conn(1, 0, [1, 2], ready: 4), conn(1, 2, [3, 4], ready: 4), conn(1, 4, [], ready: 4, final: true)])]), { $0.lost.count == 1 && $0.divergent.isEmpty }
+            ),
+            (
+                "chat ws: an acknowledged message missing on the sender's device (its catch-up ends early)",
+                run([device(2, 1, [conn(2, 0, [1, 2, 3, 4], ready: 4), conn(2, 4, [], ready: 4, final: true)])]),
+                { $0.lost.count == 2 && $0.lost.contains { $0.contains("lacks acknowledged message 102 (the user sent it)") } }
+            ),
+            (
+                "chat ws: an acknowledged message missing on the receiver's device (sync not read)",
+                run([device(1, 0, [conn(1, 0, [1, 2, 3], ready: 3), conn(1, 3, [], ready: 3, final: true)])], syncs: syncsWithout1),
+                { $0.lost.count == 1 && $0.lost.contains { $0.contains("lacks acknowledged message 102 (the user received it)") } }
+            ),
+            ("chat ws: a message never sent (phantom)", run(extra(phantom)), { $0.unexpected.count == 1 && $0.divergent.count == 1 && $0.lost.isEmpty }),
+            ("chat ws: an acknowledged message at two cursors", run(extra(message(1, 3))), { $0.duplicated.count == 1 && $0.divergent.count == 1 }),
+            (
+                "chat ws: the same cursor with another event after a resume",
+                run([device(3, 0, [conn(3, 0, [1, 2, 3, 4]), changed, conn(3, 4, [], ready: 4, final: true)])]),
+                { $0.divergent.count == 1 && $0.lost.isEmpty && $0.duplicated.isEmpty }
+            ),
         ]
     }
 }
