@@ -47,26 +47,8 @@ extension ClusterBench {
         print("weft bench chat: \(config.nodes.count) nodes, \(config.shards) shards, replication \(config.replication), fsync \(config.storage.fsync); \(users) users, \(messages) messages, \(inflight) in flight")
         let nodes = config.nodes.map(\.id.rawValue)
         // Users, tokens, a ring of contacts.
-        var ids: [UInt64] = []
-        var tokens: [String] = []
-        for u in 0..<users {
-            let via = nodes[u % nodes.count]
-            let name = "bench\(u)"
-            _ = try await call(via, "POST", "/api/v1/auth/register", body: ["username": name, "password": "password-123"], expect: [201, 409])
-            let login = try await call(via, "POST", "/api/v1/auth/login", body: ["username": name, "password": "password-123"], expect: [200])
-            guard let token = login["token"] as? String, let id = (login["user_id"] as? NSNumber)?.uint64Value else {
-                throw BenchFailure(description: "login of \(name) gave no token")
-            }
-            ids.append(id)
-            tokens.append(token)
-        }
-        for u in 0..<users {
-            let v = (u + 1) % users
-            let via = nodes[u % nodes.count]
-            _ = try await call(via, "POST", "/api/v1/contacts/requests", token: tokens[u], body: ["user_id": ids[v]], expect: [200, 202, 409])
-            _ = try await call(via, "POST", "/api/v1/contacts/requests/\(ids[u])/accept", token: tokens[v], body: nil, expect: [200, 404])
-        }
-        try await waitForRelays()
+        let (ids, tokens) = try await signUp(users)
+        try await makeRing(ids: ids, tokens: tokens)
         print("\(users) users signed up, \(users) contact pairs")
 
         // The messages: from user u to u+1 or u-1 (a contact), ~200 bytes of chat text each.
@@ -166,27 +148,61 @@ extension ClusterBench {
         return result
     }
 
-    /// One JSON request; the decoded object when the status is one of `expect`.
-    func call(_ n: UInt64, _ method: String, _ path: String, token: String? = nil, body: [String: Any]?, expect: Set<Int>) async throws -> [String: Any] {
-        guard let url = URL(string: api(n) + path) else { throw BenchFailure(description: "bad path \(path)") }
-        for attempt in 0..<50 {
-            var req = URLRequest(url: url)
-            req.httpMethod = method
-            if let token { req.setValue("Bearer \(token)", forHTTPHeaderField: "Authorization") }
-            if let body {
-                req.httpBody = try JSONSerialization.data(withJSONObject: body)
-                req.setValue("application/json", forHTTPHeaderField: "Content-Type")
-            }
-            if let (data, resp) = try? await session.data(for: req), let status = (resp as? HTTPURLResponse)?.statusCode {
-                if expect.contains(status) { return (try? JSONSerialization.jsonObject(with: data) as? [String: Any]) ?? [:] }
-                // Elections at start: retried; anything else is the bench's failure.
-                if status != 503 && status != 504 {
-                    throw BenchFailure(description: "\(method) \(path): \(status) \(String(decoding: data.prefix(300), as: UTF8.self))")
+    /// Signs up `count` users named `prefix0`, `prefix1`, … (register, then log in) through the nodes in
+    /// turn, `concurrency` at a time; their ids and login tokens, in order.
+    func signUp(_ count: Int, prefix: String = "bench", concurrency: Int = 1) async throws -> (ids: [UInt64], tokens: [String]) {
+        let client = apiClient
+        let nodes = config.nodes.map(\.id.rawValue)
+        let lanes = max(1, min(concurrency, count))
+        let accounts = try await withThrowingTaskGroup(of: [(Int, UInt64, String)].self) { group in
+            for lane in 0..<lanes {
+                group.addTask {
+                    var out: [(Int, UInt64, String)] = []
+                    for u in stride(from: lane, to: count, by: lanes) {
+                        let via = nodes[u % nodes.count]
+                        let name = "\(prefix)\(u)"
+                        let credentials: [String: Any] = ["username": name, "password": "password-123"]
+                        _ = try await client.call(via, "POST", "/api/v1/auth/register", body: credentials, expect: [201, 409])
+                        let login = try await client.call(via, "POST", "/api/v1/auth/login", body: credentials, expect: [200])
+                        guard let token = login["token"] as? String, let id = (login["user_id"] as? NSNumber)?.uint64Value else {
+                            throw BenchFailure(description: "login of \(name) gave no token")
+                        }
+                        out.append((u, id, token))
+                    }
+                    return out
                 }
             }
-            try await Task.sleep(for: .milliseconds(100 * (attempt < 10 ? 1 : 5)))
+            var all: [(Int, UInt64, String)] = []
+            for try await part in group { all += part }
+            return all.sorted { $0.0 < $1.0 }
         }
-        throw BenchFailure(description: "\(method) \(path): no answer")
+        return (accounts.map(\.1), accounts.map(\.2))
+    }
+
+    /// Makes each user a contact of the next (a ring: user u asks u+1, who accepts), then waits until the
+    /// relays have copied every inbox entry.
+    func makeRing(ids: [UInt64], tokens: [String]) async throws {
+        let users = ids.count
+        let nodes = config.nodes.map(\.id.rawValue)
+        for u in 0..<users {
+            let v = (u + 1) % users
+            let via = nodes[u % nodes.count]
+            _ = try await call(via, "POST", "/api/v1/contacts/requests", token: tokens[u], body: ["user_id": ids[v]], expect: [200, 202, 409])
+            _ = try await call(via, "POST", "/api/v1/contacts/requests/\(ids[u])/accept", token: tokens[v], body: nil, expect: [200, 404])
+        }
+        try await waitForRelays()
+    }
+
+    /// The messaging API's JSON client for these nodes (Sendable: for requests from several tasks).
+    var apiClient: APIClient {
+        var apis: [UInt64: String] = [:]
+        for n in config.nodes { apis[n.id.rawValue] = api(n.id.rawValue) }
+        return APIClient(session: session, apis: apis)
+    }
+
+    /// One JSON request; the decoded object when the status is one of `expect`.
+    func call(_ n: UInt64, _ method: String, _ path: String, token: String? = nil, body: [String: Any]?, expect: Set<Int>) async throws -> [String: Any] {
+        try await apiClient.call(n, method, path, token: token, body: body, expect: expect)
     }
 
     /// Waits until every relay of every node has nothing left to relay (from `/metrics`).
@@ -217,5 +233,34 @@ extension ClusterBench {
             total += data.withUnsafeBytes { b in (b.lastIndex { $0 != 0 } ?? -1) + 1 }
         }
         return total
+    }
+}
+
+/// JSON requests to the nodes' messaging API, retried through elections (503/504) at start.
+struct APIClient: Sendable {
+    let session: URLSession
+    let apis: [UInt64: String]
+
+    /// One JSON request; the decoded object when the status is one of `expect`.
+    func call(_ n: UInt64, _ method: String, _ path: String, token: String? = nil, body: [String: Any]?, expect: Set<Int>) async throws -> [String: Any] {
+        guard let base = apis[n], let url = URL(string: base + path) else { throw BenchFailure(description: "bad node \(n) or path \(path)") }
+        for attempt in 0..<50 {
+            var req = URLRequest(url: url)
+            req.httpMethod = method
+            if let token { req.setValue("Bearer \(token)", forHTTPHeaderField: "Authorization") }
+            if let body {
+                req.httpBody = try JSONSerialization.data(withJSONObject: body)
+                req.setValue("application/json", forHTTPHeaderField: "Content-Type")
+            }
+            if let (data, resp) = try? await session.data(for: req), let status = (resp as? HTTPURLResponse)?.statusCode {
+                if expect.contains(status) { return (try? JSONSerialization.jsonObject(with: data) as? [String: Any]) ?? [:] }
+                // Elections at start: retried; anything else is the bench's failure.
+                if status != 503 && status != 504 {
+                    throw BenchFailure(description: "\(method) \(path): \(status) \(String(decoding: data.prefix(300), as: UTF8.self))")
+                }
+            }
+            try await Task.sleep(for: .milliseconds(100 * (attempt < 10 ? 1 : 5)))
+        }
+        throw BenchFailure(description: "\(method) \(path): no answer")
     }
 }

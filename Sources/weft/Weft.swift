@@ -79,7 +79,7 @@ struct StatusCmd: AsyncParsableCommand {
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Benchmarks. They print figures; record them in Docs/benchmarks.md.",
-        subcommands: [BenchStore.self, BenchLog.self, BenchChat.self, BenchFailover.self, BenchRestart.self, BenchStateRestart.self])
+        subcommands: [BenchStore.self, BenchLog.self, BenchChat.self, BenchPush.self, BenchFailover.self, BenchRestart.self, BenchStateRestart.self])
 }
 
 struct BenchStore: ParsableCommand {
@@ -209,6 +209,110 @@ struct BenchChat: AsyncParsableCommand {
     func run() async throws {
         var bench = try ClusterBench(configPath: config, executable: URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path)
         try await bench.runChat(users: users, messages: messages, inflight: inflight, single: single, logRecords: logRecords, jsonOut: jsonOut) {
+            print($0)
+            fflush(nil)
+        }
+    }
+}
+
+struct BenchPush: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "push",
+        abstract: "Start the cluster of a config file, connect devices over /api/v1/ws; print send → push latency per send rate, and memory per idle session.",
+        discussion: """
+            Push latency: --users devices, one per user, on random nodes; messages to contacts at each of --rates (msgs/s, open loop) \
+            for --step-seconds each. Idle sessions (--idle-sessions N): N sessions that authenticate, resume and only ping, from \
+            127.0.0.2 … 127.0.0.(1+k); the nodes' resident memory before and after. The config needs bcrypt_cost = 4 and \
+            [messaging] sends_per_minute at least what one user sends in the sweep (the bench says how much) (Docs/benchmarks.md).
+            """)
+
+    @Option(help: "Cluster configuration file (TOML); its nodes are started as child processes.")
+    var config: String?
+
+    @Option(help: "Users in the push sweep, one device each (each a contact of the next).")
+    var users: Int = 200
+
+    @Option(help: "Send rates to sweep, messages/s, comma-separated; \"none\" for no sweep.")
+    var rates: String = "250,500,1000,2000"
+
+    @Option(help: "Seconds per rate.")
+    var stepSeconds: Double = 5
+
+    @Option(help: "How senders send: ws (a send frame on the sender's socket) or http (POST /api/v1/messages).")
+    var sendVia: String = "ws"
+
+    @Option(help: "Keep-alive connections for --send-via http.")
+    var httpConnections: Int = 128
+
+    @Option(help: "Seconds after a step's last send by which every acknowledged message must have been pushed (else it is lost).")
+    var pushTimeout: Double = 10
+
+    @Option(help: "Idle sessions to open before the sweep (0: none); they stay open during it.")
+    var idleSessions: Int = 0
+
+    @Option(help: "Loopback source addresses for idle sessions: 127.0.0.2 … 127.0.0.(1+k).")
+    var sourceAddresses: Int = 8
+
+    @Option(help: "Idle sessions being opened at a time.")
+    var connectConcurrency: Int = 256
+
+    @Option(help: "Seconds the idle sessions are held (servers' idle CPU measured) before memory is read.")
+    var idleHold: Double = 10
+
+    @Option(help: "Seconds to wait, nodes' pids printed, before opening idle sessions (to attach a profiler).")
+    var pauseBeforeSessions: Double = 0
+
+    @Option(help: "Also write the result as JSON to this file.")
+    var jsonOut: String?
+
+    @Option(help: "Also write a self-contained HTML report (figures, latency over time, histogram) to this file.")
+    var htmlOut: String?
+
+    @Option(help: "Only write --html-out from the JSON result of an earlier run (no cluster is started).")
+    var reportFrom: String?
+
+    func validate() throws {
+        guard users >= 2, stepSeconds > 0, pushTimeout > 0, idleSessions >= 0, sourceAddresses >= 1, sourceAddresses <= 250,
+            connectConcurrency >= 1, httpConnections >= 1, idleHold >= 0, pauseBeforeSessions >= 0
+        else { throw ValidationError("--users >= 2, --source-addresses 1...250, and the counts and seconds must be positive") }
+        guard SendVia(rawValue: sendVia) != nil else { throw ValidationError("--send-via is ws or http") }
+        _ = try rateList()
+        if reportFrom != nil && htmlOut == nil { throw ValidationError("--report-from needs --html-out") }
+        if reportFrom == nil && config == nil { throw ValidationError("--config is required (or --report-from)") }
+    }
+
+    typealias SendVia = ClusterBench.SendPath
+
+    func rateList() throws -> [Double] {
+        if rates == "none" { return [] }
+        let list = rates.split(separator: ",").map { Double($0.trimmingCharacters(in: .whitespaces)) }
+        guard !list.isEmpty, list.allSatisfy({ ($0 ?? 0) > 0 }) else { throw ValidationError("--rates: positive numbers separated by commas, or none") }
+        return list.compactMap { $0 }
+    }
+
+    func run() async throws {
+        if let reportFrom, let htmlOut {
+            try Data(BenchReport.pushHTML(fromJSON: reportFrom).utf8).write(to: URL(fileURLWithPath: htmlOut))
+            print("report written to \(htmlOut)")
+            return
+        }
+        var o = ClusterBench.PushOptions()
+        o.users = users
+        o.rates = try rateList()
+        o.stepSeconds = stepSeconds
+        o.sendVia = SendVia(rawValue: sendVia) ?? .ws
+        o.httpConnections = httpConnections
+        o.pushTimeout = pushTimeout
+        o.idleSessions = idleSessions
+        o.sourceAddresses = sourceAddresses
+        o.connectConcurrency = connectConcurrency
+        o.idleHold = idleHold
+        o.pauseBeforeSessions = pauseBeforeSessions
+        o.jsonOut = jsonOut
+        o.htmlOut = htmlOut
+        guard let config else { throw ValidationError("--config is required") }
+        var bench = try ClusterBench(configPath: config, executable: URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path)
+        try await bench.runPush(o) {
             print($0)
             fflush(nil)
         }
