@@ -9,7 +9,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 Tools/install-deps.sh
 swift build --build-tests
-swift test --skip-build
+# Line-buffered (stdbuf), so a log read through a pipe shows the test that is running; bounded (timeout),
+# so a hung test ends the run with a failure and its name instead of running into CI's limit.
+status=0
+timeout -k 30 "${TEST_MINUTES:-45}m" stdbuf -oL -eL swift test --skip-build || status=$?
+if [ "$status" != "0" ]; then
+  echo "swift test failed (exit $status)" >&2
+  pkill -9 -f WeftPackageTests.xctest || true
+  pkill -9 -f "weft serve" || true
+  exit "$status"
+fi
 # The live messaging API against Docs/openapi.yaml (schemathesis): no 5xx, nothing off the spec.
 Tools/api-check.sh
 if [ "${FUZZ_SECONDS:-60}" != "0" ]; then

@@ -118,13 +118,19 @@ final class ClusterProcess: @unchecked Sendable {
     func kill9(_ n: Int) {
         guard let p = lock.withLock({ processes[n] }) else { return }
         kill(p.processIdentifier, SIGKILL)
-        p.waitUntilExit()
+        if !p.waitForExit(seconds: 30) { Issue.record("node \(n) (pid \(p.processIdentifier)) still runs 30 s after SIGKILL") }
     }
 
+    /// SIGTERM to every node, then waits for each; a node still running 30 s later (its own shutdown
+    /// deadline is 20 s) is a failure, and is SIGKILLed so the suite goes on.
     func stopAll() {
-        let ps = lock.withLock { Array(processes.values) }
-        for p in ps where p.isRunning { kill(p.processIdentifier, SIGTERM) }
-        for p in ps { p.waitUntilExit() }
+        let ps = lock.withLock { processes.sorted { $0.key < $1.key } }
+        for (_, p) in ps where p.isRunning { kill(p.processIdentifier, SIGTERM) }
+        for (n, p) in ps where !p.waitForExit(seconds: 30) {
+            Issue.record("node \(n) did not exit within 30 s of SIGTERM: SIGKILLed")
+            kill(p.processIdentifier, SIGKILL)
+            _ = p.waitForExit(seconds: 30)
+        }
     }
 
     struct Status: Decodable {
@@ -197,6 +203,34 @@ final class ClusterProcess: @unchecked Sendable {
     }
 
     func shardDirectory(node n: Int, shard: UInt64) -> String { "\(dir)/data/\(n)/shard-\(shard)" }
+}
+
+extension Process {
+    /// Waits up to `seconds` for the process to end; true once it has. `waitUntilExit` is not used:
+    /// it spins the calling thread's run loop until Foundation's monitor marks the process ended, and a
+    /// test suite that ran it from Swift concurrency's threads hung past CI's limit (stop 19). This
+    /// polls instead, and also reads `/proc` so a child that is already a zombie counts as ended
+    /// (`terminationStatus` is only meaningful once `isRunning` is false: pass `status: true` to read it).
+    func waitForExit(seconds: Double, status: Bool = false) -> Bool {
+        let end = Date().addingTimeInterval(seconds)
+        var zombieSince: Date?
+        while isRunning {
+            if zombieSince == nil, Self.hasEnded(pid: processIdentifier) { zombieSince = Date() }
+            // A zombie whose end Foundation has not noticed within 5 s: ended all the same.
+            if !status, let z = zombieSince, Date().timeIntervalSince(z) > 5 { return true }
+            if Date() > end { return false }
+            Thread.sleep(forTimeInterval: 0.02)
+        }
+        return true
+    }
+
+    /// Whether `pid` is gone or a zombie (state `Z` or `X` in `/proc/<pid>/stat`, after the last `)`).
+    static func hasEnded(pid: Int32) -> Bool {
+        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8) else { return true }
+        guard let close = stat.lastIndex(of: ")") else { return false }
+        let state = stat[stat.index(after: close)...].drop { $0 == " " }.first
+        return state == "Z" || state == "X"
+    }
 }
 
 /// A counter behind a lock.

@@ -68,7 +68,7 @@ extension Clusters {
                 p.standardOutput = FileHandle.nullDevice
                 p.standardError = FileHandle.nullDevice
                 try p.run()
-                p.waitUntilExit()
+                try #require(p.waitForExit(seconds: 60, status: true), "weft-dump --verify ended")
                 #expect(p.terminationStatus == 0, "weft-dump --verify fails on node \(n)")
             }
         }

@@ -121,7 +121,7 @@ extension Clusters {
             try (original + node4).write(toFile: c.configPath, atomically: true, encoding: .utf8)
             try c.start(1)
             let p = try #require(c.lock.withLock { c.processes[1] })
-            p.waitUntilExit()
+            try #require(p.waitForExit(seconds: 30, status: true), "node 1 refuses to start and exits")
             #expect(p.terminationStatus != 0)
             let log = (try? String(contentsOfFile: c.dir + "/node1.log", encoding: .utf8)) ?? ""
             #expect(log.contains("founders"), "the refusal says how to add a node")

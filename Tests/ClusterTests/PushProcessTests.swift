@@ -61,6 +61,12 @@ extension Clusters {
             let p = Process()
             p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
             p.arguments = ["python3", script, dir + "/port", dir + "/log.jsonl", secret, String(failFirst)]
+            // Never the test's own stdout: a receiver left running would hold that pipe open, and
+            // `swift test` waits for its end (CI ran out of time on that once).
+            _ = FileManager.default.createFile(atPath: dir + "/receiver.out", contents: nil)
+            let out = FileHandle(forWritingAtPath: dir + "/receiver.out") ?? FileHandle.nullDevice
+            p.standardOutput = out
+            p.standardError = out
             try p.run()
             let end = Date().addingTimeInterval(10)
             while Date() < end {
@@ -69,8 +75,15 @@ extension Clusters {
                 }
                 Thread.sleep(forTimeInterval: 0.05)
             }
-            p.terminate()
+            Self.stop(p)
             throw CancellationError()
+        }
+
+        /// SIGKILL: a child spawned from the test process's threads inherits their signal mask, in which
+        /// SIGTERM is blocked (`terminate()` would leave it running).
+        static func stop(_ p: Process) {
+            kill(p.processIdentifier, SIGKILL)
+            _ = p.waitForExit(seconds: 10)
         }
 
         /// Bob has no device connected: a contact request and messages reach the webhook (after the
@@ -79,7 +92,7 @@ extension Clusters {
         /// notified before is sent again and new events are.
         @Test(.timeLimit(.minutes(4))) func offlineEventsReachTheWebhookOnceAcrossARestart() async throws {
             let rx = try Self.startReceiver(failFirst: 2)
-            defer { rx.process.terminate() }
+            defer { Self.stop(rx.process) }
             let c = try ClusterProcess(
                 name: "push", nodes: 3, shards: 2,
                 tables: """

@@ -101,7 +101,10 @@ final class Cluster: @unchecked Sendable {
     func kill(_ n: Int) {
         guard let p = lock.withLock({ processes[n] }), p.isRunning else { return }
         Foundation.kill(p.processIdentifier, SIGKILL)
-        p.waitUntilExit()
+        // Not `waitUntilExit`, which can hang on Linux when Foundation's monitor never marks the
+        // process ended: poll, and count a zombie (`/proc/<pid>/stat` state Z) as gone.
+        let deadline = Date().addingTimeInterval(30)
+        while p.isRunning && !Self.isZombie(p.processIdentifier) && Date() < deadline { usleep(20_000) }
         lock.withLock { _ = paused.remove(n) }
     }
 
@@ -128,6 +131,14 @@ final class Cluster: @unchecked Sendable {
     }
 
     func stopAll() { for n in nodes { stop(n) } }
+
+    /// Whether `pid` is gone or a zombie: the state after the last `)` of `/proc/<pid>/stat`.
+    static func isZombie(_ pid: Int32) -> Bool {
+        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8) else { return true }
+        guard let close = stat.lastIndex(of: ")") else { return false }
+        let state = stat[stat.index(after: close)...].drop { $0 == " " }.first
+        return state == "Z" || state == "X"
+    }
 
     func shardDirectory(_ n: Int, shard: Int) -> String { dataDirectory(n) + "/shard-\(shard)" }
 

@@ -11,7 +11,12 @@ func sh(_ args: [String], allowFailure: Bool = false) throws -> (status: Int32, 
     p.standardError = pipe
     try p.run()
     let data = pipe.fileHandleForReading.readDataToEndOfFile()
-    p.waitUntilExit()
+    // Poll rather than `waitUntilExit` (see `Cluster.kill`); these commands end in milliseconds.
+    let deadline = Date().addingTimeInterval(60)
+    while p.isRunning {
+        if Date() > deadline { throw HarnessError("\(args.joined(separator: " ")) still runs after 60 s") }
+        usleep(5_000)
+    }
     let out = String(decoding: data, as: UTF8.self)
     if p.terminationStatus != 0 && !allowFailure {
         throw HarnessError("\(args.joined(separator: " ")) exited \(p.terminationStatus): \(out.trimmingCharacters(in: .whitespacesAndNewlines))")
