@@ -14,7 +14,7 @@ struct ConfigParser {
     static let pushKeys = ["webhook_url", "delay_ms", "secret", "retry_max_ms"]
     static let messagingKeys = [
         "bcrypt_cost", "token_ttl_seconds", "sends_per_minute", "history_reads_per_minute", "actions_per_minute", "syncs_per_minute",
-        "logins_per_minute",
+        "logins_per_minute", "group_members_max",
     ]
     static let clusterKeys = ["name", "shards", "replication", "secret", "founders"]
     static let apiKeys = ["operator_token"]
@@ -147,6 +147,7 @@ struct ConfigParser {
         if let v = try ranged("actions_per_minute", MessagingConfig.perMinuteRange) { m.actionsPerMinute = v }
         if let v = try ranged("syncs_per_minute", MessagingConfig.perMinuteRange) { m.syncsPerMinute = v }
         if let v = try ranged("logins_per_minute", MessagingConfig.perMinuteRange) { m.loginsPerMinute = v }
+        if let v = try ranged("group_members_max", MessagingConfig.groupMembersRange) { m.groupMembersMax = v }
         return m
     }
 

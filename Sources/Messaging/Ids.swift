@@ -7,10 +7,13 @@ import WeftCore
 /// user id      1 ... 2^31-1, allocated by the username's shard s as n·shards + s: id % shards == s,
 ///              so the shard that keeps the username is the user's home shard (the seed's user % shards)
 /// stream ids   0b00…  raw log streams (operator API)
-///              0b01 | kind(22 bits) | id  per-user and per-shard streams: inbox(u), account(u), registry
+///              0b01 | kind(22 bits) | id  per-user and per-shard streams: inbox(u), account(u), registry,
+///                                        and group(g): a group's changes and messages, in one order
 ///              0b10 | lo(31) | hi(31)    dm(a, b): the conversation's messages
 ///              0b11 | lo(31) | hi(31)    pair(a, b): the pair's contact requests, blocks, recalls
 /// message id   shard << 43 | log index of the message record  (< 2^53: a JSON number)
+/// group id     2^32 ... 2^40-1, drawn at random by the creating node (a taken id is refused and redrawn);
+///              its home shard is id % shards
 /// ```
 public enum Ids {
     /// User ids are below 2^31 (two fit in a stream id with its kind bits).
@@ -34,6 +37,27 @@ public enum Ids {
     }
     /// Each shard's registrations (usernames that hash to it).
     public static let registry = StreamID(userKind | 2 << 40)
+
+    /// Group ids: above every user id (so a user's conversation views key both by id), 40 bits.
+    public static let groupIDMin: UInt64 = 1 << 32
+    public static let groupIDMax: UInt64 = (1 << 40) - 1
+    public static func isGroupID(_ g: UInt64) -> Bool { g >= groupIDMin && g <= groupIDMax }
+    public static func group(_ g: UInt64) -> StreamID { StreamID(userKind | 3 << 40 | g) }
+    /// The group of a group stream; nil for other streams.
+    public static func groupOf(_ s: StreamID) -> UInt64? {
+        let v = s.rawValue
+        guard v >> 62 == 1, (v & ~userKind) >> 40 == 3, isGroupID(v & groupIDMax) else { return nil }
+        return v & groupIDMax
+    }
+    public static func groupShard(_ g: UInt64, shards: Int) -> ShardID { ShardID(g % UInt64(max(1, shards))) }
+    /// A group's conversation as clients name it: `g<id>`.
+    public static func groupConversationID(_ g: UInt64) -> String { "g\(g)" }
+    public static func parseGroupConversationID(_ s: String) -> UInt64? {
+        guard s.first == "g", s.count <= 14, s.dropFirst().allSatisfy({ $0.isASCII && $0.isNumber }), let g = UInt64(s.dropFirst()), isGroupID(g),
+            groupConversationID(g) == s
+        else { return nil }
+        return g
+    }
 
     public static func dm(_ a: UInt64, _ b: UInt64) -> StreamID { StreamID(dmKind | min(a, b) << 31 | max(a, b)) }
     public static func pair(_ a: UInt64, _ b: UInt64) -> StreamID { StreamID(pairKind | min(a, b) << 31 | max(a, b)) }

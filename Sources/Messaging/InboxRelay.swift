@@ -34,6 +34,21 @@ public enum InboxRelay {
         case .block(let by, let other, let on):
             // Only the blocker's devices learn of it.
             return [to(by, .blocked(peer: other, on: on))]
+        case .group(let g):
+            // Every member the record names (apply checked them against the group's order).
+            switch g.action {
+            case .message(_, _, _, _, _, let mentions, let all):
+                let id = Ids.messageID(shard: source, index: r.index)
+                return g.recipients.map { u in
+                    let m: Mention = all ? .all : (mentions.contains(u) ? .me : .none)
+                    return to(u, .groupMessage(group: g.group, seq: r.seq, sender: g.by, messageID: id, mention: m))
+                }
+            case .recall(let seq, let id):
+                return g.recipients.map { to($0, .groupRecall(group: g.group, seq: seq, by: g.by, messageID: id)) }
+            default:
+                guard let change = GroupChange(g.action) else { return [] }
+                return g.recipients.map { to($0, .groupChange(group: g.group, seq: r.seq, by: g.by, change)) }
+            }
         case .register, .profile, .revokeTokens, .totp, .inbox, .readMark, .pushPreview, .delivered, .notified:
             return []
         }

@@ -124,6 +124,8 @@ public struct PeerView: Sendable, Equatable {
     public var lastDroppedSeq: StreamSeq = 0
     /// When the relation last changed.
     public var sinceMicros: Int64 = 0
+    /// Groups: the last unread message that mentions the user (@them or @all); 0 when none is unread.
+    public var mentionSeq: StreamSeq = 0
 
     public var unreadCount: UInt64 { UInt64(unread.count) + unreadDropped }
 
@@ -153,6 +155,7 @@ public struct PeerView: Sendable, Equatable {
     mutating func markRead(through seq: StreamSeq) {
         guard seq > readSeq else { return }
         readSeq = seq
+        if mentionSeq <= seq { mentionSeq = 0 }
         unread.removeAll { $0 <= seq }
         if seq >= lastDroppedSeq { unreadDropped = 0 }
     }
@@ -198,6 +201,8 @@ public struct MessagingMachine: ShardStateMachine {
     /// (rebuilt from `push` when a snapshot is read).
     public internal(set) var push = BucketedMap<UInt64, PushState>()
     public internal(set) var owing = BucketedMap<UInt64, Int64>()
+    /// Groups homed here (Docs/groups.md).
+    public internal(set) var groups = BucketedMap<UInt64, Group>()
 
     public init() {}
 
@@ -239,8 +244,9 @@ public struct MessagingMachine: ShardStateMachine {
             let o = applyOne(r)
             if case .rejected = o {
                 rejectedIndexes.append(r.index)
-                // A refused message still took its seq in the dm stream: readers skip it.
-                if r.stream.rawValue >> 62 == 2 { voidMessage(r) }
+                // A refused message still took its seq in the dm stream (a group record in the group's
+                // stream): readers skip it.
+                if r.stream.rawValue >> 62 == 2 { voidMessage(r) } else if Ids.groupOf(r.stream) != nil { voidGroupRecord(r) }
             }
             out.append(o)
         }
@@ -306,6 +312,8 @@ public struct MessagingMachine: ShardStateMachine {
                 if case .delivered = op { p.delivered = max(p.delivered, s) } else { p.notified = max(p.notified, s) }
             }
             return .ok
+        case .group(let g):
+            return applyGroup(g, r)
         }
     }
 
@@ -327,10 +335,11 @@ public struct MessagingMachine: ShardStateMachine {
     }
 
     /// Whether an inbox event calls for a notification when no device has it: something from someone else.
-    public static func isPushable(_ e: InboxEvent) -> Bool {
+    public static func isPushable(_ e: InboxEvent, user: UInt64) -> Bool {
         switch e {
         case .message(_, _, let fromMe, _): !fromMe
         case .contactRequest(_, let fromMe, _): !fromMe
+        case .groupMessage(_, _, let sender, _, _): sender != user
         default: false
         }
     }
@@ -365,17 +374,23 @@ public struct MessagingMachine: ShardStateMachine {
             return users(a, b)
         case .message(let a, let b, let kind, let content, let url, let mime, _):
             guard a != b else { return reject("invalid", "a message to oneself") }
-            guard content.utf8.count <= MessagingLimits.textBytesMax, url.utf8.count <= MessagingLimits.mediaURLBytesMax,
-                mime.utf8.count <= MessagingLimits.mimeTypeBytesMax
-            else { return reject("malformed", "a field over its limit") }
-            if kind == .text {
-                guard !content.isEmpty, url.isEmpty else { return reject("malformed", "text needs content and no media") }
-            } else {
-                guard !url.isEmpty, !mime.isEmpty else { return reject("malformed", "media needs a url and a mime type") }
-            }
-            return users(a, b)
+            return checkMessageFields(kind: kind, content: content, url: url, mime: mime) ?? users(a, b)
         case .inbox(let u, _), .readMark(let u, _, _), .pushPreview(let u, _), .delivered(let u, _), .notified(let u, _): return users(u)
+        case .group(let g): return checkGroup(g)
         }
+    }
+
+    /// A message's kind, text and media fields (1:1 and group messages alike).
+    static func checkMessageFields(kind: MessageKind, content: String, url: String, mime: String) -> ApplyOutcome? {
+        guard content.utf8.count <= MessagingLimits.textBytesMax, url.utf8.count <= MessagingLimits.mediaURLBytesMax,
+            mime.utf8.count <= MessagingLimits.mimeTypeBytesMax
+        else { return reject("malformed", "a field over its limit") }
+        if kind == .text {
+            guard !content.isEmpty, url.isEmpty else { return reject("malformed", "text needs content and no media") }
+        } else {
+            guard !url.isEmpty, !mime.isEmpty else { return reject("malformed", "media needs a url and a mime type") }
+        }
+        return nil
     }
 
     mutating func register(_ name: String, _ display: String, _ hash: [UInt8], shard: UInt64, shards: UInt64, _ r: Record) -> ApplyOutcome {
@@ -506,7 +521,7 @@ public struct MessagingMachine: ShardStateMachine {
                 p.notified = r.seq - 1
             }
             p.inboxLast = max(p.inboxLast, r.seq)
-            if Self.isPushable(e) { p.pushableLast = max(p.pushableLast, r.seq) }
+            if Self.isPushable(e, user: u) { p.pushableLast = max(p.pushableLast, r.seq) }
         }
         peers.update(u) { ps in
             // Moved out and back: the inner dictionary stays uniquely referenced (no copy per event).
@@ -527,6 +542,38 @@ public struct MessagingMachine: ShardStateMachine {
                 all[peer, default: PeerView()].blocked = on
             case .read(let peer, let seq):
                 all[peer]?.markRead(through: seq)
+            case .groupMessage(let g, let seq, let sender, let id, let mention):
+                var v = all[g] ?? PeerView()
+                v.onMessage(seq: seq, fromMe: sender == u, id: id, now: now)
+                if sender != u, mention != .none, seq > v.readSeq { v.mentionSeq = max(v.mentionSeq, seq) }
+                all[g] = v
+            case .groupRecall(let g, let seq, _, _):
+                all[g]?.recalled(seq)
+            case .groupChange(let g, let seq, let by, let change):
+                var v = all[g] ?? PeerView()
+                switch change {
+                case .created:
+                    v.setRelation(.contact, now: now)
+                    v.readSeq = max(v.readSeq, seq)
+                case .added(let users) where users.contains(u):
+                    // A member from here on: what came before is not theirs to read.
+                    v.setRelation(.contact, now: now)
+                    v.markRead(through: seq)
+                case .removed(let x) where x == u:
+                    v.setRelation(.none, now: now)
+                    v.note = by == u ? "left" : "removed"
+                case .dissolved:
+                    v.setRelation(.none, now: now)
+                    v.note = "dissolved"
+                default:
+                    break
+                }
+                // A change is news in the conversation list, without counting as unread.
+                if seq > v.lastSeq {
+                    v.lastSeq = seq
+                    v.lastMicros = now
+                }
+                all[g] = v
             }
         }
     }
@@ -552,6 +599,8 @@ public struct MessagingMachine: ShardStateMachine {
             return accounts[u] == nil ? Self.reject("unknown_user", "no user \(u) here") : nil
         case .contactRequest, .contactAccept, .contactRemove, .block, .message, .recall:
             return admitPair(op, at: clockMicros)
+        case .group(let g):
+            return admitGroup(g, at: clockMicros)
         default:
             return nil
         }

@@ -12,13 +12,17 @@ import WeftCore
 ///                           | u32 n × (u64 seq | u64 sender | i64 micros) | u32 n × u64 recalled | u32 n × u64 void)
 /// u64 U | U × (u64 user | u32 n × peer)   peer: u64 id | u8 relation | text note | u8 blocked | u64 lastSeq | i64 lastMicros
 ///                           | u64 lastMessageID | u8 lastFromMe | u8 lastRecalled | u64 readSeq | u32 n × u64 unread
-///                           | u64 unreadDropped | u64 lastDroppedSeq | i64 since
+///                           | u64 unreadDropped | u64 lastDroppedSeq | i64 since | u64 mentionSeq (version 3)
 /// u64 N | N × push         (u64 user | u64 inboxLast | u64 pushableLast | u64 delivered | u64 notified | i64 owingSince)   (version 2)
+/// u64 G | G × group        (u64 id | text name | text notice | u64 owner | i64 created | u8 dissolved
+///                           | u32 n × (u64 user | u8 role | u64 joinedSeq | i64 joined) | u64 lastSeq
+///                           | u32 n × (u64 seq | u64 sender | i64 micros) | u32 n × u64 recalled | u32 n × u64 void)   (version 3)
 /// ```
-/// Version 1 (before offline push) is still read: no push positions, previews off.
+/// Versions 1 (before offline push) and 2 (before groups) are still read: no push positions, previews
+/// off; no groups, no mention marks.
 /// (text and blob: u32 length | bytes; usernames are rebuilt from the accounts.)
 extension MessagingMachine {
-    static let snapshotVersion: UInt32 = 2
+    static let snapshotVersion: UInt32 = 3
 
     public func snapshot() -> [UInt8] {
         var w = Writer()
@@ -48,6 +52,11 @@ extension MessagingMachine {
             w.u64(p.notified)
             w.i64(p.owingSinceMicros)
         }
+        w.u64(UInt64(groups.count))
+        Self.sorted(groups) { id, g in
+            w.u64(id)
+            g.put(&w)
+        }
         return w.bytes
     }
 
@@ -69,7 +78,7 @@ extension MessagingMachine {
             guard let n, n <= UInt64((b.count - r.offset) / each) else { throw fail("a count past the end") }
             return Int(n)
         }
-        guard let version = r.u32(), version == 1 || version == Self.snapshotVersion else { throw fail("unknown version") }
+        guard let version = r.u32(), (1...Self.snapshotVersion).contains(version) else { throw fail("unknown version") }
         guard let clock = r.i64(), let next = r.u64() else { throw fail("a short header") }
         clockMicros = clock
         nextLocal = next
@@ -95,7 +104,7 @@ extension MessagingMachine {
         let un = try count(r.u64(), each: 12)
         peers.reserveCapacity(un)
         for _ in 0..<un {
-            guard let u = r.u64(), let all = PeerView.takeAll(&r) else { throw fail("a short peer list") }
+            guard let u = r.u64(), let all = PeerView.takeAll(&r, version: version) else { throw fail("a short peer list") }
             peers[u] = all
         }
         if version >= 2 {
@@ -113,6 +122,14 @@ extension MessagingMachine {
                 p.owingSinceMicros = since
                 push[u] = p
                 if p.owing { owing[u] = since }
+            }
+        }
+        if version >= 3 {
+            let n = try count(r.u64(), each: 60)
+            groups.reserveCapacity(n)
+            for _ in 0..<n {
+                guard let id = r.u64(), let g = Group.take(&r) else { throw fail("a short group") }
+                groups[id] = g
             }
         }
         guard r.atEnd else { throw fail("trailing bytes") }
@@ -241,10 +258,12 @@ extension PeerView {
             w.u64(v.unreadDropped)
             w.u64(v.lastDroppedSeq)
             w.i64(v.sinceMicros)
+            w.u64(v.mentionSeq)
         }
     }
 
-    static func takeAll(_ r: inout Reader) -> [UInt64: PeerView]? {
+    /// `version`: the snapshot's (before 3 there was no mention mark).
+    static func takeAll(_ r: inout Reader, version: UInt32 = MessagingMachine.snapshotVersion) -> [UInt64: PeerView]? {
         guard let n = r.count(each: 60) else { return nil }
         var all: [UInt64: PeerView] = [:]
         all.reserveCapacity(n)
@@ -267,6 +286,10 @@ extension PeerView {
             v.unreadDropped = dropped
             v.lastDroppedSeq = lds
             v.sinceMicros = since
+            if version >= 3 {
+                guard let m = r.u64() else { return nil }
+                v.mentionSeq = m
+            }
             all[id] = v
         }
         return all

@@ -14,12 +14,14 @@ public enum MessagingQuery: Sendable, Equatable {
     case usernameTaken(String)
     case pair(UInt64, UInt64)
     case peers(UInt64)
+    case group(UInt64)
 
     public enum Answer: Sendable, Equatable {
         case account(Account?)
         case taken(Bool)
         case pair(Pair?)
         case peers([UInt64: PeerView])
+        case group(Group?)
     }
 
     public func answer(_ m: MessagingMachine) -> Answer {
@@ -30,6 +32,7 @@ public enum MessagingQuery: Sendable, Equatable {
         case .usernameTaken(let name): .taken(m.userID(username: name) != nil)
         case .pair(let a, let b): .pair(m.pair(a, b))
         case .peers(let u): .peers(m.peers(of: u))
+        case .group(let g): .group(m.group(g))
         }
     }
 
@@ -55,6 +58,9 @@ public enum MessagingQuery: Sendable, Equatable {
         case .peers(let u):
             w.u8(5)
             w.u64(u)
+        case .group(let g):
+            w.u8(7)
+            w.u64(g)
         }
         return w.bytes
     }
@@ -71,6 +77,7 @@ public enum MessagingQuery: Sendable, Equatable {
             q = .pair(a, b)
         case 5: q = r.u64().map { .peers($0) }
         case 6: q = r.u64().map { .accountSecrets($0) }
+        case 7: q = r.u64().map { .group($0) }
         default: q = nil
         }
         return r.atEnd ? q : nil
@@ -105,6 +112,10 @@ extension MessagingQuery.Answer {
         case .peers(let all):
             w.u8(4)
             PeerView.putAll(all, &w)
+        case .group(let g):
+            w.u8(5)
+            w.u8(g == nil ? 0 : 1)
+            g?.put(&w)
         }
         return w.bytes
     }
@@ -127,6 +138,12 @@ extension MessagingQuery.Answer {
             case nil: a = nil
             }
         case 4: a = PeerView.takeAll(&r).map { .peers($0) }
+        case 5:
+            switch r.flag() {
+            case false?: a = .group(nil)
+            case true?: a = Group.take(&r).map { .group($0) }
+            case nil: a = nil
+            }
         default: a = nil
         }
         return r.atEnd ? a : nil
@@ -136,4 +153,5 @@ extension MessagingQuery.Answer {
     public var pair: Pair? { if case .pair(let p) = self { p } else { nil } }
     public var peers: [UInt64: PeerView] { if case .peers(let p) = self { p } else { [:] } }
     public var taken: Bool { if case .taken(let t) = self { t } else { false } }
+    public var group: Group? { if case .group(let g) = self { g } else { nil } }
 }

@@ -30,8 +30,13 @@ public enum InboxEvent: Sendable, Equatable {
     case contactRemoved(peer: UInt64, byMe: Bool)
     /// The user blocked (`on`) or unblocked `peer` (only in the blocker's inbox).
     case blocked(peer: UInt64, on: Bool)
-    /// The user read the dm with `peer` up to `seq` (on one of their devices).
+    /// The user read the dm with `peer` (or the group `peer`) up to `seq` (on one of their devices).
     case read(peer: UInt64, seq: StreamSeq)
+    /// A message in a group (sent by the user when `sender` is them); `mention`: whether it names them.
+    case groupMessage(group: UInt64, seq: StreamSeq, sender: UInt64, messageID: UInt64, mention: Mention)
+    case groupRecall(group: UInt64, seq: StreamSeq, by: UInt64, messageID: UInt64)
+    /// A change to a group the user is (or was, for a removal) a member of: record `seq` of its stream.
+    case groupChange(group: UInt64, seq: StreamSeq, by: UInt64, GroupChange)
 }
 
 /// The operations of messaging records. Each names the stream it goes to; `encode` gives the payload.
@@ -60,6 +65,8 @@ public enum MessagingOp: Sendable, Equatable {
     case delivered(user: UInt64, seq: StreamSeq)
     /// The push worker notified the user's inbox events up to `seq` (the webhook answered 2xx).
     case notified(user: UInt64, seq: StreamSeq)
+    /// A group's change or message, in the group's stream (Docs/groups.md).
+    case group(GroupOp)
 
     var code: UInt8 {
         switch self {
@@ -78,6 +85,7 @@ public enum MessagingOp: Sendable, Equatable {
         case .pushPreview: 4
         case .delivered: 22
         case .notified: 23
+        case .group: 30
         }
     }
 
@@ -92,6 +100,7 @@ public enum MessagingOp: Sendable, Equatable {
             Ids.pair(a, b)
         case .message(let a, let b, _, _, _, _, _): Ids.dm(a, b)
         case .inbox(let u, _), .readMark(let u, _, _): Ids.inbox(u)
+        case .group(let op): Ids.group(op.group)
         }
     }
 
@@ -167,6 +176,25 @@ public enum MessagingOp: Sendable, Equatable {
                 w.u8(7)
                 w.u64(p)
                 w.u64(seq)
+            case .groupMessage(let g, let seq, let sender, let id, let mention):
+                w.u8(8)
+                w.u64(g)
+                w.u64(seq)
+                w.u64(sender)
+                w.u64(id)
+                w.u8(mention.rawValue)
+            case .groupRecall(let g, let seq, let by, let id):
+                w.u8(9)
+                w.u64(g)
+                w.u64(seq)
+                w.u64(by)
+                w.u64(id)
+            case .groupChange(let g, let seq, let by, let change):
+                w.u8(10)
+                w.u64(g)
+                w.u64(seq)
+                w.u64(by)
+                change.put(&w)
             }
         case .readMark(let u, let p, let seq):
             w.u64(u)
@@ -178,6 +206,8 @@ public enum MessagingOp: Sendable, Equatable {
         case .delivered(let u, let seq), .notified(let u, let seq):
             w.u64(u)
             w.u64(seq)
+        case .group(let op):
+            op.put(&w)
         }
         return w.bytes
     }
@@ -236,6 +266,17 @@ public enum MessagingOp: Sendable, Equatable {
             case 7:
                 guard let p = r.u64(), let seq = r.u64() else { return nil }
                 e = .read(peer: p, seq: seq)
+            case 8:
+                guard let g = r.u64(), let seq = r.u64(), let sender = r.u64(), let id = r.u64(), let m = r.u8().flatMap(Mention.init(rawValue:)) else {
+                    return nil
+                }
+                e = .groupMessage(group: g, seq: seq, sender: sender, messageID: id, mention: m)
+            case 9:
+                guard let g = r.u64(), let seq = r.u64(), let by = r.u64(), let id = r.u64() else { return nil }
+                e = .groupRecall(group: g, seq: seq, by: by, messageID: id)
+            case 10:
+                guard let g = r.u64(), let seq = r.u64(), let by = r.u64(), let change = GroupChange.take(&r) else { return nil }
+                e = .groupChange(group: g, seq: seq, by: by, change)
             default:
                 e = nil
             }
@@ -250,6 +291,8 @@ public enum MessagingOp: Sendable, Equatable {
         case 22, 23:
             guard let u = r.u64(), let seq = r.u64() else { return nil }
             op = code == 22 ? .delivered(user: u, seq: seq) : .notified(user: u, seq: seq)
+        case 30:
+            op = GroupOp.take(&r).map { .group($0) }
         default:
             op = nil
         }

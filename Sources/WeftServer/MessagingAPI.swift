@@ -44,6 +44,7 @@ struct MessagingAPI: Sendable {
         router.get("/api/v1/sync") { request, _ in try await sync(request) }
         router.get("/api/v1/conversations") { request, _ in try await conversations(request) }
         router.post("/api/v1/conversations/{id}/read") { request, context in try await markRead(request, context) }
+        addGroups(to: router)
     }
 
     // MARK: Accounts
@@ -301,7 +302,7 @@ struct MessagingAPI: Sendable {
         let peers = try await asked(home, .peers(me.id), at: .linearizable).peers
         var out = ContactsBody(contacts: [], incoming_requests: [], outgoing_requests: [], blocked: [])
         var lookups = 0
-        for (id, v) in peers.sorted(by: { $0.key < $1.key }) {
+        for (id, v) in peers.sorted(by: { $0.key < $1.key }) where Ids.isUserID(id) {
             if v.blocked { out.blocked.append(id) }
             guard v.relation != .none else { continue }
             // Names for the first 200 entries (the rest: GET /api/v1/users/{id}); one lookup each.
@@ -345,14 +346,21 @@ struct MessagingAPI: Sendable {
     // MARK: Messages
 
     struct SendBody: Decodable {
-        var receiver_id: UInt64
+        /// Exactly one of `receiver_id` (a 1:1 message) and `group_id`.
+        var receiver_id: UInt64?
+        var group_id: UInt64?
         var message_type: String
         var content: String?
         var media_url: String?
         var mime_type: String?
         var size: UInt64?
         var client_msg_id: String?
-        static let keys: Set<String> = ["receiver_id", "message_type", "content", "media_url", "mime_type", "size", "client_msg_id"]
+        /// Group messages: members named with @, and @all (owner and admins).
+        var mentions: [UInt64]?
+        var mention_all: Bool?
+        static let keys: Set<String> = [
+            "receiver_id", "group_id", "message_type", "content", "media_url", "mime_type", "size", "client_msg_id", "mentions", "mention_all",
+        ]
     }
 
     struct SentBody: Encodable {
@@ -378,8 +386,21 @@ struct MessagingAPI: Sendable {
         guard let kind = MessageKind(name: body.message_type) else {
             throw APIError(.badRequest, "invalid_message_type", "message_type is one of text, image, video, audio, file")
         }
-        guard body.receiver_id != me.id else { throw APIError(.badRequest, "invalid_receiver", "you cannot message yourself") }
-        guard Ids.isUserID(body.receiver_id) else { throw Self.unknownUser }
+        guard (body.receiver_id == nil) != (body.group_id == nil) else {
+            throw APIError(.badRequest, "invalid_receiver", "a message has exactly one of receiver_id and group_id")
+        }
+        if let g = body.group_id {
+            guard Ids.isGroupID(g) else { throw Self.unknownGroup }
+        } else {
+            guard body.mentions == nil, body.mention_all == nil else {
+                throw APIError(.badRequest, "unexpected_mentions", "mentions are for group messages")
+            }
+        }
+        let receiver = body.receiver_id ?? 0
+        if body.group_id == nil {
+            guard receiver != me.id else { throw APIError(.badRequest, "invalid_receiver", "you cannot message yourself") }
+            guard Ids.isUserID(receiver) else { throw Self.unknownUser }
+        }
         let content = body.content ?? ""
         if kind == .text {
             guard !content.isEmpty else { throw APIError(.badRequest, "missing_content", "a text message needs content") }
@@ -407,23 +428,28 @@ struct MessagingAPI: Sendable {
             guard (1...48).contains(u.count), u.allSatisfy({ $0 > 0x20 && $0 < 0x7F }) else {
                 throw APIError(.badRequest, "invalid_client_msg_id", "client_msg_id has 1-48 visible ASCII characters")
             }
-            // Namespaced by sender and receiver: one user's ids never meet another's.
-            var k: [UInt8] = [0x6D]
+            // Namespaced by sender and receiver (or group): one user's ids never meet another's.
+            var k: [UInt8] = [body.group_id == nil ? 0x6D : 0x67]
             withUnsafeBytes(of: UInt32(me.id).littleEndian) { k += $0 }
-            withUnsafeBytes(of: UInt32(body.receiver_id).littleEndian) { k += $0 }
+            if let g = body.group_id {
+                withUnsafeBytes(of: g.littleEndian) { k += $0 }
+            } else {
+                withUnsafeBytes(of: UInt32(receiver).littleEndian) { k += $0 }
+            }
             key = k + u
         }
         try await RateLimiter.take(.send, user: me.id, perMinute: node.config.messaging.sendsPerMinute, through: node)
-        let shard = Ids.pairShard(me.id, body.receiver_id, shards: shards)
+        if let g = body.group_id { return try await sendToGroup(g, body, kind: kind, from: me, key: key) }
+        let shard = Ids.pairShard(me.id, receiver, shards: shards)
         let op = MessagingOp.message(
-            from: me.id, to: body.receiver_id, kind: kind, content: content, mediaURL: body.media_url ?? "", mimeType: body.mime_type ?? "",
+            from: me.id, to: receiver, kind: kind, content: content, mediaURL: body.media_url ?? "", mimeType: body.mime_type ?? "",
             size: body.size ?? 0)
         let written = try await writeRefs(shard, [op], key: key)
         guard let ref = written.refs.first else { throw APIError(.serviceUnavailable, "unavailable", "the write returned nothing") }
         guard case .accepted(let b) = ref.outcome, let micros = Self.u64(b) else { throw Self.refusal(ref.outcome) }
         let sent = SentBody(
             message_id: Ids.messageID(shard: shard, index: ref.index), created_at: Self.iso(micros: Int64(bitPattern: micros)),
-            conversation_id: Ids.conversationID(me.id, body.receiver_id), seq: ref.seq)
+            conversation_id: Ids.conversationID(me.id, receiver), seq: ref.seq)
         return (sent, written.replayed)
     }
 
@@ -432,7 +458,8 @@ struct MessagingAPI: Sendable {
         var conversation_id: String
         var seq: UInt64
         var sender_id: UInt64
-        var receiver_id: UInt64
+        var receiver_id: UInt64?
+        var group_id: UInt64?
         var message_type: String
         var content: String
         var media_url: String?
@@ -440,6 +467,8 @@ struct MessagingAPI: Sendable {
         var size: UInt64?
         var created_at: String
         var recalled: Bool
+        var mentions: [UInt64]?
+        var mention_all: Bool?
     }
 
     struct MessagesPage: Encodable {
@@ -455,9 +484,21 @@ struct MessagingAPI: Sendable {
 
     func history(_ request: Request) async throws -> Response {
         let me = try await authenticate(request)
-        try Self.onlyQuery(request, ["receiver_id", "limit", "cursor"])
+        try Self.onlyQuery(request, ["receiver_id", "group_id", "limit", "cursor"])
         let q = request.uri.queryParameters
-        guard let peerText = q.get("receiver_id") else { throw APIError(.badRequest, "missing_parameter", "receiver_id is required") }
+        if let groupText = q.get("group_id") {
+            guard q.get("receiver_id") == nil else { throw APIError(.badRequest, "invalid_parameter", "receiver_id or group_id, not both") }
+            guard let g = Self.number(groupText), Ids.isGroupID(g) else { throw Self.unknownGroup }
+            let limit = try Self.limit(q.get("limit"))
+            var before: UInt64?
+            if let c = q.get("cursor") {
+                guard let v = Self.number(c), v >= 1 else { throw APIError(.badRequest, "invalid_cursor", "the cursor is not one this API gave") }
+                before = v
+            }
+            try await RateLimiter.take(.history, user: me.id, perMinute: node.config.messaging.historyReadsPerMinute, through: node)
+            return try HTTPAPI.json(await groupHistory(g, me: me.id, limit: limit, before: before))
+        }
+        guard let peerText = q.get("receiver_id") else { throw APIError(.badRequest, "missing_parameter", "receiver_id or group_id is required") }
         guard let peer = Self.number(peerText), Ids.isUserID(peer), peer != me.id else {
             throw APIError(.badRequest, "invalid_parameter", "receiver_id is a user id other than yours")
         }
@@ -519,6 +560,11 @@ struct MessagingAPI: Sendable {
         let me = try await authenticate(request)
         try await action(me)
         guard let text = context.parameters.get("id"), let id = Self.number(text) else { throw Self.unknownMessage }
+        if let (g, r, _) = try await groupMessageRecord(id, me: me.id) {
+            // The sender, or the owner or an admin (the group's shard decides).
+            _ = try await writeGroup(g, by: me.id, .recall(seq: r.seq, messageID: id))
+            return try HTTPAPI.json(RecalledBody(message_id: id))
+        }
         guard let (shard, r, from, to) = try await messageRecord(id, me: me.id) else { throw Self.unknownMessage }
         guard from == me.id else { throw APIError(.forbidden, "not_recallable", "only the sender can recall a message") }
         let outcome = try await write(shard, .recall(by: me.id, other: to, seq: r.seq, messageID: id))
@@ -539,6 +585,14 @@ struct MessagingAPI: Sendable {
         var from_me: Bool?
         var note: String?
         var message: MessageBody?
+        /// Group events: the group, whether a message names the user ("me" or "all"), and what changed.
+        var group_id: UInt64?
+        var mention: String?
+        var user_ids: [UInt64]?
+        var user_id: UInt64?
+        var role: String?
+        var name: String?
+        var notice: String?
     }
 
     struct EventsPage: Encodable {
@@ -572,6 +626,7 @@ struct MessagingAPI: Sendable {
         var events: [(seq: StreamSeq, body: EventBody?)] = []
         // Message contents come from their conversations' shards, recall marks from the pairs' state.
         var recalledCache: [UInt64: Pair] = [:]
+        var groupCache: [UInt64: Group?] = [:]
         for r in records {
             guard r.type == .messaging, let op = MessagingOp.decode(r.payload) else {
                 events.append((r.seq, nil))
@@ -607,10 +662,54 @@ struct MessagingAPI: Sendable {
                 case .blocked(let peer, let on):
                     e = EventBody(cursor: "\(r.seq)", type: on ? "blocked" : "unblocked", created_at: at, peer_id: peer, from_me: true)
                 case .read(let peer, let seq):
-                    e = EventBody(cursor: "\(r.seq)", type: "read", created_at: at, peer_id: peer, conversation_id: Ids.conversationID(me, peer), seq: seq)
+                    e = EventBody(cursor: "\(r.seq)", type: "read", created_at: at, peer_id: peer, conversation_id: Self.conversation(me, peer), seq: seq)
+                    if Ids.isGroupID(peer) {
+                        e.peer_id = me
+                        e.group_id = peer
+                    }
+                case .groupMessage(let g, let seq, let sender, let id, let mention):
+                    e = EventBody(
+                        cursor: "\(r.seq)", type: "group_message", created_at: at, peer_id: sender, conversation_id: Ids.groupConversationID(g), message_id: id,
+                        seq: seq, from_me: sender == me, group_id: g, mention: mention == .none ? nil : (mention == .me ? "me" : "all"))
+                    if bodies, let (shard, index) = Ids.parseMessageID(id, shards: shards) {
+                        var group: Group?
+                        if let cached = groupCache[g] {
+                            group = cached
+                        } else {
+                            group = (try? await asked(shard, .group(g), at: .atLeast(index)))?.group
+                            groupCache[g] = group
+                        }
+                        let read = await node.readAnywhere(shard: shard, .log(from: index, limit: 1), consistency: .atLeast(index))
+                        if case .success(let rr) = read, let mr = rr.records.first, mr.index == index, let group {
+                            e.message = Self.groupMessage(mr, shard: shard, recalled: group.isRecalled(seq))
+                        }
+                    }
+                case .groupRecall(let g, let seq, let by, let id):
+                    e = EventBody(
+                        cursor: "\(r.seq)", type: "group_recall", created_at: at, peer_id: by, conversation_id: Ids.groupConversationID(g), message_id: id,
+                        seq: seq, from_me: by == me, group_id: g)
+                case .groupChange(let g, let seq, let by, let change):
+                    e = EventBody(
+                        cursor: "\(r.seq)", type: change.name, created_at: at, peer_id: by, conversation_id: Ids.groupConversationID(g), seq: seq,
+                        from_me: by == me, group_id: g)
+                    switch change {
+                    case .created(let name): e.name = name
+                    case .added(let users): e.user_ids = users
+                    case .removed(let u), .transferred(let u): e.user_id = u
+                    case .role(let u, let admin):
+                        e.user_id = u
+                        e.role = admin ? "admin" : "member"
+                    case .renamed(let name): e.name = name
+                    case .notice(let t): e.notice = t
+                    case .dissolved: break
+                    }
                 }
             case .readMark(_, let peer, let seq):
-                e = EventBody(cursor: "\(r.seq)", type: "read", created_at: at, peer_id: peer, conversation_id: Ids.conversationID(me, peer), seq: seq)
+                e = EventBody(cursor: "\(r.seq)", type: "read", created_at: at, peer_id: peer, conversation_id: Self.conversation(me, peer), seq: seq)
+                if Ids.isGroupID(peer) {
+                    e.peer_id = me
+                    e.group_id = peer
+                }
             default:
                 events.append((r.seq, nil))
                 continue
@@ -618,6 +717,11 @@ struct MessagingAPI: Sendable {
             events.append((r.seq, e))
         }
         return events
+    }
+
+    /// The conversation of `me` with a user or a group.
+    static func conversation(_ me: UInt64, _ peer: UInt64) -> String {
+        Ids.isGroupID(peer) ? Ids.groupConversationID(peer) : Ids.conversationID(me, peer)
     }
 
     // MARK: Conversations
@@ -630,6 +734,10 @@ struct MessagingAPI: Sendable {
         var last_message_at: String
         var unread_count: UInt64
         var read_seq: UInt64
+        /// Groups: the group, its name, and whether an unread message names the user.
+        var group_id: UInt64?
+        var group_name: String?
+        var mentioned: Bool?
     }
 
     struct ConversationsPage: Encodable {
@@ -642,6 +750,7 @@ struct MessagingAPI: Sendable {
         let limit = try Self.limit(request.uri.queryParameters.get("limit"))
         let home = Ids.homeShard(me.id, shards: shards)
         let peers = try await asked(home, .peers(me.id), at: .linearizable).peers
+        // A group the user left stays listed (its history up to then is theirs) until it is of no interest.
         let recent = peers.filter { $0.value.lastSeq > 0 }.sorted { ($0.value.lastMicros, $0.key) > ($1.value.lastMicros, $1.key) }.prefix(limit)
         var out: [ConversationBody] = []
         for (peer, v) in recent {
@@ -649,8 +758,17 @@ struct MessagingAPI: Sendable {
             if let (shard, index) = Ids.parseMessageID(v.lastMessageID, shards: shards) {
                 let read = await node.readAnywhere(shard: shard, .log(from: index, limit: 1), consistency: .atLeast(index))
                 if case .success(let rr) = read, let r = rr.records.first, r.index == index {
-                    last = Self.message(r, shard: shard, recalled: v.lastRecalled)
+                    last = Ids.isGroupID(peer) ? Self.groupMessage(r, shard: shard, recalled: v.lastRecalled) : Self.message(r, shard: shard, recalled: v.lastRecalled)
                 }
+            }
+            if Ids.isGroupID(peer) {
+                let group = try? await asked(Ids.groupShard(peer, shards: shards), .group(peer), at: .local).group
+                out.append(
+                    ConversationBody(
+                        conversation_id: Ids.groupConversationID(peer), peer_id: me.id, peer_display_name: nil, last_message: last,
+                        last_message_at: Self.iso(micros: v.lastMicros), unread_count: v.unreadCount, read_seq: v.readSeq, group_id: peer,
+                        group_name: group?.name, mentioned: v.mentionSeq > 0))
+                continue
             }
             let a = try? await account(peer, consistency: .local)
             out.append(
@@ -669,6 +787,12 @@ struct MessagingAPI: Sendable {
     func markRead(_ request: Request, _ context: BasicRequestContext) async throws -> Response {
         let me = try await authenticate(request)
         try await action(me)
+        if let cid = context.parameters.get("id"), let g = Ids.parseGroupConversationID(cid) {
+            let body = try await decode(ReadBody.self, request, keys: ReadBody.keys)
+            guard let (mg, r, _) = try await groupMessageRecord(body.message_id, me: me.id), mg == g else { throw Self.unknownMessage }
+            try await write(Ids.homeShard(me.id, shards: shards), .readMark(user: me.id, peer: g, seq: r.seq))
+            return Response(status: .noContent)
+        }
         guard let cid = context.parameters.get("id"), let (lo, hi) = Ids.parseConversationID(cid), lo == me.id || hi == me.id else {
             throw APIError(.notFound, "unknown_conversation", "no such conversation")
         }
@@ -786,9 +910,11 @@ struct MessagingAPI: Sendable {
     static func refusal(_ o: ApplyOutcome) -> APIError {
         guard case .rejected(let code, let message) = o else { return APIError(.internalServerError, "internal", "unexpected outcome") }
         switch code {
-        case "username_taken", "already_contacts", "already_requested", "totp_enabled": return APIError(.conflict, code, message)
+        case "username_taken", "already_contacts", "already_requested", "totp_enabled", "group_full", "already_member", "owner_cannot_leave",
+            "group_dissolved", "group_exists", "group_changed":
+            return APIError(.conflict, code, message)
         case "not_allowed", "not_recallable": return APIError(.forbidden, code, message)
-        case "no_request", "not_contacts", "unknown_user": return APIError(.notFound, code, message)
+        case "no_request", "not_contacts", "unknown_user", "not_member": return APIError(.notFound, code, message)
         case "ids_exhausted": return APIError(.serviceUnavailable, code, message)
         default: return APIError(.badRequest, code, message)
         }

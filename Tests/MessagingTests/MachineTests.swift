@@ -7,7 +7,7 @@ import WeftCore
 
 /// Records as a shard's log holds them: dense indexes from 1, term 1, seqs counted per stream, timestamps
 /// rising (1 ms apart unless a test names the time).
-private struct TestLog {
+struct TestLog {
     private(set) var index: LogIndex = 0
     private(set) var micros: Int64 = 1_700_000_000_000_000
     private var seqs: [StreamID: StreamSeq] = [:]
@@ -27,13 +27,13 @@ private struct TestLog {
 }
 
 /// A record applied to a machine, and what apply said.
-private struct Step {
+struct Step {
     var record: Record
     var outcome: ApplyOutcome
 }
 
 /// One shard: its machine and its log.
-private struct TestShard {
+struct TestShard {
     var machine = MessagingMachine()
     var log = TestLog()
 
@@ -55,15 +55,15 @@ private struct TestShard {
 
 extension ApplyOutcome {
     /// The code of a rejection; nil when accepted.
-    fileprivate var rejectionCode: String? {
+    var rejectionCode: String? {
         if case .rejected(let code, _) = self { return code }
         return nil
     }
-    fileprivate var isAccepted: Bool { rejectionCode == nil }
+    var isAccepted: Bool { rejectionCode == nil }
 }
 
 /// The user id of a register's outcome: accepted with 8 bytes, little-endian.
-private func registeredID(_ o: ApplyOutcome) -> UInt64? {
+func registeredID(_ o: ApplyOutcome) -> UInt64? {
     guard case .accepted(let b) = o, b.count == 8 else { return nil }
     var v: UInt64 = 0
     for (k, byte) in b.enumerated() { v |= UInt64(byte) << (8 * UInt64(k)) }
@@ -80,7 +80,7 @@ private func usernames(inShard shard: UInt64, of shards: Int, count: Int) -> [St
 
 private let bcrypt: [UInt8] = Array("$2b$12$R9h/cIPz0gi.URNNX3kh2OPST9/PgBkqquzi.Ss7KIUgO2t0jWMUW".utf8)
 
-private func text(_ from: UInt64, _ to: UInt64, _ content: String) -> MessagingOp {
+func text(_ from: UInt64, _ to: UInt64, _ content: String) -> MessagingOp {
     .message(from: from, to: to, kind: .text, content: content, mediaURL: "", mimeType: "", size: 0)
 }
 
@@ -91,7 +91,7 @@ private func register(_ name: String, shards: Int, display: String = "Someone") 
 }
 
 /// Makes `a` and `b` contacts (a asks, b accepts).
-private func befriend(_ shard: inout TestShard, _ a: UInt64, _ b: UInt64) {
+func befriend(_ shard: inout TestShard, _ a: UInt64, _ b: UInt64) {
     shard.apply(.contactRequest(from: a, to: b, note: ""))
     shard.apply(.contactAccept(by: b, other: a))
 }
@@ -139,7 +139,7 @@ private func mixedRecords(_ log: inout TestLog) -> [Record] {
 // MARK: Records
 
 @Suite struct MessagingOpTests {
-    static let allOps: [MessagingOp] = baseOps + messageOps
+    static let allOps: [MessagingOp] = baseOps + messageOps + GroupTests.ops
 
     static let baseOps: [MessagingOp] = [
         .register(username: "alice", displayName: "Alice A.", passwordHash: bcrypt, shard: 3, shards: 4),
@@ -183,10 +183,10 @@ private func mixedRecords(_ log: inout TestLog) -> [Record] {
     }
 
     @Test func everyOperationAndInboxEventIsCovered() {
-        #expect(Set(Self.allOps.map(\.code)) == [1, 2, 3, 4, 5, 10, 11, 12, 13, 14, 15, 20, 21, 22, 23])
+        #expect(Set(Self.allOps.map(\.code)) == [1, 2, 3, 4, 5, 10, 11, 12, 13, 14, 15, 20, 21, 22, 23, 30])
         // The inbox event's kind byte follows `u8 op | u64 user`.
         let eventKinds = Set(Self.allOps.filter { $0.code == 20 }.map { $0.encode()[9] })
-        #expect(eventKinds == Set<UInt8>(1...7))
+        #expect(eventKinds == Set<UInt8>(1...10))
     }
 
     @Test func everyOperationRoundTrips() {
@@ -226,7 +226,7 @@ private func mixedRecords(_ log: inout TestLog) -> [Record] {
         }
 
         var event = MessagingOp.inbox(user: 7, .contactAccepted(peer: 9)).encode()
-        for kind: UInt8 in [0, 8] {
+        for kind: UInt8 in [0, 11] {
             event[9] = kind
             #expect(MessagingOp.decode(event) == nil)
         }
@@ -918,7 +918,7 @@ private func mixedRecords(_ log: inout TestLog) -> [Record] {
         }
         #expect(throws: StateDecodeError.self) { try MessagingMachine(snapshot: bytes + [0]) }
         var version = bytes
-        version[0] = 3
+        version[0] = 4
         #expect(throws: StateDecodeError.self) { try MessagingMachine(snapshot: version) }
 
         // Counts flipped to numbers the bytes cannot hold: refused before anything is reserved.
