@@ -305,7 +305,7 @@ extension MessagingAPI {
     /// A group message from `me` (validated by `send`): written once per `client_msg_id`.
     func sendToGroup(_ g: UInt64, _ body: SendBody, kind: MessageKind, from me: Account, key: [UInt8]?) async throws -> (SentBody, replayed: Bool) {
         let mentions = Array(Set(body.mentions ?? [])).sorted()
-        guard mentions.count <= GroupLimits.mentionsMax, mentions.allSatisfy(Ids.isUserID) else {
+        guard (body.mentions ?? []).count <= GroupLimits.mentionsMax, mentions.allSatisfy(Ids.isUserID) else {
             throw APIError(.badRequest, "invalid_mentions", "mentions are at most \(GroupLimits.mentionsMax) user ids")
         }
         let action = GroupAction.message(
