@@ -298,11 +298,11 @@ public struct MessagingConfig: Sendable, Equatable {
     /// `logins_per_minute`: login attempts per username per minute (default 10: online password and
     /// TOTP guessing).
     public var loginsPerMinute = 10
-    /// `group_members_max`: members a group may have (2 ... 10 000, default 500 as in WeChat). Each group
+    /// `group_members_max`: members a group may have (2 ... 5 000, default 500 as in WeChat). Each group
     /// record names its members, so the bound also bounds a record (8 bytes a member).
     public var groupMembersMax = 500
 
-    public static let groupMembersRange = 2...10_000
+    public static let groupMembersRange = 2...5_000
     /// Above 16 one hash takes seconds (and the node computes one at start).
     public static let bcryptCostRange = 4...16
     public static let tokenTTLRange = 60...31_536_000

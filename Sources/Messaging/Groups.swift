@@ -11,7 +11,10 @@ public enum GroupLimits {
     /// Members of a group at most unless `[messaging] group_members_max` says otherwise (WeChat's 500).
     public static let membersDefault = 500
     /// The most any configuration may allow (a record names every member).
-    public static let membersMax = 10_000
+    public static let membersMax = 5_000
+    /// Users one add brings in: every member's event names them all, so an add costs members × added
+    /// × 8 bytes of inbox records (5 000 × 100 × 8 = 4 MB at most, well inside one relay batch).
+    public static let addMax = 100
     public static let nameBytesMax = 64
     public static let noticeBytesMax = 1024
     /// Users named in one message's mentions.
@@ -310,7 +313,9 @@ extension MessagingMachine {
             }
             guard limit >= 2, limit <= UInt32(GroupLimits.membersMax) else { return reject("malformed", "member limit") }
         case .add(let users, let limit):
-            guard !users.isEmpty, ascendingDistinct(users), users.allSatisfy(Ids.isUserID) else { return reject("malformed", "users are ascending user ids") }
+            guard !users.isEmpty, users.count <= GroupLimits.addMax, ascendingDistinct(users), users.allSatisfy(Ids.isUserID) else {
+                return reject("malformed", "1-\(GroupLimits.addMax) users, ascending user ids")
+            }
             guard limit >= 2, limit <= UInt32(GroupLimits.membersMax) else { return reject("malformed", "member limit") }
         case .remove(let u), .transfer(let u), .role(let u, _):
             guard Ids.isUserID(u) else { return reject("malformed", "a user id out of range") }
@@ -372,8 +377,9 @@ extension MessagingMachine {
             guard !all || byRole.manages else { return Self.reject("not_allowed", "only the owner or an admin mentions everyone") }
             guard mentions.allSatisfy({ g.members[$0] != nil }) else { return Self.reject("invalid_mention", "a mentioned user is not a member") }
         case .recall(let seq, _):
+            // The owner recalls anyone's, an admin a plain member's (or a former member's), everyone their own.
             guard let m = g.recent.first(where: { $0.seq == seq }), !g.isRecalled(seq), micros - m.micros <= MessagingLimits.recallWindowMicros,
-                m.sender == op.by || (byRole.manages && g.role(of: m.sender) != .owner)
+                m.sender == op.by || byRole == .owner || (byRole == .admin && (g.role(of: m.sender) ?? .member) == .member)
             else {
                 return Self.reject("not_recallable", "messages of the last two minutes can be recalled by their sender, or by the owner or an admin")
             }

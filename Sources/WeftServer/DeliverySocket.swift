@@ -435,7 +435,7 @@ enum DeliverySocket {
     static func events(_ records: [Record], api: MessagingAPI, me: UInt64) async -> [Session.Event] {
         let enc = JSONEncoder()
         enc.outputFormatting = [.sortedKeys]
-        return await api.events(records, me: me).map { seq, body in
+        return await api.events(records, me: me, shared: true).map { seq, body in
             guard let body, let data = try? enc.encode(PushFrame(event: body)) else { return Session.Event(seq: seq, body: []) }
             return Session.Event(seq: seq, body: Array(data))
         }

@@ -107,6 +107,7 @@ extension MessagingAPI {
         for (g, _) in mine {
             // The group's own shard decides (the view may trail a removal by the relay's lag).
             if let group = try? await asked(Ids.groupShard(g, shards: shards), .group(g), at: .local).group, group.members[me.id] != nil {
+                // (The full group, for the membership check: at most `limit` of them.)
                 out.append(await groupBody(g, group, members: false))
             }
         }
@@ -116,32 +117,43 @@ extension MessagingAPI {
     // MARK: Writes
 
     /// Writes `action` by `me` in group `g` with the members as recipients; a change to the group in
-    /// between (refused `group_changed`) is read again and retried. With `key`, attempt n uses key#n:
-    /// every retry of the same request walks the same keys, so it finds the attempt that was written.
+    /// between (refused `group_changed`) is read again and retried.
+    ///
+    /// With `key` (a `client_msg_id`), exactly once: the n-th key of a request is `key`, then `key 0x00 n`
+    /// (a byte no client id has). A refusal by the leader's check writes nothing and leaves the key free,
+    /// so it is retried with the same key; only a refusal in apply, which the key records, moves on to the
+    /// next. Every retry of the request walks the same keys and stops at the one that was written (the
+    /// leader replays a key's outcome before any check, so a sender who left since still gets theirs).
     func writeGroup(_ g: UInt64, by me: UInt64, _ action: GroupAction, key: [UInt8]? = nil) async throws -> (WeftNode.Written, StreamSeq) {
         let shard = Ids.groupShard(g, shards: shards)
-        for attempt in 0..<4 {
+        var used: UInt8 = 0
+        for _ in 0..<6 {
             var recipients: [UInt64]
             if case .create(_, let members, _) = action {
                 recipients = ([me] + members).sorted()
             } else {
                 let (group, _) = try await groupAt(g)
-                guard let group, group.members[me] != nil else { throw Self.unknownGroup }
+                // Not a member (any more): only a keyed retry may still find its first answer.
+                guard let group, key != nil || group.members[me] != nil else { throw Self.unknownGroup }
                 recipients = group.recipients
                 if case .add(let users, _) = action { recipients = Array(Set(recipients + users)).sorted() }
             }
             let op = MessagingOp.group(GroupOp(group: g, by: me, action: action, recipients: recipients))
-            let k = key.map { attempt == 0 ? $0 : $0 + Array("#\(attempt)".utf8) }
+            let k = key.map { used == 0 ? $0 : $0 + [0, used] }
             let written: WeftNode.Written
             do {
                 written = try await writeRefs(shard, [op], key: k)
             } catch let e as APIError where e.code == "group_changed" {
-                // Refused by the leader's check: nothing written, the same key stays free.
                 continue
+            } catch let e as APIError where e.code == "not_member" && key != nil {
+                throw Self.unknownGroup
             }
             guard let ref = written.refs.first else { throw APIError(.serviceUnavailable, "unavailable", "the write returned nothing") }
             if case .rejected(let code, _) = ref.outcome {
-                if code == "group_changed" { continue }
+                if code == "group_changed" {
+                    used += 1
+                    continue
+                }
                 throw Self.refusal(ref.outcome)
             }
             return (written, ref.seq)
@@ -172,7 +184,33 @@ extension MessagingAPI {
             throw APIError(.badRequest, "invalid_members", "\(field) are distinct user ids other than yours")
         }
         let peers = try await asked(Ids.homeShard(me, shards: shards), .peers(me), at: .linearizable).peers
-        let strangers = users.filter { peers[$0]?.relation != .contact || peers[$0]?.blocked == true }
+        var strangers = users.filter { peers[$0]?.relation != .contact || peers[$0]?.blocked == true }
+        if strangers.isEmpty {
+            // A block by the other side is known only to the pair's shard (and the blocker's inbox).
+            let blocked = await withTaskGroup(of: UInt64?.self) { tasks in
+                var out: [UInt64] = []
+                var next = 0
+                func add(_ u: UInt64) {
+                    tasks.addTask {
+                        let a = try? await asked(Ids.pairShard(me, u, shards: shards), .pair(me, u), at: .local)
+                        return a?.pair?.isBlocked() == false && a?.pair?.relation == .contacts ? nil : u
+                    }
+                }
+                while next < min(16, users.count) {
+                    add(users[next])
+                    next += 1
+                }
+                for await r in tasks {
+                    if let r { out.append(r) }
+                    if next < users.count {
+                        add(users[next])
+                        next += 1
+                    }
+                }
+                return out
+            }
+            strangers = blocked.sorted()
+        }
         guard strangers.isEmpty else {
             throw APIError(.forbidden, "not_contacts", "only your contacts can be brought into a group: \(strangers.prefix(10).map(String.init).joined(separator: ", "))")
         }
@@ -240,7 +278,9 @@ extension MessagingAPI {
         let me = try await authenticate(request)
         let g = try Self.groupParameter(context)
         let body = try await decode(AddMembersBody.self, request, keys: AddMembersBody.keys)
-        guard !body.user_ids.isEmpty else { throw APIError(.badRequest, "invalid_members", "user_ids lists at least one user") }
+        guard !body.user_ids.isEmpty, body.user_ids.count <= GroupLimits.addMax else {
+            throw APIError(.badRequest, "invalid_members", "user_ids lists 1-\(GroupLimits.addMax) users (larger additions in several requests)")
+        }
         guard body.user_ids.count <= node.config.messaging.groupMembersMax else {
             throw APIError(.conflict, "group_full", "a group has at most \(node.config.messaging.groupMembersMax) members")
         }
@@ -362,7 +402,37 @@ extension MessagingAPI {
         guard let r = rr.records.first, r.index == index, r.type == .messaging, case .group(let op)? = MessagingOp.decode(r.payload),
             case .message = op.action, Ids.groupShard(op.group, shards: shards) == shard
         else { return nil }
-        guard let (group, member, _) = try? await memberGroup(op.group, me: me), r.seq > member.joinedSeq, !group.isVoid(r.seq) else { return nil }
+        // Not a member (or not from before their join): not found. A shard that cannot answer: 503.
+        let (group, _) = try await groupAt(op.group)
+        guard let group, let member = group.members[me], r.seq > member.joinedSeq, !group.isVoid(r.seq) else { return nil }
         return (op.group, r, op.by)
+    }
+}
+
+/// Rendered message bodies for a short while (1 s, at most 4 096), shared by the sessions of one node.
+/// A body cached just before its recall can reach a device within that second; the `group_recall` event
+/// follows it in the same inbox, and history and sync pages (linearizable) never use the cache.
+final class RecentBodies: @unchecked Sendable {
+    private let lock = NSLock()
+    private var entries: [UInt64: (body: MessagingAPI.MessageBody, at: ContinuousClock.Instant)] = [:]
+    static let ttl: Duration = .seconds(1)
+    static let countMax = 4096
+
+    func get(_ id: UInt64) -> MessagingAPI.MessageBody? {
+        lock.withLock {
+            guard let e = entries[id], ContinuousClock.now - e.at < Self.ttl else { return nil }
+            return e.body
+        }
+    }
+
+    func put(_ id: UInt64, _ body: MessagingAPI.MessageBody) {
+        let now = ContinuousClock.now
+        lock.withLock {
+            if entries.count >= Self.countMax {
+                entries = entries.filter { now - $0.value.at < Self.ttl }
+                if entries.count >= Self.countMax { entries.removeAll(keepingCapacity: true) }
+            }
+            entries[id] = (body, now)
+        }
     }
 }

@@ -14,6 +14,9 @@ import WeftCore
 struct MessagingAPI: Sendable {
     let node: WeftNode
     let auth: UserAuth
+    /// Group message bodies as rendered for events, for a second: the sessions of a group's members on
+    /// this node share one read of each message instead of one each (Docs/groups.md, "Fan-out").
+    let groupBodies = RecentBodies()
     var shards: Int { node.config.shards }
 
     static let bodyBytesMax = 16 << 10
@@ -622,7 +625,8 @@ struct MessagingAPI: Sendable {
     /// contents read from their conversations' shards and recall marks from the pairs' state. Used by
     /// sync and by the WebSocket sessions.
     /// `bodies`: false leaves messages out of message events (no reads of the conversations' shards).
-    func events(_ records: [Record], me: UInt64, bodies: Bool = true) async -> [(seq: StreamSeq, body: EventBody?)] {
+    /// `shared`: group message bodies may come from this node's one-second cache (the WebSocket sessions).
+    func events(_ records: [Record], me: UInt64, bodies: Bool = true, shared: Bool = false) async -> [(seq: StreamSeq, body: EventBody?)] {
         var events: [(seq: StreamSeq, body: EventBody?)] = []
         // Message contents come from their conversations' shards, recall marks from the pairs' state.
         var recalledCache: [UInt64: Pair] = [:]
@@ -671,17 +675,20 @@ struct MessagingAPI: Sendable {
                     e = EventBody(
                         cursor: "\(r.seq)", type: "group_message", created_at: at, peer_id: sender, conversation_id: Ids.groupConversationID(g), message_id: id,
                         seq: seq, from_me: sender == me, group_id: g, mention: mention == .none ? nil : (mention == .me ? "me" : "all"))
-                    if bodies, let (shard, index) = Ids.parseMessageID(id, shards: shards) {
+                    if bodies, shared, let cached = groupBodies.get(id) {
+                        e.message = cached
+                    } else if bodies, let (shard, index) = Ids.parseMessageID(id, shards: shards) {
                         var group: Group?
                         if let cached = groupCache[g] {
                             group = cached
                         } else {
-                            group = (try? await asked(shard, .group(g), at: .atLeast(index)))?.group
+                            group = (try? await asked(shard, .groupSummary(g), at: .atLeast(index)))?.group
                             groupCache[g] = group
                         }
                         let read = await node.readAnywhere(shard: shard, .log(from: index, limit: 1), consistency: .atLeast(index))
                         if case .success(let rr) = read, let mr = rr.records.first, mr.index == index, let group {
                             e.message = Self.groupMessage(mr, shard: shard, recalled: group.isRecalled(seq))
+                            if shared, let m = e.message { groupBodies.put(id, m) }
                         }
                     }
                 case .groupRecall(let g, let seq, let by, let id):
@@ -762,7 +769,7 @@ struct MessagingAPI: Sendable {
                 }
             }
             if Ids.isGroupID(peer) {
-                let group = try? await asked(Ids.groupShard(peer, shards: shards), .group(peer), at: .local).group
+                let group = try? await asked(Ids.groupShard(peer, shards: shards), .groupSummary(peer), at: .local).group
                 out.append(
                     ConversationBody(
                         conversation_id: Ids.groupConversationID(peer), peer_id: me.id, peer_display_name: nil, last_message: last,

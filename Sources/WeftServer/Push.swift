@@ -197,13 +197,13 @@ actor PushWorker {
         }
     }
 
-    /// The notification form of an inbox event: only messages and contact requests from someone else;
-    /// the message text only when the user opted in.
+    /// The notification form of an inbox event: only messages (1:1 and group) and contact requests from
+    /// someone else; the message text only when the user opted in.
     static func pushEvent(_ e: MessagingAPI.EventBody, user: UInt64, preview: Bool) -> PushEvent? {
-        guard e.from_me != true, e.type == "message" || e.type == "contact_request" else { return nil }
+        guard e.from_me != true, e.type == "message" || e.type == "group_message" || e.type == "contact_request" else { return nil }
         return PushEvent(
             event_id: "\(user):\(e.cursor)", cursor: e.cursor, type: e.type, created_at: e.created_at, peer_id: e.peer_id,
-            conversation_id: e.conversation_id, message_id: e.message_id,
+            conversation_id: e.conversation_id, message_id: e.message_id, group_id: e.group_id, mention: e.mention,
             text: preview && e.message?.message_type == "text" && e.message?.recalled == false ? e.message?.content : nil)
     }
 
@@ -222,6 +222,9 @@ actor PushWorker {
         var peer_id: UInt64
         var conversation_id: String?
         var message_id: UInt64?
+        /// Group messages: the group, and "me" or "all" when the message names the user.
+        var group_id: UInt64?
+        var mention: String?
         var text: String?
     }
 }

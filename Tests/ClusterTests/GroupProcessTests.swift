@@ -168,16 +168,40 @@ extension Clusters {
             let a = await batch("A")
             #expect(await status(1, "POST", "/api/v1/groups/\(g)/members", owner, ["user_ids": [late.id]]).0 == 204)
             #expect(await status(2, "POST", "/api/v1/groups/\(g)/members", owner, ["user_ids": [tooMany.id]]) == (409, "group_full"))
+            // B: the group shard's leader is SIGKILLed and restarted, and a spare contact joins and leaves
+            // three times, so sends race membership changes (refused "group_changed" and retried).
             #expect(await status(1, "DELETE", "/api/v1/groups/\(g)/members/\(m3.id)", m1).0 == 204, "an admin removes a member")
             #expect(await status(1, "POST", "/api/v1/messages", m3, ["group_id": g, "message_type": "text", "content": "still here?"]).0 == 404, "removed")
             #expect(await status(2, "GET", "/api/v1/messages?group_id=\(g)", m3).0 == 404, "a removed member reads nothing")
             let shard = g % 2
             let b = await batch("B") {
-                guard let leader = await c.leader(of: shard) else { return }
-                try? await Task.sleep(for: .milliseconds(150))
-                c.kill9(leader)
-                try? await Task.sleep(for: .seconds(2))
-                try? c.start(leader)
+                async let churn: Void = {
+                    for _ in 0..<3 {
+                        _ = await c.eventually { () -> Bool? in
+                            let r = await c.call(2, "POST", "/api/v1/groups/\(g)/members", token: owner.token, json: ["user_ids": [tooMany.id]])
+                            return r.status == 204 || r.errorCode == "already_member" ? true : nil
+                        }
+                        _ = await c.eventually { () -> Bool? in
+                            let r = await c.call(3, "DELETE", "/api/v1/groups/\(g)/members/\(tooMany.id)", token: tooMany.token)
+                            return r.status == 204 || r.status == 404 ? true : nil
+                        }
+                    }
+                }()
+                if let leader = await c.leader(of: shard) {
+                    try? await Task.sleep(for: .milliseconds(150))
+                    c.kill9(leader)
+                    try? await Task.sleep(for: .seconds(2))
+                    try? c.start(leader)
+                }
+                await churn
+            }
+            // Every B send again with its client_msg_id: the same message, replayed, nothing new.
+            for k in 0..<15 where k < b.count {
+                let r = await c.eventually(seconds: 30) { () -> Reply? in
+                    let r = await c.call(1 + (k + 1) % 3, "POST", "/api/v1/messages", token: senders[k % 3].token, json: ["group_id": g, "message_type": "text", "content": "B \(k)", "client_msg_id": "B-\(k)"])
+                    return r.status == 200 ? r : nil
+                }
+                #expect(r?.u64("message_id") == b[k] && r?.headers["idempotent-replayed"] == "true", "B \(k) replayed")
             }
             #expect(await status(3, "DELETE", "/api/v1/groups/\(g)/members/\(m2.id)", m2).0 == 204, "a member leaves")
             let cc = await batch("C")

@@ -121,6 +121,9 @@ import WeftCore
         let members = Array(UInt64(100)..<UInt64(105))
         #expect(t.apply(Self.op(7, .create(name: "x", members: members, limit: 5), ([7] + members).sorted())).outcome.rejectionCode == "group_full")
         #expect(t.machine.group(Self.g) == nil)
+        // One add brings in at most `addMax` users (every member's event names them all).
+        let many = (1...UInt64(GroupLimits.addMax + 1)).map { 1_000 + $0 }
+        #expect(s.apply(Self.op(11, .add(users: many, limit: 5_000), ([7, 9, 11, 12, 20] + many).sorted())).outcome.rejectionCode == "malformed")
         // A taken id is refused (the creator draws another).
         #expect(s.apply(Self.op(40, .create(name: "x", members: [], limit: 5), [40])).outcome.rejectionCode == "group_exists")
     }
@@ -148,6 +151,8 @@ import WeftCore
         #expect(recall(12, m1, at: t0 + 3_000) == "not_recallable", "a member recalls only their own")
         #expect(recall(9, m3, at: t0 + 3_000) == "not_recallable", "an admin does not recall the owner's")
         #expect(recall(9, m1, at: t0 + 4_000) == nil, "an admin recalls a member's")
+        #expect(s.apply(Self.op(7, .role(user: 12, admin: true), all), at: t0 + 4_500).outcome.isAccepted)
+        #expect(recall(9, m2, at: t0 + 4_600) == "not_recallable", "an admin does not recall another admin's")
         #expect(recall(11, m1, at: t0 + 5_000) == "not_recallable", "once")
         #expect(recall(12, m2, at: t0 + 1_000 + MessagingLimits.recallWindowMicros + 1) == "not_recallable", "two minutes")
         #expect(s.machine.group(Self.g)?.isRecalled(m1.record.seq) == true)
