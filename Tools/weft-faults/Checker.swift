@@ -235,11 +235,13 @@ struct Checker {
                     } else if e.type == 4 {
                         // A request key the node writes before a keyed request's records:
                         // u8 length | key | u32 count, the key a keyed writer's payload, one record each;
-                        // or a chat send's: "m" | u32 sender | u32 receiver | client_msg_id ("w<writer>-<n>").
+                        // or a chat send's: "m" | u32 sender | u32 receiver | client_msg_id ("w<writer>-<n>");
                         let b = e.bytes
                         let raw = b.count >= 6 && (b[1] == UInt8(ascii: "k") || b[1] == UInt8(ascii: "r"))
                         let chat = b.count >= 16 && b[1] == UInt8(ascii: "m") && b[10] == UInt8(ascii: "w")
-                        let ok = Int(b.first ?? 0) == b.count - 5 && (raw || chat) && Array(b.suffix(4)) == [1, 0, 0, 0]
+                        // A group send's: "g" | u32 sender | u64 group | client_msg_id ("g<writer>-<n>", "#<attempt>" after a retry within the request).
+                        let group = b.count >= 20 && b[1] == UInt8(ascii: "g") && b[14] == UInt8(ascii: "g")
+                        let ok = Int(b.first ?? 0) == b.count - 5 && (raw || chat || group) && Array(b.suffix(4)) == [1, 0, 0, 0]
                         if !ok { res.unexpected.append("node \(n) shard \(shard) index \(e.index): a request-key record no keyed writer sent") }
                     } else if e.type == 5 {
                         // A relay batch header the node writes (Docs/state.md, "Relays"): u64 source shard |

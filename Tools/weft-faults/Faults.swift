@@ -12,7 +12,8 @@ struct Faults: AsyncParsableCommand {
             <out>/nodes/n<i>.log, <out>/summary.txt; exits 1 when the checker finds anything lost, duplicated,
             divergent, refused-but-written, or a cursor read out of order, a hostile request taken or its record
             in a log, a shard whose group changed, a chat message lost, doubled, reordered or never sent in a
-            history or a sync, an acknowledged chat message missing from the sender's next history page, a chat
+            history or a sync, an acknowledged chat message missing from the sender's next history page, a group
+            message lost, doubled, reordered, shown to a non-member or never sent in a member's history or sync, a chat
             device (WebSocket) with a gap, a reordered or changed event, or without an acknowledged message, or when
             weft-dump --verify fails.
             """)
@@ -46,6 +47,9 @@ struct Faults: AsyncParsableCommand {
 
     @Option(help: "Chat writers on the messaging API (users registered, logged in and made contacts first; histories and syncs checked after healing); 0: no chat workload.")
     var chatWriters: Int = 2
+
+    @Option(help: "Group writers: the chat users' group (the owner adds members and members leave during the run; histories, syncs and membership checked after healing); 0: no group workload.")
+    var groupWriters: Int = 2
 
     @Option(help: "WebSocket devices per chat user (connected through the faults, resuming after every close, a final catch-up after healing; checked against the acknowledged messages and the syncs); 0: none.")
     var chatDevices: Int = 2
@@ -94,8 +98,12 @@ struct Faults: AsyncParsableCommand {
         let initialGroups = await groups(cluster, client)
         await history.write(["op": "groups", "type": "initial", "groups": Self.describe(initialGroups)])
 
-        let chat = chatWriters > 0 ? try await ChatWorkload.setUp(client: client, nodes: ids, history: history) : nil
+        let chat = chatWriters > 0 || groupWriters > 0 ? try await ChatWorkload.setUp(client: client, nodes: ids, history: history) : nil
         if let chat { print("weft-faults: chat: \(chat.users.count) users, contacts \(chat.pairs.map { "\($0.a)-\($0.b)" }.joined(separator: " "))") }
+        var groupChat: GroupChatWorkload?
+        if let chat, groupWriters > 0 { groupChat = try await GroupChatWorkload.setUp(chat: chat) }
+        if let g = groupChat?.setup { print("weft-faults: group \(g.group): owner \(g.owner), members \(g.initial)") }
+        let groupWork = groupChat
         let subscribers = chat.flatMap { chatDevices > 0 ? ChatSubscribers(chat: $0, group: group, devicesPerUser: chatDevices) : nil }
 
         let nemesis = Nemesis(cluster: cluster, network: network, client: client, history: history, seed: seed, burstRecords: burstRecords)
@@ -112,6 +120,10 @@ struct Faults: AsyncParsableCommand {
             }
             if hostile { g.addTask { await hostileClient.run(until: workEnd, seed: seed) } }
             if let chat { for w in 0..<chatWriters { g.addTask { await chat.writer(w, until: workEnd, seed: seed) } } }
+            if let groupWork {
+                for w in 0..<groupWriters { g.addTask { await groupWork.writer(w, until: workEnd, seed: seed) } }
+                g.addTask { await groupWork.membership(until: faultsEnd - .seconds(15), seed: seed) }
+            }
             g.addTask {
                 while ContinuousClock.now < faultsEnd {
                     try await nemesis.step()
@@ -131,6 +143,10 @@ struct Faults: AsyncParsableCommand {
         // The relays finish copying fan-out records (their batches change the logs), then the logs settle.
         let relaysDone = await waitForRelays(cluster, client, timeout: .seconds(120))
         if converged { converged = try await waitForConvergence(cluster, client, timeout: .seconds(60)) }
+        // The group workload's timeline, histories and syncs first (the chat syncs read next then hold every group event too).
+        let groupSends = await history.groupSends
+        let groupChanges = await history.groupChanges
+        let groupRead = await groupWork?.readBack(sends: groupSends, changes: groupChanges, seed: seed)
         // The chat workload's histories and syncs, through the API (the relays have caught up).
         let chatSends = await history.chat
         let chatReads = await history.chatReads
@@ -178,6 +194,8 @@ struct Faults: AsyncParsableCommand {
                 ChatChecker.checkDevices(devices, sends: chatSends, pairs: chat?.pairs ?? [], histories: chatRead?.histories ?? [:], syncs: chatRead?.syncs ?? [:])
             } ?? Checker.Result()
         let chatFailures = chatRead?.failures ?? []
+        let groupRes = groupWork.map { GroupChatChecker.check(setup: $0.setup, sends: groupSends, changes: groupChanges, observed: groupRead?.observed ?? .init()) } ?? Checker.Result()
+        let groupFailures = groupRead?.failures ?? []
         let wsFailures = devicesCaughtUp?.failures ?? []
         let res = Checker.check(
             logs: logs, acked: acked, failed: failed, indeterminate: indeterminate, shards: shards, readBack: readBack, bursts: bursts,
@@ -185,7 +203,7 @@ struct Faults: AsyncParsableCommand {
         let catchUps = nemesis.catchUpLog.withLock { $0 }
         let times = catchUps.compactMap(\.seconds).sorted()
         let counts = nemesis.counts.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ")
-        let pass = res.ok && chatRes.ok && wsRes.ok && chatFailures.isEmpty && wsFailures.isEmpty && anomalies.isEmpty && verifyFailures.isEmpty && converged && relaysDone
+        let pass = res.ok && chatRes.ok && wsRes.ok && groupRes.ok && groupFailures.isEmpty && chatFailures.isEmpty && wsFailures.isEmpty && anomalies.isEmpty && verifyFailures.isEmpty && converged && relaysDone
         let chatAcked = chatSends.values.filter { $0.messageID != nil }.count
         var lines: [String] = []
         lines.append("seed \(seed); \(nodes) nodes, \(shards) shards, \(minutes) min of faults")
@@ -221,6 +239,26 @@ struct Faults: AsyncParsableCommand {
                 )
             }
         }
+        if let groupWork, let groupRead {
+            let sends = groupSends.values
+            let acked = sends.filter { $0.messageID != nil }.count
+            // Exclusive: a send refused on a retry after an unknown outcome counts as unknown (it may have landed).
+            let unknown = sends.filter { $0.messageID == nil && $0.unknown }
+            let refused = sends.filter { $0.refusal != nil && $0.messageID == nil }
+            let retried = sends.filter { $0.attempts > 1 }.count
+            let ackedAfterUnknown = sends.filter { $0.unknown && $0.messageID != nil }.count
+            let replayed = sends.filter { !$0.replays.isEmpty }
+            let sameAnswer = replayed.filter { s in s.replays.allSatisfy { $0 == s.messageID } }.count
+            let refusedOnly = refused.filter { !$0.unknown }.count
+            let o = groupRead.observed
+            lines.append(
+                "group: group \(groupWork.setup.group), \(groupWriters) writers; \(sends.count) messages sent (\(retried) retried), \(acked) acknowledged (\(ackedAfterUnknown) on a retry after an unknown outcome), \(refusedOnly) refused, \(unknown.count) of unknown outcome (\(refused.count - refusedOnly) refused on a retry), \(sends.count - acked - refusedOnly - unknown.count) never sent; \(replayed.count) sent again after the acknowledgement (\(sameAnswer) answered the same message); membership changes \(groupChanges.count) (\(groupChanges.filter(\.landed).count) landed, \(groupChanges.filter { $0.attempts > 1 }.count) retried), final members \(o.finalMembers.map { "\($0.sorted())" } ?? "not read"); read back \(o.histories.values.reduce(0) { $0 + $1.count }) history entries (\(o.histories.count) members), \(o.syncs.values.reduce(0) { $0 + $1.filter { $0.type == "group_message" }.count }) group_message events (\(o.syncs.count) users), \(groupRead.requests) requests, \(groupRead.failures.count) read failures"
+            )
+            lines.append(
+                "group findings: lost \(groupRes.lost.count), duplicated \(groupRes.duplicated.count), divergent \(groupRes.divergent.count), unexpected \(groupRes.unexpected.count), misplaced \(groupRes.misplaced.count)"
+            )
+            for s in refused.sorted(by: { $0.key < $1.key }).prefix(5) { lines.append("  note: group \(s.key) (from \(s.from)) refused: \(s.refusal ?? "")") }
+        }
         lines.append("groups: \(res.membership.isEmpty ? "every node reports voters \(ids) for every shard" : "\(res.membership.count) CHANGED")")
         lines.append("repairs reported by nodes: \(repairs)")
         lines.append("converged: \(converged); relays caught up: \(relaysDone); weft-dump --verify: \(verifyFailures.isEmpty ? "all pass" : "\(verifyFailures.count) FAIL")")
@@ -230,16 +268,17 @@ struct Faults: AsyncParsableCommand {
         let wsFindings = (wsRes.lost + wsRes.duplicated + wsRes.divergent + wsRes.unexpected + wsRes.misplaced + wsFailures).map { "chat ws: " + $0 }
         let chatFindings = chatRes.lost + chatRes.duplicated + chatRes.divergent + chatRes.unexpected + chatRes.misplaced + chatRes.stale + wsFindings
             + chatFailures.map { "chat read: " + $0 }
-        let findings = res.lost + res.duplicated + res.divergent + res.unexpected + res.misplaced + res.hostile + res.membership + chatFindings + anomalies + verifyFailures
+        let groupFindings = groupRes.lost + groupRes.duplicated + groupRes.divergent + groupRes.unexpected + groupRes.misplaced + groupFailures.map { "group read: " + $0 }
+        let findings = res.lost + res.duplicated + res.divergent + res.unexpected + res.misplaced + res.hostile + res.membership + chatFindings + groupFindings + anomalies + verifyFailures
         for l in findings.prefix(20) { lines.append("  " + l) }
         for l in hostileTally.otherStatus.prefix(5) { lines.append("  note: " + l) }
-        lines += (res.notes + chatRes.notes + wsRes.notes).map { "  " + $0 }
+        lines += (res.notes + chatRes.notes + groupRes.notes + wsRes.notes).map { "  " + $0 }
         lines.append(pass ? "PASS" : "FAIL")
         let text = lines.joined(separator: "\n") + "\n"
         try text.write(toFile: out + "/summary.txt", atomically: true, encoding: .utf8)
         print(text, terminator: "")
         print(
-            "weft-faults: seed \(seed): \(acked.count) acknowledged, \(chatAcked) chat messages acknowledged, chat findings \(chatFindings.count), lost \(res.lost.count), duplicated \(res.duplicated.count), divergent \(res.divergent.count), cursor anomalies \(anomalies.count) -> \(pass ? "PASS" : "FAIL")"
+            "weft-faults: seed \(seed): \(acked.count) acknowledged, \(chatAcked) chat messages acknowledged, chat findings \(chatFindings.count), \(groupSends.values.filter { $0.messageID != nil }.count) group messages acknowledged, group findings \(groupFindings.count), lost \(res.lost.count), duplicated \(res.duplicated.count), divergent \(res.divergent.count), cursor anomalies \(anomalies.count) -> \(pass ? "PASS" : "FAIL")"
         )
         if !pass { throw ExitCode(1) }
     }

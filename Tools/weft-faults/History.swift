@@ -32,6 +32,10 @@ actor History {
     /// The chat writers' read-your-writes reads (one after each acknowledgement).
     private(set) var chatReads: [ChatChecker.Read] = []
 
+    /// Group sends (GroupChat.swift) by client_msg_id, and the membership changes the driver made.
+    private(set) var groupSends: [String: GroupChatChecker.Send] = [:]
+    private(set) var groupChanges: [GroupChatChecker.Change] = []
+
     init(path: String) throws {
         _ = FileManager.default.createFile(atPath: path, contents: nil)
         guard let h = FileHandle(forWritingAtPath: path) else { throw HarnessError("cannot write \(path)") }
@@ -188,6 +192,46 @@ actor History {
         }
         if !r.unreachable.isEmpty { e["unreachable"] = r.unreachable }
         if let error = r.error { e["error"] = String(error.prefix(300)) }
+        write(e)
+    }
+
+    // MARK: Groups
+
+    func groupInvoke(writer: Int, key: String, from: UInt64, content: String, node: Int) {
+        var s = groupSends[key] ?? GroupChatChecker.Send(key: key, writer: writer, from: from, content: content)
+        s.attempts += 1
+        groupSends[key] = s
+        write(["op": "group-send", "type": "invoke", "process": 300 + writer, "key": key, "from": from, "content": content, "node": node, "attempt": s.attempts])
+    }
+
+    /// 200 (a later 200 for the same client_msg_id, a replay, must name the same message).
+    func groupOK(key: String, node: Int, messageID: UInt64, seq: UInt64) {
+        let replay = groupSends[key]?.messageID != nil
+        if replay {
+            groupSends[key]?.replays.append(messageID)
+        } else {
+            groupSends[key]?.messageID = messageID
+            groupSends[key]?.seq = seq
+        }
+        write(["op": "group-send", "type": replay ? "replay-ok" : "ok", "key": key, "node": node, "message_id": messageID, "seq": seq])
+    }
+
+    func groupFail(key: String, node: Int, status: UInt, error: String, final: Bool) {
+        if final { groupSends[key]?.refusal = "\(status) \(error.prefix(200))" }
+        write(["op": "group-send", "type": final ? "fail" : "retry", "key": key, "node": node, "status": status, "error": String(error.prefix(300))])
+    }
+
+    func groupInfo(key: String, node: Int, error: String) {
+        groupSends[key]?.unknown = true
+        write(["op": "group-send", "type": "info", "key": key, "node": node, "error": String(error.prefix(300))])
+    }
+
+    func groupChange(_ c: GroupChatChecker.Change) {
+        groupChanges.append(c)
+        var e: [String: Any] = [
+            "op": "group-change", "type": c.landed ? "ok" : c.unknown ? "info" : "fail", "kind": c.kind.rawValue, "user": c.user, "attempts": c.attempts,
+        ]
+        if let r = c.refusal { e["error"] = r }
         write(e)
     }
 

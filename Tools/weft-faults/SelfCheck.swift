@@ -4,7 +4,8 @@ import Foundation
 /// that cannot see a lost, duplicated, misplaced or divergent write (single or in a burst batch), a
 /// hostile request's record in a log, a changed group, a chat message lost, doubled, reordered or
 /// never sent in a history or a sync, an acknowledged chat message missing from the sender's next
-/// history page, or a WebSocket device with a gap, a reordered or changed event, a missing acknowledged
+/// history page, a group message lost, doubled, reordered, shown outside its reader's membership or
+/// never sent, a wrong membership timeline, or a WebSocket device with a gap, a reordered or changed event, a missing acknowledged
 /// message or a phantom fails the test suite (Tests/ToolTests).
 /// Needs no root and starts nothing.
 enum SelfCheck {
@@ -66,7 +67,7 @@ enum SelfCheck {
                 Checker.check(logs: [1: [0: [good[0], entry(2, "b", seq: 3)]], 2: [0: [good[0], entry(2, "b", seq: 3)]], 3: [0: [good[0], entry(2, "b", seq: 3)]]], acked: [:], failed: [], indeterminate: ["a", "b"], shards: 1),
                 { !$0.divergent.isEmpty }
             ),
-        ] + burstCases() + hostileCases(good: good, acked: acked) + groupCases(good: good, acked: acked) + relayCases(good: good, acked: acked) + messagingLogCases(good: good, acked: acked) + chatCases()
+        ] + burstCases() + hostileCases(good: good, acked: acked) + groupCases(good: good, acked: acked) + relayCases(good: good, acked: acked) + messagingLogCases(good: good, acked: acked) + chatCases() + groupChatCases()
         var lines: [String] = []
         var ok = true
         for (name, result, expected) in cases {
@@ -345,6 +346,107 @@ enum SelfCheck {
             ("chat: sync cursors with a gap", run(histories(), gap), { $0.divergent.count == 1 }),
             ("chat: a conversation out of order in a sync", run(histories(), outOfOrder), { $0.misplaced.count == 1 }),
         ] + deviceCases(sends: sends, pairs: pairs, histories: histories(), syncs: syncs)
+    }
+
+    /// The group workload: group 9 of owner 1, created with users 2 and 3 (seq 1); user 4 added at seq 3,
+    /// user 3 left at seq 5; user 5 never a member. Acknowledged: group0-1 (from 1, message 901, seq 2),
+    /// group0-2 (from 2, 902, seq 4), group1-1 (from 4, 903, seq 6); of unknown outcome: group1-2 (from
+    /// 1, landed as 904 at seq 7) and group1-3 (from 2, never landed); refused: group0-3 (from 2).
+    static func groupChatCases() -> [Case] {
+        typealias G = GroupChatChecker
+        let g: UInt64 = 9
+        let setup = G.Setup(group: g, owner: 1, initial: [1, 2, 3], users: [1, 2, 3, 4, 5])
+        func send(_ key: String, _ from: UInt64, id: UInt64? = nil, seq: UInt64? = nil, unknown: Bool = false, refused: Bool = false) -> (String, G.Send) {
+            var s = G.Send(key: key, writer: 0, from: from, content: "group" + key.dropFirst(), attempts: unknown ? 3 : 1, unknown: unknown)
+            s.messageID = id
+            s.seq = seq
+            if refused { s.refusal = "400 invalid_content" }
+            return (key, s)
+        }
+        let sends = Dictionary(uniqueKeysWithValues: [
+            send("g0-1", 1, id: 901, seq: 2), send("g0-2", 2, id: 902, seq: 4), send("g1-1", 4, id: 903, seq: 6),
+            send("g1-2", 1, unknown: true), send("g1-3", 2, unknown: true), send("g0-3", 2, refused: true),
+        ])
+        func m(_ id: UInt64, _ seq: UInt64, _ from: UInt64, _ content: String) -> G.Message { G.Message(id: id, seq: seq, sender: from, group: g, content: content) }
+        let a = m(901, 2, 1, "group0-1")
+        let b = m(902, 4, 2, "group0-2")
+        let c = m(903, 6, 4, "group1-1")
+        let d = m(904, 7, 1, "group1-2")
+        func change(_ type: String, _ seq: UInt64, users: [UInt64] = [], user: UInt64? = nil) -> G.Event {
+            G.Event(cursor: "", type: type, group: g, seq: seq, by: user ?? 1, userIDs: users, userID: user)
+        }
+        func events(_ list: [G.Event]) -> [G.Event] {
+            list.enumerated().map { k, e in
+                var e = e
+                e.cursor = "\(k + 1)"
+                return e
+            }
+        }
+        func msg(_ x: G.Message) -> G.Event { G.Event(cursor: "", type: "group_message", group: g, messageID: x.id, seq: x.seq, by: x.sender, message: x) }
+        let created = change("group_created", 1)
+        let added = change("group_members_added", 3, users: [4])
+        let left = change("group_member_removed", 5, user: 3)
+        let ownerSync = events([created, msg(a), added, msg(b), left, msg(c), msg(d)])
+        let histories: [UInt64: [G.Message]] = [1: [d, c, b, a], 2: [d, c, b, a], 4: [d, c, b]]
+        let syncs: [UInt64: [G.Event]] = [
+            1: ownerSync, 2: events([created, msg(a), added, msg(b), left, msg(c), msg(d)]), 3: events([created, msg(a), added, msg(b), left]),
+            4: events([added, msg(b), msg(c), msg(d)]), 5: [],
+        ]
+        let changes = [G.Change(kind: .add, user: 4, attempts: 1, landed: true), G.Change(kind: .leave, user: 3, attempts: 2, unknown: true, landed: true)]
+        func run(
+            histories h: [UInt64: [G.Message]] = histories, syncs s: [UInt64: [G.Event]] = syncs, owner: [G.Event] = ownerSync, sends: [String: G.Send] = sends,
+            outsiders: [UInt64: UInt] = [3: 404, 5: 404], members: Set<UInt64> = [1, 2, 4]
+        ) -> Checker.Result {
+            var s2 = s
+            s2[1] = owner
+            let o = G.Observed(ownerSync: owner, histories: h, syncs: s2, outsiderReads: outsiders, finalMembers: members)
+            return G.check(setup: setup, sends: sends, changes: changes, observed: o)
+        }
+        func with(_ u: UInt64, _ list: [G.Message]) -> [UInt64: [G.Message]] {
+            var h = histories
+            h[u] = list
+            return h
+        }
+        func sync(_ u: UInt64, _ list: [G.Event]) -> [UInt64: [G.Event]] {
+            var s = syncs
+            s[u] = events(list)
+            return s
+        }
+        var bAt6 = b
+        bAt6.seq = 6
+        var cAt4 = c
+        cAt4.seq = 4
+        let phantom = m(905, 8, 2, "group9-9")
+        let refused = m(906, 8, 2, "group0-3")
+        let second = m(907, 8, 1, "group0-1")
+        var fromOutsider = sends
+        fromOutsider["g1-1"]?.from = 5
+        var outsiderC = c
+        outsiderC.sender = 5
+        var replayed = sends
+        replayed["g0-1"]?.replays = [999]
+        let all3 = { (x: G.Message) in [1: [x, d, c, b, a], 2: [x, d, c, b, a], 4: [x, d, c, b]] as [UInt64: [G.Message]] }
+        return [
+            ("group: clean (an unknown outcome landed once, another not at all; a refused send nowhere)", run(), { $0.ok }),
+            ("group: an acknowledged message missing from a member's history", run(histories: with(2, [d, c, a])), { !$0.lost.isEmpty && !$0.ok }),
+            ("group: an acknowledged message twice in a member's history", run(histories: with(2, [d, c, b, b, a])), { !$0.duplicated.isEmpty }),
+            ("group: a message in the history of a member who joined after it", run(histories: with(4, [d, c, b, a])), { !$0.unexpected.isEmpty && $0.lost.isEmpty }),
+            ("group: an ex-member's sync with a message ordered after they left", run(syncs: sync(3, [created, msg(a), msg(b), left, msg(c)])), { $0.unexpected.count == 1 }),
+            ("group: a new member's sync with a message ordered before they joined", run(syncs: sync(4, [msg(a), added, msg(b), msg(c), msg(d)])), { $0.unexpected.count == 1 }),
+            ("group: a member's sync without an acknowledged message of their period", run(syncs: sync(4, [added, msg(c), msg(d)])), { $0.lost.count == 1 }),
+            ("group: a member's sync without a message of unknown outcome that landed", run(syncs: sync(2, [created, msg(a), msg(b), msg(c)])), { $0.lost.count == 1 }),
+            ("group: a message twice in a sync", run(syncs: sync(2, [msg(a), msg(b), msg(c), msg(d), msg(d)])), { $0.duplicated.count == 1 }),
+            ("group: two members' histories in different orders", run(histories: with(2, [d, bAt6, cAt4, a])), { !$0.divergent.isEmpty }),
+            ("group: a message with content never sent", run(histories: all3(phantom)), { !$0.unexpected.isEmpty && $0.lost.isEmpty }),
+            ("group: a refused send in the histories", run(histories: all3(refused)), { !$0.unexpected.isEmpty }),
+            ("group: one client_msg_id landed as two messages", run(histories: all3(second)), { !$0.duplicated.isEmpty }),
+            ("group: an acknowledged leave missing from the owner's sync", run(owner: events([created, msg(a), added, msg(b), msg(c), msg(d)])), { !$0.lost.isEmpty }),
+            ("group: a membership change nobody made in the owner's sync", run(owner: ownerSync + events([change("group_member_removed", 8, user: 2)]).map { var e = $0; e.cursor = "8"; return e }), { !$0.unexpected.isEmpty }),
+            ("group: an acknowledged message from a user who was not a member", run(histories: [1: [d, outsiderC, b, a], 2: [d, outsiderC, b, a], 4: [d, outsiderC, b]], sends: fromOutsider), { $0.unexpected.count == 1 }),
+            ("group: a user who left reads the group's history", run(outsiders: [3: 200, 5: 404]), { $0.divergent.count == 1 }),
+            ("group: sent again, answered with another message", run(sends: replayed), { $0.divergent.count == 1 }),
+            ("group: the group lists other members than its change events", run(members: [1, 2]), { $0.divergent.count == 1 }),
+        ]
     }
 
     /// The chat workload's WebSocket devices (`ChatChecker.checkDevices`), on the fixture of `chatCases`:
