@@ -239,7 +239,7 @@ struct Checker {
                         let b = e.bytes
                         let raw = b.count >= 6 && (b[1] == UInt8(ascii: "k") || b[1] == UInt8(ascii: "r"))
                         let chat = b.count >= 16 && b[1] == UInt8(ascii: "m") && b[10] == UInt8(ascii: "w")
-                        // A group send's: "g" | u32 sender | u64 group | client_msg_id ("g<writer>-<n>", "#<attempt>" after a retry within the request).
+                        // A group send's: "g" | u32 sender | u64 group | client_msg_id ("g<writer>-<n>", then 0x00 n for the n-th key of a request a membership change raced).
                         let group = b.count >= 20 && b[1] == UInt8(ascii: "g") && b[14] == UInt8(ascii: "g")
                         let ok = Int(b.first ?? 0) == b.count - 5 && (raw || chat || group) && Array(b.suffix(4)) == [1, 0, 0, 0]
                         if !ok { res.unexpected.append("node \(n) shard \(shard) index \(e.index): a request-key record no keyed writer sent") }
