@@ -24,14 +24,19 @@ public enum BenchReport {
             body += stepsTable(r)
             body += "<h2>Latency over time</h2>\n<p>Per 100 ms of send time: median, p99 and maximum push latency (log scale). "
             body += "Shaded bands are the rate steps; red marks are windows with lost pushes.</p>\n"
-            body += timeChart(r)
+            body += timeChart(r.steps.map { ("\(Int($0.target_rate)) msgs/s", $0.series) })
             body += "<h2>Latency histogram</h2>\n<p>Share of each step's pushes per latency bucket (10 buckets per decade, log scale).</p>\n"
-            body += histogramChart(r)
+            body += histogramChart(edges: r.histogram_edges_us, bands: r.steps.map { ("\(Int($0.target_rate)) msgs/s", $0.histogram_counts) })
         }
         if let idle = r.idle { body += idleSection(idle) }
-        return """
+        return page(title: "Weft push benchmark \(r.date)", body: body)
+    }
+
+    /// The page around a report's body: inline style only.
+    static func page(title: String, body: String) -> String {
+        """
             <!DOCTYPE html>
-            <html lang="en"><head><meta charset="utf-8"><title>Weft push benchmark \(esc(r.date))</title>
+            <html lang="en"><head><meta charset="utf-8"><title>\(esc(title))</title>
             <style>
             body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: #222; max-width: 980px; margin: 2em auto; padding: 0 1em; }
             h1 { font-size: 1.5em; margin-bottom: .2em; } h2 { font-size: 1.15em; margin-top: 1.8em; border-bottom: 1px solid #ddd; }
@@ -122,9 +127,13 @@ public enum BenchReport {
 
     // MARK: Charts
 
-    /// p50, p99 and max per 100 ms window against time since the sweep began, log latency axis.
-    static func timeChart(_ r: ClusterBench.PushResult) -> String {
-        let points = r.steps.flatMap(\.series)
+    /// p50, p99 and max per 100 ms window against time since the sweep began, log latency axis; one
+    /// shaded band per step (`label`), a dashed line at the target (µs).
+    static func timeChart(
+        _ steps: [(label: String, series: [ClusterBench.SeriesPoint])], targetUS: Double = 10_000, targetLabel: String = "target p99 10 ms",
+        lostLabel: String = "✕ lost pushes in the window"
+    ) -> String {
+        let points = steps.flatMap(\.series)
         guard let tEnd = points.map({ $0.t_ms + 100 }).max(), tEnd > 0 else { return "<p>No pushes.</p>" }
         let values = points.flatMap { [$0.p50_us, $0.p99_us, $0.max_us] }.filter { $0 > 0 }
         let axis = LogAxis(lowUS: values.min() ?? 100, highUS: values.max() ?? 1000)
@@ -133,17 +142,17 @@ public enum BenchReport {
         func y(_ us: Double) -> Double { plot.top + (1 - axis.position(us)) * plot.innerHeight }
         var svg = plot.open(label: "push latency over time")
         // Steps: shaded bands with their rate.
-        for (i, s) in r.steps.enumerated() {
+        for (i, s) in steps.enumerated() {
             guard let a = s.series.first?.t_ms, let b = s.series.last?.t_ms else { continue }
             let c = palette[i % palette.count]
             svg += "<rect x=\"\(f(x(a)))\" y=\"\(f(plot.top))\" width=\"\(f(max(1, x(b + 100) - x(a))))\" height=\"\(f(plot.innerHeight))\" fill=\"\(c)\" fill-opacity=\"0.07\"/>"
-            svg += "<text x=\"\(f(x(a) + 2))\" y=\"\(f(plot.top - 6))\" fill=\"\(c)\">\(Int(s.target_rate)) msgs/s</text>"
+            svg += "<text x=\"\(f(x(a) + 2))\" y=\"\(f(plot.top - 6))\" fill=\"\(c)\">\(esc(s.label))</text>"
         }
         svg += axis.yGrid(plot: plot, y: y)
-        // The issue's target: p99 ≤ 10 ms (at 2 000 msgs/s).
-        if axis.position(10_000) >= 0, axis.position(10_000) <= 1 {
-            svg += "<line x1=\"\(f(plot.left))\" x2=\"\(f(plot.left + plot.innerWidth))\" y1=\"\(f(y(10_000)))\" y2=\"\(f(y(10_000)))\" stroke=\"#2e7d32\" stroke-dasharray=\"6 4\"/>"
-            svg += "<text x=\"\(f(plot.left + plot.innerWidth - 4))\" y=\"\(f(y(10_000) - 4))\" text-anchor=\"end\" fill=\"#2e7d32\">target p99 10 ms</text>"
+        // The issue's target (push: p99 ≤ 10 ms at 2 000 msgs/s).
+        if axis.position(targetUS) >= 0, axis.position(targetUS) <= 1 {
+            svg += "<line x1=\"\(f(plot.left))\" x2=\"\(f(plot.left + plot.innerWidth))\" y1=\"\(f(y(targetUS)))\" y2=\"\(f(y(targetUS)))\" stroke=\"#2e7d32\" stroke-dasharray=\"6 4\"/>"
+            svg += "<text x=\"\(f(plot.left + plot.innerWidth - 4))\" y=\"\(f(y(targetUS) - 4))\" text-anchor=\"end\" fill=\"#2e7d32\">\(esc(targetLabel))</text>"
         }
         // x axis: seconds.
         let step = niceStep(tEnd / 1000 / 10)
@@ -159,7 +168,7 @@ public enum BenchReport {
         let lines: [(KeyPath<ClusterBench.SeriesPoint, Double>, String, Double, String)] = [
             (\.max_us, "#9e9e9e", 1, "max"), (\.p99_us, "#e65100", 1.6, "p99"), (\.p50_us, "#0d47a1", 1.6, "p50"),
         ]
-        for s in r.steps {
+        for s in steps {
             for (key, colour, width, _) in lines {
                 let pts = s.series.filter { $0[keyPath: key] > 0 }.map { "\(f(x($0.t_ms + 50))),\(f(y($0[keyPath: key])))" }
                 if !pts.isEmpty {
@@ -170,22 +179,21 @@ public enum BenchReport {
                 svg += "<text x=\"\(f(x(p.t_ms + 50)))\" y=\"\(f(plot.top + 28))\" text-anchor=\"middle\" fill=\"#c62828\">✕<title>\(p.lost) lost</title></text>"
             }
         }
-        svg += plot.legend(lines.reversed().map { ($0.1, $0.3) } + [("#c62828", "✕ lost pushes in the window")])
+        svg += plot.legend(lines.reversed().map { ($0.1, $0.3) } + [("#c62828", lostLabel)])
         return svg + "</svg>\n"
     }
 
-    /// Share of each step's pushes per log bucket, one step line per rate.
-    static func histogramChart(_ r: ClusterBench.PushResult) -> String {
-        let edges = r.histogram_edges_us
-        let used = r.steps.flatMap { s in s.histogram_counts.enumerated().filter { $0.element > 0 }.map(\.offset) }
+    /// Share of each step's pushes per log bucket (upper `edges`, µs), one line per step (`label`).
+    static func histogramChart(edges: [Double], bands: [(label: String, counts: [Int])], xLabel: String = "push latency (ms, log scale)") -> String {
+        let used = bands.flatMap { s in s.counts.enumerated().filter { $0.element > 0 }.map(\.offset) }
         guard let lo = used.min(), let hi = used.max(), !edges.isEmpty else { return "<p>No pushes.</p>" }
         let first = max(0, lo - 1)
         let last = min(edges.count - 1, hi + 1)
         let lower = first == 0 ? edges[0] / pow(10, 0.1) : edges[first - 1]
         let axis = LogAxis(lowUS: lower, highUS: edges[last], pad: false)
-        let shares = r.steps.map { s -> [Double] in
-            let total = Double(max(1, s.histogram_counts.reduce(0, +)))
-            return s.histogram_counts.map { Double($0) / total * 100 }
+        let shares = bands.map { s -> [Double] in
+            let total = Double(max(1, s.counts.reduce(0, +)))
+            return s.counts.map { Double($0) / total * 100 }
         }
         let peak = max(0.1, shares.flatMap { $0 }.max() ?? 1)
         let gridStep = niceStep(peak / 4)
@@ -200,8 +208,8 @@ public enum BenchReport {
             svg += "<text x=\"\(f(plot.left - 6))\" y=\"\(f(y(v) + 4))\" text-anchor=\"end\">\(tickLabel(v, step: gridStep)) %</text>"
         }
         svg += axis.xTicks(plot: plot, x: x)
-        svg += "<text x=\"\(f(plot.left + plot.innerWidth / 2))\" y=\"\(f(plot.top + plot.innerHeight + 36))\" text-anchor=\"middle\">push latency (ms, log scale)</text>"
-        for i in r.steps.indices {
+        svg += "<text x=\"\(f(plot.left + plot.innerWidth / 2))\" y=\"\(f(plot.top + plot.innerHeight + 36))\" text-anchor=\"middle\">\(esc(xLabel))</text>"
+        for i in bands.indices {
             var pts: [String] = []
             for b in first...last {
                 let a = b == 0 ? edges[0] / pow(10, 0.1) : edges[b - 1]
@@ -211,7 +219,7 @@ public enum BenchReport {
             }
             svg += "<polyline fill=\"none\" stroke=\"\(palette[i % palette.count])\" stroke-width=\"1.8\" points=\"\(pts.joined(separator: " "))\"/>"
         }
-        svg += plot.legend(r.steps.enumerated().map { (palette[$0.offset % palette.count], "\(Int($0.element.target_rate)) msgs/s") })
+        svg += plot.legend(bands.enumerated().map { (palette[$0.offset % palette.count], $0.element.label) })
         return svg + "</svg>\n"
     }
 

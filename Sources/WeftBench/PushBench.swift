@@ -313,38 +313,49 @@ extension ClusterBench {
         range: Range<Int>, origin: UInt64, period: Double, templates: [MessageTemplate], sockets: [DeviceSocket], plan: PushPlan,
         recorder: PushRecorder
     ) async throws {
-        var j = 0
-        // Per sender, the step's messages (j) waiting for a free slot, oldest first.
-        var waiting: [Int: [Int]] = [:]
-        var waitingCount = 0
-        func send(_ j: Int) {
+        try await Self.paceOverSockets(
+            count: range.count, origin: origin, period: period, sender: { plan.senders[range.lowerBound + $0] }, inFlight: { recorder.inFlight($0) }
+        ) { j, stamp in
             let k = range.lowerBound + j
-            let stamp = origin + UInt64(Double(j) * period)
             recorder.sending(k, stamp: stamp)
             sockets[plan.senders[k]].send(templates[j].bytes(stamp: stamp))
         }
-        while j < range.count || waitingCount > 0 {
+    }
+
+    /// The open-loop pacer behind `sendOverSockets` (also `weft bench groups`): message j of `count` is
+    /// due at `origin + j × period` and goes from device `sender(j)`; `send(j, stamp)` writes it with
+    /// its intended stamp, at once when due, or — while the device has `sendsInFlightPerDevice` sends
+    /// unanswered (`inFlight`) — as soon as one of them is answered, oldest first.
+    static func paceOverSockets(
+        count: Int, origin: UInt64, period: Double, sender: (Int) -> Int, inFlight: (Int) -> Int, send: (Int, UInt64) -> Void
+    ) async throws {
+        var j = 0
+        // Per sender, the messages (j) waiting for a free slot, oldest first.
+        var waiting: [Int: [Int]] = [:]
+        var waitingCount = 0
+        func due(_ j: Int) -> UInt64 { origin + UInt64(Double(j) * period) }
+        while j < count || waitingCount > 0 {
             for u in Array(waiting.keys) {
-                while let next = waiting[u]?.first, recorder.inFlight(u) < Self.sendsInFlightPerDevice {
+                while let next = waiting[u]?.first, inFlight(u) < sendsInFlightPerDevice {
                     waiting[u]?.removeFirst()
                     waitingCount -= 1
-                    send(next)
+                    send(next, due(next))
                 }
                 if waiting[u]?.isEmpty == true { waiting[u] = nil }
             }
             let now = DispatchTime.now().uptimeNanoseconds
-            while j < range.count, origin + UInt64(Double(j) * period) <= now {
-                let u = plan.senders[range.lowerBound + j]
-                if waiting[u] == nil && recorder.inFlight(u) < Self.sendsInFlightPerDevice {
-                    send(j)
+            while j < count, due(j) <= now {
+                let u = sender(j)
+                if waiting[u] == nil && inFlight(u) < sendsInFlightPerDevice {
+                    send(j, due(j))
                 } else {
                     waiting[u, default: []].append(j)
                     waitingCount += 1
                 }
                 j += 1
             }
-            let due = j < range.count ? origin + UInt64(Double(j) * period) : now + 1_000_000
-            if due > now { try await Task.sleep(nanoseconds: min(due - now, waitingCount > 0 ? 500_000 : 2_000_000)) }
+            let next = j < count ? due(j) : now + 1_000_000
+            if next > now { try await Task.sleep(nanoseconds: min(next - now, waitingCount > 0 ? 500_000 : 2_000_000)) }
         }
     }
 
@@ -572,9 +583,14 @@ struct MessageTemplate: Sendable {
     let tail: [UInt8]
 
     init(k: Int, receiverID: UInt64, nonce: String, text: String, frame: Bool) {
+        self.init(k: k, to: "receiver_id", id: receiverID, nonce: nonce, text: text, frame: frame)
+    }
+
+    /// `to`: `receiver_id` (a 1:1 message) or `group_id` (a group message).
+    init(k: Int, to field: String, id: UInt64, nonce: String, text: String, frame: Bool) {
         let placeholder = "wb \(k) " + String(repeating: "0", count: 20)
         let message: [String: Any] = [
-            "receiver_id": receiverID, "message_type": "text", "content": "\(placeholder) \(text)", "client_msg_id": "p\(k).\(nonce)",
+            field: id, "message_type": "text", "content": "\(placeholder) \(text)", "client_msg_id": "p\(k).\(nonce)",
         ]
         var json = Array((try? JSONSerialization.data(withJSONObject: message)) ?? Data())
         if frame { json = Array(#"{"type":"send","request_id":"\#(k)","message":"#.utf8) + json + Array("}".utf8) }

@@ -79,7 +79,7 @@ struct StatusCmd: AsyncParsableCommand {
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Benchmarks. They print figures; record them in Docs/benchmarks.md.",
-        subcommands: [BenchStore.self, BenchLog.self, BenchChat.self, BenchPush.self, BenchFailover.self, BenchRestart.self, BenchStateRestart.self])
+        subcommands: [BenchStore.self, BenchLog.self, BenchChat.self, BenchPush.self, BenchGroups.self, BenchFailover.self, BenchRestart.self, BenchStateRestart.self])
 }
 
 struct BenchStore: ParsableCommand {
@@ -313,6 +313,87 @@ struct BenchPush: AsyncParsableCommand {
         guard let config else { throw ValidationError("--config is required") }
         var bench = try ClusterBench(configPath: config, executable: URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path)
         try await bench.runPush(o) {
+            print($0)
+            fflush(nil)
+        }
+    }
+}
+
+struct BenchGroups: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "groups",
+        abstract: "Start the cluster of a config file, create groups, connect every member over /api/v1/ws; print fan-out pushes/s and send → last-member push latency per group size.",
+        discussion: """
+            Per size of --sizes: that many users, all contacts of the first, in one group, one device each on random nodes; --senders members \
+            send --rate group messages/s (open loop) for --seconds. The config needs bcrypt_cost = 4, [messaging] group_members_max >= the \
+            largest size, actions_per_minute above it and sends_per_minute at least one sender's messages (the bench says) (Docs/benchmarks.md).
+            """)
+
+    @Option(help: "Cluster configuration file (TOML); its nodes are started as child processes.")
+    var config: String?
+
+    @Option(help: "Group sizes (members, creator included), comma-separated, one phase each.")
+    var sizes: String = "50,500,2000"
+
+    @Option(help: "Group messages per second, all senders together (open loop).")
+    var rate: Double = 10
+
+    @Option(help: "Seconds of sending per group.")
+    var seconds: Double = 20
+
+    @Option(help: "Members that send (spread over the group).")
+    var senders: Int = 4
+
+    @Option(help: "Seconds after the last send by which every acknowledged message must have reached every member (else it is lost).")
+    var pushTimeout: Double = 10
+
+    @Option(help: "Devices being connected at a time.")
+    var connectConcurrency: Int = 64
+
+    @Option(help: "Also write the result as JSON to this file.")
+    var jsonOut: String?
+
+    @Option(help: "Also write a self-contained HTML report to this file.")
+    var htmlOut: String?
+
+    @Option(help: "Only write --html-out from the JSON result of an earlier run (no cluster is started).")
+    var reportFrom: String?
+
+    func sizeList() throws -> [Int] {
+        let list = sizes.split(separator: ",").map { Int($0.trimmingCharacters(in: .whitespaces)) }
+        guard !list.isEmpty, list.allSatisfy({ ($0 ?? 0) >= 2 && ($0 ?? 0) <= 10_000 }) else {
+            throw ValidationError("--sizes: group sizes 2...10000 separated by commas")
+        }
+        return list.compactMap { $0 }
+    }
+
+    func validate() throws {
+        _ = try sizeList()
+        guard rate > 0, seconds > 0, senders >= 1, pushTimeout > 0, connectConcurrency >= 1 else {
+            throw ValidationError("--rate, --seconds, --senders, --push-timeout and --connect-concurrency must be positive")
+        }
+        if reportFrom != nil && htmlOut == nil { throw ValidationError("--report-from needs --html-out") }
+        if reportFrom == nil && config == nil { throw ValidationError("--config is required (or --report-from)") }
+    }
+
+    func run() async throws {
+        if let reportFrom, let htmlOut {
+            try Data(BenchReport.groupsHTML(fromJSON: reportFrom).utf8).write(to: URL(fileURLWithPath: htmlOut))
+            print("report written to \(htmlOut)")
+            return
+        }
+        var o = ClusterBench.GroupOptions()
+        o.sizes = try sizeList()
+        o.rate = rate
+        o.seconds = seconds
+        o.senders = senders
+        o.pushTimeout = pushTimeout
+        o.connectConcurrency = connectConcurrency
+        o.jsonOut = jsonOut
+        o.htmlOut = htmlOut
+        guard let config else { throw ValidationError("--config is required") }
+        var bench = try ClusterBench(configPath: config, executable: URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path)
+        try await bench.runGroups(o) {
             print($0)
             fflush(nil)
         }
