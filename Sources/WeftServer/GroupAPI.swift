@@ -87,6 +87,8 @@ extension MessagingAPI {
         let me = try await authenticate(request)
         try Self.onlyQuery(request, [])
         let g = try Self.groupParameter(context)
+        // A member list with names costs a read per member shown: counted like a history page.
+        try await RateLimiter.take(.history, user: me.id, perMinute: node.config.messaging.historyReadsPerMinute, through: node)
         let (group, _, _) = try await memberGroup(g, me: me.id)
         return try HTTPAPI.json(await groupBody(g, group, members: true))
     }
@@ -100,6 +102,8 @@ extension MessagingAPI {
         let me = try await authenticate(request)
         try Self.onlyQuery(request, ["limit"])
         let limit = try Self.limit(request.uri.queryParameters.get("limit"))
+        // One group read per group listed: counted like a history page.
+        try await RateLimiter.take(.history, user: me.id, perMinute: node.config.messaging.historyReadsPerMinute, through: node)
         let peers = try await asked(Ids.homeShard(me.id, shards: shards), .peers(me.id), at: .linearizable).peers
         let mine = peers.filter { Ids.isGroupID($0.key) && $0.value.relation == .contact }
             .sorted { ($0.value.lastMicros, $0.key) > ($1.value.lastMicros, $1.key) }.prefix(limit)
