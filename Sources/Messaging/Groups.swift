@@ -465,12 +465,7 @@ extension Group {
             w.i64(m.joinedMicros)
         }
         w.u64(lastSeq)
-        w.u32(UInt32(recent.count))
-        for m in recent {
-            w.u64(m.seq)
-            w.u64(m.sender)
-            w.i64(m.micros)
-        }
+        w.recent(recent)
         w.seqs(recalled)
         w.seqs(void)
     }
@@ -487,12 +482,9 @@ extension Group {
             guard let u = r.u64(), let role = r.u8().flatMap(GroupRole.init(rawValue:)), let seq = r.u64(), let micros = r.i64() else { return nil }
             g.members[u] = GroupMember(role: role, joinedSeq: seq, joinedMicros: micros)
         }
-        guard let last = r.u64(), let rn = r.count(each: 24) else { return nil }
+        guard let last = r.u64(), let recent = r.recent() else { return nil }
         g.lastSeq = last
-        for _ in 0..<rn {
-            guard let seq = r.u64(), let sender = r.u64(), let micros = r.i64() else { return nil }
-            g.recent.append(Pair.RecentMessage(seq: seq, sender: sender, micros: micros))
-        }
+        g.recent = recent
         guard let recalled = r.seqs(), let void = r.seqs() else { return nil }
         g.recalled = recalled
         g.void = void

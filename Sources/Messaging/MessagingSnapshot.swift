@@ -198,6 +198,29 @@ extension Writer {
         u32(UInt32(a.count))
         for v in a { u64(v) }
     }
+
+    /// Messages of the recall window (pairs and groups): u32 n × (u64 seq | u64 sender | i64 micros).
+    mutating func recent(_ a: [Pair.RecentMessage]) {
+        u32(UInt32(a.count))
+        for m in a {
+            u64(m.seq)
+            u64(m.sender)
+            i64(m.micros)
+        }
+    }
+}
+
+extension Reader {
+    mutating func recent() -> [Pair.RecentMessage]? {
+        guard let n = count(each: 24) else { return nil }
+        var out: [Pair.RecentMessage] = []
+        out.reserveCapacity(n)
+        for _ in 0..<n {
+            guard let seq = u64(), let sender = u64(), let micros = i64() else { return nil }
+            out.append(Pair.RecentMessage(seq: seq, sender: sender, micros: micros))
+        }
+        return out
+    }
 }
 
 extension Pair {
@@ -207,19 +230,14 @@ extension Pair {
         w.u8(blockedByLo ? 1 : 0)
         w.u8(blockedByHi ? 1 : 0)
         w.u64(lastSeq)
-        w.u32(UInt32(recent.count))
-        for m in recent {
-            w.u64(m.seq)
-            w.u64(m.sender)
-            w.i64(m.micros)
-        }
+        w.recent(recent)
         w.seqs(recalled)
         w.seqs(void)
     }
 
     static func take(_ r: inout Reader) -> Pair? {
         guard let rel = r.u8().flatMap(Relation.init(rawValue:)), let note = r.text(), let lo = r.flag(), let hi = r.flag(), let last = r.u64(),
-            let n = r.count(each: 24)
+            let recent = r.recent()
         else { return nil }
         var p = Pair()
         p.relation = rel
@@ -227,10 +245,7 @@ extension Pair {
         p.blockedByLo = lo
         p.blockedByHi = hi
         p.lastSeq = last
-        for _ in 0..<n {
-            guard let seq = r.u64(), let sender = r.u64(), let micros = r.i64() else { return nil }
-            p.recent.append(RecentMessage(seq: seq, sender: sender, micros: micros))
-        }
+        p.recent = recent
         guard let recalled = r.seqs(), let void = r.seqs() else { return nil }
         p.recalled = recalled
         p.void = void
