@@ -10,7 +10,14 @@ public enum InboxRelay {
         public var payload: [UInt8]
     }
 
-    public static func derive(_ r: Record, source: ShardID, shards: Int) -> [Derived] {
+    /// `only`: just the entries for that shard (a relay lane's part: a group's fan-out is built once per
+    /// lane for its own members, not whole for every lane).
+    public static func derive(_ r: Record, source: ShardID, shards: Int, only: ShardID? = nil) -> [Derived] {
+        let all = deriveAll(r, source: source, shards: shards, only: only)
+        return only.map { d in all.filter { $0.shard == d } } ?? all
+    }
+
+    static func deriveAll(_ r: Record, source: ShardID, shards: Int, only: ShardID?) -> [Derived] {
         guard r.type == .messaging, let op = MessagingOp.decode(r.payload), op.stream == r.stream else { return [] }
         func to(_ user: UInt64, _ e: InboxEvent) -> Derived {
             let op = MessagingOp.inbox(user: user, e)
@@ -35,19 +42,21 @@ public enum InboxRelay {
             // Only the blocker's devices learn of it.
             return [to(by, .blocked(peer: other, on: on))]
         case .group(let g):
-            // Every member the record names (apply checked them against the group's order).
+            // Every member the record names (apply checked them against the group's order); with
+            // `only`, those homed on that shard.
+            let recipients = only.map { d in g.recipients.filter { Ids.homeShard($0, shards: shards) == d } } ?? g.recipients
             switch g.action {
             case .message(_, _, _, _, _, let mentions, let all):
                 let id = Ids.messageID(shard: source, index: r.index)
-                return g.recipients.map { u in
+                return recipients.map { u in
                     let m: Mention = all ? .all : (mentions.contains(u) ? .me : .none)
                     return to(u, .groupMessage(group: g.group, seq: r.seq, sender: g.by, messageID: id, mention: m))
                 }
             case .recall(let seq, let id):
-                return g.recipients.map { to($0, .groupRecall(group: g.group, seq: seq, by: g.by, messageID: id)) }
+                return recipients.map { to($0, .groupRecall(group: g.group, seq: seq, by: g.by, messageID: id)) }
             default:
                 guard let change = GroupChange(g.action) else { return [] }
-                return g.recipients.map { to($0, .groupChange(group: g.group, seq: r.seq, by: g.by, change)) }
+                return recipients.map { to($0, .groupChange(group: g.group, seq: r.seq, by: g.by, change)) }
             }
         case .register, .profile, .revokeTokens, .totp, .inbox, .readMark, .pushPreview, .delivered, .notified:
             return []

@@ -7,6 +7,15 @@ import WeftCore
 /// shards (an inbox pointer per recipient, a fan-out batch). Deterministic, from the record alone.
 public protocol RelayRule: Sendable {
     func derive(_ record: Record, source: ShardID) -> [(destination: ShardID, proposal: Proposal)]
+    /// What goes to `destination` only: what a lane needs. The default filters `derive`; a rule whose
+    /// records fan out wide (a group message to every member) builds just that part.
+    func derive(_ record: Record, source: ShardID, for destination: ShardID) -> [(destination: ShardID, proposal: Proposal)]
+}
+
+extension RelayRule {
+    public func derive(_ record: Record, source: ShardID, for destination: ShardID) -> [(destination: ShardID, proposal: Proposal)] {
+        derive(record, source: source).filter { $0.destination == destination }
+    }
 }
 
 /// Runs a source shard's relays on its leader (Docs/state.md, "Relays"): one lane per destination shard,
@@ -205,7 +214,7 @@ public final class RelayRunner: @unchecked Sendable {
         var bytes = 0
         for r in batch.records {
             // A record apply rejected changed nothing: it causes nothing elsewhere either.
-            let mine = tail.wasRejected(r.index) ? [] : rule.derive(r, source: source).filter { $0.destination == d }
+            let mine = tail.wasRejected(r.index) ? [] : rule.derive(r, source: source, for: d)
             let more = mine.reduce(0) { $0 + $1.proposal.payload.count }
             if !proposals.isEmpty && (proposals.count + mine.count > Self.batchRecordsMax || bytes + more > Self.batchBytesMax) {
                 // Full: this source record starts the next batch (the subscription is repositioned).

@@ -13,12 +13,21 @@ struct WeftRelayRule: RelayRule {
     let fanout = FanoutRule()
 
     func derive(_ record: Record, source: ShardID) -> [(destination: ShardID, proposal: Proposal)] {
+        derive(record, source: source, only: nil)
+    }
+
+    func derive(_ record: Record, source: ShardID, for destination: ShardID) -> [(destination: ShardID, proposal: Proposal)] {
+        derive(record, source: source, only: destination)
+    }
+
+    func derive(_ record: Record, source: ShardID, only: ShardID?) -> [(destination: ShardID, proposal: Proposal)] {
         if record.type == .messaging {
-            return InboxRelay.derive(record, source: source, shards: shards).map {
+            return InboxRelay.derive(record, source: source, shards: shards, only: only).map {
                 ($0.shard, Proposal(stream: $0.stream, type: .messaging, timestampMicros: record.timestampMicros, payload: $0.payload))
             }
         }
-        return fanout.derive(record, source: source)
+        let all = fanout.derive(record, source: source)
+        return only.map { d in all.filter { $0.destination == d } } ?? all
     }
 }
 

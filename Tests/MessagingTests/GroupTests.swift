@@ -197,6 +197,12 @@ import WeftCore
         #expect(InboxRelay.derive(all, source: ShardID(2), shards: shards).allSatisfy {
             if case .inbox(_, .groupMessage(_, _, _, _, .all))? = MessagingOp.decode($0.payload) { true } else { false }
         })
+        // A relay lane builds only its shard's part: the same entries as the whole fan-out's share.
+        for d in 0..<UInt64(shards) {
+            let part = InboxRelay.derive(r, source: ShardID(2), shards: shards, only: ShardID(d))
+            #expect(part == derived.filter { $0.shard == ShardID(d) } && part.allSatisfy { $0.shard == ShardID(d) }, "shard \(d)")
+        }
+        #expect((0..<UInt64(shards)).reduce(0) { $0 + InboxRelay.derive(r, source: ShardID(2), shards: shards, only: ShardID($1)).count } == 5)
         // A removal reaches the removed member too.
         let removal = log.next(Self.op(7, .remove(user: 12), [7, 9, 12]))
         let users = InboxRelay.derive(removal, source: ShardID(2), shards: shards).compactMap { d -> UInt64? in
