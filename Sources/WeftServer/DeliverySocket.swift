@@ -433,16 +433,8 @@ enum DeliverySocket {
     /// Records as session events: every record keeps its seq; the body is the event JSON (sync's shape,
     /// with `"type":"event"` around it) or empty for a record that is no event.
     static func events(_ records: [Record], api: MessagingAPI, me: UInt64) async -> [Session.Event] {
-        let enc = JSONEncoder()
-        enc.outputFormatting = [.sortedKeys]
-        return await api.events(records, me: me, shared: true).map { seq, body in
-            guard let body, let data = try? enc.encode(PushFrame(event: body)) else { return Session.Event(seq: seq, body: []) }
-            return Session.Event(seq: seq, body: Array(data))
+        await api.events(records, me: me, shared: true).map { seq, body in
+            Session.Event(seq: seq, body: body?.pushFrame ?? [])
         }
-    }
-
-    struct PushFrame: Encodable {
-        var type = "event"
-        var event: MessagingAPI.EventBody
     }
 }

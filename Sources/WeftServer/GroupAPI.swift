@@ -416,17 +416,34 @@ extension MessagingAPI {
 /// Rendered message bodies for a short while (1 s, at most 4 096), shared by the sessions of one node.
 /// A body cached just before its recall can reach a device within that second; the `group_recall` event
 /// follows it in the same inbox, and history and sync pages (linearizable) never use the cache.
+///
+/// One fetch per body: a group message reaches all of a node's member sessions at once, and each used to
+/// miss the cache, read the group and the record (500 members: a 500-id record decoded by every session,
+/// 4 % of the servers' CPU). The first asker fetches; the others wait for its answer.
 final class RecentBodies: @unchecked Sendable {
     private let lock = NSLock()
     private var entries: [UInt64: (body: MessagingAPI.MessageBody, at: ContinuousClock.Instant)] = [:]
+    private var fetching: [UInt64: Task<MessagingAPI.MessageBody?, Never>] = [:]
     static let ttl: Duration = .seconds(1)
     static let countMax = 4096
 
-    func get(_ id: UInt64) -> MessagingAPI.MessageBody? {
-        lock.withLock {
-            guard let e = entries[id], ContinuousClock.now - e.at < Self.ttl else { return nil }
-            return e.body
+    /// The cached body, or the one `fetch` gives (run once however many ask at the same time; a nil
+    /// answer is not kept).
+    func get(_ id: UInt64, fetch: @escaping @Sendable () async -> MessagingAPI.MessageBody?) async -> MessagingAPI.MessageBody? {
+        let (hit, task): (MessagingAPI.MessageBody?, Task<MessagingAPI.MessageBody?, Never>?) = lock.withLock {
+            if let e = entries[id], ContinuousClock.now - e.at < Self.ttl { return (e.body, nil) }
+            if let t = fetching[id] { return (nil, t) }
+            let t = Task {
+                let body = await fetch()
+                self.lock.withLock { self.fetching[id] = nil }
+                if let body { self.put(id, body) }
+                return body
+            }
+            fetching[id] = t
+            return (nil, t)
         }
+        if let hit { return hit }
+        return await task?.value
     }
 
     func put(_ id: UInt64, _ body: MessagingAPI.MessageBody) {

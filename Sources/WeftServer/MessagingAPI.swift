@@ -675,8 +675,14 @@ struct MessagingAPI: Sendable {
                     e = EventBody(
                         cursor: "\(r.seq)", type: "group_message", created_at: at, peer_id: sender, conversation_id: Ids.groupConversationID(g), message_id: id,
                         seq: seq, from_me: sender == me, group_id: g, mention: mention == .none ? nil : (mention == .me ? "me" : "all"))
-                    if bodies, shared, let cached = groupBodies.get(id) {
-                        e.message = cached
+                    if bodies, shared, let (shard, index) = Ids.parseMessageID(id, shards: shards) {
+                        // The node's sessions share one fetch and one rendering per message.
+                        e.message = await groupBodies.get(id) {
+                            guard let group = (try? await self.asked(shard, .groupSummary(g), at: .atLeast(index)))?.group else { return nil }
+                            let read = await self.node.readAnywhere(shard: shard, .log(from: index, limit: 1), consistency: .atLeast(index))
+                            guard case .success(let rr) = read, let mr = rr.records.first, mr.index == index else { return nil }
+                            return Self.groupMessage(mr, shard: shard, recalled: group.isRecalled(seq))
+                        }
                     } else if bodies, let (shard, index) = Ids.parseMessageID(id, shards: shards) {
                         var group: Group?
                         if let cached = groupCache[g] {
@@ -688,7 +694,6 @@ struct MessagingAPI: Sendable {
                         let read = await node.readAnywhere(shard: shard, .log(from: index, limit: 1), consistency: .atLeast(index))
                         if case .success(let rr) = read, let mr = rr.records.first, mr.index == index, let group {
                             e.message = Self.groupMessage(mr, shard: shard, recalled: group.isRecalled(seq))
-                            if shared, let m = e.message { groupBodies.put(id, m) }
                         }
                     }
                 case .groupRecall(let g, let seq, let by, let id):
@@ -1020,7 +1025,7 @@ struct MessagingAPI: Sendable {
         d.formatted(.iso8601.year().month().day().dateSeparator(.dash).time(includingFractionalSeconds: true).timeSeparator(.colon).timeZone(separator: .omitted))
     }
 
-    static func iso(micros: Int64) -> String { iso(Date(timeIntervalSince1970: Double(micros) / 1_000_000)) }
+    static func iso(micros: Int64) -> String { ISOTime.string(micros: micros) }
 }
 
 /// TOTP codes (RFC 6238: 6 digits, 30 s, SHA-1, as authenticator apps do), one step of clock skew either way.
