@@ -1,7 +1,7 @@
 import ClusterConfig
 import Foundation
 import Hummingbird
-import HummingbirdWebSocket
+import HummingbirdCore
 import Logging
 import Metrics
 import NIOCore
@@ -37,25 +37,7 @@ public enum Serve {
         let messaging = MessagingAPI(node: weftNode, auth: await UserAuth(config: config))
         let app = Application(
             router: HTTPAPI.router(node: weftNode, registry: registry, api: messaging),
-            server: .http1WebSocketUpgrade(
-                configuration: .init(ws: .init(maxFrameSize: AppendStream.frameBytesMax, autoPing: .enabled(timePeriod: .seconds(30))))
-            ) { request, channel, logger in
-                // The delivery socket upgrades for anyone (the session's first frame authenticates).
-                if request.path?.split(separator: "?").first.map(String.init) == DeliverySocket.path {
-                    return .upgrade([:]) { inbound, outbound, _ in
-                        await DeliverySocket.serve(inbound, outbound, channel: channel, api: messaging, tier: weftNode.delivery, logger: logger)
-                    }
-                }
-                // The append stream upgrades only with the operator token; anything else goes on to the
-                // router (which answers 401 or 400 as JSON).
-                guard request.path?.split(separator: "?").first.map(String.init) == AppendStream.path,
-                    let header = request.headerFields[.authorization], header.hasPrefix("Bearer "),
-                    OperatorAuthMiddleware<BasicRequestContext>.constantTimeEqual(Array(header.utf8.dropFirst(7)), token)
-                else { return .dontUpgrade }
-                return .upgrade([:]) { inbound, outbound, _ in
-                    try await AppendStream.serve(inbound, outbound, node: weftNode, logger: logger)
-                }
-            },
+            server: HTTPServerBuilder { responder in APIChannel(responder: responder, node: weftNode, api: messaging, operatorToken: token) },
             configuration: .init(address: .hostname(me.apiAddress.host, port: me.apiAddress.port), serverName: "weft"),
             logger: logger)
         let group = ServiceGroup(
@@ -78,6 +60,8 @@ struct NodeService: Service {
     func run() async throws {
         try await node.start()
         try? await gracefulShutdown()
+        // Device sessions are no tasks of the HTTP server: told here (close code 4000, resume elsewhere).
+        node.delivery.hub.closeAll()
         await node.stop()
     }
 }

@@ -1,0 +1,381 @@
+import Delivery
+import Foundation
+import Messaging
+import NIOCore
+import NIOWebSocket
+import WeftCore
+
+/// One device's session on its connection's event loop (Docs/delivery.md, "Sessions without tasks"):
+/// WebSocket frames, hub events, ticks and the answers of asynchronous work all arrive here, on the loop,
+/// and go into `Delivery.Session`; its actions come out as frames.
+///
+/// An idle session owns no Swift task: only this handler, its `Session` and the channel. Work that
+/// must wait (checking the token, reading an inbox page, rendering events whose bodies are reads, a send's
+/// commit, the pair check of typing) runs in a short-lived task whose answer comes back with
+/// `eventLoop.execute`. One such piece of work at a time per session (`busy`): inputs that arrive
+/// meanwhile wait in `pending`, in order, so the session sees its inputs in the order they came. Sends are
+/// the exception (a commit takes milliseconds; pushes go on meanwhile): each answer comes back as an
+/// input of its own.
+final class DeliveryHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = WebSocketFrame
+    typealias OutboundOut = WebSocketFrame
+    typealias Input = DeliverySocket.Input
+
+    /// What asynchronous work answers.
+    enum Done: Sendable {
+        case auth(token: String, user: UInt64?, failure: String?, unavailable: Bool)
+        case page([Session.Event]?, complete: Bool)
+        case rendered([Session.Event])
+        case typingChecked(to: UInt64, ok: Bool, at: Int64)
+    }
+
+    let api: MessagingAPI
+    let tier: DeliveryTier
+    let loop: any EventLoop
+    var context: ChannelHandlerContext?
+    var session: Session
+    var registration: (user: UInt64, id: UInt64)?
+    var tickID: UInt64?
+    var bearer: String?
+    var typingSent: Int64 = 0
+    var sendsInFlight = 0
+    var typingAllowed: [UInt64: (ok: Bool, at: Int64)] = [:]
+    var polling: Task<Void, Never>?
+    /// Asynchronous work is under way; `rest` are the session's actions after it.
+    var busy = false
+    var rest: [Session.Action] = []
+    var pending: [Input] = []
+    /// The close frame is written (or the connection is gone): nothing else is.
+    var closing = false
+    var gone = false
+
+    init(api: MessagingAPI, tier: DeliveryTier, loop: any EventLoop) {
+        self.api = api
+        self.tier = tier
+        self.loop = loop
+        session = Session(limits: tier.limits, nowMillis: Self.now())
+    }
+
+    static func now() -> Int64 { Int64(Date().timeIntervalSince1970 * 1000) }
+
+    var bound: NIOLoopBound<DeliveryHandler> { NIOLoopBound(self, eventLoop: loop) }
+
+    // MARK: Channel events
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+        let me = bound
+        tickID = tier.ticker.register(on: loop) { me.value.input(.tick) }
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let frame = unwrapInboundIn(data)
+        switch frame.opcode {
+        case .text:
+            // One unfragmented frame bypasses the aggregator's size limit.
+            guard frame.length <= DeliverySocket.frameBytesMax else {
+                return closeSession(1009, "a frame is at most \(DeliverySocket.frameBytesMax) bytes")
+            }
+            let text = String(buffer: frame.unmaskedData)
+            input(DeliverySocket.parse(text))
+        case .binary:
+            input(.malformed("frames are JSON text"))
+        case .ping:
+            // A protocol ping keeps the session alive like a `ping` frame; answered at once.
+            _ = session.received(.ping, nowMillis: Self.now())
+            guard !closing else { return }
+            context.writeAndFlush(wrapOutboundOut(WebSocketFrame(fin: true, opcode: .pong, data: frame.unmaskedData)), promise: nil)
+        case .connectionClose:
+            // The client closes: answer its close at once, then the connection goes.
+            if !closing {
+                closing = true
+                var data = context.channel.allocator.buffer(capacity: 2)
+                data.write(webSocketErrorCode: .normalClosure)
+                context.writeAndFlush(wrapOutboundOut(WebSocketFrame(fin: true, opcode: .connectionClose, data: data)), promise: nil)
+            }
+            context.close(promise: nil)
+        default:
+            break
+        }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        if error is NIOWebSocketFrameAggregator.Error {
+            closeSession(1009, "a frame is at most \(DeliverySocket.frameBytesMax) bytes")
+        } else {
+            context.close(promise: nil)
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        gone = true
+        closing = true
+        polling?.cancel()
+        polling = nil
+        if let tickID { tier.ticker.unregister(tickID, on: loop) }
+        tickID = nil
+        if let (u, id) = registration, tier.hub.unregister(user: u, id: id) { tier.announce([u], on: false) }
+        registration = nil
+        pending = []
+        self.context = nil
+        context.fireChannelInactive()
+    }
+
+    // MARK: Inputs
+
+    /// Everything that happens to the session comes through here, on the loop.
+    func input(_ i: Input) {
+        guard !gone, !closing else { return }
+        if case .written(let n) = i {
+            // Writes are counted at once, whatever the session is waiting for.
+            return perform(session.written(n, nowMillis: Self.now()))
+        }
+        if busy {
+            pending.append(i)
+            if pending.count > DeliverySocket.pendingMax {
+                pending = []
+                closeSession(Session.Close.resume.rawValue, "the session fell behind: resume from your cursor")
+            }
+            return
+        }
+        handle(i)
+    }
+
+    func handle(_ i: Input) {
+        guard !closing else { return }
+        let now = Self.now()
+        switch i {
+        case .frame(let f): perform(session.received(f, nowMillis: now))
+        case .malformed(let why): perform(session.close(.protocolError, why))
+        case .hub(.records(let records)):
+            guard let u = session.user else { return }
+            // Only what the session has not pushed is worth rendering (message bodies are reads).
+            let fresh = records.filter { $0.seq > session.delivered }
+            guard !fresh.isEmpty else { return }
+            let api = self.api
+            suspend { .rendered(await DeliverySocket.events(fresh, api: api, me: u)) }
+        case .hub(.typing(let from)):
+            guard let u = session.user, case .live = session.state else { return }
+            write(#"{"type":"typing","from":\#(from),"conversation_id":"\#(Ids.conversationID(u, from))"}"#)
+            perform(session.queued(1))
+        case .hub(.shutdown):
+            perform(session.close(.resume, "the node is shutting down: resume from your cursor on another node"))
+        case .written: break
+        case .tick: perform(session.tick(nowMillis: now))
+        case .write(let text):
+            sendsInFlight -= 1
+            write(text)
+            perform(session.queued(1))
+        case .typing(let to):
+            guard let u = session.user, case .live = session.state else {
+                return perform(session.close(.protocolError, "typing after auth and resume"))
+            }
+            _ = session.received(.ping, nowMillis: now)
+            guard now - typingSent >= DeliverySocket.typingEveryMillis, to != u, Ids.isUserID(to) else { return }
+            typingSent = now
+            // Only to a contact who has not blocked either way (checked once a minute per peer).
+            if let known = typingAllowed[to], now - known.at < DeliverySocket.typingCheckMillis {
+                if known.ok { tier.sendTyping(from: u, to: to) }
+                return
+            }
+            let node = api.node
+            suspend {
+                if case .success(let a?) = await node.ask(Ids.pairShard(u, to, shards: node.config.shards), .pair(u, to), at: .local),
+                    let p = a.pair, p.relation == .contacts, !p.isBlocked()
+                {
+                    return .typingChecked(to: to, ok: true, at: now)
+                }
+                return .typingChecked(to: to, ok: false, at: now)
+            }
+        case .send(let requestID, let message):
+            guard session.user != nil, let token = bearer else {
+                return perform(session.close(.protocolError, "send after auth and resume"))
+            }
+            guard sendsInFlight < DeliverySocket.sendsInFlightMax else {
+                write(
+                    #"{"type":"error","request_id":\#(DeliverySocket.jsonString(requestID)),"code":"too_many_requests","message":"at most \#(DeliverySocket.sendsInFlightMax) sends in flight per session"}"#
+                )
+                return perform(session.queued(1))
+            }
+            // Its own task: a send waits for a commit, pushes go on meanwhile; the answer comes back as an input.
+            sendsInFlight += 1
+            let (api, me) = (self.api, bound)
+            Task {
+                let answer = await DeliverySocket.sendAnswer(requestID: requestID, message: message, token: token, api: api)
+                me.eventLoop.execute { me.value.input(.write(answer)) }
+            }
+        }
+    }
+
+    /// Runs `work` in a task; the session waits (inputs queue up) until its answer is back on the loop.
+    func suspend(_ work: @escaping @Sendable () async -> Done) {
+        busy = true
+        let me = bound
+        Task {
+            let done = await work()
+            me.eventLoop.execute { me.value.resume(done) }
+        }
+    }
+
+    func resume(_ done: Done) {
+        guard !gone else { return }
+        busy = false
+        var actions: [Session.Action]
+        switch done {
+        case .auth(let token, let user, let failure, let unavailable):
+            if let user {
+                bearer = token
+                actions = session.authenticated(user: user)
+            } else if unavailable {
+                // The token could not be checked now (its user's shard is unreachable): not a reason to
+                // log the user out; the client tries again.
+                actions = session.close(.resume, "the token cannot be checked now: reconnect and resume")
+            } else {
+                actions = session.authFailed(failure ?? "unauthorized")
+            }
+        case .page(let events, let complete):
+            if let events {
+                actions = session.page(events, complete: complete)
+            } else {
+                actions = session.close(.resume, "the inbox cannot be read now: resume from your cursor")
+            }
+        case .rendered(let events):
+            actions = session.live(events)
+        case .typingChecked(let to, let ok, let at):
+            if typingAllowed.count > 1024 { typingAllowed = [:] }
+            typingAllowed[to] = (ok, at)
+            if ok, let u = session.user { tier.sendTyping(from: u, to: to) }
+            actions = []
+        }
+        let after = rest
+        rest = []
+        perform(actions + after)
+        // What waited, in order, until the next piece of asynchronous work.
+        while !busy, !pending.isEmpty, !gone {
+            let next = pending.removeFirst()
+            handle(next)
+        }
+    }
+
+    // MARK: Actions
+
+    func perform(_ actions: [Session.Action]) {
+        var k = 0
+        while k < actions.count {
+            let a = actions[k]
+            k += 1
+            switch a {
+            case .authenticate(let token):
+                rest = Array(actions[k...])
+                let api = self.api
+                return suspend {
+                    do {
+                        let account = try await api.account(bearer: token)
+                        return .auth(token: token, user: account.id, failure: nil, unavailable: false)
+                    } catch let e as APIError where e.status == .unauthorized {
+                        return .auth(token: token, user: nil, failure: e.message, unavailable: false)
+                    } catch {
+                        return .auth(token: token, user: nil, failure: nil, unavailable: true)
+                    }
+                }
+            case .subscribe(let u):
+                let me = bound
+                guard let (id, first) = tier.hub.register(user: u, { event in me.eventLoop.execute { me.value.input(.hub(event)) } }) else {
+                    perform(session.close(.tooMany, "too many sessions for this user (\(InboxHub.sessionsPerUserMax)) or this node"))
+                    return
+                }
+                registration = (u, id)
+                if first { tier.announce([u], on: true) }
+                let node = api.node
+                if node.runner(Ids.homeShard(u, shards: node.config.shards)) == nil {
+                    // No replica of the home shard here: poll the inbox (the session drops repeats); the
+                    // hub still brings typing.
+                    let from = session.delivered
+                    polling = Task {
+                        var next: StreamSeq = from
+                        while !Task.isCancelled {
+                            try? await Task.sleep(for: .milliseconds(250))
+                            let r = await node.readAnywhere(
+                                shard: Ids.homeShard(u, shards: node.config.shards), .stream(Ids.inbox(u), fromSeq: next &+ 1, limit: 100),
+                                consistency: .linearizable)
+                            if case .success(let rr) = r, let last = rr.records.last {
+                                next = last.seq
+                                me.eventLoop.execute { me.value.input(.hub(.records(rr.records))) }
+                            }
+                        }
+                    }
+                }
+            case .readInbox(let u, let from, let limit):
+                rest = Array(actions[k...])
+                let api = self.api
+                return suspend {
+                    let node = api.node
+                    let r = await node.readAnywhere(
+                        shard: Ids.homeShard(u, shards: node.config.shards), .stream(Ids.inbox(u), fromSeq: from, limit: limit), consistency: .linearizable)
+                    guard case .success(let rr) = r else { return .page(nil, complete: false) }
+                    // A page of fewer records than asked is the inbox's end.
+                    return .page(await DeliverySocket.events(rr.records, api: api, me: u), complete: rr.records.count < limit)
+                }
+            case .push(let events):
+                // Every event counts (the session counts them all); records that are no event go empty.
+                let bodies = events.filter { !$0.body.isEmpty }
+                writeEvents(bodies)
+                let skipped = events.count - bodies.count
+                if skipped > 0 { perform(session.written(skipped, nowMillis: Self.now())) }
+            case .reply(let reply):
+                write(DeliverySocket.text(reply))
+                perform(session.queued(1))
+            case .acknowledged(let u, let cursor):
+                tier.acks.note(user: u, cursor: cursor)
+            case .close(let code, let why):
+                closeSession(code.rawValue, why)
+                return
+            }
+        }
+    }
+
+    // MARK: Writing
+
+    /// Writes frames; `written` reports them once the socket took the last.
+    func writeEvents(_ events: [Session.Event]) {
+        guard let context, !closing, !events.isEmpty else { return }
+        for (k, e) in events.enumerated() {
+            var buffer = context.channel.allocator.buffer(capacity: e.body.count)
+            buffer.writeBytes(e.body)
+            let frame = WebSocketFrame(fin: true, opcode: .text, data: buffer)
+            if k == events.count - 1 {
+                let promise = loop.makePromise(of: Void.self)
+                let (me, n) = (bound, events.count)
+                promise.futureResult.whenSuccess { me.value.input(.written(n)) }
+                context.write(wrapOutboundOut(frame), promise: promise)
+            } else {
+                context.write(wrapOutboundOut(frame), promise: nil)
+            }
+        }
+        context.flush()
+    }
+
+    func write(_ text: String) {
+        guard let context, !closing else { return }
+        var buffer = context.channel.allocator.buffer(capacity: text.utf8.count)
+        buffer.writeString(text)
+        let promise = loop.makePromise(of: Void.self)
+        let me = bound
+        promise.futureResult.whenSuccess { me.value.input(.written(1)) }
+        context.writeAndFlush(wrapOutboundOut(WebSocketFrame(fin: true, opcode: .text, data: buffer)), promise: promise)
+    }
+
+    /// Writes the close frame; the connection goes when the client answers it, or after the grace.
+    func closeSession(_ code: UInt16, _ why: String) {
+        guard let context, !closing else { return }
+        closing = true
+        pending = []
+        var data = context.channel.allocator.buffer(capacity: 2 + why.utf8.count)
+        data.write(webSocketErrorCode: .init(codeNumber: Int(code)))
+        // A close frame's payload is at most 125 bytes.
+        data.writeBytes(Array(why.utf8.prefix(123)))
+        context.writeAndFlush(wrapOutboundOut(WebSocketFrame(fin: true, opcode: .connectionClose, data: data)), promise: nil)
+        let channel = context.channel
+        channel.eventLoop.scheduleTask(in: DeliverySocket.closeGrace) { channel.close(promise: nil) }
+    }
+}
