@@ -157,7 +157,6 @@ final class DeliveryHandler: ChannelInboundHandler, RemovableChannelHandler {
         case .hub(.typing(let from)):
             guard let u = session.user, case .live = session.state else { return }
             write(#"{"type":"typing","from":\#(from),"conversation_id":"\#(Ids.conversationID(u, from))"}"#)
-            perform(session.queued(1))
         case .hub(.shutdown):
             perform(session.close(.resume, "the node is shutting down: resume from your cursor on another node"))
         case .written: break
@@ -165,7 +164,6 @@ final class DeliveryHandler: ChannelInboundHandler, RemovableChannelHandler {
         case .write(let text):
             sendsInFlight -= 1
             write(text)
-            perform(session.queued(1))
         case .typing(let to):
             guard let u = session.user, case .live = session.state else {
                 return perform(session.close(.protocolError, "typing after auth and resume"))
@@ -192,10 +190,9 @@ final class DeliveryHandler: ChannelInboundHandler, RemovableChannelHandler {
                 return perform(session.close(.protocolError, "send after auth and resume"))
             }
             guard sendsInFlight < DeliverySocket.sendsInFlightMax else {
-                write(
+                return write(
                     #"{"type":"error","request_id":\#(DeliverySocket.jsonString(requestID)),"code":"too_many_requests","message":"at most \#(DeliverySocket.sendsInFlightMax) sends in flight per session"}"#
                 )
-                return perform(session.queued(1))
             }
             // Its own task: a send waits for a commit, pushes go on meanwhile; the answer comes back as an input.
             sendsInFlight += 1
@@ -324,7 +321,6 @@ final class DeliveryHandler: ChannelInboundHandler, RemovableChannelHandler {
                 if skipped > 0 { perform(session.written(skipped, nowMillis: Self.now())) }
             case .reply(let reply):
                 write(DeliverySocket.text(reply))
-                perform(session.queued(1))
             case .acknowledged(let u, let cursor):
                 tier.acks.note(user: u, cursor: cursor)
             case .close(let code, let why):
@@ -355,8 +351,12 @@ final class DeliveryHandler: ChannelInboundHandler, RemovableChannelHandler {
         context.flush()
     }
 
+    /// Writes a frame that is no event; it counts against the session's queue like one. Counted before
+    /// the write: a write the socket takes at once reports `written` from inside `writeAndFlush`.
     func write(_ text: String) {
         guard let context, !closing else { return }
+        let counted = session.queued(1)
+        guard !counted.contains(where: { if case .close = $0 { true } else { false } }) else { return perform(counted) }
         var buffer = context.channel.allocator.buffer(capacity: text.utf8.count)
         buffer.writeString(text)
         let promise = loop.makePromise(of: Void.self)

@@ -224,6 +224,28 @@ extension Clusters {
             #expect(inbox?.count == 2)
         }
 
+        /// A session that reads everything is never taken for a stalled one: with `write_stall_ms` at its
+        /// least (1 s), sessions on every node hold still for 5 s after their ready and two pongs and stay
+        /// open (every frame written to them was counted as written, including those the socket took at
+        /// once).
+        @Test(.timeLimit(.minutes(3))) func aSessionThatReadsIsNotTakenForAStalledOne() async throws {
+            let c = try ClusterProcess(name: "wsidle", nodes: 3, shards: 2, tables: "[delivery]\nwrite_stall_ms = 1000")
+            try c.startAll()
+            defer { c.stopAll() }
+            for s in 0..<2 { _ = try #require(await c.leader(of: UInt64(s))) }
+            let (_, _, _, b) = try await Self.contacts(c)
+            let pings = [#"{"type":"ping"}"#, #"{"type":"ping"}"#]
+            async let one = session(c, node: 1, token: b, cursor: "0", seconds: 5, sendAfterReady: pings) { _ in false }
+            async let two = session(c, node: 2, token: b, cursor: "0", seconds: 5, sendAfterReady: pings) { _ in false }
+            async let three = session(c, node: 3, token: b, cursor: "0", seconds: 5, sendAfterReady: pings) { _ in false }
+            for frames in try await [one, two, three] {
+                #expect(frames.filter { $0["type"] as? String == "pong" }.count == 2, "\(frames)")
+                #expect(Self.cursors(frames) == [1, 2], "the request and the acceptance: \(frames)")
+                let closed = frames.last { $0["type"] as? String == "_closed" }
+                #expect(closed?["code"] as? Int == 1000, "closed by the client's own close, not by the server: \(String(describing: closed))")
+            }
+        }
+
         /// A consumer that stops reading while 1 200 large messages arrive is cut off (its queue limit
         /// is 16 events) instead of the server buffering for it, and resumes without loss.
         @Test(.timeLimit(.minutes(5))) func aSlowConsumerIsCutOffAndResumesWithoutLoss() async throws {
