@@ -152,6 +152,9 @@ final class DeliveryHandler: ChannelInboundHandler, RemovableChannelHandler {
             // Only what the session has not pushed is worth rendering (message bodies are reads).
             let fresh = records.filter { $0.seq > session.delivered }
             guard !fresh.isEmpty else { return }
+            // Rendered here when nothing needs a read (a group message whose body this node has);
+            // else in a task.
+            if let ready = api.cachedEvents(fresh, me: u) { return perform(session.live(DeliverySocket.frames(ready))) }
             let api = self.api
             suspend { .rendered(await DeliverySocket.events(fresh, api: api, me: u)) }
         case .hub(.typing(let from)):

@@ -223,8 +223,11 @@ enum DeliverySocket {
     /// Records as session events: every record keeps its seq; the body is the event JSON (sync's shape,
     /// with `"type":"event"` around it) or empty for a record that is no event.
     static func events(_ records: [Record], api: MessagingAPI, me: UInt64) async -> [Session.Event] {
-        await api.events(records, me: me, shared: true).map { seq, body in
-            Session.Event(seq: seq, body: body?.pushFrame ?? [])
-        }
+        frames(await api.events(records, me: me, shared: true))
+    }
+
+    /// Events as the session's frames (an empty body for a record that is no event).
+    static func frames(_ events: [(seq: StreamSeq, body: MessagingAPI.EventBody?)]) -> [Session.Event] {
+        events.map { Session.Event(seq: $0.seq, body: $0.body?.pushFrame ?? []) }
     }
 }

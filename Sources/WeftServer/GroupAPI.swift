@@ -427,6 +427,14 @@ final class RecentBodies: @unchecked Sendable {
     static let ttl: Duration = .seconds(1)
     static let countMax = 4096
 
+    /// The cached body, if any.
+    func cached(_ id: UInt64) -> MessagingAPI.MessageBody? {
+        lock.withLock {
+            guard let e = entries[id], ContinuousClock.now - e.at < Self.ttl else { return nil }
+            return e.body
+        }
+    }
+
     /// The cached body, or the one `fetch` gives (run once however many ask at the same time; a nil
     /// answer is not kept).
     func get(_ id: UInt64, fetch: @escaping @Sendable () async -> MessagingAPI.MessageBody?) async -> MessagingAPI.MessageBody? {
