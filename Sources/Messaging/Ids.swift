@@ -60,6 +60,8 @@ public enum Ids {
     }
 
     public static func dm(_ a: UInt64, _ b: UInt64) -> StreamID { StreamID(dmKind | min(a, b) << 31 | max(a, b)) }
+    /// Whether a stream is a 1:1 conversation's messages.
+    public static func isDMStream(_ s: StreamID) -> Bool { s.rawValue >> 62 == dmKind >> 62 }
     public static func pair(_ a: UInt64, _ b: UInt64) -> StreamID { StreamID(pairKind | min(a, b) << 31 | max(a, b)) }
     /// The two users of a dm or pair stream (lo < hi); nil for other streams.
     public static func users(of stream: StreamID) -> (lo: UInt64, hi: UInt64)? {

@@ -32,6 +32,9 @@ final class InboxHub: @unchecked Sendable {
     static let sessionsMax = 65_536
     var dirty = false
     var running = true
+    /// Sees every batch of applied records before their inbox entries go to the sessions (guarded by
+    /// `condition`; set once at start-up).
+    var observer: (@Sendable ([Record], ShardID) -> Void)?
 
     init() {
         let t = Thread { [weak self] in self?.loop() }
@@ -44,6 +47,8 @@ final class InboxHub: @unchecked Sendable {
         guard let sub = try? tail.subscribe(from: tail.applied + 1, wake: { [weak self] in self?.wake() }) else { return }
         condition.withLock { subscriptions.append((shard, sub)) }
     }
+
+    func observe(_ f: @escaping @Sendable ([Record], ShardID) -> Void) { condition.withLock { observer = f } }
 
     /// Nil when the user or the node has too many sessions; `first`: the user had none here before.
     func register(user: UInt64, _ deliver: @escaping @Sendable (HubEvent) -> Void) -> (id: UInt64, first: Bool)? {
@@ -106,10 +111,12 @@ final class InboxHub: @unchecked Sendable {
             }
             dirty = false
             let subs = subscriptions
+            let observer = self.observer
             condition.unlock()
-            for (_, sub) in subs {
+            for (shard, sub) in subs {
                 // Drain each tail; a damaged file read is retried at the next wake.
                 while let batch = try? sub.poll(limit: 1024), !batch.records.isEmpty {
+                    observer?(batch.records, shard)
                     var byUser: [UInt64: [Record]] = [:]
                     for r in batch.records where r.type == .messaging {
                         if let u = Ids.inboxUser(r.stream) { byUser[u, default: []].append(r) }

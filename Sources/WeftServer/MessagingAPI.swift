@@ -16,7 +16,8 @@ struct MessagingAPI: Sendable {
     let auth: UserAuth
     /// Group message bodies as rendered for events, for a second: the sessions of a group's members on
     /// this node share one read of each message instead of one each (Docs/groups.md, "Fan-out").
-    let groupBodies = RecentBodies()
+    /// Message bodies just committed on this node, for the sessions' live pushes (Docs/delivery.md).
+    let recentBodies = RecentBodies()
     var shards: Int { node.config.shards }
 
     static let bodyBytesMax = 16 << 10
@@ -660,7 +661,7 @@ struct MessagingAPI: Sendable {
                 guard let (shard, index) = Ids.parseMessageID(id, shards: shards) else { break }
                 if shared {
                     // The node's sessions share one fetch and one rendering per message.
-                    e.message = await groupBodies.get(id) {
+                    e.message = await recentBodies.get(id) {
                         guard let group = (try? await self.asked(shard, .groupSummary(g), at: .atLeast(index)))?.group else { return nil }
                         let read = await self.node.readAnywhere(shard: shard, .log(from: index, limit: 1), consistency: .atLeast(index))
                         guard case .success(let rr) = read, let mr = rr.records.first, mr.index == index else { return nil }
@@ -687,8 +688,8 @@ struct MessagingAPI: Sendable {
         return events
     }
 
-    /// The sessions' events of these records when none needs a read this node has not cached (group
-    /// message bodies in `groupBodies`); nil when one does. Saves a session a task and two hops per push.
+    /// The sessions' events of these records when none needs a read this node has not cached (message
+    /// bodies in `recentBodies`); nil when one does. Saves a session a task and two hops per push.
     func cachedEvents(_ records: [Record], me: UInt64) -> [(seq: StreamSeq, body: EventBody?)]? {
         var events: [(seq: StreamSeq, body: EventBody?)] = []
         events.reserveCapacity(records.count)
@@ -700,14 +701,30 @@ struct MessagingAPI: Sendable {
             var e = body
             switch read {
             case nil: break
-            case .group(_, _, let id)?:
-                guard let body = groupBodies.cached(id) else { return nil }
+            case .group(_, _, let id)?, .pair(_, _, let id)?:
+                guard let body = recentBodies.cached(id) else { return nil }
                 e.message = body
-            case .pair?: return nil
             }
             events.append((r.seq, e))
         }
         return events
+    }
+
+    /// Records just applied on this node (from the hub, before it hands their inbox entries to the
+    /// sessions): the bodies of 1:1 and group messages among them go into `recentBodies`, so the
+    /// sessions render their pushes without a read each. A message is not recalled when it commits; a
+    /// recall within the cache's second reaches the devices as the `recall` event that follows.
+    func noteCommitted(_ records: [Record], shard: ShardID) {
+        for r in records where r.type == .messaging && (Ids.isDMStream(r.stream) || Ids.groupOf(r.stream) != nil) {
+            guard let op = MessagingOp.decode(r.payload) else { continue }
+            let body: MessageBody?
+            switch op {
+            case .message: body = Self.message(r, shard: shard, recalled: false)
+            case .group(let g) where { if case .message = g.action { true } else { false } }(): body = Self.groupMessage(r, shard: shard, recalled: false)
+            default: body = nil
+            }
+            if let body { recentBodies.put(body.message_id, body) }
+        }
     }
 
     /// An inbox record's event without its message body, and the read that body needs; nil for a record

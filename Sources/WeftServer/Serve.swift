@@ -35,6 +35,7 @@ public enum Serve {
         let weftNode = try WeftNode(config: config, node: id, group: MultiThreadedEventLoopGroup.singleton, logger: logger)
         let token = Array(config.operatorToken.utf8)
         let messaging = MessagingAPI(node: weftNode, auth: await UserAuth(config: config))
+        weftNode.delivery.hub.observe { records, shard in messaging.noteCommitted(records, shard: shard) }
         let app = Application(
             router: HTTPAPI.router(node: weftNode, registry: registry, api: messaging),
             server: HTTPServerBuilder { responder in APIChannel(responder: responder, node: weftNode, api: messaging, operatorToken: token) },
