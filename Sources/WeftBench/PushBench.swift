@@ -16,7 +16,9 @@ import NIOWebSocket
 ///   that never came.
 /// - Idle sessions: N WebSockets that authenticate, resume and then only ping, spread over the nodes
 ///   from several loopback source addresses; each node's resident memory before and after gives the
-///   server's bytes per idle session.
+///   server's bytes per idle session. One process holds at most its open file limit of sockets, so with
+///   `idleClients` K > 1 the sessions are held by K child processes (`weft bench idle-client`, each with
+///   its share), and the bench only signs up, measures and collects.
 extension ClusterBench {
     /// How `runPush` sends: over each sender's own socket (`{"type":"send"}`), or `POST /api/v1/messages`.
     public enum SendPath: String, Codable, Sendable {
@@ -36,10 +38,14 @@ extension ClusterBench {
         public var pushTimeout = 10.0
         /// Idle sessions to open (0: none); they stay open during the sweep that follows.
         public var idleSessions = 0
-        /// Idle sessions connect from 127.0.0.2 … 127.0.0.(1 + k), so that no source address runs out of ports.
+        /// Idle sessions connect from 127.0.0.2 … 127.0.0.(1 + k), so that no source address runs out of ports
+        /// (raised, and said so, when a source address would need more than `idleSessionsPerSourceMax`).
         public var sourceAddresses = 8
-        /// Idle sessions being opened at a time.
+        /// Idle sessions being opened at a time (over all idle clients).
         public var connectConcurrency = 256
+        /// Processes holding the idle sessions: 1, this one; K > 1, K children (`weft bench idle-client`)
+        /// with n / K sessions each, for more sessions than one process's open file limit allows.
+        public var idleClients = 1
         /// Seconds the idle sessions are held (and the servers' idle CPU measured) before memory is read.
         public var idleHold = 10.0
         /// Seconds to wait, with the nodes' pids printed, before opening idle sessions (to attach a profiler).
@@ -47,6 +53,25 @@ extension ClusterBench {
         public var jsonOut: String?
         public var htmlOut: String?
         public init() {}
+    }
+
+    /// One idle client (`weft bench idle-client`, started by `weft bench push --idle-clients`): the idle
+    /// sessions `range` of the bench's numbering, to `nodes` (API `host:port`, in the config's order), as
+    /// the users whose tokens are the lines of `tokensFile`.
+    public struct IdleClientOptions: Sendable {
+        public var nodes: [String]
+        public var tokensFile: String
+        public var range: Range<Int>
+        public var sourceAddresses: Int
+        public var connectConcurrency: Int
+
+        public init(nodes: [String], tokensFile: String, range: Range<Int>, sourceAddresses: Int, connectConcurrency: Int) {
+            self.nodes = nodes
+            self.tokensFile = tokensFile
+            self.range = range
+            self.sourceAddresses = sourceAddresses
+            self.connectConcurrency = connectConcurrency
+        }
     }
 
     /// One rate step of the sweep. Latencies in microseconds, from each message's intended send time.
@@ -116,6 +141,8 @@ extension ClusterBench {
         public var rss_after_kib: [Int]
         /// Sum over nodes of the VmRSS growth / sessions ready.
         public var server_bytes_per_session: Double
+        /// The bench's VmRSS growth / sessions ready; with `clients` > 1, the idle clients' VmRSS growth
+        /// from their start (tokens read, before connecting) to the end of the hold, summed, / sessions ready.
         public var client_bytes_per_session: Double
         /// Growth of the kernel's slab memory per session (/proc/meminfo `Slab`): both ends' sockets,
         /// files and epoll entries, since client and servers share this kernel. Machine-wide, so approximate.
@@ -124,6 +151,8 @@ extension ClusterBench {
         public var server_cores_busy_idle: Double?
         public var server_cores_busy_baseline: Double?
         public var open_file_limit: Int
+        /// Processes that held the sessions (`--idle-clients`); nil in results from before the option (1).
+        public var clients: Int?
     }
 
     public struct PushResult: Codable, Sendable {
@@ -159,8 +188,18 @@ extension ClusterBench {
         }
         // Descriptors: one per session (and, in the nodes, one per session on that node), the sweep's
         // devices and HTTP connections, and ~1 000 for everything else (URLSession, segment files, peers).
+        // With idle clients, this process holds no session: each client its share, each node its share.
         let sweepSockets = o.rates.isEmpty ? 0 : o.users + (o.sendVia == .http ? o.httpConnections : 0)
-        let fileLimit = try raiseOpenFileLimit(to: o.idleSessions + sweepSockets + 1024)
+        let clients = max(1, o.idleClients)
+        let perNode = (o.idleSessions + config.nodes.count - 1) / max(1, config.nodes.count)
+        let perClient = (o.idleSessions + clients - 1) / clients
+        let want = clients == 1 ? o.idleSessions + sweepSockets + 1024 : max(sweepSockets + 1024, perClient + 1024, perNode + sweepSockets + 1024)
+        let need =
+            clients == 1
+            ? nil
+            : "this run needs \(want) open files in each process: \(perClient) idle sessions in each of \(clients) idle clients and \(perNode) in each of "
+                + "\(config.nodes.count) nodes, plus ~1 000"
+        let fileLimit = try raiseOpenFileLimit(to: want, need: need, idleSessions: o.idleSessions)
         try startAll()
         defer { stopAll() }
         try await waitForLeaders()
@@ -171,11 +210,13 @@ extension ClusterBench {
             command: CommandLine.arguments.joined(separator: " "), date: ISO8601DateFormatter().string(from: Date()), nodes: config.nodes.count,
             shards: config.shards, replication: config.replication, fsync: config.storage.fsync.description, users: o.users, send_via: o.sendVia,
             step_seconds: o.stepSeconds, push_timeout_s: o.pushTimeout, steps: [], histogram_edges_us: PushRecorder.histogramEdges)
-        var idleSockets: [DeviceSocket] = []
+        var holding = IdleHolding()
+        // Before the nodes are stopped (defers run last first): the idle clients, if still running.
+        defer { holding.clients?.stop() }
         if o.idleSessions > 0 {
-            let (idle, sockets) = try await runIdleSessions(o, openFileLimit: fileLimit, print: print)
+            let (idle, held) = try await runIdleSessions(o, openFileLimit: fileLimit, print: print)
             result.idle = idle
-            idleSockets = sockets
+            holding = held
         }
         if !o.rates.isEmpty {
             result.steps = try await runSweep(o, plan: plan, print: print)
@@ -183,6 +224,7 @@ extension ClusterBench {
                 .map(\.target_rate).max()
             print("highest rate with push p99 under 100 ms: \(result.max_rate_p99_under_100ms.map { "\(Int($0)) msgs/s" } ?? "none")")
         }
+        if let clients = holding.clients { await clients.finish(print: print) }
         if let jsonOut = o.jsonOut {
             let enc = JSONEncoder()
             enc.outputFormatting = [.prettyPrinted, .sortedKeys]
@@ -193,7 +235,7 @@ extension ClusterBench {
             try Data(BenchReport.pushHTML(result).utf8).write(to: URL(fileURLWithPath: htmlOut))
             print("report written to \(htmlOut)")
         }
-        withExtendedLifetime(idleSockets) {}
+        withExtendedLifetime(holding.sockets) {}
         return result
     }
 
@@ -389,7 +431,23 @@ extension ClusterBench {
     /// so no user has more than 14 sessions on a node (the server allows 16: `InboxHub.sessionsPerUserMax`).
     static let idleSessionsPerUserPerNode = 14
 
-    func runIdleSessions(_ o: PushOptions, openFileLimit: Int, print: @escaping @Sendable (String) -> Void) async throws -> (IdleResult, [DeviceSocket]) {
+    /// Idle sessions one loopback source address carries at most: a socket bound to (address, port 0)
+    /// before it connects takes a port of its own, and the ephemeral range has ~28 000.
+    static let idleSessionsPerSourceMax = 20_000
+
+    /// What holds the idle sessions while the bench goes on: their sockets here, or the idle clients.
+    struct IdleHolding {
+        var sockets: [DeviceSocket] = []
+        var clients: IdleClientGroup?
+    }
+
+    /// Source addresses for `n` idle sessions: as asked, or more when one would carry more than
+    /// `idleSessionsPerSourceMax` (at most 250: 127.0.0.2 … 127.0.0.251).
+    static func idleSourceAddresses(sessions n: Int, asked: Int) -> Int {
+        min(250, max(1, asked, (n + idleSessionsPerSourceMax - 1) / idleSessionsPerSourceMax))
+    }
+
+    func runIdleSessions(_ o: PushOptions, openFileLimit: Int, print: @escaping @Sendable (String) -> Void) async throws -> (IdleResult, IdleHolding) {
         let nodes = config.nodes
         let per = Self.idleSessionsPerUserPerNode
         let perNode = (o.idleSessions + nodes.count - 1) / nodes.count
@@ -412,30 +470,134 @@ extension ClusterBench {
             print("node pids: \(pids.map(String.init).joined(separator: " ")); waiting \(Int(o.pauseBeforeSessions)) s before opening sessions")
             try await Task.sleep(for: .seconds(o.pauseBeforeSessions))
         }
-        let counter = IdleObserver()
-        let lanes = max(1, min(o.connectConcurrency, o.idleSessions))
         let n = o.idleSessions
-        let k = max(1, o.sourceAddresses)
-        let tc = clock.now
-        let outcomes = await withTaskGroup(of: ([DeviceSocket], Int, String?).self) { group in
+        let clientCount = max(1, min(o.idleClients, n))
+        let lanes = max(1, min(o.connectConcurrency, n))
+        let k = Self.idleSourceAddresses(sessions: n, asked: o.sourceAddresses)
+        let pairs = k / gcd(k, nodes.count) * nodes.count
+        print(
+            "sessions from 127.0.0.2 … 127.0.0.\(1 + k) (\(k) source addresses\(k > o.sourceAddresses ? ", raised from --source-addresses \(o.sourceAddresses)" : "")): "
+                + "at most \((n + k - 1) / k) per source address, \((n + pairs - 1) / pairs) per source address and node; "
+                + (clientCount == 1 ? "held by this process" : "held by \(clientCount) idle clients (\((n + clientCount - 1) / clientCount) each at most)"))
+        let targets = nodes.map { IdleTarget(host: $0.apiAddress.host, port: $0.apiAddress.port, label: "node \($0.id.rawValue)") }
+        let counter = IdleObserver()
+        var holding = IdleHolding()
+        do {
+            let tc = clock.now
+            var opened = 0
+            var failed = 0
+            var firstFailure: String?
+            // The idle clients' VmRSS at their start, summed (KiB).
+            var clientsStartKiB = 0
+            if clientCount == 1 {
+                let out = await Self.openIdleSessions(0..<n, targets: targets, tokens: tokens, sources: k, lanes: lanes, observer: counter) { total in
+                    if total % 10_000 == 0 { print("\(total) sessions ready after \(f2(seconds(clock.now - tc))) s") }
+                }
+                holding.sockets = out.sockets
+                opened = out.sockets.count
+                failed = out.failed
+                firstFailure = out.first
+            } else {
+                // The tokens go to the children in a file (one per line), removed once they are connected.
+                let tokensPath = FileManager.default.temporaryDirectory.appendingPathComponent("weft-idle-tokens-\(getpid()).txt").path
+                guard FileManager.default.createFile(atPath: tokensPath, contents: Data((tokens.joined(separator: "\n") + "\n").utf8), attributes: [.posixPermissions: 0o600])
+                else { throw BenchFailure(description: "could not write the idle clients' tokens to \(tokensPath)") }
+                defer { try? FileManager.default.removeItem(atPath: tokensPath) }
+                let ranges = (0..<clientCount).map { c in (c * n / clientCount)..<((c + 1) * n / clientCount) }
+                let lanesEach = (lanes + clientCount - 1) / clientCount
+                let nodeList = nodes.map { "\($0.apiAddress.host):\($0.apiAddress.port)" }.joined(separator: ",")
+                let group = try IdleClientGroup(executable: executable, ranges: ranges) { r in
+                    [
+                        "bench", "idle-client", "--nodes", nodeList, "--tokens", tokensPath, "--from", String(r.lowerBound), "--to", String(r.upperBound),
+                        "--source-addresses", String(k), "--connect-concurrency", String(lanesEach),
+                    ]
+                }
+                holding.clients = group
+                print("\(clientCount) idle clients started (pids \(group.pids.map(String.init).joined(separator: " "))), \(lanesEach) sessions being opened at a time in each")
+                for c in try await group.waitConnected(since: tc, print: print) {
+                    opened += c.ready
+                    failed += c.failed ?? 0
+                    if firstFailure == nil { firstFailure = c.first_failure }
+                    clientsStartKiB += c.rss_start_kib ?? 0
+                }
+            }
+            let connectSeconds = max(1e-9, seconds(clock.now - tc))
+            print(
+                "\(opened) idle sessions ready in \(f2(connectSeconds)) s = \(Int(Double(opened) / connectSeconds)) sessions/s; "
+                    + "\(failed) failed\(firstFailure.map { " (first: \($0))" } ?? "")")
+            let closedBefore = counter.snapshot.closed
+            let cpu0 = serverCPUSeconds()
+            let th = clock.now
+            try await Task.sleep(for: .seconds(o.idleHold))
+            let cpu = serverCPUSeconds().flatMap { end in cpu0.map { end - $0 } }
+            let holdSeconds = seconds(clock.now - th)
+            let rssAfter = pids.map { residentKiB(pid: $0) ?? 0 }
+            let clientAfter = holding.clients?.residentKiB() ?? residentKiB(pid: getpid()) ?? 0
+            let clientGrown = holding.clients == nil ? clientAfter - clientBefore : clientAfter - clientsStartKiB
+            let slabAfter = kernelSlabKiB()
+            var closes = counter.snapshot
+            closes.closed -= closedBefore
+            if let group = holding.clients { closes = await group.report(print: print) }
+            let ready = max(1, opened)
+            let grown = zip(rssAfter, rssBefore).map { $0 - $1 }.reduce(0, +)
+            let result = IdleResult(
+                sessions_target: n, sessions_ready: opened, failed: failed, first_failure: firstFailure, users: userCount, source_addresses: k,
+                connect_concurrency: lanes, connect_seconds: connectSeconds, connect_rate: Double(opened) / connectSeconds,
+                closed_while_held: closes.closed, close_codes: closes.codes,
+                rss_before_kib: rssBefore, rss_after_kib: rssAfter, server_bytes_per_session: Double(grown) * 1024 / Double(ready),
+                client_bytes_per_session: Double(clientGrown) * 1024 / Double(ready),
+                kernel_slab_bytes_per_session: Double((slabAfter ?? 0) - (slabBefore ?? 0)) * 1024 / Double(ready),
+                server_cores_busy_idle: cpu.map { $0 / holdSeconds }, server_cores_busy_baseline: baseline, open_file_limit: openFileLimit,
+                clients: clientCount)
+            let clientName = clientCount == 1 ? "client" : "idle clients"
+            print(
+                "resident memory after holding them \(Int(holdSeconds)) s, per node: \(rssAfter.map { "\($0 / 1024) MiB" }.joined(separator: ", ")); "
+                    + "\(clientName) \(clientAfter / 1024) MiB")
+            print(
+                "server memory per idle session: \(Int(result.server_bytes_per_session)) bytes (\(f2(result.server_bytes_per_session / 1024)) KiB; target ≤ 8 KiB); "
+                    + "\(clientName) \(Int(result.client_bytes_per_session)) bytes; kernel slab (both ends) \(Int(result.kernel_slab_bytes_per_session)) bytes")
+            print(
+                "servers' CPU while the sessions were idle: \(result.server_cores_busy_idle.map { f2($0) } ?? "?") cores "
+                    + "(\(result.server_cores_busy_baseline.map { f2($0) } ?? "?") with no session); closed by the servers while held: "
+                    + "\(result.closed_while_held) \(closes.codes)")
+            return (result, holding)
+        } catch {
+            holding.clients?.stop()
+            throw error
+        }
+    }
+
+    /// Opens idle sessions `range`: session i to `targets[i % targets.count]` from 127.0.0.(2 + i % sources)
+    /// as user (i / targets.count) / `idleSessionsPerUserPerNode` (`tokens`), `lanes` being opened at a
+    /// time; `ready(total)` after each one ready. The sessions ready, the failures, the first failure.
+    static func openIdleSessions(
+        _ range: Range<Int>, targets: [IdleTarget], tokens: [String], sources: Int, lanes: Int, observer: IdleObserver,
+        ready: @escaping @Sendable (Int) -> Void
+    ) async -> (sockets: [DeviceSocket], failed: Int, first: String?) {
+        guard !targets.isEmpty, !range.isEmpty else { return ([], range.count, targets.isEmpty ? "no node to connect to" : nil) }
+        let per = idleSessionsPerUserPerNode
+        let lanes = max(1, min(lanes, range.count))
+        let sources = max(1, sources)
+        return await withTaskGroup(of: ([DeviceSocket], Int, String?).self) { group in
             for lane in 0..<lanes {
                 group.addTask {
                     var opened: [DeviceSocket] = []
                     var failed = 0
                     var first: String?
-                    for i in stride(from: lane, to: n, by: lanes) {
-                        let node = nodes[i % nodes.count]
+                    for i in stride(from: range.lowerBound + lane, to: range.upperBound, by: lanes) {
+                        let target = targets[i % targets.count]
+                        let user = (i / targets.count) / per
                         do {
+                            guard user < tokens.count else { throw BenchFailure(description: "no token for user \(user) (\(tokens.count) tokens)") }
                             let s = try await DeviceSocket.open(
-                                device: i, host: node.apiAddress.host, port: node.apiAddress.port, from: "127.0.0.\(2 + i % k)",
-                                token: tokens[(i / nodes.count) / per], keepAlive: .idle, observer: counter)
+                                device: i, host: target.host, port: target.port, from: "127.0.0.\(2 + i % sources)",
+                                token: tokens[user], keepAlive: .idle, observer: observer)
                             try await s.ready.get()
                             opened.append(s)
-                            let total = counter.opened()
-                            if total % 10_000 == 0 { print("\(total) sessions ready after \(f2(seconds(clock.now - tc))) s") }
+                            ready(observer.opened())
                         } catch {
                             failed += 1
-                            if first == nil { first = "session \(i) to node \(node.id.rawValue): \(error)" }
+                            if first == nil { first = "session \(i) to \(target.label): \(error)" }
                             // Many failures in a row (ports or file descriptors gone): this lane stops.
                             if failed > 50 && opened.count < failed { break }
                         }
@@ -451,43 +613,69 @@ extension ClusterBench {
             }
             return all
         }
-        let connectSeconds = seconds(clock.now - tc)
-        let sockets = outcomes.0
-        print(
-            "\(sockets.count) idle sessions ready in \(f2(connectSeconds)) s = \(Int(Double(sockets.count) / connectSeconds)) sessions/s; "
-                + "\(outcomes.1) failed\(outcomes.2.map { " (first: \($0))" } ?? "")")
-        let closedBefore = counter.closedCount
-        let cpu0 = serverCPUSeconds()
-        let th = clock.now
-        try await Task.sleep(for: .seconds(o.idleHold))
-        let cpu = serverCPUSeconds().flatMap { end in cpu0.map { end - $0 } }
-        let holdSeconds = seconds(clock.now - th)
-        let rssAfter = pids.map { residentKiB(pid: $0) ?? 0 }
-        let clientAfter = residentKiB(pid: getpid()) ?? 0
-        let slabAfter = kernelSlabKiB()
-        let ready = max(1, sockets.count)
-        let grown = zip(rssAfter, rssBefore).map { $0 - $1 }.reduce(0, +)
-        let result = IdleResult(
-            sessions_target: n, sessions_ready: sockets.count, failed: outcomes.1, first_failure: outcomes.2, users: userCount, source_addresses: k,
-            connect_concurrency: lanes, connect_seconds: connectSeconds, connect_rate: Double(sockets.count) / connectSeconds,
-            closed_while_held: counter.closedCount - closedBefore, close_codes: counter.closeCodes,
-            rss_before_kib: rssBefore, rss_after_kib: rssAfter, server_bytes_per_session: Double(grown) * 1024 / Double(ready),
-            client_bytes_per_session: Double(clientAfter - clientBefore) * 1024 / Double(ready),
-            kernel_slab_bytes_per_session: Double((slabAfter ?? 0) - (slabBefore ?? 0)) * 1024 / Double(ready),
-            server_cores_busy_idle: cpu.map { $0 / holdSeconds }, server_cores_busy_baseline: baseline, open_file_limit: openFileLimit)
-        print("resident memory after holding them \(Int(holdSeconds)) s, per node: \(rssAfter.map { "\($0 / 1024) MiB" }.joined(separator: ", ")); client \(clientAfter / 1024) MiB")
-        print(
-            "server memory per idle session: \(Int(result.server_bytes_per_session)) bytes (\(f2(result.server_bytes_per_session / 1024)) KiB; target ≤ 8 KiB); "
-                + "client \(Int(result.client_bytes_per_session)) bytes; kernel slab (both ends) \(Int(result.kernel_slab_bytes_per_session)) bytes")
-        print(
-            "servers' CPU while the sessions were idle: \(result.server_cores_busy_idle.map { f2($0) } ?? "?") cores "
-                + "(\(result.server_cores_busy_baseline.map { f2($0) } ?? "?") with no session); closed by the servers while held: "
-                + "\(result.closed_while_held) \(counter.closeCodes)")
-        return (result, sockets)
+    }
+
+    /// `weft bench idle-client` (one of `weft bench push --idle-clients K`): opens idle sessions
+    /// `o.range` exactly as the bench would in-process (`openIdleSessions`), prints a JSON line
+    /// (`IdleClientReport`) every 1 000 sessions ready (`progress`) and once all are tried (`connected`),
+    /// then holds them: a line `report` on stdin prints its closes so far (`held`); the end of stdin or
+    /// SIGTERM prints them a last time (`closed`) and returns.
+    public static func runIdleClient(_ o: IdleClientOptions) async throws {
+        let out = IdleReportWriter()
+        // The bench's limit is inherited; as far as the hard limit goes, in case it was lower.
+        let limit = raiseFileLimit(to: Int.max)?.soft ?? 0
+        var targets: [IdleTarget] = []
+        for a in o.nodes {
+            guard let colon = a.lastIndex(of: ":"), let port = Int(a[a.index(after: colon)...]), port > 0, port < 65_536, colon > a.startIndex else {
+                throw BenchFailure(description: "--nodes: \(a) is not host:port")
+            }
+            targets.append(IdleTarget(host: String(a[..<colon]), port: port, label: a))
+        }
+        guard !targets.isEmpty else { throw BenchFailure(description: "--nodes: no node") }
+        let tokens = try String(contentsOfFile: o.tokensFile, encoding: .utf8).split(separator: "\n").map(String.init)
+        if limit < o.range.count + 64 {
+            FileHandle.standardError.write(Data("weft bench idle-client: open file limit \(limit), for \(o.range.count) sessions: some will fail\n".utf8))
+        }
+        let rssStart = processResidentKiB(pid: getpid())
+        let counter = IdleObserver()
+        let clock = ContinuousClock()
+        let t0 = clock.now
+        let opened = await openIdleSessions(
+            o.range, targets: targets, tokens: tokens, sources: o.sourceAddresses, lanes: o.connectConcurrency, observer: counter
+        ) { total in
+            if total % 1000 == 0 { out.emit(IdleClientReport(event: "progress", ready: total)) }
+        }
+        let closedAtConnected = counter.snapshot.closed
+        let ready = opened.sockets.count
+        out.emit(
+            IdleClientReport(
+                event: "connected", ready: ready, failed: opened.failed, first_failure: opened.first, connect_seconds: seconds(clock.now - t0),
+                rss_start_kib: rssStart, open_file_limit: limit))
+        let end = IdleClientEnd()
+        signal(SIGTERM, SIG_IGN)
+        let term = DispatchSource.makeSignalSource(signal: SIGTERM, queue: .global())
+        term.setEventHandler { end.fire() }
+        term.resume()
+        let stdinReader = Thread {
+            while let line = readLine() {
+                guard line.trimmingCharacters(in: .whitespaces) == "report" else { continue }
+                let s = counter.snapshot
+                out.emit(IdleClientReport(event: "held", ready: ready, closed_while_held: s.closed - closedAtConnected, close_codes: s.codes))
+            }
+            end.fire()
+        }
+        stdinReader.start()
+        await end.wait()
+        let s = counter.snapshot
+        out.emit(IdleClientReport(event: "closed", ready: ready, closed_while_held: s.closed - closedAtConnected, close_codes: s.codes))
+        term.cancel()
+        withExtendedLifetime(opened.sockets) {}
     }
 
     /// VmRSS of a process, KiB.
-    func residentKiB(pid: Int32) -> Int? {
+    func residentKiB(pid: Int32) -> Int? { Self.processResidentKiB(pid: pid) }
+
+    static func processResidentKiB(pid: Int32) -> Int? {
         guard let text = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8),
             let line = text.split(separator: "\n").first(where: { $0.hasPrefix("VmRSS:") })
         else { return nil }
@@ -503,18 +691,41 @@ extension ClusterBench {
     }
 
     /// Raises this process's RLIMIT_NOFILE (soft and hard) to at least `want`, up to the kernel's
-    /// `fs.nr_open`; the nodes, started after, inherit it. The limit now in force.
-    func raiseOpenFileLimit(to want: Int) throws -> Int {
+    /// `fs.nr_open`; the nodes (and idle clients), started after, inherit it. The limit now in force.
+    /// `need` says what the run needs when it is not raised far enough (default: `want` in the bench
+    /// process, and its share in each node).
+    func raiseOpenFileLimit(to want: Int, need: String? = nil, idleSessions: Int = 0) throws -> Int {
+        guard let r = Self.raiseFileLimit(to: want) else { throw BenchFailure(description: "getrlimit(RLIMIT_NOFILE) failed: errno \(errno)") }
+        guard r.soft >= want else {
+            let needs = need ?? "this run needs \(want) open files in the bench process and about \(want / max(1, config.nodes.count)) in each node"
+            // Under this hard limit, a process (bench, idle client or node) holds ~hard − 1 000 sessions.
+            let cap = max(1, r.hard - 1024)
+            let several =
+                idleSessions > 0
+                ? "; or, under this limit, for \(idleSessions) idle sessions: --idle-clients \((idleSessions + cap - 1) / cap) or more, "
+                    + "and a config of \((idleSessions + cap - 1) / cap) nodes or more (\(config.nodes.count) now)"
+                : ""
+            throw BenchFailure(
+                description: "\(needs); the limit is \(r.soft) (hard \(r.hard)), and it could not be raised: run as root, or raise `nofile` "
+                    + "(ulimit -n, /etc/security/limits.conf, LimitNOFILE= in a systemd unit)\(several)")
+        }
+        return r.soft
+    }
+
+    /// Raises RLIMIT_NOFILE to at least `want` (soft and hard, up to `fs.nr_open`), or, without the
+    /// right to raise the hard limit, the soft one as far as the hard one. The limits then in force
+    /// (nil: getrlimit failed).
+    static func raiseFileLimit(to want: Int) -> (soft: Int, hard: Int)? {
         #if os(Linux)
         let resource = __rlimit_resource_t(RLIMIT_NOFILE.rawValue)
         #else
         let resource = RLIMIT_NOFILE
         #endif
         var r = rlimit()
-        guard getrlimit(resource, &r) == 0 else { throw BenchFailure(description: "getrlimit(RLIMIT_NOFILE) failed: errno \(errno)") }
-        if Int(clamping: r.rlim_cur) >= want { return Int(clamping: r.rlim_cur) }
+        guard getrlimit(resource, &r) == 0 else { return nil }
+        if Int(clamping: r.rlim_cur) >= want { return (Int(clamping: r.rlim_cur), Int(clamping: r.rlim_max)) }
         let nrOpen = (try? String(contentsOfFile: "/proc/sys/fs/nr_open", encoding: .utf8)).flatMap { Int($0.trimmingCharacters(in: .whitespacesAndNewlines)) } ?? 1 << 20
-        let target = rlim_t(min(want, nrOpen))
+        let target = rlim_t(max(0, min(want, nrOpen)))
         var raised = rlimit(rlim_cur: target, rlim_max: max(r.rlim_max, target))
         if setrlimit(resource, &raised) != 0 {
             // Not allowed to raise the hard limit: the soft one as far as it goes.
@@ -522,12 +733,7 @@ extension ClusterBench {
             _ = setrlimit(resource, &raised)
         }
         _ = getrlimit(resource, &r)
-        guard Int(clamping: r.rlim_cur) >= want else {
-            throw BenchFailure(
-                description: "this run needs \(want) open files in the bench process and about \(want / max(1, config.nodes.count)) in each node; the limit is \(r.rlim_cur) "
-                    + "(hard \(r.rlim_max)), and it could not be raised: run as root, or raise `nofile` (ulimit -n, /etc/security/limits.conf, LimitNOFILE= in a systemd unit)")
-        }
-        return Int(clamping: r.rlim_cur)
+        return (Int(clamping: r.rlim_cur), Int(clamping: r.rlim_max))
     }
 }
 
@@ -799,6 +1005,330 @@ final class IdleObserver: DeviceObserver, @unchecked Sendable {
             closedCount += 1
             closeCodes[code.map(String.init) ?? "none", default: 0] += 1
         }
+    }
+
+    /// Sessions closed so far (connect failures included), and their close codes.
+    var snapshot: (closed: Int, codes: [String: Int]) { lock.withLock { (closedCount, closeCodes) } }
+}
+
+/// Where idle sessions connect: a node's API address, and how a failure names it.
+struct IdleTarget: Sendable {
+    let host: String
+    let port: Int
+    let label: String
+}
+
+fileprivate func gcd(_ a: Int, _ b: Int) -> Int { b == 0 ? max(1, a) : gcd(b, a % b) }
+
+// MARK: Idle clients: idle sessions held by child processes
+
+/// One line (JSON) of an idle client's stdout.
+struct IdleClientReport: Codable, Sendable {
+    /// `progress` (every 1 000 ready), `connected` (every session tried), `held` (asked: `report`), `closed` (the end).
+    var event: String
+    /// Sessions ready so far (`progress`), or all those that became ready.
+    var ready: Int
+    var failed: Int?
+    var first_failure: String?
+    var connect_seconds: Double?
+    /// The client's VmRSS before it opened any session (KiB).
+    var rss_start_kib: Int?
+    var open_file_limit: Int?
+    /// Sessions closed by the servers since `connected`, and the close codes of every close (failed connects included).
+    var closed_while_held: Int?
+    var close_codes: [String: Int]?
+}
+
+/// An idle client's stdout: whole lines, from any thread.
+final class IdleReportWriter: Sendable {
+    let lock = NSLock()
+
+    func emit(_ r: IdleClientReport) {
+        let enc = JSONEncoder()
+        enc.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        guard let data = try? enc.encode(r) else { return }
+        let bytes = Array(data) + [UInt8(ascii: "\n")]
+        lock.withLock {
+            bytes.withUnsafeBytes { buf in
+                guard let base = buf.baseAddress else { return }
+                var done = 0
+                while done < buf.count {
+                    let n = write(STDOUT_FILENO, base + done, buf.count - done)
+                    if n > 0 {
+                        done += n
+                    } else if n < 0 && errno == EINTR {
+                        continue
+                    } else {
+                        return  // the bench is gone (EPIPE): its stdin ends too
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The end of an idle client's hold: its stdin closed, or SIGTERM, whichever comes first.
+final class IdleClientEnd: @unchecked Sendable {
+    let lock = NSLock()
+    var fired = false
+    var waiter: CheckedContinuation<Void, Never>?
+
+    func fire() {
+        let w: CheckedContinuation<Void, Never>? = lock.withLock {
+            guard !fired else { return nil }
+            fired = true
+            defer { waiter = nil }
+            return waiter
+        }
+        w?.resume()
+    }
+
+    func wait() async {
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            let now: Bool = lock.withLock {
+                if fired { return true }
+                waiter = c
+                return false
+            }
+            if now { c.resume() }
+        }
+    }
+}
+
+/// A child's stdout, read into lines on a thread of its own (to its end).
+final class LineReader: @unchecked Sendable {
+    /// Guards everything below.
+    let lock = NSLock()
+    var lines: [String] = []
+    var partial: [UInt8] = []
+    var ended = false
+    let handle: FileHandle
+
+    init(_ handle: FileHandle) {
+        self.handle = handle
+        let t = Thread { [self] in loop() }
+        t.start()
+    }
+
+    func loop() {
+        let fd = handle.fileDescriptor
+        var buffer = [UInt8](repeating: 0, count: 1 << 16)
+        while true {
+            let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else { break }
+            lock.withLock {
+                for b in buffer[0..<n] {
+                    if b == UInt8(ascii: "\n") {
+                        lines.append(String(decoding: partial, as: UTF8.self))
+                        partial = []
+                    } else {
+                        partial.append(b)
+                    }
+                }
+            }
+        }
+        lock.withLock {
+            if !partial.isEmpty { lines.append(String(decoding: partial, as: UTF8.self)) }
+            partial = []
+            ended = true
+        }
+    }
+
+    /// The lines read since the last call, and whether the output has ended (no line after these).
+    func take() -> (lines: [String], ended: Bool) {
+        lock.withLock {
+            defer { lines = [] }
+            return (lines, ended)
+        }
+    }
+}
+
+/// `weft bench push --idle-clients K`, the bench's side: the K `weft bench idle-client` processes that
+/// hold the idle sessions, one range each. They print JSON lines (`IdleClientReport`); a line `report`
+/// on a child's stdin asks for its closes so far, and the end of its stdin ends it. Every wait is
+/// bounded; a child that does not end in time is killed.
+final class IdleClientGroup: @unchecked Sendable {
+    struct Child {
+        let index: Int
+        let range: Range<Int>
+        let process: Process
+        let input: FileHandle
+        let output: LineReader
+    }
+
+    let children: [Child]
+    /// Guards `inputsClosed`.
+    let lock = NSLock()
+    var inputsClosed = false
+
+    init(executable: String, ranges: [Range<Int>], arguments: (Range<Int>) -> [String]) throws {
+        // A child gone: a write to its stdin fails (EPIPE) instead of killing the bench; the children
+        // inherit it, so one whose bench is gone fails its writes the same way, then sees its stdin end.
+        signal(SIGPIPE, SIG_IGN)
+        var started: [Child] = []
+        do {
+            for (c, r) in ranges.enumerated() {
+                let p = Process()
+                p.executableURL = URL(fileURLWithPath: executable)
+                p.arguments = arguments(r)
+                let input = Pipe()
+                let output = Pipe()
+                p.standardInput = input
+                p.standardOutput = output
+                try p.run()
+                started.append(Child(index: c, range: r, process: p, input: input.fileHandleForWriting, output: LineReader(output.fileHandleForReading)))
+            }
+        } catch {
+            for c in started { try? c.input.close() }
+            Self.reap(started.map(\.process), grace: 5)
+            throw error
+        }
+        children = started
+    }
+
+    var pids: [Int32] { children.map(\.process.processIdentifier) }
+
+    /// The children's VmRSS, summed (KiB).
+    func residentKiB() -> Int { children.reduce(0) { $0 + (ClusterBench.processResidentKiB(pid: $1.process.processIdentifier) ?? 0) } }
+
+    /// A child's new lines, decoded (others printed as they are), and whether its output has ended.
+    func take(_ c: Child, print: (String) -> Void) -> (reports: [IdleClientReport], ended: Bool) {
+        let (lines, ended) = c.output.take()
+        var reports: [IdleClientReport] = []
+        for line in lines where !line.isEmpty {
+            if let r = try? JSONDecoder().decode(IdleClientReport.self, from: Data(line.utf8)) {
+                reports.append(r)
+            } else {
+                print("idle client \(c.index): \(line)")
+            }
+        }
+        return (reports, ended)
+    }
+
+    /// Every child's `connected` line, printing the sessions ready over all children at each 10 000;
+    /// throws when a child ends first, or when they are not all connected within a bound.
+    func waitConnected(since start: ContinuousClock.Instant, print: @Sendable (String) -> Void) async throws -> [IdleClientReport] {
+        let clock = ContinuousClock()
+        var connected = [IdleClientReport?](repeating: nil, count: children.count)
+        var ready = [Int](repeating: 0, count: children.count)
+        var printed = 0
+        // Generous: a failing session takes up to 30 s, and a lane gives up after 50 failures in a row.
+        let limit = max(300, Double(children.map(\.range.count).max() ?? 0) / 20)
+        while true {
+            for c in children where connected[c.index] == nil {
+                let (reports, ended) = take(c, print: print)
+                for r in reports where r.event == "progress" || r.event == "connected" {
+                    ready[c.index] = max(ready[c.index], r.ready)
+                    if r.event == "connected" { connected[c.index] = r }
+                }
+                if connected[c.index] == nil && ended {
+                    throw BenchFailure(
+                        description: "idle client \(c.index) (sessions \(c.range.lowerBound)..<\(c.range.upperBound), pid \(c.process.processIdentifier)) "
+                            + "ended before it had tried every session")
+                }
+            }
+            let total = ready.reduce(0, +)
+            if total / 10_000 > printed / 10_000 { print("\(total / 10_000 * 10_000) sessions ready after \(f2(seconds(clock.now - start))) s") }
+            printed = max(printed, total)
+            let done = connected.compactMap { $0 }
+            if done.count == children.count { return done }
+            if seconds(clock.now - start) > limit {
+                throw BenchFailure(description: "\(children.count - done.count) of \(children.count) idle clients not done connecting after \(Int(limit)) s")
+            }
+            try await Task.sleep(for: .milliseconds(100))
+        }
+    }
+
+    /// The sessions the servers closed since the children were connected, and the close codes, over
+    /// all children (each asked with `report`; 30 s at most).
+    func report(print: @Sendable (String) -> Void) async -> (closed: Int, codes: [String: Int]) {
+        lock.withLock {
+            guard !inputsClosed else { return }
+            let line = Array("report\n".utf8)
+            for c in children {
+                _ = line.withUnsafeBytes { write(c.input.fileDescriptor, $0.baseAddress, $0.count) }
+            }
+        }
+        let answers = await collect("held", within: 30, print: print)
+        let missing = answers.filter { $0 == nil }.count
+        if missing > 0 { print("\(missing) idle clients did not report their closes within 30 s") }
+        return Self.sum(answers)
+    }
+
+    /// Ends the children: their stdin closed, their last closes collected (30 s at most), their exit
+    /// awaited (10 s, then SIGKILL).
+    func finish(print: @Sendable (String) -> Void) async {
+        closeInputs()
+        let answers = await collect("closed", within: 30, print: print)
+        let (closed, codes) = Self.sum(answers)
+        let missing = answers.filter { $0 == nil }.count
+        print(
+            "idle clients ending: \(closed) sessions closed by the servers while held, in all \(codes)"
+                + (missing > 0 ? "; \(missing) clients did not answer within 30 s" : ""))
+        let clock = ContinuousClock()
+        let t0 = clock.now
+        while children.contains(where: { $0.process.isRunning }), seconds(clock.now - t0) < 10 {
+            try? await Task.sleep(for: .milliseconds(50))
+        }
+        let left = children.filter { $0.process.isRunning }
+        if !left.isEmpty {
+            print("killing \(left.count) idle clients still running 10 s after their stdin closed")
+            Self.reap(left.map(\.process), grace: 0)
+        }
+    }
+
+    /// Ends the children at once (stdin closed, 5 s, then SIGKILL), if still running: for errors and defers.
+    func stop() {
+        closeInputs()
+        Self.reap(children.map(\.process), grace: 5)
+    }
+
+    func closeInputs() {
+        lock.withLock {
+            guard !inputsClosed else { return }
+            inputsClosed = true
+            for c in children { try? c.input.close() }
+        }
+    }
+
+    /// Waits up to `grace` seconds for the processes to exit, then SIGKILLs the rest and waits up to 5 s more.
+    static func reap(_ processes: [Process], grace: Double) {
+        func wait(_ limit: Double) {
+            let t0 = DispatchTime.now().uptimeNanoseconds
+            while processes.contains(where: { $0.isRunning }), Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9 < limit { usleep(20_000) }
+        }
+        wait(grace)
+        for p in processes where p.isRunning { kill(p.processIdentifier, SIGKILL) }
+        wait(5)
+    }
+
+    /// Each child's `event` line (nil where none came before its output ended or `limit` seconds passed).
+    func collect(_ event: String, within limit: Double, print: @Sendable (String) -> Void) async -> [IdleClientReport?] {
+        let clock = ContinuousClock()
+        let t0 = clock.now
+        var got = [IdleClientReport?](repeating: nil, count: children.count)
+        var ended = [Bool](repeating: false, count: children.count)
+        while seconds(clock.now - t0) < limit {
+            for c in children where got[c.index] == nil && !ended[c.index] {
+                let t = take(c, print: print)
+                got[c.index] = t.reports.last { $0.event == event }
+                ended[c.index] = t.ended
+            }
+            if zip(got, ended).allSatisfy({ $0 != nil || $1 }) { break }
+            try? await Task.sleep(for: .milliseconds(50))
+        }
+        return got
+    }
+
+    static func sum(_ reports: [IdleClientReport?]) -> (closed: Int, codes: [String: Int]) {
+        var closed = 0
+        var codes: [String: Int] = [:]
+        for case let r? in reports {
+            closed += r.closed_while_held ?? 0
+            for (code, count) in r.close_codes ?? [:] { codes[code, default: 0] += count }
+        }
+        return (closed, codes)
     }
 }
 

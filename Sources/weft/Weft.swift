@@ -79,7 +79,10 @@ struct StatusCmd: AsyncParsableCommand {
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Benchmarks. They print figures; record them in Docs/benchmarks.md.",
-        subcommands: [BenchStore.self, BenchLog.self, BenchChat.self, BenchPush.self, BenchGroups.self, BenchFailover.self, BenchRestart.self, BenchStateRestart.self])
+        subcommands: [
+            BenchStore.self, BenchLog.self, BenchChat.self, BenchPush.self, BenchGroups.self, BenchFailover.self, BenchRestart.self, BenchStateRestart.self,
+            BenchIdleClient.self,
+        ])
 }
 
 struct BenchStore: ParsableCommand {
@@ -222,7 +225,8 @@ struct BenchPush: AsyncParsableCommand {
         discussion: """
             Push latency: --users devices, one per user, on random nodes; messages to contacts at each of --rates (msgs/s, open loop) \
             for --step-seconds each. Idle sessions (--idle-sessions N): N sessions that authenticate, resume and only ping, from \
-            127.0.0.2 … 127.0.0.(1+k); the nodes' resident memory before and after. The config needs bcrypt_cost = 4 and \
+            127.0.0.2 … 127.0.0.(1+k); the nodes' resident memory before and after. More sessions than one process can hold \
+            (its open file limit): --idle-clients K, K child processes holding N / K each. The config needs bcrypt_cost = 4 and \
             [messaging] sends_per_minute at least what one user sends in the sweep (the bench says how much) (Docs/benchmarks.md).
             """)
 
@@ -253,8 +257,11 @@ struct BenchPush: AsyncParsableCommand {
     @Option(help: "Loopback source addresses for idle sessions: 127.0.0.2 … 127.0.0.(1+k).")
     var sourceAddresses: Int = 8
 
-    @Option(help: "Idle sessions being opened at a time.")
+    @Option(help: "Idle sessions being opened at a time (over all idle clients).")
     var connectConcurrency: Int = 256
+
+    @Option(help: "Processes holding the idle sessions: 1, this one; K > 1, K child processes with N / K sessions each (for more than one process's open file limit).")
+    var idleClients: Int = 1
 
     @Option(help: "Seconds the idle sessions are held (servers' idle CPU measured) before memory is read.")
     var idleHold: Double = 10
@@ -273,8 +280,8 @@ struct BenchPush: AsyncParsableCommand {
 
     func validate() throws {
         guard users >= 2, stepSeconds > 0, pushTimeout > 0, idleSessions >= 0, sourceAddresses >= 1, sourceAddresses <= 250,
-            connectConcurrency >= 1, httpConnections >= 1, idleHold >= 0, pauseBeforeSessions >= 0
-        else { throw ValidationError("--users >= 2, --source-addresses 1...250, and the counts and seconds must be positive") }
+            connectConcurrency >= 1, httpConnections >= 1, idleHold >= 0, pauseBeforeSessions >= 0, idleClients >= 1, idleClients <= 64
+        else { throw ValidationError("--users >= 2, --source-addresses 1...250, --idle-clients 1...64, and the counts and seconds must be positive") }
         guard SendVia(rawValue: sendVia) != nil else { throw ValidationError("--send-via is ws or http") }
         _ = try rateList()
         if reportFrom != nil && htmlOut == nil { throw ValidationError("--report-from needs --html-out") }
@@ -306,6 +313,7 @@ struct BenchPush: AsyncParsableCommand {
         o.idleSessions = idleSessions
         o.sourceAddresses = sourceAddresses
         o.connectConcurrency = connectConcurrency
+        o.idleClients = idleClients
         o.idleHold = idleHold
         o.pauseBeforeSessions = pauseBeforeSessions
         o.jsonOut = jsonOut
@@ -315,6 +323,52 @@ struct BenchPush: AsyncParsableCommand {
         try await bench.runPush(o) {
             print($0)
             fflush(nil)
+        }
+    }
+}
+
+/// Internal: one of the processes of `weft bench push --idle-clients K` (started by it, speaking JSON lines
+/// on stdout; stdin's end stops it).
+struct BenchIdleClient: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "idle-client",
+        abstract: "Internal, started by `weft bench push --idle-clients`: hold idle sessions [from, to) until stdin ends.",
+        shouldDisplay: false)
+
+    @Option(help: "The nodes' API addresses, host:port, comma-separated, in the config's order.")
+    var nodes: String
+
+    @Option(help: "A file of the users' tokens, one per line.")
+    var tokens: String
+
+    @Option(help: "First session (of the bench's numbering).")
+    var from: Int
+
+    @Option(help: "Session after the last.")
+    var to: Int
+
+    @Option(help: "Loopback source addresses: 127.0.0.2 … 127.0.0.(1+k).")
+    var sourceAddresses: Int = 8
+
+    @Option(help: "Sessions being opened at a time.")
+    var connectConcurrency: Int = 256
+
+    func validate() throws {
+        guard from >= 0, to >= from, sourceAddresses >= 1, sourceAddresses <= 250, connectConcurrency >= 1 else {
+            throw ValidationError("0 <= --from <= --to, --source-addresses 1...250, --connect-concurrency >= 1")
+        }
+        guard !nodes.split(separator: ",").isEmpty else { throw ValidationError("--nodes: at least one host:port") }
+    }
+
+    func run() async throws {
+        let o = ClusterBench.IdleClientOptions(
+            nodes: nodes.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }, tokensFile: tokens, range: from..<to,
+            sourceAddresses: sourceAddresses, connectConcurrency: connectConcurrency)
+        do {
+            try await ClusterBench.runIdleClient(o)
+        } catch {
+            FileHandle.standardError.write(Data("weft bench idle-client: \(error)\n".utf8))
+            throw ExitCode(1)
         }
     }
 }
