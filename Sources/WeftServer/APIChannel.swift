@@ -48,35 +48,41 @@ struct APIChannel: ServerChildChannel, HTTPChannelHandler {
         channel.eventLoop.makeCompletedFuture {
             let attempted = NIOLoopBoundBox(false, eventLoop: channel.eventLoop)
             let (token, api, tier) = (operatorToken, api, node.delivery)
-            let upgrader = NIOTypedWebSocketServerUpgrader<Upgraded>(
+            // Two WebSocket upgraders, chosen by path: a session's frames are 16 KiB and refused by the
+            // frame decoder itself (1009) past that, before they are buffered; the operator's append
+            // stream takes 4 MiB frames, and only with the operator token.
+            let delivery = NIOTypedWebSocketServerUpgrader<Upgraded>(
+                maxFrameSize: DeliverySocket.frameBytesMax,
+                shouldUpgrade: { channel, _ in
+                    attempted.value = true
+                    return channel.eventLoop.makeSucceededFuture(HTTPHeaders())
+                },
+                upgradePipelineHandler: { channel, _ in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandler(
+                            NIOWebSocketFrameAggregator(
+                                minNonFinalFragmentSize: 1, maxAccumulatedFrameCount: 64, maxAccumulatedFrameSize: DeliverySocket.frameBytesMax))
+                        try channel.pipeline.syncOperations.addHandler(DeliveryHandler(api: api, tier: tier, loop: channel.eventLoop))
+                        return .delivery
+                    }
+                })
+            let appendStream = NIOTypedWebSocketServerUpgrader<Upgraded>(
                 maxFrameSize: AppendStream.frameBytesMax,
                 shouldUpgrade: { channel, head in
                     attempted.value = true
-                    let path = Self.path(head.uri)
-                    // The delivery socket upgrades for anyone (the session's first frame authenticates);
-                    // the append stream only with the operator token.
-                    if path == DeliverySocket.path { return channel.eventLoop.makeSucceededFuture(HTTPHeaders()) }
-                    if path == AppendStream.path, let header = head.headers.first(name: "authorization"), header.hasPrefix("Bearer "),
+                    guard let header = head.headers.first(name: "authorization"), header.hasPrefix("Bearer "),
                         OperatorAuthMiddleware<BasicRequestContext>.constantTimeEqual(Array(header.utf8.dropFirst(7)), token)
-                    {
-                        return channel.eventLoop.makeSucceededFuture(HTTPHeaders())
-                    }
-                    return channel.eventLoop.makeSucceededFuture(nil)
+                    else { return channel.eventLoop.makeSucceededFuture(nil) }
+                    return channel.eventLoop.makeSucceededFuture(HTTPHeaders())
                 },
-                upgradePipelineHandler: { channel, head in
+                upgradePipelineHandler: { channel, _ in
                     channel.eventLoop.makeCompletedFuture {
-                        if Self.path(head.uri) == DeliverySocket.path {
-                            try channel.pipeline.syncOperations.addHandler(
-                                NIOWebSocketFrameAggregator(
-                                    minNonFinalFragmentSize: 1, maxAccumulatedFrameCount: 64, maxAccumulatedFrameSize: DeliverySocket.frameBytesMax))
-                            try channel.pipeline.syncOperations.addHandler(DeliveryHandler(api: api, tier: tier, loop: channel.eventLoop))
-                            return .delivery
-                        }
-                        return .appendStream(
+                        .appendStream(
                             try NIOAsyncChannel<WebSocketFrame, WebSocketFrame>(
                                 wrappingChannelSynchronously: channel, configuration: .init(isOutboundHalfClosureEnabled: true)))
                     }
                 })
+            let upgrader = ByPath(delivery: delivery, appendStream: appendStream, refuse: { attempted.value = true })
             let upgrades = NIOTypedHTTPServerUpgradeConfiguration<Upgraded>(
                 upgraders: [upgrader],
                 notUpgradingCompletionHandler: { channel in
@@ -93,6 +99,11 @@ struct APIChannel: ServerChildChannel, HTTPChannelHandler {
             pipeline.enablePipelining = false
             pipeline.enableErrorHandling = false
             pipeline.enableResponseHeaderValidation = false
+            // Hummingbird's limits on request heads.
+            let limits = HTTP1Channel.Configuration().httpDecoder
+            pipeline.decoderConfiguration.maxHeaderFieldSize = limits.maxHeaderFieldSize
+            pipeline.decoderConfiguration.maxHeaderListSize = limits.maxHeaderListSize
+            pipeline.decoderConfiguration.maxHeaderFieldCount = limits.maxHeaderFieldCount
             let upgraded = try channel.pipeline.syncOperations.configureUpgradableHTTPServerPipeline(configuration: pipeline)
             return Value(upgraded: upgraded, channel: channel)
         }
@@ -127,5 +138,39 @@ struct APIChannel: ServerChildChannel, HTTPChannelHandler {
         } catch {
             logger.debug("connection ended: \(error)")
         }
+    }
+}
+
+/// The one "websocket" upgrader NIO allows per connection, choosing the real one by the request's path
+/// (each has its own frame size limit); other paths are not upgraded.
+struct ByPath: NIOTypedHTTPServerProtocolUpgrader {
+    typealias UpgradeResult = APIChannel.Upgraded
+    let delivery: NIOTypedWebSocketServerUpgrader<UpgradeResult>
+    let appendStream: NIOTypedWebSocketServerUpgrader<UpgradeResult>
+    /// Called when an upgrade is refused for its path.
+    let refuse: @Sendable () -> Void
+
+    var supportedProtocol: String { delivery.supportedProtocol }
+    var requiredUpgradeHeaders: [String] { delivery.requiredUpgradeHeaders }
+
+    func upgrader(_ head: HTTPRequestHead) -> NIOTypedWebSocketServerUpgrader<UpgradeResult>? {
+        switch APIChannel.path(head.uri) {
+        case Substring(DeliverySocket.path): delivery
+        case Substring(AppendStream.path): appendStream
+        default: nil
+        }
+    }
+
+    func buildUpgradeResponse(channel: any Channel, upgradeRequest: HTTPRequestHead, initialResponseHeaders: HTTPHeaders) -> EventLoopFuture<HTTPHeaders> {
+        guard let u = upgrader(upgradeRequest) else {
+            refuse()
+            return channel.eventLoop.makeFailedFuture(NIOWebSocketUpgradeError.unsupportedWebSocketTarget)
+        }
+        return u.buildUpgradeResponse(channel: channel, upgradeRequest: upgradeRequest, initialResponseHeaders: initialResponseHeaders)
+    }
+
+    func upgrade(channel: any Channel, upgradeRequest: HTTPRequestHead) -> EventLoopFuture<UpgradeResult> {
+        guard let u = upgrader(upgradeRequest) else { return channel.eventLoop.makeFailedFuture(NIOWebSocketUpgradeError.unsupportedWebSocketTarget) }
+        return u.upgrade(channel: channel, upgradeRequest: upgradeRequest)
     }
 }

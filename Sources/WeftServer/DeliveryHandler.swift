@@ -48,6 +48,8 @@ final class DeliveryHandler: ChannelInboundHandler, RemovableChannelHandler {
     /// The close frame is written (or the connection is gone): nothing else is.
     var closing = false
     var gone = false
+    /// Closes the connection at the end of the close grace.
+    var closer: Scheduled<Void>?
 
     init(api: MessagingAPI, tier: DeliveryTier, loop: any EventLoop) {
         self.api = api
@@ -81,10 +83,10 @@ final class DeliveryHandler: ChannelInboundHandler, RemovableChannelHandler {
         case .binary:
             input(.malformed("frames are JSON text"))
         case .ping:
-            // A protocol ping keeps the session alive like a `ping` frame; answered at once.
+            // A protocol ping keeps the session alive like a `ping` frame; its pong counts against the
+            // queue like any answer (a client that pings without reading is closed, not buffered for).
             _ = session.received(.ping, nowMillis: Self.now())
-            guard !closing else { return }
-            context.writeAndFlush(wrapOutboundOut(WebSocketFrame(fin: true, opcode: .pong, data: frame.unmaskedData)), promise: nil)
+            write(WebSocketFrame(fin: true, opcode: .pong, data: frame.unmaskedData))
         case .connectionClose:
             // The client closes: answer its close at once, then the connection goes.
             if !closing {
@@ -100,16 +102,30 @@ final class DeliveryHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        if error is NIOWebSocketFrameAggregator.Error {
+        if case .accumulatedFrameSizeIsTooLarge? = error as? NIOWebSocketFrameAggregator.Error {
             closeSession(1009, "a frame is at most \(DeliverySocket.frameBytesMax) bytes")
+        } else if error is NIOWebSocketFrameAggregator.Error {
+            closeSession(Session.Close.protocolError.rawValue, "fragments out of order")
         } else {
             context.close(promise: nil)
         }
     }
 
+    /// The HTTP server is shutting down (SIGTERM): every session, whatever its state, is told to resume
+    /// elsewhere, and the server waits for its connection to close (at most the close grace).
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if event is ChannelShouldQuiesceEvent {
+            perform(session.close(.resume, "the node is shutting down: resume from your cursor on another node"))
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
     func channelInactive(context: ChannelHandlerContext) {
         gone = true
         closing = true
+        closer?.cancel()
+        closer = nil
         polling?.cancel()
         polling = nil
         if let tickID { tier.ticker.unregister(tickID, on: loop) }
@@ -127,8 +143,11 @@ final class DeliveryHandler: ChannelInboundHandler, RemovableChannelHandler {
     func input(_ i: Input) {
         guard !gone, !closing else { return }
         if case .written(let n) = i {
-            // Writes are counted at once, whatever the session is waiting for.
-            return perform(session.written(n, nowMillis: Self.now()))
+            // Writes are counted at once, whatever the session is waiting for; what that asks for (the
+            // next page of a catch-up) waits until the work under way is done.
+            let next = session.written(n, nowMillis: Self.now())
+            if busy { rest += next } else { perform(next) }
+            return
         }
         if busy {
             pending.append(i)
@@ -218,7 +237,7 @@ final class DeliveryHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     func resume(_ done: Done) {
-        guard !gone else { return }
+        guard !gone, !closing else { return }
         busy = false
         var actions: [Session.Action]
         switch done {
@@ -358,19 +377,26 @@ final class DeliveryHandler: ChannelInboundHandler, RemovableChannelHandler {
     /// the write: a write the socket takes at once reports `written` from inside `writeAndFlush`.
     func write(_ text: String) {
         guard let context, !closing else { return }
-        let counted = session.queued(1)
-        guard !counted.contains(where: { if case .close = $0 { true } else { false } }) else { return perform(counted) }
         var buffer = context.channel.allocator.buffer(capacity: text.utf8.count)
         buffer.writeString(text)
+        write(WebSocketFrame(fin: true, opcode: .text, data: buffer))
+    }
+
+    func write(_ frame: WebSocketFrame) {
+        guard let context, !closing else { return }
+        let counted = session.queued(1)
+        guard !counted.contains(where: { if case .close = $0 { true } else { false } }) else { return perform(counted) }
         let promise = loop.makePromise(of: Void.self)
         let me = bound
         promise.futureResult.whenSuccess { me.value.input(.written(1)) }
-        context.writeAndFlush(wrapOutboundOut(WebSocketFrame(fin: true, opcode: .text, data: buffer)), promise: promise)
+        context.writeAndFlush(wrapOutboundOut(frame), promise: promise)
     }
 
     /// Writes the close frame; the connection goes when the client answers it, or after the grace.
     func closeSession(_ code: UInt16, _ why: String) {
         guard let context, !closing else { return }
+        // The session is over whichever way it ended: work still under way changes nothing.
+        _ = session.close(.resume, why)
         closing = true
         pending = []
         var data = context.channel.allocator.buffer(capacity: 2 + why.utf8.count)
@@ -379,6 +405,6 @@ final class DeliveryHandler: ChannelInboundHandler, RemovableChannelHandler {
         data.writeBytes(Array(why.utf8.prefix(123)))
         context.writeAndFlush(wrapOutboundOut(WebSocketFrame(fin: true, opcode: .connectionClose, data: data)), promise: nil)
         let channel = context.channel
-        channel.eventLoop.scheduleTask(in: DeliverySocket.closeGrace) { channel.close(promise: nil) }
+        closer = channel.eventLoop.scheduleTask(in: DeliverySocket.closeGrace) { channel.close(promise: nil) }
     }
 }

@@ -443,8 +443,9 @@ final class RecentBodies: @unchecked Sendable {
             if let t = fetching[id] { return (nil, t) }
             let t = Task {
                 let body = await fetch()
-                self.lock.withLock { self.fetching[id] = nil }
+                // Cached before the fetch is forgotten: an asker in between finds one or the other.
                 if let body { self.put(id, body) }
+                self.lock.withLock { self.fetching[id] = nil }
                 return body
             }
             fetching[id] = t

@@ -1,3 +1,5 @@
+import Foundation
+
 /// The JSON of what the WebSocket sessions push, written by hand (Docs/delivery.md, "Cost of a push").
 ///
 /// A push frame is rendered once per session and event: at 500 members a group message is 500 of them.
@@ -161,7 +163,11 @@ extension MessagingAPI.EventBody {
 /// RFC 3339 UTC timestamps with milliseconds (`2026-12-02T15:22:13.123Z`), the API's one time format,
 /// without Foundation's format styles (a few µs each, and every pushed event has one or two).
 enum ISOTime {
+    /// Years 1…9999 only: outside them (a wild clock, a damaged record) Foundation's formatter answers.
+    static let microsRange: ClosedRange<Int64> = -62_135_596_800_000_000...253_402_300_799_999_999
+
     static func string(micros: Int64) -> String {
+        guard microsRange.contains(micros) else { return MessagingAPI.iso(Date(timeIntervalSince1970: Double(micros) / 1_000_000)) }
         // Floor division, so instants before 1970 also land on the right day and millisecond.
         let millis = micros >= 0 ? micros / 1000 : (micros - 999) / 1000
         let daysSinceEpoch = millis >= 0 ? millis / 86_400_000 : (millis - 86_399_999) / 86_400_000

@@ -80,5 +80,12 @@ import Testing
         }
         #expect(ISOTime.string(micros: 1_764_688_933_123_456) == "2025-12-02T15:22:13.123Z")
         #expect(ISOTime.string(micros: 951_782_400_000_000) == "2000-02-29T00:00:00.000Z")
+        #expect(ISOTime.string(micros: -62_135_596_800_000_000) == "0001-01-01T00:00:00.000Z")
+        #expect(ISOTime.string(micros: 253_402_300_799_999_999) == "9999-12-31T23:59:59.999Z")
+        #expect(ISOTime.string(micros: -1) == "1969-12-31T23:59:59.999Z")
+        // Outside years 1...9999 (a wild clock, a damaged record): Foundation answers, nothing traps.
+        for m: Int64 in [-400_000_000_000_000_000, -62_135_596_800_000_001, 253_402_300_800_000_000, 400_000_000_000_000_000] {
+            #expect(!ISOTime.string(micros: m).isEmpty)
+        }
     }
 }
