@@ -77,7 +77,9 @@ public final class ShardRunner: @unchecked Sendable {
         case transferLeadership(NodeID)
         case configChange(ConfigChange, @Sendable (Result<LogIndex, ReplicationError>) -> Void)
         case status(@Sendable (ShardStatus) -> Void)
-        case read(ReadQuery, @Sendable (Result<ReadResult, ReadError>) -> Void)
+        /// A read of a replica that has applied at least `atLeast` (else `unavailable`: it was reset by a
+        /// repair since the caller waited for that index).
+        case read(ReadQuery, atLeast: LogIndex, @Sendable (Result<ReadResult, ReadError>) -> Void)
         /// Records under a client's request key: written once, whatever the retries (`proposeKeyed`).
         case proposeKeyed([UInt8], [Proposal], deadline: ContinuousClock.Instant?, @Sendable (Result<KeyedResult, ReplicationError>) -> Void)
         /// A relay batch from another shard, on this (destination) shard's leader.
@@ -159,7 +161,7 @@ public final class ShardRunner: @unchecked Sendable {
         case .propose(_, let cb): cb(.failure(.unavailable(why)))
         case .readIndex(let cb): cb(.failure(.unavailable(why)))
         case .configChange(_, let cb): cb(.failure(.unavailable(why)))
-        case .read(_, let cb): cb(.failure(.unavailable(why)))
+        case .read(_, _, let cb): cb(.failure(.unavailable(why)))
         case .whenApplied(_, _, let cb): cb(.failure(.unavailable(why)))
         case .proposeKeyed(_, _, _, let cb): cb(.failure(.unavailable(why)))
         case .proposeRelayBatch(_, _, _, let cb): cb(.failure(.unavailable(why)))
@@ -294,7 +296,11 @@ public final class ShardRunner: @unchecked Sendable {
         case .transferLeadership(let to): replica.raftTransfer(to)
         case .configChange(let c, let cb): replica.proposeConfig(c) { cb($0) }
         case .status(let cb): cb(replica.status())
-        case .read(let q, let cb): cb(replica.read(q))
+        case .read(let q, let atLeast, let cb):
+            guard replica.lastApplied >= atLeast else {
+                return cb(.failure(.unavailable("the replica applied \(replica.lastApplied) of \(atLeast) (reset by a repair since the read waited)")))
+            }
+            cb(replica.read(q))
         case .whenApplied(let index, let token, let cb): replica.whenApplied(index, token: token) { cb($0) }
         case .cancelWaiter(let token): replica.cancelWaiter(token)
         case .proposeKeyed(let key, let ps, let deadline, let cb): replica.proposeKeyed(key, ps, deadline: deadline) { cb($0) }

@@ -83,14 +83,18 @@ extension WeftNode {
         _ body: @escaping @Sendable (MessagingMachine, LogIndex) -> T
     ) async -> Result<T?, ReadFailure> {
         guard let r = runner(shard) else { return .failure(.noReplica) }
-        if case .failure(let f) = await waitApplied(shard: shard, runner: r, consistency: consistency, deadline: ContinuousClock.now + timeout) {
-            return .failure(f)
+        let need: LogIndex
+        switch await waitApplied(shard: shard, runner: r, consistency: consistency, deadline: ContinuousClock.now + timeout) {
+        case .failure(let f): return .failure(f)
+        case .success(let n): need = n
         }
         let answer: QueryAnswer<T> = await withCheckedContinuation { c in
             r.submit(
                 .query { state in
                     guard let (machine, applied, current) = state else { return c.resume(returning: .notRunning) }
                     guard let m = machine as? MessagingMachine else { return c.resume(returning: .notMessaging) }
+                    // A repair between the wait and this query restarted the state from an earlier point.
+                    guard applied >= need else { return c.resume(returning: .reset(applied, need)) }
                     if caughtUp && !current { return c.resume(returning: .behind) }
                     c.resume(returning: .value(body(m, applied)))
                 })
@@ -99,6 +103,8 @@ extension WeftNode {
         case .notRunning: return .failure(.unavailable("the replica of shard \(shard) on node \(id) is not running"))
         case .notMessaging: return .failure(.unavailable("shard \(shard) does not run the messaging state machine"))
         case .behind: return .success(nil)
+        case .reset(let applied, let need):
+            return .failure(.unavailable("the replica of shard \(shard) on node \(id) applied \(applied) of \(need): reset by a repair since the query waited"))
         case .value(let v): return .success(v)
         }
     }
@@ -107,6 +113,7 @@ extension WeftNode {
 /// What a state query on a shard's thread gave.
 enum QueryAnswer<T: Sendable>: Sendable {
     case notRunning, notMessaging, behind
+    case reset(LogIndex, LogIndex)
     case value(T)
 }
 

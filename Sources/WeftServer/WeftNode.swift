@@ -829,17 +829,21 @@ public final class WeftNode: Sendable {
         shard: ShardID, _ q: ReadQuery, consistency: ReadConsistency = .local, timeout: Duration = .seconds(5)
     ) async -> Result<ReadResult, ReadFailure> {
         guard let r = runner(shard) else { return .failure(.noReplica) }
-        if case .failure(let f) = await waitApplied(shard: shard, runner: r, consistency: consistency, deadline: ContinuousClock.now + timeout) {
-            return .failure(f)
+        let need: LogIndex
+        switch await waitApplied(shard: shard, runner: r, consistency: consistency, deadline: ContinuousClock.now + timeout) {
+        case .failure(let f): return .failure(f)
+        case .success(let n): need = n
         }
-        let result = await withCheckedContinuation { c in r.submit(.read(q) { c.resume(returning: $0) }) }
+        // Checked again where the read runs: a repair between the wait and the read restarts the replica
+        // from an earlier state (applied back to 0), and what it holds then is older than asked.
+        let result = await withCheckedContinuation { c in r.submit(.read(q, atLeast: need) { c.resume(returning: $0) }) }
         return result.mapError { .read($0) }
     }
 
     /// Waits until this node's replica (`r`) has applied what `consistency` asks.
     func waitApplied(
         shard: ShardID, runner r: ShardRunner, consistency: ReadConsistency, deadline: ContinuousClock.Instant
-    ) async -> Result<Void, ReadFailure> {
+    ) async -> Result<LogIndex, ReadFailure> {
         var need: LogIndex = 0
         switch consistency {
         case .local: break
@@ -867,7 +871,7 @@ public final class WeftNode: Sendable {
                 return .failure(.unavailable("\(e)"))
             }
         }
-        return .success(())
+        return .success(need)
     }
 
     /// A linearizable read point for `shard`: the leader's read index, asked locally when this node
