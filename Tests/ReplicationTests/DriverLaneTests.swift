@@ -96,4 +96,30 @@ import WeftTesting
         for (_, other) in cluster.replicas { other.close() }
         cluster.replicas = [:]
     }
+
+    /// A read waits for an index (`waitApplied`), then runs on the replica's thread: a replica that no
+    /// longer has that index applied there (a repair rewound it in between) refuses the read instead of
+    /// answering from the older state.
+    @Test func aReadPastWhatTheReplicaAppliedIsRefusedWhereItRuns() async throws {
+        let cluster = try ReplicaCluster()
+        let lane = DriverLane(name: "test-lane-3", tick: .milliseconds(10))
+        let taken = cluster.replicas.removeValue(forKey: NodeID(1))
+        let replica = try #require(taken)
+        replica.onApply = { _ in }
+        let r = ShardRunner(replica: replica, tick: .milliseconds(10), logger: Logger(label: "test"), lane: lane) { _ in }
+        r.start()
+        let read: @Sendable (LogIndex) async -> Result<ReadResult, ReadError> = { atLeast in
+            await withCheckedContinuation { c in r.submit(.read(.log(from: 1, limit: 10), atLeast: atLeast) { c.resume(returning: $0) }) }
+        }
+        let past = await read(1_000_000)
+        guard case .failure(.unavailable(let why)) = past else {
+            Issue.record("a read past the replica's applied index was answered: \(past)")
+            return
+        }
+        #expect(why.contains("reset by a repair"))
+        if case .failure(.unavailable(let why)) = await read(0) { #expect(!why.contains("reset by a repair")) }
+        #expect(r.stop() == true)
+        for (_, other) in cluster.replicas { other.close() }
+        cluster.replicas = [:]
+    }
 }
