@@ -124,6 +124,13 @@ final class ClusterProcess: @unchecked Sendable {
         if !p.waitForExit(seconds: 30) { Issue.record("node \(n) (pid \(p.processIdentifier)) still runs 30 s after SIGKILL") }
     }
 
+    /// SIGTERM to one node (a graceful shutdown); waits up to 30 s for it to exit, true if it did.
+    func terminate(_ n: Int) -> Bool {
+        guard let p = lock.withLock({ processes[n] }) else { return false }
+        kill(p.processIdentifier, SIGTERM)
+        return p.waitForExit(seconds: 30)
+    }
+
     /// SIGTERM to every node, then waits for each; a node still running 30 s later (its own shutdown
     /// deadline is 20 s) is a failure, and is SIGKILLed so the suite goes on.
     func stopAll() {

@@ -127,5 +127,28 @@ extension Clusters {
             big.send(RawSocket.frame(opcode: 0x1, Array(#"{"type":"ping","pad":"\#(String(repeating: "x", count: 20_000))"}"#.utf8)))
             #expect(Self.closeCodes(big.readAll()) == [1009])
         }
+
+        /// A node shutting down (SIGTERM) closes every device session with 4000 ("resume elsewhere"),
+        /// whatever its state: one that has only sent its token, and one that resumed.
+        @Test(.timeLimit(.minutes(3))) func aNodeShuttingDownTellsEverySessionToResume() async throws {
+            let c = try ClusterProcess(name: "wsquiesce", nodes: 3, shards: 2)
+            try c.startAll()
+            defer { c.stopAll() }
+            for s in 0..<2 { _ = try #require(await c.leader(of: UInt64(s))) }
+            _ = try #require(await c.register("dora"))
+            let token = try #require(await c.login("dora"))
+            let port = try #require(c.apiPorts[1])
+            let authOnly = try RawSocket(port: port)
+            #expect(authOnly.upgrade())
+            authOnly.send(RawSocket.frame(opcode: 0x1, Array(#"{"type":"auth","token":"\#(token)"}"#.utf8)))
+            let live = try RawSocket(port: port)
+            #expect(live.upgrade())
+            live.send(RawSocket.frame(opcode: 0x1, Array(#"{"type":"auth","token":"\#(token)"}"#.utf8)))
+            live.send(RawSocket.frame(opcode: 0x1, Array(#"{"type":"resume","cursor":"0"}"#.utf8)))
+            try await Task.sleep(for: .seconds(1))
+            #expect(c.terminate(1), "node 1 exits after SIGTERM")
+            #expect(Self.closeCodes(authOnly.readAll()) == [4000])
+            #expect(Self.closeCodes(live.readAll()) == [4000])
+        }
     }
 }
