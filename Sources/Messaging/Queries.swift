@@ -18,6 +18,12 @@ public enum MessagingQuery: Sendable, Equatable {
     /// The group without its member list (name, notice, recalled and void seqs): what rendering its
     /// messages needs, at a fraction of the bytes for a large group.
     case groupSummary(UInt64)
+    /// The last inbox seq of each of these users (0 for one with no inbox event), in their order: what a
+    /// node whose sessions get their users' inbox records forwarded checks now and then, to find one it
+    /// missed (Docs/delivery.md, "Sessions away from the home shard"). At most `headsUsersMax` users.
+    case inboxHeads([UInt64])
+
+    public static let headsUsersMax = 4096
 
     public enum Answer: Sendable, Equatable {
         case account(Account?)
@@ -25,6 +31,7 @@ public enum MessagingQuery: Sendable, Equatable {
         case pair(Pair?)
         case peers([UInt64: PeerView])
         case group(Group?)
+        case heads([StreamSeq])
     }
 
     public func answer(_ m: MessagingMachine) -> Answer {
@@ -43,6 +50,7 @@ public enum MessagingQuery: Sendable, Equatable {
                     s.members = [:]
                     return s
                 })
+        case .inboxHeads(let users): .heads(users.map { m.push[$0]?.inboxLast ?? 0 })
         }
     }
 
@@ -74,6 +82,10 @@ public enum MessagingQuery: Sendable, Equatable {
         case .groupSummary(let g):
             w.u8(8)
             w.u64(g)
+        case .inboxHeads(let users):
+            w.u8(9)
+            w.u32(UInt32(users.count))
+            for u in users { w.u64(u) }
         }
         return w.bytes
     }
@@ -92,6 +104,15 @@ public enum MessagingQuery: Sendable, Equatable {
         case 6: q = r.u64().map { .accountSecrets($0) }
         case 7: q = r.u64().map { .group($0) }
         case 8: q = r.u64().map { .groupSummary($0) }
+        case 9:
+            guard let n = r.u32(), n <= Self.headsUsersMax else { return nil }
+            var users: [UInt64] = []
+            users.reserveCapacity(Int(n))
+            for _ in 0..<n {
+                guard let u = r.u64() else { return nil }
+                users.append(u)
+            }
+            q = .inboxHeads(users)
         default: q = nil
         }
         return r.atEnd ? q : nil
@@ -130,6 +151,10 @@ extension MessagingQuery.Answer {
             w.u8(5)
             w.u8(g == nil ? 0 : 1)
             g?.put(&w)
+        case .heads(let seqs):
+            w.u8(6)
+            w.u32(UInt32(seqs.count))
+            for s in seqs { w.u64(s) }
         }
         return w.bytes
     }
@@ -158,6 +183,15 @@ extension MessagingQuery.Answer {
             case true?: a = Group.take(&r).map { .group($0) }
             case nil: a = nil
             }
+        case 6:
+            guard let n = r.u32(), n <= MessagingQuery.headsUsersMax else { return nil }
+            var seqs: [StreamSeq] = []
+            seqs.reserveCapacity(Int(n))
+            for _ in 0..<n {
+                guard let v = r.u64() else { return nil }
+                seqs.append(v)
+            }
+            a = .heads(seqs)
         default: a = nil
         }
         return r.atEnd ? a : nil
@@ -168,4 +202,5 @@ extension MessagingQuery.Answer {
     public var peers: [UInt64: PeerView] { if case .peers(let p) = self { p } else { [:] } }
     public var taken: Bool { if case .taken(let t) = self { t } else { false } }
     public var group: Group? { if case .group(let g) = self { g } else { nil } }
+    public var heads: [StreamSeq] { if case .heads(let h) = self { h } else { [] } }
 }

@@ -40,7 +40,8 @@ final class DeliveryHandler: ChannelInboundHandler, RemovableChannelHandler {
     var typingSent: Int64 = 0
     var sendsInFlight = 0
     var typingAllowed: [UInt64: (ok: Bool, at: Int64)] = [:]
-    var polling: Task<Void, Never>?
+    /// No replica of the user's home shard here: their inbox records are forwarded by the shard's nodes.
+    var servedFromAfar = false
     /// Asynchronous work is under way; `rest` are the session's actions after it.
     var busy = false
     var rest: [Session.Action] = []
@@ -126,8 +127,6 @@ final class DeliveryHandler: ChannelInboundHandler, RemovableChannelHandler {
         closing = true
         closer?.cancel()
         closer = nil
-        polling?.cancel()
-        polling = nil
         if let tickID { tier.ticker.unregister(tickID, on: loop) }
         tickID = nil
         if let (u, id) = registration, tier.hub.unregister(user: u, id: id) { tier.announce([u], on: false) }
@@ -207,7 +206,7 @@ final class DeliveryHandler: ChannelInboundHandler, RemovableChannelHandler {
                 }
                 return .typingChecked(to: to, ok: false, at: now)
             }
-        case .send(let requestID, let message):
+        case .send(let requestID, let frame, let refused):
             guard session.user != nil, let token = bearer else {
                 return perform(session.close(.protocolError, "send after auth and resume"))
             }
@@ -220,7 +219,7 @@ final class DeliveryHandler: ChannelInboundHandler, RemovableChannelHandler {
             sendsInFlight += 1
             let (api, me) = (self.api, bound)
             Task {
-                let answer = await DeliverySocket.sendAnswer(requestID: requestID, message: message, token: token, api: api)
+                let answer = await DeliverySocket.sendAnswer(requestID: requestID, frame: frame, refused: refused, token: token, api: api)
                 me.eventLoop.execute { me.value.input(.write(answer)) }
             }
         }
@@ -306,24 +305,9 @@ final class DeliveryHandler: ChannelInboundHandler, RemovableChannelHandler {
                 registration = (u, id)
                 if first { tier.announce([u], on: true) }
                 let node = api.node
-                if node.runner(Ids.homeShard(u, shards: node.config.shards)) == nil {
-                    // No replica of the home shard here: poll the inbox (the session drops repeats); the
-                    // hub still brings typing.
-                    let from = session.delivered
-                    polling = Task {
-                        var next: StreamSeq = from
-                        while !Task.isCancelled {
-                            try? await Task.sleep(for: .milliseconds(250))
-                            let r = await node.readAnywhere(
-                                shard: Ids.homeShard(u, shards: node.config.shards), .stream(Ids.inbox(u), fromSeq: next &+ 1, limit: 100),
-                                consistency: .linearizable)
-                            if case .success(let rr) = r, let last = rr.records.last {
-                                next = last.seq
-                                me.eventLoop.execute { me.value.input(.hub(.records(rr.records))) }
-                            }
-                        }
-                    }
-                }
+                // No replica of the home shard here: the shard's nodes forward the user's inbox records
+                // (the directory lists this node once the announce above arrives; DeliveryTier).
+                servedFromAfar = node.runner(Ids.homeShard(u, shards: node.config.shards)) == nil
             case .readInbox(let u, let from, let limit):
                 rest = Array(actions[k...])
                 let api = self.api
@@ -342,6 +326,10 @@ final class DeliveryHandler: ChannelInboundHandler, RemovableChannelHandler {
                 let skipped = events.count - bodies.count
                 if skipped > 0 { perform(session.written(skipped, nowMillis: Self.now())) }
             case .reply(let reply):
+                if case .ready(let cursor) = reply, servedFromAfar, let (u, _) = registration {
+                    // Everything up to the cursor was read: the heads check looks for losses past it.
+                    tier.hub.raiseRemoteMark(u, to: cursor)
+                }
                 write(DeliverySocket.text(reply))
             case .acknowledged(let u, let cursor):
                 tier.acks.note(user: u, cursor: cursor)

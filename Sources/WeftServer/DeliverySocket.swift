@@ -35,6 +35,13 @@ final class InboxHub: @unchecked Sendable {
     /// Sees every batch of applied records before their inbox entries go to the sessions (guarded by
     /// `condition`; set once at start-up).
     var observer: (@Sendable ([Record], ShardID) -> Void)?
+    /// Gets every batch's inbox records by user, after this node's sessions had theirs: the delivery
+    /// tier sends them on to nodes with sessions of those users and no replica of the shard (set once).
+    var forwarder: (@Sendable ([UInt64: [Record]], ShardID) -> Void)?
+    /// Users whose inbox records come from other nodes (no replica of their home shard here): the
+    /// highest seq handed to their sessions, so the same record forwarded by each of the shard's
+    /// replicas reaches them once. Dropped with the user's last session.
+    var remoteSeen: [UInt64: StreamSeq] = [:]
 
     init() {
         let t = Thread { [weak self] in self?.loop() }
@@ -49,6 +56,41 @@ final class InboxHub: @unchecked Sendable {
     }
 
     func observe(_ f: @escaping @Sendable ([Record], ShardID) -> Void) { condition.withLock { observer = f } }
+
+    func forward(_ f: @escaping @Sendable ([UInt64: [Record]], ShardID) -> Void) { condition.withLock { forwarder = f } }
+
+    /// Inbox records another node forwarded (or a heads check read): to the sessions of their users here,
+    /// each seq once (records at or below what was handed already are dropped).
+    func remote(_ records: [Record]) {
+        var byUser: [UInt64: [Record]] = [:]
+        for r in records where r.type == .messaging {
+            if let u = Ids.inboxUser(r.stream) { byUser[u, default: []].append(r) }
+        }
+        let targets = condition.withLock {
+            byUser.compactMap { u, rs -> ([@Sendable (HubEvent) -> Void], [Record])? in
+                guard let callbacks = sessions[u] else { return nil }
+                let seen = remoteSeen[u] ?? 0
+                let fresh = rs.filter { $0.seq > seen }
+                guard let last = fresh.last else { return nil }
+                remoteSeen[u] = max(seen, last.seq)
+                return (Array(callbacks.values), fresh)
+            }
+        }
+        for (callbacks, rs) in targets { for c in callbacks { c(.records(rs)) } }
+    }
+
+    /// The highest seq handed to `user`'s sessions here from afar; nil before any (see `raiseRemoteMark`).
+    func remoteMark(_ user: UInt64) -> StreamSeq? {
+        condition.withLock { sessions[user] == nil ? nil : remoteSeen[user] }
+    }
+
+    /// A session of `user` here (served from afar) is live with every event up to `seq`: it read them.
+    func raiseRemoteMark(_ user: UInt64, to seq: StreamSeq) {
+        condition.withLock {
+            guard sessions[user] != nil else { return }
+            remoteSeen[user] = max(remoteSeen[user] ?? 0, seq)
+        }
+    }
 
     /// Nil when the user or the node has too many sessions; `first`: the user had none here before.
     func register(user: UInt64, _ deliver: @escaping @Sendable (HubEvent) -> Void) -> (id: UInt64, first: Bool)? {
@@ -69,6 +111,7 @@ final class InboxHub: @unchecked Sendable {
             if sessions[user]?.removeValue(forKey: id) != nil { sessionCount -= 1 }
             guard sessions[user]?.isEmpty == true else { return false }
             sessions[user] = nil
+            remoteSeen[user] = nil
             return true
         }
     }
@@ -112,6 +155,7 @@ final class InboxHub: @unchecked Sendable {
             dirty = false
             let subs = subscriptions
             let observer = self.observer
+            let forwarder = self.forwarder
             condition.unlock()
             for (shard, sub) in subs {
                 // Drain each tail; a damaged file read is retried at the next wake.
@@ -124,6 +168,7 @@ final class InboxHub: @unchecked Sendable {
                     guard !byUser.isEmpty else { continue }
                     let targets = condition.withLock { byUser.compactMap { u, rs in sessions[u].map { (Array($0.values), rs) } } }
                     for (callbacks, rs) in targets { for c in callbacks { c(.records(rs)) } }
+                    forwarder?(byUser, shard)
                 }
             }
         }
@@ -140,8 +185,9 @@ enum DeliverySocket {
 
     enum Input: Sendable {
         case frame(Session.ClientFrame)
-        /// A message to send (`{"type":"send","request_id":…,"message":{…}}`): the message object's bytes.
-        case send(requestID: String, message: Data)
+        /// A message to send (`{"type":"send","request_id":…,"message":{…}}`): the whole frame's bytes, or
+        /// why its message was refused already (an unknown field, a null).
+        case send(requestID: String, frame: Data, refused: APIError?)
         /// `{"type":"typing","to":<user id>}`.
         case typing(to: UInt64)
         /// A frame to write as is (a send's answer).
@@ -189,10 +235,18 @@ enum DeliverySocket {
             guard let to = o["to"] as? Int, to > 0 else { return .malformed("typing needs a user id: {\"type\":\"typing\",\"to\":42}") }
             return .typing(to: UInt64(to))
         case "send":
-            guard let id = o["request_id"] as? String, (1...64).contains(id.utf8.count), let m = o["message"] as? [String: Any],
-                let data = try? JSONSerialization.data(withJSONObject: m)
+            guard let id = o["request_id"] as? String, (1...64).contains(id.utf8.count), let m = o["message"] as? [String: Any]
             else { return .malformed("send needs a request_id (1-64 characters) and a message object") }
-            return .send(requestID: id, message: data)
+            // The message's fields are checked here, on the parsed frame, and decoded from the frame's own
+            // bytes in the send's task (before: the message object written out again and parsed twice more).
+            do {
+                try MessagingAPI.checkFields(m, keys: MessagingAPI.SendBody.keys)
+                return .send(requestID: id, frame: Data(text.utf8), refused: nil)
+            } catch let e as APIError {
+                return .send(requestID: id, frame: Data(), refused: e)
+            } catch {
+                return .malformed("send: \(error)")
+            }
         default:
             return .malformed("unknown frame type \(type.prefix(32))")
         }
@@ -200,12 +254,13 @@ enum DeliverySocket {
 
     /// A `send` frame's answer: `{"type":"sent","request_id",…}` with the HTTP route's fields, or
     /// `{"type":"error","request_id","code","message"}` (the same codes as the HTTP route's errors).
-    static func sendAnswer(requestID: String, message: Data, token: String, api: MessagingAPI) async -> String {
+    static func sendAnswer(requestID: String, frame: Data, refused: APIError?, token: String, api: MessagingAPI) async -> String {
         let rid = jsonString(requestID)
         do {
             // The token again: a logout during the session stops its sends.
             let me = try await api.account(bearer: token)
-            let body = try MessagingAPI.decode(MessagingAPI.SendBody.self, message, keys: MessagingAPI.SendBody.keys)
+            if let refused { throw refused }
+            let body = try MessagingAPI.decodeFields(SendFrame.self, frame, dropping: 1).message
             let (sent, replayed) = try await api.send(body, from: me)
             return #"{"type":"sent","request_id":\#(rid),"message_id":\#(sent.message_id),"created_at":"\#(sent.created_at)","conversation_id":"\#(sent.conversation_id)","seq":\#(sent.seq),"replayed":\#(replayed)}"#
         } catch let e as APIError {
@@ -213,6 +268,11 @@ enum DeliverySocket {
         } catch {
             return #"{"type":"error","request_id":\#(rid),"code":"internal","message":\#(jsonString("\(error)"))}"#
         }
+    }
+
+    /// A send frame as `JSONDecoder` reads it: the message only (the frame's other keys were read already).
+    struct SendFrame: Decodable {
+        var message: MessagingAPI.SendBody
     }
 
     static func text(_ reply: Session.Reply) -> String {
@@ -224,7 +284,9 @@ enum DeliverySocket {
     }
 
     static func jsonString(_ s: String) -> String {
-        (try? String(decoding: JSONEncoder().encode(s), as: UTF8.self)) ?? "\"\""
+        var w = JSONWriter(capacity: s.utf8.count + 8)
+        w.string(s)
+        return String(decoding: w.bytes, as: UTF8.self)
     }
 
     /// Records as session events: every record keeps its seq; the body is the event JSON (sync's shape,

@@ -2,6 +2,7 @@ import ClusterConfig
 import Delivery
 import Foundation
 import Messaging
+import Metrics
 import NIOConcurrencyHelpers
 import NIOCore
 import WeftCore
@@ -16,6 +17,13 @@ import WeftCore
 /// repeated for 75 s are dropped: a killed node's sessions fade out). Typing from a to b goes to one
 /// directory node of b, which sends it to each node holding a session of b: one or two peer hops, and
 /// per event a cost that grows with b's devices, not with the cluster.
+///
+/// **Inbox records to nodes without the home shard.** The same directory routes a user's inbox: each
+/// replica of u's home shard, as its hub applies u's inbox records, sends them to the nodes its
+/// directory lists for u that hold no replica of the shard (those have their own hub). A node gets each
+/// record from up to three replicas and hands it on once (`InboxHub.remote`); a lost frame shows as a
+/// gap its sessions read, and one at the tail is found by `checkHeads` (every `headsEvery`: one query
+/// per shard for the last inbox seq of the users it serves from afar).
 final class DeliveryTier: Sendable {
     let hub = InboxHub()
     let acks = AckWriter()
@@ -27,6 +35,13 @@ final class DeliveryTier: Sendable {
     let send: @Sendable (NodeID, ShardID, Envelope) -> Void
     let reachable: @Sendable (NodeID) -> Bool
     static let refreshEvery: Duration = .seconds(30)
+    static let headsEvery: Duration = .seconds(5)
+    /// Records per forwarded frame at most.
+    static let forwardRecordsMax = 256
+    /// Gap reads one heads check makes at most (the rest wait for the next).
+    static let headsReadsMax = 256
+    let forwarded = Counter(label: "weft_delivery_inbox_forwarded_total")
+    let headsGapReads = Counter(label: "weft_delivery_heads_gap_reads_total")
 
     init(
         config: ClusterConfiguration, selfID: NodeID, send: @escaping @Sendable (NodeID, ShardID, Envelope) -> Void,
@@ -63,6 +78,53 @@ final class DeliveryTier: Sendable {
         }
     }
 
+    /// A batch of inbox records this node's replica of `shard` applied, by user: to every node the
+    /// directory lists for a user that holds no replica of the shard.
+    func forwardInbox(_ byUser: [UInt64: [Record]], shard: ShardID) {
+        let replicas = config.replicas(of: shard)
+        var byNode: [NodeID: [Record]] = [:]
+        for (u, rs) in byUser {
+            for n in directory.nodes(of: u) where n != selfID && !replicas.contains(n) { byNode[n, default: []] += rs }
+        }
+        for (n, rs) in byNode {
+            for start in stride(from: 0, to: rs.count, by: Self.forwardRecordsMax) {
+                send(n, shard, .inbox(records: Array(rs[start..<min(start + Self.forwardRecordsMax, rs.count)])))
+            }
+            forwarded.increment(by: rs.count)
+        }
+    }
+
+    /// Finds inbox records forwarding lost (a frame dropped on a broken connection, a directory that
+    /// restarted and does not list this node yet): asks each home shard of the users served here from
+    /// afar for their last inbox seq, and reads what is past the mark handed to their sessions when it
+    /// was already there at the previous check (a record in flight is not a loss).
+    func checkHeads(node: WeftNode, previous: [UInt64: StreamSeq]) async -> [UInt64: StreamSeq] {
+        let shards = config.shards
+        var byShard: [ShardID: [UInt64]] = [:]
+        for u in hub.users where node.runner(Ids.homeShard(u, shards: shards)) == nil {
+            byShard[Ids.homeShard(u, shards: shards), default: []].append(u)
+        }
+        var heads: [UInt64: StreamSeq] = [:]
+        var gaps: [(UInt64, ShardID, StreamSeq)] = []
+        for (shard, users) in byShard {
+            for start in stride(from: 0, to: users.count, by: MessagingQuery.headsUsersMax) {
+                let chunk = Array(users[start..<min(start + MessagingQuery.headsUsersMax, users.count)])
+                guard case .success(let a?) = await node.ask(shard, .inboxHeads(chunk), at: .linearizable), a.heads.count == chunk.count else { continue }
+                for (u, h) in zip(chunk, a.heads) {
+                    heads[u] = h
+                    guard let seen = hub.remoteMark(u), let before = previous[u], seen < before else { continue }
+                    gaps.append((u, shard, seen))
+                }
+            }
+        }
+        for (u, shard, seen) in gaps.prefix(Self.headsReadsMax) {
+            headsGapReads.increment()
+            let r = await node.readAnywhere(shard: shard, .stream(Ids.inbox(u), fromSeq: seen &+ 1, limit: 256), consistency: .linearizable)
+            if case .success(let rr) = r { hub.remote(rr.records) }
+        }
+        return heads
+    }
+
     /// A session on this node says `from` is typing to `to`: to a directory node of `to` (this one if it
     /// is one).
     func sendTyping(from: UInt64, to: UInt64) {
@@ -92,6 +154,13 @@ final class DeliveryTier: Sendable {
         await withTaskGroup(of: Void.self) { group in
             group.addTask { await self.acks.run(node: node) }
             group.addTask { await self.ticker.run() }
+            group.addTask {
+                var previous: [UInt64: StreamSeq] = [:]
+                while !Task.isCancelled {
+                    try? await Task.sleep(for: Self.headsEvery)
+                    previous = await self.checkHeads(node: node, previous: previous)
+                }
+            }
             group.addTask {
                 while !Task.isCancelled {
                     try? await Task.sleep(for: Self.refreshEvery)

@@ -19,6 +19,7 @@ import WeftCore
 /// 9 relayBatch | request id | u32 header length | RelayMarks.Header bytes | then as forward: u32 n | n x record
 /// 14 presence | u8 on | u32 n | n x u64 user
 /// 15 typing | u64 from | u64 to | u8 route
+/// 16 inbox  | u32 n | n x record (as a read's answer: index | term | stream | seq | u16 type | i64 time | u32 len | payload)
 /// answer statuses 6 partial: u32 count | u32 n | n x ref; 7 replayed: u32 n | n x ref;
 ///                 8 relay: u8 kind (0 written, 1 already applied, 2 stale) | u64 mark
 /// 3 answer  | request id | u8 status
@@ -63,6 +64,11 @@ enum Envelope: Equatable {
     /// `from` is typing to `to`. `route`: to a directory node of `to`, which sends it on (route false)
     /// to every node with a session of `to`. Not answered; lost frames are lost (typing is ephemeral).
     case typing(from: UInt64, to: UInt64, route: Bool)
+    /// Inbox records of the frame's shard, applied by the sending node's replica, for users with sessions
+    /// on the receiving node, which holds no replica of that shard (Docs/delivery.md, "Sessions away from
+    /// the home shard"). Not answered; a lost frame shows as a gap the sessions read, or is found by the
+    /// heads check.
+    case inbox(records: [Record])
 
     /// Users in one presence frame at most.
     static let presenceUsersMax = 1 << 16
@@ -151,6 +157,9 @@ enum Envelope: Equatable {
             put(from, &b)
             put(to, &b)
             b.append(route ? 1 : 0)
+        case .inbox(let records):
+            b.append(16)
+            Self.putRecords(records, &b)
         case .rateTake(let id, let user, let kind, let perMinute):
             b.append(11)
             put(id, &b)
@@ -288,6 +297,10 @@ enum Envelope: Equatable {
             try r.end()
             guard route <= 1 else { throw DecodeError(description: "typing route \(route)") }
             return .typing(from: from, to: to, route: route == 1)
+        case 16:
+            let records = try Self.takeRecords(&r)
+            try r.end()
+            return .inbox(records: records)
         case 11:
             let id = try r.requestID()
             let user = try r.u64()
@@ -512,6 +525,42 @@ public struct RecordRef: Equatable, Sendable, Codable {
         try c.encode(term, forKey: .term)
         try c.encode(stream.rawValue, forKey: .stream)
         try c.encode(seq, forKey: .seq)
+    }
+}
+
+extension Envelope {
+    /// `u32 n | n x (index | term | stream | seq | u16 type | i64 time | u32 len | payload)`.
+    static func putRecords(_ records: [Record], _ b: inout [UInt8]) {
+        put(UInt32(records.count), &b)
+        for x in records {
+            put(x.index, &b)
+            put(x.term, &b)
+            put(x.stream.rawValue, &b)
+            put(x.seq, &b)
+            put(x.type.rawValue, &b)
+            put(UInt64(bitPattern: x.timestampMicros), &b)
+            put(UInt32(x.payload.count), &b)
+            b += x.payload
+        }
+    }
+
+    static func takeRecords(_ r: inout Cursor) throws -> [Record] {
+        let n = Int(try r.u32())
+        guard n <= r.remaining / 46 else { throw DecodeError(description: "\(n) records in \(r.remaining) bytes") }
+        var records: [Record] = []
+        records.reserveCapacity(n)
+        for _ in 0..<n {
+            let index = try r.u64()
+            let term = try r.u64()
+            let stream = StreamID(try r.u64())
+            let seq = try r.u64()
+            let type = RecordType(try r.u16())
+            let ts = Int64(bitPattern: try r.u64())
+            let len = Int(try r.u32())
+            guard len <= Limits.recordPayloadBytesMax else { throw DecodeError(description: "record payload of \(len) bytes") }
+            records.append(Record(index: index, term: term, stream: stream, seq: seq, type: type, timestampMicros: ts, payload: try r.take(len)))
+        }
+        return records
     }
 }
 

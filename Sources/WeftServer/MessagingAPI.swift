@@ -1059,6 +1059,12 @@ struct MessagingAPI: Sendable {
             throw APIError(.badRequest, "malformed_json", "the body is not valid JSON (UTF-8)")
         }
         guard let dict = object as? [String: Any] else { throw APIError(.badRequest, "malformed_json", "the body must be a JSON object") }
+        try checkFields(dict, keys: keys)
+        return try decodeFields(T.self, data)
+    }
+
+    /// What `decode` refuses before decoding: a field not in `keys`, or a null.
+    static func checkFields(_ dict: [String: Any], keys: Set<String>) throws {
         if let unknown = dict.keys.sorted().first(where: { !keys.contains($0) }) {
             throw APIError(.badRequest, "unknown_field", "unknown field \(unknown.prefix(64))")
         }
@@ -1066,16 +1072,22 @@ struct MessagingAPI: Sendable {
         if let null = dict.keys.sorted().first(where: { dict[$0] is NSNull }) {
             throw APIError(.badRequest, "wrong_type", "\(null) must not be null (leave it out)")
         }
+    }
+
+    /// `JSONDecoder` with its errors as the API's; `dropping` leading components of a field's path (the
+    /// name of the object that held the body, when it was decoded inside another).
+    static func decodeFields<T: Decodable>(_: T.Type, _ data: Data, dropping: Int = 0) throws -> T {
+        func path(_ c: DecodingError.Context) -> String { c.codingPath.dropFirst(dropping).map(\.stringValue).joined(separator: ".") }
         do {
             return try JSONDecoder().decode(T.self, from: data)
         } catch let DecodingError.keyNotFound(key, _) {
             throw APIError(.badRequest, "missing_field", "\(key.stringValue) is required")
         } catch let DecodingError.typeMismatch(_, c) {
-            throw APIError(.badRequest, "wrong_type", "\(c.codingPath.map(\.stringValue).joined(separator: ".")) has the wrong type")
+            throw APIError(.badRequest, "wrong_type", "\(path(c)) has the wrong type")
         } catch let DecodingError.valueNotFound(_, c) {
-            throw APIError(.badRequest, "wrong_type", "\(c.codingPath.map(\.stringValue).joined(separator: ".")) must not be null")
+            throw APIError(.badRequest, "wrong_type", "\(path(c)) must not be null")
         } catch let DecodingError.dataCorrupted(c) {
-            throw APIError(.badRequest, "wrong_type", "\(c.codingPath.map(\.stringValue).joined(separator: ".")): \(c.debugDescription)")
+            throw APIError(.badRequest, "wrong_type", "\(path(c)): \(c.debugDescription)")
         }
     }
 

@@ -201,17 +201,7 @@ public enum ReadPoint: Sendable, Equatable {
             var b: [UInt8] = [0]
             put(rr.applied, &b)
             put(rr.commit, &b)
-            put(UInt32(rr.records.count), &b)
-            for x in rr.records {
-                put(x.index, &b)
-                put(x.term, &b)
-                put(x.stream.rawValue, &b)
-                put(x.seq, &b)
-                put(x.type.rawValue, &b)
-                put(UInt64(bitPattern: x.timestampMicros), &b)
-                put(UInt32(x.payload.count), &b)
-                b += x.payload
-            }
+            Envelope.putRecords(rr.records, &b)
             return .bytes(b)
         case .failure(.read(.compacted(let first))):
             var b: [UInt8] = [1]
@@ -229,21 +219,7 @@ public enum ReadPoint: Sendable, Equatable {
             case 0:
                 let applied = try r.u64()
                 let commit = try r.u64()
-                let n = Int(try r.u32())
-                guard n <= r.remaining / 46 else { return nil }
-                var records: [Record] = []
-                records.reserveCapacity(n)
-                for _ in 0..<n {
-                    let index = try r.u64()
-                    let term = try r.u64()
-                    let stream = StreamID(try r.u64())
-                    let seq = try r.u64()
-                    let type = RecordType(try r.u16())
-                    let ts = Int64(bitPattern: try r.u64())
-                    let len = Int(try r.u32())
-                    guard len <= Limits.recordPayloadBytesMax else { return nil }
-                    records.append(Record(index: index, term: term, stream: stream, seq: seq, type: type, timestampMicros: ts, payload: try r.take(len)))
-                }
+                let records = try Envelope.takeRecords(&r)
                 try r.end()
                 return .success(ReadResult(records: records, applied: applied, commit: commit))
             case 1:

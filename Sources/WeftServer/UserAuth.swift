@@ -67,11 +67,18 @@ final class UserAuth: Sendable {
 
     /// The token's user and version; nil when it is not a valid, unexpired token of this cluster.
     func check(_ token: String) async -> (user: UInt64, version: UInt64)? {
-        guard token.utf8.count <= 4096, let claims = try? await keys.verify(token, as: UserClaims.self),
+        guard token.utf8.count <= 4096 else { return nil }
+        let now = Date()
+        if let hit = verified.get(token, now: now) { return hit }
+        guard let claims = try? await keys.verify(token, as: UserClaims.self),
             let user = UInt64(claims.sub.value), Ids.isUserID(user)
         else { return nil }
+        verified.put(token, user: user, version: claims.ver, expires: claims.exp.value, now: now)
         return (user, claims.ver)
     }
+
+    /// Tokens whose signature was checked, with their claims (`VerifiedTokens`).
+    let verified = VerifiedTokens(capacity: 16_384)
 
     /// A TOTP secret sealed for the log (AES-GCM under the seal key, bound to the user id).
     func seal(_ secret: [UInt8], user: UInt64) throws -> [UInt8] {
@@ -86,6 +93,35 @@ final class UserAuth: Sendable {
         else { return nil }
         return Array(plain)
     }
+}
+
+/// Bearer tokens already verified, exact string → claims, until the token expires: a device's every
+/// send and every HTTP request carry the same token, and checking its HMAC and decoding its JSON again
+/// each time was ~4 % of a busy node's CPU (Docs/benchmarks.md). Only the signature check is skipped:
+/// expiry is checked on every hit, and the caller still compares the version with the account's
+/// (a logout is seen at once). Bounded: when full, the whole table is dropped (a token then costs one
+/// verification again), so a flood of distinct valid tokens costs at most `capacity` entries.
+final class VerifiedTokens: Sendable {
+    struct Entry { var user: UInt64; var version: UInt64; var expires: Date }
+    let capacity: Int
+    let table = NIOLockedValueBox([String: Entry]())
+
+    init(capacity: Int) { self.capacity = capacity }
+
+    func get(_ token: String, now: Date) -> (user: UInt64, version: UInt64)? {
+        guard let e = table.withLockedValue({ $0[token] }), now < e.expires else { return nil }
+        return (e.user, e.version)
+    }
+
+    func put(_ token: String, user: UInt64, version: UInt64, expires: Date, now: Date) {
+        guard now < expires else { return }
+        table.withLockedValue { t in
+            if t.count >= capacity { t.removeAll(keepingCapacity: true) }
+            t[token] = Entry(user: user, version: version, expires: expires)
+        }
+    }
+
+    var count: Int { table.withLockedValue { $0.count } }
 }
 
 /// Runs CPU-heavy work (bcrypt) on `threads` threads with at most `queuedMax` jobs admitted: past that

@@ -121,6 +121,7 @@ public final class WeftNode: Sendable {
         delivery = DeliveryTier(
             config: config, selfID: id, send: { to, shard, env in t.send(to: to, shard: shard.rawValue, payload: env.encode()) },
             reachable: { t.reachable($0) })
+        delivery.hub.forward { [weak delivery] byUser, shard in delivery?.forwardInbox(byUser, shard: shard) }
         runnerBox = NIOLockedValueBox([:])
         let laneCount = max(1, min(config.raft.driverThreads, config.shards))
         let tick = Duration.milliseconds(max(1, config.raft.heartbeatIntervalMs))
@@ -387,6 +388,12 @@ public final class WeftNode: Sendable {
             delivery.directory.note(mine, node: from, on: on)
         case .typing(let sender, let to, let route):
             delivery.typing(from: sender, to: to, route: route)
+        case .inbox(let records):
+            // From a node placed on the shard, for a node that holds no replica of it (else its own hub
+            // has them), and only inbox records of users homed there.
+            guard config.replicas(of: shard).contains(from), runner(shard) == nil else { return }
+            delivery.hub.remote(
+                records.filter { r in r.type == .messaging && Ids.inboxUser(r.stream).map { Ids.homeShard($0, shards: config.shards) == shard } == true })
         }
     }
 

@@ -178,6 +178,21 @@ final class ClusterProcess: @unchecked Sendable {
         return try? JSONDecoder().decode(Status.self, from: data)
     }
 
+    /// Node n's `/metrics` page.
+    func metricsText(_ n: Int) async -> String? {
+        guard let port = apiPorts[n], let url = URL(string: "http://127.0.0.1:\(port)/metrics") else { return nil }
+        var req = URLRequest(url: url)
+        req.timeoutInterval = 3
+        guard let (data, _) = try? await URLSession.shared.data(for: req) else { return nil }
+        return String(decoding: data, as: UTF8.self)
+    }
+
+    /// The sum of a metric's lines (every label set) on a `/metrics` page; 0 when it has none.
+    static func metric(_ text: String, _ name: String) -> Double {
+        text.split(separator: "\n").filter { $0.hasPrefix(name + " ") || $0.hasPrefix(name + "{") }
+            .compactMap { $0.split(separator: " ").last.flatMap { Double($0) } }.reduce(0, +)
+    }
+
     /// The leader of `shard` as its own replica reports it, polling up to `seconds`.
     func leader(of shard: UInt64, seconds: Double = 10) async -> Int? {
         let end = Date().addingTimeInterval(seconds)

@@ -224,6 +224,44 @@ extension Clusters {
             #expect(inbox?.count == 2)
         }
 
+        /// A session on the node that holds no replica of its user's home shard (4 nodes, replication 3)
+        /// gets the user's events, caught up and then live, each once and in order, forwarded by the
+        /// shard's nodes: their forwarded-records counter moves and the far node's heads check never had
+        /// to read a loss (before, such a session polled the inbox four times a second).
+        @Test(.timeLimit(.minutes(3))) func aSessionAwayFromTheHomeShardGetsItsEventsForwarded() async throws {
+            let c = try ClusterProcess(name: "wsafar", nodes: 4, shards: 4)
+            try c.startAll()
+            defer { c.stopAll() }
+            for s in 0..<4 { _ = try #require(await c.leader(of: UInt64(s))) }
+            let (_, a, bob, b) = try await Self.contacts(c)
+            let home = bob % 4
+            var far: Int?
+            for n in c.nodes {
+                if let st = await c.status(n), !st.shards.contains(where: { $0.id == home }) { far = n }
+            }
+            let away = try #require(far, "one of 4 nodes holds no replica of shard \(home)")
+            let sendMore: @Sendable () async -> Void = {
+                for k in 0..<3 {
+                    _ = await c.eventually {
+                        let r = await c.call(1 + (away + k) % 4, "POST", "/api/v1/messages", token: a, json: ["receiver_id": bob, "message_type": "text", "content": "live \(k)"])
+                        return r.status == 200 ? true : nil
+                    }
+                }
+            }
+            // Request and accepted (caught up), then 3 messages live.
+            let frames = try await session(c, node: away, token: b, cursor: "0", during: sendMore) { Self.cursors($0).count >= 5 }
+            #expect(Self.cursors(frames) == Array(1...5), "each event once, in order: \(Self.cursors(frames))")
+            var forwarded = 0.0
+            var gapReads = 0.0
+            for n in c.nodes {
+                let text = await c.metricsText(n) ?? ""
+                forwarded += ClusterProcess.metric(text, "weft_delivery_inbox_forwarded_total")
+                if n == away { gapReads = ClusterProcess.metric(text, "weft_delivery_heads_gap_reads_total") }
+            }
+            #expect(forwarded >= 3, "the home shard's nodes forwarded bob's records (\(forwarded))")
+            #expect(gapReads == 0)
+        }
+
         /// A session that reads everything is never taken for a stalled one: with `write_stall_ms` at its
         /// least (1 s), sessions on every node hold still for 5 s after their ready and two pongs and stay
         /// open (every frame written to them was counted as written, including those the socket took at

@@ -1,0 +1,99 @@
+import Foundation
+import Messaging
+import Testing
+import WeftCore
+
+@testable import WeftServer
+
+/// Inbox records forwarded to a node without the user's home shard (Docs/delivery.md, "Sessions away
+/// from the home shard"), and the bearer tokens a node has verified already.
+@Suite struct ForwardedInboxTests {
+    final class Got: @unchecked Sendable {
+        let lock = NSLock()
+        var seqs: [[StreamSeq]] = []
+        func add(_ e: HubEvent) {
+            if case .records(let rs) = e { lock.withLock { seqs.append(rs.map(\.seq)) } }
+        }
+        var all: [[StreamSeq]] { lock.withLock { seqs } }
+    }
+
+    static func inboxRecord(_ user: UInt64, _ seq: StreamSeq) -> Record {
+        Record(
+            index: seq, term: 1, stream: Ids.inbox(user), seq: seq, type: .messaging, timestampMicros: 1,
+            payload: MessagingOp.inbox(user: user, .contactAccepted(peer: 99)).encode())
+    }
+
+    @Test func eachForwardedSeqReachesTheSessionsOnceAndOnlyTheirUsers() throws {
+        let hub = InboxHub()
+        defer { hub.stop() }
+        let (alice, bob): (UInt64, UInt64) = (1_000_001, 1_000_002)
+        let got = Got()
+        let (id, _) = try #require(hub.register(user: alice) { got.add($0) })
+        #expect(hub.remoteMark(alice) == nil, "no mark before the session is live or a record came")
+        // The same records from three replicas, the second and third overlapping the first.
+        hub.remote([Self.inboxRecord(alice, 1), Self.inboxRecord(alice, 2)])
+        hub.remote([Self.inboxRecord(alice, 1), Self.inboxRecord(alice, 2), Self.inboxRecord(alice, 3)])
+        hub.remote([Self.inboxRecord(alice, 2), Self.inboxRecord(alice, 3)])
+        // Bob has no session here: nothing of his is handed on, and no mark kept for him.
+        hub.remote([Self.inboxRecord(bob, 1)])
+        #expect(got.all == [[1, 2], [3]])
+        #expect(hub.remoteMark(alice) == 3)
+        #expect(hub.remoteMark(bob) == nil)
+        // A session that read up to 7 raises the mark; a lower one does not lower it.
+        hub.raiseRemoteMark(alice, to: 7)
+        hub.raiseRemoteMark(alice, to: 5)
+        #expect(hub.remoteMark(alice) == 7)
+        hub.remote([Self.inboxRecord(alice, 6), Self.inboxRecord(alice, 8)])
+        #expect(got.all.last == [8])
+        // The last session gone, the mark goes too (a new session starts from its own read).
+        #expect(hub.unregister(user: alice, id: id))
+        #expect(hub.remoteMark(alice) == nil)
+        hub.raiseRemoteMark(alice, to: 9)
+        #expect(hub.remoteMark(alice) == nil)
+    }
+
+    @Test func forwardedInboxFramesRoundTripAndRefuseShortOnes() throws {
+        let records = [Self.inboxRecord(1_000_001, 4), Self.inboxRecord(1_000_003, 1)]
+        let bytes = Envelope.inbox(records: records).encode()
+        #expect(try Envelope.decode(bytes) == .inbox(records: records))
+        #expect(try Envelope.decode(Envelope.inbox(records: []).encode()) == .inbox(records: []))
+        for cut in [bytes.count - 1, 5, 3] {
+            #expect(throws: (any Error).self) { try Envelope.decode(Array(bytes.prefix(cut))) }
+        }
+        // A count of records the bytes cannot hold.
+        var lying = bytes
+        lying[1] = 0xFF
+        #expect(throws: (any Error).self) { try Envelope.decode(lying) }
+    }
+
+    @Test func inboxHeadsQueryAnswersEachUsersLastSeqInOrder() throws {
+        var m = MessagingMachine()
+        let (a, b, c): (UInt64, UInt64, UInt64) = (1_000_001, 1_000_002, 1_000_003)
+        for (u, seq) in [(a, 1), (a, 2), (c, 1)] as [(UInt64, StreamSeq)] {
+            _ = m.apply([Self.inboxRecord(u, seq)][...])
+        }
+        let q = MessagingQuery.inboxHeads([c, b, a])
+        #expect(MessagingQuery.decode(q.encode()) == q)
+        let answer = q.answer(m)
+        #expect(answer == .heads([1, 0, 2]))
+        #expect(MessagingQuery.Answer.decode(answer.encode()) == answer)
+        // More users than one query may name is refused when decoded.
+        let tooMany = MessagingQuery.inboxHeads(Array(repeating: a, count: MessagingQuery.headsUsersMax + 1))
+        #expect(MessagingQuery.decode(tooMany.encode()) == nil)
+    }
+
+    @Test func aVerifiedTokenIsRememberedUntilItExpiresAndTheTableStaysBounded() {
+        let t = VerifiedTokens(capacity: 3)
+        let now = Date(timeIntervalSince1970: 1_000_000)
+        t.put("a", user: 1, version: 2, expires: now.addingTimeInterval(60), now: now)
+        #expect(t.get("a", now: now) ?? (0, 0) == (1, 2))
+        #expect(t.get("a", now: now.addingTimeInterval(60)) == nil, "expired at its exp")
+        #expect(t.get("b", now: now) == nil)
+        // An expired token is not stored.
+        t.put("old", user: 1, version: 2, expires: now, now: now)
+        #expect(t.get("old", now: now.addingTimeInterval(-1)) == nil)
+        for k in 0..<10 { t.put("t\(k)", user: UInt64(k), version: 0, expires: now.addingTimeInterval(60), now: now) }
+        #expect(t.count <= 3)
+        #expect(t.get("t9", now: now) ?? (0, 0) == (9, 0))
+    }
+}
