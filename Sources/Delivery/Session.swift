@@ -206,6 +206,14 @@ public struct Session: Sendable {
         return out
     }
 
+    /// The user's inbox reached `seq` (a check of the inbox's head, for a session whose records are
+    /// forwarded from other nodes): a live session behind it reads from its cursor, as for a gap.
+    public mutating func headReached(_ seq: StreamSeq) -> [Action] {
+        guard case .live(let u) = state, seq > delivered else { return [] }
+        state = .catchingUp(user: u, reading: true)
+        return [.readInbox(user: u, fromSeq: delivered &+ 1, limit: pageLimit)]
+    }
+
     /// Events that arrived on the subscription (live), in seq order.
     public mutating func live(_ events: [Event]) -> [Action] {
         switch state {

@@ -40,8 +40,6 @@ final class DeliveryHandler: ChannelInboundHandler, RemovableChannelHandler {
     var typingSent: Int64 = 0
     var sendsInFlight = 0
     var typingAllowed: [UInt64: (ok: Bool, at: Int64)] = [:]
-    /// No replica of the user's home shard here: their inbox records are forwarded by the shard's nodes.
-    var servedFromAfar = false
     /// Asynchronous work is under way; `rest` are the session's actions after it.
     var busy = false
     var rest: [Session.Action] = []
@@ -178,6 +176,8 @@ final class DeliveryHandler: ChannelInboundHandler, RemovableChannelHandler {
         case .hub(.typing(let from)):
             guard let u = session.user, case .live = session.state else { return }
             write(#"{"type":"typing","from":\#(from),"conversation_id":"\#(Ids.conversationID(u, from))"}"#)
+        case .hub(.head(let seq)):
+            perform(session.headReached(seq))
         case .hub(.shutdown):
             perform(session.close(.resume, "the node is shutting down: resume from your cursor on another node"))
         case .written: break
@@ -304,10 +304,8 @@ final class DeliveryHandler: ChannelInboundHandler, RemovableChannelHandler {
                 }
                 registration = (u, id)
                 if first { tier.announce([u], on: true) }
-                let node = api.node
                 // No replica of the home shard here: the shard's nodes forward the user's inbox records
                 // (the directory lists this node once the announce above arrives; DeliveryTier).
-                servedFromAfar = node.runner(Ids.homeShard(u, shards: node.config.shards)) == nil
             case .readInbox(let u, let from, let limit):
                 rest = Array(actions[k...])
                 let api = self.api
@@ -326,10 +324,6 @@ final class DeliveryHandler: ChannelInboundHandler, RemovableChannelHandler {
                 let skipped = events.count - bodies.count
                 if skipped > 0 { perform(session.written(skipped, nowMillis: Self.now())) }
             case .reply(let reply):
-                if case .ready(let cursor) = reply, servedFromAfar, let (u, _) = registration {
-                    // Everything up to the cursor was read: the heads check looks for losses past it.
-                    tier.hub.raiseRemoteMark(u, to: cursor)
-                }
                 write(DeliverySocket.text(reply))
             case .acknowledged(let u, let cursor):
                 tier.acks.note(user: u, cursor: cursor)

@@ -13,6 +13,9 @@ import WeftCore
 enum HubEvent: Sendable {
     case records([Record])
     case typing(from: UInt64)
+    /// The user's inbox reached this seq (the heads check, for users served from afar): a session
+    /// behind it reads the rest.
+    case head(StreamSeq)
     /// The node is shutting down: the session closes with "resume".
     case shutdown
 }
@@ -39,8 +42,9 @@ final class InboxHub: @unchecked Sendable {
     /// tier sends them on to nodes with sessions of those users and no replica of the shard (set once).
     var forwarder: (@Sendable ([UInt64: [Record]], ShardID) -> Void)?
     /// Users whose inbox records come from other nodes (no replica of their home shard here): the
-    /// highest seq handed to their sessions, so the same record forwarded by each of the shard's
-    /// replicas reaches them once. Dropped with the user's last session.
+    /// highest seq handed to every session of theirs here (a forwarded record, or a head they were told
+    /// of), so the same record forwarded by each of the shard's replicas reaches them once. Only the hub
+    /// moves it, never a session (a session's cursor is its own). Dropped with the user's last session.
     var remoteSeen: [UInt64: StreamSeq] = [:]
 
     init() {
@@ -79,17 +83,31 @@ final class InboxHub: @unchecked Sendable {
         for (callbacks, rs) in targets { for c in callbacks { c(.records(rs)) } }
     }
 
-    /// The highest seq handed to `user`'s sessions here from afar; nil before any (see `raiseRemoteMark`).
+    /// The highest seq handed to `user`'s sessions here from afar; nil before any.
     func remoteMark(_ user: UInt64) -> StreamSeq? {
         condition.withLock { sessions[user] == nil ? nil : remoteSeen[user] }
     }
 
-    /// A session of `user` here (served from afar) is live with every event up to `seq`: it read them.
-    func raiseRemoteMark(_ user: UInt64, to seq: StreamSeq) {
-        condition.withLock {
-            guard sessions[user] != nil else { return }
-            remoteSeen[user] = max(remoteSeen[user] ?? 0, seq)
+    /// The heads check found these users' inboxes at these seqs (seen at its previous pass too): every
+    /// session of a user whose mark is below tells itself, and reads from its own cursor if behind. The
+    /// mark moves up to the head (every session here now knows it). Returns how many users had a mark
+    /// below the head (forwarding lost something; a user with no mark yet is not counted: their
+    /// sessions read their own catch-up).
+    @discardableResult
+    func headsReached(_ heads: [(user: UInt64, seq: StreamSeq)]) -> Int {
+        var lost = 0
+        let targets = condition.withLock {
+            heads.compactMap { u, seq -> ([@Sendable (HubEvent) -> Void], StreamSeq)? in
+                guard let callbacks = sessions[u] else { return nil }
+                let mark = remoteSeen[u]
+                guard (mark ?? 0) < seq else { return nil }
+                if mark != nil { lost += 1 }
+                remoteSeen[u] = seq
+                return (Array(callbacks.values), seq)
+            }
         }
+        for (callbacks, seq) in targets { for c in callbacks { c(.head(seq)) } }
+        return lost
     }
 
     /// Nil when the user or the node has too many sessions; `first`: the user had none here before.

@@ -38,10 +38,9 @@ final class DeliveryTier: Sendable {
     static let headsEvery: Duration = .seconds(5)
     /// Records per forwarded frame at most.
     static let forwardRecordsMax = 256
-    /// Gap reads one heads check makes at most (the rest wait for the next).
-    static let headsReadsMax = 256
     let forwarded = Counter(label: "weft_delivery_inbox_forwarded_total")
-    let headsGapReads = Counter(label: "weft_delivery_heads_gap_reads_total")
+    /// Users whose sessions the heads check found short of a record forwarding lost.
+    let headsLost = Counter(label: "weft_delivery_heads_lost_total")
 
     init(
         config: ClusterConfiguration, selfID: NodeID, send: @escaping @Sendable (NodeID, ShardID, Envelope) -> Void,
@@ -96,32 +95,46 @@ final class DeliveryTier: Sendable {
 
     /// Finds inbox records forwarding lost (a frame dropped on a broken connection, a directory that
     /// restarted and does not list this node yet): asks each home shard of the users served here from
-    /// afar for their last inbox seq, and reads what is past the mark handed to their sessions when it
-    /// was already there at the previous check (a record in flight is not a loss).
+    /// afar for their last inbox seq (the shards at once, one query per 4 096 users), and tells the
+    /// sessions of a user whose head at the previous check is past what the hub handed them (a record in
+    /// flight is not a loss); each such session reads from its own cursor. Returns the heads for the next
+    /// check (a shard that did not answer keeps its users' previous heads).
     func checkHeads(node: WeftNode, previous: [UInt64: StreamSeq]) async -> [UInt64: StreamSeq] {
         let shards = config.shards
+        var chunks: [(ShardID, [UInt64])] = []
         var byShard: [ShardID: [UInt64]] = [:]
         for u in hub.users where node.runner(Ids.homeShard(u, shards: shards)) == nil {
             byShard[Ids.homeShard(u, shards: shards), default: []].append(u)
         }
-        var heads: [UInt64: StreamSeq] = [:]
-        var gaps: [(UInt64, ShardID, StreamSeq)] = []
         for (shard, users) in byShard {
             for start in stride(from: 0, to: users.count, by: MessagingQuery.headsUsersMax) {
-                let chunk = Array(users[start..<min(start + MessagingQuery.headsUsersMax, users.count)])
-                guard case .success(let a?) = await node.ask(shard, .inboxHeads(chunk), at: .linearizable), a.heads.count == chunk.count else { continue }
-                for (u, h) in zip(chunk, a.heads) {
-                    heads[u] = h
-                    guard let seen = hub.remoteMark(u), let before = previous[u], seen < before else { continue }
-                    gaps.append((u, shard, seen))
-                }
+                chunks.append((shard, Array(users[start..<min(start + MessagingQuery.headsUsersMax, users.count)])))
             }
         }
-        for (u, shard, seen) in gaps.prefix(Self.headsReadsMax) {
-            headsGapReads.increment()
-            let r = await node.readAnywhere(shard: shard, .stream(Ids.inbox(u), fromSeq: seen &+ 1, limit: 256), consistency: .linearizable)
-            if case .success(let rr) = r { hub.remote(rr.records) }
+        let answers = await withTaskGroup(of: ([UInt64], [StreamSeq]?).self) { group in
+            for (shard, users) in chunks {
+                group.addTask {
+                    guard case .success(let a?) = await node.ask(shard, .inboxHeads(users), at: .linearizable, timeout: .seconds(4)),
+                        a.heads.count == users.count
+                    else { return (users, nil) }
+                    return (users, a.heads)
+                }
+            }
+            return await group.reduce(into: []) { $0.append($1) }
         }
+        var heads: [UInt64: StreamSeq] = [:]
+        var reached: [(user: UInt64, seq: StreamSeq)] = []
+        for (users, answer) in answers {
+            guard let answer else {
+                for u in users { heads[u] = previous[u] }
+                continue
+            }
+            for (u, h) in zip(users, answer) {
+                heads[u] = h
+                if let before = previous[u], before > 0 { reached.append((u, min(before, h))) }
+            }
+        }
+        headsLost.increment(by: hub.headsReached(reached))
         return heads
     }
 

@@ -69,6 +69,25 @@ import WeftCore
         #expect(s.state == .live(user: 7))
     }
 
+    /// A head past the cursor (the heads check, for records forwarded from afar) makes a live session
+    /// read from its own cursor; a head at or below it, or one told while catching up, changes nothing.
+    @Test func aHeadPastTheCursorIsReadFromTheInbox() {
+        var s = Self.resumed(at: 0)
+        #expect(s.headReached(5).isEmpty, "catching up: the page reads to the end anyway")
+        _ = s.page([Self.ev(1), Self.ev(2)], complete: true)
+        #expect(s.headReached(2).isEmpty)
+        #expect(s.headReached(1).isEmpty)
+        #expect(s.headReached(4) == [.readInbox(user: 7, fromSeq: 3, limit: 100)])
+        #expect(s.state == .catchingUp(user: 7, reading: true))
+        let b = s.page([Self.ev(3), Self.ev(4)], complete: true)
+        #expect(Self.pushed(b) == [3, 4])
+        #expect(s.state == .live(user: 7))
+        // A client that resumed past the inbox's end is not behind any head below its cursor.
+        var t = Self.resumed(at: 1_000)
+        _ = t.page([], complete: true)
+        #expect(t.headReached(40).isEmpty)
+    }
+
     @Test func aSlowClientIsClosedToResumeNotBuffered() {
         var s = Self.resumed(at: 0, limits: Session.Limits(queueCountMax: 3))
         _ = s.page([], complete: true)

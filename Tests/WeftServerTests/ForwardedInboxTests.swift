@@ -39,16 +39,26 @@ import WeftCore
         #expect(got.all == [[1, 2], [3]])
         #expect(hub.remoteMark(alice) == 3)
         #expect(hub.remoteMark(bob) == nil)
-        // A session that read up to 7 raises the mark; a lower one does not lower it.
-        hub.raiseRemoteMark(alice, to: 7)
-        hub.raiseRemoteMark(alice, to: 5)
+        // The heads check: a head past the mark tells every session of the user and moves the mark; a
+        // head at or below it tells no one. Alice had a mark (3): a loss, counted. Carol has sessions but
+        // no mark yet (her sessions read their own catch-up): told, not counted.
+        let carol: UInt64 = 1_000_003
+        let carolGot = Got()
+        _ = try #require(hub.register(user: carol) { e in if case .head(let h) = e { carolGot.lock.withLock { carolGot.seqs.append([h]) } } })
+        let heads = Got()
+        let (second, _) = try #require(hub.register(user: alice) { e in if case .head(let h) = e { heads.lock.withLock { heads.seqs.append([h]) } } })
+        #expect(hub.headsReached([(alice, 7), (bob, 9), (carol, 2)]) == 1)
+        #expect(heads.all == [[7]])
+        #expect(carolGot.all == [[2]])
         #expect(hub.remoteMark(alice) == 7)
+        #expect(hub.headsReached([(alice, 7), (alice, 5), (carol, 2)]) == 0)
+        #expect(heads.all == [[7]])
+        // Forwarded records at or below the mark are not handed on again; past it they are.
         hub.remote([Self.inboxRecord(alice, 6), Self.inboxRecord(alice, 8)])
         #expect(got.all.last == [8])
         // The last session gone, the mark goes too (a new session starts from its own read).
-        #expect(hub.unregister(user: alice, id: id))
-        #expect(hub.remoteMark(alice) == nil)
-        hub.raiseRemoteMark(alice, to: 9)
+        #expect(!hub.unregister(user: alice, id: id))
+        #expect(hub.unregister(user: alice, id: second))
         #expect(hub.remoteMark(alice) == nil)
     }
 
