@@ -225,7 +225,8 @@ extension Clusters {
         }
 
         /// A session on the node that holds no replica of its user's home shard (4 nodes, replication 3)
-        /// gets the user's events, caught up and then live, each once and in order, forwarded by the
+        /// gets the user's events, caught up and then live, each once and in order (another device of the
+        /// user there resumed past the inbox's end changes nothing), forwarded by the
         /// shard's nodes: their forwarded-records counter moves and the far node's heads check found no
         /// loss (before, such a session polled the inbox four times a second).
         @Test(.timeLimit(.minutes(3))) func aSessionAwayFromTheHomeShardGetsItsEventsForwarded() async throws {
@@ -248,8 +249,13 @@ extension Clusters {
                     }
                 }
             }
+            // Another device of bob's on the same node resumes past the inbox's end (allowed: a cursor kept
+            // for another account): it must not silence the first.
+            let ahead = Task { try await self.session(c, node: away, token: b, cursor: "999999", seconds: 8) { _ in false }.count }
+            try await Task.sleep(for: .seconds(1))
             // Request and accepted (caught up), then 3 messages live.
             let frames = try await session(c, node: away, token: b, cursor: "0", during: sendMore) { Self.cursors($0).count >= 5 }
+            _ = try? await ahead.value
             #expect(Self.cursors(frames) == Array(1...5), "each event once, in order: \(Self.cursors(frames))")
             var forwarded = 0.0
             var lost = 0.0
