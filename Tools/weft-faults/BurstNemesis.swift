@@ -86,7 +86,11 @@ extension Nemesis {
             await note("burst", "skipped", ["phase": phase, "shard": shard, "why": "no leader"])
             return
         }
-        let followers = cluster.nodes.filter { $0 != leader }
+        let followers = cluster.replicas(of: shard).filter { $0 != leader }
+        guard !followers.isEmpty else {
+            await note("burst", "skipped", ["phase": phase, "shard": shard, "why": "no follower (replication 1)"])
+            return
+        }
         let follower = followers[Int(pickFollower % UInt64(followers.count))]
         let healthy = cluster.nodes.filter { $0 != follower }
         func detail() -> [String: Any] {

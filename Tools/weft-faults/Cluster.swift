@@ -17,13 +17,28 @@ final class Cluster: @unchecked Sendable {
     private var paused: Set<Int> = []
 
     /// The operator token of a run: printable ASCII, no spaces, well over 16 bytes, fixed by the seed.
+    /// Replicas per shard (`[cluster] replication`).
+    let replication: Int
+
+    /// The nodes a shard is placed on, by the placement Docs/replication.md states (every node listed as a
+    /// founder; shard s on the `replication` nodes from founder s mod N on): the harness checks the
+    /// cluster's status against it.
+    func replicas(of shard: Int) -> [Int] {
+        let founders = nodes.sorted()
+        return (0..<replication).map { founders[(shard % founders.count + $0) % founders.count] }
+    }
+
+    /// The shards node n hosts.
+    func hosted(by n: Int) -> [Int] { (0..<shards).filter { replicas(of: $0).contains(n) } }
+
     static func operatorToken(seed: UInt64) -> String {
         var rng = SplitMix(seed: seed ^ 0x70C3_E11A_0B5E_D00D)
         return "wf-" + String(rng.next(), radix: 16) + "-" + String(rng.next(), radix: 16)
     }
 
-    init(nodes: [Int], weft: String, out: String, shards: Int, segmentBytes: Int, token: String) throws {
+    init(nodes: [Int], weft: String, out: String, shards: Int, replication: Int, segmentBytes: Int, token: String) throws {
         self.nodes = nodes
+        self.replication = replication
         self.token = token
         self.weft = weft
         self.out = out
@@ -34,7 +49,7 @@ final class Cluster: @unchecked Sendable {
             [cluster]
             name = "weft-faults"
             shards = \(shards)
-            replication = \(nodes.count)
+            replication = \(replication)
             secret = "weft-faults-test-network"
 
             [storage]

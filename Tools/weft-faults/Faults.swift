@@ -33,8 +33,11 @@ struct Faults: AsyncParsableCommand {
     @Option(help: "Nodes in the cluster.")
     var nodes: Int = 3
 
-    @Option(help: "Shards (each a Raft group on every node).")
+    @Option(help: "Shards (each a Raft group).")
     var shards: Int = 2
+
+    @Option(help: "Replicas per shard (default: every node). Fewer than --nodes puts WebSocket devices on nodes without their user's home shard, served by forwarding (Docs/delivery.md).")
+    var replication: Int?
 
     @Option(help: "Segment size in bytes (small, so that faults hit sealed segments too).")
     var segmentBytes: Int = 65536
@@ -70,6 +73,7 @@ struct Faults: AsyncParsableCommand {
             if !ok { throw ExitCode(1) }
             return
         }
+        guard (1...max(1, nodes)).contains(replication ?? nodes) else { throw HarnessError("--replication \(replication ?? nodes): 1…\(nodes) (the nodes)") }
         guard getuid() == 0 else { throw HarnessError("weft-faults needs root (network namespaces and iptables)") }
         for tool in ["ip", "iptables"] where (try? sh(["which", tool]))?.status != 0 {
             throw HarnessError("\(tool) not found: run Tools/install-deps.sh")
@@ -81,13 +85,14 @@ struct Faults: AsyncParsableCommand {
         let out = URL(fileURLWithPath: self.out ?? "fault-runs/\(seed)").standardizedFileURL.path
         try? FileManager.default.removeItem(atPath: out)
         try FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: true)
-        print("weft-faults: seed \(seed), \(nodes) nodes, \(shards) shards, \(minutes) min of faults, output in \(out)")
+        print("weft-faults: seed \(seed), \(nodes) nodes, \(shards) shards, replication \(replication ?? nodes), \(minutes) min of faults, output in \(out)")
 
         let ids = Array(1...nodes)
         let network = try TestNetwork.create(nodes: ids)
         defer { network.destroy() }
         let token = Cluster.operatorToken(seed: seed)
-        let cluster = try Cluster(nodes: ids, weft: weft, out: out, shards: shards, segmentBytes: segmentBytes, token: token)
+        let cluster = try Cluster(
+            nodes: ids, weft: weft, out: out, shards: shards, replication: replication ?? ids.count, segmentBytes: segmentBytes, token: token)
         defer { cluster.stopAll() }
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
         let client = HTTPClient(group: group, token: token)
@@ -290,7 +295,14 @@ struct Faults: AsyncParsableCommand {
     func waitForLeaders(_ cluster: Cluster, _ client: HTTPClient, timeout: Duration) async throws {
         let end = ContinuousClock.now + timeout
         while ContinuousClock.now < end {
-            if let s = await status(1, client), s.count == shards, s.allSatisfy({ $0["leader"] as? Int != nil }) { return }
+            var all = true
+            for n in cluster.nodes {
+                guard let s = await status(n, client), s.count == cluster.hosted(by: n).count, s.allSatisfy({ $0["leader"] as? Int != nil }) else {
+                    all = false
+                    break
+                }
+            }
+            if all { return }
             try await Task.sleep(for: .milliseconds(200))
         }
         throw HarnessError("no leader for every shard within \(timeout); see \(cluster.out)/nodes/")
@@ -305,7 +317,7 @@ struct Faults: AsyncParsableCommand {
             var view: [String] = []
             var ok = true
             for n in cluster.nodes {
-                guard let s = await status(n, client), s.count == shards else {
+                guard let s = await status(n, client), s.count == cluster.hosted(by: n).count else {
                     ok = false
                     break
                 }

@@ -53,7 +53,7 @@ final class Nemesis: @unchecked Sendable {
     func anyRecovering(excluding: Int? = nil) async -> Bool? {
         for n in cluster.nodes where n != excluding {
             guard let s = await client.json(host: TestNetwork.address(n), port: Cluster.apiPort, path: "/api/v1/cluster/status"),
-                let shards = s["shards"] as? [[String: Any]], shards.count == cluster.shards
+                let shards = s["shards"] as? [[String: Any]], shards.count == cluster.hosted(by: n).count
             else { return nil }
             for sh in shards where ((sh["repair"] as? [String: Any])?["recovering"] as? Bool) == true { return true }
         }
