@@ -168,12 +168,12 @@ struct Checker {
     static func check(
         logs: [Int: [Int: [Entry]]], acked: [String: History.Ack], failed: Set<String>, indeterminate: Set<String>, shards: Int,
         readBack: [String: String] = [:], bursts: Bursts = Bursts(), groups: [Int: [Int: GroupView]]? = nil, initialGroup: Set<Int> = [],
-        hostileAccepted: [String] = []
+        hostileAccepted: [String] = [], placement: [Int: Set<Int>]? = nil
     ) -> Result {
         check(
             logs: logs.mapValues { $0.map { ReplicaLog(shard: $0.key, $0.value) }.reduce(into: [:]) { $0[$1.shard] = $1 } },
             acked: acked, failed: failed, indeterminate: indeterminate, shards: shards, readBack: readBack, bursts: bursts, groups: groups,
-            initialGroup: initialGroup, hostileAccepted: hostileAccepted)
+            initialGroup: initialGroup, hostileAccepted: hostileAccepted, placement: placement)
     }
 
     /// logs[node][shard] = that replica's log from index 1 (or the first retained) to the commit index.
@@ -181,9 +181,16 @@ struct Checker {
     static func check(
         logs: [Int: [Int: ReplicaLog]], acked: [String: History.Ack], failed: Set<String>, indeterminate: Set<String>, shards: Int,
         readBack: [String: String] = [:], bursts: Bursts = Bursts(), groups: [Int: [Int: GroupView]]? = nil, initialGroup: Set<Int> = [],
-        hostileAccepted: [String] = []
+        hostileAccepted: [String] = [], placement: [Int: Set<Int>]? = nil
     ) -> Result {
         var res = Result()
+        // `placement[shard]`: the nodes a shard is on (nil: every node holds every shard). A node is
+        // checked only for what its shards hold.
+        func hosts(_ n: Int, _ shard: Int) -> Bool { placement?[shard]?.contains(n) ?? true }
+        func hosts(_ n: Int, key: String, component: Int) -> Bool {
+            let parts = key.split(separator: "/", omittingEmptySubsequences: false)
+            return parts.count > component ? Int(parts[component]).map { hosts(n, $0) } ?? true : true
+        }
         // What cursor reads returned was committed: it must be in every final log, at the same seq.
         for n in logs.keys.sorted() {
             var at: [String: String] = [:]
@@ -191,7 +198,7 @@ struct Checker {
                 // Readers see data and fan-out records (the latter as their raw bytes).
                 for e in log.entries where e.type == 1 || e.type == 6 { at["\(shard)/\(e.stream)/\(e.seq)"] = e.payload }
             }
-            for (key, payload) in readBack where at[key] != payload {
+            for (key, payload) in readBack where at[key] != payload && hosts(n, key: key, component: 0) {
                 if let other = at[key] {
                     res.divergent.append("node \(n): \(key) holds \(other), a cursor read returned \(payload)")
                 } else {
@@ -205,14 +212,15 @@ struct Checker {
         let nodes = logs.keys.sorted()
         for shard in 0..<shards {
             // Divergence: every replica's log must be the same, record for record.
-            guard let ref = nodes.first.flatMap({ logs[$0]?[shard] }) else { continue }
-            for n in nodes.dropFirst() {
+            let replicas = nodes.filter { hosts($0, shard) }
+            guard let first = replicas.first, let ref = logs[first]?[shard] else { continue }
+            for n in replicas.dropFirst() {
                 let other = logs[n]?[shard] ?? ReplicaLog(shard: shard)
                 if other.count != ref.count {
-                    res.divergent.append("shard \(shard): node \(nodes[0]) has \(ref.count) records, node \(n) has \(other.count)")
+                    res.divergent.append("shard \(shard): node \(first) has \(ref.count) records, node \(n) has \(other.count)")
                 }
                 if let k = (0..<min(ref.count, other.count)).first(where: { ref.slots[$0] != other.slots[$0] }) {
-                    res.divergent.append("shard \(shard): nodes \(nodes[0]) and \(n) differ at index \(ref.slots[k].index)")
+                    res.divergent.append("shard \(shard): nodes \(first) and \(n) differ at index \(ref.slots[k].index)")
                 }
             }
         }
@@ -297,7 +305,7 @@ struct Checker {
             }
             for (p, c) in count where c > 1 { res.duplicated.append("node \(n): \(p) appears \(c) times") }
             // Every fan-out record's derived record exactly once in its destination, none without a source.
-            for key in sources {
+            for key in sources where hosts(n, key: key, component: 0) {
                 switch derived[key] ?? 0 {
                 case 1: break
                 case 0: res.lost.append("node \(n): the relay never derived \(key) (destination shard/stream/source shard/index/body)")
@@ -305,11 +313,11 @@ struct Checker {
                 }
             }
             let sourceSet = Set(sources)
-            for key in derived.keys where !sourceSet.contains(key) {
+            for key in derived.keys where !sourceSet.contains(key) && hosts(n, key: key, component: 2) {
                 res.unexpected.append("node \(n): derived record \(key) has no fan-out record at that source index")
             }
             res.notes.append("node \(n): \(sources.count) fan-out records, \(derived.values.reduce(0, +)) derived records, \(messaging) messaging records")
-            for (p, a) in acked {
+            for (p, a) in acked where hosts(n, a.shard) {
                 guard let found = at[p] else {
                     res.lost.append("node \(n): acknowledged \(p) (shard \(a.shard) index \(a.index)) is missing")
                     continue
@@ -324,19 +332,20 @@ struct Checker {
             }
             let landed = indeterminate.filter { count[$0] != nil }.count
             res.notes.append("node \(n): \(count.count) payloads, \(landed) of \(indeterminate.count) indeterminate writes landed")
-            checkBursts(node: n, batches, bursts, &res)
+            checkBursts(node: n, batches, bursts, &res) { hosts(n, $0) }
         }
         res.misplaced += bursts.irregular
         res.hostile += hostileAccepted.map { "hostile request not refused: \($0)" }
         if let groups {
             for n in groups.keys.sorted() {
-                for shard in 0..<shards {
+                for shard in 0..<shards where hosts(n, shard) {
                     guard let g = groups[n]?[shard] else {
                         res.membership.append("node \(n) shard \(shard): no group reported")
                         continue
                     }
-                    if g.voters != initialGroup || !g.learners.isEmpty {
-                        res.membership.append("node \(n) shard \(shard): voters \(g.voters.sorted()), learners \(g.learners.sorted()); the group was voters \(initialGroup.sorted())")
+                    let initial = placement?[shard] ?? initialGroup
+                    if g.voters != initial || !g.learners.isEmpty {
+                        res.membership.append("node \(n) shard \(shard): voters \(g.voters.sorted()), learners \(g.learners.sorted()); the group was voters \(initial.sorted())")
                     }
                 }
             }
@@ -346,10 +355,10 @@ struct Checker {
 
     /// Burst records on one node: every record of an acknowledged batch exactly once, where the ack
     /// said; a record of an indeterminate batch at most once; none of a failed or never-sent batch.
-    static func checkBursts(node n: Int, _ batches: [String: BatchHits], _ bursts: Bursts, _ res: inout Result) {
+    static func checkBursts(node n: Int, _ batches: [String: BatchHits], _ bursts: Bursts, _ res: inout Result, hosts: (Int) -> Bool = { _ in true }) {
         var landed = 0
         var records = 0
-        for (key, a) in bursts.acked {
+        for (key, a) in bursts.acked where hosts(a.shard) {
             let b = batches[key] ?? BatchHits()
             let missing = (0..<a.count).filter { $0 >= b.counts.count || b.counts[$0] == 0 }
             if !missing.isEmpty {

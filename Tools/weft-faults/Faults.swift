@@ -167,7 +167,7 @@ struct Faults: AsyncParsableCommand {
         }
         var logs: [Int: [Int: Checker.ReplicaLog]] = [:]
         for n in ids {
-            for s in 0..<shards { logs[n, default: [:]][s] = try await readLog(node: n, shard: s, client) }
+            for s in cluster.hosted(by: n) { logs[n, default: [:]][s] = try await readLog(node: n, shard: s, client) }
         }
         let finalGroups = await groups(cluster, client)
         await history.write(["op": "groups", "type": "final", "groups": Self.describe(finalGroups)])
@@ -204,14 +204,15 @@ struct Faults: AsyncParsableCommand {
         let wsFailures = devicesCaughtUp?.failures ?? []
         let res = Checker.check(
             logs: logs, acked: acked, failed: failed, indeterminate: indeterminate, shards: shards, readBack: readBack, bursts: bursts,
-            groups: finalGroups, initialGroup: Set(ids), hostileAccepted: hostileTally.accepted)
+            groups: finalGroups, initialGroup: Set(ids), hostileAccepted: hostileTally.accepted,
+            placement: Dictionary(uniqueKeysWithValues: (0..<shards).map { ($0, Set(cluster.replicas(of: $0))) }))
         let catchUps = nemesis.catchUpLog.withLock { $0 }
         let times = catchUps.compactMap(\.seconds).sorted()
         let counts = nemesis.counts.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ")
         let pass = res.ok && chatRes.ok && wsRes.ok && groupRes.ok && groupFailures.isEmpty && chatFailures.isEmpty && wsFailures.isEmpty && anomalies.isEmpty && verifyFailures.isEmpty && converged && relaysDone
         let chatAcked = chatSends.values.filter { $0.messageID != nil }.count
         var lines: [String] = []
-        lines.append("seed \(seed); \(nodes) nodes, \(shards) shards, \(minutes) min of faults")
+        lines.append("seed \(seed); \(nodes) nodes, \(shards) shards, replication \(replication ?? nodes), \(minutes) min of faults")
         lines.append("faults: \(counts)")
         lines.append("writes: \(acked.count) acknowledged, \(failed.count) failed (refused, or no connection), \(indeterminate.count) indeterminate")
         lines.append(

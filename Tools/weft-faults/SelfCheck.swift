@@ -23,6 +23,20 @@ enum SelfCheck {
         let cases: [(String, Checker.Result, (Checker.Result) -> Bool)] = [
             ("clean", Checker.check(logs: logs(good), acked: acked, failed: [], indeterminate: [], shards: 1), { $0.ok }),
             (
+                // 4 nodes, shard 0 on nodes 1-3 (`--replication 3`): node 4 holds none of it and is not
+                // missing anything, but a write missing on node 2 still is.
+                "placement: a node without the shard",
+                Checker.check(logs: [1: [0: good], 2: [0: good], 3: [0: good], 4: [:]], acked: acked, failed: [], indeterminate: [], shards: 1, placement: [0: [1, 2, 3]]),
+                { $0.ok }
+            ),
+            (
+                "placement: lost on a replica",
+                Checker.check(
+                    logs: [1: [0: good], 2: [0: Array(good.prefix(2))], 3: [0: good], 4: [:]], acked: acked, failed: [], indeterminate: [], shards: 1,
+                    placement: [0: [1, 2, 3]]),
+                { $0.lost.count == 1 && !$0.divergent.isEmpty }
+            ),
+            (
                 "lost on one replica",
                 Checker.check(logs: logs(Array(good.prefix(2))), acked: acked, failed: [], indeterminate: [], shards: 1),
                 { $0.lost.count == 1 && !$0.divergent.isEmpty }
