@@ -69,8 +69,27 @@ final class DeliveryHandler: ChannelInboundHandler, RemovableChannelHandler {
         tickID = tier.ticker.register(on: loop) { me.value.input(.tick) }
     }
 
+    /// Data frames the session may still send now (a token bucket: `DeliverySocket.frameBurst` at most,
+    /// refilled at `framesPerSecond`), and when it was last refilled.
+    var frameTokens = Double(DeliverySocket.frameBurst)
+    var frameTokensAt: Int64 = 0
+
+    /// Takes one data frame's token; false when the session is over its rate.
+    func takeFrameToken() -> Bool {
+        let now = Self.now()
+        let refill = Double(now - frameTokensAt) * Double(DeliverySocket.framesPerSecond) / 1000
+        frameTokens = min(Double(DeliverySocket.frameBurst), frameTokens + max(0, refill))
+        frameTokensAt = now
+        guard frameTokens >= 1 else { return false }
+        frameTokens -= 1
+        return true
+    }
+
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let frame = unwrapInboundIn(data)
+        if frame.opcode == .text || frame.opcode == .binary, !closing, !takeFrameToken() {
+            return closeSession(1008, "more than \(DeliverySocket.framesPerSecond) frames a second (\(DeliverySocket.frameBurst) at once)")
+        }
         switch frame.opcode {
         case .text:
             // One unfragmented frame bypasses the aggregator's size limit.

@@ -6,7 +6,8 @@ import Glibc
 #endif
 
 /// Hostile clients of `/api/v1/ws` on a plain TCP socket (no WebSocket library in between that would
-/// read or answer for them): a client that pings without reading and one that sends an oversized frame.
+/// read or answer for them): a client that pings without reading, one that sends an oversized frame, and
+/// one that floods text frames.
 extension Clusters {
     @Suite(.serialized) struct HostileSocketTests {
         /// A blocking TCP connection to 127.0.0.1 speaking just enough WebSocket to attack.
@@ -126,6 +127,16 @@ extension Clusters {
             big.send(RawSocket.frame(opcode: 0x1, Array(#"{"type":"auth","token":"\#(token)"}"#.utf8)))
             big.send(RawSocket.frame(opcode: 0x1, Array(#"{"type":"ping","pad":"\#(String(repeating: "x", count: 20_000))"}"#.utf8)))
             #expect(Self.closeCodes(big.readAll()) == [1009])
+
+            // A client that sends text frames as fast as it can (each one parsed on an event loop other
+            // sessions share) is closed with 1008 once past its burst of 400.
+            let chatty = try RawSocket(port: port)
+            #expect(chatty.upgrade())
+            chatty.send(RawSocket.frame(opcode: 0x1, Array(#"{"type":"auth","token":"\#(token)"}"#.utf8)))
+            chatty.send(RawSocket.frame(opcode: 0x1, Array(#"{"type":"resume","cursor":"0"}"#.utf8)))
+            let ack = RawSocket.frame(opcode: 0x1, Array(#"{"type":"ack","cursor":"0"}"#.utf8))
+            chatty.send(Array([[UInt8]](repeating: ack, count: 1000).joined()))
+            #expect(Self.closeCodes(chatty.readAll()) == [1008])
         }
 
         /// A node shutting down (SIGTERM) closes every device session with 4000 ("resume elsewhere"),
