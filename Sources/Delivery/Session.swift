@@ -106,6 +106,8 @@ public struct Session: Sendable {
     public private(set) var acked: StreamSeq = 0
     /// Live events that arrived ahead of `delivered + 1` (while catching up), by seq.
     var held: [StreamSeq: Event] = [:]
+    /// A head told while catching up (`headReached`): if the catch-up ends below it, one more read.
+    var headWhileCatchingUp: StreamSeq = 0
     /// Pushed, not yet written by the socket (the adapter reports writes with `written`).
     public private(set) var unwritten = 0
     var connectedAt: Int64
@@ -195,8 +197,11 @@ public struct Session: Sendable {
         if complete {
             state = .live(user: u)
             out.append(.reply(.ready(cursor: delivered)))
-            if !held.isEmpty {
-                // A gap below a held event (it was committed before the subscription saw it): read again.
+            let headAhead = headWhileCatchingUp > delivered
+            headWhileCatchingUp = 0
+            if !held.isEmpty || headAhead {
+                // A gap below a held event (it was committed before the subscription saw it), or a head
+                // told meanwhile that this read (started earlier) did not reach: read again.
                 state = .catchingUp(user: u, reading: true)
                 out.append(.readInbox(user: u, fromSeq: delivered &+ 1, limit: pageLimit))
             }
@@ -209,9 +214,17 @@ public struct Session: Sendable {
     /// The user's inbox reached `seq` (a check of the inbox's head, for a session whose records are
     /// forwarded from other nodes): a live session behind it reads from its cursor, as for a gap.
     public mutating func headReached(_ seq: StreamSeq) -> [Action] {
-        guard case .live(let u) = state, seq > delivered else { return [] }
-        state = .catchingUp(user: u, reading: true)
-        return [.readInbox(user: u, fromSeq: delivered &+ 1, limit: pageLimit)]
+        switch state {
+        case .live(let u) where seq > delivered:
+            state = .catchingUp(user: u, reading: true)
+            return [.readInbox(user: u, fromSeq: delivered &+ 1, limit: pageLimit)]
+        case .catchingUp:
+            // Checked when the catch-up ends: its read may have started before the head was committed.
+            headWhileCatchingUp = max(headWhileCatchingUp, seq)
+            return []
+        default:
+            return []
+        }
     }
 
     /// Events that arrived on the subscription (live), in seq order.

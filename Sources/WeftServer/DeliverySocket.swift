@@ -63,7 +63,7 @@ final class InboxHub: @unchecked Sendable {
 
     func forward(_ f: @escaping @Sendable ([UInt64: [Record]], ShardID) -> Void) { condition.withLock { forwarder = f } }
 
-    /// Inbox records another node forwarded (or a heads check read): to the sessions of their users here,
+    /// Inbox records another node forwarded: to the sessions of their users here,
     /// each seq once (records at or below what was handed already are dropped).
     func remote(_ records: [Record]) {
         var byUser: [UInt64: [Record]] = [:]

@@ -73,8 +73,9 @@ import WeftCore
     /// read from its own cursor; a head at or below it, or one told while catching up, changes nothing.
     @Test func aHeadPastTheCursorIsReadFromTheInbox() {
         var s = Self.resumed(at: 0)
-        #expect(s.headReached(5).isEmpty, "catching up: the page reads to the end anyway")
-        _ = s.page([Self.ev(1), Self.ev(2)], complete: true)
+        #expect(s.headReached(2).isEmpty, "catching up: checked when the catch-up ends")
+        let first = s.page([Self.ev(1), Self.ev(2)], complete: true)
+        #expect(!first.contains(.readInbox(user: 7, fromSeq: 3, limit: 100)), "the catch-up reached the head told")
         #expect(s.headReached(2).isEmpty)
         #expect(s.headReached(1).isEmpty)
         #expect(s.headReached(4) == [.readInbox(user: 7, fromSeq: 3, limit: 100)])
@@ -82,6 +83,14 @@ import WeftCore
         let b = s.page([Self.ev(3), Self.ev(4)], complete: true)
         #expect(Self.pushed(b) == [3, 4])
         #expect(s.state == .live(user: 7))
+        // A head told during a catch-up whose read ends below it: one more read, then live (not a loop).
+        var u = Self.resumed(at: 0)
+        _ = u.headReached(3)
+        let short = u.page([Self.ev(1)], complete: true)
+        #expect(short.last == .readInbox(user: 7, fromSeq: 2, limit: 100))
+        let again = u.page([], complete: true)
+        #expect(!again.contains { if case .readInbox = $0 { true } else { false } })
+        #expect(u.state == .live(user: 7))
         // A client that resumed past the inbox's end is not behind any head below its cursor.
         var t = Self.resumed(at: 1_000)
         _ = t.page([], complete: true)
