@@ -1,6 +1,7 @@
 import Delivery
 import Foundation
 import Messaging
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOWebSocket
 import WeftCore
@@ -317,7 +318,22 @@ final class DeliveryHandler: ChannelInboundHandler, RemovableChannelHandler {
                 }
             case .subscribe(let u):
                 let me = bound
-                guard let (id, first) = tier.hub.register(user: u, { event in me.eventLoop.execute { me.value.input(.hub(event)) } }) else {
+                // Hand-offs to this loop are counted: a loop too busy to run them for long closes the
+                // session (resume) instead of queueing without bound in NIO's task queue.
+                let owed = HandoffBudget(max: DeliverySocket.pendingMax)
+                let deliver: @Sendable (HubEvent) -> Void = { event in
+                    switch owed.take() {
+                    case .ok: me.eventLoop.execute {
+                        owed.give()
+                        me.value.input(.hub(event))
+                    }
+                    case .overdrawn: me.eventLoop.execute {
+                        me.value.perform(me.value.session.close(.resume, "the node fell behind pushing to this session: resume from your cursor"))
+                    }
+                    case .closed: break
+                    }
+                }
+                guard let (id, first) = tier.hub.register(user: u, deliver) else {
                     perform(session.close(.tooMany, "too many sessions for this user (\(InboxHub.sessionsPerUserMax)) or this node"))
                     return
                 }
@@ -408,4 +424,31 @@ final class DeliveryHandler: ChannelInboundHandler, RemovableChannelHandler {
         let channel = context.channel
         closer = channel.eventLoop.scheduleTask(in: DeliverySocket.closeGrace) { channel.close(promise: nil) }
     }
+}
+
+/// Hub events handed to a session's event loop and not yet run there. `take` before the hand-off,
+/// `give` when it runs; past `max` the first overdraft says so (the session closes with "resume"), and
+/// later ones are dropped (the session is closing; its client resumes from its cursor).
+final class HandoffBudget: Sendable {
+    enum Take: Equatable { case ok, overdrawn, closed }
+    let max: Int
+    let state = NIOLockedValueBox((owed: 0, overdrawn: false))
+
+    init(max: Int) { self.max = max }
+
+    func take() -> Take {
+        state.withLockedValue { s in
+            if s.overdrawn { return .closed }
+            guard s.owed < max else {
+                s.overdrawn = true
+                return .overdrawn
+            }
+            s.owed += 1
+            return .ok
+        }
+    }
+
+    func give() { state.withLockedValue { $0.owed -= 1 } }
+
+    var owed: Int { state.withLockedValue { $0.owed } }
 }

@@ -62,6 +62,20 @@ import WeftCore
         #expect(hub.remoteMark(alice) == nil)
     }
 
+    /// Hub hand-offs a session's loop has not run yet are bounded: past the budget the first overdraft
+    /// closes the session (resume) and the rest are dropped.
+    @Test func handOffsPastTheBudgetCloseTheSessionOnce() {
+        let b = HandoffBudget(max: 3)
+        #expect([b.take(), b.take(), b.take()] == [.ok, .ok, .ok])
+        b.give()
+        #expect(b.take() == .ok)
+        #expect(b.owed == 3)
+        #expect(b.take() == .overdrawn)
+        #expect(b.take() == .closed)
+        b.give()
+        #expect(b.take() == .closed, "once overdrawn, the session is closing")
+    }
+
     @Test func forwardedInboxFramesRoundTripAndRefuseShortOnes() throws {
         let records = [Self.inboxRecord(1_000_001, 4), Self.inboxRecord(1_000_003, 1)]
         let bytes = Envelope.inbox(records: records).encode()
