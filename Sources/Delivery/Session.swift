@@ -216,8 +216,8 @@ public struct Session: Sendable {
     public mutating func headReached(_ seq: StreamSeq) -> [Action] {
         switch state {
         case .live(let u) where seq > delivered:
-            state = .catchingUp(user: u, reading: true)
-            return [.readInbox(user: u, fromSeq: delivered &+ 1, limit: pageLimit)]
+            // As a catch-up page: no more than the queue has room for.
+            return nextPage(u)
         case .catchingUp:
             // Checked when the catch-up ends: its read may have started before the head was committed.
             headWhileCatchingUp = max(headWhileCatchingUp, seq)

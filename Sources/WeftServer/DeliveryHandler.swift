@@ -70,20 +70,26 @@ final class DeliveryHandler: ChannelInboundHandler, RemovableChannelHandler {
         tickID = tier.ticker.register(on: loop) { me.value.input(.tick) }
     }
 
-    /// Data frames the session may still send now (a token bucket: `DeliverySocket.frameBurst` at most,
-    /// refilled at `framesPerSecond`), and when it was last refilled.
+    /// Data frames the session may still send now: a token bucket refilled at `framesPerSecond` up to
+    /// `frameBurst`, plus one token per event pushed (a client may ack every event it gets, however fast
+    /// a catch-up goes; at most `pendingMax` of those kept), and when it was last refilled (monotonic).
     var frameTokens = Double(DeliverySocket.frameBurst)
-    var frameTokensAt: Int64 = 0
+    var frameTokensAt = NIODeadline.now()
 
     /// Takes one data frame's token; false when the session is over its rate.
     func takeFrameToken() -> Bool {
-        let now = Self.now()
-        let refill = Double(now - frameTokensAt) * Double(DeliverySocket.framesPerSecond) / 1000
-        frameTokens = min(Double(DeliverySocket.frameBurst), frameTokens + max(0, refill))
+        let now = NIODeadline.now()
+        let refill = Double((now - frameTokensAt).nanoseconds) * Double(DeliverySocket.framesPerSecond) / 1e9
+        if frameTokens < Double(DeliverySocket.frameBurst) { frameTokens = min(Double(DeliverySocket.frameBurst), frameTokens + max(0, refill)) }
         frameTokensAt = now
         guard frameTokens >= 1 else { return false }
         frameTokens -= 1
         return true
+    }
+
+    /// `n` events pushed: as many more frames allowed (their acks).
+    func earnFrameTokens(_ n: Int) {
+        frameTokens = min(Double(DeliverySocket.frameBurst + DeliverySocket.pendingMax), frameTokens + Double(n))
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -374,6 +380,7 @@ final class DeliveryHandler: ChannelInboundHandler, RemovableChannelHandler {
     /// Writes frames; `written` reports them once the socket took the last.
     func writeEvents(_ events: [Session.Event]) {
         guard let context, !closing, !events.isEmpty else { return }
+        earnFrameTokens(events.count)
         for (k, e) in events.enumerated() {
             var buffer = context.channel.allocator.buffer(capacity: e.body.count)
             buffer.writeBytes(e.body)

@@ -201,9 +201,10 @@ enum DeliverySocket {
     /// Client frames are small JSON objects.
     static let frameBytesMax = 16 << 10
     /// Data frames (text or binary) a session may send: `framesPerSecond` on average, `frameBurst` at
-    /// once. Each is parsed on the connection's event loop, which other sessions share; past this the
-    /// session is closed with 1008 (policy violation). Protocol pings are bounded by their pongs'
-    /// queue instead (`session_queue_max`).
+    /// once, plus one per event pushed to it (its ack). Each is parsed on the connection's event loop,
+    /// which other sessions share; past this the session is closed with 1008 (policy violation).
+    /// Protocol pings are not parsed (the pong echoes them); a client that does not read its pongs is
+    /// bounded by their queue (`session_queue_max`).
     static let framesPerSecond = 100
     static let frameBurst = 400
 

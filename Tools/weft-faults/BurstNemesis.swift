@@ -86,7 +86,8 @@ extension Nemesis {
             await note("burst", "skipped", ["phase": phase, "shard": shard, "why": "no leader"])
             return
         }
-        let followers = cluster.replicas(of: shard).filter { $0 != leader }
+        let placed = Set(cluster.replicas(of: shard))
+        let followers = cluster.nodes.filter { $0 != leader && placed.contains($0) }
         guard !followers.isEmpty else {
             await note("burst", "skipped", ["phase": phase, "shard": shard, "why": "no follower (replication 1)"])
             return

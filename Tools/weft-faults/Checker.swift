@@ -224,6 +224,10 @@ struct Checker {
                 }
             }
         }
+        // Each node's fan-out records (by "destination shard/stream/source shard/source index/body") and
+        // derived records, checked after the loop: with fewer replicas than nodes a node may hold a
+        // destination shard without the source shard, and is checked against the sources the others hold.
+        var relays: [Int: (sources: [String], derived: [String: Int])] = [:]
         for n in nodes {
             var count: [String: Int] = [:]
             var at: [String: (shard: Int, entry: Entry)] = [:]
@@ -304,18 +308,7 @@ struct Checker {
                 }
             }
             for (p, c) in count where c > 1 { res.duplicated.append("node \(n): \(p) appears \(c) times") }
-            // Every fan-out record's derived record exactly once in its destination, none without a source.
-            for key in sources where hosts(n, key: key, component: 0) {
-                switch derived[key] ?? 0 {
-                case 1: break
-                case 0: res.lost.append("node \(n): the relay never derived \(key) (destination shard/stream/source shard/index/body)")
-                case let c: res.duplicated.append("node \(n): \(key) was derived \(c) times")
-                }
-            }
-            let sourceSet = Set(sources)
-            for key in derived.keys where !sourceSet.contains(key) && hosts(n, key: key, component: 2) {
-                res.unexpected.append("node \(n): derived record \(key) has no fan-out record at that source index")
-            }
+            relays[n] = (sources, derived)
             res.notes.append("node \(n): \(sources.count) fan-out records, \(derived.values.reduce(0, +)) derived records, \(messaging) messaging records")
             for (p, a) in acked where hosts(n, a.shard) {
                 guard let found = at[p] else {
@@ -334,10 +327,29 @@ struct Checker {
             res.notes.append("node \(n): \(count.count) payloads, \(landed) of \(indeterminate.count) indeterminate writes landed")
             checkBursts(node: n, batches, bursts, &res) { hosts(n, $0) }
         }
+        let allSources = Set(relays.values.flatMap(\.sources))
+        for n in nodes {
+            guard let (own, derived) = relays[n] else { continue }
+            // Every fan-out record's derived record exactly once in its destination, none without a source.
+            let sources = placement == nil ? Set(own) : allSources
+            for key in sources.sorted() where hosts(n, key: key, component: 0) {
+                switch derived[key] ?? 0 {
+                case 1: break
+                case 0: res.lost.append("node \(n): the relay never derived \(key) (destination shard/stream/source shard/index/body)")
+                case let c: res.duplicated.append("node \(n): \(key) was derived \(c) times")
+                }
+            }
+            for key in derived.keys.sorted() where !sources.contains(key) {
+                res.unexpected.append("node \(n): derived record \(key) has no fan-out record at that source index")
+            }
+        }
         res.misplaced += bursts.irregular
         res.hostile += hostileAccepted.map { "hostile request not refused: \($0)" }
         if let groups {
             for n in groups.keys.sorted() {
+                for shard in (groups[n] ?? [:]).keys.sorted() where !hosts(n, shard) {
+                    res.membership.append("node \(n) reports a group for shard \(shard), which is not placed on it")
+                }
                 for shard in 0..<shards where hosts(n, shard) {
                     guard let g = groups[n]?[shard] else {
                         res.membership.append("node \(n) shard \(shard): no group reported")

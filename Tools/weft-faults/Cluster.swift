@@ -16,7 +16,6 @@ final class Cluster: @unchecked Sendable {
     private var processes: [Int: Process] = [:]
     private var paused: Set<Int> = []
 
-    /// The operator token of a run: printable ASCII, no spaces, well over 16 bytes, fixed by the seed.
     /// Replicas per shard (`[cluster] replication`).
     let replication: Int
 
@@ -31,6 +30,7 @@ final class Cluster: @unchecked Sendable {
     /// The shards node n hosts.
     func hosted(by n: Int) -> [Int] { (0..<shards).filter { replicas(of: $0).contains(n) } }
 
+    /// The operator token of a run: printable ASCII, no spaces, well over 16 bytes, fixed by the seed.
     static func operatorToken(seed: UInt64) -> String {
         var rng = SplitMix(seed: seed ^ 0x70C3_E11A_0B5E_D00D)
         return "wf-" + String(rng.next(), radix: 16) + "-" + String(rng.next(), radix: 16)

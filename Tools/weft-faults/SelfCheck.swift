@@ -183,8 +183,20 @@ enum SelfCheck {
             let l = [0: good + [fanout], 1: [header] + destination]
             return Checker.check(logs: [1: l, 2: l, 3: l], acked: withFanout, failed: [], indeterminate: [], shards: 2)
         }
+        // Fewer replicas than nodes: shard 0 on nodes 1 and 2, shard 1 on nodes 3 and 4, no node holding
+        // both: the destination's replicas are checked against the source's fan-out records.
+        func apart(_ destination: [Checker.Entry]) -> Checker.Result {
+            let src = [0: good + [fanout]]
+            let dst = [1: [header] + destination]
+            return Checker.check(
+                logs: [1: src, 2: src, 3: dst, 4: dst], acked: withFanout, failed: [], indeterminate: [], shards: 2,
+                placement: [0: [1, 2], 1: [3, 4]])
+        }
         return [
             ("relay: every fan-out record derived once", run([derived(1)]), { $0.ok }),
+            ("relay, shards on different nodes: derived once", apart([derived(1)]), { $0.ok }),
+            ("relay, shards on different nodes: a derived record missing", apart([]), { $0.lost.count == 2 }),
+            ("relay, shards on different nodes: derived from another source index", apart([derived(1, source: 3)]), { $0.lost.count == 2 && $0.unexpected.count == 2 }),
             ("relay: a derived record missing", run([]), { $0.lost.count == 3 }),
             ("relay: derived twice", run([derived(1), derived(2)]), { $0.duplicated.count == 3 }),
             ("relay: derived from another source index", run([derived(1, source: 3)]), { $0.lost.count == 3 && $0.unexpected.count == 3 }),
