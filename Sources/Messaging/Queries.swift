@@ -84,8 +84,7 @@ public enum MessagingQuery: Sendable, Equatable {
             w.u64(g)
         case .inboxHeads(let users):
             w.u8(9)
-            w.u32(UInt32(users.count))
-            for u in users { w.u64(u) }
+            w.seqs(users)
         }
         return w.bytes
     }
@@ -105,13 +104,7 @@ public enum MessagingQuery: Sendable, Equatable {
         case 7: q = r.u64().map { .group($0) }
         case 8: q = r.u64().map { .groupSummary($0) }
         case 9:
-            guard let n = r.u32(), n <= Self.headsUsersMax else { return nil }
-            var users: [UInt64] = []
-            users.reserveCapacity(Int(n))
-            for _ in 0..<n {
-                guard let u = r.u64() else { return nil }
-                users.append(u)
-            }
+            guard let users = r.seqs(), users.count <= Self.headsUsersMax else { return nil }
             q = .inboxHeads(users)
         default: q = nil
         }
@@ -153,8 +146,7 @@ extension MessagingQuery.Answer {
             g?.put(&w)
         case .heads(let seqs):
             w.u8(6)
-            w.u32(UInt32(seqs.count))
-            for s in seqs { w.u64(s) }
+            w.seqs(seqs)
         }
         return w.bytes
     }
@@ -184,13 +176,7 @@ extension MessagingQuery.Answer {
             case nil: a = nil
             }
         case 6:
-            guard let n = r.u32(), n <= MessagingQuery.headsUsersMax else { return nil }
-            var seqs: [StreamSeq] = []
-            seqs.reserveCapacity(Int(n))
-            for _ in 0..<n {
-                guard let v = r.u64() else { return nil }
-                seqs.append(v)
-            }
+            guard let seqs = r.seqs(), seqs.count <= MessagingQuery.headsUsersMax else { return nil }
             a = .heads(seqs)
         default: a = nil
         }

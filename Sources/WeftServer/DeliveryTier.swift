@@ -81,6 +81,8 @@ final class DeliveryTier: Sendable {
     /// directory lists for a user that holds no replica of the shard.
     func forwardInbox(_ byUser: [UInt64: [Record]], shard: ShardID) {
         let replicas = config.replicas(of: shard)
+        // Every node holds this shard (3 nodes, replication 3): no one to forward to.
+        guard replicas.count < config.nodes.count else { return }
         var byNode: [NodeID: [Record]] = [:]
         for (u, rs) in byUser {
             for n in directory.nodes(of: u) where n != selfID && !replicas.contains(n) { byNode[n, default: []] += rs }
@@ -90,6 +92,16 @@ final class DeliveryTier: Sendable {
                 send(n, shard, .inbox(records: Array(rs[start..<min(start + Self.forwardRecordsMax, rs.count)])))
             }
             forwarded.increment(by: rs.count)
+        }
+    }
+
+    /// What of a forwarded `inbox` frame this node takes: nothing unless the frame's shard exists, comes
+    /// from a node placed on it, and this node holds no replica of it (else its own hub has the records);
+    /// of it, only inbox records of users homed on that shard.
+    func acceptForwarded(_ records: [Record], from: NodeID, shard: ShardID, holdsReplica: Bool) -> [Record] {
+        guard shard.rawValue < UInt64(config.shards), !holdsReplica, config.replicas(of: shard).contains(from) else { return [] }
+        return records.filter { r in
+            r.type == .messaging && Ids.inboxUser(r.stream).map { Ids.homeShard($0, shards: config.shards) == shard } == true
         }
     }
 

@@ -389,11 +389,7 @@ public final class WeftNode: Sendable {
         case .typing(let sender, let to, let route):
             delivery.typing(from: sender, to: to, route: route)
         case .inbox(let records):
-            // From a node placed on the shard, for a node that holds no replica of it (else its own hub
-            // has them), and only inbox records of users homed there.
-            guard config.replicas(of: shard).contains(from), runner(shard) == nil else { return }
-            delivery.hub.remote(
-                records.filter { r in r.type == .messaging && Ids.inboxUser(r.stream).map { Ids.homeShard($0, shards: config.shards) == shard } == true })
+            delivery.hub.remote(delivery.acceptForwarded(records, from: from, shard: shard, holdsReplica: runner(shard) != nil))
         }
     }
 

@@ -124,11 +124,7 @@ extension Clusters {
             let metricsEnd = Date().addingTimeInterval(10)
             while lagLine == nil && Date() < metricsEnd {
                 for n in c.nodes {
-                    guard let url = URL(string: "http://127.0.0.1:\(c.apiPorts[n]!)/metrics") else { continue }
-                    var req = URLRequest(url: url)
-                    req.timeoutInterval = 3
-                    guard let (data, _) = try? await URLSession.shared.data(for: req) else { continue }
-                    let text = String(decoding: data, as: UTF8.self)
+                    guard let text = await c.metricsText(n) else { continue }
                     lagLine = text.split(separator: "\n").first { $0.hasPrefix("weft_relay_lag_records{") && $0.contains("source=\"0\"") && $0.contains("destination=\"1\"") && $0.hasSuffix(" 0.0") || ($0.hasPrefix("weft_relay_lag_records{") && $0.contains("source=\"0\"") && $0.hasSuffix(" 0")) }.map(String.init)
                     if lagLine != nil { break }
                 }

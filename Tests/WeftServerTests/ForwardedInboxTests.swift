@@ -1,3 +1,4 @@
+import ClusterConfig
 import Foundation
 import Messaging
 import Testing
@@ -74,6 +75,47 @@ import WeftCore
         #expect(b.take() == .closed)
         b.give()
         #expect(b.take() == .closed, "once overdrawn, the session is closing")
+    }
+
+    /// 4 nodes, 4 shards, replication 3: each shard is on 3 of the 4 nodes (the test asks the
+    /// configuration which).
+    static func fourNodes() throws -> ClusterConfiguration {
+        let nodes = (1...4).map { "[[nodes]]\nid = \($0)\npeer_addr = \"127.0.0.1:\(7000 + $0)\"\napi_addr = \"127.0.0.1:\(9000 + $0)\"\n" }
+        let text = """
+            [cluster]
+            name = "t"
+            secret = "0123456789abcdef"
+            shards = 4
+            replication = 3
+
+            [api]
+            operator_token = "operator-token-0123456789"
+
+            \(nodes.joined(separator: "\n"))
+            """
+        return try ClusterConfiguration.parse(text, configPath: "c.toml")
+    }
+
+    /// A forwarded frame is taken only from a node placed on its shard, by a node holding no replica of
+    /// it, for a shard that exists, and only its inbox records of users homed on that shard; a frame
+    /// naming a shard past the configuration's is refused, not trapped on.
+    @Test func onlyWhatAForwardedFrameMayCarryIsTaken() throws {
+        let config = try Self.fourNodes()
+        let shard = ShardID(1)
+        let placed = config.replicas(of: shard)
+        let away = try #require((1...4).map { NodeID(UInt64($0)) }.first { !placed.contains($0) })
+        let tier = DeliveryTier(config: config, selfID: away, send: { _, _, _ in }, reachable: { _ in true })
+        defer { tier.hub.stop() }
+        let homed: UInt64 = 1_000_001  // 1_000_001 % 4 == 1
+        let elsewhere: UInt64 = 1_000_002
+        let good = Self.inboxRecord(homed, 3)
+        var notInbox = good
+        notInbox.stream = StreamID(homed)
+        let frame = [good, Self.inboxRecord(elsewhere, 1), notInbox]
+        #expect(tier.acceptForwarded(frame, from: placed[0], shard: shard, holdsReplica: false) == [good])
+        #expect(tier.acceptForwarded(frame, from: away, shard: shard, holdsReplica: false).isEmpty, "from a node not placed on the shard")
+        #expect(tier.acceptForwarded(frame, from: placed[0], shard: shard, holdsReplica: true).isEmpty, "this node's own hub has them")
+        #expect(tier.acceptForwarded(frame, from: placed[0], shard: ShardID(99), holdsReplica: false).isEmpty, "no such shard")
     }
 
     @Test func forwardedInboxFramesRoundTripAndRefuseShortOnes() throws {
