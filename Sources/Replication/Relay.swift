@@ -118,10 +118,7 @@ public final class RelayRunner: @unchecked Sendable {
         defer { condition.unlock() }
         guard !running else { return }
         running = true
-        let t = Thread { [self] in loop() }
-        t.name = "weft-relay-\(source)"
-        thread = t
-        t.start()
+        thread = NamedThread.start("relay-\(source)") { [self] in loop() }
     }
 
     /// Stops after the current step (a batch in flight is answered into the void).
@@ -169,7 +166,14 @@ public final class RelayRunner: @unchecked Sendable {
     }
 
     func loop() {
+        // When the last round began: the next waits until `coalesce` after it (a wake-up long after the
+        // last round is served at once; a burst of wake-ups by one round per interval).
+        var roundAt = ContinuousClock.now - coalesce
         while true {
+            let due = roundAt + coalesce
+            let wait = due - ContinuousClock.now
+            if wait > .zero { Thread.sleep(forTimeInterval: Double(wait.components.attoseconds) / 1e18 + Double(wait.components.seconds)) }
+            roundAt = ContinuousClock.now
             condition.lock()
             guard running else {
                 // Subscriptions end with the relay.
@@ -181,14 +185,17 @@ public final class RelayRunner: @unchecked Sendable {
             dirty = false
             let now = ContinuousClock.now
             let ready = lanes.filter { !$0.value.inFlight && ($0.value.retryAt.map { now >= $0 } ?? true) }.map(\.key)
-            let pause = coalesce
             condition.unlock()
             var sent = false
             for d in ready.sorted(by: { $0.rawValue < $1.rawValue }) where step(d) { sent = true }
+            if sent {
+                // More may be ready at once (another lane's answer): go again without the pause.
+                roundAt = ContinuousClock.now - coalesce
+                continue
+            }
             condition.lock()
-            if running && !sent && !dirty { _ = condition.wait(until: Date(timeIntervalSinceNow: 0.05)) }
+            if running && !dirty { _ = condition.wait(until: Date(timeIntervalSinceNow: 0.05)) }
             condition.unlock()
-            if !sent { Thread.sleep(forTimeInterval: Double(pause.components.attoseconds) / 1e18 + Double(pause.components.seconds)) }
         }
     }
 

@@ -124,7 +124,7 @@ public final class ShardRunner: @unchecked Sendable {
         replica: ShardReplica, tick: Duration, logger: Logger, lane: DriverLane? = nil, send: @escaping @Sendable ([Message]) -> Void
     ) {
         self.replica = replica
-        self.lane = lane ?? DriverLane(name: "weft-shard-\(replica.shard)", tick: tick)
+        self.lane = lane ?? DriverLane(name: "lane-shard-\(replica.shard)", tick: tick)
         self.logger = logger
         self.send = send
     }
@@ -349,10 +349,7 @@ public final class DriverLane: @unchecked Sendable {
         condition.lock()
         runners[ObjectIdentifier(r)] = r
         if thread == nil {
-            let t = Thread { [self] in loop() }
-            t.name = name
-            thread = t
-            t.start()
+            thread = NamedThread.start(name) { [self] in loop() }
         }
         enqueue(r)
         condition.unlock()

@@ -1,4 +1,5 @@
 import Foundation
+import Replication
 
 /// One timer thread for every request deadline of the process (forwarded writes, local proposals).
 ///
@@ -26,9 +27,7 @@ final class Deadlines: @unchecked Sendable {
         defer { condition.unlock() }
         if !started {
             started = true
-            let t = Thread { [self] in run() }
-            t.name = "weft-deadlines"
-            t.start()
+            NamedThread.start("deadlines") { [self] in run() }
         }
         let id = nextID
         nextID += 1

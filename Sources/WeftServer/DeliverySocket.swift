@@ -48,9 +48,7 @@ final class InboxHub: @unchecked Sendable {
     var remoteSeen: [UInt64: StreamSeq] = [:]
 
     init() {
-        let t = Thread { [weak self] in self?.loop() }
-        t.name = "weft-inbox-hub"
-        t.start()
+        NamedThread.start("inbox-hub") { [weak self] in self?.loop() }
     }
 
     /// Starts following a local replica's tail from its applied index.

@@ -125,7 +125,7 @@ public final class WeftNode: Sendable {
         runnerBox = NIOLockedValueBox([:])
         let laneCount = max(1, min(config.raft.driverThreads, config.shards))
         let tick = Duration.milliseconds(max(1, config.raft.heartbeatIntervalMs))
-        lanes = (0..<laneCount).map { DriverLane(name: "weft-driver-\($0)", tick: tick) }
+        lanes = (0..<laneCount).map { DriverLane(name: "lane-\($0)", tick: tick) }
         laneLoad = NIOLockedValueBox(Array(repeating: 0, count: laneCount))
         box.withLockedValue { $0 = self }
         // One shard's trouble (a damaged file, a replica that cannot open) must not stop the others.
