@@ -25,6 +25,8 @@ struct Progress: Sendable {
     var snapshotTicks = 0
     /// In snapshot state: the catch-up transfer under way (its answer and the shipper's reports name it).
     var transfer: UInt64 = 0
+    /// The highest commit index sent to it (with any append).
+    var commitSent: LogIndex = 0
 
     init(next: LogIndex) { self.next = next }
 

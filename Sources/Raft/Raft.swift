@@ -87,6 +87,11 @@ public struct Raft {
     /// Context value on an append rejection from a recovering follower: its log was cut back, so what it
     /// acknowledged before may be gone (the leader forgets its match above the hint).
     static let lostEntriesContext: UInt64 = 2
+    /// Context value on an append that only carries the commit index to a follower that acknowledged
+    /// every entry: it accepts it without an answer (the answer would tell the leader nothing new; a
+    /// rejection is still answered). See `broadcastCommit`. Per commit that is one message fewer per follower, and a
+    /// wake-up of the leader's thread fewer.
+    static let commitOnlyContext: UInt64 = 3
 
     /// Index of the last configuration entry already reflected in `membership` (0: none): entries up to it
     /// are not applied again when the log is replayed after a restart.
@@ -527,11 +532,13 @@ public struct Raft {
                 }
                 progress[m.from] = pr
                 if maybeCommit() {
-                    broadcastAppend()
+                    broadcastCommit()
                 } else if wasPaused {
                     sendAppend(to: m.from)
                 }
                 while sendAppend(to: m.from, onlyWithEntries: true) {}
+                // A follower whose answer came after the commit it helped (or not) learns it now.
+                if let p = progress[m.from], p.state == .replicate, p.match == lastIndex, p.commitSent < commit { sendAppend(to: m.from) }
                 if m.from == transferee, progress[m.from]?.match == lastIndex {
                     send(Message(kind: .timeoutNow, from: id, to: m.from, term: term))
                 }
@@ -641,6 +648,8 @@ public struct Raft {
         m.entries = ents
         m.commit = commit
         m.hint = lastIndex
+        pr.commitSent = max(pr.commitSent, commit)
+        if ents.isEmpty, pr.state == .replicate, pr.match == lastIndex { m.context = Raft.commitOnlyContext }
         if let last = ents.last {
             switch pr.state {
             case .replicate:
@@ -689,6 +698,18 @@ public struct Raft {
         pr.transfer = m.context
         progress[to] = pr
         send(m)
+    }
+
+    /// After the commit index rose: to each follower what it lacks, or the commit index alone. A follower
+    /// that was sent every entry and has not answered for all of them is skipped: its answer is on the
+    /// way, and the commit index goes to it then (`stepLeader`), without an answer of its own. So a
+    /// commit costs per follower one append and one answer, not two of each. An answer that is lost is
+    /// found by the heartbeats (whose answer leads to an append), and heartbeats carry the commit index.
+    mutating func broadcastCommit() {
+        for n in membership.all.sorted() where n != id {
+            if let pr = progress[n], pr.state == .replicate, pr.next == lastIndex + 1, pr.match < lastIndex { continue }
+            sendAppend(to: n)
+        }
     }
 
     mutating func broadcastAppend() {
@@ -838,6 +859,7 @@ public struct Raft {
             }
             let newCommit = min(m.commit, lastNew)
             if newCommit > commit { commit = newCommit }
+            if m.entries.isEmpty, m.context == Raft.commitOnlyContext { return }
             r.index = lastNew
             send(r)
         } else {
@@ -948,7 +970,7 @@ public struct Raft {
         if role == .leader, var me = progress[id] {
             if me.maybeUpdate(durableIndex) {
                 progress[id] = me
-                if maybeCommit() { broadcastAppend() }
+                if maybeCommit() { broadcastCommit() }
             }
         }
         for e in rd.committed {

@@ -10,6 +10,8 @@ final class Net {
     var cut: Set<[UInt64]> = []
     var applied: [NodeID: [Record]] = [:]
     var reads: [ReadState] = []
+    /// Every message delivered, in order.
+    var delivered: [Message] = []
 
     init(_ count: Int, voters: Int? = nil) {
         let ids = (1...UInt64(count)).map { NodeID($0) }
@@ -52,7 +54,10 @@ final class Net {
                 }
             }
             if msgs.isEmpty { return }
-            for m in msgs where !cut.contains([m.from.rawValue, m.to.rawValue]) { nodes[m.to]?.step(m) }
+            for m in msgs where !cut.contains([m.from.rawValue, m.to.rawValue]) {
+                delivered.append(m)
+                nodes[m.to]?.step(m)
+            }
         }
     }
 
@@ -91,6 +96,33 @@ final class Net {
         for id in [NodeID(1), NodeID(2), NodeID(3)] {
             #expect(net.applied[id]!.contains { $0.payload == [7] }, "node \(id)")
         }
+    }
+
+    @Test func anAppendCarryingOnlyTheCommitIndexIsNotAnswered() throws {
+        let net = Net(3)
+        net.tick(NodeID(1), 30)
+        let leader = try #require(net.leader())
+        net.delivered = []
+        #expect(net.propose(7))
+        let appends = net.delivered.filter { $0.kind == .append }
+        let withEntries = appends.filter { !$0.entries.isEmpty }
+        let commitOnly = appends.filter { $0.entries.isEmpty }
+        // One append with the entry per follower, answered; then the commit index alone, not answered.
+        #expect(withEntries.count == 2)
+        #expect(commitOnly.count == 2)
+        #expect(net.delivered.filter { $0.kind == .appendResponse }.count == 2)
+        let index = try #require(withEntries.first?.entries.last?.index)
+        for id in net.nodes.keys { #expect(net.nodes[id]!.commit == index, "node \(id) learned the commit") }
+        // A follower that lost entries still answers (rejects) such an append: the leader must learn it.
+        let follower = try #require(net.nodes.keys.sorted().first { $0 != leader })
+        var m = try #require(commitOnly.first { $0.to == follower })
+        m.index += 5
+        m.logTerm = m.term
+        net.delivered = []
+        net.nodes[follower]!.step(m)
+        let rd = net.nodes[follower]!.ready()
+        #expect(rd.messages.contains { $0.kind == .appendResponse && $0.reject })
+        net.nodes[follower]!.advance(rd)
     }
 
     @Test func preVoteKeepsAPartitionedNodeFromDisruptingTheLeader() {
