@@ -94,7 +94,9 @@ final class DeliveryHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let frame = unwrapInboundIn(data)
-        if frame.opcode == .text || frame.opcode == .binary, !closing, !takeFrameToken() {
+        // Every frame but a close takes a token: data frames, and protocol pings and pongs (a ping costs
+        // the server a pong; before stop 23 pings were limited only by the queue of pongs owed).
+        if frame.opcode != .connectionClose, !closing, !takeFrameToken() {
             return closeSession(1008, "more than \(DeliverySocket.framesPerSecond) frames a second (\(DeliverySocket.frameBurst) at once)")
         }
         switch frame.opcode {

@@ -263,6 +263,7 @@ enum DeliverySocket {
             // The message's fields are checked here, on the parsed frame, and decoded from the frame's own
             // bytes in the send's task (before: the message object written out again and parsed twice more).
             do {
+                try MessagingAPI.refuseDuplicateKeys(text.utf8)
                 try MessagingAPI.checkFields(m, keys: MessagingAPI.SendBody.keys)
                 return .send(requestID: id, frame: Data(text.utf8), refused: nil)
             } catch let e as APIError {

@@ -1059,8 +1059,17 @@ struct MessagingAPI: Sendable {
             throw APIError(.badRequest, "malformed_json", "the body is not valid JSON (UTF-8)")
         }
         guard let dict = object as? [String: Any] else { throw APIError(.badRequest, "malformed_json", "the body must be a JSON object") }
+        try refuseDuplicateKeys(data)
         try checkFields(dict, keys: keys)
         return try decodeFields(T.self, data)
+    }
+
+    /// A key that appears twice in one object (the field checks and the decoder would read different
+    /// copies of it: `JSONDuplicateKeys`).
+    static func refuseDuplicateKeys(_ data: some Collection<UInt8>) throws {
+        if let key = JSONDuplicateKeys.first(in: data) {
+            throw APIError(.badRequest, "duplicate_field", "the field \(key.prefix(64)) appears twice in one object")
+        }
     }
 
     /// What `decode` refuses before decoding: a field not in `keys`, or a null.

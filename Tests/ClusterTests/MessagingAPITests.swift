@@ -110,6 +110,9 @@ extension Clusters {
                 ("POST", send, Data("[1,2]".utf8), nil, 400, "malformed_json"),
                 ("POST", send, Data([0x7B, 0x22, 0xFF, 0xFE, 0x22, 0x3A, 0x31, 0x7D]), nil, 400, "malformed_json"),
                 ("POST", send, nil, ["receiver_id": bob, "message_type": "text", "content": "x", "colour": "red"], 400, "unknown_field"),
+                // A repeated key: JSONSerialization (the field checks) keeps the last, JSONDecoder the first.
+                ("POST", send, Data(#"{"receiver_id":\#(bob),"message_type":"text","content":"x","content":null}"#.utf8), nil, 400, "duplicate_field"),
+                ("POST", send, Data(#"{"receiver_id":\#(bob),"message_type":"text","content":"x","\u0063ontent":"y"}"#.utf8), nil, 400, "duplicate_field"),
                 ("POST", send, nil, ["receiver_id": "\(bob)", "message_type": "text", "content": "x"], 400, "wrong_type"),
                 ("POST", send, nil, ["receiver_id": -1, "message_type": "text", "content": "x"], 400, "wrong_type"),
                 ("POST", send, nil, ["message_type": "text", "content": "x"], 400, "invalid_receiver"),
