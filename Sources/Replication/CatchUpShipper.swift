@@ -99,7 +99,7 @@ public final class CatchUpShipper: @unchecked Sendable {
             return
         }
         let files = files.map { ($0.name, $0.path) }
-        NamedThread.start("catchup-\(shard)-\(to)") { [self] in self.run(key, t, files, snapshot) }
+        NamedThread.start("cu-\(shard)-\(to)") { [self] in self.run(key, t, files, snapshot) }
     }
 
     /// The follower `from` acknowledged `received` bytes of `name` in `transfer` (false `ok`: it could not

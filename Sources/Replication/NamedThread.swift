@@ -14,7 +14,7 @@ public enum NamedThread {
         let t = Thread {
             #if canImport(Glibc)
             // pthread_setname_np is not in the Glibc module; the kernel takes the name from this file too.
-            let fd = open("/proc/thread-self/comm", O_WRONLY)
+            let fd = open("/proc/thread-self/comm", O_WRONLY | O_CLOEXEC)
             if fd >= 0 {
                 let bytes = Array(name.utf8.prefix(15))
                 _ = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }

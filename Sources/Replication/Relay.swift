@@ -262,6 +262,8 @@ public final class RelayRunner: @unchecked Sendable {
             condition.unlock()
         }
         guard var lane = lanes[d] else { return }
+        // The loop may be mid-round (the signal alone would be lost): the next round must look at this lane.
+        dirty = true
         lane.inFlight = false
         switch result {
         case .success(.written(let mark)), .success(.alreadyApplied(let mark)), .success(.stale(let mark)):

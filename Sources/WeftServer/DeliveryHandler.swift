@@ -70,7 +70,7 @@ final class DeliveryHandler: ChannelInboundHandler, RemovableChannelHandler {
         tickID = tier.ticker.register(on: loop) { me.value.input(.tick) }
     }
 
-    /// Data frames the session may still send now: a token bucket refilled at `framesPerSecond` up to
+    /// Frames (all but a close) the session may still send now: a token bucket refilled at `framesPerSecond` up to
     /// `frameBurst`, plus one token per event pushed (a client may ack every event it gets, however fast
     /// a catch-up goes; at most `pendingMax` of those kept), and when it was last refilled (monotonic).
     var frameTokens = Double(DeliverySocket.frameBurst)

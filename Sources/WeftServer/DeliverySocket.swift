@@ -198,11 +198,12 @@ enum DeliverySocket {
     static let path = "/api/v1/ws"
     /// Client frames are small JSON objects.
     static let frameBytesMax = 16 << 10
-    /// Data frames (text or binary) a session may send: `framesPerSecond` on average, `frameBurst` at
-    /// once, plus one per event pushed to it (its ack). Each is parsed on the connection's event loop,
-    /// which other sessions share; past this the session is closed with 1008 (policy violation).
-    /// Protocol pings are not parsed (the pong echoes them); a client that does not read its pongs is
-    /// bounded by their queue (`session_queue_max`).
+    /// Frames (all but a close: text, binary, protocol pings and pongs) a session may send:
+    /// `framesPerSecond` on average, `frameBurst` at once, plus one per event pushed to it (its ack).
+    /// Each is handled on the connection's event loop, which other sessions share; past this the session
+    /// is closed with 1008 (policy violation). Protocol pings are not parsed (the pong echoes them); a
+    /// client that pings within the rate and does not read its pongs is bounded by their queue
+    /// (`session_queue_max`).
     static let framesPerSecond = 100
     static let frameBurst = 400
 
@@ -235,6 +236,9 @@ enum DeliverySocket {
 
     /// A client frame: `{"type":"auth","token"}`, `{"type":"resume","cursor":"12"}`, `{"type":"ack","cursor":"12"}`, `{"type":"ping"}`.
     static func parse(_ text: String) -> Input {
+        // UTF-16 or UTF-32 JSON (which JSONSerialization would read) always holds a NUL byte, and UTF-8
+        // JSON never does: frames are UTF-8 (and the duplicate-key check reads UTF-8).
+        if text.utf8.contains(0) { return .malformed("a frame is a JSON object in UTF-8") }
         guard let o = try? JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: Any], let type = o["type"] as? String else {
             return .malformed("a frame is a JSON object with a type")
         }

@@ -1055,6 +1055,10 @@ struct MessagingAPI: Sendable {
     }
 
     static func decode<T: Decodable>(_: T.Type, _ data: Data, keys: Set<String>) throws -> T {
+        // Both Foundation parsers also read UTF-16 and UTF-32 (with or without a byte-order mark), which
+        // always hold a NUL byte; UTF-8 JSON never does. Bodies are UTF-8 (and the duplicate-key check
+        // reads UTF-8).
+        guard !data.contains(0) else { throw APIError(.badRequest, "malformed_json", "the body is not valid JSON (UTF-8)") }
         guard let object = try? JSONSerialization.jsonObject(with: data, options: []) else {
             throw APIError(.badRequest, "malformed_json", "the body is not valid JSON (UTF-8)")
         }

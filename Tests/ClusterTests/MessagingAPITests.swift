@@ -113,6 +113,8 @@ extension Clusters {
                 // A repeated key: JSONSerialization (the field checks) keeps the last, JSONDecoder the first.
                 ("POST", send, Data(#"{"receiver_id":\#(bob),"message_type":"text","content":"x","content":null}"#.utf8), nil, 400, "duplicate_field"),
                 ("POST", send, Data(#"{"receiver_id":\#(bob),"message_type":"text","content":"x","\u0063ontent":"y"}"#.utf8), nil, 400, "duplicate_field"),
+                // The same in UTF-16LE, which Foundation's parsers read too: refused as not UTF-8.
+                ("POST", send, Data(#"{"receiver_id":\#(bob),"message_type":"text","content":null,"\u0063ontent":"x"}"#.data(using: .utf16LittleEndian) ?? Data()), nil, 400, "malformed_json"),
                 ("POST", send, nil, ["receiver_id": "\(bob)", "message_type": "text", "content": "x"], 400, "wrong_type"),
                 ("POST", send, nil, ["receiver_id": -1, "message_type": "text", "content": "x"], 400, "wrong_type"),
                 ("POST", send, nil, ["message_type": "text", "content": "x"], 400, "invalid_receiver"),

@@ -34,4 +34,20 @@ import Testing
         #expect(first(#"{"\ud800":1,"\ud801":2}"#) != nil)  // two lone surrogates: both U+FFFD, as Foundation reads them
         #expect(first(#"{}"#) == nil)
     }
+
+    /// UTF-16 JSON, which Foundation's parsers read but the check (reading UTF-8) would not see through,
+    /// is refused before either looks at it.
+    @Test func aFrameInUTF16IsRefused() throws {
+        let frame = #"{"type":"send","request_id":"r","message":{"receiver_id":2,"message_type":"text","content":null,"\u0063ontent":"x"}}"#
+        let utf16 = try #require(frame.data(using: .utf16LittleEndian))
+        guard case .malformed = DeliverySocket.parse(String(decoding: utf16, as: UTF8.self)) else {
+            Issue.record("a UTF-16 frame was taken")
+            return
+        }
+        guard case .send(_, _, let refused?) = DeliverySocket.parse(frame.replacingOccurrences(of: "null", with: #""y""#)) else {
+            Issue.record("a repeated key in a UTF-8 send frame was not refused")
+            return
+        }
+        #expect(refused.code == "duplicate_field")
+    }
 }
