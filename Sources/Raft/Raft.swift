@@ -89,8 +89,8 @@ public struct Raft {
     static let lostEntriesContext: UInt64 = 2
     /// Context value on an append that only carries the commit index to a follower that acknowledged
     /// every entry: it accepts it without an answer (the answer would tell the leader nothing new; a
-    /// rejection is still answered). See `broadcastCommit`. Per commit that is one message fewer per follower, and a
-    /// wake-up of the leader's thread fewer.
+    /// rejection is still answered). See `broadcastCommit`. Per commit that is one message fewer per
+    /// follower, and a wake-up of the leader's thread fewer.
     static let commitOnlyContext: UInt64 = 3
 
     /// Index of the last configuration entry already reflected in `membership` (0: none): entries up to it

@@ -200,6 +200,19 @@ public final class TailSubscription {
         public var applied: LogIndex
     }
 
+    /// A `poll` failure that polling again cannot cure: the files no longer hold the subscriber's position
+    /// (a catch-up installed another replica's log, which starts past a snapshot). The first index they
+    /// hold; nil for any other failure. A subscriber that can live with the gap `skip`s to it.
+    public static func firstHeld(after error: any Error) -> LogIndex? { (error as? LogFileReader.Failure)?.firstIndex }
+
+    /// Moves the subscription forward to `index` (nothing before it will be returned).
+    public func skip(to index: LogIndex) {
+        guard index > next else { return }
+        next = index
+        files = nil
+        tail.moved(id, to: next)
+    }
+
     /// The next committed records (up to `limit`; none when the subscriber is caught up). Throws when the
     /// files do not hold what the replica applied (damage being repaired): poll again later.
     public func poll(limit: Int = 1000) throws -> Batch {

@@ -32,6 +32,9 @@ public final class LogFileReader {
 
     public struct Failure: Error, CustomStringConvertible {
         public var description: String
+        /// Set when `next` is before the log's first segment: the first index the files hold (a catch-up
+        /// replaced the log with one that starts past a snapshot, or retention dropped it).
+        public var firstIndex: LogIndex?
     }
 
     /// Up to `limit` records from `next`, none past `upTo` (an applied index). Fewer only when `upTo`
@@ -75,7 +78,7 @@ public final class LogFileReader {
     func position() throws {
         let bases = try disk.list(directory).compactMap(FileNames.segmentBase).sorted()
         guard let base = bases.last(where: { $0 <= next }) else {
-            throw Failure(description: "\(directory): index \(next) is before the log's first segment")
+            throw Failure(description: "\(directory): index \(next) is before the log's first segment", firstIndex: bases.first)
         }
         let file = try disk.open(directory + "/" + FileNames.segment(base), create: false)
         var offset = UInt64(Layout.segmentHeaderBytes)

@@ -175,7 +175,23 @@ final class InboxHub: @unchecked Sendable {
             condition.unlock()
             for (shard, sub) in subs {
                 // Drain each tail; a damaged file read is retried at the next wake.
-                while let batch = try? sub.poll(limit: 1024), !batch.records.isEmpty {
+                while true {
+                    let batch: TailSubscription.Batch
+                    do {
+                        batch = try sub.poll(limit: 1024)
+                    } catch {
+                        // The replica installed a catch-up whose log starts past what the hub had
+                        // handed on: those records are not here any more. Go on from the first held; a
+                        // session notices the gap at its next event and reads it from its own cursor.
+                        // (Before, the hub stayed stuck there: no pushes of this shard on this node, and
+                        // its position held back the shard's retention here.)
+                        if let first = TailSubscription.firstHeld(after: error), first > sub.next {
+                            sub.skip(to: first)
+                            continue
+                        }
+                        break
+                    }
+                    guard !batch.records.isEmpty else { break }
                     observer?(batch.records, shard)
                     var byUser: [UInt64: [Record]] = [:]
                     for r in batch.records where r.type == .messaging {

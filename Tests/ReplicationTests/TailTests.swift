@@ -1,3 +1,4 @@
+import Foundation
 import Raft
 import SegmentStore
 import ShardState
@@ -63,6 +64,36 @@ import WeftTesting
         let b = try mid.poll(limit: 3)
         #expect(b.records.map(\.index) == [33, 34, 35])
         #expect(mid.next == 36)
+    }
+
+    /// As after a catch-up that installed a log starting past a snapshot: the files no longer hold the
+    /// subscriber's position. Polling again cannot cure that; the failure says where the files start, and
+    /// a subscriber that can live with the gap (the delivery hub) skips there, which also stops its old
+    /// position from holding back retention.
+    @Test func aSubscriberWhosePositionTheFilesNoLongerHoldLearnsWhereTheyStart() throws {
+        let c = try ReplicaCluster()
+        try c.elect(NodeID(1))
+        let f = c.replica(NodeID(2))
+        f.tail.windowCountMax = 5
+        _ = try c.propose(60, tag: "w")
+        try c.heartbeats()
+        let segs = try c.segments(NodeID(2))
+        #expect(segs.count >= 3)
+        let sub = try f.tail.subscribe(from: 1) {}
+        try FileManager.default.removeItem(atPath: segs[0].path)
+        try? FileManager.default.removeItem(atPath: String(segs[0].path.dropLast(4)) + ".idx")
+        var failure: (any Error)?
+        do { _ = try sub.poll(limit: 10) } catch { failure = error }
+        let error = try #require(failure)
+        let first = try #require(TailSubscription.firstHeld(after: error))
+        #expect(first == segs[1].blocks.first?.header.firstIndex)
+        #expect(f.tail.lowestPosition == 1, "the stuck position holds retention back")
+        sub.skip(to: first)
+        let b = try sub.poll(limit: 3)
+        #expect(b.records.map(\.index) == [first, first + 1, first + 2])
+        #expect(f.tail.lowestPosition == first + 3)
+        // Any other failure is not one to skip over.
+        #expect(TailSubscription.firstHeld(after: CancellationError()) == nil)
     }
 
     @Test func aTailResumesFromFilesAfterARestartFromASnapshot() throws {
