@@ -70,13 +70,14 @@ final class DeliveryHandler: ChannelInboundHandler, RemovableChannelHandler {
         tickID = tier.ticker.register(on: loop) { me.value.input(.tick) }
     }
 
-    /// Frames (all but a close) the session may still send now: a token bucket refilled at `framesPerSecond` up to
-    /// `frameBurst`, plus one token per event pushed (a client may ack every event it gets, however fast
-    /// a catch-up goes; at most `pendingMax` of those kept), and when it was last refilled (monotonic).
+    /// Frames (all but a close) the session may still send now: a token bucket refilled at
+    /// `framesPerSecond` up to `frameBurst`, plus one token per event pushed (a client may ack every event
+    /// it gets, however fast a catch-up goes; at most `pendingMax` of those kept), and when it was last
+    /// refilled (monotonic).
     var frameTokens = Double(DeliverySocket.frameBurst)
     var frameTokensAt = NIODeadline.now()
 
-    /// Takes one data frame's token; false when the session is over its rate.
+    /// Takes one frame's token; false when the session is over its rate.
     func takeFrameToken() -> Bool {
         let now = NIODeadline.now()
         let refill = Double((now - frameTokensAt).nanoseconds) * Double(DeliverySocket.framesPerSecond) / 1e9

@@ -117,11 +117,9 @@ extension Clusters {
             // Protocol pings count against the frame rate like data frames: a flood is closed with 1008
             // once past the burst of 400 (before, only when 12 MiB of pongs owed filled the queue: 4000).
             let ping = RawSocket.frame(opcode: 0x9, [UInt8](repeating: 0x70, count: 125))
-            let burst = Array([[UInt8]](repeating: ping, count: 1000).joined())
-            var bursts = 0
-            while bursts < 100, flood.send(burst) { bursts += 1 }
+            flood.send(Array([[UInt8]](repeating: ping, count: 1000).joined()))
             let codes = Self.closeCodes(flood.readAll())
-            #expect(codes == [1008], "closed with 1008 after \(bursts) bursts of 1 000 pings: \(codes)")
+            #expect(codes == [1008], "closed with 1008 after 1 000 pings at once: \(codes)")
             // Pongs nobody asked for are frames too.
             let pongs = try RawSocket(port: port)
             #expect(pongs.upgrade())

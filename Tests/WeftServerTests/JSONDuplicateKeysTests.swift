@@ -31,7 +31,9 @@ import Testing
         // Values that look like keys, braces and quotes inside strings.
         #expect(first(#"{"a":"a","b":"\",\"a\":1,{","c":"}"}"#) == nil)
         #expect(first(#"["a","a",{"a":1}]"#) == nil)
-        #expect(first(#"{"\ud800":1,"\ud801":2}"#) != nil)  // two lone surrogates: both U+FFFD, as Foundation reads them
+        // Lone surrogates read as U+FFFD, so these two keys count as one: the scanner errs toward refusing
+        // (Foundation's parsers refuse such text before the scanner runs, so no body gets here).
+        #expect(first(#"{"\ud800":1,"\ud801":2}"#) != nil)
         #expect(first(#"{}"#) == nil)
     }
 
