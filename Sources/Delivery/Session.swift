@@ -96,6 +96,9 @@ public struct Session: Sendable {
         case ready(cursor: StreamSeq)
         case pong
         case error(code: String, message: String)
+        /// The events after `after` through `through` no longer exist (retention dropped them): the
+        /// session goes on after `through`, which is the client's cursor from now on.
+        case gap(after: StreamSeq, through: StreamSeq)
     }
 
     public private(set) var state: State = .awaitingAuth
@@ -209,6 +212,17 @@ public struct Session: Sendable {
             out += nextPage(u)
         }
         return out
+    }
+
+    /// The inbox holds nothing at or below `through` any more (retention dropped it; the read that found
+    /// this is answered with `page` next). A catch-up behind it tells the client the gap and goes on
+    /// after it: waiting for those events would wait for ever (and read the inbox again and again).
+    public mutating func dropped(through: StreamSeq) -> [Action] {
+        guard case .catchingUp = state, through > delivered else { return [] }
+        let after = delivered
+        delivered = through
+        for seq in held.keys where seq <= through { held[seq] = nil }
+        return [.reply(.gap(after: after, through: through))]
     }
 
     /// The user's inbox reached `seq` (a check of the inbox's head, for a session whose records are

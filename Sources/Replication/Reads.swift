@@ -9,11 +9,16 @@ public struct ReadResult: Sendable, Equatable {
     public var applied: LogIndex
     /// This replica's commit index (the highest index it knows committed; at least `applied`).
     public var commit: LogIndex
+    /// For a stream read: the lowest seq of the stream this replica can still serve (`streamFloor`);
+    /// asked from below it, the records start there, and the ones before were dropped by retention.
+    /// 1 for other reads.
+    public var floor: StreamSeq
 
-    public init(records: [Record], applied: LogIndex, commit: LogIndex) {
+    public init(records: [Record], applied: LogIndex, commit: LogIndex, floor: StreamSeq = 1) {
         self.records = records
         self.applied = applied
         self.commit = commit
+        self.floor = floor
     }
 }
 
@@ -45,7 +50,7 @@ extension ShardReplica {
             case .stream(let s, let fromSeq, let limit):
                 var out = try store.readStream(s, fromSeq: fromSeq, limit: limit)
                 if let k = out.firstIndex(where: { $0.index > upTo }) { out.removeSubrange(k...) }
-                return .success(ReadResult(records: out, applied: upTo, commit: commit))
+                return .success(ReadResult(records: out, applied: upTo, commit: commit, floor: store.streamFloor(s)))
             }
         } catch StoreError.outOfRange(_, let first, _) {
             return .failure(.compacted(first: first))

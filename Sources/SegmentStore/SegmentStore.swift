@@ -407,6 +407,18 @@ public final class SegmentStore {
         segments.compactMap { seg in seg.streamSummary(stream).map { StreamSpan(segmentBase: seg.base, firstSeq: $0.firstSeq, lastSeq: $0.lastSeq) } }
     }
 
+    /// The lowest seq of `stream` this log can still serve: the first one its files hold, or, when
+    /// retention dropped every record of the stream, the one after the last dropped (1 for a stream
+    /// never written). Seqs below it were dropped by retention (or were never in files this replica
+    /// took from another: a catch-up that starts past a snapshot).
+    public func streamFloor(_ stream: StreamID) -> StreamSeq {
+        if firstIndex <= 1 && highWater.isEmpty { return 1 }
+        for seg in segments {
+            if let s = seg.streamSummary(stream) { return s.firstSeq }
+        }
+        return lastSeq(of: stream) &+ 1
+    }
+
     // MARK: Append
 
     /// The last seq a stream has had in this log (0 if none): of its records held, or of those retention

@@ -25,7 +25,8 @@ final class DeliveryHandler: ChannelInboundHandler, RemovableChannelHandler {
     /// What asynchronous work answers.
     enum Done: Sendable {
         case auth(token: String, user: UInt64?, failure: String?, unavailable: Bool)
-        case page([Session.Event]?, complete: Bool)
+        /// `floor`: the inbox's lowest seq still held (retention dropped the ones below).
+        case page([Session.Event]?, complete: Bool, floor: StreamSeq)
         case rendered([Session.Event])
         case typingChecked(to: UInt64, ok: Bool, at: Int64)
     }
@@ -280,9 +281,11 @@ final class DeliveryHandler: ChannelInboundHandler, RemovableChannelHandler {
             } else {
                 actions = session.authFailed(failure ?? "unauthorized")
             }
-        case .page(let events, let complete):
+        case .page(let events, let complete, let floor):
             if let events {
-                actions = session.page(events, complete: complete)
+                // Below the floor there is nothing to wait for: say so, then go on from there.
+                actions = session.dropped(through: floor &- 1)
+                actions += session.page(events, complete: complete)
             } else {
                 actions = session.close(.resume, "the inbox cannot be read now: resume from your cursor")
             }
@@ -357,9 +360,9 @@ final class DeliveryHandler: ChannelInboundHandler, RemovableChannelHandler {
                     let node = api.node
                     let r = await node.readAnywhere(
                         shard: Ids.homeShard(u, shards: node.config.shards), .stream(Ids.inbox(u), fromSeq: from, limit: limit), consistency: .linearizable)
-                    guard case .success(let rr) = r else { return .page(nil, complete: false) }
+                    guard case .success(let rr) = r else { return .page(nil, complete: false, floor: 0) }
                     // A page of fewer records than asked is the inbox's end.
-                    return .page(await DeliverySocket.events(rr.records, api: api, me: u), complete: rr.records.count < limit)
+                    return .page(await DeliverySocket.events(rr.records, api: api, me: u), complete: rr.records.count < limit, floor: rr.floor)
                 }
             case .push(let events):
                 // Every event counts (the session counts them all); records that are no event go empty.

@@ -323,6 +323,7 @@ enum DeliverySocket {
         switch reply {
         case .ready(let c): #"{"type":"ready","cursor":"\#(c)"}"#
         case .pong: #"{"type":"pong"}"#
+        case .gap(let after, let through): #"{"type":"gap","after":"\#(after)","cursor":"\#(through)"}"#
         case .error(let code, let m): #"{"type":"error","code":"\#(code)","message":\#(jsonString(m))}"#
         }
     }

@@ -423,6 +423,8 @@ struct ErrorBody: Encodable {
     struct Inner: Encodable {
         var code: String
         var message: String
+        /// `cursor_expired` only: the cursor to go on from.
+        var cursor: String?
     }
     var error: Inner
 }
@@ -434,6 +436,8 @@ struct APIError: Error {
     var message: String
     /// Seconds, for `Retry-After` (429).
     var retryAfter: Int? = nil
+    /// A cursor the client can go on from (`cursor_expired`), as `error.cursor` in the body.
+    var cursor: String? = nil
     init(_ status: HTTPResponse.Status, _ code: String, _ message: String) {
         self.status = status
         self.code = code
@@ -476,7 +480,7 @@ struct JSONErrorMiddleware<Context: RequestContext>: RouterMiddleware {
         do {
             return try await next(request, context)
         } catch let e as APIError {
-            var r = Self.body(e.status, e.code, e.message)
+            var r = Self.body(e.status, e.code, e.message, cursor: e.cursor)
             if let s = e.retryAfter { r.headers[.retryAfter] = "\(s)" }
             return r
         } catch let e as NIOTooManyBytesError {
@@ -490,11 +494,11 @@ struct JSONErrorMiddleware<Context: RequestContext>: RouterMiddleware {
         }
     }
 
-    static func body(_ status: HTTPResponse.Status, _ code: String, _ message: String) -> Response {
+    static func body(_ status: HTTPResponse.Status, _ code: String, _ message: String, cursor: String? = nil) -> Response {
         let enc = JSONEncoder()
         // Sorted: the same error is the same bytes (a wrong password and an unknown user look alike).
         enc.outputFormatting = [.sortedKeys]
-        let data = (try? enc.encode(ErrorBody(error: .init(code: code, message: message)))) ?? Data()
+        let data = (try? enc.encode(ErrorBody(error: .init(code: code, message: message, cursor: cursor)))) ?? Data()
         return Response(status: status, headers: [.contentType: "application/json"], body: ResponseBody(byteBuffer: ByteBuffer(bytes: data)))
     }
 }

@@ -618,8 +618,21 @@ struct MessagingAPI: Sendable {
         let home = Ids.homeShard(me.id, shards: shards)
         let result = await node.readAnywhere(shard: home, .stream(Ids.inbox(me.id), fromSeq: after &+ 1, limit: limit), consistency: .linearizable)
         let records = try Self.records(result)
+        if case .success(let rr) = result, let expired = Self.cursorExpired(after: after, floor: rr.floor) { throw expired }
         let events = await events(records, me: me.id).compactMap(\.body)
         return try HTTPAPI.json(EventsPage(events: events, next_cursor: "\(records.last?.seq ?? after)"))
+    }
+
+    /// 410 `cursor_expired` when events right after `after` are no longer held (retention dropped the
+    /// inbox's start through `floor - 1`): said, not skipped, so a client never takes a gap for nothing.
+    /// `error.cursor` is where it can go on from.
+    static func cursorExpired(after: UInt64, floor: UInt64) -> APIError? {
+        guard floor > after &+ 1 else { return nil }
+        var e = APIError(
+            .gone, "cursor_expired",
+            "the events after cursor \(after) through \(floor - 1) were dropped by retention; sync from cursor \(floor - 1)")
+        e.cursor = "\(floor - 1)"
+        return e
     }
 
     /// The read an event's message body needs: a 1:1 message (its record and the pair's recall marks) or

@@ -193,7 +193,7 @@ public enum ReadPoint: Sendable, Equatable {
         }
     }
 
-    /// `0 | applied | commit | n | n × record`, or `1 | first` (compacted); records as
+    /// `0 | applied | commit | floor | n | n × record`, or `1 | first` (compacted); records as
     /// `index | term | stream | seq | u16 type | i64 time | u32 length | payload`.
     static func encodeResult(_ r: Result<ReadResult, WeftNode.ReadFailure>) -> Envelope.ForwardAnswer {
         switch r {
@@ -201,6 +201,7 @@ public enum ReadPoint: Sendable, Equatable {
             var b: [UInt8] = [0]
             put(rr.applied, &b)
             put(rr.commit, &b)
+            put(rr.floor, &b)
             Envelope.putRecords(rr.records, &b)
             return .bytes(b)
         case .failure(.read(.compacted(let first))):
@@ -219,9 +220,10 @@ public enum ReadPoint: Sendable, Equatable {
             case 0:
                 let applied = try r.u64()
                 let commit = try r.u64()
+                let floor = try r.u64()
                 let records = try Envelope.takeRecords(&r)
                 try r.end()
-                return .success(ReadResult(records: records, applied: applied, commit: commit))
+                return .success(ReadResult(records: records, applied: applied, commit: commit, floor: floor))
             case 1:
                 let first = try r.u64()
                 try r.end()

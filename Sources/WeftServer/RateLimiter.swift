@@ -65,7 +65,10 @@ final class RateLimiter: Sendable {
     static func take(_ kind: Kind, user: UInt64, perMinute: Int, through node: WeftNode) async throws {
         let home = Ids.homeShard(user, shards: node.config.shards)
         let me = node.id
-        let target = node.config.replicas(of: home).sorted().first { $0 == me || node.transport.reachable($0) } ?? me
+        // Placement order, not node order: the home shard's first replica differs from shard to shard, so
+        // the cluster's limit nodes spread the way its shards do (sorted, every shard on three nodes picked
+        // node 1, which then answered every other node's takes).
+        let target = node.config.replicas(of: home).first { $0 == me || node.transport.reachable($0) } ?? me
         var retryAfter: Int?
         if target == me {
             retryAfter = node.limiter.takeLocal(kind, user: user, perMinute: perMinute)

@@ -181,6 +181,66 @@ extension Clusters {
             #expect(contents == (0..<9).map { "m\($0)" })
         }
 
+        /// Retention dropped the start of bob's inbox: a device resuming from before it is told the gap
+        /// (`{"type":"gap"}`) and then gets every event after it once, in order, and live ones after that;
+        /// HTTP sync from there is 410 `cursor_expired` naming the cursor to go on from. Before, the
+        /// session held what it read (it did not follow the cursor) and read the same page for ever.
+        @Test(.timeLimit(.minutes(4))) func aCursorBelowRetentionGetsAGapThenEveryEventAfterIt() async throws {
+            let c = try ClusterProcess(
+                name: "wsretain", nodes: 3, shards: 1, segmentBytes: 4096, storage: "snapshot_every_records = 100\nretention = \"16KiB\"",
+                messaging: "bcrypt_cost = 4\nsends_per_minute = 100000")
+            try c.startAll()
+            defer { c.stopAll() }
+            _ = try #require(await c.leader(of: 0))
+            let (_, a, bob, b) = try await Self.contacts(c)
+            let pad = String(repeating: "retention drops the start of the inbox ", count: 3)
+            let sent = await withTaskGroup(of: Int.self) { g in
+                for w in 0..<8 {
+                    g.addTask {
+                        var ok = 0
+                        for k in stride(from: w, to: 400, by: 8) {
+                            let r = await c.call(1 + k % 3, "POST", "/api/v1/messages", token: a, json: ["receiver_id": bob, "message_type": "text", "content": "m\(k) \(pad)"])
+                            if r.status == 200 { ok += 1 }
+                        }
+                        return ok
+                    }
+                }
+                return await g.reduce(0, +)
+            }
+            #expect(sent == 400)
+            // The retention check runs every 10 s: wait for sync from 0 to say the start is gone.
+            let expired = await c.eventually(seconds: 90) { () async -> Reply? in
+                let r = await c.call(2, "GET", "/api/v1/sync?cursor=0&limit=10", token: b)
+                return r.status == 410 ? r : nil
+            }
+            let gone = try #require(expired, "retention never dropped the inbox's start")
+            #expect(gone.errorCode == "cursor_expired")
+            let floorText = try #require((gone.json?["error"] as? [String: Any])?["cursor"] as? String)
+            let floor = try #require(UInt64(floorText))
+            #expect(floor > 2)
+            let fromThere = await c.call(2, "GET", "/api/v1/sync?cursor=\(floor)&limit=5", token: b)
+            #expect(fromThere.status == 200)
+            let firstCursor = ((fromThere.json?["events"] as? [[String: Any]])?.first?["cursor"] as? String).flatMap(UInt64.init)
+            #expect(firstCursor == floor + 1, "sync goes on right after the cursor it named")
+
+            // A device that was away since cursor 0.
+            let frames = try await session(
+                c, node: 3, token: b, cursor: "0", seconds: 60,
+                during: {
+                    _ = await c.call(1, "POST", "/api/v1/messages", token: a, json: ["receiver_id": bob, "message_type": "text", "content": "live"])
+                }
+            ) { fs in fs.contains { (($0["event"] as? [String: Any])?["message"] as? [String: Any])?["content"] as? String == "live" } }
+            let gap = try #require(frames.first { $0["type"] as? String == "gap" }, "no gap frame: \(frames.prefix(3))")
+            #expect(gap["after"] as? String == "0")
+            let through = try #require((gap["cursor"] as? String).flatMap(UInt64.init))
+            // Each replica drops on its own schedule: node 3's floor need not be node 2's.
+            #expect(through > 2, "the gap covers the inbox's dropped start")
+            let cursors = Self.cursors(frames)
+            let last = try #require(cursors.last)
+            #expect(cursors == Array((through + 1)...last), "every event after the gap once, in order: \(cursors.prefix(5))…")
+            #expect(!frames.contains { $0["type"] as? String == "_closed" && $0["code"] as? Int != 1000 }, "\(frames.suffix(2))")
+        }
+
         /// Typing reaches the other user's sessions on another node (4 nodes: the presence directory of
         /// a user is on 3 of them), is never written to the log, and reaches no one who is not a contact.
         @Test(.timeLimit(.minutes(3))) func typingReachesAContactAcrossNodesAndNoOneElse() async throws {

@@ -69,6 +69,38 @@ import WeftCore
         #expect(s.state == .live(user: 7))
     }
 
+    /// A cursor below what the inbox still holds (retention dropped its start): the session says which
+    /// events are gone and goes on after them. Before, it held the events it read (they did not follow
+    /// its cursor) and read the same page again, for ever, without pushing anything.
+    @Test func aCursorBelowWhatTheInboxHoldsGetsAGapThenGoesOn() {
+        var s = Self.resumed(at: 2)
+        var out = s.dropped(through: 9)
+        #expect(out == [.reply(.gap(after: 2, through: 9))])
+        #expect(s.delivered == 9, "the cursor moves past the gap")
+        out += s.page([Self.ev(10), Self.ev(11)], complete: true)
+        #expect(Self.pushed(out) == [10, 11])
+        #expect(s.state == .live(user: 7))
+        #expect(!out.contains { if case .readInbox = $0 { true } else { false } }, "no read again")
+        // Nothing dropped past the cursor: nothing said.
+        #expect(s.dropped(through: 5).isEmpty)
+        var t = Self.resumed(at: 4)
+        #expect(t.dropped(through: 4).isEmpty && t.delivered == 4)
+
+        // A live session that skipped ahead (its node's files now start later): the gap read finds the
+        // floor, held events past it follow on, those below it are dropped.
+        var u = Self.resumed(at: 0)
+        _ = u.page([Self.ev(1)], complete: true)
+        let skip = u.live([Self.ev(8), Self.ev(9)])
+        #expect(skip.last == .readInbox(user: 7, fromSeq: 2, limit: 100))
+        var after = u.dropped(through: 6)
+        after += u.page([Self.ev(7), Self.ev(8)], complete: true)
+        #expect(after.first == .reply(.gap(after: 1, through: 6)))
+        #expect(Self.pushed(after) == [7, 8, 9])
+        #expect(u.state == .live(user: 7))
+        // Outside a catch-up it changes nothing.
+        #expect(u.dropped(through: 20).isEmpty && u.delivered == 9)
+    }
+
     /// A head past the cursor (the heads check, for records forwarded from afar) makes a live session
     /// read from its own cursor; a head at or below it, or one told while catching up, changes nothing.
     @Test func aHeadPastTheCursorIsReadFromTheInbox() {

@@ -151,6 +151,29 @@ import WeftTesting
         #expect(check(store, model, "after retention", rng: &rng, queries: 20))
     }
 
+    /// The floor of a stream: 1 while nothing is dropped; after retention, the first seq the files hold,
+    /// or (every record of the stream dropped) the one after the last dropped; a read from below it
+    /// starts there.
+    @Test func aStreamsFloorIsTheFirstSeqStillHeld() throws {
+        let disk = SimulatedDisk()
+        var model = try Self.storeWithEarlyStream(disk: disk)
+        let store = try SegmentStore(directory: simDirectory, options: smallOptions, disk: disk)
+        defer { store.close() }
+        #expect(store.streamFloor(Self.early) == 1 && store.streamFloor(StreamID(3)) == 1 && store.streamFloor(StreamID(999)) == 1)
+        try Self.drop(store, &model, through: 5)
+        #expect(store.streamFloor(Self.early) == 6, "all five dropped: the next one")
+        #expect(store.streamFloor(StreamID(999)) == 1, "a stream never written")
+        // Stream 3 lost its records in the dropped segments: its floor is the first it still has.
+        let held = model.records.filter { $0.stream == StreamID(3) }.map(\.seq)
+        let first = try #require(held.first)
+        #expect(first > 1, "the test needs stream 3 to have lost some records")
+        #expect(store.streamFloor(StreamID(3)) == first)
+        #expect(try store.readStream(StreamID(3), fromSeq: 1, limit: 1).first?.seq == first)
+        // The early stream goes on: its floor is its first new record.
+        try store.append([Self.next(model, Self.early, seq: 6)])
+        #expect(store.streamFloor(Self.early) == 6)
+    }
+
     @Test func highWaterSurvivesReopenAndLaterRetention() throws {
         let disk = SimulatedDisk()
         var model = try Self.storeWithEarlyStream(disk: disk)
