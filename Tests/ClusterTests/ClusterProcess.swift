@@ -124,6 +124,12 @@ final class ClusterProcess: @unchecked Sendable {
         if !p.waitForExit(seconds: 30) { Issue.record("node \(n) (pid \(p.processIdentifier)) still runs 30 s after SIGKILL") }
     }
 
+    /// SIGSTOP (`pause`) or SIGCONT to one node: a node that stops answering without closing anything.
+    func pause(_ n: Int, _ paused: Bool) {
+        guard let p = lock.withLock({ processes[n] }) else { return }
+        kill(p.processIdentifier, paused ? SIGSTOP : SIGCONT)
+    }
+
     /// SIGTERM to one node (a graceful shutdown); waits up to 30 s for it to exit, true if it did.
     func terminate(_ n: Int) -> Bool {
         guard let p = lock.withLock({ processes[n] }) else { return false }

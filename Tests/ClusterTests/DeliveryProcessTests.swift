@@ -241,6 +241,68 @@ extension Clusters {
             #expect(!frames.contains { $0["type"] as? String == "_closed" && $0["code"] as? Int != 1000 }, "\(frames.suffix(2))")
         }
 
+        /// A node paused while the others write on and retention drops their logs' start comes back to
+        /// a catch-up from the leader's files, which start past where its delivery hub stood. A device
+        /// connected there the whole time is told the gap and then gets every later event once, in
+        /// order, live ones included: the hub goes on from the files' start (stop 23; before, it stayed
+        /// stuck and that node pushed nothing of the shard again) and the session's read of the gap
+        /// finds the floor (stop 24; before, it read the same page for ever).
+        @Test(.timeLimit(.minutes(5))) func aSessionOnANodeCaughtUpPastRetentionIsToldTheGapAndGoesOn() async throws {
+            let c = try ClusterProcess(
+                name: "wspause", nodes: 3, shards: 1, segmentBytes: 4096, storage: "snapshot_every_records = 100\nretention = \"16KiB\"",
+                messaging: "bcrypt_cost = 4\nsends_per_minute = 100000")
+            try c.startAll()
+            defer {
+                c.pause(3, false)
+                c.stopAll()
+            }
+            _ = try #require(await c.leader(of: 0))
+            let (_, a, bob, b) = try await Self.contacts(c)
+            let pad = String(repeating: "a paused node misses all of this ", count: 3)
+            let caughtUp = Frames()
+            let frames = try await session(
+                c, node: 3, token: b, cursor: "0", seconds: 150,
+                during: {
+                    let before = await c.status(3)?.shards.first?.applied_index ?? 0
+                    // If node 3 led the shard, nodes 1 and 2 elect another leader; the sends below retry.
+                    c.pause(3, true)
+                    for k in 0..<300 {
+                        _ = await c.eventually {
+                            let r = await c.call(1 + k % 2, "POST", "/api/v1/messages", token: a, json: ["receiver_id": bob, "message_type": "text", "content": "m\(k) \(pad)"])
+                            return r.status == 200 ? true : nil
+                        }
+                    }
+                    // The retention check runs every 10 s on each replica: wait until both dropped past
+                    // where node 3 stopped.
+                    _ = await c.eventually(seconds: 60) { () async -> Bool? in
+                        var firsts: [UInt64] = []
+                        for n in [1, 2] { firsts.append(await c.status(n)?.shards.first?.first_index ?? 0) }
+                        return firsts.allSatisfy { $0 > before + 1 } ? true : nil
+                    }
+                    c.pause(3, false)
+                    let installed = await c.eventually(seconds: 60) { () async -> Bool? in
+                        guard let s = await c.status(3)?.shards.first, (s.stats?.catchUpsInstalled ?? 0) >= 1, s.repair?.recovering == false else { return nil }
+                        return true
+                    }
+                    if installed == true { caughtUp.add(["installed": true]) }
+                    _ = await c.eventually {
+                        let r = await c.call(2, "POST", "/api/v1/messages", token: a, json: ["receiver_id": bob, "message_type": "text", "content": "live"])
+                        return r.status == 200 ? true : nil
+                    }
+                }
+            ) { fs in fs.contains { (($0["event"] as? [String: Any])?["message"] as? [String: Any])?["content"] as? String == "live" } }
+            #expect(!caughtUp.snapshot.isEmpty, "node 3 never installed a catch-up: the test did not reach its case")
+            let gap = try #require(frames.first { $0["type"] as? String == "gap" }, "no gap frame: \(frames.suffix(3))")
+            let through = try #require((gap["cursor"] as? String).flatMap(UInt64.init))
+            let cursors = Self.cursors(frames)
+            let before = cursors.filter { $0 <= through }
+            let after = cursors.filter { $0 > through }
+            #expect(before == Array(1...(before.last ?? 0)) && (gap["after"] as? String) == "\(before.last ?? 0)", "before the gap: \(before)")
+            let last = try #require(after.last)
+            #expect(after == Array((through + 1)...last), "every event after the gap once, in order: \(after.prefix(5))…")
+            #expect(!frames.contains { $0["type"] as? String == "_closed" && $0["code"] as? Int != 1000 }, "\(frames.suffix(2))")
+        }
+
         /// Typing reaches the other user's sessions on another node (4 nodes: the presence directory of
         /// a user is on 3 of them), is never written to the log, and reaches no one who is not a contact.
         @Test(.timeLimit(.minutes(3))) func typingReachesAContactAcrossNodesAndNoOneElse() async throws {
