@@ -284,7 +284,7 @@ final class DeliveryHandler: ChannelInboundHandler, RemovableChannelHandler {
         case .page(let events, let complete, let floor):
             if let events {
                 // Below the floor there is nothing to wait for: say so, then go on from there.
-                actions = session.dropped(through: floor &- 1)
+                actions = floor > 1 ? session.dropped(through: floor - 1) : []
                 actions += session.page(events, complete: complete)
             } else {
                 actions = session.close(.resume, "the inbox cannot be read now: resume from your cursor")

@@ -193,15 +193,17 @@ public enum ReadPoint: Sendable, Equatable {
         }
     }
 
-    /// `0 | applied | commit | floor | n | n × record`, or `1 | first` (compacted); records as
+    /// `0 | applied | commit | n | n × record`; `2 | applied | commit | floor | n | n × record` for a
+    /// stream read whose floor is past 1 (retention dropped its start: stop 24, a tag of its own so the
+    /// answers of nodes that predate it read the same); or `1 | first` (compacted); records as
     /// `index | term | stream | seq | u16 type | i64 time | u32 length | payload`.
     static func encodeResult(_ r: Result<ReadResult, WeftNode.ReadFailure>) -> Envelope.ForwardAnswer {
         switch r {
         case .success(let rr):
-            var b: [UInt8] = [0]
+            var b: [UInt8] = [rr.floor > 1 ? 2 : 0]
             put(rr.applied, &b)
             put(rr.commit, &b)
-            put(rr.floor, &b)
+            if rr.floor > 1 { put(rr.floor, &b) }
             Envelope.putRecords(rr.records, &b)
             return .bytes(b)
         case .failure(.read(.compacted(let first))):
@@ -217,10 +219,11 @@ public enum ReadPoint: Sendable, Equatable {
         var r = Envelope.Cursor(bytes: b, pos: 0)
         do {
             switch try r.take(1)[0] {
-            case 0:
+            case let tag where tag == 0 || tag == 2:
                 let applied = try r.u64()
                 let commit = try r.u64()
-                let floor = try r.u64()
+                let floor = tag == 2 ? try r.u64() : 1
+                guard floor >= 1 else { return nil }
                 let records = try Envelope.takeRecords(&r)
                 try r.end()
                 return .success(ReadResult(records: records, applied: applied, commit: commit, floor: floor))

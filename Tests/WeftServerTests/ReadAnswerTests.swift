@@ -1,0 +1,52 @@
+import Replication
+import Testing
+import WeftCore
+
+@testable import WeftServer
+
+/// A read answered for another node (`ReadPoint.encodeResult`/`decodeResult`): the records, the indexes
+/// and, for a stream whose start retention dropped, its floor; and the sync refusal that floor leads to.
+@Suite struct ReadAnswerTests {
+    static let records = [
+        Record(index: 40, term: 3, stream: StreamID(9), seq: 12, timestampMicros: 5, payload: Array("twelve".utf8)),
+        Record(index: 41, term: 3, stream: StreamID(9), seq: 13, timestampMicros: 6, payload: []),
+    ]
+
+    static func bytes(_ a: Envelope.ForwardAnswer) -> [UInt8] {
+        if case .bytes(let b) = a { return b }
+        Issue.record("not bytes: \(a)")
+        return []
+    }
+
+    @Test func aReadRoundTripsWithItsFloor() throws {
+        for floor: UInt64 in [1, 12, 1 << 40] {
+            let rr = ReadResult(records: Self.records, applied: 41, commit: 44, floor: floor)
+            let b = Self.bytes(ReadPoint.encodeResult(.success(rr)))
+            // A floor of 1 (nothing dropped) keeps the layout nodes before stop 24 read.
+            #expect(b.first == (floor > 1 ? 2 : 0))
+            guard case .success(let back)? = ReadPoint.decodeResult(b) else {
+                Issue.record("floor \(floor): not decoded")
+                continue
+            }
+            #expect(back == rr)
+        }
+    }
+
+    @Test func aFloorOfZeroOrACutAnswerIsRefused() {
+        let rr = ReadResult(records: Self.records, applied: 41, commit: 44, floor: 7)
+        var b = Self.bytes(ReadPoint.encodeResult(.success(rr)))
+        #expect(ReadPoint.decodeResult(Array(b.dropLast())) == nil)
+        // The floor sits after the tag and two u64s.
+        for k in 17..<25 { b[k] = 0 }
+        #expect(ReadPoint.decodeResult(b) == nil, "a floor of 0 would move a session's cursor to the end of all seqs")
+    }
+
+    @Test func syncRefusesACursorBelowTheFloorAndNamesWhereToGoOn() {
+        #expect(MessagingAPI.cursorExpired(after: 0, floor: 1) == nil)
+        #expect(MessagingAPI.cursorExpired(after: 4, floor: 5) == nil)
+        #expect(MessagingAPI.cursorExpired(after: 900, floor: 5) == nil, "a cursor past the floor")
+        let e = MessagingAPI.cursorExpired(after: 3, floor: 10)
+        #expect(e?.status == .gone && e?.code == "cursor_expired" && e?.cursor == "9")
+        #expect(e?.message.contains("after cursor 3 through 9") == true)
+    }
+}
