@@ -52,6 +52,8 @@ public struct Session: Sendable {
         case protocolError = 4003
         /// Too many sessions for this user or node.
         case tooMany = 4004
+        /// The resume cursor is past the end of the user's inbox: not one this account was given.
+        case invalidCursor = 4005
     }
 
     public enum State: Sendable, Equatable {
@@ -223,6 +225,14 @@ public struct Session: Sendable {
         delivered = through
         for seq in held.keys where seq <= through { held[seq] = nil }
         return [.reply(.gap(after: after, through: through))]
+    }
+
+    /// The inbox's last seq is `head` (answered by a read from past it). A resume cursor beyond it was
+    /// never given to this account (another account's, or the cluster lost its data): waiting would push
+    /// nothing until the inbox grew past it, so the session is closed with `invalidCursor`.
+    public mutating func inboxEnds(at head: StreamSeq) -> [Action] {
+        guard case .catchingUp = state, delivered > head else { return [] }
+        return close(.invalidCursor, "cursor \(delivered) is past the end of your inbox (\(head)): resume from a cursor this account was given, or from 0")
     }
 
     /// The user's inbox reached `seq` (a check of the inbox's head, for a session whose records are

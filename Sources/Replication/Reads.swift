@@ -13,12 +13,17 @@ public struct ReadResult: Sendable, Equatable {
     /// asked from below it, the records start there, and the ones before were dropped by retention.
     /// 1 for other reads.
     public var floor: StreamSeq
+    /// For a stream read asked from past the stream's end (`fromSeq` > last seq + 1): the stream's last
+    /// seq here (counting records appended and not yet committed, so never below the committed one).
+    /// A reader's cursor past it is not one this stream gave. Nil otherwise.
+    public var head: StreamSeq?
 
-    public init(records: [Record], applied: LogIndex, commit: LogIndex, floor: StreamSeq = 1) {
+    public init(records: [Record], applied: LogIndex, commit: LogIndex, floor: StreamSeq = 1, head: StreamSeq? = nil) {
         self.records = records
         self.applied = applied
         self.commit = commit
         self.floor = floor
+        self.head = head
     }
 }
 
@@ -50,7 +55,9 @@ extension ShardReplica {
             case .stream(let s, let fromSeq, let limit):
                 var out = try store.readStream(s, fromSeq: fromSeq, limit: limit)
                 if let k = out.firstIndex(where: { $0.index > upTo }) { out.removeSubrange(k...) }
-                return .success(ReadResult(records: out, applied: upTo, commit: commit, floor: store.streamFloor(s)))
+                let last = store.lastSeq(of: s)
+                return .success(
+                    ReadResult(records: out, applied: upTo, commit: commit, floor: store.streamFloor(s), head: fromSeq > last &+ 1 ? last : nil))
             }
         } catch StoreError.outOfRange(_, let first, _) {
             return .failure(.compacted(first: first))

@@ -26,7 +26,8 @@ final class DeliveryHandler: ChannelInboundHandler, RemovableChannelHandler {
     enum Done: Sendable {
         case auth(token: String, user: UInt64?, failure: String?, unavailable: Bool)
         /// `floor`: the inbox's lowest seq still held (retention dropped the ones below).
-        case page([Session.Event]?, complete: Bool, floor: StreamSeq)
+        /// `head`: the inbox's last seq, when the read asked past it.
+        case page([Session.Event]?, complete: Bool, floor: StreamSeq, head: StreamSeq?)
         case rendered([Session.Event])
         case typingChecked(to: UInt64, ok: Bool, at: Int64)
     }
@@ -281,10 +282,12 @@ final class DeliveryHandler: ChannelInboundHandler, RemovableChannelHandler {
             } else {
                 actions = session.authFailed(failure ?? "unauthorized")
             }
-        case .page(let events, let complete, let floor):
+        case .page(let events, let complete, let floor, let head):
             if let events {
-                // Below the floor there is nothing to wait for: say so, then go on from there.
+                // Below the floor there is nothing to wait for: say so, then go on from there. Past the
+                // head, nothing to wait for either: the cursor was never this inbox's.
                 actions = floor > 1 ? session.dropped(through: floor - 1) : []
+                if let head { actions += session.inboxEnds(at: head) }
                 actions += session.page(events, complete: complete)
             } else {
                 actions = session.close(.resume, "the inbox cannot be read now: resume from your cursor")
@@ -360,9 +363,9 @@ final class DeliveryHandler: ChannelInboundHandler, RemovableChannelHandler {
                     let node = api.node
                     let r = await node.readAnywhere(
                         shard: Ids.homeShard(u, shards: node.config.shards), .stream(Ids.inbox(u), fromSeq: from, limit: limit), consistency: .linearizable)
-                    guard case .success(let rr) = r else { return .page(nil, complete: false, floor: 0) }
+                    guard case .success(let rr) = r else { return .page(nil, complete: false, floor: 0, head: nil) }
                     // A page of fewer records than asked is the inbox's end.
-                    return .page(await DeliverySocket.events(rr.records, api: api, me: u), complete: rr.records.count < limit, floor: rr.floor)
+                    return .page(await DeliverySocket.events(rr.records, api: api, me: u), complete: rr.records.count < limit, floor: rr.floor, head: rr.head)
                 }
             case .push(let events):
                 // Every event counts (the session counts them all); records that are no event go empty.

@@ -618,7 +618,14 @@ struct MessagingAPI: Sendable {
         let home = Ids.homeShard(me.id, shards: shards)
         let result = await node.readAnywhere(shard: home, .stream(Ids.inbox(me.id), fromSeq: after &+ 1, limit: limit), consistency: .linearizable)
         let records = try Self.records(result)
-        if case .success(let rr) = result, let expired = Self.cursorExpired(after: after, floor: rr.floor) { throw expired }
+        if case .success(let rr) = result {
+            if let expired = Self.cursorExpired(after: after, floor: rr.floor) { throw expired }
+            if let head = rr.head, after > head {
+                // Not one this inbox gave (another account's, or from before the cluster's data was lost):
+                // said, rather than answered with nothing until the inbox grows past it.
+                throw APIError(.badRequest, "invalid_cursor", "cursor \(after) is past the end of your inbox (\(head)): sync from a cursor this account was given, or from 0")
+            }
+        }
         let events = await events(records, me: me.id).compactMap(\.body)
         return try HTTPAPI.json(EventsPage(events: events, next_cursor: "\(records.last?.seq ?? after)"))
     }

@@ -193,17 +193,23 @@ public enum ReadPoint: Sendable, Equatable {
         }
     }
 
-    /// `0 | applied | commit | n | n × record`; `2 | applied | commit | floor | n | n × record` for a
-    /// stream read whose floor is past 1 (retention dropped its start: stop 24, a tag of its own so the
-    /// answers of nodes that predate it read the same); or `1 | first` (compacted); records as
+    /// `0 | applied | commit | n | n × record`; `2 | applied | commit | floor | u8 has head | head | n |
+    /// n × record` for a stream read whose floor is past 1 (retention dropped its start) or that asked
+    /// past the stream's end (stop 24: a tag of its own, so the answers older nodes read keep their
+    /// layout); or `1 | first` (compacted); records as
     /// `index | term | stream | seq | u16 type | i64 time | u32 length | payload`.
     static func encodeResult(_ r: Result<ReadResult, WeftNode.ReadFailure>) -> Envelope.ForwardAnswer {
         switch r {
         case .success(let rr):
-            var b: [UInt8] = [rr.floor > 1 ? 2 : 0]
+            let extended = rr.floor > 1 || rr.head != nil
+            var b: [UInt8] = [extended ? 2 : 0]
             put(rr.applied, &b)
             put(rr.commit, &b)
-            if rr.floor > 1 { put(rr.floor, &b) }
+            if extended {
+                put(rr.floor, &b)
+                b.append(rr.head == nil ? 0 : 1)
+                put(rr.head ?? 0, &b)
+            }
             Envelope.putRecords(rr.records, &b)
             return .bytes(b)
         case .failure(.read(.compacted(let first))):
@@ -222,11 +228,18 @@ public enum ReadPoint: Sendable, Equatable {
             case let tag where tag == 0 || tag == 2:
                 let applied = try r.u64()
                 let commit = try r.u64()
-                let floor = tag == 2 ? try r.u64() : 1
-                guard floor >= 1 else { return nil }
+                var floor: UInt64 = 1
+                var head: UInt64?
+                if tag == 2 {
+                    floor = try r.u64()
+                    let hasHead = try r.take(1)[0]
+                    let h = try r.u64()
+                    guard floor >= 1, hasHead <= 1 else { return nil }
+                    head = hasHead == 1 ? h : nil
+                }
                 let records = try Envelope.takeRecords(&r)
                 try r.end()
-                return .success(ReadResult(records: records, applied: applied, commit: commit, floor: floor))
+                return .success(ReadResult(records: records, applied: applied, commit: commit, floor: floor, head: head))
             case 1:
                 let first = try r.u64()
                 try r.end()

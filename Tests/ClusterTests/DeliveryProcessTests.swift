@@ -282,39 +282,59 @@ extension Clusters {
             _ = try #require(await c.leader(of: 0))
             let (_, a, bob, b) = try await Self.contacts(c)
             let pad = String(repeating: "a paused node misses all of this ", count: 3)
-            let caughtUp = Frames()
+            // What the run reached, for the failure message.
+            let steps = Frames()
             let frames = try await session(
-                c, node: 3, token: b, cursor: "0", seconds: 150,
+                c, node: 3, token: b, cursor: "0", seconds: 200,
                 during: {
                     let before = await c.status(3)?.shards.first?.applied_index ?? 0
+                    steps.add(["ready": before])
                     // If node 3 led the shard, nodes 1 and 2 elect another leader; the sends below retry.
                     c.pause(3, true)
+                    var written = 0
+                    // Nodes 1 and 2 agree on a leader first (another one, if node 3 led): sends forwarded to a
+                    // paused leader right after the pause were seen to fail for over 20 s (stop 24, not yet
+                    // understood; see the closing note), which is not what this test is about.
+                    _ = await c.eventually(seconds: 30) { () async -> Bool? in
+                        var leaders: Set<UInt64> = []
+                        for n in [1, 2] {
+                            guard let l = await c.status(n)?.shards.first?.leader, l != 3 else { return nil }
+                            leaders.insert(l)
+                        }
+                        return leaders.count == 1 ? true : nil
+                    }
                     for k in 0..<300 {
-                        _ = await c.eventually {
+                        let ok = await c.eventually(seconds: 20) {
                             let r = await c.call(1 + k % 2, "POST", "/api/v1/messages", token: a, json: ["receiver_id": bob, "message_type": "text", "content": "m\(k) \(pad)"])
                             return r.status == 200 ? true : nil
                         }
+                        guard ok == true else { break }
+                        written += 1
                     }
+                    steps.add(["written": written])
                     // The retention check runs every 10 s on each replica: wait until both dropped past
                     // where node 3 stopped.
-                    _ = await c.eventually(seconds: 60) { () async -> Bool? in
+                    let dropped = await c.eventually(seconds: 60) { () async -> Bool? in
                         var firsts: [UInt64] = []
                         for n in [1, 2] { firsts.append(await c.status(n)?.shards.first?.first_index ?? 0) }
                         return firsts.allSatisfy { $0 > before + 1 } ? true : nil
                     }
+                    steps.add(["dropped": dropped == true])
                     c.pause(3, false)
                     let installed = await c.eventually(seconds: 60) { () async -> Bool? in
                         guard let s = await c.status(3)?.shards.first, (s.stats?.catchUpsInstalled ?? 0) >= 1, s.repair?.recovering == false else { return nil }
                         return true
                     }
-                    if installed == true { caughtUp.add(["installed": true]) }
+                    steps.add(["installed": installed == true])
                     _ = await c.eventually {
                         let r = await c.call(2, "POST", "/api/v1/messages", token: a, json: ["receiver_id": bob, "message_type": "text", "content": "live"])
                         return r.status == 200 ? true : nil
                     }
                 }
             ) { fs in fs.contains { (($0["event"] as? [String: Any])?["message"] as? [String: Any])?["content"] as? String == "live" } }
-            #expect(!caughtUp.snapshot.isEmpty, "node 3 never installed a catch-up: the test did not reach its case")
+            let reached = steps.snapshot
+            #expect(reached.contains { $0["written"] as? Int == 300 }, "not every send was answered: \(reached)")
+            #expect(reached.contains { $0["installed"] as? Bool == true }, "node 3 never installed a catch-up: the test did not reach its case: \(reached)")
             let walk = Self.gapsAndEvents(frames, from: 0)
             #expect(walk.broken == nil, "\(walk.broken ?? "")")
             #expect(!walk.gaps.isEmpty, "no gap frame: \(frames.suffix(3))")
@@ -389,13 +409,14 @@ extension Clusters {
                     }
                 }
             }
-            // Another device of bob's on the same node resumes past the inbox's end (allowed: a cursor kept
-            // for another account): it must not silence the first.
-            let ahead = Task { try await self.session(c, node: away, token: b, cursor: "999999", seconds: 8) { _ in false }.count }
+            // Another device of bob's on the same node resumes past the inbox's end (a cursor kept for
+            // another account): it is closed with 4005, and must not silence the first.
+            let ahead = Task { try await self.session(c, node: away, token: b, cursor: "999999", seconds: 8) { _ in false }.last?["code"] as? Int }
             try await Task.sleep(for: .seconds(1))
             // Request and accepted (caught up), then 3 messages live.
             let frames = try await session(c, node: away, token: b, cursor: "0", during: sendMore) { Self.cursors($0).count >= 5 }
-            _ = try? await ahead.value
+            let aheadClose = try await ahead.value
+            #expect(aheadClose == 4005, "a cursor past the inbox's end is refused: \(String(describing: aheadClose))")
             #expect(Self.cursors(frames) == Array(1...5), "each event once, in order: \(Self.cursors(frames))")
             var forwarded = 0.0
             var lost = 0.0

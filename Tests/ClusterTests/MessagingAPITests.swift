@@ -133,6 +133,8 @@ extension Clusters {
                 ("GET", "/api/v1/messages?receiver_id=\(bob)&limit=101", nil, nil, 400, "invalid_limit"),
                 ("GET", "/api/v1/messages?receiver_id=\(bob)&colour=red", nil, nil, 400, "unknown_parameter"),
                 ("GET", "/api/v1/sync?cursor=-1", nil, nil, 400, "invalid_cursor"),
+                // Past the end of the inbox: not a cursor this account was given.
+                ("GET", "/api/v1/sync?cursor=999999", nil, nil, 400, "invalid_cursor"),
                 ("GET", "/api/v1/users/99999", nil, nil, 404, "unknown_user"),
                 ("GET", "/api/v1/users/0", nil, nil, 404, "unknown_user"),
                 ("GET", "/api/v1/users/abc", nil, nil, 404, "unknown_user"),

@@ -129,6 +129,22 @@ import WeftCore
         #expect(t.headReached(40).isEmpty)
     }
 
+    /// A resume cursor past the inbox's end (another account's, or from before the cluster lost its
+    /// data) is refused with 4005, not left waiting with nothing pushed until the inbox grows past it.
+    @Test func aCursorPastTheInboxsEndIsRefused() {
+        var s = Self.resumed(at: 1_000)
+        let a = s.inboxEnds(at: 40)
+        if case .close(.invalidCursor, let why)? = a.first { #expect(why.contains("1000") && why.contains("40")) } else { Issue.record("\(a)") }
+        #expect(s.state == .closed)
+        #expect(s.page([], complete: true).isEmpty, "nothing after the close")
+        // At the end exactly, or below it: fine.
+        var t = Self.resumed(at: 40)
+        #expect(t.inboxEnds(at: 40).isEmpty)
+        _ = t.page([], complete: true)
+        #expect(t.state == .live(user: 7))
+        #expect(t.inboxEnds(at: 10).isEmpty, "only while catching up")
+    }
+
     @Test func aSlowClientIsClosedToResumeNotBuffered() {
         var s = Self.resumed(at: 0, limits: Session.Limits(queueCountMax: 3))
         _ = s.page([], complete: true)

@@ -32,6 +32,19 @@ import WeftCore
         }
     }
 
+    @Test func aHeadRoundTripsAndAnswersWithoutOneKeepTheOldLayout() {
+        for (floor, head): (UInt64, UInt64?) in [(1, 0), (1, 77), (5, 77), (5, nil), (1, nil)] {
+            let rr = ReadResult(records: [], applied: 9, commit: 9, floor: floor, head: head)
+            let b = Self.bytes(ReadPoint.encodeResult(.success(rr)))
+            #expect(b.first == (floor > 1 || head != nil ? 2 : 0))
+            guard case .success(let back)? = ReadPoint.decodeResult(b) else {
+                Issue.record("\(floor) \(String(describing: head)): not decoded")
+                continue
+            }
+            #expect(back == rr)
+        }
+    }
+
     @Test func aFloorOfZeroOrACutAnswerIsRefused() {
         let rr = ReadResult(records: Self.records, applied: 41, commit: 44, floor: 7)
         var b = Self.bytes(ReadPoint.encodeResult(.success(rr)))
