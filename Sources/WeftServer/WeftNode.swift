@@ -632,9 +632,13 @@ public final class WeftNode: Sendable {
             case .changePending(let why):
                 done(.failure(.changePending("shard \(shard): \(why)")))
             case .outcomeUnknown(let why):
+                // The hinted node did not answer in time (stopped, paused, cut off): forget it, or every
+                // later write would be sent there too and time out, even after the others elected a new
+                // leader (stop 24: a SIGSTOPped leader stopped all writes through the other nodes until
+                // something else refreshed the hint).
+                leaderHints.withLockedValue { $0[shard] = nil }
                 if retryUnknown {
                     // Keyed: asking again cannot write it twice, and learns what happened.
-                    leaderHints.withLockedValue { $0[shard] = nil }
                     again(why, true, .milliseconds(20))
                 } else {
                     done(.failure(.outcomeUnknown("shard \(shard): \(why)")))
