@@ -292,9 +292,9 @@ extension Clusters {
                     // If node 3 led the shard, nodes 1 and 2 elect another leader; the sends below retry.
                     c.pause(3, true)
                     var written = 0
-                    // Nodes 1 and 2 agree on a leader first (another one, if node 3 led): sends forwarded to a
-                    // paused leader right after the pause were seen to fail for over 20 s (stop 24, not yet
-                    // understood; see the closing note), which is not what this test is about.
+                    // Nodes 1 and 2 agree on a leader first (another one, if node 3 led): a write forwarded to
+                    // the paused leader ends unknown after 5 s, which is not what this test is about
+                    // (`PausedLeaderTests` is).
                     _ = await c.eventually(seconds: 30) { () async -> Bool? in
                         var leaders: Set<UInt64> = []
                         for n in [1, 2] {
