@@ -55,9 +55,13 @@ extension ShardReplica {
             case .stream(let s, let fromSeq, let limit):
                 var out = try store.readStream(s, fromSeq: fromSeq, limit: limit)
                 if let k = out.firstIndex(where: { $0.index > upTo }) { out.removeSubrange(k...) }
-                let last = store.lastSeq(of: s)
-                return .success(
-                    ReadResult(records: out, applied: upTo, commit: commit, floor: store.streamFloor(s), head: fromSeq > last &+ 1 ? last : nil))
+                // Only a read that found nothing can have asked past the end: no lookup for the others.
+                var head: StreamSeq?
+                if out.isEmpty {
+                    let last = store.lastSeq(of: s)
+                    if fromSeq > last &+ 1 { head = last }
+                }
+                return .success(ReadResult(records: out, applied: upTo, commit: commit, floor: store.streamFloor(s), head: head))
             }
         } catch StoreError.outOfRange(_, let first, _) {
             return .failure(.compacted(first: first))
