@@ -316,6 +316,11 @@ public final class ShardReplica {
     /// its leader. Called on the shard's thread; must not block.
     public var onLeadership: (Bool) -> Void = { _ in }
     var wasLeader = false
+    /// Told when the leader this replica knows of changes (nil: none known, an election is on), so the
+    /// node can send writes for the shard there at once rather than to a leader it last heard of, which
+    /// may be paused or cut off. Called on the shard's thread; must not block.
+    public var onLeaderKnown: (NodeID?) -> Void = { _ in }
+    var reportedLeader: NodeID?
     /// index -> (term it was proposed in, completion).
     var waiting: [LogIndex: (Term, (Result<Applied, ReplicationError>) -> Void)] = [:]
     /// The shard's state, derived from the committed log up to `raft.applied` (Docs/state.md).
@@ -1030,6 +1035,10 @@ public final class ShardReplica {
             readStallSince = nil
         }
         if wasLeader != (raft.role == .leader) { onLeadership(raft.role == .leader) }
+        if reportedLeader != raft.leader {
+            reportedLeader = raft.leader
+            onLeaderKnown(raft.leader)
+        }
         if wasLeader && raft.role != .leader {
             cancelCatchUps()
             pendingKeys = [:]

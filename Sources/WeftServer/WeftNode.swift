@@ -235,6 +235,12 @@ public final class WeftNode: Sendable {
         replica.cancelCatchUps = { ship.cancel(shard: shard) }
         let tail = replica.tail
         inboxHub.follow(shard: shard, tail: tail)
+        let me = id
+        replica.onLeaderKnown = { [weak self] leader in
+            // The local replica's view is the freshest a node has: a hint left pointing at a leader the
+            // others replaced (it was paused or cut off) would send writes there until one timed out.
+            self?.leaderHints.withLockedValue { $0[shard] = leader == me ? nil : leader }
+        }
         replica.onLeadership = { [weak self, unowned replica] leads in
             // On the shard's thread: the applied retention mark is where the relay's sources start.
             self?.leadershipChanged(shard, leads: leads, tail: tail, startAt: replica.relayStart)
