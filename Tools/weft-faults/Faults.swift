@@ -14,8 +14,9 @@ struct Faults: AsyncParsableCommand {
             in a log, a shard whose group changed, a chat message lost, doubled, reordered or never sent in a
             history or a sync, an acknowledged chat message missing from the sender's next history page, a group
             message lost, doubled, reordered, shown to a non-member or never sent in a member's history or sync, a chat
-            device (WebSocket) with a gap, a reordered or changed event, or without an acknowledged message, or when
-            weft-dump --verify fails.
+            device (WebSocket) with a gap, a reordered or changed event, or without an acknowledged message, a write
+            not acknowledged that was sent through another node 2 s into a fault of one node (kill, pause,
+            isolation), or when weft-dump --verify fails.
             """)
 
     @Option(help: "Minutes of faults (the workload runs throughout; healing and checking come after).")
@@ -181,6 +182,9 @@ struct Faults: AsyncParsableCommand {
         let reads = await history.reads
         let recordsRead = await history.recordsRead
         let readBack = await history.seen
+        let oneNodeFaults = await history.faults
+        let probes = await history.probes
+        let stalls = Availability.check(faults: oneNodeFaults, probes: probes)
         await history.close()
         cluster.stopAll()
         var verifyFailures: [String] = []
@@ -209,7 +213,7 @@ struct Faults: AsyncParsableCommand {
         let catchUps = nemesis.catchUpLog.withLock { $0 }
         let times = catchUps.compactMap(\.seconds).sorted()
         let counts = nemesis.counts.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ")
-        let pass = res.ok && chatRes.ok && wsRes.ok && groupRes.ok && groupFailures.isEmpty && chatFailures.isEmpty && wsFailures.isEmpty && anomalies.isEmpty && verifyFailures.isEmpty && converged && relaysDone
+        let pass = stalls.isEmpty && res.ok && chatRes.ok && wsRes.ok && groupRes.ok && groupFailures.isEmpty && chatFailures.isEmpty && wsFailures.isEmpty && anomalies.isEmpty && verifyFailures.isEmpty && converged && relaysDone
         let chatAcked = chatSends.values.filter { $0.messageID != nil }.count
         var lines: [String] = []
         lines.append("seed \(seed); \(nodes) nodes, \(shards) shards, replication \(replication ?? nodes), \(minutes) min of faults")
@@ -275,7 +279,9 @@ struct Faults: AsyncParsableCommand {
         let chatFindings = chatRes.lost + chatRes.duplicated + chatRes.divergent + chatRes.unexpected + chatRes.misplaced + chatRes.stale + wsFindings
             + chatFailures.map { "chat read: " + $0 }
         let groupFindings = groupRes.lost + groupRes.duplicated + groupRes.divergent + groupRes.unexpected + groupRes.misplaced + groupFailures.map { "group read: " + $0 }
-        let findings = res.lost + res.duplicated + res.divergent + res.unexpected + res.misplaced + res.hostile + res.membership + chatFindings + groupFindings + anomalies + verifyFailures
+        lines.append(
+            "writes go on: \(oneNodeFaults.count) one-node faults probed \(Availability.grace) s in, \(probes.count) writes through the other nodes, \(probes.filter { $0.ok == true }.count) answered, \(stalls.count) stalls")
+        let findings = stalls + res.lost + res.duplicated + res.divergent + res.unexpected + res.misplaced + res.hostile + res.membership + chatFindings + groupFindings + anomalies + verifyFailures
         for l in findings.prefix(20) { lines.append("  " + l) }
         for l in hostileTally.otherStatus.prefix(5) { lines.append("  note: " + l) }
         lines += (res.notes + chatRes.notes + groupRes.notes + wsRes.notes).map { "  " + $0 }
@@ -284,7 +290,7 @@ struct Faults: AsyncParsableCommand {
         try text.write(toFile: out + "/summary.txt", atomically: true, encoding: .utf8)
         print(text, terminator: "")
         print(
-            "weft-faults: seed \(seed): \(acked.count) acknowledged, \(chatAcked) chat messages acknowledged, chat findings \(chatFindings.count), \(groupSends.values.filter { $0.messageID != nil }.count) group messages acknowledged, group findings \(groupFindings.count), lost \(res.lost.count), duplicated \(res.duplicated.count), divergent \(res.divergent.count), cursor anomalies \(anomalies.count) -> \(pass ? "PASS" : "FAIL")"
+            "weft-faults: seed \(seed): \(acked.count) acknowledged, \(chatAcked) chat messages acknowledged, chat findings \(chatFindings.count), \(groupSends.values.filter { $0.messageID != nil }.count) group messages acknowledged, group findings \(groupFindings.count), lost \(res.lost.count), duplicated \(res.duplicated.count), divergent \(res.divergent.count), cursor anomalies \(anomalies.count), stalls \(stalls.count) -> \(pass ? "PASS" : "FAIL")"
         )
         if !pass { throw ExitCode(1) }
     }

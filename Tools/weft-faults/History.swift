@@ -36,6 +36,12 @@ actor History {
     private(set) var groupSends: [String: GroupChatChecker.Send] = [:]
     private(set) var groupChanges: [GroupChatChecker.Change] = []
 
+    /// The nemesis's availability probes (one write through each other node to each shard during a
+    /// one-node fault) with their answers, and those faults: the rule "writes go on" (Availability.swift).
+    private(set) var probes: [Availability.Attempt] = []
+    private var openProbe: [String: Int] = [:]
+    private(set) var faults: [Availability.Fault] = []
+
     init(path: String) throws {
         _ = FileManager.default.createFile(atPath: path, contents: nil)
         guard let h = FileHandle(forWritingAtPath: path) else { throw HarnessError("cannot write \(path)") }
@@ -51,6 +57,22 @@ actor History {
         }
     }
 
+    /// Seconds since the run began (the `t` of the events).
+    func now() -> Double { Date().timeIntervalSince(start) }
+
+    func fault(_ f: Availability.Fault) { faults.append(f) }
+
+    /// A probe's write is an append like any other (checked as one), and its answer is also kept here.
+    func probeInvoke(process: Int, shard: Int, stream: Int, value: String, node: Int) {
+        openProbe[value] = probes.count
+        probes.append(Availability.Attempt(t: now(), node: node, shard: shard, ok: nil))
+        invoke(process: process, shard: shard, stream: stream, value: value, node: node)
+    }
+
+    private func answered(_ value: String, ok: Bool) {
+        if let k = openProbe.removeValue(forKey: value) { probes[k].ok = ok }
+    }
+
     func invoke(process: Int, shard: Int, stream: Int, value: String, node: Int) {
         write(["op": "append", "type": "invoke", "process": process, "shard": shard, "stream": stream, "value": value, "node": node])
     }
@@ -58,17 +80,20 @@ actor History {
     func ok(process: Int, shard: Int, value: String, node: Int, index: UInt64, seq: UInt64) {
         acked[value] = Ack(shard: shard, index: index, seq: seq)
         failed.remove(value)  // an earlier attempt that never connected
+        answered(value, ok: true)
         write(["op": "append", "type": "ok", "process": process, "shard": shard, "value": value, "node": node, "index": index, "seq": seq])
     }
 
     func fail(process: Int, value: String, node: Int, status: UInt, error: String) {
         failed.insert(value)
+        answered(value, ok: false)
         write(["op": "append", "type": "fail", "process": process, "value": value, "node": node, "status": status, "error": error])
     }
 
     func info(process: Int, value: String, node: Int, error: String) {
         indeterminate.insert(value)
         failed.remove(value)
+        answered(value, ok: false)
         write(["op": "append", "type": "info", "process": process, "value": value, "node": node, "error": error])
     }
 

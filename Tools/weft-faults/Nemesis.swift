@@ -18,6 +18,8 @@ final class Nemesis: @unchecked Sendable {
     /// Records one burst phase may send (0: no bursts).
     let burstRecords: Int
     var burstPhase = 0
+    /// Availability probes sent so far (their payloads are `a0`, `a1`, ...).
+    var probesSent = 0
     /// Burst records acknowledged, over the run.
     var burstAcked = 0
     /// Each burst's catch-up: seconds from healing until the lagging follower applied what the leader had
@@ -46,6 +48,75 @@ final class Nemesis: @unchecked Sendable {
             }
         }
         return nil
+    }
+
+    /// Holds a one-node fault for `hold`. When the others hold a quorum of every shard and the fault lasts
+    /// longer than the election grace, `Availability.grace` after it began one write goes through each
+    /// other node to each shard it has a replica of (the rule "writes go on", Availability.swift), and
+    /// the fault is not healed before those writes are answered (within their 5 s), so a write stuck on a
+    /// node that is down cannot be rescued by the heal.
+    func holdProbing(_ hold: Duration, kind: String, victim: Int, start: Double, quorum: Bool) async throws {
+        let began = ContinuousClock.now
+        let grace = Duration.milliseconds(Int(Availability.grace * 1000))
+        guard quorum, hold > grace else {
+            try await Task.sleep(for: hold)
+            return
+        }
+        try await Task.sleep(for: grace)
+        let targets = cluster.nodes.filter { $0 != victim }.flatMap { n in cluster.hosted(by: n).map { (n, $0) } }
+        let first = probesSent
+        probesSent += targets.count
+        await withTaskGroup(of: Void.self) { group in
+            for (k, (node, shard)) in targets.enumerated() {
+                let value = "a\(first + k)"
+                let (client, history) = (self.client, self.history)
+                group.addTask { await Self.probe(client: client, history: history, node: node, shard: shard, value: value) }
+            }
+        }
+        let left = hold - (ContinuousClock.now - began)
+        if left > .zero { try await Task.sleep(for: left) }
+        await history.fault(Availability.Fault(kind: kind, victim: victim, start: start, end: await history.now()))
+    }
+
+    /// One unkeyed append of `value` through `node` (stream 1), recorded like the writers' (never retried).
+    static func probe(client: HTTPClient, history: History, node: Int, shard: Int, value: String) async {
+        let process = 90
+        await history.probeInvoke(process: process, shard: shard, stream: 1, value: value, node: node)
+        let outcome = await client.request(
+            .POST, host: TestNetwork.address(node), port: Cluster.apiPort, path: "/api/v1/shards/\(shard)/append",
+            body: Array(#"{"records":[{"stream":1,"payload":"\#(value)"}]}"#.utf8), timeout: .seconds(5))
+        switch outcome {
+        case .response(200, let b):
+            let obj = (try? JSONSerialization.jsonObject(with: Data(b))) as? [String: Any]
+            if let r = (obj?["records"] as? [[String: Any]])?.first, let index = (r["index"] as? NSNumber)?.uint64Value,
+                let seq = (r["seq"] as? NSNumber)?.uint64Value
+            {
+                await history.ok(process: process, shard: shard, value: value, node: node, index: index, seq: seq)
+            } else {
+                await history.info(process: process, value: value, node: node, error: "200 with an unreadable body")
+            }
+        case .response(let status, let b) where status >= 400 && status < 500:
+            await history.fail(process: process, value: value, node: node, status: status, error: String(decoding: b.prefix(300), as: UTF8.self))
+        case .response(let status, let b):
+            await history.info(process: process, value: value, node: node, error: "\(status) \(String(decoding: b.prefix(300), as: UTF8.self))")
+        case .failed(let why) where why.hasPrefix("connect:"):
+            await history.fail(process: process, value: value, node: node, status: 0, error: why)
+        case .failed(let why):
+            await history.info(process: process, value: value, node: node, error: why)
+        }
+    }
+
+    /// Whether the nodes other than `victim` hold a quorum of every shard without it: all of them up and
+    /// none of their replicas recovering (a recovering replica does not vote). Asked before the fault
+    /// (a status read refreshes the asked node's leader hint, which would hide a stale one).
+    func othersHoldQuorums(_ victim: Int) async -> Bool {
+        let others = cluster.nodes.filter { $0 != victim }
+        guard others.allSatisfy({ cluster.isRunning($0) && !cluster.isPaused($0) }) else { return false }
+        for s in 0..<cluster.shards {
+            let replicas = cluster.replicas(of: s)
+            guard replicas.filter({ $0 != victim }).count > replicas.count / 2 else { return false }
+        }
+        return await anyRecovering(excluding: victim) == false
     }
 
     /// Whether any replica is still recovering from earlier damage (nil: some node did not answer), on
@@ -95,16 +166,20 @@ final class Nemesis: @unchecked Sendable {
             try await burst(shard: shard)
             return
         case .kill:
+            let quorum = await othersHoldQuorums(victim)
             cluster.kill(victim)
             counts["sigkill", default: 0] += 1
+            let start = await history.now()
             await note("kill", "start", ["node": victim, "leader_targeted": targetLeader])
-            try await Task.sleep(for: hold)
+            try await holdProbing(hold, kind: "kill", victim: victim, start: start, quorum: quorum)
             try cluster.start(victim)
             await note("kill", "end", ["node": victim])
         case .pause:
+            let quorum = await othersHoldQuorums(victim)
             cluster.pause(victim)
+            let start = await history.now()
             await note("pause", "start", ["node": victim, "leader_targeted": targetLeader])
-            try await Task.sleep(for: hold)
+            try await holdProbing(hold, kind: "pause", victim: victim, start: start, quorum: quorum)
             cluster.resume(victim)
             await note("pause", "end", ["node": victim])
         case .isolate, .split:
@@ -112,12 +187,14 @@ final class Nemesis: @unchecked Sendable {
             // shard's leader in the minority.
             var isolated = victim
             if kind == .split, let l = await leader(shard: shard), cluster.nodes.contains(l) { isolated = l }
+            let quorum = await othersHoldQuorums(isolated)
             for o in cluster.nodes where o != isolated {
                 try network.cut(from: isolated, to: o)
                 try network.cut(from: o, to: isolated)
             }
+            let start = await history.now()
             await note(kind.rawValue, "start", ["minority": [isolated], "majority": cluster.nodes.filter { $0 != isolated }])
-            try await Task.sleep(for: hold)
+            try await holdProbing(hold, kind: kind.rawValue, victim: isolated, start: start, quorum: quorum)
             try network.heal()
             await note(kind.rawValue, "end", [:])
         case .partition:

@@ -6,7 +6,7 @@ import Foundation
 /// never sent in a history or a sync, an acknowledged chat message missing from the sender's next
 /// history page, a group message lost, doubled, reordered, shown outside its reader's membership or
 /// never sent, a wrong membership timeline, or a WebSocket device with a gap, a reordered or changed event, a missing acknowledged
-/// message or a phantom fails the test suite (Tests/ToolTests).
+/// message or a phantom, or writes that stopped during a one-node fault, fails the test suite (Tests/ToolTests).
 /// Needs no root and starts nothing.
 enum SelfCheck {
     static func entry(_ i: UInt64, _ p: String, seq: UInt64) -> Checker.Entry {
@@ -88,6 +88,10 @@ enum SelfCheck {
             let pass = expected(result)
             ok = ok && pass
             lines.append("\(pass ? "ok" : "WRONG") \(name): lost \(result.lost.count), duplicated \(result.duplicated.count), divergent \(result.divergent.count), misplaced \(result.misplaced.count), unexpected \(result.unexpected.count), hostile \(result.hostile.count), membership \(result.membership.count), stale \(result.stale.count)")
+        }
+        for (name, pass) in Availability.selfCheck() {
+            ok = ok && pass
+            lines.append("\(pass ? "ok" : "WRONG") \(name)")
         }
         return (lines, ok)
     }
