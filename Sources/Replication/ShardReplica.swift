@@ -316,10 +316,10 @@ public final class ShardReplica {
     /// its leader. Called on the shard's thread; must not block.
     public var onLeadership: (Bool) -> Void = { _ in }
     var wasLeader = false
-    /// Told when the leader this replica knows of changes (nil: none known, an election is on), so the
-    /// node can send writes for the shard there at once rather than to a leader it last heard of, which
-    /// may be paused or cut off. Called on the shard's thread; must not block.
-    public var onLeaderKnown: (NodeID?) -> Void = { _ in }
+    /// Told when the leader this replica knows of changes (nil: none known, an election is on), with the
+    /// term, so the node can send writes for the shard there at once rather than to a leader it last
+    /// heard of, which may be paused or cut off. Called on the shard's thread; must not block.
+    public var onLeaderKnown: (NodeID?, Term) -> Void = { _, _ in }
     var reportedLeader: NodeID?
     /// index -> (term it was proposed in, completion).
     var waiting: [LogIndex: (Term, (Result<Applied, ReplicationError>) -> Void)] = [:]
@@ -1037,7 +1037,7 @@ public final class ShardReplica {
         if wasLeader != (raft.role == .leader) { onLeadership(raft.role == .leader) }
         if reportedLeader != raft.leader {
             reportedLeader = raft.leader
-            onLeaderKnown(raft.leader)
+            onLeaderKnown(raft.leader, raft.term)
         }
         if wasLeader && raft.role != .leader {
             cancelCatchUps()

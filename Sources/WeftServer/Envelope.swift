@@ -20,6 +20,7 @@ import WeftCore
 /// 14 presence | u8 on | u32 n | n x u64 user
 /// 15 typing | u64 from | u64 to | u8 route
 /// 16 inbox  | u32 n | n x record (as a read's answer: index | term | stream | seq | u16 type | i64 time | u32 len | payload)
+/// 17 leader | u64 term
 /// answer statuses 6 partial: u32 count | u32 n | n x ref; 7 replayed: u32 n | n x ref;
 ///                 8 relay: u8 kind (0 written, 1 already applied, 2 stale) | u64 mark
 /// 3 answer  | request id | u8 status
@@ -69,6 +70,9 @@ enum Envelope: Equatable {
     /// the home shard"). Not answered; a lost frame shows as a gap the sessions read, or is found by the
     /// heads check.
     case inbox(records: [Record])
+    /// The sending node's replica leads the frame's shard in `term`: for nodes without a replica of it,
+    /// which learn of a new leader from nothing else (Docs/replication.md, "Forwarding"). Not answered.
+    case leader(term: Term)
 
     /// Users in one presence frame at most.
     static let presenceUsersMax = 1 << 16
@@ -160,6 +164,9 @@ enum Envelope: Equatable {
         case .inbox(let records):
             b.append(16)
             Self.putRecords(records, &b)
+        case .leader(let term):
+            b.append(17)
+            put(term, &b)
         case .rateTake(let id, let user, let kind, let perMinute):
             b.append(11)
             put(id, &b)
@@ -301,6 +308,10 @@ enum Envelope: Equatable {
             let records = try Self.takeRecords(&r)
             try r.end()
             return .inbox(records: records)
+        case 17:
+            let term = try r.u64()
+            try r.end()
+            return .leader(term: term)
         case 11:
             let id = try r.requestID()
             let user = try r.u64()

@@ -284,7 +284,9 @@ extension WeftNode {
     }
 
     /// Sends a query to nodes holding `shard` (the known leader first, then each replica in placement
-    /// order) until one answers.
+    /// order, one that last left a forward unanswered at the end) until one answers. Each but the last
+    /// gets an equal share of `timeout`, so a paused or cut-off node cannot use all of it (a query is
+    /// safe to ask again elsewhere).
     func remote(_ shard: ShardID, timeout: Duration, _ envelope: () -> Envelope) async -> Result<[UInt8], ReadFailure> {
         let deadline = ContinuousClock.now + timeout
         var targets = config.replicas(of: shard).sorted().filter { $0 != id }
@@ -292,11 +294,24 @@ extension WeftNode {
             targets.remove(at: k)
             targets.insert(l, at: 0)
         }
+        if let suspect = unanswering.withLockedValue({ $0[shard] }), let k = targets.firstIndex(of: suspect) {
+            targets.remove(at: k)
+            targets.append(suspect)
+        }
+        let share = timeout / max(1, targets.count)
         var last = "no node holds shard \(shard)"
-        for t in targets where ContinuousClock.now < deadline {
-            switch await forwarder.send(to: t, shard: shard, envelope(), deadline: deadline) {
-            case .bytes(let b): return .success(b)
+        for (k, t) in targets.enumerated() where ContinuousClock.now < deadline {
+            let until = k == targets.count - 1 ? deadline : min(deadline, ContinuousClock.now + share)
+            switch await forwarder.send(to: t, shard: shard, envelope(), deadline: until) {
+            case .bytes(let b):
+                unanswering.withLockedValue { if $0[shard] == t { $0[shard] = nil } }
+                return .success(b)
             case .invalid(let why): return .failure(.invalid(why))
+            case .outcomeUnknown(let why):
+                // No answer in its share: paused or cut off, perhaps the leader the hint names.
+                unanswering.withLockedValue { $0[shard] = t }
+                leaderHints.withLockedValue { if $0[shard] == t { $0[shard] = nil } }
+                last = "node \(t): \(why)"
             case let other: last = "node \(t): \(other)"
             }
         }

@@ -62,6 +62,11 @@ public final class WeftNode: Sendable {
     let laneLoad: NIOLockedValueBox<[Int]>
     /// Last leader seen per shard (a hint for forwarding; refreshed from each runner's answers).
     let leaderHints = NIOLockedValueBox<[ShardID: NodeID]>([:])
+    /// The node a forward for each shard last went unanswered by (paused, cut off): a node without a
+    /// replica and without a hint asks another replica first.
+    let unanswering = NIOLockedValueBox<[ShardID: NodeID]>([:])
+    /// The newest term a peer announced leading each shard in (`noteLeader`).
+    let announcedTerms = NIOLockedValueBox<[ShardID: Term]>([:])
     /// Names applied-index waiters so a read that gives up can drop its waiter.
     let waiterTokens = NIOLockedValueBox<UInt64>(0)
     /// The relay of each shard this node leads.
@@ -236,10 +241,12 @@ public final class WeftNode: Sendable {
         let tail = replica.tail
         inboxHub.follow(shard: shard, tail: tail)
         let me = id
-        replica.onLeaderKnown = { [weak self] leader in
+        replica.onLeaderKnown = { [weak self] leader, term in
             // The local replica's view is the freshest a node has: a hint left pointing at a leader the
             // others replaced (it was paused or cut off) would send writes there until one timed out.
-            self?.leaderHints.withLockedValue { $0[shard] = leader == me ? nil : leader }
+            guard let self else { return }
+            self.leaderHints.withLockedValue { $0[shard] = leader == me ? nil : leader }
+            if leader == me { self.announceLeadership(shard, term: term) }
         }
         replica.onLeadership = { [weak self, unowned replica] leads in
             // On the shard's thread: the applied retention mark is where the relay's sources start.
@@ -396,6 +403,8 @@ public final class WeftNode: Sendable {
             delivery.typing(from: sender, to: to, route: route)
         case .inbox(let records):
             delivery.hub.remote(delivery.acceptForwarded(records, from: from, shard: shard, holdsReplica: runner(shard) != nil))
+        case .leader(let term):
+            noteLeader(shard, from: from, term: term)
         }
     }
 
@@ -522,6 +531,30 @@ public final class WeftNode: Sendable {
         runner.start()
     }
 
+    /// Tells the nodes without a replica of `shard` that this node now leads it (they learn of leaders
+    /// from nothing else but answers and timeouts; Docs/replication.md, "Forwarding"). Not answered; a
+    /// lost frame leaves a node with the hint it had.
+    func announceLeadership(_ shard: ShardID, term: Term) {
+        let replicas = Set(config.replicas(of: shard))
+        let frame = Envelope.leader(term: term).encode()
+        for n in config.nodes.map(\.id) where n != id && !replicas.contains(n) {
+            transport.send(to: n, shard: shard.rawValue, payload: frame)
+        }
+    }
+
+    /// A peer says it leads `shard` in `term`. Taken only by a node without a replica of the shard (one
+    /// with a replica follows its own replica's view), and only when the term is not older than the
+    /// newest announced so far (announcements from different nodes can arrive out of order).
+    func noteLeader(_ shard: ShardID, from: NodeID, term: Term) {
+        guard runner(shard) == nil else { return }
+        let newer = announcedTerms.withLockedValue { terms -> Bool in
+            guard term >= terms[shard, default: 0] else { return false }
+            terms[shard] = term
+            return true
+        }
+        if newer { leaderHints.withLockedValue { $0[shard] = from } }
+    }
+
     /// The relays this node runs (one per shard it leads), with their lag per destination.
     public var relayStatus: [(source: ShardID, lanes: [RelayRunner.LaneStatus])] {
         relays.withLockedValue { rs in rs.keys.sorted { $0.rawValue < $1.rawValue }.compactMap { s in rs[s].map { (s, $0.status()) } } }
@@ -609,7 +642,29 @@ public final class WeftNode: Sendable {
                     shard, deadline: deadline, lastError: why, lastUnknown: unknown, retryUnknown: retryUnknown, envelope: envelope, local: run, done: done)
             }
         }
+        // Where this attempt goes: the local replica when it leads or no leader is known, else the hinted
+        // leader, else (no replica here) a replica of the shard, passing over one that just left a
+        // forward unanswered.
+        let hint = leaderHints.withLockedValue { $0[shard] }
+        let local = runner(shard)
+        let runsLocally = (hint == nil || hint == id) && local != nil
+        let target: NodeID? =
+            runsLocally
+            ? nil
+            : hint.flatMap { $0 == id ? nil : $0 }
+                ?? {
+                    let others = config.replicas(of: shard).filter { $0 != id }
+                    let suspect = unanswering.withLockedValue { $0[shard] }
+                    return others.first(where: { $0 != suspect }) ?? others.first
+                }()
         let handle: @Sendable (Envelope.ForwardAnswer) -> Void = { [self] answer in
+            if let target {
+                if case .outcomeUnknown = answer {
+                    unanswering.withLockedValue { $0[shard] = target }
+                } else {
+                    unanswering.withLockedValue { if $0[shard] == target { $0[shard] = nil } }
+                }
+            }
             switch answer {
             case .ok(let refs):
                 done(.success(Written(refs: refs, replayed: false)))
@@ -651,11 +706,9 @@ public final class WeftNode: Sendable {
                 }
             }
         }
-        let hint = leaderHints.withLockedValue { $0[shard] }
-        let local = runner(shard)
-        if hint == nil || hint == id, let local {
+        if runsLocally, let local {
             run(local, deadline, handle)
-        } else if let target = hint ?? config.replicas(of: shard).first(where: { $0 != id }) {
+        } else if let target {
             forwarder.send(to: target, shard: shard, envelope(), deadline: deadline, done: handle)
         } else {
             done(.failure(.invalid("shard \(shard) has no replica this node knows")))
@@ -798,7 +851,6 @@ public final class WeftNode: Sendable {
         for (shard, s) in answers {
             if let s {
                 shards.append(s)
-                if let l = s.leader { leaderHints.withLockedValue { $0[shard] = l } }
             } else {
                 shards.append(ShardStatus.unavailable(shard, node: id, "the replica did not answer within 2 s (stopped or busy)"))
             }

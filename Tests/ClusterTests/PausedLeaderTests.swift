@@ -26,11 +26,15 @@ extension Clusters {
                 try await Task.sleep(for: .milliseconds(500))
             }
             try #require(await c.leader(of: 0, seconds: 3) == 3, "node 3 never led the shard")
-            // Both other nodes know node 3 leads (a status answer records the hint).
-            for n in [1, 2] { #expect(await c.status(n)?.shards.first?.leader == 3) }
+            // Both other nodes forward to node 3 (their hints name it: a `not leader` answer of their own
+            // replica sets it even without the replica's view).
+            for n in [1, 2] {
+                #expect(await c.status(n)?.shards.first?.leader == 3)
+                let r = await c.call(n, "POST", "/api/v1/messages", token: a, json: ["receiver_id": bob, "message_type": "text", "content": "via \(n)"])
+                #expect(r.status == 200)
+            }
             c.pause(3, true)
-            // Nodes 1 and 2 elect a leader among themselves. Only node 1 is asked (a status answer
-            // refreshes the asking node's hint, and node 2's must come from its own replica).
+            // Nodes 1 and 2 elect a leader among themselves (node 1's status says when).
             var elected: UInt64?
             for _ in 0..<100 {
                 if let l = await c.status(1)?.shards.first?.leader, l != 3 {
@@ -51,6 +55,54 @@ extension Clusters {
             // what its own replica knows. (Stop 24's fix alone, dropping a hint whose forward timed
             // out, still cost each node one write of 5 s ending 504.)
             #expect(statuses == [200, 200, 200, 200, 200, 200], "\(statuses)")
+        }
+
+        /// The same through a node that holds no replica of the shard (4 nodes, replication 3): it has no
+        /// replica to tell it of the new leader, so the new leader tells it (`leader` frame). Without
+        /// that, its first raw append after the pause went to the paused node and ended 504 after 5 s;
+        /// and before stop 25, every message through it ended 503 while the pause lasted (its state
+        /// query spent the whole 5 s on the paused node, and its fallback replica was the paused one).
+        @Test(.timeLimit(.minutes(3))) func writesThroughANodeWithoutAReplicaGoOnAfterTheLeaderIsPaused() async throws {
+            let c = try ClusterProcess(name: "pausedleader4", nodes: 4, shards: 1, messaging: "bcrypt_cost = 4\nsends_per_minute = 100000")
+            try c.startAll()
+            defer {
+                for n in c.nodes { c.pause(n, false) }
+                c.stopAll()
+            }
+            let leader = try #require(await c.leader(of: 0))
+            var outsider: Int?
+            for n in c.nodes {
+                if let st = await c.status(n), st.shards.isEmpty { outsider = n }
+            }
+            let out = try #require(outsider, "every node holds a replica")
+            let (_, a, bob, _) = try await DeliveryProcessTests.contacts(c)
+            // The outsider has forwarded to the leader (its hint names it).
+            let first = await c.call(out, "POST", "/api/v1/messages", token: a, json: ["receiver_id": bob, "message_type": "text", "content": "before"])
+            #expect(first.status == 200)
+            c.pause(leader, true)
+            let replicas = c.nodes.filter { $0 != out && $0 != leader }
+            var elected: UInt64?
+            for _ in 0..<100 {
+                if let l = await c.status(replicas[0])?.shards.first?.leader, l != UInt64(leader) {
+                    elected = l
+                    break
+                }
+                try await Task.sleep(for: .milliseconds(100))
+            }
+            try #require(elected != nil, "the other replicas elected no leader")
+            try await Task.sleep(for: .seconds(1))
+            // Raw appends first: nothing else moves the outsider's hint off the paused node (without the
+            // announcement the first one waits out its 5 s there and ends 504).
+            var acked: [Bool] = []
+            for k in 0..<3 { acked.append(await c.append(via: out, shard: 0, stream: 1, payload: "r\(k)") != nil) }
+            #expect(acked == [true, true, true], "\(acked)")
+            // Messages too (a send also asks the shard's state first, through `remote`).
+            var statuses: [Int] = []
+            for k in 0..<3 {
+                let r = await c.call(out, "POST", "/api/v1/messages", token: a, json: ["receiver_id": bob, "message_type": "text", "content": "q\(k)"])
+                statuses.append(r.status)
+            }
+            #expect(statuses == [200, 200, 200], "\(statuses)")
         }
     }
 }

@@ -86,8 +86,12 @@ import WeftCore
             .presence(on: false, users: []),
             .typing(from: 9, to: 17, route: true),
             .typing(from: 17, to: 9, route: false),
+            .leader(term: 0),
+            .leader(term: 1 << 40 | 7),
         ]
         for e in envelopes { #expect(try Envelope.decode(e.encode()) == e) }
+        // A leader announcement is exactly its term: trailing bytes are refused.
+        #expect(throws: Envelope.DecodeError.self) { try Envelope.decode(Envelope.leader(term: 3).encode() + [0]) }
         // Truncated frames are errors, never crashes.
         for e in envelopes {
             let b = e.encode()

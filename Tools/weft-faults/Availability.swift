@@ -8,9 +8,9 @@ import Foundation
 /// either: each waits out its stuck write (5 s), so few new writes are sent while a fault lasts.
 ///
 /// So the nemesis probes (`Nemesis.holdProbing`): `grace` after such a fault began, one write through
-/// each other node to each shard that node has a replica of, answered before the fault is healed. A
-/// probe that is not acknowledged (or refused with a 4xx) is a finding. A node without a replica of the
-/// shard is not probed: it learns of a new leader from answers and timeouts only.
+/// each other node to each shard, answered before the fault is healed. A probe that is not acknowledged
+/// is a finding. A node with a replica of the shard learns the new leader from it; one without (with
+/// `--replication` below `--nodes`) from the new leader's announcement.
 enum Availability {
     struct Fault: Sendable, Equatable {
         var kind: String
@@ -26,7 +26,7 @@ enum Availability {
         var t: Double
         var node: Int
         var shard: Int
-        /// Acknowledged or refused (4xx): the cluster answered. nil: no answer recorded.
+        /// Acknowledged (200). nil: no outcome recorded.
         var ok: Bool?
     }
 
@@ -42,7 +42,7 @@ enum Availability {
             for p in probes where p.t >= f.start && p.t <= f.end && p.ok != true {
                 findings.append(
                     String(
-                        format: "writes stopped: %@ of node %d from %.1f s to %.1f s: the write through node %d to shard %d sent at %.1f s was %@",
+                        format: "writes stopped: %@ of node %d from %.1f s to %.1f s: the write through node %d to shard %d sent at %.1f s was %@ (its outcome is in history.jsonl)",
                         f.kind, f.victim, f.start, f.end, p.node, p.shard, p.t, p.ok == nil ? "never answered" : "not acknowledged"))
             }
         }

@@ -16,7 +16,7 @@ struct Faults: AsyncParsableCommand {
             message lost, doubled, reordered, shown to a non-member or never sent in a member's history or sync, a chat
             device (WebSocket) with a gap, a reordered or changed event, or without an acknowledged message, a write
             not acknowledged that was sent through another node 2 s into a fault of one node (kill, pause,
-            isolation), or when weft-dump --verify fails.
+            isolation, majority-minority split), or when weft-dump --verify fails.
             """)
 
     @Option(help: "Minutes of faults (the workload runs throughout; healing and checking come after).")

@@ -52,8 +52,8 @@ final class Nemesis: @unchecked Sendable {
 
     /// Holds a one-node fault for `hold`. When the others hold a quorum of every shard and the fault lasts
     /// longer than the election grace, `Availability.grace` after it began one write goes through each
-    /// other node to each shard it has a replica of (the rule "writes go on", Availability.swift), and
-    /// the fault is not healed before those writes are answered (within their 5 s), so a write stuck on a
+    /// other node to each shard (the rule "writes go on", Availability.swift), and
+    /// the fault is not healed before those writes are answered (within 7 s), so a write stuck on a
     /// node that is down cannot be rescued by the heal.
     func holdProbing(_ hold: Duration, kind: String, victim: Int, start: Double, quorum: Bool) async throws {
         let began = ContinuousClock.now
@@ -63,14 +63,13 @@ final class Nemesis: @unchecked Sendable {
             return
         }
         try await Task.sleep(for: grace)
-        let targets = cluster.nodes.filter { $0 != victim }.flatMap { n in cluster.hosted(by: n).map { (n, $0) } }
+        let targets = cluster.nodes.filter { $0 != victim }.flatMap { n in (0..<cluster.shards).map { (n, $0) } }
         let first = probesSent
         probesSent += targets.count
         await withTaskGroup(of: Void.self) { group in
             for (k, (node, shard)) in targets.enumerated() {
-                let value = "a\(first + k)"
-                let (client, history) = (self.client, self.history)
-                group.addTask { await Self.probe(client: client, history: history, node: node, shard: shard, value: value) }
+                let (client, history, n) = (self.client, self.history, first + k)
+                group.addTask { await Self.probe(client: client, history: history, node: node, shard: shard, number: n) }
             }
         }
         let left = hold - (ContinuousClock.now - began)
@@ -78,13 +77,16 @@ final class Nemesis: @unchecked Sendable {
         await history.fault(Availability.Fault(kind: kind, victim: victim, start: start, end: await history.now()))
     }
 
-    /// One unkeyed append of `value` through `node` (stream 1), recorded like the writers' (never retried).
-    static func probe(client: HTTPClient, history: History, node: Int, shard: Int, value: String) async {
-        let process = 90
+    /// Probe `number`: one unkeyed append of `a<number>` through `node` (stream 1), recorded like the
+    /// writers' (never retried), as process 100 000 + number (one operation per process). The client
+    /// waits 7 s, past the node's 5 s deadline, so a node's own 503 or 504 is seen as such.
+    static func probe(client: HTTPClient, history: History, node: Int, shard: Int, number: Int) async {
+        let process = 100_000 + number
+        let value = "a\(number)"
         await history.probeInvoke(process: process, shard: shard, stream: 1, value: value, node: node)
         let outcome = await client.request(
             .POST, host: TestNetwork.address(node), port: Cluster.apiPort, path: "/api/v1/shards/\(shard)/append",
-            body: Array(#"{"records":[{"stream":1,"payload":"\#(value)"}]}"#.utf8), timeout: .seconds(5))
+            body: Array(#"{"records":[{"stream":1,"payload":"\#(value)"}]}"#.utf8), timeout: .seconds(7))
         switch outcome {
         case .response(200, let b):
             let obj = (try? JSONSerialization.jsonObject(with: Data(b))) as? [String: Any]
@@ -106,9 +108,9 @@ final class Nemesis: @unchecked Sendable {
         }
     }
 
-    /// Whether the nodes other than `victim` hold a quorum of every shard without it: all of them up and
-    /// none of their replicas recovering (a recovering replica does not vote). Asked before the fault
-    /// (a status read refreshes the asked node's leader hint, which would hide a stale one).
+    /// Whether the nodes other than `victim` hold a quorum of every shard without it: all of them up,
+    /// none of their replicas recovering (a recovering replica does not vote) and no replica far behind.
+    /// Asked before the fault.
     func othersHoldQuorums(_ victim: Int) async -> Bool {
         let others = cluster.nodes.filter { $0 != victim }
         guard others.allSatisfy({ cluster.isRunning($0) && !cluster.isPaused($0) }) else { return false }
@@ -116,7 +118,11 @@ final class Nemesis: @unchecked Sendable {
             let replicas = cluster.replicas(of: s)
             guard replicas.filter({ $0 != victim }).count > replicas.count / 2 else { return false }
         }
-        return await anyRecovering(excluding: victim) == false
+        guard await anyRecovering(excluding: victim) == false else { return false }
+        // A replica still catching up after a burst (thousands of entries behind) does not count toward
+        // a quorum that commits now: with the victim gone, its shard could wait for it past a write's
+        // deadline, which is Raft working, not a stall.
+        return await shardsCatchingUp().isEmpty
     }
 
     /// Whether any replica is still recovering from earlier damage (nil: some node did not answer), on
