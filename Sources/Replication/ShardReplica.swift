@@ -1137,6 +1137,11 @@ public final class ShardReplica {
             wasLeader = false
             onLeadership(false)
         }
+        // A closed replica knows no leader (the node stops announcing a shard it led, and forgets the hint).
+        if reportedLeader != nil {
+            reportedLeader = nil
+            onLeaderKnown(nil, raft.term)
+        }
         // A snapshot being written finishes first (bounded: a stuck disk must not hold a shutdown forever;
         // a half-written file is a `.tmp` the next open removes).
         if !snapshotJob.waitIdle(until: Date(timeIntervalSinceNow: 10)) { log("a snapshot was still being written at close") }

@@ -283,10 +283,11 @@ extension WeftNode {
         }
     }
 
-    /// Sends a query to nodes holding `shard` (the known leader first, then each replica in placement
-    /// order, one that last left a forward unanswered at the end) until one answers. Each but the last
-    /// gets an equal share of `timeout`, so a paused or cut-off node cannot use all of it (a query is
-    /// safe to ask again elsewhere).
+    /// Sends a query to nodes holding `shard` (the known leader first, then the others by node id, one
+    /// that last left a forward unanswered at the end) until one answers. The first gets half of
+    /// `timeout` when others follow, and each later one but the last an equal share of what is left, so
+    /// a paused or cut-off node cannot use all of it, while a slow but healthy leader still has most of
+    /// the time (a query is safe to ask again elsewhere).
     func remote(_ shard: ShardID, timeout: Duration, _ envelope: () -> Envelope) async -> Result<[UInt8], ReadFailure> {
         let deadline = ContinuousClock.now + timeout
         var targets = config.replicas(of: shard).sorted().filter { $0 != id }
@@ -298,10 +299,11 @@ extension WeftNode {
             targets.remove(at: k)
             targets.append(suspect)
         }
-        let share = timeout / max(1, targets.count)
         var last = "no node holds shard \(shard)"
         for (k, t) in targets.enumerated() where ContinuousClock.now < deadline {
-            let until = k == targets.count - 1 ? deadline : min(deadline, ContinuousClock.now + share)
+            let left = targets.count - k
+            let share = k == 0 ? (deadline - ContinuousClock.now) / 2 : (deadline - ContinuousClock.now) / left
+            let until = left == 1 ? deadline : ContinuousClock.now + share
             switch await forwarder.send(to: t, shard: shard, envelope(), deadline: until) {
             case .bytes(let b):
                 unanswering.withLockedValue { if $0[shard] == t { $0[shard] = nil } }

@@ -65,6 +65,8 @@ public final class WeftNode: Sendable {
     /// The node a forward for each shard last went unanswered by (paused, cut off): a node without a
     /// replica and without a hint asks another replica first.
     let unanswering = NIOLockedValueBox<[ShardID: NodeID]>([:])
+    /// The shards this node's replicas lead, with their terms (announced again every 2 s).
+    let leading = NIOLockedValueBox<[ShardID: Term]>([:])
     /// The newest term a peer announced leading each shard in (`noteLeader`).
     let announcedTerms = NIOLockedValueBox<[ShardID: Term]>([:])
     /// Names applied-index waiters so a read that gives up can drop its waiter.
@@ -246,6 +248,7 @@ public final class WeftNode: Sendable {
             // others replaced (it was paused or cut off) would send writes there until one timed out.
             guard let self else { return }
             self.leaderHints.withLockedValue { $0[shard] = leader == me ? nil : leader }
+            self.leading.withLockedValue { $0[shard] = leader == me ? term : nil }
             if leader == me { self.announceLeadership(shard, term: term) }
         }
         replica.onLeadership = { [weak self, unowned replica] leads in
@@ -301,6 +304,7 @@ public final class WeftNode: Sendable {
         for r in rs.values { r.start() }
         let tier = delivery
         deliveryTask.withLockedValue { $0 = Task { [weak self] in if let self { await tier.run(node: self) } } }
+        reannounce()
         logger.info("node \(id) up: \(rs.count) shards, peer \(transport.listenAddress)")
     }
 
@@ -531,28 +535,38 @@ public final class WeftNode: Sendable {
         runner.start()
     }
 
-    /// Tells the nodes without a replica of `shard` that this node now leads it (they learn of leaders
-    /// from nothing else but answers and timeouts; Docs/replication.md, "Forwarding"). Not answered; a
-    /// lost frame leaves a node with the hint it had.
+    /// Tells the other nodes that this node now leads `shard` in `term`: those without a replica learn of
+    /// leaders from nothing else but answers and timeouts (Docs/replication.md, "Forwarding"); those
+    /// with one ignore it (placement can change, so it goes to every peer). Not answered; a frame lost,
+    /// or dropped because the peer was not connected, is made up by the repeat every
+    /// `announceInterval` (`reannounce`).
     func announceLeadership(_ shard: ShardID, term: Term) {
-        let replicas = Set(config.replicas(of: shard))
         let frame = Envelope.leader(term: term).encode()
-        for n in config.nodes.map(\.id) where n != id && !replicas.contains(n) {
+        for n in config.nodes.map(\.id) where n != id {
             transport.send(to: n, shard: shard.rawValue, payload: frame)
         }
     }
 
+    static let announceInterval = Duration.seconds(2)
+
+    /// Repeats the announcements of the shards this node leads, every `announceInterval` while it runs.
+    func reannounce() {
+        guard !stopping.withLockedValue({ $0 }) else { return }
+        for (shard, term) in leading.withLockedValue({ $0 }) { announceLeadership(shard, term: term) }
+        _ = Deadlines.shared.schedule(ContinuousClock.now + Self.announceInterval) { [weak self] in self?.reannounce() }
+    }
+
     /// A peer says it leads `shard` in `term`. Taken only by a node without a replica of the shard (one
     /// with a replica follows its own replica's view), and only when the term is not older than the
-    /// newest announced so far (announcements from different nodes can arrive out of order).
+    /// newest announced so far (announcements from different nodes can arrive out of order; the check
+    /// and the hint change under one lock, so two racing announcements cannot leave the older one).
     func noteLeader(_ shard: ShardID, from: NodeID, term: Term) {
-        guard runner(shard) == nil else { return }
-        let newer = announcedTerms.withLockedValue { terms -> Bool in
-            guard term >= terms[shard, default: 0] else { return false }
+        guard runner(shard) == nil, config.shardIDs.contains(shard) else { return }
+        announcedTerms.withLockedValue { terms in
+            guard term >= terms[shard, default: 0] else { return }
             terms[shard] = term
-            return true
+            leaderHints.withLockedValue { $0[shard] = from }
         }
-        if newer { leaderHints.withLockedValue { $0[shard] = from } }
     }
 
     /// The relays this node runs (one per shard it leads), with their lag per destination.
@@ -655,14 +669,21 @@ public final class WeftNode: Sendable {
                 ?? {
                     let others = config.replicas(of: shard).filter { $0 != id }
                     let suspect = unanswering.withLockedValue { $0[shard] }
-                    return others.first(where: { $0 != suspect }) ?? others.first
+                    let reachable = others.filter { transport.reachable($0) }
+                    return reachable.first(where: { $0 != suspect }) ?? reachable.first ?? others.first
                 }()
+        // Forgets the hint after a failed attempt, unless it was replaced meanwhile (by the replica's
+        // view or an announcement): that newer one stays.
+        let forgetHint: @Sendable () -> Void = { [self] in
+            leaderHints.withLockedValue { if target == nil || $0[shard] == target { $0[shard] = nil } }
+        }
         let handle: @Sendable (Envelope.ForwardAnswer) -> Void = { [self] answer in
             if let target {
-                if case .outcomeUnknown = answer {
-                    unanswering.withLockedValue { $0[shard] = target }
-                } else {
-                    unanswering.withLockedValue { if $0[shard] == target { $0[shard] = nil } }
+                switch answer {
+                case .outcomeUnknown: unanswering.withLockedValue { $0[shard] = target }
+                // Not necessarily from the target (it may not have been sent): no news of it.
+                case .failed: break
+                default: unanswering.withLockedValue { if $0[shard] == target { $0[shard] = nil } }
                 }
             }
             switch answer {
@@ -680,7 +701,7 @@ public final class WeftNode: Sendable {
                 leaderHints.withLockedValue { $0[shard] = l == id ? nil : l }
                 again(l.map { "leader is node \($0)" } ?? "no leader", false, l == nil ? .milliseconds(20) : nil)
             case .failed(let why):
-                leaderHints.withLockedValue { $0[shard] = nil }
+                forgetHint()
                 again(why, false, .milliseconds(20))
             case .invalid(let why):
                 done(.failure(.invalid(why)))
@@ -697,7 +718,7 @@ public final class WeftNode: Sendable {
                 // later write would be sent there too and time out, even after the others elected a new
                 // leader (stop 24: a SIGSTOPped leader stopped all writes through the other nodes until
                 // something else refreshed the hint).
-                leaderHints.withLockedValue { $0[shard] = nil }
+                forgetHint()
                 if retryUnknown {
                     // Keyed: asking again cannot write it twice, and learns what happened.
                     again(why, true, .milliseconds(20))
