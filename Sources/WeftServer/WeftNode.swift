@@ -561,7 +561,7 @@ public final class WeftNode: Sendable {
     /// newest announced so far (announcements from different nodes can arrive out of order; the check
     /// and the hint change under one lock, so two racing announcements cannot leave the older one).
     func noteLeader(_ shard: ShardID, from: NodeID, term: Term) {
-        guard runner(shard) == nil, config.shardIDs.contains(shard) else { return }
+        guard shard.rawValue < UInt64(config.shards), runner(shard) == nil else { return }
         announcedTerms.withLockedValue { terms in
             guard term >= terms[shard, default: 0] else { return }
             terms[shard] = term

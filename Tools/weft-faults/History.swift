@@ -50,7 +50,7 @@ actor History {
 
     func write(_ event: sending [String: Any]) {
         var e = event
-        e["t"] = (Date().timeIntervalSince(start) * 1000).rounded() / 1000
+        e["t"] = (now() * 1000).rounded() / 1000
         if let d = try? JSONSerialization.data(withJSONObject: e, options: [.sortedKeys]) {
             handle.write(d)
             handle.write(Data([0x0A]))
