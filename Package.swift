@@ -43,10 +43,13 @@ let package = Package(
         .systemLibrary(
             name: "COpenSSL", pkgConfig: "openssl",
             providers: [.apt(["libssl-dev"])]),
-        // CRC-32C with the CPU's instruction (the only C Weft writes: no library on the machine has it).
+        // CRC-32C with the CPU's instruction (no library on the machine has it).
         .target(name: "CCRC32C"),
+        // sync_file_range(2) for flushes shared by a lane's shards (Docs/storage.md): a GNU extension
+        // Swift's Glibc module does not export.
+        .target(name: "CFileSync"),
         .target(name: "SegmentFormat", dependencies: ["WeftCore", "CLZ4", "CCRC32C"], swiftSettings: strict),
-        .target(name: "SegmentStore", dependencies: ["WeftCore", "SegmentFormat"], swiftSettings: strict),
+        .target(name: "SegmentStore", dependencies: ["WeftCore", "SegmentFormat", "CFileSync"], swiftSettings: strict),
         .target(name: "Raft", dependencies: ["WeftCore"], swiftSettings: strict),
         // The state layer's pure part: the state machine protocol, outcomes, copy-on-write state.
         .target(name: "ShardState", dependencies: ["WeftCore"], swiftSettings: strict),

@@ -136,6 +136,9 @@ public struct ReplicaStats: Sendable, Equatable, Codable {
     /// `store.append` calls: one pwrite each, and one fdatasync each under `fsync = "every_batch"`.
     public var storeAppends: UInt64 = 0
     public var recordsAppended: UInt64 = 0
+    /// Store appends made durable by their lane's shared flush (a write-back and another file's
+    /// fdatasync) rather than an fdatasync of their own (Docs/storage.md, "Shared flushes").
+    public var sharedSyncs: UInt64 = 0
     /// Raft messages sent, and the appends among them (with or without entries).
     public var messagesSent: UInt64 = 0
     public var appendsSent: UInt64 = 0
@@ -935,12 +938,16 @@ public final class ShardReplica {
     /// A leader's appends and heartbeats go out *before* its own fdatasync (Raft thesis §10.2.1): its
     /// term is already durable, and it counts its own entries toward commit only once they are persisted,
     /// so the followers' fsyncs overlap the leader's. Everything else waits until the Ready is durable.
-    public func process(send deliver: ([Message]) -> Void) throws {
-        func send(_ ms: [Message]) {
-            stats.messagesSent += UInt64(ms.count)
-            for m in ms where m.kind == .append { stats.appendsSent += 1 }
-            deliver(ms)
-        }
+    ///
+    /// `deferSync`: a Ready whose entries were appended leaves them unsynced (`SegmentStore.append`'s
+    /// `deferSync`) and the turn stops there (`awaitingSync`): the driver lane makes the deferred appends
+    /// of all its replicas durable with one device flush (`SegmentStore.syncTogether`), then calls
+    /// `finishDeferredSync(send:)` on each, which sends what had to wait for durability (a follower's
+    /// answers) and hands the Ready back to Raft.
+    public func process(send deliver: ([Message]) -> Void, deferSync: Bool = false) throws {
+        func send(_ ms: [Message]) { emit(ms, deliver) }
+        // A deferred Ready is finished first (its lane normally does that right after the turn).
+        try finishDeferredSync(send: deliver)
         try repairIfDamaged()
         reader.readFailure = nil
         var readies = 0
@@ -1006,23 +1013,60 @@ public final class ShardReplica {
                     try store.truncateSuffix(from: first.index)
                     reader.didTruncate(from: first.index)
                 }
-                try persist(rd.entries.filter { $0.index > store.lastIndex })
+                try persist(rd.entries.filter { $0.index > store.lastIndex }, deferSync: deferSync)
             }
-            if !later.isEmpty { send(later) }
-            for rs in rd.readStates { pendingReads.append((rs.id, rs.index)) }
-            for id in rd.dropped { reads.removeValue(forKey: id)?(.failure(.notLeader(raft.leader))) }
-            raft.advance(rd)
-            if raft.membershipIndex > savedMembershipIndex {
-                try membershipFile.save(raft.membership, index: raft.membershipIndex)
-                savedMembershipIndex = raft.membershipIndex
+            if store.syncPending {
+                deferredReady = (rd, later)
+                break
             }
-            // A catch-up to install: the term it belongs to is durable (saved above, before anything).
-            if let request = rd.install { try install(request) }
-            // A read in this round (entries to send or apply) may have hit a damaged block: repair now,
-            // or Raft would ask for the same unreadable entries forever.
-            try repairIfDamaged()
+            try finishReady(rd, later: later, send: send)
         }
-        hasPendingWork = raft.hasReady && !stalled
+        try afterReadies(stalled: stalled)
+    }
+
+    /// A Ready whose entries wait for the lane's shared flush, with the messages that wait with them.
+    var deferredReady: (ready: Ready, later: [Message])?
+
+    /// Whether the last `process(send:deferSync: true)` left appended entries to be synced by the lane.
+    public var awaitingSync: Bool { deferredReady != nil }
+
+    /// The second half of a deferred turn, after `SegmentStore.syncTogether` (or without it: the store
+    /// then syncs itself): the entries are durable, so the Ready's remaining messages go and Raft learns
+    /// of the persisted entries.
+    public func finishDeferredSync(send deliver: ([Message]) -> Void) throws {
+        guard let (rd, later) = deferredReady else { return }
+        deferredReady = nil
+        if try store.finishDeferredSync() { stats.sharedSyncs += 1 }
+        try finishReady(rd, later: later) { emit($0, deliver) }
+        try afterReadies(stalled: false)
+    }
+
+    func emit(_ ms: [Message], _ deliver: ([Message]) -> Void) {
+        stats.messagesSent += UInt64(ms.count)
+        for m in ms where m.kind == .append { stats.appendsSent += 1 }
+        deliver(ms)
+    }
+
+    /// The rest of a Ready once its entries are durable: messages that had to wait, reads, `advance`.
+    func finishReady(_ rd: Ready, later: [Message], send: ([Message]) -> Void) throws {
+        if !later.isEmpty { send(later) }
+        for rs in rd.readStates { pendingReads.append((rs.id, rs.index)) }
+        for id in rd.dropped { reads.removeValue(forKey: id)?(.failure(.notLeader(raft.leader))) }
+        raft.advance(rd)
+        if raft.membershipIndex > savedMembershipIndex {
+            try membershipFile.save(raft.membership, index: raft.membershipIndex)
+            savedMembershipIndex = raft.membershipIndex
+        }
+        // A catch-up to install: the term it belongs to is durable (saved above, before anything).
+        if let request = rd.install { try install(request) }
+        // A read in this round (entries to send or apply) may have hit a damaged block: repair now,
+        // or Raft would ask for the same unreadable entries forever.
+        try repairIfDamaged()
+    }
+
+    /// What follows a turn's Readies: snapshots, leadership changes, reads and waiters that are now due.
+    func afterReadies(stalled: Bool) throws {
+        hasPendingWork = raft.hasReady && !stalled && deferredReady == nil
         releaseEndedTransfers()
         try maybeSnapshot()
         if stalled, let why = reader.readFailure {
@@ -1066,7 +1110,7 @@ public final class ShardReplica {
     /// Appends entries to the store in batches it accepts: at most `Limits.appendBatchCountMax` records
     /// and `persistBatchBytesMax` payload bytes each (one write and, by the fsync policy, one fdatasync
     /// per batch).
-    func persist(_ entries: [Record]) throws {
+    func persist(_ entries: [Record], deferSync: Bool = false) throws {
         var start = 0
         while start < entries.count {
             var end = start
@@ -1078,7 +1122,7 @@ public final class ShardReplica {
                 end += 1
             }
             let batch = Array(entries[start..<end])
-            try store.append(batch)
+            try store.append(batch, deferSync: deferSync)
             for r in batch where r.timestampMicros > lastStampMicros { lastStampMicros = r.timestampMicros }
             stats.storeAppends += 1
             stats.recordsAppended += UInt64(batch.count)

@@ -272,20 +272,38 @@ public final class ShardRunner: @unchecked Sendable {
         if tickDue { replica.tick() }
         if scrub { replica.scrub() }
         do {
-            try replica.process(send: send)
+            try replica.process(send: send, deferSync: lane.sharedFlush)
             more = replica.hasPendingWork
         } catch {
-            // The store refuses writes after an IO failure, or committed entries stayed unreadable:
-            // stop serving this shard (the node serves its others).
-            logger.critical("shard \(replica.shard): storage failed, stopping the replica: \(error)")
-            let why = "shard \(replica.shard) stopped after a storage failure: \(error)"
-            condition.lock()
-            stopped = true
-            stopReason = why
-            condition.unlock()
-            more = false
-            finishStop(why)
+            storageFailed(error)
         }
+    }
+
+    /// After the lane's shared flush (`DriverLane.loop`): the rest of a turn that left entries to sync.
+    func finishDeferredSync() {
+        finished.lock()
+        let isDone = done
+        finished.unlock()
+        guard !isDone else { return }
+        do {
+            try replica.finishDeferredSync(send: send)
+            more = replica.hasPendingWork
+        } catch {
+            storageFailed(error)
+        }
+    }
+
+    /// The store refuses writes after an IO failure, or committed entries stayed unreadable: stop
+    /// serving this shard (the node serves its others).
+    func storageFailed(_ error: any Error) {
+        logger.critical("shard \(replica.shard): storage failed, stopping the replica: \(error)")
+        let why = "shard \(replica.shard) stopped after a storage failure: \(error)"
+        condition.lock()
+        stopped = true
+        stopReason = why
+        condition.unlock()
+        more = false
+        finishStop(why)
     }
 
     func handle(_ input: Input) {
@@ -334,6 +352,9 @@ public final class ShardRunner: @unchecked Sendable {
 public final class DriverLane: @unchecked Sendable {
     let name: String
     let tick: Duration
+    /// The lane's replicas defer their appends' fdatasync to one shared flush per round of turns
+    /// (`SegmentStore.syncTogether`, Docs/storage.md "Shared flushes"); false: each syncs its own.
+    public var sharedFlush = true
     let condition = NSCondition()
     var runners: [ObjectIdentifier: ShardRunner] = [:]
     var ready: [ShardRunner] = []
@@ -409,6 +430,12 @@ public final class DriverLane: @unchecked Sendable {
             }
             condition.unlock()
             for r in batch { r.turn(tickDue: tickDue, scrub: ObjectIdentifier(r) == scrubbing) }
+            // The turns' appends, made durable together, then the rest of those turns.
+            let waiting = batch.filter { $0.replica.awaitingSync }
+            if !waiting.isEmpty {
+                SegmentStore.syncTogether(waiting.map { $0.replica.store })
+                for r in waiting { r.finishDeferredSync() }
+            }
             condition.lock()
             for r in batch where r.more && runners[ObjectIdentifier(r)] != nil { enqueue(r) }
             if runners.isEmpty && ready.isEmpty {

@@ -1,3 +1,4 @@
+import CFileSync
 import Glibc
 import SegmentFormat
 
@@ -25,8 +26,17 @@ public protocol DiskFile: AnyObject {
     func write(_ bytes: [UInt8], at offset: UInt64) throws
     /// Up to `count` bytes at `offset`; fewer only at end of file.
     func read(at offset: UInt64, count: Int) throws -> [UInt8]
-    /// Makes every write so far durable (fdatasync).
+    /// Makes every write so far durable (fdatasync). Also flushes the device's write cache, so the
+    /// pages other files handed to the device before this call (`writeBack`) are durable after it too.
     func sync() throws
+    /// Starts writing this file's dirty pages in `offset ..< offset + count` to the device and returns
+    /// (sync_file_range WRITE): lets several files' writes proceed at once before `writeBack` waits.
+    func startWriteBack(offset: UInt64, count: UInt64) throws
+    /// Writes the dirty pages in `offset ..< offset + count` and waits until the device has them
+    /// (sync_file_range WAIT_BEFORE|WRITE|WAIT_AFTER). Not durable yet: only once some file's `sync`
+    /// (a device cache flush) follows, and only inside the file's durable size and block map, which this
+    /// does not write (Docs/storage.md, "Shared flushes").
+    func writeBack(offset: UInt64, count: UInt64) throws
     func truncate(to size: UInt64) throws
     func close()
 }
@@ -193,6 +203,26 @@ final class PosixFile: DiskFile {
 
     func sync() throws {
         guard fdatasync(fd) == 0 else { throw DiskError(path: path, operation: "fdatasync", code: errno) }
+    }
+
+    func startWriteBack(offset: UInt64, count: UInt64) throws {
+        try syncRange(offset: offset, count: count, wait: false)
+    }
+
+    func writeBack(offset: UInt64, count: UInt64) throws {
+        try syncRange(offset: offset, count: count, wait: true)
+    }
+
+    private func syncRange(offset: UInt64, count: UInt64, wait: Bool) throws {
+        let operation = wait ? "sync_file_range (wait)" : "sync_file_range"
+        let start = try fileOffset(offset, operation)
+        guard let n = off_t(exactly: count), n <= off_t.max - start else {
+            throw DiskError(path: path, operation: "\(operation) of \(count) bytes at offset \(offset)", code: EINVAL)
+        }
+        while weft_sync_file_range(fd, Int64(start), Int64(n), wait ? 1 : 0) != 0 {
+            if errno == EINTR { continue }
+            throw DiskError(path: path, operation: operation, code: errno)
+        }
     }
 
     func truncate(to size: UInt64) throws {

@@ -140,6 +140,7 @@ extension SegmentStore {
     /// recorded the loss durably (the replica's `recovering` marker): the fence then describes the log
     /// as it is.
     public func acceptFindings() throws {
+        try finishDeferredSync()
         try guardDisk { try writeFence(sync: true) }
     }
 

@@ -14,6 +14,10 @@ final class Segment {
     /// (`StoreOptions.preallocateBytes`), so appends overwrite allocated blocks instead of growing the
     /// file. Only ever a hint: zeros are written past the end of the newest data only.
     var allocated: UInt64
+    /// The file's length when an append last synced it itself (fdatasync), 0 when unknown (opened, or
+    /// cut since): below it the file's size and block map are durable, so data written there needs
+    /// only a write-back and a device flush to be durable (`SegmentStore.syncTogether`).
+    var syncedLength: UInt64 = 0
     /// Set once the segment is sealed; its runs are read from `indexFile`.
     var sealed: SegmentIndexFile?
     var indexSource: FileByteSource?

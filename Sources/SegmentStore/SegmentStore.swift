@@ -37,6 +37,8 @@ public final class SegmentStore {
     var recentBlocks: [(base: LogIndex, offset: UInt64, records: [Record])] = []
     static let recentBlocksMax = 8
     private var batchesSinceSync = 0
+    /// Appends written with `deferSync` and not yet durable.
+    var deferred: DeferredSync?
     /// stream -> its last seq among records retention dropped (`streams.hwm`; see HighWater.swift).
     var highWater: [StreamID: StreamSeq] = [:]
     /// Marks of some dropped records are unknown (found at open); written into the file as `incomplete`.
@@ -441,8 +443,15 @@ public final class SegmentStore {
     /// Appends a batch: one write and, under `.everyBatch`, one fdatasync; returns when the batch is as
     /// durable as the policy promises. Records must continue the log's indexes, not lower its term, and
     /// continue each stream's dense sequence (a stream's first record in the log may start at any seq).
-    public func append(_ batch: [Record]) throws {
+    ///
+    /// `deferSync` (under `.everyBatch` only): the batch is written but not synced, and the store owes
+    /// a sync (`syncPending`) until `finishDeferredSync()`; in between, `syncTogether` can make several
+    /// stores' batches durable with one device flush. Nothing may count the batch durable before
+    /// `finishDeferredSync()` returns. The tail fence is written then, after the data is durable.
+    public func append(_ batch: [Record], deferSync: Bool = false) throws {
         if let failure { throw StoreError.failed(failure) }
+        let defer_ = deferSync && options.durability == .everyBatch
+        if !defer_ { try finishDeferredSync() }
         guard !batch.isEmpty else { throw StoreError.invalidBatch("empty batch") }
         guard batch.count <= Limits.appendBatchCountMax else {
             throw StoreError.invalidBatch("\(batch.count) records, limit \(Limits.appendBatchCountMax)")
@@ -455,6 +464,8 @@ public final class SegmentStore {
             try wrapDisk { try roll(base: batch[0].index) }
         }
         guard let seg = active else { preconditionFailure("roll leaves an active segment") }
+        // Deferred appends in a segment the roll above sealed were synced by the seal.
+        if let d = deferred, d.segment !== seg { deferred = DeferredSync(segment: seg, from: seg.size, to: seg.size, ownSync: true) }
 
         var bytes = [UInt8]()
         var blocks: [(offset: Int, range: Range<Int>)] = []
@@ -473,6 +484,7 @@ public final class SegmentStore {
         blocks.append((bytes.count, start..<batch.count))
         BlockCodec.encode(batch[start...], compress: options.compress, into: &bytes)
 
+        let writeOffset = seg.size
         do {
             try seg.file.write(bytes, at: seg.size)
             let end = seg.size + UInt64(bytes.count)
@@ -492,8 +504,16 @@ public final class SegmentStore {
             }
             batchesSinceSync += 1
             switch options.durability {
+            case .everyBatch where defer_:
+                // Owed: the range written, and whether it can share a device flush (it lies inside the
+                // length this file was last synced at) or needs its own fdatasync (the file grew).
+                let from = min(writeOffset, deferred?.from ?? writeOffset)
+                let to = seg.size + UInt64(bytes.count)
+                let own = (deferred?.ownSync ?? false) || seg.allocated > seg.syncedLength || to > seg.syncedLength
+                deferred = DeferredSync(segment: seg, from: from, to: to, ownSync: own)
             case .everyBatch:
                 try seg.file.sync()
+                seg.syncedLength = max(seg.allocated, seg.size + UInt64(bytes.count))
                 batchesSinceSync = 0
             case .everyBatches(let n) where batchesSinceSync >= n:
                 try seg.file.sync()
@@ -516,7 +536,90 @@ public final class SegmentStore {
         for r in batch where r.stream != .none { lastSeqs[r.stream] = r.seq }
         lastIndex = batch[batch.count - 1].index
         lastTerm = batch[batch.count - 1].term
+        // The fence follows durable data only: a deferred batch's comes with `finishDeferredSync`.
+        if deferred == nil { try wrapDisk { try writeFence() } }
+    }
+
+    /// A deferred append's sync, owed until `finishDeferredSync` (see `append(_:deferSync:)`).
+    struct DeferredSync {
+        let segment: Segment
+        var from: UInt64
+        var to: UInt64
+        /// The file grew past the length it was last synced at: its size or block map is not durable, so
+        /// only its own fdatasync makes the data durable.
+        var ownSync: Bool
+        /// Set by `syncTogether` once the data is durable; `shared`: by another file's fdatasync.
+        var durable = false
+        var shared = false
+    }
+
+    /// Whether appends made with `deferSync` still wait for `finishDeferredSync`.
+    public var syncPending: Bool { deferred != nil }
+
+    /// Completes the deferred appends: syncs them unless `syncTogether` already made them durable, then
+    /// writes the tail fence. No-op when nothing is owed. A failure stops the store (`failed`). Returns
+    /// whether another file's fdatasync made them durable (a shared flush), not one of their own.
+    @discardableResult
+    public func finishDeferredSync() throws -> Bool {
+        guard let d = deferred else { return false }
+        if let failure { throw StoreError.failed(failure) }
+        do {
+            if !d.durable {
+                try d.segment.file.sync()
+                d.segment.syncedLength = max(d.segment.allocated, d.segment.size)
+            }
+            batchesSinceSync = 0
+        } catch let e as DiskError {
+            failure = e.description
+            throw StoreError.disk(e)
+        }
+        deferred = nil
         try wrapDisk { try writeFence() }
+        return d.shared
+    }
+
+    /// Makes the deferred appends of several stores on one device durable with one device flush
+    /// instead of one fdatasync each (Docs/storage.md, "Shared flushes"): the owed ranges of the files
+    /// that can share it are written back (all started, then each waited for), then the files that need
+    /// their own fdatasync get one (at least one file does: the last of the others, if none needs it),
+    /// and that fdatasync's device flush covers every write-back completed before it. A store whose part
+    /// fails is left to sync itself in `finishDeferredSync` (or has failed); none is marked durable
+    /// unless an fdatasync after its write-back succeeded. Each store must then call
+    /// `finishDeferredSync()`, which writes its fence.
+    public static func syncTogether(_ stores: [SegmentStore]) {
+        var shared = stores.filter { $0.deferred.map { !$0.ownSync && !$0.durable } ?? false && $0.failure == nil }
+        var own = stores.filter { $0.deferred.map { $0.ownSync && !$0.durable } ?? false && $0.failure == nil }
+        guard shared.count + own.count > 1 else { return }  // one store: its own fdatasync, in `finishDeferredSync`
+        if own.isEmpty, let last = shared.popLast() { own = [last] }
+        for s in shared {
+            guard let d = s.deferred else { continue }
+            try? d.segment.file.startWriteBack(offset: d.from, count: d.to - d.from)
+        }
+        // A write-back that fails leaves that store to its own fdatasync (which reports the error).
+        shared = shared.filter { s in
+            guard let d = s.deferred else { return false }
+            return (try? d.segment.file.writeBack(offset: d.from, count: d.to - d.from)) != nil
+        }
+        var flushed = false
+        for s in own {
+            guard var d = s.deferred else { continue }
+            do {
+                try d.segment.file.sync()
+                d.segment.syncedLength = max(d.segment.allocated, d.segment.size)
+                d.durable = true
+                s.deferred = d
+                flushed = true
+            } catch let e as DiskError {
+                s.failure = e.description
+            } catch {
+                s.failure = "\(error)"
+            }
+        }
+        guard flushed else { return }
+        for s in shared {
+            s.deferred?.durable = true
+            s.deferred?.shared = true
+        }
     }
 
     private func validate(_ batch: [Record]) throws {
@@ -615,6 +718,7 @@ public final class SegmentStore {
     /// Makes every append so far durable, whatever the policy.
     public func sync() throws {
         if let failure { throw StoreError.failed(failure) }
+        try finishDeferredSync()
         do {
             try active?.file.sync()
             batchesSinceSync = 0

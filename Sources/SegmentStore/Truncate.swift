@@ -36,6 +36,7 @@ extension SegmentStore {
     /// that a crash half way is finished on reopen.
     public func truncateSuffix(from index: LogIndex) throws {
         if let why = failureReason { throw StoreError.failed(why) }
+        try finishDeferredSync()
         // Whatever was found damaged from `index` on is gone after this.
         if let d = damagedFrom, d >= index { damagedFrom = nil }
         guard index >= 1 else { throw StoreError.outOfRange(requested: index, first: firstIndex, last: lastIndex) }
@@ -89,6 +90,7 @@ extension SegmentStore {
         }
         try seg.file.truncate(to: entry.offset)
         seg.allocated = entry.offset
+        seg.syncedLength = 0
         if !block.isEmpty { try seg.file.write(block, at: entry.offset) }
         try seg.file.sync()
         if !block.isEmpty {
@@ -152,6 +154,7 @@ extension SegmentStore {
     /// when the active segment is empty.
     public func sealActive() throws {
         if let why = failureReason { throw StoreError.failed(why) }
+        try finishDeferredSync()
         guard let seg = active, !seg.isEmpty else { return }
         try guardDisk { try roll(base: lastIndex + 1) }
     }
@@ -164,6 +167,7 @@ extension SegmentStore {
     @discardableResult
     public func dropSegments(through index: LogIndex) throws -> Int {
         if let why = failureReason { throw StoreError.failed(why) }
+        try finishDeferredSync()
         var dropped = 0
         recentBlocks = []
         var droppable = 0

@@ -531,6 +531,7 @@ final class ReplicaCounters: Sendable {
         ("weft_replica_records_proposed", "Records proposed as leader", { $0.recordsProposed }),
         ("weft_replica_store_appends", "Store appends (one pwrite, and one fdatasync under every_batch)", { $0.storeAppends }),
         ("weft_replica_records_appended", "Records appended to the store", { $0.recordsAppended }),
+        ("weft_replica_shared_syncs", "Store appends made durable by the lane's shared flush, not an fdatasync of their own", { $0.sharedSyncs }),
         ("weft_replica_messages_sent", "Raft messages sent", { $0.messagesSent }),
         ("weft_replica_appends_sent", "Raft append messages sent", { $0.appendsSent }),
         ("weft_replica_messages_received", "Raft messages received", { $0.messagesReceived }),

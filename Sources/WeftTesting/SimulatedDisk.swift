@@ -24,6 +24,10 @@ public final class SimulatedDisk: Disk {
         var data: [UInt8] = []
         /// Contents as of the last sync.
         var durable: [UInt8] = []
+        /// Contents handed to the device by `writeBack` since, not yet flushed from its cache: the
+        /// next sync of any file (or directory) makes them durable. Only inside the durable size: a
+        /// write-back writes no metadata.
+        var onDevice: [UInt8]?
     }
 
     /// path -> file, as the running process sees it.
@@ -45,6 +49,14 @@ public final class SimulatedDisk: Disk {
     public var failSyncNumber: Int?
     public private(set) var writes = 0
     public private(set) var syncs = 0
+    /// A crash tears unsynced writes at 512-byte sector boundaries only (a write inside one sector, such
+    /// as the store's 36-byte tail fence, survives whole or not at all), as real disks do; false (the
+    /// default, harsher): at any byte.
+    public var atomicSectorWrites = false
+    /// `writeBack` calls (the waiting half of a shared flush).
+    public private(set) var writeBacks = 0
+    /// Fails every `startWriteBack` and `writeBack` while set.
+    public var failWriteBacks = false
 
     public init() {}
 
@@ -75,6 +87,7 @@ public final class SimulatedDisk: Disk {
     public func syncDirectory(_ directory: String) throws {
         syncs += 1
         if failSyncs || syncs == failSyncNumber { throw DiskError(path: directory, operation: "fsync directory", code: 5) }
+        flushDevice()
         let prefix = directory + "/"
         durableNames = durableNames.filter { !$0.key.hasPrefix(prefix) }
         for (k, v) in files where k.hasPrefix(prefix) { durableNames[k] = v }
@@ -104,7 +117,8 @@ public final class SimulatedDisk: Disk {
             while first < min(data.count, kept.count) && data[first] == kept[first] { first += 1 }
             if first < data.count {
                 let extra = Int(rng.next() % UInt64(data.count - first + 1))
-                let end = first + extra
+                var end = first + extra
+                if atomicSectorWrites && end < data.count { end = max(first, end / 512 * 512) }
                 if end > kept.count { kept += [UInt8](repeating: 0, count: end - kept.count) }
                 kept.replaceSubrange(first..<end, with: data[first..<end])
             }
@@ -149,7 +163,29 @@ public final class SimulatedDisk: Disk {
     fileprivate func sync(_ node: Node, path: String) throws {
         syncs += 1
         if failSyncs || syncs == failSyncNumber { throw DiskError(path: path, operation: "fdatasync", code: 5) }
+        flushDevice()
         node.durable = node.data
+    }
+
+    /// A device cache flush: what every file handed over with `writeBack` becomes durable.
+    func flushDevice() {
+        for node in Array(files.values) + Array(durableNames.values) {
+            if let d = node.onDevice {
+                node.durable = d
+                node.onDevice = nil
+            }
+        }
+    }
+
+    fileprivate func writeBack(_ node: Node, offset: UInt64, count: UInt64, path: String) throws {
+        writeBacks += 1
+        if failWriteBacks { throw DiskError(path: path, operation: "sync_file_range (simulated I/O error)", code: 5) }
+        // The device gets the range's current bytes over the durable ones, only up to the durable size
+        // (an extension of the file is metadata, which a write-back does not write).
+        var bytes = node.onDevice ?? node.durable
+        let end = min(UInt64(bytes.count), UInt64(node.data.count), offset.addingReportingOverflow(count).overflow ? .max : offset + count)
+        if offset < end { bytes.replaceSubrange(Int(offset)..<Int(end), with: node.data[Int(offset)..<Int(end)]) }
+        node.onDevice = bytes
     }
 }
 
@@ -175,6 +211,11 @@ final class SimulatedFile: DiskFile {
         return Array(node.data[start..<min(node.data.count, start + count)])
     }
     func sync() throws { try disk.sync(node, path: path) }
+    /// Starting a write-back promises nothing (the device may or may not have the pages yet): no-op.
+    func startWriteBack(offset: UInt64, count: UInt64) throws {
+        if disk.failWriteBacks { throw DiskError(path: path, operation: "sync_file_range (simulated I/O error)", code: 5) }
+    }
+    func writeBack(offset: UInt64, count: UInt64) throws { try disk.writeBack(node, offset: offset, count: count, path: path) }
     func truncate(to size: UInt64) throws {
         if node.data.count > Int(size) { node.data.removeSubrange(Int(size)...) } else {
             node.data += [UInt8](repeating: 0, count: Int(size) - node.data.count)

@@ -34,6 +34,9 @@ final class ReplicaCluster {
     var retentionTicks = 200
     /// Open replicas with their newest snapshot read on another thread meanwhile (real disk only).
     var prefetchSnapshots = false
+    /// Drive the replicas as one driver lane does: appends deferred, made durable by one shared flush
+    /// per round (`SegmentStore.syncTogether`), then the turns finished.
+    var sharedFlush = false
 
     init(disk: any Disk, root: String, options: StoreOptions, cleanup: @escaping () -> Void = {}) throws {
         self.disk = disk
@@ -111,17 +114,36 @@ final class ReplicaCluster {
         var rounds = 0
         repeat {
             rounds += 1
-            for id in ids { if let r = replicas[id] { queue += try r.process() } }
+            queue += try drive()
             queue += catchUpMessages
             catchUpMessages = []
             let batch = queue
             queue = []
             for m in batch where !drop(m) { replicas[m.to]?.step(m) }
-            for id in ids { if let r = replicas[id] { queue += try r.process() } }
+            queue += try drive()
             queue += catchUpMessages
             catchUpMessages = []
         } while (!queue.isEmpty || replicas.values.contains { $0.hasPendingWork }) && rounds < 1000
     }
+
+    /// One turn of every replica: its messages. With `sharedFlush`, in two halves around one shared
+    /// flush; `between` runs after the turns (`.turned`) and after the flush (`.flushed`), before the finish.
+    func drive(between: (DrivePhase) throws -> Void = { _ in }) throws -> [Message] {
+        var out: [Message] = []
+        guard sharedFlush else {
+            for id in ids { if let r = replicas[id] { out += try r.process() } }
+            return out
+        }
+        for id in ids { if let r = replicas[id] { try r.process(send: { out += $0 }, deferSync: true) } }
+        try between(.turned)
+        let waiting = ids.compactMap { replicas[$0] }.filter(\.awaitingSync)
+        SegmentStore.syncTogether(waiting.map(\.store))
+        try between(.flushed)
+        for r in waiting { try r.finishDeferredSync(send: { out += $0 }) }
+        return out
+    }
+
+    enum DrivePhase { case turned, flushed }
 
     /// `n` ticks of the given replicas, settling after each.
     func tick(_ who: [NodeID], _ n: Int, until done: () -> Bool = { false }) throws {
