@@ -1,6 +1,9 @@
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <unistd.h>
+#ifdef __linux__
+#include <sys/vfs.h>
+#endif
 #include "cfilesync.h"
 
 int weft_sync_file_range(int fd, long long offset, long long count, int wait) {
@@ -14,5 +17,16 @@ int weft_sync_file_range(int fd, long long offset, long long count, int wait) {
     (void)count;
     (void)wait;
     return fsync(fd);
+#endif
+}
+
+long long weft_filesystem_type(const char *path) {
+#ifdef __linux__
+    struct statfs fs;
+    if (statfs(path, &fs) != 0) return -1;
+    return (long long)fs.f_type;
+#else
+    (void)path;
+    return -1;
 #endif
 }

@@ -1030,6 +1030,12 @@ public final class ShardReplica {
     /// Whether the last `process(send:deferSync: true)` left appended entries to be synced by the lane.
     public var awaitingSync: Bool { deferredReady != nil }
 
+    /// A driver lane's shared flush (after its round of turns, before `finishDeferredSync` on each): the
+    /// deferred appends of those of `replicas` awaiting it made durable together.
+    public static func syncTogether(_ replicas: [ShardReplica]) {
+        SegmentStore.syncTogether(replicas.filter(\.awaitingSync).map(\.store))
+    }
+
     /// The second half of a deferred turn, after `SegmentStore.syncTogether` (or without it: the store
     /// then syncs itself): the entries are durable, so the Ready's remaining messages go and Raft learns
     /// of the persisted entries.

@@ -279,11 +279,15 @@ public final class ShardRunner: @unchecked Sendable {
         }
     }
 
+    /// The replica is closed (stopped, or failed).
+    var isDone: Bool {
+        finished.lock()
+        defer { finished.unlock() }
+        return done
+    }
+
     /// After the lane's shared flush (`DriverLane.loop`): the rest of a turn that left entries to sync.
     func finishDeferredSync() {
-        finished.lock()
-        let isDone = done
-        finished.unlock()
         guard !isDone else { return }
         do {
             try replica.finishDeferredSync(send: send)
@@ -354,16 +358,17 @@ public final class DriverLane: @unchecked Sendable {
     let tick: Duration
     /// The lane's replicas defer their appends' fdatasync to one shared flush per round of turns
     /// (`SegmentStore.syncTogether`, Docs/storage.md "Shared flushes"); false: each syncs its own.
-    public var sharedFlush = true
+    public let sharedFlush: Bool
     let condition = NSCondition()
     var runners: [ObjectIdentifier: ShardRunner] = [:]
     var ready: [ShardRunner] = []
     var queued: Set<ObjectIdentifier> = []
     var thread: Thread?
 
-    public init(name: String, tick: Duration) {
+    public init(name: String, tick: Duration, sharedFlush: Bool = true) {
         self.name = name
         self.tick = tick
+        self.sharedFlush = sharedFlush
     }
 
     func add(_ r: ShardRunner) {
@@ -431,9 +436,9 @@ public final class DriverLane: @unchecked Sendable {
             condition.unlock()
             for r in batch { r.turn(tickDue: tickDue, scrub: ObjectIdentifier(r) == scrubbing) }
             // The turns' appends, made durable together, then the rest of those turns.
-            let waiting = batch.filter { $0.replica.awaitingSync }
+            let waiting = batch.filter { $0.replica.awaitingSync && !$0.isDone }
             if !waiting.isEmpty {
-                SegmentStore.syncTogether(waiting.map { $0.replica.store })
+                ShardReplica.syncTogether(waiting.map(\.replica))
                 for r in waiting { r.finishDeferredSync() }
             }
             condition.lock()

@@ -35,7 +35,9 @@ public protocol DiskFile: AnyObject {
     /// Writes the dirty pages in `offset ..< offset + count` and waits until the device has them
     /// (sync_file_range WAIT_BEFORE|WRITE|WAIT_AFTER). Not durable yet: only once some file's `sync`
     /// (a device cache flush) follows, and only inside the file's durable size and block map, which this
-    /// does not write (Docs/storage.md, "Shared flushes").
+    /// does not write (Docs/storage.md, "Shared flushes"). A failure is final, as a failed `sync` is:
+    /// the kernel may have marked the pages clean and reported the error here only, so a later `sync`
+    /// of the file could succeed without them.
     func writeBack(offset: UInt64, count: UInt64) throws
     func truncate(to size: UInt64) throws
     func close()
@@ -54,6 +56,11 @@ public protocol Disk: AnyObject {
     /// Removes an empty directory.
     func removeDirectory(_ path: String) throws
     func exists(_ path: String) -> Bool
+    /// The device whose write cache one `fdatasync` in `directory` flushes, when the filesystem there
+    /// overwrites a file's allocated blocks in place, so that a write-back of such an overwrite followed
+    /// by another file's `fdatasync` on the same device makes it durable (`SegmentStore.syncTogether`);
+    /// nil when that is not known to hold (the store then syncs every append itself).
+    func flushDomain(_ directory: String) -> UInt64?
 }
 
 /// Adapts an open file to the pure decoders' `ByteSource`.
@@ -132,6 +139,19 @@ public final class PosixDisk: Disk {
     }
 
     public func exists(_ path: String) -> Bool { access(path, F_OK) == 0 }
+
+    /// ext4 and XFS write an overwrite of allocated, written blocks in place, and their `fdatasync`
+    /// always ends with a device cache flush. Copy-on-write filesystems (btrfs, ZFS, bcachefs, f2fs) put
+    /// an overwrite in new blocks whose pointers only the file's own sync makes durable: not shared.
+    public func flushDomain(_ directory: String) -> UInt64? {
+        var st = stat()
+        let type = weft_filesystem_type(directory)
+        guard stat(directory, &st) == 0 else { return nil }
+        let ext4: Int64 = 0xEF53
+        let xfs: Int64 = 0x5846_5342
+        guard type == ext4 || type == xfs else { return nil }
+        return UInt64(st.st_dev)
+    }
 }
 
 final class PosixFile: DiskFile {
@@ -202,6 +222,8 @@ final class PosixFile: DiskFile {
     }
 
     func sync() throws {
+        // A closed descriptor's number may already name another file: its sync would not be this one's.
+        guard !closed else { throw DiskError(path: path, operation: "fdatasync", code: EBADF) }
         guard fdatasync(fd) == 0 else { throw DiskError(path: path, operation: "fdatasync", code: errno) }
     }
 
@@ -215,6 +237,7 @@ final class PosixFile: DiskFile {
 
     private func syncRange(offset: UInt64, count: UInt64, wait: Bool) throws {
         let operation = wait ? "sync_file_range (wait)" : "sync_file_range"
+        guard !closed else { throw DiskError(path: path, operation: operation, code: EBADF) }
         let start = try fileOffset(offset, operation)
         guard let n = off_t(exactly: count), n <= off_t.max - start else {
             throw DiskError(path: path, operation: "\(operation) of \(count) bytes at offset \(offset)", code: EINVAL)

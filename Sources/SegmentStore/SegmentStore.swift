@@ -39,6 +39,8 @@ public final class SegmentStore {
     private var batchesSinceSync = 0
     /// Appends written with `deferSync` and not yet durable.
     var deferred: DeferredSync?
+    /// The device this store's files can share a flush on (`Disk.flushDomain`), nil: never shared.
+    public private(set) var flushDomain: UInt64?
     /// stream -> its last seq among records retention dropped (`streams.hwm`; see HighWater.swift).
     var highWater: [StreamID: StreamSeq] = [:]
     /// Marks of some dropped records are unknown (found at open); written into the file as `incomplete`.
@@ -88,6 +90,7 @@ public final class SegmentStore {
         self.log = log
         do {
             try disk.makeDirectory(directory)
+            flushDomain = disk.flushDomain(directory)
             try recover()
         } catch let e as DiskError {
             throw StoreError.disk(e)
@@ -496,8 +499,9 @@ public final class SegmentStore {
                     seg.allocated = target
                 } catch {
                     // Only an optimisation, past the data: a disk that refuses it (full) fails the next
-                    // append, not this one.
-                    seg.allocated = end
+                    // append, not this one. Part of the zeros may be in the file (a short write): the
+                    // file's length, not the data's end, is what a seal must cut back to the data.
+                    seg.allocated = max(end, (try? seg.file.size()) ?? target)
                     zerosAheadFailed = true
                     log("\(seg.dataPath): writing zeros ahead of the data failed (\(error)); appending without them until the store reopens")
                 }
@@ -578,27 +582,38 @@ public final class SegmentStore {
         return d.shared
     }
 
-    /// Makes the deferred appends of several stores on one device durable with one device flush
-    /// instead of one fdatasync each (Docs/storage.md, "Shared flushes"): the owed ranges of the files
-    /// that can share it are written back (all started, then each waited for), then the files that need
-    /// their own fdatasync get one (at least one file does: the last of the others, if none needs it),
-    /// and that fdatasync's device flush covers every write-back completed before it. A store whose part
-    /// fails is left to sync itself in `finishDeferredSync` (or has failed); none is marked durable
-    /// unless an fdatasync after its write-back succeeded. Each store must then call
-    /// `finishDeferredSync()`, which writes its fence.
+    /// Makes the deferred appends of several stores durable with one device flush per device instead of
+    /// one fdatasync each (Docs/storage.md, "Shared flushes"). Per device (`flushDomain`; a store without
+    /// one is left to sync itself): the owed ranges of the files that can share are written back (all
+    /// started, then each waited for), then each file that needs its own fdatasync gets one (at least
+    /// one file does: the last of the others, if none needs it), and that fdatasync's device flush covers
+    /// every write-back completed before it. A failed write-back or fdatasync fails its store (as a
+    /// failed fdatasync always does: the kernel may have dropped the pages). A store is marked durable
+    /// only if an fdatasync after its write-back succeeded; otherwise `finishDeferredSync` syncs it.
+    /// Each store must then call `finishDeferredSync()`, which writes its fence.
     public static func syncTogether(_ stores: [SegmentStore]) {
-        var shared = stores.filter { $0.deferred.map { !$0.ownSync && !$0.durable } ?? false && $0.failure == nil }
-        var own = stores.filter { $0.deferred.map { $0.ownSync && !$0.durable } ?? false && $0.failure == nil }
-        guard shared.count + own.count > 1 else { return }  // one store: its own fdatasync, in `finishDeferredSync`
+        let owing = stores.filter { s in s.failure == nil && s.flushDomain != nil && s.deferred.map { !$0.durable } ?? false }
+        var devices: [UInt64: [SegmentStore]] = [:]
+        for s in owing {
+            if let d = s.flushDomain { devices[d, default: []].append(s) }
+        }
+        for group in devices.values where group.count > 1 { flushTogether(group) }
+    }
+
+    private static func flushTogether(_ group: [SegmentStore]) {
+        var shared = group.filter { $0.deferred.map { !$0.ownSync } ?? false }
+        var own = group.filter { $0.deferred?.ownSync ?? false }
         if own.isEmpty, let last = shared.popLast() { own = [last] }
+        func fail(_ s: SegmentStore, _ error: any Error) {
+            s.failure = (error as? DiskError)?.description ?? "\(error)"
+        }
         for s in shared {
             guard let d = s.deferred else { continue }
-            try? d.segment.file.startWriteBack(offset: d.from, count: d.to - d.from)
+            do { try d.segment.file.startWriteBack(offset: d.from, count: d.to - d.from) } catch { fail(s, error) }
         }
-        // A write-back that fails leaves that store to its own fdatasync (which reports the error).
-        shared = shared.filter { s in
-            guard let d = s.deferred else { return false }
-            return (try? d.segment.file.writeBack(offset: d.from, count: d.to - d.from)) != nil
+        for s in shared where s.failure == nil {
+            guard let d = s.deferred else { continue }
+            do { try d.segment.file.writeBack(offset: d.from, count: d.to - d.from) } catch { fail(s, error) }
         }
         var flushed = false
         for s in own {
@@ -609,14 +624,12 @@ public final class SegmentStore {
                 d.durable = true
                 s.deferred = d
                 flushed = true
-            } catch let e as DiskError {
-                s.failure = e.description
             } catch {
-                s.failure = "\(error)"
+                fail(s, error)
             }
         }
         guard flushed else { return }
-        for s in shared {
+        for s in shared where s.failure == nil {
             s.deferred?.durable = true
             s.deferred?.shared = true
         }
@@ -729,6 +742,8 @@ public final class SegmentStore {
     }
 
     public func close() {
+        // What was deferred and not finished was never acknowledged; its fence is not written.
+        deferred = nil
         // The zeros written ahead go (best effort, not synced: a crash before the cut leaves them, and
         // the next open cuts them).
         if failure == nil, let a = active, a.allocated > a.size, (try? a.file.truncate(to: a.size)) != nil { a.allocated = a.size }

@@ -529,7 +529,7 @@ final class ReplicaCounters: Sendable {
         ("weft_replica_inputs", "Inputs handled by the shard thread", { $0.inputs }),
         ("weft_replica_requests", "Client requests proposed as leader", { $0.requests }),
         ("weft_replica_records_proposed", "Records proposed as leader", { $0.recordsProposed }),
-        ("weft_replica_store_appends", "Store appends (one pwrite, and one fdatasync under every_batch)", { $0.storeAppends }),
+        ("weft_replica_store_appends", "Store appends (one pwrite; under every_batch one fdatasync, or a share of the driver lane's flush)", { $0.storeAppends }),
         ("weft_replica_records_appended", "Records appended to the store", { $0.recordsAppended }),
         ("weft_replica_shared_syncs", "Store appends made durable by the lane's shared flush, not an fdatasync of their own", { $0.sharedSyncs }),
         ("weft_replica_messages_sent", "Raft messages sent", { $0.messagesSent }),

@@ -28,6 +28,9 @@ public final class SimulatedDisk: Disk {
         /// next sync of any file (or directory) makes them durable. Only inside the durable size: a
         /// write-back writes no metadata.
         var onDevice: [UInt8]?
+        /// Ranges whose write-back failed: the kernel marked those pages clean without writing them, so
+        /// no later sync writes them either (the durable bytes stay).
+        var lostWriteBacks: [Range<Int>] = []
     }
 
     /// path -> file, as the running process sees it.
@@ -164,7 +167,12 @@ public final class SimulatedDisk: Disk {
         syncs += 1
         if failSyncs || syncs == failSyncNumber { throw DiskError(path: path, operation: "fdatasync", code: 5) }
         flushDevice()
-        node.durable = node.data
+        var bytes = node.data
+        for r in node.lostWriteBacks {
+            for i in r where i < bytes.count { bytes[i] = i < node.durable.count ? node.durable[i] : 0 }
+        }
+        node.lostWriteBacks = []
+        node.durable = bytes
     }
 
     /// A device cache flush: what every file handed over with `writeBack` becomes durable.
@@ -177,9 +185,18 @@ public final class SimulatedDisk: Disk {
         }
     }
 
+    /// The public knob for `flushDomain`: nil models a filesystem where flushes cannot be shared.
+    public var sharedFlushDevice: UInt64? = 1
+
+    public func flushDomain(_ directory: String) -> UInt64? { sharedFlushDevice }
+
     fileprivate func writeBack(_ node: Node, offset: UInt64, count: UInt64, path: String) throws {
         writeBacks += 1
-        if failWriteBacks { throw DiskError(path: path, operation: "sync_file_range (simulated I/O error)", code: 5) }
+        if failWriteBacks {
+            let end = min(UInt64(node.data.count), offset.addingReportingOverflow(count).overflow ? .max : offset + count)
+            if offset < end { node.lostWriteBacks.append(Int(offset)..<Int(end)) }
+            throw DiskError(path: path, operation: "sync_file_range (simulated I/O error)", code: 5)
+        }
         // The device gets the range's current bytes over the durable ones, only up to the durable size
         // (an extension of the file is metadata, which a write-back does not write).
         var bytes = node.onDevice ?? node.durable

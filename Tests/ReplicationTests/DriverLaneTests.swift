@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import Raft
+import SegmentStore
 import Testing
 import WeftCore
 import WeftTesting
@@ -121,5 +122,56 @@ import WeftTesting
         #expect(r.stop() == true)
         for (_, other) in cluster.replicas { other.close() }
         cluster.replicas = [:]
+    }
+
+    /// Three replicas of one shard on one lane, on real files with `fsync = every_batch`: the followers'
+    /// appends of a round share one flush (where the filesystem allows it: `Disk.flushDomain`), every
+    /// proposal commits, and every record is in each replica's files afterwards. With `sharedFlush`
+    /// off, no append shares.
+    @Test(arguments: [true, false])
+    func aLaneSharesOneFlushAmongItsReplicas(shared: Bool) async throws {
+        let tmp = try TempDirectory(prefix: "weft-lane-flush")
+        defer { tmp.remove() }
+        let options = StoreOptions(segmentBytesMax: 1 << 20, blockBytesTarget: 4096, durability: .everyBatch)
+        let cluster = try ReplicaCluster(disk: PosixDisk(), root: tmp.path, options: options)
+        let lane = DriverLane(name: "test-lane-4", tick: .milliseconds(10), sharedFlush: shared)
+        let runners = Runners()
+        var logger = Logger(label: "test")
+        logger.logLevel = .critical
+        for id in cluster.ids {
+            let taken = cluster.replicas.removeValue(forKey: id)
+            let replica = try #require(taken)
+            replica.onApply = { _ in }
+            replica.startCatchUp = { _, _, _, _ in }
+            runners[id] = ShardRunner(replica: replica, tick: .milliseconds(10), logger: logger, lane: lane) { msgs in
+                for m in msgs { runners[m.to]?.submit(.message(m)) }
+            }
+        }
+        for id in cluster.ids { runners[id]?.start() }
+        let l = try await leader(runners, among: cluster.ids)
+        let leaderRunner = try #require(runners[l])
+        for k in 0..<40 {
+            guard case .success = await propose(leaderRunner, UInt8(k)) else {
+                Issue.record("proposal \(k) failed")
+                return
+            }
+        }
+        var sharedSyncs: UInt64 = 0
+        for id in cluster.ids {
+            if let r = runners[id] { sharedSyncs += await status(r).stats.sharedSyncs }
+        }
+        // A filesystem where flushes cannot be shared (say a tmpfs /tmp) shares none, rightly.
+        if shared && PosixDisk().flushDomain(tmp.path) != nil {
+            #expect(sharedSyncs > 0)
+        } else {
+            #expect(sharedSyncs == 0)
+        }
+        for id in cluster.ids { #expect(runners[id]?.stop() == true) }
+        for id in cluster.ids {
+            let store = try SegmentStore(directory: cluster.dir(id), options: options)
+            let payloads = try store.read(from: 1, to: .max).filter { $0.stream == StreamID(1) }.map(\.payload)
+            #expect(payloads == (0..<40).map { [UInt8($0)] }, "replica \(id)")
+            store.close()
+        }
     }
 }

@@ -137,7 +137,7 @@ final class ReplicaCluster {
         for id in ids { if let r = replicas[id] { try r.process(send: { out += $0 }, deferSync: true) } }
         try between(.turned)
         let waiting = ids.compactMap { replicas[$0] }.filter(\.awaitingSync)
-        SegmentStore.syncTogether(waiting.map(\.store))
+        ShardReplica.syncTogether(waiting)
         try between(.flushed)
         for r in waiting { try r.finishDeferredSync(send: { out += $0 }) }
         return out

@@ -27,6 +27,29 @@ import WeftTesting
         }
     }
 
+    /// Writing the zeros ahead fails after writing part of them (a short write): the append still
+    /// succeeds, and the seal cuts the file back to the data, so the sealed segment matches its index.
+    @Test func zerosAheadCutShortAreStillCutAtSeal() throws {
+        let disk = SimulatedDisk()
+        var rng = SeededRNG(seed: 21)
+        let store = try SegmentStore(directory: simDirectory, options: options(4096), disk: disk)
+        var model = LogModel()
+        try fill(store, &model, &rng, batches: 1, count: 3)
+        // The next append grows past the zeros: its data write succeeds, the zeros' write is cut short.
+        var batch = model.makeBatch(count: 1, rng: &rng)
+        batch[0].payload = rng.bytes(5000)  // incompressible
+        disk.failWriteNumber = disk.writes + 2
+        disk.shortWritePrefix = 100
+        try store.append(batch)
+        model.apply(batch)
+        disk.failWriteNumber = nil
+        try store.sealActive()
+        store.close()
+        let reopened = try SegmentStore(directory: simDirectory, options: options(4096), disk: disk)
+        #expect(reopened.damage.isEmpty, "\(reopened.damage)")
+        #expect(try reopened.read(from: 1, to: .max) == model.records)
+    }
+
     @Test func zerosAheadAreCutAtSealAndAtOpenWithoutAWarning() throws {
         let disk = SimulatedDisk()
         var rng = SeededRNG(seed: 91)
