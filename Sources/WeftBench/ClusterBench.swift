@@ -77,8 +77,11 @@ public struct ClusterBench {
 
     /// Where a run's work went, per committed request, from the replicas' counters before and after.
     public struct WorkPerRequest: Codable, Sendable {
-        /// fdatasyncs (store appends under every_batch) on all replicas.
+        /// Store appends on all replicas (under every_batch each is made durable by its own fdatasync
+        /// or by its lane's shared flush).
         public var store_appends: Double
+        /// Of those, the ones a shared flush made durable (no fdatasync of their own).
+        public var shared_syncs: Double
         public var records_per_store_append: Double
         public var raft_messages: Double
         public var append_messages: Double
@@ -89,7 +92,7 @@ public struct ClusterBench {
         func d(_ k: String) -> Double { (after[k] ?? 0) - (before[k] ?? 0) }
         let r = Double(max(requests, 1))
         return WorkPerRequest(
-            store_appends: d("storeAppends") / r,
+            store_appends: d("storeAppends") / r, shared_syncs: d("sharedSyncs") / r,
             records_per_store_append: d("recordsAppended") / max(d("storeAppends"), 1),
             raft_messages: d("messagesSent") / r, append_messages: d("appendsSent") / r,
             shard_thread_wakeups: d("wakeups") / r)
@@ -290,7 +293,7 @@ public struct ClusterBench {
         print("committed \(ok) records in \(f2(secs)) s = \(Int(result.records_per_second)) records/s (\(Int(result.requests_per_second)) requests/s); \(requests - lat.count) requests failed")
         print("commit latency per request: \(result.latency_us.text)")
         print(
-            "per request, all replicas: \(f2(work.store_appends)) store appends (fdatasyncs under every_batch), \(f2(work.records_per_store_append)) records per append, "
+            "per request, all replicas: \(f2(work.store_appends)) store appends (\(f2(work.shared_syncs)) made durable by a shared flush), \(f2(work.records_per_store_append)) records per append, "
                 + "\(f2(work.raft_messages)) Raft messages (\(f2(work.append_messages)) appends), \(f2(work.shard_thread_wakeups)) shard-thread wake-ups")
         print(
             "CPU per request: servers \(result.cpu_us_per_request_servers.map { "\(Int($0)) µs" } ?? "unknown (no /proc)"), client \(Int(clientCPU * 1e6 / done)) µs; "
