@@ -40,9 +40,8 @@ import WeftTesting
         throw ReplicationError.unavailable("no leader")
     }
 
-    @Test func replicasOnOneLaneElectCommitAndStopOneAtATime() async throws {
-        let cluster = try ReplicaCluster()
-        let lane = DriverLane(name: "test-lane", tick: .milliseconds(10))
+    /// Takes the cluster's three replicas and starts them on `lane`, messages delivered between them.
+    func startOnLane(_ cluster: ReplicaCluster, _ lane: DriverLane) throws -> Runners {
         let runners = Runners()
         var logger = Logger(label: "test")
         logger.logLevel = .critical
@@ -56,6 +55,13 @@ import WeftTesting
             }
         }
         for id in cluster.ids { runners[id]?.start() }
+        return runners
+    }
+
+    @Test func replicasOnOneLaneElectCommitAndStopOneAtATime() async throws {
+        let cluster = try ReplicaCluster()
+        let lane = DriverLane(name: "test-lane", tick: .milliseconds(10))
+        let runners = try startOnLane(cluster, lane)
         let l = try await leader(runners, among: cluster.ids)
         let leaderRunner = try #require(runners[l])
         for k in 0..<20 {
@@ -135,19 +141,7 @@ import WeftTesting
         let options = StoreOptions(segmentBytesMax: 1 << 20, blockBytesTarget: 4096, durability: .everyBatch)
         let cluster = try ReplicaCluster(disk: PosixDisk(), root: tmp.path, options: options)
         let lane = DriverLane(name: "test-lane-4", tick: .milliseconds(10), sharedFlush: shared)
-        let runners = Runners()
-        var logger = Logger(label: "test")
-        logger.logLevel = .critical
-        for id in cluster.ids {
-            let taken = cluster.replicas.removeValue(forKey: id)
-            let replica = try #require(taken)
-            replica.onApply = { _ in }
-            replica.startCatchUp = { _, _, _, _ in }
-            runners[id] = ShardRunner(replica: replica, tick: .milliseconds(10), logger: logger, lane: lane) { msgs in
-                for m in msgs { runners[m.to]?.submit(.message(m)) }
-            }
-        }
-        for id in cluster.ids { runners[id]?.start() }
+        let runners = try startOnLane(cluster, lane)
         let l = try await leader(runners, among: cluster.ids)
         let leaderRunner = try #require(runners[l])
         for k in 0..<40 {
