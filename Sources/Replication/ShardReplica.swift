@@ -133,7 +133,8 @@ public struct ReplicaStats: Sendable, Equatable, Codable {
     /// Client requests proposed on this replica as leader, and the records in them.
     public var requests: UInt64 = 0
     public var recordsProposed: UInt64 = 0
-    /// `store.append` calls: one pwrite each, and one fdatasync each under `fsync = "every_batch"`.
+    /// `store.append` calls: one pwrite each, and under `fsync = "every_batch"` one fdatasync each or a
+    /// share of the driver lane's flush (`sharedSyncs`).
     public var storeAppends: UInt64 = 0
     public var recordsAppended: UInt64 = 0
     /// Store appends made durable by their lane's shared flush (a write-back and another file's

@@ -349,8 +349,9 @@ public final class ShardRunner: @unchecked Sendable {
 /// A thread that drives several `ShardRunner`s: it sleeps until one has input (or work left, or the
 /// tick is due), then gives each of those a turn, in the order they asked. A node runs its replicas on
 /// a few lanes (`[raft] driver_threads`), so new input for many shards costs one wake-up, and one
-/// replica's turn (its fdatasync) delays the others on its lane by that much: the batching of one
-/// shard's turn extends to the lane's.
+/// replica's turn delays the others on its lane by that much: the batching of one shard's turn extends
+/// to the lane's. The turns' appends are made durable together at the end of the round, with one device
+/// flush (`SegmentStore.syncTogether`), before any of those turns' answers go.
 ///
 /// `@unchecked Sendable`: everything is guarded by `condition`.
 public final class DriverLane: @unchecked Sendable {
