@@ -175,6 +175,26 @@ struct ToolTests {
         #expect(d.status == 1)
     }
 
+    /// A shard directory with a catch-up still being received (`catchup/`, a segment cut short as
+    /// shipping stopped): the log verifies, the staging is named as skipped; checked directly, it fails.
+    @Test func verifySkipsACatchUpBeingReceived() throws {
+        _ = try Self.makeBench()
+        let dir = try Self.tempDir("staging")
+        for name in try FileManager.default.contentsOfDirectory(atPath: Self.benchDir) {
+            try FileManager.default.copyItem(atPath: Self.benchDir + "/" + name, toPath: dir + "/" + name)
+        }
+        let staging = dir + "/catchup"
+        try FileManager.default.createDirectory(atPath: staging, withIntermediateDirectories: true)
+        let seg = try #require(FileManager.default.contents(atPath: dir + "/00000000000000000001.seg"))
+        try Data(seg.prefix(seg.count / 2)).write(to: URL(fileURLWithPath: staging + "/00000000000000000001.seg"))
+        let v = try Self.run("weft-dump", ["--verify", dir])
+        #expect(v.status == 0, "\(v.stdout)")
+        #expect(v.stderr.contains("skipped \(staging): a catch-up being received"), "\(v.stderr)")
+        let direct = try Self.run("weft-dump", ["--verify", staging])
+        #expect(direct.status == 1)
+        #expect(direct.stdout.contains("truncated") || direct.stdout.contains(staging), "\(direct.stdout)")
+    }
+
     @Test func verifyCatchesAnIndexThatDisagreesWithData() throws {
         _ = try Self.makeBench()
         let dir = try Self.tempDir("idx")

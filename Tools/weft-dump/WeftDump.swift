@@ -32,12 +32,14 @@ struct WeftDump: ParsableCommand {
 
     func run() throws {
         let files: [String]
+        var skipped: [String] = []
         do {
-            files = try segmentFiles(under: path)
+            files = try segmentFiles(under: path, skipped: &skipped)
         } catch let e as DumpFailure {
             FileHandle.standardError.write(Data("weft-dump: \(e.message)\n".utf8))
             throw ExitCode(2)
         }
+        for note in skipped { FileHandle.standardError.write(Data("weft-dump: skipped \(note)\n".utf8)) }
         let disk = PosixDisk()
         var out = Output(json: json, verify: verify)
         var summary = DumpSummary()
@@ -115,8 +117,10 @@ struct WeftDump: ParsableCommand {
 struct DumpFailure: Error { var message: String }
 
 /// The files at `path`: the file itself, or every .seg file and stream high-water file (`streams.hwm`)
-/// under a directory, in path order.
-func segmentFiles(under path: String) throws -> [String] {
+/// under a directory, in path order. Below `path`, a replica's catch-up staging directory (`catchup/`:
+/// files a leader is still shipping, checked block by block before they replace the log) is not part
+/// of the log and is left out, with a note in `skipped`; give its path to check it.
+func segmentFiles(under path: String, skipped: inout [String]) throws -> [String] {
     var isDir: ObjCBool = false
     guard FileManager.default.fileExists(atPath: path, isDirectory: &isDir) else {
         throw DumpFailure(message: "\(path): no such file or directory")
@@ -125,7 +129,20 @@ func segmentFiles(under path: String) throws -> [String] {
     guard let walker = FileManager.default.enumerator(atPath: path) else {
         throw DumpFailure(message: "\(path): cannot list directory")
     }
-    let names = walker.compactMap { $0 as? String }
+    let all = walker.compactMap { $0 as? String }
+    func staged(_ name: String) -> Bool { name.split(separator: "/").dropLast().contains("catchup") }
+    let stagedFiles = all.filter { staged($0) && ($0.hasSuffix(".seg") || $0.hasSuffix(".idx")) }
+    if !stagedFiles.isEmpty {
+        let dirs = Set(stagedFiles.map { name -> String in
+            let parts = name.split(separator: "/")
+            let k = parts.lastIndex(of: "catchup") ?? parts.count - 1
+            return parts[...k].joined(separator: "/")
+        })
+        for d in dirs.sorted() {
+            skipped.append("\(path)/\(d): a catch-up being received (staged files, checked before they are installed); not part of the log, not verified")
+        }
+    }
+    let names = all.filter { !staged($0) }
     let segments = names.filter { $0.hasSuffix(".seg") }
     guard !segments.isEmpty else { throw DumpFailure(message: "\(path): no segment files (*.seg) found") }
     let highWaters = names.filter { $0 == SegmentStore.highWaterFileName || $0.hasSuffix("/" + SegmentStore.highWaterFileName) }
