@@ -18,6 +18,12 @@ final class Segment {
     /// cut since): below it the file's size and block map are durable, so data written there needs
     /// only a write-back and a device flush to be durable (`SegmentStore.syncTogether`).
     var syncedLength: UInt64 = 0
+
+    /// fdatasync of the file, which then holds data up to `end` (and zeros to `allocated`) durably.
+    func syncFile(holding end: UInt64) throws {
+        try file.sync()
+        syncedLength = max(allocated, end)
+    }
     /// Set once the segment is sealed; its runs are read from `indexFile`.
     var sealed: SegmentIndexFile?
     var indexSource: FileByteSource?

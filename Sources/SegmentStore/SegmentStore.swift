@@ -516,8 +516,7 @@ public final class SegmentStore {
                 let own = (deferred?.ownSync ?? false) || seg.allocated > seg.syncedLength || to > seg.syncedLength
                 deferred = DeferredSync(segment: seg, from: from, to: to, ownSync: own)
             case .everyBatch:
-                try seg.file.sync()
-                seg.syncedLength = max(seg.allocated, seg.size + UInt64(bytes.count))
+                try seg.syncFile(holding: seg.size + UInt64(bytes.count))
                 batchesSinceSync = 0
             case .everyBatches(let n) where batchesSinceSync >= n:
                 try seg.file.sync()
@@ -568,10 +567,7 @@ public final class SegmentStore {
         guard let d = deferred else { return false }
         if let failure { throw StoreError.failed(failure) }
         do {
-            if !d.durable {
-                try d.segment.file.sync()
-                d.segment.syncedLength = max(d.segment.allocated, d.segment.size)
-            }
+            if !d.durable { try d.segment.syncFile(holding: d.segment.size) }
             batchesSinceSync = 0
         } catch let e as DiskError {
             failure = e.description
@@ -604,9 +600,7 @@ public final class SegmentStore {
         var shared = group.filter { $0.deferred.map { !$0.ownSync } ?? false }
         var own = group.filter { $0.deferred?.ownSync ?? false }
         if own.isEmpty, let last = shared.popLast() { own = [last] }
-        func fail(_ s: SegmentStore, _ error: any Error) {
-            s.failure = (error as? DiskError)?.description ?? "\(error)"
-        }
+        func fail(_ s: SegmentStore, _ error: any Error) { s.failure = "\(error)" }
         for s in shared {
             guard let d = s.deferred else { continue }
             do { try d.segment.file.startWriteBack(offset: d.from, count: d.to - d.from) } catch { fail(s, error) }
@@ -619,8 +613,7 @@ public final class SegmentStore {
         for s in own {
             guard var d = s.deferred else { continue }
             do {
-                try d.segment.file.sync()
-                d.segment.syncedLength = max(d.segment.allocated, d.segment.size)
+                try d.segment.syncFile(holding: d.segment.size)
                 d.durable = true
                 s.deferred = d
                 flushed = true

@@ -192,15 +192,16 @@ public final class SimulatedDisk: Disk {
 
     fileprivate func writeBack(_ node: Node, offset: UInt64, count: UInt64, path: String) throws {
         writeBacks += 1
+        let (sum, overflow) = offset.addingReportingOverflow(count)
+        let rangeEnd = min(UInt64(node.data.count), overflow ? .max : sum)
         if failWriteBacks {
-            let end = min(UInt64(node.data.count), offset.addingReportingOverflow(count).overflow ? .max : offset + count)
-            if offset < end { node.lostWriteBacks.append(Int(offset)..<Int(end)) }
+            if offset < rangeEnd { node.lostWriteBacks.append(Int(offset)..<Int(rangeEnd)) }
             throw DiskError(path: path, operation: "sync_file_range (simulated I/O error)", code: 5)
         }
         // The device gets the range's current bytes over the durable ones, only up to the durable size
         // (an extension of the file is metadata, which a write-back does not write).
         var bytes = node.onDevice ?? node.durable
-        let end = min(UInt64(bytes.count), UInt64(node.data.count), offset.addingReportingOverflow(count).overflow ? .max : offset + count)
+        let end = min(UInt64(bytes.count), rangeEnd)
         if offset < end { bytes.replaceSubrange(Int(offset)..<Int(end), with: node.data[Int(offset)..<Int(end)]) }
         node.onDevice = bytes
     }

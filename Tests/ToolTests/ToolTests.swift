@@ -62,6 +62,16 @@ struct ToolTests {
         return try run("weft", ["bench", "store", "--dir", benchDir, "--records", "30000", "--reads", "50", "--streams", "300", "--segment-bytes", "1048576"])
     }
 
+    /// A fresh copy of the bench directory, to damage.
+    static func benchCopy(_ name: String) throws -> String {
+        _ = try makeBench()
+        let dir = try tempDir(name)
+        for file in try FileManager.default.contentsOfDirectory(atPath: benchDir) {
+            try FileManager.default.copyItem(atPath: benchDir + "/" + file, toPath: dir + "/" + file)
+        }
+        return dir
+    }
+
     func jsonLines(_ s: String) throws -> [[String: Any]] {
         try s.split(separator: "\n").map {
             try #require(try JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any])
@@ -149,11 +159,7 @@ struct ToolTests {
     }
 
     @Test func verifyNamesTheOffsetOfAFlippedBit() throws {
-        _ = try Self.makeBench()
-        let dir = try Self.tempDir("flip")
-        for name in try FileManager.default.contentsOfDirectory(atPath: Self.benchDir) {
-            try FileManager.default.copyItem(atPath: Self.benchDir + "/" + name, toPath: dir + "/" + name)
-        }
+        let dir = try Self.benchCopy("flip")
         let seg = dir + "/00000000000000000001.seg"
         let listing = try jsonLines(try Self.run("weft-dump", ["--json", "--from", "5000", "--to", "5000", seg]).stdout)
         let block = try #require(listing.first { $0["kind"] as? String == "block" })
@@ -178,11 +184,7 @@ struct ToolTests {
     /// A shard directory with a catch-up still being received (`catchup/`, a segment cut short as
     /// shipping stopped): the log verifies, the staging is named as skipped; checked directly, it fails.
     @Test func verifySkipsACatchUpBeingReceived() throws {
-        _ = try Self.makeBench()
-        let dir = try Self.tempDir("staging")
-        for name in try FileManager.default.contentsOfDirectory(atPath: Self.benchDir) {
-            try FileManager.default.copyItem(atPath: Self.benchDir + "/" + name, toPath: dir + "/" + name)
-        }
+        let dir = try Self.benchCopy("staging")
         let staging = dir + "/catchup"
         try FileManager.default.createDirectory(atPath: staging, withIntermediateDirectories: true)
         let seg = try #require(FileManager.default.contents(atPath: dir + "/00000000000000000001.seg"))
@@ -196,11 +198,7 @@ struct ToolTests {
     }
 
     @Test func verifyCatchesAnIndexThatDisagreesWithData() throws {
-        _ = try Self.makeBench()
-        let dir = try Self.tempDir("idx")
-        for name in try FileManager.default.contentsOfDirectory(atPath: Self.benchDir) {
-            try FileManager.default.copyItem(atPath: Self.benchDir + "/" + name, toPath: dir + "/" + name)
-        }
+        let dir = try Self.benchCopy("idx")
         let idx = try #require(try FileManager.default.contentsOfDirectory(atPath: dir).sorted().first { $0.hasSuffix(".idx") })
         var bytes = try #require(FileManager.default.contents(atPath: dir + "/" + idx))
         bytes[bytes.count - 5] ^= 0x01
