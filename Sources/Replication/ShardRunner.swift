@@ -118,11 +118,16 @@ public final class ShardRunner: @unchecked Sendable {
     var started = false
     /// The replica had work left after its last turn (the lane runs it again before waiting).
     var more = false
+    /// Told (once, on the lane's thread, after the replica is closed) why the replica stopped when a
+    /// storage failure stopped it: its node then serves the shard as one without a replica.
+    let onStorageFailure: (@Sendable (String) -> Void)?
 
     /// `lane`: the thread that drives it (nil: a lane of its own, ticking every `tick`).
     public init(
-        replica: ShardReplica, tick: Duration, logger: Logger, lane: DriverLane? = nil, send: @escaping @Sendable ([Message]) -> Void
+        replica: ShardReplica, tick: Duration, logger: Logger, lane: DriverLane? = nil,
+        onStorageFailure: (@Sendable (String) -> Void)? = nil, send: @escaping @Sendable ([Message]) -> Void
     ) {
+        self.onStorageFailure = onStorageFailure
         self.replica = replica
         self.lane = lane ?? DriverLane(name: "lane-shard-\(replica.shard)", tick: tick)
         self.logger = logger
@@ -303,11 +308,13 @@ public final class ShardRunner: @unchecked Sendable {
         logger.critical("shard \(replica.shard): storage failed, stopping the replica: \(error)")
         let why = "shard \(replica.shard) stopped after a storage failure: \(error)"
         condition.lock()
+        let first = stopReason == nil
         stopped = true
         stopReason = why
         condition.unlock()
         more = false
         finishStop(why)
+        if first { onStorageFailure?(why) }
     }
 
     func handle(_ input: Input) {

@@ -57,6 +57,11 @@ final class InboxHub: @unchecked Sendable {
         condition.withLock { subscriptions.append((shard, sub)) }
     }
 
+    /// Stops following `shard`'s local replica (it stopped after a storage failure).
+    func unfollow(shard: ShardID) {
+        condition.withLock { subscriptions.removeAll { $0.shard == shard } }
+    }
+
     func observe(_ f: @escaping @Sendable ([Record], ShardID) -> Void) { condition.withLock { observer = f } }
 
     func forward(_ f: @escaping @Sendable ([UInt64: [Record]], ShardID) -> Void) { condition.withLock { forwarder = f } }

@@ -262,7 +262,10 @@ public final class WeftNode: Sendable {
             load[k] += 1
             return lanes[k]
         }
-        let runner = ShardRunner(replica: replica, tick: .milliseconds(tickMs), logger: shardLogger, lane: lane) { msgs in
+        let runner = ShardRunner(
+            replica: replica, tick: .milliseconds(tickMs), logger: shardLogger, lane: lane,
+            onStorageFailure: { [weak self] why in self?.replicaFailed(shard, why) }
+        ) { msgs in
             for m in msgs { t.send(to: m.to, shard: shard.rawValue, payload: Envelope.raft(m).encode()) }
         }
         runnerBox.withLockedValue { $0[shard] = runner }
@@ -271,6 +274,26 @@ public final class WeftNode: Sendable {
     }
 
     func runner(_ shard: ShardID) -> ShardRunner? { runnerBox.withLockedValue { $0[shard] } }
+
+    /// This node's replica of `shard` stopped after a storage failure (a full disk, an I/O error): from
+    /// now on the node serves the shard as one without a replica, until it restarts — writes and reads
+    /// go to the other replicas, sessions of users homed there get their events forwarded or through the
+    /// heads check, and the replica's relay and push work stop (another replica leads). Until stop 27
+    /// the node kept sending the shard's requests to its stopped replica, which answered 503 to each.
+    func replicaFailed(_ shard: ShardID, _ why: String) {
+        failedShards.withLockedValue { $0[shard] = why }
+        let removed = runnerBox.withLockedValue { rs -> Bool in
+            guard rs[shard] != nil else { return false }
+            rs[shard] = nil
+            return true
+        }
+        guard removed else { return }
+        relays.withLockedValue { $0.removeValue(forKey: shard) }?.stop()
+        leading.withLockedValue { $0[shard] = nil }
+        leaderHints.withLockedValue { if $0[shard] == id { $0[shard] = nil } }
+        inboxHub.unfollow(shard: shard)
+        logger.critical("shard \(shard): this node's replica stopped (\(why)); the node forwards the shard's requests to its other replicas until it restarts")
+    }
     var allRunners: [ShardID: ShardRunner] { runnerBox.withLockedValue { $0 } }
     /// The shards whose local replica leads (a relay runs for each), ascending.
     var ledShards: [ShardID] { relays.withLockedValue { Array($0.keys) }.sorted() }

@@ -100,10 +100,18 @@ final class ClusterProcess: @unchecked Sendable {
         try toml.write(toFile: configPath, atomically: true, encoding: .utf8)
     }
 
-    func start(_ n: Int) throws {
+    /// `fileSizeLimit`: the node runs under RLIMIT_FSIZE of that many bytes with SIGXFSZ ignored, so a
+    /// write past it fails with EFBIG, as on a full disk (`prlimit`, util-linux).
+    func start(_ n: Int, fileSizeLimit: Int? = nil) throws {
         let p = Process()
-        p.executableURL = Self.bin
-        p.arguments = ["serve", "--config", configPath, "--node", String(n), "--log-level", "warning"]
+        let serve = ["serve", "--config", configPath, "--node", String(n), "--log-level", "warning"]
+        if let limit = fileSizeLimit {
+            p.executableURL = URL(fileURLWithPath: "/bin/sh")
+            p.arguments = ["-c", "trap '' XFSZ; exec prlimit --fsize=\(limit) \"$0\" \"$@\"", Self.bin.path] + serve
+        } else {
+            p.executableURL = Self.bin
+            p.arguments = serve
+        }
         let logPath = dir + "/node\(n).log"
         if !FileManager.default.fileExists(atPath: logPath) {
             _ = FileManager.default.createFile(atPath: logPath, contents: nil)
