@@ -36,7 +36,10 @@ final class Cluster: @unchecked Sendable {
         return "wf-" + String(rng.next(), radix: 16) + "-" + String(rng.next(), radix: 16)
     }
 
+    let segmentBytes: Int
+
     init(nodes: [Int], weft: String, out: String, shards: Int, replication: Int, segmentBytes: Int, token: String) throws {
+        self.segmentBytes = segmentBytes
         self.nodes = nodes
         self.replication = replication
         self.token = token
@@ -94,15 +97,24 @@ final class Cluster: @unchecked Sendable {
     func isRunning(_ n: Int) -> Bool { lock.withLock { processes[n]?.isRunning ?? false } }
     func isPaused(_ n: Int) -> Bool { lock.withLock { paused.contains(n) } }
 
-    func start(_ n: Int) throws {
-        let logPath = out + "/nodes/n\(n).log"
+    /// `fileSizeLimit`: the node runs under RLIMIT_FSIZE of that many bytes with SIGXFSZ ignored (a write
+    /// past it fails with EFBIG, as on a full disk); it then logs to `n<i>.full.log` (its usual log is
+    /// already past the limit).
+    func start(_ n: Int, fileSizeLimit: Int? = nil) throws {
+        let logPath = out + "/nodes/n\(n)\(fileSizeLimit == nil ? "" : ".full").log"
         if !FileManager.default.fileExists(atPath: logPath) { _ = FileManager.default.createFile(atPath: logPath, contents: nil) }
         guard let log = FileHandle(forWritingAtPath: logPath) else { throw HarnessError("cannot open \(logPath)") }
+        if fileSizeLimit != nil { log.truncateFile(atOffset: 0) }
         log.seekToEndOfFile()
-        log.write(Data("\n=== weft-faults: starting node \(n) at \(Date()) ===\n".utf8))
+        log.write(Data("\n=== weft-faults: starting node \(n) at \(Date())\(fileSizeLimit.map { " with files limited to \($0) bytes" } ?? "") ===\n".utf8))
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/usr/sbin/ip")
-        p.arguments = ["netns", "exec", TestNetwork.namespace(n), weft, "serve", "--config", configPath, "--node", "\(n)"]
+        let serve = [weft, "serve", "--config", configPath, "--node", "\(n)"]
+        if let limit = fileSizeLimit {
+            p.arguments = ["netns", "exec", TestNetwork.namespace(n), "/bin/sh", "-c", "trap '' XFSZ; exec prlimit --fsize=\(limit) \"$0\" \"$@\""] + serve
+        } else {
+            p.arguments = ["netns", "exec", TestNetwork.namespace(n)] + serve
+        }
         p.standardOutput = log
         p.standardError = log
         try p.run()

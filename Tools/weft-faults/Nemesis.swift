@@ -5,6 +5,7 @@ import Foundation
 final class Nemesis: @unchecked Sendable {
     enum Kind: String, CaseIterable {
         case kill, pause, isolate, partition = "partition-two-way", oneWay = "partition-one-way", split = "majority-minority-split", disk
+        case full = "storage-full"
         case burst
     }
     let cluster: Cluster
@@ -148,7 +149,8 @@ final class Nemesis: @unchecked Sendable {
     /// One fault: applied, held for a while, healed.
     func step() async throws {
         let weights: [(Kind, Int)] = [
-            (.kill, 38), (.pause, 9), (.isolate, 9), (.partition, 9), (.oneWay, 9), (.split, 8), (.disk, 18), (.burst, burstRecords > 0 ? 16 : 0),
+            (.kill, 38), (.pause, 9), (.isolate, 9), (.partition, 9), (.oneWay, 9), (.split, 8), (.disk, 18), (.full, 6),
+            (.burst, burstRecords > 0 ? 16 : 0),
         ]
         var r = Int(rng.next() % UInt64(weights.reduce(0) { $0 + $1.1 }))
         var kind = Kind.kill
@@ -180,6 +182,28 @@ final class Nemesis: @unchecked Sendable {
             try await holdProbing(hold, kind: "kill", victim: victim, start: start, quorum: quorum)
             try cluster.start(victim)
             await note("kill", "end", ["node": victim])
+        case .full:
+            // The node restarts with its files limited below the segment size: as its active segments
+            // grow past it, writes fail (EFBIG, as on a full disk) and its replicas stop one by one while
+            // the node goes on serving through the others. Healed by a restart without the limit (the
+            // replicas reopen, cut what a failed write left, and catch up).
+            guard await anyRecovering() == false else {
+                counts["storage-full-deferred", default: 0] += 1
+                try await Task.sleep(for: .milliseconds(500))
+                return
+            }
+            let quorum = await othersHoldQuorums(victim)
+            let limit = cluster.segmentBytes / 4 + Int(rng.next() % UInt64(max(1, cluster.segmentBytes / 2)))
+            cluster.kill(victim)
+            counts["sigkill", default: 0] += 1
+            try cluster.start(victim, fileSizeLimit: limit)
+            let start = await history.now()
+            await note("storage-full", "start", ["node": victim, "file_size_limit": limit, "leader_targeted": targetLeader])
+            try await holdProbing(hold + .seconds(2), kind: "storage-full", victim: victim, start: start, quorum: quorum)
+            cluster.kill(victim)
+            counts["sigkill", default: 0] += 1
+            try cluster.start(victim)
+            await note("storage-full", "end", ["node": victim])
         case .pause:
             let quorum = await othersHoldQuorums(victim)
             cluster.pause(victim)
