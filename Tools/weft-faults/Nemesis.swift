@@ -149,7 +149,7 @@ final class Nemesis: @unchecked Sendable {
     /// One fault: applied, held for a while, healed.
     func step() async throws {
         let weights: [(Kind, Int)] = [
-            (.kill, 38), (.pause, 9), (.isolate, 9), (.partition, 9), (.oneWay, 9), (.split, 8), (.disk, 18), (.full, 6),
+            (.kill, 38), (.pause, 9), (.isolate, 9), (.partition, 9), (.oneWay, 9), (.split, 8), (.disk, 18), (.full, 12),
             (.burst, burstRecords > 0 ? 16 : 0),
         ]
         var r = Int(rng.next() % UInt64(weights.reduce(0) { $0 + $1.1 }))
