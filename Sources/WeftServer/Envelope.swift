@@ -25,7 +25,7 @@ import WeftCore
 ///                 8 relay: u8 kind (0 written, 1 already applied, 2 stale) | u64 mark
 /// 3 answer  | request id | u8 status
 ///           | 0 ok: u32 n | n x (u64 index | u64 term | u64 stream | u64 seq)
-///           | 1 not leader: u64 leader (0 unknown)
+///           | 1 not leader: u64 leader (0 unknown) | u64 term of that view (absent before stop 27)
 ///           | 2 failed (nothing written) | 3 invalid | 4 change pending | 5 outcome unknown:
 ///           |   u32 len | UTF-8 message
 /// ```
@@ -100,7 +100,9 @@ enum Envelope: Equatable {
         case partial([RecordRef], count: Int)
         /// What a relay batch did: 0 written, 1 already applied, 2 stale; the source's mark now.
         case relay(kind: UInt8, mark: LogIndex)
-        case notLeader(NodeID?)
+        /// Not the leader; the leader as the answering replica knows it, and the term of that view (0:
+        /// not known, a local answer).
+        case notLeader(NodeID?, term: Term = 0)
         /// Not written, and nothing of it will be: a retry is safe (no quorum, replaced by another
         /// leader's entry before commit, the replica is not there or was not running).
         case failed(String)
@@ -221,9 +223,10 @@ enum Envelope: Equatable {
                 b.append(6)
                 put(UInt32(clamping: count), &b)
                 Self.putRefs(refs, &b)
-            case .notLeader(let l):
+            case .notLeader(let l, let term):
                 b.append(1)
                 put(l?.rawValue ?? 0, &b)
+                put(term, &b)
             case .failed(let why): Self.putText(2, why, &b)
             case .invalid(let why): Self.putText(3, why, &b)
             case .changePending(let why): Self.putText(4, why, &b)
@@ -344,8 +347,9 @@ enum Envelope: Equatable {
                 return .answer(request: id, .partial(refs, count: count))
             case 1:
                 let l = try r.u64()
+                let term: Term = r.remaining == 8 ? try r.u64() : 0
                 try r.end()
-                return .answer(request: id, .notLeader(l == 0 ? nil : NodeID(l)))
+                return .answer(request: id, .notLeader(l == 0 ? nil : NodeID(l), term: term))
             case 2, 3, 4, 5:
                 let len = Int(try r.u32())
                 guard len <= 4096 else { throw DecodeError(description: "answer text of \(len) bytes") }

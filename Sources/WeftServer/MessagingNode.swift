@@ -291,7 +291,7 @@ extension WeftNode {
     func remote(_ shard: ShardID, timeout: Duration, _ envelope: () -> Envelope) async -> Result<[UInt8], ReadFailure> {
         let deadline = ContinuousClock.now + timeout
         var targets = config.replicas(of: shard).sorted().filter { $0 != id }
-        if let l = leaderHints.withLockedValue({ $0[shard] }), l != id, let k = targets.firstIndex(of: l) {
+        if let l = leaderHints.withLockedValue({ $0.leader(of: shard) }), l != id, let k = targets.firstIndex(of: l) {
             targets.remove(at: k)
             targets.insert(l, at: 0)
         }
@@ -312,7 +312,7 @@ extension WeftNode {
             case .outcomeUnknown(let why):
                 // No answer in its share: paused or cut off, perhaps the leader the hint names.
                 unanswering.withLockedValue { $0[shard] = t }
-                leaderHints.withLockedValue { if $0[shard] == t { $0[shard] = nil } }
+                leaderHints.withLockedValue { $0.forget(shard, t) }
                 last = "node \(t): \(why)"
             case let other: last = "node \(t): \(other)"
             }

@@ -60,15 +60,15 @@ public final class WeftNode: Sendable {
     /// The threads that drive this node's replicas, and how many replicas each was given.
     let lanes: [DriverLane]
     let laneLoad: NIOLockedValueBox<[Int]>
-    /// Last leader seen per shard (a hint for forwarding; refreshed from each runner's answers).
-    let leaderHints = NIOLockedValueBox<[ShardID: NodeID]>([:])
+    /// Last leader heard of per shard, with its term (where forwards go first; `LeaderHints`).
+    let leaderHints = NIOLockedValueBox(LeaderHints())
+    /// The term of this node's replica's view of each shard's leader: what its not-leader answers carry.
+    let viewTerms = NIOLockedValueBox<[ShardID: Term]>([:])
     /// The node a forward for each shard last went unanswered by (paused, cut off): a node without a
     /// replica and without a hint asks another replica first.
     let unanswering = NIOLockedValueBox<[ShardID: NodeID]>([:])
     /// The shards this node's replicas lead, with their terms (announced again every 2 s).
     let leading = NIOLockedValueBox<[ShardID: Term]>([:])
-    /// The newest term a peer announced leading each shard in (`noteLeader`).
-    let announcedTerms = NIOLockedValueBox<[ShardID: Term]>([:])
     /// Names applied-index waiters so a read that gives up can drop its waiter.
     let waiterTokens = NIOLockedValueBox<UInt64>(0)
     /// The relay of each shard this node leads.
@@ -247,7 +247,8 @@ public final class WeftNode: Sendable {
             // The local replica's view is the freshest a node has: a hint left pointing at a leader the
             // others replaced (it was paused or cut off) would send writes there until one timed out.
             guard let self else { return }
-            self.leaderHints.withLockedValue { $0[shard] = leader == me ? nil : leader }
+            self.viewTerms.withLockedValue { $0[shard] = term }
+            self.leaderHints.withLockedValue { $0.heard(shard, leader: leader == me ? nil : leader, term: term) }
             self.leading.withLockedValue { $0[shard] = leader == me ? term : nil }
             if leader == me { self.announceLeadership(shard, term: term) }
         }
@@ -290,7 +291,6 @@ public final class WeftNode: Sendable {
         guard removed else { return }
         relays.withLockedValue { $0.removeValue(forKey: shard) }?.stop()
         leading.withLockedValue { $0[shard] = nil }
-        leaderHints.withLockedValue { if $0[shard] == id { $0[shard] = nil } }
         inboxHub.unfollow(shard: shard)
         logger.critical("shard \(shard): this node's replica stopped (\(why)); the node forwards the shard's requests to its other replicas until it restarts")
     }
@@ -585,11 +585,7 @@ public final class WeftNode: Sendable {
     /// and the hint change under one lock, so two racing announcements cannot leave the older one).
     func noteLeader(_ shard: ShardID, from: NodeID, term: Term) {
         guard shard.rawValue < UInt64(config.shards), runner(shard) == nil else { return }
-        announcedTerms.withLockedValue { terms in
-            guard term >= terms[shard, default: 0] else { return }
-            terms[shard] = term
-            leaderHints.withLockedValue { $0[shard] = from }
-        }
+        leaderHints.withLockedValue { $0.heard(shard, leader: from, term: term) }
     }
 
     /// The relays this node runs (one per shard it leads), with their lag per destination.
@@ -682,7 +678,7 @@ public final class WeftNode: Sendable {
         // Where this attempt goes: the local replica when it leads or no leader is known, else the hinted
         // leader, else (no replica here) a replica of the shard, passing over one that just left a
         // forward unanswered.
-        let hint = leaderHints.withLockedValue { $0[shard] }
+        let hint = leaderHints.withLockedValue { $0.leader(of: shard) }
         let local = runner(shard)
         let runsLocally = (hint == nil || hint == id) && local != nil
         let target: NodeID? =
@@ -698,7 +694,7 @@ public final class WeftNode: Sendable {
         // Forgets the hint after a failed attempt, unless it was replaced meanwhile (by the replica's
         // view or an announcement): that newer one stays.
         let forgetHint: @Sendable () -> Void = { [self] in
-            leaderHints.withLockedValue { if target == nil || $0[shard] == target { $0[shard] = nil } }
+            leaderHints.withLockedValue { $0.forget(shard, target) }
         }
         let handle: @Sendable (Envelope.ForwardAnswer) -> Void = { [self] answer in
             if let target {
@@ -720,8 +716,11 @@ public final class WeftNode: Sendable {
             case .partial(let refs, let count):
                 let at = refs.map { "\($0.index)" }.joined(separator: ",")
                 done(.failure(.partiallyWritten("shard \(shard): a leader change cut the first attempt short: \(refs.count) of \(count) records were written (indexes \(at)); nothing more is written under this key")))
-            case .notLeader(let l):
-                leaderHints.withLockedValue { $0[shard] = l == id ? nil : l }
+            case .notLeader(let l, let term):
+                // A view older than the one held is not taken (an answer computed before a leader change
+                // this node already knows of); a local answer is of this node's replica's view.
+                let seen = term > 0 ? term : viewTerms.withLockedValue { $0[shard] ?? 0 }
+                leaderHints.withLockedValue { $0.heard(shard, leader: l == id ? nil : l, term: seen) }
                 again(l.map { "leader is node \($0)" } ?? "no leader", false, l == nil ? .milliseconds(20) : nil)
             case .failed(let why):
                 forgetHint()
@@ -845,7 +844,13 @@ public final class WeftNode: Sendable {
     /// Sends the answer to a forwarded request back to the peer that asked.
     func replier(to peer: NodeID, shard: ShardID, request: Envelope.RequestID) -> @Sendable (Envelope.ForwardAnswer) -> Void {
         let t = transport
-        return { t.send(to: peer, shard: shard.rawValue, payload: Envelope.answer(request: request, $0).encode()) }
+        let terms = viewTerms
+        return { answer in
+            var a = answer
+            // A not-leader answer says which view of the leader it comes from.
+            if case .notLeader(let l, 0) = answer { a = .notLeader(l, term: terms.withLockedValue { $0[shard] ?? 0 }) }
+            t.send(to: peer, shard: shard.rawValue, payload: Envelope.answer(request: request, a).encode())
+        }
     }
 
     // MARK: Membership
