@@ -720,8 +720,14 @@ public final class WeftNode: Sendable {
                 // A view older than the one held is not taken (an answer computed before a leader change
                 // this node already knows of); a local answer is of this node's replica's view.
                 let seen = term > 0 ? term : viewTerms.withLockedValue { $0[shard] ?? 0 }
-                leaderHints.withLockedValue { $0.heard(shard, leader: l == id ? nil : l, term: seen) }
-                again(l.map { "leader is node \($0)" } ?? "no leader", false, l == nil ? .milliseconds(20) : nil)
+                let named = l == id ? nil : l
+                let taken = leaderHints.withLockedValue { h -> Bool in
+                    h.heard(shard, leader: named, term: seen)
+                    return h.leader(of: shard) == named
+                }
+                // No leader named, or one this node knows to be stale: the views are still settling, so
+                // wait a little rather than ask the same place again at once.
+                again(l.map { "leader is node \($0)" } ?? "no leader", false, l == nil || !taken ? .milliseconds(20) : nil)
             case .failed(let why):
                 forgetHint()
                 again(why, false, .milliseconds(20))
