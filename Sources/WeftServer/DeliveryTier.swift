@@ -39,6 +39,8 @@ final class DeliveryTier: Sendable {
     /// Records per forwarded frame at most.
     static let forwardRecordsMax = 256
     let forwarded = Counter(label: "weft_delivery_inbox_forwarded_total")
+    /// Per shard, the peers placed on it that said their replica stopped, and when they last said so.
+    let stopped = NIOLockedValueBox<[ShardID: [NodeID: ContinuousClock.Instant]]>([:])
     /// Users whose sessions the heads check found short of a record forwarding lost.
     let headsLost = Counter(label: "weft_delivery_heads_lost_total")
 
@@ -79,19 +81,40 @@ final class DeliveryTier: Sendable {
 
     /// A batch of inbox records this node's replica of `shard` applied, by user: to every node the
     /// directory lists for a user that holds no replica of the shard.
+    /// Nodes placed on the shard whose replica stopped count as holding none (`noteStopped`).
     func forwardInbox(_ byUser: [UInt64: [Record]], shard: ShardID) {
         let replicas = config.replicas(of: shard)
-        // Every node holds this shard (3 nodes, replication 3): no one to forward to.
-        guard replicas.count < config.nodes.count else { return }
+        let stopped = stoppedNodes(of: shard)
+        // Every node holds this shard (3 nodes, replication 3) and runs its replica: no one to forward to.
+        guard replicas.count < config.nodes.count || !stopped.isEmpty else { return }
         var byNode: [NodeID: [Record]] = [:]
         for (u, rs) in byUser {
-            for n in directory.nodes(of: u) where n != selfID && !replicas.contains(n) { byNode[n, default: []] += rs }
+            for n in directory.nodes(of: u) where n != selfID && (!replicas.contains(n) || stopped.contains(n)) { byNode[n, default: []] += rs }
         }
         for (n, rs) in byNode {
             for start in stride(from: 0, to: rs.count, by: Self.forwardRecordsMax) {
                 send(n, shard, .inbox(records: Array(rs[start..<min(start + Self.forwardRecordsMax, rs.count)])))
             }
             forwarded.increment(by: rs.count)
+        }
+    }
+
+    /// How long a peer's `replicaStopped` counts without a repeat (it repeats every 2 s; a node that
+    /// restarted with its replica running sends none).
+    static let stoppedValidFor: Duration = .seconds(7)
+
+    /// Peer `node` says its replica of `shard` stopped (a storage failure).
+    func noteStopped(_ shard: ShardID, node: NodeID) {
+        guard node != selfID, config.replicas(of: shard).contains(node) else { return }
+        stopped.withLockedValue { $0[shard, default: [:]][node] = ContinuousClock.now }
+    }
+
+    /// The nodes placed on `shard` that said lately that their replica of it stopped.
+    func stoppedNodes(of shard: ShardID) -> Set<NodeID> {
+        let now = ContinuousClock.now
+        return stopped.withLockedValue { s in
+            guard let nodes = s[shard] else { return [] }
+            return Set(nodes.filter { now - $0.value < Self.stoppedValidFor }.keys)
         }
     }
 

@@ -21,6 +21,7 @@ import WeftCore
 /// 15 typing | u64 from | u64 to | u8 route
 /// 16 inbox  | u32 n | n x record (as a read's answer: index | term | stream | seq | u16 type | i64 time | u32 len | payload)
 /// 17 leader | u64 term
+/// 18 replicaStopped (nothing more: the frame's shard)
 /// answer statuses 6 partial: u32 count | u32 n | n x ref; 7 replayed: u32 n | n x ref;
 ///                 8 relay: u8 kind (0 written, 1 already applied, 2 stale) | u64 mark
 /// 3 answer  | request id | u8 status
@@ -73,6 +74,10 @@ enum Envelope: Equatable {
     /// The sending node's replica leads the frame's shard in `term`: for nodes without a replica of it,
     /// which learn of a new leader from nothing else (Docs/replication.md, "Forwarding"). Not answered.
     case leader(term: Term)
+    /// The sending node's replica of the frame's shard stopped (a storage failure): though placed on the
+    /// shard, the node has no tail of it, so the shard's replicas forward inbox records of its sessions'
+    /// users to it (Docs/delivery.md). Repeated every 2 s while it lasts; not answered.
+    case replicaStopped
 
     /// Users in one presence frame at most.
     static let presenceUsersMax = 1 << 16
@@ -169,6 +174,8 @@ enum Envelope: Equatable {
         case .leader(let term):
             b.append(17)
             put(term, &b)
+        case .replicaStopped:
+            b.append(18)
         case .rateTake(let id, let user, let kind, let perMinute):
             b.append(11)
             put(id, &b)
@@ -315,6 +322,9 @@ enum Envelope: Equatable {
             let term = try r.u64()
             try r.end()
             return .leader(term: term)
+        case 18:
+            try r.end()
+            return .replicaStopped
         case 11:
             let id = try r.requestID()
             let user = try r.u64()

@@ -261,7 +261,11 @@ extension WeftNode {
         if runner(shard) != nil {
             return await query(shard: shard, consistency: point.consistency, timeout: timeout, caughtUp: point == .localCurrent) { m, _ in q.answer(m) }
         }
-        let answer = await remote(shard, timeout: timeout) { .stateQuery(request: Envelope.RequestID(incarnation: 0, sequence: 0), consistency: point.encode(), query: q.encode()) }
+        // Another node's replica could be cut off from its shard's quorum without knowing it: what is
+        // asked elsewhere "as current" is asked at the leader's read point (the replica here can also
+        // have left the node's table since the caller looked: a storage failure).
+        let asked: ReadPoint = point == .localCurrent ? .linearizable : point
+        let answer = await remote(shard, timeout: timeout) { .stateQuery(request: Envelope.RequestID(incarnation: 0, sequence: 0), consistency: asked.encode(), query: q.encode()) }
         switch answer {
         case .success(let b):
             if b == [1] { return .success(nil) }

@@ -290,8 +290,12 @@ public final class WeftNode: Sendable {
         }
         guard removed else { return }
         relays.withLockedValue { $0.removeValue(forKey: shard) }?.stop()
+        // Catch-ups it was shipping as leader (its files stay readable, but the follower is better
+        // served by the new leader).
+        shipper.cancel(shard: shard)
         leading.withLockedValue { $0[shard] = nil }
         inboxHub.unfollow(shard: shard)
+        announceStopped()
         logger.critical("shard \(shard): this node's replica stopped (\(why)); the node forwards the shard's requests to its other replicas until it restarts")
     }
     var allRunners: [ShardID: ShardRunner] { runnerBox.withLockedValue { $0 } }
@@ -432,6 +436,8 @@ public final class WeftNode: Sendable {
             delivery.hub.remote(delivery.acceptForwarded(records, from: from, shard: shard, holdsReplica: runner(shard) != nil))
         case .leader(let term):
             noteLeader(shard, from: from, term: term)
+        case .replicaStopped:
+            if shard.rawValue < UInt64(config.shards) { delivery.noteStopped(shard, node: from) }
         }
     }
 
@@ -572,10 +578,24 @@ public final class WeftNode: Sendable {
 
     static let announceInterval = Duration.seconds(2)
 
+    /// Tells every peer which shards this node is placed on but holds no running replica of (stopped
+    /// after a storage failure, or could not open): their replicas then forward the inbox records of
+    /// this node's sessions' users here (`DeliveryTier.forwardInbox`). Repeated with the leader
+    /// announcements; a receiver forgets it after `DeliveryTier.stoppedValidFor` without a repeat.
+    func announceStopped() {
+        let placed = Set(config.shardIDs.filter { config.replicas(of: $0).contains(id) })
+        let stopped = failedShards.withLockedValue { Array($0.keys) }.filter { placed.contains($0) && runner($0) == nil }
+        let frame = Envelope.replicaStopped.encode()
+        for shard in stopped {
+            for n in config.nodes.map(\.id) where n != id { transport.send(to: n, shard: shard.rawValue, payload: frame) }
+        }
+    }
+
     /// Repeats the announcements of the shards this node leads, every `announceInterval` while it runs.
     func reannounce() {
         guard !stopping.withLockedValue({ $0 }) else { return }
         for (shard, term) in leading.withLockedValue({ $0 }) { announceLeadership(shard, term: term) }
+        announceStopped()
         _ = Deadlines.shared.schedule(ContinuousClock.now + Self.announceInterval) { [weak self] in self?.reannounce() }
     }
 

@@ -123,6 +123,13 @@ extension Clusters {
             }
             let cursors = Clusters.DeliveryProcessTests.cursors(frames)
             #expect(cursors == Array(1...UInt64(before + 2)), "every event once, in order, live ones included: \(cursors)")
+            // They came forwarded by the shard's running replicas (node 3 said its replica stopped), not
+            // found late by the heads check.
+            var forwarded = 0.0
+            for n in [1, 2] { forwarded += ClusterProcess.metric(await c.metricsText(n) ?? "", "weft_delivery_inbox_forwarded_total") }
+            let lost = ClusterProcess.metric(await c.metricsText(3) ?? "", "weft_delivery_heads_lost_total")
+            #expect(forwarded >= 2, "nodes 1 and 2 forwarded the live events to node 3 (\(forwarded))")
+            #expect(lost == 0, "the heads check found nothing forwarding lost (\(lost))")
             // The raw API says plainly that node 3 holds no working replica of shard 0.
             let raw = await c.call(3, "GET", "/api/v1/shards/0/log?limit=1", token: ClusterProcess.token)
             #expect(raw.status == 404 && raw.errorCode == "no_replica", "\(raw.status) \(String(decoding: raw.data, as: UTF8.self))")
