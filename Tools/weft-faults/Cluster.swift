@@ -15,6 +15,8 @@ final class Cluster: @unchecked Sendable {
     private let lock = NSLock()
     private var processes: [Int: Process] = [:]
     private var paused: Set<Int> = []
+    /// Nodes started under a file-size limit so far (each logs to its own file).
+    private var limitedStarts = 0
 
     /// Replicas per shard (`[cluster] replication`).
     let replication: Int
@@ -98,13 +100,19 @@ final class Cluster: @unchecked Sendable {
     func isPaused(_ n: Int) -> Bool { lock.withLock { paused.contains(n) } }
 
     /// `fileSizeLimit`: the node runs under RLIMIT_FSIZE of that many bytes with SIGXFSZ ignored (a write
-    /// past it fails with EFBIG, as on a full disk); it then logs to `n<i>.full.log` (its usual log is
-    /// already past the limit).
+    /// past it fails with EFBIG, as on a full disk); it then logs to a new `n<i>.full<k>.log` (its usual
+    /// log is already past the limit; the limit caps this one too).
     func start(_ n: Int, fileSizeLimit: Int? = nil) throws {
-        let logPath = out + "/nodes/n\(n)\(fileSizeLimit == nil ? "" : ".full").log"
+        var logPath = out + "/nodes/n\(n).log"
+        if fileSizeLimit != nil {
+            let k = lock.withLock { () -> Int in
+                limitedStarts += 1
+                return limitedStarts
+            }
+            logPath = out + "/nodes/n\(n).full\(k).log"
+        }
         if !FileManager.default.fileExists(atPath: logPath) { _ = FileManager.default.createFile(atPath: logPath, contents: nil) }
         guard let log = FileHandle(forWritingAtPath: logPath) else { throw HarnessError("cannot open \(logPath)") }
-        if fileSizeLimit != nil { log.truncateFile(atOffset: 0) }
         log.seekToEndOfFile()
         log.write(Data("\n=== weft-faults: starting node \(n) at \(Date())\(fileSizeLimit.map { " with files limited to \($0) bytes" } ?? "") ===\n".utf8))
         let p = Process()

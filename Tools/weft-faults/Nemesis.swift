@@ -78,6 +78,40 @@ final class Nemesis: @unchecked Sendable {
         await history.fault(Availability.Fault(kind: kind, victim: victim, start: start, end: await history.now()))
     }
 
+    /// `holdProbing` for a storage-full fault: its replicas fail when their writes do, at no moment the
+    /// harness knows, and a write in flight on a replica as it fails may fail with it. So the probes go
+    /// only to the shards whose replica on the victim has stopped by then (the victim is out of those
+    /// groups, the others hold them), and through every node, the victim included: it must serve them
+    /// through the other replicas (Docs/replication.md).
+    func holdProbingStopped(_ hold: Duration, victim: Int, start: Double, quorum: Bool) async throws {
+        let began = ContinuousClock.now
+        let grace = Duration.milliseconds(Int(Availability.grace * 1000))
+        guard quorum, hold > grace else {
+            try await Task.sleep(for: hold)
+            return
+        }
+        try await Task.sleep(for: grace)
+        var stopped: [Int] = []
+        if let s = await client.json(host: TestNetwork.address(victim), port: Cluster.apiPort, path: "/api/v1/cluster/status"),
+            let shards = s["shards"] as? [[String: Any]]
+        {
+            stopped = shards.filter { $0["role"] as? String == "stopped" }.compactMap { $0["id"] as? Int }.sorted()
+        }
+        counts["storage-full-stopped-replicas", default: 0] += stopped.count
+        let targets = cluster.nodes.flatMap { n in stopped.map { (n, $0) } }
+        let first = probesSent
+        probesSent += targets.count
+        await withTaskGroup(of: Void.self) { group in
+            for (k, (node, shard)) in targets.enumerated() {
+                let (client, history, n) = (self.client, self.history, first + k)
+                group.addTask { await Self.probe(client: client, history: history, node: node, shard: shard, number: n) }
+            }
+        }
+        let left = hold - (ContinuousClock.now - began)
+        if left > .zero { try await Task.sleep(for: left) }
+        await history.fault(Availability.Fault(kind: "storage-full", victim: victim, start: start, end: await history.now()))
+    }
+
     /// Probe `number`: one unkeyed append of `a<number>` through `node` (stream 1), recorded like the
     /// writers' (never retried), as process 100 000 + number (one operation per process). The client
     /// waits 7 s, past the node's 5 s deadline, so a node's own 503 or 504 is seen as such.
@@ -199,7 +233,7 @@ final class Nemesis: @unchecked Sendable {
             try cluster.start(victim, fileSizeLimit: limit)
             let start = await history.now()
             await note("storage-full", "start", ["node": victim, "file_size_limit": limit, "leader_targeted": targetLeader])
-            try await holdProbing(hold + .seconds(2), kind: "storage-full", victim: victim, start: start, quorum: quorum)
+            try await holdProbingStopped(hold + .seconds(2), victim: victim, start: start, quorum: quorum)
             cluster.kill(victim)
             counts["sigkill", default: 0] += 1
             try cluster.start(victim)
