@@ -8,10 +8,11 @@ import WeftCore
 /// answer (which carries the term of the answering replica's view). A view of an older term never
 /// replaces a newer one: an answer computed before a leader change can arrive after this node learned of
 /// the change, and would send writes back to the old leader (until stop 27 hints carried no term, and
-/// one write could then wait its whole deadline on a paused old leader). A view of the same term can
-/// name the leader but not unname it (a replica that has not heard from that term's leader yet). A
-/// leader that did not answer is forgotten with its term kept, so an answer from before cannot bring it
-/// back either.
+/// one write could then wait its whole deadline on a paused old leader). A peer's view of the same term
+/// can name the leader but not unname it (a replica that has not heard from that term's leader yet);
+/// this node's own replica can (it stopped hearing from the leader and asks for pre-votes: writes then
+/// wait here for the election instead of going to a leader that may be gone). A leader that did not
+/// answer is forgotten with its term kept, so an answer from before cannot bring it back either.
 struct LeaderHints: Sendable, Equatable {
     struct Hint: Sendable, Equatable {
         /// nil: no leader known, or this node's own replica leads.
@@ -23,10 +24,11 @@ struct LeaderHints: Sendable, Equatable {
 
     func leader(of shard: ShardID) -> NodeID? { hints[shard]?.leader }
 
-    /// Takes a view of `shard`'s leader in `term` unless it is older than the one held.
-    mutating func heard(_ shard: ShardID, leader: NodeID?, term: Term) {
+    /// Takes a view of `shard`'s leader in `term` unless it is older than the one held. `local`: this
+    /// node's replica's view.
+    mutating func heard(_ shard: ShardID, leader: NodeID?, term: Term, local: Bool = false) {
         let held = hints[shard] ?? Hint(leader: nil, term: 0)
-        guard term > held.term || (term == held.term && leader != nil) else { return }
+        guard term > held.term || (term == held.term && (leader != nil || local)) else { return }
         hints[shard] = Hint(leader: leader, term: term)
     }
 

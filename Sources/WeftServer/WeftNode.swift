@@ -248,7 +248,7 @@ public final class WeftNode: Sendable {
             // others replaced (it was paused or cut off) would send writes there until one timed out.
             guard let self else { return }
             self.viewTerms.withLockedValue { $0[shard] = term }
-            self.leaderHints.withLockedValue { $0.heard(shard, leader: leader == me ? nil : leader, term: term) }
+            self.leaderHints.withLockedValue { $0.heard(shard, leader: leader == me ? nil : leader, term: term, local: true) }
             self.leading.withLockedValue { $0[shard] = leader == me ? term : nil }
             if leader == me { self.announceLeadership(shard, term: term) }
         }
@@ -742,7 +742,7 @@ public final class WeftNode: Sendable {
                 let seen = term > 0 ? term : viewTerms.withLockedValue { $0[shard] ?? 0 }
                 let named = l == id ? nil : l
                 let taken = leaderHints.withLockedValue { h -> Bool in
-                    h.heard(shard, leader: named, term: seen)
+                    h.heard(shard, leader: named, term: seen, local: target == nil)
                     return h.leader(of: shard) == named
                 }
                 // No leader named, or one this node knows to be stale: the views are still settling, so

@@ -17,8 +17,13 @@ import WeftCore
         h.heard(s, leader: NodeID(3), term: 6)
         h.heard(s, leader: NodeID(2), term: 5)
         #expect(h.leader(of: s) == NodeID(3))
-        // Same term: a view that names the leader is taken, one that knows none does not unname it.
+        // Same term: a peer's view that names the leader is taken, one that knows none does not unname it.
         h.heard(s, leader: nil, term: 6)
+        #expect(h.leader(of: s) == NodeID(3))
+        // This node's replica stopped hearing from it (pre-votes, same term): no leader until the election.
+        h.heard(s, leader: nil, term: 6, local: true)
+        #expect(h.leader(of: s) == nil)
+        h.heard(s, leader: NodeID(3), term: 6)
         #expect(h.leader(of: s) == NodeID(3))
         // A newer term with no leader known yet (an election): no leader.
         h.heard(s, leader: nil, term: 7)
