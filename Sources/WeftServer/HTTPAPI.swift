@@ -90,6 +90,11 @@ public enum HTTPAPI {
         var applied_index: UInt64
     }
 
+    struct Reopened: Encodable {
+        var shard: UInt64
+        var reopened: Bool
+    }
+
     static func shardParameter(_ context: BasicRequestContext, _ node: WeftNode) throws -> ShardID {
         guard let n = context.parameters.get("shard", as: UInt64.self), n < UInt64(node.config.shards) else {
             throw APIError(.notFound, "unknown_shard", "shard must be 0..<\(node.config.shards)")
@@ -237,6 +242,24 @@ public enum HTTPAPI {
             return try await readResponse(
                 node, shard, .stream(StreamID(stream), fromSeq: cursor, limit: Int(limit)), consistency: try readConsistency(request),
                 nextFrom: { $0.seq + 1 }, start: cursor)
+        }
+
+        // A replica of this node that stopped after a storage failure, opened again once the cause is fixed.
+        op.post("/api/v1/admin/shards/{shard}/reopen") { _, context -> Response in
+            let shard = try shardParameter(context, node)
+            do throws(WeftNode.ReopenError) {
+                try node.reopenReplica(shard)
+            } catch {
+                switch error {
+                case .running:
+                    throw APIError(.conflict, "replica_running", "node \(node.id)'s replica of shard \(shard) is running")
+                case .notStopped:
+                    throw APIError(.conflict, "not_stopped", "node \(node.id) holds no stopped replica of shard \(shard)")
+                case .open(let why):
+                    throw APIError(.serviceUnavailable, "open_failed", "node \(node.id)'s replica of shard \(shard) still cannot open: \(why)")
+                }
+            }
+            return try json(Reopened(shard: shard.rawValue, reopened: true))
         }
 
         // Membership of one shard, one server at a time: {"add_voter": N} | {"add_learner": N} | {"remove_voter": N}.

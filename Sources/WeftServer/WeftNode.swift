@@ -277,7 +277,8 @@ public final class WeftNode: Sendable {
     func runner(_ shard: ShardID) -> ShardRunner? { runnerBox.withLockedValue { $0[shard] } }
 
     /// This node's replica of `shard` stopped after a storage failure (a full disk, an I/O error): from
-    /// now on the node serves the shard as one without a replica, until it restarts — writes and reads
+    /// now on the node serves the shard as one without a replica, until it restarts or the operator
+    /// reopens the replica (`reopenReplica`) — writes and reads
     /// go to the other replicas, sessions of users homed there get their events forwarded or through the
     /// heads check, and the replica's relay and push work stop (another replica leads). Until stop 27
     /// the node kept sending the shard's requests to its stopped replica, which answered 503 to each.
@@ -296,11 +297,44 @@ public final class WeftNode: Sendable {
         leading.withLockedValue { $0[shard] = nil }
         inboxHub.unfollow(shard: shard)
         announceStopped()
-        logger.critical("shard \(shard): this node's replica stopped (\(why)); the node forwards the shard's requests to its other replicas until it restarts")
+        logger.critical("shard \(shard): this node's replica stopped (\(why)); the node forwards the shard's requests to its other replicas until it restarts or the replica is reopened (POST /api/v1/admin/shards/\(shard.rawValue)/reopen)")
     }
     var allRunners: [ShardID: ShardRunner] { runnerBox.withLockedValue { $0 } }
     /// The shards whose local replica leads (a relay runs for each), ascending.
     var ledShards: [ShardID] { relays.withLockedValue { Array($0.keys) }.sorted() }
+
+    enum ReopenError: Error, CustomStringConvertible {
+        case running, notStopped, open(String)
+        var description: String {
+            switch self {
+            case .running: "this node's replica of the shard is running"
+            case .notStopped: "this node holds no stopped replica of the shard"
+            case .open(let why): "the replica still cannot open: \(why)"
+            }
+        }
+    }
+
+    /// Opens again a replica that stopped after a storage failure (or could not open at start), once the
+    /// operator has fixed the cause (freed the disk): its files are checked and repaired as after a crash,
+    /// and it catches up from the others (`POST /api/v1/admin/shards/{shard}/reopen`). Until stop 27 only
+    /// a restart of the node did this.
+    func reopenReplica(_ shard: ShardID) throws(ReopenError) {
+        let result: Result<Void, ReopenError> = openLock.withLock {
+            if runner(shard) != nil { return .failure(.running) }
+            guard failedShards.withLockedValue({ $0[shard] }) != nil else { return .failure(.notStopped) }
+            let placed = config.replicas(of: shard).contains(id)
+            do {
+                _ = try openReplica(shard, bootstrap: placed ? Membership(voters: Set(config.replicas(of: shard))) : nil)
+            } catch {
+                failedShards.withLockedValue { $0[shard] = "\(error)" }
+                return .failure(.open("\(error)"))
+            }
+            failedShards.withLockedValue { $0[shard] = nil }
+            return .success(())
+        }
+        try result.get()
+        logger.notice("shard \(shard): the replica was opened again (operator)")
+    }
 
     /// A Raft message for a shard this node has no replica of: a leader is adding this node to the
     /// shard's group. Open an empty replica (no group: it cannot campaign) and let it catch up.

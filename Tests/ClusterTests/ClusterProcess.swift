@@ -101,13 +101,14 @@ final class ClusterProcess: @unchecked Sendable {
     }
 
     /// `fileSizeLimit`: the node runs under RLIMIT_FSIZE of that many bytes with SIGXFSZ ignored, so a
-    /// write past it fails with EFBIG, as on a full disk (`prlimit`, util-linux).
+    /// write past it fails with EFBIG, as on a full disk (`prlimit`, util-linux). Only the soft limit: the
+    /// test can lift it (`liftFileSizeLimit`), as an operator frees a disk.
     func start(_ n: Int, fileSizeLimit: Int? = nil) throws {
         let p = Process()
         let serve = ["serve", "--config", configPath, "--node", String(n), "--log-level", "warning"]
         if let limit = fileSizeLimit {
             p.executableURL = URL(fileURLWithPath: "/bin/sh")
-            p.arguments = ["-c", "trap '' XFSZ; exec prlimit --fsize=\(limit) \"$0\" \"$@\"", Self.bin.path] + serve
+            p.arguments = ["-c", "trap '' XFSZ; exec prlimit --fsize=\(limit):unlimited \"$0\" \"$@\"", Self.bin.path] + serve
         } else {
             p.executableURL = Self.bin
             p.arguments = serve
@@ -125,6 +126,16 @@ final class ClusterProcess: @unchecked Sendable {
     }
 
     func startAll() throws { for n in nodes { try start(n) } }
+
+    /// Lifts the file-size limit node n was started with; true if `prlimit` did.
+    func liftFileSizeLimit(_ n: Int) -> Bool {
+        guard let p = lock.withLock({ processes[n] }), p.isRunning else { return false }
+        let lift = Process()
+        lift.executableURL = URL(fileURLWithPath: "/usr/bin/prlimit")
+        lift.arguments = ["--pid", String(p.processIdentifier), "--fsize=unlimited:unlimited"]
+        guard (try? lift.run()) != nil, lift.waitForExit(seconds: 10) else { return false }
+        return lift.terminationStatus == 0
+    }
 
     func kill9(_ n: Int) {
         guard let p = lock.withLock({ processes[n] }) else { return }

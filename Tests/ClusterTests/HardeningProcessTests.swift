@@ -133,6 +133,23 @@ extension Clusters {
             // The raw API says plainly that node 3 holds no working replica of shard 0.
             let raw = await c.call(3, "GET", "/api/v1/shards/0/log?limit=1", token: ClusterProcess.token)
             #expect(raw.status == 404 && raw.errorCode == "no_replica", "\(raw.status) \(String(decoding: raw.data, as: UTF8.self))")
+            // Reopening before the disk is freed: refused, nothing changes; a running replica is not reopened.
+            #expect(await c.call(3, "POST", "/api/v1/admin/shards/1/reopen", token: ClusterProcess.token).errorCode == "replica_running")
+            #expect(await c.call(3, "POST", "/api/v1/admin/shards/0/reopen").status == 401)
+            // The operator frees the disk and reopens the replica: it cuts what the failed write left,
+            // catches up from the others, and serves raw reads again.
+            #expect(c.liftFileSizeLimit(3))
+            let reopen = await c.call(3, "POST", "/api/v1/admin/shards/0/reopen", token: ClusterProcess.token)
+            #expect(reopen.status == 200, "\(reopen.status) \(String(decoding: reopen.data, as: UTF8.self))")
+            #expect(await c.call(3, "POST", "/api/v1/admin/shards/0/reopen", token: ClusterProcess.token).errorCode == "replica_running")
+            #expect(await Clusters.DiskFaultTests.converge(c, shard: 0), "node 3's replica of shard 0 caught up")
+            let back = await c.eventually { () -> Reply? in
+                let r = await c.call(3, "GET", "/api/v1/shards/0/log?limit=1", token: ClusterProcess.token)
+                return r.status == 200 ? r : nil
+            }
+            #expect(back != nil, "raw reads of shard 0 on node 3 again")
+            let s0again = await c.shardStatus(3, shard: 0)
+            #expect(["leader", "follower"].contains(s0again?["role"] as? String ?? ""), "\(String(describing: s0again))")
         }
 
         /// Item 2: a follower SIGSTOPped while ~200 k records arrive in 1024-record requests (8 in flight)
