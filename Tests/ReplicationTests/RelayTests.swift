@@ -64,17 +64,27 @@ import WeftTesting
         try b.log(try #require(b.leader)).filter { $0.stream == StreamID(7) && $0.type == .data }.map { String(decoding: $0.payload, as: UTF8.self) }
     }
 
-    @Test func everyRecordIsRelayedOnceAcrossLostAnswersLeaderChangesAndANewRelay() throws {
+    /// Source shard 3 and destination shard 5, each a cluster with node 1 leading, and a relay from 3 to 5
+    /// on node 1 whose batches wait in `out` (started).
+    func relayPair(batchMax: Int, retryPause: Duration, coalesce: Duration = .milliseconds(2)) throws -> (
+        a: ReplicaCluster, b: ReplicaCluster, out: Outbox, send: RelayRunner.Send, relay: RelayRunner
+    ) {
         let a = try ReplicaCluster()
         let b = try ReplicaCluster()
         try a.elect(NodeID(1))
         try b.elect(NodeID(1))
         let out = Outbox()
         let send: RelayRunner.Send = { _, h, ps, done in out.lock.withLock { out.queue.append((h, ps, done)) } }
-        var relay = RelayRunner(
+        let relay = RelayRunner(
             source: ShardID(3), tail: a.replica(NodeID(1)).tail, destinations: [ShardID(5)], rule: Pointers(destination: ShardID(5)),
-            batchSourceRecordsMax: 7, emptyRangeMax: 10, retryPause: .milliseconds(5), send: send)
+            batchSourceRecordsMax: batchMax, emptyRangeMax: 10, retryPause: retryPause, coalesce: coalesce, send: send)
         relay.start()
+        return (a, b, out, send, relay)
+    }
+
+    @Test func everyRecordIsRelayedOnceAcrossLostAnswersLeaderChangesAndANewRelay() throws {
+        let (a, b, out, send, first) = try relayPair(batchMax: 7, retryPause: .milliseconds(5))
+        var relay = first
         defer { relay.stop() }
         try write(a, 30, tag: "a")
         try pump(out, b, loseEvery: 3) { (try? derived(b).count) == 15 && relay.status().first?.lagRecords == 0 }
@@ -114,16 +124,7 @@ import WeftTesting
     @Test(arguments: [UInt64(1), 2, 3, 4, 5, 6, 7, 8])
     func batchesLandOnceInOrderWhateverHappensToThem(seed: UInt64) throws {
         typealias Sent = (RelayMarks.Header, [Proposal], @Sendable (Result<RelayResult, ReplicationError>) -> Void)
-        let a = try ReplicaCluster()
-        let b = try ReplicaCluster()
-        try a.elect(NodeID(1))
-        try b.elect(NodeID(1))
-        let out = Outbox()
-        let send: RelayRunner.Send = { _, h, ps, done in out.lock.withLock { out.queue.append((h, ps, done)) } }
-        let relay = RelayRunner(
-            source: ShardID(3), tail: a.replica(NodeID(1)).tail, destinations: [ShardID(5)], rule: Pointers(destination: ShardID(5)),
-            batchSourceRecordsMax: 3, emptyRangeMax: 10, retryPause: .milliseconds(2), coalesce: .zero, send: send)
-        relay.start()
+        let (a, b, out, _, relay) = try relayPair(batchMax: 3, retryPause: .milliseconds(2), coalesce: .zero)
         defer { relay.stop() }
         var rng = SeededRNG(seed: seed)
         var held: [Sent] = []

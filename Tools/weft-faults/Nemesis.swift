@@ -56,7 +56,11 @@ final class Nemesis: @unchecked Sendable {
     /// other node to each shard (the rule "writes go on", Availability.swift), and
     /// the fault is not healed before those writes are answered (within 7 s), so a write stuck on a
     /// node that is down cannot be rescued by the heal.
-    func holdProbing(_ hold: Duration, kind: String, victim: Int, start: Double, quorum: Bool) async throws {
+    /// `targets`: where the probes go, asked once the grace has passed (default: every other node, to
+    /// every shard).
+    func holdProbing(
+        _ hold: Duration, kind: String, victim: Int, start: Double, quorum: Bool, targets: (() async -> [(node: Int, shard: Int)])? = nil
+    ) async throws {
         let began = ContinuousClock.now
         let grace = Duration.milliseconds(Int(Availability.grace * 1000))
         guard quorum, hold > grace else {
@@ -64,7 +68,7 @@ final class Nemesis: @unchecked Sendable {
             return
         }
         try await Task.sleep(for: grace)
-        let targets = cluster.nodes.filter { $0 != victim }.flatMap { n in (0..<cluster.shards).map { (n, $0) } }
+        let targets = await targets?() ?? cluster.nodes.filter { $0 != victim }.flatMap { n in (0..<cluster.shards).map { (n, $0) } }
         let first = probesSent
         probesSent += targets.count
         await withTaskGroup(of: Void.self) { group in
@@ -78,19 +82,12 @@ final class Nemesis: @unchecked Sendable {
         await history.fault(Availability.Fault(kind: kind, victim: victim, start: start, end: await history.now()))
     }
 
-    /// `holdProbing` for a storage-full fault: its replicas fail when their writes do, at no moment the
-    /// harness knows, and a write in flight on a replica as it fails may fail with it. So the probes go
-    /// only to the shards whose replica on the victim has stopped by then (the victim is out of those
-    /// groups, the others hold them), and through every node, the victim included: it must serve them
-    /// through the other replicas (Docs/replication.md).
-    func holdProbingStopped(_ hold: Duration, victim: Int, start: Double, quorum: Bool) async throws {
-        let began = ContinuousClock.now
-        let grace = Duration.milliseconds(Int(Availability.grace * 1000))
-        guard quorum, hold > grace else {
-            try await Task.sleep(for: hold)
-            return
-        }
-        try await Task.sleep(for: grace)
+    /// The probes of a storage-full fault: its replicas fail when their writes do, at no moment the
+    /// harness knows, and a write in flight on a replica as it fails may fail with it. So they go only to
+    /// the shards whose replica on the victim has stopped by then (the victim is out of those groups, the
+    /// others hold them), and through every node, the victim included: it must serve them through the
+    /// other replicas (Docs/replication.md).
+    func stoppedReplicaTargets(_ victim: Int) async -> [(node: Int, shard: Int)] {
         var stopped: [Int] = []
         if let s = await client.json(host: TestNetwork.address(victim), port: Cluster.apiPort, path: "/api/v1/cluster/status"),
             let shards = s["shards"] as? [[String: Any]]
@@ -98,18 +95,7 @@ final class Nemesis: @unchecked Sendable {
             stopped = shards.filter { $0["role"] as? String == "stopped" }.compactMap { $0["id"] as? Int }.sorted()
         }
         counts["storage-full-stopped-replicas", default: 0] += stopped.count
-        let targets = cluster.nodes.flatMap { n in stopped.map { (n, $0) } }
-        let first = probesSent
-        probesSent += targets.count
-        await withTaskGroup(of: Void.self) { group in
-            for (k, (node, shard)) in targets.enumerated() {
-                let (client, history, n) = (self.client, self.history, first + k)
-                group.addTask { await Self.probe(client: client, history: history, node: node, shard: shard, number: n) }
-            }
-        }
-        let left = hold - (ContinuousClock.now - began)
-        if left > .zero { try await Task.sleep(for: left) }
-        await history.fault(Availability.Fault(kind: "storage-full", victim: victim, start: start, end: await history.now()))
+        return cluster.nodes.flatMap { n in stopped.map { (n, $0) } }
     }
 
     /// Probe `number`: one unkeyed append of `a<number>` through `node` (stream 1), recorded like the
@@ -233,7 +219,9 @@ final class Nemesis: @unchecked Sendable {
             try cluster.start(victim, fileSizeLimit: limit)
             let start = await history.now()
             await note("storage-full", "start", ["node": victim, "file_size_limit": limit, "leader_targeted": targetLeader])
-            try await holdProbingStopped(hold + .seconds(2), victim: victim, start: start, quorum: quorum)
+            try await holdProbing(hold + .seconds(2), kind: "storage-full", victim: victim, start: start, quorum: quorum) {
+                await self.stoppedReplicaTargets(victim)
+            }
             cluster.kill(victim)
             counts["sigkill", default: 0] += 1
             try cluster.start(victim)
