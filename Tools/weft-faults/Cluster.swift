@@ -99,8 +99,9 @@ final class Cluster: @unchecked Sendable {
     func isRunning(_ n: Int) -> Bool { lock.withLock { processes[n]?.isRunning ?? false } }
     func isPaused(_ n: Int) -> Bool { lock.withLock { paused.contains(n) } }
 
-    /// `fileSizeLimit`: the node runs under RLIMIT_FSIZE of that many bytes with SIGXFSZ ignored (a write
-    /// past it fails with EFBIG, as on a full disk); it then logs to a new `n<i>.full<k>.log` (its usual
+    /// `fileSizeLimit`: the node runs under a soft RLIMIT_FSIZE of that many bytes with SIGXFSZ ignored (a
+    /// write past it fails with EFBIG, as on a full disk; the hard limit stays unlimited, so
+    /// `liftFileSizeLimit` needs no CAP_SYS_RESOURCE, which root in a container may lack); it then logs to a new `n<i>.full<k>.log` (its usual
     /// log is already past the limit; the limit caps this one too).
     func start(_ n: Int, fileSizeLimit: Int? = nil) throws {
         var logPath = out + "/nodes/n\(n).log"
@@ -119,7 +120,7 @@ final class Cluster: @unchecked Sendable {
         p.executableURL = URL(fileURLWithPath: "/usr/sbin/ip")
         let serve = [weft, "serve", "--config", configPath, "--node", "\(n)"]
         if let limit = fileSizeLimit {
-            p.arguments = ["netns", "exec", TestNetwork.namespace(n), "/bin/sh", "-c", "trap '' XFSZ; exec prlimit --fsize=\(limit) \"$0\" \"$@\""] + serve
+            p.arguments = ["netns", "exec", TestNetwork.namespace(n), "/bin/sh", "-c", "trap '' XFSZ; exec prlimit --fsize=\(limit):unlimited \"$0\" \"$@\""] + serve
         } else {
             p.arguments = ["netns", "exec", TestNetwork.namespace(n)] + serve
         }
@@ -130,6 +131,12 @@ final class Cluster: @unchecked Sendable {
             processes[n] = p
             paused.remove(n)
         }
+    }
+
+    /// Lifts the file-size limit of node n's process (`prlimit --pid`); true if it did.
+    func liftFileSizeLimit(_ n: Int) -> Bool {
+        guard let p = lock.withLock({ processes[n] }), p.isRunning else { return false }
+        return (try? sh(["prlimit", "--pid", String(p.processIdentifier), "--fsize=unlimited:unlimited"]))?.status == 0
     }
 
     /// SIGKILL, then wait for the process to be gone.

@@ -88,14 +88,44 @@ final class Nemesis: @unchecked Sendable {
     /// others hold them), and through every node, the victim included: it must serve them through the
     /// other replicas (Docs/replication.md).
     func stoppedReplicaTargets(_ victim: Int) async -> [(node: Int, shard: Int)] {
-        var stopped: [Int] = []
-        if let s = await client.json(host: TestNetwork.address(victim), port: Cluster.apiPort, path: "/api/v1/cluster/status"),
-            let shards = s["shards"] as? [[String: Any]]
-        {
-            stopped = shards.filter { $0["role"] as? String == "stopped" }.compactMap { $0["id"] as? Int }.sorted()
-        }
+        let stopped = await stoppedShards(victim)
         counts["storage-full-stopped-replicas", default: 0] += stopped.count
         return cluster.nodes.flatMap { n in stopped.map { (n, $0) } }
+    }
+
+    /// The shards whose replica on node n reports `stopped` (empty when it does not answer).
+    func stoppedShards(_ n: Int) async -> [Int] {
+        guard let s = await client.json(host: TestNetwork.address(n), port: Cluster.apiPort, path: "/api/v1/cluster/status"),
+            let shards = s["shards"] as? [[String: Any]]
+        else { return [] }
+        return shards.filter { $0["role"] as? String == "stopped" }.compactMap { $0["id"] as? Int }.sorted()
+    }
+
+    /// Heals a storage-full fault as an operator would without a restart: the limit lifted (the disk
+    /// freed), then each stopped replica opened again through the admin route. True if every reopen
+    /// was answered 200; a failure is printed and counted, and the caller restarts the node instead.
+    func healByReopening(_ victim: Int) async -> Bool {
+        guard cluster.liftFileSizeLimit(victim) else {
+            counts["storage-full-lift-failed", default: 0] += 1
+            print("weft-faults: storage-full: could not lift node \(victim)'s file-size limit; restarting it instead")
+            return false
+        }
+        var ok = true
+        var reopened: [Int] = []
+        for shard in await stoppedShards(victim) {
+            let outcome = await client.request(
+                .POST, host: TestNetwork.address(victim), port: Cluster.apiPort, path: "/api/v1/admin/shards/\(shard)/reopen", timeout: .seconds(10))
+            if case .response(200, _) = outcome {
+                reopened.append(shard)
+            } else {
+                ok = false
+                counts["storage-full-reopen-failed", default: 0] += 1
+                print("weft-faults: storage-full: reopening shard \(shard) on node \(victim) failed: \(outcome)")
+            }
+        }
+        counts["storage-full-reopened", default: 0] += reopened.count
+        await note("storage-full", "reopen", ["node": victim, "shards": reopened, "ok": ok])
+        return ok
     }
 
     /// Probe `number`: one unkeyed append of `a<number>` through `node` (stream 1), recorded like the
@@ -205,8 +235,8 @@ final class Nemesis: @unchecked Sendable {
         case .full:
             // The node restarts with its files limited below the segment size: as its active segments
             // grow past it, writes fail (EFBIG, as on a full disk) and its replicas stop one by one while
-            // the node goes on serving through the others. Healed by a restart without the limit (the
-            // replicas reopen, cut what a failed write left, and catch up).
+            // the node goes on serving through the others. Healed by reopening them or by a restart
+            // without the limit (the replicas cut what a failed write left, and catch up).
             guard await anyRecovering() == false else {
                 counts["storage-full-deferred", default: 0] += 1
                 try await Task.sleep(for: .milliseconds(500))
@@ -222,9 +252,15 @@ final class Nemesis: @unchecked Sendable {
             try await holdProbing(hold + .seconds(2), kind: "storage-full", victim: victim, start: start, quorum: quorum) {
                 await self.stoppedReplicaTargets(victim)
             }
-            cluster.kill(victim)
-            counts["sigkill", default: 0] += 1
-            try cluster.start(victim)
+            // Healed half the time as an operator would on a running node (the disk freed, the stopped
+            // replicas reopened through the admin route), else by a restart without the limit.
+            let reopen = rng.chance(0.5)
+            let reopened = reopen ? await healByReopening(victim) : false
+            if !reopened {
+                cluster.kill(victim)
+                counts["sigkill", default: 0] += 1
+                try cluster.start(victim)
+            }
             await note("storage-full", "end", ["node": victim])
         case .pause:
             let quorum = await othersHoldQuorums(victim)
