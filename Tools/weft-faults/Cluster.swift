@@ -101,8 +101,8 @@ final class Cluster: @unchecked Sendable {
 
     /// `fileSizeLimit`: the node runs under a soft RLIMIT_FSIZE of that many bytes with SIGXFSZ ignored (a
     /// write past it fails with EFBIG, as on a full disk; the hard limit stays unlimited, so
-    /// `liftFileSizeLimit` needs no CAP_SYS_RESOURCE, which root in a container may lack); it then logs to a new `n<i>.full<k>.log` (its usual
-    /// log is already past the limit; the limit caps this one too).
+    /// `liftFileSizeLimit` needs no CAP_SYS_RESOURCE, which root in a container may lack). It then logs
+    /// to a new `n<i>.full<k>.log` (its usual log is already past the limit; the limit caps this one too).
     func start(_ n: Int, fileSizeLimit: Int? = nil) throws {
         var logPath = out + "/nodes/n\(n).log"
         if fileSizeLimit != nil {
