@@ -34,6 +34,9 @@ let package = Package(
         .package(url: "https://github.com/hummingbird-project/hummingbird-auth", from: "2.5.0"),
         .package(url: "https://github.com/vapor/jwt-kit", from: "5.8.0"),
         .package(url: "https://github.com/apple/swift-crypto", from: "4.5.2"),
+        // The offline-push webhook's HTTP client (https, keep-alive): Docs/delivery.md, "Offline push".
+        .package(url: "https://github.com/swift-server/async-http-client", from: "1.37.0"),
+        .package(url: "https://github.com/apple/swift-nio-ssl", from: "2.37.6"),
     ],
     targets: [
         .target(name: "WeftCore", swiftSettings: strict),
@@ -97,6 +100,8 @@ let package = Package(
                 .product(name: "WSCore", package: "swift-websocket"),
                 .product(name: "NIOHTTPTypes", package: "swift-nio-extras"),
                 .product(name: "NIOHTTPTypesHTTP1", package: "swift-nio-extras"),
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
             ],
             swiftSettings: strict),
         .target(
@@ -158,7 +163,7 @@ let package = Package(
         .testTarget(
             name: "ClusterTests",
             dependencies: [
-                "SegmentStore", "SegmentFormat", "WeftCore",
+                "SegmentStore", "SegmentFormat", "WeftCore", "WeftTesting",
                 .product(name: "HummingbirdWSClient", package: "hummingbird-websocket"),
                 .product(name: "HummingbirdOTP", package: "hummingbird-auth"),
                 .product(name: "Crypto", package: "swift-crypto"),
@@ -168,7 +173,7 @@ let package = Package(
             swiftSettings: strict),
         .testTarget(
             name: "WeftServerTests",
-            dependencies: ["WeftServer", "Raft", "WeftCore", .product(name: "Prometheus", package: "swift-prometheus")],
+            dependencies: ["WeftServer", "Raft", "WeftCore", "WeftTesting", .product(name: "Prometheus", package: "swift-prometheus")],
             swiftSettings: strict),
         .testTarget(name: "ToolTests", dependencies: ["SegmentStore", "SegmentFormat", "WeftTesting"], swiftSettings: strict),
     ]

@@ -3,7 +3,8 @@
 set -euo pipefail
 need=()
 # iproute2 and iptables: the fault harness (Tools/weft-faults) builds its test network with them.
-for p in liblz4-dev libssl-dev pkg-config iproute2 iptables; do
+# openssl (the command): Tools/webhook-receiver.py makes its test certificate with it.
+for p in liblz4-dev libssl-dev pkg-config iproute2 iptables openssl; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then

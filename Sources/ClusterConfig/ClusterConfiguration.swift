@@ -327,8 +327,11 @@ public struct DeliveryConfig: Sendable, Equatable {
 /// else) is acknowledged by none of the user's devices within `delay_ms`, the leader of the user's home
 /// shard POSTs it to `webhook_url`.
 public struct PushConfig: Sendable, Equatable {
-    /// `webhook_url`: `http://host:port/path` (absent: no offline push).
+    /// `webhook_url`: `http://` or `https://host[:port][/path]` (absent: no offline push).
     public var webhookURL: WebhookURL?
+    /// `ca_file`: for an `https` webhook, a PEM file of the certificates to trust instead of the
+    /// system's store (a private CA, a self-signed receiver); absolute, resolved against the config file.
+    public var caFile: String?
     /// `delay_ms`: how long devices have to acknowledge an event (default 10 000).
     public var delayMillis = 10_000
     /// `secret`: when set, each POST carries `X-Weft-Signature: sha256=<hex HMAC-SHA256 of the body>`.
@@ -341,18 +344,30 @@ public struct PushConfig: Sendable, Equatable {
     public init() {}
 }
 
-/// An `http://` webhook address, split.
+/// An `http://` or `https://` webhook address, split.
 public struct WebhookURL: Sendable, Equatable {
+    /// `https`: the POSTs go over TLS, the server's certificate checked against its host name.
+    public var tls: Bool
     public var host: String
     public var port: Int
     /// Starts with "/".
     public var path: String
     public var text: String
 
-    /// Nil unless `http://host[:port][/path]` with a port in 1...65535 and no spaces.
+    /// Nil unless `http://` or `https://host[:port][/path]` with a port in 1...65535 and no spaces.
     public init?(_ text: String) {
-        guard text.hasPrefix("http://"), !text.contains(where: { $0.isWhitespace }) else { return nil }
-        let rest = text.dropFirst("http://".count)
+        guard !text.contains(where: { $0.isWhitespace }) else { return nil }
+        let scheme: String
+        if text.hasPrefix("http://") {
+            scheme = "http://"
+            tls = false
+        } else if text.hasPrefix("https://") {
+            scheme = "https://"
+            tls = true
+        } else {
+            return nil
+        }
+        let rest = text.dropFirst(scheme.count)
         let slash = rest.firstIndex(of: "/") ?? rest.endIndex
         let authority = rest[..<slash]
         path = slash == rest.endIndex ? "/" : String(rest[slash...])
@@ -363,7 +378,7 @@ public struct WebhookURL: Sendable, Equatable {
             port = p
         } else {
             host = String(authority)
-            port = 80
+            port = tls ? 443 : 80
         }
         guard !host.isEmpty else { return nil }
         self.text = text

@@ -11,7 +11,7 @@ struct ConfigParser {
 
     static let rootKeys = ["cluster", "storage", "raft", "api", "messaging", "delivery", "push", "nodes"]
     static let deliveryKeys = ["session_queue_max", "write_stall_ms"]
-    static let pushKeys = ["webhook_url", "delay_ms", "secret", "retry_max_ms"]
+    static let pushKeys = ["webhook_url", "ca_file", "delay_ms", "secret", "retry_max_ms"]
     static let messagingKeys = [
         "bcrypt_cost", "token_ttl_seconds", "sends_per_minute", "history_reads_per_minute", "actions_per_minute", "syncs_per_minute",
         "logins_per_minute", "group_members_max",
@@ -117,9 +117,29 @@ struct ConfigParser {
         try t.rejectUnknownKeys(Self.pushKeys)
         if let text = try t.string("webhook_url") {
             guard let url = WebhookURL(text) else {
-                throw t.error("webhook_url", "must be http://host[:port][/path] (https: put a local TLS relay in front; Docs/delivery.md), got \"\(text.prefix(200))\"")
+                throw t.error("webhook_url", "must be http://host[:port][/path] or https://host[:port][/path], got \"\(text.prefix(200))\"")
             }
             p.webhookURL = url
+        }
+        if let text = try t.string("ca_file") {
+            guard p.webhookURL?.tls == true else {
+                throw t.error("ca_file", "is for an https webhook_url (it names the certificates to trust)")
+            }
+            guard !text.isEmpty, let path = resolvePath(text, againstDirectoryOf: file) else {
+                throw t.error("ca_file", "\(quoted(text)) is empty, or relative and the working directory cannot be determined")
+            }
+            // Read here so a missing or unreadable file stops the start with its name; the certificates
+            // themselves are parsed when the push worker starts (Docs/delivery.md).
+            let pem: String
+            do throws(ConfigError) {
+                pem = try readTextFile(path)
+            } catch {
+                throw t.error("ca_file", "\(path): \(error.message)")
+            }
+            guard pem.contains("-----BEGIN CERTIFICATE-----") else {
+                throw t.error("ca_file", "\(path) holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+            }
+            p.caFile = path
         }
         if let v = try ranged(t, "delay_ms", PushConfig.delayRange) { p.delayMillis = v }
         if let v = try ranged(t, "retry_max_ms", PushConfig.retryMaxRange) { p.retryMaxMillis = v }

@@ -1,4 +1,5 @@
 import ClusterConfig
+import AsyncHTTPClient
 import Crypto
 import Foundation
 import Logging
@@ -6,8 +7,8 @@ import Messaging
 import Metrics
 import NIOConcurrencyHelpers
 import NIOCore
-import NIOHTTP1
 import NIOPosix
+import NIOSSL
 import Replication
 import ShardState
 import WeftCore
@@ -83,7 +84,7 @@ actor PushWorker {
     let node: WeftNode
     let api: MessagingAPI
     let config: PushConfig
-    let url: WebhookURL
+    let webhook: WebhookClient
     let logger: Logger
     /// Users whose last attempt failed: attempts so far and when to try again.
     var backoff: [UInt64: (attempts: Int, until: ContinuousClock.Instant)] = [:]
@@ -94,11 +95,11 @@ actor PushWorker {
     let sent = Counter(label: "weft_push_notifications_total", dimensions: [("result", "ok")])
     let failed = Counter(label: "weft_push_notifications_total", dimensions: [("result", "failed")])
 
-    init(node: WeftNode, api: MessagingAPI, config: PushConfig, url: WebhookURL, logger: Logger) {
+    init(node: WeftNode, api: MessagingAPI, config: PushConfig, webhook: WebhookClient, logger: Logger) {
         self.node = node
         self.api = api
         self.config = config
-        self.url = url
+        self.webhook = webhook
         self.logger = logger
     }
 
@@ -174,14 +175,14 @@ actor PushWorker {
                 headers.append(("X-Weft-Signature", "sha256=" + mac.map { String(format: "%02x", $0) }.joined()))
             }
             do {
-                let status = try await Webhook.post(url, body: Array(body), headers: headers, timeout: .seconds(5))
+                let status = try await webhook.post(body: Array(body), headers: headers)
                 guard (200..<300).contains(status) else {
                     logger.warning("push: the webhook answered \(status) for user \(d.user); retrying with back-off")
                     failed.increment()
                     return false
                 }
             } catch {
-                logger.warning("push: the webhook at \(url.text) failed for user \(d.user): \(error); retrying with back-off")
+                logger.warning("push: the webhook at \(webhook.url.text) failed for user \(d.user): \(error); retrying with back-off")
                 failed.increment()
                 return false
             }
@@ -229,86 +230,66 @@ actor PushWorker {
     }
 }
 
-/// One HTTP/1.1 POST over a fresh connection (`Connection: close`): the status code, or an error on a
-/// refused connection, a timeout or a connection closed before the answer.
-enum Webhook {
-    struct Failure: Error, CustomStringConvertible {
+/// The webhook's HTTP client: AsyncHTTPClient, one per push worker, so POSTs reuse kept-alive
+/// connections (HTTP/1.1, or HTTP/2 when an https receiver offers it), and `https` webhooks are checked
+/// against the system's trust store or the certificates of `[push] ca_file`, with the host name.
+/// Redirects are not followed: a webhook that moved is a configuration to fix, not a place to send
+/// users' events to.
+final class WebhookClient: Sendable {
+    struct SetupError: Error, CustomStringConvertible {
         var description: String
     }
 
-    static func post(
-        _ url: WebhookURL, body: [UInt8], headers: [(String, String)], timeout: TimeAmount,
-        group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton
-    ) async throws -> Int {
-        let answer = group.next().makePromise(of: Int.self)
-        let channel: any Channel
+    let url: WebhookURL
+    let http: HTTPClient
+    /// The answer's body is read and dropped (a connection is reused only once it is read), at most
+    /// this much; a longer one fails the POST.
+    static let answerBytesMax = 64 << 10
+
+    /// What an https webhook's certificate is checked against: the system's trust store, or the
+    /// certificates in `caFile`. Throws, naming the file, when it holds none NIOSSL can read (checked
+    /// before the node starts).
+    static func tls(caFile: String?) throws -> TLSConfiguration {
+        var tls = TLSConfiguration.makeClientConfiguration()
+        guard let caFile else { return tls }
+        let certificates: [NIOSSLCertificate]
         do {
-            channel = try await ClientBootstrap(group: group)
-                .connectTimeout(timeout)
-                .channelInitializer { ch in
-                    do {
-                        try ch.pipeline.syncOperations.addHTTPClientHandlers()
-                        try ch.pipeline.syncOperations.addHandler(StatusHandler(answer: answer))
-                        return ch.eventLoop.makeSucceededVoidFuture()
-                    } catch {
-                        return ch.eventLoop.makeFailedFuture(error)
-                    }
-                }
-                .connect(host: url.host, port: url.port).get()
+            certificates = try NIOSSLCertificate.fromPEMFile(caFile)
         } catch {
-            answer.fail(error)
-            throw error
+            throw SetupError(description: "[push] ca_file \(caFile): no certificate could be read: \(error)")
         }
-        // Past the deadline the connection is closed: the handler then fails the answer.
-        let timer = channel.eventLoop.scheduleTask(in: timeout) { channel.close(promise: nil) }
-        var head = HTTPRequestHead(version: .http1_1, method: .POST, uri: url.path)
-        head.headers.add(name: "Host", value: url.port == 80 ? url.host : "\(url.host):\(url.port)")
-        head.headers.add(name: "Content-Length", value: "\(body.count)")
-        head.headers.add(name: "Connection", value: "close")
-        head.headers.add(name: "User-Agent", value: "weft-push")
-        for (k, v) in headers { head.headers.add(name: k, value: v) }
-        channel.write(HTTPClientRequestPart.head(head), promise: nil)
-        channel.write(HTTPClientRequestPart.body(.byteBuffer(ByteBuffer(bytes: body))), promise: nil)
-        channel.writeAndFlush(HTTPClientRequestPart.end(nil), promise: nil)
-        defer {
-            timer.cancel()
-            channel.close(promise: nil)
+        guard !certificates.isEmpty else {
+            throw SetupError(description: "[push] ca_file \(caFile): no certificate in the file")
         }
-        return try await answer.futureResult.get()
+        tls.trustRoots = .certificates(certificates)
+        return tls
     }
 
-    /// Takes the response's status once it is complete; a connection closed before that (the peer, or
-    /// the deadline) fails. Completes the answer once.
-    final class StatusHandler: ChannelInboundHandler {
-        typealias InboundIn = HTTPClientResponsePart
-        let answer: EventLoopPromise<Int>
-        var status: Int?
-        var done = false
-        init(answer: EventLoopPromise<Int>) { self.answer = answer }
+    /// Call `shutdown()` before letting go of it (AsyncHTTPClient's rule).
+    init(url: WebhookURL, tls: TLSConfiguration, connectTimeout: TimeAmount = .seconds(5), readTimeout: TimeAmount = .seconds(5)) {
+        let configuration = HTTPClient.Configuration(
+            tlsConfiguration: tls, redirectConfiguration: .disallow,
+            timeout: .init(connect: connectTimeout, read: readTimeout),
+            connectionPool: .init(idleTimeout: .seconds(60)))
+        self.url = url
+        self.http = HTTPClient(eventLoopGroup: MultiThreadedEventLoopGroup.singleton, configuration: configuration)
+    }
 
-        func finish(_ r: Result<Int, any Error>) {
-            guard !done else { return }
-            done = true
-            answer.completeWith(r)
-        }
+    /// One POST: the status code, or an error on a refused connection, a failed TLS handshake (an
+    /// untrusted certificate, a wrong host name), a timeout or a connection closed before the answer.
+    func post(body: [UInt8], headers: [(String, String)], timeout: TimeAmount = .seconds(10)) async throws -> Int {
+        var request = HTTPClientRequest(url: url.text)
+        request.method = .POST
+        request.headers.add(name: "User-Agent", value: "weft-push")
+        for (k, v) in headers { request.headers.add(name: k, value: v) }
+        request.body = .bytes(ByteBuffer(bytes: body))
+        let response = try await http.execute(request, timeout: timeout)
+        _ = try await response.body.collect(upTo: Self.answerBytesMax)
+        return Int(response.status.code)
+    }
 
-        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-            switch unwrapInboundIn(data) {
-            case .head(let h): status = Int(h.status.code)
-            case .body: break
-            case .end:
-                if let status { finish(.success(status)) }
-            }
-        }
-
-        func channelInactive(context: ChannelHandlerContext) {
-            finish(.failure(Failure(description: "the connection closed before a complete answer (the deadline passed or the server closed it)")))
-            context.fireChannelInactive()
-        }
-
-        func errorCaught(context: ChannelHandlerContext, error: any Error) {
-            finish(.failure(error))
-            context.close(promise: nil)
-        }
+    /// Closes the kept connections; the client is not used after.
+    func shutdown() async {
+        try? await http.shutdown()
     }
 }

@@ -6,6 +6,7 @@ import Logging
 import Metrics
 import NIOCore
 import NIOPosix
+import NIOSSL
 import Prometheus
 import ServiceLifecycle
 import WeftCore
@@ -32,6 +33,8 @@ public enum Serve {
                 "storage.fsync = \(config.storage.fsync): an acknowledged write is on a quorum's page cache, not yet on its disks; it survives the kill of any process but not a power loss or OS crash of a quorum (Docs/storage.md)"
             )
         }
+        // A bad `[push] ca_file` stops the start here, before the node opens anything.
+        let webhookTLS = try config.push.webhookURL.map { _ in try WebhookClient.tls(caFile: config.push.caFile) }
         let weftNode = try WeftNode(config: config, node: id, group: MultiThreadedEventLoopGroup.singleton, logger: logger)
         let token = Array(config.operatorToken.utf8)
         let messaging = MessagingAPI(node: weftNode, auth: await UserAuth(config: config))
@@ -46,7 +49,7 @@ public enum Serve {
                 // Shut down in reverse order: the deadline first (it starts its clock), then HTTP, then the node.
                 services: [
                     .init(service: NodeService(node: weftNode)), .init(service: app),
-                    .init(service: PushService(node: weftNode, api: messaging, logger: logger)),
+                    .init(service: PushService(node: weftNode, api: messaging, tls: webhookTLS, logger: logger)),
                     .init(service: ShutdownDeadline(limit: .seconds(20), logger: logger)),
                 ],
                 gracefulShutdownSignals: [.sigterm, .sigint],
@@ -71,14 +74,18 @@ struct NodeService: Service {
 struct PushService: Service {
     let node: WeftNode
     let api: MessagingAPI
+    /// Set exactly when `[push] webhook_url` is.
+    let tls: TLSConfiguration?
     let logger: Logger
     func run() async throws {
-        guard let url = node.config.push.webhookURL else {
+        guard let url = node.config.push.webhookURL, let tls else {
             try? await gracefulShutdown()
             return
         }
-        let worker = PushWorker(node: node, api: api, config: node.config.push, url: url, logger: logger)
+        let webhook = WebhookClient(url: url, tls: tls)
+        let worker = PushWorker(node: node, api: api, config: node.config.push, webhook: webhook, logger: logger)
         await cancelWhenGracefulShutdown { await worker.run() }
+        await webhook.shutdown()
     }
 }
 

@@ -1,4 +1,5 @@
 import ClusterConfig
+import Foundation
 import Testing
 import WeftCore
 
@@ -187,9 +188,25 @@ import WeftCore
         #expect(c.delivery.sessionQueueMax == 64 && c.delivery.writeStallMillis == 5000)
         #expect(c.push.webhookURL?.host == "push.internal" && c.push.webhookURL?.port == 8080 && c.push.webhookURL?.path == "/hooks/weft")
         #expect(c.push.delayMillis == 1500 && c.push.secret == "0123456789abcdef" && c.push.retryMaxMillis == 9000)
-        #expect(WebhookURL("http://h")?.port == 80 && WebhookURL("http://h")?.path == "/")
-        for bad in ["https://h/p", "http://", "http://:80/p", "http://u@h/p", "http://h:0/", "http://h/a b", "ftp://h/"] {
+        #expect(WebhookURL("http://h")?.port == 80 && WebhookURL("http://h")?.path == "/" && WebhookURL("http://h")?.tls == false)
+        #expect(WebhookURL("https://h/x")?.port == 443 && WebhookURL("https://h/x")?.tls == true && WebhookURL("https://h:8443")?.port == 8443)
+        for bad in ["https://", "https://h:0/", "httpss://h/", "http://", "http://:80/p", "http://u@h/p", "http://h:0/", "http://h/a b", "ftp://h/"] {
             #expect(WebhookURL(bad) == nil, "\(bad)")
         }
+    }
+
+    /// `ca_file` is read at parse (a missing file stops the start with its name) and resolved against
+    /// the config file's directory.
+    @Test func anHTTPSWebhookTrustsTheCAFile() throws {
+        let dir = NSTemporaryDirectory() + "weft-ca-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".write(toFile: dir + "/ca.pem", atomically: true, encoding: .utf8)
+        let c = try ClusterConfiguration.parse(
+            document(extra: "[push]\nwebhook_url = \"https://push.internal/hooks\"\nca_file = \"ca.pem\""), configPath: dir + "/c.toml")
+        #expect(c.push.webhookURL?.tls == true && c.push.webhookURL?.port == 443)
+        #expect(c.push.caFile == dir + "/ca.pem")
+        let none = try ClusterConfiguration.parse(document(extra: "[push]\nwebhook_url = \"https://push.internal/hooks\""), configPath: "c.toml")
+        #expect(none.push.caFile == nil, "no ca_file: the system's trust store")
     }
 }

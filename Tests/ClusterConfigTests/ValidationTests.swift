@@ -59,7 +59,11 @@ let rejections: [Rejection] = [
     Rejection("api.token", "unknown key (expected one of: operator_token)", document(api: "operator_token = \"\(validToken)\"\ntoken = 1")),
     // top level
     Rejection("stroage", "unknown key (expected one of: cluster, storage, raft, api, messaging, delivery, push, nodes)", document(extra: "[stroage]\ndata_dir = \"x\"")),
-    Rejection("push.webhook_url", "must be http://host[:port][/path]", document(extra: "[push]\nwebhook_url = \"https://hooks.example/p\"")),
+    Rejection("push.webhook_url", "must be http://host[:port][/path] or https://", document(extra: "[push]\nwebhook_url = \"ftp://hooks.example/p\"")),
+    Rejection("push.webhook_url", "must be http://host[:port][/path]", document(extra: "[push]\nwebhook_url = \"https://hooks.example:0/p\"")),
+    Rejection("push.ca_file", "is for an https webhook_url", document(extra: "[push]\nwebhook_url = \"http://h/p\"\nca_file = \"/etc/passwd\"")),
+    Rejection("push.ca_file", "/nonexistent-weft/ca.pem: cannot open the file", document(extra: "[push]\nwebhook_url = \"https://h/p\"\nca_file = \"/nonexistent-weft/ca.pem\"")),
+    Rejection("push.ca_file", "/etc/passwd holds no PEM certificate", document(extra: "[push]\nwebhook_url = \"https://h/p\"\nca_file = \"/etc/passwd\"")),
     Rejection("push.webhook_url", "must be http://host[:port][/path]", document(extra: "[push]\nwebhook_url = \"http://h:99999/p\"")),
     Rejection("push.delay_ms", "must be", document(extra: "[push]\ndelay_ms = -1")),
     Rejection("push.secret", "at least 16 bytes", document(extra: "[push]\nsecret = \"short\"")),

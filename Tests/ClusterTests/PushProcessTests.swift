@@ -1,103 +1,28 @@
 import Foundation
 import Testing
+import WeftTesting
 
-/// Issue 12, offline push: a webhook receiver started by the test (a small Python HTTP server that
-/// records every POST, checks its signature, and refuses the first ones with 503), a real 3-node
-/// cluster with `[push]` pointing at it.
+/// Issue 12, offline push: a webhook receiver started by the test (`Tools/webhook-receiver.py`: https
+/// with a self-signed certificate, records every POST, checks its signature, refuses the first ones
+/// with 503), a real 3-node cluster with `[push]` pointing at it and trusting its certificate.
 extension Clusters {
     @Suite(.serialized) struct PushProcessTests {
-        /// The receiver: answers 503 to the first `fail` POSTs, then 200; appends one JSON line per POST
-        /// (the body, whether its HMAC signature matched, the status it answered) to `log`.
-        static let receiver = #"""
-            import hashlib, hmac, json, sys
-            from http.server import BaseHTTPRequestHandler, HTTPServer
-            port_file, log, secret, fail = sys.argv[1], sys.argv[2], sys.argv[3].encode(), int(sys.argv[4])
-            count = [0]
-            class H(BaseHTTPRequestHandler):
-                def do_POST(self):
-                    body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                    want = "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
-                    count[0] += 1
-                    status = 503 if count[0] <= fail else 200
-                    with open(log, "a") as f:
-                        f.write(json.dumps({"status": status, "sig_ok": hmac.compare_digest(want, self.headers.get("X-Weft-Signature", "")),
-                                            "path": self.path, "body": json.loads(body)}) + "\n")
-                    self.send_response(status)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                def log_message(self, *a): pass
-            s = HTTPServer(("127.0.0.1", 0), H)
-            with open(port_file + ".tmp", "w") as f: f.write(str(s.server_port))
-            import os; os.rename(port_file + ".tmp", port_file)
-            s.serve_forever()
-            """#
-
-        struct Receiver {
-            let process: Process
-            let log: String
-            let port: Int
-
-            /// The POSTs answered 200, in order.
-            var accepted: [[String: Any]] {
-                let text = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
-                return text.split(separator: "\n").compactMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }
-                    .filter { $0["status"] as? Int == 200 }
-            }
-            var all: [[String: Any]] {
-                let text = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
-                return text.split(separator: "\n").compactMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }
-            }
-            /// Every event received in accepted POSTs (with repeats).
-            var events: [[String: Any]] { accepted.flatMap { (($0["body"] as? [String: Any])?["events"] as? [[String: Any]]) ?? [] } }
-        }
-
         static let secret = "push-secret-0123456789"
 
-        static func startReceiver(failFirst: Int) throws -> Receiver {
-            let dir = NSTemporaryDirectory() + "weft-push-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-            try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-            let script = dir + "/receiver.py"
-            try receiver.write(toFile: script, atomically: true, encoding: .utf8)
-            let p = Process()
-            p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-            p.arguments = ["python3", script, dir + "/port", dir + "/log.jsonl", secret, String(failFirst)]
-            // Never the test's own stdout: a receiver left running would hold that pipe open, and
-            // `swift test` waits for its end (CI ran out of time on that once).
-            _ = FileManager.default.createFile(atPath: dir + "/receiver.out", contents: nil)
-            let out = FileHandle(forWritingAtPath: dir + "/receiver.out") ?? FileHandle.nullDevice
-            p.standardOutput = out
-            p.standardError = out
-            try p.run()
-            let end = Date().addingTimeInterval(10)
-            while Date() < end {
-                if let t = try? String(contentsOfFile: dir + "/port", encoding: .utf8), let port = Int(t) {
-                    return Receiver(process: p, log: dir + "/log.jsonl", port: port)
-                }
-                Thread.sleep(forTimeInterval: 0.05)
-            }
-            Self.stop(p)
-            throw CancellationError()
-        }
-
-        /// SIGKILL: a child spawned from the test process's threads inherits their signal mask, in which
-        /// SIGTERM is blocked (`terminate()` would leave it running).
-        static func stop(_ p: Process) {
-            kill(p.processIdentifier, SIGKILL)
-            _ = p.waitForExit(seconds: 10)
-        }
-
-        /// Bob has no device connected: a contact request and messages reach the webhook (after the
-        /// receiver refused the first POSTs: retried), signed, without text until bob opts in; events a
+        /// Bob has no device connected: a contact request and messages reach the https webhook (after
+        /// the receiver refused the first POSTs: retried), signed, without text until bob opts in; events a
         /// device acknowledged are not pushed; after every node is SIGKILLed and restarted, nothing
         /// notified before is sent again and new events are.
         @Test(.timeLimit(.minutes(4))) func offlineEventsReachTheWebhookOnceAcrossARestart() async throws {
-            let rx = try Self.startReceiver(failFirst: 2)
-            defer { Self.stop(rx.process) }
+            let rx = try WebhookReceiver(secret: Self.secret, failFirst: 2, tls: true)
+            defer { rx.stop() }
+            let ca = try #require(rx.certificate)
             let c = try ClusterProcess(
                 name: "push", nodes: 3, shards: 2,
                 tables: """
                     [push]
-                    webhook_url = "http://127.0.0.1:\(rx.port)/hooks/weft"
+                    webhook_url = "https://localhost:\(rx.port)/hooks/weft"
+                    ca_file = "\(ca)"
                     delay_ms = 2000
                     secret = "\(Self.secret)"
                     retry_max_ms = 1000
