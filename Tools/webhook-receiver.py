@@ -7,11 +7,16 @@ matched the HMAC-SHA256 of the body under SECRET, the path, the client's port (t
 a kept-alive connection) and the body. The first FAIL POSTs are answered 503 (the sender must retry),
 the rest 200. When it listens, the port is written to PORT_FILE (atomically).
 
+--answer changes what a 2xx-bound POST gets, to test senders: "redirect" (307 to /elsewhere), "big"
+(200 with a 1 MiB body), "trickle" (200, then a body without a length, one byte a second).
+
+It listens on 127.0.0.1 and, where the machine has it, on [::1] at the same port.
+
 With --tls DIR it serves https: it makes a self-signed certificate for the name localhost (not for 127.0.0.1: send to https://localhost:PORT) in
 DIR/cert.pem (with its key in DIR/key.pem) with the openssl command; give DIR/cert.pem to the nodes as
 `[push] ca_file`.
 
-    python3 Tools/webhook-receiver.py PORT_FILE LOG SECRET [FAIL] [--tls DIR]
+    python3 Tools/webhook-receiver.py PORT_FILE LOG SECRET [FAIL] [--tls DIR] [--answer MODE]
 """
 import argparse
 import hashlib
@@ -19,7 +24,10 @@ import hmac
 import json
 import os
 import ssl
+import socket
 import subprocess
+import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 parser = argparse.ArgumentParser()
@@ -28,9 +36,11 @@ parser.add_argument("log")
 parser.add_argument("secret")
 parser.add_argument("fail", nargs="?", type=int, default=0)
 parser.add_argument("--tls", metavar="DIR")
+parser.add_argument("--answer", choices=["ok", "redirect", "big", "trickle"], default="ok")
 args = parser.parse_args()
 secret = args.secret.encode()
 count = [0]
+lock = threading.Lock()
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -40,29 +50,54 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
         want = "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
-        count[0] += 1
-        status = 503 if count[0] <= args.fail else 200
         try:
             parsed = json.loads(body)
         except ValueError:
             parsed = None
-        with open(args.log, "a") as f:
-            f.write(json.dumps({
-                "status": status,
-                "sig_ok": hmac.compare_digest(want, self.headers.get("X-Weft-Signature", "")),
-                "path": self.path,
-                "client_port": self.client_address[1],
-                "body": parsed,
-            }) + "\n")
+        with lock:
+            count[0] += 1
+            status = 503 if count[0] <= args.fail else (307 if args.answer == "redirect" else 200)
+            with open(args.log, "a") as f:
+                f.write(json.dumps({
+                    "status": status,
+                    "sig_ok": hmac.compare_digest(want, self.headers.get("X-Weft-Signature", "")),
+                    "path": self.path,
+                    "client_port": self.client_address[1],
+                    "body": parsed,
+                }) + "\n")
         self.send_response(status)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
+        if status == 200 and args.answer == "big":
+            self.send_header("Content-Length", str(1 << 20))
+            self.end_headers()
+            self.wfile.write(b"x" * (1 << 20))
+        elif status == 200 and args.answer == "trickle":
+            # No length: the body runs until the connection closes, so a reader cannot tell it is long.
+            self.send_header("Connection", "close")
+            self.end_headers()
+            for _ in range(1000000):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(1)
+        else:
+            if status == 307:
+                self.send_header("Location", "/elsewhere")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
 
     def log_message(self, *a):
         pass
 
 
-server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+class Server6(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
+servers = [ThreadingHTTPServer(("127.0.0.1", 0), Handler)]
+port = servers[0].server_port
+try:
+    servers.append(Server6(("::1", port), Handler))
+except OSError:
+    pass  # no IPv6 loopback here (or the port is taken there): 127.0.0.1 only
 if args.tls:
     cert, key = os.path.join(args.tls, "cert.pem"), os.path.join(args.tls, "key.pem")
     subprocess.run(
@@ -72,8 +107,13 @@ if args.tls:
         check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
+    for s in servers:
+        # The handshake happens in each connection's own thread (at its first read), not in accept: a
+        # client that connects and says nothing holds up no one else.
+        s.socket = context.wrap_socket(s.socket, server_side=True, do_handshake_on_connect=False)
+for s in servers[1:]:
+    threading.Thread(target=s.serve_forever, daemon=True).start()
 with open(args.port_file + ".tmp", "w") as f:
-    f.write(str(server.server_port))
+    f.write(str(port))
 os.rename(args.port_file + ".tmp", args.port_file)
-server.serve_forever()
+servers[0].serve_forever()

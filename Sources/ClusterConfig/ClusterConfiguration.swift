@@ -354,7 +354,8 @@ public struct WebhookURL: Sendable, Equatable {
     public var path: String
     public var text: String
 
-    /// Nil unless `http://` or `https://host[:port][/path]` with a port in 1...65535 and no spaces.
+    /// Nil unless `http://` or `https://host[:port][/path]`: a host name, IPv4 address or bracketed IPv6
+    /// address, a port of digits in 1...65535, no spaces and no user part.
     public init?(_ text: String) {
         guard !text.contains(where: { $0.isWhitespace }) else { return nil }
         let scheme: String
@@ -371,16 +372,33 @@ public struct WebhookURL: Sendable, Equatable {
         let slash = rest.firstIndex(of: "/") ?? rest.endIndex
         let authority = rest[..<slash]
         path = slash == rest.endIndex ? "/" : String(rest[slash...])
-        guard !authority.isEmpty, !authority.contains("@") else { return nil }
-        if let colon = authority.lastIndex(of: ":") {
-            guard let p = Int(authority[authority.index(after: colon)...]), (1...65535).contains(p) else { return nil }
-            host = String(authority[..<colon])
+        // host: a DNS name or IPv4 address, or an IPv6 address in brackets; port: digits only.
+        var hostPart = authority
+        var portPart: Substring?
+        if authority.hasPrefix("[") {
+            guard let close = authority.firstIndex(of: "]") else { return nil }
+            hostPart = authority[...close]
+            let after = authority[authority.index(after: close)...]
+            if !after.isEmpty {
+                guard after.hasPrefix(":") else { return nil }
+                portPart = after.dropFirst()
+            }
+            guard hostPart.dropFirst().dropLast().allSatisfy({ $0.isHexDigit || $0 == ":" || $0 == "." }), hostPart.count > 2 else { return nil }
+        } else {
+            if let colon = authority.firstIndex(of: ":") {
+                hostPart = authority[..<colon]
+                portPart = authority[authority.index(after: colon)...]
+            }
+            guard hostPart.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "." || $0 == "-" || $0 == "_") }) else { return nil }
+        }
+        guard !hostPart.isEmpty else { return nil }
+        host = String(hostPart)
+        if let portPart {
+            guard !portPart.isEmpty, portPart.count <= 5, portPart.allSatisfy({ $0.isASCII && $0.isNumber }), let p = Int(portPart), (1...65535).contains(p) else { return nil }
             port = p
         } else {
-            host = String(authority)
             port = tls ? 443 : 80
         }
-        guard !host.isEmpty else { return nil }
         self.text = text
     }
 }

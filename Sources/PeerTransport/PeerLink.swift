@@ -180,6 +180,7 @@ final class PeerLink: Sendable {
         bootstrap
             .connectTimeout(core.configuration.connectTimeout)
             .channelOption(.socketOption(.so_keepalive), value: 1)
+            .channelOptions(DeadLink.options(core.configuration.deadLinkTimeout))
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     let decoder = PeerFrameDecoder(frameBytesMax: core.configuration.frameBytesMax)

@@ -87,6 +87,10 @@ import NIOCore
 import NIOPosix
 import WeftCore
 
+#if canImport(Glibc)
+    import Glibc
+#endif
+
 /// Where a node listens for peer connections.
 public struct PeerAddress: Sendable, Hashable, CustomStringConvertible {
     public var host: String
@@ -115,8 +119,35 @@ public struct PeerTransportConfiguration: Sendable {
     public var reconnectDelayMax: TimeAmount = .seconds(2)
     /// One flush writes the queued frames as buffers of about this size.
     public var writeChunkBytes: Int = 256 << 10
+    /// A connection whose peer stops acknowledging at the TCP level (a black-holed route, a host gone
+    /// without a reset) is closed by the kernel after about this long: `TCP_USER_TIMEOUT` for data in
+    /// flight, and keep-alive probes (after 2 s idle, every second) for an idle connection. Without it
+    /// such a connection looked connected for as long as TCP retransmits (minutes), and every request
+    /// forwarded over it waited out its deadline. 0 turns both off.
+    public var deadLinkTimeout: TimeAmount = .seconds(5)
 
     public init() {}
+}
+
+/// The socket options behind `deadLinkTimeout` (Linux).
+enum DeadLink {
+    /// Each option with its value, or none when `timeout` is 0.
+    static func options(_ timeout: TimeAmount) -> [(ChannelOptions.Types.SocketOption, SocketOptionValue)] {
+        let ms = Int(timeout.nanoseconds / 1_000_000)
+        guard ms > 0 else { return [] }
+        #if os(Linux)
+            let idle = max(1, min(2, ms / 2000))
+            let count = max(1, (ms / 1000 - idle))
+            return [
+                (.tcpOption(.init(rawValue: CInt(TCP_USER_TIMEOUT))), SocketOptionValue(ms)),
+                (.tcpOption(.init(rawValue: CInt(TCP_KEEPIDLE))), SocketOptionValue(idle)),
+                (.tcpOption(.init(rawValue: CInt(TCP_KEEPINTVL))), 1),
+                (.tcpOption(.init(rawValue: CInt(TCP_KEEPCNT))), SocketOptionValue(count)),
+            ]
+        #else
+            return []
+        #endif
+    }
 }
 
 /// Counters since `init`. All are monotonic.
@@ -235,6 +266,7 @@ public final class PeerTransport: Sendable {
                 .serverChannelOption(.backlog, value: 256)
                 .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
                 .childChannelOption(.socketOption(.so_keepalive), value: 1)
+                .childChannelOptions(DeadLink.options(core.configuration.deadLinkTimeout))
                 .childChannelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
                         guard core.inboundAccepted(channel: channel) else { throw PeerTransportError.stopped }
@@ -440,5 +472,17 @@ final class TransportCore: Sendable {
         }
         for channel in channels { channel.close(promise: nil) }
         return channels.map { $0.closeFuture }
+    }
+}
+
+extension ServerBootstrap {
+    func childChannelOptions(_ options: [(ChannelOptions.Types.SocketOption, SocketOptionValue)]) -> ServerBootstrap {
+        options.reduce(self) { $0.childChannelOption($1.0, value: $1.1) }
+    }
+}
+
+extension ClientBootstrap {
+    func channelOptions(_ options: [(ChannelOptions.Types.SocketOption, SocketOptionValue)]) -> ClientBootstrap {
+        options.reduce(self) { $0.channelOption($1.0, value: $1.1) }
     }
 }

@@ -104,7 +104,7 @@ public final class ShardRunner: @unchecked Sendable {
     let replica: ShardReplica
     let send: @Sendable ([Message]) -> Void
     let logger: Logger
-    let lane: DriverLane
+    public let lane: DriverLane
     let condition = NSCondition()
     var inbox: [Input] = []
     var stopped = false

@@ -232,9 +232,9 @@ actor PushWorker {
 
 /// The webhook's HTTP client: AsyncHTTPClient, one per push worker, so POSTs reuse kept-alive
 /// connections (HTTP/1.1, or HTTP/2 when an https receiver offers it), and `https` webhooks are checked
-/// against the system's trust store or the certificates of `[push] ca_file`, with the host name.
-/// Redirects are not followed: a webhook that moved is a configuration to fix, not a place to send
-/// users' events to.
+/// against the system's trust store or the certificates of `[push] ca_file`, with the host name, TLS 1.2
+/// or later. Redirects are not followed: a webhook that moved is a configuration to fix, not a place to
+/// send users' events to.
 final class WebhookClient: Sendable {
     struct SetupError: Error, CustomStringConvertible {
         var description: String
@@ -242,15 +242,22 @@ final class WebhookClient: Sendable {
 
     let url: WebhookURL
     let http: HTTPClient
-    /// The answer's body is read and dropped (a connection is reused only once it is read), at most
-    /// this much; a longer one fails the POST.
+    /// The answer's body is read and dropped (a connection is reused only once it is read): at most this
+    /// much, for at most `drainTime`. The status alone decides: a receiver that accepted a notification
+    /// and then sends a long or endless body has still accepted it (reading it to the end would let a
+    /// receiver hold a POST, and with it the worker's pass, for as long as it likes).
     static let answerBytesMax = 64 << 10
+    static let drainTime: Duration = .seconds(2)
+    /// Kept connections idle longer are closed: below the usual keep-alive of HTTP servers (5 s), so a
+    /// POST is not written on a connection the receiver is closing.
+    static let idleTimeout: TimeAmount = .seconds(4)
 
     /// What an https webhook's certificate is checked against: the system's trust store, or the
     /// certificates in `caFile`. Throws, naming the file, when it holds none NIOSSL can read (checked
     /// before the node starts).
     static func tls(caFile: String?) throws -> TLSConfiguration {
         var tls = TLSConfiguration.makeClientConfiguration()
+        tls.minimumTLSVersion = .tlsv12
         guard let caFile else { return tls }
         let certificates: [NIOSSLCertificate]
         do {
@@ -265,18 +272,32 @@ final class WebhookClient: Sendable {
         return tls
     }
 
+    /// Whether the client parses the URL as the configuration did (it parses the text again): checked
+    /// before the node starts, so a URL that would fail every POST stops the start instead.
+    static func check(_ url: WebhookURL) throws {
+        guard let parsed = URL(string: url.text), parsed.scheme == (url.tls ? "https" : "http"),
+            let host = parsed.host, !host.isEmpty, (parsed.port ?? (url.tls ? 443 : 80)) == url.port
+        else {
+            throw SetupError(description: "[push] webhook_url \(url.text): not a URL the HTTP client can use")
+        }
+    }
+
     /// Call `shutdown()` before letting go of it (AsyncHTTPClient's rule).
     init(url: WebhookURL, tls: TLSConfiguration, connectTimeout: TimeAmount = .seconds(5), readTimeout: TimeAmount = .seconds(5)) {
+        var pool = HTTPClient.Configuration.ConnectionPool(idleTimeout: Self.idleTimeout)
+        // A refused connection or a failed handshake fails the POST at once; the worker backs off per
+        // user (the client would retry within the connect timeout, 5 s per POST while a webhook is down).
+        pool.retryConnectionEstablishment = false
         let configuration = HTTPClient.Configuration(
             tlsConfiguration: tls, redirectConfiguration: .disallow,
-            timeout: .init(connect: connectTimeout, read: readTimeout),
-            connectionPool: .init(idleTimeout: .seconds(60)))
+            timeout: .init(connect: connectTimeout, read: readTimeout), connectionPool: pool)
         self.url = url
         self.http = HTTPClient(eventLoopGroup: MultiThreadedEventLoopGroup.singleton, configuration: configuration)
     }
 
     /// One POST: the status code, or an error on a refused connection, a failed TLS handshake (an
-    /// untrusted certificate, a wrong host name), a timeout or a connection closed before the answer.
+    /// untrusted certificate, a wrong host name), no status within `timeout`, or a connection closed
+    /// before the status. Returns at most `drainTime` after the status.
     func post(body: [UInt8], headers: [(String, String)], timeout: TimeAmount = .seconds(10)) async throws -> Int {
         var request = HTTPClientRequest(url: url.text)
         request.method = .POST
@@ -284,8 +305,15 @@ final class WebhookClient: Sendable {
         for (k, v) in headers { request.headers.add(name: k, value: v) }
         request.body = .bytes(ByteBuffer(bytes: body))
         let response = try await http.execute(request, timeout: timeout)
-        _ = try await response.body.collect(upTo: Self.answerBytesMax)
-        return Int(response.status.code)
+        let status = Int(response.status.code)
+        // Cancelling the read (too long, or the time is up) closes that connection.
+        await withTaskGroup(of: Void.self) { group in
+            group.addTask { _ = try? await response.body.collect(upTo: Self.answerBytesMax) }
+            group.addTask { try? await Task.sleep(for: Self.drainTime) }
+            await group.next()
+            group.cancelAll()
+        }
+        return status
     }
 
     /// Closes the kept connections; the client is not used after.

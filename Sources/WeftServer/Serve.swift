@@ -33,8 +33,11 @@ public enum Serve {
                 "storage.fsync = \(config.storage.fsync): an acknowledged write is on a quorum's page cache, not yet on its disks; it survives the kill of any process but not a power loss or OS crash of a quorum (Docs/storage.md)"
             )
         }
-        // A bad `[push] ca_file` stops the start here, before the node opens anything.
-        let webhookTLS = try config.push.webhookURL.map { _ in try WebhookClient.tls(caFile: config.push.caFile) }
+        // A bad `[push] ca_file` (or a URL the client would not take) stops the start here, before the node opens anything.
+        let webhookTLS = try config.push.webhookURL.map { url in
+            try WebhookClient.check(url)
+            return try WebhookClient.tls(caFile: config.push.caFile)
+        }
         let weftNode = try WeftNode(config: config, node: id, group: MultiThreadedEventLoopGroup.singleton, logger: logger)
         let token = Array(config.operatorToken.utf8)
         let messaging = MessagingAPI(node: weftNode, auth: await UserAuth(config: config))

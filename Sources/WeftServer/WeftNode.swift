@@ -284,12 +284,16 @@ public final class WeftNode: Sendable {
     /// the node kept sending the shard's requests to its stopped replica, which answered 503 to each.
     func replicaFailed(_ shard: ShardID, _ why: String) {
         failedShards.withLockedValue { $0[shard] = why }
-        let removed = runnerBox.withLockedValue { rs -> Bool in
-            guard rs[shard] != nil else { return false }
-            rs[shard] = nil
-            return true
+        let removed = runnerBox.withLockedValue { rs -> ShardRunner? in
+            defer { rs[shard] = nil }
+            return rs[shard]
         }
-        guard removed else { return }
+        guard let removed else { return }
+        // Its lane has one replica fewer to drive: a replica reopened or joined later goes to the lane
+        // with the fewest again.
+        laneLoad.withLockedValue { load in
+            if let k = lanes.firstIndex(where: { $0 === removed.lane }), load[k] > 0 { load[k] -= 1 }
+        }
         relays.withLockedValue { $0.removeValue(forKey: shard) }?.stop()
         // Catch-ups it was shipping as leader (its files stay readable, but the follower is better
         // served by the new leader).

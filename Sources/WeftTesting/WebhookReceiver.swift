@@ -13,13 +13,14 @@ public final class WebhookReceiver: Sendable {
     /// With `tls`: the receiver's certificate (PEM), to trust as `[push] ca_file`.
     public let certificate: String?
 
-    /// Starts it and waits (at most 10 s) until it listens. It answers 503 to the first `failFirst` POSTs.
-    public init(secret: String, failFirst: Int = 0, tls: Bool = false, file: String = #filePath) throws {
+    /// Starts it and waits (at most 10 s) until it listens. It answers 503 to the first `failFirst` POSTs,
+    /// then as `answer` says ("ok", "redirect", "big", "trickle": Tools/webhook-receiver.py).
+    public init(secret: String, failFirst: Int = 0, tls: Bool = false, answer: String = "ok", file: String = #filePath) throws {
         let dir = NSTemporaryDirectory() + "weft-webhook-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        p.arguments = ["python3", Self.script(from: file), dir + "/port", dir + "/log.jsonl", secret, String(failFirst)] + (tls ? ["--tls", dir] : [])
+        p.arguments = ["python3", Self.script(from: file), dir + "/port", dir + "/log.jsonl", secret, String(failFirst)] + (tls ? ["--tls", dir] : []) + ["--answer", answer]
         // Never the test's own stdout: a receiver left running would hold that pipe open, and
         // `swift test` waits for its end (CI ran out of time on that once).
         _ = FileManager.default.createFile(atPath: dir + "/receiver.out", contents: nil)
@@ -59,10 +60,16 @@ public final class WebhookReceiver: Sendable {
         return directory + "/Tools/webhook-receiver.py"
     }
 
-    /// Every POST logged, in order.
+    /// Every POST logged, in order. A complete line that is not a JSON object is kept as
+    /// `["status": -1, "unparsed": line]`, so a check over every POST sees it; a last line still being
+    /// written is left for the next look.
     public var all: [[String: Any]] {
         let text = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
-        return text.split(separator: "\n").compactMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }
+        var lines = text.split(separator: "\n", omittingEmptySubsequences: false)
+        lines.removeLast()  // after the last "\n": empty, or a line not complete yet
+        return lines.map { line in
+            (try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any]) ?? ["status": -1, "unparsed": String(line)]
+        }
     }
     /// The POSTs answered 200, in order.
     public var accepted: [[String: Any]] { all.filter { $0["status"] as? Int == 200 } }

@@ -190,7 +190,8 @@ import WeftCore
         #expect(c.push.delayMillis == 1500 && c.push.secret == "0123456789abcdef" && c.push.retryMaxMillis == 9000)
         #expect(WebhookURL("http://h")?.port == 80 && WebhookURL("http://h")?.path == "/" && WebhookURL("http://h")?.tls == false)
         #expect(WebhookURL("https://h/x")?.port == 443 && WebhookURL("https://h/x")?.tls == true && WebhookURL("https://h:8443")?.port == 8443)
-        for bad in ["https://", "https://h:0/", "httpss://h/", "http://", "http://:80/p", "http://u@h/p", "http://h:0/", "http://h/a b", "ftp://h/"] {
+        #expect(WebhookURL("https://[::1]/p")?.host == "[::1]" && WebhookURL("https://[::1]/p")?.port == 443 && WebhookURL("https://[::1]:8443")?.port == 8443)
+        for bad in ["https://", "https://h:0/", "httpss://h/", "http://h:+80/", "http://h:80:81/", "http://[::1", "http://[::1]x/", "http://[zz]/", "http://h?x", "http://", "http://:80/p", "http://u@h/p", "http://h:0/", "http://h/a b", "ftp://h/"] {
             #expect(WebhookURL(bad) == nil, "\(bad)")
         }
     }

@@ -1,3 +1,4 @@
+import Foundation
 import NIOCore
 import NIOPosix
 import PeerTransport
@@ -283,5 +284,60 @@ struct TransportTests {
         await ok.transport.stop()
         await ok.transport.stop()  // idempotent
         try await group.shutdownGracefully()
+    }
+
+    /// A route that black-holes a peer's packets (a partition: no reset, no FIN) closes the connection
+    /// within `deadLinkTimeout`, so the peer reads as unreachable and requests stop waiting on it; once
+    /// the route is back, the link redials. Without the option the connection still looks up long after.
+    /// The cut is an iptables rule on loopback dropping TCP to node 2's port (root only).
+    @Test(.enabled(if: Firewall.usable), .timeLimit(.minutes(2)))
+    func aBlackHoledLinkIsClosedAndRedialedWhenTheRouteIsBack() async throws {
+        for timeout in [TimeAmount.seconds(3), .zero] {
+            let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+            var configuration = PeerTransportConfiguration()
+            configuration.deadLinkTimeout = timeout
+            let (nodes, ports) = try await self.startCluster([1, 2], group: group) { _ in configuration }
+            #expect(await eventually { self.allReachable(nodes) })
+            let port = ports[NodeID(2)] ?? 0
+            let rule = ["INPUT", "-i", "lo", "-p", "tcp", "--dport", "\(port)", "-m", "comment", "--comment", "weft-test-dead-link", "-j", "DROP"]
+            try Firewall.run(["-I"] + rule)
+            // Never left behind by a failed expectation (a second delete fails harmlessly).
+            defer { try? Firewall.run(["-D"] + rule) }
+            // A frame in flight: never acknowledged while the rule holds.
+            nodes[0].transport.send(to: NodeID(2), shard: 1, payload: [1])
+            if timeout > .zero {
+                #expect(await eventually(within: 20) { !nodes[0].transport.reachable(NodeID(2)) }, "closed within the dead-link timeout")
+                try Firewall.run(["-D"] + rule)
+                #expect(await eventually(within: 20) { nodes[0].transport.reachable(NodeID(2)) }, "redialed once the route is back")
+                nodes[0].transport.send(to: NodeID(2), shard: 1, payload: [2])
+                #expect(await eventually { nodes[1].inbox.all.contains { $0.payload == [2] } })
+            } else {
+                try await Task.sleep(for: .seconds(8))
+                #expect(nodes[0].transport.reachable(NodeID(2)), "without the option the dead connection still looks up")
+                try Firewall.run(["-D"] + rule)
+            }
+            try await self.stopAll(nodes, group)
+        }
+    }
+}
+
+/// iptables, for tests that cut a route on loopback.
+enum Firewall {
+    static var usable: Bool { getuid() == 0 && FileManager.default.isExecutableFile(atPath: path) }
+    static var path: String { ["/usr/sbin/iptables", "/sbin/iptables"].first { FileManager.default.isExecutableFile(atPath: $0) } ?? "/usr/sbin/iptables" }
+
+    struct Failure: Error, CustomStringConvertible {
+        var description: String
+    }
+
+    static func run(_ arguments: [String]) throws {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: path)
+        p.arguments = ["-w"] + arguments
+        p.standardOutput = FileHandle.nullDevice
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        p.waitUntilExit()
+        guard p.terminationStatus == 0 else { throw Failure(description: "iptables \(arguments.joined(separator: " ")) exited \(p.terminationStatus)") }
     }
 }
