@@ -22,6 +22,9 @@ import WeftCore
 /// 16 inbox  | u32 n | n x record (as a read's answer: index | term | stream | seq | u16 type | i64 time | u32 len | payload)
 /// 17 leader | u64 term
 /// 18 replicaStopped (nothing more: the frame's shard)
+/// 19 via    | request id | u64 target node | inner envelope (rest): a request to pass on to the target,
+///           whose answer comes back under this request id (Docs/replication.md, "Forwarding through
+///           another node")
 /// answer statuses 6 partial: u32 count | u32 n | n x ref; 7 replayed: u32 n | n x ref;
 ///                 8 relay: u8 kind (0 written, 1 already applied, 2 stale) | u64 mark
 /// 3 answer  | request id | u8 status
@@ -78,6 +81,9 @@ enum Envelope: Equatable {
     /// shard, the node has no tail of it, so the shard's replicas forward inbox records of its sessions'
     /// users to it (Docs/delivery.md). Repeated every 2 s while it lasts; not answered.
     case replicaStopped
+    /// A request (`inner`, an encoded forward, read or query) for `target`, sent to this node because the
+    /// sender cannot reach the target: passed on once, and the answer returned under `request`.
+    case via(request: RequestID, target: NodeID, inner: [UInt8])
 
     /// Users in one presence frame at most.
     static let presenceUsersMax = 1 << 16
@@ -128,6 +134,14 @@ enum Envelope: Equatable {
         var description: String
     }
 
+    /// A request that waits for an answer (what `via` may carry).
+    var isRequest: Bool {
+        switch self {
+        case .forward, .forwardKeyed, .relayBatch, .forwardMessaging, .readIndex, .configChange, .rateTake, .stateQuery, .readForward: true
+        case .raft, .answer, .file, .fileAck, .presence, .typing, .inbox, .leader, .replicaStopped, .via: false
+        }
+    }
+
     func encode() -> [UInt8] {
         var b: [UInt8] = []
         switch self {
@@ -176,6 +190,11 @@ enum Envelope: Equatable {
             put(term, &b)
         case .replicaStopped:
             b.append(18)
+        case .via(let id, let target, let inner):
+            b.append(19)
+            put(id, &b)
+            put(target.rawValue, &b)
+            b += inner
         case .rateTake(let id, let user, let kind, let perMinute):
             b.append(11)
             put(id, &b)
@@ -325,6 +344,12 @@ enum Envelope: Equatable {
         case 18:
             try r.end()
             return .replicaStopped
+        case 19:
+            let id = try r.requestID()
+            let target = NodeID(try r.u64())
+            let inner = Array(try r.take(r.remaining))
+            guard !inner.isEmpty else { throw DecodeError(description: "via without a request") }
+            return .via(request: id, target: target, inner: inner)
         case 11:
             let id = try r.requestID()
             let user = try r.u64()

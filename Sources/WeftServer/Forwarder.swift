@@ -1,3 +1,4 @@
+import Metrics
 import NIOConcurrencyHelpers
 import WeftCore
 
@@ -21,46 +22,64 @@ final class Forwarder: Sendable {
 
     let incarnation: UInt64
     let selfID: NodeID
-    /// Whether a peer is connected now (a request to one that is not fails without being sent).
+    /// Whether a peer is connected now (a request to one that is not fails without being sent, or goes
+    /// through `relay`).
     let reachable: @Sendable (NodeID) -> Bool
+    /// A reachable peer to pass a request on to a target this node cannot reach (a partition between the
+    /// two only), or nil (Docs/replication.md, "Forwarding through another node").
+    let relay: @Sendable (NodeID) -> NodeID?
     /// Sends a frame to a peer (the peer transport; a capture in tests).
     let sendFrame: @Sendable (NodeID, ShardID, [UInt8]) -> Void
     let state = NIOLockedValueBox<(next: UInt64, waiting: [UInt64: Waiting], closed: Bool)>((1, [:], false))
     let deadlines: Deadlines
     /// Requests waiting for an answer at most; past it a new request fails at once (nothing is sent).
     static let waitingCountMax = 65_536
+    /// Requests sent through another node (this node could not reach their target).
+    let viaSent = Counter(label: "weft_forward_via_total", dimensions: [("role", "sent")])
 
     init(
         selfID: NodeID, incarnation: UInt64 = UInt64.random(in: 1...UInt64.max), reachable: @escaping @Sendable (NodeID) -> Bool,
+        relay: @escaping @Sendable (NodeID) -> NodeID? = { _ in nil },
         deadlines: Deadlines = .shared, send: @escaping @Sendable (NodeID, ShardID, [UInt8]) -> Void
     ) {
         self.deadlines = deadlines
         self.selfID = selfID
         self.reachable = reachable
+        self.relay = relay
         self.sendFrame = send
         self.incarnation = incarnation
     }
 
     /// Sends `envelope` (a forward or a config change; its request id is set here) to `target` and waits
     /// for the answer until `deadline`.
-    func send(to target: NodeID, shard: ShardID, _ envelope: Envelope, deadline: ContinuousClock.Instant) async -> Envelope.ForwardAnswer {
-        await withCheckedContinuation { c in send(to: target, shard: shard, envelope, deadline: deadline) { c.resume(returning: $0) } }
+    func send(to target: NodeID, shard: ShardID, _ envelope: Envelope, deadline: ContinuousClock.Instant, direct: Bool = false) async -> Envelope.ForwardAnswer {
+        await withCheckedContinuation { c in send(to: target, shard: shard, envelope, deadline: deadline, direct: direct) { c.resume(returning: $0) } }
     }
 
     /// Callback form of `send`: `done` runs exactly once, with the answer, or with the failure when
     /// nothing could be sent (at once, on this thread) or no answer came before `deadline`.
+    ///
+    /// A target this node cannot reach is asked through another peer that can (`relay`): the request
+    /// goes to it as `via`, it passes it on once (`direct`: never through a third), and its answer is the
+    /// target's (or its own failure to reach the target: nothing written).
     func send(
-        to target: NodeID, shard: ShardID, _ envelope: Envelope, deadline: ContinuousClock.Instant,
+        to target: NodeID, shard: ShardID, _ envelope: Envelope, deadline: ContinuousClock.Instant, direct: Bool = false,
         done: @escaping @Sendable (Envelope.ForwardAnswer) -> Void
     ) {
-        guard reachable(target) else { return done(.failed("node \(target) unreachable")) }
+        var hop = target
+        if !reachable(target) {
+            guard !direct, let r = relay(target), r != target, r != selfID, reachable(r) else {
+                return done(.failed("node \(target) unreachable"))
+            }
+            hop = r
+        }
         // Registered before the deadline's timer exists, so the timer always finds it (or finds it
-        // already answered).
+        // already answered). An answer is taken only from the node the frame went to.
         let sequence = state.withLockedValue { s -> UInt64? in
             guard !s.closed, s.waiting.count < Self.waitingCountMax else { return nil }
             let sequence = s.next
             s.next += 1
-            s.waiting[sequence] = Waiting(target: target, answer: done)
+            s.waiting[sequence] = Waiting(target: hop, answer: done)
             return sequence
         }
         guard let sequence else { return done(.failed("node \(selfID) has too many forwarded requests waiting, or is stopping")) }
@@ -78,9 +97,10 @@ final class Forwarder: Sendable {
             case .readForward(_, let c, let q): .readForward(request: id, consistency: c, query: q)
             default: envelope
             }
+        let route = hop == target ? "node \(target)" : "node \(target) through node \(hop)"
         let timer = deadlines.schedule(deadline) { [state] in
             state.withLockedValue { $0.waiting.removeValue(forKey: sequence) }?.answer(
-                .outcomeUnknown("sent to node \(target), no answer before the deadline"))
+                .outcomeUnknown("sent to \(route), no answer before the deadline"))
         }
         let stillWaiting = state.withLockedValue { s -> Bool in
             guard s.waiting[sequence] != nil else { return false }
@@ -88,7 +108,12 @@ final class Forwarder: Sendable {
             return true
         }
         if !stillWaiting { deadlines.cancel(timer) }
-        sendFrame(target, shard, numbered.encode())
+        if hop == target {
+            sendFrame(target, shard, numbered.encode())
+        } else {
+            viaSent.increment()
+            sendFrame(hop, shard, Envelope.via(request: id, target: target, inner: numbered.encode()).encode())
+        }
     }
 
     /// An answer arrived from `from`. Ignored unless it answers a request of this incarnation that was

@@ -1,6 +1,7 @@
 import ClusterConfig
 import Foundation
 import Logging
+import Metrics
 import Messaging
 import NIOConcurrencyHelpers
 import NIOCore
@@ -52,6 +53,8 @@ public final class WeftNode: Sendable {
     let failedShards = NIOLockedValueBox<[ShardID: String]>([:])
     let transport: PeerTransport
     let forwarder: Forwarder
+    /// Requests passed on for a peer that could not reach their target (`passOn`).
+    let viaPassed = Counter(label: "weft_forward_via_total", dimensions: [("role", "passed")])
     /// Ships sealed files to followers that need them (catch-up), off the shard threads.
     let shipper: CatchUpShipper
     let started = NIOLockedValueBox(false)
@@ -110,8 +113,12 @@ public final class WeftNode: Sendable {
             box.withLockedValue { $0 }?.receive(from: from, shard: ShardID(shard), payload: payload)
         }
         let t = transport
+        let others = config.nodes.map(\.id).filter { $0 != id }
         forwarder = Forwarder(
-            selfID: id, reachable: { t.reachable($0) }, send: { to, shard, frame in t.send(to: to, shard: shard.rawValue, payload: frame) })
+            selfID: id, reachable: { t.reachable($0) },
+            // A partition between this node and the target only: any other peer this node reaches.
+            relay: { target in others.filter { $0 != target && t.reachable($0) }.randomElement() },
+            send: { to, shard, frame in t.send(to: to, shard: shard.rawValue, payload: frame) })
         shipper = CatchUpShipper(
             logger: logger,
             sendChunk: { shard, to, transfer, name, offset, total, bytes in
@@ -464,6 +471,8 @@ public final class WeftNode: Sendable {
             runner.submit(.propose(ps) { reply(Self.answer($0, me: me, Self.refs)) })
         case .answer(let request, let answer):
             forwarder.receive(request, answer, from: from)
+        case .via(let request, let target, let inner):
+            passOn(request, to: target, inner: inner, from: from, shard: shard)
         case .presence(let on, let users):
             // Only users whose directory is this node (a peer's mistake or malice goes no further).
             let mine = users.filter { Ids.isUserID($0) && delivery.directoryNodes(of: $0).contains(id) }
@@ -712,8 +721,11 @@ public final class WeftNode: Sendable {
     /// `throughLeader` with the whole answer. `retryUnknown`: an answer that the outcome is unknown is
     /// retried too (safe only for a keyed request: the retry cannot write it twice).
     /// `lastUnknown`: the last attempt's outcome was unknown (then so is the request's, at the deadline).
+    /// `askPeer`: this attempt goes to another replica even with no leader known here (the local
+    /// replica said it knows none: one cut off from the leader alone learns it from a peer this way).
     func throughLeader(
         _ shard: ShardID, deadline: ContinuousClock.Instant, lastError: String = "no leader", lastUnknown: Bool = false, retryUnknown: Bool,
+        askPeer: Bool = false,
         envelope: @escaping @Sendable () -> Envelope,
         local run: @escaping @Sendable (ShardRunner, ContinuousClock.Instant, @escaping @Sendable (Envelope.ForwardAnswer) -> Void) -> Void,
         done: @escaping @Sendable (Result<Written, WriteError>) -> Void
@@ -721,16 +733,18 @@ public final class WeftNode: Sendable {
         guard ContinuousClock.now < deadline else {
             return done(.failure(lastUnknown ? .outcomeUnknown("shard \(shard): \(lastError)") : .unavailable("shard \(shard): \(lastError)")))
         }
-        let again: @Sendable (String, Bool, Duration?) -> Void = { [self] why, unknown, pause in
+        let again: @Sendable (String, Bool, Duration?, Bool) -> Void = { [self] why, unknown, pause, askPeer in
             guard let pause else {
                 return throughLeader(
-                    shard, deadline: deadline, lastError: why, lastUnknown: unknown, retryUnknown: retryUnknown, envelope: envelope, local: run, done: done)
+                    shard, deadline: deadline, lastError: why, lastUnknown: unknown, retryUnknown: retryUnknown, askPeer: askPeer,
+                    envelope: envelope, local: run, done: done)
             }
             // Not before the pause, nor past the deadline (then the last error is the answer).
             let at = min(ContinuousClock.now + pause, deadline)
             _ = Deadlines.shared.schedule(at) { [self] in
                 throughLeader(
-                    shard, deadline: deadline, lastError: why, lastUnknown: unknown, retryUnknown: retryUnknown, envelope: envelope, local: run, done: done)
+                    shard, deadline: deadline, lastError: why, lastUnknown: unknown, retryUnknown: retryUnknown, askPeer: askPeer,
+                    envelope: envelope, local: run, done: done)
             }
         }
         // Where this attempt goes: the local replica when it leads or no leader is known, else the hinted
@@ -738,7 +752,8 @@ public final class WeftNode: Sendable {
         // forward unanswered.
         let hint = leaderHints.withLockedValue { $0.leader(of: shard) }
         let local = runner(shard)
-        let runsLocally = (hint == nil || hint == id) && local != nil
+        let peerToAsk = askPeer && hint == nil && config.replicas(of: shard).contains { $0 != id }
+        let runsLocally = (hint == nil || hint == id) && local != nil && !peerToAsk
         let target: NodeID? =
             runsLocally
             ? nil
@@ -785,10 +800,13 @@ public final class WeftNode: Sendable {
                 }
                 // No leader named, or one this node knows to be stale: the views are still settling, so
                 // wait a little rather than ask the same place again at once.
-                again(l.map { "leader is node \($0)" } ?? "no leader", false, l == nil || !taken ? .milliseconds(20) : nil)
+                // The local replica knows no leader: the next attempt asks a peer, which may (this node
+                // can be cut off from the leader alone; the peer's answer names it, and the write goes
+                // there through a node that reaches it). Then the local replica again, and so on.
+                again(l.map { "leader is node \($0)" } ?? "no leader", false, l == nil || !taken ? .milliseconds(20) : nil, target == nil && l == nil)
             case .failed(let why):
                 forgetHint()
-                again(why, false, .milliseconds(20))
+                again(why, false, .milliseconds(20), false)
             case .invalid(let why):
                 done(.failure(.invalid(why)))
             case .refused(let code, let message):
@@ -807,7 +825,7 @@ public final class WeftNode: Sendable {
                 forgetHint()
                 if retryUnknown {
                     // Keyed: asking again cannot write it twice, and learns what happened.
-                    again(why, true, .milliseconds(20))
+                    again(why, true, .milliseconds(20), false)
                 } else {
                     done(.failure(.outcomeUnknown("shard \(shard): \(why)")))
                 }
@@ -896,6 +914,20 @@ public final class WeftNode: Sendable {
         guard let runner = runnerOrRefuse(shard, request: request, from: from) else { return nil }
         let ps = proposals.map { Proposal(stream: $0.stream, type: $0.type, timestampMicros: $0.timestampMicros, payload: $0.payload) }
         return (runner, ps, replier(to: from, shard: shard, request: request))
+    }
+
+    /// A peer that cannot reach `target` asks it through this node (Docs/replication.md, "Forwarding
+    /// through another node"): the request is passed on once, never through a third node, and the
+    /// target's answer (or this node's failure to reach it: nothing sent) goes back under the peer's
+    /// request id. Only requests that answer (forwards, reads, queries) are passed on.
+    func passOn(_ request: Envelope.RequestID, to target: NodeID, inner: [UInt8], from: NodeID, shard: ShardID) {
+        let reply = replier(to: from, shard: shard, request: request)
+        guard target != id, target != from, config.node(target) != nil else {
+            return reply(.invalid("via: node \(target) is not a third node of the cluster"))
+        }
+        guard let env = try? Envelope.decode(inner), env.isRequest else { return reply(.invalid("via: not a request")) }
+        viaPassed.increment()
+        forwarder.send(to: target, shard: shard, env, deadline: ContinuousClock.now + .seconds(5), direct: true) { reply($0) }
     }
 
     /// The local replica of `shard`, or nil after telling the asking peer this node has none.

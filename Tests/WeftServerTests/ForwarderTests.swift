@@ -59,6 +59,43 @@ import WeftCore
         guard case .outcomeUnknown = await waiting.value else { Issue.record("waiting at close"); return }
     }
 
+    /// A partition between this node and the target only: the request goes to a third node as `via`
+    /// (the inner request whole), and only that node's answer completes it. A request that must not be
+    /// passed on again (`direct`, what the third node sends) fails at once when its target is
+    /// unreachable, and nothing is sent.
+    @Test func aTargetCutOffFromThisNodeIsAskedThroughAThird() async throws {
+        let sent = Sent()
+        let f = Forwarder(
+            selfID: NodeID(1), incarnation: 7, reachable: { $0 == NodeID(3) }, relay: { $0 == NodeID(2) ? NodeID(3) : nil },
+            send: { to, _, fr in sent.add(to, fr) })
+        let waiting = Task { await f.send(to: NodeID(2), shard: ShardID(4), Self.proposal, deadline: .now + .seconds(30)) }
+        try await waitForFrame(sent, count: 1)
+        guard case (NodeID(3), .via(let id, let target, let inner))? = sent.last else { Issue.record("no via sent: \(String(describing: sent.last))"); return }
+        #expect(target == NodeID(2))
+        #expect(id == Envelope.RequestID(incarnation: 7, sequence: 1))
+        guard case .forward(let innerID, let ps) = try Envelope.decode(inner) else { Issue.record("the inner request is not the forward"); return }
+        #expect(innerID == id && ps.map(\.payload) == [[1]])
+        // The target cannot answer it (it never got it from this node); the third node does.
+        #expect(!f.receive(id, .ok([]), from: NodeID(2)))
+        let ref = RecordRef(index: 3, term: 1, stream: StreamID(1), seq: 1)
+        #expect(f.receive(id, .ok([ref]), from: NodeID(3)))
+        #expect(await waiting.value == .ok([ref]))
+
+        // No third node reachable, or passing on again: failed, nothing sent.
+        let none = Forwarder(selfID: NodeID(1), reachable: { _ in false }, relay: { _ in NodeID(3) }, send: { to, _, fr in sent.add(to, fr) })
+        guard case .failed = await none.send(to: NodeID(2), shard: ShardID(0), Self.proposal, deadline: .now + .seconds(5)) else {
+            Issue.record("a relay that is not reachable was used"); return
+        }
+        guard case .failed = await f.send(to: NodeID(2), shard: ShardID(0), Self.proposal, deadline: .now + .seconds(5), direct: true) else {
+            Issue.record("a direct request was passed on"); return
+        }
+        #expect(sent.lock.withLock { sent.frames.count } == 1)
+        // The envelope round-trips; a via without a request does not decode.
+        let via = Envelope.via(request: id, target: NodeID(2), inner: inner)
+        #expect(try Envelope.decode(via.encode()) == via)
+        #expect(throws: Envelope.DecodeError.self) { try Envelope.decode([19] + Array(repeating: 0, count: 24)) }
+    }
+
     @Test func answersAndCatchUpFramesRoundTrip() throws {
         let id = Envelope.RequestID(incarnation: 0xDEAD_BEEF_0000_0001, sequence: 42)
         let envelopes: [Envelope] = [

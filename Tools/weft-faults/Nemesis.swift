@@ -58,11 +58,13 @@ final class Nemesis: @unchecked Sendable {
     /// node that is down cannot be rescued by the heal.
     /// `targets`: where the probes go, asked once the grace has passed (default: every other node, to
     /// every shard).
+    /// `after`: when the probes go (default: the election grace).
     func holdProbing(
-        _ hold: Duration, kind: String, victim: Int, start: Double, quorum: Bool, targets: (() async -> [(node: Int, shard: Int)])? = nil
+        _ hold: Duration, kind: String, victim: Int, start: Double, quorum: Bool, after: Duration? = nil,
+        targets: (() async -> [(node: Int, shard: Int)])? = nil
     ) async throws {
         let began = ContinuousClock.now
-        let grace = Duration.milliseconds(Int(Availability.grace * 1000))
+        let grace = after ?? Duration.milliseconds(Int(Availability.grace * 1000))
         guard quorum, hold > grace else {
             try await Task.sleep(for: hold)
             return
@@ -291,10 +293,21 @@ final class Nemesis: @unchecked Sendable {
             try network.heal()
             await note(kind.rawValue, "end", [:])
         case .partition:
+            // A cut between two nodes only: each still reaches the third. When every node is up and
+            // healthy, every shard keeps a quorum, and writes through either node of the pair must go
+            // on: to a leader on the other side through the third node (Docs/replication.md,
+            // "Forwarding through another node"). Probed once the cut links have been found dead (the
+            // transport's dead-link timeout, 5 s: before, a write sent over a black-holed link is in
+            // doubt at its deadline, which is what a partition does), so such a fault lasts longer.
+            let othersHold = await othersHoldQuorums(victim)
+            let quorum = othersHold && cluster.isRunning(victim) && !cluster.isPaused(victim)
             try network.cut(from: victim, to: peer)
             try network.cut(from: peer, to: victim)
+            let start = await history.now()
             await note(kind.rawValue, "start", ["nodes": [victim, peer]])
-            try await Task.sleep(for: hold)
+            try await holdProbing(
+                hold + .seconds(8), kind: kind.rawValue, victim: victim, start: start, quorum: quorum, after: .seconds(7),
+                targets: { [cluster] in [victim, peer].flatMap { n in (0..<cluster.shards).map { (n, $0) } } })
             try network.heal()
             await note(kind.rawValue, "end", [:])
         case .oneWay:
