@@ -22,9 +22,9 @@ import WeftCore
 /// 16 inbox  | u32 n | n x record (as a read's answer: index | term | stream | seq | u16 type | i64 time | u32 len | payload)
 /// 17 leader | u64 term
 /// 18 replicaStopped (nothing more: the frame's shard)
-/// 19 via    | request id | u64 target node | inner envelope (rest): a request to pass on to the target,
-///           whose answer comes back under this request id (Docs/replication.md, "Forwarding through
-///           another node")
+/// 19 via    | request id | u64 target node | u32 ms the sender waits | inner envelope (rest): a
+///           request to pass on to the target, whose answer comes back under this request id
+///           (Docs/replication.md, "Forwarding through another node")
 /// answer statuses 6 partial: u32 count | u32 n | n x ref; 7 replayed: u32 n | n x ref;
 ///                 8 relay: u8 kind (0 written, 1 already applied, 2 stale) | u64 mark
 /// 3 answer  | request id | u8 status
@@ -83,7 +83,7 @@ enum Envelope: Equatable {
     case replicaStopped
     /// A request (`inner`, an encoded forward, read or query) for `target`, sent to this node because the
     /// sender cannot reach the target: passed on once, and the answer returned under `request`.
-    case via(request: RequestID, target: NodeID, inner: [UInt8])
+    case via(request: RequestID, target: NodeID, withinMillis: UInt32, inner: [UInt8])
 
     /// Users in one presence frame at most.
     static let presenceUsersMax = 1 << 16
@@ -190,10 +190,11 @@ enum Envelope: Equatable {
             put(term, &b)
         case .replicaStopped:
             b.append(18)
-        case .via(let id, let target, let inner):
+        case .via(let id, let target, let within, let inner):
             b.append(19)
             put(id, &b)
             put(target.rawValue, &b)
+            put(within, &b)
             b += inner
         case .rateTake(let id, let user, let kind, let perMinute):
             b.append(11)
@@ -347,9 +348,10 @@ enum Envelope: Equatable {
         case 19:
             let id = try r.requestID()
             let target = NodeID(try r.u64())
+            let within = try r.u32()
             let inner = Array(try r.take(r.remaining))
             guard !inner.isEmpty else { throw DecodeError(description: "via without a request") }
-            return .via(request: id, target: target, inner: inner)
+            return .via(request: id, target: target, withinMillis: within, inner: inner)
         case 11:
             let id = try r.requestID()
             let user = try r.u64()

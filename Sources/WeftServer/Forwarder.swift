@@ -95,7 +95,8 @@ final class Forwarder: Sendable {
             case .rateTake(_, let user, let kind, let perMinute): .rateTake(request: id, user: user, kind: kind, perMinute: perMinute)
             case .stateQuery(_, let c, let q): .stateQuery(request: id, consistency: c, query: q)
             case .readForward(_, let c, let q): .readForward(request: id, consistency: c, query: q)
-            default: envelope
+            // Not requests (nothing answers them): sent as they are.
+            case .raft, .answer, .file, .fileAck, .presence, .typing, .inbox, .leader, .replicaStopped, .via: envelope
             }
         let route = hop == target ? "node \(target)" : "node \(target) through node \(hop)"
         let timer = deadlines.schedule(deadline) { [state] in
@@ -112,7 +113,9 @@ final class Forwarder: Sendable {
             sendFrame(target, shard, numbered.encode())
         } else {
             viaSent.increment()
-            sendFrame(hop, shard, Envelope.via(request: id, target: target, inner: numbered.encode()).encode())
+            let left = deadline - ContinuousClock.now
+            let ms = UInt32(clamping: max(0, left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000))
+            sendFrame(hop, shard, Envelope.via(request: id, target: target, withinMillis: ms, inner: numbered.encode()).encode())
         }
     }
 

@@ -55,6 +55,11 @@ public final class WeftNode: Sendable {
     let forwarder: Forwarder
     /// Requests passed on for a peer that could not reach their target (`passOn`).
     let viaPassed = Counter(label: "weft_forward_via_total", dimensions: [("role", "passed")])
+    /// Per shard, the leader the local replica last knew, and since when it has known none (nil while it
+    /// knows one): a replica without a leader for long is cut off from it (`throughLeader`'s `askPeer`).
+    let localLeader = NIOLockedValueBox<[ShardID: (last: NodeID?, since: ContinuousClock.Instant?)]>([:])
+    /// When a pass-on was last logged, per (from, target).
+    let viaLogged = NIOLockedValueBox<[[UInt64]: ContinuousClock.Instant]>([:])
     /// Ships sealed files to followers that need them (catch-up), off the shard threads.
     let shipper: CatchUpShipper
     let started = NIOLockedValueBox(false)
@@ -255,6 +260,13 @@ public final class WeftNode: Sendable {
             // others replaced (it was paused or cut off) would send writes there until one timed out.
             guard let self else { return }
             self.viewTerms.withLockedValue { $0[shard] = term }
+            self.localLeader.withLockedValue { v in
+                if let leader {
+                    v[shard] = (leader, nil)
+                } else if v[shard]?.since == nil {
+                    v[shard] = (v[shard]?.last, ContinuousClock.now)
+                }
+            }
             self.leaderHints.withLockedValue { $0.heard(shard, leader: leader == me ? nil : leader, term: term, local: true) }
             self.leading.withLockedValue { $0[shard] = leader == me ? term : nil }
             if leader == me { self.announceLeadership(shard, term: term) }
@@ -471,8 +483,8 @@ public final class WeftNode: Sendable {
             runner.submit(.propose(ps) { reply(Self.answer($0, me: me, Self.refs)) })
         case .answer(let request, let answer):
             forwarder.receive(request, answer, from: from)
-        case .via(let request, let target, let inner):
-            passOn(request, to: target, inner: inner, from: from, shard: shard)
+        case .via(let request, let target, let withinMillis, let inner):
+            passOn(request, to: target, within: .milliseconds(Int64(withinMillis)), inner: inner, from: from, shard: shard)
         case .presence(let on, let users):
             // Only users whose directory is this node (a peer's mistake or malice goes no further).
             let mine = users.filter { Ids.isUserID($0) && delivery.directoryNodes(of: $0).contains(id) }
@@ -752,15 +764,20 @@ public final class WeftNode: Sendable {
         // forward unanswered.
         let hint = leaderHints.withLockedValue { $0.leader(of: shard) }
         let local = runner(shard)
-        let peerToAsk = askPeer && hint == nil && config.replicas(of: shard).contains { $0 != id }
+        // A peer is asked only past the last leader the local replica knew (it may be paused, its link
+        // still open): one that is not this node, not that leader, and answered lately.
+        let lastLeader = localLeader.withLockedValue { $0[shard]?.last }
+        let askable = askPeer && hint == nil ? config.replicas(of: shard).filter { $0 != id && $0 != lastLeader && transport.reachable($0) } : []
+        let peerToAsk = !askable.isEmpty
         let runsLocally = (hint == nil || hint == id) && local != nil && !peerToAsk
         let target: NodeID? =
             runsLocally
             ? nil
             : hint.flatMap { $0 == id ? nil : $0 }
                 ?? {
-                    let others = config.replicas(of: shard).filter { $0 != id }
                     let suspect = unanswering.withLockedValue { $0[shard] }
+                    if peerToAsk { return askable.first(where: { $0 != suspect }) ?? askable.first }
+                    let others = config.replicas(of: shard).filter { $0 != id }
                     let reachable = others.filter { transport.reachable($0) }
                     return reachable.first(where: { $0 != suspect }) ?? reachable.first ?? others.first
                 }()
@@ -794,6 +811,13 @@ public final class WeftNode: Sendable {
                 // this node already knows of); a local answer is of this node's replica's view.
                 let seen = term > 0 ? term : viewTerms.withLockedValue { $0[shard] ?? 0 }
                 let named = l == id ? nil : l
+                // The answer of a peer asked because the local replica has known no leader for long: a
+                // leader it names is taken only when this node cannot reach it (the cut this is for). One
+                // this node reaches would have been heard by the local replica: a stale view (a leader
+                // paused, or going), not a place to send the write.
+                if peerToAsk, let named, transport.reachable(named) {
+                    return again("leader is node \(named), which this node's replica does not hear from", false, .milliseconds(200), false)
+                }
                 let taken = leaderHints.withLockedValue { h -> Bool in
                     h.heard(shard, leader: named, term: seen, local: target == nil)
                     return h.leader(of: shard) == named
@@ -803,7 +827,7 @@ public final class WeftNode: Sendable {
                 // The local replica knows no leader: the next attempt asks a peer, which may (this node
                 // can be cut off from the leader alone; the peer's answer names it, and the write goes
                 // there through a node that reaches it). Then the local replica again, and so on.
-                again(l.map { "leader is node \($0)" } ?? "no leader", false, l == nil || !taken ? .milliseconds(20) : nil, target == nil && l == nil)
+                again(l.map { "leader is node \($0)" } ?? "no leader", false, l == nil || !taken ? .milliseconds(20) : nil, target == nil && l == nil && leaderlessLong(shard))
             case .failed(let why):
                 forgetHint()
                 again(why, false, .milliseconds(20), false)
@@ -916,18 +940,40 @@ public final class WeftNode: Sendable {
         return (runner, ps, replier(to: from, shard: shard, request: request))
     }
 
+    /// The longest a passed-on request is waited for here.
+    static let viaWithinMax: Duration = .seconds(30)
+
+    /// Whether the local replica of `shard` has known no leader for twice the longest election timeout:
+    /// past an ordinary election, so it is cut off from the leader (or the shard has none).
+    func leaderlessLong(_ shard: ShardID) -> Bool {
+        guard let since = localLeader.withLockedValue({ $0[shard]?.since }) else { return false }
+        return ContinuousClock.now - since >= .milliseconds(2 * config.raft.electionTimeoutMaxMs)
+    }
+
     /// A peer that cannot reach `target` asks it through this node (Docs/replication.md, "Forwarding
     /// through another node"): the request is passed on once, never through a third node, and the
     /// target's answer (or this node's failure to reach it: nothing sent) goes back under the peer's
     /// request id. Only requests that answer (forwards, reads, queries) are passed on.
-    func passOn(_ request: Envelope.RequestID, to target: NodeID, inner: [UInt8], from: NodeID, shard: ShardID) {
+    func passOn(_ request: Envelope.RequestID, to target: NodeID, within: Duration, inner: [UInt8], from: NodeID, shard: ShardID) {
         let reply = replier(to: from, shard: shard, request: request)
+        // Refusals are `failed` (nothing was sent on): the asking node retries as for an unreachable
+        // target, and its client is not told its request was bad.
         guard target != id, target != from, config.node(target) != nil else {
-            return reply(.invalid("via: node \(target) is not a third node of the cluster"))
+            return reply(.failed("via: node \(target) is not a third node of the cluster"))
         }
-        guard let env = try? Envelope.decode(inner), env.isRequest else { return reply(.invalid("via: not a request")) }
+        guard let env = try? Envelope.decode(inner), env.isRequest else { return reply(.failed("via: not a request")) }
         viaPassed.increment()
-        forwarder.send(to: target, shard: shard, env, deadline: ContinuousClock.now + .seconds(5), direct: true) { reply($0) }
+        // A partial partition is worth a line in the log, not one per request: once per pair per 10 s.
+        let now = ContinuousClock.now
+        let log = viaLogged.withLockedValue { last -> Bool in
+            let key = [from.rawValue, target.rawValue]
+            guard last[key].map({ now - $0 >= .seconds(10) }) ?? true else { return false }
+            last[key] = now
+            return true
+        }
+        if log { logger.notice("passing requests from node \(from) on to node \(target): node \(from) cannot reach it (a partition between them only)") }
+        // The asking node's own deadline (it waits no longer), at most `viaWithinMax`.
+        forwarder.send(to: target, shard: shard, env, deadline: ContinuousClock.now + min(within, Self.viaWithinMax), direct: true) { reply($0) }
     }
 
     /// The local replica of `shard`, or nil after telling the asking peer this node has none.

@@ -70,8 +70,9 @@ import WeftCore
             send: { to, _, fr in sent.add(to, fr) })
         let waiting = Task { await f.send(to: NodeID(2), shard: ShardID(4), Self.proposal, deadline: .now + .seconds(30)) }
         try await waitForFrame(sent, count: 1)
-        guard case (NodeID(3), .via(let id, let target, let inner))? = sent.last else { Issue.record("no via sent: \(String(describing: sent.last))"); return }
+        guard case (NodeID(3), .via(let id, let target, let within, let inner))? = sent.last else { Issue.record("no via sent: \(String(describing: sent.last))"); return }
         #expect(target == NodeID(2))
+        #expect(within > 25_000 && within <= 30_000, "the sender's own deadline: \(within) ms")
         #expect(id == Envelope.RequestID(incarnation: 7, sequence: 1))
         guard case .forward(let innerID, let ps) = try Envelope.decode(inner) else { Issue.record("the inner request is not the forward"); return }
         #expect(innerID == id && ps.map(\.payload) == [[1]])
@@ -91,9 +92,9 @@ import WeftCore
         }
         #expect(sent.lock.withLock { sent.frames.count } == 1)
         // The envelope round-trips; a via without a request does not decode.
-        let via = Envelope.via(request: id, target: NodeID(2), inner: inner)
+        let via = Envelope.via(request: id, target: NodeID(2), withinMillis: within, inner: inner)
         #expect(try Envelope.decode(via.encode()) == via)
-        #expect(throws: Envelope.DecodeError.self) { try Envelope.decode([19] + Array(repeating: 0, count: 24)) }
+        #expect(throws: Envelope.DecodeError.self) { try Envelope.decode([19] + Array(repeating: 0, count: 28)) }
     }
 
     @Test func answersAndCatchUpFramesRoundTrip() throws {

@@ -95,6 +95,14 @@ final class Nemesis: @unchecked Sendable {
         return cluster.nodes.flatMap { n in stopped.map { (n, $0) } }
     }
 
+    /// Whether node n's status says it reaches node m now (nil when it does not answer).
+    func reaches(_ n: Int, _ m: Int) async -> Bool? {
+        guard let s = await client.json(host: TestNetwork.address(n), port: Cluster.apiPort, path: "/api/v1/cluster/status"),
+            let nodes = s["nodes"] as? [[String: Any]]
+        else { return nil }
+        return nodes.first { $0["id"] as? Int == m }?["reachable"] as? Bool
+    }
+
     /// The shards whose replica on node n reports `stopped` (nil when it does not answer).
     func stoppedShards(_ n: Int) async -> [Int]? {
         guard let s = await client.json(host: TestNetwork.address(n), port: Cluster.apiPort, path: "/api/v1/cluster/status"),
@@ -296,9 +304,10 @@ final class Nemesis: @unchecked Sendable {
             // A cut between two nodes only: each still reaches the third. When every node is up and
             // healthy, every shard keeps a quorum, and writes through either node of the pair must go
             // on: to a leader on the other side through the third node (Docs/replication.md,
-            // "Forwarding through another node"). Probed once the cut links have been found dead (the
-            // transport's dead-link timeout, 5 s: before, a write sent over a black-holed link is in
-            // doubt at its deadline, which is what a partition does), so such a fault lasts longer.
+            // "Forwarding through another node"). Probed once both nodes report the cut links dead (the
+            // transport's dead-link timeout, about 5 s; before, a write sent over a black-holed link is
+            // in doubt at its deadline, which is what a partition does), at most 12 s in, so such a
+            // fault lasts longer.
             let othersHold = await othersHoldQuorums(victim)
             let quorum = othersHold && cluster.isRunning(victim) && !cluster.isPaused(victim)
             try network.cut(from: victim, to: peer)
@@ -306,8 +315,17 @@ final class Nemesis: @unchecked Sendable {
             let start = await history.now()
             await note(kind.rawValue, "start", ["nodes": [victim, peer]])
             try await holdProbing(
-                hold + .seconds(8), kind: kind.rawValue, victim: victim, start: start, quorum: quorum, after: .seconds(7),
-                targets: { [cluster] in [victim, peer].flatMap { n in (0..<cluster.shards).map { (n, $0) } } })
+                hold + .seconds(8), kind: kind.rawValue, victim: victim, start: start, quorum: quorum, after: .seconds(5),
+                targets: { [self] in
+                    let until = ContinuousClock.now + .seconds(7)
+                    while ContinuousClock.now < until {
+                        let a = await reaches(victim, peer)
+                        let b = await reaches(peer, victim)
+                        if a == false && b == false { break }
+                        try? await Task.sleep(for: .milliseconds(200))
+                    }
+                    return [victim, peer].flatMap { n in (0..<cluster.shards).map { (n, $0) } }
+                })
             try network.heal()
             await note(kind.rawValue, "end", [:])
         case .oneWay:
