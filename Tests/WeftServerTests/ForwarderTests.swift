@@ -95,6 +95,9 @@ import WeftCore
         let via = Envelope.via(request: id, target: NodeID(2), withinMillis: within, inner: inner)
         #expect(try Envelope.decode(via.encode()) == via)
         #expect(throws: Envelope.DecodeError.self) { try Envelope.decode([19] + Array(repeating: 0, count: 28)) }
+        // What a passing node takes: requests only, never a via (no second hop) or a Raft message.
+        #expect(Self.proposal.isRequest && Envelope.readIndex(request: id).isRequest)
+        #expect(!via.isRequest && !Envelope.leader(term: 1).isRequest && !Envelope.answer(request: id, .ok([])).isRequest)
     }
 
     @Test func answersAndCatchUpFramesRoundTrip() throws {

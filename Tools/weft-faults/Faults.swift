@@ -280,7 +280,7 @@ struct Faults: AsyncParsableCommand {
             + chatFailures.map { "chat read: " + $0 }
         let groupFindings = groupRes.lost + groupRes.duplicated + groupRes.divergent + groupRes.unexpected + groupRes.misplaced + groupFailures.map { "group read: " + $0 }
         lines.append(
-            "writes go on: \(oneNodeFaults.count) one-node faults probed \(Availability.grace) s in, \(probes.count) writes (through the other nodes; after a storage-full, through every node to the shards its replica stopped), \(probes.filter { $0.ok == true }.count) answered, \(stalls.count) stalls")
+            "writes go on: \(oneNodeFaults.count) faults probed (\(oneNodeFaults.filter { $0.kind == "partition-two-way" }.count) two-way partitions), \(probes.count) writes (one-node faults: \(Availability.grace) s in, through the other nodes; after a storage-full, through every node to the shards its replica stopped; a two-way partition: once the link is down, through both nodes of the pair), \(probes.filter { $0.ok == true }.count) answered, \(stalls.count) stalls")
         let findings = stalls + res.lost + res.duplicated + res.divergent + res.unexpected + res.misplaced + res.hostile + res.membership + chatFindings + groupFindings + anomalies + verifyFailures
         for l in findings.prefix(20) { lines.append("  " + l) }
         for l in hostileTally.otherStatus.prefix(5) { lines.append("  note: " + l) }
