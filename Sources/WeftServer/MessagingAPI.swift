@@ -625,6 +625,11 @@ struct MessagingAPI: Sendable {
                 // said, rather than answered with nothing until the inbox grows past it.
                 throw APIError(.badRequest, "invalid_cursor", "cursor \(after) is past the end of your inbox (\(head)): sync from a cursor this account was given, or from 0")
             }
+            // The cursor is the last event the client processed: an acknowledgement, as a WebSocket
+            // `ack` is, so a device that syncs over HTTP gets no offline notification for what it
+            // has (Docs/delivery.md, "Acknowledgements"). Within the inbox only: one past its end was
+            // refused just above (`head` is set only for a read from past the end).
+            if after > 0 { node.delivery.acks.note(user: me.id, cursor: after) }
         }
         let events = await events(records, me: me.id).compactMap(\.body)
         return try HTTPAPI.json(EventsPage(events: events, next_cursor: "\(records.last?.seq ?? after)"))

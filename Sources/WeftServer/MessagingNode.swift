@@ -258,7 +258,7 @@ extension WeftNode {
     /// node that does (the leader it knows, else the first reachable replica), over the peer connection.
     /// `.success(nil)`: `.localCurrent` and the replica is behind.
     public func ask(_ shard: ShardID, _ q: MessagingQuery, at point: ReadPoint, timeout: Duration = .seconds(5)) async -> Result<MessagingQuery.Answer?, ReadFailure> {
-        if runner(shard) != nil {
+        if localServes(shard, point) {
             return await query(shard: shard, consistency: point.consistency, timeout: timeout, caughtUp: point == .localCurrent) { m, _ in q.answer(m) }
         }
         // Another node's replica could be cut off from its shard's quorum without knowing it: what is
@@ -275,9 +275,20 @@ extension WeftNode {
         }
     }
 
+    /// Whether this node's replica answers a read at `point` itself. Not when it has none, nor — for
+    /// anything but `.local` — when it has known no leader for longer than an election: it is cut off
+    /// from its leader (a partition between those two only, Docs/replication.md, "Forwarding through
+    /// another node"), so it would wait in vain for the leader's read point, or answer "current" from a
+    /// state it can no longer know is. Such reads go to the other replicas, through a third node when
+    /// the leader cannot be reached.
+    func localServes(_ shard: ShardID, _ point: ReadPoint) -> Bool {
+        guard runner(shard) != nil else { return false }
+        return point == .local || !leaderlessLong(shard)
+    }
+
     /// `read`, on this node's replica or on a node that holds one.
     public func readAnywhere(shard: ShardID, _ q: ReadQuery, consistency point: ReadPoint, timeout: Duration = .seconds(5)) async -> Result<ReadResult, ReadFailure> {
-        if runner(shard) != nil { return await read(shard: shard, q, consistency: point.consistency, timeout: timeout) }
+        if localServes(shard, point) { return await read(shard: shard, q, consistency: point.consistency, timeout: timeout) }
         let answer = await remote(shard, timeout: timeout) {
             .readForward(request: Envelope.RequestID(incarnation: 0, sequence: 0), consistency: point.encode(), query: ReadPoint.encodeQuery(q))
         }

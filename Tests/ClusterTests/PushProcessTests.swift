@@ -11,7 +11,7 @@ extension Clusters {
 
         /// Bob has no device connected: a contact request and messages reach the https webhook (after
         /// the receiver refused the first POSTs: retried), signed, without text until bob opts in; events a
-        /// device acknowledged are not pushed; after every node is SIGKILLed and restarted, nothing
+        /// device acknowledged (over its WebSocket, or by the cursor of an HTTP sync) are not pushed; after every node is SIGKILLed and restarted, nothing
         /// notified before is sent again and new events are.
         @Test(.timeLimit(.minutes(4))) func offlineEventsReachTheWebhookOnceAcrossARestart() async throws {
             let rx = try WebhookReceiver(secret: Self.secret, failFirst: 2, tls: true)
@@ -65,9 +65,19 @@ extension Clusters {
                 during: { _ = await send("m5") }
             ) { DeliveryProcessTests.cursors($0).contains(7) }
             #expect(DeliveryProcessTests.cursors(delivered) == [7])
-            // Long enough for the push worker to have sent it were it owed (delay 2 s, passes every 250 ms).
+            // A device that syncs over HTTP: the cursor of its next sync acknowledges what it fetched, so
+            // m5b is not pushed either.
+            #expect(await send("m5b"))
+            let fetched = await c.eventually(seconds: 10) { () -> Bool? in
+                let r = await c.call(2, "GET", "/api/v1/sync?cursor=7", token: b)
+                return (r["events"] as? [[String: Any]] ?? []).contains { $0["cursor"] as? String == "8" } ? true : nil
+            }
+            #expect(fetched == true)
+            #expect(await c.call(2, "GET", "/api/v1/sync?cursor=8", token: b).status == 200)
+            // Long enough for the push worker to have sent them were they owed (delay 2 s, passes every 250 ms).
             try await Task.sleep(for: .seconds(5))
             #expect(!rx.events.contains { $0["event_id"] as? String == "\(bob):7" }, "an acknowledged event is not pushed")
+            #expect(!rx.events.contains { $0["event_id"] as? String == "\(bob):8" }, "an event a sync's cursor acknowledged is not pushed")
 
             // Every node SIGKILLed and restarted: what was notified is not sent again; m6 is.
             let before = rx.events.count
@@ -75,7 +85,7 @@ extension Clusters {
             try c.startAll()
             for s in 0..<2 { _ = try #require(await c.leader(of: UInt64(s))) }
             #expect(await send("m6"))
-            let m6 = await c.eventually(seconds: 30) { rx.events.first { $0["event_id"] as? String == "\(bob):8" } }
+            let m6 = await c.eventually(seconds: 30) { rx.events.first { $0["event_id"] as? String == "\(bob):9" } }
             #expect(m6?["text"] as? String == "m6")
             try await Task.sleep(for: .seconds(3))
             let ids = rx.events.compactMap { $0["event_id"] as? String }
