@@ -258,9 +258,7 @@ extension WeftNode {
     /// node that does (the leader it knows, else the first reachable replica), over the peer connection.
     /// `.success(nil)`: `.localCurrent` and the replica is behind.
     public func ask(_ shard: ShardID, _ q: MessagingQuery, at point: ReadPoint, timeout: Duration = .seconds(5)) async -> Result<MessagingQuery.Answer?, ReadFailure> {
-        if localServes(shard, point) {
-            return await query(shard: shard, consistency: point.consistency, timeout: timeout, caughtUp: point == .localCurrent) { m, _ in q.answer(m) }
-        }
+        if localServes(shard, point) { return await askLocal(shard, q, at: point, timeout: timeout) }
         // Another node's replica could be cut off from its shard's quorum without knowing it: what is
         // asked elsewhere "as current" is asked at the leader's read point (the replica here can also
         // have left the node's table since the caller looked: a storage failure).
@@ -273,6 +271,11 @@ extension WeftNode {
             return .success(a)
         case .failure(let f): return .failure(f)
         }
+    }
+
+    /// `ask` on this node's replica, never sent on.
+    func askLocal(_ shard: ShardID, _ q: MessagingQuery, at point: ReadPoint, timeout: Duration) async -> Result<MessagingQuery.Answer?, ReadFailure> {
+        await query(shard: shard, consistency: point.consistency, timeout: timeout, caughtUp: point == .localCurrent) { m, _ in q.answer(m) }
     }
 
     /// Whether this node's replica answers a read at `point` itself. Not when it has none, nor — for
@@ -340,8 +343,11 @@ extension WeftNode {
         let reply = replier(to: from, shard: shard, request: request)
         guard let point = ReadPoint.decode(c), let q = MessagingQuery.decode(query) else { return reply(.invalid("malformed state query")) }
         guard runner(shard) != nil else { return reply(.failed("shard \(shard) is not on node \(id)")) }
+        // Answered here or not at all (never sent on: two replicas without a leader would pass it back
+        // and forth); a replica without a leader for long says so at once, and the asker tries another.
+        guard localServes(shard, point) else { return reply(.failed("node \(id)'s replica of shard \(shard) has known no leader for a while")) }
         Task {
-            switch await ask(shard, q, at: point, timeout: .seconds(4)) {
+            switch await askLocal(shard, q, at: point, timeout: .seconds(4)) {
             case .success(let a?): reply(.bytes([0] + a.encode()))
             case .success(nil): reply(.bytes([1]))
             case .failure(.invalid(let why)): reply(.invalid(why))
@@ -355,6 +361,7 @@ extension WeftNode {
         let reply = replier(to: from, shard: shard, request: request)
         guard let point = ReadPoint.decode(c), let q = ReadPoint.decodeQuery(query) else { return reply(.invalid("malformed read")) }
         guard runner(shard) != nil else { return reply(.failed("shard \(shard) is not on node \(id)")) }
+        guard localServes(shard, point) else { return reply(.failed("node \(id)'s replica of shard \(shard) has known no leader for a while")) }
         Task { reply(ReadPoint.encodeResult(await read(shard: shard, q, consistency: point.consistency, timeout: .seconds(4)))) }
     }
 }

@@ -255,6 +255,9 @@ public final class WeftNode: Sendable {
         let tail = replica.tail
         inboxHub.follow(shard: shard, tail: tail)
         let me = id
+        // A replica starts knowing no leader (it reports one when it hears of it): so one opened while
+        // cut off from its leader counts as such too.
+        localLeader.withLockedValue { $0[shard] = (nil, ContinuousClock.now) }
         replica.onLeaderKnown = { [weak self] leader, term in
             // The local replica's view is the freshest a node has: a hint left pointing at a leader the
             // others replaced (it was paused or cut off) would send writes there until one timed out.
@@ -308,6 +311,7 @@ public final class WeftNode: Sendable {
             return rs[shard]
         }
         guard let removed else { return }
+        localLeader.withLockedValue { $0[shard] = nil }
         // Its lane has one replica fewer to drive: a replica reopened or joined later goes to the lane
         // with the fewest again.
         laneLoad.withLockedValue { load in
@@ -764,10 +768,14 @@ public final class WeftNode: Sendable {
         // forward unanswered.
         let hint = leaderHints.withLockedValue { $0.leader(of: shard) }
         let local = runner(shard)
-        // A peer is asked only past the last leader the local replica knew (it may be paused, its link
-        // still open): one that is not this node, not that leader, and answered lately.
+        // A peer is asked only when this node's replica has known no leader for long (`askPeer`): a
+        // reachable one, the leader the replica last knew last (it may be paused, its link still open).
         let lastLeader = localLeader.withLockedValue { $0[shard]?.last }
-        let askable = askPeer && hint == nil ? config.replicas(of: shard).filter { $0 != id && $0 != lastLeader && transport.reachable($0) } : []
+        // The last leader goes last (it may know a newer one, and a stale answer naming itself is not
+        // taken below while it is reachable).
+        let askable = askPeer && hint == nil
+            ? config.replicas(of: shard).filter { $0 != id && transport.reachable($0) }.sorted { ($0 == lastLeader ? 1 : 0) < ($1 == lastLeader ? 1 : 0) }
+            : []
         let peerToAsk = !askable.isEmpty
         let runsLocally = (hint == nil || hint == id) && local != nil && !peerToAsk
         let target: NodeID? =
@@ -947,7 +955,9 @@ public final class WeftNode: Sendable {
     /// past an ordinary election, so it is cut off from the leader (or the shard has none).
     func leaderlessLong(_ shard: ShardID) -> Bool {
         guard let since = localLeader.withLockedValue({ $0[shard]?.since }) else { return false }
-        return ContinuousClock.now - since >= .milliseconds(2 * config.raft.electionTimeoutMaxMs)
+        // Raft draws its timeout from the configured range (or from [min, 2 min)): past two of the longest.
+        let longest = max(config.raft.electionTimeoutMaxMs, 2 * config.raft.electionTimeoutMinMs)
+        return ContinuousClock.now - since >= .milliseconds(2 * longest)
     }
 
     /// A peer that cannot reach `target` asks it through this node (Docs/replication.md, "Forwarding
