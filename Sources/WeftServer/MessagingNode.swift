@@ -259,6 +259,21 @@ extension WeftNode {
     /// `.success(nil)`: `.localCurrent` and the replica is behind.
     public func ask(_ shard: ShardID, _ q: MessagingQuery, at point: ReadPoint, timeout: Duration = .seconds(5)) async -> Result<MessagingQuery.Answer?, ReadFailure> {
         if localServes(shard, point) { return await askLocal(shard, q, at: point, timeout: timeout) }
+        if runner(shard) != nil {
+            // Leaderless for long: the others first, then this replica for the time left (the shard
+            // may just be in a long election, which can end meanwhile: as before, it is waited for).
+            let until = ContinuousClock.now + timeout
+            let there = await askRemote(shard, q, at: point, timeout: timeout / 2)
+            switch there {
+            case .success, .failure(.invalid), .failure(.read): return there
+            case .failure: return await askLocal(shard, q, at: point, timeout: max(.milliseconds(1), until - ContinuousClock.now))
+            }
+        }
+        return await askRemote(shard, q, at: point, timeout: timeout)
+    }
+
+    /// `ask` on the other nodes holding `shard`.
+    func askRemote(_ shard: ShardID, _ q: MessagingQuery, at point: ReadPoint, timeout: Duration) async -> Result<MessagingQuery.Answer?, ReadFailure> {
         // Another node's replica could be cut off from its shard's quorum without knowing it: what is
         // asked elsewhere "as current" is asked at the leader's read point (the replica here can also
         // have left the node's table since the caller looked: a storage failure).
@@ -282,8 +297,8 @@ extension WeftNode {
     /// anything but `.local` — when it has known no leader for longer than an election: it is cut off
     /// from its leader (a partition between those two only, Docs/replication.md, "Forwarding through
     /// another node"), so it would wait in vain for the leader's read point, or answer "current" from a
-    /// state it can no longer know is. Such reads go to the other replicas, through a third node when
-    /// the leader cannot be reached.
+    /// state it can no longer know is. Such reads go to the other replicas first (through a third node
+    /// when the leader cannot be reached), and to this one for the time left.
     func localServes(_ shard: ShardID, _ point: ReadPoint) -> Bool {
         guard runner(shard) != nil else { return false }
         return point == .local || !leaderlessLong(shard)
@@ -292,6 +307,20 @@ extension WeftNode {
     /// `read`, on this node's replica or on a node that holds one.
     public func readAnywhere(shard: ShardID, _ q: ReadQuery, consistency point: ReadPoint, timeout: Duration = .seconds(5)) async -> Result<ReadResult, ReadFailure> {
         if localServes(shard, point) { return await read(shard: shard, q, consistency: point.consistency, timeout: timeout) }
+        if runner(shard) != nil {
+            // As in `ask`: the others first, then this replica for the time left.
+            let until = ContinuousClock.now + timeout
+            let there = await readRemote(shard: shard, q, consistency: point, timeout: timeout / 2)
+            switch there {
+            case .success, .failure(.invalid), .failure(.read): return there
+            case .failure: return await read(shard: shard, q, consistency: point.consistency, timeout: max(.milliseconds(1), until - ContinuousClock.now))
+            }
+        }
+        return await readRemote(shard: shard, q, consistency: point, timeout: timeout)
+    }
+
+    /// `read` on the other nodes holding `shard`.
+    func readRemote(shard: ShardID, _ q: ReadQuery, consistency point: ReadPoint, timeout: Duration) async -> Result<ReadResult, ReadFailure> {
         let answer = await remote(shard, timeout: timeout) {
             .readForward(request: Envelope.RequestID(incarnation: 0, sequence: 0), consistency: point.encode(), query: ReadPoint.encodeQuery(q))
         }
