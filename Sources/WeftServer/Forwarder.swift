@@ -113,8 +113,7 @@ final class Forwarder: Sendable {
             sendFrame(target, shard, numbered.encode())
         } else {
             viaSent.increment()
-            let left = deadline - ContinuousClock.now
-            let ms = UInt32(clamping: max(0, left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000))
+            let ms = UInt32(clamping: Int64(max(0, (deadline - ContinuousClock.now) / .milliseconds(1))))
             sendFrame(hop, shard, Envelope.via(request: id, target: target, withinMillis: ms, inner: numbered.encode()).encode())
         }
     }

@@ -258,18 +258,27 @@ extension WeftNode {
     /// node that does (the leader it knows, else the first reachable replica), over the peer connection.
     /// `.success(nil)`: `.localCurrent` and the replica is behind.
     public func ask(_ shard: ShardID, _ q: MessagingQuery, at point: ReadPoint, timeout: Duration = .seconds(5)) async -> Result<MessagingQuery.Answer?, ReadFailure> {
-        if localServes(shard, point) { return await askLocal(shard, q, at: point, timeout: timeout) }
-        if runner(shard) != nil {
-            // Leaderless for long: the others first, then this replica for the time left (the shard
-            // may just be in a long election, which can end meanwhile: as before, it is waited for).
-            let until = ContinuousClock.now + timeout
-            let there = await askRemote(shard, q, at: point, timeout: timeout / 2)
-            switch there {
-            case .success, .failure(.invalid), .failure(.read): return there
-            case .failure: return await askLocal(shard, q, at: point, timeout: max(.milliseconds(1), until - ContinuousClock.now))
-            }
+        await routed(
+            shard, point, timeout: timeout, local: { await self.askLocal(shard, q, at: point, timeout: $0) },
+            remote: { await self.askRemote(shard, q, at: point, timeout: $0) })
+    }
+
+    /// Where a read at `point` goes: this node's replica when it serves it (`localServes`); else, when
+    /// this node has a replica that has known no leader for long, the others first with half the time,
+    /// then this replica for the rest (the shard may just be in a long election, which can end
+    /// meanwhile: as before, it is waited for); else the others.
+    func routed<T: Sendable>(
+        _ shard: ShardID, _ point: ReadPoint, timeout: Duration,
+        local: (Duration) async -> Result<T, ReadFailure>, remote: (Duration) async -> Result<T, ReadFailure>
+    ) async -> Result<T, ReadFailure> {
+        if localServes(shard, point) { return await local(timeout) }
+        guard runner(shard) != nil else { return await remote(timeout) }
+        let until = ContinuousClock.now + timeout
+        let there = await remote(timeout / 2)
+        switch there {
+        case .success, .failure(.invalid), .failure(.read): return there
+        case .failure: return await local(max(.milliseconds(1), until - ContinuousClock.now))
         }
-        return await askRemote(shard, q, at: point, timeout: timeout)
     }
 
     /// `ask` on the other nodes holding `shard`.
@@ -298,7 +307,7 @@ extension WeftNode {
     /// from its leader (a partition between those two only, Docs/replication.md, "Forwarding through
     /// another node"), so it would wait in vain for the leader's read point, or answer "current" from a
     /// state it can no longer know is. Such reads go to the other replicas first (through a third node
-    /// when the leader cannot be reached), and to this one for the time left.
+    /// when the leader cannot be reached), and to this one for the time left (`routed`).
     func localServes(_ shard: ShardID, _ point: ReadPoint) -> Bool {
         guard runner(shard) != nil else { return false }
         return point == .local || !leaderlessLong(shard)
@@ -306,17 +315,9 @@ extension WeftNode {
 
     /// `read`, on this node's replica or on a node that holds one.
     public func readAnywhere(shard: ShardID, _ q: ReadQuery, consistency point: ReadPoint, timeout: Duration = .seconds(5)) async -> Result<ReadResult, ReadFailure> {
-        if localServes(shard, point) { return await read(shard: shard, q, consistency: point.consistency, timeout: timeout) }
-        if runner(shard) != nil {
-            // As in `ask`: the others first, then this replica for the time left.
-            let until = ContinuousClock.now + timeout
-            let there = await readRemote(shard: shard, q, consistency: point, timeout: timeout / 2)
-            switch there {
-            case .success, .failure(.invalid), .failure(.read): return there
-            case .failure: return await read(shard: shard, q, consistency: point.consistency, timeout: max(.milliseconds(1), until - ContinuousClock.now))
-            }
-        }
-        return await readRemote(shard: shard, q, consistency: point, timeout: timeout)
+        await routed(
+            shard, point, timeout: timeout, local: { await self.read(shard: shard, q, consistency: point.consistency, timeout: $0) },
+            remote: { await self.readRemote(shard: shard, q, consistency: point, timeout: $0) })
     }
 
     /// `read` on the other nodes holding `shard`.

@@ -770,12 +770,14 @@ public final class WeftNode: Sendable {
         let local = runner(shard)
         // A peer is asked only when this node's replica has known no leader for long (`askPeer`): a
         // reachable one, the leader the replica last knew last (it may be paused, its link still open).
-        let lastLeader = localLeader.withLockedValue { $0[shard]?.last }
         // The last leader goes last (it may know a newer one, and a stale answer naming itself is not
         // taken below while it is reachable).
-        let askable = askPeer && hint == nil
-            ? config.replicas(of: shard).filter { $0 != id && transport.reachable($0) }.sorted { ($0 == lastLeader ? 1 : 0) < ($1 == lastLeader ? 1 : 0) }
-            : []
+        var askable: [NodeID] = []
+        if askPeer && hint == nil {
+            let lastLeader = localLeader.withLockedValue { $0[shard]?.last }
+            askable = config.replicas(of: shard).filter { $0 != id && transport.reachable($0) }
+            askable.sort { ($0 == lastLeader ? 1 : 0) < ($1 == lastLeader ? 1 : 0) }
+        }
         let peerToAsk = !askable.isEmpty
         let runsLocally = (hint == nil || hint == id) && local != nil && !peerToAsk
         let target: NodeID? =

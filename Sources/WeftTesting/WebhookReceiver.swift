@@ -8,6 +8,8 @@ import Foundation
 /// https with a self-signed certificate it makes), logging every POST it gets.
 public final class WebhookReceiver: Sendable {
     public let process: Process
+    /// Its folder: the script's port file, its log, its certificate and key (removed by `stop`).
+    public let dir: String
     public let log: String
     public let port: Int
     /// With `tls`: the receiver's certificate (PEM), to trust as `[push] ca_file`.
@@ -32,6 +34,7 @@ public final class WebhookReceiver: Sendable {
         while Date() < end {
             if let t = try? String(contentsOfFile: dir + "/port", encoding: .utf8), let port = Int(t) {
                 self.process = p
+                self.dir = dir
                 self.log = dir + "/log.jsonl"
                 self.port = port
                 self.certificate = tls ? dir + "/cert.pem" : nil
@@ -43,6 +46,7 @@ public final class WebhookReceiver: Sendable {
         kill(p.processIdentifier, SIGKILL)
         p.waitUntilExit()
         let said = (try? String(contentsOfFile: dir + "/receiver.out", encoding: .utf8)) ?? ""
+        try? FileManager.default.removeItem(atPath: dir)
         throw StartError(description: "the webhook receiver did not start: \(said.suffix(2000))")
     }
 
@@ -81,5 +85,6 @@ public final class WebhookReceiver: Sendable {
     public func stop() {
         kill(process.processIdentifier, SIGKILL)
         process.waitUntilExit()
+        try? FileManager.default.removeItem(atPath: dir)
     }
 }
