@@ -138,7 +138,7 @@ final class DeliveryTier: Sendable {
         let shards = config.shards
         var chunks: [(ShardID, [UInt64])] = []
         var byShard: [ShardID: [UInt64]] = [:]
-        for u in hub.users where node.runner(Ids.homeShard(u, shards: shards)) == nil {
+        for u in hub.users where !node.servesSessions(Ids.homeShard(u, shards: shards)) {
             byShard[Ids.homeShard(u, shards: shards), default: []].append(u)
         }
         for (shard, users) in byShard {

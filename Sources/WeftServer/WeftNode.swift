@@ -496,7 +496,9 @@ public final class WeftNode: Sendable {
         case .typing(let sender, let to, let route):
             delivery.typing(from: sender, to: to, route: route)
         case .inbox(let records):
-            delivery.hub.remote(delivery.acceptForwarded(records, from: from, shard: shard, holdsReplica: runner(shard) != nil))
+            // A replica cut off from its leader applies nothing: records forwarded by the others serve
+            // this node's sessions meanwhile (`announceStopped`).
+            delivery.hub.remote(delivery.acceptForwarded(records, from: from, shard: shard, holdsReplica: servesSessions(shard)))
         case .leader(let term):
             noteLeader(shard, from: from, term: term)
         case .replicaStopped:
@@ -641,15 +643,18 @@ public final class WeftNode: Sendable {
 
     static let announceInterval = Duration.seconds(2)
 
-    /// Tells every peer which shards this node is placed on but holds no running replica of (stopped
-    /// after a storage failure, or could not open): their replicas then forward the inbox records of
-    /// this node's sessions' users here (`DeliveryTier.forwardInbox`). Repeated with the leader
-    /// announcements; a receiver forgets it after `DeliveryTier.stoppedValidFor` without a repeat.
+    /// Tells every peer which shards this node is placed on but holds no replica of that serves its
+    /// sessions: one stopped after a storage failure or that could not open, or one that has known no
+    /// leader for a long while (`leaderlessLong`: cut off from the leader by a partition the others do not
+    /// share, so it applies nothing). Their replicas then forward the inbox records of this node's
+    /// sessions' users here (`DeliveryTier.forwardInbox`). Repeated with the leader announcements; a
+    /// receiver forgets it after `DeliveryTier.stoppedValidFor` without a repeat.
     func announceStopped() {
         let placed = Set(config.shardIDs.filter { config.replicas(of: $0).contains(id) })
         let stopped = failedShards.withLockedValue { Array($0.keys) }.filter { placed.contains($0) && runner($0) == nil }
+        let cutOff = allRunners.keys.filter { placed.contains($0) && leaderlessLong($0) }
         let frame = Envelope.replicaStopped.encode()
-        for shard in stopped {
+        for shard in stopped + cutOff {
             for n in config.nodes.map(\.id) where n != id { transport.send(to: n, shard: shard.rawValue, payload: frame) }
         }
     }
@@ -955,6 +960,12 @@ public final class WeftNode: Sendable {
 
     /// Whether the local replica of `shard` has known no leader for twice the longest election timeout:
     /// past an ordinary election, so it is cut off from the leader (or the shard has none).
+    /// This node's replica of `shard` runs and brings its sessions their inbox records (it is not cut off
+    /// from its leader).
+    func servesSessions(_ shard: ShardID) -> Bool {
+        runner(shard) != nil && !leaderlessLong(shard)
+    }
+
     func leaderlessLong(_ shard: ShardID) -> Bool {
         guard let since = localLeader.withLockedValue({ $0[shard]?.since }) else { return false }
         // Raft draws its timeout from the configured range (or from [min, 2 min)): past two of the longest.

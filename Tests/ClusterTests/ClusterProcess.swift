@@ -16,6 +16,9 @@ final class ClusterProcess: @unchecked Sendable {
     let apiPorts: [Int: Int]
     var processes: [Int: Process] = [:]
     let lock = NSLock()
+    /// Start each node under a group id of its own (`groupID(n)`, through util-linux `setpriv`), so an
+    /// iptables `owner` rule can cut the peer links of one pair of nodes on loopback (root only).
+    var ownGroups = false
     static let blocks = CounterBox()
     /// The operator token every generated config carries (`[api] operator_token`).
     static let token = "test-operator-token-0123456789"
@@ -106,7 +109,10 @@ final class ClusterProcess: @unchecked Sendable {
     func start(_ n: Int, fileSizeLimit: Int? = nil) throws {
         let p = Process()
         let serve = ["serve", "--config", configPath, "--node", String(n), "--log-level", "warning"]
-        if let limit = fileSizeLimit {
+        if ownGroups {
+            p.executableURL = URL(fileURLWithPath: "/usr/bin/setpriv")
+            p.arguments = ["--regid=\(groupID(n))", "--clear-groups", Self.bin.path] + serve
+        } else if let limit = fileSizeLimit {
             p.executableURL = URL(fileURLWithPath: "/bin/sh")
             p.arguments = ["-c", "trap '' XFSZ; exec prlimit --fsize=\(limit):unlimited \"$0\" \"$@\"", Self.bin.path] + serve
         } else {
@@ -126,6 +132,12 @@ final class ClusterProcess: @unchecked Sendable {
     }
 
     func startAll() throws { for n in nodes { try start(n) } }
+
+    /// Node n's group id when `ownGroups` (distinct per test process).
+    func groupID(_ n: Int) -> Int { 47_000 + Int(getpid() % 500) * 4 + n }
+
+    /// Node n's peer port (its API port + 1, as the generated config has it).
+    func peerPort(_ n: Int) -> Int { (apiPorts[n] ?? 0) + 1 }
 
     /// Lifts the file-size limit node n was started with; true if `prlimit` did.
     func liftFileSizeLimit(_ n: Int) -> Bool {
@@ -190,7 +202,12 @@ final class ClusterProcess: @unchecked Sendable {
             var repairs: Int
             var events: [String]
         }
+        struct Reach: Decodable {
+            var id: UInt64
+            var reachable: Bool
+        }
         var node: UInt64
+        var nodes: [Reach]?
         var shards: [Shard]
     }
 

@@ -429,6 +429,85 @@ extension Clusters {
             #expect(lost == 0, "the heads check found nothing forwarding lost")
         }
 
+        /// A node cut off from the leader of a user's home shard alone (the third node still reaches both)
+        /// holds a replica that applies nothing while the cut lasts. It says so to the others, and they
+        /// forward the user's inbox records to its sessions, as to a node without a replica
+        /// (Docs/delivery.md, "Sessions away from the home shard"). Until stop 29 such a session got its
+        /// events only once the cut healed. The cut: iptables `owner` rules on loopback dropping what
+        /// each of the two nodes sends to the other's peer port (each node runs under its own group id).
+        @Test(.enabled(if: Self.firewallUsable), .timeLimit(.minutes(3)))
+        func aSessionOnANodeCutOffFromTheLeaderGetsItsEventsThroughTheThird() async throws {
+            let c = try ClusterProcess(name: "wscut", nodes: 3, shards: 2)
+            c.ownGroups = true
+            try c.startAll()
+            defer { c.stopAll() }
+            for s in 0..<2 { _ = try #require(await c.leader(of: UInt64(s))) }
+            let (_, a, bob, b) = try await Self.contacts(c)
+            let home = bob % 2
+            let leader = try #require(await c.leader(of: home))
+            let cut = try #require(c.nodes.first { $0 != leader })
+            let third = try #require(c.nodes.first { $0 != leader && $0 != cut })
+            let rules = [(cut, leader), (leader, cut)].map { from, to in
+                ["OUTPUT", "-o", "lo", "-p", "tcp", "-m", "owner", "--gid-owner", "\(c.groupID(from))", "--dport", "\(c.peerPort(to))", "-j", "DROP"]
+            }
+            defer { for r in rules { try? Self.iptables(["-D"] + r) } }
+            let cutAndSend: @Sendable () async -> Void = {
+                do {
+                    for r in rules { try Self.iptables(["-A"] + r) }
+                } catch {
+                    Issue.record("\(error)")
+                    return
+                }
+                // Long enough for the cut node's replica to count as cut off (two of the longest election
+                // timeouts) and to say so (every 2 s).
+                try? await Task.sleep(for: .seconds(5))
+                _ = await c.eventually {
+                    let r = await c.call(third, "POST", "/api/v1/messages", token: a, json: ["receiver_id": bob, "message_type": "text", "content": "through the cut"])
+                    return r.status == 200 ? true : nil
+                }
+            }
+            let frames = try await session(c, node: cut, token: b, cursor: "0", seconds: 40, during: cutAndSend) { frames in
+                frames.contains { (($0["event"] as? [String: Any])?["message"] as? [String: Any])?["content"] as? String == "through the cut" }
+            }
+            let arrived = frames.contains { (($0["event"] as? [String: Any])?["message"] as? [String: Any])?["content"] as? String == "through the cut" }
+            #expect(arrived, "the message reached bob's session on node \(cut) while it was cut off from node \(leader), leader of shard \(home)")
+            #expect(Self.gapsAndEvents(frames, from: 0).broken == nil, "events in order: \(Self.cursors(frames))")
+            // The rules did cut the pair (they stay until the test ends, after the event came): both
+            // nodes find the links dead.
+            let down = await c.eventually(seconds: 15) {
+                let one = await Self.linkDown(c, from: cut, to: leader)
+                let other = await Self.linkDown(c, from: leader, to: cut)
+                return one && other ? true : nil
+            }
+            #expect(down == true, "nodes \(cut) and \(leader) report their links down")
+            let forwarded = ClusterProcess.metric(await c.metricsText(third) ?? "", "weft_delivery_inbox_forwarded_total")
+            #expect(forwarded >= 1, "node \(third) forwarded bob's record to node \(cut) (\(forwarded))")
+        }
+
+        static var firewallUsable: Bool {
+            getuid() == 0 && FileManager.default.isExecutableFile(atPath: iptablesPath) && FileManager.default.isExecutableFile(atPath: "/usr/bin/setpriv")
+        }
+        static var iptablesPath: String { ["/usr/sbin/iptables", "/sbin/iptables"].first { FileManager.default.isExecutableFile(atPath: $0) } ?? "/usr/sbin/iptables" }
+
+        struct FirewallFailure: Error, CustomStringConvertible { var description: String }
+
+        static func iptables(_ arguments: [String]) throws {
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: iptablesPath)
+            p.arguments = ["-w"] + arguments
+            p.standardOutput = FileHandle.nullDevice
+            p.standardError = FileHandle.nullDevice
+            try p.run()
+            p.waitUntilExit()
+            guard p.terminationStatus == 0 else { throw FirewallFailure(description: "iptables \(arguments.joined(separator: " ")) exited \(p.terminationStatus)") }
+        }
+
+        /// Node `from`'s status says its link to `to` is down.
+        static func linkDown(_ c: ClusterProcess, from: Int, to: Int) async -> Bool {
+            guard let st = await c.status(from) else { return false }
+            return (st.nodes ?? []).contains { $0.id == UInt64(to) && !$0.reachable }
+        }
+
         /// A session that reads everything is never taken for a stalled one: with `write_stall_ms` at its
         /// least (1 s), sessions on every node hold still for 5 s after their ready and two pongs and stay
         /// open (every frame written to them was counted as written, including those the socket took at
