@@ -203,7 +203,14 @@ final class InboxHub: @unchecked Sendable {
                         if let u = Ids.inboxUser(r.stream) { byUser[u, default: []].append(r) }
                     }
                     guard !byUser.isEmpty else { continue }
-                    let targets = condition.withLock { byUser.compactMap { u, rs in sessions[u].map { (Array($0.values), rs) } } }
+                    let targets = condition.withLock {
+                        byUser.compactMap { u, rs -> ([@Sendable (HubEvent) -> Void], [Record])? in
+                            // A user served from afar for a while (the replica was cut off) has a mark;
+                            // what the tail hands on is past it too, so a later cut starts from here.
+                            if let mark = remoteSeen[u], let last = rs.last?.seq, last > mark { remoteSeen[u] = last }
+                            return sessions[u].map { (Array($0.values), rs) }
+                        }
+                    }
                     for (callbacks, rs) in targets { for c in callbacks { c(.records(rs)) } }
                     forwarder?(byUser, shard)
                 }

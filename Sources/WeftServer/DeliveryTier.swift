@@ -109,6 +109,11 @@ final class DeliveryTier: Sendable {
         stopped.withLockedValue { $0[shard, default: [:]][node] = ContinuousClock.now }
     }
 
+    /// Peer `node` says its replica of `shard` serves its sessions again.
+    func noteServing(_ shard: ShardID, node: NodeID) {
+        _ = stopped.withLockedValue { $0[shard]?.removeValue(forKey: node) }
+    }
+
     /// The nodes placed on `shard` that said lately that their replica of it stopped.
     func stoppedNodes(of shard: ShardID) -> Set<NodeID> {
         let now = ContinuousClock.now

@@ -22,6 +22,7 @@ import WeftCore
 /// 16 inbox  | u32 n | n x record (as a read's answer: index | term | stream | seq | u16 type | i64 time | u32 len | payload)
 /// 17 leader | u64 term
 /// 18 replicaStopped (nothing more: the frame's shard)
+/// 20 replicaServing (nothing more: the frame's shard): the sender's replica serves its sessions again
 /// 19 via    | request id | u64 target node | u32 ms the sender waits | inner envelope (rest): a
 ///           request to pass on to the target, whose answer comes back under this request id
 ///           (Docs/replication.md, "Forwarding through another node")
@@ -81,6 +82,9 @@ enum Envelope: Equatable {
     /// shard, the node has no tail of it, so the shard's replicas forward inbox records of its sessions'
     /// users to it (Docs/delivery.md). Repeated every 2 s while it lasts; not answered.
     case replicaStopped
+    /// The sender's replica of the frame's shard, announced stopped or cut off before, serves its
+    /// sessions again: stop forwarding to it. Sent once; not answered.
+    case replicaServing
     /// A request (`inner`, an encoded forward, read or query) for `target`, sent to this node because the
     /// sender cannot reach the target: passed on once, and the answer returned under `request`.
     case via(request: RequestID, target: NodeID, withinMillis: UInt32, inner: [UInt8])
@@ -138,7 +142,7 @@ enum Envelope: Equatable {
     var isRequest: Bool {
         switch self {
         case .forward, .forwardKeyed, .relayBatch, .forwardMessaging, .readIndex, .configChange, .rateTake, .stateQuery, .readForward: true
-        case .raft, .answer, .file, .fileAck, .presence, .typing, .inbox, .leader, .replicaStopped, .via: false
+        case .raft, .answer, .file, .fileAck, .presence, .typing, .inbox, .leader, .replicaStopped, .replicaServing, .via: false
         }
     }
 
@@ -190,6 +194,8 @@ enum Envelope: Equatable {
             put(term, &b)
         case .replicaStopped:
             b.append(18)
+        case .replicaServing:
+            b.append(20)
         case .via(let id, let target, let within, let inner):
             b.append(19)
             put(id, &b)
@@ -345,6 +351,9 @@ enum Envelope: Equatable {
         case 18:
             try r.end()
             return .replicaStopped
+        case 20:
+            try r.end()
+            return .replicaServing
         case 19:
             let id = try r.requestID()
             let target = NodeID(try r.u64())

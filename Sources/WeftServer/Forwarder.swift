@@ -96,7 +96,7 @@ final class Forwarder: Sendable {
             case .stateQuery(_, let c, let q): .stateQuery(request: id, consistency: c, query: q)
             case .readForward(_, let c, let q): .readForward(request: id, consistency: c, query: q)
             // Not requests (nothing answers them): sent as they are.
-            case .raft, .answer, .file, .fileAck, .presence, .typing, .inbox, .leader, .replicaStopped, .via: envelope
+            case .raft, .answer, .file, .fileAck, .presence, .typing, .inbox, .leader, .replicaStopped, .replicaServing, .via: envelope
             }
         let route = hop == target ? "node \(target)" : "node \(target) through node \(hop)"
         let timer = deadlines.schedule(deadline) { [state] in

@@ -127,7 +127,16 @@ public enum HTTPAPI {
     static func readResponse(
         _ node: WeftNode, _ shard: ShardID, _ q: ReadQuery, consistency: WeftNode.ReadConsistency, nextFrom: (Record) -> UInt64, start: UInt64
     ) async throws -> Response {
-        switch await node.read(shard: shard, q, consistency: consistency) {
+        // This node's replica, unless it is cut off from its leader (then, except for `local` reads, the
+        // other replicas first: `WeftNode.routed`). A node without a replica answers 404, as before.
+        let point: ReadPoint =
+            switch consistency {
+            case .local: .local
+            case .atLeast(let i): .atLeast(i)
+            case .linearizable: .linearizable
+            }
+        let result = node.runner(shard) == nil ? .failure(.noReplica) : await node.readAnywhere(shard: shard, q, consistency: point)
+        switch result {
         case .success(let r):
             let body = ReadResponse(
                 records: r.records.map {
@@ -222,7 +231,8 @@ public enum HTTPAPI {
             throw APIError(.badRequest, "websocket_required", "\(AppendStream.path) is a WebSocket: send an upgrade request (Docs/append-stream.md)")
         }
 
-        // Committed records of this node's replica, in log order: ?from=INDEX&limit=N.
+        // Committed records of the shard, in log order: ?from=INDEX&limit=N. Read on this node's replica
+        // (on the others while it is cut off from its leader, unless `consistency=local`).
         op.get("/api/v1/shards/{shard}/log") { request, context -> Response in
             let shard = try shardParameter(context, node)
             let from = try queryNumber(request, "from", default: 1, min: 1)

@@ -57,6 +57,8 @@ public final class WeftNode: Sendable {
     let viaPassed = Counter(label: "weft_forward_via_total", dimensions: [("role", "passed")])
     /// Per shard, the leader the local replica last knew, and since when it has known none (nil while it
     /// knows one): a replica without a leader for long is cut off from it (`throughLeader`'s `askPeer`).
+    /// The shards `announceStopped` named last time.
+    let announcedStopped = NIOLockedValueBox<Set<ShardID>>([])
     let localLeader = NIOLockedValueBox<[ShardID: (last: NodeID?, since: ContinuousClock.Instant?)]>([:])
     /// When a pass-on was last logged, per (from, target).
     let viaLogged = NIOLockedValueBox<[[UInt64]: ContinuousClock.Instant]>([:])
@@ -390,6 +392,12 @@ public final class WeftNode: Sendable {
             return rs
         }
         for r in rs.values { r.start() }
+        // A replica counts as knowing no leader from now, not from when it opened (a slow start, or
+        // nodes started seconds apart, is not a cut).
+        let now = ContinuousClock.now
+        localLeader.withLockedValue { v in
+            for (shard, entry) in v where entry.since != nil { v[shard] = (entry.last, now) }
+        }
         let tier = delivery
         deliveryTask.withLockedValue { $0 = Task { [weak self] in if let self { await tier.run(node: self) } } }
         reannounce()
@@ -503,6 +511,8 @@ public final class WeftNode: Sendable {
             noteLeader(shard, from: from, term: term)
         case .replicaStopped:
             if shard.rawValue < UInt64(config.shards) { delivery.noteStopped(shard, node: from) }
+        case .replicaServing:
+            if shard.rawValue < UInt64(config.shards) { delivery.noteServing(shard, node: from) }
         }
     }
 
@@ -649,13 +659,23 @@ public final class WeftNode: Sendable {
     /// share, so it applies nothing). Their replicas then forward the inbox records of this node's
     /// sessions' users here (`DeliveryTier.forwardInbox`). Repeated with the leader announcements; a
     /// receiver forgets it after `DeliveryTier.stoppedValidFor` without a repeat.
+    ///
+    /// A shard announced before and not now (the replica heard its leader again, or was reopened) is
+    /// announced as served once (`replicaServing`), so the others stop forwarding at once instead of
+    /// `DeliveryTier.stoppedValidFor` later. Both go to the shard's other replicas only (other nodes
+    /// ignore them).
     func announceStopped() {
         let placed = Set(config.shardIDs.filter { config.replicas(of: $0).contains(id) })
         let stopped = failedShards.withLockedValue { Array($0.keys) }.filter { placed.contains($0) && runner($0) == nil }
         let cutOff = allRunners.keys.filter { placed.contains($0) && leaderlessLong($0) }
-        let frame = Envelope.replicaStopped.encode()
-        for shard in stopped + cutOff {
-            for n in config.nodes.map(\.id) where n != id { transport.send(to: n, shard: shard.rawValue, payload: frame) }
+        let now = Set(stopped + cutOff)
+        let before = announcedStopped.withLockedValue { a in
+            defer { a = now }
+            return a
+        }
+        for (shard, frame) in now.map({ ($0, Envelope.replicaStopped) }) + before.subtracting(now).map({ ($0, Envelope.replicaServing) }) {
+            let bytes = frame.encode()
+            for n in config.replicas(of: shard) where n != id { transport.send(to: n, shard: shard.rawValue, payload: bytes) }
         }
     }
 
@@ -958,14 +978,14 @@ public final class WeftNode: Sendable {
     /// The longest a passed-on request is waited for here.
     static let viaWithinMax: Duration = .seconds(30)
 
-    /// Whether the local replica of `shard` has known no leader for twice the longest election timeout:
-    /// past an ordinary election, so it is cut off from the leader (or the shard has none).
     /// This node's replica of `shard` runs and brings its sessions their inbox records (it is not cut off
     /// from its leader).
     func servesSessions(_ shard: ShardID) -> Bool {
         runner(shard) != nil && !leaderlessLong(shard)
     }
 
+    /// Whether the local replica of `shard` has known no leader for twice the longest election timeout:
+    /// past an ordinary election, so it is cut off from the leader (or the shard has none).
     func leaderlessLong(_ shard: ShardID) -> Bool {
         guard let since = localLeader.withLockedValue({ $0[shard]?.since }) else { return false }
         // Raft draws its timeout from the configured range (or from [min, 2 min)): past two of the longest.

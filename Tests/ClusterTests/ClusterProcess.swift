@@ -109,16 +109,13 @@ final class ClusterProcess: @unchecked Sendable {
     func start(_ n: Int, fileSizeLimit: Int? = nil) throws {
         let p = Process()
         let serve = ["serve", "--config", configPath, "--node", String(n), "--log-level", "warning"]
-        if ownGroups {
-            p.executableURL = URL(fileURLWithPath: "/usr/bin/setpriv")
-            p.arguments = ["--regid=\(groupID(n))", "--clear-groups", Self.bin.path] + serve
-        } else if let limit = fileSizeLimit {
-            p.executableURL = URL(fileURLWithPath: "/bin/sh")
-            p.arguments = ["-c", "trap '' XFSZ; exec prlimit --fsize=\(limit):unlimited \"$0\" \"$@\"", Self.bin.path] + serve
-        } else {
-            p.executableURL = Self.bin
-            p.arguments = serve
+        var command = [Self.bin.path] + serve
+        if let limit = fileSizeLimit {
+            command = ["/bin/sh", "-c", "trap '' XFSZ; exec prlimit --fsize=\(limit):unlimited \"$0\" \"$@\""] + command
         }
+        if ownGroups { command = ["/usr/bin/setpriv", "--regid=\(groupID(n))", "--clear-groups"] + command }
+        p.executableURL = URL(fileURLWithPath: command[0])
+        p.arguments = Array(command.dropFirst())
         let logPath = dir + "/node\(n).log"
         if !FileManager.default.fileExists(atPath: logPath) {
             _ = FileManager.default.createFile(atPath: logPath, contents: nil)

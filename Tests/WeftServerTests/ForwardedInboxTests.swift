@@ -118,6 +118,25 @@ import WeftCore
         #expect(tier.acceptForwarded(frame, from: placed[0], shard: ShardID(99), holdsReplica: false).isEmpty, "no such shard")
     }
 
+    /// A node placed on a shard that says its replica stopped (or is cut off from its leader) is
+    /// forwarded to until it says its replica serves again, or its announcement is not repeated; a node
+    /// not placed on the shard cannot put itself on the list.
+    @Test func aStoppedReplicaIsForwardedToUntilItSaysItServesAgain() throws {
+        let config = try Self.fourNodes()
+        let shard = ShardID(1)
+        let placed = config.replicas(of: shard)
+        let away = try #require((1...4).map { NodeID(UInt64($0)) }.first { !placed.contains($0) })
+        let tier = DeliveryTier(config: config, selfID: placed[0], send: { _, _, _ in }, reachable: { _ in true })
+        defer { tier.hub.stop() }
+        tier.noteStopped(shard, node: placed[1])
+        tier.noteStopped(shard, node: away)
+        #expect(tier.stoppedNodes(of: shard) == [placed[1]])
+        tier.noteServing(shard, node: placed[1])
+        #expect(tier.stoppedNodes(of: shard).isEmpty)
+        tier.noteServing(shard, node: placed[1])
+        #expect(tier.stoppedNodes(of: ShardID(2)).isEmpty)
+    }
+
     @Test func forwardedInboxFramesRoundTripAndRefuseShortOnes() throws {
         let records = [Self.inboxRecord(1_000_001, 4), Self.inboxRecord(1_000_003, 1)]
         let bytes = Envelope.inbox(records: records).encode()

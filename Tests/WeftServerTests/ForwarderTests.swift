@@ -129,8 +129,13 @@ import WeftCore
             .typing(from: 17, to: 9, route: false),
             .leader(term: 0),
             .leader(term: 1 << 40 | 7),
+            .replicaStopped,
+            .replicaServing,
         ]
         for e in envelopes { #expect(try Envelope.decode(e.encode()) == e) }
+        // Frames 18 and 20 are their type byte alone.
+        #expect(Envelope.replicaStopped.encode() == [18] && Envelope.replicaServing.encode() == [20])
+        #expect(throws: Envelope.DecodeError.self) { try Envelope.decode([20, 0]) }
         // A leader announcement is exactly its term: trailing bytes are refused.
         #expect(throws: Envelope.DecodeError.self) { try Envelope.decode(Envelope.leader(term: 3).encode() + [0]) }
         // Truncated frames are errors, never crashes.
