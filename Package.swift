@@ -154,7 +154,7 @@ let package = Package(
         .testTarget(name: "SegmentFormatTests", dependencies: ["SegmentFormat", "WeftTesting"], swiftSettings: strict),
         .testTarget(name: "SegmentStoreTests", dependencies: ["SegmentStore", "SegmentFormat", "WeftTesting"], swiftSettings: strict),
         .testTarget(name: "ClusterConfigTests", dependencies: ["ClusterConfig"], swiftSettings: strict),
-        .testTarget(name: "PeerTransportTests", dependencies: ["PeerTransport"], swiftSettings: strict),
+        .testTarget(name: "PeerTransportTests", dependencies: ["PeerTransport", "WeftTesting"], swiftSettings: strict),
         .testTarget(name: "ReplicationTests", dependencies: ["Replication", "WeftTesting", "ShardState"], swiftSettings: strict),
         .testTarget(name: "ShardStateTests", dependencies: ["ShardState"], swiftSettings: strict),
         .testTarget(name: "MessagingTests", dependencies: ["Messaging", "ShardState", "WeftCore"], swiftSettings: strict),

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import WeftTesting
 #if canImport(FoundationNetworking)
 import FoundationNetworking
 #endif
@@ -113,7 +114,7 @@ final class ClusterProcess: @unchecked Sendable {
         if let limit = fileSizeLimit {
             command = ["/bin/sh", "-c", "trap '' XFSZ; exec prlimit --fsize=\(limit):unlimited \"$0\" \"$@\""] + command
         }
-        if ownGroups { command = ["/usr/bin/setpriv", "--regid=\(groupID(n))", "--clear-groups"] + command }
+        if ownGroups { command = [Firewall.setpriv, "--regid=\(groupID(n))", "--clear-groups"] + command }
         p.executableURL = URL(fileURLWithPath: command[0])
         p.arguments = Array(command.dropFirst())
         let logPath = dir + "/node\(n).log"

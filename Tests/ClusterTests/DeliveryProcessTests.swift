@@ -3,6 +3,7 @@ import HummingbirdWSClient
 import Logging
 import NIOCore
 import Testing
+import WeftTesting
 
 /// Issue 12 (first part): WebSocket sessions on real processes — resume from a cursor, then live events,
 /// each inbox event once and in order across the switch.
@@ -435,7 +436,7 @@ extension Clusters {
         /// (Docs/delivery.md, "Sessions away from the home shard"). Until stop 29 such a session got its
         /// events only once the cut healed. The cut: iptables `owner` rules on loopback dropping what
         /// each of the two nodes sends to the other's peer port (each node runs under its own group id).
-        @Test(.enabled(if: Self.firewallUsable), .timeLimit(.minutes(3)))
+        @Test(.enabled(if: Firewall.ownerMatchUsable), .timeLimit(.minutes(3)))
         func aSessionOnANodeCutOffFromTheLeaderGetsItsEventsThroughTheThird() async throws {
             let c = try ClusterProcess(name: "wscut", nodes: 3, shards: 2)
             c.ownGroups = true
@@ -450,11 +451,11 @@ extension Clusters {
             let rules = [(cut, leader), (leader, cut)].map { from, to in
                 ["OUTPUT", "-o", "lo", "-p", "tcp", "-m", "owner", "--gid-owner", "\(c.groupID(from))", "--dport", "\(c.peerPort(to))", "-j", "DROP"]
             }
-            defer { for r in rules { try? Self.iptables(["-D"] + r) } }
+            defer { for r in rules { try? Firewall.run(["-D"] + r) } }
             let arrived = Frames()  // non-empty once the session has one of the messages
             let cutAndSend: @Sendable () async -> Void = {
                 do {
-                    for r in rules { try Self.iptables(["-A"] + r) }
+                    for r in rules { try Firewall.run(["-A"] + r) }
                 } catch {
                     Issue.record("\(error)")
                     return
@@ -495,31 +496,6 @@ extension Clusters {
             #expect(read.status == 200, "a raw read of shard \(home) through node \(cut) during the cut: \(read.status) \(String(decoding: read.data.prefix(300), as: UTF8.self))")
             let forwarded = ClusterProcess.metric(await c.metricsText(third) ?? "", "weft_delivery_inbox_forwarded_total")
             #expect(forwarded >= 1, "node \(third) forwarded bob's record to node \(cut) (\(forwarded))")
-        }
-
-        /// Root, iptables with the `owner` match, and setpriv: tried by adding and removing a rule that
-        /// matches nothing (a container without NET_ADMIN skips the test instead of failing it).
-        static var firewallUsable: Bool {
-            guard getuid() == 0, FileManager.default.isExecutableFile(atPath: iptablesPath), FileManager.default.isExecutableFile(atPath: "/usr/bin/setpriv")
-            else { return false }
-            let probe = ["OUTPUT", "-o", "lo", "-p", "tcp", "-m", "owner", "--gid-owner", "46999", "--dport", "9", "-j", "DROP"]
-            guard (try? iptables(["-A"] + probe)) != nil else { return false }
-            try? iptables(["-D"] + probe)
-            return true
-        }
-        static var iptablesPath: String { ["/usr/sbin/iptables", "/sbin/iptables"].first { FileManager.default.isExecutableFile(atPath: $0) } ?? "/usr/sbin/iptables" }
-
-        struct FirewallFailure: Error, CustomStringConvertible { var description: String }
-
-        static func iptables(_ arguments: [String]) throws {
-            let p = Process()
-            p.executableURL = URL(fileURLWithPath: iptablesPath)
-            p.arguments = ["-w"] + arguments
-            p.standardOutput = FileHandle.nullDevice
-            p.standardError = FileHandle.nullDevice
-            try p.run()
-            p.waitUntilExit()
-            guard p.terminationStatus == 0 else { throw FirewallFailure(description: "iptables \(arguments.joined(separator: " ")) exited \(p.terminationStatus)") }
         }
 
         /// Node `from`'s status says its link to `to` is down.

@@ -4,6 +4,7 @@ import NIOPosix
 import PeerTransport
 import Testing
 import WeftCore
+import WeftTesting
 
 /// Real sockets on 127.0.0.1. Serialized: each test binds several ports and spins up event loops, and the
 /// machine has two cores. Every wait is a poll with a 10 s deadline.
@@ -318,26 +319,5 @@ struct TransportTests {
             }
             try await self.stopAll(nodes, group)
         }
-    }
-}
-
-/// iptables, for tests that cut a route on loopback.
-enum Firewall {
-    static var usable: Bool { getuid() == 0 && FileManager.default.isExecutableFile(atPath: path) }
-    static var path: String { ["/usr/sbin/iptables", "/sbin/iptables"].first { FileManager.default.isExecutableFile(atPath: $0) } ?? "/usr/sbin/iptables" }
-
-    struct Failure: Error, CustomStringConvertible {
-        var description: String
-    }
-
-    static func run(_ arguments: [String]) throws {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: path)
-        p.arguments = ["-w"] + arguments
-        p.standardOutput = FileHandle.nullDevice
-        p.standardError = FileHandle.nullDevice
-        try p.run()
-        p.waitUntilExit()
-        guard p.terminationStatus == 0 else { throw Failure(description: "iptables \(arguments.joined(separator: " ")) exited \(p.terminationStatus)") }
     }
 }
