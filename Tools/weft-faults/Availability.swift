@@ -19,6 +19,8 @@ enum Availability {
         /// Seconds since the run began.
         var start: Double
         var end: Double
+        /// A two-way partition's other node.
+        var peer: Int? = nil
     }
 
     struct Attempt: Sendable, Equatable {

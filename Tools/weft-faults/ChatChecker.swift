@@ -36,6 +36,8 @@ enum ChatChecker {
         var seq: UInt64?
         /// The last refusal (4xx other than 429), if the send ended refused.
         var refusal: String?
+        /// When it was first acknowledged, seconds since the run began.
+        var ackedAt: Double?
         /// The message ids that sending it again after the acknowledgement answered (each must be `messageID`).
         var replays: [UInt64] = []
         /// Neither acknowledged nor possibly written: every attempt was refused or never connected.

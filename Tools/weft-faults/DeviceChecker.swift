@@ -34,6 +34,9 @@ extension ChatChecker {
         /// `{"type":"error"}` frames and frames that could not be read.
         var errors: [String] = []
         var seconds = 0.0
+        /// When the WebSocket was open, and when each of `events` came: seconds since the run began.
+        var opened = 0.0
+        var arrivals: [Double] = []
     }
 
     /// One device of a chat user: its connections, in order.
@@ -53,6 +56,50 @@ extension ChatChecker {
             }
             return 0
         }
+    }
+
+    /// Pushes while two nodes are cut from each other (a measurement, printed in the summary, not a rule):
+    /// for each message acknowledged inside a two-way partition (up to 1 s before the heal), on each
+    /// connection of its receiver's devices that was open from the acknowledgement through the heal,
+    /// whether the event came before the heal and how long after the acknowledgement, overall and on the
+    /// two cut nodes. Before stop 29 a cut node's sessions got nothing of a shard whose leader was on the
+    /// other side until the heal.
+    struct PartitionPushes: Equatable {
+        var messages = 0
+        var deliveries = 0, beforeHeal = 0
+        var slowest = 0.0
+        var onCutNodes = 0, onCutNodesBeforeHeal = 0
+        var slowestOnCutNodes = 0.0
+    }
+
+    static func partitionPushes(_ devices: [Device], sends: [String: Send], faults: [Availability.Fault]) -> PartitionPushes {
+        var out = PartitionPushes()
+        let byUser = Dictionary(grouping: devices, by: \.user)
+        for f in faults where f.kind == "partition-two-way" {
+            let cutNodes: Set<Int> = [f.victim, f.peer ?? f.victim]
+            for s in sends.values {
+                guard let id = s.messageID, let acked = s.ackedAt, acked >= f.start, acked <= f.end - 1 else { continue }
+                out.messages += 1
+                for d in byUser[s.to] ?? [] {
+                    for c in d.connections where !c.final && c.opened <= acked && c.opened + c.seconds >= f.end {
+                        out.deliveries += 1
+                        let onCut = cutNodes.contains(c.node)
+                        if onCut { out.onCutNodes += 1 }
+                        guard let k = c.events.firstIndex(where: { $0.type == "message" && ($0.messageID ?? $0.message?.id) == id }), k < c.arrivals.count,
+                            c.arrivals[k] <= f.end
+                        else { continue }
+                        let delay = max(0, c.arrivals[k] - acked)
+                        out.beforeHeal += 1
+                        out.slowest = max(out.slowest, delay)
+                        if onCut {
+                            out.onCutNodesBeforeHeal += 1
+                            out.slowestOnCutNodes = max(out.slowestOnCutNodes, delay)
+                        }
+                    }
+                }
+            }
+        }
+        return out
     }
 
     static func describe(_ s: Send) -> String { "\(s.content) (client_msg_id \(s.key), \(s.from)->\(s.to))" }

@@ -244,6 +244,11 @@ struct Faults: AsyncParsableCommand {
             for s in refused.sorted(by: { $0.key < $1.key }).prefix(5) { lines.append("  note: chat \(s.key) refused: \(s.refusal ?? "")") }
             if subscribers != nil {
                 lines.append("chat ws: \(ChatSubscribers.summary(devices, perUser: chatDevices))")
+                let pp = ChatChecker.partitionPushes(devices, sends: chatSends, faults: oneNodeFaults)
+                let slow = { (s: Double) in String(format: "%.2f", s) }
+                lines.append(
+                    "chat ws during two-way partitions (a measurement): \(pp.messages) messages acknowledged inside a cut; of their pushes to receivers' connections open through the heal, \(pp.beforeHeal) of \(pp.deliveries) came before it (slowest \(slow(pp.slowest)) s after the acknowledgement), on the cut pair's nodes \(pp.onCutNodesBeforeHeal) of \(pp.onCutNodes) (slowest \(slow(pp.slowestOnCutNodes)) s)"
+                )
                 lines.append(
                     "chat ws findings: lost \(wsRes.lost.count), duplicated \(wsRes.duplicated.count), divergent \(wsRes.divergent.count), unexpected \(wsRes.unexpected.count), misplaced \(wsRes.misplaced.count), catch-up failures \(wsFailures.count)"
                 )

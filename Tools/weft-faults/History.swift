@@ -185,6 +185,7 @@ actor History {
         } else {
             chat[key]?.messageID = messageID
             chat[key]?.seq = seq
+            chat[key]?.ackedAt = now()
         }
         write(["op": "chat-send", "type": replay ? "replay-ok" : "ok", "key": key, "node": node, "message_id": messageID, "seq": seq])
     }

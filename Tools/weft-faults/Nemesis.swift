@@ -60,7 +60,7 @@ final class Nemesis: @unchecked Sendable {
     /// every shard).
     /// `after`: when the probes go (default: the election grace).
     func holdProbing(
-        _ hold: Duration, kind: String, victim: Int, start: Double, quorum: Bool, after: Duration? = nil,
+        _ hold: Duration, kind: String, victim: Int, start: Double, quorum: Bool, after: Duration? = nil, peer: Int? = nil,
         targets: (() async -> [(node: Int, shard: Int)])? = nil
     ) async throws {
         let began = ContinuousClock.now
@@ -81,7 +81,7 @@ final class Nemesis: @unchecked Sendable {
         }
         let left = hold - (ContinuousClock.now - began)
         if left > .zero { try await Task.sleep(for: left) }
-        await history.fault(Availability.Fault(kind: kind, victim: victim, start: start, end: await history.now()))
+        await history.fault(Availability.Fault(kind: kind, victim: victim, start: start, end: await history.now(), peer: peer))
     }
 
     /// The probes of a storage-full fault: its replicas fail when their writes do, at no moment the
@@ -315,7 +315,7 @@ final class Nemesis: @unchecked Sendable {
             let start = await history.now()
             await note(kind.rawValue, "start", ["nodes": [victim, peer]])
             try await holdProbing(
-                hold + .seconds(8), kind: kind.rawValue, victim: victim, start: start, quorum: quorum, after: .seconds(5),
+                hold + .seconds(8), kind: kind.rawValue, victim: victim, start: start, quorum: quorum, after: .seconds(5), peer: peer,
                 targets: { [self] in
                     let until = ContinuousClock.now + .seconds(7)
                     while ContinuousClock.now < until {

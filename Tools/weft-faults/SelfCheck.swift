@@ -89,7 +89,7 @@ enum SelfCheck {
             ok = ok && pass
             lines.append("\(pass ? "ok" : "WRONG") \(name): lost \(result.lost.count), duplicated \(result.duplicated.count), divergent \(result.divergent.count), misplaced \(result.misplaced.count), unexpected \(result.unexpected.count), hostile \(result.hostile.count), membership \(result.membership.count), stale \(result.stale.count)")
         }
-        for (name, pass) in Availability.selfCheck() {
+        for (name, pass) in Availability.selfCheck() + partitionPushCases() {
             ok = ok && pass
             lines.append("\(pass ? "ok" : "WRONG") \(name)")
         }
@@ -97,6 +97,42 @@ enum SelfCheck {
     }
 
     typealias Case = (String, Checker.Result, (Checker.Result) -> Bool)
+
+    /// `ChatChecker.partitionPushes`: a cut between nodes 1 and 2 from 10 s to 20 s; user 2 gets message
+    /// 7 (acknowledged at 12 s) on a device on node 1 (cut) at 13.5 s, and on one on node 3 only after
+    /// the heal; a connection that closed inside the cut, and a message acknowledged in its last second,
+    /// are not counted.
+    static func partitionPushCases() -> [(String, Bool)] {
+        typealias C = ChatChecker
+        let fault = Availability.Fault(kind: "partition-two-way", victim: 1, start: 10, end: 20, peer: 2)
+        var send = C.Send(key: "k", writer: 0, from: 1, to: 2, content: "m")
+        send.messageID = 7
+        send.ackedAt = 12
+        var late = C.Send(key: "l", writer: 0, from: 1, to: 2, content: "n")
+        late.messageID = 8
+        late.ackedAt = 19.5
+        func conn(_ node: Int, opened: Double, seconds: Double, at: Double) -> C.Connection {
+            var c = C.Connection(node: node, resume: 0)
+            c.opened = opened
+            c.seconds = seconds
+            c.events = [C.Event(cursor: "1", type: "message", messageID: 7)]
+            c.arrivals = [at]
+            return c
+        }
+        let devices = [
+            C.Device(user: 2, index: 0, connections: [conn(1, opened: 5, seconds: 30, at: 13.5)]),
+            C.Device(user: 2, index: 1, connections: [conn(3, opened: 5, seconds: 30, at: 21), conn(2, opened: 1, seconds: 12, at: 12.1)]),
+        ]
+        let r = C.partitionPushes(devices, sends: ["k": send, "l": late], faults: [fault])
+        let none = C.partitionPushes(devices, sends: ["k": send], faults: [Availability.Fault(kind: "pause", victim: 1, start: 10, end: 20)])
+        return [
+            (
+                "partition pushes: one before the heal on a cut node, one after it elsewhere",
+                r.messages == 1 && r.deliveries == 2 && r.beforeHeal == 1 && abs(r.slowest - 1.5) < 1e-9 && r.onCutNodes == 1 && r.onCutNodesBeforeHeal == 1
+            ),
+            ("partition pushes: other faults are not counted", none == C.PartitionPushes()),
+        ]
+    }
 
     static func burstEntry(_ index: UInt64, batch: String, i: Int, seq: UInt64, stream: UInt64 = 100) -> Checker.Entry {
         Checker.Entry(index: index, term: 1, type: 1, stream: stream, seq: seq, payload: String(decoding: BurstPayload.make(batch: batch, i: i), as: UTF8.self))
