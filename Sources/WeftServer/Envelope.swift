@@ -22,10 +22,10 @@ import WeftCore
 /// 16 inbox  | u32 n | n x record (as a read's answer: index | term | stream | seq | u16 type | i64 time | u32 len | payload)
 /// 17 leader | u64 term
 /// 18 replicaStopped (nothing more: the frame's shard)
-/// 20 replicaServing (nothing more: the frame's shard): the sender's replica serves its sessions again
 /// 19 via    | request id | u64 target node | u32 ms the sender waits | inner envelope (rest): a
 ///           request to pass on to the target, whose answer comes back under this request id
 ///           (Docs/replication.md, "Forwarding through another node")
+/// 20 replicaServing (nothing more: the frame's shard): the sender's replica serves its sessions again
 /// answer statuses 6 partial: u32 count | u32 n | n x ref; 7 replayed: u32 n | n x ref;
 ///                 8 relay: u8 kind (0 written, 1 already applied, 2 stale) | u64 mark
 /// 3 answer  | request id | u8 status

@@ -127,15 +127,11 @@ public enum HTTPAPI {
     static func readResponse(
         _ node: WeftNode, _ shard: ShardID, _ q: ReadQuery, consistency: WeftNode.ReadConsistency, nextFrom: (Record) -> UInt64, start: UInt64
     ) async throws -> Response {
-        // This node's replica, unless it is cut off from its leader (then, except for `local` reads, the
-        // other replicas first: `WeftNode.routed`). A node without a replica answers 404, as before.
-        let point: ReadPoint =
-            switch consistency {
-            case .local: .local
-            case .atLeast(let i): .atLeast(i)
-            case .linearizable: .linearizable
-            }
-        let result = node.runner(shard) == nil ? .failure(.noReplica) : await node.readAnywhere(shard: shard, q, consistency: point)
+        // This node's replica, unless it is cut off from its leader: then, except for `local` reads without
+        // `min_index`, the other replicas first (`WeftNode.routed`; the answer's indexes are theirs). A node
+        // without a replica answers 404, as before.
+        let result =
+            node.runner(shard) == nil ? .failure(.noReplica) : await node.readAnywhere(shard: shard, q, consistency: ReadPoint(consistency))
         switch result {
         case .success(let r):
             let body = ReadResponse(
@@ -232,7 +228,7 @@ public enum HTTPAPI {
         }
 
         // Committed records of the shard, in log order: ?from=INDEX&limit=N. Read on this node's replica
-        // (on the others while it is cut off from its leader, unless `consistency=local`).
+        // (on the others while it is cut off from its leader, unless `consistency=local` without `min_index`).
         op.get("/api/v1/shards/{shard}/log") { request, context -> Response in
             let shard = try shardParameter(context, node)
             let from = try queryNumber(request, "from", default: 1, min: 1)

@@ -126,6 +126,15 @@ public enum ReadPoint: Sendable, Equatable {
     case atLeast(LogIndex)
     case linearizable
 
+    /// The read point a raw read's consistency names.
+    init(_ c: WeftNode.ReadConsistency) {
+        switch c {
+        case .local: self = .local
+        case .atLeast(let i): self = .atLeast(i)
+        case .linearizable: self = .linearizable
+        }
+    }
+
     var consistency: WeftNode.ReadConsistency {
         switch self {
         case .local, .localCurrent: .local

@@ -55,10 +55,11 @@ public final class WeftNode: Sendable {
     let forwarder: Forwarder
     /// Requests passed on for a peer that could not reach their target (`passOn`).
     let viaPassed = Counter(label: "weft_forward_via_total", dimensions: [("role", "passed")])
+    /// The shards `announceStopped` named last time (its lock also keeps two announcements, from the
+    /// repeat and from a replica failing, from crossing).
+    let announcedStopped = NIOLockedValueBox<Set<ShardID>>([])
     /// Per shard, the leader the local replica last knew, and since when it has known none (nil while it
     /// knows one): a replica without a leader for long is cut off from it (`throughLeader`'s `askPeer`).
-    /// The shards `announceStopped` named last time.
-    let announcedStopped = NIOLockedValueBox<Set<ShardID>>([])
     let localLeader = NIOLockedValueBox<[ShardID: (last: NodeID?, since: ContinuousClock.Instant?)]>([:])
     /// When a pass-on was last logged, per (from, target).
     let viaLogged = NIOLockedValueBox<[[UInt64]: ContinuousClock.Instant]>([:])
@@ -392,8 +393,9 @@ public final class WeftNode: Sendable {
             return rs
         }
         for r in rs.values { r.start() }
-        // A replica counts as knowing no leader from now, not from when it opened (a slow start, or
-        // nodes started seconds apart, is not a cut).
+        // A replica counts as knowing no leader from now, not from when it opened (a slow start between
+        // the two is not a cut; the first node of a cluster started node by node still announces its
+        // shards until a leader is elected, which is harmless: it says `replicaServing` then).
         let now = ContinuousClock.now
         localLeader.withLockedValue { v in
             for (shard, entry) in v where entry.since != nil { v[shard] = (entry.last, now) }
@@ -666,16 +668,17 @@ public final class WeftNode: Sendable {
     /// ignore them).
     func announceStopped() {
         let placed = Set(config.shardIDs.filter { config.replicas(of: $0).contains(id) })
-        let stopped = failedShards.withLockedValue { Array($0.keys) }.filter { placed.contains($0) && runner($0) == nil }
-        let cutOff = allRunners.keys.filter { placed.contains($0) && leaderlessLong($0) }
-        let now = Set(stopped + cutOff)
-        let before = announcedStopped.withLockedValue { a in
-            defer { a = now }
-            return a
-        }
-        for (shard, frame) in now.map({ ($0, Envelope.replicaStopped) }) + before.subtracting(now).map({ ($0, Envelope.replicaServing) }) {
-            let bytes = frame.encode()
-            for n in config.replicas(of: shard) where n != id { transport.send(to: n, shard: shard.rawValue, payload: bytes) }
+        // Worked out and sent under one lock: a repeat that looked before a replica failed must not
+        // follow that failure's announcement with a `replicaServing`.
+        announcedStopped.withLockedValue { before in
+            let stopped = failedShards.withLockedValue { Array($0.keys) }.filter { placed.contains($0) && runner($0) == nil }
+            let cutOff = allRunners.keys.filter { placed.contains($0) && leaderlessLong($0) }
+            let now = Set(stopped + cutOff)
+            for (shard, frame) in now.map({ ($0, Envelope.replicaStopped) }) + before.subtracting(now).map({ ($0, Envelope.replicaServing) }) {
+                let bytes = frame.encode()
+                for n in config.replicas(of: shard) where n != id { transport.send(to: n, shard: shard.rawValue, payload: bytes) }
+            }
+            before = now
         }
     }
 

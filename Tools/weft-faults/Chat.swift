@@ -132,7 +132,7 @@ struct ChatWorkload: Sendable {
                 switch outcome {
                 case .response(200, let b):
                     if let id = reply?.u64("message_id"), let seq = reply?.u64("seq") {
-                        await history.chatOK(key: key, node: node, messageID: id, seq: seq)
+                        await history.chatOK(key: key, node: node, messageID: id, seq: seq, at: Date().timeIntervalSince(history.start))
                         // Read your writes: the newest history page, at once, through a random node.
                         await readYourWrite(w, key: key, from: from, to: to, messageID: id, seq: seq, node: rng.pick(nodes), rng: &rng)
                         // Now and then the same message again, through a random node: the answer must be
@@ -218,7 +218,7 @@ struct ChatWorkload: Sendable {
         await history.write(["op": "chat-send", "type": "replay", "process": 200 + w, "key": key, "from": from.id, "to": to.id, "content": content, "node": node])
         let (outcome, reply) = await Self.call(client, node: node, .POST, "/api/v1/messages", json: body, token: from.token)
         if let id = reply?.u64("message_id"), let seq = reply?.u64("seq"), case .response(200, _) = outcome {
-            await history.chatOK(key: key, node: node, messageID: id, seq: seq)
+            await history.chatOK(key: key, node: node, messageID: id, seq: seq, at: Date().timeIntervalSince(history.start))
             return
         }
         switch outcome {

@@ -34,8 +34,10 @@ extension ChatChecker {
         /// `{"type":"error"}` frames and frames that could not be read.
         var errors: [String] = []
         var seconds = 0.0
-        /// When the WebSocket was open, and when each of `events` came: seconds since the run began.
+        /// When the WebSocket was open, when it ended, and when each of `events` came: seconds since the
+        /// run began (the history's clock).
         var opened = 0.0
+        var closed = 0.0
         var arrivals: [Double] = []
     }
 
@@ -81,7 +83,7 @@ extension ChatChecker {
                 guard let id = s.messageID, let acked = s.ackedAt, acked >= f.start, acked <= f.end - 1 else { continue }
                 out.messages += 1
                 for d in byUser[s.to] ?? [] {
-                    for c in d.connections where !c.final && c.opened <= acked && c.opened + c.seconds >= f.end {
+                    for c in d.connections where !c.final && c.opened <= acked && c.closed >= f.end {
                         out.deliveries += 1
                         let onCut = cutNodes.contains(c.node)
                         if onCut { out.onCutNodes += 1 }

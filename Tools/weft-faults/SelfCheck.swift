@@ -114,7 +114,7 @@ enum SelfCheck {
         func conn(_ node: Int, opened: Double, seconds: Double, at: Double) -> C.Connection {
             var c = C.Connection(node: node, resume: 0)
             c.opened = opened
-            c.seconds = seconds
+            c.closed = opened + seconds
             c.events = [C.Event(cursor: "1", type: "message", messageID: 7)]
             c.arrivals = [at]
             return c

@@ -127,9 +127,8 @@ struct ChatSubscribers: Sendable {
         ws.send(Self.frame(["type": "auth", "token": u.token]))
         ws.send(Self.frame(["type": "resume", "cursor": "\(resume)"]))
         var c = ChatChecker.Connection(node: node, resume: resume, final: final)
-        let openedClock = ContinuousClock.now
-        c.opened = await history.now()
-        let opened = c.opened
+        let runStart = history.start
+        c.opened = Date().timeIntervalSince(runStart)
         await withTaskGroup(of: Void.self) { g in
             g.addTask {
                 while !Task.isCancelled {
@@ -158,8 +157,7 @@ struct ChatSubscribers: Sendable {
                         }
                         let event = ChatWorkload.event(e)
                         c.events.append(event)
-                        let since = ContinuousClock.now - openedClock
-                        c.arrivals.append(opened + Double(since.components.seconds) + Double(since.components.attoseconds) / 1e18)
+                        c.arrivals.append(Date().timeIntervalSince(runStart))
                         unacked += 1
                         if unacked >= Self.ackEvery, UInt64(event.cursor) != nil {
                             ws.send(Self.frame(["type": "ack", "cursor": event.cursor]))
@@ -188,6 +186,7 @@ struct ChatSubscribers: Sendable {
             }
             g.cancelAll()
         }
+        c.closed = Date().timeIntervalSince(runStart)
         let d = ContinuousClock.now - started
         c.seconds = Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18
         var line: [String: Any] = [
