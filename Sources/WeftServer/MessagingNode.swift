@@ -207,9 +207,20 @@ public enum ReadPoint: Sendable, Equatable {
     /// past the stream's end (stop 24: a tag of its own, so the answers older nodes read keep their
     /// layout); or `1 | first` (compacted); records as
     /// `index | term | stream | seq | u16 type | i64 time | u32 length | payload`.
+    ///
+    /// The records are cut to `answerRecordBytesMax` (at least one is kept): a peer frame holds 16 MiB
+    /// at most, and one too long would be dropped, leaving the asker to wait out its deadline (a raw read
+    /// of 10 000 records through a cut-off node). The asker gets fewer records and reads on from the last.
     static func encodeResult(_ r: Result<ReadResult, WeftNode.ReadFailure>) -> Envelope.ForwardAnswer {
         switch r {
-        case .success(let rr):
+        case .success(var rr):
+            var bytes = 0
+            if let over = rr.records.firstIndex(where: { x in
+                bytes += Self.recordHeaderBytes + x.payload.count
+                return bytes > Self.answerRecordBytesMax
+            }) {
+                rr.records.removeSubrange(max(1, over)...)
+            }
             let extended = rr.floor > 1 || rr.head != nil
             var b: [UInt8] = [extended ? 2 : 0]
             put(rr.applied, &b)
@@ -229,6 +240,11 @@ public enum ReadPoint: Sendable, Equatable {
         case .failure(let f): return .failed("\(f)")
         }
     }
+
+    /// Bytes of records one read answer carries at most (`encodeResult`), and a record's encoded size
+    /// besides its payload.
+    static let answerRecordBytesMax = 8 << 20
+    static let recordHeaderBytes = 46
 
     static func decodeResult(_ b: [UInt8]) -> Result<ReadResult, WeftNode.ReadFailure>? {
         var r = Envelope.Cursor(bytes: b, pos: 0)

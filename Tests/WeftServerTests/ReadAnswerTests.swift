@@ -45,6 +45,28 @@ import WeftCore
         }
     }
 
+    /// An answer whose records would not fit in a peer frame carries the first ones only (at least one),
+    /// so it is sent rather than dropped; the asker reads on from the last.
+    @Test func anAnswerTooLongForAFrameCarriesItsFirstRecords() {
+        let big = [UInt8](repeating: 7, count: 3 << 20)
+        let records = (0..<10).map { Record(index: 100 + UInt64($0), term: 2, stream: StreamID(9), seq: UInt64($0) + 1, timestampMicros: 1, payload: big) }
+        let b = Self.bytes(ReadPoint.encodeResult(.success(ReadResult(records: records, applied: 200, commit: 200, floor: 1))))
+        #expect(b.count < 9 << 20)
+        guard case .success(let back)? = ReadPoint.decodeResult(b) else {
+            Issue.record("not decoded")
+            return
+        }
+        #expect(back.records == Array(records.prefix(2)))
+        // Records of the largest payload: one per answer (two would pass the budget by their headers).
+        let largest = (0..<3).map { Record(index: 1 + UInt64($0), term: 1, stream: StreamID(9), seq: 1 + UInt64($0), timestampMicros: 1, payload: [UInt8](repeating: 1, count: Limits.recordPayloadBytesMax)) }
+        let one = Self.bytes(ReadPoint.encodeResult(.success(ReadResult(records: largest, applied: 3, commit: 3, floor: 1))))
+        guard case .success(let alone)? = ReadPoint.decodeResult(one) else {
+            Issue.record("not decoded")
+            return
+        }
+        #expect(alone.records == [largest[0]])
+    }
+
     @Test func aFloorOfZeroOrACutAnswerIsRefused() {
         let rr = ReadResult(records: Self.records, applied: 41, commit: 44, floor: 7)
         var b = Self.bytes(ReadPoint.encodeResult(.success(rr)))
