@@ -334,8 +334,7 @@ extension WeftNode {
     /// state it can no longer know is. Such reads go to the other replicas first (through a third node
     /// when the leader cannot be reached), and to this one for the time left (`routed`).
     func localServes(_ shard: ShardID, _ point: ReadPoint) -> Bool {
-        guard runner(shard) != nil else { return false }
-        return point == .local || !leaderlessLong(shard)
+        point == .local ? runner(shard) != nil : servesSessions(shard)
     }
 
     /// `read`, on this node's replica or on a node that holds one.

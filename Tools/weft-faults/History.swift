@@ -178,15 +178,15 @@ actor History {
     /// 200: the message and its place in the conversation.
     /// 200: the message and its place in the conversation (a later 200 for the same client_msg_id, a
     /// replay, is kept apart: it must name the same message).
-    /// `at`: when the answer came (seconds since the run began, stamped by the caller; default: now).
-    func chatOK(key: String, node: Int, messageID: UInt64, seq: UInt64, at: Double? = nil) {
+    /// `at`: when the answer came (seconds since the run began, stamped by the caller).
+    func chatOK(key: String, node: Int, messageID: UInt64, seq: UInt64, at: Double) {
         let replay = chat[key]?.messageID != nil
         if replay {
             chat[key]?.replays.append(messageID)
         } else {
             chat[key]?.messageID = messageID
             chat[key]?.seq = seq
-            chat[key]?.ackedAt = at ?? now()
+            chat[key]?.ackedAt = at
         }
         write(["op": "chat-send", "type": replay ? "replay-ok" : "ok", "key": key, "node": node, "message_id": messageID, "seq": seq])
     }
