@@ -75,12 +75,12 @@ public enum Ids {
     public static func isUserID(_ u: UInt64) -> Bool { u >= 1 && u <= userIDMax }
 
     public static func homeShard(_ user: UInt64, shards: Int) -> ShardID { ShardID(user % UInt64(max(1, shards))) }
-    /// The shard of a pair's conversation: a stable hash of the pair, so conversations spread over the
-    /// shards even when one user talks to many.
+    /// The shard of a pair's conversation: the home shard of its lower user id. So that user's inbox
+    /// entry of each message is written in the same Raft round as the message (Docs/messaging.md, "Where
+    /// things live"); until stop 30 it was a hash of the pair, which put every message one round from
+    /// both inboxes.
     public static func pairShard(_ a: UInt64, _ b: UInt64, shards: Int) -> ShardID {
-        var h = FNV1a()
-        h.add(pairKey(a, b))
-        return ShardID(h.value % UInt64(max(1, shards)))
+        homeShard(min(a, b), shards: shards)
     }
     /// The shard that keeps a (normalised) username and allocates its user's id.
     public static func usernameShard(_ name: String, shards: Int) -> ShardID {

@@ -68,6 +68,9 @@ public enum MessagingOp: Sendable, Equatable {
     /// A group's change or message, in the group's stream (Docs/groups.md).
     case group(GroupOp)
 
+    /// The first payload byte of a 1:1 message record.
+    public static let messageCode: UInt8 = 14
+
     var code: UInt8 {
         switch self {
         case .register: 1
@@ -78,7 +81,7 @@ public enum MessagingOp: Sendable, Equatable {
         case .contactAccept: 11
         case .contactRemove: 12
         case .block: 13
-        case .message: 14
+        case .message: Self.messageCode
         case .recall: 15
         case .inbox: 20
         case .readMark: 21

@@ -892,7 +892,7 @@ public struct Raft {
     mutating func send(_ m: Message) { messages.append(m) }
 
     /// Last seq of a stream in this log, including entries not yet persisted.
-    func lastSeq(of s: StreamID) -> StreamSeq {
+    public func lastSeq(of s: StreamID) -> StreamSeq {
         if let e = unstable.last(where: { $0.stream == s }) { return e.seq }
         return log.lastSeq(of: s)
     }

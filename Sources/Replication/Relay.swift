@@ -10,9 +10,17 @@ public protocol RelayRule: Sendable {
     /// What goes to `destination` only: what a lane needs. The default filters `derive`; a rule whose
     /// records fan out wide (a group message to every member) builds just that part.
     func derive(_ record: Record, source: ShardID, for destination: ShardID) -> [(destination: ShardID, proposal: Proposal)]
+    /// Whether what `proposal` derives for its own shard may be written inline: proposed by the leader
+    /// right after it, in the same Raft round, instead of by the relay after it commits (Docs/state.md,
+    /// "Inline relay records"). Nil (the default): never. Otherwise the streams whose records, proposed
+    /// and not applied yet, could change whether apply accepts it: the leader writes inline only when
+    /// none of them has any, so apply accepts what it admitted.
+    func inlineDependencies(_ proposal: Proposal) -> [StreamID]?
 }
 
 extension RelayRule {
+    public func inlineDependencies(_ proposal: Proposal) -> [StreamID]? { nil }
+
     public func derive(_ record: Record, source: ShardID, for destination: ShardID) -> [(destination: ShardID, proposal: Proposal)] {
         derive(record, source: source).filter { $0.destination == destination }
     }
@@ -210,7 +218,7 @@ public final class RelayRunner: @unchecked Sendable {
         if lane.sub == nil || lane.sub?.next != lane.cursor {
             lane.sub = try? tail.subscribe(from: lane.cursor) { [weak self] in self?.wake() }
         }
-        guard let sub = lane.sub, let batch = try? sub.poll(limit: batchSourceRecordsMax), var last = batch.records.first else {
+        guard let sub = lane.sub, let batch = try? sub.poll(limit: batchSourceRecordsMax), let end = batch.records.last?.index else {
             store(d, lane)
             return false
         }
@@ -219,9 +227,18 @@ public final class RelayRunner: @unchecked Sendable {
         var indexes: [LogIndex] = []
         var proposals: [Proposal] = []
         var bytes = 0
-        for r in batch.records {
+        var taken: Record?
+        let records = batch.records
+        for (j, r) in records.enumerated() {
             // A record apply rejected changed nothing: it causes nothing elsewhere either.
-            let mine = tail.wasRejected(r.index) ? [] : rule.derive(r, source: source, for: d)
+            var mine = tail.wasRejected(r.index) ? [] : rule.derive(r, source: source, for: d)
+            if d == source, !mine.isEmpty, rule.inlineDependencies(Proposal(stream: r.stream, type: r.type, payload: r.payload)) != nil {
+                // The leader may have written these right after it (Inline.swift). Decide once the
+                // records after it are here: applied, or none in the log (then none will come).
+                let after = records[(j + 1)...].prefix(mine.count)
+                if after.count < mine.count && (batch.applied > end || tail.logEnd > end) { break }
+                mine = Self.withoutInline(mine, after: after)
+            }
             let more = mine.reduce(0) { $0 + $1.proposal.payload.count }
             if !proposals.isEmpty && (proposals.count + mine.count > Self.batchRecordsMax || bytes + more > Self.batchBytesMax) {
                 // Full: this source record starts the next batch (the subscription is repositioned).
@@ -232,7 +249,12 @@ public final class RelayRunner: @unchecked Sendable {
                 proposals.append(p)
             }
             bytes += more
-            last = r
+            taken = r
+        }
+        guard let last = taken else {
+            // Waiting for what follows the first record: the subscription restarts at the cursor.
+            store(d, lane)
+            return false
         }
         if proposals.isEmpty && last.index - lane.mark < emptyRangeMax {
             // Nothing for this destination yet: move on without a batch (a restart re-reads this range).
@@ -247,6 +269,21 @@ public final class RelayRunner: @unchecked Sendable {
         let header = RelayMarks.Header(source: source, first: first, last: last.index, sourceIndexes: indexes)
         send(d, header, proposals) { [weak self] result in self?.answered(d, first: first, result) }
         return true
+    }
+
+    /// `derived` less the run of them found written right after their source (`after`, the records that
+    /// follow it): the leader wrote those inline, in order, all or (when a leader change cut its
+    /// append short) a first part. No other record can match: relays write derived records only after
+    /// a batch header.
+    static func withoutInline(_ derived: [(destination: ShardID, proposal: Proposal)], after: ArraySlice<Record>) -> [(destination: ShardID, proposal: Proposal)] {
+        var k = 0
+        for r in after {
+            guard k < derived.count else { break }
+            let p = derived[k].proposal
+            guard r.type == p.type, r.stream == p.stream, r.payload == p.payload else { break }
+            k += 1
+        }
+        return Array(derived[k...])
     }
 
     func store(_ d: ShardID, _ lane: Lane) {

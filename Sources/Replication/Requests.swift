@@ -60,12 +60,14 @@ extension ShardReplica {
         if let refusal = admission(proposals) { return done(.failure(refusal)) }
         stats.requests += 1
         stats.recordsProposed += UInt64(proposals.count)
-        let all = [Proposal(stream: .none, type: .requestKey, payload: RequestWindow.keyPayload(key, count: proposals.count))] + proposals
+        let stampedAll = stamped([Proposal(stream: .none, type: .requestKey, payload: RequestWindow.keyPayload(key, count: proposals.count))] + proposals)
         do {
-            guard let range = try raft.propose(stamped(all)) else { return done(.success(KeyedResult(landed: [], count: 0, replayed: false))) }
+            let all = withInline([Array(stampedAll.dropFirst())], prefix: [stampedAll[0]]).all
+            guard let range = try raft.propose(all) else { return done(.success(KeyedResult(landed: [], count: 0, replayed: false))) }
             pendingKeys[key] = (range.lowerBound, proposals.count)
             let count = proposals.count
-            awaitCommit((range.lowerBound + 1)...range.upperBound, term: raft.term) { r in
+            // The request's own records; its inline records follow them, outside the key's window.
+            awaitCommit((range.lowerBound + 1)...(range.lowerBound + LogIndex(count)), term: raft.term) { r in
                 done(
                     r.map { applied in
                         KeyedResult(

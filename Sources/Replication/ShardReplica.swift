@@ -392,6 +392,8 @@ public final class ShardReplica {
     public internal(set) var stats = ReplicaStats()
     /// Called with every committed record, in log order, on the shard's thread.
     public var onApply: (Record) -> Void = { _ in }
+    /// The shard's relay rule, for the records the leader writes inline (Inline.swift); nil: none.
+    public var inlineRule: (any RelayRule)?
     /// Committed records for subscribers on other threads (the delivery tier, relays).
     public let tail: ShardTail
 
@@ -788,8 +790,9 @@ public final class ShardReplica {
         stats.requests += 1
         stats.recordsProposed += UInt64(proposals.count)
         do {
-            guard let range = try raft.propose(stamped(proposals)) else { return done(.success([])) }
-            awaitCommit(range, term: raft.term, done)
+            guard let range = try raft.propose(withInline([stamped(proposals)]).all) else { return done(.success([])) }
+            // The request's own records (its inline records follow them, and commit with them).
+            awaitCommit(range.lowerBound...(range.lowerBound + LogIndex(proposals.count) - 1), term: raft.term, done)
         } catch {
             done(.failure(Self.map(error)))
         }
@@ -845,16 +848,25 @@ public final class ShardReplica {
         do {
             stats.requests += UInt64(requests.count)
             for r in requests { stats.recordsProposed += UInt64(r.proposals.count) }
-            guard let range = try raft.propose(stamped(requests.flatMap(\.proposals))) else {
+            // One stamp for the group, then each request with its inline records.
+            var stampedAll = stamped(requests.flatMap(\.proposals))[...]
+            var split: [[Proposal]] = []
+            split.reserveCapacity(requests.count)
+            for r in requests {
+                split.append(Array(stampedAll.prefix(r.proposals.count)))
+                stampedAll = stampedAll.dropFirst(r.proposals.count)
+            }
+            let (all, inline) = withInline(split)
+            guard let range = try raft.propose(all) else {
                 for r in requests { r.done(.success([])) }
                 return
             }
             let term = raft.term
             var next = range.lowerBound
-            for r in requests where !r.proposals.isEmpty {
+            for (k, r) in requests.enumerated() where !r.proposals.isEmpty {
                 let last = next + LogIndex(r.proposals.count) - 1
                 awaitCommit(next...last, term: term, r.done)
-                next = last + 1
+                next = last + 1 + LogIndex(inline[k])
             }
             for r in requests where r.proposals.isEmpty { r.done(.success([])) }
         } catch {
@@ -1007,7 +1019,7 @@ public final class ShardReplica {
                 // Before the records reach the tail: a relay must never see a record without knowing
                 // whether apply rejected it.
                 tail.noteRejected(machine.relayRejected)
-                tail.append(rd.committed)
+                tail.append(rd.committed, logEnd: raft.lastIndex)
             }
             if let first = rd.entries.first {
                 if first.index <= store.lastIndex {

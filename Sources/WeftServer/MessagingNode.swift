@@ -20,6 +20,15 @@ struct WeftRelayRule: RelayRule {
         derive(record, source: source, only: destination)
     }
 
+    /// A 1:1 message: apply accepts what admission accepted unless a contact change or a block of the
+    /// pair is in the log ahead of it (the pair's state is all a message's acceptance reads).
+    func inlineDependencies(_ p: Proposal) -> [StreamID]? {
+        guard p.type == .messaging, p.payload.first == MessagingOp.messageCode, let (lo, hi) = Ids.users(of: p.stream),
+            p.stream == Ids.dm(lo, hi)
+        else { return nil }
+        return [Ids.pair(lo, hi)]
+    }
+
     func derive(_ record: Record, source: ShardID, only: ShardID?) -> [(destination: ShardID, proposal: Proposal)] {
         if record.type == .messaging {
             return InboxRelay.derive(record, source: source, shards: shards, only: only).map {

@@ -245,6 +245,9 @@ public final class WeftNode: Sendable {
         // Every shard's records feed its relay (on its leader): the raw fan-out to other shards, and
         // messaging's inbox entries to every shard, this one included.
         replica.hasRelays = true
+        // A 1:1 message's inbox entries for users homed on its own shard commit with it (Docs/state.md,
+        // "Inline relay records").
+        replica.inlineRule = WeftRelayRule(shards: config.shards)
         replica.relayFloor = { [weak self] in self?.relays.withLockedValue { $0[shard] }?.lowestMark() }
         // Snapshot files are written on a background queue (PosixDisk keeps no state of its own).
         replica.snapshotsInBackground = true

@@ -1,0 +1,61 @@
+import Raft
+import WeftCore
+
+/// Inline relay records (Docs/state.md, "Inline relay records"): what a record derives for its own shard,
+/// written by the leader right after it in the same proposal, so it commits in the record's Raft round
+/// instead of one round later through the shard's own relay lane. The lane leaves out what it finds
+/// written right after its source (`RelayRunner.withoutInline`), so each derived record is written once.
+extension ShardReplica {
+    /// `requests`, stamped, in order, each followed by its inline records; `prefix` (a request key) goes
+    /// first. Returns what to propose and, per request, how many inline records follow its own.
+    ///
+    /// Inline records follow only:
+    /// - a request of one record (a keyed request's window counts the request's own records: the inline
+    ///   ones come after them, outside it);
+    /// - on a leader whose admission runs (`appliedTerm == raft.term`: the state it admitted the record
+    ///   against holds every entry of earlier terms);
+    /// - when no stream the rule names has a record in the log that is not applied yet, counting the
+    ///   requests before it in this proposal. So apply sees the state admission saw, and accepts the record:
+    ///   an inline record never stands for one whose source apply rejects.
+    func withInline(_ requests: [[Proposal]], prefix: [Proposal] = []) -> (all: [Proposal], inline: [Int]) {
+        var all = prefix
+        all.reserveCapacity(prefix.count + requests.reduce(0) { $0 + $1.count } + 2)
+        var inline = [Int](repeating: 0, count: requests.count)
+        guard let rule = inlineRule, raft.role == .leader, appliedTerm == raft.term else {
+            for r in requests { all += r }
+            return (all, inline)
+        }
+        // The index and seqs `raft.propose` will give each record: the same rule, on the same thread.
+        let first = raft.lastIndex + 1
+        var seqs: [StreamID: StreamSeq] = [:]
+        func lastSeq(_ s: StreamID) -> StreamSeq { seqs[s] ?? raft.lastSeq(of: s) }
+        func take(_ p: Proposal) -> StreamSeq {
+            guard p.stream != .none else { return 0 }
+            let seq = lastSeq(p.stream) &+ 1
+            seqs[p.stream] = seq
+            return seq
+        }
+        for p in prefix { _ = take(p) }
+        for (k, request) in requests.enumerated() {
+            guard request.count == 1, let p = request.first else {
+                for p in request { _ = take(p) }
+                all += request
+                continue
+            }
+            let index = first + LogIndex(all.count)
+            let seq = take(p)
+            all.append(p)
+            guard let deps = rule.inlineDependencies(p), deps.allSatisfy({ lastSeq($0) <= (appliedSeqs[$0.rawValue] ?? 0) }) else { continue }
+            let record = Record(
+                index: index, term: raft.term, stream: p.stream, seq: seq, type: p.type, timestampMicros: p.timestampMicros, payload: p.payload)
+            let derived = rule.derive(record, source: shard, for: shard).map(\.proposal)
+            // All or none (the relay recognises them as a run right after the source); a stream near its
+            // last seq would fail the whole proposal: then the relay writes them.
+            guard derived.allSatisfy({ $0.stream == .none || lastSeq($0.stream) < StreamSeq.max - 2 }) else { continue }
+            for q in derived { _ = take(q) }
+            all += derived
+            inline[k] = derived.count
+        }
+        return (all, inline)
+    }
+}
