@@ -70,6 +70,9 @@ public enum MessagingOp: Sendable, Equatable {
 
     /// The first payload byte of a 1:1 message record.
     public static let messageCode: UInt8 = 14
+    /// The same message, written by a leader that put the inbox entries it derives for its own shard right
+    /// after it (Docs/state.md, "Inline relay records"); decodes as `.message`.
+    public static let messageInlineCode: UInt8 = 24
 
     var code: UInt8 {
         switch self {
@@ -242,7 +245,7 @@ public enum MessagingOp: Sendable, Equatable {
         case 13:
             guard let a = r.u64(), let b = r.u64(), let on = r.u8(), on <= 1 else { return nil }
             op = .block(by: a, other: b, on: on == 1)
-        case 14:
+        case 14, 24:
             guard let a = r.u64(), let b = r.u64(), let k = r.u8().flatMap(MessageKind.init(rawValue:)), let c = r.text(), let url = r.text(),
                 let mime = r.text(), let size = r.u64()
             else { return nil }

@@ -44,14 +44,24 @@ extension ShardReplica {
             }
             let index = first + LogIndex(all.count)
             let seq = take(p)
-            all.append(p)
-            guard let deps = rule.inlineDependencies(p), deps.allSatisfy({ lastSeq($0) <= (appliedSeqs[$0.rawValue] ?? 0) }) else { continue }
+            guard let deps = rule.inlineDependencies(p), deps.allSatisfy({ lastSeq($0) <= (appliedSeqs[$0.rawValue] ?? 0) }) else {
+                all.append(p)
+                continue
+            }
+            let marked = rule.markedInline(p)
             let record = Record(
-                index: index, term: raft.term, stream: p.stream, seq: seq, type: p.type, timestampMicros: p.timestampMicros, payload: p.payload)
+                index: index, term: raft.term, stream: marked.stream, seq: seq, type: marked.type, timestampMicros: marked.timestampMicros,
+                payload: marked.payload)
             let derived = rule.derive(record, source: shard, for: shard).map(\.proposal)
-            // All or none (the relay recognises them as a run right after the source); a stream near its
-            // last seq would fail the whole proposal: then the relay writes them.
-            guard derived.allSatisfy({ $0.stream == .none || lastSeq($0.stream) < StreamSeq.max - 2 }) else { continue }
+            // None, or more than the relay looks for, or a stream near its last seq (it would fail the whole
+            // proposal): the source goes unmarked and the relay writes them.
+            guard !derived.isEmpty, derived.count <= RelayRunner.inlineRecordsMax,
+                derived.allSatisfy({ $0.stream == .none || lastSeq($0.stream) < StreamSeq.max - 2 })
+            else {
+                all.append(p)
+                continue
+            }
+            all.append(marked)
             for q in derived { _ = take(q) }
             all += derived
             inline[k] = derived.count

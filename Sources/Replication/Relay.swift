@@ -16,10 +16,17 @@ public protocol RelayRule: Sendable {
     /// and not applied yet, could change whether apply accepts it: the leader writes inline only when
     /// none of them has any, so apply accepts what it admitted.
     func inlineDependencies(_ proposal: Proposal) -> [StreamID]?
+    /// `proposal` as the leader writes it when its inline records follow it: marked so that the relay
+    /// knows from the committed record alone to look for them (`hasInline`), deriving the same records.
+    func markedInline(_ proposal: Proposal) -> Proposal
+    /// Whether a committed record was written with inline records after it.
+    func hasInline(_ record: Record) -> Bool
 }
 
 extension RelayRule {
     public func inlineDependencies(_ proposal: Proposal) -> [StreamID]? { nil }
+    public func markedInline(_ proposal: Proposal) -> Proposal { proposal }
+    public func hasInline(_ record: Record) -> Bool { false }
 
     public func derive(_ record: Record, source: ShardID, for destination: ShardID) -> [(destination: ShardID, proposal: Proposal)] {
         derive(record, source: source).filter { $0.destination == destination }
@@ -74,6 +81,8 @@ public final class RelayRunner: @unchecked Sendable {
     /// A batch carries at most this many derived records and payload bytes (whole source records only;
     /// one source record alone may exceed them).
     public static let batchRecordsMax = 4096
+    /// Inline records a source may have at most (`ShardReplica.withInline` writes no more).
+    public static let inlineRecordsMax = 4
     public static let batchBytesMax = 8 << 20
 
     struct Lane {
@@ -112,7 +121,8 @@ public final class RelayRunner: @unchecked Sendable {
         self.tail = tail
         self.rule = rule
         self.send = send
-        self.batchSourceRecordsMax = max(1, batchSourceRecordsMax)
+        // At least a source and its inline records in one poll (the lane decides on them together).
+        self.batchSourceRecordsMax = max(Self.inlineRecordsMax + 1, batchSourceRecordsMax)
         self.emptyRangeMax = max(1, emptyRangeMax)
         self.retryPause = retryPause
         let start = max(1, startAt)
@@ -218,7 +228,7 @@ public final class RelayRunner: @unchecked Sendable {
         if lane.sub == nil || lane.sub?.next != lane.cursor {
             lane.sub = try? tail.subscribe(from: lane.cursor) { [weak self] in self?.wake() }
         }
-        guard let sub = lane.sub, let batch = try? sub.poll(limit: batchSourceRecordsMax), let end = batch.records.last?.index else {
+        guard let sub = lane.sub, let batch = try? sub.poll(limit: batchSourceRecordsMax), !batch.records.isEmpty else {
             store(d, lane)
             return false
         }
@@ -232,12 +242,14 @@ public final class RelayRunner: @unchecked Sendable {
         for (j, r) in records.enumerated() {
             // A record apply rejected changed nothing: it causes nothing elsewhere either.
             var mine = tail.wasRejected(r.index) ? [] : rule.derive(r, source: source, for: d)
-            if d == source, !mine.isEmpty, rule.inlineDependencies(Proposal(stream: r.stream, type: r.type, payload: r.payload)) != nil {
-                // The leader may have written these right after it (Inline.swift). Decide once the
-                // records after it are here: applied, or none in the log (then none will come).
+            if d == source, !mine.isEmpty, rule.hasInline(r) {
+                // The leader wrote these right after it (Inline.swift), all of them or, when a leader
+                // change cut its append short, a first part: the committed records after it say which.
+                // While every one of those here is one of them and more may come, wait for the rest.
                 let after = records[(j + 1)...].prefix(mine.count)
-                if after.count < mine.count && (batch.applied > end || tail.logEnd > end) { break }
-                mine = Self.withoutInline(mine, after: after)
+                let found = Self.inlineRun(mine, after: after)
+                if found == after.count && found < mine.count { break }
+                mine.removeFirst(found)
             }
             let more = mine.reduce(0) { $0 + $1.proposal.payload.count }
             if !proposals.isEmpty && (proposals.count + mine.count > Self.batchRecordsMax || bytes + more > Self.batchBytesMax) {
@@ -271,11 +283,10 @@ public final class RelayRunner: @unchecked Sendable {
         return true
     }
 
-    /// `derived` less the run of them found written right after their source (`after`, the records that
-    /// follow it): the leader wrote those inline, in order, all or (when a leader change cut its
-    /// append short) a first part. No other record can match: relays write derived records only after
-    /// a batch header.
-    static func withoutInline(_ derived: [(destination: ShardID, proposal: Proposal)], after: ArraySlice<Record>) -> [(destination: ShardID, proposal: Proposal)] {
+    /// How many of `derived`, in order, are the records right after their source (`after`): the ones the
+    /// leader wrote inline. No other record can match: relays write derived records only after a batch
+    /// header, and the derived records name their source's index.
+    static func inlineRun(_ derived: [(destination: ShardID, proposal: Proposal)], after: ArraySlice<Record>) -> Int {
         var k = 0
         for r in after {
             guard k < derived.count else { break }
@@ -283,7 +294,7 @@ public final class RelayRunner: @unchecked Sendable {
             guard r.type == p.type, r.stream == p.stream, r.payload == p.payload else { break }
             k += 1
         }
-        return Array(derived[k...])
+        return k
     }
 
     func store(_ d: ShardID, _ lane: Lane) {

@@ -1019,7 +1019,7 @@ public final class ShardReplica {
                 // Before the records reach the tail: a relay must never see a record without knowing
                 // whether apply rejected it.
                 tail.noteRejected(machine.relayRejected)
-                tail.append(rd.committed, logEnd: raft.lastIndex)
+                tail.append(rd.committed)
             }
             if let first = rd.entries.first {
                 if first.index <= store.lastIndex {

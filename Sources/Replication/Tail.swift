@@ -39,11 +39,6 @@ public final class ShardTail: @unchecked Sendable {
 
     /// The replica's applied index as the tail knows it.
     public var applied: LogIndex { lock.withLock { appliedIndex } }
-    /// The last index in the replica's log (committed or not) as of the last records appended here: a
-    /// relay that finds nothing after a record up to here knows no inline records follow it (the
-    /// leader appends them with the record, in one step).
-    public var logEnd: LogIndex { lock.withLock { logEndIndex } }
-    var logEndIndex: LogIndex = 0
     /// The window's bounds: at most this many records and payload bytes (at least one record).
     public var windowCountMax: Int {
         get { lock.withLock { countMax } }
@@ -93,9 +88,8 @@ public final class ShardTail: @unchecked Sendable {
 
     /// The shard thread, after apply: records in log order. Records at or below `applied` are skipped (a
     /// replica that cut its log replays it from index 1; the tail has them already).
-    func append(_ records: [Record], logEnd: LogIndex) {
+    func append(_ records: [Record]) {
         lock.lock()
-        logEndIndex = logEnd
         var added = false
         for r in records where r.index > appliedIndex {
             if r.index != appliedIndex + 1 || (start < window.count && window[window.count - 1].index + 1 != r.index) {

@@ -29,6 +29,15 @@ struct WeftRelayRule: RelayRule {
         return [Ids.pair(lo, hi)]
     }
 
+    /// Op 24 instead of 14: the same message, its inline inbox entries after it.
+    func markedInline(_ p: Proposal) -> Proposal {
+        var m = p
+        if m.payload.first == MessagingOp.messageCode { m.payload[0] = MessagingOp.messageInlineCode }
+        return m
+    }
+
+    func hasInline(_ r: Record) -> Bool { r.type == .messaging && r.payload.first == MessagingOp.messageInlineCode }
+
     func derive(_ record: Record, source: ShardID, only: ShardID?) -> [(destination: ShardID, proposal: Proposal)] {
         if record.type == .messaging {
             return InboxRelay.derive(record, source: source, shards: shards, only: only).map {

@@ -13,17 +13,29 @@ import WeftTesting
 @Suite struct InlineTests {
     /// Records of stream 1 derive, for their own shard, one record of stream 7 naming the source's index
     /// and seq (a wrong guess of either by the leader shows as a second copy), two for payloads starting
-    /// with "2"; their acceptance depends on stream 9.
+    /// with "2"; their acceptance depends on stream 9; a source with inline records is marked "!".
     struct Own: RelayRule {
         let shard: ShardID
         func derive(_ record: Record, source: ShardID) -> [(destination: ShardID, proposal: Proposal)] {
             guard record.type == .data, record.stream == StreamID(1) else { return [] }
-            let name = String(decoding: record.payload, as: UTF8.self)
+            let name = InlineTests.name(record)
             let one = Proposal(stream: StreamID(7), timestampMicros: record.timestampMicros, payload: Array("\(name)@\(record.index).\(record.seq)".utf8))
             guard name.hasPrefix("2") else { return [(shard, one)] }
             return [(shard, one), (shard, Proposal(stream: StreamID(7), timestampMicros: record.timestampMicros, payload: Array("\(name)@\(record.index)+".utf8)))]
         }
         func inlineDependencies(_ p: Proposal) -> [StreamID]? { p.type == .data && p.stream == StreamID(1) ? [StreamID(9)] : nil }
+        func markedInline(_ p: Proposal) -> Proposal {
+            var m = p
+            m.payload = Array("!".utf8) + p.payload
+            return m
+        }
+        func hasInline(_ r: Record) -> Bool { r.payload.first == UInt8(ascii: "!") }
+    }
+
+    /// A source's name, without the mark.
+    static func name(_ r: Record) -> String {
+        let t = String(decoding: r.payload, as: UTF8.self)
+        return t.hasPrefix("!") ? String(t.dropFirst()) : t
     }
 
     final class Outbox: @unchecked Sendable {
@@ -76,15 +88,15 @@ import WeftTesting
         try c.heartbeats()
 
         // Each proposer got its own records only.
-        #expect(answers.map { $0.map { text($0.record) } } == [["m0"], ["m1"], ["m2"], ["m3"], ["2m4"], ["m6", "m7"]])
+        #expect(answers.map { $0.map { text($0.record) } } == [["!m0"], ["m1"], ["m2"], ["!m3"], ["!2m4"], ["m6", "m7"]])
         #expect(keyed.count == 2 && keyed.allSatisfy { $0.complete && $0.landed.count == 1 })
         #expect(keyed.map(\.replayed) == [false, true])
         let log = try c.log(NodeID(1)).filter { $0.type == .data || $0.type == .requestKey }
         func after(_ name: String) -> [String] {
-            guard let k = log.firstIndex(where: { $0.stream == StreamID(1) && text($0) == name }) else { return ["missing"] }
+            guard let k = log.firstIndex(where: { $0.stream == StreamID(1) && Self.name($0) == name }) else { return ["missing"] }
             return log[(k + 1)...].prefix { $0.stream == StreamID(7) }.map(text)
         }
-        let src = { (name: String) in log.first { $0.stream == StreamID(1) && text($0) == name } }
+        let src = { (name: String) in log.first { $0.stream == StreamID(1) && Self.name($0) == name } }
         let m0 = try #require(src("m0"))
         #expect(after("m0") == ["m0@\(m0.index).\(m0.seq)"])
         #expect(after("m1") == [] && after("m2") == [] && after("m6") == [] && after("m7") == [])
@@ -138,26 +150,33 @@ import WeftTesting
             }
         }
         let lane = ShardID(0)
-        // A source whose next entry is in the log, not applied: wait.
-        tail.append([rec(1, 1, "a")], logEnd: 2)
+        // A marked source whose inline record is not committed yet: wait.
+        tail.append([rec(1, 1, "!a")])
         #expect(!relay.step(lane))
         #expect(sent() == [])
-        // It is not its inline record: the lane writes it.
-        tail.append([rec(2, 5, "x")], logEnd: 2)
+        // What follows is not it (a leader change cut the append short): the lane writes it.
+        tail.append([rec(2, 5, "x")])
         #expect(relay.step(lane))
         #expect(sent() == ["a@1.1"])
         // Followed by its inline record: nothing to write.
-        tail.append([rec(3, 1, "b", seq: 2), rec(4, 7, "b@3.2")], logEnd: 4)
+        tail.append([rec(3, 1, "!b", seq: 2), rec(4, 7, "b@3.2")])
         #expect(!relay.step(lane))
         #expect(sent() == [])
-        // Two derived, the first written inline (a leader change cut the append short): the second only.
-        tail.append([rec(5, 1, "2c", seq: 3), rec(6, 7, "2c@5.3"), rec(7, 5, "y", seq: 2)], logEnd: 7)
+        // Two derived, the first written inline, then another record: the second only.
+        tail.append([rec(5, 1, "!2c", seq: 3), rec(6, 7, "2c@5.3"), rec(7, 5, "y", seq: 2)])
         #expect(relay.step(lane))
         #expect(sent() == ["2c@5+"])
-        // Last in the log and nothing after it: the lane writes it at once.
-        tail.append([rec(8, 1, "d", seq: 4)], logEnd: 8)
+        // Not marked, last in the log: the lane writes it at once.
+        tail.append([rec(8, 1, "d", seq: 4)])
         #expect(relay.step(lane))
         #expect(sent() == ["d@8.4"])
+        // Marked, the first of two here and nothing after: wait; then another record: the rest.
+        tail.append([rec(9, 1, "!2e", seq: 5), rec(10, 7, "2e@9.5")])
+        #expect(!relay.step(lane))
+        #expect(sent() == [])
+        tail.append([rec(11, 5, "z", seq: 3)])
+        #expect(relay.step(lane))
+        #expect(sent() == ["2e@9+"])
         #expect(relay.status().first?.lagRecords == 0)
     }
 }
