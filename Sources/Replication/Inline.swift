@@ -21,7 +21,13 @@ extension ShardReplica {
         var all = prefix
         all.reserveCapacity(prefix.count + requests.reduce(0) { $0 + $1.count } + 2)
         var inline = [Int](repeating: 0, count: requests.count)
-        guard let rule = inlineRule, raft.role == .leader, appliedTerm == raft.term else {
+        guard let rule = inlineRule else {
+            for r in requests { all += r }
+            return (all, inline)
+        }
+        // A mark only the leader sets, here: one that came with a request is dropped.
+        let requests = requests.map { $0.map { rule.marked($0, inline: false) } }
+        guard raft.role == .leader, appliedTerm == raft.term else {
             for r in requests { all += r }
             return (all, inline)
         }
@@ -48,7 +54,7 @@ extension ShardReplica {
                 all.append(p)
                 continue
             }
-            let marked = rule.markedInline(p)
+            let marked = rule.marked(p, inline: true)
             let record = Record(
                 index: index, term: raft.term, stream: marked.stream, seq: seq, type: marked.type, timestampMicros: marked.timestampMicros,
                 payload: marked.payload)

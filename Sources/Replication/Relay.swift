@@ -16,16 +16,17 @@ public protocol RelayRule: Sendable {
     /// and not applied yet, could change whether apply accepts it: the leader writes inline only when
     /// none of them has any, so apply accepts what it admitted.
     func inlineDependencies(_ proposal: Proposal) -> [StreamID]?
-    /// `proposal` as the leader writes it when its inline records follow it: marked so that the relay
-    /// knows from the committed record alone to look for them (`hasInline`), deriving the same records.
-    func markedInline(_ proposal: Proposal) -> Proposal
+    /// `proposal` as the leader writes it: marked when its inline records follow it (`inline`), so that
+    /// the relay knows from the committed record alone to look for them (`hasInline`), deriving the same
+    /// records either way; unmarked otherwise (a mark that came with a request is dropped).
+    func marked(_ proposal: Proposal, inline: Bool) -> Proposal
     /// Whether a committed record was written with inline records after it.
     func hasInline(_ record: Record) -> Bool
 }
 
 extension RelayRule {
     public func inlineDependencies(_ proposal: Proposal) -> [StreamID]? { nil }
-    public func markedInline(_ proposal: Proposal) -> Proposal { proposal }
+    public func marked(_ proposal: Proposal, inline: Bool) -> Proposal { proposal }
     public func hasInline(_ record: Record) -> Bool { false }
 
     public func derive(_ record: Record, source: ShardID, for destination: ShardID) -> [(destination: ShardID, proposal: Proposal)] {

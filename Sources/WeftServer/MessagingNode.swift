@@ -30,9 +30,11 @@ struct WeftRelayRule: RelayRule {
     }
 
     /// Op 24 instead of 14: the same message, its inline inbox entries after it.
-    func markedInline(_ p: Proposal) -> Proposal {
+    func marked(_ p: Proposal, inline: Bool) -> Proposal {
+        let (from, to) = inline ? (MessagingOp.messageCode, MessagingOp.messageInlineCode) : (MessagingOp.messageInlineCode, MessagingOp.messageCode)
+        guard p.type == .messaging, p.payload.first == from else { return p }
         var m = p
-        if m.payload.first == MessagingOp.messageCode { m.payload[0] = MessagingOp.messageInlineCode }
+        m.payload[0] = to
         return m
     }
 

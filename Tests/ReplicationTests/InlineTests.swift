@@ -24,9 +24,10 @@ import WeftTesting
             return [(shard, one), (shard, Proposal(stream: StreamID(7), timestampMicros: record.timestampMicros, payload: Array("\(name)@\(record.index)+".utf8)))]
         }
         func inlineDependencies(_ p: Proposal) -> [StreamID]? { p.type == .data && p.stream == StreamID(1) ? [StreamID(9)] : nil }
-        func markedInline(_ p: Proposal) -> Proposal {
+        func marked(_ p: Proposal, inline: Bool) -> Proposal {
             var m = p
-            m.payload = Array("!".utf8) + p.payload
+            let bare = p.payload.first == UInt8(ascii: "!") ? Array(p.payload.dropFirst()) : p.payload
+            m.payload = inline ? Array("!".utf8) + bare : bare
             return m
         }
         func hasInline(_ r: Record) -> Bool { r.payload.first == UInt8(ascii: "!") }
@@ -82,13 +83,17 @@ import WeftTesting
         try c.settle()
         leader.proposeKeyed(Array("k".utf8), [p(1, "m5")]) { if case .success(let k) = $0 { keyed.append(k) } }
         try c.settle()
+        // A mark that came with a request is not the leader's: dropped, and the relay writes it.
+        leader.proposeApplied([p(9, "dep3")]) { _ in }
+        leader.proposeApplied([p(1, "!m8")]) { if case .success(let a) = $0 { answers.append(a) } }
+        try c.settle()
         // Two records in one request: none.
         leader.proposeApplied([p(1, "m6"), p(1, "m7")]) { if case .success(let a) = $0 { answers.append(a) } }
         try c.settle()
         try c.heartbeats()
 
         // Each proposer got its own records only.
-        #expect(answers.map { $0.map { text($0.record) } } == [["!m0"], ["m1"], ["m2"], ["!m3"], ["!2m4"], ["m6", "m7"]])
+        #expect(answers.map { $0.map { text($0.record) } } == [["!m0"], ["m1"], ["m2"], ["!m3"], ["!2m4"], ["m8"], ["m6", "m7"]])
         #expect(keyed.count == 2 && keyed.allSatisfy { $0.complete && $0.landed.count == 1 })
         #expect(keyed.map(\.replayed) == [false, true])
         let log = try c.log(NodeID(1)).filter { $0.type == .data || $0.type == .requestKey }
@@ -99,7 +104,7 @@ import WeftTesting
         let src = { (name: String) in log.first { $0.stream == StreamID(1) && Self.name($0) == name } }
         let m0 = try #require(src("m0"))
         #expect(after("m0") == ["m0@\(m0.index).\(m0.seq)"])
-        #expect(after("m1") == [] && after("m2") == [] && after("m6") == [] && after("m7") == [])
+        #expect(after("m1") == [] && after("m2") == [] && after("m6") == [] && after("m7") == [] && after("m8") == [])
         let m3 = try #require(src("m3"))
         let m4 = try #require(src("2m4"))
         let m5 = try #require(src("m5"))
