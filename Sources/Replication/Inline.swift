@@ -16,7 +16,9 @@ extension ShardReplica {
     ///   against holds every entry of earlier terms);
     /// - when no stream the rule names has a record in the log that is not applied yet, counting the
     ///   requests before it in this proposal. So apply sees the state admission saw, and accepts the record:
-    ///   an inline record never stands for one whose source apply rejects.
+    ///   an inline record never stands for one whose source apply rejects;
+    /// - when the own relay lane owes nothing of the same order key (`inlineOwed`, `inlineFloor`): the
+    ///   entries of one conversation reach an inbox in the conversation's order.
     func withInline(_ requests: [[Proposal]], prefix: [Proposal] = []) -> (all: [Proposal], inline: [Int]) {
         var all = prefix
         all.reserveCapacity(prefix.count + requests.reduce(0) { $0 + $1.count } + 2)
@@ -31,6 +33,16 @@ extension ShardReplica {
             for r in requests { all += r }
             return (all, inline)
         }
+        // Order: what the own lane still owes must land first. Records of earlier terms may be owed: none
+        // is written inline until the lane's applied mark passes the log's end as this term found it;
+        // after that, per key, until it passes the key's last record left to the lane.
+        if inlineFloor.term != raft.term {
+            inlineFloor = (raft.term, raft.lastIndex)
+            inlineOwed = [:]
+        }
+        let mark = relayMarks.mark(of: shard)
+        if inlineOwed.count > 65_536 { inlineOwed = inlineOwed.filter { $0.value > mark } }
+        let inOrder = mark >= inlineFloor.index
         // The index and seqs `raft.propose` will give each record: the same rule, on the same thread.
         let first = raft.lastIndex + 1
         var seqs: [StreamID: StreamSeq] = [:]
@@ -41,16 +53,26 @@ extension ShardReplica {
             seqs[p.stream] = seq
             return seq
         }
+        /// `p`, at `index`, goes to the relay.
+        func owed(_ p: Proposal, at index: LogIndex) {
+            if let key = rule.inlineOrderKey(p) { inlineOwed[key] = index }
+        }
         for p in prefix { _ = take(p) }
         for (k, request) in requests.enumerated() {
             guard request.count == 1, let p = request.first else {
-                for p in request { _ = take(p) }
-                all += request
+                for p in request {
+                    owed(p, at: first + LogIndex(all.count))
+                    _ = take(p)
+                    all.append(p)
+                }
                 continue
             }
             let index = first + LogIndex(all.count)
             let seq = take(p)
-            guard let deps = rule.inlineDependencies(p), deps.allSatisfy({ lastSeq($0) <= (appliedSeqs[$0.rawValue] ?? 0) }) else {
+            guard inOrder, rule.inlineOrderKey(p).map({ (inlineOwed[$0] ?? 0) <= mark }) ?? true,
+                let deps = rule.inlineDependencies(p), deps.allSatisfy({ lastSeq($0) <= (appliedSeqs[$0.rawValue] ?? 0) })
+            else {
+                owed(p, at: index)
                 all.append(p)
                 continue
             }
@@ -64,6 +86,7 @@ extension ShardReplica {
             guard !derived.isEmpty, derived.count <= RelayRunner.inlineRecordsMax,
                 derived.allSatisfy({ $0.stream == .none || lastSeq($0.stream) < StreamSeq.max - 2 })
             else {
+                owed(p, at: index)
                 all.append(p)
                 continue
             }

@@ -16,6 +16,10 @@ public protocol RelayRule: Sendable {
     /// and not applied yet, could change whether apply accepts it: the leader writes inline only when
     /// none of them has any, so apply accepts what it admitted.
     func inlineDependencies(_ proposal: Proposal) -> [StreamID]?
+    /// The order `proposal`'s own-shard records keep (for messaging, the conversation's): once a record of
+    /// one key goes to the relay, later ones of that key are written inline only after the relay has
+    /// written it, so no inbox gets a conversation's entries out of order. Nil (the default): none.
+    func inlineOrderKey(_ proposal: Proposal) -> StreamID?
     /// `proposal` as the leader writes it: marked when its inline records follow it (`inline`), so that
     /// the relay knows from the committed record alone to look for them (`hasInline`), deriving the same
     /// records either way; unmarked otherwise (a mark that came with a request is dropped).
@@ -26,6 +30,7 @@ public protocol RelayRule: Sendable {
 
 extension RelayRule {
     public func inlineDependencies(_ proposal: Proposal) -> [StreamID]? { nil }
+    public func inlineOrderKey(_ proposal: Proposal) -> StreamID? { nil }
     public func marked(_ proposal: Proposal, inline: Bool) -> Proposal { proposal }
     public func hasInline(_ record: Record) -> Bool { false }
 

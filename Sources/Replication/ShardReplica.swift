@@ -394,6 +394,10 @@ public final class ShardReplica {
     public var onApply: (Record) -> Void = { _ in }
     /// The shard's relay rule, for the records the leader writes inline (Inline.swift); nil: none.
     public var inlineRule: (any RelayRule)?
+    /// On the leader, per order key: the index of the last record of that key left to the own relay lane
+    /// (Inline.swift); and the log's end when this term's first inline decision was made.
+    var inlineOwed: [StreamID: LogIndex] = [:]
+    var inlineFloor: (term: Term, index: LogIndex) = (0, 0)
     /// Committed records for subscribers on other threads (the delivery tier, relays).
     public let tail: ShardTail
 

@@ -29,6 +29,12 @@ struct WeftRelayRule: RelayRule {
         return [Ids.pair(lo, hi)]
     }
 
+    /// A conversation's records (its dm and pair streams) keep their order in each inbox.
+    func inlineOrderKey(_ p: Proposal) -> StreamID? {
+        guard p.type == .messaging, let (lo, hi) = Ids.users(of: p.stream) else { return nil }
+        return Ids.pair(lo, hi)
+    }
+
     /// Op 24 instead of 14: the same message, its inline inbox entries after it.
     func marked(_ p: Proposal, inline: Bool) -> Proposal {
         let (from, to) = inline ? (MessagingOp.messageCode, MessagingOp.messageInlineCode) : (MessagingOp.messageInlineCode, MessagingOp.messageCode)

@@ -11,19 +11,24 @@ import WeftTesting
 /// it by the leader when nothing pending can change its acceptance, and the shard's own relay lane writes
 /// only what it does not find there. Each derived record lands once either way.
 @Suite struct InlineTests {
-    /// Records of stream 1 derive, for their own shard, one record of stream 7 naming the source's index
-    /// and seq (a wrong guess of either by the leader shows as a second copy), two for payloads starting
-    /// with "2"; their acceptance depends on stream 9; a source with inline records is marked "!".
+    /// Records of streams 1 and 2 (two conversations: each its own order key) derive, for their own shard,
+    /// one record of stream 7 naming the source's index and seq (a wrong guess of either by the leader
+    /// shows as a second copy), two for payloads starting with "2"; their acceptance depends on stream 9
+    /// (stream 1) or 10 (stream 2); a source with inline records is marked "!".
     struct Own: RelayRule {
         let shard: ShardID
         func derive(_ record: Record, source: ShardID) -> [(destination: ShardID, proposal: Proposal)] {
-            guard record.type == .data, record.stream == StreamID(1) else { return [] }
+            guard record.type == .data, record.stream == StreamID(1) || record.stream == StreamID(2) else { return [] }
             let name = InlineTests.name(record)
             let one = Proposal(stream: StreamID(7), timestampMicros: record.timestampMicros, payload: Array("\(name)@\(record.index).\(record.seq)".utf8))
             guard name.hasPrefix("2") else { return [(shard, one)] }
             return [(shard, one), (shard, Proposal(stream: StreamID(7), timestampMicros: record.timestampMicros, payload: Array("\(name)@\(record.index)+".utf8)))]
         }
-        func inlineDependencies(_ p: Proposal) -> [StreamID]? { p.type == .data && p.stream == StreamID(1) ? [StreamID(9)] : nil }
+        func inlineDependencies(_ p: Proposal) -> [StreamID]? {
+            guard p.type == .data else { return nil }
+            return p.stream == StreamID(1) ? [StreamID(9)] : p.stream == StreamID(2) ? [StreamID(10)] : nil
+        }
+        func inlineOrderKey(_ p: Proposal) -> StreamID? { p.stream == StreamID(1) || p.stream == StreamID(2) ? p.stream : nil }
         func marked(_ p: Proposal, inline: Bool) -> Proposal {
             var m = p
             let bare = p.payload.first == UInt8(ascii: "!") ? Array(p.payload.dropFirst()) : p.payload
@@ -53,68 +58,11 @@ import WeftTesting
     func p(_ stream: UInt64, _ s: String) -> Proposal { Proposal(stream: StreamID(stream), payload: Array(s.utf8)) }
     func text(_ r: Record) -> String { String(decoding: r.payload, as: UTF8.self) }
 
-    @Test func theLeaderWritesThemAfterTheirSourceOnlyWhenNothingPendingCanRefuseIt() throws {
+    @Test func theLeaderWritesThemAfterTheirSourceOnlyWhenNothingPendingCanRefuseItOrPrecedesIt() throws {
         let c = try ReplicaCluster()
         try c.elect(NodeID(1))
         for id in c.ids { c.replica(id).inlineRule = Own(shard: ShardID(0)) }
         let leader = c.replica(NodeID(1))
-        var answers: [[Applied]] = []
-        // Alone: inline.
-        leader.proposeApplied([p(1, "m0")]) { if case .success(let a) = $0 { answers.append(a) } }
-        try c.settle()
-        // A record of the dependency stream not applied yet: none for the next.
-        leader.propose([p(9, "dep")]) { _ in }
-        leader.proposeApplied([p(1, "m1")]) { if case .success(let a) = $0 { answers.append(a) } }
-        try c.settle()
-        // In one group: after a pending dependency, none; two sources, each with its own, two for "2…".
-        leader.proposeGroup([
-            ([p(9, "dep2")], { _ in }), ([p(1, "m2")], { if case .success(let a) = $0 { answers.append(a) } }),
-        ])
-        try c.settle()
-        leader.proposeGroup([
-            ([p(1, "m3")], { if case .success(let a) = $0 { answers.append(a) } }),
-            ([p(1, "2m4")], { if case .success(let a) = $0 { answers.append(a) } }),
-            ([p(5, "other")], { _ in }),
-        ])
-        try c.settle()
-        // Keyed: after the request's own record, outside its window.
-        var keyed: [KeyedResult] = []
-        leader.proposeKeyed(Array("k".utf8), [p(1, "m5")]) { if case .success(let k) = $0 { keyed.append(k) } }
-        try c.settle()
-        leader.proposeKeyed(Array("k".utf8), [p(1, "m5")]) { if case .success(let k) = $0 { keyed.append(k) } }
-        try c.settle()
-        // A mark that came with a request is not the leader's: dropped, and the relay writes it.
-        leader.proposeApplied([p(9, "dep3")]) { _ in }
-        leader.proposeApplied([p(1, "!m8")]) { if case .success(let a) = $0 { answers.append(a) } }
-        try c.settle()
-        // Two records in one request: none.
-        leader.proposeApplied([p(1, "m6"), p(1, "m7")]) { if case .success(let a) = $0 { answers.append(a) } }
-        try c.settle()
-        try c.heartbeats()
-
-        // Each proposer got its own records only.
-        #expect(answers.map { $0.map { text($0.record) } } == [["!m0"], ["m1"], ["m2"], ["!m3"], ["!2m4"], ["m8"], ["m6", "m7"]])
-        #expect(keyed.count == 2 && keyed.allSatisfy { $0.complete && $0.landed.count == 1 })
-        #expect(keyed.map(\.replayed) == [false, true])
-        let log = try c.log(NodeID(1)).filter { $0.type == .data || $0.type == .requestKey }
-        func after(_ name: String) -> [String] {
-            guard let k = log.firstIndex(where: { $0.stream == StreamID(1) && Self.name($0) == name }) else { return ["missing"] }
-            return log[(k + 1)...].prefix { $0.stream == StreamID(7) }.map(text)
-        }
-        let src = { (name: String) in log.first { $0.stream == StreamID(1) && Self.name($0) == name } }
-        let m0 = try #require(src("m0"))
-        #expect(after("m0") == ["m0@\(m0.index).\(m0.seq)"])
-        #expect(after("m1") == [] && after("m2") == [] && after("m6") == [] && after("m7") == [] && after("m8") == [])
-        let m3 = try #require(src("m3"))
-        let m4 = try #require(src("2m4"))
-        let m5 = try #require(src("m5"))
-        #expect(after("m3") == ["m3@\(m3.index).\(m3.seq)"])
-        #expect(after("2m4") == ["2m4@\(m4.index).\(m4.seq)", "2m4@\(m4.index)+"])
-        #expect(after("m5") == ["m5@\(m5.index).\(m5.seq)"])
-        // The replicas agree (they apply what the leader wrote).
-        for id in c.ids { #expect(try c.log(id) == c.log(NodeID(1))) }
-
-        // The shard's own relay lane writes the rest, and nothing twice.
         let out = Outbox()
         let relay = RelayRunner(
             source: ShardID(0), tail: leader.tail, destinations: [ShardID(0)], rule: Own(shard: ShardID(0)), batchSourceRecordsMax: 3,
@@ -122,20 +70,80 @@ import WeftTesting
         ) { _, h, ps, done in out.lock.withLock { out.queue.append((h, ps, done)) } }
         relay.start()
         defer { relay.stop() }
-        for _ in 0..<400 {
-            for (h, ps, answer) in out.take() { leader.proposeRelayBatch(h, ps) { r in answer(r) } }
-            try c.settle()
-            try c.heartbeats(1)
-            if relay.status().first?.lagRecords == 0 { break }
-            Thread.sleep(forTimeInterval: 0.01)
+        func relayAll() throws {
+            for _ in 0..<400 {
+                for (h, ps, answer) in out.take() { leader.proposeRelayBatch(h, ps) { r in answer(r) } }
+                try c.settle()
+                try c.heartbeats(1)
+                if relay.status().first?.lagRecords == 0 && out.lock.withLock({ out.queue.isEmpty }) { return }
+                Thread.sleep(forTimeInterval: 0.01)
+            }
         }
-        #expect(relay.status().first?.lagRecords == 0)
-        let final = try c.log(NodeID(1))
-        let derived = final.filter { $0.stream == StreamID(7) }.map(text)
-        let sources = final.filter { $0.stream == StreamID(1) && $0.type == .data }
+        var answers: [String] = []
+        func note(_ r: Result<[Applied], ReplicationError>) { if case .success(let a) = r { answers += a.map { text($0.record) } } }
+        // This term's first: the lane has not passed the log's end as the term found it: to the relay.
+        leader.proposeApplied([p(1, "m0")], done: note)
+        try c.settle()
+        try relayAll()
+        // Now inline.
+        leader.proposeApplied([p(1, "m1")], done: note)
+        try c.settle()
+        // A record of the dependency stream not applied yet: none for the next; and from then on none of
+        // that conversation until the lane has written it; the other conversation goes on inline.
+        leader.propose([p(9, "dep")]) { _ in }
+        leader.proposeApplied([p(1, "m2")], done: note)
+        leader.proposeApplied([p(2, "n1")], done: note)
+        try c.settle()
+        leader.proposeApplied([p(1, "m3")], done: note)
+        try c.settle()
+        leader.proposeGroup([([p(1, "2m4")], note), ([p(2, "2n2")], note), ([p(5, "other")], { _ in })])
+        try c.settle()
+        // Keyed: after the request's own record, outside its window.
+        var keyed: [KeyedResult] = []
+        leader.proposeKeyed(Array("k".utf8), [p(2, "n3")]) { if case .success(let k) = $0 { keyed.append(k) } }
+        try c.settle()
+        leader.proposeKeyed(Array("k".utf8), [p(2, "n3")]) { if case .success(let k) = $0 { keyed.append(k) } }
+        try c.settle()
+        // Two records in one request: none, and the conversation waits for the lane again.
+        leader.proposeApplied([p(2, "n4"), p(2, "n5")], done: note)
+        leader.proposeApplied([p(2, "n6")], done: note)
+        try c.settle()
+        try relayAll()
+        // The lane wrote what it owed: inline again. A mark that came with a request is the leader's
+        // to set: the pending dependency keeps this one to the relay, unmarked.
+        leader.proposeApplied([p(1, "m5")], done: note)
+        leader.proposeApplied([p(2, "n7")], done: note)
+        try c.settle()
+        leader.propose([p(10, "dep")]) { _ in }
+        leader.proposeApplied([p(2, "!n8")], done: note)
+        try c.settle()
+        try relayAll()
+        try c.heartbeats()
+
+        // Each proposer got its own records only; marked are those written with their inline records.
+        #expect(answers == ["m0", "!m1", "m2", "!n1", "m3", "2m4", "!2n2", "n4", "n5", "n6", "!m5", "!n7", "n8"])
+        #expect(keyed.count == 2 && keyed.allSatisfy { $0.complete && $0.landed.count == 1 })
+        #expect(keyed.map(\.replayed) == [false, true])
+        let log = try c.log(NodeID(1))
+        let sources = log.filter { ($0.stream == StreamID(1) || $0.stream == StreamID(2)) && $0.type == .data }
+        #expect(sources.filter { Own(shard: ShardID(0)).hasInline($0) }.map(Self.name) == ["m1", "n1", "2n2", "n3", "m5", "n7"])
+        // Marked sources are followed by exactly what the relay would derive.
+        for (k, r) in log.enumerated() where Own(shard: ShardID(0)).hasInline(r) {
+            let want = Own(shard: ShardID(0)).derive(r, source: ShardID(0)).map { String(decoding: $0.proposal.payload, as: UTF8.self) }
+            #expect(log[(k + 1)...].prefix(want.count).map(text) == want, "after \(text(r))")
+        }
+        // The replicas agree.
+        for id in c.ids { #expect(try c.log(id) == log) }
+        // Each derived record once, and each conversation's in its sources' order.
+        let derived = log.filter { $0.stream == StreamID(7) }.map(text)
         let want = sources.flatMap { Own(shard: ShardID(0)).derive($0, source: ShardID(0)).map { String(decoding: $0.proposal.payload, as: UTF8.self) } }
         #expect(derived.sorted() == want.sorted(), "each derived record once: \(derived)")
-        #expect(Set(derived).count == derived.count)
+        for conversation in ["m", "n"] {
+            let order = derived.filter { $0.hasPrefix(conversation) || $0.hasPrefix("2" + conversation) }.compactMap { d in
+                d.split(separator: "@").last.flatMap { UInt64($0.prefix { $0.isNumber }) }
+            }
+            #expect(order == order.sorted(), "conversation \(conversation) in order: \(derived)")
+        }
     }
 
     /// The lane on its own, step by step over a tail fed by hand.
