@@ -4,7 +4,7 @@ import WeftCore
 /// Inline relay records (Docs/state.md, "Inline relay records"): what a record derives for its own shard,
 /// written by the leader right after it in the same proposal, so it commits in the record's Raft round
 /// instead of one round later through the shard's own relay lane. The lane leaves out what it finds
-/// written right after its source (`RelayRunner.withoutInline`), so each derived record is written once.
+/// written right after its source (`RelayRunner.inlineRun`), so each derived record is written once.
 extension ShardReplica {
     /// `requests`, stamped, in order, each followed by its inline records; `prefix` (a request key) goes
     /// first. Returns what to propose and, per request, how many inline records follow its own.
