@@ -44,16 +44,8 @@ import WeftTesting
         return t.hasPrefix("!") ? String(t.dropFirst()) : t
     }
 
-    final class Outbox: @unchecked Sendable {
-        let lock = NSLock()
-        var queue: [(RelayMarks.Header, [Proposal], @Sendable (Result<RelayResult, ReplicationError>) -> Void)] = []
-        func take() -> [(RelayMarks.Header, [Proposal], @Sendable (Result<RelayResult, ReplicationError>) -> Void)] {
-            lock.withLock {
-                defer { queue = [] }
-                return queue
-            }
-        }
-    }
+    /// The relay tests' outbox: batches wait there until the test hands them to a leader.
+    typealias Outbox = RelayTests.Outbox
 
     func p(_ stream: UInt64, _ s: String) -> Proposal { Proposal(stream: StreamID(stream), payload: Array(s.utf8)) }
     func text(_ r: Record) -> String { String(decoding: r.payload, as: UTF8.self) }
