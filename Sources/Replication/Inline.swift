@@ -27,10 +27,10 @@ extension ShardReplica {
             for r in requests { all += r }
             return (all, inline)
         }
-        // A mark only the leader sets, here: one that came with a request is dropped.
-        let requests = requests.map { $0.map { rule.marked($0, inline: false) } }
+        // A mark only the leader sets, here: one that came with a request is dropped (as each record is
+        // taken, with no copy of the requests on this path every proposal takes).
         guard raft.role == .leader, appliedTerm == raft.term else {
-            for r in requests { all += r }
+            for r in requests { for p in r { all.append(rule.marked(p, inline: false)) } }
             return (all, inline)
         }
         // Order: what the own lane still owes must land first. Records of earlier terms may be owed: none
@@ -59,14 +59,16 @@ extension ShardReplica {
         }
         for p in prefix { _ = take(p) }
         for (k, request) in requests.enumerated() {
-            guard request.count == 1, let p = request.first else {
-                for p in request {
+            guard request.count == 1, let asked = request.first else {
+                for asked in request {
+                    let p = rule.marked(asked, inline: false)
                     owed(p, at: first + LogIndex(all.count))
                     _ = take(p)
                     all.append(p)
                 }
                 continue
             }
+            let p = rule.marked(asked, inline: false)
             let index = first + LogIndex(all.count)
             let seq = take(p)
             guard inOrder, rule.inlineOrderKey(p).map({ (inlineOwed[$0] ?? 0) <= mark }) ?? true,
