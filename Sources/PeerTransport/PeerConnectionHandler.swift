@@ -27,6 +27,8 @@ final class PeerConnectionHandler: ChannelInboundHandler {
     private var peer: NodeID?
     /// Frames delivered since the last `channelReadComplete`, added to the shared counters in one batch.
     private var receivedPending = 0
+    /// A Data frame (a probe included) came since the last `channelReadComplete`: the peer is heard.
+    private var heardPending = false
     private var logger: Logger
 
     /// Throws if OpenSSL cannot produce a nonce; the channel initializer then fails and NIO closes the channel.
@@ -126,8 +128,8 @@ final class PeerConnectionHandler: ChannelInboundHandler {
         case .deliver(let shard, let payload):
             // `.deliver` only comes from an authenticated listener machine, so `peer` is set.
             guard let peer = self.peer else { preconditionFailure("deliver before authentication") }
-            self.receivedPending += 1
-            self.core.onFrame(peer, shard, payload)
+            if self.core.deliver(from: peer, shard: shard, payload: payload) { self.receivedPending += 1 }
+            self.heardPending = true
         case .fail(let reason):
             self.timeout?.cancel()
             self.timeout = nil
@@ -149,6 +151,10 @@ final class PeerConnectionHandler: ChannelInboundHandler {
     }
 
     private func publishReceived() {
+        if self.heardPending, let peer = self.peer {
+            self.heardPending = false
+            self.core.heard(from: peer)
+        }
         guard self.receivedPending > 0 else { return }
         self.core.countReceived(self.receivedPending)
         self.receivedPending = 0

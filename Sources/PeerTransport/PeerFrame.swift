@@ -38,6 +38,14 @@ public enum PeerWire {
     public static let proofBytes = macBytes
     /// Data body before the payload: `u64 shard`.
     public static let dataFixedBytes = 8
+    /// The shard id of the transport's own link probes (a Data frame with it is never handed to `onFrame`).
+    /// An older node hands it on, and its owner drops it as an unknown payload.
+    public static let probeShard: UInt64 = .max
+    /// A probe's payload: `u8 kind | u64 LE token`, kind `probePing` (answered with the same token) or
+    /// `probePong` (the answer).
+    public static let probeBytes = 9
+    public static let probePing: UInt8 = 0xF0
+    public static let probePong: UInt8 = 0xF1
     /// Default `frameBytesMax`: the largest `length` field accepted (16 MiB).
     public static let frameBytesMaxDefault = 16 << 20
     /// Domain-separation label at the start of every MAC input.

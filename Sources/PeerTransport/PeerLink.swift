@@ -47,6 +47,14 @@ final class PeerLink: Sendable {
         /// Consecutive failed dials (or lost connections) since the last successful authentication.
         var failedAttempts = 0
         var framesSent: UInt64 = 0
+        /// Link probes (`PeerTransportConfiguration.probeInterval`): the repeating send while connected,
+        /// the last token sent, when the peer last answered one on this connection (nil: not yet), when
+        /// a frame of any kind last came from it (on its own connection), and whether it is suspect now.
+        var probeTask: RepeatedTask?
+        var probeToken: UInt64 = 0
+        var answeredAt: NIODeadline?
+        var heardAt: NIODeadline?
+        var suspect = false
         var framesDroppedDisconnected: UInt64 = 0
         var framesDroppedQueueFull: UInt64 = 0
         var reconnects: UInt64 = 0
@@ -66,13 +74,15 @@ final class PeerLink: Sendable {
     /// the oldest). Never blocks beyond the lock.
     func send(shard: UInt64, payload: [UInt8]) {
         let flushChannel: (any Channel)? = self.state.withLock { state in
+            // Link probes are left out of every frame counter.
             guard case .connected(let channel) = state.phase else {
-                state.framesDroppedDisconnected += 1
+                if shard != PeerWire.probeShard { state.framesDroppedDisconnected += 1 }
                 return nil
             }
             if state.queue.count >= self.core.configuration.queueFramesMax {
-                state.queue.removeFirst()
-                state.framesDroppedQueueFull += 1
+                // A full queue drops a probe rather than the oldest data frame for it.
+                if shard == PeerWire.probeShard { return nil }
+                if state.queue.removeFirst().shard != PeerWire.probeShard { state.framesDroppedQueueFull += 1 }
             }
             state.queue.append(QueuedFrame(shard: shard, payload: payload))
             guard !state.flushScheduled, state.writable else { return nil }
@@ -93,7 +103,7 @@ final class PeerLink: Sendable {
             else { return nil }
             let frames = state.queue
             state.queue = CircularBuffer(initialCapacity: 16)
-            state.framesSent += UInt64(frames.count)
+            state.framesSent += Self.dataFrames(frames)
             return frames
         }
         guard let frames else { return }
@@ -112,6 +122,13 @@ final class PeerLink: Sendable {
         }
         if buffer.readableBytes > 0 { channel.write(buffer, promise: nil) }
         channel.flush()
+    }
+
+    /// The frames of `frames` that are not link probes.
+    private static func dataFrames(_ frames: CircularBuffer<QueuedFrame>) -> UInt64 {
+        var count: UInt64 = 0
+        for frame in frames where frame.shard != PeerWire.probeShard { count += 1 }
+        return count
     }
 
     private static func encodedBytes(_ frames: CircularBuffer<QueuedFrame>) -> Int {
@@ -137,6 +154,72 @@ final class PeerLink: Sendable {
             if case .connected = state.phase { return true }
             return false
         }
+    }
+
+    var isSuspect: Bool {
+        self.state.withLock { state in
+            if case .connected = state.phase { return state.suspect }
+            return false
+        }
+    }
+
+    // MARK: Link probes
+
+    /// Probes sent on a connection without any answer before the link stops probing on it (a peer of a
+    /// version without probes would log each one it drops).
+    static let unansweredProbesMax: UInt64 = 50
+
+    /// Sends the next probe and decides whether the peer has gone quiet: it answered a probe on this
+    /// connection before, and neither an answer nor any other frame has come from it for `suspectAfter`
+    /// (frames still coming show it alive and its node busy: a slow answer behind a long queue is not a
+    /// cut). Runs every `probeInterval` on the event loop while `channel` is the connected one.
+    private func probe(channel: any Channel) {
+        let suspectAfter = self.core.configuration.suspectAfter
+        let (token, turned) = self.state.withLock { state -> (UInt64?, Bool) in
+            guard case .connected(let current) = state.phase, current === channel else { return (nil, false) }
+            state.probeToken &+= 1
+            guard let answered = state.answeredAt else {
+                if state.probeToken > Self.unansweredProbesMax {
+                    state.probeTask?.cancel()
+                    state.probeTask = nil
+                    return (nil, false)
+                }
+                return (state.probeToken, false)
+            }
+            let last = max(answered, state.heardAt ?? answered)
+            guard !state.suspect, NIODeadline.now() - last >= suspectAfter else { return (state.probeToken, false) }
+            state.suspect = true
+            return (state.probeToken, true)
+        }
+        guard let token else { return }
+        var payload = [PeerWire.probePing]
+        withUnsafeBytes(of: token.littleEndian) { payload.append(contentsOf: $0) }
+        self.send(shard: PeerWire.probeShard, payload: payload)
+        if turned {
+            self.core.logger.warning(
+                "peer stopped answering link probes; requests go through another node while it stays quiet",
+                metadata: ["peer-node": "\(self.peer)", "quiet-ms": "\(suspectAfter.nanoseconds / 1_000_000)"])
+            self.core.onSuspect(self.peer)
+        }
+    }
+
+    /// Frames came from the peer (on its own connection to this node): it is alive, if perhaps slow to
+    /// answer a probe.
+    func heard() {
+        self.state.withLock { state in
+            if case .connected = state.phase { state.heardAt = .now() }
+        }
+    }
+
+    /// The peer answered a probe (on its own connection to this node).
+    func probeAnswered() {
+        let cleared = self.state.withLock { state -> Bool in
+            guard case .connected = state.phase else { return false }
+            state.answeredAt = .now()
+            defer { state.suspect = false }
+            return state.suspect
+        }
+        if cleared { self.core.logger.info("peer answers link probes again", metadata: ["peer-node": "\(self.peer)"]) }
     }
 
     struct Counters {
@@ -236,6 +319,18 @@ final class PeerLink: Sendable {
             state.phase = .connected(channel)
             state.writable = channel.isWritable
             state.failedAttempts = 0
+            state.answeredAt = nil
+            state.heardAt = nil
+            state.probeToken = 0
+            state.suspect = false
+            state.probeTask?.cancel()
+            state.probeTask = nil
+            let interval = self.core.configuration.probeInterval
+            if interval.nanoseconds > 0 {
+                state.probeTask = channel.eventLoop.scheduleRepeatedTask(initialDelay: .zero, delay: interval) { _ in
+                    self.probe(channel: channel)
+                }
+            }
             return true
         }
         if !keep { channel.close(promise: nil) }
@@ -254,9 +349,12 @@ final class PeerLink: Sendable {
             default:
                 return
             }
-            state.framesDroppedDisconnected += UInt64(state.queue.count)
+            state.framesDroppedDisconnected += Self.dataFrames(state.queue)
             state.queue.removeAll(keepingCapacity: false)
             state.flushScheduled = false
+            state.probeTask?.cancel()
+            state.probeTask = nil
+            state.suspect = false
             let delay = self.backoffDelay(failedAttempts: state.failedAttempts)
             state.failedAttempts += 1
             state.reconnects += 1
@@ -282,7 +380,9 @@ final class PeerLink: Sendable {
         let (task, channel) = self.state.withLock { state -> (Scheduled<Void>?, (any Channel)?) in
             let previous = state.phase
             state.phase = .stopped
-            state.framesDroppedDisconnected += UInt64(state.queue.count)
+            state.probeTask?.cancel()
+            state.probeTask = nil
+            state.framesDroppedDisconnected += Self.dataFrames(state.queue)
             state.queue.removeAll(keepingCapacity: false)
             switch previous {
             case .backingOff(let task): return (task, nil)

@@ -1,7 +1,8 @@
 /// # Peer transport, wire format version 1
 ///
 /// Node-to-node TCP for Raft traffic. The transport carries opaque payloads tagged with a shard id; it
-/// never interprets them.
+/// never interprets them, except its own link probes (`PeerWire.probeShard`; Docs/transport.md, "Link
+/// probes").
 ///
 /// ## Connections
 ///
@@ -125,6 +126,16 @@ public struct PeerTransportConfiguration: Sendable {
     /// such a connection looked connected for as long as TCP retransmits (minutes), and every request
     /// forwarded over it waited out its deadline. 0 turns both off.
     public var deadLinkTimeout: TimeAmount = .seconds(5)
+    /// Link probes (Docs/transport.md, "Link probes"): every `probeInterval` a connected link sends its
+    /// peer a probe, which the peer answers over its own outbound connection. A link whose peer answered
+    /// a probe on it, and from which neither an answer nor any other frame has come since for
+    /// `suspectAfter`, is *suspect* (`suspect(_:)`, `onSuspect`): frames still go out on it, but requests
+    /// that need an answer are better sent through another node. It stops being suspect with the next
+    /// answer. A peer that never answers (a version without probes) is judged by TCP alone
+    /// (`deadLinkTimeout`), and the link stops probing it after 50 probes. A `probeInterval` of 0 turns
+    /// probes off.
+    public var probeInterval: TimeAmount = .milliseconds(200)
+    public var suspectAfter: TimeAmount = .seconds(1)
 
     public init() {}
 }
@@ -225,17 +236,19 @@ public final class PeerTransport: Sendable {
     public init(
         self id: NodeID, clusterName: String, secret: [UInt8], listen: PeerAddress, peers: [NodeID: PeerAddress],
         group: any EventLoopGroup, logger: Logger, configuration: PeerTransportConfiguration = .init(),
+        onSuspect: @escaping @Sendable (_ peer: NodeID) -> Void = { _ in },
         onFrame: @escaping @Sendable (_ from: NodeID, _ shard: UInt64, _ payload: [UInt8]) -> Void
     ) {
         var logger = logger
         logger[metadataKey: "node"] = "\(id)"
         let core = TransportCore(
             selfID: id, clusterName: clusterName, secret: secret, knownPeers: Set(peers.keys).subtracting([id]),
-            configuration: configuration, logger: logger, onFrame: onFrame)
+            configuration: configuration, logger: logger, onSuspect: onSuspect, onFrame: onFrame)
         var links: [NodeID: PeerLink] = [:]
         for (peer, address) in peers where peer != id {
             links[peer] = PeerLink(peer: peer, address: address, eventLoop: group.next(), core: core)
         }
+        core.setLinks(links)
         self.selfID = id
         self.listenAddress = listen
         self.core = core
@@ -317,6 +330,10 @@ public final class PeerTransport: Sendable {
         try check(configuration.handshakeTimeout.nanoseconds > 0, "handshakeTimeout must be positive")
         try check(configuration.connectTimeout.nanoseconds > 0, "connectTimeout must be positive")
         try check(
+            configuration.probeInterval.nanoseconds >= 0
+                && (configuration.probeInterval.nanoseconds == 0 || configuration.suspectAfter > configuration.probeInterval),
+            "probeInterval must be 0 (off) or positive and below suspectAfter")
+        try check(
             configuration.reconnectDelayInitial.nanoseconds > 0
                 && configuration.reconnectDelayInitial <= configuration.reconnectDelayMax,
             "reconnect delays must be positive and initial <= max")
@@ -354,6 +371,13 @@ public final class PeerTransport: Sendable {
     /// True while an authenticated outbound connection to `peer` is up (frames sent now will be written).
     public func reachable(_ peer: NodeID) -> Bool {
         self.links[peer]?.isConnected ?? false
+    }
+
+    /// True while the link to `peer` is up but `peer` has stopped answering its probes (a cut the kernel
+    /// has not noticed yet, a paused process, a one-way loss of its frames to this node): see
+    /// `PeerTransportConfiguration.suspectAfter`.
+    public func suspect(_ peer: NodeID) -> Bool {
+        self.links[peer]?.isSuspect ?? false
     }
 
     /// Closes the listener and every connection, and stops redialing. Idempotent. After it returns no
@@ -399,7 +423,14 @@ final class TransportCore: Sendable {
     let configuration: PeerTransportConfiguration
     let logger: Logger
     let onFrame: @Sendable (NodeID, UInt64, [UInt8]) -> Void
+    let onSuspect: @Sendable (NodeID) -> Void
     private let counters = Locked(TransportStats())
+    /// The transport's links, for answering probes (weak: the links hold this core).
+    private let links = Locked<[NodeID: WeakLink]>([:])
+
+    private struct WeakLink: Sendable {
+        weak var link: PeerLink?
+    }
     private let inbound = Locked(Inbound())
 
     private struct Inbound: Sendable {
@@ -414,8 +445,10 @@ final class TransportCore: Sendable {
     init(
         selfID: NodeID, clusterName: String, secret: [UInt8], knownPeers: Set<NodeID>,
         configuration: PeerTransportConfiguration, logger: Logger,
+        onSuspect: @escaping @Sendable (NodeID) -> Void = { _ in },
         onFrame: @escaping @Sendable (NodeID, UInt64, [UInt8]) -> Void
     ) {
+        self.onSuspect = onSuspect
         self.selfID = selfID
         self.clusterName = clusterName
         self.secret = secret
@@ -426,6 +459,36 @@ final class TransportCore: Sendable {
     }
 
     var stats: TransportStats { self.counters.withLock { $0 } }
+
+    func setLinks(_ links: [NodeID: PeerLink]) {
+        self.links.withLock { $0 = links.mapValues { WeakLink(link: $0) } }
+    }
+
+    /// Frames came from `peer` on its connection to this node (`PeerLink.heard`).
+    func heard(from peer: NodeID) {
+        self.links.withLock { $0[peer]?.link }?.heard()
+    }
+
+    /// A Data frame from an authenticated peer: a probe is answered (over this node's own link to the
+    /// peer) or taken as an answer; anything else goes to `onFrame`. Returns whether it went to `onFrame`.
+    func deliver(from peer: NodeID, shard: UInt64, payload: [UInt8]) -> Bool {
+        guard shard == PeerWire.probeShard else {
+            self.onFrame(peer, shard, payload)
+            return true
+        }
+        guard payload.count == PeerWire.probeBytes, let link = self.links.withLock({ $0[peer]?.link }) else { return false }
+        switch payload[0] {
+        case PeerWire.probePing:
+            var pong = payload
+            pong[0] = PeerWire.probePong
+            link.send(shard: PeerWire.probeShard, payload: pong)
+        case PeerWire.probePong:
+            link.probeAnswered()
+        default:
+            break
+        }
+        return false
+    }
 
     func countReceived(_ count: Int) { self.counters.withLock { $0.framesReceived += UInt64(count) } }
     func countAuthFailure() { self.counters.withLock { $0.authFailures += 1 } }

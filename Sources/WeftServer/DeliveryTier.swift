@@ -43,6 +43,29 @@ final class DeliveryTier: Sendable {
     let stopped = NIOLockedValueBox<[ShardID: [NodeID: ContinuousClock.Instant]]>([:])
     /// Users whose sessions the heads check found short of a record forwarding lost.
     let headsLost = Counter(label: "weft_delivery_heads_lost_total")
+    /// Per shard, the inbox records this node's replica applied lately, oldest first: what a peer whose
+    /// replica is cut off missed before it said so, sent to it when it does (`noteStopped`).
+    let recent = NIOLockedValueBox<[ShardID: CircularBuffer<RecentInbox>]>([:])
+    /// Records kept per shard at most, and for how long.
+    static let recentInboxMax = 2048
+    static let recentInboxFor: Duration = .seconds(5)
+    /// Records sent to a peer when it newly says its replica stopped.
+    let backlogForwarded = Counter(label: "weft_delivery_inbox_backlog_forwarded_total")
+    /// When a backlog last went to a peer, per shard: at most one per `recentInboxFor` (a replica that
+    /// flaps between cut off and serving does not draw a burst each time).
+    let backlogSent = NIOLockedValueBox<[ShardID: [NodeID: ContinuousClock.Instant]]>([:])
+    /// Held across a batch's remembering, the check of who is stopped and its forwarding
+    /// (`forwardInbox`), and across a peer's newly noted stop with its backlog (`noteStopped`). So this
+    /// node sends a cut-off peer its backlog before any record applied after it (the peer's hub drops
+    /// forwarded records at or below one it handed on already, so a later record first would void the
+    /// backlog), and no record falls between the two.
+    let forwarding = NIOLock()
+
+    struct RecentInbox {
+        var at: ContinuousClock.Instant
+        var user: UInt64
+        var record: Record
+    }
 
     init(
         config: ClusterConfiguration, selfID: NodeID, send: @escaping @Sendable (NodeID, ShardID, Envelope) -> Void,
@@ -83,6 +106,11 @@ final class DeliveryTier: Sendable {
     /// directory lists for a user that holds no replica of the shard.
     /// Nodes placed on the shard whose replica stopped count as holding none (`noteStopped`).
     func forwardInbox(_ byUser: [UInt64: [Record]], shard: ShardID) {
+        forwarding.withLock { forwardLocked(byUser, shard: shard) }
+    }
+
+    private func forwardLocked(_ byUser: [UInt64: [Record]], shard: ShardID) {
+        remember(byUser, shard: shard)
         let replicas = config.replicas(of: shard)
         let stopped = stoppedNodes(of: shard)
         // Every node holds this shard (3 nodes, replication 3) and runs its replica: no one to forward to.
@@ -103,10 +131,57 @@ final class DeliveryTier: Sendable {
     /// restarted with its replica running sends none).
     static let stoppedValidFor: Duration = .seconds(7)
 
-    /// Peer `node` says its replica of `shard` stopped (a storage failure).
+    /// Keeps `byUser`'s records as the newest applied of `shard`, dropping the oldest past
+    /// `recentInboxMax` and those older than `recentInboxFor`.
+    func remember(_ byUser: [UInt64: [Record]], shard: ShardID) {
+        let now = ContinuousClock.now
+        recent.withLockedValue { all in
+            // Mutated in place (a copy taken out and stored back would copy the whole ring each time).
+            for (u, rs) in byUser {
+                for r in rs { all[shard, default: CircularBuffer(initialCapacity: 64)].append(RecentInbox(at: now, user: u, record: r)) }
+            }
+            while let count = all[shard]?.count, count > Self.recentInboxMax { all[shard]?.removeFirst() }
+            while let first = all[shard]?.first, now - first.at > Self.recentInboxFor { all[shard]?.removeFirst() }
+        }
+    }
+
+    /// Peer `node` says its replica of `shard` stopped (a storage failure) or is cut off from the leader.
+    /// When it had not said so lately, it is sent the inbox records this node's replica applied in the
+    /// last `recentInboxFor` of the users it holds sessions of: those applied between the cut and its
+    /// saying so would otherwise reach its sessions only when a later record shows the gap or through the
+    /// heads check, 7–17 s on. Its hub and sessions drop what they already have.
     func noteStopped(_ shard: ShardID, node: NodeID) {
         guard node != selfID, config.replicas(of: shard).contains(node) else { return }
-        stopped.withLockedValue { $0[shard, default: [:]][node] = ContinuousClock.now }
+        forwarding.withLock { noteStoppedLocked(shard, node: node) }
+    }
+
+    private func noteStoppedLocked(_ shard: ShardID, node: NodeID) {
+        let now = ContinuousClock.now
+        let newly = stopped.withLockedValue { s -> Bool in
+            let fresh = s[shard]?[node].map { now - $0 < Self.stoppedValidFor } ?? false
+            s[shard, default: [:]][node] = now
+            return !fresh
+        }
+        guard newly else { return }
+        let due = backlogSent.withLockedValue { sent -> Bool in
+            guard sent[shard]?[node].map({ now - $0 >= Self.recentInboxFor }) ?? true else { return false }
+            sent[shard, default: [:]][node] = now
+            return true
+        }
+        guard due else { return }
+        let ring = recent.withLockedValue { $0[shard] } ?? CircularBuffer()
+        var listed: [UInt64: Bool] = [:]
+        var backlog: [Record] = []
+        for e in ring where now - e.at <= Self.recentInboxFor {
+            let yes = listed[e.user] ?? directory.nodes(of: e.user).contains(node)
+            listed[e.user] = yes
+            if yes { backlog.append(e.record) }
+        }
+        guard !backlog.isEmpty else { return }
+        for start in stride(from: 0, to: backlog.count, by: Self.forwardRecordsMax) {
+            send(node, shard, .inbox(records: Array(backlog[start..<min(start + Self.forwardRecordsMax, backlog.count)])))
+        }
+        backlogForwarded.increment(by: backlog.count)
     }
 
     /// Peer `node` says its replica of `shard` serves its sessions again.

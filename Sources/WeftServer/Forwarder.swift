@@ -18,6 +18,9 @@ final class Forwarder: Sendable {
         var answer: @Sendable (Envelope.ForwardAnswer) -> Void
         /// The deadline's entry in `deadlines`, cancelled when the answer comes first.
         var timer: UInt64?
+        /// Answered at once with an unknown outcome when `target` turns suspect (`peerSuspect`): the
+        /// sender retries such requests safely, through another node.
+        var failFast = false
     }
 
     let incarnation: UInt64
@@ -25,6 +28,9 @@ final class Forwarder: Sendable {
     /// Whether a peer is connected now (a request to one that is not fails without being sent, or goes
     /// through `relay`).
     let reachable: @Sendable (NodeID) -> Bool
+    /// Whether a reachable peer has stopped answering link probes (`PeerTransport.suspect`): a request
+    /// to it goes through another node when one is reachable and not suspect itself, else straight to it.
+    let suspect: @Sendable (NodeID) -> Bool
     /// A reachable peer to pass a request on to a target this node cannot reach (a partition between the
     /// two only), or nil (Docs/replication.md, "Forwarding through another node").
     let relay: @Sendable (NodeID) -> NodeID?
@@ -39,12 +45,14 @@ final class Forwarder: Sendable {
 
     init(
         selfID: NodeID, incarnation: UInt64 = UInt64.random(in: 1...UInt64.max), reachable: @escaping @Sendable (NodeID) -> Bool,
+        suspect: @escaping @Sendable (NodeID) -> Bool = { _ in false },
         relay: @escaping @Sendable (NodeID) -> NodeID? = { _ in nil },
         deadlines: Deadlines = .shared, send: @escaping @Sendable (NodeID, ShardID, [UInt8]) -> Void
     ) {
         self.deadlines = deadlines
         self.selfID = selfID
         self.reachable = reachable
+        self.suspect = suspect
         self.relay = relay
         self.sendFrame = send
         self.incarnation = incarnation
@@ -52,8 +60,12 @@ final class Forwarder: Sendable {
 
     /// Sends `envelope` (a forward or a config change; its request id is set here) to `target` and waits
     /// for the answer until `deadline`.
-    func send(to target: NodeID, shard: ShardID, _ envelope: Envelope, deadline: ContinuousClock.Instant, direct: Bool = false) async -> Envelope.ForwardAnswer {
-        await withCheckedContinuation { c in send(to: target, shard: shard, envelope, deadline: deadline, direct: direct) { c.resume(returning: $0) } }
+    func send(
+        to target: NodeID, shard: ShardID, _ envelope: Envelope, deadline: ContinuousClock.Instant, direct: Bool = false, failFast: Bool = false
+    ) async -> Envelope.ForwardAnswer {
+        await withCheckedContinuation { c in
+            send(to: target, shard: shard, envelope, deadline: deadline, direct: direct, failFast: failFast) { c.resume(returning: $0) }
+        }
     }
 
     /// Callback form of `send`: `done` runs exactly once, with the answer, or with the failure when
@@ -61,16 +73,24 @@ final class Forwarder: Sendable {
     ///
     /// A target this node cannot reach is asked through another peer that can (`relay`): the request
     /// goes to it as `via`, it passes it on once (`direct`: never through a third), and its answer is the
-    /// target's (or its own failure to reach the target: nothing written).
+    /// target's (or its own failure to reach the target: nothing written). So is a suspect target (its
+    /// link up, its probes unanswered), when a relay that is not suspect itself is at hand; else the
+    /// request goes to it straight.
+    ///
+    /// `failFast`: the caller retries an unknown outcome safely (a relay batch, a keyed write), so the
+    /// request is answered `outcomeUnknown` as soon as the node it went to turns suspect, instead of at
+    /// `deadline` (`peerSuspect`).
     func send(
         to target: NodeID, shard: ShardID, _ envelope: Envelope, deadline: ContinuousClock.Instant, direct: Bool = false,
-        done: @escaping @Sendable (Envelope.ForwardAnswer) -> Void
+        failFast: Bool = false, done: @escaping @Sendable (Envelope.ForwardAnswer) -> Void
     ) {
         var hop = target
         if !reachable(target) {
             guard !direct, let r = relay(target), r != target, r != selfID, reachable(r) else {
                 return done(.failed("node \(target) unreachable"))
             }
+            hop = r
+        } else if !direct, suspect(target), let r = relay(target), r != target, r != selfID, reachable(r), !suspect(r) {
             hop = r
         }
         // Registered before the deadline's timer exists, so the timer always finds it (or finds it
@@ -79,7 +99,7 @@ final class Forwarder: Sendable {
             guard !s.closed, s.waiting.count < Self.waitingCountMax else { return nil }
             let sequence = s.next
             s.next += 1
-            s.waiting[sequence] = Waiting(target: hop, answer: done)
+            s.waiting[sequence] = Waiting(target: hop, answer: done, failFast: failFast)
             return sequence
         }
         guard let sequence else { return done(.failed("node \(selfID) has too many forwarded requests waiting, or is stopping")) }
@@ -131,6 +151,20 @@ final class Forwarder: Sendable {
         if let t = w.timer { deadlines.cancel(t) }
         w.answer(answer)
         return true
+    }
+
+    /// `peer`'s link turned suspect (`PeerTransport`'s `onSuspect`): the requests sent to it that their
+    /// senders retry safely (`failFast`) are answered now, their outcome unknown, so the retry goes
+    /// through another node without waiting out the deadline. The others keep waiting for theirs.
+    func peerSuspect(_ peer: NodeID) {
+        let failing = state.withLockedValue { s -> [Waiting] in
+            let keys = s.waiting.compactMap { $0.value.target == peer && $0.value.failFast ? $0.key : nil }
+            return keys.compactMap { s.waiting.removeValue(forKey: $0) }
+        }
+        for w in failing {
+            if let t = w.timer { deadlines.cancel(t) }
+            w.answer(.outcomeUnknown("node \(peer) stopped answering link probes"))
+        }
     }
 
     /// Shutdown: every request still waiting was sent, so its outcome is unknown; new ones fail.

@@ -402,7 +402,8 @@ extension WeftNode {
             let left = targets.count - k
             let share = k == 0 ? (deadline - ContinuousClock.now) / 2 : (deadline - ContinuousClock.now) / left
             let until = left == 1 ? deadline : ContinuousClock.now + share
-            switch await forwarder.send(to: t, shard: shard, envelope(), deadline: until) {
+            // A query is safe to ask again: one sent to a node that goes quiet moves on at once.
+            switch await forwarder.send(to: t, shard: shard, envelope(), deadline: until, failFast: true) {
             case .bytes(let b):
                 unanswering.withLockedValue { if $0[shard] == t { $0[shard] = nil } }
                 return .success(b)

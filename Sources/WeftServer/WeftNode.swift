@@ -116,16 +116,22 @@ public final class WeftNode: Sendable {
         let box = NIOLockedValueBox<WeftNode?>(nil)
         transport = PeerTransport(
             self: id, clusterName: Self.handshakeName(config), secret: Array(config.secret.utf8),
-            listen: PeerAddress(host: me.peerAddress.host, port: me.peerAddress.port), peers: peers, group: group, logger: logger
+            listen: PeerAddress(host: me.peerAddress.host, port: me.peerAddress.port), peers: peers, group: group, logger: logger,
+            // Requests whose senders retry safely stop waiting for a peer that went quiet (Docs/transport.md, "Link probes").
+            onSuspect: { peer in box.withLockedValue { $0 }?.forwarder.peerSuspect(peer) }
         ) { from, shard, payload in
             box.withLockedValue { $0 }?.receive(from: from, shard: ShardID(shard), payload: payload)
         }
         let t = transport
         let others = config.nodes.map(\.id).filter { $0 != id }
         forwarder = Forwarder(
-            selfID: id, reachable: { t.reachable($0) },
-            // A partition between this node and the target only: any other peer this node reaches.
-            relay: { target in others.filter { $0 != target && t.reachable($0) }.randomElement() },
+            selfID: id, reachable: { t.reachable($0) }, suspect: { t.suspect($0) },
+            // A partition between this node and the target only: any other peer this node reaches, one
+            // that answers its link probes first.
+            relay: { target in
+                let up = others.filter { $0 != target && t.reachable($0) }
+                return up.filter { !t.suspect($0) }.randomElement() ?? up.randomElement()
+            },
             send: { to, shard, frame in t.send(to: to, shard: shard.rawValue, payload: frame) })
         shipper = CatchUpShipper(
             logger: logger,
@@ -406,6 +412,7 @@ public final class WeftNode: Sendable {
         let tier = delivery
         deliveryTask.withLockedValue { $0 = Task { [weak self] in if let self { await tier.run(node: self) } } }
         reannounce()
+        watchUnserved()
         logger.info("node \(id) up: \(rs.count) shards, peer \(transport.listenAddress)")
     }
 
@@ -608,7 +615,7 @@ public final class WeftNode: Sendable {
     ) {
         let me = id
         throughLeader(
-            destination, deadline: ContinuousClock.now + .seconds(5), retryUnknown: false,
+            destination, deadline: ContinuousClock.now + .seconds(5), retryUnknown: false, resent: true,
             envelope: {
                 .relayBatch(
                     request: Envelope.RequestID(incarnation: 0, sequence: 0), header: header,
@@ -669,20 +676,39 @@ public final class WeftNode: Sendable {
     /// announced as served once (`replicaServing`), so the others stop forwarding at once instead of
     /// `DeliveryTier.stoppedValidFor` later. Both go to the shard's other replicas only (other nodes
     /// ignore them).
-    func announceStopped() {
-        let placed = Set(config.shardIDs.filter { config.replicas(of: $0).contains(id) })
+    func announceStopped(onlyChanged: Bool = false) {
         // Worked out and sent under one lock: a repeat that looked before a replica failed must not
         // follow that failure's announcement with a `replicaServing`.
         announcedStopped.withLockedValue { before in
-            let stopped = failedShards.withLockedValue { Array($0.keys) }.filter { placed.contains($0) && runner($0) == nil }
-            let cutOff = allRunners.keys.filter { placed.contains($0) && leaderlessLong($0) }
-            let now = Set(stopped + cutOff)
+            let now = unservedShards()
+            if onlyChanged && now == before { return }
             for (shard, frame) in now.map({ ($0, Envelope.replicaStopped) }) + before.subtracting(now).map({ ($0, Envelope.replicaServing) }) {
                 let bytes = frame.encode()
                 for n in config.replicas(of: shard) where n != id { transport.send(to: n, shard: shard.rawValue, payload: bytes) }
             }
             before = now
         }
+    }
+
+    /// The shards this node is placed on whose replica does not serve its sessions: stopped, or cut off
+    /// from the leader (`leaderlessLong`).
+    func unservedShards() -> Set<ShardID> {
+        let placed = Set(config.shardIDs.filter { config.replicas(of: $0).contains(id) })
+        let stopped = failedShards.withLockedValue { Array($0.keys) }.filter { placed.contains($0) && runner($0) == nil }
+        let cutOff = allRunners.keys.filter { placed.contains($0) && leaderlessLong($0) }
+        return Set(stopped + cutOff)
+    }
+
+    static let unservedCheckInterval = Duration.milliseconds(250)
+
+    /// Announces a replica that turned cut off (or heard its leader again) within
+    /// `unservedCheckInterval` of it, not at the next 2 s repeat: the others start forwarding this
+    /// node's sessions' inbox records (and the backlog since the cut, `DeliveryTier.noteStopped`) up to
+    /// 2 s sooner. Sends nothing while nothing changed.
+    func watchUnserved() {
+        guard !stopping.withLockedValue({ $0 }) else { return }
+        announceStopped(onlyChanged: true)
+        _ = Deadlines.shared.schedule(ContinuousClock.now + Self.unservedCheckInterval) { [weak self] in self?.watchUnserved() }
     }
 
     /// Repeats the announcements of the shards this node leads, every `announceInterval` while it runs.
@@ -770,9 +796,12 @@ public final class WeftNode: Sendable {
     /// `lastUnknown`: the last attempt's outcome was unknown (then so is the request's, at the deadline).
     /// `askPeer`: this attempt goes to another replica even with no leader known here (the local
     /// replica said it knows none: one cut off from the leader alone learns it from a peer this way).
+    /// `resent`: the caller sends the request again after an unknown outcome (a relay batch). A forward
+    /// that `retryUnknown` or `resent` makes safe to repeat stops waiting once its node goes quiet
+    /// (`Forwarder.peerSuspect`).
     func throughLeader(
         _ shard: ShardID, deadline: ContinuousClock.Instant, lastError: String = "no leader", lastUnknown: Bool = false, retryUnknown: Bool,
-        askPeer: Bool = false,
+        resent: Bool = false, askPeer: Bool = false,
         envelope: @escaping @Sendable () -> Envelope,
         local run: @escaping @Sendable (ShardRunner, ContinuousClock.Instant, @escaping @Sendable (Envelope.ForwardAnswer) -> Void) -> Void,
         done: @escaping @Sendable (Result<Written, WriteError>) -> Void
@@ -783,14 +812,14 @@ public final class WeftNode: Sendable {
         let again: @Sendable (String, Bool, Duration?, Bool) -> Void = { [self] why, unknown, pause, askPeer in
             guard let pause else {
                 return throughLeader(
-                    shard, deadline: deadline, lastError: why, lastUnknown: unknown, retryUnknown: retryUnknown, askPeer: askPeer,
+                    shard, deadline: deadline, lastError: why, lastUnknown: unknown, retryUnknown: retryUnknown, resent: resent, askPeer: askPeer,
                     envelope: envelope, local: run, done: done)
             }
             // Not before the pause, nor past the deadline (then the last error is the answer).
             let at = min(ContinuousClock.now + pause, deadline)
             _ = Deadlines.shared.schedule(at) { [self] in
                 throughLeader(
-                    shard, deadline: deadline, lastError: why, lastUnknown: unknown, retryUnknown: retryUnknown, askPeer: askPeer,
+                    shard, deadline: deadline, lastError: why, lastUnknown: unknown, retryUnknown: retryUnknown, resent: resent, askPeer: askPeer,
                     envelope: envelope, local: run, done: done)
             }
         }
@@ -899,7 +928,7 @@ public final class WeftNode: Sendable {
         if runsLocally, let local {
             run(local, deadline, handle)
         } else if let target {
-            forwarder.send(to: target, shard: shard, envelope(), deadline: deadline, done: handle)
+            forwarder.send(to: target, shard: shard, envelope(), deadline: deadline, failFast: retryUnknown || resent, done: handle)
         } else {
             done(.failure(.invalid("shard \(shard) has no replica this node knows")))
         }
@@ -1021,8 +1050,17 @@ public final class WeftNode: Sendable {
             return true
         }
         if log { logger.notice("passing requests from node \(from) on to node \(target): node \(from) cannot reach it (a partition between them only)") }
-        // The asking node's own deadline (it waits no longer), at most `viaWithinMax`.
-        forwarder.send(to: target, shard: shard, env, deadline: ContinuousClock.now + min(within, Self.viaWithinMax), direct: true) { reply($0) }
+        // The asking node's own deadline (it waits no longer), at most `viaWithinMax`. A request its sender
+        // sends again safely stops waiting here too once the target goes quiet (`Forwarder.peerSuspect`).
+        let resendable: Bool
+        switch env {
+        case .relayBatch, .forwardKeyed, .stateQuery, .readForward: resendable = true
+        case .forwardMessaging(_, let key, _): resendable = !key.isEmpty
+        default: resendable = false
+        }
+        forwarder.send(
+            to: target, shard: shard, env, deadline: ContinuousClock.now + min(within, Self.viaWithinMax), direct: true, failFast: resendable
+        ) { reply($0) }
     }
 
     /// The local replica of `shard`, or nil after telling the asking peer this node has none.

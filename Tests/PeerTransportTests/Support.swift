@@ -91,6 +91,8 @@ struct TestNode {
     var transport: PeerTransport
     var inbox: Inbox
     var log: Shared<[String]>
+    /// The peers `onSuspect` named, in order.
+    var suspects: Shared<[NodeID]>
 }
 
 let testSecret = Array("weft test cluster secret".utf8)
@@ -101,11 +103,12 @@ func makeNode(
 ) -> TestNode {
     let inbox = Inbox()
     let log = Shared<[String]>([])
+    let suspects = Shared<[NodeID]>([])
     let transport = PeerTransport(
         self: id, clusterName: cluster, secret: secret, listen: PeerAddress(host: "127.0.0.1", port: port),
         peers: peers.mapValues { PeerAddress(host: "127.0.0.1", port: $0) }, group: group, logger: makeLogger(log),
-        configuration: configuration, onFrame: inbox.onFrame)
-    return TestNode(id: id, transport: transport, inbox: inbox, log: log)
+        configuration: configuration, onSuspect: { peer in suspects.withLock { $0.append(peer) } }, onFrame: inbox.onFrame)
+    return TestNode(id: id, transport: transport, inbox: inbox, log: log, suspects: suspects)
 }
 
 /// Payload `[sender, seq (u32 LE)]`, so receivers can check origin and order.

@@ -249,6 +249,8 @@ struct TransportTests {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         var configuration = PeerTransportConfiguration()
         configuration.queueFramesMax = 10
+        // A link probe queued in the same tick would take a place in the queue (and be counted).
+        configuration.probeInterval = .zero
         let (nodes, _) = try await self.startCluster([1, 2], group: group, configuration: { _ in configuration })
         #expect(await eventually { self.allReachable(nodes) })
 
@@ -319,5 +321,51 @@ struct TransportTests {
             }
             try await self.stopAll(nodes, group)
         }
+    }
+
+    /// Link probes: a peer cut off both ways turns suspect within about `suspectAfter`, long before the
+    /// dead-link timeout closes the connection (the link still reads as reachable meanwhile), `onSuspect`
+    /// names it once, and it stops being suspect once the route is back. A cut of one direction is seen
+    /// by the side that hears nothing only (the other still gets frames, so it takes its peer for alive).
+    /// No probe reaches `onFrame` or the frame counters.
+    @Test(.enabled(if: Firewall.usable), .timeLimit(.minutes(2)))
+    func aCutOffPeerTurnsSuspectBeforeTheDeadLinkTimeoutAndClearsWhenTheRouteIsBack() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+        var configuration = PeerTransportConfiguration()
+        configuration.deadLinkTimeout = .seconds(60)
+        configuration.probeInterval = .milliseconds(100)
+        configuration.suspectAfter = .milliseconds(800)
+        let (nodes, ports) = try await self.startCluster([1, 2], group: group) { _ in configuration }
+        #expect(await eventually { self.allReachable(nodes) })
+        // Probes answered for a while: neither side suspects the other, and none of them was delivered.
+        try await Task.sleep(for: .seconds(1.5))
+        #expect(!nodes[0].transport.suspect(NodeID(2)) && !nodes[1].transport.suspect(NodeID(1)))
+        #expect(nodes.allSatisfy { $0.inbox.all.isEmpty && $0.suspects.withLock { $0 }.isEmpty })
+        #expect(nodes.allSatisfy { $0.transport.stats.framesSent == 0 && $0.transport.stats.framesReceived == 0 })
+
+        func rule(_ node: UInt64) -> [String] {
+            ["INPUT", "-i", "lo", "-p", "tcp", "--dport", "\(ports[NodeID(node)] ?? 0)", "-m", "comment", "--comment", "weft-test-probes", "-j", "DROP"]
+        }
+        // Node 2 hears nothing from node 1 (its listening port drops everything); node 1 still hears
+        // node 2's probes.
+        try Firewall.run(["-I"] + rule(2))
+        defer { try? Firewall.run(["-D"] + rule(2)) }
+        #expect(await eventually(within: 10) { nodes[1].transport.suspect(NodeID(1)) })
+        try await Task.sleep(for: .seconds(1))
+        #expect(!nodes[0].transport.suspect(NodeID(2)), "node 1 hears node 2: alive to it")
+        // Both ways.
+        try Firewall.run(["-I"] + rule(1))
+        defer { try? Firewall.run(["-D"] + rule(1)) }
+        #expect(await eventually(within: 10) { nodes[0].transport.suspect(NodeID(2)) })
+        #expect(nodes[0].transport.reachable(NodeID(2)) && nodes[1].transport.reachable(NodeID(1)), "still connected: the kernel has not given up")
+        #expect(nodes[0].suspects.withLock { $0 } == [NodeID(2)] && nodes[1].suspects.withLock { $0 } == [NodeID(1)])
+
+        try Firewall.run(["-D"] + rule(1))
+        try Firewall.run(["-D"] + rule(2))
+        #expect(await eventually(within: 20) { !nodes[0].transport.suspect(NodeID(2)) && !nodes[1].transport.suspect(NodeID(1)) })
+        nodes[0].transport.send(to: NodeID(2), shard: 1, payload: [7])
+        #expect(await eventually { nodes[1].inbox.all.contains { $0.payload == [7] } })
+        #expect(nodes[1].inbox.all.allSatisfy { $0.shard != PeerWire.probeShard })
+        try await self.stopAll(nodes, group)
     }
 }

@@ -137,6 +137,46 @@ import WeftCore
         #expect(tier.stoppedNodes(of: ShardID(2)).isEmpty)
     }
 
+    /// A node placed on a shard that newly says its replica stopped or is cut off is sent the inbox records
+    /// this node applied lately of the users it holds sessions of (those it missed between the cut and
+    /// saying so); a repeat of the announcement sends nothing again, nor does a new cut right after it
+    /// served again (one backlog per `recentInboxFor`: a flapping replica draws no bursts).
+    @Test func aReplicaThatNewlySaysItIsCutOffIsSentTheBacklogOfItsUsers() throws {
+        let config = try Self.fourNodes()
+        let shard = ShardID(1)
+        let placed = config.replicas(of: shard)
+        final class Frames: @unchecked Sendable {
+            let lock = NSLock()
+            var sent: [(NodeID, ShardID, [StreamSeq])] = []
+        }
+        let frames = Frames()
+        let tier = DeliveryTier(
+            config: config, selfID: placed[0],
+            send: { n, s, e in if case .inbox(let rs) = e { frames.lock.withLock { frames.sent.append((n, s, rs.map(\.seq))) } } },
+            reachable: { _ in true })
+        defer { tier.hub.stop() }
+        let (listed, other): (UInt64, UInt64) = (1_000_001, 1_000_005)  // both homed on shard 1 of 4
+        tier.directory.note([listed], node: placed[1], on: true)
+        tier.directory.note([other], node: placed[2], on: true)
+        tier.forwardInbox([listed: [Self.inboxRecord(listed, 1), Self.inboxRecord(listed, 2)], other: [Self.inboxRecord(other, 1)]], shard: shard)
+        #expect(frames.lock.withLock { frames.sent.isEmpty }, "both nodes hold a running replica: nothing forwarded")
+
+        tier.noteStopped(shard, node: placed[1])
+        #expect(frames.lock.withLock { frames.sent.map { "\($0.0) \($0.1) \($0.2)" } } == ["\(placed[1]) \(shard) [1, 2]"])
+        // Now forwarded as applied; the repeated announcement sends no backlog again.
+        tier.forwardInbox([listed: [Self.inboxRecord(listed, 3)]], shard: shard)
+        tier.noteStopped(shard, node: placed[1])
+        #expect(frames.lock.withLock { frames.sent.map(\.2) } == [[1, 2], [3]])
+        // Served again, then cut again at once: forwarded to again, no second backlog.
+        tier.noteServing(shard, node: placed[1])
+        tier.noteStopped(shard, node: placed[1])
+        #expect(tier.stoppedNodes(of: shard) == [placed[1]])
+        #expect(frames.lock.withLock { frames.sent.map(\.2) } == [[1, 2], [3]])
+        // Another shard's announcement: nothing of this one.
+        tier.noteStopped(ShardID(2), node: config.replicas(of: ShardID(2)).first { $0 != placed[0] } ?? placed[0])
+        #expect(frames.lock.withLock { frames.sent.count } == 2)
+    }
+
     @Test func forwardedInboxFramesRoundTripAndRefuseShortOnes() throws {
         let records = [Self.inboxRecord(1_000_001, 4), Self.inboxRecord(1_000_003, 1)]
         let bytes = Envelope.inbox(records: records).encode()

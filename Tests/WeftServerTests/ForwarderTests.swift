@@ -8,6 +8,14 @@ import WeftCore
 /// Issue 8, items 4 and 7: forward request ids restarted at 1 with each process, answers were matched
 /// by id alone, and a forward that timed out after it was sent said `unavailable`.
 @Suite struct ForwarderTests {
+    final class Guarded<T: Sendable>: @unchecked Sendable {
+        let lock = NSLock()
+        var value: T
+        init(_ v: T) { value = v }
+        var get: T { lock.withLock { value } }
+        func set(_ v: T) { lock.withLock { value = v } }
+    }
+
     final class Sent: @unchecked Sendable {
         let lock = NSLock()
         var frames: [(NodeID, [UInt8])] = []
@@ -98,6 +106,50 @@ import WeftCore
         // What a passing node takes: requests only, never a via (no second hop) or a Raft message.
         #expect(Self.proposal.isRequest && Envelope.readIndex(request: id).isRequest)
         #expect(!via.isRequest && !Envelope.leader(term: 1).isRequest && !Envelope.answer(request: id, .ok([])).isRequest)
+    }
+
+    /// Link probes (Docs/transport.md): a target whose link is up but whose probes go unanswered is asked
+    /// through a third node that answers its own, and straight when none does. When a node turns
+    /// suspect, the requests sent to it that their senders retry safely (`failFast`) are answered at
+    /// once, their outcome unknown; the others, and those to other nodes, keep waiting.
+    @Test func aSuspectTargetIsAskedThroughAThirdAndItsRetriableRequestsStopWaiting() async throws {
+        let sent = Sent()
+        let quiet = Guarded<Set<NodeID>>([NodeID(2)])
+        let f = Forwarder(
+            selfID: NodeID(1), incarnation: 9, reachable: { _ in true }, suspect: { quiet.get.contains($0) },
+            relay: { $0 == NodeID(2) ? NodeID(3) : NodeID(2) }, send: { to, _, fr in sent.add(to, fr) })
+        // Node 2 is suspect: through node 3.
+        let viaThird = Task { await f.send(to: NodeID(2), shard: ShardID(0), Self.proposal, deadline: .now + .seconds(30)) }
+        try await waitForFrame(sent, count: 1)
+        guard case (NodeID(3), .via(let viaID, NodeID(2), _, _))? = sent.last else { Issue.record("not through node 3: \(String(describing: sent.last))"); return }
+        #expect(f.receive(viaID, .ok([]), from: NodeID(3)))
+        #expect(await viaThird.value == .ok([]))
+        // Both quiet: straight to the target (the link is still up).
+        quiet.set([NodeID(2), NodeID(3)])
+        let straight = Task { await f.send(to: NodeID(2), shard: ShardID(0), Self.proposal, deadline: .now + .seconds(30)) }
+        try await waitForFrame(sent, count: 2)
+        guard case (NodeID(2), .forward(let straightID, _))? = sent.last else { Issue.record("not straight to node 2"); return }
+
+        // Node 4 goes quiet with three requests waiting on it and one on node 5.
+        quiet.set([])
+        let retriable = Task { await f.send(to: NodeID(4), shard: ShardID(0), Self.proposal, deadline: .now + .seconds(30), failFast: true) }
+        try await waitForFrame(sent, count: 3)
+        let plain = Task { await f.send(to: NodeID(4), shard: ShardID(0), Self.proposal, deadline: .now + .seconds(30)) }
+        try await waitForFrame(sent, count: 4)
+        guard case (NodeID(4), .forward(let plainID, _))? = sent.last else { Issue.record("no plain forward to node 4"); return }
+        let elsewhere = Task { await f.send(to: NodeID(5), shard: ShardID(0), Self.proposal, deadline: .now + .seconds(30), failFast: true) }
+        try await waitForFrame(sent, count: 5)
+        guard case (NodeID(5), .forward(let elsewhereID, _))? = sent.last else { Issue.record("no forward to node 5"); return }
+        f.peerSuspect(NodeID(4))
+        guard case .outcomeUnknown(let why) = await retriable.value else { Issue.record("the retriable request kept waiting"); return }
+        #expect(why.contains("node 4"))
+        // The others are still waiting, and their answers are taken.
+        #expect(f.receive(plainID, .ok([]), from: NodeID(4)))
+        #expect(await plain.value == .ok([]))
+        #expect(f.receive(elsewhereID, .ok([]), from: NodeID(5)))
+        #expect(await elsewhere.value == .ok([]))
+        #expect(f.receive(straightID, .ok([]), from: NodeID(2)))
+        #expect(await straight.value == .ok([]))
     }
 
     @Test func answersAndCatchUpFramesRoundTrip() throws {

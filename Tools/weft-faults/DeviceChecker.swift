@@ -72,6 +72,10 @@ extension ChatChecker {
         var slowest = 0.0
         var onCutNodes = 0, onCutNodesBeforeHeal = 0
         var slowestOnCutNodes = 0.0
+        /// The pushes that came after the heal or more than `slowAfter` after the acknowledgement, for the
+        /// summary (where a slow path shows): message, route, times relative to the run's start.
+        var slow: [String] = []
+        static let slowAfter = 1.0
     }
 
     static func partitionPushes(_ devices: [Device], sends: [String: Send], faults: [Availability.Fault]) -> PartitionPushes {
@@ -87,10 +91,16 @@ extension ChatChecker {
                         out.deliveries += 1
                         let onCut = cutNodes.contains(c.node)
                         if onCut { out.onCutNodes += 1 }
-                        guard let k = c.events.firstIndex(where: { $0.type == "message" && ($0.messageID ?? $0.message?.id) == id }), k < c.arrivals.count,
-                            c.arrivals[k] <= f.end
-                        else { continue }
-                        let delay = max(0, c.arrivals[k] - acked)
+                        let k = c.events.firstIndex(where: { $0.type == "message" && ($0.messageID ?? $0.message?.id) == id })
+                        let arrival = k.flatMap { $0 < c.arrivals.count ? c.arrivals[$0] : nil }
+                        if arrival.map({ $0 > f.end || $0 - acked > PartitionPushes.slowAfter }) ?? true {
+                            let at = arrival.map { String(format: "%.2f (%.2f s after the ack)", $0, $0 - acked) } ?? "never on this connection"
+                            out.slow.append(
+                                "message \(id) (\(s.key), \(s.from)->\(s.to)) acknowledged at \(String(format: "%.2f", acked)) in the cut of nodes \(f.victim)-\(f.peer ?? f.victim) (\(String(format: "%.2f", f.start))-\(String(format: "%.2f", f.end))), pushed on node \(c.node) at \(at)"
+                            )
+                        }
+                        guard let arrival, arrival <= f.end else { continue }
+                        let delay = max(0, arrival - acked)
                         out.beforeHeal += 1
                         out.slowest = max(out.slowest, delay)
                         if onCut {

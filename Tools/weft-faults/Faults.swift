@@ -249,6 +249,7 @@ struct Faults: AsyncParsableCommand {
                 lines.append(
                     "chat ws during two-way partitions (a measurement): \(pp.messages) messages acknowledged inside a cut; of their pushes to receivers' connections open through the heal, \(pp.beforeHeal) of \(pp.deliveries) came before it (slowest \(slow(pp.slowest)) s after the acknowledgement), on the cut pair's nodes \(pp.onCutNodesBeforeHeal) of \(pp.onCutNodes) (slowest \(slow(pp.slowestOnCutNodes)) s)"
                 )
+                for line in pp.slow.prefix(20) { lines.append("  slow push: \(line)") }
                 lines.append(
                     "chat ws findings: lost \(wsRes.lost.count), duplicated \(wsRes.duplicated.count), divergent \(wsRes.divergent.count), unexpected \(wsRes.unexpected.count), misplaced \(wsRes.misplaced.count), catch-up failures \(wsFailures.count)"
                 )
