@@ -398,7 +398,10 @@ extension WeftNode {
             targets.append(suspect)
         }
         var last = "no node holds shard \(shard)"
-        for (k, t) in targets.enumerated() where ContinuousClock.now < deadline {
+        // A second pass while time is left: a node that went quiet answers at once (`failFast`), and asked
+        // again the query goes through a third node.
+        for (k, t) in (targets + targets).enumerated() where ContinuousClock.now < deadline {
+            let k = k % max(1, targets.count)
             let left = targets.count - k
             let share = k == 0 ? (deadline - ContinuousClock.now) / 2 : (deadline - ContinuousClock.now) / left
             let until = left == 1 ? deadline : ContinuousClock.now + share

@@ -682,6 +682,15 @@ public final class WeftNode: Sendable {
         announcedStopped.withLockedValue { before in
             let now = unservedShards()
             if onlyChanged && now == before { return }
+            // A shard newly unserved: its other replicas forward to this node from now on, by their
+            // presence directories. One that restarted lately lists none of this node's sessions until
+            // the 30 s refresh, so they hear them again first (the same connection, ahead of the
+            // announcement, so the backlog it draws finds them).
+            let newly = now.subtracting(before)
+            if !newly.isEmpty {
+                let users = delivery.hub.users.filter { newly.contains(Ids.homeShard($0, shards: config.shards)) }
+                if !users.isEmpty { delivery.announce(users, on: true) }
+            }
             for (shard, frame) in now.map({ ($0, Envelope.replicaStopped) }) + before.subtracting(now).map({ ($0, Envelope.replicaServing) }) {
                 let bytes = frame.encode()
                 for n in config.replicas(of: shard) where n != id { transport.send(to: n, shard: shard.rawValue, payload: bytes) }

@@ -460,10 +460,12 @@ extension Clusters {
                     Issue.record("\(error)")
                     return
                 }
+                // At once, before the cut node can know it is cut off: applied by the third node's
+                // replica before the announcement, so it goes to the cut node in the backlog.
+                _ = await c.call(third, "POST", "/api/v1/messages", token: a, json: ["receiver_id": bob, "message_type": "text", "content": "right after the cut"])
                 // The cut node's replica counts as cut off after two of the longest election timeouts
-                // past its pre-vote, and says so with its next 2 s repeat: a message a second from 2 s
-                // in, until the session has one (those sent before the third node heard it come later,
-                // through the heads check).
+                // past its pre-vote, and says so within 250 ms: a message a second from 2 s in, until the
+                // session has one.
                 try? await Task.sleep(for: .seconds(2))
                 for k in 0..<25 {
                     if arrived.withLock({ $0 }) > 0 { return }
@@ -494,8 +496,14 @@ extension Clusters {
             // would wait for a read index it cannot get).
             let read = await c.call(cut, "GET", "/api/v1/shards/\(home)/log?from=1&limit=10000", token: ClusterProcess.token, timeout: 8)
             #expect(read.status == 200, "a raw read of shard \(home) through node \(cut) during the cut: \(read.status) \(String(decoding: read.data.prefix(300), as: UTF8.self))")
-            let forwarded = ClusterProcess.metric(await c.metricsText(third) ?? "", "weft_delivery_inbox_forwarded_total")
+            let metrics = await c.metricsText(third) ?? ""
+            let forwarded = ClusterProcess.metric(metrics, "weft_delivery_inbox_forwarded_total")
             #expect(forwarded >= 1, "node \(third) forwarded bob's record to node \(cut) (\(forwarded))")
+            // The message sent as the cut began came in the backlog the third node sent with the
+            // announcement (stop 31; before, only a later record's gap or the heads check brought it).
+            let backlog = ClusterProcess.metric(metrics, "weft_delivery_inbox_backlog_forwarded_total")
+            #expect(backlog >= 1, "node \(third) sent node \(cut) the backlog since the cut (\(backlog))")
+            #expect(frames.contains { ((($0["event"] as? [String: Any])?["message"] as? [String: Any])?["content"] as? String) == "right after the cut" })
         }
 
         /// Node `from`'s status says its link to `to` is down.
