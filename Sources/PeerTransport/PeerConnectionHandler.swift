@@ -28,7 +28,10 @@ final class PeerConnectionHandler: ChannelInboundHandler {
     /// Frames delivered since the last `channelReadComplete`, added to the shared counters in one batch.
     private var receivedPending = 0
     /// A Data frame (a probe included) came since the last `channelReadComplete`: the peer is heard.
+    /// Told to the link at most every `heardEvery` (the link's lock is the one every send takes).
     private var heardPending = false
+    private var heardPublished = NIODeadline.distantPast
+    private static let heardEvery = TimeAmount.milliseconds(100)
     private var logger: Logger
 
     /// Throws if OpenSSL cannot produce a nonce; the channel initializer then fails and NIO closes the channel.
@@ -152,8 +155,12 @@ final class PeerConnectionHandler: ChannelInboundHandler {
 
     private func publishReceived() {
         if self.heardPending, let peer = self.peer {
-            self.heardPending = false
-            self.core.heard(from: peer)
+            let now = NIODeadline.now()
+            if now - self.heardPublished >= Self.heardEvery {
+                self.heardPending = false
+                self.heardPublished = now
+                self.core.heard(from: peer)
+            }
         }
         guard self.receivedPending > 0 else { return }
         self.core.countReceived(self.receivedPending)

@@ -135,14 +135,15 @@ final class DeliveryTier: Sendable {
     /// `recentInboxMax` and those older than `recentInboxFor`.
     func remember(_ byUser: [UInt64: [Record]], shard: ShardID) {
         let now = ContinuousClock.now
-        recent.withLockedValue { all in
-            // Mutated in place (a copy taken out and stored back would copy the whole ring each time).
+        // Mutated in place (a copy taken out and stored back would copy the whole ring each time).
+        func add(_ ring: inout CircularBuffer<RecentInbox>) {
             for (u, rs) in byUser {
-                for r in rs { all[shard, default: CircularBuffer(initialCapacity: 64)].append(RecentInbox(at: now, user: u, record: r)) }
+                for r in rs { ring.append(RecentInbox(at: now, user: u, record: r)) }
             }
-            while let count = all[shard]?.count, count > Self.recentInboxMax { all[shard]?.removeFirst() }
-            while let first = all[shard]?.first, now - first.at > Self.recentInboxFor { all[shard]?.removeFirst() }
+            if ring.count > Self.recentInboxMax { ring.removeFirst(ring.count - Self.recentInboxMax) }
+            while let first = ring.first, now - first.at > Self.recentInboxFor { ring.removeFirst() }
         }
+        recent.withLockedValue { all in add(&all[shard, default: CircularBuffer(initialCapacity: 64)]) }
     }
 
     /// Peer `node` says its replica of `shard` stopped (a storage failure) or is cut off from the leader.
