@@ -165,29 +165,31 @@ final class PeerLink: Sendable {
 
     // MARK: Link probes
 
-    /// Probes sent on a connection without any answer before the link stops probing on it (a peer of a
-    /// version without probes would log each one it drops).
+    /// Probes sent on a connection without any answer before the link probes it only every
+    /// `unansweredEvery`-th tick (a peer of a version without probes logs each one it drops; one whose own
+    /// link to this node came up late still gets probed, and answers).
     static let unansweredProbesMax: UInt64 = 50
+    static let unansweredEvery: UInt64 = 25
 
     /// Sends the next probe and decides whether the peer has gone quiet: it answered a probe on this
-    /// connection before, and neither an answer nor any other frame has come from it for `suspectAfter`
-    /// (frames still coming show it alive and its node busy: a slow answer behind a long queue is not a
-    /// cut). Runs every `probeInterval` on the event loop while `channel` is the connected one.
+    /// connection before, and since then either nothing at all has come from it for `suspectAfter`, or
+    /// frames but no answer for three times that (frames still coming show it alive and its node busy: a
+    /// slow answer behind a long queue is not a cut, up to a point; past it, this node's frames to it are
+    /// likely lost one way). Runs every `probeInterval` on the event loop while `channel` is the
+    /// connected one.
     private func probe(channel: any Channel) {
         let suspectAfter = self.core.configuration.suspectAfter
         let (token, turned) = self.state.withLock { state -> (UInt64?, Bool) in
             guard case .connected(let current) = state.phase, current === channel else { return (nil, false) }
             state.probeToken &+= 1
             guard let answered = state.answeredAt else {
-                if state.probeToken > Self.unansweredProbesMax {
-                    state.probeTask?.cancel()
-                    state.probeTask = nil
-                    return (nil, false)
-                }
-                return (state.probeToken, false)
+                let rare = state.probeToken > Self.unansweredProbesMax && state.probeToken % Self.unansweredEvery != 0
+                return (rare ? nil : state.probeToken, false)
             }
-            let last = max(answered, state.heardAt ?? answered)
-            guard !state.suspect, NIODeadline.now() - last >= suspectAfter else { return (state.probeToken, false) }
+            let now = NIODeadline.now()
+            let silent = now - max(answered, state.heardAt ?? answered) >= suspectAfter
+            let unanswered = now - answered >= .nanoseconds(3 * suspectAfter.nanoseconds)
+            guard !state.suspect, silent || unanswered else { return (state.probeToken, false) }
             state.suspect = true
             return (state.probeToken, true)
         }
@@ -336,18 +338,21 @@ final class PeerLink: Sendable {
         if !keep { channel.close(promise: nil) }
     }
 
-    /// A dial failed (`channel` nil) or the channel closed: drop what is queued and schedule a redial.
+    /// A dial failed (`channel` nil) or the channel closed: drop what is queued and schedule a redial. A
+    /// connection lost while up is told to `onSuspect` as a link turning suspect is: what was sent on it
+    /// may never be answered.
     private func lost(channel: (any Channel)?) {
-        self.state.withLock { state in
+        let wasUp = self.state.withLock { state -> Bool in
+            var wasUp = false
             switch state.phase {
             case .connecting:
                 break
             case .handshaking(let current) where channel.map({ $0 === current }) ?? false:
                 break
             case .connected(let current) where channel.map({ $0 === current }) ?? false:
-                break
+                wasUp = true
             default:
-                return
+                return false
             }
             state.framesDroppedDisconnected += Self.dataFrames(state.queue)
             state.queue.removeAll(keepingCapacity: false)
@@ -360,7 +365,9 @@ final class PeerLink: Sendable {
             state.reconnects += 1
             let task = self.eventLoop.scheduleTask(in: delay) { self.dial() }
             state.phase = .backingOff(task)
+            return wasUp
         }
+        if wasUp { self.core.onSuspect(self.peer) }
     }
 
     /// 50 ms doubling to the 2 s cap (configurable), then a uniform jitter down to half, so peers that

@@ -132,8 +132,8 @@ public struct PeerTransportConfiguration: Sendable {
     /// `suspectAfter`, is *suspect* (`suspect(_:)`, `onSuspect`): frames still go out on it, but requests
     /// that need an answer are better sent through another node. It stops being suspect with the next
     /// answer. A peer that never answers (a version without probes) is judged by TCP alone
-    /// (`deadLinkTimeout`), and the link stops probing it after 50 probes. A `probeInterval` of 0 turns
-    /// probes off.
+    /// (`deadLinkTimeout`), and after 50 unanswered probes the link probes it only every 25th interval.
+    /// A `probeInterval` of 0 turns probes off.
     public var probeInterval: TimeAmount = .milliseconds(200)
     public var suspectAfter: TimeAmount = .seconds(1)
 
