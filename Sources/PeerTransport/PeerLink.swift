@@ -55,6 +55,11 @@ final class PeerLink: Sendable {
         var answeredAt: NIODeadline?
         var heardAt: NIODeadline?
         var suspect = false
+        /// The peer has answered a probe on some connection of this link (it runs a version with probes):
+        /// from then on a connection that gets no answer at all turns suspect as well, counted from when
+        /// it came up (a peer whose own link to this node never came up since a restart is as cut off).
+        var answersProbes = false
+        var connectedAt = NIODeadline.distantPast
         var framesDroppedDisconnected: UInt64 = 0
         var framesDroppedQueueFull: UInt64 = 0
         var reconnects: UInt64 = 0
@@ -171,8 +176,9 @@ final class PeerLink: Sendable {
     static let unansweredProbesMax: UInt64 = 50
     static let unansweredEvery: UInt64 = 25
 
-    /// Sends the next probe and decides whether the peer has gone quiet: it answered a probe on this
-    /// connection before, and since then either nothing at all has come from it for `suspectAfter`, or
+    /// Sends the next probe and decides whether the peer has gone quiet: it answers probes (it has on
+    /// some connection of this link), and since its last answer on this connection (or since the
+    /// connection came up) either nothing at all has come from it for `suspectAfter`, or
     /// frames but no answer for three times that (frames still coming show it alive and its node busy: a
     /// slow answer behind a long queue is not a cut, up to a point; past it, this node's frames to it are
     /// likely lost one way). Runs every `probeInterval` on the event loop while `channel` is the
@@ -182,10 +188,11 @@ final class PeerLink: Sendable {
         let (token, turned) = self.state.withLock { state -> (UInt64?, Bool) in
             guard case .connected(let current) = state.phase, current === channel else { return (nil, false) }
             state.probeToken &+= 1
-            guard let answered = state.answeredAt else {
+            guard state.answersProbes else {
                 let rare = state.probeToken > Self.unansweredProbesMax && state.probeToken % Self.unansweredEvery != 0
                 return (rare ? nil : state.probeToken, false)
             }
+            let answered = state.answeredAt ?? state.connectedAt
             let now = NIODeadline.now()
             let silent = now - max(answered, state.heardAt ?? answered) >= suspectAfter
             let unanswered = now - answered >= .nanoseconds(3 * suspectAfter.nanoseconds)
@@ -218,6 +225,7 @@ final class PeerLink: Sendable {
         let cleared = self.state.withLock { state -> Bool in
             guard case .connected = state.phase else { return false }
             state.answeredAt = .now()
+            state.answersProbes = true
             defer { state.suspect = false }
             return state.suspect
         }
@@ -323,6 +331,7 @@ final class PeerLink: Sendable {
             state.failedAttempts = 0
             state.answeredAt = nil
             state.heardAt = nil
+            state.connectedAt = .now()
             state.probeToken = 0
             state.suspect = false
             state.probeTask?.cancel()

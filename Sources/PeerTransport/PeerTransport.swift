@@ -127,9 +127,9 @@ public struct PeerTransportConfiguration: Sendable {
     /// forwarded over it waited out its deadline. 0 turns both off.
     public var deadLinkTimeout: TimeAmount = .seconds(5)
     /// Link probes (Docs/transport.md, "Link probes"): every `probeInterval` a connected link sends its
-    /// peer a probe, which the peer answers over its own outbound connection. A link whose peer answered
-    /// a probe on it, and from which neither an answer nor any other frame has come since for
-    /// `suspectAfter`, is *suspect* (`suspect(_:)`, `onSuspect`): frames still go out on it, but requests
+    /// peer a probe, which the peer answers over its own outbound connection. A link whose peer answers
+    /// probes, and from which neither an answer nor any other frame has come for `suspectAfter` since
+    /// its last answer on this connection (or since the connection came up), is *suspect* (`suspect(_:)`, `onSuspect`): frames still go out on it, but requests
     /// that need an answer are better sent through another node. It stops being suspect with the next
     /// answer. A peer that never answers (a version without probes) is judged by TCP alone
     /// (`deadLinkTimeout`), and after 50 unanswered probes the link probes it only every 25th interval.

@@ -373,4 +373,29 @@ struct TransportTests {
         #expect(nodes[1].inbox.all.allSatisfy { $0.shard != PeerWire.probeShard })
         try await self.stopAll(nodes, group)
     }
+
+    /// A peer that answered probes before is suspect on a new connection that gets nothing back at all
+    /// (here: it restarted, and its own link to this node cannot come up), counted from when the
+    /// connection came up: before, only a connection that had an answer could turn suspect.
+    @Test func aRestartedPeerWhoseLinkBackNeverComesUpTurnsSuspect() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+        var configuration = PeerTransportConfiguration()
+        configuration.probeInterval = .milliseconds(100)
+        configuration.suspectAfter = .milliseconds(800)
+        configuration.reconnectDelayMax = .milliseconds(200)
+        let (nodes, ports) = try await self.startCluster([1, 2], group: group) { _ in configuration }
+        #expect(await eventually { self.allReachable(nodes) })
+        try await Task.sleep(for: .seconds(1))
+        #expect(!nodes[0].transport.suspect(NodeID(2)))
+        // Node 2 restarts on its port, with node 1's address wrong: it accepts node 1's link, sends
+        // nothing back.
+        await nodes[1].transport.stop()
+        let nowhere = try await reservePorts(1, group: group)[0]
+        let restarted = makeNode(id: NodeID(2), port: ports[NodeID(2)] ?? 0, peers: [NodeID(1): nowhere], group: group, configuration: configuration)
+        _ = try await restarted.transport.start()
+        #expect(await eventually(within: 10) { nodes[0].transport.reachable(NodeID(2)) && nodes[0].transport.suspect(NodeID(2)) })
+        #expect(nodes[0].suspects.withLock { $0 }.contains(NodeID(2)))
+        await restarted.transport.stop()
+        try await self.stopAll([nodes[0]], group)
+    }
 }
