@@ -46,6 +46,21 @@ struct TransportTests {
         preconditionFailure("unreachable: the last attempt throws")
     }
 
+    /// Two nodes probing fast (every 100 ms, suspect after 800 ms), redialing within 200 ms, with a
+    /// dead-link timeout long enough not to matter, started and connected.
+    private func startProbing(
+        group: any EventLoopGroup
+    ) async throws -> (nodes: [TestNode], ports: [NodeID: Int], configuration: PeerTransportConfiguration) {
+        var configuration = PeerTransportConfiguration()
+        configuration.deadLinkTimeout = .seconds(60)
+        configuration.probeInterval = .milliseconds(100)
+        configuration.suspectAfter = .milliseconds(800)
+        configuration.reconnectDelayMax = .milliseconds(200)
+        let (nodes, ports) = try await self.startCluster([1, 2], group: group) { _ in configuration }
+        #expect(await eventually { self.allReachable(nodes) })
+        return (nodes, ports, configuration)
+    }
+
     private func allReachable(_ nodes: [TestNode]) -> Bool {
         nodes.allSatisfy { node in nodes.allSatisfy { $0.id == node.id || node.transport.reachable($0.id) } }
     }
@@ -332,12 +347,7 @@ struct TransportTests {
     @Test(.enabled(if: Firewall.usable), .timeLimit(.minutes(2)))
     func aCutOffPeerTurnsSuspectBeforeTheDeadLinkTimeoutAndClearsWhenTheRouteIsBack() async throws {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
-        var configuration = PeerTransportConfiguration()
-        configuration.deadLinkTimeout = .seconds(60)
-        configuration.probeInterval = .milliseconds(100)
-        configuration.suspectAfter = .milliseconds(800)
-        let (nodes, ports) = try await self.startCluster([1, 2], group: group) { _ in configuration }
-        #expect(await eventually { self.allReachable(nodes) })
+        let (nodes, ports, _) = try await self.startProbing(group: group)
         // Probes answered for a while: neither side suspects the other, and none of them was delivered.
         try await Task.sleep(for: .seconds(1.5))
         #expect(!nodes[0].transport.suspect(NodeID(2)) && !nodes[1].transport.suspect(NodeID(1)))
@@ -379,12 +389,7 @@ struct TransportTests {
     /// connection came up: before, only a connection that had an answer could turn suspect.
     @Test func aRestartedPeerWhoseLinkBackNeverComesUpTurnsSuspect() async throws {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
-        var configuration = PeerTransportConfiguration()
-        configuration.probeInterval = .milliseconds(100)
-        configuration.suspectAfter = .milliseconds(800)
-        configuration.reconnectDelayMax = .milliseconds(200)
-        let (nodes, ports) = try await self.startCluster([1, 2], group: group) { _ in configuration }
-        #expect(await eventually { self.allReachable(nodes) })
+        let (nodes, ports, configuration) = try await self.startProbing(group: group)
         try await Task.sleep(for: .seconds(1))
         #expect(!nodes[0].transport.suspect(NodeID(2)))
         // Node 2 restarts on its port, with node 1's address wrong: it accepts node 1's link, sends
