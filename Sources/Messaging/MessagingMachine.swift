@@ -213,6 +213,23 @@ public struct MessagingMachine: ShardStateMachine {
     public func pair(_ a: UInt64, _ b: UInt64) -> Pair? { pairs[Ids.pairKey(a, b)] }
     public func peers(of user: UInt64) -> [UInt64: PeerView] { peers[user] ?? [:] }
 
+    /// A conversation this state (shard `shard` of `shards`) holds that `Ids.pairShard` places on another
+    /// shard, as (lower, higher) user id; nil when none. Such a pair was written by a version before stop
+    /// 30, which placed a conversation by a hash of the pair: this version looks for it on its lower
+    /// user's home shard and never finds it there (Docs/messaging.md, upgrade note). Stops at the first;
+    /// a full pass over the pairs otherwise (a startup check, not a per-request lookup).
+    public func misplacedPair(shard: ShardID, shards: Int) -> (UInt64, UInt64)? {
+        struct Found: Error { var key: UInt64 }
+        do {
+            try pairs.forEach { key, _ in
+                if Ids.pairShard(key >> 32, key & 0xFFFF_FFFF, shards: shards) != shard { throw Found(key: key) }
+            }
+        } catch let f as Found {
+            return (f.key >> 32, f.key & 0xFFFF_FFFF)
+        } catch {}
+        return nil
+    }
+
     /// Users owed a notification since at least `delayMicros` before `nowMicros`, at most `limit`;
     /// `skip`: users the worker is backing off from.
     public func pushDue(nowMicros: Int64, delayMicros: Int64, limit: Int, skip: Set<UInt64> = []) -> [PushDue] {

@@ -84,6 +84,8 @@ public final class WeftNode: Sendable {
     let waiterTokens = NIOLockedValueBox<UInt64>(0)
     /// The relay of each shard this node leads.
     let relays = NIOLockedValueBox<[ShardID: RelayRunner]>([:])
+    /// Shards found holding conversations of the layout before stop 30 (`checkConversationLayout`).
+    let misplacedConversationShards = Counter(label: "weft_messaging_misplaced_conversation_shards_total")
     /// This node's part of the delivery tier (Docs/delivery.md): sessions' hub, acks, presence, typing.
     let delivery: DeliveryTier
     var inboxHub: InboxHub { delivery.hub }
@@ -413,6 +415,10 @@ public final class WeftNode: Sendable {
         deliveryTask.withLockedValue { $0 = Task { [weak self] in if let self { await tier.run(node: self) } } }
         reannounce()
         watchUnserved()
+        Task { [weak self] in
+            try? await Task.sleep(for: Self.layoutCheckAfter)
+            await self?.checkConversationLayout()
+        }
         logger.info("node \(id) up: \(rs.count) shards, peer \(transport.listenAddress)")
     }
 
@@ -709,6 +715,31 @@ public final class WeftNode: Sendable {
     }
 
     static let unservedCheckInterval = Duration.milliseconds(250)
+
+    /// How long after start the conversation layout is checked (the replicas have replayed their logs
+    /// and mostly caught up by then).
+    static let layoutCheckAfter = Duration.seconds(10)
+
+    /// Looks once, in each local replica's state, for a conversation placed by a version before stop 30
+    /// (by a hash of the pair, where this version never looks: Docs/messaging.md, upgrade note). Each
+    /// shard holding one is logged as critical, naming the pair, and counted
+    /// (`weft_messaging_misplaced_conversation_shards_total`). Nothing is moved or refused: the data stays
+    /// as it was for an operator to decide. Returns the shards found.
+    @discardableResult
+    func checkConversationLayout() async -> [ShardID] {
+        var found: [ShardID] = []
+        let shards = config.shards
+        for shard in allRunners.keys.sorted() {
+            let result = await query(shard: shard, consistency: .local, timeout: .seconds(5)) { m, _ in m.misplacedPair(shard: shard, shards: shards) }
+            guard case .success(let pair?) = result else { continue }
+            found.append(shard)
+            misplacedConversationShards.increment()
+            logger.critical(
+                "shard \(shard) holds the conversation of users \(pair.0) and \(pair.1), which this version looks for on shard \(Ids.pairShard(pair.0, pair.1, shards: shards)): data written before stop 30 (conversations placed by a hash of the pair). Its messages and contacts are not found by this version; there is no migration (Docs/messaging.md, upgrade note)"
+            )
+        }
+        return found
+    }
 
     /// Announces a replica that turned cut off (or heard its leader again) within
     /// `unservedCheckInterval` of it, not at the next 2 s repeat: the others start forwarding this

@@ -1156,3 +1156,20 @@ private func mixedRecords(_ log: inout TestLog) -> [Record] {
     }
 }
 
+/// The upgrade check (Docs/messaging.md, upgrade note): a pair held on a shard other than its lower
+/// user's home shard is found (as a version before stop 30 would have left it, by a hash of the pair);
+/// one on its own shard is not; an empty state has none.
+@Test func aConversationOffItsLowerUsersHomeShardIsFound() {
+    let shards = 4
+    let (a, b, c): (UInt64, UInt64, UInt64) = (1_000_001, 1_000_006, 1_000_009)  // homes 1, 2, 1
+    var own = TestShard()
+    befriend(&own, a, b)
+    befriend(&own, c, a)
+    #expect(own.machine.misplacedPair(shard: ShardID(1), shards: shards) == nil, "both pairs' lower user (a) is homed on 1")
+    var elsewhere = TestShard()
+    befriend(&elsewhere, b, c)  // lower user c: home 1, held on 3
+    let found = elsewhere.machine.misplacedPair(shard: ShardID(3), shards: shards)
+    #expect(found.map { [$0.0, $0.1] } == [c, b].sorted())
+    #expect(MessagingMachine().misplacedPair(shard: ShardID(0), shards: shards) == nil)
+    #expect(own.machine.misplacedPair(shard: ShardID(0), shards: 1) == nil, "one shard: everything is in place")
+}
