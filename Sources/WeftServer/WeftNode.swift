@@ -693,6 +693,13 @@ public final class WeftNode: Sendable {
             // the 30 s refresh, so they hear them again first (the same connection, ahead of the
             // announcement, so the backlog it draws finds them).
             let newly = now.subtracting(before)
+            // Rare, and what a slow push during a partition is traced by: one line each way.
+            for shard in newly.sorted() {
+                logger.notice("shard \(shard): this node's replica does not serve its sessions (stopped, or cut off from the leader); the other replicas forward its users' inbox records here")
+            }
+            for shard in before.subtracting(now).sorted() {
+                logger.notice("shard \(shard): this node's replica serves its sessions again")
+            }
             if !newly.isEmpty {
                 let users = delivery.hub.users.filter { newly.contains(Ids.homeShard($0, shards: config.shards)) }
                 if !users.isEmpty { delivery.announce(users, on: true) }
