@@ -153,9 +153,10 @@ final class Forwarder: Sendable {
         return true
     }
 
-    /// `peer`'s link turned suspect (`PeerTransport`'s `onSuspect`): the requests sent to it that their
-    /// senders retry safely (`failFast`) are answered now, their outcome unknown, so the retry goes
-    /// through another node without waiting out the deadline. The others keep waiting for theirs.
+    /// `peer`'s link turned suspect or lost its connection (`PeerTransport`'s `onSuspect`): the requests
+    /// sent to it that their senders retry safely (`failFast`) are answered now, their outcome unknown,
+    /// so the retry goes through another node without waiting out the deadline. The others keep waiting
+    /// for theirs.
     func peerSuspect(_ peer: NodeID) {
         let failing = state.withLockedValue { s -> [Waiting] in
             let keys = s.waiting.compactMap { $0.value.target == peer && $0.value.failFast ? $0.key : nil }
@@ -163,7 +164,7 @@ final class Forwarder: Sendable {
         }
         for w in failing {
             if let t = w.timer { deadlines.cancel(t) }
-            w.answer(.outcomeUnknown("node \(peer) stopped answering link probes"))
+            w.answer(.outcomeUnknown("node \(peer) went quiet (link probes unanswered, or its connection lost)"))
         }
     }
 
