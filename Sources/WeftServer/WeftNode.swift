@@ -931,8 +931,10 @@ public final class WeftNode: Sendable {
                 // The answer of a peer asked because the local replica has known no leader for long: a
                 // leader it names is taken only when this node cannot reach it (the cut this is for). One
                 // this node reaches would have been heard by the local replica: a stale view (a leader
-                // paused, or going), not a place to send the write.
-                if peerToAsk, let named, transport.reachable(named) {
+                // paused, or going), not a place to send the write. One whose link is up but suspect is
+                // as cut off (the kernel has not closed the link yet): taken, and the write goes through
+                // a third node, which refuses it at once if the leader is quiet there too (a pause).
+                if peerToAsk, let named, transport.reachable(named), !transport.suspect(named) {
                     return again("leader is node \(named), which this node's replica does not hear from", false, .milliseconds(200), false)
                 }
                 let taken = leaderHints.withLockedValue { h -> Bool in
@@ -1087,6 +1089,10 @@ public final class WeftNode: Sendable {
             return reply(.failed("via: node \(target) is not a third node of the cluster"))
         }
         guard let env = try? Envelope.decode(inner), env.isRequest else { return reply(.failed("via: not a request")) }
+        // Quiet from here too (paused, or cut off from both): nothing is sent, and the asking node tries
+        // again as for an unreachable target, instead of waiting out its deadline on a link that is
+        // only not closed yet.
+        if transport.suspect(target) { return reply(.failed("via: node \(target) does not answer node \(id) either")) }
         viaPassed.increment()
         // A partial partition is worth a line in the log, not one per request: once per pair per 10 s.
         let now = ContinuousClock.now
