@@ -219,14 +219,11 @@ public struct MessagingMachine: ShardStateMachine {
     /// user's home shard and never finds it there (Docs/messaging.md, upgrade note). Stops at the first;
     /// a full pass over the pairs otherwise (a startup check, not a per-request lookup).
     public func misplacedPair(shard: ShardID, shards: Int) -> (UInt64, UInt64)? {
-        struct Found: Error { var key: UInt64 }
-        do {
-            try pairs.forEach { key, _ in
-                if Ids.pairShard(key >> 32, key & 0xFFFF_FFFF, shards: shards) != shard { throw Found(key: key) }
+        for b in 0..<BucketedMap<UInt64, Pair>.bucketCount {
+            for key in pairs.entries(inBucket: b).keys where Ids.pairShard(key >> 32, key & 0xFFFF_FFFF, shards: shards) != shard {
+                return (key >> 32, key & 0xFFFF_FFFF)
             }
-        } catch let f as Found {
-            return (f.key >> 32, f.key & 0xFFFF_FFFF)
-        } catch {}
+        }
         return nil
     }
 
