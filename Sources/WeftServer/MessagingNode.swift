@@ -1,5 +1,6 @@
 import Foundation
 import Messaging
+import Metrics
 import NIOConcurrencyHelpers
 import Raft
 import Replication
@@ -314,21 +315,69 @@ extension WeftNode {
             remote: { await self.askRemote(shard, q, at: point, timeout: $0) })
     }
 
-    /// Where a read at `point` goes: this node's replica when it serves it (`localServes`); else, when
-    /// this node has a replica that has known no leader for long, the others first with half the time,
+    /// Where a read at `point` goes: this node's replica when it serves it (`localServes`; a read that
+    /// waits on the leader is asked of the others too once an election timeout has passed, `hedged`);
+    /// else, when this node has a replica that has known no leader for long, the others first with half the time,
     /// then this replica for the rest (the shard may just be in a long election, which can end
     /// meanwhile: as before, it is waited for); else the others.
     func routed<T: Sendable>(
         _ shard: ShardID, _ point: ReadPoint, timeout: Duration,
-        local: (Duration) async -> Result<T, ReadFailure>, remote: (Duration) async -> Result<T, ReadFailure>
+        local: @escaping @Sendable (Duration) async -> Result<T, ReadFailure>,
+        remote: @escaping @Sendable (Duration) async -> Result<T, ReadFailure>
     ) async -> Result<T, ReadFailure> {
-        if localServes(shard, point) { return await local(timeout) }
+        if localServes(shard, point) {
+            // What waits on the leader (a read index, or an index still to apply) can wait in vain on a
+            // replica just cut off from it, before it counts as leaderless (`hedged`).
+            switch point {
+            case .local, .localCurrent: return await local(timeout)
+            case .atLeast, .linearizable:
+                return await Self.hedged(timeout: timeout, after: .milliseconds(config.raft.electionTimeoutMaxMs), local: local, remote: remote)
+            }
+        }
         guard runner(shard) != nil else { return await remote(timeout) }
         let until = ContinuousClock.now + timeout
         let there = await remote(timeout / 2)
         switch there {
         case .success, .failure(.invalid), .failure(.read): return there
         case .failure: return await local(max(.milliseconds(1), until - ContinuousClock.now))
+        }
+    }
+
+    /// A read this node's replica serves, asked of the other replicas too once `after` has passed
+    /// without an answer, or at once if this replica fails first; the first answer wins (a success, or
+    /// a failure that another replica would give too: `.invalid`, `.read`), else the last failure. A
+    /// replica cut off from its leader goes on counting as serving until it has known no leader for two
+    /// election timeouts (`leaderlessLong`), and a read there that needs the leader's read index or
+    /// records the leader cannot send it would wait out its whole deadline; a session's gap catch-up
+    /// holds its pushes meanwhile (Docs/delivery.md). `after` is the longest election timeout: by then
+    /// a follower that has not heard its leader has acted on it, and it is longer than a write takes
+    /// on a busy healthy cluster here (sends' p99.9 at 64 in flight: 137–431 ms, Docs/benchmarks.md), so
+    /// at most one extra read is asked per read, and only for the slow ones. Reads are safe to ask
+    /// twice; the slower answer is dropped (its replica keeps the waiter until its own deadline).
+    static func hedged<T: Sendable>(
+        timeout: Duration, after: Duration,
+        local: @escaping @Sendable (Duration) async -> Result<T, ReadFailure>,
+        remote: @escaping @Sendable (Duration) async -> Result<T, ReadFailure>
+    ) async -> Result<T, ReadFailure> {
+        let until = ContinuousClock.now + timeout
+        let race = ReadRace<T>()
+        return await withCheckedContinuation { c in
+            race.start(c)
+            let askRemote: @Sendable () -> Void = {
+                guard race.claimSecond() else { return }
+                HedgedReads.asked.increment()
+                Task {
+                    let r = await remote(max(.milliseconds(1), until - ContinuousClock.now))
+                    if race.offer(r), case .success = r { HedgedReads.answered.increment() }
+                }
+            }
+            let timer = Deadlines.shared.schedule(ContinuousClock.now + after) { askRemote() }
+            race.onFinish { Deadlines.shared.cancel(timer) }
+            Task {
+                let r = await local(timeout)
+                if case .failure(let f) = r, !ReadRace<T>.settles(f) { askRemote() }
+                race.offer(r)
+            }
         }
     }
 
@@ -448,4 +497,73 @@ extension WeftNode {
         guard localServes(shard, point) else { return reply(.failed("node \(id)'s replica of shard \(shard) has known no leader for a while")) }
         Task { reply(ReadPoint.encodeResult(await read(shard: shard, q, consistency: point.consistency, timeout: .seconds(4)))) }
     }
+}
+
+/// Two reads of the same thing, the first answer kept (`WeftNode.hedged`).
+final class ReadRace<T: Sendable>: Sendable {
+    struct State {
+        var continuation: CheckedContinuation<Result<T, WeftNode.ReadFailure>, Never>?
+        /// Reads asked whose answer has not come.
+        var outstanding = 1
+        var secondAsked = false
+        var finished: (@Sendable () -> Void)?
+    }
+    let state = NIOLockedValueBox(State())
+
+    /// A failure every replica would give alike: no point in waiting for the other read.
+    static func settles(_ f: WeftNode.ReadFailure) -> Bool {
+        switch f {
+        case .invalid, .read: true
+        case .noReplica, .unavailable: false
+        }
+    }
+
+    func start(_ c: CheckedContinuation<Result<T, WeftNode.ReadFailure>, Never>) {
+        state.withLockedValue { $0.continuation = c }
+    }
+
+    /// Runs `f` once the race has its answer (at once if it has).
+    func onFinish(_ f: @escaping @Sendable () -> Void) {
+        let now = state.withLockedValue { s -> Bool in
+            if s.continuation == nil { return true }
+            s.finished = f
+            return false
+        }
+        if now { f() }
+    }
+
+    /// Whether the second read is to be asked now: not yet asked, and no answer kept yet.
+    func claimSecond() -> Bool {
+        state.withLockedValue { s in
+            guard s.continuation != nil, !s.secondAsked else { return false }
+            s.secondAsked = true
+            s.outstanding += 1
+            return true
+        }
+    }
+
+    /// Whether `r` is the answer kept.
+    @discardableResult
+    func offer(_ r: Result<T, WeftNode.ReadFailure>) -> Bool {
+        let done = state.withLockedValue { s -> (CheckedContinuation<Result<T, WeftNode.ReadFailure>, Never>, Result<T, WeftNode.ReadFailure>, (@Sendable () -> Void)?)? in
+            guard let c = s.continuation else { return nil }
+            s.outstanding -= 1
+            // A failure that the other read may still turn into an answer waits for it.
+            if case .failure(let f) = r, !Self.settles(f), s.outstanding > 0 { return nil }
+            s.continuation = nil
+            let f = s.finished
+            s.finished = nil
+            return (c, r, f)
+        }
+        guard let (c, r, f) = done else { return false }
+        f?()
+        c.resume(returning: r)
+        return true
+    }
+}
+
+/// Reads asked of the other replicas too (`WeftNode.hedged`), and those the other replicas answered first.
+enum HedgedReads {
+    static let asked = Counter(label: "weft_reads_hedged_total", dimensions: [("result", "asked")])
+    static let answered = Counter(label: "weft_reads_hedged_total", dimensions: [("result", "answered_elsewhere")])
 }
