@@ -331,7 +331,9 @@ extension WeftNode {
             switch point {
             case .local, .localCurrent: return await local(timeout)
             case .atLeast, .linearizable:
-                return await Self.hedged(timeout: timeout, after: .milliseconds(config.raft.electionTimeoutMaxMs), local: local, remote: remote)
+                return await Self.hedged(
+                    timeout: timeout, after: .milliseconds(config.raft.electionTimeoutMaxMs), inDoubt: { [weak self] in self?.leaderInDoubt(shard) ?? false },
+                    local: local, remote: remote)
             }
         }
         guard runner(shard) != nil else { return await remote(timeout) }
@@ -343,19 +345,24 @@ extension WeftNode {
         }
     }
 
-    /// A read this node's replica serves, asked of the other replicas too once `after` has passed
-    /// without an answer, or at once if this replica fails first; the first answer wins (a success, or
-    /// a failure that another replica would give too: `.invalid`, `.read`), else the last failure. A
-    /// replica cut off from its leader goes on counting as serving until it has known no leader for two
-    /// election timeouts (`leaderlessLong`), and a read there that needs the leader's read index or
-    /// records the leader cannot send it would wait out its whole deadline; a session's gap catch-up
-    /// holds its pushes meanwhile (Docs/delivery.md). `after` is the longest election timeout: by then
-    /// a follower that has not heard its leader has acted on it, and it is longer than a write takes
-    /// on a busy healthy cluster here (sends' p99.9 at 64 in flight: 137–431 ms, Docs/benchmarks.md), so
-    /// at most one extra read is asked per read, and only for the slow ones. Reads are safe to ask
-    /// twice; the slower answer is dropped (its replica keeps the waiter until its own deadline).
+    /// A read this node's replica serves, asked of the other replicas too when it may be cut off from
+    /// its leader. A replica cut off from its leader alone goes on counting as serving until it has
+    /// known no leader for two election timeouts (`leaderlessLong`), and a read there that needs the
+    /// leader's read index, or records the leader cannot send it, would wait out its whole deadline; a
+    /// session's gap catch-up holds its pushes meanwhile (Docs/delivery.md).
+    ///
+    /// So once `after` (the longest election timeout: by then a follower that has not heard its leader
+    /// has acted on it) has passed without an answer, and then every `after` until the deadline, the
+    /// read is asked of the other replicas too if `inDoubt` says the replica has no leader or its
+    /// leader's link is suspect. A local failure that is this replica's own (damaged, stopped, no
+    /// replica) asks them at once; one that may be load (`.unavailable`: a full waiter table, no read
+    /// index in time) only when `inDoubt`, so a healthy replica shedding load does not pass it on. The
+    /// first success wins; a failure every replica would give (`settles`: a local `.invalid` or
+    /// `.read(.compacted)`) ends the race; otherwise this replica's failure when both failed. At most
+    /// one extra read per read. Reads are safe to ask twice; the slower answer is dropped (its replica
+    /// keeps the waiter until its own deadline).
     static func hedged<T: Sendable>(
-        timeout: Duration, after: Duration,
+        timeout: Duration, after: Duration, inDoubt: @escaping @Sendable () -> Bool,
         local: @escaping @Sendable (Duration) async -> Result<T, ReadFailure>,
         remote: @escaping @Sendable (Duration) async -> Result<T, ReadFailure>
     ) async -> Result<T, ReadFailure> {
@@ -368,17 +375,49 @@ extension WeftNode {
                 HedgedReads.asked.increment()
                 Task {
                     let r = await remote(max(.milliseconds(1), until - ContinuousClock.now))
-                    if race.offer(r), case .success = r { HedgedReads.answered.increment() }
+                    if race.offer(r, local: false), case .success = r { HedgedReads.answered.increment() }
                 }
             }
-            let timer = Deadlines.shared.schedule(ContinuousClock.now + after) { askRemote() }
-            race.onFinish { Deadlines.shared.cancel(timer) }
+            Self.hedgeCheck(at: ContinuousClock.now + after, every: after, until: until, race: race, inDoubt: inDoubt, ask: askRemote)
             Task {
                 let r = await local(timeout)
-                if case .failure(let f) = r, !ReadRace<T>.settles(f) { askRemote() }
-                race.offer(r)
+                if case .failure(let f) = r {
+                    switch ReadRace<T>.kind(f) {
+                    case .settles: break
+                    case .replica: askRemote()
+                    case .maybeLoad: if inDoubt() { askRemote() }
+                    }
+                }
+                race.offer(r, local: true)
             }
         }
+    }
+
+    /// Asks the other replicas at `at` if `inDoubt`, else checks again `every` later, until `until`
+    /// (a replica can lose its leader after the read began); each pending check is the race's to cancel.
+    static func hedgeCheck<T: Sendable>(
+        at: ContinuousClock.Instant, every: Duration, until: ContinuousClock.Instant, race: ReadRace<T>,
+        inDoubt: @escaping @Sendable () -> Bool, ask: @escaping @Sendable () -> Void
+    ) {
+        guard at < until else { return }
+        race.arm(
+            Deadlines.shared.schedule(at) {
+                if inDoubt() {
+                    ask()
+                } else {
+                    hedgeCheck(at: ContinuousClock.now + every, every: every, until: until, race: race, inDoubt: inDoubt, ask: ask)
+                }
+            })
+    }
+
+    /// Whether this node's replica of `shard` may be cut off from its leader: it knows none, or the link
+    /// to the one it knows is suspect (`hedged`). A replica that leads says no: it steps down when it
+    /// loses its quorum, and then knows none.
+    func leaderInDoubt(_ shard: ShardID) -> Bool {
+        guard let e = localLeader.withLockedValue({ $0[shard] }) else { return false }
+        if e.since != nil { return true }
+        guard let l = e.last, l != id else { return false }
+        return transport.suspect(l)
     }
 
     /// `ask` on the other nodes holding `shard`.
@@ -501,35 +540,42 @@ extension WeftNode {
 
 /// Two reads of the same thing, the first answer kept (`WeftNode.hedged`).
 final class ReadRace<T: Sendable>: Sendable {
+    typealias Answer = Result<T, WeftNode.ReadFailure>
     struct State {
-        var continuation: CheckedContinuation<Result<T, WeftNode.ReadFailure>, Never>?
+        var continuation: CheckedContinuation<Answer, Never>?
         /// Reads asked whose answer has not come.
         var outstanding = 1
         var secondAsked = false
-        var finished: (@Sendable () -> Void)?
+        var localFailure: Answer?
+        /// The hedge's pending check, cancelled when the race ends.
+        var timer: UInt64?
     }
     let state = NIOLockedValueBox(State())
 
-    /// A failure every replica would give alike: no point in waiting for the other read.
-    static func settles(_ f: WeftNode.ReadFailure) -> Bool {
+    enum Kind { case settles, replica, maybeLoad }
+
+    /// What a local failure says: one every replica would give (ends the race), one of this replica's
+    /// own (ask the others), or one that may be load (ask them only if the replica may be cut off).
+    static func kind(_ f: WeftNode.ReadFailure) -> Kind {
         switch f {
-        case .invalid, .read: true
-        case .noReplica, .unavailable: false
+        case .invalid, .read(.compacted): .settles
+        case .noReplica, .read(.damaged), .read(.unavailable): .replica
+        case .unavailable: .maybeLoad
         }
     }
 
-    func start(_ c: CheckedContinuation<Result<T, WeftNode.ReadFailure>, Never>) {
+    func start(_ c: CheckedContinuation<Answer, Never>) {
         state.withLockedValue { $0.continuation = c }
     }
 
-    /// Runs `f` once the race has its answer (at once if it has).
-    func onFinish(_ f: @escaping @Sendable () -> Void) {
-        let now = state.withLockedValue { s -> Bool in
+    /// Keeps `timer` to cancel when the race ends (at once if it has).
+    func arm(_ timer: UInt64) {
+        let ended = state.withLockedValue { s -> Bool in
             if s.continuation == nil { return true }
-            s.finished = f
+            s.timer = timer
             return false
         }
-        if now { f() }
+        if ended { Deadlines.shared.cancel(timer) }
     }
 
     /// Whether the second read is to be asked now: not yet asked, and no answer kept yet.
@@ -542,22 +588,30 @@ final class ReadRace<T: Sendable>: Sendable {
         }
     }
 
-    /// Whether `r` is the answer kept.
+    /// Whether `r` (from this replica when `local`) ended the race.
     @discardableResult
-    func offer(_ r: Result<T, WeftNode.ReadFailure>) -> Bool {
-        let done = state.withLockedValue { s -> (CheckedContinuation<Result<T, WeftNode.ReadFailure>, Never>, Result<T, WeftNode.ReadFailure>, (@Sendable () -> Void)?)? in
+    func offer(_ r: Answer, local: Bool) -> Bool {
+        let done = state.withLockedValue { s -> (CheckedContinuation<Answer, Never>, Answer, UInt64?)? in
             guard let c = s.continuation else { return nil }
             s.outstanding -= 1
-            // A failure that the other read may still turn into an answer waits for it.
-            if case .failure(let f) = r, !Self.settles(f), s.outstanding > 0 { return nil }
+            var answer = r
+            if case .failure(let f) = r {
+                if local, Self.kind(f) == .settles {
+                    // Every replica would say so.
+                } else {
+                    if local { s.localFailure = r }
+                    // The other read may still answer.
+                    if s.outstanding > 0 { return nil }
+                    answer = s.localFailure ?? r
+                }
+            }
             s.continuation = nil
-            let f = s.finished
-            s.finished = nil
-            return (c, r, f)
+            defer { s.timer = nil }
+            return (c, answer, s.timer)
         }
-        guard let (c, r, f) = done else { return false }
-        f?()
-        c.resume(returning: r)
+        guard let (c, answer, timer) = done else { return false }
+        if let timer { Deadlines.shared.cancel(timer) }
+        c.resume(returning: answer)
         return true
     }
 }
