@@ -29,7 +29,8 @@ extension MessagingAPI {
     func groupAt(_ g: UInt64) async throws -> (Group?, LogIndex) {
         let shard = Ids.groupShard(g, shards: shards)
         if node.runner(shard) != nil {
-            switch await node.query(shard: shard, consistency: .linearizable, { m, applied in (m.group(g), applied) }) {
+            // Hedged: a replica just cut off from its leader would wait out the deadline (`WeftNode.hedged`).
+            switch await node.linearizableHere(shard, .group(g), { m, applied in (m.group(g), applied) }, elsewhere: { ($0.group, 0) }) {
             case .success(let (group, applied)): return (group, applied)
             case .failure(let f): throw Self.readError(f, shard)
             }

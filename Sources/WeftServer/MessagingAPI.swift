@@ -957,7 +957,8 @@ struct MessagingAPI: Sendable {
     /// A pair's state, linearizably (the caller's own writes are in it), and the index it was read at.
     func pairAt(_ shard: ShardID, _ a: UInt64, _ b: UInt64) async throws -> (Pair, LogIndex) {
         if node.runner(shard) != nil {
-            switch await node.query(shard: shard, consistency: .linearizable, { m, applied in (m.pair(a, b), applied) }) {
+            // Hedged: a replica just cut off from its leader would wait out the deadline (`WeftNode.hedged`).
+            switch await node.linearizableHere(shard, .pair(a, b), { m, applied in (m.pair(a, b), applied) }, elsewhere: { ($0.pair, 0) }) {
             case .success(let (p, applied)): return (p ?? Pair(), applied)
             case .failure(let f): throw Self.readError(f, shard)
             }

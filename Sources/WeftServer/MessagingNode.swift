@@ -331,9 +331,7 @@ extension WeftNode {
             switch point {
             case .local, .localCurrent: return await local(timeout)
             case .atLeast, .linearizable:
-                return await Self.hedged(
-                    timeout: timeout, after: .milliseconds(config.raft.electionTimeoutMaxMs), inDoubt: { [weak self] in self?.leaderInDoubt(shard) ?? false },
-                    local: local, remote: remote)
+                return await hedged(shard, timeout: timeout, local: local, remote: remote)
             }
         }
         guard runner(shard) != nil else { return await remote(timeout) }
@@ -391,6 +389,35 @@ extension WeftNode {
                 race.offer(r, local: true)
             }
         }
+    }
+
+    /// `hedged` for a read this node's replica of `shard` serves, with the config's longest election
+    /// timeout and `leaderInDoubt`.
+    func hedged<T: Sendable>(
+        _ shard: ShardID, timeout: Duration = .seconds(5),
+        local: @escaping @Sendable (Duration) async -> Result<T, ReadFailure>,
+        remote: @escaping @Sendable (Duration) async -> Result<T, ReadFailure>
+    ) async -> Result<T, ReadFailure> {
+        await Self.hedged(
+            timeout: timeout, after: .milliseconds(config.raft.electionTimeoutMaxMs), inDoubt: { [weak self] in self?.leaderInDoubt(shard) ?? false },
+            local: local, remote: remote)
+    }
+
+    /// A messaging query at the leader's read point, with the index this replica answered it at: on this
+    /// node's replica, hedged to the others (their answer comes with index 0: not this replica's).
+    public func linearizableHere<T: Sendable>(
+        _ shard: ShardID, _ q: MessagingQuery, _ body: @escaping @Sendable (MessagingMachine, LogIndex) -> T,
+        elsewhere: @escaping @Sendable (MessagingQuery.Answer) -> T
+    ) async -> Result<T, ReadFailure> {
+        await hedged(
+            shard, local: { t in await self.query(shard: shard, consistency: .linearizable, timeout: t, body) },
+            remote: { t in
+                switch await self.askRemote(shard, q, at: .linearizable, timeout: t) {
+                case .success(let a?): .success(elsewhere(a))
+                case .success(nil): .failure(.unavailable("shard \(shard): no answer"))
+                case .failure(let f): .failure(f)
+                }
+            })
     }
 
     /// Asks the other replicas at `at` if `inDoubt`, else checks again `every` later, until `until`
