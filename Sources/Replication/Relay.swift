@@ -90,6 +90,19 @@ public final class RelayRunner: @unchecked Sendable {
     /// Inline records a source may have at most (`ShardReplica.withInline` writes no more).
     public static let inlineRecordsMax = 4
     public static let batchBytesMax = 8 << 20
+    /// A batch unanswered this long is given up and sent again: every send has a deadline (5 s in the
+    /// node), so an answer this late was lost; the destination's mark makes the resend safe, and the
+    /// lost batch's answer, should it come, is dropped (`Lane.sent`).
+    public let inFlightMax: Duration
+    /// A lane with source records to relay that has not moved for this long is reported (`log`), and
+    /// again at this pace while it stays so.
+    public let stallReportAfter: Duration
+    /// Where a stalled lane is reported (the node logs it as a warning).
+    public var log: @Sendable (String) -> Void {
+        get { condition.withLock { logSink } }
+        set { condition.withLock { logSink = newValue } }
+    }
+    var logSink: @Sendable (String) -> Void = { _ in }
 
     struct Lane {
         /// The next source index to relay.
@@ -103,6 +116,16 @@ public final class RelayRunner: @unchecked Sendable {
         var oldestPendingMicros: Int64?
         var batches: UInt64 = 0
         var failures: UInt64 = 0
+        /// The batch in flight: its first index, when it was sent, and its number (an answer to an
+        /// earlier one, given up by `inFlightMax`, is dropped).
+        var sentFirst: LogIndex = 0
+        var sentAt: ContinuousClock.Instant?
+        var sent: UInt64 = 0
+        var lastFailure: String?
+        /// `relayed` when last seen to move, and when; when the lane was last reported stalled.
+        var seenRelayed: LogIndex = 0
+        var movedAt = ContinuousClock.now
+        var reportedAt: ContinuousClock.Instant?
     }
 
     /// One destination's relay as seen now.
@@ -120,9 +143,12 @@ public final class RelayRunner: @unchecked Sendable {
     public init(
         source: ShardID, tail: ShardTail, destinations: [ShardID], rule: any RelayRule, batchSourceRecordsMax: Int = 1000,
         emptyRangeMax: LogIndex = 4096, retryPause: Duration = .milliseconds(100), coalesce: Duration = .milliseconds(2), startAt: LogIndex = 1,
+        inFlightMax: Duration = .seconds(30), stallReportAfter: Duration = .seconds(30),
         send: @escaping Send
     ) {
         self.coalesce = coalesce
+        self.inFlightMax = inFlightMax
+        self.stallReportAfter = stallReportAfter
         self.source = source
         self.tail = tail
         self.rule = rule
@@ -208,8 +234,11 @@ public final class RelayRunner: @unchecked Sendable {
             }
             dirty = false
             let now = ContinuousClock.now
+            let reports = watch(now)
             let ready = lanes.filter { !$0.value.inFlight && ($0.value.retryAt.map { now >= $0 } ?? true) }.map(\.key)
+            let sink = logSink
             condition.unlock()
+            for r in reports { sink(r) }
             var sent = false
             for d in ready.sorted(by: { $0.rawValue < $1.rawValue }) where step(d) { sent = true }
             if sent {
@@ -221,6 +250,39 @@ public final class RelayRunner: @unchecked Sendable {
             if running && !dirty { _ = condition.wait(until: Date(timeIntervalSinceNow: 0.05)) }
             condition.unlock()
         }
+    }
+
+    /// Gives up batches in flight past `inFlightMax` and reports lanes that have not moved for
+    /// `stallReportAfter` while they have records to relay; returns the report lines. Under `condition`.
+    func watch(_ now: ContinuousClock.Instant) -> [String] {
+        let applied = tail.applied
+        var reports: [String] = []
+        for d in Array(lanes.keys) {
+            guard var l = lanes[d] else { continue }
+            if l.inFlight, let at = l.sentAt, now - at >= inFlightMax {
+                reports.append("relay \(source)→\(d): the batch from index \(l.sentFirst) had no answer in \(inFlightMax); sending it again")
+                l.inFlight = false
+                l.sentAt = nil
+                l.sent &+= 1
+                l.cursor = l.sentFirst
+                l.failures += 1
+                l.lastFailure = "no answer in \(inFlightMax)"
+            }
+            let relayed = Self.relayed(l)
+            if relayed != l.seenRelayed {
+                l.seenRelayed = relayed
+                l.movedAt = now
+            } else if applied > relayed, now - l.movedAt >= stallReportAfter, l.reportedAt.map({ now - $0 >= stallReportAfter }) ?? true {
+                l.reportedAt = now
+                let stuck = Double((now - l.movedAt).components.seconds)
+                reports.append(
+                    "relay \(source)→\(d) has not moved for \(Int(stuck)) s with \(applied - relayed) source records to relay: destination mark \(l.mark), next index \(l.cursor), "
+                        + "\(l.inFlight ? "a batch from index \(l.sentFirst) in flight" : "nothing in flight"), \(l.batches) batches, \(l.failures) failures"
+                        + (l.lastFailure.map { ", the last: \($0)" } ?? ""))
+            }
+            lanes[d] = l
+        }
+        return reports
     }
 
     /// One lane's next batch, if the tail has records for it; true if something was sent.
@@ -283,9 +345,13 @@ public final class RelayRunner: @unchecked Sendable {
         lane.inFlight = true
         lane.cursor = last.index + 1
         lane.batches += 1
-        store(d, lane)
+        lane.sent &+= 1
+        lane.sentFirst = first
+        lane.sentAt = ContinuousClock.now
+        let number = lane.sent
+        guard store(d, lane) else { return false }
         let header = RelayMarks.Header(source: source, first: first, last: last.index, sourceIndexes: indexes)
-        send(d, header, proposals) { [weak self] result in self?.answered(d, first: first, result) }
+        send(d, header, proposals) { [weak self] result in self?.answered(d, first: first, batch: number, result) }
         return true
     }
 
@@ -303,31 +369,40 @@ public final class RelayRunner: @unchecked Sendable {
         return k
     }
 
-    func store(_ d: ShardID, _ lane: Lane) {
+    /// Puts back the lane `step` worked on (nothing else changes a lane with no batch in flight: `watch`
+    /// runs on the same thread, and `answered` drops answers to no batch in flight); false when the
+    /// relay has no such lane.
+    @discardableResult
+    func store(_ d: ShardID, _ lane: Lane) -> Bool {
         condition.lock()
-        if lanes[d] != nil { lanes[d] = lane }
-        condition.unlock()
+        defer { condition.unlock() }
+        guard lanes[d] != nil else { return false }
+        lanes[d] = lane
+        return true
     }
 
-    func answered(_ d: ShardID, first: LogIndex, _ result: Result<RelayResult, ReplicationError>) {
+    func answered(_ d: ShardID, first: LogIndex, batch: UInt64, _ result: Result<RelayResult, ReplicationError>) {
         condition.lock()
         defer {
             condition.signal()
             condition.unlock()
         }
-        guard var lane = lanes[d] else { return }
+        // Not the batch in flight: one given up as lost (`inFlightMax`), answered after all.
+        guard var lane = lanes[d], lane.inFlight, lane.sent == batch else { return }
         // The loop may be mid-round (the signal alone would be lost): the next round must look at this lane.
         dirty = true
         lane.inFlight = false
+        lane.sentAt = nil
         switch result {
         case .success(.written(let mark)), .success(.alreadyApplied(let mark)), .success(.stale(let mark)):
             lane.mark = max(lane.mark, mark)
             lane.cursor = mark + 1
             lane.oldestPendingMicros = nil
             lane.retryAt = nil
-        case .failure:
+        case .failure(let e):
             // Not written, or unknown: the destination's mark decides on the resend.
             lane.failures += 1
+            lane.lastFailure = "\(e)"
             lane.cursor = first
             lane.retryAt = ContinuousClock.now + retryPause
         }

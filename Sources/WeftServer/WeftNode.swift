@@ -653,6 +653,8 @@ public final class WeftNode: Sendable {
             guard let self else { return done(.failure(.stopped)) }
             self.relayBatch(to: d, h, ps, done: done)
         }
+        let logger = self.logger
+        runner.log = { logger.warning("\($0)") }
         relays.withLockedValue { $0[shard] = runner }
         runner.start()
     }

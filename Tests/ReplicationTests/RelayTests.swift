@@ -21,6 +21,13 @@ import WeftTesting
 
     /// Sends from the relay's thread, handled on the test's thread (the clusters are driven by hand).
     final class Outbox: @unchecked Sendable {
+        /// Lines a relay logged.
+        final class Lines: @unchecked Sendable {
+            let lock = NSLock()
+            var lines: [String] = []
+            func add(_ l: String) { lock.withLock { lines.append(l) } }
+            var all: [String] { lock.withLock { lines } }
+        }
         let lock = NSLock()
         var queue: [(RelayMarks.Header, [Proposal], @Sendable (Result<RelayResult, ReplicationError>) -> Void)] = []
         func take() -> [(RelayMarks.Header, [Proposal], @Sendable (Result<RelayResult, ReplicationError>) -> Void)] {
@@ -183,5 +190,65 @@ import WeftTesting
         let st = try #require(relay.status().first)
         #expect(st.lagRecords == 0)
         #expect(b.replica(try #require(b.leader)).relayMarks.mark(of: ShardID(3)) == st.mark)
+    }
+
+    /// A batch whose answer never comes (a lost callback anywhere on the way) held its lane for good:
+    /// nothing else was ever sent to that destination (a fault run's relay stopped so for 13 minutes,
+    /// stop 33). Now the lane gives it up after `inFlightMax` and sends it again; the lost batch's answer,
+    /// should it come after all, is dropped.
+    @Test func aBatchNeverAnsweredIsGivenUpAndSentAgain() throws {
+        let a = try ReplicaCluster()
+        let b = try ReplicaCluster()
+        try a.elect(NodeID(1))
+        try b.elect(NodeID(1))
+        let out = Outbox()
+        let relay = RelayRunner(
+            source: ShardID(3), tail: a.replica(NodeID(1)).tail, destinations: [ShardID(5)], rule: Pointers(destination: ShardID(5)),
+            batchSourceRecordsMax: 100, emptyRangeMax: 10, retryPause: .milliseconds(5), inFlightMax: .milliseconds(300),
+            send: { _, h, ps, done in out.lock.withLock { out.queue.append((h, ps, done)) } })
+        let lines = Outbox.Lines()
+        relay.log = { line in lines.add(line) }
+        relay.start()
+        defer { relay.stop() }
+        try write(a, 6, tag: "a")
+        // The first batch is swallowed: no answer, ever (until the end).
+        var swallowed: [(RelayMarks.Header, [Proposal], @Sendable (Result<RelayResult, ReplicationError>) -> Void)] = []
+        for _ in 0..<500 where swallowed.isEmpty {
+            swallowed = out.take()
+            Thread.sleep(forTimeInterval: 0.01)
+        }
+        let (h0, _, lateAnswer) = try #require(swallowed.first)
+        #expect(!h0.sourceIndexes.isEmpty, "a batch with records")
+        try pump(out, b) { (try? derived(b).count) == 3 && relay.status().first?.lagRecords == 0 }
+        #expect(try derived(b) == ["3:a0", "3:a2", "3:a4"])
+        // At least the swallowed batch (on a slow machine a later one can also wait past the limit).
+        let failures = try #require(relay.status().first?.failures)
+        #expect(failures >= 1, "the swallowed batch was given up")
+        #expect(lines.all.contains { $0.contains("had no answer") }, "\(lines.all)")
+        // Its answer after all: dropped (taken, it would count a failure and send again).
+        lateAnswer(.failure(.outcomeUnknown("late")))
+        Thread.sleep(forTimeInterval: 0.05)
+        #expect(relay.status().first?.failures == failures)
+        #expect(out.take().isEmpty, "nothing sent again for the late answer")
+    }
+
+    /// A lane that cannot get its records written says so, with what failed, instead of falling behind
+    /// in silence (only `weft_relay_lag_*` showed it).
+    @Test func aLaneThatDoesNotMoveIsReported() throws {
+        let a = try ReplicaCluster()
+        try a.elect(NodeID(1))
+        let relay = RelayRunner(
+            source: ShardID(3), tail: a.replica(NodeID(1)).tail, destinations: [ShardID(5)], rule: Pointers(destination: ShardID(5)),
+            batchSourceRecordsMax: 100, emptyRangeMax: 10, retryPause: .milliseconds(5), stallReportAfter: .milliseconds(100),
+            send: { _, _, _, done in done(.failure(.unavailable("shard 5 has no leader"))) })
+        let lines = Outbox.Lines()
+        relay.log = { line in lines.add(line) }
+        relay.start()
+        defer { relay.stop() }
+        try write(a, 4, tag: "a")
+        for _ in 0..<500 where lines.all.isEmpty { Thread.sleep(forTimeInterval: 0.01) }
+        let line = try #require(lines.all.first)
+        #expect(line.contains("relay 3→5 has not moved"), "\(line)")
+        #expect(line.contains("shard 5 has no leader"), "\(line)")
     }
 }
