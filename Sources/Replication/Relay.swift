@@ -255,6 +255,7 @@ public final class RelayRunner: @unchecked Sendable {
     /// Gives up batches in flight past `inFlightMax` and reports lanes that have not moved for
     /// `stallReportAfter` while they have records to relay; returns the report lines. Under `condition`.
     func watch(_ now: ContinuousClock.Instant) -> [String] {
+        // Lock order: `condition`, then the tail's lock (the tail runs wake-ups after unlocking).
         let applied = tail.applied
         var reports: [String] = []
         for d in Array(lanes.keys) {
@@ -268,8 +269,10 @@ public final class RelayRunner: @unchecked Sendable {
                 l.failures += 1
                 l.lastFailure = "no answer in \(inFlightMax)"
             }
+            // Forward only: a lane whose batches fail flips between its mark (in flight) and the skipped
+            // ranges past it (not), which is no progress.
             let relayed = Self.relayed(l)
-            if relayed != l.seenRelayed {
+            if relayed > l.seenRelayed {
                 l.seenRelayed = relayed
                 l.movedAt = now
             } else if applied > relayed, now - l.movedAt >= stallReportAfter, l.reportedAt.map({ now - $0 >= stallReportAfter }) ?? true {
@@ -294,9 +297,23 @@ public final class RelayRunner: @unchecked Sendable {
         }
         condition.unlock()
         if lane.sub == nil || lane.sub?.next != lane.cursor {
-            lane.sub = try? tail.subscribe(from: lane.cursor) { [weak self] in self?.wake() }
+            do {
+                lane.sub = try tail.subscribe(from: lane.cursor) { [weak self] in self?.wake() }
+            } catch {
+                lane.sub = nil
+                lane.lastFailure = "no subscription to the source's tail: \(error)"
+            }
         }
-        guard let sub = lane.sub, let batch = try? sub.poll(limit: batchSourceRecordsMax), !batch.records.isEmpty else {
+        // A read that fails (damage being repaired, files replaced by a catch-up) is tried again next
+        // round; it is kept as the lane's last failure, which a stall report names.
+        let polled: TailSubscription.Batch?
+        do {
+            polled = try lane.sub?.poll(limit: batchSourceRecordsMax)
+        } catch {
+            polled = nil
+            lane.lastFailure = "reading the source's log from index \(lane.cursor): \(error)"
+        }
+        guard let batch = polled, !batch.records.isEmpty else {
             store(d, lane)
             return false
         }
