@@ -316,9 +316,9 @@ extension WeftNode {
     }
 
     /// Where a read at `point` goes: this node's replica when it serves it (`localServes`; a read that
-    /// waits on the leader is asked of the others too once an election timeout has passed, `hedged`);
-    /// else, when this node has a replica that has known no leader for long, the others first with half the time,
-    /// then this replica for the rest (the shard may just be in a long election, which can end
+    /// waits on the leader is asked of the others too when the replica may be cut off from it, `hedged`);
+    /// else, when this node has a replica that has known no leader for long, the others first with half
+    /// the time, then this replica for the rest (the shard may just be in a long election, which can end
     /// meanwhile: as before, it is waited for); else the others.
     func routed<T: Sendable>(
         _ shard: ShardID, _ point: ReadPoint, timeout: Duration,
@@ -405,7 +405,7 @@ extension WeftNode {
 
     /// A messaging query at the leader's read point, with the index this replica answered it at: on this
     /// node's replica, hedged to the others (their answer comes with index 0: not this replica's).
-    public func linearizableHere<T: Sendable>(
+    func linearizableHere<T: Sendable>(
         _ shard: ShardID, _ q: MessagingQuery, _ body: @escaping @Sendable (MessagingMachine, LogIndex) -> T,
         elsewhere: @escaping @Sendable (MessagingQuery.Answer) -> T
     ) async -> Result<T, ReadFailure> {
